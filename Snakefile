@@ -1,0 +1,19 @@
+# fedmia: membership inference attacks and defenses in federated learning.
+# Table of contents only; the rules live in workflow/rules/, the code in src/fedmia/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

@@ -1,0 +1,225 @@
+"""Typed, frozen configuration of each stage.
+
+Each dataclass mirrors one block of ``config/config.yaml`` (documented in
+``workflow/schemas/config.schema.yaml``). ``from_dict`` rejects unknown keys and
+invalid values with a message naming the key, so the package gives the same clear
+errors when it is used from Python without the workflow's schema validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+LR_SCHEDULES = ("cosine", "exponential", "constant")
+PARTITION_KINDS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key and the fix."""
+
+
+def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+
+
+def _require(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """How ``prepare`` builds a dataset's canonical arrays.
+
+    Attributes:
+        kind: registry name of the loader (``fedmia.datasets.DATASETS``).
+        image_size: side of the square images the models see, in pixels.
+        test_fraction: fraction held out as the test split (datasets without an official split).
+        split_seed: seed of that split.
+    """
+
+    kind: str
+    image_size: int = 32
+    test_fraction: float = 0.25
+    split_seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "dataset") -> Self:
+        """Build from a config mapping, rejecting unknown keys and bad values."""
+        _check_keys(cls, d, where)
+        cfg = cls(**d)
+        from fedmia.datasets import DATASETS
+
+        _require(cfg.kind in DATASETS, f"{where}.kind",
+                 f"unknown dataset '{cfg.kind}'; choose from {DATASETS.names()}")
+        _require(cfg.image_size >= 8, f"{where}.image_size", "must be >= 8")
+        _require(0.0 < cfg.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
+        return cfg
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training split is dealt to clients and the evaluation set is drawn.
+
+    Attributes:
+        kind: ``iid`` (equal random shards) or ``dirichlet`` (label-Dirichlet(β)).
+        num_clients: K, at least 2.
+        samples_per_client: training samples per client (iid: exactly; dirichlet: on
+            average, K × this many samples are dealt). ``None``: the whole training split.
+        eval_members_per_client: evaluation samples drawn from each client's own data.
+        eval_nonmembers: held-out test samples in the evaluation set.
+        beta: Dirichlet concentration β > 0 (``dirichlet`` only; smaller = more skewed).
+    """
+
+    kind: str
+    num_clients: int = 10
+    samples_per_client: int | None = None
+    eval_members_per_client: int = 50
+    eval_nonmembers: int = 200
+    beta: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "partition") -> Self:
+        """Build from a config mapping, rejecting unknown keys and bad values."""
+        _check_keys(cls, d, where)
+        cfg = cls(**d)
+        _require(cfg.kind in PARTITION_KINDS, f"{where}.kind",
+                 f"unknown partition kind '{cfg.kind}'; choose from {list(PARTITION_KINDS)}")
+        _require(cfg.num_clients >= 2, f"{where}.num_clients",
+                 f"K = {cfg.num_clients}: federated learning needs at least 2 clients")
+        _require(cfg.samples_per_client is None or cfg.samples_per_client >= 1,
+                 f"{where}.samples_per_client", "must be >= 1 or null")
+        _require(cfg.eval_members_per_client >= 1, f"{where}.eval_members_per_client",
+                 "must be >= 1")
+        _require(cfg.eval_nonmembers >= 1, f"{where}.eval_nonmembers", "must be >= 1")
+        if cfg.kind == "dirichlet":
+            _require(cfg.beta is not None and cfg.beta > 0, f"{where}.beta",
+                     f"the Dirichlet concentration must be > 0 (got {cfg.beta})")
+        else:
+            _require(cfg.beta is None, f"{where}.beta", "only a 'dirichlet' partition takes beta")
+        return cfg
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model architecture by registry name (``fedmia.models.MODELS``)."""
+
+    kind: str
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "model") -> Self:
+        """Build from a config mapping, rejecting unknown keys and bad values."""
+        _check_keys(cls, d, where)
+        cfg = cls(**d)
+        from fedmia.models import MODELS
+
+        _require(cfg.kind in MODELS, f"{where}.kind",
+                 f"unknown model '{cfg.kind}'; choose from {MODELS.names()}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """A defense by registry name (``fedmia.defenses.DEFENSES``) and its parameters."""
+
+    kind: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "defense") -> Self:
+        """Build from ``{kind: ..., <param>: ...}``; the defense validates its parameters."""
+        _require("kind" in d, where, "missing key 'kind'")
+        cfg = cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
+        from fedmia.defenses import build_defense
+
+        build_defense(cfg, where=where)  # raises ConfigError on bad kinds or parameters
+        return cfg
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """FedAvg as the paper's official code runs it.
+
+    Attributes:
+        rounds: communication rounds T (every client takes part in every round).
+        local_epochs: passes over the local data per round.
+        batch_size: local mini-batch size.
+        lr: initial SGD learning rate.
+        momentum: SGD momentum (a fresh optimizer is built every round).
+        weight_decay: SGD weight decay.
+        lr_schedule: ``cosine`` (per round, as the official script), ``exponential``
+            (``lr · lr_gamma^(r-1)``, as the paper's table) or ``constant``.
+        lr_gamma: factor of the exponential schedule.
+        observe_every: every this many rounds the server's view is saved ...
+        observe_rounds: ... plus these rounds (default: round 1).
+        test_every: evaluate the global model on the test split every this many rounds
+            (and at the last round).
+        eval_batch_size: batch size of evaluation passes.
+    """
+
+    rounds: int = 30
+    local_epochs: int = 1
+    batch_size: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    lr_gamma: float = 0.99
+    observe_every: int = 10
+    observe_rounds: tuple[int, ...] = (1,)
+    test_every: int = 1
+    eval_batch_size: int = 500
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "train") -> Self:
+        """Build from a config mapping, rejecting unknown keys and bad values."""
+        _check_keys(cls, d, where)
+        d = dict(d)
+        if "observe_rounds" in d:
+            d["observe_rounds"] = tuple(int(r) for r in d["observe_rounds"])
+        cfg = cls(**d)
+        _require(cfg.rounds >= 1, f"{where}.rounds", f"must be >= 1 (got {cfg.rounds})")
+        _require(cfg.local_epochs >= 1, f"{where}.local_epochs", "must be >= 1")
+        _require(cfg.batch_size >= 1, f"{where}.batch_size",
+                 f"must be >= 1 (got {cfg.batch_size})")
+        _require(cfg.eval_batch_size >= 1, f"{where}.eval_batch_size", "must be >= 1")
+        _require(cfg.lr > 0, f"{where}.lr", "must be > 0")
+        _require(0 <= cfg.momentum < 1, f"{where}.momentum", "must be in [0, 1)")
+        _require(cfg.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        _require(cfg.lr_schedule in LR_SCHEDULES, f"{where}.lr_schedule",
+                 f"unknown schedule '{cfg.lr_schedule}'; choose from {list(LR_SCHEDULES)}")
+        _require(0 < cfg.lr_gamma <= 1, f"{where}.lr_gamma", "must be in (0, 1]")
+        _require(cfg.observe_every >= 1, f"{where}.observe_every", "must be >= 1")
+        _require(cfg.test_every >= 1, f"{where}.test_every", "must be >= 1")
+        bad = [r for r in cfg.observe_rounds if not 1 <= r <= cfg.rounds]
+        _require(not bad, f"{where}.observe_rounds",
+                 f"round(s) {bad} are outside 1..{cfg.rounds} (the last round is "
+                 f"train.rounds = {cfg.rounds}); drop them or raise rounds")
+        return cfg
+
+    def observed(self) -> list[int]:
+        """Sorted observed rounds: ``observe_rounds`` ∪ {r : r % observe_every == 0}."""
+        every = range(self.observe_every, self.rounds + 1, self.observe_every)
+        return sorted(set(self.observe_rounds) | set(every))
+
+    def lr_at(self, rnd: int) -> float:
+        """Learning rate of round ``rnd`` (1-based)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if self.lr_schedule == "exponential":
+            return self.lr * self.lr_gamma ** (rnd - 1)
+        import math
+
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (rnd - 1) / self.rounds))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON/YAML friendly)."""
+        d = dataclasses.asdict(self)
+        d["observe_rounds"] = list(self.observe_rounds)
+        return d

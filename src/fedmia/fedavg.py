@@ -1,0 +1,228 @@
+"""FedAvg exactly as the paper's official code runs it, on tensors held on the device.
+
+Every client takes part in every round. A client starts from the global model,
+trains ``local_epochs`` passes of SGD (momentum, weight decay, a fresh optimizer
+every round) over its data, and uploads ``Δ_k = w_global − w_local`` after its
+defense. The server applies the data-size-weighted average of the uploads:
+``w_{r+1} = w_r − Σ_k (n_k / n) Δ_k``, which equals the weighted average of the
+uploaded models. Parameters and floating buffers (BatchNorm statistics) are
+averaged alike.
+
+Randomness: the data order (and any defense randomness) of client ``k`` in round
+``r`` comes from its own generator seeded by ``(seed, r, k)``, so runs are
+reproducible and independent of the order clients are visited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmia.config import TrainConfig
+from fedmia.defenses import Defense
+from fedmia.partition import STREAM_TRAIN, rng_for
+from fedmia.state import FlatState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A whole dataset on the device, normalised batch by batch on the fly.
+
+    Attributes:
+        images: uint8 N×C×H×W on the device.
+        labels: int64 N on the device.
+        mean: float32 1×C×1×1, per-channel mean in [0, 1] units.
+        std: float32 1×C×1×1, per-channel std in [0, 1] units.
+        num_classes: number of classes.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    num_classes: int
+
+    @classmethod
+    def from_arrays(cls, images, labels, mean: Sequence[float], std: Sequence[float],
+                    num_classes: int, device: torch.device) -> DeviceData:
+        """Copy uint8 images (N×C×H×W numpy/tensor) and int labels to ``device`` once."""
+        c = len(mean)
+        return cls(
+            images=torch.as_tensor(images).to(device),
+            labels=torch.as_tensor(labels, dtype=torch.int64).to(device),
+            mean=torch.tensor(mean, dtype=torch.float32, device=device).view(1, c, 1, 1),
+            std=torch.tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1),
+            num_classes=num_classes,
+        )
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float images B×C×H×W and labels B of sample indices ``idx`` (B)."""
+        x = self.images[idx].to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+        return x, self.labels[idx]
+
+
+def client_generator(seed: int, rnd: int, client: int) -> torch.Generator:
+    """The CPU generator of client ``client`` in round ``rnd`` of run ``seed``."""
+    g = torch.Generator()
+    g.manual_seed(int(rng_for(seed, STREAM_TRAIN, rnd, client).integers(2**62)))
+    return g
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one client's local training produced."""
+
+    upload: torch.Tensor  # float32 P: the uploaded update Δ_k (after the defense)
+    loss: float  # mean training loss over the round's mini-batches (per sample)
+    accuracy: float  # training accuracy over the round's mini-batches
+    samples: int  # samples processed (over all local epochs)
+
+
+def local_train(
+    state: FlatState, global_flat: torch.Tensor, data: DeviceData, idx: torch.Tensor,
+    cfg: TrainConfig, lr: float, defense: Defense, gen: torch.Generator,
+) -> LocalResult:
+    """Train a client from ``global_flat`` on samples ``idx`` and return its upload.
+
+    Args:
+        state: the flat-state wrapper of the (shared) model, overwritten here.
+        global_flat: float32 P, the global model the server sent.
+        data: the dataset on the device.
+        idx: int64 n_k (device), the client's sample ids.
+        cfg: local epochs, batch size, momentum, weight decay.
+        lr: this round's learning rate.
+        defense: hooks for local data, batches and the upload.
+        gen: the client's generator for this round.
+    """
+    model = state.module
+    state.load(global_flat)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    idx = defense.local_indices(idx, gen)
+    n = idx.numel()
+    loss_sum = torch.zeros((), device=global_flat.device)
+    correct = torch.zeros((), device=global_flat.device)
+    for _ in range(cfg.local_epochs):
+        order = idx[torch.randperm(n, generator=gen).to(idx.device)]
+        for start in range(0, n, cfg.batch_size):
+            x, y = data.batch(order[start:start + cfg.batch_size])
+            x, target = defense.batch(x, y, data.num_classes, gen)
+            logits = model(x)
+            loss = F.cross_entropy(logits, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+    samples = n * cfg.local_epochs
+    update = global_flat - state.flat.detach()
+    return LocalResult(
+        upload=defense.upload(update, state.layout, gen),
+        loss=float(loss_sum) / samples,
+        accuracy=float(correct) / samples,
+        samples=samples,
+    )
+
+
+def aggregate(global_flat: torch.Tensor, uploads: torch.Tensor,
+              num_samples: torch.Tensor) -> torch.Tensor:
+    """FedAvg step: ``w − Σ_k (n_k/n) Δ_k``.
+
+    Args:
+        global_flat: float32 P, the model the round started from.
+        uploads: float32 K×P, the uploaded updates.
+        num_samples: K, client data sizes (the weights).
+    """
+    weights = num_samples.to(uploads.dtype) / num_samples.sum()
+    return global_flat - weights @ uploads
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, idx: torch.Tensor,
+             batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (eval mode) on samples ``idx``."""
+    model.eval()
+    loss = torch.zeros((), device=data.labels.device)
+    correct = torch.zeros((), device=data.labels.device)
+    for start in range(0, idx.numel(), batch_size):
+        x, y = data.batch(idx[start:start + batch_size])
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return float(loss) / idx.numel(), float(correct) / idx.numel()
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """Everything one round produced.
+
+    ``global_flat`` and ``uploads`` (the server's view, what an observed round
+    saves) are the model sent at the start of the round (P) and the K uploads
+    (K×P). Test metrics are those of the aggregated model at the end of the round
+    (NaN in rounds without a test).
+    """
+
+    round: int
+    lr: float
+    client_loss: list[float]
+    client_accuracy: list[float]
+    num_samples: list[int]
+    test_loss: float
+    test_accuracy: float
+    seconds: float
+    samples_per_s: float
+    global_flat: torch.Tensor
+    uploads: torch.Tensor
+
+
+def run_fedavg(
+    state: FlatState, data: DeviceData, client_idx: Sequence[torch.Tensor],
+    test_idx: torch.Tensor, cfg: TrainConfig, defense: Defense, seed: int,
+) -> Iterator[RoundRecord]:
+    """Run ``cfg.rounds`` FedAvg rounds, yielding one :class:`RoundRecord` per round.
+
+    ``state`` holds the initial global model and, when the iterator is exhausted,
+    the final one.
+    """
+    device = state.flat.device
+    k = len(client_idx)
+    num_samples = torch.tensor([i.numel() for i in client_idx], dtype=torch.int64)
+    global_flat = state.snapshot()
+    uploads = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
+    for rnd in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        lr = cfg.lr_at(rnd)
+        results = []
+        for c in range(k):
+            res = local_train(state, global_flat, data, client_idx[c], cfg, lr, defense,
+                              client_generator(seed, rnd, c))
+            uploads[c] = res.upload
+            results.append(res)
+        sent = global_flat
+        global_flat = aggregate(global_flat, uploads, num_samples.to(device))
+        state.load(global_flat)
+        test_loss = test_acc = float("nan")
+        if rnd % cfg.test_every == 0 or rnd == cfg.rounds:
+            test_loss, test_acc = evaluate(state.module, data, test_idx, cfg.eval_batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        samples = sum(r.samples for r in results)
+        yield RoundRecord(
+            round=rnd, lr=lr,
+            client_loss=[r.loss for r in results],
+            client_accuracy=[r.accuracy for r in results],
+            num_samples=num_samples.tolist(),
+            test_loss=test_loss, test_accuracy=test_acc,
+            seconds=seconds, samples_per_s=samples / seconds,
+            global_flat=sent, uploads=uploads,
+        )

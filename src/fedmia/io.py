@@ -1,0 +1,85 @@
+"""File formats of the stages; every write is atomic (temp file + rename).
+
+A failed stage leaves no partial file behind: outputs appear only once complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedmia.datasets import PreparedData
+
+ARRAY_FILES = ("images", "labels", "is_test")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` (without its index) to Parquet, atomically and deterministically."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False, engine="pyarrow", compression="zstd")
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_prepared(data: PreparedData, paths: dict[str, str | Path], meta: dict[str, Any]) -> None:
+    """Write the arrays (``.npy``) and the metadata JSON of a prepared dataset.
+
+    ``paths`` maps ``images``, ``labels``, ``is_test`` and ``meta`` to files.
+    """
+    for name in ARRAY_FILES:
+        with atomic_path(paths[name]) as tmp, open(tmp, "wb") as f:
+            np.save(f, getattr(data, name))
+    write_json(meta, paths["meta"])
+
+
+def load_prepared(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read what :func:`save_prepared` wrote: ``({images, labels, is_test}, meta)``."""
+    arrays = {name: np.load(paths[name]) for name in ARRAY_FILES}
+    meta = json.loads(Path(paths["meta"]).read_text())
+    return arrays, meta
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically (tensors are moved to the CPU first)."""
+    obj = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
+    """Load what :func:`save_torch` wrote, memory-mapped so unused tensors are not read."""
+    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+def round_file(observed_dir: str | Path, rnd: int) -> Path:
+    """Path of observed round ``rnd`` inside a train stage's ``observed/`` folder."""
+    return Path(observed_dir) / f"round{rnd:04d}.pt"

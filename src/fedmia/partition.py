@@ -1,0 +1,129 @@
+"""Client partitions and the fixed evaluation set.
+
+A partition assigns every sample of a prepared dataset a ``client_id``
+(``-1``: no client trains on it — the test split, and training samples left over
+when ``samples_per_client`` asks for fewer than there are) and an ``eval`` flag:
+each client's evaluation members plus ``eval_nonmembers`` held-out test samples.
+It is drawn once, from its own seed, and saved, so every later stage and every
+model sees the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from fedmia.config import PartitionConfig
+
+log = logging.getLogger(__name__)
+
+HELD_OUT = -1
+# Spawn keys of the independent random streams drawn from one seed.
+STREAM_PARTITION = 1
+STREAM_TRAIN = 2
+
+
+def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:
+    """An independent, reproducible generator for ``(seed, stream, *keys)``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, *keys]))
+
+
+class PartitionError(ValueError):
+    """The dataset cannot satisfy the partition's sizes; the message says which."""
+
+
+def _iid(train_idx: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    shards = np.array_split(rng.permutation(train_idx), k)
+    return [np.sort(s) for s in shards]
+
+
+def _dirichlet(
+    train_idx: np.ndarray, labels: np.ndarray, k: int, beta: float, min_size: int,
+    rng: np.random.Generator, max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Label-Dirichlet split: per class, proportions p ~ Dir(β·1_K) over clients.
+
+    Redraws (up to ``max_tries``) until every client holds ``min_size`` samples.
+    """
+    classes = np.unique(labels[train_idx])
+    for _ in range(max_tries):
+        parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+        for c in classes:
+            idx = rng.permutation(train_idx[labels[train_idx] == c])
+            p = rng.dirichlet(np.full(k, beta))
+            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
+            for j, chunk in enumerate(np.split(idx, cuts)):
+                parts[j].append(chunk)
+        shards = [np.sort(np.concatenate(p)) for p in parts]
+        if min(len(s) for s in shards) >= min_size:
+            return shards
+    raise PartitionError(
+        f"dirichlet(beta={beta}) could not give all {k} clients at least {min_size} samples "
+        f"in {max_tries} draws; raise beta, samples_per_client, or lower num_clients or "
+        "eval_members_per_client"
+    )
+
+
+def make_partition(
+    labels: np.ndarray, is_test: np.ndarray, cfg: PartitionConfig, seed: int
+) -> pd.DataFrame:
+    """Deal the training split to clients and draw the evaluation set.
+
+    Args:
+        labels: int array N, class of each sample.
+        is_test: bool array N, True for the test split.
+        cfg: the partition's configuration.
+        seed: the cell's seed (same seed ⇒ same partition, byte for byte).
+
+    Returns:
+        One row per sample, ordered by ``sample_id``: ``sample_id`` (int64),
+        ``client_id`` (int32, -1 = held out), ``is_test`` (bool), ``eval`` (bool).
+    """
+    rng = rng_for(seed, STREAM_PARTITION)
+    k = cfg.num_clients
+    train_idx = np.flatnonzero(~is_test)
+    test_idx = np.flatnonzero(is_test)
+    n_train = len(train_idx) if cfg.samples_per_client is None else k * cfg.samples_per_client
+    if n_train > len(train_idx):
+        raise PartitionError(
+            f"the partition asks for {k} clients × {cfg.samples_per_client} samples = {n_train} "
+            f"training samples but the dataset's training split has {len(train_idx)}; lower "
+            "samples_per_client or num_clients"
+        )
+    if cfg.eval_nonmembers > len(test_idx):
+        raise PartitionError(
+            f"eval_nonmembers = {cfg.eval_nonmembers} but the test split has only "
+            f"{len(test_idx)} samples; lower eval_nonmembers"
+        )
+    pool = np.sort(rng.permutation(train_idx)[:n_train])
+    if cfg.kind == "iid":
+        shards = _iid(pool, k, rng)
+    else:
+        assert cfg.beta is not None
+        shards = _dirichlet(pool, labels, k, cfg.beta, cfg.eval_members_per_client, rng)
+    small = [(c, len(s)) for c, s in enumerate(shards) if len(s) < cfg.eval_members_per_client]
+    if small:
+        raise PartitionError(
+            f"clients {small} (client, samples) hold fewer samples than "
+            f"eval_members_per_client = {cfg.eval_members_per_client}; lower it or give "
+            "clients more samples"
+        )
+
+    client_id = np.full(len(labels), HELD_OUT, dtype=np.int32)
+    in_eval = np.zeros(len(labels), dtype=bool)
+    for c, shard in enumerate(shards):
+        client_id[shard] = c
+        in_eval[rng.choice(shard, size=cfg.eval_members_per_client, replace=False)] = True
+    in_eval[rng.choice(test_idx, size=cfg.eval_nonmembers, replace=False)] = True
+
+    sizes = [len(s) for s in shards]
+    log.info("%s partition: %d clients, sizes min %d / max %d, %d evaluation samples",
+             cfg.kind, k, min(sizes), max(sizes), int(in_eval.sum()))
+    return pd.DataFrame({
+        "sample_id": np.arange(len(labels), dtype=np.int64),
+        "client_id": client_id,
+        "is_test": is_test.astype(bool),
+        "eval": in_eval,
+    })

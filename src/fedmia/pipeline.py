@@ -1,0 +1,169 @@
+"""The workflow's stages as plain functions: read inputs, call the library, write outputs.
+
+Each function is what one ``workflow/scripts/*.py`` calls with the rule's inputs,
+outputs and params; tests call them directly without Snakemake.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import fedmia
+from fedmia import io
+from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionConfig, TrainConfig
+from fedmia.datasets import prepare_dataset
+from fedmia.defenses import build_defense
+from fedmia.fedavg import DeviceData, run_fedavg
+from fedmia.models import build_model, count_parameters
+from fedmia.partition import HELD_OUT, make_partition
+from fedmia.state import FlatState
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["round", "client_id", "lr", "num_samples", "train_loss", "train_accuracy",
+                   "test_loss", "test_accuracy"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available; "
+                           "set device: auto or cpu")
+    return dev
+
+
+def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
+    """Stage 1: build a dataset's canonical arrays and metadata.
+
+    Args:
+        dataset: the dataset's config block (``DatasetConfig`` fields).
+        outputs: files for ``images``, ``labels``, ``is_test`` and ``meta``.
+    """
+    cfg = DatasetConfig.from_dict(dataset)
+    data = prepare_dataset(cfg)
+    mean, std = data.channel_stats()
+    n, c, h, w = data.images.shape
+    meta = {
+        "kind": cfg.kind, "config": dict(dataset), "source": data.source,
+        "classes": data.classes, "num_classes": len(data.classes),
+        "shape": [c, h, w], "num_samples": n, "num_test": int(data.is_test.sum()),
+        "mean": mean, "std": std, "sha256": data.checksum(), "fedmia_version": fedmia.__version__,
+    }
+    io.save_prepared(data, outputs, meta)
+
+
+def partition(
+    data: Mapping[str, str | Path], partition_cfg: Mapping[str, Any], seed: int, output: str | Path
+) -> None:
+    """Stage 2: deal the training split to clients and draw the evaluation set."""
+    cfg = PartitionConfig.from_dict(partition_cfg)
+    labels, is_test = np.load(data["labels"]), np.load(data["is_test"])
+    df = make_partition(labels, is_test, cfg, seed)
+    io.write_parquet(df, output)
+
+
+def _history_rows(rec) -> list[dict[str, Any]]:
+    rows = []
+    for c, (loss, acc, n) in enumerate(zip(rec.client_loss, rec.client_accuracy,
+                                           rec.num_samples, strict=True)):
+        rows.append(dict(round=rec.round, client_id=c, lr=rec.lr, num_samples=n, train_loss=loss,
+                         train_accuracy=acc, test_loss=np.nan, test_accuracy=np.nan))
+    w = np.asarray(rec.num_samples, dtype=np.float64)
+    rows.append(dict(
+        round=rec.round, client_id=HELD_OUT, lr=rec.lr, num_samples=int(w.sum()),
+        train_loss=float(np.dot(w, rec.client_loss) / w.sum()),
+        train_accuracy=float(np.dot(w, rec.client_accuracy) / w.sum()),
+        test_loss=rec.test_loss, test_accuracy=rec.test_accuracy,
+    ))
+    return rows
+
+
+def train(
+    *,
+    data: Mapping[str, str | Path],
+    partition_file: str | Path,
+    model: Mapping[str, Any],
+    defense: Mapping[str, Any],
+    train_cfg: Mapping[str, Any],
+    seed: int,
+    device: str = "auto",
+    threads: int | None = None,
+    outputs: Mapping[str, str | Path],
+) -> None:
+    """Stage 3: run FedAvg for one cell and save its history and the server's view.
+
+    Args:
+        data: files of the prepared dataset (``images``, ``labels``, ``is_test``, ``meta``).
+        partition_file: the partition Parquet.
+        model: model config block; ``defense``: defense config block; ``train_cfg``:
+            the cell's resolved training config.
+        seed: the cell's seed (model initialisation, data order, defense noise).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads for torch (``None``: torch's default).
+        outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``) and
+            ``observed`` (folder: one ``roundNNNN.pt`` per observed round).
+    """
+    mcfg = ModelConfig.from_dict(model)
+    dcfg = DefenseConfig.from_dict(defense)
+    tcfg = TrainConfig.from_dict(train_cfg)
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    arrays, meta = io.load_prepared(data)
+    part = pd.read_parquet(partition_file)
+    if len(part) != len(arrays["labels"]):
+        raise ValueError(f"{partition_file} has {len(part)} rows but the dataset has "
+                         f"{len(arrays['labels'])} samples; rerun the partition stage")
+    ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"], meta["std"],
+                                   meta["num_classes"], dev)
+    client_ids = part["client_id"].to_numpy()
+    k = int(client_ids.max()) + 1
+    client_idx = [torch.from_numpy(np.flatnonzero(client_ids == c)).to(dev) for c in range(k)]
+    test_idx = torch.from_numpy(np.flatnonzero(part["is_test"].to_numpy())).to(dev)
+
+    net = build_model(mcfg.kind, meta["num_classes"], meta["shape"][0], seed=seed).to(dev)
+    state = FlatState(net)
+    defense_obj = build_defense(dcfg)
+    observed = set(tcfg.observed())
+    obs_dir = Path(outputs["observed"])
+    obs_dir.mkdir(parents=True, exist_ok=True)
+    log.info("FedAvg: %s (%d parameters) on %s, %d clients (sizes %s), %d rounds, "
+             "defense %s, device %s, observed rounds %s", mcfg.kind, count_parameters(net),
+             meta["kind"], k, [int(i.numel()) for i in client_idx], tcfg.rounds, dcfg.kind,
+             dev, sorted(observed))
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for rec in run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed):
+        rows.extend(_history_rows(rec))
+        if rec.round in observed:
+            io.save_torch(dict(
+                round=rec.round, lr=rec.lr, global_state=rec.global_flat, uploads=rec.uploads,
+                num_samples=torch.tensor(rec.num_samples), layout=state.layout.to_list(),
+                model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
+                           in_channels=meta["shape"][0]),
+                defense=dict(defense), fedmia_version=fedmia.__version__,
+            ), io.round_file(obs_dir, rec.round))
+        glob = rows[-1]
+        log.info("round %d/%d lr %.4f train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
+                 "%.1fs, %.0f samples/s%s", rec.round, tcfg.rounds, rec.lr, glob["train_loss"],
+                 glob["train_accuracy"], rec.test_loss, rec.test_accuracy, rec.seconds,
+                 rec.samples_per_s, " [observed]" if rec.round in observed else "")
+    log.info("trained %d rounds in %.1fs", tcfg.rounds, time.perf_counter() - t_start)
+    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
+        {"round": "int32", "client_id": "int32", "num_samples": "int64"})
+    io.save_torch(dict(global_state=state.flat, layout=state.layout.to_list(),
+                       model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
+                                  in_channels=meta["shape"][0]),
+                       rounds=tcfg.rounds, fedmia_version=fedmia.__version__), outputs["final"])
+    io.write_parquet(history, outputs["history"])

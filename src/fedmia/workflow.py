@@ -1,0 +1,163 @@
+"""The workflow's view of the config: validation, defaults and the grid of cells.
+
+``common.smk`` calls :func:`load_workflow_config` when the Snakefile is parsed, so
+bad input stops the run before any job starts, with a message that names the key,
+what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from fedmia.config import (
+    ConfigError,
+    DatasetConfig,
+    DefenseConfig,
+    ModelConfig,
+    PartitionConfig,
+    TrainConfig,
+)
+
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One FedAvg run: ``(dataset, model, defense, partition, seed)``."""
+
+    dataset: str
+    model: str
+    defense: str
+    partition: str
+    seed: int
+
+    @property
+    def path(self) -> str:
+        """Path part ``{dataset}/{model}/{defense}/{partition}/seed{seed}``."""
+        return f"{self.dataset}/{self.model}/{self.defense}/{self.partition}/seed{self.seed}"
+
+
+def _with_defaults(cls: type) -> type:
+    """A jsonschema validator class that also fills in ``default`` values."""
+    validate_props = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+def _where(path) -> str:  # noqa: ANN001
+    parts = []
+    for p in path:
+        parts.append(f"[{p}]" if isinstance(p, int) else f".{p}")
+    return "".join(parts).lstrip(".") or "<top level>"
+
+
+def _raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> None:
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    where = prefix + _where(err.absolute_path)
+    msg = err.message
+    if err.validator == "additionalProperties" and isinstance(err.schema.get("properties"), dict):
+        msg += f"; allowed keys are {sorted(err.schema['properties'])}"
+    if err.validator == "not" and err.validator_value == {"required": ["beta"]}:
+        msg = "only a 'dirichlet' partition takes beta"
+    desc = err.schema.get("description") if isinstance(err.schema, dict) else None
+    raise ConfigError(f"invalid config at '{where}': {msg}" + (f" ({desc})" if desc else ""))
+
+
+def load_schema(path: str | Path = SCHEMA) -> dict[str, Any]:
+    """Read the config JSON schema (YAML)."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    """A validated config (defaults filled in) and the cells it asks for."""
+
+    config: dict[str, Any]
+    cells: tuple[Cell, ...]
+    train: dict[Cell, dict[str, Any]]
+
+    def train_for(self, cell: Cell) -> dict[str, Any]:
+        """Resolved training config of ``cell`` (``train`` updated by its grid block)."""
+        return self.train[cell]
+
+    def observed_rounds(self, cell: Cell) -> list[int]:
+        """Observed rounds of ``cell``."""
+        return TrainConfig.from_dict(self.train[cell]).observed()
+
+
+def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> WorkflowSpec:
+    """Validate ``config`` in place (filling defaults) and expand its grid.
+
+    Raises:
+        ConfigError: naming the first offending key, what is wrong and what is allowed.
+    """
+    schema = load_schema(schema_path)
+    base = jsonschema.Draft202012Validator
+    _raise_first(list(_with_defaults(base)(schema).iter_errors(config)))
+    # Typed configs double-check each block (the package's own validation).
+    for section, cls in (("datasets", DatasetConfig), ("models", ModelConfig),
+                         ("partitions", PartitionConfig), ("defenses", DefenseConfig)):
+        for key, block in config[section].items():
+            cls.from_dict(block, where=f"{section}.{key}")
+    train_validator = base({**schema["$defs"]["train"], "$defs": schema["$defs"]})
+    TrainConfig.from_dict(config["train"], where="train")
+
+    cells: list[Cell] = []
+    train: dict[Cell, dict[str, Any]] = {}
+    for i, block in enumerate(config["grid"]):
+        for section in ("datasets", "models", "defenses", "partitions"):
+            missing = [k for k in block[section] if k not in config[section]]
+            if missing:
+                raise ConfigError(
+                    f"invalid config at 'grid[{i}].{section}': {missing} not defined; "
+                    f"defined {section}: {sorted(config[section])}"
+                )
+        merged = {**config["train"], **block.get("train", {})}
+        _raise_first(list(train_validator.iter_errors(merged)), prefix=f"grid[{i}].train.")
+        TrainConfig.from_dict(merged, where=f"grid[{i}].train (merged with train)")
+        for combo in itertools.product(block["datasets"], block["models"], block["defenses"],
+                                       block["partitions"], block["seeds"]):
+            cell = Cell(*combo)
+            if cell in train and train[cell] != merged:
+                raise ConfigError(
+                    f"invalid config at 'grid[{i}]': cell {cell.path} also appears in an earlier "
+                    "grid block with different training settings; keep each cell in one block"
+                )
+            if cell not in train:
+                cells.append(cell)
+                train[cell] = merged
+    return WorkflowSpec(config=config, cells=tuple(cells), train=train)
+
+
+def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list, list]]:
+    """Schema enums vs registries (``{what: (schema names, registry names)}``), for tests."""
+    from fedmia.datasets import DATASETS
+    from fedmia.defenses import DEFENSES
+    from fedmia.models import MODELS
+
+    props = schema["properties"]
+    return {
+        "datasets": (props["datasets"]["additionalProperties"]["properties"]["kind"]["enum"],
+                     DATASETS.names()),
+        "models": (props["models"]["additionalProperties"]["properties"]["kind"]["enum"],
+                   MODELS.names()),
+        "defenses": (props["defenses"]["additionalProperties"]["properties"]["kind"]["enum"],
+                     DEFENSES.names()),
+    }

@@ -1,0 +1,18 @@
+"""Rule train: FedAvg for one cell (fedmia.pipeline.train)."""
+
+from fedmia import pipeline
+from fedmia.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+inputs = dict(snakemake.input.items())
+pipeline.train(
+    data={k: inputs[k] for k in ("images", "labels", "is_test", "meta")},
+    partition_file=inputs["partition"],
+    model=snakemake.params.model,
+    defense=snakemake.params.defense,
+    train_cfg=snakemake.params.train,
+    seed=int(snakemake.wildcards.seed),
+    device=snakemake.params.device,
+    threads=snakemake.threads,
+    outputs=dict(snakemake.output.items()),
+)
