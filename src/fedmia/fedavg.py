@@ -167,7 +167,8 @@ class RoundRecord:
 
     ``global_flat`` and ``uploads`` (the server's view, what an observed round
     saves) are the model sent at the start of the round (P) and the K uploads
-    (K×P). Test metrics are those of the aggregated model at the end of the round
+    (K×P); both are buffers reused by the next round, so copy or save them before
+    advancing the iterator. Test metrics are those of the aggregated model at the end of the round
     (NaN in rounds without a test).
     """
 

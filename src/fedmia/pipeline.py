@@ -7,8 +7,9 @@ outputs and params; tests call them directly without Snakemake.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from fedmia import io
 from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionConfig, TrainConfig
 from fedmia.datasets import prepare_dataset
 from fedmia.defenses import build_defense
-from fedmia.fedavg import DeviceData, run_fedavg
+from fedmia.fedavg import DeviceData, RoundRecord, run_fedavg
 from fedmia.models import build_model, count_parameters
 from fedmia.partition import HELD_OUT, make_partition
 from fedmia.state import FlatState
@@ -73,7 +74,7 @@ def partition(
     io.write_parquet(df, output)
 
 
-def _history_rows(rec) -> list[dict[str, Any]]:
+def _history_rows(rec: RoundRecord) -> list[dict[str, Any]]:
     rows = []
     for c, (loss, acc, n) in enumerate(zip(rec.client_loss, rec.client_accuracy,
                                            rec.num_samples, strict=True)):
@@ -106,8 +107,9 @@ def train(
     Args:
         data: files of the prepared dataset (``images``, ``labels``, ``is_test``, ``meta``).
         partition_file: the partition Parquet.
-        model: model config block; ``defense``: defense config block; ``train_cfg``:
-            the cell's resolved training config.
+        model: the model's config block.
+        defense: the defense's config block.
+        train_cfg: the cell's resolved training config.
         seed: the cell's seed (model initialisation, data order, defense noise).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
@@ -142,28 +144,40 @@ def train(
              "defense %s, device %s, observed rounds %s", mcfg.kind, count_parameters(net),
              meta["kind"], k, [int(i.numel()) for i in client_idx], tcfg.rounds, dcfg.kind,
              dev, sorted(observed))
+    static = dict(layout=state.layout.to_list(), defense=dict(defense),
+                  model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
+                             in_channels=meta["shape"][0]),
+                  fedmia_version=fedmia.__version__)
+
+    def save_round(rec: RoundRecord) -> None:
+        io.save_torch(dict(static, round=rec.round, lr=rec.lr, global_state=rec.global_flat,
+                           uploads=rec.uploads, num_samples=torch.tensor(rec.num_samples)),
+                      io.round_file(obs_dir, rec.round))
+
+    try:
+        rounds = run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed)
+        history = _log_history(rounds, tcfg.rounds, observed, save_round)
+    except BaseException:
+        shutil.rmtree(obs_dir, ignore_errors=True)  # no partial output survives a failure
+        raise
+    io.save_torch(dict(static, global_state=state.flat, rounds=tcfg.rounds), outputs["final"])
+    io.write_parquet(history, outputs["history"])
+
+
+def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
+                 save_round: Callable[[RoundRecord], None]) -> pd.DataFrame:
+    """Consume the rounds: save observed ones, log progress, return the history table."""
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for rec in run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed):
+    for rec in rounds:
         rows.extend(_history_rows(rec))
         if rec.round in observed:
-            io.save_torch(dict(
-                round=rec.round, lr=rec.lr, global_state=rec.global_flat, uploads=rec.uploads,
-                num_samples=torch.tensor(rec.num_samples), layout=state.layout.to_list(),
-                model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
-                           in_channels=meta["shape"][0]),
-                defense=dict(defense), fedmia_version=fedmia.__version__,
-            ), io.round_file(obs_dir, rec.round))
+            save_round(rec)
         glob = rows[-1]
         log.info("round %d/%d lr %.4f train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
-                 "%.1fs, %.0f samples/s%s", rec.round, tcfg.rounds, rec.lr, glob["train_loss"],
+                 "%.1fs, %.0f samples/s%s", rec.round, total, rec.lr, glob["train_loss"],
                  glob["train_accuracy"], rec.test_loss, rec.test_accuracy, rec.seconds,
                  rec.samples_per_s, " [observed]" if rec.round in observed else "")
-    log.info("trained %d rounds in %.1fs", tcfg.rounds, time.perf_counter() - t_start)
-    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
+    log.info("trained %d rounds in %.1fs", total, time.perf_counter() - t_start)
+    return pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
         {"round": "int32", "client_id": "int32", "num_samples": "int64"})
-    io.save_torch(dict(global_state=state.flat, layout=state.layout.to_list(),
-                       model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
-                                  in_channels=meta["shape"][0]),
-                       rounds=tcfg.rounds, fedmia_version=fedmia.__version__), outputs["final"])
-    io.write_parquet(history, outputs["history"])

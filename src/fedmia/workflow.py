@@ -45,6 +45,19 @@ class Cell:
         return f"{self.dataset}/{self.model}/{self.defense}/{self.partition}/seed{self.seed}"
 
 
+def canonical(obj: Any) -> Any:
+    """``obj`` with every mapping's keys sorted, recursively.
+
+    Snakemake compares a rule's params as written; sorting makes a reordered
+    config file (same content) not look like a change.
+    """
+    if isinstance(obj, Mapping):
+        return {k: canonical(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [canonical(v) for v in obj]
+    return obj
+
+
 def _with_defaults(cls: type) -> type:
     """A jsonschema validator class that also fills in ``default`` values."""
     validate_props = cls.VALIDATORS["properties"]
@@ -76,7 +89,9 @@ def _raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> 
         msg += f"; allowed keys are {sorted(err.schema['properties'])}"
     if err.validator == "not" and err.validator_value == {"required": ["beta"]}:
         msg = "only a 'dirichlet' partition takes beta"
-    desc = err.schema.get("description") if isinstance(err.schema, dict) else None
+    desc = None
+    if err.absolute_path and isinstance(err.schema, dict):
+        desc = err.schema.get("description")
     raise ConfigError(f"invalid config at '{where}': {msg}" + (f" ({desc})" if desc else ""))
 
 
@@ -95,7 +110,7 @@ class WorkflowSpec:
 
     def train_for(self, cell: Cell) -> dict[str, Any]:
         """Resolved training config of ``cell`` (``train`` updated by its grid block)."""
-        return self.train[cell]
+        return canonical(self.train[cell])
 
     def observed_rounds(self, cell: Cell) -> list[int]:
         """Observed rounds of ``cell``."""

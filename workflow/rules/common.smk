@@ -2,10 +2,14 @@
 # Everything here runs when the workflow is parsed: bad input stops the run before
 # any job starts.
 import fedmia
-from fedmia.workflow import Cell, load_workflow_config
+from fedmia.workflow import Cell, canonical, load_workflow_config
 
-SPEC = load_workflow_config(config, workflow.source_path("../schemas/config.schema.yaml"))
-VERSION = fedmia.__version__  # a param of every rule: a new library version reruns its jobs
+SPEC = load_workflow_config(
+    config, workflow.source_path("../schemas/config.schema.yaml")
+)
+VERSION = (
+    fedmia.__version__
+)  # a param of every rule: a new library version reruns its jobs
 
 CELL = "{dataset}/{model}/{defense}/{partition}/seed{seed}"
 DATA = "results/data/{dataset}"
@@ -43,19 +47,19 @@ def cell_of(wildcards):
 
 
 def get_dataset_cfg(wildcards):
-    return config["datasets"][wildcards.dataset]
+    return canonical(config["datasets"][wildcards.dataset])
 
 
 def get_partition_cfg(wildcards):
-    return config["partitions"][wildcards.partition]
+    return canonical(config["partitions"][wildcards.partition])
 
 
 def get_model_cfg(wildcards):
-    return config["models"][wildcards.model]
+    return canonical(config["models"][wildcards.model])
 
 
 def get_defense_cfg(wildcards):
-    return config["defenses"][wildcards.defense]
+    return canonical(config["defenses"][wildcards.defense])
 
 
 def get_train_cfg(wildcards):

@@ -1,11 +1,13 @@
 rule prepare:
     output:
         **DATA_FILES,
+    log:
+        "results/logs/prepare/{dataset}.log",
+    conda:
+        "../../envs/fedmia.yaml"
     params:
         dataset=get_dataset_cfg,
         version=VERSION,
-    log:
-        "results/logs/prepare/{dataset}.log",
     script:
         "../scripts/prepare.py"
 
@@ -16,10 +18,12 @@ rule partition:
         is_test=DATA_FILES["is_test"],
     output:
         PARTITION,
+    log:
+        "results/logs/partition/{dataset}/{partition}/seed{seed}.log",
+    conda:
+        "../../envs/fedmia.yaml"
     params:
         partition=get_partition_cfg,
         version=VERSION,
-    log:
-        "results/logs/partition/{dataset}/{partition}/seed{seed}.log",
     script:
         "../scripts/partition.py"

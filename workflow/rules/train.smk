@@ -6,18 +6,20 @@ rule train:
         history=f"{TRAIN}/history.parquet",
         final=f"{TRAIN}/final.pt",
         observed=directory(f"{TRAIN}/observed"),
+    log:
+        f"results/logs/train/{CELL}.log",
+    benchmark:
+        f"results/benchmarks/train/{CELL}.tsv"
+    conda:
+        "../../envs/fedmia.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
     params:
         model=get_model_cfg,
         defense=get_defense_cfg,
         train=get_train_cfg,
         device=config["device"],
         version=VERSION,
-    threads: config["threads"]
-    resources:
-        gpu=GPU,
-    log:
-        f"results/logs/train/{CELL}.log",
-    benchmark:
-        f"results/benchmarks/train/{CELL}.tsv"
     script:
         "../scripts/train.py"

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmia.config import ConfigError
+from fedmia.workflow import check_keys_are_registered, load_schema, load_workflow_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture
+def default_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_defaults_are_filled(default_config):
+    spec = load_workflow_config(default_config, SCHEMA)
+    assert [c.path for c in spec.cells] == ["digits/alexnet/none/iid/seed0",
+                                            "digits/alexnet/none/dirichlet/seed0"]
+    assert spec.config["datasets"]["digits"]["test_fraction"] == 0.25  # schema default
+    assert spec.train_for(spec.cells[0])["momentum"] == 0.9
+    assert spec.observed_rounds(spec.cells[0]) == [1, 10, 20, 30]
+
+
+def test_schema_enums_match_the_registries():
+    for what, (in_schema, registered) in check_keys_are_registered(load_schema(SCHEMA)).items():
+        assert sorted(in_schema) == registered, what
+
+
+def test_grid_block_overrides_reach_only_its_cells(default_config):
+    cfg = default_config
+    cfg["grid"] = [
+        {**cfg["grid"][0], "partitions": ["iid"]},
+        {**cfg["grid"][0], "partitions": ["dirichlet"], "train": {"rounds": 40}},
+    ]
+    spec = load_workflow_config(cfg, SCHEMA)
+    rounds = {c.partition: spec.train_for(c)["rounds"] for c in spec.cells}
+    assert rounds == {"iid": 30, "dirichlet": 40}
+
+
+def mutate(cfg: dict, path: str, value) -> dict:
+    cfg = copy.deepcopy(cfg)
+    *parents, last = path.split(".")
+    node = cfg
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return cfg
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("bogus", 1, r"at '<top level>': Additional properties .*'bogus' was unexpected.*allowed keys"),
+    ("train.learning_rate", 0.1, r"at 'train'.*'learning_rate' was unexpected.*allowed keys are"),
+    ("datasets.digits.kind", "mnist", r"at 'datasets.digits.kind': 'mnist' is not one of "
+                                      r"\['digits'\]"),
+    ("models.alexnet.kind", "vgg", r"at 'models.alexnet.kind': 'vgg' is not one of "
+                                   r"\['alexnet', 'resnet18'\]"),
+    ("defenses.none.kind", "magic", r"at 'defenses.none.kind': 'magic' is not one of"),
+    ("partitions.iid.num_clients", 1, r"at 'partitions.iid.num_clients': 1 is less than the "
+                                      r"minimum of 2 \(number of clients K"),
+    ("train.rounds", 0, r"at 'train.rounds': 0 is less than the minimum of 1"),
+    ("train.observe_rounds", [1, 31], r"train.observe_rounds: round\(s\) \[31\] are outside 1..30"),
+    ("partitions.dirichlet.beta", 0, r"at 'partitions.dirichlet.beta': 0 is less than or equal "
+                                     r"to the minimum of 0"),
+    ("partitions.dirichlet.beta", -1.0, r"partitions.dirichlet.beta"),
+    ("partitions.dirichlet.beta", DELETE, r"'beta' is a required property"),
+    ("partitions.iid.beta", 1.0, r"only a 'dirichlet' partition takes beta"),
+    ("train.batch_size", 0, r"at 'train.batch_size': 0 is less than the minimum of 1"),
+    ("train.lr_schedule", "step", r"'step' is not one of \['cosine', 'exponential', 'constant'\]"),
+    ("grid.0.datasets", ["cifar100"], r"at 'grid\[0\].datasets': \['cifar100'\] not defined; "
+                                      r"defined datasets: \['digits'\]"),
+    ("grid.0.train", {"batch_size": 0}, r"at 'grid\[0\].train.batch_size': 0 is less than"),
+    ("grid.0.train", {"observe_rounds": [50]}, r"round\(s\) \[50\] are outside 1..30"),
+])
+def test_bad_input_names_key_and_allowed_values(default_config, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_workflow_config(mutate(default_config, path, value), SCHEMA)
+
+
+def test_key_names_must_be_path_safe(default_config):
+    cfg = copy.deepcopy(default_config)
+    cfg["partitions"]["dir.1"] = cfg["partitions"].pop("dirichlet")
+    with pytest.raises(ConfigError, match=r"'dir.1' does not match"):
+        load_workflow_config(cfg, SCHEMA)

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmia.config import TrainConfig
+from fedmia.defenses import Defense
+from fedmia.fedavg import DeviceData, aggregate, client_generator, run_fedavg
+from fedmia.state import FlatState, StateLayout
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def tiny_data(n: int = 40) -> DeviceData:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return DeviceData.from_arrays(images, labels, [0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
+
+
+def test_aggregate_is_the_data_weighted_average_of_uploaded_models():
+    w = torch.tensor([1.0, 2.0, 3.0])
+    models = torch.tensor([[0.0, 0.0, 0.0], [3.0, 6.0, 9.0]])
+    n = torch.tensor([1, 2])
+    new = aggregate(w, w - models, n)
+    assert torch.allclose(new, torch.tensor([2.0, 4.0, 6.0]))  # (1·0 + 2·3)/3 = 2, ...
+
+
+def test_flat_state_binds_parameters_and_bn_buffers():
+    m = tiny_model()
+    st = FlatState(m)
+    names = [e.name for e in st.layout.entries]
+    assert "1.running_mean" in names and "1.num_batches_tracked" not in names
+    assert st.layout.size == sum(p.numel() for p in m.parameters()) + 8
+    assert int(st.layout.param_mask().sum()) == sum(p.numel() for p in m.parameters())
+    v = torch.arange(st.layout.size, dtype=torch.float32)
+    st.load(v)
+    assert torch.equal(m[5].bias, v[st.layout.entries[-1].slice])
+    assert torch.equal(m[1].running_mean, v[[e for e in st.layout.entries
+                                             if e.name == "1.running_mean"][0].slice])
+    m(torch.randn(4, 3, 6, 6))  # train-mode BN updates its statistics inside the flat vector
+    assert not torch.equal(st.flat, v)
+    assert StateLayout.from_list(st.layout.to_list()) == st.layout
+
+
+def hand_round(model0: nn.Module, data: DeviceData, idx, cfg: TrainConfig, seed: int, rnd: int,
+               client: int):
+    """One client round the obvious way: its own model copy, its own optimizer."""
+    m = copy.deepcopy(model0).train()
+    opt = torch.optim.SGD(m.parameters(), lr=cfg.lr_at(rnd), momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    g = client_generator(seed, rnd, client)
+    for _ in range(cfg.local_epochs):
+        order = idx[torch.randperm(len(idx), generator=g)]
+        for s in range(0, len(order), cfg.batch_size):
+            x, y = data.batch(order[s:s + cfg.batch_size])
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    return m.state_dict()
+
+
+def test_one_round_matches_hand_computed_weighted_average():
+    data = tiny_data()
+    client_idx = [torch.arange(0, 10), torch.arange(10, 35)]  # sizes 10 and 25
+    cfg = TrainConfig(rounds=1, local_epochs=2, batch_size=4, lr=0.1)
+    model0 = tiny_model()
+    expected_states = []
+    for c, idx in enumerate(client_idx):
+        expected_states.append(hand_round(model0, data, idx, cfg, seed=3, rnd=1, client=c))
+    st = FlatState(copy.deepcopy(model0))
+    recs = list(run_fedavg(st, data, client_idx, torch.arange(35, 40), cfg, Defense(), seed=3))
+    assert len(recs) == 1 and recs[0].num_samples == [10, 25]
+    final = st.module.state_dict()
+    for e in st.layout.entries:
+        want = (10 * expected_states[0][e.name] + 25 * expected_states[1][e.name]) / 35
+        torch.testing.assert_close(final[e.name], want, rtol=1e-5, atol=1e-6)
+    # the record holds what the server saw: the model sent and the uploaded updates
+    w0 = FlatState(copy.deepcopy(model0)).flat
+    assert torch.equal(recs[0].global_flat, w0)
+    for c in range(2):
+        up = torch.cat([(model0.state_dict()[e.name] - expected_states[c][e.name]).reshape(-1)
+                        for e in st.layout.entries])
+        torch.testing.assert_close(recs[0].uploads[c], up, rtol=1e-5, atol=1e-6)
+
+
+def test_client_streams_are_independent_and_reproducible():
+    a = torch.randperm(50, generator=client_generator(0, 1, 0))
+    b = torch.randperm(50, generator=client_generator(0, 1, 0))
+    c = torch.randperm(50, generator=client_generator(0, 1, 1))
+    d = torch.randperm(50, generator=client_generator(0, 2, 0))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
+
+
+@pytest.mark.parametrize("schedule, r, want", [
+    ("constant", 7, 0.1), ("exponential", 3, 0.1 * 0.99**2), ("cosine", 1, 0.1),
+    ("cosine", 6, 0.05),  # half way: (1 + cos(π·5/10))/2 = 0.5
+])
+def test_lr_schedules(schedule, r, want):
+    cfg = TrainConfig(rounds=10, lr=0.1, lr_schedule=schedule)
+    assert cfg.lr_at(r) == pytest.approx(want)
+
+
+def test_observed_rounds():
+    assert TrainConfig(rounds=30).observed() == [1, 10, 20, 30]
+    assert TrainConfig(rounds=25, observe_every=10, observe_rounds=(3,)).observed() == [3, 10, 20]

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmia import pipeline
+from fedmia.config import PartitionConfig
+from fedmia.partition import PartitionError, make_partition
+
+
+def cfg(**kw) -> PartitionConfig:
+    base = dict(kind="iid", num_clients=5, samples_per_client=100, eval_members_per_client=20,
+                eval_nonmembers=50)
+    base.update(kw)
+    return PartitionConfig.from_dict(base)
+
+
+def test_iid_sizes_disjoint_and_eval(labels_split):
+    labels, is_test = labels_split
+    df = make_partition(labels, is_test, cfg(), seed=0)
+    assert list(df.columns) == ["sample_id", "client_id", "is_test", "eval"]
+    assert (df["sample_id"].to_numpy() == np.arange(len(labels))).all()
+    sizes = df[df.client_id >= 0].groupby("client_id").size()
+    assert sizes.tolist() == [100] * 5
+    # clients train only on the training split; a sample belongs to one client at most
+    assert not df[df.client_id >= 0].is_test.any()
+    assert df.sample_id.is_unique
+    ev = df[df["eval"]]
+    assert ev[ev.client_id >= 0].groupby("client_id").size().tolist() == [20] * 5
+    nonmem = ev[ev.client_id == -1]
+    assert len(nonmem) == 50 and nonmem.is_test.all()
+
+
+def test_all_training_data_when_samples_per_client_is_null(labels_split):
+    labels, is_test = labels_split
+    df = make_partition(labels, is_test, cfg(samples_per_client=None), seed=0)
+    sizes = df[df.client_id >= 0].groupby("client_id").size()
+    assert sizes.sum() == (~is_test).sum() and sizes.max() - sizes.min() <= 1
+
+
+def test_dirichlet_skew_grows_as_beta_shrinks(labels_split):
+    labels, is_test = labels_split
+
+    def skew(df: pd.DataFrame) -> float:
+        tr = df[df.client_id >= 0].assign(label=labels[df[df.client_id >= 0].sample_id])
+        frac = tr.groupby("client_id").label.value_counts(normalize=True)
+        return float(frac.groupby(level=0).max().mean())  # mean dominant-class share
+
+    iid = skew(make_partition(labels, is_test, cfg(), 0))
+    d1 = skew(make_partition(labels, is_test, cfg(kind="dirichlet", beta=1.0), 0))
+    d01 = skew(make_partition(labels, is_test, cfg(kind="dirichlet", beta=0.1,
+                                                   eval_members_per_client=5), 0))
+    assert iid < 0.25 < d1 < d01
+    assert d01 > 0.5
+
+
+def test_dirichlet_total_and_min_size(labels_split):
+    labels, is_test = labels_split
+    df = make_partition(labels, is_test, cfg(kind="dirichlet", beta=0.5), seed=3)
+    sizes = df[df.client_id >= 0].groupby("client_id").size()
+    assert sizes.sum() == 500 and sizes.min() >= 20 and sizes.nunique() > 1
+
+
+def test_same_seed_same_partition_other_seed_differs(labels_split):
+    labels, is_test = labels_split
+    for kind, extra in (("iid", {}), ("dirichlet", {"beta": 1.0})):
+        a = make_partition(labels, is_test, cfg(kind=kind, **extra), seed=7)
+        b = make_partition(labels, is_test, cfg(kind=kind, **extra), seed=7)
+        c = make_partition(labels, is_test, cfg(kind=kind, **extra), seed=8)
+        pd.testing.assert_frame_equal(a, b)
+        assert not a.equals(c)
+
+
+def test_partition_file_is_byte_identical(digits_files, tmp_path):
+    part = dict(kind="dirichlet", beta=0.5, num_clients=4, samples_per_client=40,
+                eval_members_per_client=10, eval_nonmembers=30)
+    pipeline.partition(digits_files, part, 1, tmp_path / "a.parquet")
+    pipeline.partition(digits_files, part, 1, tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(samples_per_client=1000), "training split has 1600"),
+    (dict(eval_nonmembers=401), "test split has only 400"),
+    (dict(eval_members_per_client=101), "fewer samples than eval_members_per_client"),
+    (dict(kind="dirichlet", beta=0.01, eval_members_per_client=99), "could not give all 5"),
+])
+def test_impossible_sizes_raise(labels_split, kw, msg):
+    labels, is_test = labels_split
+    with pytest.raises(PartitionError, match=msg):
+        make_partition(labels, is_test, cfg(**kw), seed=0)

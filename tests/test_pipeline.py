@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedmia import io, pipeline
+from fedmia.models import build_model
+from fedmia.state import FlatState, StateLayout
+
+PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
+            eval_nonmembers=30)
+TRAIN = dict(rounds=4, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
+             observe_rounds=[1], test_every=2)
+
+
+def run_cell(digits_files, out, seed=0, train=TRAIN):
+    pipeline.partition(digits_files, PART, seed, out / "partition.parquet")
+    outputs = {"history": out / "history.parquet", "final": out / "final.pt",
+               "observed": out / "observed"}
+    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
+                   model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=train,
+                   seed=seed, device="cpu", threads=1, outputs=outputs)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def cell(digits_files, tmp_path_factory):
+    return run_cell(digits_files, tmp_path_factory.mktemp("cell"))
+
+
+def test_prepared_digits(digits_files):
+    arrays, meta = io.load_prepared(digits_files)
+    assert arrays["images"].shape == (1797, 3, 32, 32) and arrays["images"].dtype == np.uint8
+    assert set(np.unique(arrays["labels"])) == set(range(10))
+    assert meta["num_test"] == arrays["is_test"].sum() == 450
+    assert meta["classes"] == [str(i) for i in range(10)] and len(meta["sha256"]) == 64
+    # every class is in both splits (stratified), and channels are replicated grey
+    assert set(np.unique(arrays["labels"][arrays["is_test"]])) == set(range(10))
+    assert (arrays["images"][:, 0] == arrays["images"][:, 2]).all()
+
+
+def test_history_contents(cell):
+    h = pd.read_parquet(cell["history"])
+    assert list(h.columns) == pipeline.HISTORY_COLUMNS
+    assert len(h) == 4 * (3 + 1)  # K client rows + one global row per round
+    glob = h[h.client_id == -1].set_index("round")
+    assert glob.test_accuracy.notna().tolist() == [False, True, False, True]  # test_every 2
+    assert (glob.num_samples == 60).all()
+    clients = h[h.client_id >= 0]
+    assert (clients.num_samples == 20).all() and clients.test_loss.isna().all()
+    assert np.allclose(clients.groupby("round").train_loss.mean(), glob.train_loss)
+    lrs = glob.lr.to_numpy()
+    assert lrs[0] == pytest.approx(0.05) and (np.diff(lrs) < 0).all()  # cosine decay
+
+
+def test_observed_rounds_hold_the_server_view(cell):
+    files = sorted(p.name for p in cell["observed"].iterdir())
+    assert files == ["round0001.pt", "round0002.pt", "round0004.pt"]
+    r1 = io.load_torch(io.round_file(cell["observed"], 1))
+    layout = StateLayout.from_list(r1["layout"])
+    assert r1["uploads"].shape == (3, layout.size) and r1["global_state"].shape == (layout.size,)
+    assert r1["num_samples"].tolist() == [20, 20, 20] and r1["round"] == 1
+    # round 1's global model is the seeded initial model
+    init = FlatState(build_model("alexnet", 10, 3, seed=0)).flat
+    assert torch.equal(r1["global_state"], init)
+    # the next observed round's model is this round's aggregate, w_2 = w_1 − mean(Δ_k)
+    r2 = io.load_torch(io.round_file(cell["observed"], 2))
+    torch.testing.assert_close(r2["global_state"], r1["global_state"] - r1["uploads"].mean(0))
+    final = io.load_torch(cell["final"])
+    r4 = io.load_torch(io.round_file(cell["observed"], 4))
+    torch.testing.assert_close(final["global_state"], r4["global_state"] - r4["uploads"].mean(0))
+
+
+def test_same_seed_gives_byte_identical_history(digits_files, tmp_path, cell):
+    again = run_cell(digits_files, tmp_path)
+    assert again["history"].read_bytes() == cell["history"].read_bytes()
+    assert ((tmp_path / "partition.parquet").read_bytes()
+            == (cell["history"].parent / "partition.parquet").read_bytes())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_failed_train_leaves_no_partial_outputs(digits_files, tmp_path):
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pipeline.train(data=digits_files, partition_file=tmp_path / "nope.parquet",
+                       model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=TRAIN,
+                       seed=0, device="cuda",
+                       outputs={"history": tmp_path / "h.parquet", "final": tmp_path / "f.pt",
+                                "observed": tmp_path / "obs"})
+    assert not any(tmp_path.iterdir())
