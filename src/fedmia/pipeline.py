@@ -23,9 +23,10 @@ from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionCo
 from fedmia.datasets import prepare_dataset
 from fedmia.defenses import build_defense
 from fedmia.fedavg import DeviceData, RoundRecord, run_fedavg
+from fedmia.measures import compute_round_measures
 from fedmia.models import build_model, count_parameters
 from fedmia.partition import HELD_OUT, make_partition
-from fedmia.state import FlatState
+from fedmia.state import FlatState, StateLayout
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,75 @@ def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
     log.info("trained %d rounds in %.1fs", total, time.perf_counter() - t_start)
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
         {"round": "int32", "client_id": "int32", "num_samples": "int64"})
+
+
+def measure(
+    *,
+    data: Mapping[str, str | Path],
+    partition_file: str | Path,
+    observed_dir: str | Path,
+    rounds: Iterable[int],
+    device: str = "auto",
+    threads: int | None = None,
+    chunk_size: int = 32,
+    batch_size: int = 500,
+    output: str | Path,
+) -> None:
+    """Stage 4: membership disclosure measures of the evaluation samples at observed rounds.
+
+    Args:
+        data: files of the prepared dataset.
+        partition_file: the partition Parquet (its ``eval`` samples are measured).
+        observed_dir: the train stage's ``observed/`` folder.
+        rounds: the observed rounds to measure (each must have its file).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads for torch.
+        chunk_size: samples per per-sample-gradient chunk (bounds memory).
+        batch_size: samples per forward pass.
+        output: the measure Parquet: ``round, client_id, sample_id, loss, cos, grad_diff,
+            grad_norm, correct, confidence``, one row per (round, client, evaluation sample).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    rounds = sorted(rounds)
+    files = [io.round_file(observed_dir, r) for r in rounds]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"observed round file(s) missing: {missing}; rerun the train "
+                                "stage with these rounds observed")
+    arrays, meta = io.load_prepared(data)
+    part = pd.read_parquet(partition_file)
+    eval_ids = np.sort(part.loc[part["eval"], "sample_id"].to_numpy())
+    ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"], meta["std"],
+                                   meta["num_classes"], dev)
+    x, y = ddata.batch(torch.from_numpy(eval_ids).to(dev))
+    frames = []
+    state = None
+    for rnd, f in zip(rounds, files, strict=True):
+        t0 = time.perf_counter()
+        obs = io.load_torch(f)
+        if state is None:
+            m = obs["model"]
+            state = FlatState(build_model(m["kind"], m["num_classes"], m["in_channels"],
+                                          seed=0).to(dev))
+        if StateLayout.from_list(obs["layout"]) != state.layout:
+            raise ValueError(f"{f}: its model layout differs from the first round's")
+        res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
+                                     x, y, chunk_size=chunk_size, batch_size=batch_size)
+        k, n = res.loss.shape
+        frames.append(pd.DataFrame({
+            "round": np.full(k * n, rnd, dtype=np.int32),
+            "client_id": np.repeat(np.arange(k, dtype=np.int32), n),
+            "sample_id": np.tile(eval_ids, k),
+            "loss": res.loss.reshape(-1).numpy(),
+            "cos": res.cos.reshape(-1).numpy(),
+            "grad_diff": res.grad_diff.reshape(-1).numpy(),
+            "grad_norm": np.tile(res.grad_norm.numpy(), k),
+            "correct": res.correct.reshape(-1).numpy(),
+            "confidence": res.confidence.reshape(-1).numpy(),
+        }))
+        dt = time.perf_counter() - t0
+        log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
+                 rnd, n, k, dt, n / dt)
+    io.write_parquet(pd.concat(frames, ignore_index=True), output)

@@ -1,0 +1,169 @@
+"""Membership disclosure measures of the evaluation samples at one observed round.
+
+For evaluation sample ``x_i`` (label ``y_i``), client ``k`` and round ``r`` with
+global model ``w`` (the one the server sent) and upload ``Δ_k = w − w^k``:
+
+* ``loss[k, i]``      = CE(f(x_i; w − Δ_k), y_i), on the client's uploaded model;
+* ``g_i``             = ∇_θ CE(f(x_i; w), y_i) over the trainable parameters θ;
+* ``cos[k, i]``       = cos(g_i, Δ_k);
+* ``grad_diff[k, i]`` = ‖Δ_k‖² − ‖Δ_k − g_i‖² = 2⟨g_i, Δ_k⟩ − ‖g_i‖²;
+* ``grad_norm[i]``    = ‖g_i‖² (independent of k);
+* ``correct[k, i]``, ``confidence[k, i]``: argmax hit and softmax probability of
+  ``y_i`` under the client's model (cheap by-products of the loss pass).
+
+BatchNorm is in eval mode throughout. Only ⟨g_i, Δ_k⟩ for all k and ‖g_i‖² are
+needed: ``g_i`` is computed once per sample and round, whatever K is — here by
+the *simple route*, per-sample gradients of a chunk of samples with
+``torch.func`` (vmap of grad), contracted layer by layer with the K stacked
+updates. It is the reference for faster routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedmia.state import FlatState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundMeasures:
+    """Measures of N samples under K clients at one round (float32 CPU tensors).
+
+    Attributes:
+        loss, cos, grad_diff, confidence: K×N.
+        correct: bool K×N.
+        grad_norm: N (squared norm ‖g_i‖²).
+    """
+
+    loss: torch.Tensor
+    cos: torch.Tensor
+    grad_diff: torch.Tensor
+    grad_norm: torch.Tensor
+    correct: torch.Tensor
+    confidence: torch.Tensor
+
+
+@torch.no_grad()
+def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.Tensor,
+                  x: torch.Tensor, y: torch.Tensor, batch_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample CE, correctness and true-class confidence under each uploaded model.
+
+    Args:
+        state: flat-state wrapper of the model (overwritten).
+        global_state: float32 P, the model the server sent.
+        uploads: float32 K×P, the uploaded updates.
+        x: float32 N×C×H×W (normalised).
+        y: int64 N, labels.
+        batch_size: samples per forward pass.
+
+    Returns:
+        ``(loss, correct, confidence)``, each K×N.
+    """
+    model = state.module.eval()
+    k, n = uploads.shape[0], x.shape[0]
+    loss = torch.empty(k, n, device=x.device)
+    correct = torch.empty(k, n, dtype=torch.bool, device=x.device)
+    conf = torch.empty(k, n, device=x.device)
+    for c in range(k):
+        state.load(global_state - uploads[c])
+        for s in range(0, n, batch_size):
+            logits = model(x[s:s + batch_size])
+            yy = y[s:s + batch_size]
+            logp = F.log_softmax(logits, dim=1)
+            nll = -logp.gather(1, yy[:, None])[:, 0]
+            loss[c, s:s + batch_size] = nll
+            conf[c, s:s + batch_size] = torch.exp(-nll)
+            correct[c, s:s + batch_size] = logits.argmax(1) == yy
+    return loss, correct, conf
+
+
+def per_sample_grad_products(
+    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+    x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """⟨g_i, Δ_k⟩ and ‖g_i‖² for one chunk, by ``torch.func`` per-sample gradients.
+
+    Args:
+        model: the network (eval mode).
+        params: the global model's parameters by name.
+        buffers: its buffers (BatchNorm statistics) by name.
+        x: float32 B×C×H×W.
+        y: int64 B, labels.
+        updates: per parameter name, the K stacked updates, K×(parameter shape).
+
+    Returns:
+        ``(dots, sqnorm)``: B×K and B.
+    """
+
+    def sample_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
+        out = functional_call(model, (p, buffers), (xi[None],))
+        return F.cross_entropy(out, yi[None])
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)  # name → B×shape
+    b = x.shape[0]
+    dots = torch.zeros(b, next(iter(updates.values())).shape[0], device=x.device)
+    sqnorm = torch.zeros(b, device=x.device)
+    for name, g in grads.items():
+        g = g.reshape(b, -1)
+        dots += g @ updates[name].reshape(updates[name].shape[0], -1).T
+        sqnorm += (g * g).sum(1)
+    return dots, sqnorm
+
+
+GradProducts = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def compute_round_measures(
+    state: FlatState, global_state: torch.Tensor, uploads: torch.Tensor,
+    x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 32, batch_size: int = 500,
+    grad_products: GradProducts = per_sample_grad_products,
+) -> RoundMeasures:
+    """All measures of N samples for the K clients of one observed round.
+
+    Args:
+        state: flat-state wrapper of a model of the right architecture (overwritten).
+        global_state: float32 P, the model the server sent.
+        uploads: float32 K×P, the uploaded updates.
+        x: float32 N×C×H×W (normalised), the evaluation samples.
+        y: int64 N, their labels.
+        chunk_size: samples per per-sample-gradient chunk (bounds memory: the simple
+            route holds chunk_size × #parameters floats).
+        batch_size: samples per forward pass of the loss.
+        grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk.
+    """
+    loss, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
+    state.load(global_state)
+    model = state.module.eval()
+    layout = state.layout
+    params = {e.name: state.flat[e.slice].view(e.shape) for e in layout.entries if e.is_param}
+    buffers = {e.name: state.flat[e.slice].view(e.shape) for e in layout.entries
+               if not e.is_param}
+    buffers.update({n: b for n, b in model.named_buffers() if n not in buffers})
+    k = uploads.shape[0]
+    upd = {e.name: uploads[:, e.slice].view(k, *e.shape) for e in layout.entries if e.is_param}
+    n = x.shape[0]
+    dots = torch.empty(n, k, device=x.device)
+    sqnorm = torch.empty(n, device=x.device)
+    for s in range(0, n, chunk_size):
+        d, q = grad_products(model, params, buffers, x[s:s + chunk_size], y[s:s + chunk_size],
+                             upd)
+        dots[s:s + chunk_size], sqnorm[s:s + chunk_size] = d, q
+    mask = layout.param_mask().to(uploads.device)
+    upd_norm = uploads[:, mask].norm(dim=1)  # K
+    g_norm = sqnorm.clamp_min(0).sqrt()
+    cos = dots / (g_norm[:, None] * upd_norm[None, :]).clamp_min(1e-30)
+    return RoundMeasures(
+        loss=loss.cpu(), cos=cos.T.contiguous().cpu(),
+        grad_diff=(2 * dots - sqnorm[:, None]).T.contiguous().cpu(),
+        grad_norm=sqnorm.cpu(), correct=correct.cpu(), confidence=conf.cpu(),
+    )

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmia.measures import compute_round_measures, per_sample_grad_products
+from fedmia.state import FlatState
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 5, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(5, 3))
+
+
+def setup(k: int, n: int = 13):
+    torch.manual_seed(1)
+    model = small_model()
+    model.train()(torch.randn(16, 3, 8, 8))  # non-trivial BatchNorm statistics
+    state = FlatState(model)
+    w = state.snapshot()
+    uploads = 0.05 * torch.randn(k, w.numel())
+    return state, w, uploads, torch.randn(n, 3, 8, 8), torch.randint(0, 3, (n,))
+
+
+def reference(state: FlatState, w, uploads, x, y):
+    """The obvious way: a backward pass per sample, explicit cosine and norms."""
+    model = state.module.eval()
+    mask = state.layout.param_mask()
+    k, n = uploads.shape[0], len(y)
+    loss = torch.empty(k, n)
+    cos = torch.empty(k, n)
+    diff = torch.empty(k, n)
+    norm = torch.empty(n)
+    for c in range(k):
+        state.load(w - uploads[c])
+        with torch.no_grad():
+            loss[c] = F.cross_entropy(model(x), y, reduction="none")
+    state.load(w)
+    for i in range(n):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        norm[i] = g @ g
+        for c in range(k):
+            d = uploads[c][mask]
+            cos[c, i] = torch.dot(g, d) / (g.norm() * d.norm())
+            diff[c, i] = d @ d - (d - g) @ (d - g)
+    return loss, cos, diff, norm
+
+
+def test_measures_match_per_sample_backward_loop():
+    state, w, uploads, x, y = setup(k=3)
+    got = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5)
+    loss, cos, diff, norm = reference(state, w, uploads, x, y)
+    for name, want in (("loss", loss), ("cos", cos), ("grad_diff", diff), ("grad_norm", norm)):
+        torch.testing.assert_close(getattr(got, name), want, rtol=1e-5, atol=1e-6, msg=name)
+    assert got.confidence.allclose(torch.exp(-loss), rtol=1e-5)
+    assert got.loss.shape == (3, 13) and got.grad_norm.shape == (13,)
+
+
+def test_measures_leave_batchnorm_statistics_alone():
+    state, w, uploads, x, y = setup(k=2)
+    compute_round_measures(state, w, uploads, x, y)
+    assert torch.equal(state.flat, w)  # eval mode: running stats untouched, model = global
+
+
+@pytest.mark.parametrize("k", [2, 7])
+def test_per_sample_gradients_once_per_sample_whatever_k(k):
+    state, w, uploads, x, y = setup(k=k, n=13)
+    seen = []
+
+    def counting(model, params, buffers, xc, yc, updates):
+        seen.append(len(yc))
+        return per_sample_grad_products(model, params, buffers, xc, yc, updates)
+
+    compute_round_measures(state, w, uploads, x, y, chunk_size=5, grad_products=counting)
+    assert seen == [5, 5, 3]  # every sample exactly once, independent of K
+    assert sum(seen) == len(y) and math.ceil(13 / 5) == len(seen)
