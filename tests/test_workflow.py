@@ -29,7 +29,9 @@ def job_counts(out: str) -> dict[str, int]:
 def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
     assert r.returncode == 0, r.stderr
-    assert job_counts(r.stdout + r.stderr) == {"all": 1, "partition": 2, "prepare": 1, "train": 2}
+    assert job_counts(r.stdout + r.stderr) == {
+        "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 16,
+        "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,18 @@ def test_tiny_end_to_end_run(tiny_run):
                "seed0.log").read_text()
         assert "round 2/2" in log and "samples/s" in log
     assert (wd / "results" / "partitions" / "digits" / "iid" / "seed0.parquet").exists()
+    tables = wd / "results" / "tables"
+    table = pd.read_csv(tables / "attacks.csv")
+    assert set(table.attack) == {"loss", "cos", "grad_norm", "grad_diff", "loss_series",
+                                 "cos_series", "fedmia_loss", "fedmia_cos"}
+    assert set(table.metric) == {"auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"}
+    assert not table.duplicated(["dataset", "model", "defense", "partition", "attack",
+                                 "metric"]).any()
+    assert "Loss-III (FedMIA-I)" in (tables / "attacks.md").read_text()
+    assert r"\toprule" in (tables / "attacks.tex").read_text()
+    for f in ("partitions.png", "partitions.pdf",
+              "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
+        assert (wd / "results" / "figures" / f).stat().st_size > 1000
     assert "round 1/2" in r.stderr  # progress reaches the terminal too
 
 
@@ -73,9 +87,31 @@ def test_changing_one_cells_training_reruns_only_that_cell(snakemake_cmd, repo, 
     r = smk(snakemake_cmd, repo, wd, changed, "-n")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert job_counts(out) == {"all": 1, "train": 1}
-    assert "seed0/history.parquet" in out and "partition=dirichlet" in out
-    assert "partition=iid" not in out
+    assert job_counts(out) == {"all": 1, "train": 1, "measure": 1, "attack": 8, "table": 1,
+                               "figure_rounds": 1, "figure_roc": 1, "figure_partitions": 1}
+    assert "partition=dirichlet" in out and "partition=iid" not in out
+
+
+def rerun_with(snakemake_cmd, repo, tiny_run, section: str, change: dict) -> dict[str, int]:
+    wd, cfg, _ = tiny_run
+    config = yaml.safe_load(cfg.read_text())
+    config.setdefault(section, {}).update(change)
+    changed = wd / f"changed_{section}.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    r = smk(snakemake_cmd, repo, wd, changed, "-n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return job_counts(r.stdout + r.stderr)
+
+
+def test_changing_a_figure_option_reruns_only_figures(snakemake_cmd, repo, tiny_run):
+    counts = rerun_with(snakemake_cmd, repo, tiny_run, "report", {"dpi": 80})
+    assert counts == {"all": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1}
+
+
+def test_changing_an_attack_option_reruns_attacks_and_report(snakemake_cmd, repo, tiny_run):
+    counts = rerun_with(snakemake_cmd, repo, tiny_run, "attack", {"targets": [0, 1]})
+    assert counts == {"all": 1, "attack": 16, "table": 1, "figure_rounds": 2, "figure_roc": 2,
+                      "figure_partitions": 1}
 
 
 def test_bad_config_stops_before_any_job(snakemake_cmd, repo, tmp_path):
@@ -90,3 +126,11 @@ def test_bad_config_stops_before_any_job(snakemake_cmd, repo, tmp_path):
     assert "invalid config at 'partitions.iid.num_clients': 1 is less than the minimum of 2" in (
         r.stderr + r.stdout)
     assert not (wd / "results").exists()
+
+
+def test_html_report_builds_offline(snakemake_cmd, repo, tiny_run):
+    wd, cfg, _ = tiny_run
+    r = smk(snakemake_cmd, repo, wd, cfg, "--report", str(wd / "report.html"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    html = (wd / "report.html").read_text(errors="replace")
+    assert "attacks.csv" in html and "rounds.png" in html

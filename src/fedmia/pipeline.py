@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 import fedmia
-from fedmia import io
+from fedmia import io, report
+from fedmia.attacks import run_attack
 from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionConfig, TrainConfig
 from fedmia.datasets import prepare_dataset
 from fedmia.defenses import build_defense
@@ -254,3 +255,96 @@ def measure(
         log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
                  rnd, n, k, dt, n / dt)
     io.write_parquet(pd.concat(frames, ignore_index=True), output)
+
+
+def attack(
+    *,
+    name: str,
+    measures_file: str | Path,
+    partition_file: str | Path,
+    cell: Mapping[str, Any],
+    targets: str | list[int] = "all",
+    outlier_filter: bool = False,
+    roc_points: int = 200,
+    output: str | Path,
+) -> None:
+    """Stage 5: run attack ``name`` against every target client of one cell.
+
+    Args:
+        name: attack code name (``fedmia.attacks.ATTACKS``).
+        measures_file: the cell's measure Parquet.
+        partition_file: the partition Parquet (who owns each evaluation sample).
+        cell: ``dataset, model, defense, partition, seed`` — written into every row.
+        targets: ``"all"`` or a list of client ids.
+        outlier_filter: FedMIA attacks drop reference values above μ+3σ.
+        roc_points: points of the stored ROC curve per target and round.
+        output: Parquet, one row per (target, round): metrics and ROC points.
+    """
+    mdm = pd.read_parquet(measures_file)
+    part = pd.read_parquet(partition_file)
+    ev = part[part["eval"]]
+    owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
+    k = int(part["client_id"].max()) + 1
+    if targets == "all":
+        targets = list(range(k))
+    bad = [t for t in targets if not 0 <= t < k]
+    if bad:
+        raise ValueError(f"attack.targets {bad} are not clients of this cell (0..{k - 1})")
+    res = run_attack(name, mdm, owner, targets=targets, outlier_filter=outlier_filter,
+                     roc_points=roc_points)
+    for key in ("dataset", "model", "defense", "partition", "seed"):
+        res.insert(0, key, cell[key])
+    res.insert(5, "attack", name)
+    single = res[res["round"] >= 0]
+    multi = res[res["round"] == -1]
+    log.info("%s: %d targets; AUC %s", name, len(targets),
+             f"all rounds {multi.auc.mean():.3f}" if len(multi) else
+             "per round " + ", ".join(f"{r}: {a:.3f}" for r, a in
+                                      single.groupby("round").auc.mean().items()))
+    io.write_parquet(res, output)
+
+
+def report_tables(*, attack_files: Iterable[str | Path], outputs: Mapping[str, str | Path]
+                  ) -> None:
+    """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX)."""
+    results = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
+    summary = report.summarize(results)
+    per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
+    paper = report.paper_table(summary)
+    with io.atomic_path(outputs["csv"]) as tmp:
+        summary.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["per_round"]) as tmp:
+        per_round.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["md"]) as tmp:
+        tmp.write_text(report.to_markdown(paper))
+    with io.atomic_path(outputs["tex"]) as tmp:
+        tmp.write_text(report.to_latex(paper))
+
+
+def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    for key in ("png", "pdf"):
+        with io.atomic_path(outputs[key]) as tmp:
+            fig.savefig(tmp, format=key, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
+                        options: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6b: one cell's figure ``kind`` (``rounds`` or ``roc``) as PNG and PDF."""
+    cell = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
+    if kind == "rounds":
+        fig = report.rounds_figure(cell, options["round_plot_fpr"], options["width"])
+    elif kind == "roc":
+        fig = report.roc_figure(cell, options["width"])
+    else:
+        raise ValueError(f"unknown figure '{kind}'; choose from ['rounds', 'roc']")
+    _save_figure(fig, outputs, options["dpi"])
+
+
+def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
+                             outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6c: iid vs non-iid bars from the tidy attack table."""
+    fig = report.partitions_figure(pd.read_csv(table), options["width"])
+    _save_figure(fig, outputs, options["dpi"])

@@ -1,6 +1,8 @@
 # Config validation, the grid of cells, wildcard constraints and get_* helpers.
 # Everything here runs when the workflow is parsed: bad input stops the run before
 # any job starts.
+import dataclasses
+
 import fedmia
 from fedmia.workflow import Cell, canonical, load_workflow_config
 
@@ -21,6 +23,10 @@ DATA_FILES = {
 }
 PARTITION = "results/partitions/{dataset}/{partition}/seed{seed}.parquet"
 TRAIN = f"results/train/{CELL}"
+MDM = f"results/mdm/{CELL}.parquet"
+ATTACK = f"results/attacks/{CELL}/{{attack}}.parquet"
+FIGURES = f"results/figures/{CELL}"
+ATTACKS = config["attack"]["attacks"]
 GPU = 1 if config["device"].startswith("cuda") else 0
 
 
@@ -34,6 +40,7 @@ wildcard_constraints:
     defense=_alternatives(config["defenses"]),
     partition=_alternatives(config["partitions"]),
     seed=r"\d+",
+    attack=_alternatives(ATTACKS),
 
 
 def cell_of(wildcards):
@@ -44,6 +51,10 @@ def cell_of(wildcards):
         wildcards.partition,
         int(wildcards.seed),
     )
+
+
+def get_cell(wildcards):
+    return dataclasses.asdict(cell_of(wildcards))
 
 
 def get_dataset_cfg(wildcards):
@@ -66,9 +77,46 @@ def get_train_cfg(wildcards):
     return SPEC.train_for(cell_of(wildcards))
 
 
+def get_observed_rounds(wildcards):
+    return SPEC.observed_rounds(cell_of(wildcards))
+
+
+def get_attack_params(wildcards):
+    """The attack's slice of the config, with the outlier-filter policy resolved."""
+    cfg = config["attack"]
+    policy = cfg["fedmia_outlier_filter"]
+    partition_kind = config["partitions"][wildcards.partition]["kind"]
+    auto = wildcards.attack == "fedmia_cos" and partition_kind == "dirichlet"
+    return {
+        "targets": cfg["targets"],
+        "outlier_filter": policy == "always" or (policy == "auto" and auto),
+        "roc_points": cfg["roc_points"],
+    }
+
+
+def get_cell_attacks(wildcards):
+    return expand(ATTACK, attack=ATTACKS, allow_missing=True)
+
+
+def cell_paths(pattern, **extra):
+    """``pattern`` filled in for every cell of the grid (and the ``extra`` wildcards)."""
+    return [pattern.format(**dataclasses.asdict(c), **extra) for c in SPEC.cells]
+
+
+def get_all_attacks(wildcards=None):
+    return [p for a in ATTACKS for p in cell_paths(ATTACK, attack=a)]
+
+
+def get_all_histories(wildcards=None):
+    return cell_paths(f"{TRAIN}/history.parquet")
+
+
 def get_final_output():
-    out = []
-    for cell in SPEC.cells:
-        out.append(f"results/train/{cell.path}/history.parquet")
-        out.append(f"results/train/{cell.path}/final.pt")
-    return out
+    return [
+        "results/tables/attacks.csv",
+        "results/tables/attacks.md",
+        "results/tables/attacks.tex",
+        "results/figures/partitions.png",
+        *cell_paths(f"{FIGURES}/rounds.png"),
+        *cell_paths(f"{FIGURES}/roc.png"),
+    ]

@@ -1,0 +1,219 @@
+"""Metrics of a membership inference attack from its scores (pure numpy).
+
+Every function takes ``scores`` (float, N; higher = more likely a member) and
+``is_member`` (bool, N) and thresholds as "predict member if score >= t". Equal
+scores always fall on the same side of a threshold, so a tie is one step of the
+ROC curve and is never split. All functions sort once; none loops over samples.
+
+Definitions (``P`` members, ``Q`` non-members):
+
+* ROC: the points ``(FP(t)/Q, TP(t)/P)`` for every distinct score ``t``, plus ``(0, 0)``.
+* AUC: area under that curve = P(score of a member > score of a non-member) + ½ P(tie),
+  identical to ``sklearn.metrics.roc_auc_score``.
+* TPR at FPR α: the TPR of the most permissive threshold whose FPR ≤ α (the largest
+  TPR among ROC points with FPR ≤ α). It is undefined (NaN) when ``Q·α < 1``: with
+  fewer than 1/α non-members no threshold can resolve FPR = α.
+* Balanced accuracy: the best over thresholds of ``(TPR + 1 − FPR) / 2``; the trivial
+  thresholds (everything or nothing is a member) are included, so it is ≥ 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+FPR_LEVELS = (0.001, 0.01, 0.1)
+
+
+def tpr_metric_name(alpha: float) -> str:
+    """Name of the TPR-at-FPR metric at level ``alpha`` (0.001 → ``"tpr@0.1%"``)."""
+    return f"tpr@{alpha * 100:g}%"
+
+
+#: The metrics :func:`attack_metrics` returns (besides the sample counts), in table order.
+METRICS = ("auc", *(tpr_metric_name(a) for a in FPR_LEVELS), "balanced_accuracy")
+
+# Slack for float round-off when comparing a count with alpha × count.
+_EPS = 1e-9
+
+
+class _Roc(NamedTuple):
+    """Cumulative counts at the ROC points (length M+1 for M distinct scores)."""
+
+    fp: np.ndarray  # int64 M+1, non-members with score >= threshold; starts at 0
+    tp: np.ndarray  # int64 M+1, members with score >= threshold; starts at 0
+    thresholds: np.ndarray  # float64 M+1, +inf then the distinct scores, decreasing
+    n_pos: int
+    n_neg: int
+
+
+def _roc(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
+    """Validate the inputs and count TP/FP at every distinct threshold (one sort)."""
+    s = np.asarray(scores, dtype=np.float64)
+    m = np.asarray(is_member)
+    if s.ndim != 1 or m.ndim != 1:
+        raise ValueError(f"scores and is_member must be 1-D; got shapes {s.shape} and {m.shape}")
+    if len(s) != len(m):
+        raise ValueError(f"scores ({len(s)}) and is_member ({len(m)}) differ in length")
+    if m.dtype != bool:
+        if not np.isin(m, (0, 1)).all():
+            raise ValueError("is_member must be boolean (or 0/1)")
+        m = m.astype(bool)
+    bad = int(np.count_nonzero(~np.isfinite(s)))
+    if bad:
+        raise ValueError(f"scores contain {bad} NaN or infinite value(s)")
+    n_pos = int(m.sum())
+    n_neg = len(m) - n_pos
+    if n_pos == 0:
+        raise ValueError(f"no members among the {len(m)} samples: the attack is undefined")
+    if n_neg == 0:
+        raise ValueError(f"no non-members among the {len(m)} samples: the attack is undefined")
+    order = np.argsort(-s, kind="stable")
+    s_sorted = s[order]
+    tp = np.cumsum(m[order], dtype=np.int64)
+    fp = np.arange(1, len(s) + 1, dtype=np.int64) - tp
+    last = np.r_[s_sorted[1:] != s_sorted[:-1], True]  # last sample of each tie group
+    return _Roc(np.r_[0, fp[last]], np.r_[0, tp[last]], np.r_[np.inf, s_sorted[last]],
+                n_pos, n_neg)
+
+
+def roc_curve(scores: np.ndarray, is_member: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact ROC curve, one point per distinct score.
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, each M+1 for M distinct scores: point ``i`` predicts
+        "member" for ``score >= thresholds[i]``. Starts at ``(0, 0)`` (threshold +inf),
+        ends at ``(1, 1)`` (the lowest score); both rates are non-decreasing.
+    """
+    r = _roc(scores, is_member)
+    return r.fp / r.n_neg, r.tp / r.n_pos, r.thresholds
+
+
+def _auc(r: _Roc) -> float:
+    # Trapezoids on integer counts: exact up to the final division; a tie group is a
+    # diagonal step, which counts member/non-member ties one half.
+    return float(np.sum(np.diff(r.fp) * (r.tp[1:] + r.tp[:-1])) / (2 * r.n_pos * r.n_neg))
+
+
+def roc_auc(scores: np.ndarray, is_member: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half); equals sklearn's ``roc_auc_score``.
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+    """
+    return _auc(_roc(scores, is_member))
+
+
+def tpr_at_fpr_defined(n_nonmembers: int, alpha: float) -> bool:
+    """Whether FPR = ``alpha`` can be resolved with ``n_nonmembers`` (``n·α >= 1``)."""
+    return n_nonmembers * alpha >= 1 - _EPS
+
+
+def _tpr_at_fpr(r: _Roc, alpha: float) -> float:
+    if not 0 < alpha <= 1:
+        raise ValueError(f"FPR level alpha must be in (0, 1]; got {alpha}")
+    if not tpr_at_fpr_defined(r.n_neg, alpha):
+        return math.nan
+    max_fp = math.floor(alpha * r.n_neg + _EPS)
+    i = np.searchsorted(r.fp, max_fp, side="right") - 1  # last point with FP <= max_fp
+    return float(r.tp[i] / r.n_pos)
+
+
+def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, alpha: float) -> float:
+    """TPR of the most permissive threshold whose FPR ≤ ``alpha``.
+
+    A threshold takes all samples of equal score, so a tie that straddles the FPR
+    limit is excluded as a whole.
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+        alpha: FPR level in (0, 1].
+
+    Returns:
+        The TPR in [0, 1], or NaN when there are fewer than ``1/alpha`` non-members
+        (see :func:`tpr_at_fpr_defined`).
+    """
+    return _tpr_at_fpr(_roc(scores, is_member), alpha)
+
+
+def _balanced_accuracy(r: _Roc) -> float:
+    return float(np.max((r.tp / r.n_pos + 1 - r.fp / r.n_neg) / 2))
+
+
+def balanced_accuracy(scores: np.ndarray, is_member: np.ndarray) -> float:
+    """Best balanced accuracy over thresholds: ``max_t (TPR(t) + 1 − FPR(t)) / 2``.
+
+    The maximum runs over every ROC point, the trivial ones included, so the
+    result lies in [0.5, 1].
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+    """
+    return _balanced_accuracy(_roc(scores, is_member))
+
+
+def _roc_points(r: _Roc, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    if max_points < 3:
+        raise ValueError(f"max_points must be >= 3; got {max_points}")
+    fpr, tpr = r.fp / r.n_neg, r.tp / r.n_pos
+    if len(fpr) <= max_points:
+        return fpr, tpr
+    grid = np.unique(np.r_[0.0, np.geomspace(1 / r.n_neg, 1.0, max_points - 2)])
+    i = np.searchsorted(r.fp, grid * r.n_neg + _EPS, side="right") - 1
+    return np.r_[0.0, grid], np.r_[0.0, tpr[i]]
+
+
+def roc_points(scores: np.ndarray, is_member: np.ndarray, max_points: int = 200
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A ROC curve of at most ``max_points`` points for (log-log) plots.
+
+    A curve with at most ``max_points`` points is returned whole. Otherwise the FPR
+    axis is sampled at ``max_points − 2`` log-spaced values from ``1/Q`` (the smallest
+    non-zero FPR, ``Q`` non-members) to 1, plus FPR 0, and the TPR at each value ``x``
+    is :func:`tpr_at_fpr` at ``x`` (the ROC as a step function, never optimistic);
+    ``(0, 0)`` is prepended. The low-FPR region keeps as much detail as the high one.
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+        max_points: the most points returned (>= 3).
+
+    Returns:
+        ``(fpr, tpr)``, float64 arrays of equal length ≤ ``max_points``, both
+        non-decreasing, from ``(0, 0)`` to ``(1, 1)``.
+    """
+    return _roc_points(_roc(scores, is_member), max_points)
+
+
+def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
+    """All metrics of one attack (one sort).
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+
+    Returns:
+        ``{name: value}`` for each name of :data:`METRICS` (``auc``, ``tpr@0.1%``,
+        ``tpr@1%``, ``tpr@10%``, ``balanced_accuracy``; a TPR is NaN where undefined),
+        plus ``n_members`` and ``n_nonmembers``.
+
+    Raises:
+        ValueError: lengths differ, scores are not finite, or a class is empty.
+    """
+    r = _roc(scores, is_member)
+    out: dict[str, float] = {"auc": _auc(r)}
+    out.update({tpr_metric_name(a): _tpr_at_fpr(r, a) for a in FPR_LEVELS})
+    out["balanced_accuracy"] = _balanced_accuracy(r)
+    out["n_members"] = r.n_pos
+    out["n_nonmembers"] = r.n_neg
+    return out

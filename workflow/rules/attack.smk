@@ -1,0 +1,16 @@
+rule attack:
+    input:
+        mdm=MDM,
+        partition=PARTITION,
+    output:
+        ATTACK,
+    log:
+        f"results/logs/attack/{CELL}/{{attack}}.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        attack=get_attack_params,
+        cell=get_cell,
+        version=VERSION,
+    script:
+        "../scripts/attack.py"

@@ -1,0 +1,23 @@
+rule measure:
+    input:
+        **DATA_FILES,
+        partition=PARTITION,
+        observed=f"{TRAIN}/observed",
+    output:
+        MDM,
+    log:
+        f"results/logs/measure/{CELL}.log",
+    benchmark:
+        f"results/benchmarks/measure/{CELL}.tsv"
+    conda:
+        "../../envs/fedmia.yaml"
+    threads: config["threads"]
+    resources:
+        gpu=GPU,
+    params:
+        rounds=get_observed_rounds,
+        measure=canonical(config["measure"]),
+        device=config["device"],
+        version=VERSION,
+    script:
+        "../scripts/measure.py"

@@ -1,0 +1,81 @@
+rule table:
+    input:
+        get_all_attacks,
+    output:
+        csv=report(
+            "results/tables/attacks.csv",
+            caption="../report/attacks_table.rst",
+            category="Tables",
+        ),
+        per_round="results/tables/attacks_per_round.csv",
+        md="results/tables/attacks.md",
+        tex="results/tables/attacks.tex",
+    log:
+        "results/logs/report/table.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        version=VERSION,
+    script:
+        "../scripts/table.py"
+
+
+rule figure_rounds:
+    input:
+        get_cell_attacks,
+    output:
+        png=report(
+            f"{FIGURES}/rounds.png",
+            caption="../report/rounds.rst",
+            category="Figures",
+            subcategory="{dataset} {model} {defense} {partition} seed {seed}",
+        ),
+        pdf=f"{FIGURES}/rounds.pdf",
+    log:
+        f"results/logs/report/{CELL}/rounds.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        kind="rounds",
+        options=canonical(config["report"]),
+        version=VERSION,
+    script:
+        "../scripts/figure_cell.py"
+
+
+use rule figure_rounds as figure_roc with:
+    output:
+        png=report(
+            f"{FIGURES}/roc.png",
+            caption="../report/roc.rst",
+            category="Figures",
+            subcategory="{dataset} {model} {defense} {partition} seed {seed}",
+        ),
+        pdf=f"{FIGURES}/roc.pdf",
+    log:
+        f"results/logs/report/{CELL}/roc.log",
+    params:
+        kind="roc",
+        options=canonical(config["report"]),
+        version=VERSION,
+
+
+rule figure_partitions:
+    input:
+        "results/tables/attacks.csv",
+    output:
+        png=report(
+            "results/figures/partitions.png",
+            caption="../report/partitions.rst",
+            category="Figures",
+        ),
+        pdf="results/figures/partitions.pdf",
+    log:
+        "results/logs/report/partitions.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        options=canonical(config["report"]),
+        version=VERSION,
+    script:
+        "../scripts/figure_partitions.py"

@@ -1,0 +1,7 @@
+"""Rule table: the attack tables (fedmia.pipeline.report_tables)."""
+
+from fedmia import pipeline
+from fedmia.logs import setup_logging
+
+setup_logging(snakemake.log[0])
+pipeline.report_tables(attack_files=list(snakemake.input), outputs=dict(snakemake.output.items()))
