@@ -89,3 +89,60 @@ def test_failed_train_leaves_no_partial_outputs(digits_files, tmp_path):
                        outputs={"history": tmp_path / "h.parquet", "final": tmp_path / "f.pt",
                                 "observed": tmp_path / "obs"})
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def measured(cell, digits_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mdm") / "mdm.parquet"
+    pipeline.measure(data=digits_files, partition_file=cell["history"].parent / "partition.parquet",
+                     observed_dir=cell["observed"], rounds=[1, 2, 4], device="cpu", threads=1,
+                     output=out)
+    return out
+
+
+def test_measure_table_contents(measured, cell):
+    mdm = pd.read_parquet(measured)
+    part = pd.read_parquet(cell["history"].parent / "partition.parquet")
+    n_eval = int(part["eval"].sum())
+    assert list(mdm.columns) == ["round", "client_id", "sample_id", "loss", "cos", "grad_diff",
+                                 "grad_norm", "correct", "confidence"]
+    assert len(mdm) == 3 * 3 * n_eval and not mdm.duplicated(["round", "client_id",
+                                                               "sample_id"]).any()
+    assert set(mdm.sample_id) == set(part.sample_id[part["eval"]])
+    # grad_norm does not depend on the client; grad_diff = 2<g,Δ> − ‖g‖² is consistent
+    assert (mdm.groupby(["round", "sample_id"]).grad_norm.nunique() == 1).all()
+    assert mdm[["loss", "cos", "grad_diff", "grad_norm"]].notna().all().all()
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda m: m[m["round"] != 2], r"lacks observed round\(s\) \[2\]"),
+    (lambda m: m[~((m["round"] == 2) & (m.client_id == 1))], r"round 2 lacks client\(s\) \[1\]"),
+    (lambda m: pd.concat([m, m.iloc[:3]]), r"3 duplicated \(round, client_id, sample_id\)"),
+    (lambda m: m.assign(loss=m.loss.where(m.index != 5)), r"'loss' has 1 NaN"),
+])
+def test_attack_rejects_bad_measure_files(measured, cell, tmp_path, corrupt, message):
+    bad = tmp_path / "bad.parquet"
+    corrupt(pd.read_parquet(measured)).to_parquet(bad)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(ValueError, match=message):
+        pipeline.attack(name="loss", measures_file=bad,
+                        partition_file=cell["history"].parent / "partition.parquet",
+                        cell=dict(dataset="d", model="m", defense="none", partition="iid",
+                                  seed=0), rounds=[1, 2, 4], output=out)
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def test_attack_rejects_an_evaluation_set_without_nonmembers(measured, cell, tmp_path):
+    part = pd.read_parquet(cell["history"].parent / "partition.parquet")
+    mdm = pd.read_parquet(measured)
+    members0 = part.sample_id[part["eval"] & (part.client_id == 0)]
+    part["client_id"] = np.where(part["eval"], 0, part["client_id"])  # all eval owned by 0
+    part.to_parquet(tmp_path / "p.parquet")
+    mdm.to_parquet(tmp_path / "m.parquet")
+    assert len(members0) > 0
+    with pytest.raises(ValueError, match="no non-members"):
+        pipeline.attack(name="cos", measures_file=tmp_path / "m.parquet",
+                        partition_file=tmp_path / "p.parquet", targets=[0],
+                        cell=dict(dataset="d", model="m", defense="none", partition="iid",
+                                  seed=0), output=tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()

@@ -59,7 +59,7 @@ class AttackSpec:
         kind: ``single`` (per round), ``series`` (mean over rounds) or ``fedmia``
             (per-sample Gaussian CDF against the non-target clients, mean over rounds).
         also_per_round: a multi-round attack that also reports each round's score.
-        paper: the paper's names (v1 / v3).
+        paper: the paper's names, (v1, v3) — the 2025 version renamed some.
     """
 
     name: str
@@ -67,21 +67,25 @@ class AttackSpec:
     sign: int
     kind: Literal["single", "series", "fedmia"]
     also_per_round: bool = False
-    paper: str = ""
+    paper: tuple[str, str] = ("", "")
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")
 for _spec in (
-    AttackSpec("loss", "loss", -1, "single", paper="Loss-I / Blackbox-Loss"),
-    AttackSpec("cos", "cos", +1, "single", paper="Cos-I / Grad-Cosine"),
-    AttackSpec("grad_norm", "grad_norm", -1, "single", paper="Grad-Norm"),
-    AttackSpec("grad_diff", "grad_diff", +1, "series", also_per_round=True, paper="Grad-Diff"),
-    AttackSpec("loss_series", "loss", -1, "series", paper="Loss-II / Loss-Series"),
-    AttackSpec("cos_series", "cos", +1, "series", paper="Cos-II / Avg-Cosine"),
-    AttackSpec("fedmia_loss", "loss", -1, "fedmia", paper="Loss-III / FedMIA-I"),
-    AttackSpec("fedmia_cos", "cos", +1, "fedmia", paper="Cos-III / FedMIA-II"),
+    AttackSpec("loss", "loss", -1, "single", paper=("Loss-I", "Blackbox-Loss")),
+    AttackSpec("cos", "cos", +1, "single", paper=("Cos-I", "Grad-Cosine")),
+    AttackSpec("grad_norm", "grad_norm", -1, "single", paper=("Grad-Norm", "Grad-Norm")),
+    AttackSpec("grad_diff", "grad_diff", +1, "series", also_per_round=True,
+               paper=("Grad-Diff", "Grad-Diff")),
+    AttackSpec("loss_series", "loss", -1, "series", paper=("Loss-II", "Loss-Series")),
+    AttackSpec("cos_series", "cos", +1, "series", paper=("Cos-II", "Avg-Cosine")),
+    AttackSpec("fedmia_loss", "loss", -1, "fedmia", paper=("Loss-III", "FedMIA-I")),
+    AttackSpec("fedmia_cos", "cos", +1, "fedmia", paper=("Cos-III", "FedMIA-II")),
 ):
     ATTACKS.register(_spec.name)(_spec)
+#: The paper's column order (Table 1).
+PAPER_ORDER = ("loss", "loss_series", "fedmia_loss", "cos", "cos_series", "fedmia_cos",
+               "grad_norm", "grad_diff")
 
 
 @dataclass(frozen=True)

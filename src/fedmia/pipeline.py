@@ -263,6 +263,7 @@ def attack(
     measures_file: str | Path,
     partition_file: str | Path,
     cell: Mapping[str, Any],
+    rounds: Iterable[int] | None = None,
     targets: str | list[int] = "all",
     outlier_filter: bool = False,
     roc_points: int = 200,
@@ -275,12 +276,18 @@ def attack(
         measures_file: the cell's measure Parquet.
         partition_file: the partition Parquet (who owns each evaluation sample).
         cell: ``dataset, model, defense, partition, seed`` — written into every row.
+        rounds: the observed rounds the measure table must hold (``None``: whatever it has).
         targets: ``"all"`` or a list of client ids.
         outlier_filter: FedMIA attacks drop reference values above μ+3σ.
         roc_points: points of the stored ROC curve per target and round.
         output: Parquet, one row per (target, round): metrics and ROC points.
     """
     mdm = pd.read_parquet(measures_file)
+    if rounds is not None:
+        lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
+        if lacking:
+            raise ValueError(f"{measures_file} lacks observed round(s) {lacking}; rerun the "
+                             "measure stage")
     part = pd.read_parquet(partition_file)
     ev = part[part["eval"]]
     owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())

@@ -17,19 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedmia.attacks import ATTACKS, PAPER_ORDER  # noqa: E402
+
 SETTING = ["dataset", "model", "defense", "partition"]
 METRICS = ["auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"]
 #: code name → (paper v1 name, paper v3 name), in the paper's column order.
-PAPER_NAMES = {
-    "loss": ("Loss-I", "Blackbox-Loss"),
-    "loss_series": ("Loss-II", "Loss-Series"),
-    "fedmia_loss": ("Loss-III", "FedMIA-I"),
-    "cos": ("Cos-I", "Grad-Cosine"),
-    "cos_series": ("Cos-II", "Avg-Cosine"),
-    "fedmia_cos": ("Cos-III", "FedMIA-II"),
-    "grad_norm": ("Grad-Norm", "Grad-Norm"),
-    "grad_diff": ("Grad-Diff", "Grad-Diff"),
-}
+PAPER_NAMES = {a: ATTACKS.get(a).paper for a in PAPER_ORDER}
 SINGLE_ROUND = ("loss", "cos", "grad_norm", "grad_diff")
 
 

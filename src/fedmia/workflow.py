@@ -163,6 +163,7 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
 
 def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list, list]]:
     """Schema enums vs registries (``{what: (schema names, registry names)}``), for tests."""
+    from fedmia.attacks import ATTACKS
     from fedmia.datasets import DATASETS
     from fedmia.defenses import DEFENSES
     from fedmia.models import MODELS
@@ -175,4 +176,5 @@ def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list
                    MODELS.names()),
         "defenses": (props["defenses"]["additionalProperties"]["properties"]["kind"]["enum"],
                      DEFENSES.names()),
+        "attacks": (props["attack"]["properties"]["attacks"]["items"]["enum"], ATTACKS.names()),
     }

@@ -11,6 +11,7 @@ rule attack:
     params:
         attack=get_attack_params,
         cell=get_cell,
+        rounds=get_observed_rounds,
         version=VERSION,
     script:
         "../scripts/attack.py"

@@ -9,6 +9,7 @@ pipeline.attack(
     measures_file=snakemake.input.mdm,
     partition_file=snakemake.input.partition,
     cell=snakemake.params.cell,
+    rounds=snakemake.params.rounds,
     **snakemake.params.attack,
     output=snakemake.output[0],
 )
