@@ -134,3 +134,11 @@ def test_html_report_builds_offline(snakemake_cmd, repo, tiny_run):
     assert r.returncode == 0, r.stdout + r.stderr
     html = (wd / "report.html").read_text(errors="replace")
     assert "attacks.csv" in html and "rounds.png" in html
+
+
+def test_slurm_profile_dry_run(snakemake_cmd, repo, tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    r = smk(snakemake_cmd, repo, tmp_path, repo / ".test" / "config" / "config.yaml",
+            "-n", "--profile", str(repo / "profiles" / "slurm"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert job_counts(r.stdout + r.stderr)["train"] == 2
