@@ -22,7 +22,7 @@ def test_default_config_is_valid_and_defaults_are_filled(default_config):
     spec = load_workflow_config(default_config, SCHEMA)
     assert [c.path for c in spec.cells] == ["digits/alexnet/none/iid/seed0",
                                             "digits/alexnet/none/dirichlet/seed0"]
-    assert spec.config["datasets"]["digits"]["test_fraction"] == 0.25  # schema default
+    assert spec.config["datasets"]["digits"]["split_seed"] == 0  # schema default
     assert spec.train_for(spec.cells[0])["momentum"] == 0.9
     assert spec.observed_rounds(spec.cells[0]) == [1, 10, 20, 30]
 
