@@ -63,7 +63,7 @@ DELETE = object()
     ("bogus", 1, r"at '<top level>': Additional properties .*'bogus' was unexpected.*allowed keys"),
     ("train.learning_rate", 0.1, r"at 'train'.*'learning_rate' was unexpected.*allowed keys are"),
     ("datasets.digits.kind", "mnist", r"at 'datasets.digits.kind': 'mnist' is not one of "
-                                      r"\['digits'\]"),
+                                      r"\['digits', 'fashion_mnist', 'cifar100'"),
     ("models.alexnet.kind", "vgg", r"at 'models.alexnet.kind': 'vgg' is not one of "
                                    r"\['alexnet', 'resnet18'\]"),
     ("defenses.none.kind", "magic", r"at 'defenses.none.kind': 'magic' is not one of"),
@@ -93,3 +93,41 @@ def test_key_names_must_be_path_safe(default_config):
     cfg["partitions"]["dir.1"] = cfg["partitions"].pop("dirichlet")
     with pytest.raises(ConfigError, match=r"'dir.1' does not match"):
         load_workflow_config(cfg, SCHEMA)
+
+
+@pytest.mark.parametrize("defense, message", [
+    ({"kind": "dp", "sigma": -0.1, "clip": 1.0},
+     r"defenses.bad.sigma': -0.1 is less than the minimum of 0"),
+    ({"kind": "dp", "sigma": 0.1, "clip": -1.0}, r"defenses.bad.clip': -1.0 is less than or equal"),
+    ({"kind": "dp_param_noise", "sigma": -1}, r"defenses.bad.sigma'"),
+    ({"kind": "quantize", "bits": 0}, r"defenses.bad.bits': 0 is less than the minimum of 1"),
+    ({"kind": "quantize", "bits": 33}, r"defenses.bad.bits': 33 is greater than the maximum of 32"),
+    ({"kind": "sparsify", "fraction": 1.0},
+     r"defenses.bad.fraction': 1.0 is greater than or equal"),
+    ({"kind": "sparsify", "fraction": -0.1}, r"defenses.bad.fraction'"),
+    ({"kind": "mixup", "alpha": 0}, r"defenses.bad.alpha': 0 is less than or equal to the minimum"),
+    ({"kind": "instahide", "k": 0}, r"defenses.bad.k': 0 is less than the minimum of 1"),
+    ({"kind": "magic"}, r"defenses.bad.kind': 'magic' is not one of \['none', 'dp'"),
+    ({"kind": "dp", "sigma": 0.1, "clip": 1.0, "noise": 2}, r"'noise' was unexpected"),
+])
+def test_bad_defenses_stop_before_any_job(default_config, defense, message):
+    cfg = copy.deepcopy(default_config)
+    cfg["defenses"]["bad"] = defense
+    with pytest.raises(ConfigError, match=message):
+        load_workflow_config(cfg, SCHEMA)
+
+
+def test_every_defense_kind_validates(default_config):
+    cfg = copy.deepcopy(default_config)
+    cfg["defenses"].update({
+        "dp": {"kind": "dp", "sigma": 0.5, "clip": 1.0},
+        "pn": {"kind": "dp_param_noise", "sigma": 0.01},
+        "q": {"kind": "quantize", "bits": 4},
+        "s": {"kind": "sparsify", "fraction": 0.9},
+        "m": {"kind": "mixup", "alpha": 1.0},
+        "i": {"kind": "instahide", "k": 3},
+        "sub": {"kind": "subsample", "fraction": 0.5},
+        "aug": {"kind": "augment"},
+    })
+    spec = load_workflow_config(cfg, SCHEMA)
+    assert spec.config["defenses"]["aug"]["padding"] == 4  # schema default

@@ -31,7 +31,8 @@ def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
     assert r.returncode == 0, r.stderr
     assert job_counts(r.stdout + r.stderr) == {
         "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 16,
-        "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1}
+        "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
+        "privacy_utility": 1, "figure_privacy_utility": 3}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,11 @@ def test_tiny_end_to_end_run(tiny_run):
                                  "metric"]).any()
     assert "Loss-III (FedMIA-I)" in (tables / "attacks.md").read_text()
     assert r"\toprule" in (tables / "attacks.tex").read_text()
-    for f in ("partitions.png", "partitions.pdf",
+    pu = pd.read_csv(tables / "privacy_utility.csv")
+    assert list(pu.columns) == ["dataset", "model", "partition", "defense", "kind", "strength",
+                                "test_accuracy", "attack", "metric", "mean", "std"]
+    assert pu.test_accuracy.between(0, 1).all()
+    for f in ("partitions.png", "partitions.pdf", "privacy_utility_cos.png",
               "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
         assert (wd / "results" / "figures" / f).stat().st_size > 1000
     assert "round 1/2" in r.stderr  # progress reaches the terminal too
@@ -88,7 +93,8 @@ def test_changing_one_cells_training_reruns_only_that_cell(snakemake_cmd, repo, 
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert job_counts(out) == {"all": 1, "train": 1, "measure": 1, "attack": 8, "table": 1,
-                               "figure_rounds": 1, "figure_roc": 1, "figure_partitions": 1}
+                               "figure_rounds": 1, "figure_roc": 1, "figure_partitions": 1,
+                               "privacy_utility": 1, "figure_privacy_utility": 3}
     assert "partition=dirichlet" in out and "partition=iid" not in out
 
 
@@ -105,13 +111,14 @@ def rerun_with(snakemake_cmd, repo, tiny_run, section: str, change: dict) -> dic
 
 def test_changing_a_figure_option_reruns_only_figures(snakemake_cmd, repo, tiny_run):
     counts = rerun_with(snakemake_cmd, repo, tiny_run, "report", {"dpi": 80})
-    assert counts == {"all": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1}
+    assert counts == {"all": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
+                      "figure_privacy_utility": 3}
 
 
 def test_changing_an_attack_option_reruns_attacks_and_report(snakemake_cmd, repo, tiny_run):
     counts = rerun_with(snakemake_cmd, repo, tiny_run, "attack", {"targets": [0, 1]})
     assert counts == {"all": 1, "attack": 16, "table": 1, "figure_rounds": 2, "figure_roc": 2,
-                      "figure_partitions": 1}
+                      "figure_partitions": 1, "privacy_utility": 1, "figure_privacy_utility": 3}
 
 
 def test_bad_config_stops_before_any_job(snakemake_cmd, repo, tmp_path):
@@ -142,3 +149,10 @@ def test_slurm_profile_dry_run(snakemake_cmd, repo, tmp_path):
             "-n", "--profile", str(repo / "profiles" / "slurm"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert job_counts(r.stdout + r.stderr)["train"] == 2
+
+
+def test_defense_sweep_dry_run(snakemake_cmd, repo, tmp_path):
+    r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "defenses.yaml", "-n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    assert counts["train"] == 25 and counts["privacy_utility"] == 1

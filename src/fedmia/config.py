@@ -42,12 +42,20 @@ class DatasetConfig:
         image_size: side of the square images the models see, in pixels.
         test_fraction: fraction held out as the test split (datasets without an official split).
         split_seed: seed of that split.
+        root: folder of the raw files (``cifar100``, ``dermnet``, ``imagefolder``: required;
+            ``fashion_mnist``: optional, searched before the system-wide copy; ``digits``:
+            none, it ships with scikit-learn). A relative path is taken from the working
+            directory.
+        download: ``cifar100`` only: fetch the official archive into ``root`` (checked against
+            its MD5) when ``root/cifar-100-python`` is missing.
     """
 
     kind: str
     image_size: int = 32
     test_fraction: float = 0.25
     split_seed: int = 0
+    root: str | None = None
+    download: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "dataset") -> Self:
@@ -60,6 +68,20 @@ class DatasetConfig:
                  f"unknown dataset '{cfg.kind}'; choose from {DATASETS.names()}")
         _require(cfg.image_size >= 8, f"{where}.image_size", "must be >= 8")
         _require(0.0 < cfg.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
+        _require(cfg.root is None or (isinstance(cfg.root, str) and cfg.root.strip() != ""),
+                 f"{where}.root", f"must be a folder path or null (got {cfg.root!r})")
+        _require(isinstance(cfg.download, bool), f"{where}.download",
+                 f"must be true or false (got {cfg.download!r})")
+        _require(not cfg.download or cfg.kind == "cifar100", f"{where}.download",
+                 f"only 'cifar100' can be downloaded; put the files of '{cfg.kind}' under "
+                 "root by hand (see the loader's docstring) and drop download")
+        if cfg.kind in ("cifar100", "dermnet", "imagefolder"):
+            _require(cfg.root is not None, f"{where}.root",
+                     f"'{cfg.kind}' reads its files from disk: set root to the folder that "
+                     "holds them")
+        if cfg.kind == "digits":
+            _require(cfg.root is None, f"{where}.root",
+                     "'digits' ships inside scikit-learn and reads no files; drop root")
         return cfg
 
 

@@ -4,14 +4,36 @@ Canonical form (``PreparedData``): ``images`` uint8 N×C×H×W, ``labels`` int64
 ``is_test`` bool N (the test split), plus class names and per-channel statistics
 of the training split for normalisation. ``sample_id`` everywhere downstream is the
 row index into these arrays.
+
+Loaders (registered by name in ``DATASETS``): ``digits`` (scikit-learn, no files),
+``fashion_mnist`` (idx files, Debian's ``dataset-fashion-mnist`` or a folder),
+``cifar100`` (the official python-pickle release, optionally downloaded),
+``dermnet`` (the Kaggle ``train/``/``test/`` folder layout) and ``imagefolder`` (any
+folder-per-class tree). Raw-file problems raise ``FileNotFoundError`` or ``ValueError``
+whose message names the file and the fix.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import http.client
+import io
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +55,8 @@ class PreparedData:
         is_test: bool array, N; True for the test split.
         classes: class names, index = label.
         source: human-readable provenance.
+        extra: loader-specific facts worth keeping with the metadata (JSON-friendly), e.g.
+            ``duplicates_dropped`` of the image-folder loaders.
     """
 
     images: np.ndarray
@@ -40,6 +64,7 @@ class PreparedData:
     is_test: np.ndarray
     classes: list[str]
     source: str
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -109,6 +134,494 @@ def load_digits(cfg: DatasetConfig) -> PreparedData:
         is_test=seeded_split(labels, cfg.test_fraction, cfg.split_seed),
         classes=[str(c) for c in range(10)],
         source="sklearn.datasets.load_digits (UCI optical recognition of handwritten digits)",
+    )
+
+
+def _root(cfg: DatasetConfig) -> Path:
+    """``cfg.root`` as an existing folder, or a ``FileNotFoundError`` that says what to set."""
+    if cfg.root is None:
+        raise FileNotFoundError(f"dataset '{cfg.kind}' reads its files from disk: set its root "
+                                "to the folder that holds them")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset '{cfg.kind}': root folder {root} does not exist; "
+                                "put the files there (see the loader's docstring) or fix root")
+    return root
+
+
+# --------------------------------------------------------------------------- CIFAR-100
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
+CIFAR100_DIR = "cifar-100-python"
+CIFAR100_FILES = ("train", "test", "meta")
+
+# The globals a CIFAR pickle may name: numpy's array reconstruction and (for pickles written
+# by Python 3 with protocol 2) ``_codecs.encode`` of bytes. Anything else is refused, so a
+# tampered file cannot run code.
+_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that only rebuilds plain containers and numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def verify_md5(path: str | Path, expected: str) -> None:
+    """Raise ``ValueError`` (naming the file, the expected and the actual MD5) on a mismatch."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    actual = h.hexdigest()
+    if actual != expected.lower():
+        raise ValueError(f"MD5 mismatch for {path}: expected {expected}, got {actual}; the file "
+                         "is corrupt or incomplete: delete it and download it again")
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
+    """Load one CIFAR pickle (a dict with bytes keys) without running foreign code."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, ImportError, UnicodeDecodeError, struct.error) as exc:
+        raise ValueError(f"cannot read the CIFAR-100 pickle {path} ({type(exc).__name__}: "
+                         f"{exc}); the file is corrupt or truncated: delete the "
+                         f"{path.parent.name} folder and download {CIFAR100_URL} again") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not the dict of the CIFAR-100 "
+                         "python release; re-download it")
+    return obj
+
+
+def _cifar_field(d: dict[bytes, Any], key: bytes, path: Path) -> Any:
+    if key not in d:
+        raise ValueError(f"{path} has no {key!r} entry (keys: {sorted(d)}); it is not a file of "
+                         f"the CIFAR-100 python release: re-download {CIFAR100_URL}")
+    return d[key]
+
+
+def _cifar_split(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images N×3×32×32 and fine labels N of one CIFAR-100 pickle (``train`` or ``test``)."""
+    d = _unpickle(path)
+    data = np.asarray(_cifar_field(d, b"data", path))
+    labels = np.asarray(_cifar_field(d, b"fine_labels", path), dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N×3072; "
+                         "re-download the CIFAR-100 python release")
+    if labels.shape != (len(data),):
+        raise ValueError(f"{path}: {len(labels)} fine labels for {len(data)} images; "
+                         "re-download the CIFAR-100 python release")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: fine labels outside 0..{num_classes - 1}; re-download")
+    # each row: 1024 red, 1024 green, 1024 blue values, each a row-major 32×32 plane
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Extract regular files and folders only, refusing paths that leave ``dest``."""
+    members = []
+    for m in tar.getmembers():
+        parts = Path(m.name).parts
+        if Path(m.name).is_absolute() or ".." in parts or not (m.isfile() or m.isdir()):
+            raise ValueError(f"unsafe or unexpected archive member {m.name!r}")
+        members.append(m)
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+        tar.extractall(dest, members=members, filter="data")
+    else:  # pragma: no cover
+        tar.extractall(dest, members=members)
+
+
+def _extract_cifar100(archive: Path, folder: Path) -> None:
+    """Extract ``archive`` so that ``folder`` appears complete or not at all."""
+    log.info("extracting %s", archive)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            _safe_extract(tar, tmp)
+        missing = [n for n in CIFAR100_FILES if not (tmp / CIFAR100_DIR / n).is_file()]
+        if missing:
+            raise ValueError(f"the archive lacks {CIFAR100_DIR}/{missing}")
+        os.replace(tmp / CIFAR100_DIR, folder)
+    except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
+        raise ValueError(f"cannot extract {archive} ({exc}); delete it and download "
+                         f"{CIFAR100_URL} again") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_cifar100(archive: Path) -> None:
+    """Download the official archive to ``archive`` (verified; nothing is left on failure)."""
+    part = archive.with_name(archive.name + ".part")
+    log.info("downloading %s to %s", CIFAR100_URL, archive)
+    try:
+        with urllib.request.urlopen(CIFAR100_URL, timeout=60) as resp, open(part, "wb") as f:
+            shutil.copyfileobj(resp, f, 1 << 20)
+    except (OSError, http.client.HTTPException) as exc:
+        part.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"could not download CIFAR-100 from {CIFAR100_URL} ({exc}); download it by hand "
+            f"(MD5 {CIFAR100_MD5}) and put {CIFAR100_ARCHIVE}, or the {CIFAR100_DIR}/ folder "
+            f"extracted from it, into {archive.parent}") from exc
+    try:
+        verify_md5(part, CIFAR100_MD5)
+    except ValueError as exc:
+        part.unlink()
+        raise ValueError(f"the download of {CIFAR100_URL} is damaged and was deleted: {exc}. "
+                         f"Try again, or download it by hand into {archive.parent}") from exc
+    os.replace(part, archive)
+
+
+def _cifar100_folder(root: Path, download: bool) -> Path:
+    """``root/cifar-100-python`` with its three pickles, extracting/downloading if allowed."""
+    folder = root / CIFAR100_DIR
+    if folder.is_dir():
+        missing = [n for n in CIFAR100_FILES if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {missing}; delete the folder and extract "
+                                    f"{CIFAR100_ARCHIVE} ({CIFAR100_URL}) into {root} again")
+        return folder
+    archive = root / CIFAR100_ARCHIVE
+    if not archive.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"CIFAR-100 not found: expected {folder}/{{train,test,meta}}. Download "
+                f"{CIFAR100_URL} (MD5 {CIFAR100_MD5}) into {root} (it is checked and extracted "
+                "on the next run), extract it there yourself, or set download: true")
+        _download_cifar100(archive)  # verified before it is renamed to ``archive``
+    else:
+        verify_md5(archive, CIFAR100_MD5)
+    _extract_cifar100(archive, folder)
+    return folder
+
+
+@DATASETS.register("cifar100")
+def load_cifar100(cfg: DatasetConfig) -> PreparedData:
+    """CIFAR-100, the official python-pickle release: 50,000 train + 10,000 test, 32×32 RGB.
+
+    Get it from https://www.cs.toronto.edu/~kriz/cifar.html (``cifar-100-python.tar.gz``,
+    MD5 ``eb9058c3a382ffc7106e4002c42a8d85``) and put it, or the ``cifar-100-python/``
+    folder extracted from it, into ``root``. With ``download: true`` a missing archive is
+    fetched there; an archive found in ``root`` is checked against the MD5 and extracted
+    atomically (the folder appears complete or not at all). The pickles are read with an
+    unpickler that accepts nothing but containers and numpy arrays. Labels are the 100
+    fine labels, class names come from ``meta``, the official train/test split is kept,
+    and images are resized only when ``image_size`` is not 32.
+    """
+    if cfg.download and cfg.root is not None:
+        Path(cfg.root).expanduser().mkdir(parents=True, exist_ok=True)
+    root = _root(cfg)
+    folder = _cifar100_folder(root, cfg.download)
+    meta_path = folder / "meta"
+    names = _cifar_field(_unpickle(meta_path), b"fine_label_names", meta_path)
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    x_train, y_train = _cifar_split(folder / "train", len(classes))
+    x_test, y_test = _cifar_split(folder / "test", len(classes))
+    images = resize_uint8(np.concatenate([x_train, x_test]), cfg.image_size)
+    return PreparedData(
+        images=np.ascontiguousarray(images),
+        labels=np.concatenate([y_train, y_test]),
+        is_test=np.repeat([False, True], [len(y_train), len(y_test)]),
+        classes=classes,
+        source=f"CIFAR-100 python release ({CIFAR100_URL}) at {folder}: {len(y_train)} train "
+               f"+ {len(y_test)} test images, fine labels",
+    )
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N)
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """Read an idx file (plain or ``.gz``) of unsigned bytes: header checked, uint8 array out.
+
+    The header is the big-endian magic number (``0x0000 08 ndim``) followed by ``ndim``
+    big-endian uint32 sizes; the data must fill exactly the rest of the file.
+    """
+    path = Path(path)
+    fix = "the file is corrupt or truncated: download it again"
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            buf = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"cannot read {path} ({exc}); {fix}") from exc
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    got = int.from_bytes(buf[:4], "big") if len(buf) >= 4 else None
+    if got is not None and got != magic:
+        raise ValueError(f"{path}: idx magic number {got}, expected {magic}; not the right idx "
+                         f"file ({fix})")
+    if len(buf) < header:
+        raise ValueError(f"{path}: {len(buf)} bytes, shorter than its idx header; {fix}")
+    dims = struct.unpack(f">{ndim}I", buf[4:header])
+    size = header + math.prod(dims)
+    if len(buf) != size:
+        raise ValueError(f"{path}: {len(buf)} bytes, expected {size} for shape {dims}; {fix}")
+    return np.frombuffer(buf, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _find_fashion_mnist(places: Iterable[Path]) -> tuple[Path, dict[str, Path]]:
+    """The first folder holding all four idx files (each plain or ``.gz``) and their paths."""
+    report = []
+    for place in places:
+        found = {}
+        for key, name in FASHION_MNIST_FILES.items():
+            for candidate in (place / name, place / f"{name}.gz"):
+                if candidate.is_file():
+                    found[key] = candidate
+                    break
+        if len(found) == len(FASHION_MNIST_FILES):
+            return place, found
+        missing = [FASHION_MNIST_FILES[k] for k in FASHION_MNIST_FILES if k not in found]
+        report.append(f"{place} (missing {missing})" if place.is_dir() else f"{place} (absent)")
+    raise FileNotFoundError(
+        "Fashion-MNIST idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) not found in: "
+        + "; ".join(report) + ". Install them with `apt-get install dataset-fashion-mnist` "
+        "(Debian/Ubuntu) or download them from https://github.com/zalandoresearch/fashion-mnist "
+        "and set root to their folder")
+
+
+@DATASETS.register("fashion_mnist")
+def load_fashion_mnist(cfg: DatasetConfig) -> PreparedData:
+    """Fashion-MNIST: 60,000 train + 10,000 test real 28×28 grey images of 10 clothing classes.
+
+    The four idx files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or ``.gz``) are
+    looked for in ``root`` (when set), then in ``/usr/share/datasets/fashion-mnist/`` where
+    Debian's ``dataset-fashion-mnist`` package installs them gzipped; elsewhere download
+    them from https://github.com/zalandoresearch/fashion-mnist. The official split is kept;
+    images are resized bilinearly to ``image_size`` and repeated to 3 channels.
+    """
+    places = ([Path(cfg.root).expanduser()] if cfg.root is not None else []) \
+        + list(FASHION_MNIST_DIRS)
+    place, files = _find_fashion_mnist(places)
+    if cfg.root is not None and place != places[0]:
+        log.warning("fashion_mnist: root %s lacks the idx files; using %s", cfg.root, place)
+    parts = []
+    for split in ("train", "test"):
+        x = read_idx(files[f"{split}_images"], IDX_IMAGES_MAGIC)  # N×rows×cols
+        y = read_idx(files[f"{split}_labels"], IDX_LABELS_MAGIC).astype(np.int64)  # N
+        if len(x) != len(y):
+            raise ValueError(f"{files[f'{split}_images']} holds {len(x)} images but "
+                             f"{files[f'{split}_labels']} {len(y)} labels; download them again")
+        if len(y) and y.max() >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{files[f'{split}_labels']}: label {y.max()} outside 0..9; "
+                             "download it again")
+        parts.append((x, y))
+    (x_train, y_train), (x_test, y_test) = parts
+    raw = np.concatenate([x_train, x_test])[:, None]  # N×1×28×28
+    images = np.repeat(resize_uint8(raw, cfg.image_size), 3, axis=1)
+    return PreparedData(
+        images=np.ascontiguousarray(images),
+        labels=np.concatenate([y_train, y_test]),
+        is_test=np.repeat([False, True], [len(y_train), len(y_test)]),
+        classes=list(FASHION_MNIST_CLASSES),
+        source=f"Fashion-MNIST (Zalando Research) idx files at {place}: {len(y_train)} train "
+               f"+ {len(y_test)} test images",
+    )
+
+
+# --------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    """Non-hidden sub-folders of ``folder``, sorted by name."""
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """Image files under ``class_dir`` (recursively, hidden ones skipped), sorted by path."""
+    files = [p for p in class_dir.rglob("*")
+             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+             and not any(s.startswith(".") for s in p.relative_to(class_dir).parts)]
+    if not files:
+        raise ValueError(f"class folder {class_dir} holds no images "
+                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it")
+    return sorted(files, key=lambda p: p.relative_to(class_dir).as_posix())
+
+
+def _decode_image(path: Path, size: int) -> tuple[str, np.ndarray]:
+    """SHA-256 of the file bytes and the image as uint8 size×size×3 RGB (PIL bilinear)."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode now: a truncated file fails here, not lazily later
+            if img.mode == "P" and "transparency" in img.info:
+                rgb = img.convert("RGBA").convert("RGB")
+            else:
+                rgb = img.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)  # antialiased downscale
+        return digest, np.asarray(rgb, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot decode image {path} ({exc}); the file is corrupt or "
+                         "truncated: download it again or delete it") from exc
+
+
+def _load_image_tree(
+    root: Path, splits: list[tuple[Path, bool]], size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    """Decode folder-per-class trees and drop exact duplicate files.
+
+    Args:
+        root: the dataset root (paths in the duplicate report are relative to it).
+        splits: ``(folder, is_test)`` in reading order; each folder holds one sub-folder
+            per class, and all folders must hold the same classes.
+        size: output side in pixels.
+
+    Returns:
+        images uint8 N×3×size×size, labels int64 N, is_test bool N, sorted class names and
+        the duplicate report. Order: split by split, classes sorted, files sorted by path.
+        Of files with identical bytes (SHA-256) only the first in this order is kept.
+    """
+    names = [[d.name for d in _class_dirs(folder)] for folder, _ in splits]
+    for (folder, _), ns in zip(splits, names, strict=True):
+        if not ns:
+            raise ValueError(f"{folder} holds no class folders; the layout is "
+                             f"{folder}/<class>/<image files>")
+    first_folder, first = splits[0][0], names[0]
+    for (folder, _), ns in zip(splits[1:], names[1:], strict=True):
+        if ns != first:
+            raise ValueError(
+                f"class folders differ between {first_folder} and {folder}: only in "
+                f"{first_folder.name}/: {sorted(set(first) - set(ns))}, only in "
+                f"{folder.name}/: {sorted(set(ns) - set(first))}; make them hold the same "
+                "classes (an empty class needs no folder in either)")
+    classes = first
+    files: list[Path] = []
+    labels: list[int] = []
+    flags: list[bool] = []
+    for folder, test in splits:
+        for label, name in enumerate(classes):
+            found = _image_files(folder / name)
+            files += found
+            labels += [label] * len(found)
+            flags += [test] * len(found)
+
+    log.info("decoding %d images under %s", len(files), root)
+    workers = min(8, os.cpu_count() or 1)
+    decoded: list[tuple[str, np.ndarray]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        try:
+            for i, item in enumerate(pool.map(lambda p: _decode_image(p, size), files), 1):
+                decoded.append(item)
+                if i % 5000 == 0:
+                    log.info("decoded %d / %d images", i, len(files))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # fail fast on the first bad file
+            raise
+
+    seen: dict[str, int] = {}
+    keep: list[int] = []
+    pairs: list[list[str]] = []
+    across = conflicts = 0
+    for i, (digest, _) in enumerate(decoded):
+        j = seen.setdefault(digest, i)
+        if j == i:
+            keep.append(i)
+            continue
+        pairs.append([files[i].relative_to(root).as_posix(), files[j].relative_to(root).as_posix()])
+        across += flags[i] != flags[j]
+        conflicts += labels[i] != labels[j]
+    if pairs:
+        log.warning("dropped %d exact duplicate image files under %s (%d across train/test, "
+                    "%d with a different label); first: %s is %s", len(pairs), root, across,
+                    conflicts, pairs[0][0], pairs[0][1])
+    extra = {"duplicates_dropped": len(pairs), "duplicates_across_splits": across,
+             "duplicate_label_conflicts": conflicts, "duplicate_files": pairs}
+    images = np.stack([decoded[i][1] for i in keep]).transpose(0, 3, 1, 2)  # N×3×size×size
+    return (np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)[keep],
+            np.asarray(flags, dtype=bool)[keep], classes, extra)
+
+
+def _dup_note(extra: dict[str, Any]) -> str:
+    return (f"{extra['duplicates_dropped']} exact duplicate files dropped "
+            f"({extra['duplicates_across_splits']} across train/test)")
+
+
+@DATASETS.register("dermnet")
+def load_dermnet(cfg: DatasetConfig) -> PreparedData:
+    """Dermnet, the Kaggle release: skin-disease photos in 23 classes, official train/test.
+
+    Get it from https://www.kaggle.com/datasets/shubhamgoel27/dermnet and unzip it into
+    ``root`` so that ``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg`` exist
+    (train and test must hold the same class folders; classes are sorted by name). Images
+    of any mode are converted to RGB and resized bilinearly to ``image_size``×``image_size``
+    (the paper uses 64). Files with identical bytes are kept once (the first in the order
+    train before test, sorted paths), because a picture on both sides of the split would
+    make its membership meaningless; the count is logged and kept in ``extra``.
+    """
+    root = _root(cfg)
+    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"Dermnet root {root} has no {'/ or '.join(missing)}/ folder; "
+                                "unzip the Kaggle release there so that root/train/<class>/ and "
+                                "root/test/<class>/ exist")
+    images, labels, is_test, classes, extra = _load_image_tree(
+        root, [(root / "train", False), (root / "test", True)], cfg.image_size)
+    return PreparedData(
+        images=images, labels=labels, is_test=is_test, classes=classes, extra=extra,
+        source=f"Dermnet (Kaggle release) at {root}: {int((~is_test).sum())} train + "
+               f"{int(is_test.sum())} test images, {_dup_note(extra)}",
+    )
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(cfg: DatasetConfig) -> PreparedData:
+    """Any folder-per-class image set: ``root/<class>/*`` or ``root/{train,test}/<class>/*``.
+
+    Bring your own images (jpg, jpeg, png, bmp, gif, webp; any case, any mode, sub-folders
+    of a class included) and set ``root``. With ``train/`` and ``test/`` folders that split
+    is used; otherwise the test split is stratified and seeded (``test_fraction``,
+    ``split_seed``). Classes are the sorted folder names; images are converted to RGB and
+    resized bilinearly to ``image_size``; exact duplicate files are kept once, as in
+    ``dermnet``.
+    """
+    root = _root(cfg)
+    has = [(root / s).is_dir() for s in ("train", "test")]
+    if any(has) and not all(has):
+        present, absent = ("train", "test") if has[0] else ("test", "train")
+        raise ValueError(f"{root} has a {present}/ folder but no {absent}/ folder; use "
+                         f"root/<class>/ (seeded split) or both root/train/<class>/ and "
+                         "root/test/<class>/")
+    if all(has):
+        images, labels, is_test, classes, extra = _load_image_tree(
+            root, [(root / "train", False), (root / "test", True)], cfg.image_size)
+        split = "train/test folders"
+    else:
+        images, labels, _, classes, extra = _load_image_tree(
+            root, [(root, False)], cfg.image_size)
+        is_test = seeded_split(labels, cfg.test_fraction, cfg.split_seed)
+        split = f"seeded split (test_fraction {cfg.test_fraction}, seed {cfg.split_seed})"
+    return PreparedData(
+        images=images, labels=labels, is_test=is_test, classes=classes, extra=extra,
+        source=f"image folders at {root}, {split}: {len(labels)} images, {_dup_note(extra)}",
     )
 
 

@@ -4,23 +4,62 @@ A defense hooks into three points of a client's round (see :class:`Defense`):
 which local samples it trains on, what each mini-batch looks like (inputs and
 soft targets), and what update it uploads. The server, and so the attacker, sees
 only the uploaded update. Defenses are registered by name; the ``defenses``
-block of the config names a kind and its strength.
+block of the config names a kind and its strength, e.g.
+``{kind: dp, sigma: 0.1, clip: 1.0}``.
+
+Kinds (details and parameters in each class's docstring):
+
+- gradient perturbation (the ``upload`` hook): ``dp`` (clip + Gaussian noise),
+  ``dp_param_noise`` (the official code's unclipped parameter noise),
+  ``quantize`` (b-bit per-layer quantization), ``sparsify`` (drop the smallest
+  fraction of each large layer);
+- data replacement (the ``batch`` hook): ``mixup``, ``instahide``, ``augment``;
+- data reduction (the ``local_indices`` hook): ``subsample``;
+- ``none``.
+
+**Only trainable parameters are perturbed.** The flat update also holds the
+BatchNorm running statistics (entries with ``is_param = False``); every upload
+defense passes those through unchanged, as the official code (which perturbs
+``model.parameters()`` only) does.
+
+**Randomness** comes only from the ``gen`` argument of a hook (the client's CPU
+``torch.Generator`` for the round), so a run is reproducible. Tensors may live on
+a CUDA device: large draws (noise, sign masks, permutations, crop offsets) are
+made on the tensor's device with a generator seeded from ``gen``
+(:func:`generator_on`); a handful of scalars per batch (mixup's λ, InstaHide's
+coefficients) are drawn on the CPU from ``gen`` itself and moved. Same seed ⇒
+same result on the same device; CPU and CUDA runs draw different numbers.
+
+All hooks are vectorised tensor code (loops run over layers or mixing partners,
+never over samples); they never modify their inputs in place.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedmia.config import ConfigError, DefenseConfig
 from fedmia.registry import Registry
-from fedmia.state import StateLayout
+from fedmia.state import Entry, StateLayout
 
 
 class Defense:
-    """No defense; base class whose hooks each defense overrides as needed."""
+    """No defense; base class whose hooks each defense overrides as needed.
+
+    Every hook is a pure function of its inputs and ``gen``, and :meth:`batch`
+    accepts int64 labels *or* probabilities as targets (see :func:`as_probs`),
+    so defenses can be chained hook by hook: a future ``compose`` would call
+    each member's ``local_indices``, ``batch`` and ``upload`` in turn and set
+    ``soft_targets`` if any member does.
+    """
 
     #: True if :meth:`batch` may return soft targets (B×num_classes) instead of labels.
     soft_targets: bool = False
@@ -50,11 +89,588 @@ DefenseFactory = Callable[[Mapping[str, Any]], Defense]
 DEFENSES: Registry[DefenseFactory] = Registry("defense")
 
 
+# ----------------------------------------------------------------------------- helpers
+
+
+def generator_on(gen: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator that draws on ``device``, driven by the CPU generator ``gen``.
+
+    On the CPU this is ``gen`` itself; on another device, a fresh generator of
+    that device seeded with one 62-bit draw from ``gen``.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return gen
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    dev_gen = torch.Generator(device=device)
+    dev_gen.manual_seed(seed)
+    return dev_gen
+
+
+@lru_cache(maxsize=16)
+def _param_mask(layout: StateLayout, device: torch.device) -> torch.Tensor:
+    return layout.param_mask().to(device)
+
+
+def param_mask(layout: StateLayout, device: torch.device | str) -> torch.Tensor:
+    """Bool P on ``device``: True on trainable parameters, False on BN statistics (cached)."""
+    return _param_mask(layout, torch.device(device))
+
+
+def _param_entries(layout: StateLayout) -> list[Entry]:
+    return [e for e in layout.entries if e.is_param]
+
+
+def as_probs(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Targets as probabilities B×num_classes: one-hot of int labels B, or ``y`` itself."""
+    if y.is_floating_point():
+        return y.to(dtype)
+    return F.one_hot(y, num_classes).to(dtype)
+
+
+def clip_update(update: torch.Tensor, mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """Scale the masked part of ``update`` (P) to L2 norm at most ``clip``.
+
+    ``mask`` (bool P) selects the coordinates that are clipped (the trainable
+    parameters); the others are returned unchanged. An update already inside
+    the ball is returned unchanged: the factor is ``min(1, clip / ‖u_mask‖)``.
+    """
+    norm = torch.linalg.vector_norm(torch.where(mask, update, 0.0))
+    factor = (clip / norm.clamp_min(torch.finfo(update.dtype).tiny)).clamp(max=1.0)
+    return torch.where(mask, update * factor, update)
+
+
+def _beta(alpha: float, gen: torch.Generator) -> float:
+    """One draw of Beta(α, α) from ``gen`` (numpy's sampler: stable for tiny α)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+# -------------------------------------------------------------------- parameter checks
+
+_REQUIRED = object()
+
+
+def _check_params(kind: str, params: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
+    """``params`` with defaults filled in; unknown or missing names raise ``ConfigError``."""
+    unknown = sorted(set(params) - set(spec))
+    if unknown:
+        raise ConfigError(f"defense '{kind}': unknown parameter(s) {unknown}; "
+                          f"allowed parameters are {sorted(spec)}")
+    out = {}
+    for name, default in spec.items():
+        if name in params:
+            out[name] = params[name]
+        elif default is _REQUIRED:
+            raise ConfigError(f"defense '{kind}': missing required parameter '{name}' "
+                              f"(parameters: {sorted(spec)})")
+        else:
+            out[name] = default
+    return out
+
+
+def _number(kind: str, name: str, value: Any, allowed: str,
+            ok: Callable[[float], bool]) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or not ok(float(value))):
+        raise ConfigError(f"defense '{kind}': parameter '{name}' = {value!r} is invalid; "
+                          f"allowed: {allowed}")
+    return float(value)
+
+
+def _integer(kind: str, name: str, value: Any, allowed: str, ok: Callable[[int], bool]) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        raise ConfigError(f"defense '{kind}': parameter '{name}' = {value!r} is invalid; "
+                          f"allowed: {allowed}")
+    return value
+
+
+def _boolean(kind: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"defense '{kind}': parameter '{name}' = {value!r} is invalid; "
+                          f"allowed: true or false")
+    return value
+
+
+# ----------------------------------------------------------------------------- none
+
+
 @DEFENSES.register("none")
 def _none(params: Mapping[str, Any]) -> Defense:
     if params:
         raise ConfigError(f"defense 'none' takes no parameters (got {sorted(params)})")
     return Defense()
+
+
+# --------------------------------------------------------------- gradient perturbation
+
+
+@dataclass(frozen=True)
+class DPDefense(Defense):
+    """``dp``: client-level differential privacy in the style of Geyer et al. (2017).
+
+    The trainable-parameter part ``u`` of the update is clipped to L2 norm
+    ``clip`` (``u ← u · min(1, C/‖u‖)``, see :func:`clip_update`), then every
+    parameter coordinate gets independent Gaussian noise ``N(0, (σ·C)²)``.
+    Geyer et al. add the noise once to the server's sum; here each client adds
+    it to its own upload (local noise, what the attacker sees), so σ is the
+    noise multiplier per client. No privacy accounting is done.
+
+    Attributes:
+        sigma: noise multiplier σ ≥ 0 (required); σ = 0 clips only.
+        clip: clipping norm C > 0 (required), in the units of the update
+            ``w_global − w_local``.
+    """
+
+    sigma: float
+    clip: float
+
+    def clipped(self, update: torch.Tensor, layout: StateLayout) -> torch.Tensor:
+        """The clipping step alone: ``update`` (P) with its parameter part clipped to C."""
+        return clip_update(update, param_mask(layout, update.device), self.clip)
+
+    def upload(self, update: torch.Tensor, layout: StateLayout,
+               gen: torch.Generator) -> torch.Tensor:
+        """Clip the parameter part to norm C, then add N(0, (σC)²) to each parameter."""
+        mask = param_mask(layout, update.device)
+        clipped = clip_update(update, mask, self.clip)
+        if self.sigma == 0:
+            return clipped
+        noise = torch.randn(update.shape, generator=generator_on(gen, update.device),
+                            device=update.device, dtype=update.dtype)
+        return torch.where(mask, clipped + noise * (self.sigma * self.clip), clipped)
+
+
+@DEFENSES.register("dp")
+def _dp(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("dp", params, {"sigma": _REQUIRED, "clip": _REQUIRED})
+    return DPDefense(
+        sigma=_number("dp", "sigma", p["sigma"], "a number ≥ 0", lambda v: v >= 0),
+        clip=_number("dp", "clip", p["clip"], "a number > 0", lambda v: v > 0),
+    )
+
+
+@dataclass(frozen=True)
+class ParamNoiseDefense(Defense):
+    """``dp_param_noise``: the official FedMIA code's "DP": unclipped parameter noise.
+
+    Every trainable parameter of the uploaded model gets independent Gaussian
+    noise of standard deviation ``sigma``; since the uploaded update is
+    ``w_global − w_local``, this adds ``N(0, σ²)`` to each parameter coordinate
+    of the update (the sign of symmetric noise does not matter). Nothing is
+    clipped, so the sensitivity is unbounded and this carries **no formal
+    differential-privacy guarantee**; it is kept to reproduce the paper's
+    numbers.
+
+    Attributes:
+        sigma: noise standard deviation σ ≥ 0 (required), in parameter units.
+    """
+
+    sigma: float
+
+    def upload(self, update: torch.Tensor, layout: StateLayout,
+               gen: torch.Generator) -> torch.Tensor:
+        """Add N(0, σ²) to each parameter coordinate of ``update`` (P)."""
+        if self.sigma == 0:
+            return update
+        noise = torch.randn(update.shape, generator=generator_on(gen, update.device),
+                            device=update.device, dtype=update.dtype)
+        return torch.where(param_mask(layout, update.device), update + self.sigma * noise,
+                           update)
+
+
+@DEFENSES.register("dp_param_noise")
+def _dp_param_noise(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("dp_param_noise", params, {"sigma": _REQUIRED})
+    return ParamNoiseDefense(
+        sigma=_number("dp_param_noise", "sigma", p["sigma"], "a number ≥ 0", lambda v: v >= 0))
+
+
+@dataclass(frozen=True)
+class QuantizeDefense(Defense):
+    """``quantize``: per-layer min/max uniform quantization of the update to ``2**bits`` levels.
+
+    For each parameter entry (layer tensor) ``v`` of the update, with
+    ``lo = min v``, ``hi = max v`` and ``step = (hi − lo) / (2**b − 1)``, every
+    element becomes ``lo + round((v − lo) / step) · step`` (round to nearest,
+    deterministic; computed in float64, stored in the update's dtype). So each
+    layer takes at most ``2**b`` distinct values, including its min and max,
+    and each element moves by at most ``step / 2``. A constant layer
+    (``hi = lo``) is unchanged; ``bits = 32`` returns the update unchanged.
+
+    Attributes:
+        bits: b, an integer in 1..32 (required).
+    """
+
+    bits: int
+
+    def upload(self, update: torch.Tensor, layout: StateLayout,
+               gen: torch.Generator) -> torch.Tensor:
+        """Quantize each parameter entry of ``update`` (P); BN statistics pass through."""
+        if self.bits >= 32:
+            return update
+        levels = 2**self.bits - 1
+        out = update.clone()
+        for e in _param_entries(layout):
+            if e.numel == 0:
+                continue
+            v = update[e.slice].to(torch.float64)
+            lo, hi = torch.aminmax(v)
+            step = (hi - lo) / levels
+            q = torch.round((v - lo) / step.clamp_min(torch.finfo(torch.float64).tiny))
+            q = q.clamp_(0, levels)
+            out[e.slice] = torch.where(step > 0, lo + q * step, v).to(out.dtype)
+        return out
+
+
+@DEFENSES.register("quantize")
+def _quantize(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("quantize", params, {"bits": _REQUIRED})
+    return QuantizeDefense(bits=_integer("quantize", "bits", p["bits"], "an integer in 1..32",
+                                         lambda v: 1 <= v <= 32))
+
+
+@dataclass(frozen=True)
+class SparsifyDefense(Defense):
+    """``sparsify``: zero the smallest-magnitude fraction of each large layer of the update.
+
+    For each parameter entry with ``n ≥ min_size`` elements, exactly
+    ``k = ⌊fraction · n⌋`` elements are set to 0 (evaluated with a 1e-9
+    tolerance, so 0.29 · 100 gives 29): those smallest in absolute value, ties
+    broken by position (a stable sort: the earlier element is dropped first).
+    The other elements keep their values. Entries with fewer than ``min_size``
+    elements (biases, small layers) are left untouched, as in the official
+    code.
+
+    Attributes:
+        fraction: p in [0, 1) (required), the fraction of each layer dropped.
+        min_size: integer ≥ 0 (default 1000); smaller layers are not sparsified.
+    """
+
+    fraction: float
+    min_size: int = 1000
+
+    def num_zeroed(self, n: int) -> int:
+        """How many of a layer's ``n`` elements are zeroed (0 if ``n < min_size``)."""
+        if n < self.min_size:
+            return 0
+        return min(n, math.floor(self.fraction * n + 1e-9))
+
+    def upload(self, update: torch.Tensor, layout: StateLayout,
+               gen: torch.Generator) -> torch.Tensor:
+        """Zero the smallest ``⌊p·n⌋`` elements of each large parameter entry of ``update``."""
+        out = update.clone()
+        for e in _param_entries(layout):
+            k = self.num_zeroed(e.numel)
+            if k == 0:
+                continue
+            v = out[e.slice]  # a view: written in place below
+            order = torch.sort(v.abs(), stable=True).indices
+            v[order[:k]] = 0
+        return out
+
+
+@DEFENSES.register("sparsify")
+def _sparsify(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("sparsify", params, {"fraction": _REQUIRED, "min_size": 1000})
+    return SparsifyDefense(
+        fraction=_number("sparsify", "fraction", p["fraction"], "a number in [0, 1)",
+                         lambda v: 0 <= v < 1),
+        min_size=_integer("sparsify", "min_size", p["min_size"], "an integer ≥ 0",
+                          lambda v: v >= 0),
+    )
+
+
+# ------------------------------------------------------------------- data replacement
+
+
+@dataclass(frozen=True)
+class MixupDefense(Defense):
+    """``mixup`` (Zhang et al. 2018): train on convex mixes of pairs of inputs and labels.
+
+    Per mini-batch, one ``λ ~ Beta(α, α)`` and one random permutation ``π`` of
+    the batch are drawn; the model is trained on ``x' = λ·x + (1 − λ)·x[π]``
+    with soft targets ``λ·onehot(y) + (1 − λ)·onehot(y[π])`` (cross-entropy
+    against probabilities). Inputs are mixed in normalised space (the mix is
+    affine, so this equals mixing raw pixels).
+
+    The official FedMIA code computes the mixed loss on the *unmixed* inputs
+    (``pred = model(x)``), i.e. it trains on label noise only; that bug is not
+    reproduced here.
+
+    Attributes:
+        alpha: α > 0 (required); small α puts λ near 0 or 1 (weak mixing),
+            α = 1 draws λ uniformly. The official code's default is 0.01.
+    """
+
+    alpha: float
+    soft_targets = True
+
+    def draw(self, batch_size: int, device: torch.device | str,
+             gen: torch.Generator) -> tuple[float, torch.Tensor]:
+        """The batch's mixing weight λ (float) and permutation π (int64 B, on ``device``)."""
+        lam = _beta(self.alpha, gen)
+        perm = torch.randperm(batch_size, generator=generator_on(gen, torch.device(device)),
+                              device=device)
+        return lam, perm
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed inputs B×C×H×W and mixed soft targets B×num_classes."""
+        lam, perm = self.draw(x.shape[0], x.device, gen)
+        t = as_probs(y, num_classes, x.dtype)
+        return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
+
+
+@DEFENSES.register("mixup")
+def _mixup(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("mixup", params, {"alpha": _REQUIRED})
+    return MixupDefense(alpha=_number("mixup", "alpha", p["alpha"], "a number > 0",
+                                      lambda v: v > 0))
+
+
+@dataclass(frozen=True)
+class InstaHideDefense(Defense):
+    """``instahide`` (Huang et al. 2020), inside-dataset version, as the official FedMIA code.
+
+    Each sample ``x_i`` of a mini-batch is mixed with ``k − 1`` partners from
+    the same batch: partner ``j`` of every sample comes from an independent
+    random permutation ``π_j`` of the batch (``π_0`` is the identity, so the
+    sample itself is always part of its mix). With coefficients ``λ_i`` (k per
+    sample, ≥ 0, summing to 1)::
+
+        x'_i = s_i ⊙ Σ_j λ_ij · x[π_j(i)]        t_i = Σ_j λ_ij · onehot(y[π_j(i)])
+
+    where ``s_i`` is an independent uniform ±1 sign per element (pixel and
+    channel) of the normalised image. With ``k = 1`` only the signs are
+    flipped (``x' = s ⊙ x``, one-hot targets).
+
+    Coefficients, as the official code: ``λ_i = |g_i| / Σ|g_i|`` with
+    ``g_i ~ N(0, I_k)``; rows whose largest coefficient exceeds
+    ``upper_bound`` are redrawn (vectorised rejection, all rejected rows at
+    once, up to 100 passes). Rows still rejected after that (only likely when
+    ``k · upper_bound`` is close to 1) are shrunk towards the uniform vector,
+    ``λ ← 1/k + t(λ − 1/k)`` with ``t`` chosen so the largest equals the bound.
+    The official code also rejects rows whose largest coefficient is below 0.5;
+    that extra condition is not applied here.
+
+    Attributes:
+        k: number of images per mix, integer ≥ 1 (required); the official default is 3.
+        upper_bound: largest allowed coefficient, in (0, 1] (default 0.65, or
+            1 when k = 1); must satisfy ``k · upper_bound ≥ 1``.
+    """
+
+    k: int
+    upper_bound: float = 0.65
+    soft_targets = True
+    max_tries = 100
+
+    def coefficients(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+        """Float64 B×k mixing coefficients on the CPU: rows ≥ 0, sum 1, max ≤ ``upper_bound``."""
+        k = self.k
+        if k == 1:
+            return torch.ones(batch_size, 1, dtype=torch.float64)
+
+        def fresh() -> torch.Tensor:
+            g = torch.randn(batch_size, k, generator=gen, dtype=torch.float64).abs_()
+            return g / g.sum(1, keepdim=True)
+
+        lam = fresh()
+        for _ in range(self.max_tries):
+            bad = lam.amax(1) > self.upper_bound
+            if not bool(bad.any()):
+                return lam
+            lam = torch.where(bad[:, None], fresh(), lam)
+        top = lam.amax(1, keepdim=True)
+        shrink = ((self.upper_bound - 1 / k) / (top - 1 / k)).clamp(max=1.0)
+        shrink = torch.where(top > self.upper_bound, shrink, 1.0)
+        return 1 / k + shrink * (lam - 1 / k)
+
+    def draw(
+        self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
+        dtype: torch.dtype, gen: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything random about one batch of ``shape`` (B×C×H×W).
+
+        Returns:
+            coefficients B×k (``dtype``), partners k×B (int64; row 0 is
+            ``arange(B)``, row j the permutation π_j) and signs ±1 of ``shape``
+            (``dtype``), all on ``device``.
+        """
+        device = torch.device(device)
+        b = shape[0]
+        coeffs = self.coefficients(b, gen).to(device=device, dtype=dtype)
+        g = generator_on(gen, device)
+        rows = [torch.arange(b, device=device)]
+        rows += [torch.randperm(b, generator=g, device=device) for _ in range(self.k - 1)]
+        signs = torch.randint(0, 2, tuple(shape), generator=g, device=device)
+        return coeffs, torch.stack(rows), signs.to(dtype).mul_(2).sub_(1)
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed, sign-flipped inputs B×C×H×W and mixed soft targets B×num_classes."""
+        coeffs, partners, signs = self.draw(x.shape, x.device, x.dtype, gen)
+        t = as_probs(y, num_classes, x.dtype)
+        mixed = torch.zeros_like(x)
+        target = torch.zeros_like(t)
+        for j in range(self.k):  # over mixing partners, not samples
+            mixed += coeffs[:, j, None, None, None] * x[partners[j]]
+            target += coeffs[:, j, None] * t[partners[j]]
+        return signs * mixed, target
+
+
+@DEFENSES.register("instahide")
+def _instahide(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("instahide", params, {"k": _REQUIRED, "upper_bound": None})
+    k = _integer("instahide", "k", p["k"], "an integer ≥ 1", lambda v: v >= 1)
+    if p["upper_bound"] is None:
+        p["upper_bound"] = 1.0 if k == 1 else 0.65
+    bound = _number("instahide", "upper_bound", p["upper_bound"], "a number in (0, 1]",
+                    lambda v: 0 < v <= 1)
+    if k * bound < 1 - 1e-12:
+        raise ConfigError(f"defense 'instahide': upper_bound = {bound} is infeasible with "
+                          f"k = {k}: k coefficients summing to 1 need k · upper_bound ≥ 1, "
+                          f"i.e. upper_bound ≥ {1 / k:.4g}")
+    return InstaHideDefense(k=k, upper_bound=bound)
+
+
+@dataclass(frozen=True)
+class AugmentDefense(Defense):
+    """``augment``: random crop, horizontal flip and colour jitter, batched on the device.
+
+    Applied per sample, in this order, each step skipped when disabled:
+
+    1. crop: pad by ``padding`` pixels of 0 on every side and cut a random
+       H×W window (offsets uniform in 0..2·padding per axis) — torchvision's
+       ``RandomCrop(size, padding)``;
+    2. flip: mirror left–right with probability 1/2;
+    3. brightness ``x ← f·x``, contrast ``x ← f·x + (1 − f)·mean(gray(x))`` and
+       saturation ``x ← f·x + (1 − f)·gray(x)`` (3-channel images only), each
+       with its own factor ``f ~ U[max(0, 1 − v), 1 + v]`` per sample, where
+       ``gray`` is the ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``.
+
+    The hook sees *normalised* images and does not know the normalisation, so
+    two steps are approximations of torchvision's pixel-space versions: the
+    crop's zero padding is the dataset mean colour (not black), and brightness
+    scales the deviation from the dataset mean colour (not from black).
+    Contrast and saturation blend with normalised-space gray values, which
+    matches the pixel-space operation up to the per-channel normalisation.
+    Labels are unchanged. Shape and dtype are preserved.
+
+    Attributes:
+        padding: integer ≥ 0 (default 4); 0 disables the crop.
+        flip: bool (default true).
+        brightness, contrast, saturation: jitter strengths v ≥ 0 (default 0.2 each);
+            0 disables the step.
+    """
+
+    padding: int = 4
+    flip: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented inputs B×C×H×W (same dtype) and the unchanged labels."""
+        b, c, h, w = x.shape
+        dev = x.device
+        g = generator_on(gen, dev)
+        out = x
+        if self.padding > 0:
+            p = self.padding
+            padded = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
+            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B×1×H×1
+            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B×1×1×W
+            out = padded[torch.arange(b, device=dev)[:, None, None, None],
+                         torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+        if self.flip:
+            flipped = torch.rand(b, generator=g, device=dev) < 0.5
+            out = torch.where(flipped[:, None, None, None], out.flip(3), out)
+        if self.brightness > 0:
+            out = out * self._factors(b, self.brightness, g, x)
+        if self.contrast > 0:
+            f = self._factors(b, self.contrast, g, x)
+            mean = (_gray(out) if c == 3 else out).mean(dim=(1, 2, 3), keepdim=True)
+            out = f * out + (1 - f) * mean
+        if self.saturation > 0 and c == 3:
+            f = self._factors(b, self.saturation, g, x)
+            out = f * out + (1 - f) * _gray(out)
+        return out, y
+
+    @staticmethod
+    def _factors(b: int, v: float, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        """B×1×1×1 factors uniform in [max(0, 1 − v), 1 + v], dtype and device of ``like``."""
+        lo = max(0.0, 1.0 - v)
+        u = torch.rand(b, generator=g, device=like.device)
+        return (lo + (1.0 + v - lo) * u).to(like.dtype).view(b, 1, 1, 1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma B×1×H×W of 3-channel images B×3×H×W."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+@DEFENSES.register("augment")
+def _augment(params: Mapping[str, Any]) -> Defense:
+    spec = {"padding": 4, "flip": True, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
+    p = _check_params("augment", params, spec)
+    jitter = {name: _number("augment", name, p[name], "a number ≥ 0", lambda v: v >= 0)
+              for name in ("brightness", "contrast", "saturation")}
+    return AugmentDefense(
+        padding=_integer("augment", "padding", p["padding"], "an integer ≥ 0", lambda v: v >= 0),
+        flip=_boolean("augment", "flip", p["flip"]),
+        **jitter,
+    )
+
+
+# --------------------------------------------------------------------- data reduction
+
+
+@dataclass(frozen=True)
+class SubsampleDefense(Defense):
+    """``subsample``: train each round on a random subset of the local data.
+
+    Each round the client keeps ``m = max(1, ⌊fraction · n + ½⌋)`` of its
+    ``n`` samples (rounded half up), drawn uniformly without replacement; the
+    same subset serves all local epochs of that round. With ``m = n`` the
+    indices are returned unchanged (no randomness is drawn). The official code
+    instead stops each local epoch after ``int(fraction · batches)`` batches of
+    a reshuffled loader, i.e. a fresh subset per epoch; with one local epoch
+    (the paper's setting) the two coincide up to rounding.
+
+    Attributes:
+        fraction: in (0, 1] (required).
+    """
+
+    fraction: float
+
+    def size(self, n: int) -> int:
+        """The number of samples kept out of ``n``."""
+        return 0 if n == 0 else max(1, math.floor(self.fraction * n + 0.5))
+
+    def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """A uniformly random subset (m, without repetition) of ``idx`` (n)."""
+        n = idx.numel()
+        m = self.size(n)
+        if m >= n:
+            return idx
+        sel = torch.randperm(n, generator=generator_on(gen, idx.device), device=idx.device)
+        return idx[sel[:m]]
+
+
+@DEFENSES.register("subsample")
+def _subsample(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("subsample", params, {"fraction": _REQUIRED})
+    return SubsampleDefense(fraction=_number("subsample", "fraction", p["fraction"],
+                                             "a number in (0, 1]", lambda v: 0 < v <= 1))
+
+
+# ------------------------------------------------------------------------------ build
 
 
 def build_defense(cfg: DefenseConfig, where: str = "defense") -> Defense:
@@ -67,3 +683,29 @@ def build_defense(cfg: DefenseConfig, where: str = "defense") -> Defense:
         return factory(cfg.params)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+#: The parameter that is each kind's strength in privacy–utility sweeps, and whether a
+#: larger value means a stronger defense.
+STRENGTH: dict[str, tuple[str, bool]] = {
+    "dp": ("sigma", True),
+    "dp_param_noise": ("sigma", True),
+    "quantize": ("bits", False),
+    "sparsify": ("fraction", True),
+    "mixup": ("alpha", True),
+    "instahide": ("k", True),
+    "subsample": ("fraction", False),
+    "augment": ("padding", True),
+}
+#: Families of the paper's recommendation.
+GRADIENT_PERTURBATION = ("dp", "dp_param_noise", "quantize", "sparsify")
+DATA_REPLACEMENT = ("mixup", "instahide")
+
+
+def strength_of(defense: Mapping[str, Any]) -> float:
+    """The strength value of a defense config block (NaN for ``none``)."""
+    kind = defense["kind"]
+    if kind == "none":
+        return float("nan")
+    key, _ = STRENGTH[kind]
+    return float(defense[key])

@@ -62,6 +62,7 @@ def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> No
         "classes": data.classes, "num_classes": len(data.classes),
         "shape": [c, h, w], "num_samples": n, "num_test": int(data.is_test.sum()),
         "mean": mean, "std": std, "sha256": data.checksum(), "fedmia_version": fedmia.__version__,
+        "extra": data.extra,
     }
     io.save_prepared(data, outputs, meta)
 
@@ -354,4 +355,32 @@ def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
                              outputs: Mapping[str, str | Path]) -> None:
     """Stage 6c: iid vs non-iid bars from the tidy attack table."""
     fig = report.partitions_figure(pd.read_csv(table), options["width"])
+    _save_figure(fig, outputs, options["dpi"])
+
+
+def report_privacy_utility(*, table: str | Path, histories: Iterable[str | Path],
+                           cells: Iterable[Mapping[str, Any]],
+                           defenses: Mapping[str, Mapping[str, Any]], output: str | Path
+                           ) -> None:
+    """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
+
+    ``histories`` and ``cells`` are parallel: the history Parquet of each cell.
+    """
+    rows = []
+    for path, cell in zip(histories, cells, strict=True):
+        h = pd.read_parquet(path)
+        glob = h[(h.client_id == HELD_OUT) & h.test_accuracy.notna()]
+        rows.append({**cell, "test_accuracy": float(glob.sort_values("round")
+                                                    .test_accuracy.iloc[-1])})
+    pu = report.privacy_utility(pd.read_csv(table), pd.DataFrame(rows),
+                                {k: dict(v) for k, v in defenses.items()})
+    with io.atomic_path(output) as tmp:
+        pu.to_csv(tmp, index=False)
+
+
+def report_privacy_utility_figure(*, table: str | Path, family: str,
+                                  options: Mapping[str, Any],
+                                  outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6e: one attack family's privacy–utility figure (PNG and PDF)."""
+    fig = report.privacy_utility_figure(pd.read_csv(table), family, options["width"])
     _save_figure(fig, outputs, options["dpi"])

@@ -226,3 +226,72 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+#: Attack families of the privacy–utility figures.
+FAMILIES = {
+    "loss": ("loss", "loss_series", "fedmia_loss"),
+    "cos": ("cos", "cos_series", "fedmia_cos"),
+    "grad": ("grad_norm", "grad_diff"),
+}
+
+
+def privacy_utility(summary: pd.DataFrame, accuracy: pd.DataFrame,
+                    defenses: dict[str, dict]) -> pd.DataFrame:
+    """Join attack success with utility per defense.
+
+    Args:
+        summary: :func:`summarize` output.
+        accuracy: ``dataset, model, defense, partition, seed, test_accuracy`` (final round).
+        defenses: the config's ``defenses`` block (key → ``{kind, params...}``).
+
+    Returns:
+        Tidy: ``dataset, model, partition, defense, kind, strength, test_accuracy, attack,
+        metric, mean, std`` (test accuracy averaged over seeds).
+    """
+    from fedmia.defenses import strength_of
+
+    acc = accuracy.groupby(SETTING, as_index=False)["test_accuracy"].mean()
+    pu = summary.merge(acc, on=SETTING, how="left")
+    pu["kind"] = pu["defense"].map(lambda d: defenses[d]["kind"])
+    pu["strength"] = pu["defense"].map(lambda d: strength_of(defenses[d]))
+    cols = ["dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
+            "attack", "metric", "mean", "std"]
+    return pu[cols].sort_values(["dataset", "model", "partition", "kind", "strength",
+                                 "attack", "metric"]).reset_index(drop=True)
+
+
+def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> plt.Figure:
+    """Test accuracy versus attack AUC (top) and TPR@0.1% (bottom) for one attack family.
+
+    One line per defense kind (strengths as points, labelled), the undefended model
+    as a black star; one column per attack of the family, one figure per setting
+    mix (all settings of ``pu`` overlaid).
+    """
+    attacks = [a for a in FAMILIES[family] if a in set(pu.attack)]
+    if not attacks:
+        raise ValueError(f"no attack of family '{family}' in the table")
+    fig, axes = plt.subplots(2, len(attacks), figsize=(width, width * 0.6), squeeze=False)
+    kinds = [k for k in dict.fromkeys(pu.kind) if k != "none"]
+    colors = dict(zip(kinds, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2,
+                      strict=False))
+    for col, a in enumerate(attacks):
+        for row, metric in enumerate(("auc", "tpr@0.1%")):
+            ax = axes[row, col]
+            g = pu[(pu.attack == a) & (pu.metric == metric)]
+            for kind in kinds:
+                k = g[g.kind == kind].sort_values("strength")
+                ax.plot(k["mean"], k["test_accuracy"], "o-", color=colors[kind], label=kind,
+                        ms=4)
+                for _, r in k.iterrows():
+                    ax.annotate(f"{r.strength:g}", (r["mean"], r["test_accuracy"]),
+                                fontsize=6, xytext=(2, 2), textcoords="offset points")
+            base = g[g.kind == "none"]
+            ax.plot(base["mean"], base["test_accuracy"], "k*", ms=12, label="no defense")
+            ax.set_xlabel(("AUC" if metric == "auc" else "TPR at FPR 0.1%")
+                          + f" — {_paper_name(a)}")
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    return fig

@@ -111,12 +111,21 @@ def get_all_histories(wildcards=None):
     return cell_paths(f"{TRAIN}/history.parquet")
 
 
+def get_families():
+    """Attack families with at least one configured attack (privacy-utility figures)."""
+    from fedmia.report import FAMILIES
+
+    return [f for f, attacks in FAMILIES.items() if set(attacks) & set(ATTACKS)]
+
+
 def get_final_output():
     return [
         "results/tables/attacks.csv",
         "results/tables/attacks.md",
         "results/tables/attacks.tex",
         "results/figures/partitions.png",
+        "results/tables/privacy_utility.csv",
+        *expand("results/figures/privacy_utility_{family}.png", family=get_families()),
         *cell_paths(f"{FIGURES}/rounds.png"),
         *cell_paths(f"{FIGURES}/roc.png"),
     ]

@@ -79,3 +79,49 @@ rule figure_partitions:
         version=VERSION,
     script:
         "../scripts/figure_partitions.py"
+
+
+rule privacy_utility:
+    input:
+        table="results/tables/attacks.csv",
+        histories=get_all_histories,
+    output:
+        report(
+            "results/tables/privacy_utility.csv",
+            caption="../report/privacy_utility_table.rst",
+            category="Tables",
+        ),
+    log:
+        "results/logs/report/privacy_utility.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        cells=[dataclasses.asdict(c) for c in SPEC.cells],
+        defenses=canonical(config["defenses"]),
+        version=VERSION,
+    script:
+        "../scripts/privacy_utility.py"
+
+
+rule figure_privacy_utility:
+    input:
+        "results/tables/privacy_utility.csv",
+    output:
+        png=report(
+            "results/figures/privacy_utility_{family}.png",
+            caption="../report/privacy_utility.rst",
+            category="Figures",
+            subcategory="Privacy-utility",
+        ),
+        pdf="results/figures/privacy_utility_{family}.pdf",
+    log:
+        "results/logs/report/privacy_utility_{family}.log",
+    wildcard_constraints:
+        family="loss|cos|grad",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        options=canonical(config["report"]),
+        version=VERSION,
+    script:
+        "../scripts/figure_privacy_utility.py"

@@ -1,0 +1,466 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmia.config import ConfigError, DefenseConfig, TrainConfig
+from fedmia.defenses import (
+    DEFENSES,
+    AugmentDefense,
+    DPDefense,
+    InstaHideDefense,
+    MixupDefense,
+    SparsifyDefense,
+    SubsampleDefense,
+    build_defense,
+    generator_on,
+)
+from fedmia.fedavg import DeviceData, run_fedavg
+from fedmia.state import Entry, FlatState, StateLayout
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def build(kind: str, **params):
+    return build_defense(DefenseConfig(kind=kind, params=params))
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def layout_of(*entries: tuple[str, int, bool]) -> StateLayout:
+    """A layout of flat entries (name, numel, is_param) laid out back to back."""
+    out, offset = [], 0
+    for name, n, is_param in entries:
+        out.append(Entry(name, (n,), offset, n, is_param))
+        offset += n
+    return StateLayout(tuple(out))
+
+
+# a big conv-like layer, a BN running mean (not a parameter), a small bias, a mid-size layer
+LAYOUT = layout_of(("conv.weight", 20_000, True), ("bn.running_mean", 64, False),
+                   ("conv.bias", 64, True), ("fc.weight", 5_000, True))
+BIG, BN, SMALL, FC = LAYOUT.entries
+
+
+def update_for(layout: StateLayout, seed: int = 1, device: str = "cpu") -> torch.Tensor:
+    return torch.randn(layout.size, generator=gen(seed)).to(device)
+
+
+def images(b: int = 16, c: int = 3, h: int = 8, w: int = 8, seed: int = 2):
+    g = gen(seed)
+    return torch.randn(b, c, h, w, generator=g), torch.randint(0, 5, (b,), generator=g)
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_all_kinds_are_registered():
+    assert set(DEFENSES.names()) == {"none", "dp", "dp_param_noise", "quantize", "sparsify",
+                                     "mixup", "instahide", "subsample", "augment"}
+
+
+def test_generator_on_cpu_is_gen_itself():
+    g = gen()
+    assert generator_on(g, torch.device("cpu")) is g
+
+
+# ---------------------------------------------------------------------------------- dp
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dp_clip_bounds_the_parameter_norm(device):
+    d = build("dp", sigma=1.0, clip=2.5)
+    assert isinstance(d, DPDefense)
+    mask = LAYOUT.param_mask().to(device)
+    u = update_for(LAYOUT, device=device) * 10  # norm ≫ 2.5
+    c = d.clipped(u, LAYOUT)
+    assert torch.linalg.vector_norm(c[mask]) <= 2.5 * (1 + 1e-5)
+    assert torch.linalg.vector_norm(c[mask]) == pytest.approx(2.5, rel=1e-5)
+    # direction kept, BN statistics untouched
+    torch.testing.assert_close(c[mask] / c[mask].norm(), u[mask] / u[mask].norm())
+    assert torch.equal(c[~mask], u[~mask])
+    # an update inside the ball is unchanged
+    small = u / u[mask].norm()  # parameter norm 1 < 2.5
+    torch.testing.assert_close(d.clipped(small, LAYOUT), small)
+
+
+def test_dp_noise_std_is_sigma_times_clip():
+    layout = layout_of(("w", 1_000_000, True))
+    u = torch.zeros(layout.size)  # zero update: the upload is the noise alone
+    up = build("dp", sigma=0.7, clip=3.0).upload(u, layout, gen(5))
+    assert up.std().item() == pytest.approx(0.7 * 3.0, rel=0.02)
+    assert abs(up.mean().item()) < 0.01
+
+
+def test_dp_upload_is_clipped_plus_noise_and_seeded():
+    d = build("dp", sigma=0.1, clip=1.0)
+    u = update_for(LAYOUT) * 5
+    a, b = d.upload(u, LAYOUT, gen(3)), d.upload(u, LAYOUT, gen(3))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, d.upload(u, LAYOUT, gen(4)))
+    mask = LAYOUT.param_mask()
+    noise = a - d.clipped(u, LAYOUT)
+    assert noise[mask].std().item() == pytest.approx(0.1, rel=0.05)
+    assert torch.equal(a[~mask], u[~mask])
+    # σ = 0 clips only
+    torch.testing.assert_close(build("dp", sigma=0, clip=1.0).upload(u, LAYOUT, gen()),
+                               d.clipped(u, LAYOUT))
+
+
+def test_dp_param_noise_std_is_sigma_and_nothing_is_clipped():
+    layout = layout_of(("w", 1_000_000, True), ("bn.running_var", 10, False))
+    u = torch.randn(layout.size, generator=gen(9)) * 100  # huge norm: no clipping would shrink it
+    up = build("dp_param_noise", sigma=0.05).upload(u, layout, gen(1))
+    noise = (up - u)[:1_000_000]
+    assert noise.std().item() == pytest.approx(0.05, rel=0.02)
+    assert torch.equal(up[1_000_000:], u[1_000_000:])  # BN statistics pass through
+    assert torch.equal(build("dp_param_noise", sigma=0).upload(u, layout, gen()), u)
+
+
+# ---------------------------------------------------------------------------- quantize
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_quantize_levels_and_error(bits):
+    u = update_for(LAYOUT)
+    q = build("quantize", bits=bits).upload(u, LAYOUT, gen())
+    for e in (BIG, SMALL, FC):
+        v, qv = u[e.slice], q[e.slice]
+        assert qv.unique().numel() <= 2**bits
+        step = (v.max() - v.min()) / (2**bits - 1)
+        assert (qv - v).abs().max() <= step / 2 * (1 + 1e-5) + 1e-7
+        assert qv.min() == pytest.approx(v.min().item(), abs=1e-6)  # the range is kept
+        assert qv.max() == pytest.approx(v.max().item(), abs=1e-6)
+    assert torch.equal(q[BN.slice], u[BN.slice])
+
+
+def test_quantize_32_bits_is_identity_and_constant_layers_stay():
+    u = update_for(LAYOUT)
+    assert torch.equal(build("quantize", bits=32).upload(u, LAYOUT, gen()), u)
+    u[SMALL.slice] = 0.25
+    q = build("quantize", bits=2).upload(u, LAYOUT, gen())
+    assert torch.equal(q[SMALL.slice], u[SMALL.slice])
+
+
+# ---------------------------------------------------------------------------- sparsify
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.29, 0.5, 0.9, 0.999])
+def test_sparsify_zeroes_exactly_the_requested_fraction_of_large_layers(fraction):
+    u = update_for(LAYOUT)
+    s = build("sparsify", fraction=fraction).upload(u, LAYOUT, gen())
+    for e in (BIG, FC):  # ≥ 1000 elements: sparsified
+        zeros = int((s[e.slice] == 0).sum())
+        assert zeros == math.floor(fraction * e.numel + 1e-9)
+        kept = s[e.slice] != 0
+        assert torch.equal(s[e.slice][kept], u[e.slice][kept])  # kept values unchanged
+        if 0 < zeros < e.numel:  # the kept ones are the largest in magnitude
+            assert u[e.slice][kept].abs().min() >= u[e.slice][~kept].abs().max()
+    assert torch.equal(s[SMALL.slice], u[SMALL.slice])  # 64 < 1000: untouched
+    assert torch.equal(s[BN.slice], u[BN.slice])
+
+
+def test_sparsify_min_size_and_ties():
+    d = build("sparsify", fraction=0.5, min_size=10_000)
+    assert isinstance(d, SparsifyDefense)
+    u = update_for(LAYOUT)
+    s = d.upload(u, LAYOUT, gen())
+    assert torch.equal(s[FC.slice], u[FC.slice])  # 5000 < 10000
+    assert int((s[BIG.slice] == 0).sum()) == 10_000
+    # all magnitudes tied: exactly half zeroed, the earlier positions first (deterministic)
+    layout = layout_of(("w", 10, True))
+    v = torch.tensor([1.0, -1.0] * 5)
+    out = build("sparsify", fraction=0.3, min_size=0).upload(v, layout, gen())
+    assert torch.equal(out, torch.tensor([0.0, 0.0, 0.0] + [-1.0, 1.0] * 3 + [-1.0]))
+
+
+def test_sparsify_count_for_awkward_fractions():
+    d = SparsifyDefense(fraction=0.29, min_size=0)
+    assert d.num_zeroed(100) == 29
+    assert d.num_zeroed(99) == 28
+    assert SparsifyDefense(fraction=0.5).num_zeroed(999) == 0  # below min_size
+
+
+# ------------------------------------------------------------------------------- mixup
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixup_mixes_inputs_and_labels_with_the_same_lambda(device):
+    d = build("mixup", alpha=1.0)
+    assert isinstance(d, MixupDefense) and d.soft_targets
+    x, y = images()
+    x, y = x.to(device), y.to(device)
+    lam, perm = d.draw(16, device, gen(7))
+    assert 0.0 <= lam <= 1.0
+    assert sorted(perm.tolist()) == list(range(16))
+    xm, t = d.batch(x, y, 5, gen(7))  # same seed: same λ and permutation
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[perm])
+    onehot = F.one_hot(y, 5).float()
+    torch.testing.assert_close(t, lam * onehot + (1 - lam) * onehot[perm])
+    torch.testing.assert_close(t.sum(1), torch.ones(16, device=device))
+    assert t.shape == (16, 5) and xm.shape == x.shape
+    # reproducible, and a different seed gives a different mix
+    xm2, t2 = d.batch(x, y, 5, gen(7))
+    assert torch.equal(xm, xm2) and torch.equal(t, t2)
+    assert not torch.equal(xm, d.batch(x, y, 5, gen(8))[0])
+
+
+def test_mixup_lambda_is_beta_distributed_and_tiny_alpha_is_stable():
+    lams = torch.tensor([MixupDefense(alpha=2.0).draw(2, "cpu", gen(s))[0] for s in range(2000)])
+    assert lams.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert lams.var().item() == pytest.approx(1 / (4 * 5), rel=0.15)  # Beta(2,2): 1/20
+    tiny = [MixupDefense(alpha=0.01).draw(2, "cpu", gen(s))[0] for s in range(200)]
+    assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in tiny)
+    assert sum(min(v, 1 - v) < 1e-3 for v in tiny) > 150  # α → 0: λ near 0 or 1
+
+
+def test_mixup_accepts_soft_targets_for_composition():
+    x, y = images()
+    probs = torch.softmax(torch.randn(16, 5, generator=gen(3)), 1)
+    d = MixupDefense(alpha=0.5)
+    _, t = d.batch(x, probs, 5, gen(1))
+    lam, perm = d.draw(16, "cpu", gen(1))
+    torch.testing.assert_close(t, lam * probs + (1 - lam) * probs[perm])
+
+
+# --------------------------------------------------------------------------- instahide
+
+
+@pytest.mark.parametrize("k, bound", [(2, 0.65), (3, 0.65), (4, 0.3), (2, 0.5)])
+def test_instahide_coefficients(k, bound):
+    d = build("instahide", k=k, upper_bound=bound)
+    c = d.coefficients(5000, gen(1))
+    assert c.shape == (5000, k)
+    assert (c >= 0).all()
+    torch.testing.assert_close(c.sum(1), torch.ones(5000, dtype=torch.float64))
+    assert c.max() <= bound + 1e-12
+    if k * bound == 1:  # the only feasible point: uniform
+        torch.testing.assert_close(c, torch.full_like(c, 1 / k))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_instahide_batch_is_signed_mixture_with_consistent_labels(device):
+    d = build("instahide", k=3)
+    assert isinstance(d, InstaHideDefense) and d.upper_bound == 0.65 and d.soft_targets
+    x, y = images(b=32)
+    x, y = x.to(device), y.to(device)
+    coeffs, partners, signs = d.draw(x.shape, device, x.dtype, gen(4))
+    xm, t = d.batch(x, y, 5, gen(4))
+    assert partners.shape == (3, 32) and torch.equal(partners[0].cpu(), torch.arange(32))
+    for row in partners:
+        assert sorted(row.tolist()) == list(range(32))
+    torch.testing.assert_close(coeffs.sum(1), torch.ones(32, device=device))
+    assert coeffs.max() <= 0.65 + 1e-6
+    assert set(signs.unique().tolist()) == {-1.0, 1.0}
+    mixture = sum(coeffs[:, j, None, None, None] * x[partners[j]] for j in range(3))
+    torch.testing.assert_close(xm.abs(), mixture.abs())
+    torch.testing.assert_close(xm, signs * mixture)
+    onehot = F.one_hot(y, 5).float()
+    want = sum(coeffs[:, j, None] * onehot[partners[j]] for j in range(3))
+    torch.testing.assert_close(t, want)
+    torch.testing.assert_close(t.sum(1), torch.ones(32, device=device))
+    xm2, t2 = d.batch(x, y, 5, gen(4))
+    assert torch.equal(xm, xm2) and torch.equal(t, t2)
+
+
+def test_instahide_k1_only_flips_signs():
+    d = build("instahide", k=1)
+    assert d.upper_bound == 1.0
+    x, y = images()
+    xm, t = d.batch(x, y, 5, gen(2))
+    torch.testing.assert_close(xm.abs(), x.abs())
+    flips = xm != x
+    assert flips.float().mean().item() == pytest.approx(0.5, abs=0.05)
+    torch.testing.assert_close(xm[flips], -x[flips])
+    torch.testing.assert_close(t, F.one_hot(y, 5).float())
+
+
+# --------------------------------------------------------------------------- subsample
+
+
+@pytest.mark.parametrize("fraction, n", [(0.5, 100), (0.25, 10), (0.01, 30), (1.0, 17),
+                                         (0.3, 7)])
+def test_subsample_size_subset_no_repetition(fraction, n):
+    d = build("subsample", fraction=fraction)
+    assert isinstance(d, SubsampleDefense)
+    idx = torch.arange(1000, 1000 + n)
+    sub = d.local_indices(idx, gen(3))
+    assert sub.numel() == max(1, math.floor(fraction * n + 0.5))
+    assert sub.unique().numel() == sub.numel()
+    assert set(sub.tolist()) <= set(idx.tolist())
+    assert torch.equal(sub, d.local_indices(idx, gen(3)))
+    if fraction == 1.0:
+        assert torch.equal(sub, idx)
+
+
+# ----------------------------------------------------------------------------- augment
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_augment_preserves_shape_dtype_and_is_seeded(device, dtype):
+    d = build("augment")
+    assert isinstance(d, AugmentDefense) and d.padding == 4 and d.flip
+    x, y = images(b=32)
+    x, y = x.to(device=device, dtype=dtype), y.to(device)
+    a, ya = d.batch(x, y, 5, gen(1))
+    assert a.shape == x.shape and a.dtype == dtype and a.device == x.device
+    assert torch.equal(ya, y)
+    assert torch.equal(a, d.batch(x, y, 5, gen(1))[0])
+    assert not torch.equal(a, d.batch(x, y, 5, gen(2))[0])
+
+
+def test_augment_flip_only_gives_flipped_copies():
+    d = build("augment", padding=0, brightness=0, contrast=0, saturation=0)
+    x, y = images(b=64)
+    a, _ = d.batch(x, y, 5, gen(3))
+    same = (a == x).flatten(1).all(1)
+    flipped = (a == x.flip(3)).flatten(1).all(1)
+    assert (same | flipped).all()
+    assert 10 < int(flipped.sum()) < 54  # about half are flipped
+
+
+def test_augment_crop_shifts_with_zero_padding():
+    d = build("augment", padding=2, flip=False, brightness=0, contrast=0, saturation=0)
+    x, y = images(b=64)
+    a, _ = d.batch(x, y, 5, gen(4))
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(64):  # test reference only: the defense itself has no per-sample loop
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(a[i], w) for w in windows)
+    assert not torch.equal(a, x)
+
+
+def test_augment_jitter_factors_are_bounded():
+    d = build("augment", padding=0, flip=False, brightness=0.3, contrast=0, saturation=0)
+    x, y = images(b=64)
+    a, _ = d.batch(x, y, 5, gen(5))
+    f = (a / x).flatten(1)
+    torch.testing.assert_close(f, f[:, :1].expand_as(f))  # one factor per sample
+    assert (f >= 0.7 - 1e-5).all() and (f <= 1.3 + 1e-5).all()
+
+
+# ------------------------------------------------------------ BN statistics pass through
+
+
+@pytest.mark.parametrize("kind, params", [
+    ("dp", dict(sigma=1.0, clip=0.5)), ("dp_param_noise", dict(sigma=1.0)),
+    ("quantize", dict(bits=1)), ("sparsify", dict(fraction=0.9, min_size=0)),
+])
+def test_upload_defenses_leave_bn_statistics_unchanged(kind, params):
+    u = update_for(LAYOUT) * 3
+    up = build(kind, **params).upload(u, LAYOUT, gen(1))
+    assert torch.equal(up[BN.slice], u[BN.slice])
+    assert not torch.equal(up[BIG.slice], u[BIG.slice])
+    assert up.shape == u.shape and up.dtype == u.dtype
+
+
+# ------------------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize("kind, params, match", [
+    ("dp", dict(sigma=-0.1, clip=1.0), r"'sigma' = -0.1 .*allowed: a number ≥ 0"),
+    ("dp", dict(sigma=0.1, clip=-1.0), r"'clip' = -1.0 .*allowed: a number > 0"),
+    ("dp", dict(sigma=0.1, clip=0), r"'clip' = 0 "),
+    ("dp", dict(sigma=0.1), r"missing required parameter 'clip'"),
+    ("dp", dict(sigma="big", clip=1.0), r"'sigma' = 'big'"),
+    ("dp", dict(sigma=float("nan"), clip=1.0), r"'sigma' = nan"),
+    ("dp_param_noise", dict(sigma=-1), r"'sigma' = -1 "),
+    ("quantize", dict(bits=0), r"'bits' = 0 .*an integer in 1..32"),
+    ("quantize", dict(bits=33), r"'bits' = 33 "),
+    ("quantize", dict(bits=2.5), r"'bits' = 2.5 "),
+    ("sparsify", dict(fraction=1.0), r"'fraction' = 1.0 .*\[0, 1\)"),
+    ("sparsify", dict(fraction=-0.1), r"'fraction' = -0.1 "),
+    ("sparsify", dict(fraction=0.5, min_size=-1), r"'min_size' = -1 "),
+    ("mixup", dict(alpha=0), r"'alpha' = 0 .*a number > 0"),
+    ("mixup", dict(alpha=-1.0), r"'alpha' = -1.0 "),
+    ("instahide", dict(k=0), r"'k' = 0 .*an integer ≥ 1"),
+    ("instahide", dict(k=1, upper_bound=0.65), r"infeasible with k = 1"),
+    ("instahide", dict(k=2, upper_bound=0.4), r"infeasible with k = 2"),
+    ("instahide", dict(k=3, upper_bound=1.5), r"'upper_bound' = 1.5 .*\(0, 1\]"),
+    ("subsample", dict(fraction=0), r"'fraction' = 0 .*\(0, 1\]"),
+    ("subsample", dict(fraction=1.2), r"'fraction' = 1.2 "),
+    ("augment", dict(padding=-1), r"'padding' = -1 "),
+    ("augment", dict(flip="yes"), r"'flip' = 'yes' .*true or false"),
+    ("augment", dict(brightness=-0.2), r"'brightness' = -0.2 "),
+    ("dp", dict(sigma=0.1, clip=1.0, noise=2), r"unknown parameter\(s\) \['noise'\]; "
+                                                r"allowed parameters are \['clip', 'sigma'\]"),
+    ("mixup", dict(alpha=1.0, beta=1.0), r"unknown parameter\(s\) \['beta'\]"),
+    ("none", dict(sigma=1.0), r"takes no parameters"),
+])
+def test_bad_parameters_raise_config_error(kind, params, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        build(kind, **params)
+    assert str(info.value).startswith(f"defense: defense '{kind}'")
+
+
+def test_unknown_kind_raises_config_error_listing_the_kinds():
+    with pytest.raises(ConfigError, match=r"defense.kind: unknown defense 'magic'; choose from "
+                                          r"\[.*'dp'.*\]"):
+        build("magic")
+
+
+def test_defense_config_from_dict_validates():
+    cfg = DefenseConfig.from_dict({"kind": "sparsify", "fraction": 0.5}, where="defenses.sp")
+    assert cfg.params == {"fraction": 0.5}
+    with pytest.raises(ConfigError, match=r"^defenses.sp: defense 'sparsify'"):
+        DefenseConfig.from_dict({"kind": "sparsify", "fraction": 2}, where="defenses.sp")
+
+
+# -------------------------------------------------------------------------- end to end
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def tiny_data(n: int = 40) -> DeviceData:
+    g = gen(0)
+    images = torch.randint(0, 256, (n, 3, 6, 6), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return DeviceData.from_arrays(images, labels, [0.5] * 3, [0.25] * 3, 3, torch.device("cpu"))
+
+
+E2E = [
+    ("dp", dict(sigma=0.1, clip=0.01)), ("dp_param_noise", dict(sigma=0.01)),
+    ("quantize", dict(bits=2)), ("sparsify", dict(fraction=0.5, min_size=0)),
+    ("mixup", dict(alpha=1.0)), ("instahide", dict(k=2)), ("subsample", dict(fraction=0.5)),
+    ("augment", dict(padding=1)),
+]
+
+
+def one_round(defense, model0: nn.Module) -> tuple[torch.Tensor, FlatState]:
+    data = tiny_data()
+    client_idx = [torch.arange(0, 16), torch.arange(16, 32)]
+    cfg = TrainConfig(rounds=1, local_epochs=1, batch_size=8, lr=0.1)
+    st = FlatState(copy.deepcopy(model0))
+    recs = list(run_fedavg(st, data, client_idx, torch.arange(32, 40), cfg, defense, seed=0))
+    assert len(recs) == 1
+    return recs[0].uploads.clone(), st
+
+
+@pytest.mark.parametrize("kind, params", E2E)
+def test_one_fedavg_round_with_each_defense(kind, params):
+    model0 = tiny_model()
+    base, _ = one_round(build("none"), model0)
+    up, st = one_round(build(kind, **params), model0)
+    assert up.shape == base.shape and torch.isfinite(up).all()
+    assert torch.isfinite(st.flat).all()
+    assert not torch.equal(up, base)
+    again, _ = one_round(build(kind, **params), model0)
+    assert torch.equal(up, again)  # reproducible from the seed
+    mask = st.layout.param_mask()
+    if kind in ("quantize", "sparsify"):  # upload-only: BN statistics as without defense
+        assert torch.equal(up[:, ~mask], base[:, ~mask])
+    if kind == "dp":  # without noise, every client's parameter update is clipped
+        clipped, _ = one_round(build("dp", sigma=0, clip=0.01), model0)
+        assert (torch.linalg.vector_norm(clipped[:, mask], dim=1) <= 0.01 * (1 + 1e-5)).all()
