@@ -156,3 +156,11 @@ def test_defense_sweep_dry_run(snakemake_cmd, repo, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     counts = job_counts(r.stdout + r.stderr)
     assert counts["train"] == 25 and counts["privacy_utility"] == 1
+
+
+def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):
+    r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "paper.yaml", "-n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    counts = job_counts(r.stdout + r.stderr)
+    # 2 datasets × 2 models × (3 partitions × 3 seeds + 24 defenses) = 132 cells
+    assert counts["train"] == 132 and counts["attack"] == 132 * 8 and counts["prepare"] == 2
