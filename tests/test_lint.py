@@ -23,7 +23,7 @@ def run(*argv: str, cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(tool("ruff") is None, reason="ruff not installed (pip install -e .[test])")
 def test_ruff(repo):
-    r = run(tool("ruff"), "check", "src", "tests", "workflow/scripts", cwd=repo)
+    r = run(tool("ruff"), "check", "src", "tests", "bench", "workflow/scripts", cwd=repo)
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -12,10 +12,15 @@ global model ``w`` (the one the server sent) and upload ``Δ_k = w − w^k``:
   ``y_i`` under the client's model (cheap by-products of the loss pass).
 
 BatchNorm is in eval mode throughout. Only ⟨g_i, Δ_k⟩ for all k and ‖g_i‖² are
-needed: ``g_i`` is computed once per sample and round, whatever K is — here by
-the *simple route*, per-sample gradients of a chunk of samples with
-``torch.func`` (vmap of grad), contracted layer by layer with the K stacked
-updates. It is the reference for faster routes.
+needed: ``g_i`` is handled once per sample and round, whatever K is. Two routes
+compute them for a chunk of samples (:data:`ROUTES`):
+
+* ``layerwise`` (default, :mod:`fedmia.layerwise`): from one batched forward and
+  backward pass, layer by layer, never forming per-sample gradients — near the
+  cost of the plain batched passes;
+* ``func`` (:func:`per_sample_grad_products`): per-sample gradients of the chunk
+  with ``torch.func`` (vmap of grad), contracted with the K stacked updates —
+  simple and general, the reference the tests and benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -123,10 +128,30 @@ def per_sample_grad_products(
 GradProducts = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+def auto_grad_products(model: nn.Module, params: dict[str, torch.Tensor],
+                       buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       updates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer-wise route, or the ``torch.func`` route for models it does not cover.
+
+    Args and returns as :func:`per_sample_grad_products`.
+    """
+    from fedmia.layerwise import layerwise_grad_products
+
+    try:
+        return layerwise_grad_products(model, params, buffers, x, y, updates)
+    except NotImplementedError as e:
+        log.warning("layer-wise route unavailable (%s); using the torch.func route", e)
+        return per_sample_grad_products(model, params, buffers, x, y, updates)
+
+
+ROUTES: dict[str, GradProducts] = {"layerwise": auto_grad_products,
+                                   "func": per_sample_grad_products}
+
+
 def compute_round_measures(
     state: FlatState, global_state: torch.Tensor, uploads: torch.Tensor,
-    x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 32, batch_size: int = 500,
-    grad_products: GradProducts = per_sample_grad_products,
+    x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 64, batch_size: int = 500,
+    grad_products: GradProducts = auto_grad_products,
 ) -> RoundMeasures:
     """All measures of N samples for the K clients of one observed round.
 
@@ -136,10 +161,12 @@ def compute_round_measures(
         uploads: float32 K×P, the uploaded updates.
         x: float32 N×C×H×W (normalised), the evaluation samples.
         y: int64 N, their labels.
-        chunk_size: samples per per-sample-gradient chunk (bounds memory: the simple
-            route holds chunk_size × #parameters floats).
+        chunk_size: samples per chunk (bounds memory: the ``func`` route holds
+            chunk_size × #parameters floats, the layer-wise one activations and a
+            bounded per-layer buffer).
         batch_size: samples per forward pass of the loss.
-        grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk.
+        grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk
+            (:data:`ROUTES`; default: layer-wise).
     """
     loss, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
     state.load(global_state)

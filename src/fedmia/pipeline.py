@@ -24,7 +24,7 @@ from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionCo
 from fedmia.datasets import prepare_dataset
 from fedmia.defenses import build_defense
 from fedmia.fedavg import DeviceData, RoundRecord, run_fedavg
-from fedmia.measures import compute_round_measures
+from fedmia.measures import ROUTES, compute_round_measures
 from fedmia.models import build_model, count_parameters
 from fedmia.partition import HELD_OUT, make_partition
 from fedmia.state import FlatState, StateLayout
@@ -194,8 +194,9 @@ def measure(
     rounds: Iterable[int],
     device: str = "auto",
     threads: int | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = 64,
     batch_size: int = 500,
+    route: str = "layerwise",
     output: str | Path,
 ) -> None:
     """Stage 4: membership disclosure measures of the evaluation samples at observed rounds.
@@ -209,9 +210,12 @@ def measure(
         threads: CPU threads for torch.
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
+        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.measures.ROUTES`).
         output: the measure Parquet: ``round, client_id, sample_id, loss, cos, grad_diff,
             grad_norm, correct, confidence``, one row per (round, client, evaluation sample).
     """
+    if route not in ROUTES:
+        raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -239,7 +243,8 @@ def measure(
         if StateLayout.from_list(obs["layout"]) != state.layout:
             raise ValueError(f"{f}: its model layout differs from the first round's")
         res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
-                                     x, y, chunk_size=chunk_size, batch_size=batch_size)
+                                     x, y, chunk_size=chunk_size, batch_size=batch_size,
+                                     grad_products=ROUTES[route])
         k, n = res.loss.shape
         frames.append(pd.DataFrame({
             "round": np.full(k * n, rnd, dtype=np.int32),

@@ -1,0 +1,151 @@
+"""Benchmark: one FedAvg round of K clients against centralized training on the same samples.
+
+AlexNet (CIFAR variant, 100 classes) on random uint8 images of CIFAR shape held
+on the device (:class:`fedmia.fedavg.DeviceData`). Both sides process the same
+K × n samples once, with the same model, batch size and SGD settings (momentum,
+weight decay, learning rate of round 1), and end with the same evaluation pass
+over ``--test-samples`` samples:
+
+* ``fedavg``: one round of :func:`fedmia.fedavg.run_fedavg` (``rounds=1``, no
+  defense): per client, reload the global model, a fresh optimizer, one local
+  epoch, its upload; then the weighted aggregate and the test pass;
+* ``central``: one epoch of a plain SGD loop over all K × n samples in one
+  shuffled order, then the test pass.
+
+Repeats are interleaved; medians are reported. The last lines are
+machine-readable: ``fl_overhead`` (FedAvg round time / centralized time − 1),
+``fedavg_samples_per_s``, ``central_samples_per_s`` and ``device``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedmia.config import TrainConfig
+from fedmia.defenses import Defense
+from fedmia.fedavg import DeviceData, evaluate, run_fedavg
+from fedmia.models import build_model
+from fedmia.state import FlatState
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--clients", type=int, default=10, help="clients K")
+    p.add_argument("--samples-per-client", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--test-samples", type=int, default=100)
+    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default); see bench/measures.py")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.clients, args.samples_per_client, args.batch_size = 3, 8, 4
+        args.test_samples, args.repeats = 4, 1
+    return args
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def central_epoch(model: torch.nn.Module, data: DeviceData, idx: torch.Tensor,
+                  test_idx: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> None:
+    """One epoch of plain SGD over samples ``idx`` (one shuffled order), then a test pass."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr_at(1), momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    order = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
+    for start in range(0, order.numel(), cfg.batch_size):
+        x, y = data.batch(order[start:start + cfg.batch_size])
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    evaluate(model, data, test_idx, cfg.eval_batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return the exit status."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if want_cuda else "cpu")
+    device_name = torch.cuda.get_device_name(device) if want_cuda else "cpu"
+
+    k, n = args.clients, args.samples_per_client
+    total = k * n
+    rng = np.random.default_rng(args.seed)
+    images = rng.integers(0, 256, size=(total + args.test_samples, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, args.classes, size=total + args.test_samples)
+    data = DeviceData.from_arrays(images, labels, CIFAR100_MEAN, CIFAR100_STD, args.classes,
+                                  device)
+    all_idx = torch.arange(total, device=device)
+    client_idx = list(all_idx.split(n))
+    test_idx = torch.arange(total, total + args.test_samples, device=device)
+    cfg = TrainConfig(rounds=1, batch_size=args.batch_size, test_every=1)
+
+    fl_state = FlatState(build_model("alexnet", args.classes, seed=args.seed).to(device))
+    fl_init = fl_state.snapshot()
+    central = build_model("alexnet", args.classes, seed=args.seed).to(device)
+    central_init = {name: t.clone() for name, t in central.state_dict().items()}
+    print(f"AlexNet/{args.classes} classes; K={k} clients × {n} samples = {total}; "
+          f"batch {args.batch_size}; test pass {args.test_samples}; device={device_name}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    # warm-up (allocator, oneDNN primitives), untimed: both sides on one client's samples
+    for _ in run_fedavg(fl_state, data, client_idx[:1], test_idx, cfg, Defense(), args.seed):
+        pass
+    central_epoch(central, data, client_idx[0], test_idx, cfg, torch.Generator())
+    times: dict[str, list[float]] = {"fedavg": [], "central": []}
+    for rep in range(args.repeats):
+        fl_state.load(fl_init)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in run_fedavg(fl_state, data, client_idx, test_idx, cfg, Defense(), args.seed):
+            pass
+        sync(device)
+        times["fedavg"].append(time.perf_counter() - t0)
+
+        central.load_state_dict(central_init)
+        gen = torch.Generator().manual_seed(args.seed + rep)
+        sync(device)
+        t0 = time.perf_counter()
+        central_epoch(central, data, all_idx, test_idx, cfg, gen)
+        sync(device)
+        times["central"].append(time.perf_counter() - t0)
+        print(f"repeat {rep + 1}/{args.repeats}: fedavg {times['fedavg'][-1]:.2f} s, "
+              f"central {times['central'][-1]:.2f} s", flush=True)
+
+    med = {r: statistics.median(t) for r, t in times.items()}
+    print(f"\n{'route':<10}{'median s':>10}{'min s':>9}{'max s':>9}{'samples/s':>11}")
+    for r, t in times.items():
+        print(f"{r:<10}{med[r]:>10.3f}{min(t):>9.3f}{max(t):>9.3f}{total / med[r]:>11.1f}")
+    print()
+    print(f"fl_overhead={med['fedavg'] / med['central'] - 1:.4f}")
+    print(f"fedavg_samples_per_s={total / med['fedavg']:.2f}")
+    print(f"central_samples_per_s={total / med['central']:.2f}")
+    print(f"device={device_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""⟨g_i, Δ_k⟩ and ‖g_i‖² layer by layer from one batched forward and backward pass.
+
+The *near-the-floor* route of :mod:`fedmia.measures`. For a chunk of B samples at
+the global model (eval mode: BatchNorm uses its running statistics, so samples do
+not interact), ``g_i = ∇_θ CE(f(x_i), y_i)``. One batched forward pass of the
+summed loss records every parameterised layer's input ``a`` and, during one
+backward pass, its output gradient ``δ`` (``δ_i`` is sample i's own, because the
+loss is summed). Per-sample gradients are then never formed for the whole model:
+each layer adds its share of ``dots[i, k] = ⟨g_i, Δ_k⟩`` and ``sqnorm[i] = ‖g_i‖²``.
+
+Linear and Conv2d layers are handled alike through the unfolded input
+``U_i`` (D×T: D = C_in·kh·kw, T output positions; a 2-D Linear input has T = 1)
+and the output gradient ``δ_i`` (C×T); the weight's per-sample gradient is
+``G_i = δ_i U_iᵀ`` (C×D). Two methods, chosen per layer by an estimate of
+their cost per sample (multiply-adds plus memory traffic, :func:`conv_costs`):
+
+* ``materialise``: form ``G_i`` in sub-batches (``bmm``, C·D·T), then
+  ``⟨G_i, Δ_k⟩`` for all k at once (one GEMM, K·C·D) and ``‖G_i‖²`` (C·D).
+  Fewest multiply-adds, but it writes and reads C·D floats per sample: chosen
+  where T is large (early convolutions; all of ResNet18 but its last stage).
+* ``ghost``: ``‖G_i‖² = Σ_{t,t'} (U_iᵀU_i)_{tt'} (δ_iᵀδ_i)_{tt'}`` from the two
+  T×T Gram matrices (T²·(D + C); Goodfellow 2015, Li et al. 2021), and
+  ``⟨G_i, Δ_k⟩ = Σ_t δ_i · (Δ_k U_i)`` — the layer input convolved with the K
+  update kernels stacked along the output channels, one GEMM for the whole
+  sub-batch (K·C·D·T, i.e. K forward passes of the layer). Chosen where T is
+  small (AlexNet's 4×4 and 2×2 layers, ResNet18's last stage) and for 2-D Linear
+  layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
+
+Biases add ``Σ_t δ_i`` per sample. BatchNorm (eval mode, running statistics)
+adds ``dγ_i = Σ_pos δ_i ⊙ x̂_i`` and ``dβ_i = Σ_pos δ_i``, exactly. Any other
+module type owning parameters raises ``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+log = logging.getLogger(__name__)
+
+ConvMethod = Literal["auto", "materialise", "ghost"]
+CONV_METHODS: tuple[str, ...] = ("auto", "materialise", "ghost")
+#: Default bound on the floats of one layer's per-sub-batch work buffers (64 MB in float32).
+MAX_BUFFER_FLOATS = 1 << 24
+#: Multiply-adds that moving one float through memory costs, roughly: measured on a 2-core
+#: CPU (materialising per-sample gradients ran at ~1/100 of the GEMM rate per float); a
+#: GPU's ratio is of the same order. Used only to choose a method per layer.
+MEMORY_WEIGHT = 100
+_SUPPORTED = (nn.Linear, nn.Conv2d, _BatchNorm)
+
+
+def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, int]:
+    """Estimated cost per sample of the two weight methods of a Linear/Conv2d layer.
+
+    Multiply-adds plus :data:`MEMORY_WEIGHT` times the floats written to and read
+    back from memory (the unfolded input, the per-sample gradients ``G_i``, the
+    Gram matrices, the K convolved outputs).
+
+    Args:
+        c_out: output channels (features) C.
+        d: unfolded input size D = C_in·kh·kw (``in_features`` for Linear).
+        t: output positions T (1 for a 2-D Linear input).
+        k: number of updates K.
+
+    Returns:
+        ``{"materialise": ..., "ghost": ...}``.
+    """
+    unfold = d * t if t > 1 else 0
+    mat_macs = c_out * d * t + k * c_out * d + c_out * d
+    mat_floats = unfold + 3 * c_out * d  # write G_i, read it for the dots and the norm
+    ghost_macs = (t * t * (d + c_out + 1) if t > 1 else d + c_out) + k * c_out * d * t
+    ghost_floats = unfold + 2 * t * t + 2 * k * c_out * t
+    return {"materialise": mat_macs + MEMORY_WEIGHT * mat_floats,
+            "ghost": ghost_macs + MEMORY_WEIGHT * ghost_floats}
+
+
+def buffer_floats(method: str, c_out: int, d: int, t: int, k: int) -> int:
+    """Floats per sample of a weight method's work buffers (unfolded input included)."""
+    unfold = d * t if t > 1 else 0
+    if method == "materialise":
+        return unfold + c_out * d
+    return unfold + 2 * t * t + k * c_out * t
+
+
+@dataclass
+class _Capture:
+    """What the forward pass recorded for one module (inputs are detached references)."""
+
+    name: str  # the module's prefix in ``named_modules``
+    module: nn.Module
+    params: dict[str, str] = field(default_factory=dict)  # attribute → full parameter name
+    calls: int = 0
+    a: torch.Tensor | None = None
+    a_version: int = 0
+    stats: tuple[torch.Tensor, torch.Tensor, float] | None = None  # BN mean, var, eps
+    blind: bool = False  # ran on an input that does not depend on x
+
+
+class _InputModified(Exception):
+    """A recorded layer input was changed in place after the layer read it."""
+
+
+def _check_module(module: nn.Module, name: str) -> None:
+    kind = type(module).__name__
+    if not isinstance(module, _SUPPORTED):
+        raise NotImplementedError(
+            f"layer-wise grad products do not support module '{name}' of type {kind} "
+            "(supported: Linear, Conv2d, BatchNorm); use the torch.func route "
+            "fedmia.measures.per_sample_grad_products for this model")
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise NotImplementedError(
+                f"layer-wise grad products need groups=1 convolutions; '{name}' ({kind}) has "
+                f"groups={module.groups}; use fedmia.measures.per_sample_grad_products")
+        if module.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"layer-wise grad products need zero padding; '{name}' ({kind}) has "
+                f"padding_mode={module.padding_mode!r}; use "
+                "fedmia.measures.per_sample_grad_products")
+    if isinstance(module, _BatchNorm) and module.running_mean is None:
+        raise NotImplementedError(
+            f"'{name}' ({kind}) keeps no running statistics, so its eval-mode output mixes "
+            "the samples of a batch; use fedmia.measures.per_sample_grad_products")
+
+
+def _unfold(module: nn.Module, a: torch.Tensor, layout: str) -> torch.Tensor:
+    """The layer input as columns: ``layout`` "bdt" (B×D×T) or "dn" (D×(B·T)).
+
+    D = C_in·kh·kw in the weight's order and T = output positions row-major, as
+    ``F.unfold``; a 2-D Linear input has T = 1 and D = in_features. Built from
+    strided views plus at most one copy (on a busy CPU ``F.unfold``'s parallel
+    loop can cost far more than that copy).
+    """
+    if isinstance(module, nn.Linear):
+        rows = a.reshape(-1, a.shape[-1])  # (B·T)×D, a view
+        if layout == "bdt":
+            return rows.view(a.shape[0], -1, a.shape[-1]).transpose(1, 2)
+        return rows.T
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    if module.padding == "same":  # possibly asymmetric: F.pad order is (left, right, top, bottom)
+        pads: list[int] = []
+        for dil, ks in ((dw, kw), (dh, kh)):
+            total = dil * (ks - 1)
+            pads += [total // 2, total - total // 2]
+    elif module.padding == "valid":
+        pads = [0, 0, 0, 0]
+    else:
+        ph, pw = module.padding
+        pads = [pw, pw, ph, ph]
+    if any(pads):
+        a = F.pad(a, pads)
+    p = a.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # B×C×Ho×W×kh
+    p = p.unfold(3, dw * (kw - 1) + 1, sw)[..., ::dw]  # B×C×Ho×Wo×kh×kw
+    b, c, ho, wo = p.shape[:4]
+    # positions (Ho, Wo) innermost in both layouts: the copy reads along rows of the input
+    if layout == "bdt":
+        return p.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kh * kw, ho * wo)
+    return p.permute(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, b * ho * wo)
+
+
+def _weight_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
+                  updates: dict[str, torch.Tensor], dots: torch.Tensor, sqnorm: torch.Tensor,
+                  method: str, max_floats: int) -> None:
+    """Add a Linear/Conv2d layer's weight (and bias) terms to ``dots`` and ``sqnorm``."""
+    module = cap.module
+    b = a.shape[0]
+    if isinstance(module, nn.Conv2d):
+        delta = delta.reshape(b, delta.shape[1], -1)  # B×C×T, a view
+    else:
+        delta = delta.reshape(b, -1, delta.shape[-1]).transpose(1, 2)  # B×C×T, a view
+    c_out, t = delta.shape[1:]
+    if "bias" in cap.params:
+        gb = delta.sum(2)  # B×C
+        ub = updates[cap.params["bias"]]
+        dots += gb @ ub.reshape(ub.shape[0], -1).T
+        sqnorm += (gb * gb).sum(1)
+    if "weight" not in cap.params:
+        return
+    uw = updates[cap.params["weight"]]
+    k = uw.shape[0]
+    uw = uw.reshape(k, c_out, -1)  # K×C×D: a view, also of rows of a K×P uploads matrix
+    d = uw.shape[2]
+    if method == "auto":
+        costs = conv_costs(c_out, d, t, k)
+        method = min(costs, key=costs.__getitem__)
+    step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k)))
+    for s in range(0, b, step):
+        dl = delta[s:s + step]  # b_s×C×T
+        bs = dl.shape[0]
+        if method == "materialise":
+            u = _unfold(module, a[s:s + step], "bdt")  # b_s×D×T
+            g = torch.bmm(dl, u.transpose(1, 2)).reshape(bs, c_out * d)  # per-sample G_i
+            dots[s:s + step] += g @ uw.reshape(k, c_out * d).T
+            sqnorm[s:s + step] += (g * g).sum(1)
+            continue
+        u = _unfold(module, a[s:s + step], "dn")  # D×(b_s·T)
+        if t == 1:
+            sqnorm[s:s + step] += (u * u).sum(0) * (dl * dl).sum((1, 2))
+        else:
+            ub = u.view(d, bs, t).permute(1, 2, 0)  # b_s×T×D, a view
+            gram_u = torch.bmm(ub, ub.transpose(1, 2))  # b_s×T×T
+            gram_d = torch.bmm(dl.transpose(1, 2), dl)
+            sqnorm[s:s + step] += (gram_u * gram_d).sum((1, 2))
+        # Δ_k U_i for all k and i: the input convolved with the K stacked update kernels
+        conv = torch.matmul(uw, u).view(k, c_out, bs, t)
+        dots[s:s + step] += torch.einsum("kcbt,bct->bk", conv, dl)
+
+
+def _batchnorm_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
+                     updates: dict[str, torch.Tensor], dots: torch.Tensor,
+                     sqnorm: torch.Tensor) -> None:
+    """Add an eval-mode BatchNorm layer's γ and β terms to ``dots`` and ``sqnorm``."""
+    b, c = delta.shape[:2]
+    delta = delta.reshape(b, c, -1)
+    for attr, full in cap.params.items():
+        if attr == "bias":
+            g = delta.sum(2)  # dβ_i, B×C
+        else:
+            mean, var, eps = cap.stats
+            xhat = (a.reshape(b, c, -1) - mean[:, None]) * torch.rsqrt(var[:, None] + eps)
+            g = (delta * xhat).sum(2)  # dγ_i, B×C
+        upd = updates[full]
+        dots += g @ upd.reshape(upd.shape[0], -1).T
+        sqnorm += (g * g).sum(1)
+
+
+def layerwise_products(
+    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+    x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor], *,
+    conv_method: ConvMethod = "auto", max_buffer_floats: int = MAX_BUFFER_FLOATS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """⟨g_i, Δ_k⟩ and ‖g_i‖² of one chunk from one batched forward/backward pass.
+
+    Args:
+        model: the network; run in eval mode (its mode is restored afterwards).
+        params: the global model's parameters by name (the gradient is over these).
+        buffers: its buffers (BatchNorm statistics) by name.
+        x: float B×C×H×W.
+        y: int64 B, labels.
+        updates: per parameter name, the K stacked updates, K×(parameter shape).
+        conv_method: ``auto`` (cheapest per layer), or force ``materialise`` / ``ghost``
+            for every Linear/Conv2d layer (for tests and benchmarks).
+        max_buffer_floats: bound on one layer's work buffers; larger layers are
+            processed in sub-batches of samples.
+
+    Returns:
+        ``(dots, sqnorm)``: B×K and B, in ``x``'s dtype.
+
+    Raises:
+        NotImplementedError: a module owning parameters is not a Linear, a
+            ``groups=1`` zero-padded Conv2d or a BatchNorm with running statistics,
+            or a parameterised module runs more than once per forward pass.
+    """
+    if conv_method not in CONV_METHODS:
+        raise ValueError(f"unknown conv_method '{conv_method}'; choose from {list(CONV_METHODS)}")
+    caps: list[_Capture] = []
+    for mod_name, module in model.named_modules():
+        own = {attr: f"{mod_name}.{attr}" if mod_name else attr
+               for attr, _ in module.named_parameters(recurse=False)}
+        own = {attr: full for attr, full in own.items() if full in params}
+        if own:
+            _check_module(module, mod_name or type(model).__name__)
+            caps.append(_Capture(mod_name, module, own))
+    try:
+        return _run(model, params, buffers, x, y, updates, caps, conv_method,
+                    max_buffer_floats, clone_inputs=False)
+    except _InputModified as err:
+        log.debug("%s; recomputing with copied layer inputs", err)
+        for cap in caps:
+            cap.calls, cap.a, cap.stats, cap.blind = 0, None, None, False
+        return _run(model, params, buffers, x, y, updates, caps, conv_method,
+                    max_buffer_floats, clone_inputs=True)
+
+
+def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+         x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
+         caps: list[_Capture], conv_method: str, max_floats: int, *, clone_inputs: bool
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    b = x.shape[0]
+    k = next(iter(updates.values())).shape[0]
+    dots = torch.zeros(b, k, dtype=x.dtype, device=x.device)
+    sqnorm = torch.zeros(b, dtype=x.dtype, device=x.device)
+
+    def on_grad(cap: _Capture, delta: torch.Tensor) -> None:
+        a = cap.a
+        if a._version != cap.a_version:
+            raise _InputModified(f"the input of '{cap.name}' was modified in place")
+        with torch.no_grad():
+            if isinstance(cap.module, _BatchNorm):
+                _batchnorm_terms(cap, a, delta, updates, dots, sqnorm)
+            else:
+                _weight_terms(cap, a, delta, updates, dots, sqnorm, conv_method, max_floats)
+        cap.a, cap.stats = None, None
+
+    def forward_hook(cap: _Capture):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            cap.calls += 1
+            if cap.calls > 1:
+                raise NotImplementedError(
+                    f"module '{cap.name}' ({type(module).__name__}) runs more than once per "
+                    "forward pass (shared weights); use fedmia.measures.per_sample_grad_products")
+            a = inputs[0]
+            cap.a = a.detach().clone() if clone_inputs else a.detach()
+            cap.a_version = cap.a._version
+            if isinstance(module, _BatchNorm):
+                cap.stats = (module.running_mean.detach(), module.running_var.detach(),
+                             module.eps)
+            # registered before any in-place op on the output (e.g. ReLU(inplace=True)):
+            # receives the gradient w.r.t. the layer's own output
+            if output.requires_grad:
+                output.register_hook(lambda g: on_grad(cap, g))
+            else:  # not downstream of the input: its gradient cannot be captured
+                cap.blind = True
+        return hook
+
+    training = {m: m.training for m in model.modules()}
+    handles = []
+    try:
+        model.eval()
+        for cap in caps:
+            handles.append(cap.module.register_forward_hook(forward_hook(cap)))
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            out = functional_call(model, (params, buffers), (xr,))
+            loss = F.cross_entropy(out, y, reduction="sum")  # δ_i is sample i's own gradient
+            torch.autograd.grad(loss, xr)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in training.items():
+            m.train(was)
+        for cap in caps:
+            cap.a = cap.stats = None
+    # layers never run, or whose output does not reach the loss, have zero gradients
+    blind = [cap.name for cap in caps if cap.blind]
+    if blind:
+        raise NotImplementedError(
+            f"layer(s) {blind} run on tensors that do not depend on the input, so their "
+            "output gradients cannot be captured; use fedmia.measures.per_sample_grad_products")
+    return dots, sqnorm
+
+
+def layerwise_grad_products(
+    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+    x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """⟨g_i, Δ_k⟩ and ‖g_i‖² for one chunk, layer by layer (drop-in ``grad_products``).
+
+    Same contract as :func:`fedmia.measures.per_sample_grad_products`; see
+    :func:`layerwise_products` for the method and its options.
+
+    Args:
+        model: the network (evaluated in eval mode).
+        params: the global model's parameters by name.
+        buffers: its buffers (BatchNorm statistics) by name.
+        x: float B×C×H×W.
+        y: int64 B, labels.
+        updates: per parameter name, the K stacked updates, K×(parameter shape).
+
+    Returns:
+        ``(dots, sqnorm)``: B×K and B, in ``x``'s dtype.
+    """
+    return layerwise_products(model, params, buffers, x, y, updates)

@@ -1,0 +1,293 @@
+"""The layer-wise route against the torch.func per-sample-gradient route (the reference).
+
+Float32 comparisons use rtol=1e-5 and an absolute tolerance of 1e-5 × the largest
+reference value: ⟨g_i, Δ_k⟩ sums terms of both signs over layers, so entries near
+zero carry float32 rounding of the scale of the largest terms, not of themselves.
+Float64 comparisons (the small models) are tight: the method is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmia.layerwise import (
+    CONV_METHODS,
+    conv_costs,
+    layerwise_grad_products,
+    layerwise_products,
+)
+from fedmia.measures import compute_round_measures, per_sample_grad_products
+from fedmia.models import AlexNetCifar, ResNet18Cifar
+from fedmia.state import FlatState
+
+
+@pytest.fixture
+def float64():
+    """Default dtype float64 (the reference allocates its accumulators in it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def inputs(model: nn.Module, k: int, b: int, shape, num_classes: int, scale: float = 1e-2,
+           seed: int = 0, perturb: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    params = {n: p.detach() + perturb * torch.randn(p.shape, generator=g)
+              for n, p in model.named_parameters()}
+    buffers = {n: t.detach() for n, t in model.named_buffers()}
+    updates = {n: scale * torch.randn(k, *p.shape, generator=g) for n, p in params.items()}
+    x = torch.randn(b, *shape, generator=g)
+    y = torch.randint(0, num_classes, (b,), generator=g)
+    return params, buffers, x, y, updates
+
+
+def close32(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    atol = 1e-5 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=what)
+
+
+def with_bn_statistics(model: nn.Module, shape, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(1.5 * torch.randn(8, *shape, generator=g) + 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def alexnet_case():
+    torch.manual_seed(0)
+    model = AlexNetCifar(10).eval()
+    args = inputs(model, k=3, b=6, shape=(3, 32, 32), num_classes=10)
+    return model, args, per_sample_grad_products(model, *args)
+
+
+@pytest.fixture(scope="module")
+def resnet_case():
+    torch.manual_seed(0)
+    model = with_bn_statistics(ResNet18Cifar(10), (3, 32, 32))
+    bn = model.layers[0][0].bn1
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    args = inputs(model, k=3, b=6, shape=(3, 32, 32), num_classes=10)
+    return model, args, per_sample_grad_products(model, *args)
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_alexnet_matches_torch_func(alexnet_case, method):
+    model, args, (dots, sqnorm) = alexnet_case
+    got_dots, got_sq = layerwise_products(model, *args, conv_method=method)
+    assert got_dots.shape == (6, 3) and got_sq.shape == (6,)
+    close32(got_dots, dots, "dots")
+    close32(got_sq, sqnorm, "sqnorm")
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_resnet18_eval_batchnorm_matches_torch_func(resnet_case, method):
+    model, args, (dots, sqnorm) = resnet_case
+    got_dots, got_sq = layerwise_products(model, *args, conv_method=method)
+    close32(got_dots, dots, "dots")
+    close32(got_sq, sqnorm, "sqnorm")
+
+
+class Tiny(nn.Module):
+    """Conv stride/padding/dilation/'same'/'valid' variants, BatchNorm, a Linear on a 4-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(4, 5, 3, padding=2, dilation=2)
+        self.conv_c = nn.Conv2d(5, 6, (2, 4), padding="same", dilation=(1, 2))  # asymmetric
+        self.conv_d = nn.Conv2d(6, 6, (3, 2), stride=(1, 2), padding="valid", bias=False)
+        self.bn_noaffine = nn.BatchNorm2d(6, affine=False)
+        self.mix = nn.Linear(6, 7)  # applied to B×H×W×C: T = H·W positions
+        self.fc = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv_a(x)), inplace=True)
+        h = F.relu(self.conv_b(h), inplace=True)
+        h = torch.tanh(self.conv_c(h))
+        h = self.bn_noaffine(self.conv_d(h))
+        h = self.mix(h.permute(0, 2, 3, 1))  # B×H×W×7
+        return self.fc(h.mean((1, 2)))
+
+
+def tiny(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(3)
+    return with_bn_statistics(Tiny(), (3, 12, 12)).to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_tiny_variants_exact_in_float64(float64, method):
+    model = tiny(torch.float64)
+    # params differ from the module's own tensors: the route must use the given ones
+    args = inputs(model, k=4, b=5, shape=(3, 12, 12), num_classes=3, scale=0.1, perturb=0.05)
+    dots, sqnorm = per_sample_grad_products(model, *args)
+    got_dots, got_sq = layerwise_products(model, *args, conv_method=method)
+    assert got_dots.dtype == torch.float64
+    torch.testing.assert_close(got_dots, dots, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_sq, sqnorm, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_sub_batches_give_the_same_result(method):
+    model = tiny()
+    args = inputs(model, k=2, b=7, shape=(3, 12, 12), num_classes=3)
+    want = layerwise_products(model, *args, conv_method=method)
+    got = layerwise_products(model, *args, conv_method=method, max_buffer_floats=1)
+    close32(got[0], want[0], "dots")
+    close32(got[1], want[1], "sqnorm")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_leaves_model_untouched_and_no_hooks():
+    model = tiny().train()  # called in train mode: evaluated in eval mode, mode restored
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    params = dict(model.named_parameters())  # the model's own tensors, requiring grad
+    buffers = dict(model.named_buffers())
+    updates = {n: 0.01 * torch.randn(2, *p.shape) for n, p in params.items()}
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(0, 3, (4,))
+    dots, sq = layerwise_grad_products(model, params, buffers, x, y, updates)
+    model.eval()
+    want = per_sample_grad_products(model, params, buffers, x, y, updates)
+    close32(dots, want[0], "dots")
+    close32(sq, want[1], "sqnorm")
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), n
+    assert all(p.grad is None for p in model.parameters())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    model.train()
+    with pytest.raises(NotImplementedError):
+        layerwise_grad_products(nn.Sequential(nn.LayerNorm(3)), {"0.weight": torch.ones(3)},
+                                {}, torch.randn(2, 3), torch.zeros(2, dtype=torch.long),
+                                {"0.weight": torch.ones(1, 3)})
+    assert all(m.training for m in model.modules())
+
+
+def test_compute_round_measures_with_layerwise_route_equals_default():
+    torch.manual_seed(1)
+    model = AlexNetCifar(10)
+    state = FlatState(model)
+    w = state.snapshot()
+    uploads = 0.01 * torch.randn(3, w.numel())
+    x, y = torch.randn(7, 3, 32, 32), torch.randint(0, 10, (7,))
+    want = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5)
+    got = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5,
+                                 grad_products=layerwise_grad_products)
+    assert torch.equal(state.flat, w)
+    for name in ("loss", "cos", "grad_diff", "grad_norm", "confidence", "correct"):
+        a, b = getattr(got, name), getattr(want, name)
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+        else:
+            close32(a, b, name)
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fc(x))
+
+
+class InPlaceAfterUse(nn.Module):
+    """fc2 reads fc1's output, which is then changed in place (legal: fc2's weight is no leaf)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.inplace = nn.Linear(5, 6), nn.Linear(6, 3), inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc1(x)
+        out = self.fc2(z)
+        z = z.mul_(2) if self.inplace else z * 2
+        return out + z.sum(1, keepdim=True)
+
+
+def test_input_changed_in_place_after_use_is_recomputed_from_copies(caplog):
+    caplog.set_level(logging.DEBUG, logger="fedmia.layerwise")
+    torch.manual_seed(0)
+    model = InPlaceAfterUse(inplace=False).eval()
+    args = inputs(model, k=2, b=4, shape=(5,), num_classes=3)
+    want = per_sample_grad_products(model, *args)
+    model.inplace = True
+    got = layerwise_grad_products(model, *args)
+    close32(got[0], want[0], "dots")
+    close32(got[1], want[1], "sqnorm")
+    assert "recomputing with copied layer inputs" in caplog.text
+
+
+def one(model: nn.Module, shape):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    updates = {n: torch.randn(2, *p.shape) for n, p in params.items()}
+    return (model, params, dict(model.named_buffers()), torch.randn(2, *shape),
+            torch.zeros(2, dtype=torch.long), updates)
+
+
+@pytest.mark.parametrize(("model", "shape", "match"), [
+    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), (4,), "LayerNorm.*torch.func"),
+    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), (4, 5, 5), "groups=2"),
+    (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
+     (2, 3, 3), "padding_mode"),
+    (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4, track_running_stats=False)), (4,),
+     "running statistics"),
+    (Shared(), (3,), "more than once"),
+])
+def test_unsupported_models_raise_clearly(model, shape, match):
+    with pytest.raises(NotImplementedError, match=match):
+        layerwise_grad_products(*one(model.eval(), shape))
+    for m in model.modules():
+        assert not m._forward_hooks
+
+
+def test_unknown_method_rejected():
+    with pytest.raises(ValueError, match="unknown conv_method"):
+        layerwise_products(*one(nn.Linear(2, 2), (2,)), conv_method="fast")
+
+
+def test_cost_model_choices():
+    def best(c, d, t, k=10):
+        costs = conv_costs(c, d, t, k)
+        return min(costs, key=costs.__getitem__)
+
+    assert best(10, 256, 1) == "ghost"  # Linear: δᵀΔa and ‖δ‖²‖a‖²
+    assert best(64, 576, 1024) == "materialise"  # ResNet18 stage 1: T² far too large
+    assert best(384, 1728, 4) == "ghost"  # AlexNet conv3 on 2×2 maps
+
+
+class Unused(nn.Module):
+    def __init__(self, const: bool) -> None:
+        super().__init__()
+        self.fc, self.never, self.const = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.use_const = const
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        if self.use_const:  # parameterised, but not downstream of the input
+            out = out + self.const(torch.ones(1, 3))
+        return out
+
+
+def test_unused_layers_count_zero_and_input_independent_layers_raise():
+    torch.manual_seed(0)
+    model = Unused(const=False).eval()
+    args = inputs(model, k=2, b=4, shape=(3,), num_classes=3)
+    want = per_sample_grad_products(model, *args)
+    got = layerwise_grad_products(model, *args)
+    close32(got[0], want[0], "dots")
+    close32(got[1], want[1], "sqnorm")
+    model.use_const = True
+    with pytest.raises(NotImplementedError, match="const.*do not depend on the input"):
+        layerwise_grad_products(model, *args)
