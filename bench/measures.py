@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from fedmia.layerwise import layerwise_grad_products
 from fedmia.measures import compute_round_measures, per_sample_grad_products
 from fedmia.models import build_model
+from fedmia.pipeline import resolve_device
 from fedmia.state import FlatState
 
 TOLERANCE = 1e-4
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if want_cuda else "cpu")
+    device = resolve_device(args.device)
+    want_cuda = device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if want_cuda else "cpu"
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
     unknown = set(routes) - {"fedmia", "naive", "floor", "torch.func"}

@@ -32,6 +32,7 @@ from fedmia.config import TrainConfig
 from fedmia.defenses import Defense
 from fedmia.fedavg import DeviceData, evaluate, run_fedavg
 from fedmia.models import build_model
+from fedmia.pipeline import resolve_device
 from fedmia.state import FlatState
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    want_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if want_cuda else "cpu")
+    device = resolve_device(args.device)
+    want_cuda = device.type == "cuda"
     device_name = torch.cuda.get_device_name(device) if want_cuda else "cpu"
 
     k, n = args.clients, args.samples_per_client
