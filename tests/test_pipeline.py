@@ -146,3 +146,9 @@ def test_attack_rejects_an_evaluation_set_without_nonmembers(measured, cell, tmp
                         cell=dict(dataset="d", model="m", defense="none", partition="iid",
                                   seed=0), output=tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_diverged_training_stops_with_a_clear_error(digits_files, tmp_path):
+    with pytest.raises(FloatingPointError, match="training diverged in round"):
+        run_cell(digits_files, tmp_path, train={**TRAIN, "lr": 1e6, "lr_schedule": "constant"})
+    assert not (tmp_path / "observed").exists() and not (tmp_path / "history.parquet").exists()

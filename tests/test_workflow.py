@@ -155,7 +155,7 @@ def test_defense_sweep_dry_run(snakemake_cmd, repo, tmp_path):
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "defenses.yaml", "-n")
     assert r.returncode == 0, r.stdout + r.stderr
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train"] == 29 and counts["privacy_utility"] == 1
+    assert counts["train"] == 28 and counts["privacy_utility"] == 1
 
 
 def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):

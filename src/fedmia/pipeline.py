@@ -174,6 +174,11 @@ def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
     t_start = time.perf_counter()
     for rec in rounds:
         rows.extend(_history_rows(rec))
+        if not np.isfinite(rows[-1]["train_loss"]):
+            raise FloatingPointError(
+                f"training diverged in round {rec.round}: the clients' training loss is "
+                f"{rows[-1]['train_loss']}; lower train.lr or the defense's strength (no output "
+                "is kept from a diverged run)")
         if rec.round in observed:
             save_round(rec)
         glob = rows[-1]
