@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from fedmia.layerwise import layerwise_grad_products
 from fedmia.measures import compute_round_measures, per_sample_grad_products
 from fedmia.models import build_model
-from fedmia.pipeline import resolve_device
+from fedmia.pipeline import device_name, setup_compute
 from fedmia.state import FlatState
 
 TOLERANCE = 1e-4
@@ -222,11 +222,8 @@ def memory_check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    want_cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if want_cuda else "cpu"
+    device = setup_compute(args.device, args.threads)
+    name = device_name(device)
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
     unknown = set(routes) - {"fedmia", "naive", "floor", "torch.func"}
     if unknown:
@@ -244,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     nn_ = args.naive_samples
     print(f"AlexNet/{args.classes} classes, {int(mask.sum()):,} parameters; K={args.clients} "
           f"updates; N={args.samples} samples (naive: {nn_}); chunk={args.chunk}; "
-          f"device={device_name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"device={name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if nn_ < args.samples:
         print(f"naive route runs on {nn_} of {args.samples} samples; its time is scaled per "
               "sample")
@@ -304,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cost_vs_floor={per['fedmia'] / per['floor']:.3f}")
     if "fedmia" in per:
         print(f"peak_rss_mb={peaks['fedmia']:.1f}")
-    print(f"device={device_name}")
+    print(f"device={name}")
     return status
 
 

@@ -32,7 +32,7 @@ from fedmia.config import TrainConfig
 from fedmia.defenses import Defense
 from fedmia.fedavg import DeviceData, evaluate, run_fedavg
 from fedmia.models import build_model
-from fedmia.pipeline import resolve_device
+from fedmia.pipeline import device_name, setup_compute
 from fedmia.state import FlatState
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
@@ -86,11 +86,8 @@ def central_epoch(model: torch.nn.Module, data: DeviceData, idx: torch.Tensor,
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    want_cuda = device.type == "cuda"
-    device_name = torch.cuda.get_device_name(device) if want_cuda else "cpu"
+    device = setup_compute(args.device, args.threads)
+    name = device_name(device)
 
     k, n = args.clients, args.samples_per_client
     total = k * n
@@ -109,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     central = build_model("alexnet", args.classes, seed=args.seed).to(device)
     central_init = {name: t.clone() for name, t in central.state_dict().items()}
     print(f"AlexNet/{args.classes} classes; K={k} clients × {n} samples = {total}; "
-          f"batch {args.batch_size}; test pass {args.test_samples}; device={device_name}; "
+          f"batch {args.batch_size}; test pass {args.test_samples}; device={name}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     # warm-up (allocator, oneDNN primitives), untimed: both sides on one client's samples
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fl_overhead={med['fedavg'] / med['central'] - 1:.4f}")
     print(f"fedavg_samples_per_s={total / med['fedavg']:.2f}")
     print(f"central_samples_per_s={total / med['central']:.2f}")
-    print(f"device={device_name}")
+    print(f"device={name}")
     return 0
 
 

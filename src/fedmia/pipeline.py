@@ -46,6 +46,18 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def setup_compute(device: str = "auto", threads: int | None = None) -> torch.device:
+    """Set torch's CPU threads (if given) and resolve ``device`` (see :func:`resolve_device`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    return resolve_device(device)
+
+
+def device_name(dev: torch.device) -> str:
+    """``cpu`` or the CUDA device's name, for logs and benchmark output."""
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
 def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
     """Stage 1: build a dataset's canonical arrays and metadata.
 
@@ -122,9 +134,7 @@ def train(
     mcfg = ModelConfig.from_dict(model)
     dcfg = DefenseConfig.from_dict(defense)
     tcfg = TrainConfig.from_dict(train_cfg)
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = setup_compute(device, threads)
     arrays, meta = io.load_prepared(data)
     part = pd.read_parquet(partition_file)
     if len(part) != len(arrays["labels"]):
@@ -221,9 +231,7 @@ def measure(
     """
     if route not in ROUTES:
         raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = setup_compute(device, threads)
     rounds = sorted(rounds)
     files = [io.round_file(observed_dir, r) for r in rounds]
     missing = [str(f) for f in files if not f.exists()]

@@ -197,7 +197,7 @@ def roc_figure(cell: pd.DataFrame, width: float = 11) -> plt.Figure:
     ax.loglog(grid, grid, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_xlim(1e-3 if ax.get_xlim()[0] < 1e-3 else ax.get_xlim()[0], 1)
+    ax.set_xlim(max(ax.get_xlim()[0], 1e-3), 1)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
