@@ -10,6 +10,7 @@ from fedmia.metrics import (
     METRICS,
     attack_metrics,
     balanced_accuracy,
+    max_false_positives,
     roc_auc,
     roc_curve,
     roc_points,
@@ -167,3 +168,51 @@ def test_roc_points():
     f2, t2 = roc_points(s2, m2)
     np.testing.assert_array_equal(f2, f_full)
     np.testing.assert_array_equal(t2, t_full)
+
+
+def official_tpr(scores, is_member, alpha):
+    """The official FedMIA code's TPR at FPR alpha: tpr[np.sum(fpr < alpha) - 1]."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(is_member.astype(int), scores)
+    return tpr[np.sum(fpr < alpha) - 1]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_tpr_below_rule_matches_official_code(seed, ties):
+    scores, is_member = random_case(seed, ties=ties)
+    for alpha in (0.001, 0.01, 0.05, 0.1, 0.5):
+        assert tpr_at_fpr(scores, is_member, alpha, "below") == pytest.approx(
+            official_tpr(scores, is_member, alpha), abs=1e-12)
+
+
+def test_fpr_rules_differ_exactly_at_the_limit():
+    # 1,000 non-members, 10 members; FPR exactly 1 % reachable with 10 false positives
+    s = np.r_[np.full(10, 5.0), np.linspace(4, 3, 10), np.linspace(2, 0, 990)]
+    m = np.r_[np.ones(10, bool), np.zeros(1000, bool)]
+    assert tpr_at_fpr(s, m, 0.01, "at_most") == 1.0
+    assert tpr_at_fpr(s, m, 0.01, "below") == 1.0  # the members come before any FP
+    # 5 members, then 10 non-members, then 5 members: the 10th false positive decides
+    s2 = np.r_[np.full(5, 5.0), np.full(5, 2.5), np.linspace(4, 3, 10), np.linspace(2, 0, 990)]
+    assert tpr_at_fpr(s2, m, 0.01, "at_most") == 1.0  # 10 FP = 1 % is allowed
+    assert tpr_at_fpr(s2, m, 0.01, "below") == 0.5  # only 9 FP allowed
+    assert max_false_positives(1000, 0.01, "at_most") == 10
+    assert max_false_positives(1000, 0.01, "below") == 9
+    assert max_false_positives(999, 0.001, "below") == 0
+    # below is defined with fewer than 1/alpha non-members: no false positive allowed
+    small = np.r_[np.ones(3, bool), np.zeros(50, bool)]
+    sc = np.r_[[9.0, 8.0, 0.5], np.linspace(1, 0, 50)]
+    assert math.isnan(tpr_at_fpr(sc, small, 0.001, "at_most"))
+    assert tpr_at_fpr(sc, small, 0.001, "below") == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="unknown FPR rule 'strict'"):
+        tpr_at_fpr(sc, small, 0.01, "strict")
+
+
+def test_tpr_below_reproduces_sklearn_thinning_with_ties():
+    # equal tied steps (1 FP, 1 TP) three times: scikit-learn drops the middle points, so
+    # the official value at FPR < 0.5 is that of the first tie group, not the best
+    s = np.array([3, 3, 2, 2, 1, 1, 0, 0], dtype=float)
+    m = np.array([1, 0, 1, 0, 1, 0, 1, 0], dtype=bool)
+    assert official_tpr(s, m, 0.7) == tpr_at_fpr(s, m, 0.7, "below") == 0.25
+    assert tpr_at_fpr(s, m, 0.7, "at_most") == 0.5  # the exact curve keeps (0.5, 0.5)

@@ -10,9 +10,18 @@ Definitions (``P`` members, ``Q`` non-members):
 * ROC: the points ``(FP(t)/Q, TP(t)/P)`` for every distinct score ``t``, plus ``(0, 0)``.
 * AUC: area under that curve = P(score of a member > score of a non-member) + ½ P(tie),
   identical to ``sklearn.metrics.roc_auc_score``.
-* TPR at FPR α: the TPR of the most permissive threshold whose FPR ≤ α (the largest
-  TPR among ROC points with FPR ≤ α). It is undefined (NaN) when ``Q·α < 1``: with
-  fewer than 1/α non-members no threshold can resolve FPR = α.
+* TPR at FPR α, by one of two rules (:data:`FPR_RULES`):
+
+  - ``at_most`` (fedmia's default): the TPR of the most permissive threshold whose
+    FPR ≤ α (the largest TPR among ROC points with FPR ≤ α). It is undefined (NaN)
+    when ``Q·α < 1``: with fewer than 1/α non-members no threshold can resolve FPR = α.
+  - ``below`` (the official FedMIA code, ``tpr[np.sum(fpr < α) - 1]`` on scikit-learn's
+    ``roc_curve``): the TPR of the last ROC point with FPR *strictly* below α, on the
+    curve thinned as scikit-learn's default ``drop_intermediate=True`` thins it (a point
+    where both cumulative counts have a zero second difference is dropped). Without ties
+    that is the largest TPR with FPR < α; a run of equal tied steps can drop the best
+    point, and the official value is then lower — reproduced, not corrected. Always
+    defined (the point (0, 0) qualifies); with ``Q·α ≤ 1`` it allows no false positive.
 * Balanced accuracy: the best over thresholds of ``(TPR + 1 − FPR) / 2``; the trivial
   thresholds (everything or nothing is a member) are included, so it is ≥ 0.5.
 """
@@ -25,6 +34,9 @@ from typing import NamedTuple
 import numpy as np
 
 FPR_LEVELS = (0.001, 0.01, 0.1)
+#: How TPR at FPR α counts the FPR limit: ``at_most`` FPR ≤ α (fedmia), ``below`` FPR < α
+#: (the official code).
+FPR_RULES = ("at_most", "below")
 
 
 def tpr_metric_name(alpha: float) -> str:
@@ -112,37 +124,78 @@ def roc_auc(scores: np.ndarray, is_member: np.ndarray) -> float:
     return _auc(_roc(scores, is_member))
 
 
-def tpr_at_fpr_defined(n_nonmembers: int, alpha: float) -> bool:
-    """Whether FPR = ``alpha`` can be resolved with ``n_nonmembers`` (``n·α >= 1``)."""
-    return n_nonmembers * alpha >= 1 - _EPS
+def tpr_at_fpr_defined(n_nonmembers: int, alpha: float, rule: str = "at_most") -> bool:
+    """Whether TPR at FPR ``alpha`` is defined with ``n_nonmembers`` under ``rule``.
+
+    ``at_most``: FPR = α must be resolvable, ``n·α >= 1``; ``below``: always.
+    """
+    check_fpr_rule(rule)
+    return rule == "below" or n_nonmembers * alpha >= 1 - _EPS
 
 
-def _tpr_at_fpr(r: _Roc, alpha: float) -> float:
+def check_fpr_rule(rule: str) -> None:
+    """Raise ``ValueError`` naming the choices if ``rule`` is not one of :data:`FPR_RULES`."""
+    if rule not in FPR_RULES:
+        raise ValueError(f"unknown FPR rule '{rule}'; choose from {list(FPR_RULES)}")
+
+
+def max_false_positives(n_nonmembers: int, alpha: float, rule: str = "at_most") -> int:
+    """The most false positives a threshold may have at FPR level ``alpha`` under ``rule``.
+
+    ``at_most``: ``⌊α·Q⌋`` (FPR ≤ α); ``below``: ``⌈α·Q⌉ − 1`` (FPR < α). Both with a
+    1e-9 slack for round-off in ``α·Q``. Returns −1 where no threshold qualifies
+    (``at_most`` with ``α·Q < 1`` is reported as undefined instead, see
+    :func:`tpr_at_fpr_defined`).
+    """
     if not 0 < alpha <= 1:
         raise ValueError(f"FPR level alpha must be in (0, 1]; got {alpha}")
-    if not tpr_at_fpr_defined(r.n_neg, alpha):
+    check_fpr_rule(rule)
+    if rule == "at_most":
+        return math.floor(alpha * n_nonmembers + _EPS)
+    return math.ceil(alpha * n_nonmembers - _EPS) - 1
+
+
+def _sklearn_kept(r: _Roc) -> np.ndarray:
+    """Bool M+1: the ROC points scikit-learn's ``roc_curve(drop_intermediate=True)`` keeps.
+
+    Its rule, on the points after (0, 0): keep the first, the last, and every point where
+    the second difference of the FP or the TP counts is non-zero; (0, 0) is always kept.
+    """
+    fp, tp = r.fp[1:], r.tp[1:]
+    keep = np.ones(len(r.fp), dtype=bool)
+    if len(fp) > 2:
+        keep[1:] = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+    return keep
+
+
+def _tpr_at_fpr(r: _Roc, alpha: float, rule: str = "at_most") -> float:
+    max_fp = max_false_positives(r.n_neg, alpha, rule)
+    if not tpr_at_fpr_defined(r.n_neg, alpha, rule):
         return math.nan
-    max_fp = math.floor(alpha * r.n_neg + _EPS)
-    i = np.searchsorted(r.fp, max_fp, side="right") - 1  # last point with FP <= max_fp
-    return float(r.tp[i] / r.n_pos)
+    fp, tp = (r.fp, r.tp) if rule == "at_most" else (r.fp[k := _sklearn_kept(r)], r.tp[k])
+    i = np.searchsorted(fp, max_fp, side="right") - 1  # last point with FP <= max_fp
+    return float(tp[i] / r.n_pos)
 
 
-def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, alpha: float) -> float:
-    """TPR of the most permissive threshold whose FPR ≤ ``alpha``.
+def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, alpha: float,
+               rule: str = "at_most") -> float:
+    """TPR of the most permissive threshold whose FPR is within ``alpha`` by ``rule``.
 
-    A threshold takes all samples of equal score, so a tie that straddles the FPR
-    limit is excluded as a whole.
+    ``rule = "at_most"``: FPR ≤ α (NaN when there are fewer than ``1/alpha``
+    non-members, see :func:`tpr_at_fpr_defined`); ``"below"``: FPR < α, as the
+    official code. A threshold takes all samples of equal score, so a tie that
+    straddles the FPR limit is excluded as a whole.
 
     Args:
         scores: float N, higher = more likely a member.
         is_member: bool N.
         alpha: FPR level in (0, 1].
+        rule: one of :data:`FPR_RULES`.
 
     Returns:
-        The TPR in [0, 1], or NaN when there are fewer than ``1/alpha`` non-members
-        (see :func:`tpr_at_fpr_defined`).
+        The TPR in [0, 1], or NaN where undefined.
     """
-    return _tpr_at_fpr(_roc(scores, is_member), alpha)
+    return _tpr_at_fpr(_roc(scores, is_member), alpha, rule)
 
 
 def _balanced_accuracy(r: _Roc) -> float:
@@ -195,12 +248,14 @@ def roc_points(scores: np.ndarray, is_member: np.ndarray, max_points: int = 200
     return _roc_points(_roc(scores, is_member), max_points)
 
 
-def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float]:
+def attack_metrics(scores: np.ndarray, is_member: np.ndarray, rule: str = "at_most"
+                   ) -> dict[str, float]:
     """All metrics of one attack (one sort).
 
     Args:
         scores: float N, higher = more likely a member.
         is_member: bool N.
+        rule: how TPR at FPR α counts the limit (:data:`FPR_RULES`).
 
     Returns:
         ``{name: value}`` for each name of :data:`METRICS` (``auc``, ``tpr@0.1%``,
@@ -212,7 +267,7 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float
     """
     r = _roc(scores, is_member)
     out: dict[str, float] = {"auc": _auc(r)}
-    out.update({tpr_metric_name(a): _tpr_at_fpr(r, a) for a in FPR_LEVELS})
+    out.update({tpr_metric_name(a): _tpr_at_fpr(r, a, rule) for a in FPR_LEVELS})
     out["balanced_accuracy"] = _balanced_accuracy(r)
     out["n_members"] = r.n_pos
     out["n_nonmembers"] = r.n_neg
