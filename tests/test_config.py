@@ -48,7 +48,7 @@ def mutate(cfg: dict, path: str, value) -> dict:
     *parents, last = path.split(".")
     node = cfg
     for p in parents:
-        node = node[int(p)] if p.isdigit() else node[p]
+        node = node[int(p)] if p.isdigit() else node.setdefault(p, {})
     if value is DELETE:
         del node[last]
     else:
@@ -82,6 +82,23 @@ DELETE = object()
                                       r"defined datasets: \['digits'\]"),
     ("grid.0.train", {"batch_size": 0}, r"at 'grid\[0\].train.batch_size': 0 is less than"),
     ("grid.0.train", {"observe_rounds": [50]}, r"round\(s\) \[50\] are outside 1..30"),
+    ("attack.rounds", [10, 15],
+     r"at 'attack.rounds': round\(s\) \[15\] are not observed in "
+     r"cell digits/alexnet/none/iid/seed0 \(observed: \[1, 10, 20, 30\]"),
+    ("attack.protocol", "leaky", r"at 'attack.protocol'"),
+    ("attack.fpr_rule", "strict", r"'strict' is not one of \['at_most', 'below'\]"),
+    ("attack.official", {"draws": 0}, r"at 'attack.official.draws': 0 is less than the minimum"),
+    ("attack.official", {"test_slots": 1001},
+     r"at 'attack.official.test_slots': 1001 slots are drawn from partition 'dirichlet' but its "
+     r"eval_nonmembers is 1000; the official protocol needs eval_nonmembers >= 1001"),
+    ("attack.official", {"client_slots": 30},
+     r"partition 'dirichlet' but its eval_members_per_client is 20"),
+    ("report.single_round", 15, r"at 'report.single_round': round 15 is not observed in cell"),
+    ("report.single_round", "best", r"at 'report.single_round'"),
+    ("train.observe_every", 40, r"has no attacked rounds: train.rounds = 30 < "
+                                r"train.observe_every = 40"),
+    ("partitions.iid.num_clients", 2, r"at 'partitions.iid.num_clients': \['fedmia_loss', "
+                                      r"'fedmia_cos'\] need at least 2 non-target clients"),
 ])
 def test_bad_input_names_key_and_allowed_values(default_config, path, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -131,3 +148,17 @@ def test_every_defense_kind_validates(default_config):
     })
     spec = load_workflow_config(cfg, SCHEMA)
     assert spec.config["defenses"]["aug"]["padding"] == 4  # schema default
+
+
+def test_attack_plan_defaults(default_config):
+    spec = load_workflow_config(copy.deepcopy(default_config), SCHEMA)
+    cell = spec.cells[0]
+    assert spec.observed_rounds(cell) == [1, 10, 20, 30]
+    assert spec.attack_rounds(cell) == [10, 20, 30]  # round 1 observed, not attacked
+    assert spec.protocols == ["aligned", "official"]
+    assert spec.selections == ["best_tpr", "last"]
+    cfg = mutate(mutate(default_config, "attack.rounds", [1, 30]), "attack.protocol", "official")
+    cfg = mutate(cfg, "report.single_round", "best_tpr")
+    spec = load_workflow_config(cfg, SCHEMA)
+    assert spec.attack_rounds(cell) == [1, 30]
+    assert spec.protocols == ["official"] and spec.selections == ["best_tpr"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -102,11 +103,26 @@ def test_client_streams_are_independent_and_reproducible():
 
 @pytest.mark.parametrize("schedule, r, want", [
     ("constant", 7, 0.1), ("exponential", 3, 0.1 * 0.99**2), ("cosine", 1, 0.1),
-    ("cosine", 6, 0.05),  # half way: (1 + cos(π·5/10))/2 = 0.5
+    ("cosine", 7, 0.05),  # half way: (1 + cos(π·5/10))/2 = 0.5
 ])
 def test_lr_schedules(schedule, r, want):
     cfg = TrainConfig(rounds=10, lr=0.1, lr_schedule=schedule)
     assert cfg.lr_at(r) == pytest.approx(want)
+
+
+def test_cosine_schedule_matches_the_official_script():
+    # main.py: round r (epoch r-1) trains with self.lr, then sets
+    # self.lr = lr_0 * (1 + cos(pi * epoch / epochs)) / 2 for the next round.
+    t, lr0 = 300, 0.1
+    official, lr = [], lr0
+    for epoch in range(3):
+        official.append(lr)
+        lr = lr0 * (1 + math.cos(math.pi * epoch / t)) / 2
+    cfg = TrainConfig(rounds=t, lr=lr0, lr_schedule="cosine")
+    got = [cfg.lr_at(r) for r in (1, 2, 3)]
+    assert got == pytest.approx(official, rel=1e-15)
+    assert got[0] == got[1] == lr0
+    assert got[2] == pytest.approx(lr0 * (1 + math.cos(math.pi / t)) / 2)
 
 
 def test_observed_rounds():

@@ -15,13 +15,16 @@ TRAIN = dict(rounds=4, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
              observe_rounds=[1], test_every=2)
 
 
-def run_cell(digits_files, out, seed=0, train=TRAIN):
-    pipeline.partition(digits_files, PART, seed, out / "partition.parquet")
+CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
+
+
+def run_cell(digits_files, out, seed=0, train=TRAIN, part=PART):
+    pipeline.partition(digits_files, part, seed, out / "partition.parquet")
     outputs = {"history": out / "history.parquet", "final": out / "final.pt",
                "observed": out / "observed"}
     pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
                    model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=train,
-                   seed=seed, device="cpu", threads=1, outputs=outputs)
+                   cell={**CELL, "seed": seed}, device="cpu", threads=1, outputs=outputs)
     return outputs
 
 
@@ -52,7 +55,8 @@ def test_history_contents(cell):
     assert (clients.num_samples == 20).all() and clients.test_loss.isna().all()
     assert np.allclose(clients.groupby("round").train_loss.mean(), glob.train_loss)
     lrs = glob.lr.to_numpy()
-    assert lrs[0] == pytest.approx(0.05) and (np.diff(lrs) < 0).all()  # cosine decay
+    assert lrs[0] == lrs[1] == pytest.approx(0.05)  # the official cosine: rounds 1, 2 at lr
+    assert (np.diff(lrs[1:]) < 0).all()  # then cosine decay
 
 
 def test_observed_rounds_hold_the_server_view(cell):
@@ -85,7 +89,7 @@ def test_failed_train_leaves_no_partial_outputs(digits_files, tmp_path):
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         pipeline.train(data=digits_files, partition_file=tmp_path / "nope.parquet",
                        model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=TRAIN,
-                       seed=0, device="cuda",
+                       cell=CELL, device="cuda",
                        outputs={"history": tmp_path / "h.parquet", "final": tmp_path / "f.pt",
                                 "observed": tmp_path / "obs"})
     assert not any(tmp_path.iterdir())
@@ -109,9 +113,18 @@ def test_measure_table_contents(measured, cell):
     assert len(mdm) == 3 * 3 * n_eval and not mdm.duplicated(["round", "client_id",
                                                                "sample_id"]).any()
     assert set(mdm.sample_id) == set(part.sample_id[part["eval"]])
-    # grad_norm does not depend on the client; grad_diff = 2<g,Δ> − ‖g‖² is consistent
+    # grad_norm does not depend on the client
     assert (mdm.groupby(["round", "sample_id"]).grad_norm.nunique() == 1).all()
     assert mdm[["loss", "cos", "grad_diff", "grad_norm"]].notna().all().all()
+    # grad_diff = 2<g,Δ> − ‖g‖² and cos = <g,Δ> / (‖g‖ ‖Δ‖) agree, with ‖Δ_k‖ of the
+    # uploads the server saw (trainable parameters only)
+    obs = io.load_torch(cell["observed"] / "round0002.pt")
+    mask = StateLayout.from_list(obs["layout"]).param_mask()
+    upd_norm = obs["uploads"][:, mask].double().norm(dim=1).numpy()  # K
+    r2 = mdm[mdm["round"] == 2]
+    dot = (r2.grad_diff + r2.grad_norm) / 2
+    cos = dot / (np.sqrt(r2.grad_norm) * upd_norm[r2.client_id.to_numpy()])
+    np.testing.assert_allclose(cos, r2.cos, rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -125,10 +138,9 @@ def test_attack_rejects_bad_measure_files(measured, cell, tmp_path, corrupt, mes
     corrupt(pd.read_parquet(measured)).to_parquet(bad)
     out = tmp_path / "out.parquet"
     with pytest.raises(ValueError, match=message):
-        pipeline.attack(name="loss", measures_file=bad,
+        pipeline.attack(attacks=["loss"], measures_file=bad,
                         partition_file=cell["history"].parent / "partition.parquet",
-                        cell=dict(dataset="d", model="m", defense="none", partition="iid",
-                                  seed=0), rounds=[1, 2, 4], output=out)
+                        cell=CELL, rounds=[1, 2, 4], outputs={"loss": out})
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
 
@@ -141,10 +153,9 @@ def test_attack_rejects_an_evaluation_set_without_nonmembers(measured, cell, tmp
     mdm.to_parquet(tmp_path / "m.parquet")
     assert len(members0) > 0
     with pytest.raises(ValueError, match="no non-members"):
-        pipeline.attack(name="cos", measures_file=tmp_path / "m.parquet",
+        pipeline.attack(attacks=["cos"], measures_file=tmp_path / "m.parquet",
                         partition_file=tmp_path / "p.parquet", targets=[0],
-                        cell=dict(dataset="d", model="m", defense="none", partition="iid",
-                                  seed=0), output=tmp_path / "out.parquet")
+                        cell=CELL, outputs={"cos": tmp_path / "out.parquet"})
     assert not (tmp_path / "out.parquet").exists()
 
 
@@ -152,3 +163,26 @@ def test_diverged_training_stops_with_a_clear_error(digits_files, tmp_path):
     with pytest.raises(FloatingPointError, match="training diverged in round"):
         run_cell(digits_files, tmp_path, train={**TRAIN, "lr": 1e6, "lr_schedule": "constant"})
     assert not (tmp_path / "observed").exists() and not (tmp_path / "history.parquet").exists()
+
+
+def test_members_look_like_members_after_real_training(digits_files, tmp_path):
+    """On a real (tiny) FedAvg run, every client's own evaluation samples have a higher
+    mean cos and a lower mean loss under its upload than the non-members do: the
+    direction the attacks assume is measured, not built in."""
+    part = dict(kind="iid", num_clients=3, samples_per_client=30, eval_members_per_client=30,
+                eval_nonmembers=200)
+    train = dict(rounds=6, local_epochs=3, batch_size=10, lr=0.05, observe_every=3,
+                 observe_rounds=[])
+    out = run_cell(digits_files, tmp_path, train=train, part=part)
+    mdm_file = tmp_path / "mdm.parquet"
+    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                     observed_dir=out["observed"], rounds=[3, 6], device="cpu", threads=1,
+                     output=mdm_file)
+    mdm = pd.read_parquet(mdm_file)
+    p = pd.read_parquet(tmp_path / "partition.parquet")
+    owner = p.set_index("sample_id").client_id
+    mdm["member"] = owner.reindex(mdm.sample_id).to_numpy() == mdm.client_id
+    means = mdm.groupby(["round", "client_id", "member"])[["cos", "loss"]].mean().unstack()
+    assert len(means) == 2 * 3
+    assert (means[("cos", True)] > means[("cos", False)]).all(), means
+    assert (means[("loss", True)] < means[("loss", False)]).all(), means

@@ -9,50 +9,111 @@ from fedmia import report
 CELL = dict(dataset="d", model="m", defense="none", partition="iid", seed=0)
 
 
+def row(attack, target, rnd, auc, tpr, *, protocol="aligned", draw=0, attacked=True):
+    return dict(CELL, attack=attack, protocol=protocol, draw=draw, target=target, round=rnd,
+                attacked=attacked, n_rounds=1 if rnd >= 0 else 2, auc=auc,
+                **{"tpr@0.1%": tpr, "tpr@1%": tpr, "tpr@10%": tpr, "balanced_accuracy": auc},
+                n_members=10, n_nonmembers=1000)
+
+
 def fake_results() -> pd.DataFrame:
-    """Two targets; `loss` best at round 10, last round 20; `loss_series` multi-round."""
+    """Two targets. `loss`: round 1 observed only (not attacked, best of all); round 10 best
+    AUC; round 20 best TPR (tied with round 30, which is last); `loss_series` multi-round."""
     rows = []
     for t in (0, 1):
-        for rnd, auc in ((1, 0.55), (10, 0.70 + 0.02 * t), (20, 0.60)):
-            rows.append(dict(CELL, attack="loss", target=t, round=rnd, auc=auc))
-        rows.append(dict(CELL, attack="loss_series", target=t, round=-1, auc=0.8 + 0.1 * t))
+        rows.append(row("loss", t, 1, 0.95, 0.9, attacked=False))
+        rows.append(row("loss", t, 10, 0.70 + 0.02 * t, 0.01))
+        rows.append(row("loss", t, 20, 0.60, 0.05))
+        rows.append(row("loss", t, 30, 0.58, 0.05))
+        rows.append(row("loss_series", t, -1, 0.8 + 0.1 * t, 0.2))
     df = pd.DataFrame(rows)
-    for m in ("tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"):
-        df[m] = df["auc"] / 10
-    df.loc[df.target == 1, "tpr@0.1%"] = np.nan  # undefined for one target
     df["roc_fpr"] = [np.array([0.0, 0.01, 1.0])] * len(df)
     df["roc_tpr"] = [np.array([0.0, 0.1, 1.0])] * len(df)
     return df
 
 
-def test_select_rounds_best_and_last():
+def picked(sel, attack="loss"):
+    return set(sel[sel.attack == attack]["round"])
+
+
+def test_select_rounds():
     res = fake_results()
-    best = report.select_rounds(res, "best")
-    assert set(best[best.attack == "loss"]["round"]) == {10}
-    assert set(best[best.attack == "loss_series"]["round"]) == {-1}
-    last = report.select_rounds(res, "last")
-    assert set(last[last.attack == "loss"]["round"]) == {20}
+    assert picked(report.select_rounds(res, "best_auc")) == {10}
+    # best TPR: rounds 20 and 30 tie; the earliest wins (the official's stable sort), and
+    # round 1 is never a candidate because it was only observed, not attacked
+    assert picked(report.select_rounds(res, "best_tpr")) == {20}
+    assert picked(report.select_rounds(res, "last")) == {30}
+    assert picked(report.select_rounds(res, 1)) == {1}  # a fixed round may be any observed
+    assert picked(report.select_rounds(res, "last"), "loss_series") == {-1}
     with pytest.raises(ValueError, match="choose from"):
         report.select_rounds(res, "median")
+    with pytest.raises(ValueError, match="round 5 was not observed"):
+        report.select_rounds(res, 5)
+
+
+def test_best_round_is_chosen_per_protocol_draw_on_the_mean_over_targets():
+    rows = []
+    for draw, best in ((0, 10), (1, 20)):
+        for t in (0, 1):
+            for rnd in (10, 20):
+                # target 0 alone would pick the other round: the mean over targets decides
+                tpr = 0.3 if rnd == best else (0.35 if t == 0 else 0.1)
+                rows.append(row("cos", t, rnd, 0.6, tpr, protocol="official", draw=draw))
+    res = pd.DataFrame(rows)
+    sel = report.select_rounds(res, "best_tpr")
+    assert sel.groupby("draw")["round"].unique().map(list).to_dict() == {0: [10], 1: [20]}
+
+
+def test_best_tpr_falls_back_where_tpr_is_undefined():
+    res = fake_results()
+    res["tpr@0.1%"] = np.nan
+    sel = report.select_rounds(res, "best_tpr")
+    assert picked(sel) == {10}
+    assert set(sel[sel.attack == "loss"].selected_by) == {
+        "best_auc (fallback: TPR@0.1% undefined)"}
 
 
 def test_summarize_is_tidy_and_aggregates_over_targets():
-    s = report.summarize(fake_results())
-    assert not s.duplicated(["dataset", "model", "defense", "partition", "attack",
-                             "metric"]).any()
-    auc = s[(s.attack == "loss") & (s.metric == "auc")].iloc[0]
-    assert auc["mean"] == pytest.approx(0.71) and auc["n"] == 2
-    assert auc["std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
-    assert auc["last_round_mean"] == pytest.approx(0.60) and auc["selection"] == "best round"
+    res = fake_results()
+    res.loc[res.target == 1, "tpr@0.1%"] = np.nan  # undefined for one target
+    s = report.summarize(res, ["best_auc", "last"])
+    assert list(s.columns) == list(report.SUMMARY_COLUMNS)
+    assert not s.duplicated(["dataset", "model", "defense", "partition", "protocol",
+                             "single_round", "attack", "metric"]).any()
+    auc = s[(s.attack == "loss") & (s.metric == "auc")].set_index("single_round")
+    assert auc.loc["best_auc", "mean"] == pytest.approx(0.71) and auc.loc["best_auc", "n"] == 2
+    assert auc.loc["best_auc", "std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
+    assert auc.loc["last", "mean"] == pytest.approx(0.58)
+    assert auc.loc["last", "rounds"] == "30" and auc.loc["best_auc", "rounds"] == "10"
+    multi = s[s.attack == "loss_series"]
+    assert set(multi.single_round) == {report.ALL_ROUNDS} and set(multi.rounds) == {"2"}
     tpr = s[(s.attack == "loss") & (s.metric == "tpr@0.1%")].iloc[0]
     assert np.isnan(tpr["mean"]) and "fewer non-members" in tpr["note"]
 
 
-def test_paper_table_layout():
-    t = report.paper_table(report.summarize(fake_results()))
+def test_official_draw_spread():
+    rows = [row("cos_series", t, -1, auc, 0.1, protocol="official", draw=d)
+            for d, auc in ((0, 0.6), (1, 0.7), (2, 0.8)) for t in (0, 1)]
+    s = report.summarize(pd.DataFrame(rows), ["last"])
+    auc = s[s.metric == "auc"].iloc[0]
+    assert auc["n"] == 6 and auc["mean"] == pytest.approx(0.7)
+    assert auc["draw_std"] == pytest.approx(0.1)  # std of the per-draw means
+
+
+def test_paper_tables_layout_and_captions():
+    sections = report.paper_tables(report.summarize(fake_results(), ["best_tpr", "last"],
+                                                    fpr_rule="below"))
+    assert [t for t, _, _ in sections] == ["protocol aligned · single-round attacks at best_tpr",
+                                           "protocol aligned · single-round attacks at last"]
+    title, cap, t = sections[0]
     assert list(t.columns) == ["dataset", "model", "defense", "partition", "metric",
                                "Loss-I (Blackbox-Loss)", "Loss-II (Loss-Series)"]
     assert t.metric.tolist() == ["TPR@0.1% (%)", "AUC"]
     assert t.iloc[1]["Loss-II (Loss-Series)"] == "0.850 ± 0.071"
-    assert t.iloc[0]["Loss-I (Blackbox-Loss)"] == "n/a"
-    assert "Loss-II" in report.to_markdown(t) and r"\pm" in report.to_latex(t)
+    assert t.iloc[0]["Loss-I (Blackbox-Loss)"] == "5.00 ± 0.00"
+    for phrase in ("Protocol `aligned`", "picked with hindsight", "rounds picked: 20",
+                   "FPR < α (the official code)", "FPR resolution 1/1,000"):
+        assert phrase in cap, cap
+    md = report.to_markdown(sections)
+    assert md.count("### protocol aligned") == 2 and "Loss-II" in md
+    assert r"\pm" in report.to_latex(sections)

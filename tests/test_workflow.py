@@ -30,7 +30,7 @@ def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
     assert r.returncode == 0, r.stderr
     assert job_counts(r.stdout + r.stderr) == {
-        "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 16,
+        "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 2,
         "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
         "privacy_utility": 1, "figure_privacy_utility": 3}
 
@@ -59,15 +59,21 @@ def test_tiny_end_to_end_run(tiny_run):
     tables = wd / "results" / "tables"
     table = pd.read_csv(tables / "attacks.csv")
     assert set(table.attack) == {"loss", "cos", "grad_norm", "grad_diff", "loss_series",
-                                 "cos_series", "fedmia_loss", "fedmia_cos"}
+                                 "cos_series", "fedmia_loss", "fedmia_cos", "grad_diff_series"}
     assert set(table.metric) == {"auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"}
-    assert not table.duplicated(["dataset", "model", "defense", "partition", "attack",
-                                 "metric"]).any()
-    assert "Loss-III (FedMIA-I)" in (tables / "attacks.md").read_text()
+    assert set(table.protocol) == {"aligned", "official"}
+    assert set(table.single_round) == {"best_tpr", "last", "all attacked rounds"}
+    assert not table.duplicated(["dataset", "model", "defense", "partition", "protocol",
+                                 "single_round", "attack", "metric"]).any()
+    assert set(table.fpr_rule) == {"at_most"}
+    md = (tables / "attacks.md").read_text()
+    assert "Loss-III (FedMIA-I)" in md and "### protocol official" in md
+    assert "FPR resolution 1/" in md and "picked with hindsight" in md
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     pu = pd.read_csv(tables / "privacy_utility.csv")
     assert list(pu.columns) == ["dataset", "model", "partition", "defense", "kind", "strength",
-                                "test_accuracy", "attack", "metric", "mean", "std"]
+                                "test_accuracy", "protocol", "single_round", "attack", "metric",
+                                "mean", "std"]
     assert pu.test_accuracy.between(0, 1).all()
     for f in ("partitions.png", "partitions.pdf", "privacy_utility_cos.png",
               "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
@@ -92,7 +98,7 @@ def test_changing_one_cells_training_reruns_only_that_cell(snakemake_cmd, repo, 
     r = smk(snakemake_cmd, repo, wd, changed, "-n")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert job_counts(out) == {"all": 1, "train": 1, "measure": 1, "attack": 8, "table": 1,
+    assert job_counts(out) == {"all": 1, "train": 1, "measure": 1, "attack": 1, "table": 1,
                                "figure_rounds": 1, "figure_roc": 1, "figure_partitions": 1,
                                "privacy_utility": 1, "figure_privacy_utility": 3}
     assert "partition=dirichlet" in out and "partition=iid" not in out
@@ -117,7 +123,7 @@ def test_changing_a_figure_option_reruns_only_figures(snakemake_cmd, repo, tiny_
 
 def test_changing_an_attack_option_reruns_attacks_and_report(snakemake_cmd, repo, tiny_run):
     counts = rerun_with(snakemake_cmd, repo, tiny_run, "attack", {"targets": [0, 1]})
-    assert counts == {"all": 1, "attack": 16, "table": 1, "figure_rounds": 2, "figure_roc": 2,
+    assert counts == {"all": 1, "attack": 2, "table": 1, "figure_rounds": 2, "figure_roc": 2,
                       "figure_partitions": 1, "privacy_utility": 1, "figure_privacy_utility": 3}
 
 
@@ -163,4 +169,4 @@ def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     counts = job_counts(r.stdout + r.stderr)
     # 2 datasets × 2 models × (3 partitions × 3 seeds + 24 defenses) = 132 cells
-    assert counts["train"] == 132 and counts["attack"] == 132 * 8 and counts["prepare"] == 2
+    assert counts["train"] == 132 and counts["attack"] == 132 and counts["prepare"] == 2

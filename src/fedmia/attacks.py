@@ -14,12 +14,34 @@ samples and the other clients' samples). ``owner`` is a Series indexed by
 
 Attacks (:data:`ATTACKS`; score: higher = more likely a member; ``s`` = sign × measure):
 
-* ``single`` (``loss``, ``cos``, ``grad_norm``): ``s`` of the target's upload, per round.
-* ``series`` (``loss_series``, ``cos_series``, ``grad_diff``): the mean of ``s`` over
-  rounds, reported as round ``-1``; ``grad_diff`` also reports each round.
-* ``fedmia`` (``fedmia_loss``, ``fedmia_cos``): per round, Φ((s_t − μ)/σ) where μ, σ are
-  the mean and standard deviation (ddof=1) of the same sample's ``s`` under the K−1
-  non-target clients' uploads (:func:`fedmia_cdf`); the mean over rounds, round ``-1``.
+* ``single`` (``loss``, ``cos``, ``grad_norm``, ``grad_diff``): ``s`` of the target's
+  upload, one score per observed round.
+* ``series`` (``loss_series``, ``cos_series``, ``grad_diff_series``): the mean of ``s``
+  over the attacked rounds, reported as round ``-1``.
+* ``fedmia`` (``fedmia_loss``, ``fedmia_cos``): per round, Φ((s_t − μ)/σ) where μ and
+  σ² are the mean and variance of the same sample's ``s`` under the non-target
+  clients' uploads (paper Eq. 10 and the official code: ddof 0, σ² + 1e-8;
+  :func:`fedmia_cdf`); the mean over the attacked rounds, round ``-1``.
+
+**Rounds.** Single-round attacks are scored at every observed round (the per-round
+figures draw them all); multi-round attacks average over the *attacked* rounds only
+(``attack.rounds``; by default the multiples of ``observe_every``, as the paper
+attacks rounds 10, 20, …, 300 — a round added through ``observe_rounds``, such as
+round 1, is observed but not attacked unless listed).
+
+**Non-member protocols** (:data:`PROTOCOLS`, a column of every result):
+
+* ``aligned`` (fedmia): the same non-member samples for every client and round, so a
+  per-sample statistic (a series mean, FedMIA's reference μ, σ) compares one sample
+  with itself.
+* ``official`` (the official code, main.py and mia_attack_auto.py): members stay
+  aligned, but the non-members are drawn independently for every (client, round):
+  non-member *slot* j holds the test samples' draw or client c's draw, permuted
+  afresh for the target, for each reference client and for each round. A series
+  mean then averages different samples per slot, and FedMIA compares the target's
+  sample with other samples under the reference models — this narrows the
+  non-member score distribution and inflates TPR at low FPR. Draws are seeded;
+  each ``draw`` is one official run (:class:`OfficialProtocol`).
 """
 
 from __future__ import annotations
@@ -27,7 +49,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -40,12 +62,16 @@ log = logging.getLogger(__name__)
 
 KEYS = ("round", "client_id", "sample_id")
 MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
-#: ``round`` of a score that uses all observed rounds.
+#: ``round`` of a score that uses all attacked rounds.
 MULTI_ROUND = -1
-#: Floor of the reference standard deviation of the FedMIA attacks.
-SIGMA_FLOOR = 1e-12
-#: FedMIA's outlier filter drops reference values above μ + OUTLIER_Z·σ.
+#: FedMIA's variance floor: σ² = var + VAR_FLOOR, as the official code (``var + 1e-8``).
+VAR_FLOOR = 1e-8
+#: FedMIA's outlier filter keeps reference values below μ + OUTLIER_Z·σ.
 OUTLIER_Z = 3.0
+#: Non-member protocols: see the module docstring.
+PROTOCOLS = ("aligned", "official")
+#: Spawn key of the official protocol's random draws (see :func:`official_slots`).
+STREAM_OFFICIAL = 3
 
 
 @dataclass(frozen=True)
@@ -56,36 +82,51 @@ class AttackSpec:
         name: code name (registry key).
         measure: column of the measure table.
         sign: +1 or −1, so that ``sign × measure`` is higher for members.
-        kind: ``single`` (per round), ``series`` (mean over rounds) or ``fedmia``
-            (per-sample Gaussian CDF against the non-target clients, mean over rounds).
-        also_per_round: a multi-round attack that also reports each round's score.
-        paper: the paper's names, (v1, v3) — the 2025 version renamed some.
+        kind: ``single`` (one score per round), ``series`` (mean over the attacked
+            rounds) or ``fedmia`` (per-sample Gaussian CDF against the non-target
+            clients, mean over the attacked rounds).
+        family: the measure family of the privacy–utility figures (``loss``, ``cos``,
+            ``grad``).
+        paper: the paper's names, (v1, v3) — the 2025 version renamed some; empty for
+            fedmia's own additions.
     """
 
     name: str
     measure: str
     sign: int
     kind: Literal["single", "series", "fedmia"]
-    also_per_round: bool = False
+    family: str
     paper: tuple[str, str] = ("", "")
+
+    @property
+    def multi_round(self) -> bool:
+        """Whether the attack combines rounds (one score, ``round = -1``)."""
+        return self.kind != "single"
+
+    @property
+    def label(self) -> str:
+        """Name for tables and legends: ``v1 (v3)``, ``v1`` when both agree, else the code name."""
+        v1, v3 = self.paper
+        if not v1:
+            return self.name
+        return v1 if v1 == v3 else f"{v1} ({v3})"
 
 
 ATTACKS: Registry[AttackSpec] = Registry("attack")
 for _spec in (
-    AttackSpec("loss", "loss", -1, "single", paper=("Loss-I", "Blackbox-Loss")),
-    AttackSpec("cos", "cos", +1, "single", paper=("Cos-I", "Grad-Cosine")),
-    AttackSpec("grad_norm", "grad_norm", -1, "single", paper=("Grad-Norm", "Grad-Norm")),
-    AttackSpec("grad_diff", "grad_diff", +1, "series", also_per_round=True,
-               paper=("Grad-Diff", "Grad-Diff")),
-    AttackSpec("loss_series", "loss", -1, "series", paper=("Loss-II", "Loss-Series")),
-    AttackSpec("cos_series", "cos", +1, "series", paper=("Cos-II", "Avg-Cosine")),
-    AttackSpec("fedmia_loss", "loss", -1, "fedmia", paper=("Loss-III", "FedMIA-I")),
-    AttackSpec("fedmia_cos", "cos", +1, "fedmia", paper=("Cos-III", "FedMIA-II")),
+    AttackSpec("loss", "loss", -1, "single", "loss", ("Loss-I", "Blackbox-Loss")),
+    AttackSpec("loss_series", "loss", -1, "series", "loss", ("Loss-II", "Loss-Series")),
+    AttackSpec("fedmia_loss", "loss", -1, "fedmia", "loss", ("Loss-III", "FedMIA-I")),
+    AttackSpec("cos", "cos", +1, "single", "cos", ("Cos-I", "Grad-Cosine")),
+    AttackSpec("cos_series", "cos", +1, "series", "cos", ("Cos-II", "Avg-Cosine")),
+    AttackSpec("fedmia_cos", "cos", +1, "fedmia", "cos", ("Cos-III", "FedMIA-II")),
+    AttackSpec("grad_norm", "grad_norm", -1, "single", "grad", ("Grad-Norm", "Grad-Norm")),
+    AttackSpec("grad_diff", "grad_diff", +1, "single", "grad", ("Grad-Diff", "Grad-Diff")),
+    AttackSpec("grad_diff_series", "grad_diff", +1, "series", "grad"),
 ):
     ATTACKS.register(_spec.name)(_spec)
-#: The paper's column order (Table 1).
-PAPER_ORDER = ("loss", "loss_series", "fedmia_loss", "cos", "cos_series", "fedmia_cos",
-               "grad_norm", "grad_diff")
+#: Table order: the paper's Table 1 columns, then fedmia's additions (registration order).
+PAPER_ORDER = tuple(ATTACKS.registered())
 
 
 @dataclass(frozen=True)
@@ -173,9 +214,12 @@ def _grid_gaps(mdm: pd.DataFrame, clients: np.ndarray, sample_ids: np.ndarray,
             + "; ".join(problems[:limit]) + more)
 
 
-def _membership(cube: MeasureCube, owner: pd.Series, targets: Iterable[int]
-                ) -> dict[int, np.ndarray]:
-    """Check ``owner`` and the targets; bool N member mask of each target."""
+def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
+    """Owning client of each sample of ``cube`` (int64 N, −1 = held out), checked.
+
+    Raises:
+        ValueError: ``owner`` has duplicated sample ids or lacks samples of the table.
+    """
     if owner.index.has_duplicates:
         dups = owner.index[owner.index.duplicated()]
         raise ValueError(f"owner has {len(dups)} duplicated sample_id(s), e.g. {dups[0]}")
@@ -183,8 +227,11 @@ def _membership(cube: MeasureCube, owner: pd.Series, targets: Iterable[int]
     if not known.all():
         raise ValueError(f"{int((~known).sum())} sample(s) of the measure table are not in "
                          f"owner, e.g. sample_id {cube.sample_ids[~known][0]}")
-    own = owner.reindex(cube.sample_ids).to_numpy()
-    out = {}
+    return owner.reindex(cube.sample_ids).to_numpy().astype(np.int64)
+
+
+def _check_targets(cube: MeasureCube, own: np.ndarray, targets: Iterable[int]) -> list[int]:
+    out = []
     n = len(own)
     for t in targets:
         cube.client_index(t)
@@ -195,15 +242,16 @@ def _membership(cube: MeasureCube, owner: pd.Series, targets: Iterable[int]
         if is_member.all():
             raise ValueError(f"target client {t} owns all {n} evaluation samples "
                              "(no non-members)")
-        out[int(t)] = is_member
+        out.append(int(t))
     return out
 
 
 def _check(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int] | None,
-           measures: Sequence[str]) -> tuple[MeasureCube, dict[int, np.ndarray]]:
+           measures: Sequence[str]) -> tuple[MeasureCube, np.ndarray, list[int]]:
     cube = MeasureCube.from_frame(mdm, measures)
+    own = owner_array(cube, owner)
     targets = cube.clients.tolist() if targets is None else list(targets)
-    return cube, _membership(cube, owner, targets)
+    return cube, own, _check_targets(cube, own, targets)
 
 
 def validate_measures(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int] | None = None,
@@ -226,115 +274,362 @@ def validate_measures(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int
     _check(mdm, owner, targets, measures)
 
 
-def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *, outlier_filter: bool = False
-               ) -> np.ndarray:
-    """FedMIA's per-sample score Φ((s_t − μ)/σ) against the non-target clients.
+# ------------------------------------------------------------------------------ FedMIA
+
+
+def _moments(x: np.ndarray, w: np.ndarray, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and variance over axis −2 (``w`` bool, same shape as ``x``).
+
+    The variance divides by ``max(n − ddof, 1)`` for ``n`` values (0 for a single value).
+    """
+    n = w.sum(axis=-2)
+    mu = np.where(w, x, 0.0).sum(axis=-2) / np.maximum(n, 1)
+    ss = np.where(w, (x - mu[..., None, :]) ** 2, 0.0).sum(axis=-2)
+    return mu, ss / np.maximum(n - ddof, 1)
+
+
+def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
+               weights: np.ndarray | None = None, ddof: int = 0,
+               outlier_filter: bool = False, var_floor: float = VAR_FLOOR) -> np.ndarray:
+    """FedMIA's per-sample score Φ((s_t − μ)/σ) against the non-target clients (Eq. 10).
+
+    μ and σ² are the mean and variance (``ddof`` 0, as the paper and the official code;
+    1 as an option) of the M reference values of each sample, and σ² gets
+    ``var_floor`` added, as the official ``var(axis=0) + 1e-8``.
 
     Args:
-        target: float (..., N), the score ``s_t`` under the target's upload.
-        reference: float (..., M, N), the same samples' scores under the M >= 2
-            non-target uploads.
-        outlier_filter: drop reference values above μ + 3σ and recompute μ, σ from the
-            rest (one pass; a sample keeps its unfiltered μ, σ if fewer than 2 values
-            remain). With ddof=1 no value of M references can exceed μ + 3σ unless
-            M >= 11, as (M − 1)/√M bounds its z-score.
+        target: float (..., S), the score ``s_t`` under the target's upload.
+        reference: float (..., M, S), the same slots' scores under M >= 2 non-target
+            uploads.
+        weights: optional bool (..., M, S): which reference values count (the official
+            protocol's ``self_mix = false`` leaves a reference client's own members
+            out); default all.
+        ddof: 0 or 1.
+        outlier_filter: as the official code for non-iid cosine: keep only reference
+            values strictly below μ + 3σ (σ of the same ``ddof``, no floor), recompute
+            μ, σ² from them; where none is kept, the smallest value alone
+            (σ² = 0 + floor).
+        var_floor: added to every variance.
 
     Returns:
-        float64 (..., N) in [0, 1]: Φ((s_t − μ)/max(σ, 1e-12)), μ and σ (ddof=1) over M.
+        float64 (..., S) in [0, 1].
     """
     if reference.shape[-2] < 2:
         raise ValueError(f"FedMIA needs at least 2 non-target clients; got {reference.shape[-2]}")
-    mu = reference.mean(axis=-2)
-    sd = reference.std(axis=-2, ddof=1)
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1; got {ddof}")
+    w = np.ones(reference.shape, dtype=bool) if weights is None else np.broadcast_to(
+        weights, reference.shape)
+    if not w.any(axis=-2).all():
+        raise ValueError("every slot needs at least one reference value")
+    mu, var = _moments(reference, w, ddof)
     if outlier_filter:
-        keep = reference <= (mu + OUTLIER_Z * sd)[..., None, :]
-        n = keep.sum(axis=-2)
-        ok = n >= 2
-        nf = np.where(ok, n, 2)
-        mu_f = np.where(keep, reference, 0.0).sum(axis=-2) / nf
-        var_f = np.where(keep, (reference - mu_f[..., None, :]) ** 2, 0.0).sum(axis=-2) / (nf - 1)
-        mu, sd = np.where(ok, mu_f, mu), np.where(ok, np.sqrt(var_f), sd)
-    return ndtr((target - mu) / np.maximum(sd, SIGMA_FLOOR))
+        keep = w & (reference < (mu + OUTLIER_Z * np.sqrt(var))[..., None, :])
+        empty = ~keep.any(axis=-2)
+        if empty.any():
+            lowest = np.argmin(np.where(w, reference, np.inf), axis=-2)
+            only = np.arange(reference.shape[-2])[:, None] == lowest[..., None, :]
+            keep = np.where(empty[..., None, :], only, keep)
+        mu, var = _moments(reference, keep, ddof)
+    return ndtr((target - mu) / np.sqrt(var + var_floor))
 
 
-def _cube_scores(spec: AttackSpec, cube: MeasureCube, target: int, outlier_filter: bool
-                 ) -> tuple[list[int], np.ndarray]:
-    """Rounds and their scores (len(rounds)×N) of one attack against one target."""
-    t = cube.client_index(target)
-    s = spec.sign * cube.values[spec.measure]  # R×K×N
-    rounds = cube.rounds.tolist()
+def outlier_filter_for(policy: str, attack: str, partition_kind: str) -> bool:
+    """Whether FedMIA's outlier filter applies: ``always``, ``never``, or ``auto``.
+
+    ``auto`` applies it as the official code does: to ``fedmia_cos`` on non-iid
+    (``dirichlet``) partitions only.
+    """
+    if policy not in ("auto", "always", "never"):
+        raise ValueError(f"unknown outlier-filter policy '{policy}'; "
+                         "choose from ['auto', 'always', 'never']")
+    if policy == "auto":
+        return attack == "fedmia_cos" and partition_kind == "dirichlet"
+    return policy == "always"
+
+
+# -------------------------------------------------------------------------- protocols
+
+
+@dataclass(frozen=True)
+class OfficialProtocol:
+    """The official code's non-member draws (see the module docstring).
+
+    Attributes:
+        draws: how many independent official runs to score (≥ 1); an official TPR is
+            one random draw, so the spread over draws is reported.
+        test_slots: held-out samples per (client, round) draw; ``None``: all of the
+            evaluation set's held-out samples (the official CIFAR-100 run draws 1,000 of
+            10,000, Dermnet 4,000).
+        client_slots: samples drawn per (client, round) from each non-target client's
+            evaluation samples; ``None``: all of them (the official: 1,000 of 5,000 on
+            CIFAR-100, 300 on Dermnet).
+        self_mix: the official quirk: a reference client's draw from "each other client"
+            includes its own block, so it scores its own members as non-member slots.
+            ``False`` leaves a reference client out of the slots of its own block.
+        seed: the cell's seed (draws are seeded by ``(seed, target, draw)``).
+    """
+
+    draws: int = 5
+    test_slots: int | None = None
+    client_slots: int | None = None
+    self_mix: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Slots:
+    """What one protocol draw shows the attacker for one target.
+
+    ``S = P + Q`` slots: the P members (aligned), then Q non-member slots.
+
+    Attributes:
+        index: int64 R×K×S (or S for ``aligned``): sample position (on the cube's N axis)
+            that client k scores in slot s at round r.
+        is_member: bool S.
+        ref_weights: bool R×K×S or ``None`` (every non-target client counts).
+    """
+
+    index: np.ndarray
+    is_member: np.ndarray
+    ref_weights: np.ndarray | None = None
+
+
+def aligned_slots(own: np.ndarray, target: int) -> Slots:
+    """The aligned protocol: every client scores every evaluation sample in every round."""
+    return Slots(np.arange(len(own)), own == target)
+
+
+def official_slots(own: np.ndarray, target: int, num_rounds: int, clients: np.ndarray,
+                   protocol: OfficialProtocol, draw: int) -> Slots:
+    """One official draw for ``target``: non-member slots redrawn per (client, round).
+
+    The non-member slots are grouped as the official code builds them: first
+    ``test_slots`` held-out samples, then ``client_slots`` from each other client in
+    id order. In every (round, client) each group's slots get an independent
+    uniformly random draw without replacement from the group (a random permutation
+    when the slots take the whole group). Members stay aligned.
+    """
+    groups = [np.flatnonzero(own == -1)] + [np.flatnonzero(own == c) for c in clients
+                                            if c != target]
+    owners = [-1] + [int(c) for c in clients if c != target]
+    sizes = [protocol.test_slots, *[protocol.client_slots] * (len(groups) - 1)]
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [STREAM_OFFICIAL, protocol.seed, target, draw]))
+    k = len(clients)
+    blocks, slot_owner = [], []
+    for g, size, o in zip(groups, sizes, owners, strict=True):
+        n = len(g) if size is None else size
+        if n > len(g):
+            raise ValueError(f"the official protocol draws {n} slots from "
+                             f"{'the held-out samples' if o < 0 else f'client {o}'} but the "
+                             f"evaluation set holds only {len(g)}; lower attack.official."
+                             f"{'test_slots' if o < 0 else 'client_slots'} or enlarge the "
+                             "partition's evaluation set")
+        if n == 0 or len(g) == 0:
+            continue
+        pick = rng.random((num_rounds, k, len(g))).argsort(axis=-1)[..., :n]  # R×K×n
+        blocks.append(g[pick])
+        slot_owner.append(np.full(n, o))
+    members = np.flatnonzero(own == target)
+    index = np.concatenate([np.broadcast_to(members, (num_rounds, k, len(members))), *blocks],
+                           axis=-1)
+    owner_of_slot = np.concatenate([np.full(len(members), target), *slot_owner])
+    is_member = np.arange(index.shape[-1]) < len(members)
+    weights = None
+    if not protocol.self_mix:
+        weights = np.broadcast_to(owner_of_slot[None, None, :] != clients[None, :, None],
+                                  index.shape)
+    return Slots(index, is_member, weights)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _slot_values(values: np.ndarray, slots: Slots) -> np.ndarray:
+    """R×K×S scores of every client in every slot (``values``: R×K×N)."""
+    if slots.index.ndim == 1:
+        return values[..., slots.index]
+    return np.take_along_axis(values, slots.index, axis=-1)
+
+
+def score_slots(spec: AttackSpec, x: np.ndarray, t: int, attacked: np.ndarray, *,
+                ref_weights: np.ndarray | None = None, ddof: int = 0,
+                outlier_filter: bool = False) -> np.ndarray:
+    """Scores of attack ``spec`` against client position ``t``.
+
+    Args:
+        spec: the attack.
+        x: float64 R×K×S, ``sign × measure`` of every client in every slot.
+        t: the target's position on the client axis.
+        attacked: bool R, the rounds multi-round attacks combine.
+        ref_weights: bool R×K×S, which reference values FedMIA uses (default all).
+        ddof: FedMIA's variance ddof.
+        outlier_filter: FedMIA's outlier filter.
+
+    Returns:
+        ``single``: R×S (one row per observed round); otherwise 1×S.
+    """
     if spec.kind == "single":
-        return rounds, s[:, t]
+        return x[:, t]
+    a = np.flatnonzero(attacked)
     if spec.kind == "series":
-        per_round = s[:, t]
-    else:
-        per_round = fedmia_cdf(s[:, t], np.delete(s, t, axis=1), outlier_filter=outlier_filter)
-    multi = per_round.mean(axis=0, keepdims=True)
-    if spec.also_per_round:
-        return [*rounds, MULTI_ROUND], np.concatenate([per_round, multi])
-    return [MULTI_ROUND], multi
+        return x[a, t].mean(axis=0, keepdims=True)
+    others = np.delete(np.arange(x.shape[1]), t)
+    w = None if ref_weights is None else ref_weights[a][:, others]
+    cdf = fedmia_cdf(x[a, t], x[a][:, others], weights=w, ddof=ddof,
+                     outlier_filter=outlier_filter)
+    return cdf.mean(axis=0, keepdims=True)
+
+
+def _attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.ndarray:
+    if attack_rounds is None:
+        return np.ones(len(cube.rounds), dtype=bool)
+    want = sorted(set(int(r) for r in attack_rounds))
+    missing = sorted(set(want) - set(cube.rounds.tolist()))
+    if missing:
+        raise ValueError(f"attack rounds {missing} are not in the measure table (observed "
+                         f"rounds: {cube.rounds.tolist()}); attack only observed rounds")
+    if not want:
+        raise ValueError("attack.rounds is empty: multi-round attacks need at least one round")
+    return np.isin(cube.rounds, want)
 
 
 def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
+                  attack_rounds: Iterable[int] | None = None, ddof: int = 0,
                   outlier_filter: bool = False) -> pd.DataFrame:
-    """Scores of attack ``name`` against target client ``target``.
+    """Scores of attack ``name`` against target client ``target`` (aligned protocol).
 
     Args:
         name: attack name (:data:`ATTACKS`).
         mdm: the measure table, or its :class:`MeasureCube`.
         target: the target client id.
-        outlier_filter: FedMIA attacks drop reference values above μ+3σ (ignored by others).
+        attack_rounds: the rounds multi-round attacks combine (default: all in the table).
+        ddof: FedMIA's variance ddof (0 as the paper).
+        outlier_filter: FedMIA attacks drop reference outliers (ignored by others).
 
     Returns:
         Columns ``round`` (int64; −1 = a multi-round score), ``sample_id`` (int64),
         ``score`` (float64, higher = more likely a member); one row per (round, sample),
-        rows in the order of the attack's rounds (per-round first, then −1), then sample_id.
+        sorted by round (per-round ones first), then sample_id.
     """
     spec = ATTACKS.get(name)
     cube = mdm if isinstance(mdm, MeasureCube) else MeasureCube.from_frame(mdm, [spec.measure])
-    rounds, scores = _cube_scores(spec, cube, target, outlier_filter)
+    t = cube.client_index(target)
+    x = spec.sign * cube.values[spec.measure]
+    scores = score_slots(spec, x, t, _attacked_mask(cube, attack_rounds), ddof=ddof,
+                         outlier_filter=outlier_filter)
+    rounds = cube.rounds if spec.kind == "single" else np.array([MULTI_ROUND])
     n = len(cube.sample_ids)
     return pd.DataFrame({
-        "round": np.repeat(np.asarray(rounds, dtype=np.int64), n),
+        "round": np.repeat(rounds.astype(np.int64), n),
         "sample_id": np.tile(cube.sample_ids, len(rounds)),
         "score": scores.reshape(-1),
     })
 
 
-def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
-               targets: Iterable[int] | None = None, *, outlier_filter: bool = False,
-               roc_points: int = 200) -> pd.DataFrame:
-    """Run attack ``name`` against each target client and measure its success.
+#: Columns of an attack result table, in order (besides the cell's keys and ``attack``).
+RESULT_COLUMNS = ("protocol", "draw", "target", "round", "attacked", "n_rounds",
+                  *metrics.METRICS,
+                  "n_members", "n_nonmembers", "roc_fpr", "roc_tpr")
+
+
+def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
+                targets: Iterable[int] | None = None, *,
+                attack_rounds: Iterable[int] | None = None,
+                protocols: Sequence[str] = PROTOCOLS,
+                official: OfficialProtocol = OfficialProtocol(),
+                ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
+                fpr_rule: str = "at_most", roc_points: int = 200) -> dict[str, pd.DataFrame]:
+    """Run attacks against each target client under each protocol and measure success.
 
     Args:
-        name: attack name (:data:`ATTACKS`).
-        mdm: the measure table (only the attack's measure column is required).
+        names: attack names (:data:`ATTACKS`).
+        mdm: the measure table (only the attacks' measure columns are required).
         owner: owning client of each sample, indexed by ``sample_id`` (−1 = held out).
         targets: target client ids (default: every client in the table).
-        outlier_filter: FedMIA attacks drop reference values above μ+3σ (ignored by others).
+        attack_rounds: rounds multi-round attacks combine (default: all in the table);
+            single-round attacks are scored at every round of the table.
+        protocols: non-member protocols (:data:`PROTOCOLS`).
+        official: the official protocol's draws.
+        ddof: FedMIA's variance ddof.
+        outlier_filter: attack name → whether FedMIA's outlier filter applies.
+        fpr_rule: how TPR at FPR α counts the limit (:data:`fedmia.metrics.FPR_RULES`).
         roc_points: the most ROC points kept per row (:func:`fedmia.metrics.roc_points`).
 
     Returns:
-        One row per (target, round), sorted so: ``target`` (int64), ``round`` (int64;
-        −1 = multi-round), the :data:`fedmia.metrics.METRICS` (float64; a TPR is NaN
-        where undefined), ``n_members``, ``n_nonmembers`` (int64), ``roc_fpr``,
-        ``roc_tpr`` (float64 arrays).
+        attack name → one row per (protocol, draw, target, round) with
+        :data:`RESULT_COLUMNS`: ``draw`` is 0 for ``aligned``; ``round`` is −1 for a
+        multi-round score; ``attacked`` whether the round is one of ``attack_rounds``
+        (a single-round attack at a round observed only for the figures is False; only
+        attacked rounds are candidates when a report picks a round); ``n_rounds`` the
+        rounds a score combines (1 for single-round);
+        the :data:`fedmia.metrics.METRICS` (a TPR is NaN where undefined); the ROC
+        points as float64 arrays.
 
     Raises:
-        ValueError: as :func:`validate_measures`, for the attack's measure.
+        ValueError: as :func:`validate_measures`; an unknown protocol or FPR rule;
+            attack rounds the table lacks; an official draw larger than its pool.
     """
-    spec = ATTACKS.get(name)
-    cube, members = _check(mdm, owner, targets, [spec.measure])
-    rows = []
-    for t, is_member in members.items():
-        rounds, scores = _cube_scores(spec, cube, t, outlier_filter)
-        for rnd, sc in zip(rounds, scores, strict=True):
-            fpr, tpr = metrics.roc_points(sc, is_member, roc_points)
-            rows.append({"target": t, "round": rnd, **metrics.attack_metrics(sc, is_member),
-                         "roc_fpr": fpr, "roc_tpr": tpr})
-    res = pd.DataFrame(rows).astype({"target": np.int64, "round": np.int64,
-                                     "n_members": np.int64, "n_nonmembers": np.int64})
-    log.info("attack %s: %d target(s) × %d score(s) of %d samples; mean AUC %.3f", name,
-             len(members), len(res) // max(len(members), 1), len(cube.sample_ids),
-             res["auc"].mean())
-    return res.sort_values(["target", "round"], ignore_index=True)
+    specs = [ATTACKS.get(n) for n in names]
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise ValueError(f"unknown or no protocol(s) {bad}; choose from {list(PROTOCOLS)}")
+    metrics.check_fpr_rule(fpr_rule)
+    if official.draws < 1:
+        raise ValueError(f"the official protocol needs at least 1 draw; got {official.draws}")
+    measures = sorted({s.measure for s in specs})
+    cube, own, targets = _check(mdm, owner, targets, measures)
+    attacked = _attacked_mask(cube, attack_rounds)
+    signed = {(s.measure, s.sign): s.sign * cube.values[s.measure] for s in specs}
+    filt = dict(outlier_filter or {})
+    rows: dict[str, list[dict]] = {s.name: [] for s in specs}
+    for protocol in protocols:
+        for draw in range(official.draws if protocol == "official" else 1):
+            for target in targets:
+                t = cube.client_index(target)
+                slots = (aligned_slots(own, target) if protocol == "aligned" else
+                         official_slots(own, target, len(cube.rounds), cube.clients,
+                                        official, draw))
+                xs = {key: _slot_values(v, slots) for key, v in signed.items()}
+                for spec in specs:
+                    x = xs[spec.measure, spec.sign]
+                    scores = score_slots(spec, x, t, attacked, ref_weights=slots.ref_weights,
+                                         ddof=ddof, outlier_filter=filt.get(spec.name, False))
+                    if spec.kind == "single":
+                        rounds, hit = cube.rounds.tolist(), attacked.tolist()
+                    else:
+                        rounds, hit = [MULTI_ROUND], [True]
+                    n_rounds = 1 if spec.kind == "single" else int(attacked.sum())
+                    for rnd, was_attacked, sc in zip(rounds, hit, scores, strict=True):
+                        fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
+                        rows[spec.name].append({
+                            "protocol": protocol, "draw": draw, "target": target,
+                            "round": rnd, "attacked": was_attacked, "n_rounds": n_rounds,
+                            **metrics.attack_metrics(sc, slots.is_member, fpr_rule),
+                            "roc_fpr": fpr, "roc_tpr": tpr})
+    out = {}
+    for spec in specs:
+        res = pd.DataFrame(rows[spec.name], columns=list(RESULT_COLUMNS)).astype(
+            {"draw": np.int64, "target": np.int64, "round": np.int64, "n_rounds": np.int64,
+             "n_members": np.int64, "n_nonmembers": np.int64})
+        out[spec.name] = res.sort_values(["protocol", "draw", "target", "round"],
+                                         ignore_index=True)
+        aligned = res[res.protocol == protocols[0]]
+        log.info("attack %s: %d target(s) × %d protocol draw(s) of %d samples; mean AUC "
+                 "(%s) %.3f", spec.name, len(targets),
+                 res.groupby(["protocol", "draw"]).ngroups, len(cube.sample_ids),
+                 protocols[0], aligned["auc"].mean())
+    return out
+
+
+def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
+               targets: Iterable[int] | None = None, *, outlier_filter: bool = False,
+               **options: Any) -> pd.DataFrame:
+    """:func:`run_attacks` for one attack; its result table.
+
+    ``outlier_filter`` applies FedMIA's outlier filter (ignored by other attacks); the
+    other keyword options are :func:`run_attacks`'s.
+    """
+    return run_attacks([name], mdm, owner, targets, outlier_filter={name: outlier_filter},
+                       **options)[name]

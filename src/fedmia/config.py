@@ -9,6 +9,7 @@ errors when it is used from Python without the workflow's schema validation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -175,11 +176,13 @@ class TrainConfig:
         lr: initial SGD learning rate.
         momentum: SGD momentum (a fresh optimizer is built every round).
         weight_decay: SGD weight decay.
-        lr_schedule: ``cosine`` (per round, as the official script), ``exponential``
+        lr_schedule: ``cosine`` (per round, exactly as the official script), ``exponential``
             (``lr · lr_gamma^(r-1)``, as the paper's table) or ``constant``.
         lr_gamma: factor of the exponential schedule.
-        observe_every: every this many rounds the server's view is saved ...
-        observe_rounds: ... plus these rounds (default: round 1).
+        observe_every: every this many rounds the server's view is saved (these rounds
+            are also the default attacked rounds) ...
+        observe_rounds: ... plus these rounds (default: round 1; observed and drawn in
+            the per-round figures, attacked only when ``attack.rounds`` lists them).
         test_every: evaluate the global model on the test split every this many rounds
             (and at the last round).
         eval_batch_size: batch size of evaluation passes.
@@ -226,19 +229,26 @@ class TrainConfig:
         return cfg
 
     def observed(self) -> list[int]:
-        """Sorted observed rounds: ``observe_rounds`` ∪ {r : r % observe_every == 0}."""
-        every = range(self.observe_every, self.rounds + 1, self.observe_every)
-        return sorted(set(self.observe_rounds) | set(every))
+        """Sorted observed rounds: ``observe_rounds`` ∪ :meth:`every_rounds`."""
+        return sorted(set(self.observe_rounds) | set(self.every_rounds()))
+
+    def every_rounds(self) -> list[int]:
+        """The multiples of ``observe_every`` up to ``rounds`` (the default attacked rounds)."""
+        return list(range(self.observe_every, self.rounds + 1, self.observe_every))
 
     def lr_at(self, rnd: int) -> float:
-        """Learning rate of round ``rnd`` (1-based)."""
+        """Learning rate of round ``rnd`` (1-based).
+
+        ``cosine`` is the official script's: it updates the rate *after* a round with the
+        0-based index of the round just trained, so round 1 and round 2 use ``lr`` and
+        round ``r ≥ 2`` uses ``lr · (1 + cos(π (r − 2) / T)) / 2``. ``exponential``:
+        ``lr · γ^(r − 1)``; ``constant``: ``lr``.
+        """
         if self.lr_schedule == "constant":
             return self.lr
         if self.lr_schedule == "exponential":
             return self.lr * self.lr_gamma ** (rnd - 1)
-        import math
-
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (rnd - 1) / self.rounds))
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * max(rnd - 2, 0) / self.rounds))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON/YAML friendly)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,10 @@ import torch
 
 import fedmia
 from fedmia import io, report
-from fedmia.attacks import run_attack
+from fedmia.attacks import PROTOCOLS, OfficialProtocol, run_attacks
 from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionConfig, TrainConfig
 from fedmia.datasets import prepare_dataset
-from fedmia.defenses import build_defense
+from fedmia.defenses import build_defense, strength_of
 from fedmia.fedavg import DeviceData, RoundRecord, run_fedavg
 from fedmia.measures import ROUTES, compute_round_measures
 from fedmia.models import build_model, count_parameters
@@ -31,8 +31,10 @@ from fedmia.state import FlatState, StateLayout
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["round", "client_id", "lr", "num_samples", "train_loss", "train_accuracy",
-                   "test_loss", "test_accuracy"]
+#: The keys of a cell, in path order; attack tables and histories carry them as columns.
+CELL_KEYS = ("dataset", "model", "defense", "partition", "seed")
+HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples", "train_loss",
+                   "train_accuracy", "test_loss", "test_accuracy"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,7 +114,7 @@ def train(
     model: Mapping[str, Any],
     defense: Mapping[str, Any],
     train_cfg: Mapping[str, Any],
-    seed: int,
+    cell: Mapping[str, Any],
     device: str = "auto",
     threads: int | None = None,
     outputs: Mapping[str, str | Path],
@@ -125,7 +127,8 @@ def train(
         model: the model's config block.
         defense: the defense's config block.
         train_cfg: the cell's resolved training config.
-        seed: the cell's seed (model initialisation, data order, defense noise).
+        cell: ``dataset, model, defense, partition, seed`` (keys written into the history;
+            the seed drives model initialisation, data order and defense noise).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
         outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``) and
@@ -135,6 +138,7 @@ def train(
     dcfg = DefenseConfig.from_dict(defense)
     tcfg = TrainConfig.from_dict(train_cfg)
     dev = setup_compute(device, threads)
+    seed = int(cell["seed"])
     arrays, meta = io.load_prepared(data)
     part = pd.read_parquet(partition_file)
     if len(part) != len(arrays["labels"]):
@@ -169,7 +173,7 @@ def train(
 
     try:
         rounds = run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed)
-        history = _log_history(rounds, tcfg.rounds, observed, save_round)
+        history = _log_history(rounds, tcfg.rounds, observed, save_round, cell)
     except BaseException:
         shutil.rmtree(obs_dir, ignore_errors=True)  # no partial output survives a failure
         raise
@@ -178,12 +182,14 @@ def train(
 
 
 def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
-                 save_round: Callable[[RoundRecord], None]) -> pd.DataFrame:
+                 save_round: Callable[[RoundRecord], None], cell: Mapping[str, Any]
+                 ) -> pd.DataFrame:
     """Consume the rounds: save observed ones, log progress, return the history table."""
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    keys = {k: cell[k] for k in CELL_KEYS}
     for rec in rounds:
-        rows.extend(_history_rows(rec))
+        rows.extend({**keys, **row} for row in _history_rows(rec))
         if not np.isfinite(rows[-1]["train_loss"]):
             raise FloatingPointError(
                 f"training diverged in round {rec.round}: the clients' training loss is "
@@ -198,7 +204,7 @@ def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
                  rec.samples_per_s, " [observed]" if rec.round in observed else "")
     log.info("trained %d rounds in %.1fs", total, time.perf_counter() - t_start)
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
-        {"round": "int32", "client_id": "int32", "num_samples": "int64"})
+        {"seed": "int64", "round": "int32", "client_id": "int32", "num_samples": "int64"})
 
 
 def measure(
@@ -278,29 +284,44 @@ def measure(
 
 def attack(
     *,
-    name: str,
     measures_file: str | Path,
     partition_file: str | Path,
     cell: Mapping[str, Any],
     rounds: Iterable[int] | None = None,
+    attacks: Sequence[str],
+    attack_rounds: Iterable[int] | None = None,
     targets: str | list[int] = "all",
-    outlier_filter: bool = False,
+    protocol: Sequence[str] = PROTOCOLS,
+    official: Mapping[str, Any] | None = None,
+    fpr_rule: str = "at_most",
+    fedmia_ddof: int = 0,
+    outlier_filter: Mapping[str, bool] | None = None,
     roc_points: int = 200,
-    output: str | Path,
+    outputs: Mapping[str, str | Path],
 ) -> None:
-    """Stage 5: run attack ``name`` against every target client of one cell.
+    """Stage 5: every attack against every target client of one cell, under each protocol.
 
     Args:
-        name: attack code name (``fedmia.attacks.ATTACKS``).
         measures_file: the cell's measure Parquet.
         partition_file: the partition Parquet (who owns each evaluation sample).
         cell: ``dataset, model, defense, partition, seed`` — written into every row.
         rounds: the observed rounds the measure table must hold (``None``: whatever it has).
+        attacks: attack code names (:data:`fedmia.attacks.ATTACKS`).
+        attack_rounds: the rounds multi-round attacks combine and best rounds are picked
+            from (``None``: every round of the table).
         targets: ``"all"`` or a list of client ids.
-        outlier_filter: FedMIA attacks drop reference values above μ+3σ.
-        roc_points: points of the stored ROC curve per target and round.
-        output: Parquet, one row per (target, round): metrics and ROC points.
+        protocol: non-member protocols (:data:`fedmia.attacks.PROTOCOLS`).
+        official: :class:`fedmia.attacks.OfficialProtocol` fields but ``seed`` (the cell's).
+        fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.metrics.FPR_RULES`).
+        fedmia_ddof: ddof of FedMIA's reference variance.
+        outlier_filter: attack name → whether FedMIA's outlier filter applies.
+        roc_points: points of the stored ROC curve per row.
+        outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
+            (:data:`fedmia.attacks.RESULT_COLUMNS` after the cell's keys and ``attack``).
     """
+    missing = sorted(set(attacks) - set(outputs))
+    if missing:
+        raise ValueError(f"no output file for attack(s) {missing}")
     mdm = pd.read_parquet(measures_file)
     if rounds is not None:
         lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
@@ -316,35 +337,43 @@ def attack(
     bad = [t for t in targets if not 0 <= t < k]
     if bad:
         raise ValueError(f"attack.targets {bad} are not clients of this cell (0..{k - 1})")
-    res = run_attack(name, mdm, owner, targets=targets, outlier_filter=outlier_filter,
-                     roc_points=roc_points)
-    for key in ("dataset", "model", "defense", "partition", "seed"):
-        res.insert(0, key, cell[key])
-    res.insert(5, "attack", name)
-    single = res[res["round"] >= 0]
-    multi = res[res["round"] == -1]
-    log.info("%s: %d targets; AUC %s", name, len(targets),
-             f"all rounds {multi.auc.mean():.3f}" if len(multi) else
-             "per round " + ", ".join(f"{r}: {a:.3f}" for r, a in
-                                      single.groupby("round").auc.mean().items()))
-    io.write_parquet(res, output)
+    proto = OfficialProtocol(**{**dict(official or {}), "seed": int(cell["seed"])})
+    t0 = time.perf_counter()
+    results = run_attacks(attacks, mdm, owner, targets, attack_rounds=attack_rounds,
+                          protocols=list(protocol), official=proto, ddof=fedmia_ddof,
+                          outlier_filter=outlier_filter, fpr_rule=fpr_rule,
+                          roc_points=roc_points)
+    log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),
+             "/".join(protocol), time.perf_counter() - t0)
+    for name, res in results.items():
+        for i, key in enumerate(CELL_KEYS):
+            res.insert(i, key, cell[key])
+        res.insert(len(CELL_KEYS), "attack", name)
+        io.write_parquet(res, outputs[name])
 
 
-def report_tables(*, attack_files: Iterable[str | Path], outputs: Mapping[str, str | Path]
-                  ) -> None:
-    """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX)."""
+def report_tables(*, attack_files: Iterable[str | Path], selections: Sequence[str | int],
+                  fpr_rule: str, outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
+
+    Args:
+        attack_files: every attack Parquet of the grid.
+        selections: how single-round attacks are reported (``report.single_round``).
+        fpr_rule: the FPR rule the attack stage used (stated in the tables).
+        outputs: ``csv``, ``per_round``, ``md``, ``tex``.
+    """
     results = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
-    summary = report.summarize(results)
+    summary = report.summarize(results, selections, fpr_rule=fpr_rule)
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
-    paper = report.paper_table(summary)
+    sections = report.paper_tables(summary)
     with io.atomic_path(outputs["csv"]) as tmp:
         summary.to_csv(tmp, index=False)
     with io.atomic_path(outputs["per_round"]) as tmp:
         per_round.to_csv(tmp, index=False)
     with io.atomic_path(outputs["md"]) as tmp:
-        tmp.write_text(report.to_markdown(paper))
+        tmp.write_text(report.to_markdown(sections))
     with io.atomic_path(outputs["tex"]) as tmp:
-        tmp.write_text(report.to_latex(paper))
+        tmp.write_text(report.to_latex(sections))
 
 
 def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
@@ -363,7 +392,9 @@ def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
     if kind == "rounds":
         fig = report.rounds_figure(cell, options["round_plot_fpr"], options["width"])
     elif kind == "roc":
-        fig = report.roc_figure(cell, options["width"])
+        selection = options["single_round"]
+        selection = selection[0] if isinstance(selection, list | tuple) else selection
+        fig = report.roc_figure(cell, selection, options["width"])
     else:
         raise ValueError(f"unknown figure '{kind}'; choose from ['rounds', 'roc']")
     _save_figure(fig, outputs, options["dpi"])
@@ -377,21 +408,22 @@ def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
 
 
 def report_privacy_utility(*, table: str | Path, histories: Iterable[str | Path],
-                           cells: Iterable[Mapping[str, Any]],
                            defenses: Mapping[str, Mapping[str, Any]], output: str | Path
                            ) -> None:
     """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
 
-    ``histories`` and ``cells`` are parallel: the history Parquet of each cell.
+    Each history Parquet names its cell in its key columns; they are joined to the
+    attack table on those keys.
     """
     rows = []
-    for path, cell in zip(histories, cells, strict=True):
+    for path in histories:
         h = pd.read_parquet(path)
-        glob = h[(h.client_id == HELD_OUT) & h.test_accuracy.notna()]
-        rows.append({**cell, "test_accuracy": float(glob.sort_values("round")
-                                                    .test_accuracy.iloc[-1])})
-    pu = report.privacy_utility(pd.read_csv(table), pd.DataFrame(rows),
-                                {k: dict(v) for k, v in defenses.items()})
+        glob = h[(h.client_id == HELD_OUT) & h.test_accuracy.notna()].sort_values("round")
+        rows.append({**{k: h[k].iloc[0] for k in CELL_KEYS},
+                     "test_accuracy": float(glob.test_accuracy.iloc[-1])})
+    strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
+                              for key, d in defenses.items()])
+    pu = report.privacy_utility(pd.read_csv(table), pd.DataFrame(rows), strengths)
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
 

@@ -1,14 +1,30 @@
 """Tables and figures from the attack results (pure: DataFrames in, DataFrames/figures out).
 
 Input everywhere is the concatenation of attack-stage tables: one row per
-``(dataset, model, defense, partition, seed, attack, target, round)`` with the
-metrics of :mod:`fedmia.metrics` (``round = -1``: a multi-round score) and the
-ROC points ``roc_fpr``, ``roc_tpr``.
+``(dataset, model, defense, partition, seed, attack, protocol, draw, target, round)``
+with the metrics of :mod:`fedmia.metrics` (``round = -1``: a multi-round score),
+``attacked`` (whether a single-round attack's round is one of the attacked rounds),
+``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr`` (:data:`fedmia.attacks.RESULT_COLUMNS`).
+
+**How a single-round attack is reported** (``report.single_round``, :data:`SELECTIONS`):
+a single-round attack has one score per observed round, and a table shows one of them:
+
+* ``best_tpr`` — the official code's choice (mia_attack_auto.py): the attacked round
+  with the highest TPR at FPR 0.1 % and that round's other metrics;
+* ``best_auc`` — the attacked round with the highest AUC;
+* ``last`` — the last attacked round (no hindsight);
+* a round number — that observed round.
+
+A best round is picked with hindsight, on the mean over target clients, separately per
+seed and per official draw; ties go to the earliest round (the official's stable sort).
+Where TPR at FPR 0.1 % is undefined for a cell (fewer than 1,000 non-members under the
+``at_most`` rule), ``best_tpr`` falls back to ``best_auc`` and the table says so.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -18,265 +34,432 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fedmia.attacks import ATTACKS, PAPER_ORDER  # noqa: E402
+from fedmia.metrics import METRICS, tpr_metric_name  # noqa: E402
 
 SETTING = ["dataset", "model", "defense", "partition"]
-METRICS = ["auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"]
-#: code name → (paper v1 name, paper v3 name), in the paper's column order.
-PAPER_NAMES = {a: ATTACKS.get(a).paper for a in PAPER_ORDER}
-SINGLE_ROUND = ("loss", "cos", "grad_norm", "grad_diff")
+#: The keys of one table row before the attack: setting and protocol.
+ROW_KEYS = [*SETTING, "protocol"]
+#: One set of per-target results: a cell under one protocol draw.
+RUN = [*SETTING, "seed", "protocol", "draw"]
+#: Named single-round selections (besides a fixed round number).
+SELECTIONS = ("best_tpr", "best_auc", "last")
+#: ``single_round`` of multi-round attacks in the tables.
+ALL_ROUNDS = "all attacked rounds"
+HEADLINE_TPR = tpr_metric_name(0.001)
+#: Columns of :func:`summarize` (``results/tables/attacks.csv``).
+SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "std", "n",
+                   "n_defined", "draw_std", "n_nonmembers", "rounds", "selected_by",
+                   "fpr_rule", "note")
+#: Attack families of the privacy–utility figures (from the attack specs).
+FAMILIES: dict[str, tuple[str, ...]] = {}
+for _name in PAPER_ORDER:
+    FAMILIES.setdefault(ATTACKS.get(_name).family, ())
+    FAMILIES[ATTACKS.get(_name).family] += (_name,)
+SINGLE_ROUND = tuple(a for a in PAPER_ORDER if not ATTACKS.get(a).multi_round)
 
 
-def _per_round_means(results: pd.DataFrame) -> pd.DataFrame:
-    keys = [*SETTING, "seed", "attack", "round"]
-    return results.groupby(keys, as_index=False)[METRICS].mean()
+def check_selection(how: str | int) -> str | int:
+    """``how`` if it names a selection (:data:`SELECTIONS` or a round ≥ 1), else ValueError."""
+    if isinstance(how, bool) or not (how in SELECTIONS or (isinstance(how, int) and how >= 1)):
+        raise ValueError(f"unknown single-round selection {how!r}; choose from "
+                         f"{list(SELECTIONS)} or a round number")
+    return how
 
 
-def select_rounds(results: pd.DataFrame, how: str = "best") -> pd.DataFrame:
-    """The rows of each (cell, attack) at one round.
+def _label(attack: str) -> str:
+    return ATTACKS.get(attack).label
 
-    Multi-round attacks use their ``round = -1`` score. Single-round attacks use
-    ``how = "best"``: the round with the highest mean AUC over targets (as the
-    paper reports), or ``"last"``: the last observed round. ``grad_diff`` is
-    reported as its multi-round mean, as in the paper's table.
+
+def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr") -> pd.DataFrame:
+    """The rows of each run (cell × protocol draw) and attack at one round.
+
+    Multi-round attacks keep their ``round = -1`` rows. Single-round attacks keep the
+    rows of the round ``how`` picks (see the module docstring), chosen per run on the
+    mean over targets; a column ``selected_by`` says which rule picked it (``best_auc
+    (fallback: TPR@0.1% undefined)`` where ``best_tpr`` had to fall back).
+
+    Raises:
+        ValueError: an unknown selection, or a fixed round a run did not observe.
     """
-    keys = [*SETTING, "seed", "attack"]
-    multi = results[results["round"] == -1]
+    check_selection(how)
+    keys = [*RUN, "attack"]
+    multi = results[results["round"] == -1].assign(selected_by=ALL_ROUNDS)
     single = results[(results["round"] >= 0)
-                     & results["attack"].isin([a for a in SINGLE_ROUND if a != "grad_diff"])]
-    means = _per_round_means(single)
-    if how == "best":
-        pick = means.loc[means.groupby(keys)["auc"].idxmax(), [*keys, "round"]]
-    elif how == "last":
-        pick = means.loc[means.groupby(keys)["round"].idxmax(), [*keys, "round"]]
+                     & results["attack"].isin(SINGLE_ROUND)]
+    if single.empty:
+        return multi.reset_index(drop=True)
+    means = single.groupby([*keys, "round"], as_index=False).agg(
+        auc=("auc", "mean"), tpr=(HEADLINE_TPR, "mean"), attacked=("attacked", "all"))
+    if isinstance(how, int):
+        pick = means[means["round"] == how]
+        lacking = (means[keys].drop_duplicates().merge(pick[keys], how="left", indicator=True)
+                   .query("_merge == 'left_only'"))
+        if len(lacking):
+            raise ValueError(f"report.single_round = {how}: round {how} was not observed in "
+                             f"{len(lacking)} run(s), e.g. {lacking.iloc[0][keys].to_dict()}; "
+                             "choose an observed round")
+        pick = pick.assign(selected_by=f"round {how}")
     else:
-        raise ValueError(f"unknown round selection '{how}'; choose from ['best', 'last']")
-    chosen = single.merge(pick, on=[*keys, "round"])
+        cand = means[means["attacked"]].sort_values([*keys, "round"])
+        if how == "last":
+            pick = cand.groupby(keys, as_index=False).tail(1).assign(selected_by="last")
+        else:
+            col = "tpr" if how == "best_tpr" else "auc"
+            undefined = cand.groupby(keys)["tpr"].transform(lambda v: v.isna().all())
+            use = np.where((col == "tpr") & ~undefined, cand["tpr"], cand["auc"])
+            cand = cand.assign(_v=use, selected_by=np.where(
+                (col == "tpr") & undefined,
+                "best_auc (fallback: TPR@0.1% undefined)", how))
+            # idxmax takes the first maximum: rows are sorted by round, so ties go to the
+            # earliest round, as the official's stable sort
+            pick = cand.loc[cand.groupby(keys)["_v"].idxmax()].drop(columns="_v")
+    chosen = single.merge(pick[[*keys, "round", "selected_by"]], on=[*keys, "round"])
     return pd.concat([chosen, multi], ignore_index=True)
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Tidy attack table: one row per ``dataset, model, defense, partition, attack, metric``.
+def _rounds_text(rounds: pd.Series) -> str:
+    vals = sorted(set(int(r) for r in rounds))
+    return ", ".join(str(r) for r in vals)
 
-    Values are ``mean, std, n`` over targets and seeds, single-round attacks at their
-    best round (``selection`` says which was used; ``last_round_mean`` gives the
-    value at the last round for comparison). A metric that is undefined (TPR at
-    an FPR below 1/#non-members) has ``mean`` NaN and ``note`` saying why.
+
+def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tpr", "last"),
+              *, fpr_rule: str = "at_most") -> pd.DataFrame:
+    """Tidy attack table: one row per setting, protocol, selection, attack and metric.
+
+    Values are ``mean, std, n`` over targets × seeds × draws; ``draw_std`` is the std
+    over official draws of the per-draw mean (the spread of one official run; NaN for
+    ``aligned``). Single-round attacks appear once per selection (``single_round``
+    names it, ``rounds`` lists the round(s) it picked); multi-round attacks once, with
+    ``single_round`` = :data:`ALL_ROUNDS` and ``rounds`` the number of rounds combined.
+    A metric undefined for some rows (TPR at an FPR below 1/#non-members) has ``mean``
+    NaN and a ``note``.
     """
     out = []
-    for how in ("best", "last"):
+    selected = []
+    for i, how in enumerate(selections):
         sel = select_rounds(results, how)
-        long = sel.melt(id_vars=[*SETTING, "seed", "attack", "target", "round"],
-                        value_vars=METRICS, var_name="metric")
-        agg = long.groupby([*SETTING, "attack", "metric"], as_index=False, sort=False).agg(
-            mean=("value", "mean"), std=("value", "std"), n=("value", "size"),
-            n_defined=("value", "count"))
-        out.append(agg.assign(how=how))
-    best, last = out
-    table = best.merge(last[[*SETTING, "attack", "metric", "mean"]].rename(
-        columns={"mean": "last_round_mean"}), on=[*SETTING, "attack", "metric"])
-    table["selection"] = np.where(table["attack"].isin(["loss", "cos", "grad_norm"]),
-                                  "best round", "all rounds")
-    table["note"] = np.where(table["n_defined"] < table["n"],
-                             "undefined for some targets: fewer non-members than 1/FPR", "")
-    table.loc[table["n_defined"] < table["n"], "mean"] = np.nan
-    order = {a: i for i, a in enumerate(PAPER_NAMES)}
-    table = table.sort_values([*SETTING, "attack", "metric"],
-                              key=lambda s: s.map(order) if s.name == "attack" else s)
-    return table[[*SETTING, "attack", "metric", "mean", "std", "n", "selection",
-                  "last_round_mean", "note"]].reset_index(drop=True)
+        if i > 0:
+            sel = sel[sel["round"] >= 0]  # multi-round rows once
+        selected.append(sel.assign(single_round=np.where(sel["round"] >= 0, str(how),
+                                                         ALL_ROUNDS)))
+    sel = pd.concat(selected, ignore_index=True)
+    keys = [*ROW_KEYS, "single_round", "attack"]
+    long = sel.melt(id_vars=[*keys, "seed", "draw", "target", "round", "n_rounds",
+                             "n_nonmembers", "selected_by"], value_vars=list(METRICS),
+                    var_name="metric")
+    for key, g in long.groupby([*keys, "metric"], sort=False):
+        per_draw = g.groupby(["seed", "draw"])["value"].mean()
+        official = key[ROW_KEYS.index("protocol")] == "official"
+        single = g["round"].iloc[0] >= 0
+        defined = int(g["value"].count())
+        row = dict(zip([*keys, "metric"], key, strict=True))
+        row.update(
+            mean=g["value"].mean() if defined == len(g) else math.nan,
+            std=g["value"].std(), n=len(g), n_defined=defined,
+            draw_std=per_draw.std() if official and len(per_draw) > 1 else math.nan,
+            n_nonmembers=int(g["n_nonmembers"].min()),
+            rounds=_rounds_text(g["round"]) if single else f"{int(g['n_rounds'].iloc[0])}",
+            selected_by="; ".join(sorted(set(g["selected_by"]))),
+            fpr_rule=fpr_rule,
+            note="" if defined == len(g) else
+            "undefined for some targets: fewer non-members than 1/FPR")
+        out.append(row)
+    table = pd.DataFrame(out)
+    order = {a: i for i, a in enumerate(PAPER_ORDER)}
+    table = table.sort_values(
+        [*ROW_KEYS, "single_round", "attack", "metric"],
+        key=lambda s: s.map(order) if s.name == "attack" else s, kind="stable")
+    return table[list(SUMMARY_COLUMNS)].reset_index(drop=True)
 
 
-def paper_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The paper's Table 1 layout: one row per setting × {TPR@0.1%, AUC}, attacks as columns.
+PROTOCOL_TEXT = {
+    "aligned": "non-members aligned: the same samples for every client and round (fedmia)",
+    "official": "non-members redrawn per client and round, as the official code",
+}
+SELECTION_TEXT = {
+    "best_tpr": "the attacked round with the highest mean TPR@0.1% (the official choice, "
+                "picked with hindsight)",
+    "best_auc": "the attacked round with the highest mean AUC (picked with hindsight)",
+    "last": "the last attacked round (no hindsight)",
+}
+FPR_RULE_TEXT = {"at_most": "TPR at FPR ≤ α (fedmia)", "below": "TPR at FPR < α (the official "
+                 "code)"}
 
-    TPR is in percent; cells read ``mean ± std`` (``n/a`` where undefined).
+
+def _selection_text(how: str) -> str:
+    return SELECTION_TEXT.get(how, f"round {how}" if how.isdigit() else how)
+
+
+def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
+    """The caption line of one table section: every convention it used."""
+    part = summary[summary.protocol == protocol]
+    single = part[part.single_round == selection]
+    multi = part[part.single_round == ALL_ROUNDS]
+    n_non = sorted(set(part["n_nonmembers"].astype(int)))
+    res = ", ".join(f"1/{q:,}" for q in n_non)
+    bits = [f"Protocol `{protocol}`: {PROTOCOL_TEXT.get(protocol, protocol)}"]
+    if len(single):
+        picked = sorted(set(single["selected_by"]))
+        rounds = sorted(set(", ".join(single["rounds"]).split(", ")), key=int)
+        bits.append(f"single-round attacks: `{selection}`, {_selection_text(selection)}"
+                    + (f" [{'; '.join(p for p in picked if p != selection)}]"
+                       if set(picked) - {selection} else "")
+                    + f"; rounds picked: {', '.join(rounds)}")
+    if len(multi):
+        bits.append("multi-round attacks over "
+                    + "/".join(sorted(set(multi["rounds"]), key=int)) + " attacked rounds")
+    rules = sorted(set(part["fpr_rule"]))
+    bits.append("; ".join(FPR_RULE_TEXT.get(r, r) for r in rules))
+    unit = "targets × seeds" + (" × draws" if protocol == "official" else "")
+    ns = sorted(set(part["n"].astype(int)))
+    bits.append(f"mean ± std over {unit} (n = {'/'.join(map(str, ns))})")
+    bits.append(f"FPR resolution {res} (1 / non-members)")
+    return " · ".join(bits) + "."
+
+
+def paper_tables(summary: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """The paper's Table 1 layout, one section per (protocol, single-round selection).
+
+    Returns:
+        ``(title, caption, table)`` per section; a table has one row per setting ×
+        {TPR@0.1 %, AUC}, the attacks as columns (paper names), TPR in percent, cells
+        ``mean ± std`` (``n/a`` where undefined).
     """
+    out = []
+    selections = [s for s in dict.fromkeys(summary["single_round"]) if s != ALL_ROUNDS]
+    for protocol in dict.fromkeys(summary["protocol"]):
+        for selection in selections or [ALL_ROUNDS]:
+            part = summary[(summary.protocol == protocol)
+                           & summary.single_round.isin([selection, ALL_ROUNDS])]
+            title = f"protocol {protocol}" + (
+                f" · single-round attacks at {selection}" if selection != ALL_ROUNDS else "")
+            out.append((title, caption(summary, protocol, selection), _layout(part)))
+    return out
+
+
+def _layout(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    attacks = [a for a in PAPER_NAMES if a in set(summary["attack"])]
+    attacks = [a for a in PAPER_ORDER if a in set(summary["attack"])]
     for setting, g in summary.groupby(SETTING, sort=False):
-        for metric, label in (("tpr@0.1%", "TPR@0.1% (%)"), ("auc", "AUC")):
+        for metric, label in ((HEADLINE_TPR, "TPR@0.1% (%)"), ("auc", "AUC")):
             row = dict(zip(SETTING, setting, strict=True), metric=label)
             for a in attacks:
                 r = g[(g.attack == a) & (g.metric == metric)]
                 if r.empty or not np.isfinite(r["mean"].iloc[0]):
-                    row[_paper_name(a)] = "n/a"
+                    row[_label(a)] = "n/a"
                     continue
                 scale, fmt = (100, "{:.2f}") if metric != "auc" else (1, "{:.3f}")
                 m, s = r["mean"].iloc[0] * scale, r["std"].iloc[0] * scale
-                row[_paper_name(a)] = fmt.format(m) + ("" if math.isnan(s) else
-                                                       " ± " + fmt.format(s))
+                row[_label(a)] = fmt.format(m) + ("" if math.isnan(s) else
+                                                   " ± " + fmt.format(s))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _paper_name(attack: str) -> str:
-    v1, v3 = PAPER_NAMES[attack]
-    return v1 if v1 == v3 else f"{v1} ({v3})"
-
-
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table."""
+def _md_table(table: pd.DataFrame) -> str:
     cols = list(table.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(False)]
     return "\n".join(lines) + "\n"
 
 
-def to_latex(table: pd.DataFrame) -> str:
-    """A booktabs LaTeX tabular."""
-    def esc(v: object) -> str:
-        return str(v).replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")
-
-    cols = list(table.columns)
-    lines = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
-             " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
-    lines += [" & ".join(esc(v) for v in row) + r" \\" for row in table.itertuples(False)]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+def to_markdown(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
+    """GitHub-flavoured Markdown: per section a heading, its caption line and the table."""
+    return "\n".join(f"### {title}\n\n{cap}\n\n{_md_table(t)}" for title, cap, t in sections)
 
 
-def _figure(n: int, width: float) -> tuple[plt.Figure, np.ndarray]:
-    fig, axes = plt.subplots(1, n, figsize=(width, width / n * 0.8), squeeze=False)
-    return fig, axes[0]
+def _tex(v: object) -> str:
+    return (str(v).replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")
+            .replace("≤", r"$\le$").replace("×", r"$\times$").replace("`", ""))
+
+
+def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
+    """Booktabs LaTeX tabulars, each preceded by its caption as a comment and a paragraph."""
+    out = []
+    for title, cap, table in sections:
+        cols = list(table.columns)
+        out += [f"% {title}", r"\paragraph{" + _tex(title) + "} " + _tex(cap), "",
+                r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
+                " & ".join(_tex(c) for c in cols) + r" \\", r"\midrule"]
+        out += [" & ".join(_tex(v) for v in row) + r" \\" for row in table.itertuples(False)]
+        out += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figure(rows: int, cols: int, width: float) -> tuple[plt.Figure, np.ndarray]:
+    fig, axes = plt.subplots(rows, cols, figsize=(width, width / cols * 0.8 * rows),
+                             squeeze=False)
+    return fig, axes
+
+
+def _colors() -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {a: cycle[i % len(cycle)] for i, a in enumerate(PAPER_ORDER)}
 
 
 def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figure:
-    """TPR at ``fpr`` and AUC versus round for one cell (mean over targets).
+    """TPR at ``fpr`` and AUC versus round for one cell, one row per protocol.
 
-    Single-round attacks are lines over the observed rounds; multi-round attacks
-    are horizontal dashed lines (the official code's main figure).
+    Means over targets (and official draws). Single-round attacks are lines over the
+    observed rounds, filled markers at attacked rounds and hollow ones at rounds
+    observed only for the figure; multi-round attacks are horizontal dashed lines
+    (the official code's main figure).
     """
     metric = {0.001: "tpr@0.1%", 0.01: "tpr@1%", 0.1: "tpr@10%"}.get(fpr)
     if metric is None:
         raise ValueError(f"round_plot_fpr must be one of 0.001, 0.01, 0.1 (got {fpr})")
-    means = cell.groupby(["attack", "round"], as_index=False)[METRICS].mean()
-    fig, axes = _figure(2, width)
-    colors = dict(zip(PAPER_NAMES, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2,
-                      strict=False))
-    for ax, m, label in ((axes[0], metric, f"TPR at FPR {fpr:.1%}"), (axes[1], "auc", "AUC")):
-        for a in [a for a in PAPER_NAMES if a in set(means.attack)]:
-            g = means[means.attack == a]
-            per_round = g[g["round"] >= 0].sort_values("round")
-            if len(per_round):
-                ax.plot(per_round["round"], per_round[m], "o-", color=colors[a],
-                        label=_paper_name(a))
-            multi = g[g["round"] == -1]
-            if len(multi):
-                ax.axhline(multi[m].iloc[0], ls="--", color=colors[a],
-                           label=_paper_name(a) + " (all rounds)" if len(per_round) else
-                           _paper_name(a))
-        if m == "auc":
-            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        else:
-            ax.axhline(fpr, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("round")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    protocols = list(dict.fromkeys(cell["protocol"]))
+    fig, axes = _figure(len(protocols), 2, width)
+    colors = _colors()
+    for row, protocol in enumerate(protocols):
+        part = cell[cell.protocol == protocol]
+        means = part.groupby(["attack", "round"], as_index=False).agg(
+            **{m: (m, "mean") for m in METRICS}, attacked=("attacked", "all"))
+        for ax, m, label in ((axes[row, 0], metric, f"TPR at FPR {fpr:.1%}"),
+                             (axes[row, 1], "auc", "AUC")):
+            for a in [a for a in PAPER_ORDER if a in set(means.attack)]:
+                g = means[means.attack == a]
+                per_round = g[g["round"] >= 0].sort_values("round")
+                if len(per_round):
+                    ax.plot(per_round["round"], per_round[m], "-", color=colors[a],
+                            label=_label(a))
+                    hit = per_round[per_round["attacked"]]
+                    miss = per_round[~per_round["attacked"]]
+                    ax.plot(hit["round"], hit[m], "o", color=colors[a])
+                    ax.plot(miss["round"], miss[m], "o", mfc="none", color=colors[a])
+                multi = g[g["round"] == -1]
+                if len(multi):
+                    ax.axhline(multi[m].iloc[0], ls="--", color=colors[a], label=_label(a))
+            ax.axhline(0.5 if m == "auc" else fpr, color="grey", lw=0.8, ls=":")
+            ax.set_xlabel("round")
+            ax.set_ylabel(label)
+            ax.set_title(f"protocol: {protocol}", fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig
 
 
-def roc_figure(cell: pd.DataFrame, width: float = 11) -> plt.Figure:
-    """Log-log ROC curves, one per attack (mean TPR over targets on a common FPR grid).
+def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
+               width: float = 11) -> plt.Figure:
+    """Log-log ROC curves per attack (mean TPR over targets on a common FPR grid).
 
-    Single-round attacks at their best round, multi-round attacks over all rounds.
+    One panel per protocol; single-round attacks at the round ``selection`` picks,
+    multi-round attacks over the attacked rounds.
     """
-    sel = select_rounds(cell, "best")
-    fig, axes = _figure(1, width * 0.55)
-    ax = axes[0]
+    sel = select_rounds(cell, selection)
+    protocols = list(dict.fromkeys(sel["protocol"]))
+    fig, axes = _figure(1, len(protocols), width * 0.5 * len(protocols))
     grid = np.logspace(-4, 0, 200)
-    for a in [a for a in PAPER_NAMES if a in set(sel.attack)]:
-        g = sel[sel.attack == a]
-        tprs = [np.interp(grid, np.asarray(f), np.asarray(t)) for f, t in
-                zip(g.roc_fpr, g.roc_tpr, strict=True)]
-        lo = max(min(np.asarray(f)[np.asarray(f) > 0].min() for f in g.roc_fpr), 1e-4)
-        keep = grid >= lo
-        ax.loglog(grid[keep], np.mean(tprs, axis=0)[keep],
-                  label=f"{_paper_name(a)} (AUC {g.auc.mean():.3f})")
-    ax.loglog(grid, grid, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_xlim(max(ax.get_xlim()[0], 1e-3), 1)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    colors = _colors()
+    for ax, protocol in zip(axes[0], protocols, strict=True):
+        part = sel[sel.protocol == protocol]
+        lo_all = 1.0
+        for a in [a for a in PAPER_ORDER if a in set(part.attack)]:
+            g = part[part.attack == a]
+            tprs = [np.interp(grid, np.asarray(f), np.asarray(t)) for f, t in
+                    zip(g.roc_fpr, g.roc_tpr, strict=True)]
+            lo = max(min(np.asarray(f)[np.asarray(f) > 0].min() for f in g.roc_fpr), 1e-4)
+            lo_all = min(lo_all, lo)
+            keep = grid >= lo
+            ax.loglog(grid[keep], np.mean(tprs, axis=0)[keep], color=colors[a],
+                      label=f"{_label(a)} (AUC {g.auc.mean():.3f})")
+        ax.loglog(grid, grid, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_xlim(lo_all, 1)
+        ax.set_title(f"protocol: {protocol}; single-round: {selection}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The summary rows of the first protocol and first single-round selection."""
+    protocol = summary["protocol"].iloc[0]
+    selections = [s for s in dict.fromkeys(summary["single_round"]) if s != ALL_ROUNDS]
+    selection = selections[0] if selections else ALL_ROUNDS
+    part = summary[(summary.protocol == protocol)
+                   & summary.single_round.isin([selection, ALL_ROUNDS])]
+    return part, f"protocol {protocol}, single-round attacks at {selection}"
 
 
 def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
-    """Bars of AUC and TPR@1% per attack, one bar per partition (iid vs non-iid)."""
-    fig, axes = _figure(2, width)
-    attacks = [a for a in PAPER_NAMES if a in set(summary.attack)]
+    """Bars of AUC and TPR@1% per attack, one bar per partition (iid vs non-iid).
+
+    Drawn for the table's first protocol and first single-round selection (the title
+    says which).
+    """
+    summary, what = _headline(summary)
+    fig, axes = _figure(1, 2, width)
+    attacks = [a for a in PAPER_ORDER if a in set(summary.attack)]
     parts = list(dict.fromkeys(summary.partition))
     w = 0.8 / max(len(parts), 1)
     x = np.arange(len(attacks))
-    for ax, metric in zip(axes, ("auc", "tpr@1%"), strict=True):
+    for ax, metric in zip(axes[0], ("auc", "tpr@1%"), strict=True):
         for i, p in enumerate(parts):
             g = summary[(summary.partition == p) & (summary.metric == metric)]
             g = g.groupby("attack")[["mean", "std"]].mean().reindex(attacks)
             ax.bar(x + i * w - 0.4 + w / 2, g["mean"], w, yerr=g["std"].fillna(0), label=p,
                    capsize=2)
-        ax.set_xticks(x, [PAPER_NAMES[a][0] for a in attacks], rotation=45, ha="right")
+        ax.set_xticks(x, [ATTACKS.get(a).paper[0] or a for a in attacks], rotation=45,
+                      ha="right")
         ax.set_ylabel(metric.upper() if metric == "auc" else "TPR at FPR 1%")
         if metric == "auc":
             ax.set_ylim(0.4, 1.0)
             ax.axhline(0.5, color="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(what, fontsize=9)
     fig.tight_layout()
     return fig
 
 
-#: Attack families of the privacy–utility figures.
-FAMILIES = {
-    "loss": ("loss", "loss_series", "fedmia_loss"),
-    "cos": ("cos", "cos_series", "fedmia_cos"),
-    "grad": ("grad_norm", "grad_diff"),
-}
-
-
 def privacy_utility(summary: pd.DataFrame, accuracy: pd.DataFrame,
-                    defenses: dict[str, dict]) -> pd.DataFrame:
+                    strengths: pd.DataFrame) -> pd.DataFrame:
     """Join attack success with utility per defense.
 
     Args:
         summary: :func:`summarize` output.
         accuracy: ``dataset, model, defense, partition, seed, test_accuracy`` (final round).
-        defenses: the config's ``defenses`` block (key → ``{kind, params...}``).
+        strengths: ``defense, kind, strength`` per defense key.
 
     Returns:
-        Tidy: ``dataset, model, partition, defense, kind, strength, test_accuracy, attack,
-        metric, mean, std`` (test accuracy averaged over seeds).
+        Tidy: ``dataset, model, partition, defense, kind, strength, test_accuracy,
+        protocol, single_round, attack, metric, mean, std`` (test accuracy averaged over
+        seeds).
     """
-    from fedmia.defenses import strength_of
-
     acc = accuracy.groupby(SETTING, as_index=False)["test_accuracy"].mean()
-    pu = summary.merge(acc, on=SETTING, how="left")
-    pu["kind"] = pu["defense"].map(lambda d: defenses[d]["kind"])
-    pu["strength"] = pu["defense"].map(lambda d: strength_of(defenses[d]))
+    pu = summary.merge(acc, on=SETTING, how="left").merge(strengths, on="defense",
+                                                          how="left")
     cols = ["dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
-            "attack", "metric", "mean", "std"]
+            "protocol", "single_round", "attack", "metric", "mean", "std"]
     return pu[cols].sort_values(["dataset", "model", "partition", "kind", "strength",
-                                 "attack", "metric"]).reset_index(drop=True)
+                                 "protocol", "single_round", "attack", "metric"]
+                                ).reset_index(drop=True)
 
 
 def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> plt.Figure:
     """Test accuracy versus attack AUC (top) and TPR@0.1% (bottom) for one attack family.
 
     One line per defense kind (strengths as points, labelled), the undefended model
-    as a black star; one column per attack of the family, one figure per setting
-    mix (all settings of ``pu`` overlaid).
+    as a black star; one column per attack of the family; all settings of ``pu``
+    overlaid; the first protocol and single-round selection (the title says which).
     """
+    pu, what = _headline(pu)
     attacks = [a for a in FAMILIES[family] if a in set(pu.attack)]
     if not attacks:
         raise ValueError(f"no attack of family '{family}' in the table")
     fig, axes = plt.subplots(2, len(attacks), figsize=(width, width * 0.6), squeeze=False)
     kinds = [k for k in dict.fromkeys(pu.kind) if k != "none"]
-    colors = dict(zip(kinds, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2,
-                      strict=False))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {k: cycle[i % len(cycle)] for i, k in enumerate(kinds)}
     for col, a in enumerate(attacks):
-        for row, metric in enumerate(("auc", "tpr@0.1%")):
+        for row, metric in enumerate(("auc", HEADLINE_TPR)):
             ax = axes[row, col]
             g = pu[(pu.attack == a) & (pu.metric == metric)]
             for kind in kinds:
@@ -288,10 +471,10 @@ def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> 
                                 fontsize=6, xytext=(2, 2), textcoords="offset points")
             base = g[g.kind == "none"]
             ax.plot(base["mean"], base["test_accuracy"], "k*", ms=12, label="no defense")
-            ax.set_xlabel(("AUC" if metric == "auc" else "TPR at FPR 0.1%")
-                          + f" — {_paper_name(a)}")
+            ax.set_xlabel(("AUC" if metric == "auc" else "TPR at FPR 0.1%") + f" — {_label(a)}")
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(what, fontsize=9)
     fig.tight_layout()
     return fig

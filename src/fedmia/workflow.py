@@ -116,6 +116,74 @@ class WorkflowSpec:
         """Observed rounds of ``cell``."""
         return TrainConfig.from_dict(self.train[cell]).observed()
 
+    def attack_rounds(self, cell: Cell) -> list[int]:
+        """Rounds the attacks of ``cell`` use (``attack.rounds``, else observe_every's)."""
+        rounds = self.config["attack"]["rounds"]
+        if rounds is None:
+            return TrainConfig.from_dict(self.train[cell]).every_rounds()
+        return sorted(rounds)
+
+    @property
+    def protocols(self) -> list[str]:
+        """The non-member protocols, as a list."""
+        return _as_list(self.config["attack"]["protocol"])
+
+    @property
+    def selections(self) -> list[str | int]:
+        """The single-round selections of the report, as a list."""
+        return _as_list(self.config["report"]["single_round"])
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _check_attack_plan(spec: WorkflowSpec) -> None:
+    """Cross-checks of the attack and report options against every cell."""
+    config = spec.config
+    attack = config["attack"]
+    for cell in spec.cells:
+        train = TrainConfig.from_dict(spec.train[cell])
+        observed = train.observed()
+        rounds = spec.attack_rounds(cell)
+        if not rounds:
+            raise ConfigError(
+                f"invalid config: cell {cell.path} has no attacked rounds: train.rounds = "
+                f"{train.rounds} < train.observe_every = {train.observe_every}; lower "
+                "observe_every or list attack.rounds")
+        lacking = sorted(set(rounds) - set(observed))
+        if lacking:
+            raise ConfigError(
+                f"invalid config at 'attack.rounds': round(s) {lacking} are not observed in "
+                f"cell {cell.path} (observed: {observed}); attack observed rounds only, or "
+                "add them to train.observe_rounds")
+        for how in spec.selections:
+            if isinstance(how, int) and how not in observed:
+                raise ConfigError(
+                    f"invalid config at 'report.single_round': round {how} is not observed in "
+                    f"cell {cell.path} (observed: {observed}); pick an observed round")
+    fedmia = [a for a in attack["attacks"] if a.startswith("fedmia_")]
+    official = attack["official"]
+    for key in sorted({c.partition for c in spec.cells}):
+        part = PartitionConfig.from_dict(config["partitions"][key])
+        if fedmia and part.num_clients < 3:
+            raise ConfigError(
+                f"invalid config at 'partitions.{key}.num_clients': {fedmia} need at least 2 "
+                f"non-target clients, i.e. num_clients >= 3 (got {part.num_clients}); raise it "
+                "or drop those attacks")
+        if "official" not in spec.protocols:
+            continue
+        for slots, pool, name in ((official["test_slots"], part.eval_nonmembers,
+                                   "eval_nonmembers"),
+                                  (official["client_slots"], part.eval_members_per_client,
+                                   "eval_members_per_client")):
+            if slots is not None and slots > pool:
+                which = "test_slots" if name == "eval_nonmembers" else "client_slots"
+                raise ConfigError(
+                    f"invalid config at 'attack.official.{which}': {slots} slots are drawn "
+                    f"from partition '{key}' but its {name} is {pool}; the official protocol "
+                    f"needs {name} >= {slots} (raise it) or lower {which}")
+
 
 def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> WorkflowSpec:
     """Validate ``config`` in place (filling defaults) and expand its grid.
@@ -158,7 +226,9 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
             if cell not in train:
                 cells.append(cell)
                 train[cell] = merged
-    return WorkflowSpec(config=config, cells=tuple(cells), train=train)
+    spec = WorkflowSpec(config=config, cells=tuple(cells), train=train)
+    _check_attack_plan(spec)
+    return spec
 
 
 def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list, list]]:

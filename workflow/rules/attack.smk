@@ -3,9 +3,11 @@ rule attack:
         mdm=MDM,
         partition=PARTITION,
     output:
-        ATTACK,
+        **cell_attack_files(),
     log:
-        f"results/logs/attack/{CELL}/{{attack}}.log",
+        f"results/logs/attack/{CELL}.log",
+    benchmark:
+        f"results/benchmarks/attack/{CELL}.tsv"
     conda:
         "../../envs/fedmia.yaml"
     params:

@@ -4,6 +4,7 @@
 import dataclasses
 
 import fedmia
+from fedmia.attacks import outlier_filter_for
 from fedmia.workflow import Cell, canonical, load_workflow_config
 
 SPEC = load_workflow_config(
@@ -24,7 +25,6 @@ DATA_FILES = {
 PARTITION = "results/partitions/{dataset}/{partition}/seed{seed}.parquet"
 TRAIN = f"results/train/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"
-ATTACK = f"results/attacks/{CELL}/{{attack}}.parquet"
 FIGURES = f"results/figures/{CELL}"
 ATTACKS = config["attack"]["attacks"]
 GPU = 1 if config["device"].startswith("cuda") else 0
@@ -40,7 +40,6 @@ wildcard_constraints:
     defense=_alternatives(config["defenses"]),
     partition=_alternatives(config["partitions"]),
     seed=r"\d+",
-    attack=_alternatives(ATTACKS),
 
 
 def cell_of(wildcards):
@@ -82,20 +81,37 @@ def get_observed_rounds(wildcards):
 
 
 def get_attack_params(wildcards):
-    """The attack's slice of the config, with the outlier-filter policy resolved."""
+    """The attack stage's slice of the config for one cell, with per-cell choices resolved."""
     cfg = config["attack"]
-    policy = cfg["fedmia_outlier_filter"]
-    partition_kind = config["partitions"][wildcards.partition]["kind"]
-    auto = wildcards.attack == "fedmia_cos" and partition_kind == "dirichlet"
+    cell = cell_of(wildcards)
+    kind = config["partitions"][wildcards.partition]["kind"]
     return {
+        "attacks": list(ATTACKS),
+        "attack_rounds": SPEC.attack_rounds(cell),
         "targets": cfg["targets"],
-        "outlier_filter": policy == "always" or (policy == "auto" and auto),
+        "protocol": SPEC.protocols,
+        "official": canonical(cfg["official"]),
+        "fpr_rule": cfg["fpr_rule"],
+        "fedmia_ddof": cfg["fedmia_ddof"],
+        "outlier_filter": {
+            a: outlier_filter_for(cfg["fedmia_outlier_filter"], a, kind)
+            for a in ATTACKS
+        },
         "roc_points": cfg["roc_points"],
     }
 
 
+def cell_attack_files(cell_pattern=CELL):
+    """attack name -> its result file, for the cell ``cell_pattern`` (wildcards or filled)."""
+    return {a: f"results/attacks/{cell_pattern}/{a}.parquet" for a in ATTACKS}
+
+
 def get_cell_attacks(wildcards):
-    return expand(ATTACK, attack=ATTACKS, allow_missing=True)
+    return list(cell_attack_files().values())
+
+
+def get_report_options():
+    return canonical({**config["report"], "single_round": SPEC.selections})
 
 
 def cell_paths(pattern, **extra):
@@ -104,7 +120,9 @@ def cell_paths(pattern, **extra):
 
 
 def get_all_attacks(wildcards=None):
-    return [p for a in ATTACKS for p in cell_paths(ATTACK, attack=a)]
+    return [
+        p for a in ATTACKS for p in cell_paths(f"results/attacks/{CELL}/{a}.parquet")
+    ]
 
 
 def get_all_histories(wildcards=None):
@@ -113,9 +131,9 @@ def get_all_histories(wildcards=None):
 
 def get_families():
     """Attack families with at least one configured attack (privacy-utility figures)."""
-    from fedmia.report import FAMILIES
+    from fedmia.attacks import ATTACKS as SPECS
 
-    return [f for f, attacks in FAMILIES.items() if set(attacks) & set(ATTACKS)]
+    return list(dict.fromkeys(SPECS.get(a).family for a in ATTACKS))
 
 
 def get_final_output():

@@ -15,6 +15,8 @@ rule table:
     conda:
         "../../envs/fedmia.yaml"
     params:
+        selections=SPEC.selections,
+        fpr_rule=config["attack"]["fpr_rule"],
         version=VERSION,
     script:
         "../scripts/table.py"
@@ -37,7 +39,7 @@ rule figure_rounds:
         "../../envs/fedmia.yaml"
     params:
         kind="rounds",
-        options=canonical(config["report"]),
+        options=get_report_options(),
         version=VERSION,
     script:
         "../scripts/figure_cell.py"
@@ -56,7 +58,7 @@ use rule figure_rounds as figure_roc with:
         f"results/logs/report/{CELL}/roc.log",
     params:
         kind="roc",
-        options=canonical(config["report"]),
+        options=get_report_options(),
         version=VERSION,
 
 
@@ -96,7 +98,6 @@ rule privacy_utility:
     conda:
         "../../envs/fedmia.yaml"
     params:
-        cells=[dataclasses.asdict(c) for c in SPEC.cells],
         defenses=canonical(config["defenses"]),
         version=VERSION,
     script:

@@ -19,6 +19,7 @@ rule train:
         model=get_model_cfg,
         defense=get_defense_cfg,
         train=get_train_cfg,
+        cell=get_cell,
         device=config["device"],
         version=VERSION,
     script:

@@ -1,15 +1,14 @@
-"""Rule attack: one attack against every target client of a cell (fedmia.pipeline.attack)."""
+"""Rule attack: every attack against every target client of a cell (fedmia.pipeline.attack)."""
 
 from fedmia import pipeline
 from fedmia.logs import setup_logging
 
 setup_logging(snakemake.log[0])
 pipeline.attack(
-    name=snakemake.wildcards.attack,
     measures_file=snakemake.input.mdm,
     partition_file=snakemake.input.partition,
     cell=snakemake.params.cell,
     rounds=snakemake.params.rounds,
     **snakemake.params.attack,
-    output=snakemake.output[0],
+    outputs=dict(snakemake.output.items()),
 )

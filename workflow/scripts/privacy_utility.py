@@ -7,7 +7,6 @@ setup_logging(snakemake.log[0])
 pipeline.report_privacy_utility(
     table=snakemake.input.table,
     histories=list(snakemake.input.histories),
-    cells=snakemake.params.cells,
     defenses=snakemake.params.defenses,
     output=snakemake.output[0],
 )

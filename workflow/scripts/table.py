@@ -4,4 +4,9 @@ from fedmia import pipeline
 from fedmia.logs import setup_logging
 
 setup_logging(snakemake.log[0])
-pipeline.report_tables(attack_files=list(snakemake.input), outputs=dict(snakemake.output.items()))
+pipeline.report_tables(
+    attack_files=list(snakemake.input),
+    selections=snakemake.params.selections,
+    fpr_rule=snakemake.params.fpr_rule,
+    outputs=dict(snakemake.output.items()),
+)

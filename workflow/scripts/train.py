@@ -11,7 +11,7 @@ pipeline.train(
     model=snakemake.params.model,
     defense=snakemake.params.defense,
     train_cfg=snakemake.params.train,
-    seed=int(snakemake.wildcards.seed),
+    cell=snakemake.params.cell,
     device=snakemake.params.device,
     threads=snakemake.threads,
     outputs=dict(snakemake.output.items()),
