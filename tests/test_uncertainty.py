@@ -297,3 +297,13 @@ def test_stable_seed():
                              env={"PYTHONHASHSEED": salt, "PATH": ""}, check=True)
         assert int(out.stdout) == seed
 
+
+def test_benchmark_smoke(repo):
+    r = subprocess.run([sys.executable, str(repo / "bench" / "bootstrap.py"), "--smoke"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line
+                  and " " not in line.split("=", 1)[0])
+    for key in ("bootstrap_ms_default_iid", "bootstrap_ms_paper", "projected_default_s",
+                "projected_default_paired_s"):
+        assert float(values[key]) > 0, key
