@@ -1,0 +1,432 @@
+"""Bootstrap uncertainty of attack metrics (pure numpy).
+
+One attack on one target client at one round gives one AUC and one TPR at each FPR
+level (:mod:`fedmia.metrics`). This module says how much those numbers would move
+if the evaluation samples were drawn again.
+
+Replicates of one row (:func:`bootstrap_replicates`)
+    Stratified, non-parametric bootstrap: each replicate draws ``P`` of the ``P``
+    members and ``Q`` of the ``Q`` non-members uniformly with replacement, the two
+    sets independently, and applies exactly the definitions of :mod:`fedmia.metrics`
+    to the resampled data. A sample drawn twice is tied with itself: AUC counts each
+    member/non-member tie one half, a threshold ("score ≥ t") takes all copies or
+    none, and TPR at FPR α is the largest TPR among thresholds with at most
+    :func:`fedmia.metrics.max_false_positives` false positives (``at_most``: NaN in
+    every replicate when ``Q·α < 1``). The ``below`` rule is applied exactly
+    (largest TPR with ``FP < α·Q``); scikit-learn's ROC thinning, which
+    :mod:`fedmia.metrics` reproduces for that rule, is *not* reproduced in the
+    replicates. On data without ties the two agree, also after resampling (copies
+    of one sample add vertical or horizontal ROC steps only); with ties in the
+    original scores a replicate can be higher than the thinned official value.
+
+Interval of one row (:func:`percentile_interval`)
+    The percentile interval: the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles of
+    the replicates (numpy's linear interpolation).
+
+Interval of a mean over units (:func:`two_stage_interval`, :func:`mean_interval`)
+    For the summary rows (mean over target clients and seeds); see there.
+
+Caveat — TPR at low FPR
+    With ``m = ⌊α·Q⌋`` allowed false positives the TPR is set by the ``(m+1)``-th
+    highest non-member score, an extreme order statistic. For small ``m`` its
+    bootstrap distribution is discrete and too narrow: a resample mostly keeps the
+    original sample's top non-members (the bootstrap of a sample maximum is the
+    textbook failure: it reproduces the observed maximum with probability
+    ``1 − (1 − 1/Q)^Q ≈ 63 %``). Percentile intervals of TPR therefore undercover
+    when ``α·Q < 10``, badly when ``α·Q`` is 1 or 2 (FPR 0.1 % on 1,000–2,000
+    non-members). Measured (``python bench/bootstrap.py --coverage --separation d``:
+    500 members, 1,000 non-members, Gaussians ``d`` apart, B = 1,000, 200 samples),
+    the 95 % intervals covered the population value in
+
+    ======  =====  ========  ======  =======
+    d       AUC    TPR@0.1%  TPR@1%  TPR@10%
+    ======  =====  ========  ======  =======
+    1       94.5   83.5      93.0    95.0
+    2       95.0   75.5      93.5    94.5
+    ======  =====  ========  ======  =======
+
+    percent of the samples (α·Q = 1, 10, 100). Such an interval is a lower bound on
+    the uncertainty, not a 95 % guarantee; state the number of false positives the
+    TPR rests on (:func:`false_positives_at`) and the FPR resolution ``1/Q`` next to
+    it. (``below`` with ``α·Q ≤ 1`` allows no false positive: the TPR then rests on
+    the sample maximum of the non-members alone.)
+
+Randomness
+    Every function takes an integer ``seed``; :func:`stable_seed` derives one from the
+    keys of a row, so reruns are byte-identical (numpy does not promise the same
+    ``Generator`` streams across its versions; pinned numpy, identical bytes).
+    Replicate ``b`` depends only on the seed, the scores and the order of the samples
+    (members and non-members have separate streams), never on how the replicates are
+    split into chunks (:data:`CHUNK_ENTRIES`) or on how many are drawn after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from fedmia import metrics
+
+#: Replicates are processed in chunks of about this many entries (replicates ×
+#: samples): the int64 draws of a chunk (2 MiB) stay in a core's cache, which is ~1.5×
+#: faster than one pass over all B × N entries, and memory stays ~10 MB for any B and N.
+#: The replicates do not depend on it.
+CHUNK_ENTRIES = 1 << 18
+
+
+class _Blocks(NamedTuple):
+    """The samples in runs that a resample cannot split (see :func:`_blocks`)."""
+
+    member_block: np.ndarray  # int64 P: block of each member (members in input order)
+    nonmember_block: np.ndarray  # int64 Q: block of each non-member (input order)
+    n_blocks: int  # K
+
+
+def _blocks(scores: np.ndarray, is_member: np.ndarray) -> _Blocks:
+    """Group the samples, by decreasing score, into blocks of consecutive tie groups.
+
+    A tie group is the set of samples with one score. Consecutive tie groups that
+    hold only members are merged into one block, and so are consecutive groups that
+    hold only non-members; a group holding both stays a block of its own. In any
+    resample, the resampled counts per block determine the AUC and every TPR at FPR:
+    members of one block beat the same non-members (and tie with the same ones),
+    and the best threshold with FP ≤ m is found at a block end (inside a member run
+    a later threshold only adds members; inside a non-member run it only adds FP).
+    """
+    metrics.roc_curve(scores, is_member)  # validates exactly as fedmia.metrics does
+    s = np.asarray(scores, dtype=np.float64)
+    m = np.asarray(is_member).astype(bool)
+    _, group = np.unique(-s, return_inverse=True)  # tie group of each sample, G groups
+    n_groups = int(group.max()) + 1
+    has_member = np.bincount(group[m], minlength=n_groups) > 0
+    has_nonmember = np.bincount(group[~m], minlength=n_groups) > 0
+    kind = has_member.astype(np.int8) + 2 * has_nonmember  # 1, 2, or 3 (mixed)
+    starts = np.r_[True, (kind[1:] != kind[:-1]) | (kind[1:] == 3)]
+    block_of_group = np.cumsum(starts) - 1
+    block = block_of_group[group].astype(np.int64)
+    return _Blocks(block[m], block[~m], int(block_of_group[-1]) + 1)
+
+
+def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The members' and the non-members' random streams of a bootstrap seeded ``seed``."""
+    pos, neg = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(pos), np.random.default_rng(neg)
+
+
+def _draw(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
+    """Indices (int64 n_boot×n) of ``n_boot`` resamples of ``n`` items with replacement.
+
+    Drawing ``b1`` rows and then ``b2`` rows gives the same rows as drawing ``b1 + b2``
+    at once (numpy keeps the spare half of a 64-bit draw in the generator's state),
+    so blocks of replicates do not change the replicates; a test checks it.
+    """
+    return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
+
+
+def resample_weights(n_members: int, n_nonmembers: int, *, n_boot: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The multiplicities :func:`bootstrap_replicates` resamples with (slow path, tests).
+
+    Args:
+        n_members: P.
+        n_nonmembers: Q.
+        n_boot: B.
+        seed: the seed given to :func:`bootstrap_replicates`.
+
+    Returns:
+        ``(w_members, w_nonmembers)``, int64 B×P and B×Q: how many times replicate ``b``
+        takes the ``j``-th member (non-member), members and non-members each in the
+        order they appear in the input; every row sums to P (Q).
+    """
+    rng_pos, rng_neg = _streams(seed)
+    out = []
+    for rng, n in ((rng_pos, n_members), (rng_neg, n_nonmembers)):
+        idx = _draw(rng, n_boot, n) + n * np.arange(n_boot)[:, None]
+        out.append(np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n))
+    return out[0], out[1]
+
+
+def _block_counts(idx: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndarray:
+    """Resampled count of each block: int64 b×K from the drawn indices ``idx`` (b×n)."""
+    key = block[idx]  # b×n, int64
+    key += n_blocks * np.arange(len(idx))[:, None]
+    return np.bincount(key.ravel(), minlength=len(idx) * n_blocks).reshape(len(idx), n_blocks)
+
+
+def _fp_limits(n_nonmembers: int, alphas: Sequence[float], rule: str) -> dict[str, int | None]:
+    """``{tpr_metric_name(α): most false positives allowed}``; None where undefined."""
+    limits: dict[str, int | None] = {}
+    for a in alphas:
+        m = metrics.max_false_positives(n_nonmembers, a, rule)  # validates alpha and rule
+        limits[metrics.tpr_metric_name(a)] = (
+            m if metrics.tpr_at_fpr_defined(n_nonmembers, a, rule) else None)
+    return limits
+
+
+def _metrics_of_counts(tp: np.ndarray, fp: np.ndarray, limits: dict[str, int | None]
+                       ) -> dict[str, np.ndarray]:
+    """AUC and TPRs of b resamples from their counts per block (int64 b×K each).
+
+    ``tp[i, k]`` (``fp[i, k]``): members (non-members) of block ``k`` in resample ``i``;
+    blocks in decreasing score order (:func:`_blocks`). Returns float64 b per metric.
+    """
+    nb, k = tp.shape
+    n_pos, n_neg = int(tp[0].sum()), int(fp[0].sum())  # every resample keeps P and Q
+    tp_cum = np.zeros((nb, k + 1), dtype=np.int64)  # column k: members in blocks < k
+    np.cumsum(tp, axis=1, out=tp_cum[:, 1:])
+    # member/non-member pairs won + ½ tied = Σ_k fp_k (TP before k + tp_k / 2), × 2
+    won2 = np.einsum("bk,bk->b", fp, tp_cum[:, 1:] + tp_cum[:, :-1])
+    out = {"auc": won2 / (2 * n_pos * n_neg)}
+    fp_cum = np.cumsum(fp, axis=1)  # FP of the threshold at each block end
+    rows = np.arange(nb)
+    for name, m in limits.items():
+        if m is None:
+            out[name] = np.full(nb, np.nan)
+        else:  # the last block end with FP <= m; fp_cum is non-decreasing along a row
+            out[name] = tp_cum[rows, np.count_nonzero(fp_cum <= m, axis=1)] / n_pos
+    return out
+
+
+def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: int = 1000,
+                         seed: int, alphas: Sequence[float] = metrics.FPR_LEVELS,
+                         rule: str = "at_most") -> dict[str, np.ndarray]:
+    """Stratified bootstrap replicates of the AUC and of TPR at each FPR level.
+
+    See the module docstring for the resampling and the definitions. No loop over
+    samples or replicates: the samples are sorted once and grouped into blocks
+    (:func:`_blocks`); per chunk of replicates (:data:`CHUNK_ENTRIES`), the drawn
+    indices are counted per block (one ``bincount`` each for members and
+    non-members: integer counts, chunk × K), and cumulative sums over the K blocks
+    give every AUC (integer arithmetic, exact up to the final division) and, per α,
+    every TPR (the last block end with FP ≤ m).
+
+    ``scores`` may hold R score vectors of the same samples (R×N: e.g. every attack
+    and round of one target client). Replicate ``b`` then resamples the same members
+    and non-members for every row (a paired bootstrap: differences between rows get
+    honest intervals too), and the draws, about half the cost, are made once. Row
+    ``r`` equals the call on ``scores[r]`` alone with the same seed.
+
+    Args:
+        scores: float N (or R×N), higher = more likely a member.
+        is_member: bool N (P members, Q non-members, both > 0).
+        n_boot: B, the number of replicates.
+        seed: seed of the resample (see :func:`stable_seed`); the multiplicities are
+            :func:`resample_weights` ``(P, Q, n_boot=B, seed=seed)``.
+        alphas: FPR levels in (0, 1].
+        rule: :data:`fedmia.metrics.FPR_RULES`; ``below`` is the exact strict rule
+            (no scikit-learn thinning).
+
+    Returns:
+        ``{"auc": …, tpr_metric_name(α): …}``, each float64 B (R×B for R×N scores),
+        replicate ``b`` at index ``b``; a TPR is all-NaN where undefined (``at_most``
+        and ``Q·α < 1``).
+
+    Raises:
+        ValueError: invalid scores or labels (as :mod:`fedmia.metrics`), an FPR level
+            outside (0, 1], an unknown rule, or ``n_boot < 1``.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1; got {n_boot}")
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim not in (1, 2):
+        raise ValueError(f"scores must be 1-D (N) or 2-D (R×N); got shape {s.shape}")
+    blocks = [_blocks(row, is_member) for row in s.reshape(-1, s.shape[-1])]
+    n_pos, n_neg = len(blocks[0].member_block), len(blocks[0].nonmember_block)
+    limits = _fp_limits(n_neg, alphas, rule)
+    out = {name: np.empty((len(blocks), n_boot)) for name in ("auc", *limits)}
+    rng_pos, rng_neg = _streams(seed)
+    step = max(1, CHUNK_ENTRIES // (n_pos + n_neg))
+    for lo in range(0, n_boot, step):
+        nb = min(step, n_boot - lo)
+        drawn_pos, drawn_neg = _draw(rng_pos, nb, n_pos), _draw(rng_neg, nb, n_neg)
+        for r, bl in enumerate(blocks):
+            tp = _block_counts(drawn_pos, bl.member_block, bl.n_blocks)  # nb×K
+            fp = _block_counts(drawn_neg, bl.nonmember_block, bl.n_blocks)
+            for name, values in _metrics_of_counts(tp, fp, limits).items():
+                out[name][r, lo:lo + nb] = values
+    return out if s.ndim == 2 else {name: v[0] for name, v in out.items()}
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates, ignoring NaN.
+
+    Args:
+        replicates: float B.
+        level: coverage in (0, 1).
+
+    Returns:
+        ``(low, high)``: the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles (linear
+        interpolation) of the non-NaN replicates; ``(nan, nan)`` if all are NaN.
+        (A replicate of :func:`bootstrap_replicates` is NaN only where the metric is
+        undefined for the row, and then all of them are.)
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    r = np.asarray(replicates, dtype=np.float64)
+    if r.ndim != 1:
+        raise ValueError(f"replicates must be 1-D; got shape {r.shape}")
+    r = r[~np.isnan(r)]
+    if len(r) == 0:
+        return math.nan, math.nan
+    low, high = np.percentile(r, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def _nanmean_rows(x: np.ndarray) -> np.ndarray:
+    """Mean of each row of ``x`` (n×U) over its non-NaN entries; NaN for an all-NaN row."""
+    ok = ~np.isnan(x)
+    n = ok.sum(axis=1)
+    total = np.where(ok, x, 0.0).sum(axis=1)
+    return np.divide(total, n, out=np.full(len(x), np.nan), where=n > 0)
+
+
+def mean_interval(values: np.ndarray, *, n_boot: int = 1000, seed: int, level: float = 0.95
+                  ) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over units (units resampled only).
+
+    Each of ``n_boot`` outer replicates draws U units uniformly with replacement and
+    averages their values (NaN values skipped, as in the point estimate of a table's
+    mean); the interval is :func:`percentile_interval` of those means. This treats the
+    units' values as exact: it is :func:`two_stage_interval` without within-unit noise,
+    and with the same seed draws the same units.
+
+    Args:
+        values: float U, one value per unit (e.g. per target client and seed).
+        n_boot: number of outer replicates.
+        seed: seed of the unit draws.
+        level: coverage in (0, 1).
+
+    Returns:
+        ``(low, high)``; NaN where every value is NaN.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"values must be 1-D and non-empty; got shape {v.shape}")
+    units = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+    return percentile_interval(_nanmean_rows(v[units]), level)
+
+
+def two_stage_interval(replicates: np.ndarray, *, n_boot: int = 1000, seed: int,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Two-stage bootstrap interval of the mean of a metric over U units.
+
+    Units are the rows of a summary: target clients × seeds. Estimator: each of
+    ``n_boot`` outer replicates
+
+    1. draws U unit indices uniformly with replacement (between-unit sampling), then
+    2. for each drawn unit, draws one replicate index uniformly from ``0 … B−1``,
+       independently for every draw (so a unit drawn twice usually contributes two
+       different within-unit replicates), and takes that within-unit bootstrap
+       replicate (within-unit sampling: which members and non-members were evaluated),
+    3. averages the U values, skipping NaN (a metric undefined for a unit is left out
+       of the mean, as in the table's point estimate).
+
+    The interval is :func:`percentile_interval` of the outer means. With no
+    within-unit noise (every row of ``replicates`` constant) it is exactly
+    :func:`mean_interval` of the units' values with the same seed.
+
+    Assumptions: the units are independent draws from the population of interest,
+    and the within-unit replicates describe each unit's sampling error. Targets of
+    one cell share a training run and most non-members (the held-out pool), so their
+    errors are positively correlated; neither this estimator nor :func:`mean_interval`
+    sees that correlation, and with few seeds the interval is too narrow for
+    run-to-run variation.
+
+    Under independence, resampling the units alone (:func:`mean_interval`) is
+    already consistent, because each unit's point estimate carries its own sampling
+    error. The two-stage estimator adds that error a second time (step 2), so it is
+    conservative: the variance of its outer mean is about ``(S² + σ²_w)/U``, where
+    ``S²`` is the observed between-unit variance (which contains ``σ²_w``) and
+    ``σ²_w`` the mean within-unit variance — at most √2 × too wide, when the
+    within-unit noise dominates (Davison & Hinkley 1997, §3.8). It is the safer
+    choice with few units, where the between-unit spread is itself poorly estimated.
+
+    Args:
+        replicates: float U×B, row ``u`` the within-unit replicates of unit ``u``
+            (from :func:`bootstrap_replicates`).
+        n_boot: number of outer replicates.
+        seed: seed of the outer draws.
+        level: coverage in (0, 1).
+
+    Returns:
+        ``(low, high)``; NaN where every unit's replicates are NaN.
+    """
+    r = np.asarray(replicates, dtype=np.float64)
+    if r.ndim != 2 or r.size == 0:
+        raise ValueError(f"replicates must be 2-D (units × replicates), non-empty; "
+                         f"got shape {r.shape}")
+    n_units, n_within = r.shape
+    rng = np.random.default_rng(seed)
+    units = rng.integers(0, n_units, size=(n_boot, n_units))  # first: as mean_interval
+    within = rng.integers(0, n_within, size=(n_boot, n_units))
+    return percentile_interval(_nanmean_rows(r[units, within]), level)
+
+
+def false_positives_at(scores: np.ndarray, is_member: np.ndarray, alpha: float,
+                       rule: str = "at_most") -> int:
+    """The false positives the reported TPR at FPR ``alpha`` rests on.
+
+    The TPR of :func:`fedmia.metrics.tpr_at_fpr` (``rule`` included, so ``below`` with
+    scikit-learn's thinning) is ``TP/P`` for some number ``TP`` of members. This is
+    the number of non-members at or above the strictest threshold reaching ``TP``
+    members, i.e. with a score ≥ the lowest score among those members: the fewest
+    false positives with which that TPR is reached, so a table can say "TPR 3.1 % at
+    1 false positive". It is at most :func:`fedmia.metrics.max_false_positives`;
+    the metric's own (most permissive) threshold may admit more non-members, up to
+    that limit, without gaining a member. 0 when the TPR is 0.
+
+    Args:
+        scores: float N, higher = more likely a member.
+        is_member: bool N.
+        alpha: FPR level in (0, 1].
+        rule: one of :data:`fedmia.metrics.FPR_RULES`.
+
+    Returns:
+        The number of false positives, or −1 where the TPR is undefined (NaN:
+        ``at_most`` with fewer than ``1/alpha`` non-members).
+    """
+    tpr = metrics.tpr_at_fpr(scores, is_member, alpha, rule)
+    if math.isnan(tpr):
+        return -1
+    fpr, tpr_curve, _ = metrics.roc_curve(scores, is_member)
+    m = np.asarray(is_member).astype(bool)
+    n_pos, n_neg = int(m.sum()), int((~m).sum())
+    tp_curve = np.rint(tpr_curve * n_pos)  # exact counts (rates are count / P)
+    first = int(np.searchsorted(tp_curve, round(tpr * n_pos), side="left"))
+    return int(round(fpr[first] * n_neg))
+
+
+def stable_seed(*keys: str | int | float | bool) -> int:
+    """A seed in [0, 2⁶³) derived from ``keys``, the same in every process and machine.
+
+    The keys are encoded as JSON (type-aware: ``1``, ``"1"``, ``1.0`` and ``True``
+    differ) and hashed with BLAKE2b; Python's ``hash()`` is salted per process and is
+    not used. Numpy scalars count as the Python number of the same value.
+
+    Args:
+        keys: e.g. ``("digits", "alexnet", "none", "iid", 0, "cos", 3, 10, "aligned")``.
+
+    Raises:
+        TypeError: a key that is not a str, int, float or bool.
+    """
+    canon: list[str | int | float | bool] = []
+    for k in keys:
+        if isinstance(k, bool | np.bool_):
+            canon.append(bool(k))
+        elif isinstance(k, numbers.Integral):
+            canon.append(int(k))
+        elif isinstance(k, numbers.Real):
+            canon.append(float(k))
+        elif isinstance(k, str):
+            canon.append(k)
+        else:
+            raise TypeError(f"seed keys must be str, int, float or bool; got {type(k)!r}")
+    text = json.dumps(canon, ensure_ascii=True, allow_nan=True, separators=(",", ":"))
+    digest = hashlib.blake2b(text.encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
