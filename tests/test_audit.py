@@ -1,0 +1,166 @@
+"""One-run ε audit (Steinke, Nasr & Jagielski 2023) against brute force and known mechanisms."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from fedmia.accounting import pld_epsilon
+from fedmia.audit import (
+    audit_from_scores,
+    audit_p_value,
+    count_guesses,
+    draw_canaries,
+    epsilon_lower_bound,
+    max_epsilon_lower_bound,
+)
+
+
+def brute_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The theorem's bound written out term by term with exact binomial coefficients.
+
+    P[Bin(r, q) ≥ v] + 2mδ · max over i = 1..m (not only ..v) of P[v > Bin(r, q) ≥ v − i] / i.
+    """
+    q = math.exp(eps) / (1 + math.exp(eps))
+
+    def pmf(k: int) -> float:
+        return math.comb(r, k) * q**k * (1 - q) ** (r - k) if 0 <= k <= r else 0.0
+
+    tail = sum(pmf(k) for k in range(v, r + 1))
+    alpha = max(sum(pmf(k) for k in range(max(v - i, 0), v)) / i for i in range(1, m + 1))
+    return min(tail + 2 * m * delta * alpha, 1.0)
+
+
+def test_p_value_matches_the_theorem_written_out():
+    m = 8
+    for r in range(0, m + 1):
+        for v in range(0, r + 1):
+            for eps in (0.0, 0.3, 1.0, 2.5):
+                for delta in (0.0, 1e-3, 0.05):
+                    assert audit_p_value(m, r, v, eps, delta) == pytest.approx(
+                        brute_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12)
+
+
+def test_bound_is_the_root_of_the_p_value():
+    eps = epsilon_lower_bound(200, 60, 55, 1e-5, 0.05)
+    assert eps > 0
+    assert audit_p_value(200, 60, 55, eps, 1e-5) < 0.05 <= audit_p_value(200, 60, 55, eps + 1e-6,
+                                                                          1e-5)
+
+
+def test_bound_covers_randomized_response_exactly():
+    # ε-DP randomized response on each canary's coin (report the coin with probability
+    # q = e^ε/(1+e^ε)) is the mechanism for which the δ = 0 bound is tight: the number of
+    # correct guesses when guessing every report is Binomial(m, q). Enumerating all
+    # outcomes (coins × reports) the bound exceeds the true ε with probability ≤ β.
+    m, beta = 6, 0.2
+    bound = [epsilon_lower_bound(m, m, v, 0.0, beta) for v in range(m + 1)]
+    for eps_true in (0.2, 0.5, 1.0):
+        q = math.exp(eps_true) / (1 + math.exp(eps_true))
+        exceed = 0.0
+        for coins in itertools.product((0, 1), repeat=m):
+            for reports in itertools.product((0, 1), repeat=m):
+                correct = sum(c == g for c, g in zip(coins, reports, strict=True))
+                if bound[correct] > eps_true:
+                    exceed += 0.5**m * q**correct * (1 - q) ** (m - correct)
+        assert 0 < exceed <= beta
+        # the δ = 0 p-value is that exact tail probability at the true ε
+        assert audit_p_value(m, m, m, eps_true, 0.0) == pytest.approx(q**m)
+
+
+def test_bound_is_monotone_in_v_and_capped_by_m():
+    m, beta, delta = 1000, 0.05, 1e-5
+    cap_m = max_epsilon_lower_bound(m, beta)
+    assert cap_m == pytest.approx(5.8091, abs=1e-4)  # −ln(20^{1/1000} − 1)
+    assert cap_m == pytest.approx(math.log(m / math.log(1 / beta)), abs=0.01)
+    for r in (10, 100, 1000):
+        votes = range(r // 2, r + 1, 1 + r // 50)
+        bounds = [epsilon_lower_bound(m, r, v, delta, beta) for v in votes]
+        assert all(b2 >= b1 - 1e-8 for b1, b2 in itertools.pairwise(bounds))
+        assert bounds[0] == 0.0  # half the guesses right is chance
+        perfect = epsilon_lower_bound(m, r, r, delta, beta)
+        assert perfect <= max_epsilon_lower_bound(r, beta) <= cap_m
+        # with δ = 0 perfect guesses reach the cap
+        assert epsilon_lower_bound(m, r, r, 0.0, beta) == pytest.approx(
+            max_epsilon_lower_bound(r, beta), abs=1e-7)
+    # a larger δ never gives a larger bound
+    assert epsilon_lower_bound(m, 100, 95, 1e-3) < epsilon_lower_bound(m, 100, 95, 1e-6)
+
+
+def test_random_scores_give_no_bound():
+    m, positive, worst = 1000, 0, 0.0
+    seeds = range(30)
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        included = rng.random(m) < 0.5
+        result = audit_from_scores(rng.normal(size=m), included, delta=1e-5, holdout_seed=seed)
+        positive += result.epsilon > 0
+        worst = max(worst, result.epsilon)
+    # under a 0-DP mechanism P[bound > 0] ≤ β = 0.05; allow a little over β·30 = 1.5
+    assert positive <= 5 and worst < 0.5
+
+
+@pytest.mark.parametrize("noise", [0.5, 1.0])
+def test_gaussian_mechanism_bound_stays_below_true_epsilon(noise):
+    # Each canary moves its own coordinate by 1 when included, plus N(0, noise²): one
+    # Gaussian mechanism per canary (add/remove, sensitivity 1), so the whole release is
+    # (ε, δ)-DP with ε the Gaussian's at δ. The score is the coordinate itself, the
+    # likelihood-ratio (perfect-knowledge) score.
+    delta = 1e-5
+    true_eps = pld_epsilon(noise, 1, delta, 1e-4)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        included = rng.random(1000) < 0.5
+        scores = included + noise * rng.normal(size=1000)
+        result = audit_from_scores(scores, included, delta=delta, holdout_seed=seed)
+        assert 1.0 < result.epsilon < true_eps, result
+        assert result.num_correct <= result.num_guesses <= result.num_canaries == 500
+
+
+def test_audit_result_counts_its_guesses():
+    included = np.array([True, False, True, False, True, False, True, False])
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])
+    count = count_guesses(np.argsort(-scores), included, 2, 1)
+    assert (count.num_guesses, count.correct_in, count.correct_out) == (3, 1, 1)
+    result = audit_from_scores(np.tile(scores, 10), np.tile(included, 10), delta=0.0,
+                               choices=[(0.1, 0.1)])
+    row = result.to_dict()
+    assert row["rule"] == "holdout" and (row["choice_in"], row["choice_out"]) == (0.1, 0.1)
+    assert row["num_canaries"] + row["selection_canaries"] == 80
+    assert result.guesses_in == result.guesses_out == 4
+
+
+def test_ties_do_not_leak_position():
+    # All scores equal: a caller that lists included canaries first must not get a bound.
+    included = np.repeat([True, False], 500)
+    result = audit_from_scores(np.zeros(1000), included, delta=1e-5)
+    assert result.epsilon == 0.0
+
+
+def test_draw_canaries_is_seeded_and_fair():
+    candidates = np.arange(100, 5100)
+    ids, included = draw_canaries(candidates, 2000, seed=3)
+    again = draw_canaries(candidates, 2000, seed=3)
+    assert np.array_equal(ids, again[0]) and np.array_equal(included, again[1])
+    assert len(np.unique(ids)) == 2000 and np.isin(ids, candidates).all()
+    assert np.all(np.diff(ids) > 0)
+    assert abs(included.mean() - 0.5) < 0.05  # 2000 fair coins: sd 0.011
+    assert not np.array_equal(draw_canaries(candidates, 2000, seed=4)[1], included)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError):
+        epsilon_lower_bound(10, 11, 5, 1e-5)
+    with pytest.raises(ValueError):
+        epsilon_lower_bound(10, 5, 6, 1e-5)
+    with pytest.raises(ValueError):
+        epsilon_lower_bound(10, 5, 5, 1e-5, beta=1.0)
+    with pytest.raises(ValueError):
+        draw_canaries(np.array([1, 1, 2]), 2, seed=0)
+    with pytest.raises(ValueError):
+        audit_from_scores(np.array([0.0, np.nan]), np.array([True, False]), delta=0.0)
+    with pytest.raises(ValueError):
+        audit_from_scores(np.zeros(4), np.zeros(4, bool), delta=0.0, choices=[(0.8, 0.8)])
