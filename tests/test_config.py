@@ -89,10 +89,15 @@ DELETE = object()
     ("attack.fpr_rule", "strict", r"'strict' is not one of \['at_most', 'below'\]"),
     ("attack.official", {"draws": 0}, r"at 'attack.official.draws': 0 is less than the minimum"),
     ("attack.official", {"test_slots": 1001},
-     r"at 'attack.official.test_slots': 1001 slots are drawn from partition 'dirichlet' but its "
-     r"eval_nonmembers is 1000; the official protocol needs eval_nonmembers >= 1001"),
+     r"at 'attack.official.test_slots': 1001 slots are drawn from partition 'iid' but its "
+     r"eval_nonmembers is 1000 \(cell digits/alexnet/none/iid/seed0\); the official protocol "
+     r"needs eval_nonmembers >= 1001"),
     ("attack.official", {"client_slots": 30},
      r"partition 'dirichlet' but its eval_members_per_client is 20"),
+    ("grid.0.attack", {"official": {"draws": 0}},
+     r"at 'grid\[0\].attack.official.draws': 0 is less than the minimum of 1"),
+    ("grid.0.attack", {"official": {"test_slots": 2000}},
+     r"at 'attack.official.test_slots': 2000 slots are drawn from partition 'iid'"),
     ("report.single_round", 15, r"at 'report.single_round': round 15 is not observed in cell"),
     ("report.single_round", "best", r"at 'report.single_round'"),
     ("train.observe_every", 40, r"has no attacked rounds: train.rounds = 30 < "
@@ -162,3 +167,16 @@ def test_attack_plan_defaults(default_config):
     spec = load_workflow_config(cfg, SCHEMA)
     assert spec.attack_rounds(cell) == [1, 30]
     assert spec.protocols == ["official"] and spec.selections == ["best_tpr"]
+
+
+def test_grid_block_overrides_the_official_draws_of_its_cells(default_config):
+    cfg = mutate(default_config, "attack.official", {"draws": 7})
+    cfg["grid"] = [{**cfg["grid"][0], "partitions": ["iid"]},
+                   {**cfg["grid"][0], "partitions": ["dirichlet"],
+                    "attack": {"official": {"test_slots": 500}}}]
+    spec = load_workflow_config(cfg, SCHEMA)
+    iid, dirichlet = spec.cells
+    assert spec.official_for(iid) == {"client_slots": None, "draws": 7, "self_mix": True,
+                                      "test_slots": None}
+    assert spec.official_for(dirichlet)["test_slots"] == 500
+    assert spec.official_for(dirichlet)["draws"] == 7  # the top level stays in force

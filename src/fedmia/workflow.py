@@ -107,6 +107,7 @@ class WorkflowSpec:
     config: dict[str, Any]
     cells: tuple[Cell, ...]
     train: dict[Cell, dict[str, Any]]
+    official: dict[Cell, dict[str, Any]]
 
     def train_for(self, cell: Cell) -> dict[str, Any]:
         """Resolved training config of ``cell`` (``train`` updated by its grid block)."""
@@ -122,6 +123,10 @@ class WorkflowSpec:
         if rounds is None:
             return TrainConfig.from_dict(self.train[cell]).every_rounds()
         return sorted(rounds)
+
+    def official_for(self, cell: Cell) -> dict[str, Any]:
+        """The official protocol's options of ``cell`` (``attack.official`` ∪ its block's)."""
+        return canonical(self.official[cell])
 
     @property
     def protocols(self) -> list[str]:
@@ -163,7 +168,6 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                     f"invalid config at 'report.single_round': round {how} is not observed in "
                     f"cell {cell.path} (observed: {observed}); pick an observed round")
     fedmia = [a for a in attack["attacks"] if a.startswith("fedmia_")]
-    official = attack["official"]
     for key in sorted({c.partition for c in spec.cells}):
         part = PartitionConfig.from_dict(config["partitions"][key])
         if fedmia and part.num_clients < 3:
@@ -171,18 +175,21 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                 f"invalid config at 'partitions.{key}.num_clients': {fedmia} need at least 2 "
                 f"non-target clients, i.e. num_clients >= 3 (got {part.num_clients}); raise it "
                 "or drop those attacks")
-        if "official" not in spec.protocols:
-            continue
-        for slots, pool, name in ((official["test_slots"], part.eval_nonmembers,
-                                   "eval_nonmembers"),
-                                  (official["client_slots"], part.eval_members_per_client,
+    if "official" not in spec.protocols:
+        return
+    for cell in spec.cells:
+        official = spec.official[cell]
+        part = PartitionConfig.from_dict(config["partitions"][cell.partition])
+        for which, pool, name in (("test_slots", part.eval_nonmembers, "eval_nonmembers"),
+                                  ("client_slots", part.eval_members_per_client,
                                    "eval_members_per_client")):
+            slots = official[which]
             if slots is not None and slots > pool:
-                which = "test_slots" if name == "eval_nonmembers" else "client_slots"
                 raise ConfigError(
                     f"invalid config at 'attack.official.{which}': {slots} slots are drawn "
-                    f"from partition '{key}' but its {name} is {pool}; the official protocol "
-                    f"needs {name} >= {slots} (raise it) or lower {which}")
+                    f"from partition '{cell.partition}' but its {name} is {pool} (cell "
+                    f"{cell.path}); the official protocol needs {name} >= {slots} (raise it) "
+                    f"or lower {which}")
 
 
 def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> WorkflowSpec:
@@ -200,10 +207,12 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
         for key, block in config[section].items():
             cls.from_dict(block, where=f"{section}.{key}")
     train_validator = base({**schema["$defs"]["train"], "$defs": schema["$defs"]})
+    official_validator = base({**schema["$defs"]["official"], "$defs": schema["$defs"]})
     TrainConfig.from_dict(config["train"], where="train")
 
     cells: list[Cell] = []
     train: dict[Cell, dict[str, Any]] = {}
+    official: dict[Cell, dict[str, Any]] = {}
     for i, block in enumerate(config["grid"]):
         for section in ("datasets", "models", "defenses", "partitions"):
             missing = [k for k in block[section] if k not in config[section]]
@@ -213,20 +222,26 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
                     f"defined {section}: {sorted(config[section])}"
                 )
         merged = {**config["train"], **block.get("train", {})}
+        block_official = {**config["attack"]["official"],
+                          **block.get("attack", {}).get("official", {})}
+        _raise_first(list(official_validator.iter_errors(block_official)),
+                     prefix=f"grid[{i}].attack.official.")
         _raise_first(list(train_validator.iter_errors(merged)), prefix=f"grid[{i}].train.")
         TrainConfig.from_dict(merged, where=f"grid[{i}].train (merged with train)")
         for combo in itertools.product(block["datasets"], block["models"], block["defenses"],
                                        block["partitions"], block["seeds"]):
             cell = Cell(*combo)
-            if cell in train and train[cell] != merged:
+            if cell in train and (train[cell], official[cell]) != (merged, block_official):
                 raise ConfigError(
                     f"invalid config at 'grid[{i}]': cell {cell.path} also appears in an earlier "
-                    "grid block with different training settings; keep each cell in one block"
+                    "grid block with different training or attack settings; keep each cell in "
+                    "one block"
                 )
             if cell not in train:
                 cells.append(cell)
                 train[cell] = merged
-    spec = WorkflowSpec(config=config, cells=tuple(cells), train=train)
+                official[cell] = block_official
+    spec = WorkflowSpec(config=config, cells=tuple(cells), train=train, official=official)
     _check_attack_plan(spec)
     return spec
 

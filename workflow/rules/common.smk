@@ -90,7 +90,7 @@ def get_attack_params(wildcards):
         "attack_rounds": SPEC.attack_rounds(cell),
         "targets": cfg["targets"],
         "protocol": SPEC.protocols,
-        "official": canonical(cfg["official"]),
+        "official": SPEC.official_for(cell),
         "fpr_rule": cfg["fpr_rule"],
         "fedmia_ddof": cfg["fedmia_ddof"],
         "outlier_filter": {
