@@ -22,7 +22,7 @@ from fedmia.layerwise import (
     layerwise_products,
 )
 from fedmia.measures import compute_round_measures, per_sample_grad_products
-from fedmia.models import AlexNetCifar, ResNet18Cifar
+from fedmia.models import AlexNetCifar, build_model
 from fedmia.state import FlatState
 
 
@@ -72,8 +72,8 @@ def alexnet_case():
 @pytest.fixture(scope="module")
 def resnet_case():
     torch.manual_seed(0)
-    model = with_bn_statistics(ResNet18Cifar(10), (3, 32, 32))
-    bn = model.layers[0][0].bn1
+    model = with_bn_statistics(build_model("resnet18_bn", 10, seed=0), (3, 32, 32))
+    bn = model.layer1[0].bn1
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     args = inputs(model, k=3, b=6, shape=(3, 32, 32), num_classes=10)
     return model, args, per_sample_grad_products(model, *args)
