@@ -1,7 +1,8 @@
 """Benchmark: the per-sample measures of one observed round, four ways, in one process.
 
-AlexNet (CIFAR variant, 100 classes, 3×32×32 inputs), K client updates of scale
-``--update-scale``, N evaluation samples. Routes, timed interleaved per repeat:
+A CIFAR model of :data:`fedmia.models.MODELS` (``--model``: AlexNet by default, or
+the paper's GroupNorm ResNet18), 100 classes, 3×32×32 inputs, K client updates of
+scale ``--update-scale``, N evaluation samples. Routes, timed interleaved per repeat:
 
 (a) ``fedmia``: :func:`fedmia.measures.compute_round_measures` with the layer-wise
     route (loss, cos, grad_diff, grad_norm for all K clients);
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 
 from fedmia.layerwise import layerwise_grad_products
 from fedmia.measures import compute_round_measures, per_sample_grad_products
-from fedmia.models import build_model
+from fedmia.models import MODELS, build_model
 from fedmia.pipeline import device_name, setup_compute
 from fedmia.state import FlatState
 
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=MODELS.names(), default="alexnet",
+                   help="model architecture (fedmia.models.MODELS)")
     p.add_argument("--samples", type=int, default=256, help="evaluation samples N")
     p.add_argument("--naive-samples", type=int, default=64,
                    help="samples for the naive route (at most --samples; 0: all): it costs "
@@ -133,18 +136,18 @@ def naive(state: FlatState, w: torch.Tensor, uploads: torch.Tensor, x: torch.Ten
                 out["loss"][c, s:s + 10] = F.cross_entropy(model(x[s:s + 10]), y[s:s + 10],
                                                            reduction="none")
         state.load(w)
-        d = uploads[c][mask]
+        # float64 reductions: the check then measures fedmia's error, not this route's own
+        # (a float32 dot over ResNet18's 11M terms is off by ~6e-4; grad_diff cancels)
+        d = uploads[c][mask].double()
         for s in range(0, n, 10):
             losses = F.cross_entropy(model(x[s:s + 10]), y[s:s + 10], reduction="none")
             for j in range(len(losses)):
                 grads = torch.autograd.grad(losses[j], params, retain_graph=True)
-                g = torch.cat([t.reshape(-1) for t in grads])
+                g = torch.cat([t.reshape(-1) for t in grads]).double()
                 i = s + j
                 out["grad_norm"][i] = g @ g
                 out["cos"][c, i] = (g @ d) / (g.norm() * d.norm())
-                dd, gd = d.double(), g.double()  # float64: the check then measures fedmia's
-                out["grad_diff"][c, i] = dd @ dd - (dd - gd) @ (dd - gd)  # error, not this
-                # cancellation (‖Δ‖² ≫ |grad_diff|)
+                out["grad_diff"][c, i] = d @ d - (d - g) @ (d - g)  # ‖Δ‖² ≫ |grad_diff|
     return {m: v.cpu() for m, v in out.items()}
 
 
@@ -203,7 +206,8 @@ def memory_check(args: argparse.Namespace) -> None:
     """Run route (a) alone on N and 4N samples in fresh processes; print their peaks."""
     peaks = {}
     for n in (args.samples, 4 * args.samples):
-        cmd = [sys.executable, __file__, "--routes", "fedmia", "--repeats", "1",
+        cmd = [sys.executable, __file__, "--model", args.model, "--routes", "fedmia",
+               "--repeats", "1",
                "--samples", str(n), "--chunk", str(args.chunk), "--clients", str(args.clients),
                "--classes", str(args.classes), "--batch-size", str(args.batch_size),
                "--device", args.device, "--threads", str(args.threads)]
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown route(s) {sorted(unknown)}")
 
-    model = build_model("alexnet", args.classes, seed=args.seed).to(device)
+    model = build_model(args.model, args.classes, seed=args.seed).to(device)
     state = FlatState(model)
     w = state.snapshot()
     g = torch.Generator().manual_seed(args.seed)
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.samples, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.samples,), generator=g).to(device)
     nn_ = args.naive_samples
-    print(f"AlexNet/{args.classes} classes, {int(mask.sum()):,} parameters; K={args.clients} "
+    print(f"{args.model}/{args.classes} classes, {int(mask.sum()):,} parameters; K={args.clients} "
           f"updates; N={args.samples} samples (naive: {nn_}); chunk={args.chunk}; "
           f"device={name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     if nn_ < args.samples:

@@ -3,7 +3,8 @@
 Float32 comparisons use rtol=1e-5 and an absolute tolerance of 1e-5 × the largest
 reference value: ⟨g_i, Δ_k⟩ sums terms of both signs over layers, so entries near
 zero carry float32 rounding of the scale of the largest terms, not of themselves.
-Float64 comparisons (the small models) are tight: the method is exact.
+Float64 comparisons (the small models, with BatchNorm or GroupNorm) are tight: the
+method is exact.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmia import measures
 from fedmia.layerwise import (
     CONV_METHODS,
     conv_costs,
     layerwise_grad_products,
     layerwise_products,
 )
-from fedmia.measures import compute_round_measures, per_sample_grad_products
-from fedmia.models import AlexNetCifar, ResNet18Cifar
+from fedmia.measures import auto_grad_products, compute_round_measures, per_sample_grad_products
+from fedmia.models import AlexNetCifar, build_model
 from fedmia.state import FlatState
 
 
@@ -70,30 +72,46 @@ def alexnet_case():
 
 
 @pytest.fixture(scope="module")
-def resnet_case():
+def resnet_bn_case():
     torch.manual_seed(0)
-    model = with_bn_statistics(ResNet18Cifar(10), (3, 32, 32))
-    bn = model.layers[0][0].bn1
+    model = with_bn_statistics(build_model("resnet18_bn", 10, seed=0), (3, 32, 32))
+    bn = model.layer1[0].bn1
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     args = inputs(model, k=3, b=6, shape=(3, 32, 32), num_classes=10)
     return model, args, per_sample_grad_products(model, *args)
 
 
+@pytest.fixture(scope="module")
+def resnet_gn_case():
+    """The paper's ResNet18 (GroupNorm(32)) on 16×16 inputs (maps down to 2×2), weights
+    perturbed so that the GroupNorm scales and shifts are not 1 and 0."""
+    model = build_model("resnet18", 10, seed=0).eval()
+    assert isinstance(model.layer1[0].bn1, nn.GroupNorm)
+    args = inputs(model, k=3, b=4, shape=(3, 16, 16), num_classes=10, perturb=0.05)
+    return model, args, per_sample_grad_products(model, *args)
+
+
 @pytest.mark.parametrize("method", CONV_METHODS)
-def test_alexnet_matches_torch_func(alexnet_case, method):
-    model, args, (dots, sqnorm) = alexnet_case
+@pytest.mark.parametrize("case", ["alexnet_case", "resnet_bn_case", "resnet_gn_case"])
+def test_cifar_models_match_torch_func(request, case, method):
+    model, args, (dots, sqnorm) = request.getfixturevalue(case)
     got_dots, got_sq = layerwise_products(model, *args, conv_method=method)
-    assert got_dots.shape == (6, 3) and got_sq.shape == (6,)
+    assert got_dots.shape == dots.shape and got_sq.shape == sqnorm.shape
     close32(got_dots, dots, "dots")
     close32(got_sq, sqnorm, "sqnorm")
 
 
-@pytest.mark.parametrize("method", CONV_METHODS)
-def test_resnet18_eval_batchnorm_matches_torch_func(resnet_case, method):
-    model, args, (dots, sqnorm) = resnet_case
-    got_dots, got_sq = layerwise_products(model, *args, conv_method=method)
-    close32(got_dots, dots, "dots")
-    close32(got_sq, sqnorm, "sqnorm")
+@pytest.mark.parametrize("kind", ["alexnet", "resnet18"])  # the paper's two models
+def test_paper_models_never_fall_back_to_torch_func(monkeypatch, caplog, kind):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch.func route was taken")
+
+    monkeypatch.setattr(measures, "per_sample_grad_products", refuse)
+    model = build_model(kind, 10, seed=0).eval()
+    args = inputs(model, k=2, b=2, shape=(3, 16, 16), num_classes=10)
+    dots, sqnorm = auto_grad_products(model, *args)
+    assert dots.shape == (2, 2) and bool(torch.isfinite(dots).all()) and bool((sqnorm > 0).all())
+    assert "layer-wise route unavailable" not in caplog.text
 
 
 class Tiny(nn.Module):
@@ -124,10 +142,41 @@ def tiny(dtype=torch.float32) -> nn.Module:
     return with_bn_statistics(Tiny(), (3, 12, 12)).to(dtype)
 
 
+class TinyGroupNorm(nn.Module):
+    """GroupNorm variants: several groups, one group, one channel per group, a non-default
+    eps, no affine terms, a residual sum, an in-place op on its output, a 2-D input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.gn_a = nn.GroupNorm(3, 6)
+        self.conv_b = nn.Conv2d(6, 4, 3, padding=1)
+        self.gn_b = nn.GroupNorm(1, 4, eps=1e-3)
+        self.conv_c = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.gn_c = nn.GroupNorm(4, 4)
+        self.gn_plain = nn.GroupNorm(2, 4, affine=False)
+        self.fc = nn.Linear(4, 6)
+        self.gn_fc = nn.GroupNorm(2, 6)  # on B×6
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.gn_a(self.conv_a(x)), inplace=True)  # B×6×6×6
+        h = torch.tanh(self.gn_b(self.conv_b(h)))
+        h = self.gn_plain(self.gn_c(self.conv_c(h)) + h)
+        h = F.relu(self.gn_fc(self.fc(h.mean((2, 3)))), inplace=True)
+        return self.out(h)
+
+
+def tiny_gn(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(4)
+    return TinyGroupNorm().eval().to(dtype)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("method", CONV_METHODS)
-def test_tiny_variants_exact_in_float64(float64, method):
-    model = tiny(torch.float64)
+@pytest.mark.parametrize("make", [tiny, tiny_gn], ids=["tiny", "tiny_groupnorm"])
+def test_tiny_variants_exact_in_float64(float64, make, method):
+    model = make(torch.float64)
     # params differ from the module's own tensors: the route must use the given ones
     args = inputs(model, k=4, b=5, shape=(3, 12, 12), num_classes=3, scale=0.1, perturb=0.05)
     dots, sqnorm = per_sample_grad_products(model, *args)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -82,3 +83,23 @@ def test_per_sample_gradients_once_per_sample_whatever_k(k):
     compute_round_measures(state, w, uploads, x, y, chunk_size=5, grad_products=counting)
     assert seen == [5, 5, 3]  # every sample exactly once, independent of K
     assert sum(seen) == len(y) and math.ceil(13 / 5) == len(seen)
+
+
+def test_cos_keeps_float32_accuracy_over_millions_of_parameters():
+    """‖Δ_k‖ over 9M parameters (ResNet18 has 11M): a float32 ``norm`` is off by ~3e-4 there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3000, 3000), nn.ReLU(), nn.Linear(3000, 3))
+    state = FlatState(model)
+    w = state.snapshot()
+    uploads = 0.01 * torch.randn(2, w.numel())
+    x, y = torch.randn(2, 3, 10, 100), torch.tensor([0, 2])
+    got = compute_round_measures(state, w, uploads, x, y)
+    model64 = copy.deepcopy(model).double()
+    for i in range(2):
+        model64.zero_grad()
+        F.cross_entropy(model64(x[i:i + 1].double()), y[i:i + 1]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model64.parameters()])
+        for c in range(2):
+            d = uploads[c].double()
+            want = (g @ d) / (g.norm() * d.norm())
+            torch.testing.assert_close(got.cos[c, i].double(), want, rtol=1e-5, atol=0)

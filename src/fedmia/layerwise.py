@@ -1,8 +1,9 @@
 """⟨g_i, Δ_k⟩ and ‖g_i‖² layer by layer from one batched forward and backward pass.
 
 The *near-the-floor* route of :mod:`fedmia.measures`. For a chunk of B samples at
-the global model (eval mode: BatchNorm uses its running statistics, so samples do
-not interact), ``g_i = ∇_θ CE(f(x_i), y_i)``. One batched forward pass of the
+the global model (eval mode: BatchNorm uses its running statistics, GroupNorm
+normalises each sample by its own statistics, so samples do not interact),
+``g_i = ∇_θ CE(f(x_i), y_i)``. One batched forward pass of the
 summed loss records every parameterised layer's input ``a`` and, during one
 backward pass, its output gradient ``δ`` (``δ_i`` is sample i's own, because the
 loss is summed). Per-sample gradients are then never formed for the whole model:
@@ -26,9 +27,14 @@ their cost per sample (multiply-adds plus memory traffic, :func:`conv_costs`):
   small (AlexNet's 4×4 and 2×2 layers, ResNet18's last stage) and for 2-D Linear
   layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
 
-Biases add ``Σ_t δ_i`` per sample. BatchNorm (eval mode, running statistics)
-adds ``dγ_i = Σ_pos δ_i ⊙ x̂_i`` and ``dβ_i = Σ_pos δ_i``, exactly. Any other
-module type owning parameters raises ``NotImplementedError``.
+Biases add ``Σ_t δ_i`` per sample. A norm layer's affine terms add
+``dγ_i = Σ_pos δ_i ⊙ x̂_i`` and ``dβ_i = Σ_pos δ_i``, exactly, with ``δ_i`` the
+gradient w.r.t. its output and ``x̂_i`` the sample's normalised input,
+recomputed from the recorded input: with the running statistics for BatchNorm
+(eval mode), with the sample's own per-group mean and (biased) variance for
+GroupNorm. GroupNorm's backward mixes positions and channels of one sample
+only, so the layers below it still receive per-sample ``δ_i``. Any other module
+type owning parameters raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ MAX_BUFFER_FLOATS = 1 << 24
 #: CPU (materialising per-sample gradients ran at ~1/100 of the GEMM rate per float); a
 #: GPU's ratio is of the same order. Used only to choose a method per layer.
 MEMORY_WEIGHT = 100
-_SUPPORTED = (nn.Linear, nn.Conv2d, _BatchNorm)
+_SUPPORTED = (nn.Linear, nn.Conv2d, _BatchNorm, nn.GroupNorm)
+_NORMS = (_BatchNorm, nn.GroupNorm)
 
 
 def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, int]:
@@ -112,7 +119,7 @@ def _check_module(module: nn.Module, name: str) -> None:
     if not isinstance(module, _SUPPORTED):
         raise NotImplementedError(
             f"layer-wise grad products do not support module '{name}' of type {kind} "
-            "(supported: Linear, Conv2d, BatchNorm); use the torch.func route "
+            "(supported: Linear, Conv2d, BatchNorm, GroupNorm); use the torch.func route "
             "fedmia.measures.per_sample_grad_products for this model")
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -213,19 +220,34 @@ def _weight_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
         dots[s:s + step] += torch.einsum("kcbt,bct->bk", conv, dl)
 
 
-def _batchnorm_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
-                     updates: dict[str, torch.Tensor], dots: torch.Tensor,
-                     sqnorm: torch.Tensor) -> None:
-    """Add an eval-mode BatchNorm layer's γ and β terms to ``dots`` and ``sqnorm``."""
+def _normalised(cap: _Capture, a: torch.Tensor) -> torch.Tensor:
+    """x̂, the norm layer's input ``a`` (B×C×…) normalised as the layer did it: B×C×L.
+
+    BatchNorm (eval): per channel, with the running statistics recorded in the
+    forward pass. GroupNorm: per sample and group of C/G channels, with that
+    group's own mean and biased variance over its channels and positions.
+    """
+    b, c = a.shape[:2]
+    module = cap.module
+    if isinstance(module, nn.GroupNorm):
+        groups = a.reshape(b, module.num_groups, -1)  # B×G×(C/G·L): channels are contiguous
+        var, mean = torch.var_mean(groups, dim=2, correction=0, keepdim=True)
+        return ((groups - mean) * torch.rsqrt(var + module.eps)).reshape(b, c, -1)
+    mean, var, eps = cap.stats
+    return (a.reshape(b, c, -1) - mean[:, None]) * torch.rsqrt(var[:, None] + eps)
+
+
+def _norm_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
+                updates: dict[str, torch.Tensor], dots: torch.Tensor,
+                sqnorm: torch.Tensor) -> None:
+    """Add a norm layer's γ and β terms (eval BatchNorm, GroupNorm) to ``dots`` and ``sqnorm``."""
     b, c = delta.shape[:2]
     delta = delta.reshape(b, c, -1)
     for attr, full in cap.params.items():
         if attr == "bias":
             g = delta.sum(2)  # dβ_i, B×C
         else:
-            mean, var, eps = cap.stats
-            xhat = (a.reshape(b, c, -1) - mean[:, None]) * torch.rsqrt(var[:, None] + eps)
-            g = (delta * xhat).sum(2)  # dγ_i, B×C
+            g = (delta * _normalised(cap, a)).sum(2)  # dγ_i, B×C
         upd = updates[full]
         dots += g @ upd.reshape(upd.shape[0], -1).T
         sqnorm += (g * g).sum(1)
@@ -241,7 +263,7 @@ def layerwise_products(
     Args:
         model: the network; run in eval mode (its mode is restored afterwards).
         params: the global model's parameters by name (the gradient is over these).
-        buffers: its buffers (BatchNorm statistics) by name.
+        buffers: its buffers (BatchNorm statistics; GroupNorm has none) by name.
         x: float B×C×H×W.
         y: int64 B, labels.
         updates: per parameter name, the K stacked updates, K×(parameter shape).
@@ -255,8 +277,9 @@ def layerwise_products(
 
     Raises:
         NotImplementedError: a module owning parameters is not a Linear, a
-            ``groups=1`` zero-padded Conv2d or a BatchNorm with running statistics,
-            or a parameterised module runs more than once per forward pass.
+            ``groups=1`` zero-padded Conv2d, a BatchNorm with running statistics
+            or a GroupNorm, or a parameterised module runs more than once per
+            forward pass.
     """
     if conv_method not in CONV_METHODS:
         raise ValueError(f"unknown conv_method '{conv_method}'; choose from {list(CONV_METHODS)}")
@@ -293,8 +316,8 @@ def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, t
         if a._version != cap.a_version:
             raise _InputModified(f"the input of '{cap.name}' was modified in place")
         with torch.no_grad():
-            if isinstance(cap.module, _BatchNorm):
-                _batchnorm_terms(cap, a, delta, updates, dots, sqnorm)
+            if isinstance(cap.module, _NORMS):
+                _norm_terms(cap, a, delta, updates, dots, sqnorm)
             else:
                 _weight_terms(cap, a, delta, updates, dots, sqnorm, conv_method, max_floats)
         cap.a, cap.stats = None, None

@@ -1,16 +1,24 @@
 """The paper's CIFAR model variants, by name.
 
-=========  ============================================  =========================
-name       architecture                                  parameters (3×32×32 input)
-=========  ============================================  =========================
-alexnet    5 convs (11×11/4, 5×5, 3×3 ×3), ReLU, max-    2,495,396 (100 classes)
-           pools, global max pool, one linear layer      2,472,266 (10 classes)
-resnet18   3×3 stem, no max pool, 4×2 BasicBlocks with   11,220,132 (100 classes)
-           BatchNorm, global average pool, linear        11,173,962 (10 classes)
-=========  ============================================  =========================
+===========  ==========================================  ==========================
+name         architecture                                trainable parameters
+                                                         (10 / 100 classes)
+===========  ==========================================  ==========================
+alexnet      5 convs (11×11/4, 5×5, 3×3 ×3), ReLU, max-  2,472,266 / 2,495,396
+             pools, global max pool, one linear layer
+resnet18     3×3 stem, no max pool, 4×2 BasicBlocks,     11,173,962 / 11,220,132
+             GroupNorm(32) after every convolution
+             (stem, blocks, shortcuts), global average
+             pool, linear: the official ``ResNet18``
+resnet18_bn  the same with BatchNorm (eval-mode running  11,173,962 / 11,220,132
+             statistics: 9,600 more floats of state,     (+ 9,600 buffer floats)
+             not trainable)
+===========  ==========================================  ==========================
 
-Both end in a global pool, so they accept any input size (Dermnet's 64×64 too)
-with the same parameter count.
+GroupNorm and BatchNorm both carry a scale and a shift per channel, hence the
+equal counts. All end in a global pool, so they accept any input size
+(Dermnet's 64×64 too) with the same parameter count (checked at 3×32×32 and
+3×64×64).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torch import nn
 from fedmia.registry import Registry
 
 ModelFactory = Callable[[int, int], nn.Module]
+NormFactory = Callable[[int], nn.Module]  # channels → norm layer
 MODELS: Registry[ModelFactory] = Registry("model")
 
 
@@ -57,20 +66,27 @@ class AlexNetCifar(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 conv–BN layers with an identity (or 1×1 conv–BN) shortcut."""
+MODELS.register("alexnet")(AlexNetCifar)
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+
+def group_norm_32(channels: int) -> nn.Module:
+    """``GroupNorm(32, channels)``: the official ResNet18's norm layer (per sample, no buffers)."""
+    return nn.GroupNorm(32, channels)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 conv–norm layers with an identity (or 1×1 conv–norm) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: NormFactory) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = norm(c_out)
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
-            )
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×c_in×H×W → B×c_out×H/stride×W/stride."""
@@ -80,30 +96,45 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """ResNet18 for 32×32 inputs: 3×3 stem, no max pool, stages of 64/128/256/512 channels."""
+    """ResNet18 for 32×32 inputs: 3×3 stem, no max pool, stages of 64/128/256/512 channels.
 
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+    The official ``models/resnet_cifar.py`` ``ResNet18`` with ``norm=group_norm_32``
+    (the default), module names included, so its state dicts load as they are.
+    Shapes for a 3×32×32 input: stem → 64×32×32, layer1 → 64×32×32, layer2 →
+    128×16×16, layer3 → 256×8×8, layer4 → 512×4×4, average pool → 512, linear.
+    The official pools with ``avg_pool2d(out, out.shape[-1])``: the same global
+    average on the square maps it is meant for.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3,
+                 norm: NormFactory = group_norm_32) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        layers: list[nn.Module] = []
-        c_in = 64
-        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers.append(nn.Sequential(BasicBlock(c_in, c_out, stride),
-                                        BasicBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layers = nn.Sequential(*layers)
+        self.bn1 = norm(64)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            nn.Sequential(BasicBlock(c_in, c_out, stride, norm), BasicBlock(c_out, c_out, 1, norm))
+            for c_in, c_out, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits B×num_classes of images B×C×H×W."""
-        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        out = torch.relu(self.bn1(self.conv1(x)))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out = stage(out)
         return self.linear(torch.flatten(self.pool(out), 1))
 
 
-MODELS.register("alexnet")(AlexNetCifar)
-MODELS.register("resnet18")(ResNet18Cifar)
+@MODELS.register("resnet18")
+def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The paper's ResNet18: GroupNorm(32) after every convolution, as the official code."""
+    return ResNet18Cifar(num_classes, in_channels, norm=group_norm_32)
+
+
+@MODELS.register("resnet18_bn")
+def resnet18_bn(num_classes: int, in_channels: int = 3) -> nn.Module:
+    """ResNet18 with BatchNorm after every convolution (not the paper's model)."""
+    return ResNet18Cifar(num_classes, in_channels, norm=nn.BatchNorm2d)
 
 
 def build_model(kind: str, num_classes: int, in_channels: int = 3, *, seed: int) -> nn.Module:
