@@ -65,7 +65,7 @@ DELETE = object()
     ("datasets.digits.kind", "mnist", r"at 'datasets.digits.kind': 'mnist' is not one of "
                                       r"\['digits', 'fashion_mnist', 'cifar100'"),
     ("models.alexnet.kind", "vgg", r"at 'models.alexnet.kind': 'vgg' is not one of "
-                                   r"\['alexnet', 'resnet18'\]"),
+                                   r"\['alexnet', 'resnet18', 'resnet18_bn'\]"),
     ("defenses.none.kind", "magic", r"at 'defenses.none.kind': 'magic' is not one of"),
     ("partitions.iid.num_clients", 1, r"at 'partitions.iid.num_clients': 1 is less than the "
                                       r"minimum of 2 \(number of clients K"),
