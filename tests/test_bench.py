@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -22,5 +23,19 @@ def test_bench_smoke(repo, script):
                   if "=" in line and " " not in line.split("=", 1)[0])
     for key in LINES[script]:
         assert key in values, r.stdout
-        assert float(values[key]) > -1, (key, values[key])
+    v = {k: float(values[k]) for k in LINES[script]}
+    assert all(math.isfinite(x) and x > 0 for x in v.values()), v
     assert values["device"] == "cpu"
+    # the machine lines are the ratios of the medians in the printed table
+    width = {"measures.py": 8, "train.py": 5}[script]
+    table = {row.split()[0]: row.split() for row in r.stdout.splitlines()
+             if len(row.split()) == width}
+    if script == "measures.py":
+        ms = {route: float(table[route][5]) for route in ("fedmia", "naive", "floor")}
+        assert v["speedup_vs_naive"] == pytest.approx(ms["naive"] / ms["fedmia"], rel=2e-2)
+        assert v["cost_vs_floor"] == pytest.approx(ms["fedmia"] / ms["floor"], rel=2e-2)
+        assert "fedmia vs naive, max |a−b|/max|b|" in r.stdout  # the agreement was checked
+    else:
+        rate = {route: float(table[route][4]) for route in ("fedavg", "central")}
+        assert v["fedavg_samples_per_s"] == pytest.approx(rate["fedavg"], rel=1e-2)
+        assert v["fl_overhead"] == pytest.approx(rate["central"] / rate["fedavg"] - 1, abs=2e-3)
