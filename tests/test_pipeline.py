@@ -21,7 +21,7 @@ CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", 
 def run_cell(digits_files, out, seed=0, train=TRAIN, part=PART):
     pipeline.partition(digits_files, part, seed, out / "partition.parquet")
     outputs = {"history": out / "history.parquet", "final": out / "final.pt",
-               "observed": out / "observed"}
+               "observed": out / "observed", "manifest": out / "manifest.json"}
     pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
                    model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=train,
                    cell={**CELL, "seed": seed}, device="cpu", threads=1, outputs=outputs)
@@ -159,10 +159,61 @@ def test_attack_rejects_an_evaluation_set_without_nonmembers(measured, cell, tmp
     assert not (tmp_path / "out.parquet").exists()
 
 
-def test_diverged_training_stops_with_a_clear_error(digits_files, tmp_path):
-    with pytest.raises(FloatingPointError, match="training diverged in round"):
-        run_cell(digits_files, tmp_path, train={**TRAIN, "lr": 1e6, "lr_schedule": "constant"})
-    assert not (tmp_path / "observed").exists() and not (tmp_path / "history.parquet").exists()
+def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
+    """Strong unclipped parameter noise breaks the model in round 2: training stops, every
+    output is written, the manifest flags the cell, and measures and attacks use round 1."""
+    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
+    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.pt",
+               "observed": tmp_path / "observed", "manifest": tmp_path / "manifest.json"}
+    pipeline.train(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                   model={"kind": "alexnet"}, defense={"kind": "dp_param_noise", "sigma": 1.0},
+                   train_cfg={**TRAIN, "observe_every": 1}, cell=CELL, device="cpu",
+                   threads=1, outputs=outputs)
+    man = pipeline.read_manifest(outputs["manifest"])
+    assert man["diverged_round"] == 2 and man["last_finite_round"] == 1
+    assert man["planned_observed_rounds"] == [1, 2, 3, 4] and man["observed_rounds"] == [1]
+    assert man["final_test_accuracy"] == pytest.approx(0.1)  # chance: 1 / 10 classes
+    assert 0 < man["last_finite_test_accuracy"] < 1
+    assert sorted(p.name for p in outputs["observed"].iterdir()) == ["round0001.pt"]
+    h = pd.read_parquet(outputs["history"])
+    assert h["round"].max() == 2 and (h[["dataset", "seed"]].iloc[0].tolist()
+                                      == ["digits", 0])
+    mdm_file = tmp_path / "mdm.parquet"
+    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                     observed_dir=outputs["observed"], rounds=[1, 2, 3, 4],
+                     manifest_file=outputs["manifest"], device="cpu", threads=1,
+                     output=mdm_file)
+    assert set(pd.read_parquet(mdm_file)["round"]) == {1}
+    files = {a: tmp_path / f"{a}.parquet" for a in ("cos", "cos_series")}
+    pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
+                    cell=CELL, rounds=[1, 2, 3, 4], manifest_file=outputs["manifest"],
+                    attacks=list(files), attack_rounds=[1, 2, 3, 4], outputs=files)
+    series = pd.read_parquet(files["cos_series"])
+    assert set(series["n_rounds"]) == {1}  # fewer rounds than planned
+    assert set(pd.read_parquet(files["cos"])["round"]) == {1}
+
+
+def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits_files,
+                                                                           tmp_path):
+    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
+    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.pt",
+               "observed": tmp_path / "observed", "manifest": tmp_path / "manifest.json"}
+    pipeline.train(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                   model={"kind": "alexnet"}, defense={"kind": "dp_param_noise", "sigma": 1e30},
+                   train_cfg=TRAIN, cell=CELL, device="cpu", threads=1, outputs=outputs)
+    man = pipeline.read_manifest(outputs["manifest"])
+    assert man["diverged_round"] == 1 and man["observed_rounds"] == []
+    mdm_file = tmp_path / "mdm.parquet"
+    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                     observed_dir=outputs["observed"], rounds=[1, 2, 4],
+                     manifest_file=outputs["manifest"], device="cpu", threads=1,
+                     output=mdm_file)
+    assert len(pd.read_parquet(mdm_file)) == 0
+    out = {"loss": tmp_path / "loss.parquet"}
+    pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
+                    cell=CELL, rounds=[1, 2, 4], manifest_file=outputs["manifest"],
+                    attacks=["loss"], attack_rounds=[2, 4], outputs=out)
+    assert len(pd.read_parquet(out["loss"])) == 0
 
 
 def test_members_look_like_members_after_real_training(digits_files, tmp_path):

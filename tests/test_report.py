@@ -117,3 +117,37 @@ def test_paper_tables_layout_and_captions():
     md = report.to_markdown(sections)
     assert md.count("### protocol aligned") == 2 and "Loss-II" in md
     assert r"\pm" in report.to_latex(sections)
+
+
+def test_hypervolume_against_a_hand_computed_front():
+    # points (error, leakage): A (0.1, 0.5), B (0.3, 0.2), C (0.6, 0.1), D (0.4, 0.6)
+    # D is dominated by B. Staircase: [0.1, 0.3) height 0.5, [0.3, 0.6) height 0.8,
+    # [0.6, 1] height 0.9 -> 0.2·0.5 + 0.3·0.8 + 0.4·0.9 = 0.70
+    e, t = np.array([0.1, 0.3, 0.6, 0.4]), np.array([0.5, 0.2, 0.1, 0.6])
+    assert report.hypervolume(e, t) == pytest.approx(0.70)
+    assert report.hypervolume(e[:3], t[:3]) == pytest.approx(0.70)  # D adds nothing
+    assert report.hypervolume(np.array([0.0]), np.array([0.0])) == 1.0
+    assert report.hypervolume(np.array([1.0]), np.array([0.0])) == 0.0
+    assert report.hypervolume(np.array([]), np.array([])) == 0.0
+    # a trapezoid between A and B would be larger: the staircase is not a trapezoid
+    assert report.hypervolume(e[:2], t[:2]) == pytest.approx(0.2 * 0.5 + 0.7 * 0.8)
+
+
+def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
+    rows = []
+    for defense, kind, strength, acc, tpr in (("none", "none", np.nan, 0.9, 0.5),
+                                              ("dp1", "dp", 1.0, 0.7, 0.2),
+                                              ("dp2", "dp", 2.0, 0.4, 0.1),
+                                              ("mx", "mixup", 0.5, 0.8, np.nan)):
+        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
+                         strength=strength, test_accuracy=acc, protocol="aligned",
+                         single_round="all attacked rounds", attack="cos_series",
+                         metric="tpr@0.1%", mean=tpr, std=0.0))
+    hv = report.hypervolume_table(pd.DataFrame(rows)).set_index("kind")
+    # dp front: (0.1, 0.5), (0.3, 0.2), (0.6, 0.1) -> 0.70 as above
+    assert hv.loc["dp", "hypervolume"] == pytest.approx(0.70)
+    assert hv.loc["dp", "n_points"] == 3 and hv.loc["dp", "strengths"] == "1, 2"
+    # mixup's only point has an undefined TPR: its front is the undefended point alone
+    assert hv.loc["mixup", "hypervolume"] == pytest.approx(0.9 * 0.5)
+    assert hv.loc["mixup", "excluded"] == 1
+    assert "Cos-II (Avg-Cosine)" in report.hypervolume_markdown(hv.reset_index())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -72,8 +74,9 @@ def test_tiny_end_to_end_run(tiny_run):
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     pu = pd.read_csv(tables / "privacy_utility.csv")
     assert list(pu.columns) == ["dataset", "model", "partition", "defense", "kind", "strength",
-                                "test_accuracy", "protocol", "single_round", "attack", "metric",
-                                "mean", "std"]
+                                "test_accuracy", "last_finite_accuracy", "diverged",
+                                "diverged_round", "protocol", "single_round", "attack",
+                                "metric", "mean", "std", "rounds"]
     assert pu.test_accuracy.between(0, 1).all()
     for f in ("partitions.png", "partitions.pdf", "privacy_utility_cos.png",
               "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
@@ -162,6 +165,7 @@ def test_defense_sweep_dry_run(snakemake_cmd, repo, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     counts = job_counts(r.stdout + r.stderr)
     assert counts["train"] == 28 and counts["privacy_utility"] == 1
+    assert counts["hypervolume"] == 1
 
 
 def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):
@@ -170,3 +174,33 @@ def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):
     counts = job_counts(r.stdout + r.stderr)
     # 2 datasets × 2 models × (3 partitions × 3 seeds + 24 defenses) = 132 cells
     assert counts["train"] == 132 and counts["attack"] == 132 and counts["prepare"] == 2
+
+
+def test_a_diverging_defense_cell_is_a_flagged_result(snakemake_cmd, repo, tmp_path):
+    """One defense breaks the model in round 2: the workflow still finishes, writes every
+    table and figure, and flags the cell (utility chance, attacks on round 1 only)."""
+    config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
+    config["defenses"]["noisy"] = {"kind": "dp_param_noise", "sigma": 1.0}
+    config["train"].update(rounds=3, observe_every=1)
+    config["grid"][0].update(defenses=["none", "noisy"], partitions=["iid"])
+    cfg = tmp_path / "diverge.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    wd = tmp_path / "wd"
+    r = smk(snakemake_cmd, repo, wd, cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = json.loads((wd / "results/train/digits/alexnet/noisy/iid/seed0/manifest.json")
+                     .read_text())
+    assert man["diverged_round"] == 2 and man["observed_rounds"] == [1]
+    pu = pd.read_csv(wd / "results" / "tables" / "privacy_utility.csv")
+    noisy = pu[pu.defense == "noisy"]
+    assert noisy.diverged.all() and (noisy.diverged_round == 2).all()
+    assert np.allclose(noisy.test_accuracy, 0.1)  # chance, 10 classes
+    assert (noisy.last_finite_accuracy > 0).all()
+    assert not pu[pu.defense == "none"].diverged.any()
+    multi = noisy[noisy.attack == "cos_series"]
+    assert set(multi.rounds.astype(str)) == {"1"}  # one round instead of three
+    table = pd.read_csv(wd / "results" / "tables" / "attacks.csv")
+    assert (table[table.defense == "noisy"].diverged == "seed 0 diverged in round 2").all()
+    assert "diverged in round 2" in (wd / "results/tables/attacks.md").read_text()
+    hv = pd.read_csv(wd / "results" / "tables" / "hypervolume.csv")
+    assert set(hv.kind) == {"dp_param_noise"} and hv.hypervolume.between(0, 1).all()

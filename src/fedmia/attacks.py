@@ -490,9 +490,7 @@ def _attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np
     if missing:
         raise ValueError(f"attack rounds {missing} are not in the measure table (observed "
                          f"rounds: {cube.rounds.tolist()}); attack only observed rounds")
-    if not want:
-        raise ValueError("attack.rounds is empty: multi-round attacks need at least one round")
-    return np.isin(cube.rounds, want)
+    return np.isin(cube.rounds, want)  # empty: no multi-round score (e.g. a diverged run)
 
 
 def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
@@ -548,8 +546,10 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
         mdm: the measure table (only the attacks' measure columns are required).
         owner: owning client of each sample, indexed by ``sample_id`` (−1 = held out).
         targets: target client ids (default: every client in the table).
-        attack_rounds: rounds multi-round attacks combine (default: all in the table);
-            single-round attacks are scored at every round of the table.
+        attack_rounds: rounds multi-round attacks combine (default: all in the table; an
+            empty list leaves multi-round attacks without rows, as after a divergence
+            before the first attacked round); single-round attacks are scored at every
+            round of the table.
         protocols: non-member protocols (:data:`PROTOCOLS`).
         official: the official protocol's draws.
         ddof: FedMIA's variance ddof.
@@ -593,6 +593,8 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                                         official, draw))
                 xs = {key: _slot_values(v, slots) for key, v in signed.items()}
                 for spec in specs:
+                    if spec.multi_round and not attacked.any():
+                        continue  # no attacked round to combine
                     x = xs[spec.measure, spec.sign]
                     scores = score_slots(spec, x, t, attacked, ref_weights=slots.ref_weights,
                                          ddof=ddof, outlier_filter=filt.get(spec.name, False))

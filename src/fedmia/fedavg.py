@@ -16,6 +16,7 @@ reproducible and independent of the order clients are visited.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -161,6 +162,33 @@ def evaluate(model: nn.Module, data: DeviceData, idx: torch.Tensor,
     return float(loss) / idx.numel(), float(correct) / idx.numel()
 
 
+#: Test samples every round's models are run on to check that their outputs are finite.
+PROBE_SAMPLES = 64
+
+
+@torch.no_grad()
+def outputs_finite(state: FlatState, vectors: Sequence[torch.Tensor], data: DeviceData,
+                   idx: torch.Tensor) -> bool:
+    """Whether each model state in ``vectors`` (each P) gives finite logits on ``idx``.
+
+    A model with finite but huge weights (e.g. after strong unclipped parameter noise)
+    can overflow in its forward pass; its measures would then be NaN. ``state`` is
+    overwritten.
+    """
+    model = state.module
+    was = model.training
+    model.eval()
+    x, _ = data.batch(idx)
+    try:
+        for v in vectors:
+            state.load(v)
+            if not bool(torch.isfinite(model(x)).all()):
+                return False
+        return True
+    finally:
+        model.train(was)
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """Everything one round produced.
@@ -170,6 +198,13 @@ class RoundRecord:
     (K×P); both are buffers reused by the next round, so copy or save them before
     advancing the iterator. Test metrics are those of the aggregated model at the end of the round
     (NaN in rounds without a test).
+
+    ``diverged`` marks the round in which a client's training loss, an upload or the
+    aggregated model became non-finite, or the aggregated or an uploaded model gives
+    non-finite logits on :data:`PROBE_SAMPLES` test samples: it is the last record
+    :func:`run_fedavg` yields; its test metrics are NaN and ``last_finite_test`` holds the
+    test loss and accuracy of the model the round started from (the last finite global
+    model).
     """
 
     round: int
@@ -183,6 +218,8 @@ class RoundRecord:
     samples_per_s: float
     global_flat: torch.Tensor
     uploads: torch.Tensor
+    diverged: bool = False
+    last_finite_test: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def run_fedavg(
@@ -192,10 +229,13 @@ def run_fedavg(
     """Run ``cfg.rounds`` FedAvg rounds, yielding one :class:`RoundRecord` per round.
 
     ``state`` holds the initial global model and, when the iterator is exhausted,
-    the final one.
+    the final one. Training stops early at the first round whose client losses,
+    uploads or aggregated model are not all finite; that round's record has
+    ``diverged`` set (and ``state`` holds the non-finite model).
     """
     device = state.flat.device
     k = len(client_idx)
+    probe = test_idx[:PROBE_SAMPLES]
     num_samples = torch.tensor([i.numel() for i in client_idx], dtype=torch.int64)
     global_flat = state.snapshot()
     uploads = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
@@ -210,9 +250,17 @@ def run_fedavg(
             results.append(res)
         sent = global_flat
         global_flat = aggregate(global_flat, uploads, num_samples.to(device))
-        state.load(global_flat)
+        finite = (all(math.isfinite(r.loss) for r in results)
+                  and bool(torch.isfinite(uploads).all())
+                  and bool(torch.isfinite(global_flat).all())
+                  and outputs_finite(state, [global_flat, *(sent - uploads)], data, probe))
         test_loss = test_acc = float("nan")
-        if rnd % cfg.test_every == 0 or rnd == cfg.rounds:
+        last_finite = (float("nan"), float("nan"))
+        if not finite:
+            state.load(sent)
+            last_finite = evaluate(state.module, data, test_idx, cfg.eval_batch_size)
+        state.load(global_flat)
+        if finite and (rnd % cfg.test_every == 0 or rnd == cfg.rounds):
             test_loss, test_acc = evaluate(state.module, data, test_idx, cfg.eval_batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -225,5 +273,7 @@ def run_fedavg(
             num_samples=num_samples.tolist(),
             test_loss=test_loss, test_accuracy=test_acc,
             seconds=seconds, samples_per_s=samples / seconds,
-            global_flat=sent, uploads=uploads,
+            global_flat=sent, uploads=uploads, diverged=not finite, last_finite_test=last_finite,
         )
+        if not finite:
+            return

@@ -7,6 +7,7 @@ outputs and params; tests call them directly without Snakemake.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +20,7 @@ import torch
 
 import fedmia
 from fedmia import io, report
-from fedmia.attacks import PROTOCOLS, OfficialProtocol, run_attacks
+from fedmia.attacks import PROTOCOLS, RESULT_COLUMNS, OfficialProtocol, run_attacks
 from fedmia.config import DatasetConfig, DefenseConfig, ModelConfig, PartitionConfig, TrainConfig
 from fedmia.datasets import prepare_dataset
 from fedmia.defenses import build_defense, strength_of
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 #: The keys of a cell, in path order; attack tables and histories carry them as columns.
 CELL_KEYS = ("dataset", "model", "defense", "partition", "seed")
+#: dtypes of an attack result table's scalar columns (for empty tables).
+RESULT_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
+                 "partition": "object", "seed": "int64", "attack": "object",
+                 "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
+                 "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
+                 "n_nonmembers": "int64"}
 HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples", "train_loss",
                    "train_accuracy", "test_loss", "test_accuracy"]
 
@@ -131,8 +138,16 @@ def train(
             the seed drives model initialisation, data order and defense noise).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
-        outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``) and
-            ``observed`` (folder: one ``roundNNNN.pt`` per observed round).
+        outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``),
+            ``observed`` (folder: one ``roundNNNN.pt`` per observed round) and ``manifest``
+            (JSON: the cell, the planned and the saved observed rounds, and the outcome —
+            ``diverged_round`` (null if training finished), ``last_finite_round``,
+            ``last_finite_test_accuracy``, and ``final_test_accuracy``, the utility the
+            tables use: the final model's, or chance (1 / classes) for a diverged cell,
+            whose final model has non-finite weights).
+
+    A run whose loss, uploads or model become non-finite stops there and still writes
+    every output (see :func:`fedmia.fedavg.run_fedavg`): a diverged cell is a result.
     """
     mcfg = ModelConfig.from_dict(model)
     dcfg = DefenseConfig.from_dict(defense)
@@ -173,38 +188,101 @@ def train(
 
     try:
         rounds = run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed)
-        history = _log_history(rounds, tcfg.rounds, observed, save_round, cell)
+        history, outcome = _log_history(rounds, tcfg.rounds, observed, save_round, cell)
     except BaseException:
         shutil.rmtree(obs_dir, ignore_errors=True)  # no partial output survives a failure
         raise
-    io.save_torch(dict(static, global_state=state.flat, rounds=tcfg.rounds), outputs["final"])
+    saved = sorted(r for r in observed if outcome["diverged_round"] is None
+                   or r < outcome["diverged_round"])
+    final_accuracy = (1.0 / meta["num_classes"] if outcome["diverged_round"] is not None
+                      else outcome["last_finite_test_accuracy"])
+    manifest = {
+        **{k: cell[k] for k in CELL_KEYS},
+        "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
+        "observed_rounds": saved, "num_classes": meta["num_classes"],
+        **outcome, "final_test_accuracy": final_accuracy,
+        "fedmia_version": fedmia.__version__,
+    }
+    io.save_torch(dict(static, global_state=state.flat, rounds=tcfg.rounds,
+                       diverged_round=outcome["diverged_round"]), outputs["final"])
     io.write_parquet(history, outputs["history"])
+    io.write_json(manifest, outputs["manifest"])
 
 
 def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
                  save_round: Callable[[RoundRecord], None], cell: Mapping[str, Any]
-                 ) -> pd.DataFrame:
-    """Consume the rounds: save observed ones, log progress, return the history table."""
+                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Consume the rounds: save observed ones, log progress, return the history table.
+
+    Also returns the outcome: ``diverged_round`` (``None`` if training finished),
+    ``last_finite_round`` and ``last_finite_test_accuracy`` (of the last finite global
+    model; for a finished run, the final model's last test).
+    """
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     keys = {k: cell[k] for k in CELL_KEYS}
+    outcome: dict[str, Any] = {"diverged_round": None, "last_finite_round": total,
+                               "last_finite_test_accuracy": math.nan}
     for rec in rounds:
         rows.extend({**keys, **row} for row in _history_rows(rec))
-        if not np.isfinite(rows[-1]["train_loss"]):
-            raise FloatingPointError(
-                f"training diverged in round {rec.round}: the clients' training loss is "
-                f"{rows[-1]['train_loss']}; lower train.lr or the defense's strength (no output "
-                "is kept from a diverged run)")
+        if rec.diverged:
+            outcome = {"diverged_round": rec.round, "last_finite_round": rec.round - 1,
+                       "last_finite_test_accuracy": rec.last_finite_test[1]}
+            log.warning("round %d/%d: training diverged (non-finite loss, upload or model): "
+                        "the cell is kept as a result, flagged diverged; observed rounds "
+                        "before round %d are saved, utility is chance; the last finite "
+                        "global model had test accuracy %.3f", rec.round, total, rec.round,
+                        rec.last_finite_test[1])
+            break
         if rec.round in observed:
             save_round(rec)
+        if math.isfinite(rec.test_accuracy):
+            outcome["last_finite_test_accuracy"] = rec.test_accuracy
         glob = rows[-1]
         log.info("round %d/%d lr %.4f train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
                  "%.1fs, %.0f samples/s%s", rec.round, total, rec.lr, glob["train_loss"],
                  glob["train_accuracy"], rec.test_loss, rec.test_accuracy, rec.seconds,
                  rec.samples_per_s, " [observed]" if rec.round in observed else "")
-    log.info("trained %d rounds in %.1fs", total, time.perf_counter() - t_start)
-    return pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
+    log.info("trained %d rounds in %.1fs", outcome["last_finite_round"],
+             time.perf_counter() - t_start)
+    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
         {"seed": "int64", "round": "int32", "client_id": "int32", "num_samples": "int64"})
+    return history, outcome
+
+
+#: Columns and dtypes of the measure table.
+MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
+                  "loss": "float32", "cos": "float32", "grad_diff": "float32",
+                  "grad_norm": "float32", "correct": "bool", "confidence": "float32"}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The train stage's manifest of a cell (JSON)."""
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def available_rounds(rounds: Iterable[int], manifest_file: str | Path | None) -> list[int]:
+    """``rounds`` (sorted) without those a diverged run never saved.
+
+    Raises:
+        ValueError: a round is missing from a run that did not diverge (the train stage's
+            outputs do not match the config: rerun it).
+    """
+    rounds = sorted(rounds)
+    if manifest_file is None:
+        return rounds
+    man = read_manifest(manifest_file)
+    saved = set(man["observed_rounds"])
+    lacking = [r for r in rounds if r not in saved]
+    if lacking and man["diverged_round"] is None:
+        raise ValueError(f"{manifest_file}: round(s) {lacking} were not observed by the train "
+                         "stage; rerun it (snakemake --forcerun train)")
+    if lacking:
+        log.warning("training diverged in round %d: round(s) %s were never observed",
+                    man["diverged_round"], lacking)
+    return [r for r in rounds if r in saved]
 
 
 def measure(
@@ -213,6 +291,7 @@ def measure(
     partition_file: str | Path,
     observed_dir: str | Path,
     rounds: Iterable[int],
+    manifest_file: str | Path | None = None,
     device: str = "auto",
     threads: int | None = None,
     chunk_size: int = 64,
@@ -227,6 +306,8 @@ def measure(
         partition_file: the partition Parquet (its ``eval`` samples are measured).
         observed_dir: the train stage's ``observed/`` folder.
         rounds: the observed rounds to measure (each must have its file).
+        manifest_file: the train stage's manifest: a cell that diverged saved only the
+            rounds before divergence, and only those are measured (none: an empty table).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch.
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
@@ -238,7 +319,13 @@ def measure(
     if route not in ROUTES:
         raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
     dev = setup_compute(device, threads)
-    rounds = sorted(rounds)
+    rounds = available_rounds(rounds, manifest_file)
+    if not rounds:
+        log.warning("no observed round to measure (training diverged before the first); "
+                    "writing an empty measure table")
+        io.write_parquet(pd.DataFrame({c: pd.Series(dtype=t) for c, t in MEASURE_DTYPES.items()}),
+                         output)
+        return
     files = [io.round_file(observed_dir, r) for r in rounds]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
@@ -288,6 +375,7 @@ def attack(
     partition_file: str | Path,
     cell: Mapping[str, Any],
     rounds: Iterable[int] | None = None,
+    manifest_file: str | Path | None = None,
     attacks: Sequence[str],
     attack_rounds: Iterable[int] | None = None,
     targets: str | list[int] = "all",
@@ -306,6 +394,10 @@ def attack(
         partition_file: the partition Parquet (who owns each evaluation sample).
         cell: ``dataset, model, defense, partition, seed`` — written into every row.
         rounds: the observed rounds the measure table must hold (``None``: whatever it has).
+        manifest_file: the train stage's manifest: after a divergence, only the rounds
+            saved before it are attacked (multi-round attacks report the fewer rounds in
+            ``n_rounds``; with no attacked round left they have no rows, and with no
+            observed round at all every table is empty).
         attacks: attack code names (:data:`fedmia.attacks.ATTACKS`).
         attack_rounds: the rounds multi-round attacks combine and best rounds are picked
             from (``None``: every round of the table).
@@ -323,6 +415,17 @@ def attack(
     if missing:
         raise ValueError(f"no output file for attack(s) {missing}")
     mdm = pd.read_parquet(measures_file)
+    if manifest_file is not None:
+        rounds = available_rounds(rounds or [], manifest_file) if rounds is not None else None
+        attack_rounds = (available_rounds(attack_rounds, manifest_file)
+                         if attack_rounds is not None else None)
+    if len(mdm) == 0 and manifest_file is not None and rounds == []:
+        log.warning("no observed round before the run diverged: no attack can run; writing "
+                    "empty result tables")
+        for name in attacks:
+            empty = pd.DataFrame(columns=[*CELL_KEYS, "attack", *RESULT_COLUMNS])
+            io.write_parquet(empty.astype(RESULT_DTYPES), outputs[name])
+        return
     if rounds is not None:
         lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
         if lacking:
@@ -352,18 +455,28 @@ def attack(
         io.write_parquet(res, outputs[name])
 
 
-def report_tables(*, attack_files: Iterable[str | Path], selections: Sequence[str | int],
-                  fpr_rule: str, outputs: Mapping[str, str | Path]) -> None:
+def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per cell from the train stage's manifests: keys and outcome."""
+    cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy"]
+    rows = [{k: m[k] for k in cols} for m in map(read_manifest, manifests)]
+    return pd.DataFrame(rows, columns=cols).astype({"diverged_round": "float64"})
+
+
+def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
+                  selections: Sequence[str | int], fpr_rule: str,
+                  outputs: Mapping[str, str | Path]) -> None:
     """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
 
     Args:
         attack_files: every attack Parquet of the grid.
+        manifests: every cell's train manifest (diverged cells are flagged).
         selections: how single-round attacks are reported (``report.single_round``).
         fpr_rule: the FPR rule the attack stage used (stated in the tables).
         outputs: ``csv``, ``per_round``, ``md``, ``tex``.
     """
     results = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
-    summary = report.summarize(results, selections, fpr_rule=fpr_rule)
+    summary = report.summarize(results, selections, fpr_rule=fpr_rule,
+                               cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
     sections = report.paper_tables(summary)
     with io.atomic_path(outputs["csv"]) as tmp:
@@ -407,23 +520,18 @@ def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
     _save_figure(fig, outputs, options["dpi"])
 
 
-def report_privacy_utility(*, table: str | Path, histories: Iterable[str | Path],
+def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
                            defenses: Mapping[str, Mapping[str, Any]], output: str | Path
                            ) -> None:
     """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
 
-    Each history Parquet names its cell in its key columns; they are joined to the
-    attack table on those keys.
+    Each cell's manifest names the cell in its keys and gives its utility (the final
+    model's test accuracy; chance for a diverged cell); they are joined to the attack
+    table on those keys.
     """
-    rows = []
-    for path in histories:
-        h = pd.read_parquet(path)
-        glob = h[(h.client_id == HELD_OUT) & h.test_accuracy.notna()].sort_values("round")
-        rows.append({**{k: h[k].iloc[0] for k in CELL_KEYS},
-                     "test_accuracy": float(glob.test_accuracy.iloc[-1])})
     strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
                               for key, d in defenses.items()])
-    pu = report.privacy_utility(pd.read_csv(table), pd.DataFrame(rows), strengths)
+    pu = report.privacy_utility(pd.read_csv(table), cells_frame(manifests), strengths)
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
 
@@ -434,3 +542,12 @@ def report_privacy_utility_figure(*, table: str | Path, family: str,
     """Stage 6e: one attack family's privacy–utility figure (PNG and PDF)."""
     fig = report.privacy_utility_figure(pd.read_csv(table), family, options["width"])
     _save_figure(fig, outputs, options["dpi"])
+
+
+def report_hypervolume(*, table: str | Path, outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6f: Table 2, the hypervolume of every defense kind's front (CSV, Markdown)."""
+    hv = report.hypervolume_table(pd.read_csv(table))
+    with io.atomic_path(outputs["csv"]) as tmp:
+        hv.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["md"]) as tmp:
+        tmp.write_text(report.hypervolume_markdown(hv))

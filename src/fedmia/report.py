@@ -49,7 +49,7 @@ HEADLINE_TPR = tpr_metric_name(0.001)
 #: Columns of :func:`summarize` (``results/tables/attacks.csv``).
 SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "std", "n",
                    "n_defined", "draw_std", "n_nonmembers", "rounds", "selected_by",
-                   "fpr_rule", "note")
+                   "fpr_rule", "note", "diverged")
 #: Attack families of the privacy–utility figures (from the attack specs).
 FAMILIES: dict[str, tuple[str, ...]] = {}
 for _name in PAPER_ORDER:
@@ -122,8 +122,24 @@ def _rounds_text(rounds: pd.Series) -> str:
     return ", ".join(str(r) for r in vals)
 
 
+def _divergence(cells: pd.DataFrame | None) -> pd.DataFrame:
+    """Per setting: the earliest round a seed diverged in (NaN if none) and a note."""
+    cols = [*SETTING, "diverged_round", "diverged"]
+    if cells is None or cells.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for key, g in cells.groupby(SETTING, sort=False):
+        hit = g[g["diverged_round"].notna()]
+        note = "; ".join(f"seed {int(r.seed)} diverged in round {int(r.diverged_round)}"
+                         for r in hit.itertuples())
+        rows.append(dict(zip(SETTING, key, strict=True),
+                         diverged_round=hit["diverged_round"].min() if len(hit) else math.nan,
+                         diverged=note))
+    return pd.DataFrame(rows, columns=cols)
+
+
 def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tpr", "last"),
-              *, fpr_rule: str = "at_most") -> pd.DataFrame:
+              *, fpr_rule: str = "at_most", cells: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tidy attack table: one row per setting, protocol, selection, attack and metric.
 
     Values are ``mean, std, n`` over targets × seeds × draws; ``draw_std`` is the std
@@ -133,6 +149,12 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
     ``single_round`` = :data:`ALL_ROUNDS` and ``rounds`` the number of rounds combined.
     A metric undefined for some rows (TPR at an FPR below 1/#non-members) has ``mean``
     NaN and a ``note``.
+
+    ``cells`` (one row per cell: its keys and ``diverged_round``, NaN if training
+    finished; the train stage's manifests) flags settings whose training diverged
+    (``diverged``): their attacks use only the rounds observed before, and a setting
+    with no attack row at all (it diverged before any observed round) still gets a row
+    per attack and metric, all NaN.
     """
     out = []
     selected = []
@@ -164,7 +186,21 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
             note="" if defined == len(g) else
             "undefined for some targets: fewer non-members than 1/FPR")
         out.append(row)
-    table = pd.DataFrame(out)
+    table = pd.DataFrame(out, columns=[c for c in SUMMARY_COLUMNS if c != "diverged"])
+    div = _divergence(cells)
+    lost = div.merge(table[SETTING].drop_duplicates(), how="left", indicator=True)
+    lost = lost[(lost["_merge"] == "left_only") & lost["diverged_round"].notna()]
+    if len(lost):
+        protocols = list(dict.fromkeys(results["protocol"])) or ["aligned"]
+        attacks = list(dict.fromkeys(results["attack"])) or list(PAPER_ORDER)
+        filler = [dict(zip(SETTING, key, strict=True), protocol=p, single_round=ALL_ROUNDS,
+                       attack=a, metric=m, n=0, n_defined=0, fpr_rule=fpr_rule, rounds="0",
+                       selected_by="", note="no observed round before the divergence")
+                  for key in lost[SETTING].itertuples(index=False) for p in protocols
+                  for a in attacks for m in METRICS]
+        table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
+    table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
+    table["diverged"] = table["diverged"].fillna("")
     order = {a: i for i, a in enumerate(PAPER_ORDER)}
     table = table.sort_values(
         [*ROW_KEYS, "single_round", "attack", "metric"],
@@ -195,7 +231,7 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     part = summary[summary.protocol == protocol]
     single = part[part.single_round == selection]
     multi = part[part.single_round == ALL_ROUNDS]
-    n_non = sorted(set(part["n_nonmembers"].astype(int)))
+    n_non = sorted(set(part["n_nonmembers"].dropna().astype(int)))
     res = ", ".join(f"1/{q:,}" for q in n_non)
     bits = [f"Protocol `{protocol}`: {PROTOCOL_TEXT.get(protocol, protocol)}"]
     if len(single):
@@ -211,7 +247,7 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     rules = sorted(set(part["fpr_rule"]))
     bits.append("; ".join(FPR_RULE_TEXT.get(r, r) for r in rules))
     unit = "targets × seeds" + (" × draws" if protocol == "official" else "")
-    ns = sorted(set(part["n"].astype(int)))
+    ns = sorted(set(part["n"].astype(int)) - {0})
     bits.append(f"mean ± std over {unit} (n = {'/'.join(map(str, ns))})")
     bits.append(f"FPR resolution {res} (1 / non-members)")
     return " · ".join(bits) + "."
@@ -240,9 +276,13 @@ def paper_tables(summary: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
 def _layout(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     attacks = [a for a in PAPER_ORDER if a in set(summary["attack"])]
+    diverged = summary["diverged"].fillna("")
+    flag = (diverged != "").any()
     for setting, g in summary.groupby(SETTING, sort=False):
         for metric, label in ((HEADLINE_TPR, "TPR@0.1% (%)"), ("auc", "AUC")):
             row = dict(zip(SETTING, setting, strict=True), metric=label)
+            if flag:
+                row["diverged"] = diverged[g.index].iloc[0]
             for a in attacks:
                 r = g[(g.attack == a) & (g.metric == metric)]
                 if r.empty or not np.isfinite(r["mean"].iloc[0]):
@@ -419,28 +459,38 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
     return fig
 
 
-def privacy_utility(summary: pd.DataFrame, accuracy: pd.DataFrame,
+#: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
+PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
+              "last_finite_accuracy", "diverged", "diverged_round", "protocol", "single_round",
+              "attack", "metric", "mean", "std", "rounds")
+
+
+def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
                     strengths: pd.DataFrame) -> pd.DataFrame:
     """Join attack success with utility per defense.
 
     Args:
         summary: :func:`summarize` output.
-        accuracy: ``dataset, model, defense, partition, seed, test_accuracy`` (final round).
+        cells: one row per cell: its keys, ``final_test_accuracy`` (the utility: the final
+            model's test accuracy; chance, 1 / classes, for a diverged cell),
+            ``last_finite_test_accuracy`` and ``diverged_round`` (NaN if none) — the train
+            stage's manifests.
         strengths: ``defense, kind, strength`` per defense key.
 
     Returns:
-        Tidy: ``dataset, model, partition, defense, kind, strength, test_accuracy,
-        protocol, single_round, attack, metric, mean, std`` (test accuracy averaged over
-        seeds).
+        Tidy, :data:`PU_COLUMNS`: ``test_accuracy`` and ``last_finite_accuracy`` averaged
+        over seeds, ``diverged`` (any seed diverged) and the earliest ``diverged_round``.
     """
-    acc = accuracy.groupby(SETTING, as_index=False)["test_accuracy"].mean()
-    pu = summary.merge(acc, on=SETTING, how="left").merge(strengths, on="defense",
-                                                          how="left")
-    cols = ["dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
-            "protocol", "single_round", "attack", "metric", "mean", "std"]
-    return pu[cols].sort_values(["dataset", "model", "partition", "kind", "strength",
-                                 "protocol", "single_round", "attack", "metric"]
-                                ).reset_index(drop=True)
+    acc = cells.groupby(SETTING, as_index=False).agg(
+        test_accuracy=("final_test_accuracy", "mean"),
+        last_finite_accuracy=("last_finite_test_accuracy", "mean"),
+        diverged_round=("diverged_round", "min"))
+    acc["diverged"] = acc["diverged_round"].notna()
+    pu = summary.drop(columns="diverged", errors="ignore").merge(
+        acc, on=SETTING, how="left").merge(strengths, on="defense", how="left")
+    return pu[list(PU_COLUMNS)].sort_values(
+        ["dataset", "model", "partition", "kind", "strength", "protocol", "single_round",
+         "attack", "metric"]).reset_index(drop=True)
 
 
 def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> plt.Figure:
@@ -478,3 +528,93 @@ def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> 
     fig.suptitle(what, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------- hypervolume
+
+
+def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
+    """Area of the union of the boxes ``[e_i, 1] × [t_i, 1]`` (reference point (1, 1)).
+
+    The paper's Table 2 (v3 Appendix A.3, Def. 1): each point is a defense strength's
+    (utility loss, leakage), both fractions in [0, 1] — test error and TPR at FPR
+    0.1 %. A point dominates the region of worse utility *and* worse leakage; the
+    union is a staircase, computed exactly by sweeping the points in order of error
+    (at error ``x`` the union covers leakage from the smallest ``t_i`` with
+    ``e_i ≤ x`` up to 1). Larger = the defense reaches lower leakage at lower error.
+
+    Args:
+        error: float M, utility losses (values are clipped to [0, 1]).
+        leakage: float M, leakages (clipped to [0, 1]).
+
+    Returns:
+        The area in [0, 1] (0 for no point).
+    """
+    e = np.clip(np.asarray(error, dtype=np.float64), 0.0, 1.0)
+    t = np.clip(np.asarray(leakage, dtype=np.float64), 0.0, 1.0)
+    if e.shape != t.shape or e.ndim != 1:
+        raise ValueError(f"error and leakage must be 1-D of equal length; got {e.shape}, "
+                         f"{t.shape}")
+    if not (np.isfinite(e).all() and np.isfinite(t).all()):
+        raise ValueError("hypervolume points must be finite")
+    if len(e) == 0:
+        return 0.0
+    order = np.argsort(e, kind="stable")
+    e, t = e[order], t[order]
+    lowest = np.minimum.accumulate(t)  # the union's lower edge from each e_i on
+    widths = np.diff(np.r_[e, 1.0])
+    return float(np.sum(widths * (1.0 - lowest)))
+
+
+#: Columns of :func:`hypervolume_table` (``results/tables/hypervolume.csv``).
+HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "attack",
+              "hypervolume", "n_points", "strengths", "excluded")
+
+
+def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
+    """Table 2: the hypervolume of each defense kind's privacy–utility front, per attack.
+
+    For every (dataset, model, partition, protocol, single-round selection, defense kind,
+    attack), the points are the kind's strengths plus the undefended cell (in every
+    front), each at (1 − test accuracy, mean TPR@0.1 % over targets and seeds) from
+    :func:`privacy_utility`'s table; a diverged cell enters with its utility, chance.
+    Points whose TPR is undefined (too few non-members, or no attacked round before a
+    divergence) are left out and counted in ``excluded``.
+    """
+    rows = []
+    tpr = pu[pu.metric == HEADLINE_TPR]
+    keys = ["dataset", "model", "partition", "protocol", "single_round", "attack"]
+    for key, g in tpr.groupby(keys, sort=False):
+        base = g[g.kind == "none"]
+        for kind in [k for k in dict.fromkeys(g.kind) if k != "none"]:
+            pts = pd.concat([g[g.kind == kind], base])
+            ok = pts["mean"].notna() & pts["test_accuracy"].notna()
+            used = pts[ok]
+            rows.append(dict(zip(keys, key, strict=True), kind=kind,
+                             hypervolume=hypervolume(1.0 - used["test_accuracy"].to_numpy(),
+                                                     used["mean"].to_numpy()),
+                             n_points=int(ok.sum()),
+                             strengths=", ".join(f"{v:g}" for v in
+                                                 sorted(pts.loc[pts.kind == kind, "strength"])),
+                             excluded=int((~ok).sum())))
+    return pd.DataFrame(rows, columns=list(HV_COLUMNS))
+
+
+def hypervolume_markdown(hv: pd.DataFrame) -> str:
+    """Table 2 layout: one row per setting and defense kind, the attacks as columns."""
+    cap = ("Hypervolume of each defense kind's (test error, TPR@0.1%) points, both as "
+           "fractions, with the undefended model in every front, against the reference "
+           "point (1, 1): the area of the union of the boxes the points dominate. Larger "
+           "means the defense reaches lower leakage at lower utility loss (a stronger "
+           "attack gives a smaller value, as the paper's caption says). Points with an "
+           "undefined TPR are left out (`excluded` in hypervolume.csv).")
+    if hv.empty:
+        return cap + "\n\nNo defense other than `none` in this run.\n"
+    keys = ["dataset", "model", "partition", "protocol", "single_round", "kind"]
+    wide = hv.assign(label=hv.attack.map(_label)).pivot_table(
+        index=keys, columns="label", values="hypervolume", sort=False)
+    attacks = [_label(a) for a in PAPER_ORDER if _label(a) in wide.columns]
+    wide = wide[attacks].reset_index()
+    for a in attacks:
+        wide[a] = wide[a].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}")
+    return cap + "\n\n" + _md_table(wide)

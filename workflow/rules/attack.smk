@@ -2,6 +2,7 @@ rule attack:
     input:
         mdm=MDM,
         partition=PARTITION,
+        manifest=f"{TRAIN}/manifest.json",
     output:
         **cell_attack_files(),
     log:

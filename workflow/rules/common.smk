@@ -125,8 +125,8 @@ def get_all_attacks(wildcards=None):
     ]
 
 
-def get_all_histories(wildcards=None):
-    return cell_paths(f"{TRAIN}/history.parquet")
+def get_all_manifests(wildcards=None):
+    return cell_paths(f"{TRAIN}/manifest.json")
 
 
 def get_families():
@@ -136,6 +136,11 @@ def get_families():
     return list(dict.fromkeys(SPECS.get(a).family for a in ATTACKS))
 
 
+def has_defense_strengths():
+    """Whether any cell runs a defense other than ``none`` (then Table 2 is written)."""
+    return any(config["defenses"][c.defense]["kind"] != "none" for c in SPEC.cells)
+
+
 def get_final_output():
     return [
         "results/tables/attacks.csv",
@@ -143,6 +148,7 @@ def get_final_output():
         "results/tables/attacks.tex",
         "results/figures/partitions.png",
         "results/tables/privacy_utility.csv",
+        *(["results/tables/hypervolume.csv"] if has_defense_strengths() else []),
         *expand("results/figures/privacy_utility_{family}.png", family=get_families()),
         *cell_paths(f"{FIGURES}/rounds.png"),
         *cell_paths(f"{FIGURES}/roc.png"),

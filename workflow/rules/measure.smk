@@ -3,6 +3,7 @@ rule measure:
         **DATA_FILES,
         partition=PARTITION,
         observed=f"{TRAIN}/observed",
+        manifest=f"{TRAIN}/manifest.json",
     output:
         MDM,
     log:

@@ -1,6 +1,7 @@
 rule table:
     input:
-        get_all_attacks,
+        attacks=get_all_attacks,
+        manifests=get_all_manifests,
     output:
         csv=report(
             "results/tables/attacks.csv",
@@ -86,7 +87,7 @@ rule figure_partitions:
 rule privacy_utility:
     input:
         table="results/tables/attacks.csv",
-        histories=get_all_histories,
+        manifests=get_all_manifests,
     output:
         report(
             "results/tables/privacy_utility.csv",
@@ -126,3 +127,23 @@ rule figure_privacy_utility:
         version=VERSION,
     script:
         "../scripts/figure_privacy_utility.py"
+
+
+rule hypervolume:
+    input:
+        "results/tables/privacy_utility.csv",
+    output:
+        csv=report(
+            "results/tables/hypervolume.csv",
+            caption="../report/hypervolume.rst",
+            category="Tables",
+        ),
+        md="results/tables/hypervolume.md",
+    log:
+        "results/logs/report/hypervolume.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        version=VERSION,
+    script:
+        "../scripts/hypervolume.py"

@@ -6,6 +6,7 @@ rule train:
         history=f"{TRAIN}/history.parquet",
         final=f"{TRAIN}/final.pt",
         observed=directory(f"{TRAIN}/observed"),
+        manifest=f"{TRAIN}/manifest.json",
     log:
         f"results/logs/train/{CELL}.log",
     benchmark:

@@ -9,6 +9,7 @@ pipeline.attack(
     partition_file=snakemake.input.partition,
     cell=snakemake.params.cell,
     rounds=snakemake.params.rounds,
+    manifest_file=snakemake.input.manifest,
     **snakemake.params.attack,
     outputs=dict(snakemake.output.items()),
 )

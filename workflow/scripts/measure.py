@@ -10,6 +10,7 @@ pipeline.measure(
     partition_file=inputs["partition"],
     observed_dir=inputs["observed"],
     rounds=snakemake.params.rounds,
+    manifest_file=inputs["manifest"],
     device=snakemake.params.device,
     threads=snakemake.threads,
     **snakemake.params.measure,

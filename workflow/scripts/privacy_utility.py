@@ -6,7 +6,7 @@ from fedmia.logs import setup_logging
 setup_logging(snakemake.log[0])
 pipeline.report_privacy_utility(
     table=snakemake.input.table,
-    histories=list(snakemake.input.histories),
+    manifests=list(snakemake.input.manifests),
     defenses=snakemake.params.defenses,
     output=snakemake.output[0],
 )
