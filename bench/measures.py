@@ -39,10 +39,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from fedmia.compute import device_name, setup_compute
 from fedmia.layerwise import layerwise_grad_products
 from fedmia.measures import compute_round_measures, per_sample_grad_products
 from fedmia.models import MODELS, build_model
-from fedmia.pipeline import device_name, setup_compute
 from fedmia.state import FlatState
 
 TOLERANCE = 1e-4

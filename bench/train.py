@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedmia.compute import device_name, setup_compute
 from fedmia.config import TrainConfig
 from fedmia.defenses import Defense
 from fedmia.fedavg import DeviceData, evaluate, run_fedavg
 from fedmia.models import build_model
-from fedmia.pipeline import device_name, setup_compute
 from fedmia.state import FlatState
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)

@@ -36,6 +36,7 @@ def test_bench_smoke(repo, script):
         assert v["cost_vs_floor"] == pytest.approx(ms["fedmia"] / ms["floor"], rel=2e-2)
         assert "fedmia vs naive, max |a−b|/max|b|" in r.stdout  # the agreement was checked
     else:
-        rate = {route: float(table[route][4]) for route in ("fedavg", "central")}
-        assert v["fedavg_samples_per_s"] == pytest.approx(rate["fedavg"], rel=1e-2)
-        assert v["fl_overhead"] == pytest.approx(rate["central"] / rate["fedavg"] - 1, abs=2e-3)
+        med = {route: float(table[route][1]) for route in ("fedavg", "central")}
+        rate = float(table["fedavg"][4])
+        assert v["fedavg_samples_per_s"] == pytest.approx(rate, rel=1e-2)
+        assert v["fl_overhead"] == pytest.approx(med["fedavg"] / med["central"] - 1, rel=1e-2)

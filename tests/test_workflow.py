@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -204,3 +206,39 @@ def test_a_diverging_defense_cell_is_a_flagged_result(snakemake_cmd, repo, tmp_p
     assert "diverged in round 2" in (wd / "results/tables/attacks.md").read_text()
     hv = pd.read_csv(wd / "results" / "tables" / "hypervolume.csv")
     assert set(hv.kind) == {"dp_param_noise"} and hv.hypervolume.between(0, 1).all()
+
+
+# ------------------------------------------------------- code changes rerun what they affect
+
+
+def _code_edit_reruns(snakemake_cmd, repo, tiny_run, tmp_path, module: str) -> dict[str, int]:
+    """Counts of a dry run after a real code edit in ``module`` of a copy of the package."""
+    wd, cfg, _ = tiny_run
+    src = tmp_path / "src"
+    shutil.copytree(repo / "src" / "fedmia", src / "fedmia",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    if module:
+        f = src / "fedmia" / f"{module}.py"
+        f.write_text(f.read_text() + "\n_EDITED = True  # a code change, not a comment\n")
+    argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(wd), "--cores", "2",
+            "--configfile", str(cfg), "-n"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    return {} if "Nothing to be done" in out else job_counts(out)
+
+
+REPORT_JOBS = {"table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
+               "privacy_utility": 1, "figure_privacy_utility": 3, "all": 1}
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("", {}),  # the same code from another path: nothing to do
+    ("report", REPORT_JOBS),
+    ("attacks", {"attack": 2, **REPORT_JOBS}),
+    ("fedavg", {"train": 2, "measure": 2, "attack": 2, **REPORT_JOBS}),
+])
+def test_code_edits_rerun_exactly_what_they_affect(snakemake_cmd, repo, tiny_run, tmp_path,
+                                                   module, expected):
+    assert _code_edit_reruns(snakemake_cmd, repo, tiny_run, tmp_path, module) == expected

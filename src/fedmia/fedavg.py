@@ -163,7 +163,7 @@ def evaluate(model: nn.Module, data: DeviceData, idx: torch.Tensor,
 
 
 #: Test samples every round's models are run on to check that their outputs are finite.
-PROBE_SAMPLES = 64
+PROBE_SAMPLES = 16
 
 
 @torch.no_grad()

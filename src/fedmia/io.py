@@ -7,19 +7,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fedmia.datasets import PreparedData
+if TYPE_CHECKING:  # a type only: the file contracts do not depend on the loaders
+    from fedmia.datasets import PreparedData
+
+log = logging.getLogger(__name__)
 
 ARRAY_FILES = ("images", "labels", "is_test")
+#: The keys of a cell, in path order; attack tables, histories and manifests carry them.
+CELL_KEYS = ("dataset", "model", "defense", "partition", "seed")
+HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples", "train_loss",
+                   "train_accuracy", "test_loss", "test_accuracy"]
+#: Columns and dtypes of the measure table.
+MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
+                  "loss": "float32", "cos": "float32", "grad_diff": "float32",
+                  "grad_norm": "float32", "correct": "bool", "confidence": "float32"}
+
 
 
 @contextlib.contextmanager
@@ -86,3 +99,37 @@ def load_torch(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
 def round_file(observed_dir: str | Path, rnd: int) -> Path:
     """Path of observed round ``rnd`` inside a train stage's ``observed/`` folder."""
     return Path(observed_dir) / f"round{rnd:04d}.pt"
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The train stage's manifest of a cell (JSON)."""
+    return json.loads(Path(path).read_text())
+
+
+def available_rounds(rounds: Iterable[int], manifest_file: str | Path | None) -> list[int]:
+    """``rounds`` (sorted) without those a diverged run never saved.
+
+    Raises:
+        ValueError: a round is missing from a run that did not diverge (the train stage's
+            outputs do not match the config: rerun it).
+    """
+    rounds = sorted(rounds)
+    if manifest_file is None:
+        return rounds
+    man = read_manifest(manifest_file)
+    saved = set(man["observed_rounds"])
+    lacking = [r for r in rounds if r not in saved]
+    if lacking and man["diverged_round"] is None:
+        raise ValueError(f"{manifest_file}: round(s) {lacking} were not observed by the train "
+                         "stage; rerun it (snakemake --forcerun train)")
+    if lacking:
+        log.warning("training diverged in round %d: round(s) %s were never observed",
+                    man["diverged_round"], lacking)
+    return [r for r in rounds if r in saved]
+
+
+def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per cell from the train stage's manifests: keys and outcome."""
+    cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy"]
+    rows = [{k: m[k] for k in cols} for m in map(read_manifest, manifests)]
+    return pd.DataFrame(rows, columns=cols).astype({"diverged_round": "float64"})

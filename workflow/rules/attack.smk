@@ -15,6 +15,6 @@ rule attack:
         attack=get_attack_params,
         cell=get_cell,
         rounds=get_observed_rounds,
-        version=VERSION,
+        code=code("attack"),
     script:
         "../scripts/attack.py"

@@ -3,16 +3,23 @@
 # any job starts.
 import dataclasses
 
-import fedmia
+from fedmia.fingerprint import fingerprint
 from fedmia.attacks import outlier_filter_for
 from fedmia.workflow import Cell, canonical, load_workflow_config
 
 SPEC = load_workflow_config(
     config, workflow.source_path("../schemas/config.schema.yaml")
 )
-VERSION = (
-    fedmia.__version__
-)  # a param of every rule: a new library version reruns its jobs
+
+
+def code(stage):
+    """Fingerprint of the library code a stage runs (a param: code changes rerun its jobs).
+
+    Read statically from the installed package's source (no import, milliseconds), over
+    the stage's entry module and everything it imports, plus torch/numpy/pandas versions.
+    """
+    return fingerprint([f"fedmia.stages.{stage}", "fedmia.logs"])
+
 
 CELL = "{dataset}/{model}/{defense}/{partition}/seed{seed}"
 DATA = "results/data/{dataset}"

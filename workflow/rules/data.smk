@@ -7,7 +7,7 @@ rule prepare:
         "../../envs/fedmia.yaml"
     params:
         dataset=get_dataset_cfg,
-        version=VERSION,
+        code=code("prepare"),
     script:
         "../scripts/prepare.py"
 
@@ -24,6 +24,6 @@ rule partition:
         "../../envs/fedmia.yaml"
     params:
         partition=get_partition_cfg,
-        version=VERSION,
+        code=code("partition"),
     script:
         "../scripts/partition.py"

@@ -19,6 +19,6 @@ rule measure:
         rounds=get_observed_rounds,
         measure=canonical(config["measure"]),
         device=config["device"],
-        version=VERSION,
+        code=code("measure"),
     script:
         "../scripts/measure.py"

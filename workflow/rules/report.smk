@@ -18,7 +18,7 @@ rule table:
     params:
         selections=SPEC.selections,
         fpr_rule=config["attack"]["fpr_rule"],
-        version=VERSION,
+        code=code("report"),
     script:
         "../scripts/table.py"
 
@@ -41,7 +41,7 @@ rule figure_rounds:
     params:
         kind="rounds",
         options=get_report_options(),
-        version=VERSION,
+        code=code("report"),
     script:
         "../scripts/figure_cell.py"
 
@@ -60,7 +60,7 @@ use rule figure_rounds as figure_roc with:
     params:
         kind="roc",
         options=get_report_options(),
-        version=VERSION,
+        code=code("report"),
 
 
 rule figure_partitions:
@@ -79,7 +79,7 @@ rule figure_partitions:
         "../../envs/fedmia.yaml"
     params:
         options=canonical(config["report"]),
-        version=VERSION,
+        code=code("report"),
     script:
         "../scripts/figure_partitions.py"
 
@@ -100,7 +100,7 @@ rule privacy_utility:
         "../../envs/fedmia.yaml"
     params:
         defenses=canonical(config["defenses"]),
-        version=VERSION,
+        code=code("report"),
     script:
         "../scripts/privacy_utility.py"
 
@@ -124,7 +124,7 @@ rule figure_privacy_utility:
         "../../envs/fedmia.yaml"
     params:
         options=canonical(config["report"]),
-        version=VERSION,
+        code=code("report"),
     script:
         "../scripts/figure_privacy_utility.py"
 
@@ -144,6 +144,6 @@ rule hypervolume:
     conda:
         "../../envs/fedmia.yaml"
     params:
-        version=VERSION,
+        code=code("report"),
     script:
         "../scripts/hypervolume.py"

@@ -22,6 +22,6 @@ rule train:
         train=get_train_cfg,
         cell=get_cell,
         device=config["device"],
-        version=VERSION,
+        code=code("train"),
     script:
         "../scripts/train.py"

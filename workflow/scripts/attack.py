@@ -1,10 +1,10 @@
-"""Rule attack: every attack against every target client of a cell (fedmia.pipeline.attack)."""
+"""Rule attack: every attack against every target client of a cell (fedmia.stages.attack.attack)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import attack as stage
 
 setup_logging(snakemake.log[0])
-pipeline.attack(
+stage.attack(
     measures_file=snakemake.input.mdm,
     partition_file=snakemake.input.partition,
     cell=snakemake.params.cell,

@@ -1,10 +1,10 @@
-"""Rule figure_cell: one cell's rounds or ROC figure (fedmia.pipeline.report_cell_figures)."""
+"""Rule figure_cell: one cell's rounds or ROC figure (fedmia.stages.report.report_cell_figures)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])
-pipeline.report_cell_figures(
+stage.report_cell_figures(
     attack_files=list(snakemake.input),
     kind=snakemake.params.kind,
     options=snakemake.params.options,

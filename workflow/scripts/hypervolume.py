@@ -1,9 +1,9 @@
-"""Rule hypervolume: Table 2 (fedmia.pipeline.report_hypervolume)."""
+"""Rule hypervolume: Table 2 (fedmia.stages.report.report_hypervolume)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])
-pipeline.report_hypervolume(
+stage.report_hypervolume(
     table=snakemake.input[0], outputs=dict(snakemake.output.items())
 )

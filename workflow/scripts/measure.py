@@ -1,11 +1,11 @@
-"""Rule measure: membership disclosure measures of one cell (fedmia.pipeline.measure)."""
+"""Rule measure: membership disclosure measures of one cell (fedmia.stages.measure.measure)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import measure as stage
 
 setup_logging(snakemake.log[0])
 inputs = dict(snakemake.input.items())
-pipeline.measure(
+stage.measure(
     data={k: inputs[k] for k in ("images", "labels", "is_test", "meta")},
     partition_file=inputs["partition"],
     observed_dir=inputs["observed"],

@@ -1,10 +1,10 @@
-"""Rule partition: clients' shards and the evaluation set (fedmia.pipeline.partition)."""
+"""Rule partition: clients' shards and the evaluation set (fedmia.stages.partition.partition)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import partition as stage
 
 setup_logging(snakemake.log[0])
-pipeline.partition(
+stage.partition(
     dict(snakemake.input.items()),
     snakemake.params.partition,
     int(snakemake.wildcards.seed),

@@ -1,7 +1,7 @@
-"""Rule prepare: the canonical arrays of one dataset (fedmia.pipeline.prepare)."""
+"""Rule prepare: the canonical arrays of one dataset (fedmia.stages.prepare.prepare)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import prepare as stage
 
 setup_logging(snakemake.log[0])
-pipeline.prepare(snakemake.params.dataset, dict(snakemake.output.items()))
+stage.prepare(snakemake.params.dataset, dict(snakemake.output.items()))

@@ -1,10 +1,10 @@
-"""Rule privacy_utility: attack success next to utility (fedmia.pipeline)."""
+"""Rule privacy_utility: attack success next to utility (fedmia.stages.report)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])
-pipeline.report_privacy_utility(
+stage.report_privacy_utility(
     table=snakemake.input.table,
     manifests=list(snakemake.input.manifests),
     defenses=snakemake.params.defenses,

@@ -1,10 +1,10 @@
-"""Rule table: the attack tables (fedmia.pipeline.report_tables)."""
+"""Rule table: the attack tables (fedmia.stages.report.report_tables)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])
-pipeline.report_tables(
+stage.report_tables(
     attack_files=list(snakemake.input.attacks),
     manifests=list(snakemake.input.manifests),
     selections=snakemake.params.selections,

@@ -1,11 +1,11 @@
-"""Rule train: FedAvg for one cell (fedmia.pipeline.train)."""
+"""Rule train: FedAvg for one cell (fedmia.stages.train.train)."""
 
-from fedmia import pipeline
 from fedmia.logs import setup_logging
+from fedmia.stages import train as stage
 
 setup_logging(snakemake.log[0])
 inputs = dict(snakemake.input.items())
-pipeline.train(
+stage.train(
     data={k: inputs[k] for k in ("images", "labels", "is_test", "meta")},
     partition_file=inputs["partition"],
     model=snakemake.params.model,

@@ -1,0 +1,110 @@
+"""Stage 5, ``attack``: every attack against every target client of a cell."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedmia import io
+from fedmia.attacks import PROTOCOLS, RESULT_COLUMNS, OfficialProtocol, run_attacks
+from fedmia.io import CELL_KEYS, available_rounds
+
+log = logging.getLogger(__name__)
+
+#: dtypes of an attack result table's scalar columns (for empty tables).
+RESULT_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
+                 "partition": "object", "seed": "int64", "attack": "object",
+                 "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
+                 "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
+                 "n_nonmembers": "int64"}
+
+
+def attack(
+    *,
+    measures_file: str | Path,
+    partition_file: str | Path,
+    cell: Mapping[str, Any],
+    rounds: Iterable[int] | None = None,
+    manifest_file: str | Path | None = None,
+    attacks: Sequence[str],
+    attack_rounds: Iterable[int] | None = None,
+    targets: str | list[int] = "all",
+    protocol: Sequence[str] = PROTOCOLS,
+    official: Mapping[str, Any] | None = None,
+    fpr_rule: str = "at_most",
+    fedmia_ddof: int = 0,
+    outlier_filter: Mapping[str, bool] | None = None,
+    roc_points: int = 200,
+    outputs: Mapping[str, str | Path],
+) -> None:
+    """Stage 5: every attack against every target client of one cell, under each protocol.
+
+    Args:
+        measures_file: the cell's measure Parquet.
+        partition_file: the partition Parquet (who owns each evaluation sample).
+        cell: ``dataset, model, defense, partition, seed`` — written into every row.
+        rounds: the observed rounds the measure table must hold (``None``: whatever it has).
+        manifest_file: the train stage's manifest: after a divergence, only the rounds
+            saved before it are attacked (multi-round attacks report the fewer rounds in
+            ``n_rounds``; with no attacked round left they have no rows, and with no
+            observed round at all every table is empty).
+        attacks: attack code names (:data:`fedmia.attacks.ATTACKS`).
+        attack_rounds: the rounds multi-round attacks combine and best rounds are picked
+            from (``None``: every round of the table).
+        targets: ``"all"`` or a list of client ids.
+        protocol: non-member protocols (:data:`fedmia.attacks.PROTOCOLS`).
+        official: :class:`fedmia.attacks.OfficialProtocol` fields but ``seed`` (the cell's).
+        fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.metrics.FPR_RULES`).
+        fedmia_ddof: ddof of FedMIA's reference variance.
+        outlier_filter: attack name → whether FedMIA's outlier filter applies.
+        roc_points: points of the stored ROC curve per row.
+        outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
+            (:data:`fedmia.attacks.RESULT_COLUMNS` after the cell's keys and ``attack``).
+    """
+    missing = sorted(set(attacks) - set(outputs))
+    if missing:
+        raise ValueError(f"no output file for attack(s) {missing}")
+    mdm = pd.read_parquet(measures_file)
+    if manifest_file is not None:
+        rounds = available_rounds(rounds or [], manifest_file) if rounds is not None else None
+        attack_rounds = (available_rounds(attack_rounds, manifest_file)
+                         if attack_rounds is not None else None)
+    if len(mdm) == 0 and manifest_file is not None and rounds == []:
+        log.warning("no observed round before the run diverged: no attack can run; writing "
+                    "empty result tables")
+        for name in attacks:
+            empty = pd.DataFrame(columns=[*CELL_KEYS, "attack", *RESULT_COLUMNS])
+            io.write_parquet(empty.astype(RESULT_DTYPES), outputs[name])
+        return
+    if rounds is not None:
+        lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
+        if lacking:
+            raise ValueError(f"{measures_file} lacks observed round(s) {lacking}; rerun the "
+                             "measure stage")
+    part = pd.read_parquet(partition_file)
+    ev = part[part["eval"]]
+    owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
+    k = int(part["client_id"].max()) + 1
+    if targets == "all":
+        targets = list(range(k))
+    bad = [t for t in targets if not 0 <= t < k]
+    if bad:
+        raise ValueError(f"attack.targets {bad} are not clients of this cell (0..{k - 1})")
+    proto = OfficialProtocol(**{**dict(official or {}), "seed": int(cell["seed"])})
+    t0 = time.perf_counter()
+    results = run_attacks(attacks, mdm, owner, targets, attack_rounds=attack_rounds,
+                          protocols=list(protocol), official=proto, ddof=fedmia_ddof,
+                          outlier_filter=outlier_filter, fpr_rule=fpr_rule,
+                          roc_points=roc_points)
+    log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),
+             "/".join(protocol), time.perf_counter() - t0)
+    for name, res in results.items():
+        for i, key in enumerate(CELL_KEYS):
+            res.insert(i, key, cell[key])
+        res.insert(len(CELL_KEYS), "attack", name)
+        io.write_parquet(res, outputs[name])

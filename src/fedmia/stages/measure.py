@@ -1,0 +1,106 @@
+"""Stage 4, ``measure``: membership disclosure measures of a cell's evaluation samples."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedmia import io
+from fedmia.compute import setup_compute
+from fedmia.fedavg import DeviceData
+from fedmia.io import MEASURE_DTYPES, available_rounds
+from fedmia.measures import ROUTES, compute_round_measures
+from fedmia.models import build_model
+from fedmia.state import FlatState, StateLayout
+
+log = logging.getLogger(__name__)
+
+
+def measure(
+    *,
+    data: Mapping[str, str | Path],
+    partition_file: str | Path,
+    observed_dir: str | Path,
+    rounds: Iterable[int],
+    manifest_file: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    chunk_size: int = 64,
+    batch_size: int = 500,
+    route: str = "layerwise",
+    output: str | Path,
+) -> None:
+    """Stage 4: membership disclosure measures of the evaluation samples at observed rounds.
+
+    Args:
+        data: files of the prepared dataset.
+        partition_file: the partition Parquet (its ``eval`` samples are measured).
+        observed_dir: the train stage's ``observed/`` folder.
+        rounds: the observed rounds to measure (each must have its file).
+        manifest_file: the train stage's manifest: a cell that diverged saved only the
+            rounds before divergence, and only those are measured (none: an empty table).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads for torch.
+        chunk_size: samples per per-sample-gradient chunk (bounds memory).
+        batch_size: samples per forward pass.
+        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.measures.ROUTES`).
+        output: the measure Parquet: ``round, client_id, sample_id, loss, cos, grad_diff,
+            grad_norm, correct, confidence``, one row per (round, client, evaluation sample).
+    """
+    if route not in ROUTES:
+        raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
+    dev = setup_compute(device, threads)
+    rounds = available_rounds(rounds, manifest_file)
+    if not rounds:
+        log.warning("no observed round to measure (training diverged before the first); "
+                    "writing an empty measure table")
+        io.write_parquet(pd.DataFrame({c: pd.Series(dtype=t) for c, t in MEASURE_DTYPES.items()}),
+                         output)
+        return
+    files = [io.round_file(observed_dir, r) for r in rounds]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"observed round file(s) missing: {missing}; rerun the train "
+                                "stage with these rounds observed")
+    arrays, meta = io.load_prepared(data)
+    part = pd.read_parquet(partition_file)
+    eval_ids = np.sort(part.loc[part["eval"], "sample_id"].to_numpy())
+    ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"], meta["std"],
+                                   meta["num_classes"], dev)
+    x, y = ddata.batch(torch.from_numpy(eval_ids).to(dev))
+    frames = []
+    state = None
+    for rnd, f in zip(rounds, files, strict=True):
+        t0 = time.perf_counter()
+        obs = io.load_torch(f)
+        if state is None:
+            m = obs["model"]
+            state = FlatState(build_model(m["kind"], m["num_classes"], m["in_channels"],
+                                          seed=0).to(dev))
+        if StateLayout.from_list(obs["layout"]) != state.layout:
+            raise ValueError(f"{f}: its model layout differs from the first round's")
+        res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
+                                     x, y, chunk_size=chunk_size, batch_size=batch_size,
+                                     grad_products=ROUTES[route])
+        k, n = res.loss.shape
+        frames.append(pd.DataFrame({
+            "round": np.full(k * n, rnd, dtype=np.int32),
+            "client_id": np.repeat(np.arange(k, dtype=np.int32), n),
+            "sample_id": np.tile(eval_ids, k),
+            "loss": res.loss.reshape(-1).numpy(),
+            "cos": res.cos.reshape(-1).numpy(),
+            "grad_diff": res.grad_diff.reshape(-1).numpy(),
+            "grad_norm": np.tile(res.grad_norm.numpy(), k),
+            "correct": res.correct.reshape(-1).numpy(),
+            "confidence": res.confidence.reshape(-1).numpy(),
+        }))
+        dt = time.perf_counter() - t0
+        log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
+                 rnd, n, k, dt, n / dt)
+    io.write_parquet(pd.concat(frames, ignore_index=True), output)

@@ -1,0 +1,104 @@
+"""Stage 6, the report: tables and figures from the attack results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedmia import io, report
+from fedmia.defenses import strength_of
+from fedmia.io import cells_frame
+
+
+def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
+                  selections: Sequence[str | int], fpr_rule: str,
+                  outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
+
+    Args:
+        attack_files: every attack Parquet of the grid.
+        manifests: every cell's train manifest (diverged cells are flagged).
+        selections: how single-round attacks are reported (``report.single_round``).
+        fpr_rule: the FPR rule the attack stage used (stated in the tables).
+        outputs: ``csv``, ``per_round``, ``md``, ``tex``.
+    """
+    results = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
+    summary = report.summarize(results, selections, fpr_rule=fpr_rule,
+                               cells=cells_frame(manifests))
+    per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
+    sections = report.paper_tables(summary)
+    with io.atomic_path(outputs["csv"]) as tmp:
+        summary.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["per_round"]) as tmp:
+        per_round.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["md"]) as tmp:
+        tmp.write_text(report.to_markdown(sections))
+    with io.atomic_path(outputs["tex"]) as tmp:
+        tmp.write_text(report.to_latex(sections))
+
+
+def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    for key in ("png", "pdf"):
+        with io.atomic_path(outputs[key]) as tmp:
+            fig.savefig(tmp, format=key, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
+                        options: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6b: one cell's figure ``kind`` (``rounds`` or ``roc``) as PNG and PDF."""
+    cell = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
+    if kind == "rounds":
+        fig = report.rounds_figure(cell, options["round_plot_fpr"], options["width"])
+    elif kind == "roc":
+        selection = options["single_round"]
+        selection = selection[0] if isinstance(selection, list | tuple) else selection
+        fig = report.roc_figure(cell, selection, options["width"])
+    else:
+        raise ValueError(f"unknown figure '{kind}'; choose from ['rounds', 'roc']")
+    _save_figure(fig, outputs, options["dpi"])
+
+
+def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
+                             outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6c: iid vs non-iid bars from the tidy attack table."""
+    fig = report.partitions_figure(pd.read_csv(table), options["width"])
+    _save_figure(fig, outputs, options["dpi"])
+
+
+def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
+                           defenses: Mapping[str, Mapping[str, Any]], output: str | Path
+                           ) -> None:
+    """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
+
+    Each cell's manifest names the cell in its keys and gives its utility (the final
+    model's test accuracy; chance for a diverged cell); they are joined to the attack
+    table on those keys.
+    """
+    strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
+                              for key, d in defenses.items()])
+    pu = report.privacy_utility(pd.read_csv(table), cells_frame(manifests), strengths)
+    with io.atomic_path(output) as tmp:
+        pu.to_csv(tmp, index=False)
+
+
+def report_privacy_utility_figure(*, table: str | Path, family: str,
+                                  options: Mapping[str, Any],
+                                  outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6e: one attack family's privacy–utility figure (PNG and PDF)."""
+    fig = report.privacy_utility_figure(pd.read_csv(table), family, options["width"])
+    _save_figure(fig, outputs, options["dpi"])
+
+
+def report_hypervolume(*, table: str | Path, outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6f: Table 2, the hypervolume of every defense kind's front (CSV, Markdown)."""
+    hv = report.hypervolume_table(pd.read_csv(table))
+    with io.atomic_path(outputs["csv"]) as tmp:
+        hv.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["md"]) as tmp:
+        tmp.write_text(report.hypervolume_markdown(hv))
