@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -237,3 +243,85 @@ def test_members_look_like_members_after_real_training(digits_files, tmp_path):
     assert len(means) == 2 * 3
     assert (means[("cos", True)] > means[("cos", False)]).all(), means
     assert (means[("loss", True)] < means[("loss", False)]).all(), means
+
+
+def _train_outputs(out):
+    return {"history": out / "history.parquet", "final": out / "final.pt",
+            "observed": out / "observed", "manifest": out / "manifest.json"}
+
+
+def _same_results(a, b):
+    """Every output of two train runs equal: Parquet and JSON byte for byte, .pt tensors."""
+    for name in ("history.parquet", "manifest.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    files = sorted(p.name for p in (a / "observed").iterdir())
+    assert files == sorted(p.name for p in (b / "observed").iterdir())
+    for f in [Path("final.pt"), *(Path("observed") / n for n in files)]:
+        x, y = io.load_torch(a / f), io.load_torch(b / f)
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert torch.equal(x[key], y[key]), (f, key)
+            else:
+                assert x[key] == y[key], (f, key)
+
+
+RESUME_TRAIN = dict(rounds=6, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
+                    observe_rounds=[1], test_every=1)
+
+
+def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
+    """SIGKILL a real training process after its second checkpoint; the rerun resumes
+    there and its outputs equal an uninterrupted run's."""
+    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
+    common = dict(data=digits_files, partition_file=str(tmp_path / "partition.parquet"),
+                  model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=RESUME_TRAIN,
+                  cell=CELL, device="cpu", threads=1)
+    ref = tmp_path / "ref"
+    pipeline.train(**common, outputs=_train_outputs(ref))
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import json, sys\nfrom pathlib import Path\nfrom fedmia import pipeline\n"
+        "from fedmia.logs import setup_logging\nsetup_logging()\n"
+        "kw = json.loads(sys.argv[1])\n"
+        "kw['outputs'] = {k: Path(v) for k, v in kw['outputs'].items()}\n"
+        "pipeline.train(**kw)\n")
+    kw = {**common, "checkpoint_dir": str(ckpt), "checkpoint_every": 2,
+          "outputs": {k: str(v) for k, v in _train_outputs(out).items()}}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(kw)],
+                            stderr=subprocess.PIPE, text=True)
+    log = []
+    for line in proc.stderr:  # kill it as soon as round 4 is saved
+        log.append(line)
+        if "checkpoint: round 4 saved" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(log)
+    assert (ckpt / "state.pt").exists() and not (out / "manifest.json").exists()
+    r = subprocess.run([sys.executable, str(script), json.dumps(kw)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from the checkpoint of round 4" in r.stderr
+    assert "round 5/6" in r.stderr and "round 3/6" not in r.stderr  # only the lost rounds
+    _same_results(ref, out)
+    assert not ckpt.exists()  # removed once the outputs are written
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(digits_files, tmp_path, caplog):
+    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
+    common = dict(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                  model={"kind": "alexnet"}, defense={"kind": "none"}, cell=CELL,
+                  device="cpu", threads=1, checkpoint_dir=tmp_path / "ckpt",
+                  checkpoint_every=2)
+    pipeline.train(**common, train_cfg={**RESUME_TRAIN, "rounds": 2},
+                   outputs=_train_outputs(tmp_path / "a"))
+    from fedmia.stages.train import Checkpoint
+    # leave a stale checkpoint behind, as a kill under other settings would
+    Checkpoint(tmp_path / "ckpt", "another run").save(2, torch.zeros(3), [], {})
+    with caplog.at_level("WARNING"):
+        pipeline.train(**common, train_cfg={**RESUME_TRAIN, "rounds": 2, "lr": 0.04},
+                       outputs=_train_outputs(tmp_path / "b"))
+    assert "belongs to other settings, inputs or code; starting afresh" in caplog.text
+    assert pipeline.read_manifest(tmp_path / "b" / "manifest.json")["last_finite_round"] == 2

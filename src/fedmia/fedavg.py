@@ -225,13 +225,16 @@ class RoundRecord:
 def run_fedavg(
     state: FlatState, data: DeviceData, client_idx: Sequence[torch.Tensor],
     test_idx: torch.Tensor, cfg: TrainConfig, defense: Defense, seed: int,
+    start_round: int = 1,
 ) -> Iterator[RoundRecord]:
     """Run ``cfg.rounds`` FedAvg rounds, yielding one :class:`RoundRecord` per round.
 
-    ``state`` holds the initial global model and, when the iterator is exhausted,
-    the final one. Training stops early at the first round whose client losses,
-    uploads or aggregated model are not all finite; that round's record has
-    ``diverged`` set (and ``state`` holds the non-finite model).
+    ``state`` holds the global model round ``start_round`` starts from (the initial
+    model, or a checkpoint's for a resumed run: a round depends only on it and on
+    ``(seed, round, client)``) and, when the iterator is exhausted, the final one.
+    Training stops early at the first round whose client losses, uploads or aggregated
+    model are not all finite; that round's record has ``diverged`` set (and ``state``
+    holds the non-finite model).
     """
     device = state.flat.device
     k = len(client_idx)
@@ -239,7 +242,7 @@ def run_fedavg(
     num_samples = torch.tensor([i.numel() for i in client_idx], dtype=torch.int64)
     global_flat = state.snapshot()
     uploads = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         lr = cfg.lr_at(rnd)
         results = []

@@ -16,7 +16,11 @@ rule train:
     threads: config["threads"]
     resources:
         gpu=GPU,
+        # how often the resumable state is saved: an execution setting, not a result's
+        # (a resource, so changing it reruns nothing)
+        checkpoint_every=config["checkpoint_every"],
     params:
+        checkpoint=f"results/checkpoints/{CELL}",
         model=get_model_cfg,
         defense=get_defense_cfg,
         train=get_train_cfg,

@@ -14,5 +14,7 @@ stage.train(
     cell=snakemake.params.cell,
     device=snakemake.params.device,
     threads=snakemake.threads,
+    checkpoint_dir=snakemake.params.checkpoint,
+    checkpoint_every=snakemake.resources.checkpoint_every,
     outputs=dict(snakemake.output.items()),
 )

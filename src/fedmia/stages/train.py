@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +23,7 @@ from fedmia.compute import setup_compute
 from fedmia.config import DefenseConfig, ModelConfig, TrainConfig
 from fedmia.defenses import build_defense
 from fedmia.fedavg import DeviceData, RoundRecord, run_fedavg
+from fedmia.fingerprint import fingerprint
 from fedmia.io import CELL_KEYS, HISTORY_COLUMNS
 from fedmia.models import build_model, count_parameters
 from fedmia.partition import HELD_OUT
@@ -32,14 +36,15 @@ def _history_rows(rec: RoundRecord) -> list[dict[str, Any]]:
     rows = []
     for c, (loss, acc, n) in enumerate(zip(rec.client_loss, rec.client_accuracy,
                                            rec.num_samples, strict=True)):
-        rows.append(dict(round=rec.round, client_id=c, lr=rec.lr, num_samples=n, train_loss=loss,
-                         train_accuracy=acc, test_loss=np.nan, test_accuracy=np.nan))
+        rows.append(dict(round=rec.round, client_id=c, lr=rec.lr, num_samples=n,
+                         train_loss=float(loss), train_accuracy=float(acc),
+                         test_loss=math.nan, test_accuracy=math.nan))
     w = np.asarray(rec.num_samples, dtype=np.float64)
     rows.append(dict(
         round=rec.round, client_id=HELD_OUT, lr=rec.lr, num_samples=int(w.sum()),
         train_loss=float(np.dot(w, rec.client_loss) / w.sum()),
         train_accuracy=float(np.dot(w, rec.client_accuracy) / w.sum()),
-        test_loss=rec.test_loss, test_accuracy=rec.test_accuracy,
+        test_loss=float(rec.test_loss), test_accuracy=float(rec.test_accuracy),
     ))
     return rows
 
@@ -54,6 +59,8 @@ def train(
     cell: Mapping[str, Any],
     device: str = "auto",
     threads: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
     outputs: Mapping[str, str | Path],
 ) -> None:
     """Stage 3: run FedAvg for one cell and save its history and the server's view.
@@ -68,6 +75,12 @@ def train(
             the seed drives model initialisation, data order and defense noise).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
+        checkpoint_dir: a folder outside the rule's outputs (Snakemake deletes a failed
+            job's outputs) for the resumable state; ``None``: no checkpoints.
+        checkpoint_every: save the state every this many rounds (0: never). A rerun after
+            the job was killed resumes from the last save, provided the inputs, the
+            settings and the training code are the same (else it starts afresh); a kill
+            loses at most ``checkpoint_every`` rounds of work.
         outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``),
             ``observed`` (folder: one ``roundNNNN.pt`` per observed round) and ``manifest``
             (JSON: the cell, the planned and the saved observed rounds, and the outcome —
@@ -78,6 +91,10 @@ def train(
 
     A run whose loss, uploads or model become non-finite stops there and still writes
     every output (see :func:`fedmia.fedavg.run_fedavg`): a diverged cell is a result.
+    A resumed run gives the same files as an uninterrupted one (on the CPU, byte for
+    byte for the Parquet and JSON files, tensor for tensor for the ``.pt`` files): every
+    round's randomness comes from ``(seed, round, client)``, and a round starts from the
+    saved global model and a fresh optimizer.
     """
     mcfg = ModelConfig.from_dict(model)
     dcfg = DefenseConfig.from_dict(defense)
@@ -100,7 +117,18 @@ def train(
     state = FlatState(net)
     defense_obj = build_defense(dcfg)
     observed = set(tcfg.observed())
-    obs_dir = Path(outputs["observed"])
+    ckpt = None
+    if checkpoint_dir is not None and checkpoint_every > 0:
+        key = _checkpoint_key(model, defense, tcfg.to_dict(), cell, partition_file, meta)
+        ckpt = Checkpoint(checkpoint_dir, key)
+    resumed = ckpt.load() if ckpt is not None else None
+    start, rows, outcome = 1, [], None
+    if resumed is not None:
+        state.load(resumed["global_state"].to(dev))
+        start, rows, outcome = resumed["round"] + 1, resumed["rows"], resumed["outcome"]
+        log.info("resuming from the checkpoint of round %d in %s", resumed["round"],
+                 checkpoint_dir)
+    obs_dir = ckpt.observed if ckpt is not None else Path(outputs["observed"])
     obs_dir.mkdir(parents=True, exist_ok=True)
     log.info("FedAvg: %s (%d parameters) on %s, %d clients (sizes %s), %d rounds, "
              "defense %s, device %s, observed rounds %s", mcfg.kind, count_parameters(net),
@@ -116,11 +144,18 @@ def train(
                            uploads=rec.uploads, num_samples=torch.tensor(rec.num_samples)),
                       io.round_file(obs_dir, rec.round))
 
+    def after_round(rnd: int, rows: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
+        if ckpt is not None and rnd % checkpoint_every == 0 and rnd < tcfg.rounds:
+            ckpt.save(rnd, state.flat, rows, outcome)
+
     try:
-        rounds = run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed)
-        history, outcome = _log_history(rounds, tcfg.rounds, observed, save_round, cell)
+        rounds = run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed,
+                            start_round=start)
+        history, outcome = _log_history(rounds, tcfg.rounds, observed, save_round, cell,
+                                        rows=rows, outcome=outcome, after_round=after_round)
     except BaseException:
-        shutil.rmtree(obs_dir, ignore_errors=True)  # no partial output survives a failure
+        if ckpt is None:
+            shutil.rmtree(obs_dir, ignore_errors=True)  # no partial output survives a failure
         raise
     saved = sorted(r for r in observed if outcome["diverged_round"] is None
                    or r < outcome["diverged_round"])
@@ -133,26 +168,95 @@ def train(
         **outcome, "final_test_accuracy": final_accuracy,
         "fedmia_version": fedmia.__version__,
     }
+    if ckpt is not None:
+        ckpt.move_observed(saved, Path(outputs["observed"]))
     io.save_torch(dict(static, global_state=state.flat, rounds=tcfg.rounds,
                        diverged_round=outcome["diverged_round"]), outputs["final"])
     io.write_parquet(history, outputs["history"])
     io.write_json(manifest, outputs["manifest"])
+    if ckpt is not None:
+        ckpt.remove()
+
+
+def _checkpoint_key(model: Mapping[str, Any], defense: Mapping[str, Any],
+                    train_cfg: Mapping[str, Any], cell: Mapping[str, Any],
+                    partition_file: str | Path, meta: Mapping[str, Any]) -> str:
+    """What a checkpoint must match to be resumed: settings, inputs and training code."""
+    spec = {"model": dict(model), "defense": dict(defense), "train": dict(train_cfg),
+            "cell": {k: cell[k] for k in CELL_KEYS}, "data": meta["sha256"],
+            "partition": hashlib.sha256(Path(partition_file).read_bytes()).hexdigest(),
+            "code": fingerprint("fedmia.stages.train")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Checkpoint:
+    """A cell's resumable training state in its own folder (outside the rule's outputs).
+
+    ``state.pt`` holds the round, the global model, the history rows and the outcome so
+    far, and the key of the run it belongs to; ``observed/`` the observed rounds written
+    so far (moved into the rule's output folder when training ends). Every write is
+    atomic, so a kill leaves the previous save intact.
+    """
+
+    def __init__(self, folder: str | Path, key: str) -> None:
+        self.folder = Path(folder)
+        self.key = key
+        self.observed = self.folder / "observed"
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state of this run, or ``None`` (none, or of other settings/code)."""
+        f = self.folder / "state.pt"
+        if not f.exists():
+            if self.folder.exists():
+                shutil.rmtree(self.folder)  # observed rounds of a run that never saved
+            return None
+        saved = io.load_torch(f, mmap=False)
+        if saved.get("key") != self.key:
+            log.warning("%s belongs to other settings, inputs or code; starting afresh", f)
+            shutil.rmtree(self.folder)
+            return None
+        saved["rows"] = json.loads(saved["rows"])
+        saved["outcome"] = json.loads(saved["outcome"])
+        return saved
+
+    def save(self, rnd: int, global_state: torch.Tensor, rows: list[dict[str, Any]],
+             outcome: dict[str, Any]) -> None:
+        """Save the state after round ``rnd`` (atomically)."""
+        io.save_torch({"key": self.key, "round": rnd, "global_state": global_state,
+                       "rows": json.dumps(rows), "outcome": json.dumps(outcome)},
+                      self.folder / "state.pt")
+        log.info("checkpoint: round %d saved in %s", rnd, self.folder)
+
+    def move_observed(self, rounds: Iterable[int], target: Path) -> None:
+        """Move the observed rounds into the rule's output folder ``target``."""
+        target.mkdir(parents=True, exist_ok=True)
+        for r in rounds:
+            os.replace(io.round_file(self.observed, r), io.round_file(target, r))
+
+    def remove(self) -> None:
+        """Delete the checkpoint (training finished and its outputs are written)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
-                 save_round: Callable[[RoundRecord], None], cell: Mapping[str, Any]
-                 ) -> tuple[pd.DataFrame, dict[str, Any]]:
+                 save_round: Callable[[RoundRecord], None], cell: Mapping[str, Any], *,
+                 rows: list[dict[str, Any]] | None = None,
+                 outcome: dict[str, Any] | None = None,
+                 after_round: Callable[[int, list[dict[str, Any]], dict[str, Any]], None]
+                 | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Consume the rounds: save observed ones, log progress, return the history table.
 
     Also returns the outcome: ``diverged_round`` (``None`` if training finished),
     ``last_finite_round`` and ``last_finite_test_accuracy`` (of the last finite global
-    model; for a finished run, the final model's last test).
+    model; for a finished run, the final model's last test). ``rows`` and ``outcome``
+    continue a resumed run; ``after_round(round, rows, outcome)`` runs after each
+    finished round (checkpoints).
     """
-    rows: list[dict[str, Any]] = []
+    rows = list(rows or [])
     t_start = time.perf_counter()
     keys = {k: cell[k] for k in CELL_KEYS}
-    outcome: dict[str, Any] = {"diverged_round": None, "last_finite_round": total,
-                               "last_finite_test_accuracy": math.nan}
+    outcome = dict(outcome or {"diverged_round": None, "last_finite_round": total,
+                               "last_finite_test_accuracy": math.nan})
     for rec in rounds:
         rows.extend({**keys, **row} for row in _history_rows(rec))
         if rec.diverged:
@@ -173,7 +277,9 @@ def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
                  "%.1fs, %.0f samples/s%s", rec.round, total, rec.lr, glob["train_loss"],
                  glob["train_accuracy"], rec.test_loss, rec.test_accuracy, rec.seconds,
                  rec.samples_per_s, " [observed]" if rec.round in observed else "")
-    log.info("trained %d rounds in %.1fs", outcome["last_finite_round"],
+        if after_round is not None:
+            after_round(rec.round, rows, outcome)
+    log.info("trained up to round %d in %.1fs", outcome["last_finite_round"],
              time.perf_counter() - t_start)
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
         {"seed": "int64", "round": "int32", "client_id": "int32", "num_samples": "int64"})
