@@ -242,3 +242,50 @@ REPORT_JOBS = {"table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitio
 def test_code_edits_rerun_exactly_what_they_affect(snakemake_cmd, repo, tiny_run, tmp_path,
                                                    module, expected):
     assert _code_edit_reruns(snakemake_cmd, repo, tiny_run, tmp_path, module) == expected
+
+
+def job_resources(out: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, resources) of every job a dry run lists."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        if m:
+            pairs = dict(kv.split("=", 1) for kv in res[1].split(", ")) if res else {}
+            jobs.append((m[1], pairs))
+    return jobs
+
+
+def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp_path):
+    """A profile that asks for GPUs gets them for train and measure jobs also with
+    device: auto; attack and report jobs never ask; runtime and memory scale with the
+    model and data (that report jobs run locally is checked on a real SLURM,
+    tests/test_slurm.py)."""
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(
+        "set-resources:\n  train:\n    gpu: 1\n  measure:\n    gpu: 1\n")
+    config = yaml.safe_load((repo / "config" / "paper.yaml").read_text())
+    config["device"] = "auto"
+    cfg = tmp_path / "auto.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    r = smk(snakemake_cmd, repo, tmp_path / "wd", cfg, "-n", "--profile", str(profile),
+            "--executor", "slurm", "--jobs", "10")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    jobs = job_resources(out)
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for rule, res in jobs:
+        by_rule.setdefault(rule, []).append(res)
+    assert all(res.get("gpu") == "1" for res in by_rule["train"] + by_rule["measure"])
+    assert not any("gpu" in res and res["gpu"] != "0" for rule, res in jobs
+                   if rule not in ("train", "measure"))
+    runtime = {}
+    for block in re.split(r"\n(?=rule train:)", out)[1:]:
+        m = re.search(r"wildcards: dataset=(\w+), model=(\w+), defense=none, partition=(\w+)",
+                      block)
+        if m:
+            runtime[m.groups()] = int(re.search(r"runtime=(\d+)", block)[1])
+    assert runtime[("cifar100", "resnet18", "iid")] > runtime[("cifar100", "alexnet", "iid")]
+    assert runtime[("cifar100", "alexnet", "iid")] > runtime[("dermnet", "alexnet", "derm_iid")]

@@ -263,3 +263,53 @@ def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list
                      DEFENSES.names()),
         "attacks": (props["attack"]["properties"]["attacks"]["items"]["enum"], ATTACKS.names()),
     }
+
+
+# ----------------------------------------------------------------- cluster resources
+
+#: Samples of each dataset kind (both splits), for resource estimates before ``prepare``
+#: has run; a kind not listed (e.g. ``imagefolder``) is taken as 60,000.
+DATASET_SAMPLES = {"digits": 1_797, "fashion_mnist": 70_000, "cifar100": 60_000,
+                   "dermnet": 19_559}
+#: Training samples per second per job, a deliberately low estimate (GPU: an older data-centre
+#: card; CPU: one busy core, measured here: AlexNet 646/s, ResNet18 ~80/s). A model kind
+#: not listed is costed as ResNet18.
+THROUGHPUT = {"alexnet": {"gpu": 10_000, "cpu": 500},
+              "resnet18": {"gpu": 2_000, "cpu": 60},
+              "resnet18_bn": {"gpu": 2_000, "cpu": 60}}
+#: Parameters of each model kind (100 classes; for memory estimates).
+PARAMETERS = {"alexnet": 2_495_396, "resnet18": 11_220_132, "resnet18_bn": 11_220_132}
+
+
+def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, dict[str, int]]:
+    """Runtime (minutes) and memory (MB) requests of a cell's train, measure and attack jobs.
+
+    Scaled by the model kind (throughput, parameters), the data (samples, image size),
+    the clients and rounds, with a safety factor of 3 on time; a cluster scheduler needs
+    an upper bound, not a forecast. Users override them with ``--set-resources``.
+    """
+    config = spec.config
+    train = TrainConfig.from_dict(spec.train[cell])
+    part = PartitionConfig.from_dict(config["partitions"][cell.partition])
+    dataset = config["datasets"][cell.dataset]
+    kind = config["models"][cell.model]["kind"]
+    samples = DATASET_SAMPLES.get(dataset["kind"], 60_000)
+    per_client = part.samples_per_client or int(samples * 0.8 / part.num_clients)
+    train_samples = per_client * part.num_clients
+    rate = THROUGHPUT.get(kind, THROUGHPUT["resnet18"])["gpu" if gpu else "cpu"]
+    params = PARAMETERS.get(kind, PARAMETERS["resnet18"])
+    image_mb = samples * 3 * dataset.get("image_size", 32) ** 2 / 1e6
+    n_eval = part.num_clients * part.eval_members_per_client + part.eval_nonmembers
+    observed = len(train.observed())
+    train_s = train.rounds * train.local_epochs * train_samples / rate
+    measure_s = observed * n_eval * 3 / rate  # one forward+backward and K forwards per sample
+    rows = observed * part.num_clients * n_eval
+    return {
+        "train": {"runtime": int(10 + 3 * train_s / 60),
+                  "mem_mb": int(4000 + 2 * image_mb + 4 * params * (part.num_clients + 8) / 1e6)},
+        "measure": {"runtime": int(10 + 3 * measure_s / 60),
+                    "mem_mb": int(4000 + 2 * image_mb + 4 * params * (part.num_clients + 8) / 1e6
+                                  + rows * 60 / 1e6)},
+        "attack": {"runtime": int(30 + rows / 2e5),
+                   "mem_mb": int(4000 + rows * 100 / 1e6)},
+    }

@@ -11,6 +11,9 @@ rule attack:
         f"results/benchmarks/attack/{CELL}.tsv"
     conda:
         "../../envs/fedmia.yaml"
+    resources:
+        runtime=resources_of("attack", "runtime"),
+        mem_mb=resources_of("attack", "mem_mb"),
     params:
         attack=get_attack_params,
         cell=get_cell,

@@ -5,7 +5,7 @@ import dataclasses
 
 from fedmia.fingerprint import fingerprint
 from fedmia.attacks import outlier_filter_for
-from fedmia.workflow import Cell, canonical, load_workflow_config
+from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_config
 
 SPEC = load_workflow_config(
     config, workflow.source_path("../schemas/config.schema.yaml")
@@ -34,6 +34,9 @@ TRAIN = f"results/train/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"
 FIGURES = f"results/figures/{CELL}"
 ATTACKS = config["attack"]["attacks"]
+# GPUs per train and measure job: 1 when the config asks for CUDA; a cluster profile
+# asks for one with device: auto too (set-resources: train: gpu: 1). Attack and report
+# jobs never ask for one.
 GPU = 1 if config["device"].startswith("cuda") else 0
 
 
@@ -57,6 +60,16 @@ def cell_of(wildcards):
         wildcards.partition,
         int(wildcards.seed),
     )
+
+
+def resources_of(stage, what):
+    """A function of the wildcards: the estimated ``what`` (runtime, mem_mb) of ``stage``."""
+
+    def get(wildcards):
+        gpu = config["device"].startswith("cuda")
+        return estimate_resources(SPEC, cell_of(wildcards), gpu=gpu)[stage][what]
+
+    return get
 
 
 def get_cell(wildcards):

@@ -15,6 +15,8 @@ rule measure:
     threads: config["threads"]
     resources:
         gpu=GPU,
+        runtime=resources_of("measure", "runtime"),
+        mem_mb=resources_of("measure", "mem_mb"),
     params:
         rounds=get_observed_rounds,
         measure=canonical(config["measure"]),

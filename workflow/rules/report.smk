@@ -1,3 +1,16 @@
+# Report jobs read small tables and draw figures: on a cluster they run where Snakemake
+# runs instead of waiting in the queue.
+localrules:
+    table,
+    figure_rounds,
+    figure_roc,
+    figure_partitions,
+    privacy_utility,
+    figure_privacy_utility,
+    hypervolume,
+    all,
+
+
 rule table:
     input:
         attacks=get_all_attacks,

@@ -16,6 +16,8 @@ rule train:
     threads: config["threads"]
     resources:
         gpu=GPU,
+        runtime=resources_of("train", "runtime"),
+        mem_mb=resources_of("train", "mem_mb"),
         # how often the resumable state is saved: an execution setting, not a result's
         # (a resource, so changing it reruns nothing)
         checkpoint_every=config["checkpoint_every"],
