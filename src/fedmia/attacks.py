@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from fedmia import metrics
+from fedmia import metrics, uncertainty
 from fedmia.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -527,9 +527,42 @@ def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
 
 
 #: Columns of an attack result table, in order (besides the cell's keys and ``attack``).
+#: Metrics with bootstrap intervals (every metric but the balanced accuracy).
+CI_METRICS = ("auc", *(metrics.tpr_metric_name(a) for a in metrics.FPR_LEVELS))
+#: Interval columns of a result row: ``<metric>_ci_low``, ``_ci_high``, ``_se`` and, for
+#: TPRs, ``_fp``.
+CI_COLUMNS = tuple(f"{m}_{part}" for m in CI_METRICS for part in ("ci_low", "ci_high", "se")
+                   ) + tuple(f"{m}_fp" for m in CI_METRICS if m != "auc")
 RESULT_COLUMNS = ("protocol", "draw", "target", "round", "attacked", "n_rounds",
-                  *metrics.METRICS,
+                  *metrics.METRICS, *CI_COLUMNS,
                   "n_members", "n_nonmembers", "roc_fpr", "roc_tpr")
+
+
+def _intervals(scores: np.ndarray, is_member: np.ndarray, *, n_boot: int, rule: str,
+               seed: int) -> list[dict[str, float]]:
+    """Per row of ``scores`` (R×S): bootstrap interval, SE and false positives.
+
+    The 95 % percentile interval and the standard error of each :data:`CI_METRICS` from
+    ``n_boot`` paired replicates (one resample for all rows), and for each TPR the false
+    positives it rests on.
+    """
+    nan = float("nan")
+    out: list[dict[str, float]] = [{} for _ in range(len(scores))]
+    reps = (uncertainty.bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=seed,
+                                             rule=rule) if n_boot > 0 else {})
+    for m in CI_METRICS:
+        for r, row in enumerate(out):
+            v = reps[m][r] if m in reps else None
+            defined = v is not None and not np.isnan(v).all()
+            lo, hi = uncertainty.percentile_interval(v) if defined else (nan, nan)
+            row.update({f"{m}_ci_low": lo, f"{m}_ci_high": hi,
+                        f"{m}_se": float(np.nanstd(v, ddof=1)) if defined else nan})
+    for alpha in metrics.FPR_LEVELS:
+        name = metrics.tpr_metric_name(alpha)
+        for r, row in enumerate(out):
+            row[f"{name}_fp"] = uncertainty.false_positives_at(scores[r], is_member, alpha,
+                                                               rule)
+    return out
 
 
 def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
@@ -538,7 +571,8 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                 protocols: Sequence[str] = PROTOCOLS,
                 official: OfficialProtocol = OfficialProtocol(),
                 ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
-                fpr_rule: str = "at_most", roc_points: int = 200) -> dict[str, pd.DataFrame]:
+                fpr_rule: str = "at_most", roc_points: int = 200,
+                n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     """Run attacks against each target client under each protocol and measure success.
 
     Args:
@@ -556,6 +590,7 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
         fpr_rule: how TPR at FPR α counts the limit (:data:`fedmia.metrics.FPR_RULES`).
         roc_points: the most ROC points kept per row (:func:`fedmia.metrics.roc_points`).
+        n_boot: bootstrap replicates per row for the intervals (0: none, NaN columns).
 
     Returns:
         attack name → one row per (protocol, draw, target, round) with
@@ -564,8 +599,13 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
         (a single-round attack at a round observed only for the figures is False; only
         attacked rounds are candidates when a report picks a round); ``n_rounds`` the
         rounds a score combines (1 for single-round);
-        the :data:`fedmia.metrics.METRICS` (a TPR is NaN where undefined); the ROC
-        points as float64 arrays.
+        the :data:`fedmia.metrics.METRICS` (a TPR is NaN where undefined); for the AUC
+        and each TPR its 95 % percentile bootstrap interval ``<metric>_ci_low``,
+        ``<metric>_ci_high`` and standard error ``<metric>_se`` (members and
+        non-members resampled separately; one paired resample per target and protocol
+        draw, seeded from ``(cell seed, protocol, draw, target)``,
+        :mod:`fedmia.uncertainty`), and for each TPR ``<metric>_fp``, the false
+        positives it rests on (−1 where undefined); the ROC points as float64 arrays.
 
     Raises:
         ValueError: as :func:`validate_measures`; an unknown protocol or FPR rule;
@@ -592,6 +632,7 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                          official_slots(own, target, len(cube.rounds), cube.clients,
                                         official, draw))
                 xs = {key: _slot_values(v, slots) for key, v in signed.items()}
+                batch: list[tuple[str, dict[str, Any], np.ndarray]] = []
                 for spec in specs:
                     if spec.multi_round and not attacked.any():
                         continue  # no attacked round to combine
@@ -604,17 +645,26 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                         rounds, hit = [MULTI_ROUND], [True]
                     n_rounds = 1 if spec.kind == "single" else int(attacked.sum())
                     for rnd, was_attacked, sc in zip(rounds, hit, scores, strict=True):
-                        fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
-                        rows[spec.name].append({
+                        batch.append((spec.name, {
                             "protocol": protocol, "draw": draw, "target": target,
-                            "round": rnd, "attacked": was_attacked, "n_rounds": n_rounds,
-                            **metrics.attack_metrics(sc, slots.is_member, fpr_rule),
-                            "roc_fpr": fpr, "roc_tpr": tpr})
+                            "round": rnd, "attacked": was_attacked, "n_rounds": n_rounds}, sc))
+                if not batch:
+                    continue
+                stacked = np.stack([sc for _, _, sc in batch])  # rows × slots
+                ci = _intervals(stacked, slots.is_member, n_boot=n_boot, rule=fpr_rule,
+                                seed=uncertainty.stable_seed(official.seed, protocol, draw,
+                                                             target))
+                for (name, keys, sc), extra in zip(batch, ci, strict=True):
+                    fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
+                    rows[name].append({**keys, **metrics.attack_metrics(sc, slots.is_member,
+                                                                        fpr_rule),
+                                       **extra, "roc_fpr": fpr, "roc_tpr": tpr})
     out = {}
     for spec in specs:
         res = pd.DataFrame(rows[spec.name], columns=list(RESULT_COLUMNS)).astype(
             {"draw": np.int64, "target": np.int64, "round": np.int64, "n_rounds": np.int64,
-             "n_members": np.int64, "n_nonmembers": np.int64})
+             "n_members": np.int64, "n_nonmembers": np.int64,
+             **{c: np.int64 for c in CI_COLUMNS if c.endswith("_fp")}})
         out[spec.name] = res.sort_values(["protocol", "draw", "target", "round"],
                                          ignore_index=True)
         aligned = res[res.protocol == protocols[0]]
