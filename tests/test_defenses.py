@@ -12,6 +12,7 @@ from fedmia.config import ConfigError, DefenseConfig, TrainConfig
 from fedmia.defenses import (
     DEFENSES,
     AugmentDefense,
+    DataSpec,
     DPDefense,
     InstaHideDefense,
     MixupDefense,
@@ -56,6 +57,16 @@ def update_for(layout: StateLayout, seed: int = 1, device: str = "cpu") -> torch
 def images(b: int = 16, c: int = 3, h: int = 8, w: int = 8, seed: int = 2):
     g = gen(seed)
     return torch.randn(b, c, h, w, generator=g), torch.randint(0, 5, (b,), generator=g)
+
+
+def spec(c: int = 3, num_classes: int = 5, device: str = "cpu") -> DataSpec:
+    """A dataset description with distinct per-channel statistics (CIFAR-like)."""
+    mean = torch.tensor([0.49, 0.48, 0.45][:c]).view(1, c, 1, 1).to(device)
+    std = torch.tensor([0.20, 0.25, 0.30][:c]).view(1, c, 1, 1).to(device)
+    return DataSpec(num_classes=num_classes, mean=mean, std=std)
+
+
+SPEC = spec()
 
 
 # ---------------------------------------------------------------------------- registry
@@ -200,16 +211,16 @@ def test_mixup_mixes_inputs_and_labels_with_the_same_lambda(device):
     lam, perm = d.draw(16, device, gen(7))
     assert 0.0 <= lam <= 1.0
     assert sorted(perm.tolist()) == list(range(16))
-    xm, t = d.batch(x, y, 5, gen(7))  # same seed: same λ and permutation
+    xm, t = d.batch(x, y, SPEC, gen(7))  # same seed: same λ and permutation
     torch.testing.assert_close(xm, lam * x + (1 - lam) * x[perm])
     onehot = F.one_hot(y, 5).float()
     torch.testing.assert_close(t, lam * onehot + (1 - lam) * onehot[perm])
     torch.testing.assert_close(t.sum(1), torch.ones(16, device=device))
     assert t.shape == (16, 5) and xm.shape == x.shape
     # reproducible, and a different seed gives a different mix
-    xm2, t2 = d.batch(x, y, 5, gen(7))
+    xm2, t2 = d.batch(x, y, SPEC, gen(7))
     assert torch.equal(xm, xm2) and torch.equal(t, t2)
-    assert not torch.equal(xm, d.batch(x, y, 5, gen(8))[0])
+    assert not torch.equal(xm, d.batch(x, y, SPEC, gen(8))[0])
 
 
 def test_mixup_lambda_is_beta_distributed_and_tiny_alpha_is_stable():
@@ -225,7 +236,7 @@ def test_mixup_accepts_soft_targets_for_composition():
     x, y = images()
     probs = torch.softmax(torch.randn(16, 5, generator=gen(3)), 1)
     d = MixupDefense(alpha=0.5)
-    _, t = d.batch(x, probs, 5, gen(1))
+    _, t = d.batch(x, probs, SPEC, gen(1))
     lam, perm = d.draw(16, "cpu", gen(1))
     torch.testing.assert_close(t, lam * probs + (1 - lam) * probs[perm])
 
@@ -252,7 +263,7 @@ def test_instahide_batch_is_signed_mixture_with_consistent_labels(device):
     x, y = images(b=32)
     x, y = x.to(device), y.to(device)
     coeffs, partners, signs = d.draw(x.shape, device, x.dtype, gen(4))
-    xm, t = d.batch(x, y, 5, gen(4))
+    xm, t = d.batch(x, y, SPEC, gen(4))
     assert partners.shape == (3, 32) and torch.equal(partners[0].cpu(), torch.arange(32))
     for row in partners:
         assert sorted(row.tolist()) == list(range(32))
@@ -266,7 +277,7 @@ def test_instahide_batch_is_signed_mixture_with_consistent_labels(device):
     want = sum(coeffs[:, j, None] * onehot[partners[j]] for j in range(3))
     torch.testing.assert_close(t, want)
     torch.testing.assert_close(t.sum(1), torch.ones(32, device=device))
-    xm2, t2 = d.batch(x, y, 5, gen(4))
+    xm2, t2 = d.batch(x, y, SPEC, gen(4))
     assert torch.equal(xm, xm2) and torch.equal(t, t2)
 
 
@@ -274,7 +285,7 @@ def test_instahide_k1_only_flips_signs():
     d = build("instahide", k=1)
     assert d.upper_bound == 1.0
     x, y = images()
-    xm, t = d.batch(x, y, 5, gen(2))
+    xm, t = d.batch(x, y, SPEC, gen(2))
     torch.testing.assert_close(xm.abs(), x.abs())
     flips = xm != x
     assert flips.float().mean().item() == pytest.approx(0.5, abs=0.05)
@@ -310,17 +321,17 @@ def test_augment_preserves_shape_dtype_and_is_seeded(device, dtype):
     assert isinstance(d, AugmentDefense) and d.padding == 4 and d.flip
     x, y = images(b=32)
     x, y = x.to(device=device, dtype=dtype), y.to(device)
-    a, ya = d.batch(x, y, 5, gen(1))
+    a, ya = d.batch(x, y, SPEC, gen(1))
     assert a.shape == x.shape and a.dtype == dtype and a.device == x.device
     assert torch.equal(ya, y)
-    assert torch.equal(a, d.batch(x, y, 5, gen(1))[0])
-    assert not torch.equal(a, d.batch(x, y, 5, gen(2))[0])
+    assert torch.equal(a, d.batch(x, y, SPEC, gen(1))[0])
+    assert not torch.equal(a, d.batch(x, y, SPEC, gen(2))[0])
 
 
 def test_augment_flip_only_gives_flipped_copies():
     d = build("augment", padding=0, brightness=0, contrast=0, saturation=0)
     x, y = images(b=64)
-    a, _ = d.batch(x, y, 5, gen(3))
+    a, _ = d.batch(x, y, SPEC, gen(3))
     same = (a == x).flatten(1).all(1)
     flipped = (a == x.flip(3)).flatten(1).all(1)
     assert (same | flipped).all()
@@ -330,7 +341,7 @@ def test_augment_flip_only_gives_flipped_copies():
 def test_augment_crop_shifts_with_zero_padding():
     d = build("augment", padding=2, flip=False, brightness=0, contrast=0, saturation=0)
     x, y = images(b=64)
-    a, _ = d.batch(x, y, 5, gen(4))
+    a, _ = d.batch(x, y, SPEC, gen(4))
     padded = F.pad(x, (2, 2, 2, 2))
     for i in range(64):  # test reference only: the defense itself has no per-sample loop
         windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
@@ -341,7 +352,7 @@ def test_augment_crop_shifts_with_zero_padding():
 def test_augment_jitter_factors_are_bounded():
     d = build("augment", padding=0, flip=False, brightness=0.3, contrast=0, saturation=0)
     x, y = images(b=64)
-    a, _ = d.batch(x, y, 5, gen(5))
+    a, _ = d.batch(x, y, SPEC, gen(5))
     f = (a / x).flatten(1)
     torch.testing.assert_close(f, f[:, :1].expand_as(f))  # one factor per sample
     assert (f >= 0.7 - 1e-5).all() and (f <= 1.3 + 1e-5).all()

@@ -22,6 +22,10 @@ BatchNorm running statistics (entries with ``is_param = False``); every upload
 defense passes those through unchanged, as the official code (which perturbs
 ``model.parameters()`` only) does.
 
+**Images** reach the ``batch`` hook normalised (``(pixel − mean) / std`` per
+channel, pixels in [0, 1]); the hook also gets a :class:`DataSpec` with the
+dataset's mean and std, so a defense defined on pixels can convert exactly.
+
 **Randomness** comes only from the ``gen`` argument of a hook (the client's CPU
 ``torch.Generator`` for the round), so a run is reproducible. Tensors may live on
 a CUDA device: large draws (noise, sign masks, permutations, crop offsets) are
@@ -51,6 +55,29 @@ from fedmia.registry import Registry
 from fedmia.state import Entry, StateLayout
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a ``batch`` hook knows about the dataset: classes and normalisation.
+
+    Attributes:
+        num_classes: number of classes (width of soft targets).
+        mean: float32 1×C×1×1, per-channel mean in [0, 1] pixel units.
+        std: float32 1×C×1×1, per-channel std in [0, 1] pixel units.
+    """
+
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images B×C×H×W → pixels in [0, 1] units (``x · std + mean``)."""
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+
+    def normalise(self, p: torch.Tensor) -> torch.Tensor:
+        """Pixels B×C×H×W in [0, 1] units → normalised images (``(p − mean) / std``)."""
+        return (p - self.mean.to(p.dtype)) / self.std.to(p.dtype)
+
+
 class Defense:
     """No defense; base class whose hooks each defense overrides as needed.
 
@@ -63,18 +90,24 @@ class Defense:
 
     #: True if :meth:`batch` may return soft targets (B×num_classes) instead of labels.
     soft_targets: bool = False
+    #: True if :meth:`batch` is to be called once per local epoch on the client's whole
+    #: (shuffled) local data rather than on each mini-batch; the client then trains on
+    #: consecutive mini-batches of what it returns.
+    whole_local_set: bool = False
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Indices (n) of the client's samples it trains on this round."""
         return idx
 
     def batch(
-        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator
+        self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform a batch: images B×C×H×W (normalised float), labels B (int64).
+        """Transform training inputs: normalised images B×C×H×W, labels B (int64).
 
-        Returns the inputs fed to the model and the targets of the loss: int64
-        labels B, or probabilities B×num_classes when ``soft_targets``.
+        ``B`` is a mini-batch, or the whole local data when :attr:`whole_local_set`.
+        Labels may also be probabilities B×num_classes (from an earlier step of a
+        composition). Returns the inputs fed to the model and the targets of the loss:
+        int64 labels B, or probabilities B×num_classes.
         """
         return x, y
 
@@ -416,11 +449,11 @@ class MixupDefense(Defense):
                               device=device)
         return lam, perm
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed inputs B×C×H×W and mixed soft targets B×num_classes."""
         lam, perm = self.draw(x.shape[0], x.device, gen)
-        t = as_probs(y, num_classes, x.dtype)
+        t = as_probs(y, spec.num_classes, x.dtype)
         return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
 
 
@@ -508,11 +541,11 @@ class InstaHideDefense(Defense):
         signs = torch.randint(0, 2, tuple(shape), generator=g, device=device)
         return coeffs, torch.stack(rows), signs.to(dtype).mul_(2).sub_(1)
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed, sign-flipped inputs B×C×H×W and mixed soft targets B×num_classes."""
         coeffs, partners, signs = self.draw(x.shape, x.device, x.dtype, gen)
-        t = as_probs(y, num_classes, x.dtype)
+        t = as_probs(y, spec.num_classes, x.dtype)
         mixed = torch.zeros_like(x)
         target = torch.zeros_like(t)
         for j in range(self.k):  # over mixing partners, not samples
@@ -572,7 +605,7 @@ class AugmentDefense(Defense):
     contrast: float = 0.2
     saturation: float = 0.2
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented inputs B×C×H×W (same dtype) and the unchanged labels."""
         b, c, h, w = x.shape
