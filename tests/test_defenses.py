@@ -21,7 +21,7 @@ from fedmia.defenses import (
     build_defense,
     generator_on,
 )
-from fedmia.fedavg import DeviceData, run_fedavg
+from fedmia.fedavg import DeviceData, local_train, run_fedavg
 from fedmia.state import Entry, FlatState, StateLayout
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -244,53 +244,114 @@ def test_mixup_accepts_soft_targets_for_composition():
 # --------------------------------------------------------------------------- instahide
 
 
-@pytest.mark.parametrize("k, bound", [(2, 0.65), (3, 0.65), (4, 0.3), (2, 0.5)])
-def test_instahide_coefficients(k, bound):
+@pytest.mark.parametrize("k, bound", [(2, 0.65), (3, 0.65), (4, 0.65), (4, 0.9), (6, 0.65),
+                                      (3, 0.51)])
+def test_instahide_coefficients_follow_the_official_rejection_rule(k, bound):
     d = build("instahide", k=k, upper_bound=bound)
-    c = d.coefficients(5000, gen(1))
-    assert c.shape == (5000, k)
+    c = d.coefficients(4000, gen(1))
+    assert c.shape == (4000, k) and c.dtype == torch.float64
     assert (c >= 0).all()
-    torch.testing.assert_close(c.sum(1), torch.ones(5000, dtype=torch.float64))
-    assert c.max() <= bound + 1e-12
-    if k * bound == 1:  # the only feasible point: uniform
-        torch.testing.assert_close(c, torch.full_like(c, 1 / k))
+    torch.testing.assert_close(c.sum(1), torch.ones(4000, dtype=torch.float64))
+    top = c.amax(1)
+    assert (top >= 0.5).all() and (top <= bound + 1e-12).all()
+    assert torch.equal(c, d.coefficients(4000, gen(1)))
+
+
+def test_instahide_coefficients_are_the_conditional_distribution():
+    """Against the obvious sampler: |g|/Σ|g| drawn row by row until 0.5 ≤ max ≤ bound."""
+    d = build("instahide", k=3, upper_bound=0.65)
+    fast = d.coefficients(6000, gen(2))
+    g = gen(3)
+    slow = []
+    while len(slow) < 6000:  # slow reference: one candidate at a time
+        lam = torch.randn(3, generator=g, dtype=torch.float64).abs()
+        lam = lam / lam.sum()
+        if 0.5 <= lam.max() <= 0.65:
+            slow.append(lam)
+    slow = torch.stack(slow)
+    # same distribution: sorted coefficients' means and the largest one's quantiles
+    fs, ss = fast.sort(1, descending=True).values, slow.sort(1, descending=True).values
+    torch.testing.assert_close(fs.mean(0), ss.mean(0), atol=0.006, rtol=0)
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(fs[:, 0].quantile(q), ss[:, 0].quantile(q), atol=0.006, rtol=0)
+
+
+def official_instahide(x, y, coeffs, partners, signs, num_classes):
+    """The official mixup_data + insta_criterion targets, written as the official loop."""
+    mixed = coeffs[:, 0, None, None, None] * x
+    ys = [y]
+    for i in range(1, coeffs.shape[1]):
+        mixed = mixed + coeffs[:, i, None, None, None] * x[partners[i]]
+        ys.append(y[partners[i]])
+        mixed = mixed * signs[i - 1].to(x.dtype)  # a new sign mask inside the partner loop
+    target = sum(coeffs[:, i, None] * F.one_hot(ys[i], num_classes).to(x.dtype)
+                 for i in range(coeffs.shape[1]))
+    return mixed, target
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_instahide_batch_is_signed_mixture_with_consistent_labels(device):
-    d = build("instahide", k=3)
-    assert isinstance(d, InstaHideDefense) and d.upper_bound == 0.65 and d.soft_targets
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_instahide_encodes_as_the_official_partner_loop(device, k):
+    d = build("instahide", k=k)
+    assert isinstance(d, InstaHideDefense) and d.upper_bound == 0.65
+    assert d.soft_targets and d.whole_local_set
     x, y = images(b=32)
     x, y = x.to(device), y.to(device)
     coeffs, partners, signs = d.draw(x.shape, device, x.dtype, gen(4))
-    xm, t = d.batch(x, y, SPEC, gen(4))
-    assert partners.shape == (3, 32) and torch.equal(partners[0].cpu(), torch.arange(32))
+    assert partners.shape == (k, 32) and torch.equal(partners[0].cpu(), torch.arange(32))
     for row in partners:
         assert sorted(row.tolist()) == list(range(32))
-    torch.testing.assert_close(coeffs.sum(1), torch.ones(32, device=device))
-    assert coeffs.max() <= 0.65 + 1e-6
-    assert set(signs.unique().tolist()) == {-1.0, 1.0}
-    mixture = sum(coeffs[:, j, None, None, None] * x[partners[j]] for j in range(3))
-    torch.testing.assert_close(xm.abs(), mixture.abs())
-    torch.testing.assert_close(xm, signs * mixture)
-    onehot = F.one_hot(y, 5).float()
-    want = sum(coeffs[:, j, None] * onehot[partners[j]] for j in range(3))
-    torch.testing.assert_close(t, want)
+    assert signs.shape == (k - 1, *x.shape)
+    assert set(signs.unique().tolist()) == {-1, 1}
+    assert (signs == 1).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    xm, t = d.batch(x, y, spec(device=device), gen(4))  # same seed: same draws
+    want_x, want_t = official_instahide(x, y, coeffs, partners, signs, 5)
+    torch.testing.assert_close(xm, want_x)
+    torch.testing.assert_close(t, want_t)
     torch.testing.assert_close(t.sum(1), torch.ones(32, device=device))
-    xm2, t2 = d.batch(x, y, SPEC, gen(4))
+    # |x'| is the mixture's magnitude only for k = 2 (one mask); for k ≥ 3 the partners
+    # added after the first mask carry a different sign per pixel
+    mixture = sum(coeffs[:, j, None, None, None] * x[partners[j]] for j in range(k))
+    assert torch.allclose(xm.abs(), mixture.abs()) == (k == 2)
+    xm2, t2 = d.batch(x, y, spec(device=device), gen(4))
     assert torch.equal(xm, xm2) and torch.equal(t, t2)
 
 
-def test_instahide_k1_only_flips_signs():
+def test_instahide_k1_passes_data_through_and_draws_nothing():
     d = build("instahide", k=1)
-    assert d.upper_bound == 1.0
     x, y = images()
-    xm, t = d.batch(x, y, SPEC, gen(2))
-    torch.testing.assert_close(xm.abs(), x.abs())
-    flips = xm != x
-    assert flips.float().mean().item() == pytest.approx(0.5, abs=0.05)
-    torch.testing.assert_close(xm[flips], -x[flips])
-    torch.testing.assert_close(t, F.one_hot(y, 5).float())
+    g = gen(2)
+    xm, t = d.batch(x, y, SPEC, g)
+    assert xm is x and t is y  # no sign flip at k = 1, hard labels
+    assert torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=gen(2)))
+
+
+def test_instahide_k1_trains_exactly_like_no_defense():
+    data = tiny_data()
+    cfg = TrainConfig(rounds=1, local_epochs=3, batch_size=8, lr=0.1)
+    ups = []
+    for d in (build("none"), build("instahide", k=1)):
+        st = FlatState(tiny_model())
+        res = local_train(st, st.snapshot(), data, torch.arange(0, 20), cfg, 0.1, d, gen(5))
+        ups.append(res.upload)
+    assert torch.equal(ups[0], ups[1])
+
+
+def test_instahide_mixes_over_the_whole_local_set_once_per_epoch():
+    """local_train hands the whole shuffled local set to the hook, once per local epoch."""
+    calls = []
+
+    class Spy(InstaHideDefense):
+        def batch(self, x, y, spec, gen):
+            calls.append(x.shape[0])
+            return super().batch(x, y, spec, gen)
+
+    data = tiny_data()
+    cfg = TrainConfig(rounds=1, local_epochs=3, batch_size=4, lr=0.1)
+    st = FlatState(tiny_model())
+    res = local_train(st, st.snapshot(), data, torch.arange(0, 18), cfg, 0.1, Spy(k=2), gen(1))
+    assert calls == [18, 18, 18]
+    assert res.samples == 54 and torch.isfinite(res.upload).all()
 
 
 # --------------------------------------------------------------------------- subsample
@@ -393,9 +454,9 @@ def test_upload_defenses_leave_bn_statistics_unchanged(kind, params):
     ("mixup", dict(alpha=0), r"'alpha' = 0 .*a number > 0"),
     ("mixup", dict(alpha=-1.0), r"'alpha' = -1.0 "),
     ("instahide", dict(k=0), r"'k' = 0 .*an integer ≥ 1"),
-    ("instahide", dict(k=1, upper_bound=0.65), r"infeasible with k = 1"),
-    ("instahide", dict(k=2, upper_bound=0.4), r"infeasible with k = 2"),
-    ("instahide", dict(k=3, upper_bound=1.5), r"'upper_bound' = 1.5 .*\(0, 1\]"),
+    ("instahide", dict(k=2, upper_bound=0.4), r"'upper_bound' = 0.4 .*\(0.5, 1\]"),
+    ("instahide", dict(k=3, upper_bound=0.5), r"'upper_bound' = 0.5 .*\[0.5, upper_bound\]"),
+    ("instahide", dict(k=3, upper_bound=1.5), r"'upper_bound' = 1.5 .*\(0.5, 1\]"),
     ("subsample", dict(fraction=0), r"'fraction' = 0 .*\(0, 1\]"),
     ("subsample", dict(fraction=1.2), r"'fraction' = 1.2 "),
     ("augment", dict(padding=-1), r"'padding' = -1 "),
@@ -444,7 +505,8 @@ def tiny_data(n: int = 40) -> DeviceData:
 E2E = [
     ("dp", dict(sigma=0.1, clip=0.01)), ("dp_param_noise", dict(sigma=0.01)),
     ("quantize", dict(bits=2)), ("sparsify", dict(fraction=0.5, min_size=0)),
-    ("mixup", dict(alpha=1.0)), ("instahide", dict(k=2)), ("subsample", dict(fraction=0.5)),
+    ("mixup", dict(alpha=1.0)), ("instahide", dict(k=2)), ("instahide", dict(k=3)),
+    ("subsample", dict(fraction=0.5)),
     ("augment", dict(padding=1)),
 ]
 
@@ -470,6 +532,8 @@ def test_one_fedavg_round_with_each_defense(kind, params):
     again, _ = one_round(build(kind, **params), model0)
     assert torch.equal(up, again)  # reproducible from the seed
     mask = st.layout.param_mask()
+    if kind == "instahide":  # k = 1: exactly as without a defense
+        assert torch.equal(one_round(build("instahide", k=1), model0)[0], base)
     if kind in ("quantize", "sparsify"):  # upload-only: BN statistics as without defense
         assert torch.equal(up[:, ~mask], base[:, ~mask])
     if kind == "dp":  # without noise, every client's parameter update is clipped

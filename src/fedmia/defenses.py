@@ -92,7 +92,8 @@ class Defense:
     soft_targets: bool = False
     #: True if :meth:`batch` is to be called once per local epoch on the client's whole
     #: (shuffled) local data rather than on each mini-batch; the client then trains on
-    #: consecutive mini-batches of what it returns.
+    #: consecutive mini-batches of what it returns (InstaHide's mixed set, as the official
+    #: trainer builds it).
     whole_local_set: bool = False
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -468,105 +469,125 @@ def _mixup(params: Mapping[str, Any]) -> Defense:
 class InstaHideDefense(Defense):
     """``instahide`` (Huang et al. 2020), inside-dataset version, as the official FedMIA code.
 
-    Each sample ``x_i`` of a mini-batch is mixed with ``k − 1`` partners from
-    the same batch: partner ``j`` of every sample comes from an independent
-    random permutation ``π_j`` of the batch (``π_0`` is the identity, so the
-    sample itself is always part of its mix). With coefficients ``λ_i`` (k per
-    sample, ≥ 0, summing to 1)::
+    Once per local epoch the client's whole local data set (n samples) is
+    encoded, and the client trains on mini-batches of the encoded set
+    (:attr:`whole_local_set`; the official trainer loads the whole local set as
+    one batch, mixes it, then trains on chunks of ``batch_size``). Sample ``i``
+    is mixed with ``k − 1`` partners: partner ``j`` of every sample comes from
+    an independent random permutation ``π_j`` of the local set (``π_0`` is the
+    identity). With coefficients ``λ_i`` (k per sample)::
 
-        x'_i = s_i ⊙ Σ_j λ_ij · x[π_j(i)]        t_i = Σ_j λ_ij · onehot(y[π_j(i)])
+        m_0 = λ_i0 · x_i
+        m_j = s_j ⊙ (m_{j−1} + λ_ij · x[π_j(i)])      j = 1 … k−1
+        x'_i = m_{k−1}      t_i = Σ_j λ_ij · onehot(y[π_j(i)])
 
-    where ``s_i`` is an independent uniform ±1 sign per element (pixel and
-    channel) of the normalised image. With ``k = 1`` only the signs are
-    flipped (``x' = s ⊙ x``, one-hot targets).
+    where each ``s_j`` is a fresh uniform ±1 sign per element (pixel and
+    channel) of the normalised images: the official code multiplies by a new
+    sign mask inside its partner loop, after adding each partner, so partners
+    0 and 1 carry the sign ``s_1⋯s_{k−1}`` and partner ``j ≥ 2`` the sign
+    ``s_j⋯s_{k−1}`` (for k = 2 this is the original InstaHide's single mask).
+    With ``k = 1`` nothing is drawn and the data pass through unchanged (the
+    official code's k = 1 mixes with weight 1 and applies no sign), so training
+    is exactly that without a defense.
 
     Coefficients, as the official code: ``λ_i = |g_i| / Σ|g_i|`` with
-    ``g_i ~ N(0, I_k)``; rows whose largest coefficient exceeds
-    ``upper_bound`` are redrawn (vectorised rejection, all rejected rows at
-    once, up to 100 passes). Rows still rejected after that (only likely when
-    ``k · upper_bound`` is close to 1) are shrunk towards the uniform vector,
-    ``λ ← 1/k + t(λ − 1/k)`` with ``t`` chosen so the largest equals the bound.
-    The official code also rejects rows whose largest coefficient is below 0.5;
-    that extra condition is not applied here.
+    ``g_i ~ N(0, I_k)``, redrawn until the largest lies in
+    ``[0.5, upper_bound]`` (exact rejection sampling, vectorised over rows).
 
     Attributes:
         k: number of images per mix, integer ≥ 1 (required); the official default is 3.
-        upper_bound: largest allowed coefficient, in (0, 1] (default 0.65, or
-            1 when k = 1); must satisfy ``k · upper_bound ≥ 1``.
+        upper_bound: largest allowed coefficient, in (0.5, 1] (default 0.65, the
+            official default); unused when k = 1.
     """
 
     k: int
     upper_bound: float = 0.65
     soft_targets = True
-    max_tries = 100
+    whole_local_set = True
+    #: Rejection passes before giving up (each pass draws up to twice as many
+    #: candidates per pending row as the last, so this is never reached in practice).
+    max_passes = 64
 
-    def coefficients(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-        """Float64 B×k mixing coefficients on the CPU: rows ≥ 0, sum 1, max ≤ ``upper_bound``."""
+    def coefficients(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Float64 n×k mixing coefficients on the CPU: rows ≥ 0, sum 1, max in [0.5, bound].
+
+        Each row is the first accepted candidate of an i.i.d. sequence of
+        ``|g| / Σ|g|``, ``g ~ N(0, I_k)`` (accepted: largest entry in
+        ``[0.5, upper_bound]``), i.e. an exact draw from the official conditional
+        distribution. For k = 1 every row is ``[1]`` and nothing is drawn.
+        """
         k = self.k
-        if k == 1:
-            return torch.ones(batch_size, 1, dtype=torch.float64)
-
-        def fresh() -> torch.Tensor:
-            g = torch.randn(batch_size, k, generator=gen, dtype=torch.float64).abs_()
-            return g / g.sum(1, keepdim=True)
-
-        lam = fresh()
-        for _ in range(self.max_tries):
-            bad = lam.amax(1) > self.upper_bound
-            if not bool(bad.any()):
-                return lam
-            lam = torch.where(bad[:, None], fresh(), lam)
-        top = lam.amax(1, keepdim=True)
-        shrink = ((self.upper_bound - 1 / k) / (top - 1 / k)).clamp(max=1.0)
-        shrink = torch.where(top > self.upper_bound, shrink, 1.0)
-        return 1 / k + shrink * (lam - 1 / k)
+        out = torch.ones(n, k, dtype=torch.float64)
+        if k == 1 or n == 0:
+            return out
+        pending = torch.arange(n)
+        tries = 1
+        for _ in range(self.max_passes):
+            g = torch.randn(pending.numel(), tries, k, generator=gen, dtype=torch.float64).abs_()
+            lam = g / g.sum(2, keepdim=True)
+            top = lam.amax(2)
+            ok = (top >= 0.5) & (top <= self.upper_bound)  # pending × tries
+            hit = ok.any(1)
+            first = ok.to(torch.int8).argmax(1)  # first accepted candidate of each row
+            rows = torch.arange(pending.numel())
+            out[pending[hit]] = lam[rows[hit], first[hit]]
+            pending = pending[~hit]
+            if pending.numel() == 0:
+                return out
+            tries = min(2 * tries, 4096)
+        raise RuntimeError(f"instahide: could not draw coefficients with k = {k} and "
+                           f"upper_bound = {self.upper_bound}")
 
     def draw(
         self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
         dtype: torch.dtype, gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything random about one batch of ``shape`` (B×C×H×W).
+        """Everything random about encoding a set of ``shape`` (n×C×H×W).
 
         Returns:
-            coefficients B×k (``dtype``), partners k×B (int64; row 0 is
-            ``arange(B)``, row j the permutation π_j) and signs ±1 of ``shape``
-            (``dtype``), all on ``device``.
+            coefficients n×k (``dtype``), partners k×n (int64; row 0 is
+            ``arange(n)``, row j the permutation π_j) and sign masks
+            (k−1)×n×C×H×W (int8, ±1; mask j−1 is ``s_j``), all on ``device``.
         """
         device = torch.device(device)
-        b = shape[0]
-        coeffs = self.coefficients(b, gen).to(device=device, dtype=dtype)
+        n = shape[0]
+        coeffs = self.coefficients(n, gen).to(device=device, dtype=dtype)
         g = generator_on(gen, device)
-        rows = [torch.arange(b, device=device)]
-        rows += [torch.randperm(b, generator=g, device=device) for _ in range(self.k - 1)]
-        signs = torch.randint(0, 2, tuple(shape), generator=g, device=device)
-        return coeffs, torch.stack(rows), signs.to(dtype).mul_(2).sub_(1)
+        rows = [torch.arange(n, device=device)]
+        signs = []
+        for _ in range(1, self.k):  # the official order: a permutation, then its sign mask
+            rows.append(torch.randperm(n, generator=g, device=device))
+            s = torch.randint(0, 2, tuple(shape), generator=g, device=device, dtype=torch.int8)
+            signs.append(s.mul_(2).sub_(1))
+        sign = (torch.stack(signs) if signs
+                else torch.empty((0, *shape), dtype=torch.int8, device=device))
+        return coeffs, torch.stack(rows), sign
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed, sign-flipped inputs B×C×H×W and mixed soft targets B×num_classes."""
+        """Encoded inputs n×C×H×W and mixed soft targets n×num_classes (k = 1: unchanged)."""
+        if self.k == 1:
+            return x, y
         coeffs, partners, signs = self.draw(x.shape, x.device, x.dtype, gen)
         t = as_probs(y, spec.num_classes, x.dtype)
-        mixed = torch.zeros_like(x)
-        target = torch.zeros_like(t)
-        for j in range(self.k):  # over mixing partners, not samples
-            mixed += coeffs[:, j, None, None, None] * x[partners[j]]
-            target += coeffs[:, j, None] * t[partners[j]]
-        return signs * mixed, target
+        mixed = coeffs[:, 0, None, None, None] * x
+        target = coeffs[:, 0, None] * t
+        for j in range(1, self.k):  # over mixing partners, not samples
+            mixed = (mixed + coeffs[:, j, None, None, None] * x[partners[j]]) * signs[j - 1]
+            target = target + coeffs[:, j, None] * t[partners[j]]
+        return mixed, target
 
 
 @DEFENSES.register("instahide")
 def _instahide(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("instahide", params, {"k": _REQUIRED, "upper_bound": None})
-    k = _integer("instahide", "k", p["k"], "an integer ≥ 1", lambda v: v >= 1)
-    if p["upper_bound"] is None:
-        p["upper_bound"] = 1.0 if k == 1 else 0.65
-    bound = _number("instahide", "upper_bound", p["upper_bound"], "a number in (0, 1]",
-                    lambda v: 0 < v <= 1)
-    if k * bound < 1 - 1e-12:
-        raise ConfigError(f"defense 'instahide': upper_bound = {bound} is infeasible with "
-                          f"k = {k}: k coefficients summing to 1 need k · upper_bound ≥ 1, "
-                          f"i.e. upper_bound ≥ {1 / k:.4g}")
-    return InstaHideDefense(k=k, upper_bound=bound)
+    p = _check_params("instahide", params, {"k": _REQUIRED, "upper_bound": 0.65})
+    return InstaHideDefense(
+        k=_integer("instahide", "k", p["k"], "an integer ≥ 1", lambda v: v >= 1),
+        upper_bound=_number("instahide", "upper_bound", p["upper_bound"],
+                            "a number in (0.5, 1] (the largest coefficient must lie in "
+                            "[0.5, upper_bound], as the official code)",
+                            lambda v: 0.5 < v <= 1),
+    )
 
 
 @dataclass(frozen=True)
