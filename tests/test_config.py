@@ -128,6 +128,8 @@ def test_every_defense_kind_validates(default_config):
         "i": {"kind": "instahide", "k": 3},
         "sub": {"kind": "subsample", "fraction": 0.5},
         "aug": {"kind": "augment"},
+        "aug_mild": {"kind": "augment", "preset": "mild", "rotation": 10},
     })
     spec = load_workflow_config(cfg, SCHEMA)
-    assert spec.config["defenses"]["aug"]["padding"] == 4  # schema default
+    # augment's defaults come from its preset in fedmia.defenses, not from the schema
+    assert spec.config["defenses"]["aug"] == {"kind": "augment"}

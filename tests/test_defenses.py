@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from fedmia.config import ConfigError, DefenseConfig, TrainConfig
 from fedmia.defenses import (
+    AUGMENT_PRESETS,
     DEFENSES,
     AugmentDefense,
     DataSpec,
@@ -18,8 +20,14 @@ from fedmia.defenses import (
     MixupDefense,
     SparsifyDefense,
     SubsampleDefense,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_saturation,
     build_defense,
+    crop,
     generator_on,
+    jitter,
+    rotate,
 )
 from fedmia.fedavg import DeviceData, local_train, run_fedavg
 from fedmia.state import Entry, FlatState, StateLayout
@@ -375,48 +383,221 @@ def test_subsample_size_subset_no_repetition(fraction, n):
 # ----------------------------------------------------------------------------- augment
 
 
+def pixels(b: int = 8, c: int = 3, h: int = 8, w: int = 8, seed: int = 2) -> torch.Tensor:
+    """Random pixel images in [0, 1] on the 8-bit grid."""
+    return torch.randint(0, 256, (b, c, h, w), generator=gen(seed)).float() / 255
+
+
+def test_augment_presets_and_defaults():
+    official = build("augment")
+    assert isinstance(official, AugmentDefense)
+    assert (official.padding, official.hflip, official.vflip, official.rotation) == (4, True, True,
+                                                                                      45.0)
+    assert (official.brightness, official.contrast, official.saturation) == (0.25, 0.8, 0.0)
+    assert official == build("augment", preset="official")
+    mild = build("augment", preset="mild")
+    assert mild == AugmentDefense(**AUGMENT_PRESETS["mild"])
+    assert (mild.vflip, mild.rotation, mild.saturation) == (False, 0.0, 0.2)
+    # explicit parameters override the preset
+    assert build("augment", preset="mild", rotation=10).rotation == 10
+    assert official.jitter_ranges() == [(0, 0.75, 1.25), (1, pytest.approx(0.2), 1.8)]
+
+
+@pytest.mark.parametrize("size, pad", [(32, 4), (64, 8), (28, 4), (8, 1), (16, 2)])
+def test_augment_padding_is_scaled_from_32_pixels(size, pad):
+    assert AugmentDefense(padding=4).pad_for(size, size) == (pad, pad)
+    assert AugmentDefense(padding=4).pad_for(32, 64) == (4, 8)
+
+
+def test_crop_is_a_window_of_the_zero_padded_image():
+    p = pixels(b=6, h=7, w=9)
+    dy, dx = torch.tensor([0, 4, 2, 1, 3, 4]), torch.tensor([0, 6, 3, 5, 1, 2])
+    out = crop(p, dy, dx, 2, 3)
+    for i in range(6):  # slow reference: slice the padded image
+        padded = torch.zeros(3, 7 + 4, 9 + 6)
+        padded[:, 2:9, 3:12] = p[i]
+        torch.testing.assert_close(out[i], padded[:, dy[i]:dy[i] + 7, dx[i]:dx[i] + 9],
+                                   rtol=0, atol=0)
+
+
+def rotate_reference(img: torch.Tensor, degrees: float) -> torch.Tensor:
+    """One image C×H×W, pixel by pixel: inverse-map each output pixel centre, nearest."""
+    c, h, w = img.shape
+    th = math.radians(degrees)
+    out = torch.zeros_like(img)
+    for r in range(h):
+        for col in range(w):
+            u, v = col + 0.5 - w / 2, r + 0.5 - h / 2
+            x = math.cos(th) * u - math.sin(th) * v + w / 2
+            y = math.sin(th) * u + math.cos(th) * v + h / 2
+            xi, yi = math.floor(x), math.floor(y)
+            if 0 <= xi < w and 0 <= yi < h:
+                out[:, r, col] = img[:, yi, xi]
+    return out
+
+
+def test_rotate_matches_the_per_pixel_inverse_mapping():
+    p = pixels(b=5, h=9, w=12)
+    angles = torch.tensor([0.0, 12.5, -37.0, 45.0, -3.3])
+    out = rotate(p, angles)
+    for i in range(5):
+        torch.testing.assert_close(out[i], rotate_reference(p[i], float(angles[i])), rtol=0,
+                                   atol=0)
+    assert torch.equal(out[0], p[0])  # 0° is the identity
+
+
+def test_rotate_quarter_turns_are_exact_and_counter_clockwise():
+    p = pixels(b=2, h=10, w=10)
+    torch.testing.assert_close(rotate(p, torch.full((2,), 90.0)), p.rot90(1, dims=(2, 3)),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(rotate(p, torch.full((2,), 180.0)), p.flip(2, 3), rtol=0, atol=0)
+    # a quarter turn of a bright top row moves it to the left column (counter-clockwise)
+    bar = torch.zeros(1, 1, 6, 6)
+    bar[..., 0, :] = 1
+    assert torch.equal(rotate(bar, torch.tensor([90.0]))[0, 0, :, 0], torch.ones(6))
+
+
+def test_rotate_matches_pil():
+    """The official path: PIL's Image.rotate(angle, NEAREST, fillcolor=0) on 8-bit images."""
+    Image = pytest.importorskip("PIL.Image")
+    imgs = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen(7))
+    angles = [10.0, -33.3, 45.0, -44.9, 29.9, 7.25]
+    mismatched = 0
+    for a in angles:
+        ours = rotate(imgs.float(), torch.full((4,), a))
+        for i in range(4):
+            pil = Image.fromarray(imgs[i].permute(1, 2, 0).numpy()).rotate(
+                a, Image.NEAREST, expand=False, fillcolor=(0, 0, 0))
+            ref = torch.tensor(np.array(pil), dtype=torch.float32).permute(2, 0, 1)
+            mismatched += int((ref != ours[i]).any(0).sum())
+    # PIL maps in 16.16 fixed point: only pixels within ~1e-4 of a grid line may differ
+    assert mismatched <= 0.001 * len(angles) * 4 * 32 * 32
+
+
+def jitter_reference(img: torch.Tensor, factors: list[float], order: list[int]) -> torch.Tensor:
+    """One image C×H×W, the torchvision-tensor formulas, one operation at a time."""
+    out = img.clone()
+    for op in order:
+        f = factors[op]
+        luma = 0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2]
+        if op == 0:
+            out = (f * out).clamp(0, 1)
+        elif op == 1:
+            out = (f * out + (1 - f) * luma.mean()).clamp(0, 1)
+        else:
+            out = (f * out + (1 - f) * luma).clamp(0, 1)
+    return out
+
+
+def test_jitter_applies_each_sample_its_own_order_of_operations():
+    p = pixels(b=6)
+    factors = torch.tensor([[1.2, 0.3, 1.5], [0.8, 1.7, 0.5], [1.25, 1.8, 1.0],
+                            [0.75, 0.2, 1.3], [1.1, 1.4, 0.2], [0.9, 0.6, 1.6]],
+                           dtype=torch.float64)
+    order = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [0, 2, 1], [2, 0, 1], [1, 2, 0]])
+    out = jitter(p, factors, order)
+    for i in range(6):
+        want = jitter_reference(p[i], factors[i].tolist(), order[i].tolist())
+        torch.testing.assert_close(out[i], want)
+    # with clamping, the order matters: brightness then contrast ≠ contrast then brightness
+    bc = jitter(p, factors, order[:, :2].new_tensor([[0, 1]] * 6))
+    cb = jitter(p, factors, order[:, :2].new_tensor([[1, 0]] * 6))
+    assert not torch.allclose(bc, cb)
+    # an operation not listed is not applied
+    torch.testing.assert_close(jitter(p, factors, torch.tensor([[0]] * 6)),
+                               adjust_brightness(p, factors[:, 0]))
+
+
+def test_jitter_operations_match_pil_up_to_8_bit_rounding():
+    Image = pytest.importorskip("PIL.Image")
+    ImageEnhance = pytest.importorskip("PIL.ImageEnhance")
+    imgs = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=gen(8))
+    p = imgs.float() / 255
+    ops = [(adjust_brightness, ImageEnhance.Brightness), (adjust_contrast, ImageEnhance.Contrast),
+           (adjust_saturation, ImageEnhance.Color)]
+    for ours_fn, pil_cls in ops:
+        for f in (0.2, 0.75, 1.25, 1.8):
+            ours = ours_fn(p, torch.full((3,), f))
+            for i in range(3):
+                pil = pil_cls(Image.fromarray(imgs[i].permute(1, 2, 0).numpy())).enhance(f)
+                ref = torch.tensor(np.array(pil), dtype=torch.float32).permute(2, 0, 1)
+                # PIL truncates to 8 bits and rounds the contrast mean to a grey level
+                assert (ref / 255 - ours[i]).abs().max() <= 1.5 / 255
+
+
+def test_augment_draws_per_sample_parameters_in_range():
+    d = build("augment")
+    dr = d.draw((4000, 3, 32, 32), "cpu", gen(9))
+    assert dr.dy.min() == 0 and dr.dy.max() == 8 and dr.dx.min() == 0 and dr.dx.max() == 8
+    assert dr.hflip.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert dr.vflip.float().mean().item() == pytest.approx(0.5, abs=0.03)
+    assert (dr.degrees.abs() <= 45).all() and dr.degrees.abs().max() > 44
+    assert dr.degrees.mean().item() == pytest.approx(0, abs=1.5)
+    b, c = dr.factors[:, 0], dr.factors[:, 1]
+    assert b.min() >= 0.75 and b.max() <= 1.25 and c.min() >= 0.2 and c.max() <= 1.8
+    assert (dr.factors[:, 2] == 1).all()  # saturation off in the official preset
+    assert dr.order.shape == (4000, 2)
+    first_b = (dr.order[:, 0] == 0).float().mean().item()
+    assert first_b == pytest.approx(0.5, abs=0.03)  # both orders, about equally often
+    assert not torch.equal(dr.dy, d.draw((4000, 3, 32, 32), "cpu", gen(10)).dy)
+
+
+def test_augment_batch_is_apply_in_pixel_space():
+    """un-normalise → crop, flips, rotation, jitter → normalise, with the drawn parameters."""
+    d = build("augment")
+    x, y = images(b=16, h=32, w=32)
+    a, ya = d.batch(x, y, SPEC, gen(1))
+    assert torch.equal(ya, y)
+    dr = d.draw(x.shape, "cpu", gen(1))
+    p = SPEC.to_pixels(x)
+    p = crop(p, dr.dy, dr.dx, 4, 4)
+    p = torch.where(dr.hflip[:, None, None, None], p.flip(3), p)
+    p = torch.where(dr.vflip[:, None, None, None], p.flip(2), p)
+    p = rotate(p, dr.degrees)
+    p = jitter(p, dr.factors, dr.order)
+    torch.testing.assert_close(a, SPEC.normalise(p))
+
+
+def test_augment_pads_and_rotates_with_black_pixels():
+    d = build("augment", hflip=False, vflip=False, rotation=0, brightness=0, contrast=0)
+    x, y = images(b=300, h=32, w=32)
+    a, _ = d.batch(x, y, SPEC, gen(4))
+    dr = d.draw(x.shape, "cpu", gen(4))
+    p = SPEC.to_pixels(a)
+    i = int(torch.nonzero((dr.dy == 0) & (dr.dx == 0))[0])  # shifted down-right by 4
+    torch.testing.assert_close(p[i, :, :4], torch.zeros(3, 4, 32), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p[i, :, 4:, 4:], SPEC.to_pixels(x)[i, :, :28, :28])
+    r = build("augment", padding=0, hflip=False, vflip=False, rotation=45, brightness=0,
+              contrast=0)
+    pr = SPEC.to_pixels(r.batch(x, y, SPEC, gen(5))[0])
+    turned = r.draw(x.shape, "cpu", gen(5)).degrees.abs() > 30
+    # a corner falls outside the turned image: black in pixel space
+    torch.testing.assert_close(pr[turned][:, :, 0, 0], torch.zeros(int(turned.sum()), 3),
+                               atol=1e-6, rtol=0)
+
+
+def test_augment_with_every_step_off_is_the_identity():
+    d = build("augment", padding=0, hflip=False, vflip=False, rotation=0, brightness=0,
+              contrast=0, saturation=0)
+    x, y = images()
+    torch.testing.assert_close(d.batch(x, y, SPEC, gen(1))[0], x)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_augment_preserves_shape_dtype_and_is_seeded(device, dtype):
-    d = build("augment")
-    assert isinstance(d, AugmentDefense) and d.padding == 4 and d.flip
-    x, y = images(b=32)
+@pytest.mark.parametrize("preset", ["official", "mild"])
+def test_augment_preserves_shape_dtype_and_is_seeded(device, dtype, preset):
+    d = build("augment", preset=preset)
+    x, y = images(b=32, h=28, w=28)
     x, y = x.to(device=device, dtype=dtype), y.to(device)
-    a, ya = d.batch(x, y, SPEC, gen(1))
+    s = spec(device=device)
+    a, ya = d.batch(x, y, s, gen(1))
     assert a.shape == x.shape and a.dtype == dtype and a.device == x.device
     assert torch.equal(ya, y)
-    assert torch.equal(a, d.batch(x, y, SPEC, gen(1))[0])
-    assert not torch.equal(a, d.batch(x, y, SPEC, gen(2))[0])
-
-
-def test_augment_flip_only_gives_flipped_copies():
-    d = build("augment", padding=0, brightness=0, contrast=0, saturation=0)
-    x, y = images(b=64)
-    a, _ = d.batch(x, y, SPEC, gen(3))
-    same = (a == x).flatten(1).all(1)
-    flipped = (a == x.flip(3)).flatten(1).all(1)
-    assert (same | flipped).all()
-    assert 10 < int(flipped.sum()) < 54  # about half are flipped
-
-
-def test_augment_crop_shifts_with_zero_padding():
-    d = build("augment", padding=2, flip=False, brightness=0, contrast=0, saturation=0)
-    x, y = images(b=64)
-    a, _ = d.batch(x, y, SPEC, gen(4))
-    padded = F.pad(x, (2, 2, 2, 2))
-    for i in range(64):  # test reference only: the defense itself has no per-sample loop
-        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
-        assert any(torch.equal(a[i], w) for w in windows)
-    assert not torch.equal(a, x)
-
-
-def test_augment_jitter_factors_are_bounded():
-    d = build("augment", padding=0, flip=False, brightness=0.3, contrast=0, saturation=0)
-    x, y = images(b=64)
-    a, _ = d.batch(x, y, SPEC, gen(5))
-    f = (a / x).flatten(1)
-    torch.testing.assert_close(f, f[:, :1].expand_as(f))  # one factor per sample
-    assert (f >= 0.7 - 1e-5).all() and (f <= 1.3 + 1e-5).all()
+    assert torch.equal(a, d.batch(x, y, s, gen(1))[0])
+    assert not torch.equal(a, d.batch(x, y, s, gen(2))[0])
+    p = s.to_pixels(a)
+    assert p.min() >= -1e-5 and p.max() <= 1 + 1e-5  # black fill and clamped jitter
 
 
 # ------------------------------------------------------------ BN statistics pass through
@@ -460,8 +641,13 @@ def test_upload_defenses_leave_bn_statistics_unchanged(kind, params):
     ("subsample", dict(fraction=0), r"'fraction' = 0 .*\(0, 1\]"),
     ("subsample", dict(fraction=1.2), r"'fraction' = 1.2 "),
     ("augment", dict(padding=-1), r"'padding' = -1 "),
-    ("augment", dict(flip="yes"), r"'flip' = 'yes' .*true or false"),
+    ("augment", dict(hflip="yes"), r"'hflip' = 'yes' .*true or false"),
+    ("augment", dict(vflip=1), r"'vflip' = 1 .*true or false"),
     ("augment", dict(brightness=-0.2), r"'brightness' = -0.2 "),
+    ("augment", dict(rotation=200), r"'rotation' = 200 .*\[0, 180\]"),
+    ("augment", dict(preset="strong"), r"'preset' = 'strong' .*one of \['mild', 'official'\]"),
+    ("augment", dict(flip=True), r"unknown parameter\(s\) \['flip'\]; allowed parameters are "
+                                 r"\['brightness', .*'hflip', .*'preset', .*'vflip'\]"),
     ("dp", dict(sigma=0.1, clip=1.0, noise=2), r"unknown parameter\(s\) \['noise'\]; "
                                                 r"allowed parameters are \['clip', 'sigma'\]"),
     ("mixup", dict(alpha=1.0, beta=1.0), r"unknown parameter\(s\) \['beta'\]"),
@@ -506,8 +692,7 @@ E2E = [
     ("dp", dict(sigma=0.1, clip=0.01)), ("dp_param_noise", dict(sigma=0.01)),
     ("quantize", dict(bits=2)), ("sparsify", dict(fraction=0.5, min_size=0)),
     ("mixup", dict(alpha=1.0)), ("instahide", dict(k=2)), ("instahide", dict(k=3)),
-    ("subsample", dict(fraction=0.5)),
-    ("augment", dict(padding=1)),
+    ("subsample", dict(fraction=0.5)), ("augment", dict()), ("augment", dict(preset="mild")),
 ]
 
 

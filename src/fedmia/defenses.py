@@ -1,7 +1,7 @@
 """Defenses: transforms of what a client trains on or uploads.
 
 A defense hooks into three points of a client's round (see :class:`Defense`):
-which local samples it trains on, what each mini-batch looks like (inputs and
+which local samples it trains on, what its training inputs look like (inputs and
 soft targets), and what update it uploads. The server, and so the attacker, sees
 only the uploaded update. Defenses are registered by name; the ``defenses``
 block of the config names a kind and its strength, e.g.
@@ -24,7 +24,9 @@ defense passes those through unchanged, as the official code (which perturbs
 
 **Images** reach the ``batch`` hook normalised (``(pixel − mean) / std`` per
 channel, pixels in [0, 1]); the hook also gets a :class:`DataSpec` with the
-dataset's mean and std, so a defense defined on pixels can convert exactly.
+dataset's mean and std, so a defense that is defined on pixels (``augment``:
+black padding, brightness) converts exactly, while ``mixup`` and ``instahide``
+work on the normalised images, as the official code.
 
 **Randomness** comes only from the ``gen`` argument of a hook (the client's CPU
 ``torch.Generator`` for the round), so a run is reproducible. Tensors may live on
@@ -34,8 +36,8 @@ made on the tensor's device with a generator seeded from ``gen``
 coefficients) are drawn on the CPU from ``gen`` itself and moved. Same seed ⇒
 same result on the same device; CPU and CUDA runs draw different numbers.
 
-All hooks are vectorised tensor code (loops run over layers or mixing partners,
-never over samples); they never modify their inputs in place.
+All hooks are vectorised tensor code (loops run over layers, mixing partners or
+transform steps, never over samples); they never modify their inputs in place.
 """
 
 from __future__ import annotations
@@ -590,95 +592,270 @@ def _instahide(params: Mapping[str, Any]) -> Defense:
     )
 
 
+#: The image size the official transforms were written for (CIFAR, 32×32): ``augment``'s
+#: padding is given at this size and scaled to the dataset's.
+REFERENCE_SIZE = 32
+
+#: ``augment``'s presets. ``official``: utils/datasets.py of the official code with
+#: ``data_augment`` on (CIFAR-100): RandomCrop(32, padding=4), RandomHorizontalFlip,
+#: RandomVerticalFlip, RandomRotation(45), ColorJitter(brightness=0.25, contrast=0.8).
+#: ``mild``: fedmia's earlier augment (crop, horizontal flip, mild jitter).
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "official": dict(padding=4, hflip=True, vflip=True, rotation=45.0,
+                     brightness=0.25, contrast=0.8, saturation=0.0),
+    "mild": dict(padding=4, hflip=True, vflip=False, rotation=0.0,
+                 brightness=0.2, contrast=0.2, saturation=0.2),
+}
+
+#: Jitter operations by index, the order of torchvision's ColorJitter.
+JITTER_OPS = ("brightness", "contrast", "saturation")
+
+
+def gray(p: torch.Tensor) -> torch.Tensor:
+    """Luma B×1×H×W of pixels B×C×H×W: ITU-R 601 ``0.299 R + 0.587 G + 0.114 B`` (C = 3).
+
+    The weights of PIL's ``convert("L")``, which the official (PIL) path uses;
+    a 1-channel image is its own luma.
+    """
+    c = p.shape[1]
+    if c == 1:
+        return p
+    if c != 3:
+        raise ValueError(f"colour jitter needs 1- or 3-channel images (got {c} channels)")
+    return 0.299 * p[:, 0:1] + 0.587 * p[:, 1:2] + 0.114 * p[:, 2:3]
+
+
+def crop(p: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad_h: int,
+         pad_w: int) -> torch.Tensor:
+    """Random-crop step: zero-pad B×C×H×W by (pad_h, pad_w) and cut H×W windows.
+
+    ``dy``, ``dx`` (int64 B, in ``0..2·pad``) are each sample's window offsets in
+    the padded image (torchvision ``RandomCrop(size, padding, fill=0)``).
+    """
+    b, c, h, w = p.shape
+    dev = p.device
+    padded = F.pad(p, (pad_w, pad_w, pad_h, pad_h))
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B×1×H×1
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B×1×1×W
+    return padded[torch.arange(b, device=dev)[:, None, None, None],
+                  torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+
+
+def rotate(p: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image B×C×H×W about its centre, nearest neighbour, black fill.
+
+    PIL's ``Image.rotate(angle, NEAREST, expand=False, fillcolor=0)``, which
+    torchvision's ``RandomRotation`` calls on the official PIL images: a
+    positive angle turns the picture counter-clockwise. Output pixel (r, c) takes
+    input pixel (⌊y⌋, ⌊x⌋) with, about the centre (W/2, H/2) and at pixel centres::
+
+        x = cos θ · (c + ½ − W/2) − sin θ · (r + ½ − H/2) + W/2
+        y = sin θ · (c + ½ − W/2) + cos θ · (r + ½ − H/2) + H/2
+
+    and 0 where that falls outside the image. (PIL evaluates x, y in 16.16
+    fixed point, so a pixel whose x or y lies within ~1e-4 of an integer may
+    round the other way.)
+
+    Args:
+        p: images B×C×H×W (any float dtype).
+        degrees: B angles in degrees (counter-clockwise).
+    """
+    b, c, h, w = p.shape
+    dev = p.device
+    theta = torch.deg2rad(degrees.to(device=dev, dtype=torch.float64))[:, None, None]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    u = (torch.arange(w, device=dev, dtype=torch.float64) + 0.5 - w / 2)[None, None, :]
+    v = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5 - h / 2)[None, :, None]
+    col = torch.floor(cos * u - sin * v + w / 2).long()  # B×H×W
+    row = torch.floor(sin * u + cos * v + h / 2).long()
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    src = torch.where(inside, row * w + col, 0).view(b, 1, h * w).expand(b, c, h * w)
+    out = p.reshape(b, c, h * w).gather(2, src).view(b, c, h, w)
+    return torch.where(inside[:, None], out, torch.zeros((), dtype=p.dtype, device=dev))
+
+
+def adjust_brightness(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f · p, 0, 1)``: blend with black (PIL ``ImageEnhance.Brightness``); f is B."""
+    return (f.to(p.dtype).view(-1, 1, 1, 1) * p).clamp(0, 1)
+
+
+def adjust_contrast(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f · p + (1 − f) · m, 0, 1)`` with m each image's mean luma (PIL ``Contrast``)."""
+    f = f.to(p.dtype).view(-1, 1, 1, 1)
+    m = gray(p).mean(dim=(1, 2, 3), keepdim=True)
+    return (f * p + (1 - f) * m).clamp(0, 1)
+
+
+def adjust_saturation(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f · p + (1 − f) · gray(p), 0, 1)`` (PIL ``ImageEnhance.Color``); 1 channel: p."""
+    if p.shape[1] == 1:
+        return p
+    f = f.to(p.dtype).view(-1, 1, 1, 1)
+    return (f * p + (1 - f) * gray(p)).clamp(0, 1)
+
+
+_JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation)
+
+
+def jitter(p: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Colour jitter with a per-sample order of its operations (torchvision ``ColorJitter``).
+
+    Args:
+        p: pixels B×C×H×W in [0, 1].
+        factors: B×3 factors of brightness, contrast, saturation (see :data:`JITTER_OPS`).
+        order: int64 B×m, each sample's operations (indices into :data:`JITTER_OPS`) in
+            the order they are applied; an operation not listed is not applied.
+    """
+    out = p
+    for slot in range(order.shape[1]):  # over positions in the order, not samples
+        new = out
+        for op, fn in enumerate(_JITTER_FNS):
+            here = order[:, slot] == op
+            if bool(here.any()):
+                new = torch.where(here[:, None, None, None], fn(out, factors[:, op]), new)
+        out = new
+    return out
+
+
 @dataclass(frozen=True)
-class AugmentDefense(Defense):
-    """``augment``: random crop, horizontal flip and colour jitter, batched on the device.
-
-    Applied per sample, in this order, each step skipped when disabled:
-
-    1. crop: pad by ``padding`` pixels of 0 on every side and cut a random
-       H×W window (offsets uniform in 0..2·padding per axis) — torchvision's
-       ``RandomCrop(size, padding)``;
-    2. flip: mirror left–right with probability 1/2;
-    3. brightness ``x ← f·x``, contrast ``x ← f·x + (1 − f)·mean(gray(x))`` and
-       saturation ``x ← f·x + (1 − f)·gray(x)`` (3-channel images only), each
-       with its own factor ``f ~ U[max(0, 1 − v), 1 + v]`` per sample, where
-       ``gray`` is the ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``.
-
-    The hook sees *normalised* images and does not know the normalisation, so
-    two steps are approximations of torchvision's pixel-space versions: the
-    crop's zero padding is the dataset mean colour (not black), and brightness
-    scales the deviation from the dataset mean colour (not from black).
-    Contrast and saturation blend with normalised-space gray values, which
-    matches the pixel-space operation up to the per-channel normalisation.
-    Labels are unchanged. Shape and dtype are preserved.
+class AugmentDraw:
+    """The random parameters of one augmented batch (all on the batch's device).
 
     Attributes:
-        padding: integer ≥ 0 (default 4); 0 disables the crop.
-        flip: bool (default true).
-        brightness, contrast, saturation: jitter strengths v ≥ 0 (default 0.2 each);
-            0 disables the step.
+        dy, dx: int64 B, crop window offsets in the padded image (0 when no crop).
+        hflip, vflip: bool B, which samples are mirrored left–right / top–bottom.
+        degrees: float64 B, rotation angles (0 when no rotation).
+        factors: float64 B×3, jitter factors (brightness, contrast, saturation).
+        order: int64 B×m, the enabled jitter operations in each sample's order.
+    """
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    hflip: torch.Tensor
+    vflip: torch.Tensor
+    degrees: torch.Tensor
+    factors: torch.Tensor
+    order: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AugmentDefense(Defense):
+    """``augment``: the official data augmentation, batched on the device in pixel space.
+
+    Applied per sample, each with its own random parameters, in the official
+    order (torchvision on PIL images), each step skipped when disabled:
+
+    1. crop: zero-pad by ``padding`` pixels (of a 32-pixel image; scaled to the
+       dataset's size, ``⌊padding · H/32 + ½⌋`` rows and the same for columns)
+       and cut an H×W window at offsets uniform in ``0..2·pad`` — ``RandomCrop``;
+    2. horizontal flip, then vertical flip, each with probability ½;
+    3. rotation by an angle uniform in ``[−rotation, rotation]`` degrees about the
+       centre, nearest neighbour, black fill (:func:`rotate`) — ``RandomRotation``;
+    4. colour jitter — ``ColorJitter``: factors ``f ~ U[max(0, 1 − v), 1 + v]``
+       per enabled operation (brightness, contrast, saturation), applied in a
+       random order per sample, each clamped to [0, 1] (:func:`jitter`).
+
+    The hook un-normalises its input (:meth:`DataSpec.to_pixels`), so padding and
+    rotation fill with black and brightness scales pixels, exactly as the
+    official's pixel-space transforms, and normalises the result again. PIL
+    rounds to 8 bits after each jitter operation and rounds the contrast mean to
+    an integer grey level; fedmia stays in floating point (a difference of at
+    most ~1/255 per operation). Labels are unchanged.
+
+    Attributes:
+        padding: integer ≥ 0, crop padding at 32×32 (0: no crop).
+        hflip, vflip: random horizontal / vertical flips.
+        rotation: largest rotation in degrees, in [0, 180] (0: none).
+        brightness, contrast, saturation: jitter strengths v ≥ 0 (0: off;
+            saturation acts on 3-channel images only).
     """
 
     padding: int = 4
-    flip: bool = True
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
+    hflip: bool = True
+    vflip: bool = True
+    rotation: float = 45.0
+    brightness: float = 0.25
+    contrast: float = 0.8
+    saturation: float = 0.0
+
+    def pad_for(self, h: int, w: int) -> tuple[int, int]:
+        """Crop padding (rows, columns) of an H×W image: ``padding`` scaled from 32 pixels."""
+        return (math.floor(self.padding * h / REFERENCE_SIZE + 0.5),
+                math.floor(self.padding * w / REFERENCE_SIZE + 0.5))
+
+    def jitter_ranges(self) -> list[tuple[int, float, float]]:
+        """Enabled jitter operations: ``(index into JITTER_OPS, low, high)`` of their factor."""
+        strengths = (self.brightness, self.contrast, self.saturation)
+        return [(i, max(0.0, 1.0 - v), 1.0 + v) for i, v in enumerate(strengths) if v > 0]
+
+    def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
+             gen: torch.Generator) -> AugmentDraw:
+        """Draw every sample's parameters for images of ``shape`` (B×C×H×W)."""
+        device = torch.device(device)
+        b, _, h, w = shape
+        g = generator_on(gen, device)
+        zeros = torch.zeros(b, dtype=torch.int64, device=device)
+        no = torch.zeros(b, dtype=torch.bool, device=device)
+        pad_h, pad_w = self.pad_for(h, w)
+        dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=g, device=device) if pad_h else zeros
+        dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=g, device=device) if pad_w else zeros
+        hflip = torch.rand(b, generator=g, device=device) < 0.5 if self.hflip else no
+        vflip = torch.rand(b, generator=g, device=device) < 0.5 if self.vflip else no
+        degrees = torch.zeros(b, dtype=torch.float64, device=device)
+        if self.rotation > 0:
+            u = torch.rand(b, generator=g, device=device, dtype=torch.float64)
+            degrees = self.rotation * (2 * u - 1)
+        factors = torch.ones(b, 3, dtype=torch.float64, device=device)
+        ranges = self.jitter_ranges()
+        for i, lo, hi in ranges:
+            u = torch.rand(b, generator=g, device=device, dtype=torch.float64)
+            factors[:, i] = lo + (hi - lo) * u
+        enabled = torch.tensor([i for i, _, _ in ranges], dtype=torch.int64, device=device)
+        keys = torch.rand(b, len(ranges), generator=g, device=device)
+        order = enabled[keys.argsort(1)]  # a uniformly random order per sample
+        return AugmentDraw(dy, dx, hflip, vflip, degrees, factors, order)
+
+    def apply(self, p: torch.Tensor, d: AugmentDraw) -> torch.Tensor:
+        """Augment pixels B×C×H×W in [0, 1] with the drawn parameters ``d``."""
+        pad_h, pad_w = self.pad_for(p.shape[2], p.shape[3])
+        if pad_h or pad_w:
+            p = crop(p, d.dy, d.dx, pad_h, pad_w)
+        if self.hflip:
+            p = torch.where(d.hflip[:, None, None, None], p.flip(3), p)
+        if self.vflip:
+            p = torch.where(d.vflip[:, None, None, None], p.flip(2), p)
+        if self.rotation > 0:
+            p = rotate(p, d.degrees)
+        if d.order.shape[1]:
+            p = jitter(p, d.factors, d.order)
+        return p
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augmented inputs B×C×H×W (same dtype) and the unchanged labels."""
-        b, c, h, w = x.shape
-        dev = x.device
-        g = generator_on(gen, dev)
-        out = x
-        if self.padding > 0:
-            p = self.padding
-            padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
-            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B×1×H×1
-            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B×1×1×W
-            out = padded[torch.arange(b, device=dev)[:, None, None, None],
-                         torch.arange(c, device=dev)[None, :, None, None], rows, cols]
-        if self.flip:
-            flipped = torch.rand(b, generator=g, device=dev) < 0.5
-            out = torch.where(flipped[:, None, None, None], out.flip(3), out)
-        if self.brightness > 0:
-            out = out * self._factors(b, self.brightness, g, x)
-        if self.contrast > 0:
-            f = self._factors(b, self.contrast, g, x)
-            mean = (_gray(out) if c == 3 else out).mean(dim=(1, 2, 3), keepdim=True)
-            out = f * out + (1 - f) * mean
-        if self.saturation > 0 and c == 3:
-            f = self._factors(b, self.saturation, g, x)
-            out = f * out + (1 - f) * _gray(out)
-        return out, y
-
-    @staticmethod
-    def _factors(b: int, v: float, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        """B×1×1×1 factors uniform in [max(0, 1 − v), 1 + v], dtype and device of ``like``."""
-        lo = max(0.0, 1.0 - v)
-        u = torch.rand(b, generator=g, device=like.device)
-        return (lo + (1.0 + v - lo) * u).to(like.dtype).view(b, 1, 1, 1)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma B×1×H×W of 3-channel images B×3×H×W."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        """Augmented normalised inputs B×C×H×W (same dtype) and the unchanged targets."""
+        d = self.draw(x.shape, x.device, gen)
+        return spec.normalise(self.apply(spec.to_pixels(x), d)), y
 
 
 @DEFENSES.register("augment")
 def _augment(params: Mapping[str, Any]) -> Defense:
-    spec = {"padding": 4, "flip": True, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
-    p = _check_params("augment", params, spec)
-    jitter = {name: _number("augment", name, p[name], "a number ≥ 0", lambda v: v >= 0)
-              for name in ("brightness", "contrast", "saturation")}
+    # unknown names first, against every parameter augment takes
+    _check_params("augment", params, {"preset": "official", **AUGMENT_PRESETS["official"]})
+    preset = params.get("preset", "official")
+    if not isinstance(preset, str) or preset not in AUGMENT_PRESETS:
+        raise ConfigError(f"defense 'augment': parameter 'preset' = {preset!r} is invalid; "
+                          f"allowed: one of {sorted(AUGMENT_PRESETS)}")
+    p = {**AUGMENT_PRESETS[preset], **{k: v for k, v in params.items() if k != "preset"}}
+    jitter_strengths = {
+        name: _number("augment", name, p[name], "a number ≥ 0", lambda v: v >= 0)
+        for name in JITTER_OPS}
     return AugmentDefense(
         padding=_integer("augment", "padding", p["padding"], "an integer ≥ 0", lambda v: v >= 0),
-        flip=_boolean("augment", "flip", p["flip"]),
-        **jitter,
+        hflip=_boolean("augment", "hflip", p["hflip"]),
+        vflip=_boolean("augment", "vflip", p["vflip"]),
+        rotation=_number("augment", "rotation", p["rotation"], "a number in [0, 180] (degrees)",
+                         lambda v: 0 <= v <= 180),
+        **jitter_strengths,
     )
 
 
