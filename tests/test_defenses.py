@@ -14,7 +14,9 @@ from fedmia.defenses import (
     AUGMENT_PRESETS,
     DEFENSES,
     AugmentDefense,
+    ComposeDefense,
     DataSpec,
+    Defense,
     DPDefense,
     InstaHideDefense,
     MixupDefense,
@@ -28,6 +30,7 @@ from fedmia.defenses import (
     generator_on,
     jitter,
     rotate,
+    strength_of,
 )
 from fedmia.fedavg import DeviceData, local_train, run_fedavg
 from fedmia.state import Entry, FlatState, StateLayout
@@ -82,7 +85,7 @@ SPEC = spec()
 
 def test_all_kinds_are_registered():
     assert set(DEFENSES.names()) == {"none", "dp", "dp_param_noise", "quantize", "sparsify",
-                                     "mixup", "instahide", "subsample", "augment"}
+                                     "mixup", "instahide", "subsample", "augment", "compose"}
 
 
 def test_generator_on_cpu_is_gen_itself():
@@ -219,16 +222,16 @@ def test_mixup_mixes_inputs_and_labels_with_the_same_lambda(device):
     lam, perm = d.draw(16, device, gen(7))
     assert 0.0 <= lam <= 1.0
     assert sorted(perm.tolist()) == list(range(16))
-    xm, t = d.batch(x, y, SPEC, gen(7))  # same seed: same λ and permutation
+    xm, t = d.batch(x, y, spec(device=device), gen(7))  # same seed: same λ and permutation
     torch.testing.assert_close(xm, lam * x + (1 - lam) * x[perm])
     onehot = F.one_hot(y, 5).float()
     torch.testing.assert_close(t, lam * onehot + (1 - lam) * onehot[perm])
     torch.testing.assert_close(t.sum(1), torch.ones(16, device=device))
     assert t.shape == (16, 5) and xm.shape == x.shape
     # reproducible, and a different seed gives a different mix
-    xm2, t2 = d.batch(x, y, SPEC, gen(7))
+    xm2, t2 = d.batch(x, y, spec(device=device), gen(7))
     assert torch.equal(xm, xm2) and torch.equal(t, t2)
-    assert not torch.equal(xm, d.batch(x, y, SPEC, gen(8))[0])
+    assert not torch.equal(xm, d.batch(x, y, spec(device=device), gen(8))[0])
 
 
 def test_mixup_lambda_is_beta_distributed_and_tiny_alpha_is_stable():
@@ -693,6 +696,10 @@ E2E = [
     ("quantize", dict(bits=2)), ("sparsify", dict(fraction=0.5, min_size=0)),
     ("mixup", dict(alpha=1.0)), ("instahide", dict(k=2)), ("instahide", dict(k=3)),
     ("subsample", dict(fraction=0.5)), ("augment", dict()), ("augment", dict(preset="mild")),
+    ("compose", dict(steps=[{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
+                     strength="subsample.fraction")),
+    ("compose", dict(steps=[{"kind": "augment", "preset": "mild"}, {"kind": "instahide", "k": 2},
+                            {"kind": "sparsify", "fraction": 0.5, "min_size": 0}])),
 ]
 
 
@@ -724,3 +731,129 @@ def test_one_fedavg_round_with_each_defense(kind, params):
     if kind == "dp":  # without noise, every client's parameter update is clipped
         clipped, _ = one_round(build("dp", sigma=0, clip=0.01), model0)
         assert (torch.linalg.vector_norm(clipped[:, mask], dim=1) <= 0.01 * (1 + 1e-5)).all()
+
+
+# ----------------------------------------------------------------------------- compose
+
+
+class Recorder(Defense):
+    """A step that records which hooks ran, in order, and marks what it returns."""
+
+    def __init__(self, name: str, log: list, soft: bool = False, whole: bool = False):
+        self.name, self.log, self.soft_targets, self.whole_local_set = name, log, soft, whole
+
+    def local_indices(self, idx, gen):
+        self.log.append(("local_indices", self.name))
+        return idx[1:]
+
+    def batch(self, x, y, spec, gen):
+        self.log.append(("batch", self.name))
+        return x + 1, y
+
+    def upload(self, update, layout, gen):
+        self.log.append(("upload", self.name))
+        return update * 2
+
+
+def test_compose_runs_each_hook_of_its_steps_in_order():
+    log = []
+    d = ComposeDefense(steps=(Recorder("a", log), Recorder("b", log, soft=True)),
+                       step_kinds=("a", "b"))
+    assert d.soft_targets and not d.whole_local_set
+    assert torch.equal(d.local_indices(torch.arange(5), gen()), torch.arange(2, 5))
+    x, y = images()
+    torch.testing.assert_close(d.batch(x, y, SPEC, gen())[0], x + 2)
+    u = update_for(LAYOUT)
+    torch.testing.assert_close(d.upload(u, LAYOUT, gen()), u * 4)
+    assert log == [("local_indices", "a"), ("local_indices", "b"), ("batch", "a"),
+                   ("batch", "b"), ("upload", "a"), ("upload", "b")]
+    assert ComposeDefense(steps=(Recorder("a", log), Recorder("b", log, whole=True)),
+                          step_kinds=("a", "b")).whole_local_set
+
+
+def test_compose_equals_its_steps_applied_one_after_the_other():
+    d = build("compose", steps=[{"kind": "augment"}, {"kind": "mixup", "alpha": 1.0},
+                                {"kind": "subsample", "fraction": 0.5},
+                                {"kind": "sparsify", "fraction": 0.5, "min_size": 0},
+                                {"kind": "dp", "sigma": 0.1, "clip": 1.0}])
+    assert isinstance(d, ComposeDefense) and d.soft_targets and not d.whole_local_set
+    assert d.step_kinds == ("augment", "mixup", "subsample", "sparsify", "dp")
+    aug, mix, sub, sp, dp = d.steps
+    x, y = images(b=16, h=32, w=32)
+    g1, g2 = gen(3), gen(3)
+    xc, tc = d.batch(x, y, SPEC, g1)
+    xa, ya = aug.batch(x, y, SPEC, g2)
+    xm, tm = mix.batch(xa, ya, SPEC, g2)
+    assert torch.equal(xc, xm) and torch.equal(tc, tm)
+    idx = torch.arange(100)
+    assert torch.equal(d.local_indices(idx, gen(4)), sub.local_indices(idx, gen(4)))
+    u = update_for(LAYOUT)
+    assert torch.equal(d.upload(u, LAYOUT, gen(5)), dp.upload(sp.upload(u, LAYOUT, gen(5)),
+                                                               LAYOUT, gen(5)))
+
+
+@pytest.mark.parametrize("block, strength", [
+    ({"kind": "none"}, float("nan")),
+    ({"kind": "dp", "sigma": 0.3, "clip": 1.0}, 0.3),
+    ({"kind": "augment"}, 4.0),  # the preset's padding, though not written in the block
+    ({"kind": "instahide", "k": 3}, 3.0),
+    ({"kind": "compose", "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.25}],
+      "strength": "subsample.fraction"}, 0.25),
+    ({"kind": "compose", "steps": [{"kind": "augment", "rotation": 30},
+                                   {"kind": "subsample", "fraction": 0.25}],
+      "strength": "0.rotation"}, 30.0),
+    ({"kind": "compose", "steps": [{"kind": "subsample", "fraction": 0.5},
+                                   {"kind": "subsample", "fraction": 0.8}],
+      "strength": "1.fraction"}, 0.8),
+    ({"kind": "compose", "steps": [{"kind": "sparsify", "fraction": 0.5}],
+      "strength": "sparsify.min_size"}, 1000.0),  # a default value
+    ({"kind": "compose", "steps": [{"kind": "augment"}]}, float("nan")),
+])
+def test_strength_of(block, strength):
+    got = strength_of(block)
+    assert (math.isnan(got) and math.isnan(strength)) or got == pytest.approx(strength)
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(), r"missing required parameter 'steps'"),
+    (dict(steps=[]), r"'steps' = \[\] is invalid; allowed: a non-empty list of defenses"),
+    (dict(steps={"kind": "dp"}), r"'steps' = .* is invalid; allowed: a non-empty list"),
+    (dict(steps=[{"sigma": 1.0}]), r"steps\[0\] = \{'sigma': 1.0\} is invalid; each step is a "
+                                   r"defense block with a 'kind'"),
+    (dict(steps=[{"kind": "augment"}, {"kind": "magic"}]),
+     r"steps\[1\].kind: unknown defense 'magic'; choose from \[.*'subsample'"),
+    (dict(steps=[{"kind": "augment"}, {"kind": "dp", "sigma": -1, "clip": 1.0}]),
+     r"steps\[1\]: defense 'dp': parameter 'sigma' = -1 is invalid; allowed: a number ≥ 0"),
+    (dict(steps=[{"kind": "subsample", "fraction": 0.5, "frac": 1}]),
+     r"steps\[0\]: defense 'subsample': unknown parameter\(s\) \['frac'\]; allowed "
+     r"parameters are \['fraction'\]"),
+    (dict(steps=[{"kind": "compose", "steps": [{"kind": "none"}]}]),
+     r"steps\[0\] is itself a compose; nesting is not supported: list its steps in the outer"),
+    (dict(steps=[{"kind": "augment"}], mode="x"), r"unknown parameter\(s\) \['mode'\]"),
+    (dict(steps=[{"kind": "augment"}], strength="padding"),
+     r"strength = 'padding' is invalid; name one step's parameter as '<step kind>.<parameter>' "
+     r"or '<step index>.<parameter>'"),
+    (dict(steps=[{"kind": "augment"}], strength="subsample.fraction"),
+     r"strength = 'subsample.fraction': no step is of kind 'subsample'; the steps are "
+     r"\['augment'\]"),
+    (dict(steps=[{"kind": "augment"}], strength="3.padding"),
+     r"strength = '3.padding': there is no step 3; steps are 0..0"),
+    (dict(steps=[{"kind": "augment"}], strength="augment.preset"),
+     r"step 0 \('augment'\) has no numeric parameter 'preset'; choose from \['padding', "
+     r"'rotation', 'brightness', 'contrast', 'saturation'\]"),
+    (dict(steps=[{"kind": "subsample", "fraction": 0.5}, {"kind": "subsample", "fraction": 0.8}],
+      strength="subsample.fraction"),
+     r"steps \[0, 1\] are all 'subsample'; name the step by its index, e.g. '0.fraction'"),
+])
+def test_compose_validation_names_the_problem_and_the_fix(params, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        build("compose", **params)
+    assert str(info.value).startswith("defense: defense 'compose'")
+
+
+def test_compose_with_instahide_encodes_the_whole_local_set():
+    d = build("compose", steps=[{"kind": "augment"}, {"kind": "instahide", "k": 2}])
+    assert d.whole_local_set and d.soft_targets
+    base, _ = one_round(build("none"), tiny_model())
+    up, st = one_round(d, tiny_model())
+    assert torch.isfinite(up).all() and not torch.equal(up, base)

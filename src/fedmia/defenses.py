@@ -15,6 +15,7 @@ Kinds (details and parameters in each class's docstring):
   fraction of each large layer);
 - data replacement (the ``batch`` hook): ``mixup``, ``instahide``, ``augment``;
 - data reduction (the ``local_indices`` hook): ``subsample``;
+- ``compose``: an ordered list of the above (e.g. the paper's Aug+Sampling);
 - ``none``.
 
 **Only trainable parameters are perturbed.** The flat update also holds the
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -85,9 +86,7 @@ class Defense:
 
     Every hook is a pure function of its inputs and ``gen``, and :meth:`batch`
     accepts int64 labels *or* probabilities as targets (see :func:`as_probs`),
-    so defenses can be chained hook by hook: a future ``compose`` would call
-    each member's ``local_indices``, ``batch`` and ``upload`` in turn and set
-    ``soft_targets`` if any member does.
+    so defenses chain hook by hook (:class:`ComposeDefense`).
     """
 
     #: True if :meth:`batch` may return soft targets (B×num_classes) instead of labels.
@@ -901,6 +900,134 @@ def _subsample(params: Mapping[str, Any]) -> Defense:
                                              "a number in (0, 1]", lambda v: 0 < v <= 1))
 
 
+# ---------------------------------------------------------------------------- compose
+
+
+@dataclass(frozen=True)
+class ComposeDefense(Defense):
+    """``compose``: an ordered list of defenses, applied hook by hook.
+
+    Each hook runs the steps' hooks in order, each on the previous one's output:
+    ``local_indices`` (e.g. ``subsample``), ``batch`` (e.g. ``augment`` then
+    ``mixup``; labels become soft targets as soon as one step makes them so) and
+    ``upload`` (e.g. ``sparsify`` then ``dp``). The paper's Aug+Sampling is
+    ``[augment, subsample]``. If any step encodes the whole local set
+    (``instahide``), the ``batch`` hooks of all steps see the whole local set
+    once per epoch instead of each mini-batch (per-sample steps such as
+    ``augment`` are unaffected; ``mixup`` then draws one λ per epoch).
+
+    Attributes:
+        steps: the defenses, in order (at least one; a step is never a compose).
+        step_kinds: their kinds, in the same order.
+        strength: ``(step index, parameter)`` of the strength axis reported in
+            privacy–utility tables, or ``None`` (strength NaN).
+    """
+
+    steps: tuple[Defense, ...]
+    step_kinds: tuple[str, ...]
+    strength: tuple[int, str] | None = None
+
+    @property
+    def soft_targets(self) -> bool:  # type: ignore[override]
+        """True if any step may return soft targets."""
+        return any(s.soft_targets for s in self.steps)
+
+    @property
+    def whole_local_set(self) -> bool:  # type: ignore[override]
+        """True if any step encodes the whole local set."""
+        return any(s.whole_local_set for s in self.steps)
+
+    def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Each step's ``local_indices`` in turn."""
+        for step in self.steps:
+            idx = step.local_indices(idx, gen)
+        return idx
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each step's ``batch`` in turn (targets may turn into probabilities on the way)."""
+        for step in self.steps:
+            x, y = step.batch(x, y, spec, gen)
+        return x, y
+
+    def upload(self, update: torch.Tensor, layout: StateLayout,
+               gen: torch.Generator) -> torch.Tensor:
+        """Each step's ``upload`` in turn."""
+        for step in self.steps:
+            update = step.upload(update, layout, gen)
+        return update
+
+    def strength_value(self) -> float:
+        """The value of the strength parameter (NaN when none was chosen)."""
+        if self.strength is None:
+            return float("nan")
+        i, name = self.strength
+        return float(getattr(self.steps[i], name))
+
+
+def _numeric_parameters(d: Defense) -> list[str]:
+    """Names of a built defense's numeric (non-bool) parameters."""
+    return [f.name for f in fields(d) if isinstance(getattr(d, f.name), (int, float))
+            and not isinstance(getattr(d, f.name), bool)] if is_dataclass(d) else []
+
+
+def _strength_path(path: Any, steps: tuple[Defense, ...], kinds: tuple[str, ...]
+                   ) -> tuple[int, str]:
+    """Resolve ``'<kind>.<parameter>'`` or ``'<index>.<parameter>'`` to (step index, parameter)."""
+    example = f"'{kinds[0]}.<parameter>' or '0.<parameter>'"
+    if not isinstance(path, str) or path.count(".") != 1:
+        raise ConfigError(f"defense 'compose': strength = {path!r} is invalid; name one step's "
+                          f"parameter as '<step kind>.<parameter>' or '<step index>.<parameter>' "
+                          f"(0-based), e.g. {example}")
+    step, name = path.split(".")
+    if step.isdigit():
+        i = int(step)
+        if i >= len(steps):
+            raise ConfigError(f"defense 'compose': strength = {path!r}: there is no step {i}; "
+                              f"steps are 0..{len(steps) - 1} ({list(kinds)})")
+    else:
+        hits = [j for j, k in enumerate(kinds) if k == step]
+        if not hits:
+            raise ConfigError(f"defense 'compose': strength = {path!r}: no step is of kind "
+                              f"'{step}'; the steps are {list(kinds)}")
+        if len(hits) > 1:
+            raise ConfigError(f"defense 'compose': strength = {path!r}: steps {hits} are all "
+                              f"'{step}'; name the step by its index, e.g. '{hits[0]}.{name}'")
+        i = hits[0]
+    allowed = _numeric_parameters(steps[i])
+    if name not in allowed:
+        raise ConfigError(f"defense 'compose': strength = {path!r}: step {i} ('{kinds[i]}') has "
+                          f"no numeric parameter '{name}'; choose from {allowed}")
+    return i, name
+
+
+@DEFENSES.register("compose")
+def _compose(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("compose", params, {"steps": _REQUIRED, "strength": None})
+    blocks = p["steps"]
+    if not isinstance(blocks, list | tuple) or not blocks:
+        raise ConfigError(f"defense 'compose': parameter 'steps' = {blocks!r} is invalid; "
+                          f"allowed: a non-empty list of defenses, e.g. "
+                          f"[{{kind: augment}}, {{kind: subsample, fraction: 0.5}}]")
+    steps, kinds = [], []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, Mapping) or "kind" not in block:
+            raise ConfigError(f"defense 'compose': steps[{i}] = {block!r} is invalid; each step "
+                              f"is a defense block with a 'kind', e.g. {{kind: subsample, "
+                              f"fraction: 0.5}}")
+        if block["kind"] == "compose":
+            raise ConfigError(f"defense 'compose': steps[{i}] is itself a compose; nesting is not "
+                              f"supported: list its steps in the outer compose instead")
+        cfg = DefenseConfig(kind=block["kind"],
+                            params={k: v for k, v in block.items() if k != "kind"})
+        steps.append(build_defense(cfg, where=f"defense 'compose': steps[{i}]"))
+        kinds.append(cfg.kind)
+    strength = None
+    if p["strength"] is not None:
+        strength = _strength_path(p["strength"], tuple(steps), tuple(kinds))
+    return ComposeDefense(steps=tuple(steps), step_kinds=tuple(kinds), strength=strength)
+
+
 # ------------------------------------------------------------------------------ build
 
 
@@ -917,7 +1044,7 @@ def build_defense(cfg: DefenseConfig, where: str = "defense") -> Defense:
 
 
 #: The parameter that is each kind's strength in privacy–utility sweeps, and whether a
-#: larger value means a stronger defense.
+#: larger value means a stronger defense (``compose`` names its own, see ``strength``).
 STRENGTH: dict[str, tuple[str, bool]] = {
     "dp": ("sigma", True),
     "dp_param_noise": ("sigma", True),
@@ -934,9 +1061,18 @@ DATA_REPLACEMENT = ("mixup", "instahide")
 
 
 def strength_of(defense: Mapping[str, Any]) -> float:
-    """The strength value of a defense config block (NaN for ``none``)."""
-    kind = defense["kind"]
-    if kind == "none":
+    """The strength value of a defense config block (NaN for ``none``).
+
+    The value the defense runs with, defaults included: the kind's
+    :data:`STRENGTH` parameter, or for ``compose`` the step parameter its
+    ``strength`` names (NaN when it names none).
+    """
+    cfg = DefenseConfig(kind=defense["kind"],
+                        params={k: v for k, v in defense.items() if k != "kind"})
+    built = build_defense(cfg)
+    if isinstance(built, ComposeDefense):
+        return built.strength_value()
+    if cfg.kind == "none":
         return float("nan")
-    key, _ = STRENGTH[kind]
-    return float(defense[key])
+    key, _ = STRENGTH[cfg.kind]
+    return float(getattr(built, key))
