@@ -150,9 +150,60 @@ def test_every_defense_kind_validates(default_config):
         "i": {"kind": "instahide", "k": 3},
         "sub": {"kind": "subsample", "fraction": 0.5},
         "aug": {"kind": "augment"},
+        "aug_mild": {"kind": "augment", "preset": "mild", "rotation": 10},
+        "aug_sub": {"kind": "compose", "steps": [{"kind": "augment"},
+                                                 {"kind": "subsample", "fraction": 0.5}],
+                    "strength": "subsample.fraction"},
     })
     spec = load_workflow_config(cfg, SCHEMA)
-    assert spec.config["defenses"]["aug"]["padding"] == 4  # schema default
+    # augment's defaults come from its preset in fedmia.defenses, not from the schema
+    assert spec.config["defenses"]["aug"] == {"kind": "augment"}
+    assert spec.config["defenses"]["aug_sub"]["steps"][1] == {"kind": "subsample", "fraction": 0.5}
+
+
+def test_a_compose_step_is_the_standalone_defense_schema():
+    defenses = load_schema(SCHEMA)["properties"]["defenses"]["additionalProperties"]
+    assert defenses["else"] == {"$ref": "#/$defs/defense"}
+    assert defenses["then"]["properties"]["steps"]["items"] == {"$ref": "#/$defs/defense"}
+    step_kinds = load_schema(SCHEMA)["$defs"]["defense"]["properties"]["kind"]["enum"]
+    assert sorted(step_kinds + ["compose"]) == sorted(defenses["properties"]["kind"]["enum"])
+
+
+def compose(*steps, **extra) -> dict:
+    return {"kind": "compose", "steps": list(steps), **extra}
+
+
+@pytest.mark.parametrize("defense, message", [
+    (compose({"kind": "augment"}, {"kind": "dp", "sigma": -1, "clip": 1.0}),
+     r"at 'defenses.bad.steps\[1\].sigma': -1 is less than the minimum of 0"),
+    (compose({"kind": "subsample", "fraction": 0.5, "frac": 1}),
+     r"at 'defenses.bad.steps\[0\]'.*'frac' was unexpected.*allowed keys are \['fraction', "
+     r"'kind'\]"),
+    (compose({"kind": "magic"}), r"at 'defenses.bad.steps\[0\].kind': 'magic' is not one of "
+                                 r"\['none', 'dp'"),
+    (compose(compose({"kind": "none"})),
+     r"at 'defenses.bad.steps\[0\].kind': 'compose' is not one of \[.*'augment'\] "
+     r"\(defense kind \(a compose step cannot itself be a compose\)\)"),
+    (compose(), r"at 'defenses.bad.steps': \[\] should be non-empty"),
+    ({"kind": "compose"}, r"'steps' is a required property"),
+    (compose({"kind": "augment"}, strength="padding"),
+     r"at 'defenses.bad.strength': 'padding' does not match .*one step's parameter"),
+    (compose({"kind": "augment"}, strength="subsample.fraction"),
+     r"defenses.bad: defense 'compose': strength = 'subsample.fraction': no step is of kind "
+     r"'subsample'"),
+    (compose({"kind": "augment"}, mode=1), r"'mode' was unexpected.*allowed keys are \['kind', "
+                                           r"'steps', 'strength'\]"),
+    ({"kind": "augment", "preset": "strong"}, r"at 'defenses.bad.preset': 'strong' is not one of "
+                                              r"\['official', 'mild'\]"),
+    ({"kind": "augment", "rotation": 270}, r"at 'defenses.bad.rotation': 270 is greater than"),
+    ({"kind": "instahide", "k": 3, "upper_bound": 0.5},
+     r"at 'defenses.bad.upper_bound': 0.5 is less than or equal to the minimum of 0.5"),
+])
+def test_bad_compose_and_new_parameters_stop_before_any_job(default_config, defense, message):
+    cfg = copy.deepcopy(default_config)
+    cfg["defenses"]["bad"] = defense
+    with pytest.raises(ConfigError, match=message):
+        load_workflow_config(cfg, SCHEMA)
 
 
 def test_attack_plan_defaults(default_config):

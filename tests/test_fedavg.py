@@ -10,7 +10,7 @@ from torch import nn
 
 from fedmia.config import TrainConfig
 from fedmia.defenses import Defense
-from fedmia.fedavg import DeviceData, aggregate, client_generator, run_fedavg
+from fedmia.fedavg import DeviceData, aggregate, client_generator, local_train, run_fedavg
 from fedmia.state import FlatState, StateLayout
 
 
@@ -128,3 +128,45 @@ def test_cosine_schedule_matches_the_official_script():
 def test_observed_rounds():
     assert TrainConfig(rounds=30).observed() == [1, 10, 20, 30]
     assert TrainConfig(rounds=25, observe_every=10, observe_rounds=(3,)).observed() == [3, 10, 20]
+
+
+class PixelSpy(Defense):
+    """Records the pixels and labels its batch hook sees; changes nothing."""
+
+    def __init__(self, whole_local_set: bool):
+        self.whole_local_set = whole_local_set
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def batch(self, x, y, spec, gen):
+        assert spec.num_classes == 3
+        self.seen.append((spec.to_pixels(x), y))
+        return x, y
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_batch_hook_sees_pixels_through_the_data_spec(whole):
+    data = tiny_data()
+    idx = torch.arange(0, 10)
+    cfg = TrainConfig(rounds=1, local_epochs=2, batch_size=4, lr=0.1)
+    spy = PixelSpy(whole)
+    st = FlatState(tiny_model())
+    local_train(st, st.snapshot(), data, idx, cfg, 0.1, spy, client_generator(0, 1, 0))
+    # mini-batches of 4, 4, 2 per epoch, or the whole local set once per epoch
+    assert [len(y) for _, y in spy.seen] == ([10, 10] if whole else [4, 4, 2, 4, 4, 2])
+    order = idx[torch.randperm(10, generator=client_generator(0, 1, 0))]  # epoch 1's order
+    first = spy.seen[:1] if whole else spy.seen[:3]
+    pix = torch.cat([p for p, _ in first])
+    torch.testing.assert_close(pix, data.images[order].float() / 255, rtol=0, atol=1e-6)
+    assert torch.equal(torch.cat([y for _, y in first]), data.labels[order])
+
+
+def test_whole_local_set_mode_trains_exactly_like_mini_batch_hooks():
+    data = tiny_data()
+    cfg = TrainConfig(rounds=1, local_epochs=3, batch_size=4, lr=0.1)
+    ups = []
+    for whole in (False, True):
+        st = FlatState(tiny_model())
+        res = local_train(st, st.snapshot(), data, torch.arange(5, 20), cfg, 0.1,
+                          PixelSpy(whole), client_generator(2, 1, 0))
+        ups.append(res.upload)
+    assert torch.equal(ups[0], ups[1])

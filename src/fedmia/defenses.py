@@ -1,7 +1,7 @@
 """Defenses: transforms of what a client trains on or uploads.
 
 A defense hooks into three points of a client's round (see :class:`Defense`):
-which local samples it trains on, what each mini-batch looks like (inputs and
+which local samples it trains on, what its training inputs look like (inputs and
 soft targets), and what update it uploads. The server, and so the attacker, sees
 only the uploaded update. Defenses are registered by name; the ``defenses``
 block of the config names a kind and its strength, e.g.
@@ -15,12 +15,19 @@ Kinds (details and parameters in each class's docstring):
   fraction of each large layer);
 - data replacement (the ``batch`` hook): ``mixup``, ``instahide``, ``augment``;
 - data reduction (the ``local_indices`` hook): ``subsample``;
+- ``compose``: an ordered list of the above (e.g. the paper's Aug+Sampling);
 - ``none``.
 
 **Only trainable parameters are perturbed.** The flat update also holds the
 BatchNorm running statistics (entries with ``is_param = False``); every upload
 defense passes those through unchanged, as the official code (which perturbs
 ``model.parameters()`` only) does.
+
+**Images** reach the ``batch`` hook normalised (``(pixel − mean) / std`` per
+channel, pixels in [0, 1]); the hook also gets a :class:`DataSpec` with the
+dataset's mean and std, so a defense that is defined on pixels (``augment``:
+black padding, brightness) converts exactly, while ``mixup`` and ``instahide``
+work on the normalised images, as the official code.
 
 **Randomness** comes only from the ``gen`` argument of a hook (the client's CPU
 ``torch.Generator`` for the round), so a run is reproducible. Tensors may live on
@@ -30,15 +37,15 @@ made on the tensor's device with a generator seeded from ``gen``
 coefficients) are drawn on the CPU from ``gen`` itself and moved. Same seed ⇒
 same result on the same device; CPU and CUDA runs draw different numbers.
 
-All hooks are vectorised tensor code (loops run over layers or mixing partners,
-never over samples); they never modify their inputs in place.
+All hooks are vectorised tensor code (loops run over layers, mixing partners or
+transform steps, never over samples); they never modify their inputs in place.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -51,30 +58,58 @@ from fedmia.registry import Registry
 from fedmia.state import Entry, StateLayout
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """What a ``batch`` hook knows about the dataset: classes and normalisation.
+
+    Attributes:
+        num_classes: number of classes (width of soft targets).
+        mean: float32 1×C×1×1, per-channel mean in [0, 1] pixel units.
+        std: float32 1×C×1×1, per-channel std in [0, 1] pixel units.
+    """
+
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images B×C×H×W → pixels in [0, 1] units (``x · std + mean``)."""
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+
+    def normalise(self, p: torch.Tensor) -> torch.Tensor:
+        """Pixels B×C×H×W in [0, 1] units → normalised images (``(p − mean) / std``)."""
+        return (p - self.mean.to(p.dtype)) / self.std.to(p.dtype)
+
+
 class Defense:
     """No defense; base class whose hooks each defense overrides as needed.
 
     Every hook is a pure function of its inputs and ``gen``, and :meth:`batch`
     accepts int64 labels *or* probabilities as targets (see :func:`as_probs`),
-    so defenses can be chained hook by hook: a future ``compose`` would call
-    each member's ``local_indices``, ``batch`` and ``upload`` in turn and set
-    ``soft_targets`` if any member does.
+    so defenses chain hook by hook (:class:`ComposeDefense`).
     """
 
     #: True if :meth:`batch` may return soft targets (B×num_classes) instead of labels.
     soft_targets: bool = False
+    #: True if :meth:`batch` is to be called once per local epoch on the client's whole
+    #: (shuffled) local data rather than on each mini-batch; the client then trains on
+    #: consecutive mini-batches of what it returns (InstaHide's mixed set, as the official
+    #: trainer builds it).
+    whole_local_set: bool = False
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Indices (n) of the client's samples it trains on this round."""
         return idx
 
     def batch(
-        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator
+        self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transform a batch: images B×C×H×W (normalised float), labels B (int64).
+        """Transform training inputs: normalised images B×C×H×W, labels B (int64).
 
-        Returns the inputs fed to the model and the targets of the loss: int64
-        labels B, or probabilities B×num_classes when ``soft_targets``.
+        ``B`` is a mini-batch, or the whole local data when :attr:`whole_local_set`.
+        Labels may also be probabilities B×num_classes (from an earlier step of a
+        composition). Returns the inputs fed to the model and the targets of the loss:
+        int64 labels B, or probabilities B×num_classes.
         """
         return x, y
 
@@ -416,11 +451,11 @@ class MixupDefense(Defense):
                               device=device)
         return lam, perm
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed inputs B×C×H×W and mixed soft targets B×num_classes."""
         lam, perm = self.draw(x.shape[0], x.device, gen)
-        t = as_probs(y, num_classes, x.dtype)
+        t = as_probs(y, spec.num_classes, x.dtype)
         return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
 
 
@@ -435,196 +470,391 @@ def _mixup(params: Mapping[str, Any]) -> Defense:
 class InstaHideDefense(Defense):
     """``instahide`` (Huang et al. 2020), inside-dataset version, as the official FedMIA code.
 
-    Each sample ``x_i`` of a mini-batch is mixed with ``k − 1`` partners from
-    the same batch: partner ``j`` of every sample comes from an independent
-    random permutation ``π_j`` of the batch (``π_0`` is the identity, so the
-    sample itself is always part of its mix). With coefficients ``λ_i`` (k per
-    sample, ≥ 0, summing to 1)::
+    Once per local epoch the client's whole local data set (n samples) is
+    encoded, and the client trains on mini-batches of the encoded set
+    (:attr:`whole_local_set`; the official trainer loads the whole local set as
+    one batch, mixes it, then trains on chunks of ``batch_size``). Sample ``i``
+    is mixed with ``k − 1`` partners: partner ``j`` of every sample comes from
+    an independent random permutation ``π_j`` of the local set (``π_0`` is the
+    identity). With coefficients ``λ_i`` (k per sample)::
 
-        x'_i = s_i ⊙ Σ_j λ_ij · x[π_j(i)]        t_i = Σ_j λ_ij · onehot(y[π_j(i)])
+        m_0 = λ_i0 · x_i
+        m_j = s_j ⊙ (m_{j−1} + λ_ij · x[π_j(i)])      j = 1 … k−1
+        x'_i = m_{k−1}      t_i = Σ_j λ_ij · onehot(y[π_j(i)])
 
-    where ``s_i`` is an independent uniform ±1 sign per element (pixel and
-    channel) of the normalised image. With ``k = 1`` only the signs are
-    flipped (``x' = s ⊙ x``, one-hot targets).
+    where each ``s_j`` is a fresh uniform ±1 sign per element (pixel and
+    channel) of the normalised images: the official code multiplies by a new
+    sign mask inside its partner loop, after adding each partner, so partners
+    0 and 1 carry the sign ``s_1⋯s_{k−1}`` and partner ``j ≥ 2`` the sign
+    ``s_j⋯s_{k−1}`` (for k = 2 this is the original InstaHide's single mask).
+    With ``k = 1`` nothing is drawn and the data pass through unchanged (the
+    official code's k = 1 mixes with weight 1 and applies no sign), so training
+    is exactly that without a defense.
 
     Coefficients, as the official code: ``λ_i = |g_i| / Σ|g_i|`` with
-    ``g_i ~ N(0, I_k)``; rows whose largest coefficient exceeds
-    ``upper_bound`` are redrawn (vectorised rejection, all rejected rows at
-    once, up to 100 passes). Rows still rejected after that (only likely when
-    ``k · upper_bound`` is close to 1) are shrunk towards the uniform vector,
-    ``λ ← 1/k + t(λ − 1/k)`` with ``t`` chosen so the largest equals the bound.
-    The official code also rejects rows whose largest coefficient is below 0.5;
-    that extra condition is not applied here.
+    ``g_i ~ N(0, I_k)``, redrawn until the largest lies in
+    ``[0.5, upper_bound]`` (exact rejection sampling, vectorised over rows).
 
     Attributes:
         k: number of images per mix, integer ≥ 1 (required); the official default is 3.
-        upper_bound: largest allowed coefficient, in (0, 1] (default 0.65, or
-            1 when k = 1); must satisfy ``k · upper_bound ≥ 1``.
+        upper_bound: largest allowed coefficient, in (0.5, 1] (default 0.65, the
+            official default); unused when k = 1.
     """
 
     k: int
     upper_bound: float = 0.65
     soft_targets = True
-    max_tries = 100
+    whole_local_set = True
+    #: Rejection passes before giving up (each pass draws up to twice as many
+    #: candidates per pending row as the last, so this is never reached in practice).
+    max_passes = 64
 
-    def coefficients(self, batch_size: int, gen: torch.Generator) -> torch.Tensor:
-        """Float64 B×k mixing coefficients on the CPU: rows ≥ 0, sum 1, max ≤ ``upper_bound``."""
+    def coefficients(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Float64 n×k mixing coefficients on the CPU: rows ≥ 0, sum 1, max in [0.5, bound].
+
+        Each row is the first accepted candidate of an i.i.d. sequence of
+        ``|g| / Σ|g|``, ``g ~ N(0, I_k)`` (accepted: largest entry in
+        ``[0.5, upper_bound]``), i.e. an exact draw from the official conditional
+        distribution. For k = 1 every row is ``[1]`` and nothing is drawn.
+        """
         k = self.k
-        if k == 1:
-            return torch.ones(batch_size, 1, dtype=torch.float64)
-
-        def fresh() -> torch.Tensor:
-            g = torch.randn(batch_size, k, generator=gen, dtype=torch.float64).abs_()
-            return g / g.sum(1, keepdim=True)
-
-        lam = fresh()
-        for _ in range(self.max_tries):
-            bad = lam.amax(1) > self.upper_bound
-            if not bool(bad.any()):
-                return lam
-            lam = torch.where(bad[:, None], fresh(), lam)
-        top = lam.amax(1, keepdim=True)
-        shrink = ((self.upper_bound - 1 / k) / (top - 1 / k)).clamp(max=1.0)
-        shrink = torch.where(top > self.upper_bound, shrink, 1.0)
-        return 1 / k + shrink * (lam - 1 / k)
+        out = torch.ones(n, k, dtype=torch.float64)
+        if k == 1 or n == 0:
+            return out
+        pending = torch.arange(n)
+        tries = 1
+        for _ in range(self.max_passes):
+            g = torch.randn(pending.numel(), tries, k, generator=gen, dtype=torch.float64).abs_()
+            lam = g / g.sum(2, keepdim=True)
+            top = lam.amax(2)
+            ok = (top >= 0.5) & (top <= self.upper_bound)  # pending × tries
+            hit = ok.any(1)
+            first = ok.to(torch.int8).argmax(1)  # first accepted candidate of each row
+            rows = torch.arange(pending.numel())
+            out[pending[hit]] = lam[rows[hit], first[hit]]
+            pending = pending[~hit]
+            if pending.numel() == 0:
+                return out
+            tries = min(2 * tries, 4096)
+        raise RuntimeError(f"instahide: could not draw coefficients with k = {k} and "
+                           f"upper_bound = {self.upper_bound}")
 
     def draw(
         self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
         dtype: torch.dtype, gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Everything random about one batch of ``shape`` (B×C×H×W).
+        """Everything random about encoding a set of ``shape`` (n×C×H×W).
 
         Returns:
-            coefficients B×k (``dtype``), partners k×B (int64; row 0 is
-            ``arange(B)``, row j the permutation π_j) and signs ±1 of ``shape``
-            (``dtype``), all on ``device``.
+            coefficients n×k (``dtype``), partners k×n (int64; row 0 is
+            ``arange(n)``, row j the permutation π_j) and sign masks
+            (k−1)×n×C×H×W (int8, ±1; mask j−1 is ``s_j``), all on ``device``.
         """
         device = torch.device(device)
-        b = shape[0]
-        coeffs = self.coefficients(b, gen).to(device=device, dtype=dtype)
+        n = shape[0]
+        coeffs = self.coefficients(n, gen).to(device=device, dtype=dtype)
         g = generator_on(gen, device)
-        rows = [torch.arange(b, device=device)]
-        rows += [torch.randperm(b, generator=g, device=device) for _ in range(self.k - 1)]
-        signs = torch.randint(0, 2, tuple(shape), generator=g, device=device)
-        return coeffs, torch.stack(rows), signs.to(dtype).mul_(2).sub_(1)
+        rows = [torch.arange(n, device=device)]
+        signs = []
+        for _ in range(1, self.k):  # the official order: a permutation, then its sign mask
+            rows.append(torch.randperm(n, generator=g, device=device))
+            s = torch.randint(0, 2, tuple(shape), generator=g, device=device, dtype=torch.int8)
+            signs.append(s.mul_(2).sub_(1))
+        sign = (torch.stack(signs) if signs
+                else torch.empty((0, *shape), dtype=torch.int8, device=device))
+        return coeffs, torch.stack(rows), sign
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed, sign-flipped inputs B×C×H×W and mixed soft targets B×num_classes."""
+        """Encoded inputs n×C×H×W and mixed soft targets n×num_classes (k = 1: unchanged)."""
+        if self.k == 1:
+            return x, y
         coeffs, partners, signs = self.draw(x.shape, x.device, x.dtype, gen)
-        t = as_probs(y, num_classes, x.dtype)
-        mixed = torch.zeros_like(x)
-        target = torch.zeros_like(t)
-        for j in range(self.k):  # over mixing partners, not samples
-            mixed += coeffs[:, j, None, None, None] * x[partners[j]]
-            target += coeffs[:, j, None] * t[partners[j]]
-        return signs * mixed, target
+        t = as_probs(y, spec.num_classes, x.dtype)
+        mixed = coeffs[:, 0, None, None, None] * x
+        target = coeffs[:, 0, None] * t
+        for j in range(1, self.k):  # over mixing partners, not samples
+            mixed = (mixed + coeffs[:, j, None, None, None] * x[partners[j]]) * signs[j - 1]
+            target = target + coeffs[:, j, None] * t[partners[j]]
+        return mixed, target
 
 
 @DEFENSES.register("instahide")
 def _instahide(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("instahide", params, {"k": _REQUIRED, "upper_bound": None})
-    k = _integer("instahide", "k", p["k"], "an integer ≥ 1", lambda v: v >= 1)
-    if p["upper_bound"] is None:
-        p["upper_bound"] = 1.0 if k == 1 else 0.65
-    bound = _number("instahide", "upper_bound", p["upper_bound"], "a number in (0, 1]",
-                    lambda v: 0 < v <= 1)
-    if k * bound < 1 - 1e-12:
-        raise ConfigError(f"defense 'instahide': upper_bound = {bound} is infeasible with "
-                          f"k = {k}: k coefficients summing to 1 need k · upper_bound ≥ 1, "
-                          f"i.e. upper_bound ≥ {1 / k:.4g}")
-    return InstaHideDefense(k=k, upper_bound=bound)
+    p = _check_params("instahide", params, {"k": _REQUIRED, "upper_bound": 0.65})
+    return InstaHideDefense(
+        k=_integer("instahide", "k", p["k"], "an integer ≥ 1", lambda v: v >= 1),
+        upper_bound=_number("instahide", "upper_bound", p["upper_bound"],
+                            "a number in (0.5, 1] (the largest coefficient must lie in "
+                            "[0.5, upper_bound], as the official code)",
+                            lambda v: 0.5 < v <= 1),
+    )
+
+
+#: The image size the official transforms were written for (CIFAR, 32×32): ``augment``'s
+#: padding is given at this size and scaled to the dataset's.
+REFERENCE_SIZE = 32
+
+#: ``augment``'s presets. ``official``: utils/datasets.py of the official code with
+#: ``data_augment`` on (CIFAR-100): RandomCrop(32, padding=4), RandomHorizontalFlip,
+#: RandomVerticalFlip, RandomRotation(45), ColorJitter(brightness=0.25, contrast=0.8).
+#: ``mild``: fedmia's earlier augment (crop, horizontal flip, mild jitter).
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "official": dict(padding=4, hflip=True, vflip=True, rotation=45.0,
+                     brightness=0.25, contrast=0.8, saturation=0.0),
+    "mild": dict(padding=4, hflip=True, vflip=False, rotation=0.0,
+                 brightness=0.2, contrast=0.2, saturation=0.2),
+}
+
+#: Jitter operations by index, the order of torchvision's ColorJitter.
+JITTER_OPS = ("brightness", "contrast", "saturation")
+
+
+def gray(p: torch.Tensor) -> torch.Tensor:
+    """Luma B×1×H×W of pixels B×C×H×W: ITU-R 601 ``0.299 R + 0.587 G + 0.114 B`` (C = 3).
+
+    The weights of PIL's ``convert("L")``, which the official (PIL) path uses;
+    a 1-channel image is its own luma.
+    """
+    c = p.shape[1]
+    if c == 1:
+        return p
+    if c != 3:
+        raise ValueError(f"colour jitter needs 1- or 3-channel images (got {c} channels)")
+    return 0.299 * p[:, 0:1] + 0.587 * p[:, 1:2] + 0.114 * p[:, 2:3]
+
+
+def crop(p: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad_h: int,
+         pad_w: int) -> torch.Tensor:
+    """Random-crop step: zero-pad B×C×H×W by (pad_h, pad_w) and cut H×W windows.
+
+    ``dy``, ``dx`` (int64 B, in ``0..2·pad``) are each sample's window offsets in
+    the padded image (torchvision ``RandomCrop(size, padding, fill=0)``).
+    """
+    b, c, h, w = p.shape
+    dev = p.device
+    padded = F.pad(p, (pad_w, pad_w, pad_h, pad_h))
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B×1×H×1
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B×1×1×W
+    return padded[torch.arange(b, device=dev)[:, None, None, None],
+                  torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+
+
+def rotate(p: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image B×C×H×W about its centre, nearest neighbour, black fill.
+
+    PIL's ``Image.rotate(angle, NEAREST, expand=False, fillcolor=0)``, which
+    torchvision's ``RandomRotation`` calls on the official PIL images: a
+    positive angle turns the picture counter-clockwise. Output pixel (r, c) takes
+    input pixel (⌊y⌋, ⌊x⌋) with, about the centre (W/2, H/2) and at pixel centres::
+
+        x = cos θ · (c + ½ − W/2) − sin θ · (r + ½ − H/2) + W/2
+        y = sin θ · (c + ½ − W/2) + cos θ · (r + ½ − H/2) + H/2
+
+    and 0 where that falls outside the image. (PIL evaluates x, y in 16.16
+    fixed point, so a pixel whose x or y lies within ~1e-4 of an integer may
+    round the other way.)
+
+    Args:
+        p: images B×C×H×W (any float dtype).
+        degrees: B angles in degrees (counter-clockwise).
+    """
+    b, c, h, w = p.shape
+    dev = p.device
+    theta = torch.deg2rad(degrees.to(device=dev, dtype=torch.float64))[:, None, None]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    u = (torch.arange(w, device=dev, dtype=torch.float64) + 0.5 - w / 2)[None, None, :]
+    v = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5 - h / 2)[None, :, None]
+    col = torch.floor(cos * u - sin * v + w / 2).long()  # B×H×W
+    row = torch.floor(sin * u + cos * v + h / 2).long()
+    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    src = torch.where(inside, row * w + col, 0).view(b, 1, h * w).expand(b, c, h * w)
+    out = p.reshape(b, c, h * w).gather(2, src).view(b, c, h, w)
+    return torch.where(inside[:, None], out, torch.zeros((), dtype=p.dtype, device=dev))
+
+
+def adjust_brightness(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f · p, 0, 1)``: blend with black (PIL ``ImageEnhance.Brightness``); f is B."""
+    return (f.to(p.dtype).view(-1, 1, 1, 1) * p).clamp(0, 1)
+
+
+def adjust_contrast(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f · p + (1 − f) · m, 0, 1)`` with m each image's mean luma (PIL ``Contrast``)."""
+    f = f.to(p.dtype).view(-1, 1, 1, 1)
+    m = gray(p).mean(dim=(1, 2, 3), keepdim=True)
+    return (f * p + (1 - f) * m).clamp(0, 1)
+
+
+def adjust_saturation(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``clamp(f · p + (1 − f) · gray(p), 0, 1)`` (PIL ``ImageEnhance.Color``); 1 channel: p."""
+    if p.shape[1] == 1:
+        return p
+    f = f.to(p.dtype).view(-1, 1, 1, 1)
+    return (f * p + (1 - f) * gray(p)).clamp(0, 1)
+
+
+_JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation)
+
+
+def jitter(p: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Colour jitter with a per-sample order of its operations (torchvision ``ColorJitter``).
+
+    Args:
+        p: pixels B×C×H×W in [0, 1].
+        factors: B×3 factors of brightness, contrast, saturation (see :data:`JITTER_OPS`).
+        order: int64 B×m, each sample's operations (indices into :data:`JITTER_OPS`) in
+            the order they are applied; an operation not listed is not applied.
+    """
+    out = p
+    for slot in range(order.shape[1]):  # over positions in the order, not samples
+        new = out
+        for op, fn in enumerate(_JITTER_FNS):
+            here = order[:, slot] == op
+            if bool(here.any()):
+                new = torch.where(here[:, None, None, None], fn(out, factors[:, op]), new)
+        out = new
+    return out
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random parameters of one augmented batch (all on the batch's device).
+
+    Attributes:
+        dy, dx: int64 B, crop window offsets in the padded image (0 when no crop).
+        hflip, vflip: bool B, which samples are mirrored left–right / top–bottom.
+        degrees: float64 B, rotation angles (0 when no rotation).
+        factors: float64 B×3, jitter factors (brightness, contrast, saturation).
+        order: int64 B×m, the enabled jitter operations in each sample's order.
+    """
+
+    dy: torch.Tensor
+    dx: torch.Tensor
+    hflip: torch.Tensor
+    vflip: torch.Tensor
+    degrees: torch.Tensor
+    factors: torch.Tensor
+    order: torch.Tensor
 
 
 @dataclass(frozen=True)
 class AugmentDefense(Defense):
-    """``augment``: random crop, horizontal flip and colour jitter, batched on the device.
+    """``augment``: the official data augmentation, batched on the device in pixel space.
 
-    Applied per sample, in this order, each step skipped when disabled:
+    Applied per sample, each with its own random parameters, in the official
+    order (torchvision on PIL images), each step skipped when disabled:
 
-    1. crop: pad by ``padding`` pixels of 0 on every side and cut a random
-       H×W window (offsets uniform in 0..2·padding per axis) — torchvision's
-       ``RandomCrop(size, padding)``;
-    2. flip: mirror left–right with probability 1/2;
-    3. brightness ``x ← f·x``, contrast ``x ← f·x + (1 − f)·mean(gray(x))`` and
-       saturation ``x ← f·x + (1 − f)·gray(x)`` (3-channel images only), each
-       with its own factor ``f ~ U[max(0, 1 − v), 1 + v]`` per sample, where
-       ``gray`` is the ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``.
+    1. crop: zero-pad by ``padding`` pixels (of a 32-pixel image; scaled to the
+       dataset's size, ``⌊padding · H/32 + ½⌋`` rows and the same for columns)
+       and cut an H×W window at offsets uniform in ``0..2·pad`` — ``RandomCrop``;
+    2. horizontal flip, then vertical flip, each with probability ½;
+    3. rotation by an angle uniform in ``[−rotation, rotation]`` degrees about the
+       centre, nearest neighbour, black fill (:func:`rotate`) — ``RandomRotation``;
+    4. colour jitter — ``ColorJitter``: factors ``f ~ U[max(0, 1 − v), 1 + v]``
+       per enabled operation (brightness, contrast, saturation), applied in a
+       random order per sample, each clamped to [0, 1] (:func:`jitter`).
 
-    The hook sees *normalised* images and does not know the normalisation, so
-    two steps are approximations of torchvision's pixel-space versions: the
-    crop's zero padding is the dataset mean colour (not black), and brightness
-    scales the deviation from the dataset mean colour (not from black).
-    Contrast and saturation blend with normalised-space gray values, which
-    matches the pixel-space operation up to the per-channel normalisation.
-    Labels are unchanged. Shape and dtype are preserved.
+    The hook un-normalises its input (:meth:`DataSpec.to_pixels`), so padding and
+    rotation fill with black and brightness scales pixels, exactly as the
+    official's pixel-space transforms, and normalises the result again. PIL
+    rounds to 8 bits after each jitter operation and rounds the contrast mean to
+    an integer grey level; fedmia stays in floating point (a difference of at
+    most ~1/255 per operation). Labels are unchanged.
 
     Attributes:
-        padding: integer ≥ 0 (default 4); 0 disables the crop.
-        flip: bool (default true).
-        brightness, contrast, saturation: jitter strengths v ≥ 0 (default 0.2 each);
-            0 disables the step.
+        padding: integer ≥ 0, crop padding at 32×32 (0: no crop).
+        hflip, vflip: random horizontal / vertical flips.
+        rotation: largest rotation in degrees, in [0, 180] (0: none).
+        brightness, contrast, saturation: jitter strengths v ≥ 0 (0: off;
+            saturation acts on 3-channel images only).
     """
 
     padding: int = 4
-    flip: bool = True
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
+    hflip: bool = True
+    vflip: bool = True
+    rotation: float = 45.0
+    brightness: float = 0.25
+    contrast: float = 0.8
+    saturation: float = 0.0
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+    def pad_for(self, h: int, w: int) -> tuple[int, int]:
+        """Crop padding (rows, columns) of an H×W image: ``padding`` scaled from 32 pixels."""
+        return (math.floor(self.padding * h / REFERENCE_SIZE + 0.5),
+                math.floor(self.padding * w / REFERENCE_SIZE + 0.5))
+
+    def jitter_ranges(self) -> list[tuple[int, float, float]]:
+        """Enabled jitter operations: ``(index into JITTER_OPS, low, high)`` of their factor."""
+        strengths = (self.brightness, self.contrast, self.saturation)
+        return [(i, max(0.0, 1.0 - v), 1.0 + v) for i, v in enumerate(strengths) if v > 0]
+
+    def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
+             gen: torch.Generator) -> AugmentDraw:
+        """Draw every sample's parameters for images of ``shape`` (B×C×H×W)."""
+        device = torch.device(device)
+        b, _, h, w = shape
+        g = generator_on(gen, device)
+        zeros = torch.zeros(b, dtype=torch.int64, device=device)
+        no = torch.zeros(b, dtype=torch.bool, device=device)
+        pad_h, pad_w = self.pad_for(h, w)
+        dy = torch.randint(0, 2 * pad_h + 1, (b,), generator=g, device=device) if pad_h else zeros
+        dx = torch.randint(0, 2 * pad_w + 1, (b,), generator=g, device=device) if pad_w else zeros
+        hflip = torch.rand(b, generator=g, device=device) < 0.5 if self.hflip else no
+        vflip = torch.rand(b, generator=g, device=device) < 0.5 if self.vflip else no
+        degrees = torch.zeros(b, dtype=torch.float64, device=device)
+        if self.rotation > 0:
+            u = torch.rand(b, generator=g, device=device, dtype=torch.float64)
+            degrees = self.rotation * (2 * u - 1)
+        factors = torch.ones(b, 3, dtype=torch.float64, device=device)
+        ranges = self.jitter_ranges()
+        for i, lo, hi in ranges:
+            u = torch.rand(b, generator=g, device=device, dtype=torch.float64)
+            factors[:, i] = lo + (hi - lo) * u
+        enabled = torch.tensor([i for i, _, _ in ranges], dtype=torch.int64, device=device)
+        keys = torch.rand(b, len(ranges), generator=g, device=device)
+        order = enabled[keys.argsort(1)]  # a uniformly random order per sample
+        return AugmentDraw(dy, dx, hflip, vflip, degrees, factors, order)
+
+    def apply(self, p: torch.Tensor, d: AugmentDraw) -> torch.Tensor:
+        """Augment pixels B×C×H×W in [0, 1] with the drawn parameters ``d``."""
+        pad_h, pad_w = self.pad_for(p.shape[2], p.shape[3])
+        if pad_h or pad_w:
+            p = crop(p, d.dy, d.dx, pad_h, pad_w)
+        if self.hflip:
+            p = torch.where(d.hflip[:, None, None, None], p.flip(3), p)
+        if self.vflip:
+            p = torch.where(d.vflip[:, None, None, None], p.flip(2), p)
+        if self.rotation > 0:
+            p = rotate(p, d.degrees)
+        if d.order.shape[1]:
+            p = jitter(p, d.factors, d.order)
+        return p
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augmented inputs B×C×H×W (same dtype) and the unchanged labels."""
-        b, c, h, w = x.shape
-        dev = x.device
-        g = generator_on(gen, dev)
-        out = x
-        if self.padding > 0:
-            p = self.padding
-            padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
-            dx = torch.randint(0, 2 * p + 1, (b,), generator=g, device=dev)
-            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B×1×H×1
-            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B×1×1×W
-            out = padded[torch.arange(b, device=dev)[:, None, None, None],
-                         torch.arange(c, device=dev)[None, :, None, None], rows, cols]
-        if self.flip:
-            flipped = torch.rand(b, generator=g, device=dev) < 0.5
-            out = torch.where(flipped[:, None, None, None], out.flip(3), out)
-        if self.brightness > 0:
-            out = out * self._factors(b, self.brightness, g, x)
-        if self.contrast > 0:
-            f = self._factors(b, self.contrast, g, x)
-            mean = (_gray(out) if c == 3 else out).mean(dim=(1, 2, 3), keepdim=True)
-            out = f * out + (1 - f) * mean
-        if self.saturation > 0 and c == 3:
-            f = self._factors(b, self.saturation, g, x)
-            out = f * out + (1 - f) * _gray(out)
-        return out, y
-
-    @staticmethod
-    def _factors(b: int, v: float, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-        """B×1×1×1 factors uniform in [max(0, 1 − v), 1 + v], dtype and device of ``like``."""
-        lo = max(0.0, 1.0 - v)
-        u = torch.rand(b, generator=g, device=like.device)
-        return (lo + (1.0 + v - lo) * u).to(like.dtype).view(b, 1, 1, 1)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601 luma B×1×H×W of 3-channel images B×3×H×W."""
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        """Augmented normalised inputs B×C×H×W (same dtype) and the unchanged targets."""
+        d = self.draw(x.shape, x.device, gen)
+        return spec.normalise(self.apply(spec.to_pixels(x), d)), y
 
 
 @DEFENSES.register("augment")
 def _augment(params: Mapping[str, Any]) -> Defense:
-    spec = {"padding": 4, "flip": True, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
-    p = _check_params("augment", params, spec)
-    jitter = {name: _number("augment", name, p[name], "a number ≥ 0", lambda v: v >= 0)
-              for name in ("brightness", "contrast", "saturation")}
+    # unknown names first, against every parameter augment takes
+    _check_params("augment", params, {"preset": "official", **AUGMENT_PRESETS["official"]})
+    preset = params.get("preset", "official")
+    if not isinstance(preset, str) or preset not in AUGMENT_PRESETS:
+        raise ConfigError(f"defense 'augment': parameter 'preset' = {preset!r} is invalid; "
+                          f"allowed: one of {sorted(AUGMENT_PRESETS)}")
+    p = {**AUGMENT_PRESETS[preset], **{k: v for k, v in params.items() if k != "preset"}}
+    jitter_strengths = {
+        name: _number("augment", name, p[name], "a number ≥ 0", lambda v: v >= 0)
+        for name in JITTER_OPS}
     return AugmentDefense(
         padding=_integer("augment", "padding", p["padding"], "an integer ≥ 0", lambda v: v >= 0),
-        flip=_boolean("augment", "flip", p["flip"]),
-        **jitter,
+        hflip=_boolean("augment", "hflip", p["hflip"]),
+        vflip=_boolean("augment", "vflip", p["vflip"]),
+        rotation=_number("augment", "rotation", p["rotation"], "a number in [0, 180] (degrees)",
+                         lambda v: 0 <= v <= 180),
+        **jitter_strengths,
     )
 
 
@@ -670,6 +900,134 @@ def _subsample(params: Mapping[str, Any]) -> Defense:
                                              "a number in (0, 1]", lambda v: 0 < v <= 1))
 
 
+# ---------------------------------------------------------------------------- compose
+
+
+@dataclass(frozen=True)
+class ComposeDefense(Defense):
+    """``compose``: an ordered list of defenses, applied hook by hook.
+
+    Each hook runs the steps' hooks in order, each on the previous one's output:
+    ``local_indices`` (e.g. ``subsample``), ``batch`` (e.g. ``augment`` then
+    ``mixup``; labels become soft targets as soon as one step makes them so) and
+    ``upload`` (e.g. ``sparsify`` then ``dp``). The paper's Aug+Sampling is
+    ``[augment, subsample]``. If any step encodes the whole local set
+    (``instahide``), the ``batch`` hooks of all steps see the whole local set
+    once per epoch instead of each mini-batch (per-sample steps such as
+    ``augment`` are unaffected; ``mixup`` then draws one λ per epoch).
+
+    Attributes:
+        steps: the defenses, in order (at least one; a step is never a compose).
+        step_kinds: their kinds, in the same order.
+        strength: ``(step index, parameter)`` of the strength axis reported in
+            privacy–utility tables, or ``None`` (strength NaN).
+    """
+
+    steps: tuple[Defense, ...]
+    step_kinds: tuple[str, ...]
+    strength: tuple[int, str] | None = None
+
+    @property
+    def soft_targets(self) -> bool:  # type: ignore[override]
+        """True if any step may return soft targets."""
+        return any(s.soft_targets for s in self.steps)
+
+    @property
+    def whole_local_set(self) -> bool:  # type: ignore[override]
+        """True if any step encodes the whole local set."""
+        return any(s.whole_local_set for s in self.steps)
+
+    def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Each step's ``local_indices`` in turn."""
+        for step in self.steps:
+            idx = step.local_indices(idx, gen)
+        return idx
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each step's ``batch`` in turn (targets may turn into probabilities on the way)."""
+        for step in self.steps:
+            x, y = step.batch(x, y, spec, gen)
+        return x, y
+
+    def upload(self, update: torch.Tensor, layout: StateLayout,
+               gen: torch.Generator) -> torch.Tensor:
+        """Each step's ``upload`` in turn."""
+        for step in self.steps:
+            update = step.upload(update, layout, gen)
+        return update
+
+    def strength_value(self) -> float:
+        """The value of the strength parameter (NaN when none was chosen)."""
+        if self.strength is None:
+            return float("nan")
+        i, name = self.strength
+        return float(getattr(self.steps[i], name))
+
+
+def _numeric_parameters(d: Defense) -> list[str]:
+    """Names of a built defense's numeric (non-bool) parameters."""
+    return [f.name for f in fields(d) if isinstance(getattr(d, f.name), (int, float))
+            and not isinstance(getattr(d, f.name), bool)] if is_dataclass(d) else []
+
+
+def _strength_path(path: Any, steps: tuple[Defense, ...], kinds: tuple[str, ...]
+                   ) -> tuple[int, str]:
+    """Resolve ``'<kind>.<parameter>'`` or ``'<index>.<parameter>'`` to (step index, parameter)."""
+    example = f"'{kinds[0]}.<parameter>' or '0.<parameter>'"
+    if not isinstance(path, str) or path.count(".") != 1:
+        raise ConfigError(f"defense 'compose': strength = {path!r} is invalid; name one step's "
+                          f"parameter as '<step kind>.<parameter>' or '<step index>.<parameter>' "
+                          f"(0-based), e.g. {example}")
+    step, name = path.split(".")
+    if step.isdigit():
+        i = int(step)
+        if i >= len(steps):
+            raise ConfigError(f"defense 'compose': strength = {path!r}: there is no step {i}; "
+                              f"steps are 0..{len(steps) - 1} ({list(kinds)})")
+    else:
+        hits = [j for j, k in enumerate(kinds) if k == step]
+        if not hits:
+            raise ConfigError(f"defense 'compose': strength = {path!r}: no step is of kind "
+                              f"'{step}'; the steps are {list(kinds)}")
+        if len(hits) > 1:
+            raise ConfigError(f"defense 'compose': strength = {path!r}: steps {hits} are all "
+                              f"'{step}'; name the step by its index, e.g. '{hits[0]}.{name}'")
+        i = hits[0]
+    allowed = _numeric_parameters(steps[i])
+    if name not in allowed:
+        raise ConfigError(f"defense 'compose': strength = {path!r}: step {i} ('{kinds[i]}') has "
+                          f"no numeric parameter '{name}'; choose from {allowed}")
+    return i, name
+
+
+@DEFENSES.register("compose")
+def _compose(params: Mapping[str, Any]) -> Defense:
+    p = _check_params("compose", params, {"steps": _REQUIRED, "strength": None})
+    blocks = p["steps"]
+    if not isinstance(blocks, list | tuple) or not blocks:
+        raise ConfigError(f"defense 'compose': parameter 'steps' = {blocks!r} is invalid; "
+                          f"allowed: a non-empty list of defenses, e.g. "
+                          f"[{{kind: augment}}, {{kind: subsample, fraction: 0.5}}]")
+    steps, kinds = [], []
+    for i, block in enumerate(blocks):
+        if not isinstance(block, Mapping) or "kind" not in block:
+            raise ConfigError(f"defense 'compose': steps[{i}] = {block!r} is invalid; each step "
+                              f"is a defense block with a 'kind', e.g. {{kind: subsample, "
+                              f"fraction: 0.5}}")
+        if block["kind"] == "compose":
+            raise ConfigError(f"defense 'compose': steps[{i}] is itself a compose; nesting is not "
+                              f"supported: list its steps in the outer compose instead")
+        cfg = DefenseConfig(kind=block["kind"],
+                            params={k: v for k, v in block.items() if k != "kind"})
+        steps.append(build_defense(cfg, where=f"defense 'compose': steps[{i}]"))
+        kinds.append(cfg.kind)
+    strength = None
+    if p["strength"] is not None:
+        strength = _strength_path(p["strength"], tuple(steps), tuple(kinds))
+    return ComposeDefense(steps=tuple(steps), step_kinds=tuple(kinds), strength=strength)
+
+
 # ------------------------------------------------------------------------------ build
 
 
@@ -686,7 +1044,7 @@ def build_defense(cfg: DefenseConfig, where: str = "defense") -> Defense:
 
 
 #: The parameter that is each kind's strength in privacy–utility sweeps, and whether a
-#: larger value means a stronger defense.
+#: larger value means a stronger defense (``compose`` names its own, see ``strength``).
 STRENGTH: dict[str, tuple[str, bool]] = {
     "dp": ("sigma", True),
     "dp_param_noise": ("sigma", True),
@@ -703,9 +1061,18 @@ DATA_REPLACEMENT = ("mixup", "instahide")
 
 
 def strength_of(defense: Mapping[str, Any]) -> float:
-    """The strength value of a defense config block (NaN for ``none``)."""
-    kind = defense["kind"]
-    if kind == "none":
+    """The strength value of a defense config block (NaN for ``none``).
+
+    The value the defense runs with, defaults included: the kind's
+    :data:`STRENGTH` parameter, or for ``compose`` the step parameter its
+    ``strength`` names (NaN when it names none).
+    """
+    cfg = DefenseConfig(kind=defense["kind"],
+                        params={k: v for k, v in defense.items() if k != "kind"})
+    built = build_defense(cfg)
+    if isinstance(built, ComposeDefense):
+        return built.strength_value()
+    if cfg.kind == "none":
         return float("nan")
-    key, _ = STRENGTH[kind]
-    return float(defense[key])
+    key, _ = STRENGTH[cfg.kind]
+    return float(getattr(built, key))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmia.config import TrainConfig
-from fedmia.defenses import Defense
+from fedmia.defenses import DataSpec, Defense
 from fedmia.partition import STREAM_TRAIN, rng_for
 from fedmia.state import FlatState
 
@@ -100,7 +100,10 @@ def local_train(
         idx: int64 n_k (device), the client's sample ids.
         cfg: local epochs, batch size, momentum, weight decay.
         lr: this round's learning rate.
-        defense: hooks for local data, batches and the upload.
+        defense: hooks for local data, batches and the upload. Its ``batch`` hook gets
+            each mini-batch (normalised) with the dataset's :class:`DataSpec`, or, when
+            ``defense.whole_local_set``, the whole shuffled local data once per epoch,
+            whose output is then cut into mini-batches.
         gen: the client's generator for this round.
     """
     model = state.module
@@ -108,15 +111,24 @@ def local_train(
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
+    spec = DataSpec(num_classes=data.num_classes, mean=data.mean, std=data.std)
     idx = defense.local_indices(idx, gen)
     n = idx.numel()
     loss_sum = torch.zeros((), device=global_flat.device)
     correct = torch.zeros((), device=global_flat.device)
     for _ in range(cfg.local_epochs):
         order = idx[torch.randperm(n, generator=gen).to(idx.device)]
+        if defense.whole_local_set:  # encoded once per epoch, then cut into mini-batches
+            x_all, y_all = data.batch(order)
+            x_all, t_all = defense.batch(x_all, y_all, spec, gen)
         for start in range(0, n, cfg.batch_size):
-            x, y = data.batch(order[start:start + cfg.batch_size])
-            x, target = defense.batch(x, y, data.num_classes, gen)
+            if defense.whole_local_set:
+                x = x_all[start:start + cfg.batch_size]
+                y = y_all[start:start + cfg.batch_size]
+                target = t_all[start:start + cfg.batch_size]
+            else:
+                x, y = data.batch(order[start:start + cfg.batch_size])
+                x, target = defense.batch(x, y, spec, gen)
             logits = model(x)
             loss = F.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
