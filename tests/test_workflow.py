@@ -166,7 +166,7 @@ def test_defense_sweep_dry_run(snakemake_cmd, repo, tmp_path):
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "defenses.yaml", "-n")
     assert r.returncode == 0, r.stdout + r.stderr
     counts = job_counts(r.stdout + r.stderr)
-    assert counts["train"] == 28 and counts["privacy_utility"] == 1
+    assert counts["train"] == 37 and counts["privacy_utility"] == 1
     assert counts["hypervolume"] == 1
 
 
