@@ -161,3 +161,25 @@ def test_report_is_flat_and_labelled():
     row = accounted_epsilon(4.0, 30).to_dict()
     assert row["neighboring_relation"] == "add_or_remove_one" and row["level"] == "client"
     assert all(np.isscalar(v) or v is None for v in row.values())
+
+
+def test_defense_epsilon_by_kind():
+    from fedmia.accounting import defense_epsilon
+
+    dp = {"kind": "dp", "sigma": 8.0, "clip": 5.0}
+    rep = defense_epsilon(dp, rounds=30, delta=1e-5)
+    assert rep.epsilon_rdp == pytest.approx(accounted_epsilon(8.0, 30).epsilon_rdp)
+    assert defense_epsilon({"kind": "mixup", "alpha": 1.0}, rounds=30) is None
+    assert defense_epsilon({"kind": "none"}, rounds=30) is None
+    noise = defense_epsilon({"kind": "dp_param_noise", "sigma": 0.1}, rounds=30)
+    assert math.isinf(noise.epsilon_rdp) and "unclipped" in noise.note
+    bn = defense_epsilon(dp, rounds=30, unnoised_state=True)
+    assert math.isinf(bn.epsilon_pld) and "BatchNorm" in bn.note
+    # training-time steps act before the upload whatever their place: dp's ε holds
+    aug = {"kind": "compose", "steps": [dp, {"kind": "augment"}, {"kind": "quantize",
+                                                                  "bits": 8}]}
+    assert defense_epsilon(aug, rounds=30).epsilon_rdp == rep.epsilon_rdp
+    plugin = {"kind": "compose", "steps": [dp, {"kind": "my_plugin_step"}]}
+    assert "follows dp" in defense_epsilon(plugin, rounds=30).note
+    assert math.isinf(defense_epsilon({"kind": "compose", "steps": [
+        {"kind": "augment"}, {"kind": "dp_param_noise", "sigma": 0.01}]}, rounds=30).epsilon_rdp)

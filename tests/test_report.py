@@ -109,14 +109,17 @@ def test_paper_tables_layout_and_captions():
     assert list(t.columns) == ["dataset", "model", "defense", "partition", "metric",
                                "Loss-I (Blackbox-Loss)", "Loss-II (Loss-Series)"]
     assert t.metric.tolist() == ["TPR@0.1% (%)", "AUC"]
-    assert t.iloc[1]["Loss-II (Loss-Series)"] == "0.850 ± 0.071"
-    assert t.iloc[0]["Loss-I (Blackbox-Loss)"] == "5.00 ± 0.00"
+    # two targets, AUC 0.8 and 0.9: the bootstrap interval of their mean spans them
+    assert t.iloc[1]["Loss-II (Loss-Series)"] == "0.850 [0.800, 0.900]"
+    assert t.iloc[0]["Loss-I (Blackbox-Loss)"] == "5.00 [5.00, 5.00]"
     for phrase in ("Protocol `aligned`", "picked with hindsight", "rounds picked: 20",
-                   "FPR < α (the official code)", "FPR resolution 1/1,000"):
+                   "FPR < α (the official code)", "FPR resolution 1/1,000",
+                   "TPR@0.1% rests on at most 0 false positive(s) — α × non-members < 10"):
         assert phrase in cap, cap
     md = report.to_markdown(sections)
     assert md.count("### protocol aligned") == 2 and "Loss-II" in md
-    assert r"\pm" in report.to_latex(sections)
+    tex = report.to_latex(sections)
+    assert r"\toprule" in tex and "[0.800, 0.900]" in tex
 
 
 def test_hypervolume_against_a_hand_computed_front():
@@ -151,3 +154,52 @@ def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
     assert hv.loc["mixup", "hypervolume"] == pytest.approx(0.9 * 0.5)
     assert hv.loc["mixup", "excluded"] == 1
     assert "Cos-II (Avg-Cosine)" in report.hypervolume_markdown(hv.reset_index())
+
+
+def test_summary_intervals_and_false_positives():
+    rows = [row("cos_series", t, -1, auc, 0.02) for t, auc in enumerate((0.6, 0.7, 0.8, 0.9))]
+    one = row("cos", 0, 10, 0.66, 0.03)
+    res = pd.DataFrame(rows + [one])
+    res["auc_ci_low"], res["auc_ci_high"] = res["auc"] - 0.05, res["auc"] + 0.05
+    res["tpr@0.1%_fp"] = 1
+    for t in (1, 2, 3):  # the single-round attack on four targets too
+        res = pd.concat([res, pd.DataFrame([{**one, "target": t, "auc": 0.66 + 0.01 * t}])])
+    s = report.summarize(res.reset_index(drop=True), ["last"], fpr_rule="at_most")
+    multi = s[(s.attack == "cos_series") & (s.metric == "auc")].iloc[0]
+    assert multi["ci_low"] < 0.75 < multi["ci_high"]
+    assert 0.6 <= multi["ci_low"] and multi["ci_high"] <= 0.9
+    tpr = s[(s.attack == "cos_series") & (s.metric == "tpr@0.1%")].iloc[0]
+    assert tpr["fp_allowed"] == 1 and tpr["fp_median"] == 1 and tpr["low_count"]
+    # one unit: the interval is the row's own bootstrap interval
+    single = report.summarize(res[res.target == 0], ["last"])
+    cos = single[(single.attack == "cos") & (single.metric == "auc")].iloc[0]
+    assert (cos["ci_low"], cos["ci_high"]) == pytest.approx((0.61, 0.71))
+
+
+def test_findings_are_paired_differences_with_verdicts():
+    rows = []
+    for t in range(6):
+        # II beats I on every target by 0.1 (paired), III ties II (±0.02 alternating)
+        rows.append(row("cos", t, 10, 0.6 + 0.02 * t, 0.01))
+        rows.append(row("cos_series", t, -1, 0.7 + 0.02 * t, 0.02))
+        rows.append(row("fedmia_cos", t, -1, 0.7 + 0.02 * t + (0.02 if t % 2 else -0.02),
+                        0.02))
+    f = report.findings(pd.DataFrame(rows), ["last"]).set_index(["comparison", "metric"])
+    ii = f.loc[("cos_series − cos", "auc")]
+    assert ii["difference"] == pytest.approx(0.1) and ii["verdict"] == "holds"
+    assert ii["ci_low"] == pytest.approx(0.1) and ii["n_units"] == 6  # the same on every target
+    assert f.loc[("fedmia_cos − cos_series", "auc"), "verdict"] == "inconclusive"
+    assert f.loc[("fedmia_cos − cos", "auc"), "verdict"] == "holds"
+    assert list(report.findings(pd.DataFrame(rows), ["last"]).columns) == list(
+        report.FINDINGS_COLUMNS)
+    assert report.verdict(-0.2, -0.1) == "fails" and report.verdict(np.nan, 1) == "undefined"
+
+
+def test_noniid_finding_compares_independent_groups():
+    rows = [row("cos_series", t, -1, 0.8, 0.1) | {"partition": "dir"} for t in range(4)]
+    rows += [row("cos_series", t, -1, 0.6 + 0.01 * t, 0.1) for t in range(4)]
+    f = report.findings(pd.DataFrame(rows), ["last"], {"iid": "iid", "dir": "dirichlet"})
+    auc = f[(f.finding == report.NONIID_FINDING) & (f.metric == "auc")].iloc[0]
+    assert auc["partition"] == "dir vs iid" and auc["difference"] == pytest.approx(0.185)
+    assert auc["verdict"] == "holds" and auc["n_units"] == 8
+    assert "+0.185" in report.findings_markdown(f)

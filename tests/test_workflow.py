@@ -75,10 +75,9 @@ def test_tiny_end_to_end_run(tiny_run):
     assert "FPR resolution 1/" in md and "picked with hindsight" in md
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     pu = pd.read_csv(tables / "privacy_utility.csv")
-    assert list(pu.columns) == ["dataset", "model", "partition", "defense", "kind", "strength",
-                                "test_accuracy", "last_finite_accuracy", "diverged",
-                                "diverged_round", "protocol", "single_round", "attack",
-                                "metric", "mean", "std", "rounds"]
+    from fedmia.report import PU_COLUMNS
+
+    assert list(pu.columns) == list(PU_COLUMNS)
     assert pu.test_accuracy.between(0, 1).all()
     for f in ("partitions.png", "partitions.pdf", "privacy_utility_cos.png",
               "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
@@ -173,9 +172,15 @@ def test_defense_sweep_dry_run(snakemake_cmd, repo, tmp_path):
 def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "paper.yaml", "-n")
     assert r.returncode == 0, r.stdout + r.stderr
-    counts = job_counts(r.stdout + r.stderr)
-    # 2 datasets × 2 models × (3 partitions × 3 seeds + 24 defenses) = 132 cells
-    assert counts["train"] == 132 and counts["attack"] == 132 and counts["prepare"] == 2
+    out = r.stdout + r.stderr
+    counts = job_counts(out)
+    # 2 datasets × 2 models × (3 partitions × 3 seeds + 39 defense strengths) = 192 cells
+    assert counts["train"] == 192 and counts["attack"] == 192 and counts["prepare"] == 2
+    assert counts["hypervolume"] == 1 and counts["table"] == 1
+    config = yaml.safe_load((repo / "config" / "paper.yaml").read_text())
+    for key in config["defenses"]:  # every strength is planned, on both datasets
+        for dataset in ("cifar100", "dermnet"):
+            assert f"results/train/{dataset}/alexnet/{key}/" in out, key
 
 
 def test_a_diverging_defense_cell_is_a_flagged_result(snakemake_cmd, repo, tmp_path):

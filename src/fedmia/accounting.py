@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -243,3 +244,63 @@ def unbounded_epsilon(reason: str, *, sigma: float, rounds: int,
     return EpsilonReport(sigma=sigma, rounds=rounds, delta=delta, noise_multiplier=math.nan,
                          epsilon_rdp=math.inf, rdp_order=None, epsilon_pld=math.inf,
                          pld_interval=None, note=UNBOUNDED_REASONS[reason])
+
+
+#: Defense kinds that only transform the upload and never read the client's data again:
+#: after ``dp`` they are post-processing of the noised update.
+UPLOAD_ONLY_KINDS = ("dp", "dp_param_noise", "quantize", "sparsify", "none")
+#: Defense kinds that act during local training (which samples, what each batch looks
+#: like): they run before any upload hook, whatever their place in a ``compose``, so dp's
+#: clipping still bounds their effect on the upload.
+TRAINING_KINDS = ("mixup", "instahide", "augment", "subsample")
+
+
+def defense_epsilon(defense: Mapping[str, Any], *, rounds: int, delta: float = DEFAULT_DELTA,
+                    unnoised_state: bool = False) -> EpsilonReport | None:
+    """The accounted ε of a defense config block, ∞ with a reason, or ``None`` (no claim).
+
+    * ``dp``: :func:`accounted_epsilon` over ``rounds`` (every upload a Gaussian
+      mechanism, every client every round); ∞ if the model uploads un-noised
+      normalisation statistics (``unnoised_state``).
+    * ``dp_param_noise``: ∞ (no clipping).
+    * ``compose`` holding ``dp``: dp's ε when every later step is upload-only
+      post-processing (:data:`UPLOAD_ONLY_KINDS`) or acts during training
+      (:data:`TRAINING_KINDS`; fedmia applies a compose hook by hook, so those run before
+      any upload, whatever their place in the list); ∞ if a later step is of another
+      kind (one fedmia cannot vouch for, e.g. a plugin's), which might read the data
+      after the noise. A compose with ``dp_param_noise`` and no ``dp``: ∞.
+    * any other kind: ``None`` — the defense claims no formal guarantee.
+
+    Args:
+        defense: ``{kind: ..., <param>: ...}`` as in the config.
+        rounds: rounds whose uploads the server saw (a diverged run: up to divergence).
+        delta: δ of the reported (ε, δ).
+        unnoised_state: the model uploads floating state that is not a parameter
+            (BatchNorm running statistics), which no defense perturbs.
+    """
+    kind = defense["kind"]
+    dp: Mapping[str, Any] | None = None
+    if kind == "dp":
+        dp = defense
+    elif kind == "compose":
+        kinds = [step["kind"] for step in defense["steps"]]
+        if "dp" in kinds:
+            i = kinds.index("dp")
+            dp = defense["steps"][i]
+            unknown = [k for k in kinds[i + 1:] if k not in (*UPLOAD_ONLY_KINDS, *TRAINING_KINDS)]
+            if unknown:
+                return unbounded_epsilon("data_step_after_dp", sigma=float(dp["sigma"]),
+                                         rounds=rounds, delta=delta)
+        elif "dp_param_noise" in kinds:
+            sigma = float(defense["steps"][kinds.index("dp_param_noise")]["sigma"])
+            return unbounded_epsilon("dp_param_noise", sigma=sigma, rounds=rounds,
+                                     delta=delta)
+    elif kind == "dp_param_noise":
+        return unbounded_epsilon("dp_param_noise", sigma=float(defense["sigma"]),
+                                 rounds=rounds, delta=delta)
+    if dp is None:
+        return None
+    if unnoised_state:
+        return unbounded_epsilon("unnoised_statistics", sigma=float(dp["sigma"]),
+                                 rounds=rounds, delta=delta)
+    return accounted_epsilon(float(dp["sigma"]), rounds, delta=delta)

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fedmia import metrics, uncertainty  # noqa: E402
 from fedmia.attacks import ATTACKS, PAPER_ORDER  # noqa: E402
 from fedmia.metrics import METRICS, tpr_metric_name  # noqa: E402
 
@@ -47,8 +48,9 @@ SELECTIONS = ("best_tpr", "best_auc", "last")
 ALL_ROUNDS = "all attacked rounds"
 HEADLINE_TPR = tpr_metric_name(0.001)
 #: Columns of :func:`summarize` (``results/tables/attacks.csv``).
-SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "std", "n",
-                   "n_defined", "draw_std", "n_nonmembers", "rounds", "selected_by",
+SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "ci_low",
+                   "ci_high", "std", "n", "n_defined", "draw_std", "n_nonmembers",
+                   "fp_allowed", "fp_median", "low_count", "rounds", "selected_by",
                    "fpr_rule", "note", "diverged")
 #: Attack families of the privacy–utility figures (from the attack specs).
 FAMILIES: dict[str, tuple[str, ...]] = {}
@@ -117,6 +119,49 @@ def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr") -> pd.Data
     return pd.concat([chosen, multi], ignore_index=True)
 
 
+def _alpha(metric: str) -> float | None:
+    """The FPR level of a TPR metric name (``tpr@0.1%`` → 0.001); ``None`` otherwise."""
+    return next((a for a in metrics.FPR_LEVELS if metrics.tpr_metric_name(a) == metric), None)
+
+
+def _long(rows: pd.DataFrame, id_vars: list[str]) -> pd.DataFrame:
+    """One row per (result row, metric): ``value``, its row interval and false positives.
+
+    Result tables of before the intervals (or with ``n_boot = 0``) get NaN intervals.
+    """
+    parts = []
+    for m in METRICS:
+        part = rows[id_vars].copy()
+        part["metric"] = m
+        part["value"] = rows[m]
+        for extra in ("ci_low", "ci_high", "fp"):
+            col = f"{m}_{extra}"
+            part[extra] = rows[col] if col in rows else math.nan
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def summary_interval(group: pd.DataFrame, key: tuple, n_boot: int = 1000
+                     ) -> tuple[float, float]:
+    """95 % interval of a summary row's mean over targets (and seeds and draws).
+
+    The units are the (seed, target) pairs, each the mean of its rows (official draws);
+    with two or more units, the percentile bootstrap of the mean over resampled units
+    (:func:`fedmia.uncertainty.mean_interval`). Resampling the top level alone covers
+    both sources: each unit's value carries its own evaluation-sample noise, so the
+    spread of the units holds the within-target sampling too (resampling both levels
+    would count it twice; Davison & Hinkley 1997, §3.8). With one unit: the bootstrap
+    interval of its single row, or the spread over its draws.
+    """
+    units = group.groupby(["seed", "target"])["value"].mean().to_numpy()
+    seed = uncertainty.stable_seed(*(str(k) for k in key))
+    if len(units) >= 2:
+        return uncertainty.mean_interval(units, n_boot=n_boot, seed=seed)
+    if len(group) == 1:
+        return float(group["ci_low"].iloc[0]), float(group["ci_high"].iloc[0])
+    return uncertainty.mean_interval(group["value"].to_numpy(), n_boot=n_boot, seed=seed)
+
+
 def _rounds_text(rounds: pd.Series) -> str:
     vals = sorted(set(int(r) for r in rounds))
     return ", ".join(str(r) for r in vals)
@@ -166,20 +211,28 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
                                                          ALL_ROUNDS)))
     sel = pd.concat(selected, ignore_index=True)
     keys = [*ROW_KEYS, "single_round", "attack"]
-    long = sel.melt(id_vars=[*keys, "seed", "draw", "target", "round", "n_rounds",
-                             "n_nonmembers", "selected_by"], value_vars=list(METRICS),
-                    var_name="metric")
+    long = _long(sel, [*keys, "seed", "draw", "target", "round", "n_rounds", "n_nonmembers",
+                       "selected_by"])
     for key, g in long.groupby([*keys, "metric"], sort=False):
         per_draw = g.groupby(["seed", "draw"])["value"].mean()
         official = key[ROW_KEYS.index("protocol")] == "official"
         single = g["round"].iloc[0] >= 0
         defined = int(g["value"].count())
         row = dict(zip([*keys, "metric"], key, strict=True))
+        q = int(g["n_nonmembers"].min())
+        alpha = _alpha(key[-1])
         row.update(
             mean=g["value"].mean() if defined == len(g) else math.nan,
             std=g["value"].std(), n=len(g), n_defined=defined,
+            **dict(zip(("ci_low", "ci_high"), summary_interval(g, key) if defined == len(g)
+                       else (math.nan, math.nan), strict=True)),
             draw_std=per_draw.std() if official and len(per_draw) > 1 else math.nan,
-            n_nonmembers=int(g["n_nonmembers"].min()),
+            n_nonmembers=q,
+            fp_allowed=(metrics.max_false_positives(q, alpha, fpr_rule)
+                        if alpha is not None and metrics.tpr_at_fpr_defined(q, alpha, fpr_rule)
+                        else math.nan),
+            fp_median=g["fp"].median() if alpha is not None else math.nan,
+            low_count=alpha is not None and alpha * q < 10,
             rounds=_rounds_text(g["round"]) if single else f"{int(g['n_rounds'].iloc[0])}",
             selected_by="; ".join(sorted(set(g["selected_by"]))),
             fpr_rule=fpr_rule,
@@ -248,8 +301,15 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     bits.append("; ".join(FPR_RULE_TEXT.get(r, r) for r in rules))
     unit = "targets × seeds" + (" × draws" if protocol == "official" else "")
     ns = sorted(set(part["n"].astype(int)) - {0})
-    bits.append(f"mean ± std over {unit} (n = {'/'.join(map(str, ns))})")
+    bits.append(f"mean over {unit} (n = {'/'.join(map(str, ns))}) [95 % bootstrap "
+                "interval over targets and seeds]")
     bits.append(f"FPR resolution {res} (1 / non-members)")
+    tpr = part[part.metric == HEADLINE_TPR]
+    allowed = sorted(set(tpr["fp_allowed"].dropna().astype(int)))
+    if allowed:
+        bits.append(f"TPR@0.1% rests on at most {'/'.join(map(str, allowed))} false "
+                    "positive(s)" + (" — α × non-members < 10: a percentile interval "
+                                     "undercovers there" if tpr["low_count"].any() else ""))
     return " · ".join(bits) + "."
 
 
@@ -288,12 +348,20 @@ def _layout(summary: pd.DataFrame) -> pd.DataFrame:
                 if r.empty or not np.isfinite(r["mean"].iloc[0]):
                     row[_label(a)] = "n/a"
                     continue
-                scale, fmt = (100, "{:.2f}") if metric != "auc" else (1, "{:.3f}")
-                m, s = r["mean"].iloc[0] * scale, r["std"].iloc[0] * scale
-                row[_label(a)] = fmt.format(m) + ("" if math.isnan(s) else
-                                                   " ± " + fmt.format(s))
+                row[_label(a)] = _cell(r.iloc[0], metric)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    """``mean [ci_low, ci_high]`` (TPR in percent), or ``mean ± std`` without an interval."""
+    scale, fmt = (100, "{:.2f}") if metric != "auc" else (1, "{:.3f}")
+    m = fmt.format(row["mean"] * scale)
+    lo, hi = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
+    if np.isfinite(lo) and np.isfinite(hi):
+        return f"{m} [{fmt.format(lo * scale)}, {fmt.format(hi * scale)}]"
+    sd = row["std"]
+    return m if math.isnan(sd) else f"{m} ± {fmt.format(sd * scale)}"
 
 
 def _md_table(table: pd.DataFrame) -> str:
@@ -329,6 +397,20 @@ def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
+def _band(values: np.ndarray, key: tuple, n_boot: int = 1000) -> tuple:
+    """95 % bootstrap interval of the mean over units (axis 0) of ``values`` (U or U×G).
+
+    One resample of the units serves every column (pointwise bands of a mean curve);
+    seeded from ``key``. A single unit gives a zero-width band.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(uncertainty.stable_seed(*(str(k) for k in key)))
+    idx = rng.integers(0, len(v), size=(n_boot, len(v)))
+    means = v[idx].mean(axis=1)  # B (or B×G)
+    lo, hi = np.nanpercentile(means, [2.5, 97.5], axis=0)
+    return lo, hi
+
+
 def _figure(rows: int, cols: int, width: float) -> tuple[plt.Figure, np.ndarray]:
     fig, axes = plt.subplots(rows, cols, figsize=(width, width / cols * 0.8 * rows),
                              squeeze=False)
@@ -343,10 +425,10 @@ def _colors() -> dict[str, str]:
 def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figure:
     """TPR at ``fpr`` and AUC versus round for one cell, one row per protocol.
 
-    Means over targets (and official draws). Single-round attacks are lines over the
-    observed rounds, filled markers at attacked rounds and hollow ones at rounds
-    observed only for the figure; multi-round attacks are horizontal dashed lines
-    (the official code's main figure).
+    Means over targets (and official draws), with 95 % bootstrap bands over targets
+    (:func:`_band`). Single-round attacks are lines over the observed rounds, filled
+    markers at attacked rounds and hollow ones at rounds observed only for the figure;
+    multi-round attacks are horizontal dashed lines (the official code's main figure).
     """
     metric = {0.001: "tpr@0.1%", 0.01: "tpr@1%", 0.1: "tpr@10%"}.get(fpr)
     if metric is None:
@@ -358,6 +440,9 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
         part = cell[cell.protocol == protocol]
         means = part.groupby(["attack", "round"], as_index=False).agg(
             **{m: (m, "mean") for m in METRICS}, attacked=("attacked", "all"))
+        bands = {(a, r, m): _band(g.groupby("target")[m].mean().to_numpy(), (a, r, m))
+                 for (a, r), g in part.groupby(["attack", "round"])
+                 for m in (metric, "auc")}
         for ax, m, label in ((axes[row, 0], metric, f"TPR at FPR {fpr:.1%}"),
                              (axes[row, 1], "auc", "AUC")):
             for a in [a for a in PAPER_ORDER if a in set(means.attack)]:
@@ -366,6 +451,9 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
                 if len(per_round):
                     ax.plot(per_round["round"], per_round[m], "-", color=colors[a],
                             label=_label(a))
+                    lo, hi = zip(*(bands[a, r, m] for r in per_round["round"]), strict=True)
+                    ax.fill_between(per_round["round"], lo, hi, color=colors[a], alpha=0.12,
+                                    lw=0)
                     hit = per_round[per_round["attacked"]]
                     miss = per_round[~per_round["attacked"]]
                     ax.plot(hit["round"], hit[m], "o", color=colors[a])
@@ -373,6 +461,9 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
                 multi = g[g["round"] == -1]
                 if len(multi):
                     ax.axhline(multi[m].iloc[0], ls="--", color=colors[a], label=_label(a))
+                    lo, hi = bands[a, -1, m]  # the interval as a bar at the right edge
+                    x = means["round"].max() * 1.04 + 0.5 + 0.25 * PAPER_ORDER.index(a)
+                    ax.plot([x, x], [lo, hi], color=colors[a], lw=2.5, alpha=0.7)
             ax.axhline(0.5 if m == "auc" else fpr, color="grey", lw=0.8, ls=":")
             ax.set_xlabel("round")
             ax.set_ylabel(label)
@@ -388,7 +479,8 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
     """Log-log ROC curves per attack (mean TPR over targets on a common FPR grid).
 
     One panel per protocol; single-round attacks at the round ``selection`` picks,
-    multi-round attacks over the attacked rounds.
+    multi-round attacks over the attacked rounds; bands: pointwise 95 % bootstrap
+    intervals of the mean curve over targets (and draws).
     """
     sel = select_rounds(cell, selection)
     protocols = list(dict.fromkeys(sel["protocol"]))
@@ -400,13 +492,16 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
         lo_all = 1.0
         for a in [a for a in PAPER_ORDER if a in set(part.attack)]:
             g = part[part.attack == a]
-            tprs = [np.interp(grid, np.asarray(f), np.asarray(t)) for f, t in
-                    zip(g.roc_fpr, g.roc_tpr, strict=True)]
+            tprs = np.array([np.interp(grid, np.asarray(f), np.asarray(t)) for f, t in
+                             zip(g.roc_fpr, g.roc_tpr, strict=True)])  # rows × grid
             lo = max(min(np.asarray(f)[np.asarray(f) > 0].min() for f in g.roc_fpr), 1e-4)
             lo_all = min(lo_all, lo)
             keep = grid >= lo
-            ax.loglog(grid[keep], np.mean(tprs, axis=0)[keep], color=colors[a],
+            ax.loglog(grid[keep], tprs.mean(axis=0)[keep], color=colors[a],
                       label=f"{_label(a)} (AUC {g.auc.mean():.3f})")
+            band_lo, band_hi = _band(tprs, (protocol, a, "roc"))
+            ax.fill_between(grid[keep], np.maximum(band_lo[keep], 1e-4), band_hi[keep],
+                            color=colors[a], alpha=0.12, lw=0)
         ax.loglog(grid, grid, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
@@ -460,13 +555,17 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
 
 
 #: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
+#: The accounted-ε columns of :func:`privacy_utility`.
+EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note")
 PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
-              "last_finite_accuracy", "diverged", "diverged_round", "protocol", "single_round",
-              "attack", "metric", "mean", "std", "rounds")
+              "last_finite_accuracy", "diverged", "diverged_round", *EPSILON_COLUMNS,
+              "protocol", "single_round", "attack", "metric", "mean", "ci_low", "ci_high",
+              "std", "rounds")
 
 
 def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
-                    strengths: pd.DataFrame) -> pd.DataFrame:
+                    strengths: pd.DataFrame, epsilons: pd.DataFrame | None = None
+                    ) -> pd.DataFrame:
     """Join attack success with utility per defense.
 
     Args:
@@ -476,6 +575,8 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
             ``last_finite_test_accuracy`` and ``diverged_round`` (NaN if none) — the train
             stage's manifests.
         strengths: ``defense, kind, strength`` per defense key.
+        epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
+            ∞ where none is finite; NaN where the defense claims none).
 
     Returns:
         Tidy, :data:`PU_COLUMNS`: ``test_accuracy`` and ``last_finite_accuracy`` averaged
@@ -488,6 +589,9 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
     acc["diverged"] = acc["diverged_round"].notna()
     pu = summary.drop(columns="diverged", errors="ignore").merge(
         acc, on=SETTING, how="left").merge(strengths, on="defense", how="left")
+    if epsilons is None:
+        epsilons = pd.DataFrame(columns=[*SETTING, *EPSILON_COLUMNS])
+    pu = pu.merge(epsilons, on=SETTING, how="left")
     return pu[list(PU_COLUMNS)].sort_values(
         ["dataset", "model", "partition", "kind", "strength", "protocol", "single_round",
          "attack", "metric"]).reset_index(drop=True)
@@ -618,3 +722,147 @@ def hypervolume_markdown(hv: pd.DataFrame) -> str:
     for a in attacks:
         wide[a] = wide[a].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}")
     return cap + "\n\n" + _md_table(wide)
+
+
+# ---------------------------------------------------------------------------- findings
+
+#: The paper's findings as paired comparisons ``(finding, better attack, worse attack)``.
+FINDING_PAIRS = tuple(
+    (finding, better, worse)
+    for family in ("loss", "cos")
+    for finding, better, worse in (
+        ("multi-round beats single-round (II vs I)", f"{family}_series", family),
+        ("other clients' models help (III vs II)", f"fedmia_{family}", f"{family}_series"),
+        ("other clients' models help (III vs I)", f"fedmia_{family}", family),
+    )
+)
+NONIID_FINDING = "non-iid leaks more than iid"
+FINDING_METRICS = ("auc", HEADLINE_TPR)
+#: Columns of :func:`findings` (``results/tables/findings.csv``).
+FINDINGS_COLUMNS = ("dataset", "model", "defense", "partition", "protocol", "single_round",
+                    "finding", "comparison", "metric", "difference", "ci_low", "ci_high",
+                    "n_units", "verdict")
+
+
+def verdict(low: float, high: float) -> str:
+    """``holds`` if the interval lies above 0, ``fails`` below it, else ``inconclusive``."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "undefined"
+    return "holds" if low > 0 else "fails" if high < 0 else "inconclusive"
+
+
+def _unit_values(rows: pd.DataFrame, metric: str) -> pd.Series:
+    """A metric per unit (seed, target): the mean over official draws."""
+    return rows.groupby(["seed", "target"])[metric].mean()
+
+
+def findings(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tpr",),
+             partition_kinds: dict[str, str] | None = None) -> pd.DataFrame:
+    """The paper's findings as tested claims, with 95 % intervals and verdicts.
+
+    * II vs I, III vs II, III vs I per measure family: the *paired* difference of two
+      attacks on the same targets, seeds and evaluation samples (per (seed, target) the
+      difference of the two rows, official draws averaged), single-round attacks at each
+      selection; interval: percentile bootstrap of the mean paired difference over the
+      (seed, target) units.
+    * Non-iid vs iid: each non-iid partition against each iid one for the same dataset,
+      model, defense and attack: the difference of the two means over their own targets
+      (different clients, so not paired); interval: the two groups resampled
+      independently.
+
+    The verdict is ``holds`` if the interval lies above 0, ``fails`` if below,
+    ``inconclusive`` otherwise (``undefined`` where a metric is).
+
+    Args:
+        results: the concatenated attack results.
+        selections: single-round selections (``report.single_round``).
+        partition_kinds: partition key → kind (``iid``, ``dirichlet``), for the non-iid
+            finding; ``None`` skips it.
+    """
+    out = []
+    keys = [*SETTING, "protocol"]
+    for how in selections:
+        sel = select_rounds(results, how)
+        for key, g in sel.groupby(keys, sort=False):
+            base = dict(zip(keys, key, strict=True), single_round=str(how))
+            for finding, better, worse in FINDING_PAIRS:
+                a, b = g[g.attack == better], g[g.attack == worse]
+                if a.empty or b.empty:
+                    continue
+                for metric in FINDING_METRICS:
+                    diff = (_unit_values(a, metric) - _unit_values(b, metric)).dropna()
+                    out.append(_finding_row(base, finding, f"{better} − {worse}", metric,
+                                            diff.to_numpy(), None))
+        if partition_kinds:  # multi-round comparisons do not depend on the selection: once
+            out += _noniid_rows(sel, how, partition_kinds, with_multi=how == selections[0])
+    return pd.DataFrame(out, columns=list(FINDINGS_COLUMNS))
+
+
+def _finding_row(base: dict, finding: str, comparison: str, metric: str,
+                 diff: np.ndarray, other: np.ndarray | None) -> dict:
+    """One findings row: paired differences ``diff``, or two groups ``diff`` − ``other``."""
+    seed = uncertainty.stable_seed(*(str(v) for v in base.values()), finding, comparison,
+                                   metric)
+    if other is None:
+        point = float(diff.mean()) if len(diff) else math.nan
+        lo, hi = (uncertainty.mean_interval(diff, seed=seed) if len(diff) >= 2
+                  else (math.nan, math.nan))
+        n = len(diff)
+    else:
+        point = float(diff.mean() - other.mean()) if len(diff) and len(other) else math.nan
+        rng = np.random.default_rng(seed)
+        if len(diff) >= 2 and len(other) >= 2:
+            ia = rng.integers(0, len(diff), size=(1000, len(diff)))
+            ib = rng.integers(0, len(other), size=(1000, len(other)))
+            lo, hi = uncertainty.percentile_interval(diff[ia].mean(1) - other[ib].mean(1))
+        else:
+            lo, hi = math.nan, math.nan
+        n = len(diff) + len(other)
+    return {**base, "finding": finding, "comparison": comparison, "metric": metric,
+            "difference": point, "ci_low": lo, "ci_high": hi, "n_units": n,
+            "verdict": verdict(lo, hi)}
+
+
+def _noniid_rows(sel: pd.DataFrame, how: str | int, kinds: dict[str, str], *,
+                 with_multi: bool) -> list[dict]:
+    rows = []
+    for key, g in sel.groupby(["dataset", "model", "defense", "protocol", "attack"],
+                              sort=False):
+        multi = ATTACKS.get(key[4]).multi_round
+        if multi and not with_multi:
+            continue
+        parts = list(dict.fromkeys(g["partition"]))
+        iid = [p for p in parts if kinds.get(p) == "iid"]
+        non = [p for p in parts if kinds.get(p) not in (None, "iid")]
+        for p in non:
+            for q in iid:
+                for metric in FINDING_METRICS:
+                    a = _unit_values(g[g.partition == p], metric).dropna().to_numpy()
+                    b = _unit_values(g[g.partition == q], metric).dropna().to_numpy()
+                    base = dict(dataset=key[0], model=key[1], defense=key[2],
+                                partition=f"{p} vs {q}", protocol=key[3],
+                                single_round=ALL_ROUNDS if multi else str(how))
+                    rows.append(_finding_row(base, NONIID_FINDING, key[4], metric, a, b))
+    return rows
+
+
+def findings_markdown(table: pd.DataFrame) -> str:
+    """The findings table: one line per comparison, the difference with its interval."""
+    cap = ("The paper's findings as tested claims: the difference of the better attack's "
+           "metric minus the worse one's (AUC; TPR@0.1% in percentage points), with a 95 % "
+           "bootstrap interval over targets and seeds — paired on the same targets and "
+           "samples for the attack comparisons, two independent groups of clients for "
+           "non-iid vs iid. Verdict: `holds` if the interval lies above 0, `fails` if "
+           "below, `inconclusive` otherwise.")
+    if table.empty:
+        return cap + "\n\nNo comparison available in this run.\n"
+    shown = table.copy()
+    scale = np.where(shown.metric == "auc", 1.0, 100.0)
+    for c in ("difference", "ci_low", "ci_high"):
+        shown[c] = shown[c] * scale
+    shown["difference"] = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(d) else "n/a"
+                           for d, lo, hi in zip(shown.difference, shown.ci_low, shown.ci_high,
+                                                strict=True)]
+    cols = ["dataset", "model", "defense", "partition", "protocol", "single_round",
+            "finding", "comparison", "metric", "difference", "verdict"]
+    return cap + "\n\n" + _md_table(shown[cols])

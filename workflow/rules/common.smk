@@ -166,6 +166,7 @@ def get_final_output():
         "results/tables/attacks.csv",
         "results/tables/attacks.md",
         "results/tables/attacks.tex",
+        "results/tables/findings.csv",
         "results/figures/partitions.png",
         "results/tables/privacy_utility.csv",
         *(["results/tables/hypervolume.csv"] if has_defense_strengths() else []),

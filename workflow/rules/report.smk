@@ -24,6 +24,12 @@ rule table:
         per_round="results/tables/attacks_per_round.csv",
         md="results/tables/attacks.md",
         tex="results/tables/attacks.tex",
+        findings_csv=report(
+            "results/tables/findings.csv",
+            caption="../report/findings.rst",
+            category="Tables",
+        ),
+        findings_md="results/tables/findings.md",
     log:
         "results/logs/report/table.log",
     conda:
@@ -31,6 +37,7 @@ rule table:
     params:
         selections=SPEC.selections,
         fpr_rule=config["attack"]["fpr_rule"],
+        partition_kinds={k: p["kind"] for k, p in sorted(config["partitions"].items())},
         code=code("report"),
     script:
         "../scripts/table.py"
@@ -113,6 +120,7 @@ rule privacy_utility:
         "../../envs/fedmia.yaml"
     params:
         defenses=canonical(config["defenses"]),
+        delta=config["report"]["dp_delta"],
         code=code("report"),
     script:
         "../scripts/privacy_utility.py"

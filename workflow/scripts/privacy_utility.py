@@ -8,5 +8,6 @@ stage.report_privacy_utility(
     table=snakemake.input.table,
     manifests=list(snakemake.input.manifests),
     defenses=snakemake.params.defenses,
+    delta=snakemake.params.delta,
     output=snakemake.output[0],
 )

@@ -9,5 +9,6 @@ stage.report_tables(
     manifests=list(snakemake.input.manifests),
     selections=snakemake.params.selections,
     fpr_rule=snakemake.params.fpr_rule,
+    partition_kinds=snakemake.params.partition_kinds,
     outputs=dict(snakemake.output.items()),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,14 @@ from typing import Any
 import pandas as pd
 
 from fedmia import io, report
+from fedmia.accounting import DEFAULT_DELTA, defense_epsilon
 from fedmia.defenses import strength_of
 from fedmia.io import cells_frame
 
 
 def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
                   selections: Sequence[str | int], fpr_rule: str,
+                  partition_kinds: Mapping[str, str] | None = None,
                   outputs: Mapping[str, str | Path]) -> None:
     """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
 
@@ -23,7 +26,9 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         manifests: every cell's train manifest (diverged cells are flagged).
         selections: how single-round attacks are reported (``report.single_round``).
         fpr_rule: the FPR rule the attack stage used (stated in the tables).
-        outputs: ``csv``, ``per_round``, ``md``, ``tex``.
+        partition_kinds: partition key → kind, for the non-iid finding.
+        outputs: ``csv``, ``per_round``, ``md``, ``tex``, and the findings table
+            ``findings_csv``, ``findings_md``.
     """
     results = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
     summary = report.summarize(results, selections, fpr_rule=fpr_rule,
@@ -38,6 +43,11 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         tmp.write_text(report.to_markdown(sections))
     with io.atomic_path(outputs["tex"]) as tmp:
         tmp.write_text(report.to_latex(sections))
+    found = report.findings(results, selections, dict(partition_kinds or {}))
+    with io.atomic_path(outputs["findings_csv"]) as tmp:
+        found.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["findings_md"]) as tmp:
+        tmp.write_text(report.findings_markdown(found))
 
 
 def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
@@ -71,9 +81,31 @@ def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
     _save_figure(fig, outputs, options["dpi"])
 
 
+def epsilons(cells: pd.DataFrame, defenses: Mapping[str, Mapping[str, Any]],
+             delta: float) -> pd.DataFrame:
+    """Accounted ε per setting (dataset, model, defense, partition), RDP and PLD.
+
+    Over the rounds whose uploads the server saw (up to a divergence), the most of the
+    setting's seeds; ∞ with a note where no finite guarantee exists, NaN (and an empty
+    note) for a defense that claims none (:func:`fedmia.accounting.defense_epsilon`).
+    """
+    rows = []
+    for key, g in cells.groupby(report.SETTING, sort=False):
+        setting = dict(zip(report.SETTING, key, strict=True))
+        seen = (g["diverged_round"].fillna(g["rounds"])).max()
+        rep = defense_epsilon(defenses[setting["defense"]], rounds=int(seen), delta=delta,
+                              unnoised_state=bool((g["unnoised_state_floats"] > 0).any()))
+        rows.append({**setting, "dp_rounds": int(seen), "dp_delta": delta,
+                     "epsilon_rdp": rep.epsilon_rdp if rep else math.nan,
+                     "epsilon_pld": (math.nan if rep is None or rep.epsilon_pld is None
+                                     else rep.epsilon_pld),
+                     "epsilon_note": rep.note if rep else ""})
+    return pd.DataFrame(rows, columns=[*report.SETTING, *report.EPSILON_COLUMNS])
+
+
 def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
-                           defenses: Mapping[str, Mapping[str, Any]], output: str | Path
-                           ) -> None:
+                           defenses: Mapping[str, Mapping[str, Any]], output: str | Path,
+                           delta: float = DEFAULT_DELTA) -> None:
     """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
 
     Each cell's manifest names the cell in its keys and gives its utility (the final
@@ -82,7 +114,9 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     """
     strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
                               for key, d in defenses.items()])
-    pu = report.privacy_utility(pd.read_csv(table), cells_frame(manifests), strengths)
+    cells = cells_frame(manifests)
+    pu = report.privacy_utility(pd.read_csv(table), cells, strengths,
+                                epsilons(cells, defenses, delta))
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
 

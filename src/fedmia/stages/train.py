@@ -165,6 +165,10 @@ def train(
         **{k: cell[k] for k in CELL_KEYS},
         "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
         "observed_rounds": saved, "num_classes": meta["num_classes"],
+        # floats of the uploaded state that are not parameters (BatchNorm statistics):
+        # no defense perturbs them
+        "unnoised_state_floats": sum(e.numel for e in state.layout.entries
+                                     if not e.is_param),
         **outcome, "final_test_accuracy": final_accuracy,
         "fedmia_version": fedmia.__version__,
     }
