@@ -325,3 +325,65 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(digits_files, tmp_path, c
                        outputs=_train_outputs(tmp_path / "b"))
     assert "belongs to other settings, inputs or code; starting afresh" in caplog.text
     assert pipeline.read_manifest(tmp_path / "b" / "manifest.json")["last_finite_round"] == 2
+
+
+def _audited_cell(digits_files, out, defense, train):
+    part = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
+                eval_nonmembers=30, audit_canaries=200, audit_target=0)
+    pipeline.partition(digits_files, part, 0, out / "partition.parquet")
+    outputs = _train_outputs(out)
+    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
+                   model={"kind": "alexnet"}, defense=defense, train_cfg=train, cell=CELL,
+                   device="cpu", threads=1, outputs=outputs)
+    pipeline.measure(data=digits_files, partition_file=out / "partition.parquet",
+                     observed_dir=outputs["observed"], rounds=[train["rounds"]],
+                     manifest_file=outputs["manifest"], device="cpu", threads=1,
+                     output=out / "mdm.parquet")
+    files = {"loss": out / "loss.parquet", "audit": out / "audit.parquet"}
+    pipeline.attack(measures_file=out / "mdm.parquet", partition_file=out / "partition.parquet",
+                    cell=CELL, attacks=["loss"], attack_rounds=[train["rounds"]],
+                    protocol=["aligned"], manifest_file=outputs["manifest"],
+                    audit={"target": 0, "delta": 1e-5}, outputs=files)
+    part_df = pd.read_parquet(out / "partition.parquet")
+    return pd.read_parquet(files["audit"]).iloc[0], part_df, pd.read_parquet(files["loss"])
+
+
+def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_path):
+    train = dict(rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4,
+                 observe_rounds=[])
+    row, part, loss = _audited_cell(digits_files, tmp_path, {"kind": "none"}, train)
+    canary = part[part.canary]
+    assert len(canary) == 200 and not (canary["eval"]).any() and canary.is_test.all()
+    assert (canary.client_id[canary.canary_in] == 0).all()
+    assert (canary.client_id[~canary.canary_in] == -1).all()
+    assert 70 < canary.canary_in.sum() < 130  # fair coins
+    assert loss.n_nonmembers.iloc[0] == 30 + 10 * 2  # the attacks see the evaluation set only
+    # the audit is the bound of the target's -loss on the canaries at the attacked round
+    mdm = pd.read_parquet(tmp_path / "mdm.parquet")
+    mine = mdm[(mdm.client_id == 0) & mdm.sample_id.isin(canary.sample_id)].sort_values(
+        "sample_id")
+    coins = canary.set_index("sample_id").canary_in.reindex(mine.sample_id).to_numpy()
+    from fedmia.audit import audit_from_scores, max_epsilon_lower_bound
+    from fedmia.uncertainty import stable_seed
+
+    again = audit_from_scores(-mine.loss.to_numpy(), coins, delta=1e-5,
+                              holdout_seed=stable_seed(0, "loss"))
+    assert row["epsilon_empirical"] == again.epsilon and row["num_correct"] == again.num_correct
+    assert row["num_canaries"] == 100 and row["round"] == 4
+    assert mine.loss[coins].mean() < mine.loss[~coins].mean()  # the trained-on ones fit better
+    assert row["epsilon_empirical"] <= max_epsilon_lower_bound(row["num_guesses"])
+
+
+def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):
+    from fedmia.accounting import accounted_epsilon
+
+    train = dict(rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4,
+                 observe_rounds=[])
+    accounted = accounted_epsilon(10.0, 4, delta=1e-5)
+    assert accounted.epsilon_pld <= 2
+    # clip 1e-3: noise std σC = 0.01 per coordinate, small enough to keep training finite
+    row, _, _ = _audited_cell(digits_files, tmp_path,
+                              {"kind": "dp", "sigma": 10.0, "clip": 0.001}, train)
+    man = pipeline.read_manifest(tmp_path / "manifest.json")
+    assert man["diverged_round"] is None and row["num_canaries"] == 100
+    assert row["epsilon_empirical"] <= accounted.epsilon_pld, (row, accounted)

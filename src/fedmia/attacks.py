@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from fedmia import metrics, uncertainty
+from fedmia import audit, metrics, uncertainty
 from fedmia.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -685,3 +685,70 @@ def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
     """
     return run_attacks([name], mdm, owner, targets, outlier_filter={name: outlier_filter},
                        **options)[name]
+
+
+#: Columns of :func:`audit_attacks` (``results/attacks/{cell}/audit.parquet``).
+AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
+                 "num_guesses", "num_correct", "delta", "beta", "rule", "choice")
+
+
+def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, target: int,
+                  *, attack_rounds: Iterable[int] | None = None, ddof: int = 0,
+                  outlier_filter: Mapping[str, bool] | None = None, delta: float,
+                  beta: float = audit.DEFAULT_BETA, seed: int = 0) -> pd.DataFrame:
+    """The one-run ε audit of each attack (aligned protocol) on the target's canaries.
+
+    Each attack scores every canary against ``target`` as it scores a sample (the
+    other clients, none of which trains on a canary, are FedMIA's references); a
+    single-round attack at the last attacked round (no hindsight: picking a round on
+    the canaries would void the bound), a multi-round one over the attacked rounds.
+    :func:`fedmia.audit.audit_from_scores` turns the scores and the coins into the
+    lower bound on ε at ``delta`` (guess counts chosen on a held-out half).
+
+    Args:
+        names: attack names.
+        mdm: measure table holding the canaries' rows.
+        canaries: ``sample_id`` → bool, the canary's coin (True: in the target's data).
+        target: the client the canaries may have joined.
+        attack_rounds: as :func:`run_attacks`.
+        ddof: as :func:`run_attacks`.
+        outlier_filter: as :func:`run_attacks`.
+        delta: δ of the guarantee audited.
+        beta: significance level of the bound.
+        seed: seed of the held-out split (e.g. the cell's).
+
+    Returns:
+        One row per attack, :data:`AUDIT_COLUMNS`; ``round`` −1 for a multi-round score.
+    """
+    specs = [ATTACKS.get(n) for n in names]
+    ids = np.sort(canaries.index.to_numpy())
+    rows_of = mdm[mdm["sample_id"].isin(ids)]
+    cube = MeasureCube.from_frame(rows_of, sorted({s.measure for s in specs}))
+    lacking = np.setdiff1d(ids, cube.sample_ids)
+    if len(lacking):
+        raise ValueError(f"the measure table lacks {len(lacking)} canaries, e.g. sample_id "
+                         f"{lacking[0]}; rerun the measure stage")
+    included = canaries.reindex(cube.sample_ids).to_numpy().astype(bool)
+    t = cube.client_index(target)
+    attacked = _attacked_mask(cube, attack_rounds)
+    filt = dict(outlier_filter or {})
+    out = []
+    for spec in specs:
+        if not attacked.any():
+            continue
+        x = spec.sign * cube.values[spec.measure]
+        scores = score_slots(spec, x, t, attacked, ddof=ddof,
+                             outlier_filter=filt.get(spec.name, False))
+        if spec.kind == "single":
+            last = int(np.flatnonzero(attacked)[-1])
+            rnd, sc = int(cube.rounds[last]), scores[last]
+        else:
+            rnd, sc = MULTI_ROUND, scores[0]
+        res = audit.audit_from_scores(sc, included, delta=delta, beta=beta,
+                                      holdout_seed=uncertainty.stable_seed(seed, spec.name))
+        out.append({"attack": spec.name, "target": target, "round": rnd,
+                    "epsilon_empirical": res.epsilon, "num_canaries": res.num_canaries,
+                    "num_guesses": res.num_guesses, "num_correct": res.num_correct,
+                    "delta": delta, "beta": beta, "rule": res.rule,
+                    "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out"})
+    return pd.DataFrame(out, columns=list(AUDIT_COLUMNS))

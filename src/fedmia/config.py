@@ -98,6 +98,10 @@ class PartitionConfig:
         eval_members_per_client: evaluation samples drawn from each client's own data.
         eval_nonmembers: held-out test samples in the evaluation set.
         beta: Dirichlet concentration β > 0 (``dirichlet`` only; smaller = more skewed).
+        audit_canaries: m > 0 draws that many canaries from the held-out data (outside
+            the evaluation set), each put in ``audit_target``'s training data by a fair
+            coin, for a one-run ε audit (0: no audit).
+        audit_target: the client the canaries may join.
     """
 
     kind: str
@@ -106,6 +110,8 @@ class PartitionConfig:
     eval_members_per_client: int = 50
     eval_nonmembers: int = 200
     beta: float | None = None
+    audit_canaries: int = 0
+    audit_target: int = 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "partition") -> Self:
@@ -121,6 +127,9 @@ class PartitionConfig:
         _require(cfg.eval_members_per_client >= 1, f"{where}.eval_members_per_client",
                  "must be >= 1")
         _require(cfg.eval_nonmembers >= 1, f"{where}.eval_nonmembers", "must be >= 1")
+        _require(cfg.audit_canaries >= 0, f"{where}.audit_canaries", "must be >= 0")
+        _require(0 <= cfg.audit_target < cfg.num_clients, f"{where}.audit_target",
+                 f"must be a client id in 0..{cfg.num_clients - 1}")
         if cfg.kind == "dirichlet":
             _require(cfg.beta is not None and cfg.beta > 0, f"{where}.beta",
                      f"the Dirichlet concentration must be > 0 (got {cfg.beta})")

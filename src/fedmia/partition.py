@@ -15,6 +15,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from fedmia.audit import draw_canaries
 from fedmia.config import PartitionConfig
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ HELD_OUT = -1
 # Spawn keys of the independent random streams drawn from one seed.
 STREAM_PARTITION = 1
 STREAM_TRAIN = 2
+STREAM_AUDIT = 4
 
 
 def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:
@@ -79,7 +81,9 @@ def make_partition(
 
     Returns:
         One row per sample, ordered by ``sample_id``: ``sample_id`` (int64),
-        ``client_id`` (int32, -1 = held out), ``is_test`` (bool), ``eval`` (bool).
+        ``client_id`` (int32, -1 = held out), ``is_test`` (bool), ``eval`` (bool),
+        ``canary`` and ``canary_in`` (bool: an audit canary, and its coin: in the audit
+        target's training data).
     """
     rng = rng_for(seed, STREAM_PARTITION)
     k = cfg.num_clients
@@ -117,6 +121,15 @@ def make_partition(
         client_id[shard] = c
         in_eval[rng.choice(shard, size=cfg.eval_members_per_client, replace=False)] = True
     in_eval[rng.choice(test_idx, size=cfg.eval_nonmembers, replace=False)] = True
+    canary = np.zeros(len(labels), dtype=bool)
+    canary_in = np.zeros(len(labels), dtype=bool)
+    if cfg.audit_canaries:
+        ids, coins = _canaries(test_idx[~in_eval[test_idx]], cfg, seed)
+        canary[ids] = True
+        canary_in[ids[coins]] = True
+        client_id[ids[coins]] = cfg.audit_target  # the coin said: train on it
+        log.info("audit: %d canaries from the held-out data, %d included in client %d's "
+                 "training data", len(ids), int(coins.sum()), cfg.audit_target)
 
     sizes = [len(s) for s in shards]
     log.info("%s partition: %d clients, sizes min %d / max %d, %d evaluation samples",
@@ -126,4 +139,21 @@ def make_partition(
         "client_id": client_id,
         "is_test": is_test.astype(bool),
         "eval": in_eval,
+        "canary": canary,
+        "canary_in": canary_in,
     })
+
+
+def _canaries(candidates: np.ndarray, cfg: PartitionConfig, seed: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The audit's canaries and coins (Steinke, Nasr & Jagielski 2023).
+
+    ``audit_canaries`` held-out samples outside the evaluation set, from their own random
+    stream, each included in ``audit_target``'s training data with probability ½.
+    """
+    if cfg.audit_canaries > len(candidates):
+        raise PartitionError(
+            f"audit_canaries = {cfg.audit_canaries} but only {len(candidates)} held-out "
+            "samples lie outside the evaluation set; lower audit_canaries or eval_nonmembers")
+    stream = int(rng_for(seed, STREAM_AUDIT).integers(2**62))
+    return draw_canaries(np.sort(candidates), cfg.audit_canaries, stream)

@@ -559,13 +559,13 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
 EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note")
 PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
               "last_finite_accuracy", "diverged", "diverged_round", *EPSILON_COLUMNS,
-              "protocol", "single_round", "attack", "metric", "mean", "ci_low", "ci_high",
-              "std", "rounds")
+              "epsilon_empirical", "protocol", "single_round", "attack", "metric", "mean",
+              "ci_low", "ci_high", "std", "rounds")
 
 
 def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
-                    strengths: pd.DataFrame, epsilons: pd.DataFrame | None = None
-                    ) -> pd.DataFrame:
+                    strengths: pd.DataFrame, epsilons: pd.DataFrame | None = None,
+                    audit: pd.DataFrame | None = None) -> pd.DataFrame:
     """Join attack success with utility per defense.
 
     Args:
@@ -577,6 +577,9 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
         strengths: ``defense, kind, strength`` per defense key.
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
+        audit: the one-run audits (:data:`fedmia.attacks.AUDIT_COLUMNS` with the cells'
+            keys): ``epsilon_empirical`` of each attack, on the aligned protocol's rows
+            only (the smallest over seeds, each a valid bound at level β); NaN without.
 
     Returns:
         Tidy, :data:`PU_COLUMNS`: ``test_accuracy`` and ``last_finite_accuracy`` averaged
@@ -592,6 +595,12 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
     if epsilons is None:
         epsilons = pd.DataFrame(columns=[*SETTING, *EPSILON_COLUMNS])
     pu = pu.merge(epsilons, on=SETTING, how="left")
+    if audit is not None and len(audit):
+        emp = audit.groupby([*SETTING, "attack"], as_index=False)["epsilon_empirical"].min()
+        emp["protocol"] = "aligned"
+        pu = pu.merge(emp, on=[*SETTING, "attack", "protocol"], how="left")
+    else:
+        pu["epsilon_empirical"] = math.nan
     return pu[list(PU_COLUMNS)].sort_values(
         ["dataset", "model", "partition", "kind", "strength", "protocol", "single_round",
          "attack", "metric"]).reset_index(drop=True)
@@ -866,3 +875,35 @@ def findings_markdown(table: pd.DataFrame) -> str:
     cols = ["dataset", "model", "defense", "partition", "protocol", "single_round",
             "finding", "comparison", "metric", "difference", "verdict"]
     return cap + "\n\n" + _md_table(shown[cols])
+
+
+def audit_figure(pu: pd.DataFrame, width: float = 11) -> plt.Figure:
+    """Empirical (one-run audit) ε against accounted ε, per attack and defense.
+
+    One point per (setting, attack) with an audit; x: the accounted ε (PLD, else RDP;
+    drawn at the right edge, marked ∞, where none is finite or none is claimed), y: the
+    empirical lower bound. Every point must lie below the diagonal if the accounting
+    is right; the bound can never exceed about ln(m) for m canaries.
+    """
+    rows = pu[pu.protocol.eq("aligned") & pu.metric.eq("auc") & pu.epsilon_empirical.notna()]
+    rows = rows.drop_duplicates([*SETTING, "attack"])
+    fig, axes = _figure(1, 1, width * 0.5)
+    ax = axes[0, 0]
+    acc = rows["epsilon_pld"].where(rows["epsilon_pld"].notna(), rows["epsilon_rdp"])
+    finite = acc[np.isfinite(acc)]
+    right = max(float(finite.max()) * 1.5 if len(finite) else 10.0, 1.0)
+    x = acc.where(np.isfinite(acc), right)
+    for a in [a for a in PAPER_ORDER if a in set(rows.attack)]:
+        sel = rows.attack == a
+        ax.scatter(x[sel], rows.loc[sel, "epsilon_empirical"], color=_colors()[a], s=18,
+                   label=_label(a))
+    top = max(right, float(rows["epsilon_empirical"].max() or 0) * 1.2, 1.0)
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
+    ax.axvline(right, color="grey", lw=0.5)
+    ax.text(right, 0, " ∞ / none", fontsize=7, va="bottom")
+    ax.set_xlabel("accounted ε (client level, PLD)")
+    ax.set_ylabel("empirical ε lower bound (one-run audit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return fig

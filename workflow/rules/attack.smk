@@ -5,6 +5,7 @@ rule attack:
         manifest=f"{TRAIN}/manifest.json",
     output:
         **cell_attack_files(),
+        audit=f"results/attacks/{CELL}/audit.parquet",
     log:
         f"results/logs/attack/{CELL}.log",
     benchmark:

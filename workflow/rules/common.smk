@@ -118,12 +118,20 @@ def get_attack_params(wildcards):
             for a in ATTACKS
         },
         "roc_points": cfg["roc_points"],
+        "audit": {
+            "target": config["partitions"][wildcards.partition]["audit_target"],
+            "delta": config["report"]["dp_delta"],
+        },
     }
 
 
 def cell_attack_files(cell_pattern=CELL):
     """attack name -> its result file, for the cell ``cell_pattern`` (wildcards or filled)."""
     return {a: f"results/attacks/{cell_pattern}/{a}.parquet" for a in ATTACKS}
+
+
+def get_all_audits(wildcards=None):
+    return cell_paths(f"results/attacks/{CELL}/audit.parquet")
 
 
 def get_cell_attacks(wildcards):
@@ -161,6 +169,13 @@ def has_defense_strengths():
     return any(config["defenses"][c.defense]["kind"] != "none" for c in SPEC.cells)
 
 
+def has_audit():
+    """Whether any cell's partition plants audit canaries (then the audit figure is drawn)."""
+    return any(
+        config["partitions"][c.partition]["audit_canaries"] > 0 for c in SPEC.cells
+    )
+
+
 def get_final_output():
     return [
         "results/tables/attacks.csv",
@@ -170,6 +185,7 @@ def get_final_output():
         "results/figures/partitions.png",
         "results/tables/privacy_utility.csv",
         *(["results/tables/hypervolume.csv"] if has_defense_strengths() else []),
+        *(["results/figures/privacy_audit.png"] if has_audit() else []),
         *expand("results/figures/privacy_utility_{family}.png", family=get_families()),
         *cell_paths(f"{FIGURES}/rounds.png"),
         *cell_paths(f"{FIGURES}/roc.png"),

@@ -8,6 +8,7 @@ localrules:
     privacy_utility,
     figure_privacy_utility,
     hypervolume,
+    figure_audit,
     all,
 
 
@@ -108,6 +109,7 @@ rule privacy_utility:
     input:
         table="results/tables/attacks.csv",
         manifests=get_all_manifests,
+        audits=get_all_audits,
     output:
         report(
             "results/tables/privacy_utility.csv",
@@ -168,3 +170,25 @@ rule hypervolume:
         code=code("report"),
     script:
         "../scripts/hypervolume.py"
+
+
+rule figure_audit:
+    input:
+        "results/tables/privacy_utility.csv",
+    output:
+        png=report(
+            "results/figures/privacy_audit.png",
+            caption="../report/privacy_audit.rst",
+            category="Figures",
+            subcategory="Privacy-utility",
+        ),
+        pdf="results/figures/privacy_audit.pdf",
+    log:
+        "results/logs/report/privacy_audit.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        options=canonical(config["report"]),
+        code=code("report"),
+    script:
+        "../scripts/figure_audit.py"

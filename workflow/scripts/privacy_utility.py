@@ -7,6 +7,7 @@ setup_logging(snakemake.log[0])
 stage.report_privacy_utility(
     table=snakemake.input.table,
     manifests=list(snakemake.input.manifests),
+    audits=list(snakemake.input.audits),
     defenses=snakemake.params.defenses,
     delta=snakemake.params.delta,
     output=snakemake.output[0],

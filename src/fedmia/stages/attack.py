@@ -11,7 +11,14 @@ from typing import Any
 import pandas as pd
 
 from fedmia import io
-from fedmia.attacks import PROTOCOLS, RESULT_COLUMNS, OfficialProtocol, run_attacks
+from fedmia.attacks import (
+    AUDIT_COLUMNS,
+    PROTOCOLS,
+    RESULT_COLUMNS,
+    OfficialProtocol,
+    audit_attacks,
+    run_attacks,
+)
 from fedmia.io import CELL_KEYS, available_rounds
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,8 @@ def attack(
     fedmia_ddof: int = 0,
     outlier_filter: Mapping[str, bool] | None = None,
     roc_points: int = 200,
+    n_boot: int = 1000,
+    audit: Mapping[str, Any] | None = None,
     outputs: Mapping[str, str | Path],
 ) -> None:
     """Stage 5: every attack against every target client of one cell, under each protocol.
@@ -63,8 +72,12 @@ def attack(
         fedmia_ddof: ddof of FedMIA's reference variance.
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
         roc_points: points of the stored ROC curve per row.
+        n_boot: bootstrap replicates per row for the intervals.
+        audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
-            (:data:`fedmia.attacks.RESULT_COLUMNS` after the cell's keys and ``attack``).
+            (:data:`fedmia.attacks.RESULT_COLUMNS` after the cell's keys and ``attack``);
+            ``audit``: the one-run ε audit, one row per attack (empty without canaries;
+            :data:`fedmia.attacks.AUDIT_COLUMNS` after the cell's keys).
     """
     missing = sorted(set(attacks) - set(outputs))
     if missing:
@@ -74,21 +87,33 @@ def attack(
         rounds = available_rounds(rounds or [], manifest_file) if rounds is not None else None
         attack_rounds = (available_rounds(attack_rounds, manifest_file)
                          if attack_rounds is not None else None)
-    if len(mdm) == 0 and manifest_file is not None and rounds == []:
+    part = pd.read_parquet(partition_file)
+    if len(mdm) == 0 and manifest_file is not None:
         log.warning("no observed round before the run diverged: no attack can run; writing "
                     "empty result tables")
         for name in attacks:
             empty = pd.DataFrame(columns=[*CELL_KEYS, "attack", *RESULT_COLUMNS])
             io.write_parquet(empty.astype(RESULT_DTYPES), outputs[name])
+        _write_audit(pd.DataFrame(columns=list(AUDIT_COLUMNS)), cell, outputs)
         return
     if rounds is not None:
         lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
         if lacking:
             raise ValueError(f"{measures_file} lacks observed round(s) {lacking}; rerun the "
                              "measure stage")
-    part = pd.read_parquet(partition_file)
     ev = part[part["eval"]]
     owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
+    canaries = part[part["canary"]] if "canary" in part else part.iloc[:0]
+    audited = pd.DataFrame(columns=list(AUDIT_COLUMNS))
+    if len(canaries) and audit is not None:
+        audited = audit_attacks(attacks, mdm, pd.Series(canaries["canary_in"].to_numpy(),
+                                                        index=canaries["sample_id"]),
+                                int(audit["target"]), attack_rounds=attack_rounds,
+                                ddof=fedmia_ddof, outlier_filter=outlier_filter,
+                                delta=float(audit["delta"]), seed=int(cell["seed"]))
+        log.info("audit on %d canaries: ε ≥ %s", len(canaries),
+                 dict(zip(audited.attack, audited.epsilon_empirical.round(3), strict=True)))
+    mdm = mdm[mdm["sample_id"].isin(owner.index)]  # the attacks see the evaluation set
     k = int(part["client_id"].max()) + 1
     if targets == "all":
         targets = list(range(k))
@@ -100,7 +125,7 @@ def attack(
     results = run_attacks(attacks, mdm, owner, targets, attack_rounds=attack_rounds,
                           protocols=list(protocol), official=proto, ddof=fedmia_ddof,
                           outlier_filter=outlier_filter, fpr_rule=fpr_rule,
-                          roc_points=roc_points)
+                          roc_points=roc_points, n_boot=n_boot)
     log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),
              "/".join(protocol), time.perf_counter() - t0)
     for name, res in results.items():
@@ -108,3 +133,14 @@ def attack(
             res.insert(i, key, cell[key])
         res.insert(len(CELL_KEYS), "attack", name)
         io.write_parquet(res, outputs[name])
+    _write_audit(audited, cell, outputs)
+
+
+def _write_audit(audited: pd.DataFrame, cell: Mapping[str, Any],
+                 outputs: Mapping[str, str | Path]) -> None:
+    if "audit" not in outputs:
+        return
+    audited = audited.copy()
+    for i, key in enumerate(CELL_KEYS):
+        audited.insert(i, key, cell[key])
+    io.write_parquet(audited.astype({"seed": "int64"}), outputs["audit"])

@@ -70,7 +70,9 @@ def measure(
                                 "stage with these rounds observed")
     arrays, meta = io.load_prepared(data)
     part = pd.read_parquet(partition_file)
-    eval_ids = np.sort(part.loc[part["eval"], "sample_id"].to_numpy())
+    # the evaluation set, plus an audit's canaries
+    measured = part["eval"] | part["canary"] if "canary" in part else part["eval"]
+    eval_ids = np.sort(part.loc[measured, "sample_id"].to_numpy())
     ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"], meta["std"],
                                    meta["num_classes"], dev)
     x, y = ddata.batch(torch.from_numpy(eval_ids).to(dev))

@@ -105,6 +105,7 @@ def epsilons(cells: pd.DataFrame, defenses: Mapping[str, Mapping[str, Any]],
 
 def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
                            defenses: Mapping[str, Mapping[str, Any]], output: str | Path,
+                           audits: Iterable[str | Path] = (),
                            delta: float = DEFAULT_DELTA) -> None:
     """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
 
@@ -115,8 +116,10 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
                               for key, d in defenses.items()])
     cells = cells_frame(manifests)
+    audit = pd.concat([pd.read_parquet(f) for f in audits] or [pd.DataFrame()],
+                      ignore_index=True)
     pu = report.privacy_utility(pd.read_csv(table), cells, strengths,
-                                epsilons(cells, defenses, delta))
+                                epsilons(cells, defenses, delta), audit)
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
 
@@ -126,6 +129,13 @@ def report_privacy_utility_figure(*, table: str | Path, family: str,
                                   outputs: Mapping[str, str | Path]) -> None:
     """Stage 6e: one attack family's privacy–utility figure (PNG and PDF)."""
     fig = report.privacy_utility_figure(pd.read_csv(table), family, options["width"])
+    _save_figure(fig, outputs, options["dpi"])
+
+
+def report_audit_figure(*, table: str | Path, options: Mapping[str, Any],
+                        outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6g: empirical against accounted ε (PNG and PDF)."""
+    fig = report.audit_figure(pd.read_csv(table), options["width"])
     _save_figure(fig, outputs, options["dpi"])
 
 
