@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {r: statistics.median(t) for r, t in times.items()}
     print(f"\n{'route':<10}{'median s':>10}{'min s':>9}{'max s':>9}{'samples/s':>11}")
     for r, t in times.items():
-        print(f"{r:<10}{med[r]:>10.3f}{min(t):>9.3f}{max(t):>9.3f}{total / med[r]:>11.1f}")
+        print(f"{r:<10}{med[r]:>10.4f}{min(t):>9.3f}{max(t):>9.3f}{total / med[r]:>11.1f}")
     print()
     print(f"fl_overhead={med['fedavg'] / med['central'] - 1:.4f}")
     print(f"fedavg_samples_per_s={total / med['fedavg']:.2f}")

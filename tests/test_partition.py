@@ -19,7 +19,8 @@ def cfg(**kw) -> PartitionConfig:
 def test_iid_sizes_disjoint_and_eval(labels_split):
     labels, is_test = labels_split
     df = make_partition(labels, is_test, cfg(), seed=0)
-    assert list(df.columns) == ["sample_id", "client_id", "is_test", "eval"]
+    assert list(df.columns) == ["sample_id", "client_id", "is_test", "eval", "canary", "canary_in"]
+    assert not df.canary.any() and not df.canary_in.any()  # no audit asked for
     assert (df["sample_id"].to_numpy() == np.arange(len(labels))).all()
     sizes = df[df.client_id >= 0].groupby("client_id").size()
     assert sizes.tolist() == [100] * 5
@@ -90,3 +91,25 @@ def test_impossible_sizes_raise(labels_split, kw, msg):
     labels, is_test = labels_split
     with pytest.raises(PartitionError, match=msg):
         make_partition(labels, is_test, cfg(**kw), seed=0)
+
+
+def test_audit_canaries_are_held_out_samples_with_fair_coins(labels_split):
+    labels, is_test = labels_split
+    cfg = PartitionConfig(kind="iid", num_clients=4, samples_per_client=100,
+                          eval_members_per_client=20, eval_nonmembers=100,
+                          audit_canaries=200, audit_target=2)
+    df = make_partition(labels, is_test, cfg, seed=3)
+    c = df[df.canary]
+    assert len(c) == 200 and c.is_test.all() and not c["eval"].any()
+    assert (c.client_id == np.where(c.canary_in, 2, -1)).all()
+    assert 70 < c.canary_in.sum() < 130
+    # the canaries have their own stream: the rest of the partition is unchanged
+    plain = make_partition(labels, is_test, PartitionConfig(
+        kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
+        eval_nonmembers=100), seed=3)
+    assert (plain["eval"] == df["eval"]).all()
+    assert (plain.client_id[~df.canary_in] == df.client_id[~df.canary_in]).all()
+    with pytest.raises(PartitionError, match="audit_canaries = 400 but only 300 held-out"):
+        make_partition(labels, is_test, PartitionConfig(
+            kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
+            eval_nonmembers=100, audit_canaries=400), seed=3)
