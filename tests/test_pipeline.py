@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,7 @@ CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", 
 
 def run_cell(digits_files, out, seed=0, train=TRAIN, part=PART):
     pipeline.partition(digits_files, part, seed, out / "partition.parquet")
-    outputs = {"history": out / "history.parquet", "final": out / "final.pt",
+    outputs = {"history": out / "history.parquet", "final": out / "final.safetensors",
                "observed": out / "observed", "manifest": out / "manifest.json"}
     pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
                    model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=train,
@@ -67,8 +66,8 @@ def test_history_contents(cell):
 
 def test_observed_rounds_hold_the_server_view(cell):
     files = sorted(p.name for p in cell["observed"].iterdir())
-    assert files == ["round0001.pt", "round0002.pt", "round0004.pt"]
-    r1 = io.load_torch(io.round_file(cell["observed"], 1))
+    assert files == ["round0001.safetensors", "round0002.safetensors", "round0004.safetensors"]
+    r1 = io.load_observed(io.round_file(cell["observed"], 1))
     layout = StateLayout.from_list(r1["layout"])
     assert r1["uploads"].shape == (3, layout.size) and r1["global_state"].shape == (layout.size,)
     assert r1["num_samples"].tolist() == [20, 20, 20] and r1["round"] == 1
@@ -76,10 +75,10 @@ def test_observed_rounds_hold_the_server_view(cell):
     init = FlatState(build_model("alexnet", 10, 3, seed=0)).flat
     assert torch.equal(r1["global_state"], init)
     # the next observed round's model is this round's aggregate, w_2 = w_1 − mean(Δ_k)
-    r2 = io.load_torch(io.round_file(cell["observed"], 2))
+    r2 = io.load_observed(io.round_file(cell["observed"], 2))
     torch.testing.assert_close(r2["global_state"], r1["global_state"] - r1["uploads"].mean(0))
-    final = io.load_torch(cell["final"])
-    r4 = io.load_torch(io.round_file(cell["observed"], 4))
+    final, _ = io.load_tensors(cell["final"], "final")
+    r4 = io.load_observed(io.round_file(cell["observed"], 4))
     torch.testing.assert_close(final["global_state"], r4["global_state"] - r4["uploads"].mean(0))
 
 
@@ -96,7 +95,8 @@ def test_failed_train_leaves_no_partial_outputs(digits_files, tmp_path):
         pipeline.train(data=digits_files, partition_file=tmp_path / "nope.parquet",
                        model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=TRAIN,
                        cell=CELL, device="cuda",
-                       outputs={"history": tmp_path / "h.parquet", "final": tmp_path / "f.pt",
+                       outputs={"history": tmp_path / "h.parquet",
+                                "final": tmp_path / "f.safetensors",
                                 "observed": tmp_path / "obs"})
     assert not any(tmp_path.iterdir())
 
@@ -124,7 +124,7 @@ def test_measure_table_contents(measured, cell):
     assert mdm[["loss", "cos", "grad_diff", "grad_norm"]].notna().all().all()
     # grad_diff = 2<g,Δ> − ‖g‖² and cos = <g,Δ> / (‖g‖ ‖Δ‖) agree, with ‖Δ_k‖ of the
     # uploads the server saw (trainable parameters only)
-    obs = io.load_torch(cell["observed"] / "round0002.pt")
+    obs = io.load_observed(io.round_file(cell["observed"], 2))
     mask = StateLayout.from_list(obs["layout"]).param_mask()
     upd_norm = obs["uploads"][:, mask].double().norm(dim=1).numpy()  # K
     r2 = mdm[mdm["round"] == 2]
@@ -141,7 +141,7 @@ def test_measure_table_contents(measured, cell):
 ])
 def test_attack_rejects_bad_measure_files(measured, cell, tmp_path, corrupt, message):
     bad = tmp_path / "bad.parquet"
-    corrupt(pd.read_parquet(measured)).to_parquet(bad)
+    io.write_parquet(corrupt(pd.read_parquet(measured)), bad, "measures")
     out = tmp_path / "out.parquet"
     with pytest.raises(ValueError, match=message):
         pipeline.attack(attacks=["loss"], measures_file=bad,
@@ -155,8 +155,8 @@ def test_attack_rejects_an_evaluation_set_without_nonmembers(measured, cell, tmp
     mdm = pd.read_parquet(measured)
     members0 = part.sample_id[part["eval"] & (part.client_id == 0)]
     part["client_id"] = np.where(part["eval"], 0, part["client_id"])  # all eval owned by 0
-    part.to_parquet(tmp_path / "p.parquet")
-    mdm.to_parquet(tmp_path / "m.parquet")
+    io.write_parquet(part, tmp_path / "p.parquet", "partition")
+    io.write_parquet(mdm, tmp_path / "m.parquet", "measures")
     assert len(members0) > 0
     with pytest.raises(ValueError, match="no non-members"):
         pipeline.attack(attacks=["cos"], measures_file=tmp_path / "m.parquet",
@@ -169,7 +169,7 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
     """Strong unclipped parameter noise breaks the model in round 2: training stops, every
     output is written, the manifest flags the cell, and measures and attacks use round 1."""
     pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.pt",
+    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.safetensors",
                "observed": tmp_path / "observed", "manifest": tmp_path / "manifest.json"}
     pipeline.train(data=digits_files, partition_file=tmp_path / "partition.parquet",
                    model={"kind": "alexnet"}, defense={"kind": "dp_param_noise", "sigma": 1.0},
@@ -180,7 +180,7 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
     assert man["planned_observed_rounds"] == [1, 2, 3, 4] and man["observed_rounds"] == [1]
     assert man["final_test_accuracy"] == pytest.approx(0.1)  # chance: 1 / 10 classes
     assert 0 < man["last_finite_test_accuracy"] < 1
-    assert sorted(p.name for p in outputs["observed"].iterdir()) == ["round0001.pt"]
+    assert sorted(p.name for p in outputs["observed"].iterdir()) == ["round0001.safetensors"]
     h = pd.read_parquet(outputs["history"])
     assert h["round"].max() == 2 and (h[["dataset", "seed"]].iloc[0].tolist()
                                       == ["digits", 0])
@@ -202,7 +202,7 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
 def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits_files,
                                                                            tmp_path):
     pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.pt",
+    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.safetensors",
                "observed": tmp_path / "observed", "manifest": tmp_path / "manifest.json"}
     pipeline.train(data=digits_files, partition_file=tmp_path / "partition.parquet",
                    model={"kind": "alexnet"}, defense={"kind": "dp_param_noise", "sigma": 1e30},
@@ -246,24 +246,18 @@ def test_members_look_like_members_after_real_training(digits_files, tmp_path):
 
 
 def _train_outputs(out):
-    return {"history": out / "history.parquet", "final": out / "final.pt",
+    return {"history": out / "history.parquet", "final": out / "final.safetensors",
             "observed": out / "observed", "manifest": out / "manifest.json"}
 
 
 def _same_results(a, b):
-    """Every output of two train runs equal: Parquet and JSON byte for byte, .pt tensors."""
-    for name in ("history.parquet", "manifest.json"):
+    """Every output of two train runs byte for byte (safetensors are byte-stable)."""
+    for name in ("history.parquet", "manifest.json", "final.safetensors"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     files = sorted(p.name for p in (a / "observed").iterdir())
     assert files == sorted(p.name for p in (b / "observed").iterdir())
-    for f in [Path("final.pt"), *(Path("observed") / n for n in files)]:
-        x, y = io.load_torch(a / f), io.load_torch(b / f)
-        assert x.keys() == y.keys()
-        for key in x:
-            if isinstance(x[key], torch.Tensor):
-                assert torch.equal(x[key], y[key]), (f, key)
-            else:
-                assert x[key] == y[key], (f, key)
+    for f in files:
+        assert (a / "observed" / f).read_bytes() == (b / "observed" / f).read_bytes(), f
 
 
 RESUME_TRAIN = dict(rounds=6, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
@@ -299,7 +293,7 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
             break
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL, "".join(log)
-    assert (ckpt / "state.pt").exists() and not (out / "manifest.json").exists()
+    assert (ckpt / "state.safetensors").exists() and not (out / "manifest.json").exists()
     r = subprocess.run([sys.executable, str(script), json.dumps(kw)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

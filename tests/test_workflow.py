@@ -53,9 +53,9 @@ def test_tiny_end_to_end_run(tiny_run):
     for part in ("iid", "dirichlet"):
         cell = wd / "results" / "train" / "digits" / "alexnet" / "none" / part / "seed0"
         h = pd.read_parquet(cell / "history.parquet")
-        assert h["round"].max() == 2 and (cell / "final.pt").exists()
-        assert sorted(p.name for p in (cell / "observed").glob("round*")) == ["round0001.pt",
-                                                                             "round0002.pt"]
+        assert h["round"].max() == 2 and (cell / "final.safetensors").exists()
+        assert sorted(p.name for p in (cell / "observed").glob("round*")) == [
+            "round0001.safetensors", "round0002.safetensors"]
         log = (wd / "results" / "logs" / "train" / "digits" / "alexnet" / "none" / part /
                "seed0.log").read_text()
         assert "round 2/2" in log and "samples/s" in log

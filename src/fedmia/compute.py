@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -16,10 +18,22 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def setup_compute(device: str = "auto", threads: int | None = None) -> torch.device:
-    """Set torch's CPU threads (if given) and resolve ``device`` (see :func:`resolve_device`)."""
+def setup_compute(device: str = "auto", threads: int | None = None,
+                  deterministic: bool = False) -> torch.device:
+    """Set torch's CPU threads (if given) and resolve ``device`` (see :func:`resolve_device`).
+
+    ``deterministic`` makes CUDA runs repeatable: PyTorch's deterministic algorithms
+    (``torch.use_deterministic_algorithms``; an operation without a deterministic
+    version then raises instead of running) and cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, set before CUDA starts), and cuDNN's
+    autotuner off. On the CPU every operation fedmia uses is deterministic already.
+    """
     if threads:
         torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     return resolve_device(device)
 
 

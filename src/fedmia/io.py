@@ -1,11 +1,23 @@
 """File formats of the stages; every write is atomic (temp file + rename).
 
 A failed stage leaves no partial file behind: outputs appear only once complete.
+
+**Versioned and byte-stable.** Every intermediate file carries a format tag,
+``fedmia_format = "<kind>/<version>"`` (:data:`FORMATS`): in the key-value metadata of a
+Parquet file, the metadata of a safetensors file, a field of a JSON manifest. A reader
+names the kind it expects; a file of another kind or version, or a truncated or
+damaged one, stops the stage with a :class:`FormatError` naming the file and the fix
+(delete it, or rerun the stage that writes it). Tensors are stored as safetensors
+(the field's format: no pickled code, memory-mapped reads, and the same bytes for
+the same tensors — ``torch.save`` writes a random id into every file), with their
+tensors and metadata in sorted order; Parquet files are written without index or
+timestamps. The same run on the CPU therefore writes the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -16,6 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors
+import safetensors.torch
 import torch
 
 if TYPE_CHECKING:  # a type only: the file contracts do not depend on the loaders
@@ -37,9 +53,17 @@ MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
+
+    A failure removes the temporary file. A process killed mid-write (SIGKILL) cannot,
+    so the temporary files a killed writer of ``path`` left behind are removed here,
+    before the next write of ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     umask = os.umask(0)
@@ -54,10 +78,105 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Write ``df`` (without its index) to Parquet, atomically and deterministically."""
+#: Format version of each kind of intermediate file: bump one when its contents change
+#: incompatibly, so that old files are refused with a clear message instead of misread.
+FORMATS = {"partition": 2, "history": 2, "manifest": 1, "observed": 1, "final": 1,
+           "checkpoint": 1, "measures": 1, "attack": 1, "audit": 1}
+#: The rule that writes each kind of file (for the fix in an error message).
+WRITER = {"partition": "partition", "history": "train", "manifest": "train",
+          "observed": "train", "final": "train", "checkpoint": "train", "measures": "measure",
+          "attack": "attack", "audit": "attack"}
+FORMAT_KEY = "fedmia_format"
+
+
+class FormatError(ValueError):
+    """An intermediate file of another format version, kind, or a damaged one."""
+
+
+def format_tag(kind: str) -> str:
+    """``"<kind>/<version>"`` of the current format of ``kind`` (see :data:`FORMATS`)."""
+    return f"{kind}/{FORMATS[kind]}"
+
+
+def _fix(path: str | Path, kind: str) -> str:
+    return (f"delete {path} and rerun, or rerun its stage with snakemake --forcerun "
+            f"{WRITER[kind]}")
+
+
+def check_format(found: str | None, path: str | Path, kind: str) -> None:
+    """Raise :class:`FormatError` unless ``found`` is the current tag of ``kind``."""
+    want = format_tag(kind)
+    if found != want:
+        what = "no fedmia format tag" if found is None else f"format {found!r}"
+        raise FormatError(f"{path} has {what}, but this fedmia reads {want!r} (the file was "
+                          f"written by another fedmia version or is not a {kind} file); "
+                          f"{_fix(path, kind)}")
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path, kind: str) -> None:
+    """Write ``df`` (without its index) to Parquet, atomically and deterministically.
+
+    The file's key-value metadata carries the format tag of ``kind``.
+    """
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), FORMAT_KEY.encode(): format_tag(kind).encode()}
     with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False, engine="pyarrow", compression="zstd")
+        pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
+
+
+def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None
+                 ) -> pd.DataFrame:
+    """Read a Parquet file :func:`write_parquet` wrote as ``kind``.
+
+    Raises:
+        FormatError: the file is damaged or truncated, or of another kind or version.
+        FileNotFoundError: it does not exist.
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist; {_fix(path, kind)}")
+    try:
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+        check_format((meta.get(FORMAT_KEY.encode()) or b"").decode() or None, path, kind)
+        return pf.read(columns=columns).to_pandas()
+    except (pa.ArrowException, OSError) as e:
+        raise FormatError(f"{path} is not a readable Parquet file ({e}): it is truncated or "
+                          f"damaged; {_fix(path, kind)}") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                 kind: str) -> None:
+    """Save tensors and JSON-able metadata as safetensors, atomically and byte-stably.
+
+    Tensors go to the CPU, contiguous, in sorted order; ``meta`` is stored as one
+    key-sorted JSON string next to the format tag of ``kind``.
+    """
+    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    # one metadata entry: safetensors writes several in a per-process random order
+    header = {FORMAT_KEY: json.dumps({"format": format_tag(kind), "meta": meta},
+                                     sort_keys=True)}
+    with atomic_path(path) as tmp:
+        safetensors.torch.save_file(ordered, str(tmp), metadata=header)
+
+
+def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load what :func:`save_tensors` wrote as ``kind``: ``(tensors, meta)`` (CPU).
+
+    Raises:
+        FormatError: the file is damaged or truncated, or of another kind or version.
+        FileNotFoundError: it does not exist.
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist; {_fix(path, kind)}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {}).get(FORMAT_KEY, "{}"))
+            check_format(header.get("format"), path, kind)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        return tensors, header.get("meta", {})
+    except (safetensors.SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path} is not a readable safetensors file ({e}): it is truncated "
+                          f"or damaged; {_fix(path, kind)}") from None
 
 
 def write_json(obj: Any, path: str | Path) -> None:
@@ -84,26 +203,46 @@ def load_prepared(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], 
     return arrays, meta
 
 
-def save_torch(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically (tensors are moved to the CPU first)."""
-    obj = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def save_observed(path: str | Path, *, global_state: torch.Tensor, uploads: torch.Tensor,
+                  num_samples: torch.Tensor, meta: dict[str, Any]) -> None:
+    """Save one observed round (safetensors).
+
+    The server's view — ``global_state`` (P), ``uploads`` (K×P), the clients'
+    ``num_samples`` (K) — and ``meta`` (round, lr, layout, model, defense).
+    """
+    save_tensors(path, {"global_state": global_state, "uploads": uploads,
+                        "num_samples": num_samples}, meta, "observed")
 
 
-def load_torch(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
-    """Load what :func:`save_torch` wrote, memory-mapped so unused tensors are not read."""
-    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+def load_observed(path: str | Path) -> dict[str, Any]:
+    """What :func:`save_observed` wrote, tensors and metadata in one mapping."""
+    tensors, meta = load_tensors(path, "observed")
+    return {**meta, **tensors}
 
 
 def round_file(observed_dir: str | Path, rnd: int) -> Path:
     """Path of observed round ``rnd`` inside a train stage's ``observed/`` folder."""
-    return Path(observed_dir) / f"round{rnd:04d}.pt"
+    return Path(observed_dir) / f"round{rnd:04d}.safetensors"
+
+
+def write_manifest(manifest: dict[str, Any], path: str | Path) -> None:
+    """Write a cell's train manifest (JSON, with its format tag)."""
+    write_json({**manifest, FORMAT_KEY: format_tag("manifest")}, path)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The train stage's manifest of a cell (JSON)."""
-    return json.loads(Path(path).read_text())
+    """The train stage's manifest of a cell (JSON), checked.
+
+    Raises:
+        FormatError: damaged, or of another format version.
+    """
+    try:
+        man = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path} is not valid JSON ({e}): it is truncated or damaged; "
+                          f"{_fix(path, 'manifest')}") from None
+    check_format(man.get(FORMAT_KEY), path, "manifest")
+    return man
 
 
 def available_rounds(rounds: Iterable[int], manifest_file: str | Path | None) -> list[int]:

@@ -21,6 +21,7 @@ rule measure:
         rounds=get_observed_rounds,
         measure=canonical(config["measure"]),
         device=config["device"],
+        deterministic=config["deterministic"],
         code=code("measure"),
     script:
         "../scripts/measure.py"

@@ -4,7 +4,7 @@ rule train:
         partition=PARTITION,
     output:
         history=f"{TRAIN}/history.parquet",
-        final=f"{TRAIN}/final.pt",
+        final=f"{TRAIN}/final.safetensors",
         observed=directory(f"{TRAIN}/observed"),
         manifest=f"{TRAIN}/manifest.json",
     log:
@@ -28,6 +28,7 @@ rule train:
         train=get_train_cfg,
         cell=get_cell,
         device=config["device"],
+        deterministic=config["deterministic"],
         code=code("train"),
     script:
         "../scripts/train.py"

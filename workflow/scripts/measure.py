@@ -12,6 +12,7 @@ stage.measure(
     rounds=snakemake.params.rounds,
     manifest_file=inputs["manifest"],
     device=snakemake.params.device,
+    deterministic=snakemake.params.deterministic,
     threads=snakemake.threads,
     **snakemake.params.measure,
     output=snakemake.output[0],

@@ -13,6 +13,7 @@ stage.train(
     train_cfg=snakemake.params.train,
     cell=snakemake.params.cell,
     device=snakemake.params.device,
+    deterministic=snakemake.params.deterministic,
     threads=snakemake.threads,
     checkpoint_dir=snakemake.params.checkpoint,
     checkpoint_every=snakemake.resources.checkpoint_every,

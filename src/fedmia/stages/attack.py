@@ -82,18 +82,18 @@ def attack(
     missing = sorted(set(attacks) - set(outputs))
     if missing:
         raise ValueError(f"no output file for attack(s) {missing}")
-    mdm = pd.read_parquet(measures_file)
+    mdm = io.read_parquet(measures_file, "measures")
     if manifest_file is not None:
         rounds = available_rounds(rounds or [], manifest_file) if rounds is not None else None
         attack_rounds = (available_rounds(attack_rounds, manifest_file)
                          if attack_rounds is not None else None)
-    part = pd.read_parquet(partition_file)
+    part = io.read_parquet(partition_file, "partition")
     if len(mdm) == 0 and manifest_file is not None:
         log.warning("no observed round before the run diverged: no attack can run; writing "
                     "empty result tables")
         for name in attacks:
             empty = pd.DataFrame(columns=[*CELL_KEYS, "attack", *RESULT_COLUMNS])
-            io.write_parquet(empty.astype(RESULT_DTYPES), outputs[name])
+            io.write_parquet(empty.astype(RESULT_DTYPES), outputs[name], "attack")
         _write_audit(pd.DataFrame(columns=list(AUDIT_COLUMNS)), cell, outputs)
         return
     if rounds is not None:
@@ -132,7 +132,7 @@ def attack(
         for i, key in enumerate(CELL_KEYS):
             res.insert(i, key, cell[key])
         res.insert(len(CELL_KEYS), "attack", name)
-        io.write_parquet(res, outputs[name])
+        io.write_parquet(res, outputs[name], "attack")
     _write_audit(audited, cell, outputs)
 
 
@@ -143,4 +143,4 @@ def _write_audit(audited: pd.DataFrame, cell: Mapping[str, Any],
     audited = audited.copy()
     for i, key in enumerate(CELL_KEYS):
         audited.insert(i, key, cell[key])
-    io.write_parquet(audited.astype({"seed": "int64"}), outputs["audit"])
+    io.write_parquet(audited.astype({"seed": "int64"}), outputs["audit"], "audit")

@@ -31,6 +31,7 @@ def measure(
     manifest_file: str | Path | None = None,
     device: str = "auto",
     threads: int | None = None,
+    deterministic: bool = False,
     chunk_size: int = 64,
     batch_size: int = 500,
     route: str = "layerwise",
@@ -47,6 +48,7 @@ def measure(
             rounds before divergence, and only those are measured (none: an empty table).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch.
+        deterministic: deterministic CUDA algorithms (:func:`fedmia.compute.setup_compute`).
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
         route: ``layerwise`` (default) or ``func`` (:data:`fedmia.measures.ROUTES`).
@@ -55,13 +57,13 @@ def measure(
     """
     if route not in ROUTES:
         raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
-    dev = setup_compute(device, threads)
+    dev = setup_compute(device, threads, deterministic)
     rounds = available_rounds(rounds, manifest_file)
     if not rounds:
         log.warning("no observed round to measure (training diverged before the first); "
                     "writing an empty measure table")
         io.write_parquet(pd.DataFrame({c: pd.Series(dtype=t) for c, t in MEASURE_DTYPES.items()}),
-                         output)
+                         output, "measures")
         return
     files = [io.round_file(observed_dir, r) for r in rounds]
     missing = [str(f) for f in files if not f.exists()]
@@ -69,7 +71,7 @@ def measure(
         raise FileNotFoundError(f"observed round file(s) missing: {missing}; rerun the train "
                                 "stage with these rounds observed")
     arrays, meta = io.load_prepared(data)
-    part = pd.read_parquet(partition_file)
+    part = io.read_parquet(partition_file, "partition")
     # the evaluation set, plus an audit's canaries
     measured = part["eval"] | part["canary"] if "canary" in part else part["eval"]
     eval_ids = np.sort(part.loc[measured, "sample_id"].to_numpy())
@@ -80,13 +82,16 @@ def measure(
     state = None
     for rnd, f in zip(rounds, files, strict=True):
         t0 = time.perf_counter()
-        obs = io.load_torch(f)
+        obs = io.load_observed(f)
         if state is None:
             m = obs["model"]
             state = FlatState(build_model(m["kind"], m["num_classes"], m["in_channels"],
                                           seed=0).to(dev))
         if StateLayout.from_list(obs["layout"]) != state.layout:
-            raise ValueError(f"{f}: its model layout differs from the first round's")
+            raise io.FormatError(
+                f"{f}: its model layout differs from the first observed round's (files of "
+                "another architecture mixed in one cell); delete the cell's observed rounds "
+                "and rerun training (snakemake --forcerun train)")
         res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
                                      x, y, chunk_size=chunk_size, batch_size=batch_size,
                                      grad_products=ROUTES[route])
@@ -105,4 +110,4 @@ def measure(
         dt = time.perf_counter() - t0
         log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
                  rnd, n, k, dt, n / dt)
-    io.write_parquet(pd.concat(frames, ignore_index=True), output)
+    io.write_parquet(pd.concat(frames, ignore_index=True), output, "measures")

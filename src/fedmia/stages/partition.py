@@ -20,4 +20,4 @@ def partition(
     cfg = PartitionConfig.from_dict(partition_cfg)
     labels, is_test = np.load(data["labels"]), np.load(data["is_test"])
     df = make_partition(labels, is_test, cfg, seed)
-    io.write_parquet(df, output)
+    io.write_parquet(df, output, "partition")

@@ -30,7 +30,8 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         outputs: ``csv``, ``per_round``, ``md``, ``tex``, and the findings table
             ``findings_csv``, ``findings_md``.
     """
-    results = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
+    results = pd.concat([io.read_parquet(f, "attack") for f in attack_files],
+                        ignore_index=True)
     summary = report.summarize(results, selections, fpr_rule=fpr_rule,
                                cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
@@ -54,15 +55,17 @@ def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
     import matplotlib.pyplot as plt
 
     for key in ("png", "pdf"):
+        # no creation date in the PDF: the same figure gives the same bytes
+        meta = {"CreationDate": None} if key == "pdf" else None
         with io.atomic_path(outputs[key]) as tmp:
-            fig.savefig(tmp, format=key, dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, format=key, dpi=dpi, bbox_inches="tight", metadata=meta)
     plt.close(fig)
 
 
 def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
                         options: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
     """Stage 6b: one cell's figure ``kind`` (``rounds`` or ``roc``) as PNG and PDF."""
-    cell = pd.concat([pd.read_parquet(f) for f in attack_files], ignore_index=True)
+    cell = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
     if kind == "rounds":
         fig = report.rounds_figure(cell, options["round_plot_fpr"], options["width"])
     elif kind == "roc":
@@ -116,7 +119,7 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
                               for key, d in defenses.items()])
     cells = cells_frame(manifests)
-    audit = pd.concat([pd.read_parquet(f) for f in audits] or [pd.DataFrame()],
+    audit = pd.concat([io.read_parquet(f, "audit") for f in audits] or [pd.DataFrame()],
                       ignore_index=True)
     pu = report.privacy_utility(pd.read_csv(table), cells, strengths,
                                 epsilons(cells, defenses, delta), audit)

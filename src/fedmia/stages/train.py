@@ -59,6 +59,7 @@ def train(
     cell: Mapping[str, Any],
     device: str = "auto",
     threads: int | None = None,
+    deterministic: bool = False,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     outputs: Mapping[str, str | Path],
@@ -75,6 +76,7 @@ def train(
             the seed drives model initialisation, data order and defense noise).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
+        deterministic: deterministic CUDA algorithms (:func:`fedmia.compute.setup_compute`).
         checkpoint_dir: a folder outside the rule's outputs (Snakemake deletes a failed
             job's outputs) for the resumable state; ``None``: no checkpoints.
         checkpoint_every: save the state every this many rounds (0: never). A rerun after
@@ -99,10 +101,10 @@ def train(
     mcfg = ModelConfig.from_dict(model)
     dcfg = DefenseConfig.from_dict(defense)
     tcfg = TrainConfig.from_dict(train_cfg)
-    dev = setup_compute(device, threads)
+    dev = setup_compute(device, threads, deterministic)
     seed = int(cell["seed"])
     arrays, meta = io.load_prepared(data)
-    part = pd.read_parquet(partition_file)
+    part = io.read_parquet(partition_file, "partition")
     if len(part) != len(arrays["labels"]):
         raise ValueError(f"{partition_file} has {len(part)} rows but the dataset has "
                          f"{len(arrays['labels'])} samples; rerun the partition stage")
@@ -140,9 +142,9 @@ def train(
                   fedmia_version=fedmia.__version__)
 
     def save_round(rec: RoundRecord) -> None:
-        io.save_torch(dict(static, round=rec.round, lr=rec.lr, global_state=rec.global_flat,
-                           uploads=rec.uploads, num_samples=torch.tensor(rec.num_samples)),
-                      io.round_file(obs_dir, rec.round))
+        io.save_observed(io.round_file(obs_dir, rec.round), global_state=rec.global_flat,
+                         uploads=rec.uploads, num_samples=torch.tensor(rec.num_samples),
+                         meta=dict(static, round=rec.round, lr=rec.lr))
 
     def after_round(rnd: int, rows: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
         if ckpt is not None and rnd % checkpoint_every == 0 and rnd < tcfg.rounds:
@@ -174,10 +176,11 @@ def train(
     }
     if ckpt is not None:
         ckpt.move_observed(saved, Path(outputs["observed"]))
-    io.save_torch(dict(static, global_state=state.flat, rounds=tcfg.rounds,
-                       diverged_round=outcome["diverged_round"]), outputs["final"])
-    io.write_parquet(history, outputs["history"])
-    io.write_json(manifest, outputs["manifest"])
+    io.save_tensors(outputs["final"], {"global_state": state.flat},
+                    dict(static, rounds=tcfg.rounds, diverged_round=outcome["diverged_round"]),
+                    "final")
+    io.write_parquet(history, outputs["history"], "history")
+    io.write_manifest(manifest, outputs["manifest"])
     if ckpt is not None:
         ckpt.remove()
 
@@ -196,7 +199,7 @@ def _checkpoint_key(model: Mapping[str, Any], defense: Mapping[str, Any],
 class Checkpoint:
     """A cell's resumable training state in its own folder (outside the rule's outputs).
 
-    ``state.pt`` holds the round, the global model, the history rows and the outcome so
+    ``state.safetensors`` holds the round, the global model, the history rows and the outcome so
     far, and the key of the run it belongs to; ``observed/`` the observed rounds written
     so far (moved into the rule's output folder when training ends). Every write is
     atomic, so a kill leaves the previous save intact.
@@ -209,26 +212,28 @@ class Checkpoint:
 
     def load(self) -> dict[str, Any] | None:
         """The saved state of this run, or ``None`` (none, or of other settings/code)."""
-        f = self.folder / "state.pt"
+        f = self.folder / "state.safetensors"
         if not f.exists():
             if self.folder.exists():
                 shutil.rmtree(self.folder)  # observed rounds of a run that never saved
             return None
-        saved = io.load_torch(f, mmap=False)
+        try:
+            tensors, saved = io.load_tensors(f, "checkpoint")
+        except io.FormatError as e:
+            raise io.FormatError(f"{e} (a training checkpoint: delete {self.folder} to start "
+                                 "the cell afresh)") from None
         if saved.get("key") != self.key:
             log.warning("%s belongs to other settings, inputs or code; starting afresh", f)
             shutil.rmtree(self.folder)
             return None
-        saved["rows"] = json.loads(saved["rows"])
-        saved["outcome"] = json.loads(saved["outcome"])
-        return saved
+        return {**saved, **tensors}
 
     def save(self, rnd: int, global_state: torch.Tensor, rows: list[dict[str, Any]],
              outcome: dict[str, Any]) -> None:
         """Save the state after round ``rnd`` (atomically)."""
-        io.save_torch({"key": self.key, "round": rnd, "global_state": global_state,
-                       "rows": json.dumps(rows), "outcome": json.dumps(outcome)},
-                      self.folder / "state.pt")
+        io.save_tensors(self.folder / "state.safetensors", {"global_state": global_state},
+                        {"key": self.key, "round": rnd, "rows": rows, "outcome": outcome},
+                        "checkpoint")
         log.info("checkpoint: round %d saved in %s", rnd, self.folder)
 
     def move_observed(self, rounds: Iterable[int], target: Path) -> None:
