@@ -220,6 +220,12 @@ def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits
                     cell=CELL, rounds=[1, 2, 4], manifest_file=outputs["manifest"],
                     attacks=["loss"], attack_rounds=[2, 4], outputs=out)
     assert len(pd.read_parquet(out["loss"])) == 0
+    for kind in ("rounds", "roc"):  # the cell's figures say why they are empty
+        figs = {"png": tmp_path / f"{kind}.png", "pdf": tmp_path / f"{kind}.pdf"}
+        pipeline.report_cell_figures(attack_files=[out["loss"]], kind=kind, outputs=figs,
+                                     options={"round_plot_fpr": 0.01, "width": 6, "dpi": 50,
+                                              "single_round": ["last"]})
+        assert figs["png"].stat().st_size > 1000
 
 
 def test_members_look_like_members_after_real_training(digits_files, tmp_path):

@@ -397,6 +397,14 @@ def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
+def empty_figure(message: str, width: float = 11) -> plt.Figure:
+    """A figure that says why there is nothing to draw (e.g. a cell that diverged early)."""
+    fig, axes = _figure(1, 1, width * 0.5)
+    axes[0, 0].text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=9)
+    axes[0, 0].set_axis_off()
+    return fig
+
+
 def _band(values: np.ndarray, key: tuple, n_boot: int = 1000) -> tuple:
     """95 % bootstrap interval of the mean over units (axis 0) of ``values`` (U or U×G).
 

@@ -66,14 +66,17 @@ def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
                         options: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
     """Stage 6b: one cell's figure ``kind`` (``rounds`` or ``roc``) as PNG and PDF."""
     cell = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
-    if kind == "rounds":
+    if kind not in ("rounds", "roc"):
+        raise ValueError(f"unknown figure '{kind}'; choose from ['rounds', 'roc']")
+    if cell.empty:  # the cell diverged before its first observed round
+        fig = report.empty_figure("no attack result: training diverged before the first "
+                                  "observed round", options["width"])
+    elif kind == "rounds":
         fig = report.rounds_figure(cell, options["round_plot_fpr"], options["width"])
     elif kind == "roc":
         selection = options["single_round"]
         selection = selection[0] if isinstance(selection, list | tuple) else selection
         fig = report.roc_figure(cell, selection, options["width"])
-    else:
-        raise ValueError(f"unknown figure '{kind}'; choose from ['rounds', 'roc']")
     _save_figure(fig, outputs, options["dpi"])
 
 
