@@ -688,19 +688,21 @@ def measure_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
 
 
 def train_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
-               damage: Callable[[Path], None], marks: Any = ()):
-    """The train stage on a partition file that ``damage`` spoils."""
+               damage: Callable[[Path], None] | None = None, device: str = "cpu",
+               marks: Any = ()):
+    """The train stage on a partition file that ``damage`` spoils, on ``device``."""
     def setup(ctx: Ctx):
         part_file = ctx.tmp / "partition.parquet"
         pipeline.partition(ctx.digits, PART, 0, part_file)
-        damage(part_file)
+        if damage is not None:
+            damage(part_file)
         out = ctx.tmp / "train"
         outputs = {"history": out / "history.parquet", "final": out / "final.pt",
                    "observed": out / "observed", "manifest": out / "manifest.json"}
         return (lambda: pipeline.train(
             data=ctx.digits, partition_file=part_file, model={"kind": "alexnet"},
             defense={"kind": "none"}, train_cfg=dict(rounds=1, batch_size=10),
-            cell=CELL, device="cpu", threads=1, outputs=outputs)), [*outputs.values(), out]
+            cell=CELL, device=device, threads=1, outputs=outputs)), [*outputs.values(), out]
     return bad(id, exc, problem, fix, setup, marks)
 
 
@@ -798,6 +800,11 @@ INTERMEDIATE = [
     train_case("partition-shorter-than-the-dataset", ValueError,
                r"partition.parquet has 100 rows but the dataset has 1797 samples",
                r"rerun the partition stage", damage=half_partition),
+    # a config value only the running stage can check
+    train_case("cuda-on-a-machine-without-cuda", RuntimeError,
+               r"device 'cuda' requested but CUDA is not available", r"set device: auto or cpu",
+               device="cuda", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                       reason="CUDA is available here")),
     train_case("truncated-partition-parquet", ValueError,
                r"partition.parquet.*Parquet magic bytes not found",
                r"rerun the partition stage", damage=truncate,
@@ -813,7 +820,7 @@ INTERMEDIATE = [
 FORMAT_VERSIONS: list[Any] = []
 
 
-# ----------------------------------------------- 5. measure tables given to the attacks
+# ------------------------------------------ 4c. measure tables given to the attack code
 
 def validate_case(id: str, problem: str, fix: str, edit: Callable[[pd.DataFrame, pd.Series],
                   tuple[pd.DataFrame, pd.Series, list[int] | None]], marks: Any = ()):
@@ -879,7 +886,7 @@ ATTACKS = [
                   lambda m, o: (m.iloc[:0], o, None), ATTACKS_GAP),
     bad("attack-on-a-nan-measure", ValueError, r"column 'cos' has 2", RERUN_MEASURE,
         library(attack_on_nan), ATTACKS_GAP),
-    bad("unknown-attack", ValueError, r"unknown attack 'lira'", r"choose from \['cos'",
+    bad("attack-by-an-unknown-name", ValueError, r"unknown attack 'lira'", r"choose from \['cos'",
         library(lambda: run_attack("lira", *world(separation=0.3)))),
     bad("fedmia-with-one-reference", ValueError, r"at least 2 non-target clients; got 1",
         r"num_clients >= 3|drop",
@@ -900,7 +907,7 @@ ATTACKS = [
 ]
 
 
-# ------------------------------------------------------------------ 6. defense strengths
+# ------------------------------------------------------------------ 5. defense strengths
 
 
 def param_case(kind: str, params: dict, name: str, allowed: str):
@@ -1120,7 +1127,7 @@ def test_bad_input(case: Bad, tmp_path, monkeypatch, request):
     check_fix(str(info.value), case.fix)
 
 
-# ----------------------------------------------------------------------- command lines
+# ------------------------------------------------------ 6. command lines (and 1, 2 end to end)
 
 
 @dataclass(frozen=True)
