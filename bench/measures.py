@@ -48,34 +48,49 @@ from fedmia.state import FlatState
 TOLERANCE = 1e-4
 
 
+ROUTES = ("fedmia", "naive", "floor", "torch.func")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; give an integer >= 1")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=MODELS.names(), default="alexnet",
                    help="model architecture (fedmia.models.MODELS)")
-    p.add_argument("--samples", type=int, default=256, help="evaluation samples N")
+    p.add_argument("--samples", type=positive_int, default=256, help="evaluation samples N")
     p.add_argument("--naive-samples", type=int, default=64,
                    help="samples for the naive route (at most --samples; 0: all): it costs "
                         "K backward passes per sample, so its time is scaled per sample")
-    p.add_argument("--clients", type=int, default=10, help="client updates K")
-    p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--chunk", type=int, default=64, help="samples per gradient chunk")
-    p.add_argument("--batch-size", type=int, default=500, help="samples per loss forward pass")
+    p.add_argument("--clients", type=positive_int, default=10, help="client updates K")
+    p.add_argument("--classes", type=positive_int, default=100)
+    p.add_argument("--chunk", type=positive_int, default=64, help="samples per gradient chunk")
+    p.add_argument("--batch-size", type=positive_int, default=500,
+                   help="samples per loss forward pass")
     p.add_argument("--update-scale", type=float, default=1e-2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default). 1 by default: per-core rates, "
                         "and on a shared 2-core machine two OpenMP threads wait on each other "
                         "for whole scheduler slices, slowing small ops 3-10x")
-    p.add_argument("--routes", default="fedmia,naive,floor,torch.func",
-                   help="comma-separated routes to run")
+    p.add_argument("--routes", default=",".join(ROUTES),
+                   help=f"comma-separated routes to run, of {', '.join(ROUTES)}")
     p.add_argument("--memory-check", action="store_true",
                    help="also run route (a) alone on N and 4N samples in subprocesses")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    unknown = sorted({r.strip() for r in args.routes.split(",") if r.strip()} - set(ROUTES))
+    if unknown:
+        p.error(f"argument --routes: unknown route(s) {unknown}; choose from {list(ROUTES)}")
     if args.smoke:
         args.samples, args.naive_samples, args.clients = 8, 4, 3
         args.chunk, args.batch_size, args.repeats = 4, 8, 1
@@ -229,9 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     device = setup_compute(args.device, args.threads)
     name = device_name(device)
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
-    unknown = set(routes) - {"fedmia", "naive", "floor", "torch.func"}
-    if unknown:
-        raise SystemExit(f"unknown route(s) {sorted(unknown)}")
 
     model = build_model(args.model, args.classes, seed=args.seed).to(device)
     state = FlatState(model)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.config import ConfigError, DefenseConfig, TrainConfig
+from fedmia.config import DefenseConfig, TrainConfig
 from fedmia.defenses import (
     AUGMENT_PRESETS,
     DEFENSES,
@@ -621,58 +621,9 @@ def test_upload_defenses_leave_bn_statistics_unchanged(kind, params):
 # ------------------------------------------------------------------------- bad configs
 
 
-@pytest.mark.parametrize("kind, params, match", [
-    ("dp", dict(sigma=-0.1, clip=1.0), r"'sigma' = -0.1 .*allowed: a number ≥ 0"),
-    ("dp", dict(sigma=0.1, clip=-1.0), r"'clip' = -1.0 .*allowed: a number > 0"),
-    ("dp", dict(sigma=0.1, clip=0), r"'clip' = 0 "),
-    ("dp", dict(sigma=0.1), r"missing required parameter 'clip'"),
-    ("dp", dict(sigma="big", clip=1.0), r"'sigma' = 'big'"),
-    ("dp", dict(sigma=float("nan"), clip=1.0), r"'sigma' = nan"),
-    ("dp_param_noise", dict(sigma=-1), r"'sigma' = -1 "),
-    ("quantize", dict(bits=0), r"'bits' = 0 .*an integer in 1..32"),
-    ("quantize", dict(bits=33), r"'bits' = 33 "),
-    ("quantize", dict(bits=2.5), r"'bits' = 2.5 "),
-    ("sparsify", dict(fraction=1.0), r"'fraction' = 1.0 .*\[0, 1\)"),
-    ("sparsify", dict(fraction=-0.1), r"'fraction' = -0.1 "),
-    ("sparsify", dict(fraction=0.5, min_size=-1), r"'min_size' = -1 "),
-    ("mixup", dict(alpha=0), r"'alpha' = 0 .*a number > 0"),
-    ("mixup", dict(alpha=-1.0), r"'alpha' = -1.0 "),
-    ("instahide", dict(k=0), r"'k' = 0 .*an integer ≥ 1"),
-    ("instahide", dict(k=2, upper_bound=0.4), r"'upper_bound' = 0.4 .*\(0.5, 1\]"),
-    ("instahide", dict(k=3, upper_bound=0.5), r"'upper_bound' = 0.5 .*\[0.5, upper_bound\]"),
-    ("instahide", dict(k=3, upper_bound=1.5), r"'upper_bound' = 1.5 .*\(0.5, 1\]"),
-    ("subsample", dict(fraction=0), r"'fraction' = 0 .*\(0, 1\]"),
-    ("subsample", dict(fraction=1.2), r"'fraction' = 1.2 "),
-    ("augment", dict(padding=-1), r"'padding' = -1 "),
-    ("augment", dict(hflip="yes"), r"'hflip' = 'yes' .*true or false"),
-    ("augment", dict(vflip=1), r"'vflip' = 1 .*true or false"),
-    ("augment", dict(brightness=-0.2), r"'brightness' = -0.2 "),
-    ("augment", dict(rotation=200), r"'rotation' = 200 .*\[0, 180\]"),
-    ("augment", dict(preset="strong"), r"'preset' = 'strong' .*one of \['mild', 'official'\]"),
-    ("augment", dict(flip=True), r"unknown parameter\(s\) \['flip'\]; allowed parameters are "
-                                 r"\['brightness', .*'hflip', .*'preset', .*'vflip'\]"),
-    ("dp", dict(sigma=0.1, clip=1.0, noise=2), r"unknown parameter\(s\) \['noise'\]; "
-                                                r"allowed parameters are \['clip', 'sigma'\]"),
-    ("mixup", dict(alpha=1.0, beta=1.0), r"unknown parameter\(s\) \['beta'\]"),
-    ("none", dict(sigma=1.0), r"takes no parameters"),
-])
-def test_bad_parameters_raise_config_error(kind, params, match):
-    with pytest.raises(ConfigError, match=match) as info:
-        build(kind, **params)
-    assert str(info.value).startswith(f"defense: defense '{kind}'")
-
-
-def test_unknown_kind_raises_config_error_listing_the_kinds():
-    with pytest.raises(ConfigError, match=r"defense.kind: unknown defense 'magic'; choose from "
-                                          r"\[.*'dp'.*\]"):
-        build("magic")
-
-
-def test_defense_config_from_dict_validates():
+def test_defense_config_from_dict_keeps_the_parameters():
     cfg = DefenseConfig.from_dict({"kind": "sparsify", "fraction": 0.5}, where="defenses.sp")
     assert cfg.params == {"fraction": 0.5}
-    with pytest.raises(ConfigError, match=r"^defenses.sp: defense 'sparsify'"):
-        DefenseConfig.from_dict({"kind": "sparsify", "fraction": 2}, where="defenses.sp")
 
 
 # -------------------------------------------------------------------------- end to end
@@ -812,43 +763,6 @@ def test_compose_equals_its_steps_applied_one_after_the_other():
 def test_strength_of(block, strength):
     got = strength_of(block)
     assert (math.isnan(got) and math.isnan(strength)) or got == pytest.approx(strength)
-
-
-@pytest.mark.parametrize("params, match", [
-    (dict(), r"missing required parameter 'steps'"),
-    (dict(steps=[]), r"'steps' = \[\] is invalid; allowed: a non-empty list of defenses"),
-    (dict(steps={"kind": "dp"}), r"'steps' = .* is invalid; allowed: a non-empty list"),
-    (dict(steps=[{"sigma": 1.0}]), r"steps\[0\] = \{'sigma': 1.0\} is invalid; each step is a "
-                                   r"defense block with a 'kind'"),
-    (dict(steps=[{"kind": "augment"}, {"kind": "magic"}]),
-     r"steps\[1\].kind: unknown defense 'magic'; choose from \[.*'subsample'"),
-    (dict(steps=[{"kind": "augment"}, {"kind": "dp", "sigma": -1, "clip": 1.0}]),
-     r"steps\[1\]: defense 'dp': parameter 'sigma' = -1 is invalid; allowed: a number ≥ 0"),
-    (dict(steps=[{"kind": "subsample", "fraction": 0.5, "frac": 1}]),
-     r"steps\[0\]: defense 'subsample': unknown parameter\(s\) \['frac'\]; allowed "
-     r"parameters are \['fraction'\]"),
-    (dict(steps=[{"kind": "compose", "steps": [{"kind": "none"}]}]),
-     r"steps\[0\] is itself a compose; nesting is not supported: list its steps in the outer"),
-    (dict(steps=[{"kind": "augment"}], mode="x"), r"unknown parameter\(s\) \['mode'\]"),
-    (dict(steps=[{"kind": "augment"}], strength="padding"),
-     r"strength = 'padding' is invalid; name one step's parameter as '<step kind>.<parameter>' "
-     r"or '<step index>.<parameter>'"),
-    (dict(steps=[{"kind": "augment"}], strength="subsample.fraction"),
-     r"strength = 'subsample.fraction': no step is of kind 'subsample'; the steps are "
-     r"\['augment'\]"),
-    (dict(steps=[{"kind": "augment"}], strength="3.padding"),
-     r"strength = '3.padding': there is no step 3; steps are 0..0"),
-    (dict(steps=[{"kind": "augment"}], strength="augment.preset"),
-     r"step 0 \('augment'\) has no numeric parameter 'preset'; choose from \['padding', "
-     r"'rotation', 'brightness', 'contrast', 'saturation'\]"),
-    (dict(steps=[{"kind": "subsample", "fraction": 0.5}, {"kind": "subsample", "fraction": 0.8}],
-      strength="subsample.fraction"),
-     r"steps \[0, 1\] are all 'subsample'; name the step by its index, e.g. '0.fraction'"),
-])
-def test_compose_validation_names_the_problem_and_the_fix(params, match):
-    with pytest.raises(ConfigError, match=match) as info:
-        build("compose", **params)
-    assert str(info.value).startswith("defense: defense 'compose'")
 
 
 def test_compose_with_instahide_encodes_the_whole_local_set():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -23,10 +24,43 @@ class ConfigError(ValueError):
 
 
 def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
-    allowed = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: must be a mapping of keys to values (got {d!r}); write "
+                          "it as 'key: value' lines")
+    fields = dataclasses.fields(cls)
+    allowed = {f.name for f in fields}
     unknown = sorted(set(d) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
+    missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}; add them")
+
+
+#: What a field's (simple) annotation allows: a description and a test.
+_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def _check_types(cfg: Any, where: str) -> None:
+    """Reject a field whose value does not fit its annotation (``int``, ``float | None``, ...).
+
+    Fields of other annotations (tuples, mappings) are checked where they are parsed.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        alternatives = [a.strip() for a in str(f.type).split("|")]
+        if value is None and "None" in alternatives:
+            continue
+        known = [_TYPES[a] for a in alternatives if a in _TYPES]
+        if known and not any(ok(value) for _, ok in known):
+            what = " or ".join([d for d, _ in known] + ["null"] * ("None" in alternatives))
+            raise ConfigError(f"{where}.{f.name}: must be {what} (got {value!r})")
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
@@ -63,6 +97,7 @@ class DatasetConfig:
         """Build from a config mapping, rejecting unknown keys and bad values."""
         _check_keys(cls, d, where)
         cfg = cls(**d)
+        _check_types(cfg, where)
         from fedmia.datasets import DATASETS
 
         _require(cfg.kind in DATASETS, f"{where}.kind",
@@ -118,6 +153,7 @@ class PartitionConfig:
         """Build from a config mapping, rejecting unknown keys and bad values."""
         _check_keys(cls, d, where)
         cfg = cls(**d)
+        _check_types(cfg, where)
         _require(cfg.kind in PARTITION_KINDS, f"{where}.kind",
                  f"unknown partition kind '{cfg.kind}'; choose from {list(PARTITION_KINDS)}")
         _require(cfg.num_clients >= 2, f"{where}.num_clients",
@@ -134,7 +170,8 @@ class PartitionConfig:
             _require(cfg.beta is not None and cfg.beta > 0, f"{where}.beta",
                      f"the Dirichlet concentration must be > 0 (got {cfg.beta})")
         else:
-            _require(cfg.beta is None, f"{where}.beta", "only a 'dirichlet' partition takes beta")
+            _require(cfg.beta is None, f"{where}.beta", "only a 'dirichlet' partition takes beta; "
+                     "drop beta or set kind: dirichlet")
         return cfg
 
 
@@ -149,6 +186,7 @@ class ModelConfig:
         """Build from a config mapping, rejecting unknown keys and bad values."""
         _check_keys(cls, d, where)
         cfg = cls(**d)
+        _check_types(cfg, where)
         from fedmia.models import MODELS
 
         _require(cfg.kind in MODELS, f"{where}.kind",
@@ -166,10 +204,11 @@ class DefenseConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "defense") -> Self:
         """Build from ``{kind: ..., <param>: ...}``; the defense validates its parameters."""
-        _require("kind" in d, where, "missing key 'kind'")
-        cfg = cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
-        from fedmia.defenses import build_defense
+        from fedmia.defenses import DEFENSES, build_defense
 
+        _require(isinstance(d, Mapping) and "kind" in d, where,
+                 f"missing key 'kind'; add kind: one of {DEFENSES.names()}")
+        cfg = cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
         build_defense(cfg, where=where)  # raises ConfigError on bad kinds or parameters
         return cfg
 
@@ -216,8 +255,12 @@ class TrainConfig:
         _check_keys(cls, d, where)
         d = dict(d)
         if "observe_rounds" in d:
-            d["observe_rounds"] = tuple(int(r) for r in d["observe_rounds"])
+            rounds = d["observe_rounds"]
+            _require(isinstance(rounds, list | tuple) and all(_TYPES["int"][1](r) for r in rounds),
+                     f"{where}.observe_rounds", f"must be a list of integers (got {rounds!r})")
+            d["observe_rounds"] = tuple(int(r) for r in rounds)
         cfg = cls(**d)
+        _check_types(cfg, where)
         _require(cfg.rounds >= 1, f"{where}.rounds", f"must be >= 1 (got {cfg.rounds})")
         _require(cfg.local_epochs >= 1, f"{where}.local_epochs", "must be >= 1")
         _require(cfg.batch_size >= 1, f"{where}.batch_size",

@@ -198,7 +198,7 @@ def _check_params(kind: str, params: Mapping[str, Any], spec: Mapping[str, Any])
             out[name] = params[name]
         elif default is _REQUIRED:
             raise ConfigError(f"defense '{kind}': missing required parameter '{name}' "
-                              f"(parameters: {sorted(spec)})")
+                              f"(parameters: {sorted(spec)}); add it")
         else:
             out[name] = default
     return out
@@ -235,7 +235,8 @@ def _boolean(kind: str, name: str, value: Any) -> bool:
 @DEFENSES.register("none")
 def _none(params: Mapping[str, Any]) -> Defense:
     if params:
-        raise ConfigError(f"defense 'none' takes no parameters (got {sorted(params)})")
+        raise ConfigError(f"defense 'none' takes no parameters (got {sorted(params)}); drop "
+                          "them, or pick the defense they belong to as kind")
     return Defense()
 
 
@@ -537,7 +538,9 @@ class InstaHideDefense(Defense):
                 return out
             tries = min(2 * tries, 4096)
         raise RuntimeError(f"instahide: could not draw coefficients with k = {k} and "
-                           f"upper_bound = {self.upper_bound}")
+                           f"upper_bound = {self.upper_bound}: the largest of k coefficients "
+                           "almost never reaches 0.5 when k is large; lower k (the official "
+                           "default is 3)")
 
     def draw(
         self, shape: torch.Size | tuple[int, ...], device: torch.device | str,

@@ -468,20 +468,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Print the fingerprint of the library code each entry module runs, "
                     "and the modules it covers (its import closure).")
     parser.add_argument("entries", nargs="+", metavar="ENTRY",
-                        help="dotted module name, e.g. fedmia.pipeline")
+                        help="dotted module name of fedmia, e.g. fedmia.pipeline (with "
+                             "--root: of the package there)")
     parser.add_argument("--root", type=Path, default=None,
                         help="the package directory to read (default: the installed package)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only 'ENTRY FINGERPRINT' lines")
     args = parser.parse_args(argv)
+    hint = ("name modules of the installed fedmia, e.g. fedmia.pipeline or fedmia.stages.train"
+            " (another package's modules need --root, its directory)" if args.root is None
+            else f"name modules of the package in {args.root}")
     try:
+        if args.root is None:
+            foreign = [e for e in args.entries if e.split(".")[0] != "fedmia"]
+            if foreign:
+                raise ValueError(f"{foreign} are not modules of fedmia")
         for entry in args.entries:
             print(f"{entry} {fingerprint(entry, root=args.root)}")
             if not args.quiet:
                 for module in sorted(import_closure(entry, root=args.root)):
                     print(f"  {module}")
     except (ClosureError, ValueError, SyntaxError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}; {hint}", file=sys.stderr)
         return 2
     if not args.quiet:
         deps = ", ".join(f"{d} {v or '-'}" for d, v in sorted(dependency_versions().items()))

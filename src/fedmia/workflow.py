@@ -83,15 +83,23 @@ def _raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> 
     if not errors:
         return
     err = jsonschema.exceptions.best_match(errors)
-    where = prefix + _where(err.absolute_path)
+    where = (prefix + _where(err.absolute_path) if err.absolute_path or not prefix
+             else prefix.rstrip("."))
     msg = err.message
     if err.validator == "additionalProperties" and isinstance(err.schema.get("properties"), dict):
         msg += f"; allowed keys are {sorted(err.schema['properties'])}"
+    if err.validator == "required":
+        msg += "; add it"
     if err.validator == "not" and err.validator_value == {"required": ["beta"]}:
-        msg = "only a 'dirichlet' partition takes beta"
+        msg = "only a 'dirichlet' partition takes beta; drop beta or set kind: dirichlet"
     desc = None
-    if err.absolute_path and isinstance(err.schema, dict):
-        desc = err.schema.get("description")
+    if err.absolute_path:
+        # an alternative of a oneOf/anyOf may lack the description of the key it failed
+        # for: take the nearest one up the chain (it says what is allowed)
+        node: jsonschema.ValidationError | None = err
+        while node is not None and desc is None:
+            desc = node.schema.get("description") if isinstance(node.schema, dict) else None
+            node = node.parent
     raise ConfigError(f"invalid config at '{where}': {msg}" + (f" ({desc})" if desc else ""))
 
 
@@ -168,8 +176,15 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                     f"invalid config at 'report.single_round': round {how} is not observed in "
                     f"cell {cell.path} (observed: {observed}); pick an observed round")
     fedmia = [a for a in attack["attacks"] if a.startswith("fedmia_")]
+    targets = [] if attack["targets"] == "all" else attack["targets"]
     for key in sorted({c.partition for c in spec.cells}):
         part = PartitionConfig.from_dict(config["partitions"][key])
+        beyond = sorted({t for t in targets if t >= part.num_clients})
+        if beyond:
+            raise ConfigError(
+                f"invalid config at 'attack.targets': client(s) {beyond} do not exist in "
+                f"partition '{key}' (num_clients {part.num_clients}, ids 0.."
+                f"{part.num_clients - 1}); list ids below num_clients, or all")
         if fedmia and part.num_clients < 3:
             raise ConfigError(
                 f"invalid config at 'partitions.{key}.num_clients': {fedmia} need at least 2 "
