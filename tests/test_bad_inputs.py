@@ -8,11 +8,6 @@ Each case makes one bad call and checks three things:
     exist afterwards, and no file appeared under the case's folder (for workflow runs: no
     ``results/`` files of the failing stage).
 
-A case whose message does not (yet) name the fix, or that fails the wrong way, is marked
-``gap(...)``: a strict xfail that still checks the problem and the outputs, states the fix
-the message should name, and says in which file it belongs. Closing a gap turns the case
-into an XPASS, which fails the run until the mark is dropped.
-
 Categories: config keys and values, dataset files, partitions, intermediate files, defense
 strengths (library and config), and command lines (``snakemake``, ``python -m
 fedmia.fingerprint``, ``bench/measures.py``), the last run as subprocesses.
@@ -116,11 +111,6 @@ class Bad:
 def bad(id: str, exc: type[BaseException], problem: str, fix: str, setup: Setup,
         marks: Any = ()) -> Any:
     return pytest.param(Bad(exc, problem, fix, setup), id=id, marks=marks)
-
-
-def gap(where: str, raises: type[BaseException] = FixMissing) -> Any:
-    """A known gap: the fix belongs in ``where``; ``raises`` is how the case fails today."""
-    return pytest.mark.xfail(raises=raises, strict=True, reason=f"gap, to fix in {where}")
 
 
 def library(call: Callable[[], Any]) -> Setup:
@@ -648,9 +638,9 @@ def attack_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
         part_file, mdm = cell_inputs(ctx, **(part or {}))
         mdm = table(mdm, pd.read_parquet(part_file))
         if partition is not None:
-            partition(pd.read_parquet(part_file)).to_parquet(part_file)
+            fio.write_parquet(partition(pd.read_parquet(part_file)), part_file, "partition")
         mdm_file = ctx.tmp / "mdm.parquet"
-        mdm.to_parquet(mdm_file)
+        fio.write_parquet(mdm, mdm_file, "measures")
         if damage is not None:
             damage(mdm_file)
         out = ctx.tmp / "attacks"
@@ -675,11 +665,11 @@ def measure_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
         part_file = ctx.tmp / "partition.parquet"
         pipeline.partition(ctx.digits, PART, 0, part_file)
         if partition is not None:
-            partition(pd.read_parquet(part_file)).to_parquet(part_file)
+            fio.write_parquet(partition(pd.read_parquet(part_file)), part_file, "partition")
         man = None
         if manifest is not None:
             man = ctx.tmp / "manifest.json"
-            fio.write_json(manifest, man)
+            fio.write_manifest(manifest, man)
         out = ctx.tmp / "mdm.parquet"
         return (lambda: pipeline.measure(
             data=ctx.digits, partition_file=part_file, observed_dir=obs, rounds=rounds,
@@ -697,7 +687,7 @@ def train_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
         if damage is not None:
             damage(part_file)
         out = ctx.tmp / "train"
-        outputs = {"history": out / "history.parquet", "final": out / "final.pt",
+        outputs = {"history": out / "history.parquet", "final": out / "final.safetensors",
                    "observed": out / "observed", "manifest": out / "manifest.json"}
         return (lambda: pipeline.train(
             data=ctx.digits, partition_file=part_file, model={"kind": "alexnet"},
@@ -707,7 +697,7 @@ def train_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
 
 
 def half_partition(path: Path) -> None:
-    pd.read_parquet(path).iloc[:100].to_parquet(path)
+    fio.write_parquet(pd.read_parquet(path).iloc[:100], path, "partition")
 
 
 def doubled(p: pd.DataFrame) -> pd.DataFrame:
@@ -717,8 +707,7 @@ def doubled(p: pd.DataFrame) -> pd.DataFrame:
 
 
 RERUN_MEASURE = r"rerun the measure stage"
-STAGE_GAP = "fedmia/stages/attack.py (lead): wrap the table checks with the file and "
-NOT_TORCH = b"not a file torch.save wrote" * 10
+NOT_TENSORS = b"not a file fedmia wrote" * 10
 
 INTERMEDIATE = [
     # measure tables given to the attack stage
@@ -727,25 +716,20 @@ INTERMEDIATE = [
                 table=lambda m, p: m[m["round"] != 2]),
     attack_case("measure-table-missing-a-client", ValueError,
                 r"incomplete measure table .*round 2 lacks client\(s\) \[1\]", RERUN_MEASURE,
-                table=lambda m, p: m[~((m["round"] == 2) & (m.client_id == 1))],
-                marks=gap(STAGE_GAP + "'rerun the measure stage'")),
+                table=lambda m, p: m[~((m["round"] == 2) & (m.client_id == 1))]),
     attack_case("measure-table-with-duplicates", ValueError,
                 r"3 duplicated \(round, client_id, sample_id\)", RERUN_MEASURE,
-                table=lambda m, p: pd.concat([m, m.iloc[:3]]),
-                marks=gap(STAGE_GAP + "'rerun the measure stage'")),
+                table=lambda m, p: pd.concat([m, m.iloc[:3]])),
     attack_case("measure-table-with-nan", ValueError,
                 r"measure column 'loss' has 1 NaN or infinite value", RERUN_MEASURE,
-                table=lambda m, p: m.assign(loss=m.loss.where(m.index != 5)),
-                marks=gap(STAGE_GAP + "'rerun the measure stage'")),
+                table=lambda m, p: m.assign(loss=m.loss.where(m.index != 5))),
     attack_case("measure-table-missing-a-column", ValueError,
                 r"measure table lacks column\(s\) \['cos'\]", RERUN_MEASURE,
-                table=lambda m, p: m.drop(columns="cos"),
-                marks=gap(STAGE_GAP + "'rerun the measure stage'")),
+                table=lambda m, p: m.drop(columns="cos")),
     attack_case("truncated-measure-parquet", ValueError,
-                r"mdm.parquet.*Parquet magic bytes not found", RERUN_MEASURE,
-                damage=truncate,
-                marks=gap("fedmia/io.py (lead): a read_parquet that names the file, the "
-                          "stage that wrote it and 'delete it and rerun'")),
+                r"mdm.parquet is not a readable Parquet file .*truncated or damaged",
+                r"delete .*mdm.parquet and rerun, or rerun its stage with snakemake "
+                r"--forcerun measure", damage=truncate),
     attack_case("measure-table-missing-canaries", ValueError,
                 r"the measure table lacks 5 canaries", RERUN_MEASURE,
                 table=lambda m, p: m[~m.sample_id.isin(p.sample_id[p.canary][:5])],
@@ -753,10 +737,7 @@ INTERMEDIATE = [
     attack_case("measure-table-without-any-canary", ValueError,
                 r"the measure table lacks 20 canaries", RERUN_MEASURE,
                 table=lambda m, p: m[~m.sample_id.isin(p.sample_id[p.canary])],
-                part={"audit_canaries": 20}, audit={"target": 0, "delta": 1e-5},
-                marks=gap("fedmia/attacks.py (lead): audit_attacks says 'measure table is "
-                          "empty'; check for lacking canaries before building the cube",
-                          raises=AssertionError)),
+                part={"audit_canaries": 20}, audit={"target": 0, "delta": 1e-5}),
     attack_case("attack-targets-beyond-the-clients", ValueError,
                 r"attack.targets \[5\] are not clients of this cell", r"\(0..2\)",
                 targets=[5]),
@@ -764,38 +745,32 @@ INTERMEDIATE = [
                 r"target client 0 owns all 60 evaluation samples \(no non-members\)",
                 r"rerun the partition stage|eval_nonmembers",
                 partition=lambda p: p.assign(client_id=np.where(p["eval"], 0, p.client_id)),
-                targets=[0], marks=gap(STAGE_GAP + "the partition's fix")),
+                targets=[0]),
     attack_case("partition-of-another-evaluation-set", ValueError,
-                r"partition.parquet .*sample", r"rerun the (partition|measure) stage",
+                r"mdm.parquet holds 1 sample\(s\) outside the evaluation set of "
+                r".*partition.parquet", r"rerun the measure stage",
                 partition=lambda p: p.assign(eval=p["eval"] & (p.sample_id != p.sample_id[
-                    p["eval"]].iloc[0])),
-                marks=gap("fedmia/stages/attack.py (lead): measured samples missing from the "
-                          "partition's evaluation set are dropped silently",
-                          raises=pytest.fail.Exception)),
+                    p["eval"]].iloc[0]))),
     attack_case("partition-without-the-eval-column", ValueError,
                 r"partition.parquet lacks column", r"rerun the partition stage",
-                partition=lambda p: p.drop(columns="eval"),
-                marks=gap("fedmia/stages/attack.py (lead): a KeyError 'eval' today",
-                          raises=KeyError)),
+                partition=lambda p: p.drop(columns="eval")),
     # observed rounds and partitions given to the measure stage
     measure_case("missing-observed-round-file", FileNotFoundError,
-                 r"observed round file\(s\) missing: \[.*round0002.pt'\]",
+                 r"observed round file\(s\) missing: \[.*round0002.safetensors'\]",
                  r"rerun the train stage with these rounds observed", rounds=[1, 2],
-                 observed={1: NOT_TORCH}),
+                 observed={1: NOT_TENSORS}),
     measure_case("round-the-train-stage-did-not-observe", ValueError,
                  r"manifest.json: round\(s\) \[2\] were not observed by the train stage",
                  r"rerun it \(snakemake --forcerun train\)", rounds=[1, 2],
                  manifest={"observed_rounds": [1], "diverged_round": None}),
-    measure_case("damaged-observed-round-file", ValueError, r"round0001.pt",
-                 r"rerun the train stage", rounds=[1], observed={1: NOT_TORCH},
-                 marks=gap("fedmia/io.py (lead): load_torch raises torch's RuntimeError "
-                           "about mmap and zip files", raises=RuntimeError)),
+    measure_case("damaged-observed-round-file", ValueError,
+                 r"round0001.safetensors is not a readable safetensors file",
+                 r"rerun its stage with snakemake --forcerun train", rounds=[1],
+                 observed={1: NOT_TENSORS}),
     measure_case("partition-longer-than-the-dataset", ValueError,
                  r"partition.parquet has 3594 rows but the dataset has 1797 samples",
-                 r"rerun the partition stage", rounds=[1], observed={1: NOT_TORCH},
-                 partition=doubled,
-                 marks=gap("fedmia/stages/measure.py (lead): the train stage's length check "
-                           "is missing; an IndexError today", raises=IndexError)),
+                 r"rerun the partition stage", rounds=[1], observed={1: NOT_TENSORS},
+                 partition=doubled),
     # partitions given to the train stage
     train_case("partition-shorter-than-the-dataset", ValueError,
                r"partition.parquet has 100 rows but the dataset has 1797 samples",
@@ -806,18 +781,73 @@ INTERMEDIATE = [
                device="cuda", marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                        reason="CUDA is available here")),
     train_case("truncated-partition-parquet", ValueError,
-               r"partition.parquet.*Parquet magic bytes not found",
-               r"rerun the partition stage", damage=truncate,
-               marks=gap("fedmia/io.py (lead): a read_parquet that names the stage to rerun")),
+               r"partition.parquet is not a readable Parquet file .*truncated or damaged",
+               r"rerun its stage with snakemake --forcerun partition", damage=truncate),
 ]
 
 # --------------------------------------------------- 4b. files of another format version
-# The intermediate files are getting format versions (issue 12, the lead). One case per
-# stage input goes here once they exist: a prepared meta.json, a partition Parquet, an
-# observed round .pt, a measure Parquet and an attack Parquet written by another format
-# version, each stopping the stage that reads it with a message naming both versions and
-# the rule to rerun.
-FORMAT_VERSIONS: list[Any] = []
+
+
+def old_format(kind: str, write: Callable[[Path], None], read: Callable[[Path], Any],
+               name: str) -> Setup:
+    """A ``kind`` file written by a fedmia whose format version was one lower."""
+    def setup(ctx: Ctx):
+        f = ctx.tmp / name
+        version = fio.FORMATS[kind]
+        fio.FORMATS[kind] = version - 1
+        try:
+            write(f)
+        finally:
+            fio.FORMATS[kind] = version
+        return (lambda: read(f)), []
+    return setup
+
+
+def _frame(f: Path, kind: str) -> None:
+    fio.write_parquet(pd.DataFrame({"round": [1]}), f, kind)
+
+
+FORMAT_VERSIONS = [
+    bad(f"{kind}-file-of-an-older-format", fio.FormatError,
+        rf"has format '{kind}/{fio.FORMATS[kind] - 1}', but this fedmia reads "
+        rf"'{kind}/{fio.FORMATS[kind]}'", rf"--forcerun {fio.WRITER[kind]}",
+        old_format(kind, write, read, name))
+    for kind, name, write, read in (
+        ("partition", "p.parquet", lambda f: _frame(f, "partition"),
+         lambda f: fio.read_parquet(f, "partition")),
+        ("measures", "m.parquet", lambda f: _frame(f, "measures"),
+         lambda f: fio.read_parquet(f, "measures")),
+        ("attack", "a.parquet", lambda f: _frame(f, "attack"),
+         lambda f: fio.read_parquet(f, "attack")),
+        ("observed", "round0001.safetensors",
+         lambda f: fio.save_tensors(f, {"x": torch.zeros(1)}, {}, "observed"),
+         fio.load_observed),
+        ("manifest", "manifest.json", lambda f: fio.write_manifest({}, f), fio.read_manifest),
+    )
+] + [
+    bad("measures-file-given-as-a-partition", fio.FormatError,
+        rf"has format 'measures/{fio.FORMATS['measures']}', but this fedmia reads "
+        r"'partition/\d+'", r"--forcerun partition",
+        lambda ctx: (_frame(ctx.tmp / "p.parquet", "measures"),
+                     (lambda: fio.read_parquet(ctx.tmp / "p.parquet", "partition"), []))[1]),
+    bad("checkpoint-of-another-format", fio.FormatError,
+        r"state.safetensors has no fedmia format tag", r"delete .*ckpt to start the cell afresh",
+        lambda ctx: (_untagged_checkpoint(ctx.tmp / "ckpt"), (lambda: _load_checkpoint(
+            ctx.tmp / "ckpt"), []))[1]),
+]
+
+
+def _untagged_checkpoint(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file({"global_state": torch.zeros(2)}, str(folder / "state.safetensors"))
+
+
+def _load_checkpoint(folder: Path) -> None:
+    from fedmia.stages.train import Checkpoint
+
+    Checkpoint(folder, "key").load()
 
 
 # ------------------------------------------ 4c. measure tables given to the attack code
@@ -850,10 +880,9 @@ def attack_on_nan() -> None:
     run_attack("cos", mdm, owner)
 
 
-ATTACKS_GAP = gap("fedmia/attacks.py (lead): the table's fix (e.g. 'rerun the measure stage')")
 ATTACKS = [
     validate_case("table-missing-a-column", r"lacks column\(s\) \['cos'\]", RERUN_MEASURE,
-                  lambda m, o: (m.drop(columns="cos"), o, None), ATTACKS_GAP),
+                  lambda m, o: (m.drop(columns="cos"), o, None)),
     validate_case("table-with-float-rounds", r"column 'round' must be integer",
                   r"must be integer", lambda m, o: (m.astype({"round": float}), o, None)),
     validate_case("table-missing-a-client",
@@ -864,33 +893,33 @@ ATTACKS = [
                   r"every client needs every sample in every round", _missing_samples),
     validate_case("table-with-duplicates", r"2 duplicated \(round, client_id, sample_id\) row",
                   RERUN_MEASURE, lambda m, o: (pd.concat([m, m.iloc[[5, 17]]]), o, None),
-                  ATTACKS_GAP),
+                  ),
     validate_case("table-with-nan", r"column 'cos' has 4 NaN or infinite", RERUN_MEASURE,
-                  _nan, ATTACKS_GAP),
+                  _nan),
     validate_case("table-with-inf", r"column 'loss' has 1 NaN or infinite", RERUN_MEASURE,
-                  _inf, ATTACKS_GAP),
+                  _inf),
     validate_case("table-sample-without-owner",
                   r"1 sample\(s\) of the measure table are not in owner",
                   r"rerun the (measure|partition) stage",
-                  lambda m, o: (m, o.drop(o.index[4]), None), ATTACKS_GAP),
+                  lambda m, o: (m, o.drop(o.index[4]), None)),
     validate_case("target-without-members",
                   r"target client 3 owns none of the 200 evaluation samples",
                   r"eval_members_per_client|drop it from attack.targets",
-                  lambda m, o: (m, o.where(o != 3, -1), None), ATTACKS_GAP),
+                  lambda m, o: (m, o.where(o != 3, -1), None)),
     validate_case("target-without-nonmembers",
                   r"target client 0 owns all 200 evaluation samples", r"eval_nonmembers",
-                  lambda m, o: (m, o * 0, None), ATTACKS_GAP),
+                  lambda m, o: (m, o * 0, None)),
     validate_case("unknown-target", r"target client 9 has no rows",
                   r"\(clients: \[0, 1, 2, 3, 4\]\)", lambda m, o: (m, o, [0, 9])),
     validate_case("empty-table", r"measure table is empty", RERUN_MEASURE,
-                  lambda m, o: (m.iloc[:0], o, None), ATTACKS_GAP),
+                  lambda m, o: (m.iloc[:0], o, None)),
     bad("attack-on-a-nan-measure", ValueError, r"column 'cos' has 2", RERUN_MEASURE,
-        library(attack_on_nan), ATTACKS_GAP),
+        library(attack_on_nan)),
     bad("attack-by-an-unknown-name", ValueError, r"unknown attack 'lira'", r"choose from \['cos'",
         library(lambda: run_attack("lira", *world(separation=0.3)))),
     bad("fedmia-with-one-reference", ValueError, r"at least 2 non-target clients; got 1",
         r"num_clients >= 3|drop",
-        library(lambda: run_attack("fedmia_loss", *world(separation=0.3, k=2))), ATTACKS_GAP),
+        library(lambda: run_attack("fedmia_loss", *world(separation=0.3, k=2)))),
     bad("unknown-outlier-filter", ValueError, r"unknown outlier-filter policy 'sometimes'",
         r"choose from \['auto', 'always', 'never'\]",
         library(lambda: outlier_filter_for("sometimes", "fedmia_cos", "iid"))),

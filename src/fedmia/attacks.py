@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 KEYS = ("round", "client_id", "sample_id")
 MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
+#: The fix of a damaged measure table, appended to its errors.
+REMEASURE = "; rerun the measure stage (snakemake --forcerun measure)"
 #: ``round`` of a score that uses all attacked rounds.
 MULTI_ROUND = -1
 #: FedMIA's variance floor: σ² = var + VAR_FLOOR, as the official code (``var + 1e-8``).
@@ -156,9 +158,9 @@ class MeasureCube:
         missing = [c for c in (*KEYS, *measures) if c not in mdm.columns]
         if missing:
             raise ValueError(f"measure table lacks column(s) {missing}; "
-                             f"it has {list(mdm.columns)}")
+                             f"it has {list(mdm.columns)}{REMEASURE}")
         if len(mdm) == 0:
-            raise ValueError("measure table is empty")
+            raise ValueError(f"measure table is empty{REMEASURE}")
         for c in KEYS:
             if not pd.api.types.is_integer_dtype(mdm[c]):
                 raise ValueError(f"measure table column '{c}' must be integer, "
@@ -170,7 +172,7 @@ class MeasureCube:
         if dup.any():
             i = int(np.flatnonzero(dup)[0])
             raise ValueError(f"measure table has {int(dup.sum())} duplicated (round, client_id, "
-                             f"sample_id) row(s), e.g. ({r[i]}, {c[i]}, {s[i]})")
+                             f"sample_id) row(s), e.g. ({r[i]}, {c[i]}, {s[i]}){REMEASURE}")
         rounds, clients, sample_ids = np.unique(r), np.unique(c), np.unique(s)
         shape = (len(rounds), len(clients), len(sample_ids))
         if len(r) != np.prod(shape):
@@ -183,7 +185,7 @@ class MeasureCube:
                 i = int(np.flatnonzero(bad)[0])
                 raise ValueError(f"measure column '{m}' has {int(bad.sum())} NaN or infinite "
                                  f"value(s), e.g. at round {r[i]}, client {c[i]}, "
-                                 f"sample_id {s[i]}")
+                                 f"sample_id {s[i]}{REMEASURE}")
             values[m] = v.reshape(shape)
         return cls(rounds, clients, sample_ids, values)
 
@@ -211,7 +213,7 @@ def _grid_gaps(mdm: pd.DataFrame, clients: np.ndarray, sample_ids: np.ndarray,
                                 f"{len(sample_ids)} samples (e.g. sample_id {miss[0]})")
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
     return ("incomplete measure table (every client needs every sample in every round): "
-            + "; ".join(problems[:limit]) + more)
+            + "; ".join(problems[:limit]) + more + REMEASURE)
 
 
 def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
@@ -226,7 +228,9 @@ def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
     known = np.isin(cube.sample_ids, owner.index.to_numpy())
     if not known.all():
         raise ValueError(f"{int((~known).sum())} sample(s) of the measure table are not in "
-                         f"owner, e.g. sample_id {cube.sample_ids[~known][0]}")
+                         f"owner, e.g. sample_id {cube.sample_ids[~known][0]}: the measures "
+                         "belong to another evaluation set; rerun the measure stage on this "
+                         "partition (or rerun the partition stage)")
     return owner.reindex(cube.sample_ids).to_numpy().astype(np.int64)
 
 
@@ -238,10 +242,11 @@ def _check_targets(cube: MeasureCube, own: np.ndarray, targets: Iterable[int]) -
         is_member = own == t
         if not is_member.any():
             raise ValueError(f"target client {t} owns none of the {n} evaluation samples "
-                             "(no members)")
+                             "(no members); raise the partition's eval_members_per_client or "
+                             "drop it from attack.targets")
         if is_member.all():
             raise ValueError(f"target client {t} owns all {n} evaluation samples "
-                             "(no non-members)")
+                             "(no non-members); raise the partition's eval_nonmembers")
         out.append(int(t))
     return out
 
@@ -315,7 +320,9 @@ def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
         float64 (..., S) in [0, 1].
     """
     if reference.shape[-2] < 2:
-        raise ValueError(f"FedMIA needs at least 2 non-target clients; got {reference.shape[-2]}")
+        raise ValueError(f"FedMIA needs at least 2 non-target clients; got "
+                         f"{reference.shape[-2]}: use num_clients >= 3 or drop the fedmia "
+                         "attacks")
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 or 1; got {ddof}")
     w = np.ones(reference.shape, dtype=bool) if weights is None else np.broadcast_to(
@@ -722,12 +729,12 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
     """
     specs = [ATTACKS.get(n) for n in names]
     ids = np.sort(canaries.index.to_numpy())
-    rows_of = mdm[mdm["sample_id"].isin(ids)]
-    cube = MeasureCube.from_frame(rows_of, sorted({s.measure for s in specs}))
-    lacking = np.setdiff1d(ids, cube.sample_ids)
+    lacking = np.setdiff1d(ids, mdm["sample_id"].unique())
     if len(lacking):
         raise ValueError(f"the measure table lacks {len(lacking)} canaries, e.g. sample_id "
-                         f"{lacking[0]}; rerun the measure stage")
+                         f"{lacking[0]}{REMEASURE}")
+    cube = MeasureCube.from_frame(mdm[mdm["sample_id"].isin(ids)],
+                                  sorted({s.measure for s in specs}))
     included = canaries.reindex(cube.sample_ids).to_numpy().astype(bool)
     t = cube.client_index(target)
     attacked = _attacked_mask(cube, attack_rounds)

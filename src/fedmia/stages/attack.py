@@ -88,6 +88,10 @@ def attack(
         attack_rounds = (available_rounds(attack_rounds, manifest_file)
                          if attack_rounds is not None else None)
     part = io.read_parquet(partition_file, "partition")
+    lacking = [c for c in ("sample_id", "client_id", "eval") if c not in part]
+    if lacking:
+        raise ValueError(f"{partition_file} lacks column(s) {lacking}; rerun the partition "
+                         "stage (snakemake --forcerun partition)")
     if len(mdm) == 0 and manifest_file is not None:
         log.warning("no observed round before the run diverged: no attack can run; writing "
                     "empty result tables")
@@ -113,6 +117,13 @@ def attack(
                                 delta=float(audit["delta"]), seed=int(cell["seed"]))
         log.info("audit on %d canaries: ε ≥ %s", len(canaries),
                  dict(zip(audited.attack, audited.epsilon_empirical.round(3), strict=True)))
+    measured = set(mdm["sample_id"].unique())
+    foreign = sorted(measured - set(owner.index) - set(canaries["sample_id"]))
+    if foreign:
+        raise ValueError(f"{measures_file} holds {len(foreign)} sample(s) outside the "
+                         f"evaluation set of {partition_file}, e.g. sample_id {foreign[0]}: "
+                         "the measures belong to another partition; rerun the measure stage "
+                         "(snakemake --forcerun measure)")
     mdm = mdm[mdm["sample_id"].isin(owner.index)]  # the attacks see the evaluation set
     k = int(part["client_id"].max()) + 1
     if targets == "all":
