@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmia import io, pipeline
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,11 +26,7 @@ def snakemake_cmd() -> list[str]:
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory) -> dict[str, str]:
     """The prepared digits dataset (32×32), written once per test session."""
-    from fedmia import pipeline
-
-    d = tmp_path_factory.mktemp("digits")
-    files = {k: str(d / f"{k}.npy") for k in ("images", "labels", "is_test")}
-    files["meta"] = str(d / "meta.json")
+    files = io.prepared_paths(tmp_path_factory.mktemp("digits"))
     pipeline.prepare({"kind": "digits"}, files)
     return files
 

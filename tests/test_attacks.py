@@ -9,9 +9,7 @@ import pytest
 
 from fedmia.attacks import (
     ATTACKS,
-    MEASURES,
     MULTI_ROUND,
-    RESULT_COLUMNS,
     OfficialProtocol,
     attack_scores,
     fedmia_cdf,
@@ -21,6 +19,7 @@ from fedmia.attacks import (
     run_attacks,
     validate_measures,
 )
+from fedmia.io import MEASURES, RESULT_COLUMNS
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
 MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos"]

@@ -299,8 +299,7 @@ CONFIG = [
 
 
 def prepared_files(folder: Path) -> dict[str, Path]:
-    files = {k: folder / f"{k}.npy" for k in ("images", "labels", "is_test")}
-    return {**files, "meta": folder / "meta.json"}
+    return {k: Path(v) for k, v in fio.prepared_paths(folder).items()}
 
 
 def prepare_case(id: str, exc: type[BaseException], problem: str, fix: str,

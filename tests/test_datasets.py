@@ -16,6 +16,8 @@ import pytest
 from PIL import Image
 
 from fedmia import datasets as ds
+from fedmia import io as fio
+from fedmia import pipeline
 from fedmia.config import DatasetConfig
 from fedmia.datasets import prepare_dataset, seeded_split, verify_md5
 
@@ -350,11 +352,8 @@ def test_imagefolder_train_test(tmp_path):
 
 
 def test_pipeline_prepare_imagefolder(tmp_path):
-    from fedmia import pipeline
-
     make_folder(tmp_path / "imgs")
-    files = {k: str(tmp_path / "out" / f"{k}.npy") for k in ("images", "labels", "is_test")}
-    files["meta"] = str(tmp_path / "out" / "meta.json")
+    files = fio.prepared_paths(tmp_path / "out")
     pipeline.prepare({"kind": "imagefolder", "root": str(tmp_path / "imgs")}, files)
     meta = json.loads(Path(files["meta"]).read_text())
     assert meta["num_samples"] == 19 and meta["classes"] == ["cat", "dog", "emu"]

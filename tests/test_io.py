@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from fedmia import io
 
@@ -70,10 +73,27 @@ def test_manifests_are_versioned(tmp_path):
         io.read_manifest(f)
 
 
-def test_same_tensors_same_bytes_across_processes(tmp_path):
-    import subprocess
-    import sys
+def test_tensors_are_written_byte_for_byte_as_safetensors_torch_writes_them(tmp_path):
+    """io writes through safetensors.numpy (so that it imports no torch): the same bytes."""
+    t = {"uploads": torch.randn(3, 5), "num_samples": torch.tensor([20, 21, 19]),
+         "mask": torch.tensor([True, False]), "global_state": torch.arange(5.0)}
+    meta = {"round": 10, "layout": [{"name": "w", "shape": [5]}]}
+    io.save_tensors(tmp_path / "io.safetensors", t, meta, "observed")
+    header = json.dumps({"format": io.format_tag("observed"), "meta": meta}, sort_keys=True)
+    save_file({k: t[k] for k in sorted(t)}, str(tmp_path / "torch.safetensors"),
+              metadata={io.FORMAT_KEY: header})
+    assert (tmp_path / "io.safetensors").read_bytes() == (
+        tmp_path / "torch.safetensors").read_bytes()
 
+
+def test_prepared_file_names_come_from_one_constant(tmp_path):
+    paths = io.prepared_paths(tmp_path)
+    assert list(paths) == list(io.PREPARED_FILES)
+    assert set(io.PREPARED_ARRAYS) < set(io.PREPARED_FILES)
+    assert paths["meta"] == str(tmp_path / "meta.json")
+
+
+def test_same_tensors_same_bytes_across_processes(tmp_path):
     code = ("import sys, torch; from fedmia import io; io.save_tensors(sys.argv[1], "
             "{'b': torch.ones(2, 3), 'a': torch.arange(3.0)}, {'z': 1, 'a': [2, 3]}, 'final')")
     for i in (0, 1):  # separate interpreters: hash seeds and allocation differ

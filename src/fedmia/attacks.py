@@ -56,12 +56,18 @@ import pandas as pd
 from scipy.special import ndtr
 
 from fedmia import audit, metrics, uncertainty
+from fedmia.io import (
+    ATTACK_DTYPES,
+    AUDIT_COLUMNS,
+    CI_METRICS,
+    MEASURE_KEYS,
+    MEASURES,
+    RESULT_COLUMNS,
+)
 from fedmia.registry import Registry
 
 log = logging.getLogger(__name__)
 
-KEYS = ("round", "client_id", "sample_id")
-MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
 #: The fix of a damaged measure table, appended to its errors.
 REMEASURE = "; rerun the measure stage (snakemake --forcerun measure)"
 #: ``round`` of a score that uses all attacked rounds.
@@ -155,17 +161,17 @@ class MeasureCube:
         Raises:
             ValueError: naming the problem (see :func:`validate_measures`).
         """
-        missing = [c for c in (*KEYS, *measures) if c not in mdm.columns]
+        missing = [c for c in (*MEASURE_KEYS, *measures) if c not in mdm.columns]
         if missing:
             raise ValueError(f"measure table lacks column(s) {missing}; "
                              f"it has {list(mdm.columns)}{REMEASURE}")
         if len(mdm) == 0:
             raise ValueError(f"measure table is empty{REMEASURE}")
-        for c in KEYS:
+        for c in MEASURE_KEYS:
             if not pd.api.types.is_integer_dtype(mdm[c]):
                 raise ValueError(f"measure table column '{c}' must be integer, "
                                  f"not {mdm[c].dtype}")
-        r, c, s = (mdm[k].to_numpy(np.int64) for k in KEYS)
+        r, c, s = (mdm[k].to_numpy(np.int64) for k in MEASURE_KEYS)
         order = np.lexsort((s, c, r))
         r, c, s = r[order], c[order], s[order]
         dup = (r[1:] == r[:-1]) & (c[1:] == c[:-1]) & (s[1:] == s[:-1])
@@ -533,23 +539,11 @@ def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
     })
 
 
-#: Columns of an attack result table, in order (besides the cell's keys and ``attack``).
-#: Metrics with bootstrap intervals (every metric but the balanced accuracy).
-CI_METRICS = ("auc", *(metrics.tpr_metric_name(a) for a in metrics.FPR_LEVELS))
-#: Interval columns of a result row: ``<metric>_ci_low``, ``_ci_high``, ``_se`` and, for
-#: TPRs, ``_fp``.
-CI_COLUMNS = tuple(f"{m}_{part}" for m in CI_METRICS for part in ("ci_low", "ci_high", "se")
-                   ) + tuple(f"{m}_fp" for m in CI_METRICS if m != "auc")
-RESULT_COLUMNS = ("protocol", "draw", "target", "round", "attacked", "n_rounds",
-                  *metrics.METRICS, *CI_COLUMNS,
-                  "n_members", "n_nonmembers", "roc_fpr", "roc_tpr")
-
-
 def _intervals(scores: np.ndarray, is_member: np.ndarray, *, n_boot: int, rule: str,
                seed: int) -> list[dict[str, float]]:
     """Per row of ``scores`` (R×S): bootstrap interval, SE and false positives.
 
-    The 95 % percentile interval and the standard error of each :data:`CI_METRICS` from
+    The 95 % percentile interval and the standard error of each :data:`fedmia.io.CI_METRICS` from
     ``n_boot`` paired replicates (one resample for all rows), and for each TPR the false
     positives it rests on.
     """
@@ -601,7 +595,7 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
 
     Returns:
         attack name → one row per (protocol, draw, target, round) with
-        :data:`RESULT_COLUMNS`: ``draw`` is 0 for ``aligned``; ``round`` is −1 for a
+        :data:`fedmia.io.RESULT_COLUMNS`: ``draw`` is 0 for ``aligned``; ``round`` is −1 for a
         multi-round score; ``attacked`` whether the round is one of ``attack_rounds``
         (a single-round attack at a round observed only for the figures is False; only
         attacked rounds are candidates when a report picks a round); ``n_rounds`` the
@@ -667,11 +661,9 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                                                                         fpr_rule),
                                        **extra, "roc_fpr": fpr, "roc_tpr": tpr})
     out = {}
+    dtypes = {c: t for c, t in ATTACK_DTYPES.items() if c in RESULT_COLUMNS}
     for spec in specs:
-        res = pd.DataFrame(rows[spec.name], columns=list(RESULT_COLUMNS)).astype(
-            {"draw": np.int64, "target": np.int64, "round": np.int64, "n_rounds": np.int64,
-             "n_members": np.int64, "n_nonmembers": np.int64,
-             **{c: np.int64 for c in CI_COLUMNS if c.endswith("_fp")}})
+        res = pd.DataFrame(rows[spec.name], columns=list(RESULT_COLUMNS)).astype(dtypes)
         out[spec.name] = res.sort_values(["protocol", "draw", "target", "round"],
                                          ignore_index=True)
         aligned = res[res.protocol == protocols[0]]
@@ -692,11 +684,6 @@ def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
     """
     return run_attacks([name], mdm, owner, targets, outlier_filter={name: outlier_filter},
                        **options)[name]
-
-
-#: Columns of :func:`audit_attacks` (``results/attacks/{cell}/audit.parquet``).
-AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
-                 "num_guesses", "num_correct", "delta", "beta", "rule", "choice")
 
 
 def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, target: int,
@@ -725,7 +712,7 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
         seed: seed of the held-out split (e.g. the cell's).
 
     Returns:
-        One row per attack, :data:`AUDIT_COLUMNS`; ``round`` −1 for a multi-round score.
+        One row per attack, :data:`fedmia.io.AUDIT_COLUMNS`; ``round`` −1 for a multi-round score.
     """
     specs = [ATTACKS.get(n) for n in names]
     ids = np.sort(canaries.index.to_numpy())

@@ -2,6 +2,15 @@
 
 A failed stage leaves no partial file behind: outputs appear only once complete.
 
+**The contracts between stages live here**: the prepared dataset's files
+(:data:`PREPARED_FILES`), the measure table's columns and dtypes
+(:data:`MEASURE_DTYPES`), the attack and audit tables' (:data:`ATTACK_DTYPES`,
+:data:`AUDIT_COLUMNS`), the observed-round record (:func:`save_observed`) and the keys
+that join histories and manifests to cells (:data:`CELL_KEYS`). Importing the module
+imports no torch (tensors are written through ``safetensors.numpy``, which gives the
+bytes ``safetensors.torch`` gives), so the workflow reads these names when it parses the
+Snakefile.
+
 **Versioned and byte-stable.** Every intermediate file carries a format tag,
 ``fedmia_format = "<kind>/<version>"`` (:data:`FORMATS`): in the key-value metadata of a
 Parquet file, the metadata of a safetensors file, a field of a JSON manifest. A reader
@@ -31,23 +40,68 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors
-import safetensors.torch
-import torch
+import safetensors.numpy
 
-if TYPE_CHECKING:  # a type only: the file contracts do not depend on the loaders
+from fedmia import metrics
+
+if TYPE_CHECKING:  # types only: the file contracts depend on neither torch nor the loaders
+    import torch
+
     from fedmia.datasets import PreparedData
 
 log = logging.getLogger(__name__)
 
-ARRAY_FILES = ("images", "labels", "is_test")
+#: The files of a prepared dataset (``results/data/{dataset}/``), by key: three arrays
+#: (``.npy``, one entry per sample) and the metadata JSON.
+PREPARED_FILES = {"images": "images.npy", "labels": "labels.npy", "is_test": "is_test.npy",
+                  "meta": "meta.json"}
+#: The array keys of :data:`PREPARED_FILES` (the attributes of ``PreparedData`` saved).
+PREPARED_ARRAYS = ("images", "labels", "is_test")
 #: The keys of a cell, in path order; attack tables, histories and manifests carry them.
 CELL_KEYS = ("dataset", "model", "defense", "partition", "seed")
 HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples", "train_loss",
                    "train_accuracy", "test_loss", "test_accuracy"]
-#: Columns and dtypes of the measure table.
+#: The keys of a measure table row: the round, the client whose upload produced the values
+#: and the evaluation sample.
+MEASURE_KEYS = ("round", "client_id", "sample_id")
+#: Columns and dtypes of the measure table, in order: the keys, then the measures (any
+#: numeric column can be an attack's measure).
 MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
                   "loss": "float32", "cos": "float32", "grad_diff": "float32",
                   "grad_norm": "float32", "correct": "bool", "confidence": "float32"}
+#: The membership disclosure measures of :data:`MEASURE_DTYPES` (the others are cheap
+#: by-products of the loss pass).
+MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
+#: Metrics with bootstrap intervals in an attack table (every metric but the balanced
+#: accuracy).
+CI_METRICS = ("auc", *(metrics.tpr_metric_name(a) for a in metrics.FPR_LEVELS))
+#: Interval columns of an attack table row: ``<metric>_ci_low``, ``_ci_high``, ``_se`` and,
+#: for TPRs, ``_fp`` (the false positives the TPR rests on).
+CI_COLUMNS = tuple(f"{m}_{part}" for m in CI_METRICS for part in ("ci_low", "ci_high", "se")
+                   ) + tuple(f"{m}_fp" for m in CI_METRICS if m != "auc")
+#: Columns of one attack's results (:func:`fedmia.attacks.run_attacks`), in order.
+RESULT_COLUMNS = ("protocol", "draw", "target", "round", "attacked", "n_rounds",
+                  *metrics.METRICS, *CI_COLUMNS,
+                  "n_members", "n_nonmembers", "roc_fpr", "roc_tpr")
+#: Columns of an attack table (``results/attacks/{cell}/{attack}.parquet``): the cell's
+#: keys, the attack's name, then :data:`RESULT_COLUMNS`.
+ATTACK_COLUMNS = (*CELL_KEYS, "attack", *RESULT_COLUMNS)
+#: dtypes of an attack table's integer, boolean and string columns (the metrics are
+#: float64, the ROC points float64 arrays).
+ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
+                 "partition": "object", "seed": "int64", "attack": "object",
+                 "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
+                 "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
+                 "n_nonmembers": "int64", **{c: "int64" for c in CI_COLUMNS if c.endswith("_fp")}}
+#: Columns of an attack's one-run audit (:func:`fedmia.attacks.audit_attacks`); the audit
+#: table (``results/attacks/{cell}/audit.parquet``) has the cell's keys first.
+AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
+                 "num_guesses", "num_correct", "delta", "beta", "rule", "choice")
+
+
+def prepared_paths(folder: str | Path) -> dict[str, str]:
+    """The files of a prepared dataset in ``folder``, by key (:data:`PREPARED_FILES`)."""
+    return {key: str(Path(folder) / name) for key, name in PREPARED_FILES.items()}
 
 
 
@@ -149,18 +203,20 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     """Save tensors and JSON-able metadata as safetensors, atomically and byte-stably.
 
     Tensors go to the CPU, contiguous, in sorted order; ``meta`` is stored as one
-    key-sorted JSON string next to the format tag of ``kind``.
+    key-sorted JSON string next to the format tag of ``kind``. They are written as
+    numpy arrays (``safetensors.numpy``: the same bytes as ``safetensors.torch``, and no
+    torch import here).
     """
-    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    ordered = {k: tensors[k].detach().cpu().contiguous().numpy() for k in sorted(tensors)}
     # one metadata entry: safetensors writes several in a per-process random order
     header = {FORMAT_KEY: json.dumps({"format": format_tag(kind), "meta": meta},
                                      sort_keys=True)}
     with atomic_path(path) as tmp:
-        safetensors.torch.save_file(ordered, str(tmp), metadata=header)
+        safetensors.numpy.save_file(ordered, str(tmp), metadata=header)
 
 
 def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load what :func:`save_tensors` wrote as ``kind``: ``(tensors, meta)`` (CPU).
+    """Load what :func:`save_tensors` wrote as ``kind``: ``(tensors, meta)`` (CPU tensors).
 
     Raises:
         FormatError: the file is damaged or truncated, or of another kind or version.
@@ -188,9 +244,9 @@ def write_json(obj: Any, path: str | Path) -> None:
 def save_prepared(data: PreparedData, paths: dict[str, str | Path], meta: dict[str, Any]) -> None:
     """Write the arrays (``.npy``) and the metadata JSON of a prepared dataset.
 
-    ``paths`` maps ``images``, ``labels``, ``is_test`` and ``meta`` to files.
+    ``paths`` maps the keys of :data:`PREPARED_FILES` to files.
     """
-    for name in ARRAY_FILES:
+    for name in PREPARED_ARRAYS:
         with atomic_path(paths[name]) as tmp, open(tmp, "wb") as f:
             np.save(f, getattr(data, name))
     write_json(meta, paths["meta"])
@@ -198,7 +254,7 @@ def save_prepared(data: PreparedData, paths: dict[str, str | Path], meta: dict[s
 
 def load_prepared(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read what :func:`save_prepared` wrote: ``({images, labels, is_test}, meta)``."""
-    arrays = {name: np.load(paths[name]) for name in ARRAY_FILES}
+    arrays = {name: np.load(paths[name]) for name in PREPARED_ARRAYS}
     meta = json.loads(Path(paths["meta"]).read_text())
     return arrays, meta
 

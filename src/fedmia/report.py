@@ -4,7 +4,7 @@ Input everywhere is the concatenation of attack-stage tables: one row per
 ``(dataset, model, defense, partition, seed, attack, protocol, draw, target, round)``
 with the metrics of :mod:`fedmia.metrics` (``round = -1``: a multi-round score),
 ``attacked`` (whether a single-round attack's round is one of the attacked rounds),
-``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr`` (:data:`fedmia.attacks.RESULT_COLUMNS`).
+``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr`` (:data:`fedmia.io.RESULT_COLUMNS`).
 
 **How a single-round attack is reported** (``report.single_round``, :data:`SELECTIONS`):
 a single-round attack has one score per observed round, and a table shows one of them:
@@ -585,7 +585,7 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
         strengths: ``defense, kind, strength`` per defense key.
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
-        audit: the one-run audits (:data:`fedmia.attacks.AUDIT_COLUMNS` with the cells'
+        audit: the one-run audits (:data:`fedmia.io.AUDIT_COLUMNS` with the cells'
             keys): ``epsilon_empirical`` of each attack, on the aligned protocol's rows
             only (the smallest over seeds, each a valid bound at level β); NaN without.
 

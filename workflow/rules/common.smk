@@ -5,6 +5,7 @@ import dataclasses
 
 from fedmia.fingerprint import fingerprint
 from fedmia.attacks import outlier_filter_for
+from fedmia.io import PREPARED_FILES
 from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_config
 
 SPEC = load_workflow_config(
@@ -23,12 +24,7 @@ def code(stage):
 
 CELL = "{dataset}/{model}/{defense}/{partition}/seed{seed}"
 DATA = "results/data/{dataset}"
-DATA_FILES = {
-    "images": f"{DATA}/images.npy",
-    "labels": f"{DATA}/labels.npy",
-    "is_test": f"{DATA}/is_test.npy",
-    "meta": f"{DATA}/meta.json",
-}
+DATA_FILES = {key: f"{DATA}/{name}" for key, name in PREPARED_FILES.items()}
 PARTITION = "results/partitions/{dataset}/{partition}/seed{seed}.parquet"
 TRAIN = f"results/train/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"

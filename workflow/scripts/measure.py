@@ -1,12 +1,13 @@
 """Rule measure: membership disclosure measures of one cell (fedmia.stages.measure.measure)."""
 
+from fedmia.io import PREPARED_FILES
 from fedmia.logs import setup_logging
 from fedmia.stages import measure as stage
 
 setup_logging(snakemake.log[0])
 inputs = dict(snakemake.input.items())
 stage.measure(
-    data={k: inputs[k] for k in ("images", "labels", "is_test", "meta")},
+    data={k: inputs[k] for k in PREPARED_FILES},
     partition_file=inputs["partition"],
     observed_dir=inputs["observed"],
     rounds=snakemake.params.rounds,

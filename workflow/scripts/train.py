@@ -1,12 +1,13 @@
 """Rule train: FedAvg for one cell (fedmia.stages.train.train)."""
 
+from fedmia.io import PREPARED_FILES
 from fedmia.logs import setup_logging
 from fedmia.stages import train as stage
 
 setup_logging(snakemake.log[0])
 inputs = dict(snakemake.input.items())
 stage.train(
-    data={k: inputs[k] for k in ("images", "labels", "is_test", "meta")},
+    data={k: inputs[k] for k in PREPARED_FILES},
     partition_file=inputs["partition"],
     model=snakemake.params.model,
     defense=snakemake.params.defense,

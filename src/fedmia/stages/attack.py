@@ -11,24 +11,10 @@ from typing import Any
 import pandas as pd
 
 from fedmia import io
-from fedmia.attacks import (
-    AUDIT_COLUMNS,
-    PROTOCOLS,
-    RESULT_COLUMNS,
-    OfficialProtocol,
-    audit_attacks,
-    run_attacks,
-)
-from fedmia.io import CELL_KEYS, available_rounds
+from fedmia.attacks import PROTOCOLS, OfficialProtocol, audit_attacks, run_attacks
+from fedmia.io import ATTACK_COLUMNS, ATTACK_DTYPES, AUDIT_COLUMNS, CELL_KEYS, available_rounds
 
 log = logging.getLogger(__name__)
-
-#: dtypes of an attack result table's scalar columns (for empty tables).
-RESULT_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
-                 "partition": "object", "seed": "int64", "attack": "object",
-                 "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
-                 "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
-                 "n_nonmembers": "int64"}
 
 
 def attack(
@@ -75,9 +61,9 @@ def attack(
         n_boot: bootstrap replicates per row for the intervals.
         audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
-            (:data:`fedmia.attacks.RESULT_COLUMNS` after the cell's keys and ``attack``);
-            ``audit``: the one-run ε audit, one row per attack (empty without canaries;
-            :data:`fedmia.attacks.AUDIT_COLUMNS` after the cell's keys).
+            (:data:`fedmia.io.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one row per
+            attack (empty without canaries; :data:`fedmia.io.AUDIT_COLUMNS` after the
+            cell's keys).
     """
     missing = sorted(set(attacks) - set(outputs))
     if missing:
@@ -96,8 +82,8 @@ def attack(
         log.warning("no observed round before the run diverged: no attack can run; writing "
                     "empty result tables")
         for name in attacks:
-            empty = pd.DataFrame(columns=[*CELL_KEYS, "attack", *RESULT_COLUMNS])
-            io.write_parquet(empty.astype(RESULT_DTYPES), outputs[name], "attack")
+            empty = pd.DataFrame(columns=list(ATTACK_COLUMNS))
+            io.write_parquet(empty.astype(ATTACK_DTYPES), outputs[name], "attack")
         _write_audit(pd.DataFrame(columns=list(AUDIT_COLUMNS)), cell, outputs)
         return
     if rounds is not None:

@@ -52,8 +52,9 @@ def measure(
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
         route: ``layerwise`` (default) or ``func`` (:data:`fedmia.measures.ROUTES`).
-        output: the measure Parquet: ``round, client_id, sample_id, loss, cos, grad_diff,
-            grad_norm, correct, confidence``, one row per (round, client, evaluation sample).
+        output: the measure Parquet (:data:`fedmia.io.MEASURE_DTYPES`: ``round, client_id,
+            sample_id, loss, cos, grad_diff, grad_norm, correct, confidence``), one row per
+            (round, client, evaluation sample).
     """
     if route not in ROUTES:
         raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
@@ -99,9 +100,9 @@ def measure(
                                      x, y, chunk_size=chunk_size, batch_size=batch_size,
                                      grad_products=ROUTES[route])
         k, n = res.loss.shape
-        frames.append(pd.DataFrame({
-            "round": np.full(k * n, rnd, dtype=np.int32),
-            "client_id": np.repeat(np.arange(k, dtype=np.int32), n),
+        columns = {
+            "round": np.full(k * n, rnd),
+            "client_id": np.repeat(np.arange(k), n),
             "sample_id": np.tile(eval_ids, k),
             "loss": res.loss.reshape(-1).numpy(),
             "cos": res.cos.reshape(-1).numpy(),
@@ -109,7 +110,8 @@ def measure(
             "grad_norm": np.tile(res.grad_norm.numpy(), k),
             "correct": res.correct.reshape(-1).numpy(),
             "confidence": res.confidence.reshape(-1).numpy(),
-        }))
+        }
+        frames.append(pd.DataFrame({c: columns[c] for c in MEASURE_DTYPES}).astype(MEASURE_DTYPES))
         dt = time.perf_counter() - t0
         log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
                  rnd, n, k, dt, n / dt)
