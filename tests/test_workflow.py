@@ -14,6 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
+import fedmia.report  # noqa: F401 (fills FIGURES)
+from fedmia.registry import FIGURES
+
 pytestmark = pytest.mark.workflow
 
 
@@ -37,6 +40,18 @@ def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
         "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 2,
         "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
         "privacy_utility": 1, "figure_privacy_utility": 3}
+
+
+def test_every_registered_cell_figure_has_its_rule(snakemake_cmd, repo, tmp_path):
+    """Each per-cell figure kind (fedmia.registry.FIGURES) is a rule figure_<kind> whose
+    output is results/figures/{cell}/<kind>.png, drawn for every cell; and no other."""
+    r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    rules = {k.removeprefix("figure_") for k in job_counts(out) if k.startswith("figure_")}
+    assert rules - {"partitions", "privacy_utility"} == set(FIGURES.names())
+    for kind in FIGURES.names():
+        assert f"results/figures/digits/alexnet/none/iid/seed0/{kind}.png" in out, kind
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ from fedmia.io import (
     MEASURES,
     RESULT_COLUMNS,
 )
-from fedmia.registry import Registry
+from fedmia.registry import ATTACKS
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ class AttackSpec:
         return v1 if v1 == v3 else f"{v1} ({v3})"
 
 
-ATTACKS: Registry[AttackSpec] = Registry("attack")
 for _spec in (
     AttackSpec("loss", "loss", -1, "single", "loss", ("Loss-I", "Blackbox-Loss")),
     AttackSpec("loss_series", "loss", -1, "series", "loss", ("Loss-II", "Loss-Series")),

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmia.config import DatasetConfig
-from fedmia.registry import Registry
+from fedmia.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,6 @@ class PreparedData:
 
 
 Loader = Callable[[DatasetConfig], PreparedData]
-DATASETS: Registry[Loader] = Registry("dataset")
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from fedmia.config import ConfigError, DefenseConfig
-from fedmia.registry import Registry
+from fedmia.registry import DEFENSES
 from fedmia.state import Entry, StateLayout
 
 
@@ -121,7 +121,6 @@ class Defense:
 
 
 DefenseFactory = Callable[[Mapping[str, Any]], Defense]
-DEFENSES: Registry[DefenseFactory] = Registry("defense")
 
 
 # ----------------------------------------------------------------------------- helpers

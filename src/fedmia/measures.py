@@ -13,7 +13,8 @@ global model ``w`` (the one the server sent) and upload ``Δ_k = w − w^k``:
 
 BatchNorm is in eval mode throughout. Only ⟨g_i, Δ_k⟩ for all k and ‖g_i‖² are
 needed: ``g_i`` is handled once per sample and round, whatever K is. Two routes
-compute them for a chunk of samples (:data:`ROUTES`):
+compute them for a chunk of samples (the ``measure.route`` of the config, registered in
+:data:`fedmia.registry.MEASURE_ROUTES`):
 
 * ``layerwise`` (default, :mod:`fedmia.layerwise`): from one batched forward and
   backward pass, layer by layer, never forming per-sample gradients — near the
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from fedmia.layerwise import layerwise_grad_products
+from fedmia.registry import MEASURE_ROUTES
 from fedmia.state import FlatState
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.T
     return loss, correct, conf
 
 
+@MEASURE_ROUTES.register("func")
 def per_sample_grad_products(
     model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
     x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
@@ -128,6 +132,7 @@ def per_sample_grad_products(
 GradProducts = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+@MEASURE_ROUTES.register("layerwise")
 def auto_grad_products(model: nn.Module, params: dict[str, torch.Tensor],
                        buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                        updates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,17 +140,11 @@ def auto_grad_products(model: nn.Module, params: dict[str, torch.Tensor],
 
     Args and returns as :func:`per_sample_grad_products`.
     """
-    from fedmia.layerwise import layerwise_grad_products
-
     try:
         return layerwise_grad_products(model, params, buffers, x, y, updates)
     except NotImplementedError as e:
         log.warning("layer-wise route unavailable (%s); using the torch.func route", e)
         return per_sample_grad_products(model, params, buffers, x, y, updates)
-
-
-ROUTES: dict[str, GradProducts] = {"layerwise": auto_grad_products,
-                                   "func": per_sample_grad_products}
 
 
 def compute_round_measures(
@@ -166,7 +165,7 @@ def compute_round_measures(
             bounded per-layer buffer).
         batch_size: samples per forward pass of the loss.
         grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk
-            (:data:`ROUTES`; default: layer-wise).
+            (:data:`fedmia.registry.MEASURE_ROUTES`; default: layer-wise).
     """
     loss, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
     state.load(global_state)

@@ -28,11 +28,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedmia.registry import Registry
+from fedmia.registry import MODELS
 
 ModelFactory = Callable[[int, int], nn.Module]
 NormFactory = Callable[[int], nn.Module]  # channels → norm layer
-MODELS: Registry[ModelFactory] = Registry("model")
 
 
 class AlexNetCifar(nn.Module):

@@ -11,12 +11,14 @@ model sees the same samples.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 
 from fedmia.audit import draw_canaries
 from fedmia.config import PartitionConfig
+from fedmia.registry import PARTITIONS
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,32 @@ class PartitionError(ValueError):
     """The dataset cannot satisfy the partition's sizes; the message says which."""
 
 
-def _iid(train_idx: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    shards = np.array_split(rng.permutation(train_idx), k)
+#: A partition kind: ``(pool, labels, cfg, rng)`` → one sorted index array per client.
+#: ``pool`` (int, sorted) holds the training samples to deal out, ``labels`` (int N) the
+#: class of every sample of the dataset; every sample of ``pool`` goes to one client.
+PartitionKind = Callable[[np.ndarray, np.ndarray, PartitionConfig, np.random.Generator],
+                         list[np.ndarray]]
+
+
+@PARTITIONS.register("iid")
+def iid_shards(pool: np.ndarray, labels: np.ndarray, cfg: PartitionConfig,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """Equal random shards (sizes differ by at most one)."""
+    shards = np.array_split(rng.permutation(pool), cfg.num_clients)
     return [np.sort(s) for s in shards]
+
+
+@PARTITIONS.register("dirichlet")
+def dirichlet_shards(pool: np.ndarray, labels: np.ndarray, cfg: PartitionConfig,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """Label-Dirichlet(β) shards, as the paper (:func:`_dirichlet`).
+
+    Redrawn until every client can give its ``eval_members_per_client`` evaluation
+    samples.
+    """
+    assert cfg.beta is not None
+    return _dirichlet(pool, labels, cfg.num_clients, cfg.beta, cfg.eval_members_per_client,
+                      rng)
 
 
 def _dirichlet(
@@ -101,12 +126,9 @@ def make_partition(
             f"eval_nonmembers = {cfg.eval_nonmembers} but the test split has only "
             f"{len(test_idx)} samples; lower eval_nonmembers"
         )
+    kind = PARTITIONS.get(cfg.kind)
     pool = np.sort(rng.permutation(train_idx)[:n_train])
-    if cfg.kind == "iid":
-        shards = _iid(pool, k, rng)
-    else:
-        assert cfg.beta is not None
-        shards = _dirichlet(pool, labels, k, cfg.beta, cfg.eval_members_per_client, rng)
+    shards = kind(pool, labels, cfg, rng)
     small = [(c, len(s)) for c, s in enumerate(shards) if len(s) < cfg.eval_members_per_client]
     if small:
         raise PartitionError(

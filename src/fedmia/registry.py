@@ -1,9 +1,47 @@
-"""Name → object registries (datasets, models, defenses, ...)."""
+"""Name → object registries: every kind the config names, and the plugins that add kinds.
+
+Each registry below is filled by the module that implements its kind, with the
+registry's decorator (``@DEFENSES.register("dp")`` in :mod:`fedmia.defenses`, ...):
+
+==================  ===============================  ==========================================
+registry            filled by                        config key
+==================  ===============================  ==========================================
+``DATASETS``        :mod:`fedmia.datasets`           ``datasets.<key>.kind``
+``PARTITIONS``      :mod:`fedmia.partition`          ``partitions.<key>.kind``
+``MODELS``          :mod:`fedmia.models`             ``models.<key>.kind``
+``DEFENSES``        :mod:`fedmia.defenses`           ``defenses.<key>.kind``
+``MEASURE_ROUTES``  :mod:`fedmia.measures`           ``measure.route``
+``ATTACKS``         :mod:`fedmia.attacks`            ``attack.attacks``
+``FIGURES``         :mod:`fedmia.report`             the per-cell figures (``rounds``, ``roc``)
+==================  ===============================  ==========================================
+
+The registries live here, apart from what they register, so that the workflow can read
+them when it parses the Snakefile without importing torch: the built-in kinds of the
+torch-backed modules reach the parse through the config schema (a test keeps the
+schema equal to what the registries generate), and the kinds of *plugins* through
+these registries.
+
+**Plugins.** A plugin is an importable module that registers kinds with these
+decorators (e.g. ``from fedmia.defenses import DEFENSES, Defense``). The config's
+``plugins:`` list names them; :func:`import_plugins` imports them when the workflow
+is parsed and at the start of every job, before anything is built, so a plugin's kinds
+are validated, run and reported like the built-in ones without an edit to fedmia.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:  # types only: the registries do not depend on what they register
+    from fedmia.attacks import AttackSpec
+    from fedmia.datasets import Loader
+    from fedmia.defenses import DefenseFactory
+    from fedmia.measures import GradProducts
+    from fedmia.models import ModelFactory
+    from fedmia.partition import PartitionKind
+    from fedmia.report import CellFigure
 
 T = TypeVar("T")
 
@@ -59,3 +97,43 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+DATASETS: Registry[Loader] = Registry("dataset")
+PARTITIONS: Registry[PartitionKind] = Registry("partition kind")
+MODELS: Registry[ModelFactory] = Registry("model")
+DEFENSES: Registry[DefenseFactory] = Registry("defense")
+MEASURE_ROUTES: Registry[GradProducts] = Registry("measure route")
+ATTACKS: Registry[AttackSpec] = Registry("attack")
+FIGURES: Registry[CellFigure] = Registry("figure")
+#: Every registry, by the config's name of its kind (the schema checks use these names).
+REGISTRIES: dict[str, Registry[Any]] = {
+    "datasets": DATASETS, "partitions": PARTITIONS, "models": MODELS, "defenses": DEFENSES,
+    "measure routes": MEASURE_ROUTES, "attacks": ATTACKS, "figures": FIGURES}
+
+
+class PluginError(ImportError):
+    """A plugin module named in the config cannot be found."""
+
+
+def import_plugins(modules: Iterable[str]) -> None:
+    """Import each plugin module, in order; importing it registers its kinds.
+
+    A module already imported is not run again (Python caches it), so calling this at
+    parse time and again in a job is cheap.
+
+    Raises:
+        PluginError: a module (or the package that should hold it) does not exist.
+        Exception: whatever the plugin's own code raises on import (e.g. a ``ValueError``
+            for a name that is already registered).
+    """
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise  # the plugin exists but imports something missing: its own error
+            raise PluginError(
+                f"plugin '{name}' cannot be imported: no module named '{e.name}'; put the "
+                "folder that holds it on PYTHONPATH (or install it) where Snakemake and its "
+                "jobs run, or drop it from plugins") from None

@@ -24,7 +24,8 @@ Where TPR at FPR 0.1 % is undefined for a cell (fewer than 1,000 non-members und
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -36,6 +37,7 @@ import pandas as pd  # noqa: E402
 from fedmia import metrics, uncertainty  # noqa: E402
 from fedmia.attacks import ATTACKS, PAPER_ORDER  # noqa: E402
 from fedmia.metrics import METRICS, tpr_metric_name  # noqa: E402
+from fedmia.registry import FIGURES  # noqa: E402
 
 SETTING = ["dataset", "model", "defense", "partition"]
 #: The keys of one table row before the attack: setting and protocol.
@@ -397,6 +399,11 @@ def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
+def close(fig: plt.Figure) -> None:
+    """Free a figure once it is saved (pyplot keeps every figure it made open)."""
+    plt.close(fig)
+
+
 def empty_figure(message: str, width: float = 11) -> plt.Figure:
     """A figure that says why there is nothing to draw (e.g. a cell that diverged early)."""
     fig, axes = _figure(1, 1, width * 0.5)
@@ -519,6 +526,25 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
         ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+#: A per-cell figure (``results/figures/{cell}/<name>.png``): the cell's attack tables
+#: (concatenated) and the ``report`` options → the figure.
+CellFigure = Callable[[pd.DataFrame, Mapping[str, Any]], plt.Figure]
+
+
+@FIGURES.register("rounds")
+def cell_rounds_figure(cell: pd.DataFrame, options: Mapping[str, Any]) -> plt.Figure:
+    """:func:`rounds_figure` at ``report.round_plot_fpr``."""
+    return rounds_figure(cell, options["round_plot_fpr"], options["width"])
+
+
+@FIGURES.register("roc")
+def cell_roc_figure(cell: pd.DataFrame, options: Mapping[str, Any]) -> plt.Figure:
+    """:func:`roc_figure` at the first of ``report.single_round``."""
+    selection = options["single_round"]
+    selection = selection[0] if isinstance(selection, list | tuple) else selection
+    return roc_figure(cell, selection, options["width"])
 
 
 def _headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:

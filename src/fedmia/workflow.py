@@ -266,16 +266,22 @@ def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list
     from fedmia.attacks import ATTACKS
     from fedmia.datasets import DATASETS
     from fedmia.defenses import DEFENSES
+    from fedmia.measures import MEASURE_ROUTES
     from fedmia.models import MODELS
+    from fedmia.partition import PARTITIONS
 
     props = schema["properties"]
     return {
         "datasets": (props["datasets"]["additionalProperties"]["properties"]["kind"]["enum"],
                      DATASETS.names()),
+        "partitions": (props["partitions"]["additionalProperties"]["properties"]["kind"]["enum"],
+                       PARTITIONS.names()),
         "models": (props["models"]["additionalProperties"]["properties"]["kind"]["enum"],
                    MODELS.names()),
         "defenses": (props["defenses"]["additionalProperties"]["properties"]["kind"]["enum"],
                      DEFENSES.names()),
+        "measure routes": (props["measure"]["properties"]["route"]["enum"],
+                           MEASURE_ROUTES.names()),
         "attacks": (props["attack"]["properties"]["attacks"]["items"]["enum"], ATTACKS.names()),
     }
 

@@ -15,8 +15,9 @@ from fedmia import io
 from fedmia.compute import setup_compute
 from fedmia.fedavg import DeviceData
 from fedmia.io import MEASURE_DTYPES, available_rounds
-from fedmia.measures import ROUTES, compute_round_measures
+from fedmia.measures import compute_round_measures
 from fedmia.models import build_model
+from fedmia.registry import MEASURE_ROUTES
 from fedmia.state import FlatState, StateLayout
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,12 @@ def measure(
         deterministic: deterministic CUDA algorithms (:func:`fedmia.compute.setup_compute`).
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
-        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.measures.ROUTES`).
+        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.registry.MEASURE_ROUTES`).
         output: the measure Parquet (:data:`fedmia.io.MEASURE_DTYPES`: ``round, client_id,
             sample_id, loss, cos, grad_diff, grad_norm, correct, confidence``), one row per
             (round, client, evaluation sample).
     """
-    if route not in ROUTES:
-        raise ValueError(f"unknown measure route '{route}'; choose from {sorted(ROUTES)}")
+    grad_products = MEASURE_ROUTES.get(route)
     dev = setup_compute(device, threads, deterministic)
     rounds = available_rounds(rounds, manifest_file)
     if not rounds:
@@ -98,7 +98,7 @@ def measure(
                 "and rerun training (snakemake --forcerun train)")
         res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
                                      x, y, chunk_size=chunk_size, batch_size=batch_size,
-                                     grad_products=ROUTES[route])
+                                     grad_products=grad_products)
         k, n = res.loss.shape
         columns = {
             "round": np.full(k * n, rnd),

@@ -13,6 +13,7 @@ from fedmia import io, report
 from fedmia.accounting import DEFAULT_DELTA, defense_epsilon
 from fedmia.defenses import strength_of
 from fedmia.io import cells_frame
+from fedmia.registry import FIGURES
 
 
 def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
@@ -52,31 +53,24 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
 
 
 def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
-    import matplotlib.pyplot as plt
-
     for key in ("png", "pdf"):
         # no creation date in the PDF: the same figure gives the same bytes
         meta = {"CreationDate": None} if key == "pdf" else None
         with io.atomic_path(outputs[key]) as tmp:
             fig.savefig(tmp, format=key, dpi=dpi, bbox_inches="tight", metadata=meta)
-    plt.close(fig)
+    report.close(fig)
 
 
 def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
                         options: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6b: one cell's figure ``kind`` (``rounds`` or ``roc``) as PNG and PDF."""
+    """Stage 6b: one cell's figure ``kind`` (:data:`fedmia.registry.FIGURES`) as PNG and PDF."""
     cell = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
-    if kind not in ("rounds", "roc"):
-        raise ValueError(f"unknown figure '{kind}'; choose from ['rounds', 'roc']")
+    draw = FIGURES.get(kind)
     if cell.empty:  # the cell diverged before its first observed round
         fig = report.empty_figure("no attack result: training diverged before the first "
                                   "observed round", options["width"])
-    elif kind == "rounds":
-        fig = report.rounds_figure(cell, options["round_plot_fpr"], options["width"])
-    elif kind == "roc":
-        selection = options["single_round"]
-        selection = selection[0] if isinstance(selection, list | tuple) else selection
-        fig = report.roc_figure(cell, selection, options["width"])
+    else:
+        fig = draw(cell, options)
     _save_figure(fig, outputs, options["dpi"])
 
 
