@@ -20,6 +20,7 @@ from fedmia.attacks import (
     validate_measures,
 )
 from fedmia.io import MEASURES, RESULT_COLUMNS
+from fedmia.metrics import roc_auc
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
 MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos"]
@@ -325,8 +326,6 @@ def test_official_protocol_scores_against_a_slow_reference():
         for k in range(4):
             for j, pos in enumerate(sl.index[ri, k]):
                 val[ri, k, j] = piv.loc[(rnd, k), sample_ids[pos]]
-    from fedmia.metrics import roc_auc
-
     single = res["cos"].set_index("round")["auc"]
     for ri, rnd in enumerate(rounds):
         assert single[rnd] == pytest.approx(roc_auc(val[ri, 2], sl.is_member))

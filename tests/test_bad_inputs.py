@@ -35,6 +35,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from fedmia import datasets as ds
 from fedmia import io as fio
@@ -49,8 +50,9 @@ from fedmia.attacks import (
 )
 from fedmia.config import ConfigError, DefenseConfig, PartitionConfig, TrainConfig
 from fedmia.datasets import verify_md5
-from fedmia.defenses import InstaHideDefense
+from fedmia.defenses import InstaHideDefense, defense_from_config
 from fedmia.partition import PartitionError
+from fedmia.stages.train import Checkpoint
 from fedmia.workflow import load_workflow_config
 from test_attacks import world
 from test_config import DELETE, mutate
@@ -274,6 +276,12 @@ CONFIG = [
                 r"set root to the folder that holds them"),
     config_case("unknown-measure-route", "measure.route", "fast",
                 r"at 'measure.route': 'fast' is not one of", r"\['layerwise', 'func'\]"),
+    config_case("plugin-not-importable", "plugins", ["no_such_fedmia_plugin"],
+                r"at 'plugins\[0\]': plugin 'no_such_fedmia_plugin' cannot be imported: no "
+                r"module named 'no_such_fedmia_plugin'", r"put the folder that holds it on "
+                r"PYTHONPATH \(or install it\) .* or drop it from plugins"),
+    config_case("plugin-not-a-module-name", "plugins", ["my plugin.py"],
+                r"at 'plugins\[0\]': 'my plugin.py' does not match", r"a module name"),
     config_case("dp-delta-of-one", "report.dp_delta", 1.0,
                 r"at 'report.dp_delta': 1.0 is greater than or equal to", r"the maximum of 1"),
     # the typed configs, used from Python without the workflow's schema
@@ -291,7 +299,10 @@ CONFIG = [
         r"partition: missing key\(s\) \['kind'\]", r"add them",
         library(lambda: PartitionConfig.from_dict({"num_clients": 3}))),
     bad("library-defense-without-kind", ConfigError, r"defense: missing key 'kind'",
-        r"add kind: one of \['augment'", library(lambda: DefenseConfig.from_dict({"sigma": 1}))),
+        r"add kind: one of \['augment'", library(lambda: defense_from_config({"sigma": 1}))),
+    bad("library-defense-config-without-kind", ConfigError, r"defense: missing key 'kind'",
+        r"add kind: the name of a registered defense",
+        library(lambda: DefenseConfig.from_dict({"sigma": 1}))),
 ]
 
 
@@ -837,15 +848,11 @@ FORMAT_VERSIONS = [
 
 
 def _untagged_checkpoint(folder: Path) -> None:
-    from safetensors.torch import save_file
-
     folder.mkdir()
     save_file({"global_state": torch.zeros(2)}, str(folder / "state.safetensors"))
 
 
 def _load_checkpoint(folder: Path) -> None:
-    from fedmia.stages.train import Checkpoint
-
     Checkpoint(folder, "key").load()
 
 
@@ -1018,8 +1025,8 @@ DEFENSES = [
         r"choose from \[.*'dp'.*\]", library(lambda: build("magic"))),
     bad("defense-config-out-of-range", ConfigError,
         r"^defenses.sp: defense 'sparsify': parameter 'fraction' = 2", r"allowed: a number in",
-        library(lambda: DefenseConfig.from_dict({"kind": "sparsify", "fraction": 2},
-                                                where="defenses.sp"))),
+        library(lambda: defense_from_config({"kind": "sparsify", "fraction": 2},
+                                            where="defenses.sp"))),
     bad("instahide-k-too-large-to-draw", RuntimeError,
         r"instahide: could not draw coefficients with k = 40", r"lower k",
         library(lambda: InstaHideDefense(k=40).coefficients(1, torch.Generator()))),
@@ -1093,6 +1100,13 @@ DEFENSES = [
                         r"the minimum of 0"),
     defense_config_case("config-instahide-zero-k", {"kind": "instahide", "k": 0},
                         r"at 'defenses.bad.k': 0 is less than", r"the minimum of 1"),
+    defense_config_case("config-dp-nan-sigma", {"kind": "dp", "sigma": float("nan"), "clip": 1.0},
+                        r"defenses.bad: defense 'dp': parameter 'sigma' = nan is invalid",
+                        r"allowed: a number ≥ 0"),
+    defense_config_case("config-compose-step-infinite-alpha",
+                        compose({"kind": "mixup", "alpha": float("inf")}),
+                        r"defenses.bad: defense 'compose': steps\[0\]: defense 'mixup': "
+                        r"parameter 'alpha' = inf is invalid", r"allowed: a number > 0"),
     defense_config_case("config-unknown-defense", {"kind": "magic"},
                         r"at 'defenses.bad.kind': 'magic' is not one of", r"\['none', 'dp'"),
     defense_config_case("config-dp-unknown-parameter",

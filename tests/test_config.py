@@ -1,15 +1,38 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fedmia.workflow import check_keys_are_registered, load_schema, load_workflow_config
+import fedmia.kinds  # noqa: F401 (fills every registry)
+from fedmia import metrics
+from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
+from fedmia.config import LR_SCHEDULES
+from fedmia.defenses import Defense
+from fedmia.params import param, schema_block
+from fedmia.registry import DEFENSES, MODELS
+from fedmia.report import SELECTIONS
+from fedmia.workflow import (
+    KIND_ENUMS,
+    check_keys_are_registered,
+    defense_blocks,
+    load_schema,
+    load_workflow_config,
+    with_registered_kinds,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@dataclass(frozen=True)
+class ToyDefense(Defense):
+    std: float = param(0.1, minimum=0, description="noise std")
 
 
 @pytest.fixture
@@ -26,9 +49,55 @@ def test_default_config_is_valid_and_defaults_are_filled(default_config):
     assert spec.observed_rounds(spec.cells[0]) == [1, 10, 20, 30]
 
 
-def test_schema_enums_match_the_registries():
-    for what, (in_schema, registered) in check_keys_are_registered(load_schema(SCHEMA)).items():
-        assert sorted(in_schema) == registered, what
+def test_schema_lists_exactly_the_registered_kinds():
+    lists = check_keys_are_registered(load_schema(SCHEMA))
+    assert set(lists) == {*KIND_ENUMS, "attack.attacks (default)"}
+    for what, (in_schema, registered) in lists.items():
+        assert sorted(in_schema) == sorted(registered), what
+        assert registered, what  # fedmia.kinds filled every registry
+    assert lists["attack.attacks (default)"][0] == ATTACKS.registered()  # the run order
+
+
+def test_schema_defense_blocks_are_generated_from_the_dataclasses():
+    """The checked-in $defs.defense blocks are what the defenses' dataclasses generate."""
+    schema = load_schema(SCHEMA)
+    checked_in = {b["if"]["properties"]["kind"]["const"]: b
+                  for b in schema["$defs"]["defense"]["allOf"]}
+    generated = {b["if"]["properties"]["kind"]["const"]: b for b in defense_blocks()}
+    assert checked_in == generated, "paste the output of: python -m fedmia.kinds schema"
+
+
+def test_schema_enums_of_settings_match_the_code():
+    """The schema's other fixed choices are the code's constants."""
+    props = load_schema(SCHEMA)["properties"]
+    attack, report = props["attack"]["properties"], props["report"]["properties"]
+    assert attack["fpr_rule"]["enum"] == list(metrics.FPR_RULES)
+    assert attack["protocol"]["oneOf"][0]["enum"] == list(PROTOCOLS)
+    assert attack["fedmia_outlier_filter"]["enum"] == list(OUTLIER_POLICIES)
+    assert report["round_plot_fpr"]["enum"] == list(metrics.FPR_LEVELS)
+    assert load_schema(SCHEMA)["$defs"]["single_round"]["oneOf"][0]["enum"] == list(SELECTIONS)
+    assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["lr_schedule"]["enum"] == list(
+        LR_SCHEDULES)
+
+
+def test_a_registered_kind_missing_from_the_schema_is_added(monkeypatch):
+    """What a plugin registers is added to the schema's lists (and a defense's block)."""
+    monkeypatch.setitem(DEFENSES._items, "input_noise", ToyDefense)
+    monkeypatch.setitem(MODELS._items, "tiny", object())
+    schema = with_registered_kinds(load_schema(SCHEMA))
+    assert "tiny" in schema["properties"]["models"]["additionalProperties"]["properties"][
+        "kind"]["enum"]
+    assert "input_noise" in schema["$defs"]["defense"]["properties"]["kind"]["enum"]
+    assert schema["$defs"]["defense"]["allOf"][-1] == schema_block(ToyDefense, "input_noise")
+    assert load_schema(SCHEMA) == load_schema(SCHEMA)  # the original is left alone
+
+
+def test_parsing_modules_import_no_torch():
+    """The modules the Snakefile imports at parse time (common.smk) import no torch."""
+    code = ("import sys, fedmia.workflow, fedmia.io, fedmia.fingerprint, fedmia.attacks; "
+            "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_grid_block_overrides_reach_only_its_cells(default_config):

@@ -11,7 +11,6 @@ from torch import nn
 
 from fedmia.config import DefenseConfig, TrainConfig
 from fedmia.defenses import (
-    AUGMENT_PRESETS,
     DEFENSES,
     AugmentDefense,
     ComposeDefense,
@@ -399,7 +398,7 @@ def test_augment_presets_and_defaults():
     assert (official.brightness, official.contrast, official.saturation) == (0.25, 0.8, 0.0)
     assert official == build("augment", preset="official")
     mild = build("augment", preset="mild")
-    assert mild == AugmentDefense(**AUGMENT_PRESETS["mild"])
+    assert mild == AugmentDefense(**AugmentDefense.presets["mild"])
     assert (mild.vflip, mild.rotation, mild.saturation) == (False, 0.0, 0.2)
     # explicit parameters override the preset
     assert build("augment", preset="mild", rotation=10).rotation == 10

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-import fedmia.report  # noqa: F401 (fills FIGURES)
 from fedmia.registry import FIGURES
+from fedmia.report import PU_COLUMNS
 
 pytestmark = pytest.mark.workflow
 
@@ -40,6 +40,19 @@ def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
         "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 2,
         "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
         "privacy_utility": 1, "figure_privacy_utility": 3}
+
+
+def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path):
+    """Every cluster job re-parses the Snakefile: a torch that cannot be imported must not
+    matter to a dry run."""
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported at parse time')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(tmp_path / "wd"),
+            "--cores", "2", "--configfile", str(repo / "config" / "paper.yaml"), "-n"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_every_registered_cell_figure_has_its_rule(snakemake_cmd, repo, tmp_path):
@@ -90,8 +103,6 @@ def test_tiny_end_to_end_run(tiny_run):
     assert "FPR resolution 1/" in md and "picked with hindsight" in md
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     pu = pd.read_csv(tables / "privacy_utility.csv")
-    from fedmia.report import PU_COLUMNS
-
     assert list(pu.columns) == list(PU_COLUMNS)
     assert pu.test_accuracy.between(0, 1).all()
     for f in ("partitions.png", "partitions.pdf", "privacy_utility_cos.png",

@@ -78,6 +78,8 @@ VAR_FLOOR = 1e-8
 OUTLIER_Z = 3.0
 #: Non-member protocols: see the module docstring.
 PROTOCOLS = ("aligned", "official")
+#: Policies of FedMIA's outlier filter (:func:`outlier_filter_for`).
+OUTLIER_POLICIES = ("auto", "always", "never")
 #: Spawn key of the official protocol's random draws (see :func:`official_slots`).
 STREAM_OFFICIAL = 3
 
@@ -352,9 +354,9 @@ def outlier_filter_for(policy: str, attack: str, partition_kind: str) -> bool:
     ``auto`` applies it as the official code does: to ``fedmia_cos`` on non-iid
     (``dirichlet``) partitions only.
     """
-    if policy not in ("auto", "always", "never"):
+    if policy not in OUTLIER_POLICIES:
         raise ValueError(f"unknown outlier-filter policy '{policy}'; "
-                         "choose from ['auto', 'always', 'never']")
+                         f"choose from {list(OUTLIER_POLICIES)}")
     if policy == "auto":
         return attack == "fedmia_cos" and partition_kind == "dirichlet"
     return policy == "always"

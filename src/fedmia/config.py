@@ -1,9 +1,15 @@
-"""Typed, frozen configuration of each stage.
+"""Typed, frozen configuration of each stage: the bottom layer of the package.
 
 Each dataclass mirrors one block of ``config/config.yaml`` (documented in
 ``workflow/schemas/config.schema.yaml``). ``from_dict`` rejects unknown keys and
 invalid values with a message naming the key, so the package gives the same clear
 errors when it is used from Python without the workflow's schema validation.
+
+This module imports nothing from fedmia: a ``kind`` is a plain name here. What depends
+on the kind — whether it is registered, what a defense's parameters may be, whether a
+dataset reads files — is checked by the registered kind itself (the registries of
+:mod:`fedmia.registry`), once, in :mod:`fedmia.workflow` when the Snakefile is parsed
+and by the stage that builds it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 LR_SCHEDULES = ("cosine", "exponential", "constant")
-PARTITION_KINDS = ("iid", "dirichlet")
 
 
 class ConfigError(ValueError):
@@ -73,7 +78,8 @@ class DatasetConfig:
     """How ``prepare`` builds a dataset's canonical arrays.
 
     Attributes:
-        kind: registry name of the loader (``fedmia.datasets.DATASETS``).
+        kind: registry name of the loader (:data:`fedmia.registry.DATASETS`; which kinds
+            read files under ``root`` or can download them is the kind's to say).
         image_size: side of the square images the models see, in pixels.
         test_fraction: fraction held out as the test split (datasets without an official split).
         split_seed: seed of that split.
@@ -98,26 +104,12 @@ class DatasetConfig:
         _check_keys(cls, d, where)
         cfg = cls(**d)
         _check_types(cfg, where)
-        from fedmia.datasets import DATASETS
-
-        _require(cfg.kind in DATASETS, f"{where}.kind",
-                 f"unknown dataset '{cfg.kind}'; choose from {DATASETS.names()}")
         _require(cfg.image_size >= 8, f"{where}.image_size", "must be >= 8")
         _require(0.0 < cfg.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
         _require(cfg.root is None or (isinstance(cfg.root, str) and cfg.root.strip() != ""),
                  f"{where}.root", f"must be a folder path or null (got {cfg.root!r})")
         _require(isinstance(cfg.download, bool), f"{where}.download",
                  f"must be true or false (got {cfg.download!r})")
-        _require(not cfg.download or cfg.kind == "cifar100", f"{where}.download",
-                 f"only 'cifar100' can be downloaded; put the files of '{cfg.kind}' under "
-                 "root by hand (see the loader's docstring) and drop download")
-        if cfg.kind in ("cifar100", "dermnet", "imagefolder"):
-            _require(cfg.root is not None, f"{where}.root",
-                     f"'{cfg.kind}' reads its files from disk: set root to the folder that "
-                     "holds them")
-        if cfg.kind == "digits":
-            _require(cfg.root is None, f"{where}.root",
-                     "'digits' ships inside scikit-learn and reads no files; drop root")
         return cfg
 
 
@@ -126,7 +118,8 @@ class PartitionConfig:
     """How the training split is dealt to clients and the evaluation set is drawn.
 
     Attributes:
-        kind: ``iid`` (equal random shards) or ``dirichlet`` (label-Dirichlet(β)).
+        kind: registry name (:data:`fedmia.registry.PARTITIONS`): ``iid`` (equal random
+            shards) or ``dirichlet`` (label-Dirichlet(β)).
         num_clients: K, at least 2.
         samples_per_client: training samples per client (iid: exactly; dirichlet: on
             average, K × this many samples are dealt). ``None``: the whole training split.
@@ -154,8 +147,6 @@ class PartitionConfig:
         _check_keys(cls, d, where)
         cfg = cls(**d)
         _check_types(cfg, where)
-        _require(cfg.kind in PARTITION_KINDS, f"{where}.kind",
-                 f"unknown partition kind '{cfg.kind}'; choose from {list(PARTITION_KINDS)}")
         _require(cfg.num_clients >= 2, f"{where}.num_clients",
                  f"K = {cfg.num_clients}: federated learning needs at least 2 clients")
         _require(cfg.samples_per_client is None or cfg.samples_per_client >= 1,
@@ -177,7 +168,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model architecture by registry name (``fedmia.models.MODELS``)."""
+    """A model architecture by registry name (:data:`fedmia.registry.MODELS`)."""
 
     kind: str
 
@@ -187,30 +178,25 @@ class ModelConfig:
         _check_keys(cls, d, where)
         cfg = cls(**d)
         _check_types(cfg, where)
-        from fedmia.models import MODELS
-
-        _require(cfg.kind in MODELS, f"{where}.kind",
-                 f"unknown model '{cfg.kind}'; choose from {MODELS.names()}")
         return cfg
 
 
 @dataclass(frozen=True)
 class DefenseConfig:
-    """A defense by registry name (``fedmia.defenses.DEFENSES``) and its parameters."""
+    """A defense by registry name (:data:`fedmia.registry.DEFENSES`) and its parameters.
+
+    The parameters are the defense's to check: :func:`fedmia.defenses.build_defense`.
+    """
 
     kind: str
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "defense") -> Self:
-        """Build from ``{kind: ..., <param>: ...}``; the defense validates its parameters."""
-        from fedmia.defenses import DEFENSES, build_defense
-
+        """Split ``{kind: ..., <param>: ...}`` into the kind and its parameters."""
         _require(isinstance(d, Mapping) and "kind" in d, where,
-                 f"missing key 'kind'; add kind: one of {DEFENSES.names()}")
-        cfg = cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
-        build_defense(cfg, where=where)  # raises ConfigError on bad kinds or parameters
-        return cfg
+                 "missing key 'kind'; add kind: the name of a registered defense")
+        return cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,18 @@ Canonical form (``PreparedData``): ``images`` uint8 N×C×H×W, ``labels`` int64
 of the training split for normalisation. ``sample_id`` everywhere downstream is the
 row index into these arrays.
 
-Loaders (registered by name in ``DATASETS``): ``digits`` (scikit-learn, no files),
+Loaders (registered by name in :data:`fedmia.registry.DATASETS` with
+:func:`register_dataset`, which also says whether the loader reads files under ``root``
+and can download them): ``digits`` (scikit-learn, no files),
 ``fashion_mnist`` (idx files, Debian's ``dataset-fashion-mnist`` or a folder),
 ``cifar100`` (the official python-pickle release, optionally downloaded),
 ``dermnet`` (the Kaggle ``train/``/``test/`` folder layout) and ``imagefolder`` (any
 folder-per-class tree). Raw-file problems raise ``FileNotFoundError`` or ``ValueError``
 whose message names the file and the fix.
+
+The workflow imports this module when it parses the Snakefile (to check each dataset's
+config block against its kind), so it imports neither torch nor scikit-learn at the top:
+each is imported where it is used (:func:`resize_uint8`, :func:`load_digits`).
 """
 
 from __future__ import annotations
@@ -33,13 +39,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 
-from fedmia.config import DatasetConfig
+from fedmia.config import ConfigError, DatasetConfig
 from fedmia.registry import DATASETS
 
 log = logging.getLogger(__name__)
@@ -92,10 +97,61 @@ class PreparedData:
 Loader = Callable[[DatasetConfig], PreparedData]
 
 
+@dataclass(frozen=True)
+class DatasetKind:
+    """A registered dataset kind: its loader and what its config block may set.
+
+    Attributes:
+        load: the loader.
+        root: ``required`` (it reads files under ``root``), ``optional`` (``root`` is
+            searched first, then a system-wide copy) or ``none`` (it reads no files).
+        download: whether ``download: true`` may fetch the files into ``root``.
+        origin: where the data of a ``root: none`` kind comes from (for messages).
+    """
+
+    load: Loader
+    root: Literal["required", "optional", "none"] = "required"
+    download: bool = False
+    origin: str = ""
+
+    def check(self, cfg: DatasetConfig, where: str = "dataset") -> None:
+        """Raise :class:`~fedmia.config.ConfigError` if ``cfg`` sets what the kind does not take.
+
+        The message starts with ``where`` and the key (``datasets.digits.root: ...``).
+        """
+        if cfg.download and not self.download:
+            able = " or ".join(f"'{k}'" for k in DATASETS.registered()
+                               if DATASETS.get(k).download) or "no dataset"
+            raise ConfigError(f"{where}.download: only {able} can be downloaded; put the files "
+                              f"of '{cfg.kind}' under root by hand (see the loader's docstring) "
+                              "and drop download")
+        if self.root == "required" and cfg.root is None:
+            raise ConfigError(f"{where}.root: '{cfg.kind}' reads its files from disk: set root "
+                              "to the folder that holds them")
+        if self.root == "none" and cfg.root is not None:
+            origin = f"{self.origin} and " if self.origin else ""
+            raise ConfigError(f"{where}.root: '{cfg.kind}' {origin}reads no files; drop root")
+
+
+def register_dataset(name: str, *, root: Literal["required", "optional", "none"] = "required",
+                     download: bool = False, origin: str = "") -> Callable[[Loader], Loader]:
+    """A decorator that registers a loader as dataset kind ``name`` (:class:`DatasetKind`)."""
+
+    def deco(load: Loader) -> Loader:
+        DATASETS.register(name)(DatasetKind(load, root, download, origin))
+        return load
+
+    return deco
+
+
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinearly resize uint8 N×C×H×W images to N×C×size×size (uint8, rounded)."""
     if images.shape[-2:] == (size, size):
         return images
+    # torch only here: the module is imported when the Snakefile is parsed, without torch
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
     x = torch.from_numpy(images).float()
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                       antialias=size < images.shape[-1])
@@ -113,7 +169,7 @@ def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndar
     return is_test
 
 
-@DATASETS.register("digits")
+@register_dataset("digits", root="none", origin="ships inside scikit-learn")
 def load_digits(cfg: DatasetConfig) -> PreparedData:
     """Scikit-learn's handwritten digits (1,797 real 8×8 images, 10 classes, no download).
 
@@ -121,7 +177,9 @@ def load_digits(cfg: DatasetConfig) -> PreparedData:
     ``image_size`` and repeated to 3 channels so the CIFAR models take them unchanged;
     the test split is stratified and seeded by ``split_seed``.
     """
-    from sklearn.datasets import load_digits as sk_digits
+    # scikit-learn only here: importing it takes a second, and this module is imported
+    # when the Snakefile is parsed
+    from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415
 
     d = sk_digits()
     raw = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # N×1×8×8
@@ -304,7 +362,7 @@ def _cifar100_folder(root: Path, download: bool) -> Path:
     return folder
 
 
-@DATASETS.register("cifar100")
+@register_dataset("cifar100", download=True)
 def load_cifar100(cfg: DatasetConfig) -> PreparedData:
     """CIFAR-100, the official python-pickle release: 50,000 train + 10,000 test, 32×32 RGB.
 
@@ -400,7 +458,7 @@ def _find_fashion_mnist(places: Iterable[Path]) -> tuple[Path, dict[str, Path]]:
         "and set root to their folder")
 
 
-@DATASETS.register("fashion_mnist")
+@register_dataset("fashion_mnist", root="optional")
 def load_fashion_mnist(cfg: DatasetConfig) -> PreparedData:
     """Fashion-MNIST: 60,000 train + 10,000 test real 28×28 grey images of 10 clothing classes.
 
@@ -464,8 +522,6 @@ def _image_files(class_dir: Path) -> list[Path]:
 
 def _decode_image(path: Path, size: int) -> tuple[str, np.ndarray]:
     """SHA-256 of the file bytes and the image as uint8 size×size×3 RGB (PIL bilinear)."""
-    from PIL import Image
-
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -564,7 +620,7 @@ def _dup_note(extra: dict[str, Any]) -> str:
             f"({extra['duplicates_across_splits']} across train/test)")
 
 
-@DATASETS.register("dermnet")
+@register_dataset("dermnet")
 def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     """Dermnet, the Kaggle release: skin-disease photos in 23 classes, official train/test.
 
@@ -591,7 +647,7 @@ def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     )
 
 
-@DATASETS.register("imagefolder")
+@register_dataset("imagefolder")
 def load_imagefolder(cfg: DatasetConfig) -> PreparedData:
     """Any folder-per-class image set: ``root/<class>/*`` or ``root/{train,test}/<class>/*``.
 
@@ -625,8 +681,15 @@ def load_imagefolder(cfg: DatasetConfig) -> PreparedData:
 
 
 def prepare_dataset(cfg: DatasetConfig) -> PreparedData:
-    """Run the registered loader of ``cfg.kind``."""
-    data = DATASETS.get(cfg.kind)(cfg)
+    """Check ``cfg`` against its kind (:meth:`DatasetKind.check`) and run its loader.
+
+    Raises:
+        ValueError: an unknown kind (a :class:`~fedmia.config.ConfigError` for a setting
+            the kind does not take); the loader's errors.
+    """
+    kind = DATASETS.get(cfg.kind)
+    kind.check(cfg)
+    data = kind.load(cfg)
     log.info("prepared %s: %d images %s, %d classes, %d test", cfg.kind, len(data.images),
              data.images.shape[1:], len(data.classes), int(data.is_test.sum()))
     return data

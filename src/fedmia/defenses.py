@@ -39,21 +39,49 @@ same result on the same device; CPU and CUDA runs draw different numbers.
 
 All hooks are vectorised tensor code (loops run over layers, mixing partners or
 transform steps, never over samples); they never modify their inputs in place.
+
+**A defense is defined once**: a frozen dataclass subclass of :class:`Defense`,
+registered by name, whose fields are its parameters (:func:`fedmia.params.param`:
+default, bounds, description), whose docstring says what it does and whose
+``strength_param`` names the parameter of the privacy–utility tables::
+
+    @DEFENSES.register("input_noise")
+    @dataclass(frozen=True)
+    class InputNoise(Defense):
+        # its docstring: ``input_noise``: Gaussian noise on the normalised inputs ...
+        std: float = param(0.1, minimum=0, description="noise std")
+        strength_param = "std"
+
+        def batch(self, x, y, spec, gen):
+            noise = torch.randn(x.shape, generator=generator_on(gen, x.device), device=x.device)
+            return x + self.std * noise, y
+
+From it come the validation of a config block (:meth:`Defense.from_params`), its block
+of the workflow's schema (:func:`fedmia.params.schema_block`), its strength
+(:meth:`Defense.strength_value`) and its row of the README (:func:`defense_table`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, is_dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedmia.config import ConfigError, DefenseConfig
+from fedmia.params import (
+    check_names,
+    describe,
+    numeric_parameters,
+    param,
+    resolve_strength,
+    validate,
+)
 from fedmia.registry import DEFENSES
 from fedmia.state import Entry, StateLayout
 
@@ -81,8 +109,10 @@ class DataSpec:
         return (p - self.mean.to(p.dtype)) / self.std.to(p.dtype)
 
 
+@DEFENSES.register("none")
+@dataclass(frozen=True)
 class Defense:
-    """No defense; base class whose hooks each defense overrides as needed.
+    """``none``: no defense (the base class, whose hooks each defense overrides as needed).
 
     Every hook is a pure function of its inputs and ``gen``, and :meth:`batch`
     accepts int64 labels *or* probabilities as targets (see :func:`as_probs`),
@@ -90,12 +120,36 @@ class Defense:
     """
 
     #: True if :meth:`batch` may return soft targets (B×num_classes) instead of labels.
-    soft_targets: bool = False
+    soft_targets: ClassVar[bool] = False
     #: True if :meth:`batch` is to be called once per local epoch on the client's whole
     #: (shuffled) local data rather than on each mini-batch; the client then trains on
     #: consecutive mini-batches of what it returns (InstaHide's mixed set, as the official
     #: trainer builds it).
-    whole_local_set: bool = False
+    whole_local_set: ClassVar[bool] = False
+    #: The parameter that is the kind's strength in privacy–utility tables (None: no
+    #: strength, NaN).
+    strength_param: ClassVar[str | None] = None
+    #: Named sets of parameter values, the first the default (:mod:`fedmia.params`).
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: Whether the kind may be a step of a ``compose``.
+    composable: ClassVar[bool] = True
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, kind: str) -> Defense:
+        """The defense of a config block's parameters (``params``: the block without ``kind``).
+
+        Checked against the fields (:func:`fedmia.params.validate`).
+
+        Raises:
+            ConfigError: naming the kind, the parameter, its value and what is allowed.
+        """
+        return cls(**validate(cls, params, kind=kind, what="defense"))
+
+    def strength_value(self) -> float:
+        """The value of the strength parameter (NaN for a kind without one)."""
+        if self.strength_param is None:
+            return float("nan")
+        return float(getattr(self, self.strength_param))
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Indices (n) of the client's samples it trains on this round."""
@@ -118,9 +172,6 @@ class Defense:
     ) -> torch.Tensor:
         """The update the client uploads, from its true update ``w_global − w_local`` (P)."""
         return update
-
-
-DefenseFactory = Callable[[Mapping[str, Any]], Defense]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -180,68 +231,10 @@ def _beta(alpha: float, gen: torch.Generator) -> float:
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
-# -------------------------------------------------------------------- parameter checks
-
-_REQUIRED = object()
-
-
-def _check_params(kind: str, params: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
-    """``params`` with defaults filled in; unknown or missing names raise ``ConfigError``."""
-    unknown = sorted(set(params) - set(spec))
-    if unknown:
-        raise ConfigError(f"defense '{kind}': unknown parameter(s) {unknown}; "
-                          f"allowed parameters are {sorted(spec)}")
-    out = {}
-    for name, default in spec.items():
-        if name in params:
-            out[name] = params[name]
-        elif default is _REQUIRED:
-            raise ConfigError(f"defense '{kind}': missing required parameter '{name}' "
-                              f"(parameters: {sorted(spec)}); add it")
-        else:
-            out[name] = default
-    return out
-
-
-def _number(kind: str, name: str, value: Any, allowed: str,
-            ok: Callable[[float], bool]) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or not ok(float(value))):
-        raise ConfigError(f"defense '{kind}': parameter '{name}' = {value!r} is invalid; "
-                          f"allowed: {allowed}")
-    return float(value)
-
-
-def _integer(kind: str, name: str, value: Any, allowed: str, ok: Callable[[int], bool]) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        raise ConfigError(f"defense '{kind}': parameter '{name}' = {value!r} is invalid; "
-                          f"allowed: {allowed}")
-    return value
-
-
-def _boolean(kind: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"defense '{kind}': parameter '{name}' = {value!r} is invalid; "
-                          f"allowed: true or false")
-    return value
-
-
-# ----------------------------------------------------------------------------- none
-
-
-@DEFENSES.register("none")
-def _none(params: Mapping[str, Any]) -> Defense:
-    if params:
-        raise ConfigError(f"defense 'none' takes no parameters (got {sorted(params)}); drop "
-                          "them, or pick the defense they belong to as kind")
-    return Defense()
-
-
 # --------------------------------------------------------------- gradient perturbation
 
 
+@DEFENSES.register("dp")
 @dataclass(frozen=True)
 class DPDefense(Defense):
     """``dp``: client-level differential privacy in the style of Geyer et al. (2017).
@@ -259,8 +252,9 @@ class DPDefense(Defense):
             ``w_global − w_local``.
     """
 
-    sigma: float
-    clip: float
+    sigma: float = param(minimum=0, description="noise multiplier: noise std = sigma × clip")
+    clip: float = param(exclusive_minimum=0, description="L2 norm bound C of the update")
+    strength_param = "sigma"
 
     def clipped(self, update: torch.Tensor, layout: StateLayout) -> torch.Tensor:
         """The clipping step alone: ``update`` (P) with its parameter part clipped to C."""
@@ -278,15 +272,7 @@ class DPDefense(Defense):
         return torch.where(mask, clipped + noise * (self.sigma * self.clip), clipped)
 
 
-@DEFENSES.register("dp")
-def _dp(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("dp", params, {"sigma": _REQUIRED, "clip": _REQUIRED})
-    return DPDefense(
-        sigma=_number("dp", "sigma", p["sigma"], "a number ≥ 0", lambda v: v >= 0),
-        clip=_number("dp", "clip", p["clip"], "a number > 0", lambda v: v > 0),
-    )
-
-
+@DEFENSES.register("dp_param_noise")
 @dataclass(frozen=True)
 class ParamNoiseDefense(Defense):
     """``dp_param_noise``: the official FedMIA code's "DP": unclipped parameter noise.
@@ -303,7 +289,9 @@ class ParamNoiseDefense(Defense):
         sigma: noise standard deviation σ ≥ 0 (required), in parameter units.
     """
 
-    sigma: float
+    sigma: float = param(minimum=0, description="std of the noise added to every parameter "
+                         "(no clipping, no guarantee)")
+    strength_param = "sigma"
 
     def upload(self, update: torch.Tensor, layout: StateLayout,
                gen: torch.Generator) -> torch.Tensor:
@@ -316,13 +304,7 @@ class ParamNoiseDefense(Defense):
                            update)
 
 
-@DEFENSES.register("dp_param_noise")
-def _dp_param_noise(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("dp_param_noise", params, {"sigma": _REQUIRED})
-    return ParamNoiseDefense(
-        sigma=_number("dp_param_noise", "sigma", p["sigma"], "a number ≥ 0", lambda v: v >= 0))
-
-
+@DEFENSES.register("quantize")
 @dataclass(frozen=True)
 class QuantizeDefense(Defense):
     """``quantize``: per-layer min/max uniform quantization of the update to ``2**bits`` levels.
@@ -339,7 +321,9 @@ class QuantizeDefense(Defense):
         bits: b, an integer in 1..32 (required).
     """
 
-    bits: int
+    bits: int = param(minimum=1, maximum=32, description="bits per value (per-layer min/max "
+                      "uniform)")
+    strength_param = "bits"
 
     def upload(self, update: torch.Tensor, layout: StateLayout,
                gen: torch.Generator) -> torch.Tensor:
@@ -360,13 +344,7 @@ class QuantizeDefense(Defense):
         return out
 
 
-@DEFENSES.register("quantize")
-def _quantize(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("quantize", params, {"bits": _REQUIRED})
-    return QuantizeDefense(bits=_integer("quantize", "bits", p["bits"], "an integer in 1..32",
-                                         lambda v: 1 <= v <= 32))
-
-
+@DEFENSES.register("sparsify")
 @dataclass(frozen=True)
 class SparsifyDefense(Defense):
     """``sparsify``: zero the smallest-magnitude fraction of each large layer of the update.
@@ -384,8 +362,11 @@ class SparsifyDefense(Defense):
         min_size: integer ≥ 0 (default 1000); smaller layers are not sparsified.
     """
 
-    fraction: float
-    min_size: int = 1000
+    fraction: float = param(minimum=0, exclusive_maximum=1, description="fraction of each "
+                            "layer's update zeroed (smallest magnitudes)")
+    min_size: int = param(1000, minimum=0, description="layers with fewer elements are left "
+                          "untouched")
+    strength_param = "fraction"
 
     def num_zeroed(self, n: int) -> int:
         """How many of a layer's ``n`` elements are zeroed (0 if ``n < min_size``)."""
@@ -407,20 +388,10 @@ class SparsifyDefense(Defense):
         return out
 
 
-@DEFENSES.register("sparsify")
-def _sparsify(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("sparsify", params, {"fraction": _REQUIRED, "min_size": 1000})
-    return SparsifyDefense(
-        fraction=_number("sparsify", "fraction", p["fraction"], "a number in [0, 1)",
-                         lambda v: 0 <= v < 1),
-        min_size=_integer("sparsify", "min_size", p["min_size"], "an integer ≥ 0",
-                          lambda v: v >= 0),
-    )
-
-
 # ------------------------------------------------------------------- data replacement
 
 
+@DEFENSES.register("mixup")
 @dataclass(frozen=True)
 class MixupDefense(Defense):
     """``mixup`` (Zhang et al. 2018): train on convex mixes of pairs of inputs and labels.
@@ -440,8 +411,9 @@ class MixupDefense(Defense):
             α = 1 draws λ uniformly. The official code's default is 0.01.
     """
 
-    alpha: float
+    alpha: float = param(exclusive_minimum=0, description="Beta(alpha, alpha) mixing")
     soft_targets = True
+    strength_param = "alpha"
 
     def draw(self, batch_size: int, device: torch.device | str,
              gen: torch.Generator) -> tuple[float, torch.Tensor]:
@@ -459,13 +431,7 @@ class MixupDefense(Defense):
         return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
 
 
-@DEFENSES.register("mixup")
-def _mixup(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("mixup", params, {"alpha": _REQUIRED})
-    return MixupDefense(alpha=_number("mixup", "alpha", p["alpha"], "a number > 0",
-                                      lambda v: v > 0))
-
-
+@DEFENSES.register("instahide")
 @dataclass(frozen=True)
 class InstaHideDefense(Defense):
     """``instahide`` (Huang et al. 2020), inside-dataset version, as the official FedMIA code.
@@ -501,10 +467,15 @@ class InstaHideDefense(Defense):
             official default); unused when k = 1.
     """
 
-    k: int
-    upper_bound: float = 0.65
+    k: int = param(minimum=1, description="images mixed per sample (1 = no defense)")
+    upper_bound: float = param(
+        0.65, exclusive_minimum=0.5, maximum=1,
+        description="largest mixing coefficient (default 0.65); coefficients are redrawn "
+                    "until the largest is in [0.5, upper_bound]",
+        note="(the largest coefficient must lie in [0.5, upper_bound], as the official code)")
     soft_targets = True
     whole_local_set = True
+    strength_param = "k"
     #: Rejection passes before giving up (each pass draws up to twice as many
     #: candidates per pending row as the last, so this is never reached in practice).
     max_passes = 64
@@ -581,32 +552,9 @@ class InstaHideDefense(Defense):
         return mixed, target
 
 
-@DEFENSES.register("instahide")
-def _instahide(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("instahide", params, {"k": _REQUIRED, "upper_bound": 0.65})
-    return InstaHideDefense(
-        k=_integer("instahide", "k", p["k"], "an integer ≥ 1", lambda v: v >= 1),
-        upper_bound=_number("instahide", "upper_bound", p["upper_bound"],
-                            "a number in (0.5, 1] (the largest coefficient must lie in "
-                            "[0.5, upper_bound], as the official code)",
-                            lambda v: 0.5 < v <= 1),
-    )
-
-
 #: The image size the official transforms were written for (CIFAR, 32×32): ``augment``'s
 #: padding is given at this size and scaled to the dataset's.
 REFERENCE_SIZE = 32
-
-#: ``augment``'s presets. ``official``: utils/datasets.py of the official code with
-#: ``data_augment`` on (CIFAR-100): RandomCrop(32, padding=4), RandomHorizontalFlip,
-#: RandomVerticalFlip, RandomRotation(45), ColorJitter(brightness=0.25, contrast=0.8).
-#: ``mild``: fedmia's earlier augment (crop, horizontal flip, mild jitter).
-AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
-    "official": dict(padding=4, hflip=True, vflip=True, rotation=45.0,
-                     brightness=0.25, contrast=0.8, saturation=0.0),
-    "mild": dict(padding=4, hflip=True, vflip=False, rotation=0.0,
-                 brightness=0.2, contrast=0.2, saturation=0.2),
-}
 
 #: Jitter operations by index, the order of torchvision's ColorJitter.
 JITTER_OPS = ("brightness", "contrast", "saturation")
@@ -739,6 +687,7 @@ class AugmentDraw:
     order: torch.Tensor
 
 
+@DEFENSES.register("augment")
 @dataclass(frozen=True)
 class AugmentDefense(Defense):
     """``augment``: the official data augmentation, batched on the device in pixel space.
@@ -763,6 +712,12 @@ class AugmentDefense(Defense):
     an integer grey level; fedmia stays in floating point (a difference of at
     most ~1/255 per operation). Labels are unchanged.
 
+    The defaults are the ``official`` preset: utils/datasets.py of the official code
+    with ``data_augment`` on (CIFAR-100): RandomCrop(32, padding=4),
+    RandomHorizontalFlip, RandomVerticalFlip, RandomRotation(45),
+    ColorJitter(brightness=0.25, contrast=0.8). The ``mild`` preset is fedmia's earlier
+    augment (crop, horizontal flip, mild jitter).
+
     Attributes:
         padding: integer ≥ 0, crop padding at 32×32 (0: no crop).
         hflip, vflip: random horizontal / vertical flips.
@@ -771,13 +726,19 @@ class AugmentDefense(Defense):
             saturation acts on 3-channel images only).
     """
 
-    padding: int = 4
-    hflip: bool = True
-    vflip: bool = True
-    rotation: float = 45.0
-    brightness: float = 0.25
-    contrast: float = 0.8
-    saturation: float = 0.0
+    padding: int = param(4, minimum=0, description="crop padding in pixels of a 32-pixel "
+                         "image (scaled to the image size)")
+    hflip: bool = param(True, description="random horizontal flips")
+    vflip: bool = param(True, description="random vertical flips")
+    rotation: float = param(45.0, minimum=0, maximum=180, note="(degrees)",
+                            description="largest rotation angle in degrees")
+    brightness: float = param(0.25, minimum=0, description="brightness jitter")
+    contrast: float = param(0.8, minimum=0, description="contrast jitter")
+    saturation: float = param(0.0, minimum=0, description="saturation jitter")
+    strength_param = "padding"
+    presets = {"official": {},
+               "mild": dict(vflip=False, rotation=0.0, brightness=0.2, contrast=0.2,
+                            saturation=0.2)}
 
     def pad_for(self, h: int, w: int) -> tuple[int, int]:
         """Crop padding (rows, columns) of an H×W image: ``padding`` scaled from 32 pixels."""
@@ -838,31 +799,10 @@ class AugmentDefense(Defense):
         return spec.normalise(self.apply(spec.to_pixels(x), d)), y
 
 
-@DEFENSES.register("augment")
-def _augment(params: Mapping[str, Any]) -> Defense:
-    # unknown names first, against every parameter augment takes
-    _check_params("augment", params, {"preset": "official", **AUGMENT_PRESETS["official"]})
-    preset = params.get("preset", "official")
-    if not isinstance(preset, str) or preset not in AUGMENT_PRESETS:
-        raise ConfigError(f"defense 'augment': parameter 'preset' = {preset!r} is invalid; "
-                          f"allowed: one of {sorted(AUGMENT_PRESETS)}")
-    p = {**AUGMENT_PRESETS[preset], **{k: v for k, v in params.items() if k != "preset"}}
-    jitter_strengths = {
-        name: _number("augment", name, p[name], "a number ≥ 0", lambda v: v >= 0)
-        for name in JITTER_OPS}
-    return AugmentDefense(
-        padding=_integer("augment", "padding", p["padding"], "an integer ≥ 0", lambda v: v >= 0),
-        hflip=_boolean("augment", "hflip", p["hflip"]),
-        vflip=_boolean("augment", "vflip", p["vflip"]),
-        rotation=_number("augment", "rotation", p["rotation"], "a number in [0, 180] (degrees)",
-                         lambda v: 0 <= v <= 180),
-        **jitter_strengths,
-    )
-
-
 # --------------------------------------------------------------------- data reduction
 
 
+@DEFENSES.register("subsample")
 @dataclass(frozen=True)
 class SubsampleDefense(Defense):
     """``subsample``: train each round on a random subset of the local data.
@@ -879,7 +819,9 @@ class SubsampleDefense(Defense):
         fraction: in (0, 1] (required).
     """
 
-    fraction: float
+    fraction: float = param(exclusive_minimum=0, maximum=1, description="fraction of the "
+                            "local data trained on each round")
+    strength_param = "fraction"
 
     def size(self, n: int) -> int:
         """The number of samples kept out of ``n``."""
@@ -895,16 +837,10 @@ class SubsampleDefense(Defense):
         return idx[sel[:m]]
 
 
-@DEFENSES.register("subsample")
-def _subsample(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("subsample", params, {"fraction": _REQUIRED})
-    return SubsampleDefense(fraction=_number("subsample", "fraction", p["fraction"],
-                                             "a number in (0, 1]", lambda v: 0 < v <= 1))
-
-
 # ---------------------------------------------------------------------------- compose
 
 
+@DEFENSES.register("compose")
 @dataclass(frozen=True)
 class ComposeDefense(Defense):
     """``compose``: an ordered list of defenses, applied hook by hook.
@@ -928,6 +864,41 @@ class ComposeDefense(Defense):
     steps: tuple[Defense, ...]
     step_kinds: tuple[str, ...]
     strength: tuple[int, str] | None = None
+    composable = False
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], *, kind: str = "compose") -> Defense:
+        """The composition of ``{steps: [<defense block>, ...], strength: <path>}``.
+
+        Each step is built as a standalone defense; ``strength`` names one step's numeric
+        parameter (:func:`fedmia.params.resolve_strength`).
+
+        Raises:
+            ConfigError: naming the step or the parameter at fault and what is allowed.
+        """
+        owner = f"defense '{kind}'"
+        check_names(owner, params, ["steps", "strength"], ["steps"])
+        blocks = params["steps"]
+        if not isinstance(blocks, list | tuple) or not blocks:
+            raise ConfigError(f"{owner}: parameter 'steps' = {blocks!r} is invalid; "
+                              f"allowed: a non-empty list of defenses, e.g. "
+                              f"[{{kind: augment}}, {{kind: subsample, fraction: 0.5}}]")
+        steps, kinds = [], []
+        for i, block in enumerate(blocks):
+            if not isinstance(block, Mapping) or "kind" not in block:
+                raise ConfigError(f"{owner}: steps[{i}] = {block!r} is invalid; each step "
+                                  f"is a defense block with a 'kind', e.g. {{kind: subsample, "
+                                  f"fraction: 0.5}}")
+            if block["kind"] in DEFENSES and not DEFENSES.get(block["kind"]).composable:
+                raise ConfigError(f"{owner}: steps[{i}] is itself a {block['kind']}; nesting "
+                                  f"is not supported: list its steps in the outer {kind} instead")
+            steps.append(defense_from_config(block, where=f"{owner}: steps[{i}]"))
+            kinds.append(block["kind"])
+        strength = None
+        if params.get("strength") is not None:
+            strength = resolve_strength(params["strength"], kinds,
+                                        [numeric_parameters(type(d)) for d in steps], owner)
+        return cls(steps=tuple(steps), step_kinds=tuple(kinds), strength=strength)
 
     @property
     def soft_targets(self) -> bool:  # type: ignore[override]
@@ -967,114 +938,59 @@ class ComposeDefense(Defense):
         return float(getattr(self.steps[i], name))
 
 
-def _numeric_parameters(d: Defense) -> list[str]:
-    """Names of a built defense's numeric (non-bool) parameters."""
-    return [f.name for f in fields(d) if isinstance(getattr(d, f.name), (int, float))
-            and not isinstance(getattr(d, f.name), bool)] if is_dataclass(d) else []
-
-
-def _strength_path(path: Any, steps: tuple[Defense, ...], kinds: tuple[str, ...]
-                   ) -> tuple[int, str]:
-    """Resolve ``'<kind>.<parameter>'`` or ``'<index>.<parameter>'`` to (step index, parameter)."""
-    example = f"'{kinds[0]}.<parameter>' or '0.<parameter>'"
-    if not isinstance(path, str) or path.count(".") != 1:
-        raise ConfigError(f"defense 'compose': strength = {path!r} is invalid; name one step's "
-                          f"parameter as '<step kind>.<parameter>' or '<step index>.<parameter>' "
-                          f"(0-based), e.g. {example}")
-    step, name = path.split(".")
-    if step.isdigit():
-        i = int(step)
-        if i >= len(steps):
-            raise ConfigError(f"defense 'compose': strength = {path!r}: there is no step {i}; "
-                              f"steps are 0..{len(steps) - 1} ({list(kinds)})")
-    else:
-        hits = [j for j, k in enumerate(kinds) if k == step]
-        if not hits:
-            raise ConfigError(f"defense 'compose': strength = {path!r}: no step is of kind "
-                              f"'{step}'; the steps are {list(kinds)}")
-        if len(hits) > 1:
-            raise ConfigError(f"defense 'compose': strength = {path!r}: steps {hits} are all "
-                              f"'{step}'; name the step by its index, e.g. '{hits[0]}.{name}'")
-        i = hits[0]
-    allowed = _numeric_parameters(steps[i])
-    if name not in allowed:
-        raise ConfigError(f"defense 'compose': strength = {path!r}: step {i} ('{kinds[i]}') has "
-                          f"no numeric parameter '{name}'; choose from {allowed}")
-    return i, name
-
-
-@DEFENSES.register("compose")
-def _compose(params: Mapping[str, Any]) -> Defense:
-    p = _check_params("compose", params, {"steps": _REQUIRED, "strength": None})
-    blocks = p["steps"]
-    if not isinstance(blocks, list | tuple) or not blocks:
-        raise ConfigError(f"defense 'compose': parameter 'steps' = {blocks!r} is invalid; "
-                          f"allowed: a non-empty list of defenses, e.g. "
-                          f"[{{kind: augment}}, {{kind: subsample, fraction: 0.5}}]")
-    steps, kinds = [], []
-    for i, block in enumerate(blocks):
-        if not isinstance(block, Mapping) or "kind" not in block:
-            raise ConfigError(f"defense 'compose': steps[{i}] = {block!r} is invalid; each step "
-                              f"is a defense block with a 'kind', e.g. {{kind: subsample, "
-                              f"fraction: 0.5}}")
-        if block["kind"] == "compose":
-            raise ConfigError(f"defense 'compose': steps[{i}] is itself a compose; nesting is not "
-                              f"supported: list its steps in the outer compose instead")
-        cfg = DefenseConfig(kind=block["kind"],
-                            params={k: v for k, v in block.items() if k != "kind"})
-        steps.append(build_defense(cfg, where=f"defense 'compose': steps[{i}]"))
-        kinds.append(cfg.kind)
-    strength = None
-    if p["strength"] is not None:
-        strength = _strength_path(p["strength"], tuple(steps), tuple(kinds))
-    return ComposeDefense(steps=tuple(steps), step_kinds=tuple(kinds), strength=strength)
-
-
 # ------------------------------------------------------------------------------ build
 
 
 def build_defense(cfg: DefenseConfig, where: str = "defense") -> Defense:
-    """Instantiate ``cfg``; unknown kinds and bad parameters raise ``ConfigError``."""
+    """Instantiate ``cfg``; unknown kinds and bad parameters raise ``ConfigError``.
+
+    The message starts with ``where`` (e.g. the config key ``defenses.dp_s1``).
+    """
     try:
-        factory = DEFENSES.get(cfg.kind)
+        cls = DEFENSES.get(cfg.kind)
     except ValueError as e:
         raise ConfigError(f"{where}.kind: {e}") from None
     try:
-        return factory(cfg.params)
+        return cls.from_params(cfg.params, kind=cfg.kind)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
-#: The parameter that is each kind's strength in privacy–utility sweeps, and whether a
-#: larger value means a stronger defense (``compose`` names its own, see ``strength``).
-STRENGTH: dict[str, tuple[str, bool]] = {
-    "dp": ("sigma", True),
-    "dp_param_noise": ("sigma", True),
-    "quantize": ("bits", False),
-    "sparsify": ("fraction", True),
-    "mixup": ("alpha", True),
-    "instahide": ("k", True),
-    "subsample": ("fraction", False),
-    "augment": ("padding", True),
-}
-#: Families of the paper's recommendation.
-GRADIENT_PERTURBATION = ("dp", "dp_param_noise", "quantize", "sparsify")
-DATA_REPLACEMENT = ("mixup", "instahide")
+def defense_from_config(block: Mapping[str, Any], where: str = "defense") -> Defense:
+    """The defense of a config block ``{kind: ..., <parameter>: ...}`` (see :func:`build_defense`).
+
+    Raises:
+        ConfigError: no ``kind``, an unknown kind or a bad parameter.
+    """
+    if not isinstance(block, Mapping) or "kind" not in block:
+        raise ConfigError(f"{where}: missing key 'kind'; add kind: one of {DEFENSES.names()}")
+    return build_defense(DefenseConfig.from_dict(block, where=where), where=where)
 
 
 def strength_of(defense: Mapping[str, Any]) -> float:
     """The strength value of a defense config block (NaN for ``none``).
 
-    The value the defense runs with, defaults included: the kind's
-    :data:`STRENGTH` parameter, or for ``compose`` the step parameter its
-    ``strength`` names (NaN when it names none).
+    The value the defense runs with, defaults included: its kind's ``strength_param``,
+    or for ``compose`` the step parameter its ``strength`` names (NaN when it names none).
     """
-    cfg = DefenseConfig(kind=defense["kind"],
-                        params={k: v for k, v in defense.items() if k != "kind"})
-    built = build_defense(cfg)
-    if isinstance(built, ComposeDefense):
-        return built.strength_value()
-    if cfg.kind == "none":
-        return float("nan")
-    key, _ = STRENGTH[cfg.kind]
-    return float(getattr(built, key))
+    return defense_from_config(defense).strength_value()
+
+
+def defense_table() -> str:
+    """The README's table of defenses (Markdown), one row per registered kind.
+
+    Columns: the kind, its parameters with bounds and defaults
+    (:func:`fedmia.params.describe`), its strength parameter, and the first paragraph of
+    its docstring.
+    """
+    rows = ["| kind | parameters | strength | what the client does |", "|---|---|---|---|"]
+    for kind in DEFENSES.registered():
+        cls = DEFENSES.get(kind)
+        doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        doc = doc.removeprefix(f"``{kind}``: ").replace("``", "`").replace("|", "\\|")
+        params = ("`steps` (defenses), `strength` (`<step>.<parameter>`)"
+                  if cls is ComposeDefense else describe(cls))
+        strength = (f"`{cls.strength_param}`" if cls.strength_param
+                    else "`strength`" if cls is ComposeDefense else "—")
+        rows.append(f"| `{kind}` | {params} | {strength} | {doc} |")
+    return "\n".join(rows) + "\n"

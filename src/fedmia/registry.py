@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:  # types only: the registries do not depend on what they register
     from fedmia.attacks import AttackSpec
-    from fedmia.datasets import Loader
+    from fedmia.datasets import DatasetKind
     from fedmia.defenses import DefenseFactory
     from fedmia.measures import GradProducts
     from fedmia.models import ModelFactory
@@ -99,7 +99,7 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-DATASETS: Registry[Loader] = Registry("dataset")
+DATASETS: Registry[DatasetKind] = Registry("dataset")
 PARTITIONS: Registry[PartitionKind] = Registry("partition kind")
 MODELS: Registry[ModelFactory] = Registry("model")
 DEFENSES: Registry[DefenseFactory] = Registry("defense")

@@ -1,14 +1,29 @@
-"""The workflow's view of the config: validation, defaults and the grid of cells.
+"""The workflow's view of the config: plugins, validation, defaults and the grid of cells.
 
 ``common.smk`` calls :func:`load_workflow_config` when the Snakefile is parsed, so
 bad input stops the run before any job starts, with a message that names the key,
 what is wrong and what is allowed.
+
+**Parsing imports no torch** (every cluster job parses the Snakefile again). The
+built-in kinds of the torch-backed registries (models, defenses, measure routes) reach
+the parse through the schema, which lists every kind and holds each defense's parameter
+block; ``tests/test_config.py`` checks that these are exactly what the registries and
+the defenses' dataclasses generate (:func:`check_keys_are_registered`,
+:func:`defense_blocks`). Datasets, partitions and attacks are registered by modules
+free of torch, imported here, so their own checks run directly.
+
+**Plugins** (the config's ``plugins:``) are imported first, before anything is
+validated: their kinds are added to the schema's lists, a plugin defense's block is
+generated from its dataclass (:func:`with_registered_kinds`), and they are validated
+like the built-in ones. A plugin that imports torch (any defense or model does) makes
+the parse import it too.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +32,18 @@ from typing import Any
 import jsonschema
 import yaml
 
+from fedmia.attacks import ATTACKS
 from fedmia.config import (
     ConfigError,
     DatasetConfig,
-    DefenseConfig,
     ModelConfig,
     PartitionConfig,
     TrainConfig,
 )
+from fedmia.datasets import DATASETS
+from fedmia.params import allowed_text, block_numeric_parameters, resolve_strength, schema_block
+from fedmia.partition import PARTITIONS
+from fedmia.registry import DEFENSES, MEASURE_ROUTES, MODELS, PluginError, import_plugins
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -175,7 +194,7 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                 raise ConfigError(
                     f"invalid config at 'report.single_round': round {how} is not observed in "
                     f"cell {cell.path} (observed: {observed}); pick an observed round")
-    fedmia = [a for a in attack["attacks"] if a.startswith("fedmia_")]
+    fedmia = [a for a in attack["attacks"] if ATTACKS.get(a).kind == "fedmia"]
     targets = [] if attack["targets"] == "all" else attack["targets"]
     for key in sorted({c.partition for c in spec.cells}):
         part = PartitionConfig.from_dict(config["partitions"][key])
@@ -213,14 +232,22 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
     Raises:
         ConfigError: naming the first offending key, what is wrong and what is allowed.
     """
-    schema = load_schema(schema_path)
     base = jsonschema.Draft202012Validator
+    schema = load_schema(schema_path)
+    _load_plugins(config, schema)
+    schema = with_registered_kinds(schema)
     _raise_first(list(_with_defaults(base)(schema).iter_errors(config)))
-    # Typed configs double-check each block (the package's own validation).
-    for section, cls in (("datasets", DatasetConfig), ("models", ModelConfig),
-                         ("partitions", PartitionConfig), ("defenses", DefenseConfig)):
-        for key, block in config[section].items():
-            cls.from_dict(block, where=f"{section}.{key}")
+    # Typed configs double-check each block (the package's own validation), then each
+    # kind checks what depends on it.
+    for key, block in config["datasets"].items():
+        where = f"datasets.{key}"
+        DATASETS.get(block["kind"]).check(DatasetConfig.from_dict(block, where=where), where)
+    for key, block in config["models"].items():
+        ModelConfig.from_dict(block, where=f"models.{key}")
+    for key, block in config["partitions"].items():
+        PartitionConfig.from_dict(block, where=f"partitions.{key}")
+    for key, block in config["defenses"].items():
+        _check_defense(block, schema, f"defenses.{key}")
     train_validator = base({**schema["$defs"]["train"], "$defs": schema["$defs"]})
     official_validator = base({**schema["$defs"]["official"], "$defs": schema["$defs"]})
     TrainConfig.from_dict(config["train"], where="train")
@@ -261,29 +288,144 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
     return spec
 
 
-def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list, list]]:
-    """Schema enums vs registries (``{what: (schema names, registry names)}``), for tests."""
-    from fedmia.attacks import ATTACKS
-    from fedmia.datasets import DATASETS
-    from fedmia.defenses import DEFENSES
-    from fedmia.measures import MEASURE_ROUTES
-    from fedmia.models import MODELS
-    from fedmia.partition import PARTITIONS
+# ------------------------------------------------------------- plugins and kinds
 
-    props = schema["properties"]
+
+def _load_plugins(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
+    """Check the config's ``plugins`` (as the schema says) and import them, in order."""
+    plugins = config.get("plugins", [])
+    spec = schema["properties"]["plugins"]
+    _raise_first(list(jsonschema.Draft202012Validator(spec).iter_errors(plugins)),
+                 prefix="plugins")
+    for i, name in enumerate(plugins):
+        try:
+            import_plugins([name])
+        except PluginError as e:
+            raise ConfigError(f"invalid config at 'plugins[{i}]': {e}") from None
+
+
+#: Where the schema lists the kinds of a registry: a label (the config key) → the path of
+#: the ``enum`` in the schema.
+KIND_ENUMS: dict[str, tuple[str, ...]] = {
+    "datasets.<key>.kind": ("properties", "datasets", "additionalProperties", "properties",
+                            "kind", "enum"),
+    "partitions.<key>.kind": ("properties", "partitions", "additionalProperties",
+                              "properties", "kind", "enum"),
+    "models.<key>.kind": ("properties", "models", "additionalProperties", "properties",
+                          "kind", "enum"),
+    "defenses.<key>.kind": ("properties", "defenses", "additionalProperties", "properties",
+                            "kind", "enum"),
+    "defenses.<key>.steps[].kind": ("$defs", "defense", "properties", "kind", "enum"),
+    "measure.route": ("properties", "measure", "properties", "route", "enum"),
+    "attack.attacks[]": ("properties", "attack", "properties", "attacks", "items", "enum"),
+}
+
+
+def _at(schema: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        schema = schema[key]
+    return schema
+
+
+def kind_lists() -> dict[str, list[str]]:
+    """What each list of :data:`KIND_ENUMS` holds: the registered names, in registration order.
+
+    From the registries as filled so far (all built-in kinds once :mod:`fedmia.kinds` is
+    imported; at parse time only those of torch-free modules and of plugins).
+    """
+    steps = [k for k in DEFENSES.registered() if DEFENSES.get(k).composable]
     return {
-        "datasets": (props["datasets"]["additionalProperties"]["properties"]["kind"]["enum"],
-                     DATASETS.names()),
-        "partitions": (props["partitions"]["additionalProperties"]["properties"]["kind"]["enum"],
-                       PARTITIONS.names()),
-        "models": (props["models"]["additionalProperties"]["properties"]["kind"]["enum"],
-                   MODELS.names()),
-        "defenses": (props["defenses"]["additionalProperties"]["properties"]["kind"]["enum"],
-                     DEFENSES.names()),
-        "measure routes": (props["measure"]["properties"]["route"]["enum"],
-                           MEASURE_ROUTES.names()),
-        "attacks": (props["attack"]["properties"]["attacks"]["items"]["enum"], ATTACKS.names()),
+        "datasets.<key>.kind": DATASETS.registered(),
+        "partitions.<key>.kind": PARTITIONS.registered(),
+        "models.<key>.kind": MODELS.registered(),
+        "defenses.<key>.kind": DEFENSES.registered(),
+        "defenses.<key>.steps[].kind": steps,
+        "measure.route": MEASURE_ROUTES.registered(),
+        "attack.attacks[]": ATTACKS.registered(),
     }
+
+
+def defense_blocks() -> list[dict[str, Any]]:
+    """The ``$defs.defense`` blocks of the registered defenses that can be compose steps.
+
+    Each generated from its dataclass (:func:`fedmia.params.schema_block`).
+    """
+    return [schema_block(DEFENSES.get(k), k) for k in kind_lists()["defenses.<key>.steps[].kind"]]
+
+
+def _block_kind(block: Mapping[str, Any]) -> str:
+    return block["if"]["properties"]["kind"]["const"]
+
+
+def with_registered_kinds(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` with every registered kind it lacks (a plugin's) added.
+
+    Each list of kinds gets the registered names it lacks, and ``$defs.defense`` the
+    generated block of each registered defense it has none for.
+    """
+    out = copy.deepcopy(dict(schema))
+    for label, names in kind_lists().items():
+        enum = _at(out, KIND_ENUMS[label])
+        enum += [n for n in names if n not in enum]
+    blocks = out["$defs"]["defense"]["allOf"]
+    known = {_block_kind(b) for b in blocks}
+    blocks += [b for b in defense_blocks() if _block_kind(b) not in known]
+    return out
+
+
+def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list, list]]:
+    """Each list of kinds of ``schema`` and what the registries generate for it.
+
+    ``{label: (schema names, registered names)}`` for every list of :data:`KIND_ENUMS`
+    and the default of ``attack.attacks`` (every registered attack). For tests: import
+    :mod:`fedmia.kinds` first, which fills every registry.
+    """
+    out = {label: (list(_at(schema, path)), kind_lists()[label])
+           for label, path in KIND_ENUMS.items()}
+    out["attack.attacks (default)"] = (
+        list(schema["properties"]["attack"]["properties"]["attacks"]["default"]),
+        ATTACKS.registered())
+    return out
+
+
+def _defense_blocks_by_kind(schema: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {_block_kind(b): b for b in schema["$defs"]["defense"]["allOf"]}
+
+
+def _check_parameters(block: Mapping[str, Any], rules: Mapping[str, Any], owner: str) -> None:
+    """The finiteness the schema cannot express: a number parameter must not be NaN or ∞."""
+    props = rules["then"]["properties"]
+    for name, value in block.items():
+        prop = props.get(name)
+        if (isinstance(prop, Mapping) and prop.get("type") in ("number", "integer")
+                and isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{owner}: parameter '{name}' = {value!r} is invalid; allowed: "
+                              f"{allowed_text(prop['type'], prop)}")
+
+
+def _check_defense(block: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
+    """What a defense block needs beyond the schema: finite numbers, a compose's strength.
+
+    Without importing the defenses (torch): the rules come from the schema's blocks,
+    which :func:`defense_blocks` generates from the defenses' dataclasses.
+    """
+    rules = _defense_blocks_by_kind(schema)
+    kind = block["kind"]
+    if "steps" not in block:  # a standalone defense
+        _check_parameters({k: v for k, v in block.items() if k != "kind"}, rules[kind],
+                          f"{where}: defense '{kind}'")
+        return
+    kinds = [step["kind"] for step in block["steps"]]
+    for i, step in enumerate(block["steps"]):
+        _check_parameters({k: v for k, v in step.items() if k != "kind"}, rules[step["kind"]],
+                          f"{where}: defense '{kind}': steps[{i}]: defense '{step['kind']}'")
+    if block.get("strength") is not None:
+        try:
+            resolve_strength(block["strength"], kinds,
+                             [block_numeric_parameters(rules[k]) for k in kinds],
+                             f"defense '{kind}'")
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------- cluster resources
