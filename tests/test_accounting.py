@@ -24,6 +24,7 @@ from fedmia.accounting import (
     UNBOUNDED_REASONS,
     EpsilonReport,
     accounted_epsilon,
+    defense_epsilon,
     noise_multiplier,
     unbounded_epsilon,
 )
@@ -164,8 +165,6 @@ def test_report_is_flat_and_labelled():
 
 
 def test_defense_epsilon_by_kind():
-    from fedmia.accounting import defense_epsilon
-
     dp = {"kind": "dp", "sigma": 8.0, "clip": 5.0}
     rep = defense_epsilon(dp, rounds=30, delta=1e-5)
     assert rep.epsilon_rdp == pytest.approx(accounted_epsilon(8.0, 30).epsilon_rdp)

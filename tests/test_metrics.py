@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from fedmia.metrics import (
     METRICS,
@@ -172,9 +173,7 @@ def test_roc_points():
 
 def official_tpr(scores, is_member, alpha):
     """The official FedMIA code's TPR at FPR alpha: tpr[np.sum(fpr < alpha) - 1]."""
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(is_member.astype(int), scores)
+    fpr, tpr, _ = sk_roc_curve(is_member.astype(int), scores)
     return tpr[np.sum(fpr < alpha) - 1]
 
 

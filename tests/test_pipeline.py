@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from fedmia import io, pipeline
+from fedmia.accounting import accounted_epsilon
+from fedmia.audit import audit_from_scores, max_epsilon_lower_bound
 from fedmia.models import build_model
+from fedmia.stages.train import Checkpoint
 from fedmia.state import FlatState, StateLayout
+from fedmia.uncertainty import stable_seed
 
 PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
             eval_nonmembers=30)
@@ -273,7 +277,6 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(digits_files, tmp_path, c
                   checkpoint_every=2)
     pipeline.train(**common, train_cfg={**RESUME_TRAIN, "rounds": 2},
                    outputs=_train_outputs(tmp_path / "a"))
-    from fedmia.stages.train import Checkpoint
     # leave a stale checkpoint behind, as a kill under other settings would
     Checkpoint(tmp_path / "ckpt", "another run").save(2, torch.zeros(3), [], {})
     with caplog.at_level("WARNING"):
@@ -319,9 +322,6 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     mine = mdm[(mdm.client_id == 0) & mdm.sample_id.isin(canary.sample_id)].sort_values(
         "sample_id")
     coins = canary.set_index("sample_id").canary_in.reindex(mine.sample_id).to_numpy()
-    from fedmia.audit import audit_from_scores, max_epsilon_lower_bound
-    from fedmia.uncertainty import stable_seed
-
     again = audit_from_scores(-mine.loss.to_numpy(), coins, delta=1e-5,
                               holdout_seed=stable_seed(0, "loss"))
     assert row["epsilon_empirical"] == again.epsilon and row["num_correct"] == again.num_correct
@@ -331,8 +331,6 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
 
 
 def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):
-    from fedmia.accounting import accounted_epsilon
-
     train = dict(rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4,
                  observe_rounds=[])
     accounted = accounted_epsilon(10.0, 4, delta=1e-5)

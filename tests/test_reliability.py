@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fedmia import pipeline
+
 pytestmark = pytest.mark.workflow
 
 #: What a run writes that may differ between runs: logs, benchmarks, Snakemake's own state.
@@ -161,8 +163,6 @@ def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_
 
 
 def test_different_seeds_give_different_partitions_and_models(digits_files, tmp_path):
-    from fedmia import pipeline
-
     part = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
                 eval_nonmembers=30)
     train = dict(rounds=1, local_epochs=1, batch_size=10, lr=0.05, observe_every=1)

@@ -56,6 +56,7 @@ Pythons add.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
 import importlib.metadata
@@ -461,8 +462,6 @@ def _write(node: object, emit: Callable[[str], object]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fedmia.fingerprint ENTRY...``: each entry's fingerprint and closure."""
-    import argparse  # only here: the library path stays lean
-
     parser = argparse.ArgumentParser(
         prog="python -m fedmia.fingerprint",
         description="Print the fingerprint of the library code each entry module runs, "
