@@ -10,13 +10,16 @@ import pytest
 from fedmia.attacks import (
     ATTACKS,
     MULTI_ROUND,
+    AttackSpec,
     OfficialProtocol,
     attack_scores,
+    families,
     fedmia_cdf,
     official_slots,
     outlier_filter_for,
     run_attack,
     run_attacks,
+    single_round_attacks,
     validate_measures,
 )
 from fedmia.io import MEASURES, RESULT_COLUMNS
@@ -370,3 +373,18 @@ def test_official_redraws_inflate_low_fpr_tpr_of_series_attacks():
     auc = res.groupby("protocol")["auc"].mean()
     assert tpr["official"] > 3 * tpr["aligned"]
     assert abs(auc["official"] - auc["aligned"]) < tpr["official"] - tpr["aligned"]
+
+
+def test_attack_specs_name_a_measure_column_a_sign_and_a_kind():
+    with pytest.raises(ValueError, match=r"measure 'acc' is not a column of the measure table; "
+                                         r"choose from \['loss', 'cos', .*'confidence'\]"):
+        AttackSpec("acc_series", "acc", 1, "series", "acc")
+    with pytest.raises(ValueError, match=r"sign must be \+1 or -1 and kind one of"):
+        AttackSpec("x", "loss", 2, "single", "loss")
+
+
+def test_report_sets_come_from_the_attack_specs():
+    assert single_round_attacks() == ["loss", "cos", "grad_norm", "grad_diff"]
+    assert families() == {"loss": ["loss", "loss_series", "fedmia_loss"],
+                          "cos": ["cos", "cos_series", "fedmia_cos"],
+                          "grad": ["grad_norm", "grad_diff", "grad_diff_series"]}

@@ -60,6 +60,7 @@ from fedmia.io import (
     ATTACK_DTYPES,
     AUDIT_COLUMNS,
     CI_METRICS,
+    MEASURE_DTYPES,
     MEASURE_KEYS,
     MEASURES,
     RESULT_COLUMNS,
@@ -80,6 +81,8 @@ OUTLIER_Z = 3.0
 PROTOCOLS = ("aligned", "official")
 #: Policies of FedMIA's outlier filter (:func:`outlier_filter_for`).
 OUTLIER_POLICIES = ("auto", "always", "never")
+#: How an attack combines rounds and clients (:attr:`AttackSpec.kind`).
+ATTACK_KINDS = ("single", "series", "fedmia")
 #: Spawn key of the official protocol's random draws (see :func:`official_slots`).
 STREAM_OFFICIAL = 3
 
@@ -108,6 +111,15 @@ class AttackSpec:
     family: str
     paper: tuple[str, str] = ("", "")
 
+    def __post_init__(self) -> None:
+        numeric = [c for c, t in MEASURE_DTYPES.items() if c not in MEASURE_KEYS and t != "bool"]
+        if self.measure not in numeric:
+            raise ValueError(f"attack '{self.name}': measure '{self.measure}' is not a column of "
+                             f"the measure table; choose from {numeric}")
+        if self.sign not in (1, -1) or self.kind not in ATTACK_KINDS:
+            raise ValueError(f"attack '{self.name}': sign must be +1 or -1 and kind one of "
+                             f"{list(ATTACK_KINDS)} (got {self.sign}, '{self.kind}')")
+
     @property
     def multi_round(self) -> bool:
         """Whether the attack combines rounds (one score, ``round = -1``)."""
@@ -122,6 +134,32 @@ class AttackSpec:
         return v1 if v1 == v3 else f"{v1} ({v3})"
 
 
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    """Register ``spec`` under its name (:data:`fedmia.registry.ATTACKS`); returns it."""
+    return ATTACKS.register(spec.name)(spec)
+
+
+def attack_order() -> list[str]:
+    """The registered attacks in table order, i.e. registration order.
+
+    The paper's Table 1 columns, then fedmia's additions, then those of plugins.
+    """
+    return ATTACKS.registered()
+
+
+def single_round_attacks() -> list[str]:
+    """The registered single-round attacks, in table order."""
+    return [a for a in attack_order() if not ATTACKS.get(a).multi_round]
+
+
+def families() -> dict[str, list[str]]:
+    """Measure family → its registered attacks (table order): one privacy–utility figure each."""
+    out: dict[str, list[str]] = {}
+    for a in attack_order():
+        out.setdefault(ATTACKS.get(a).family, []).append(a)
+    return out
+
+
 for _spec in (
     AttackSpec("loss", "loss", -1, "single", "loss", ("Loss-I", "Blackbox-Loss")),
     AttackSpec("loss_series", "loss", -1, "series", "loss", ("Loss-II", "Loss-Series")),
@@ -133,9 +171,7 @@ for _spec in (
     AttackSpec("grad_diff", "grad_diff", +1, "single", "grad", ("Grad-Diff", "Grad-Diff")),
     AttackSpec("grad_diff_series", "grad_diff", +1, "series", "grad"),
 ):
-    ATTACKS.register(_spec.name)(_spec)
-#: Table order: the paper's Table 1 columns, then fedmia's additions (registration order).
-PAPER_ORDER = tuple(ATTACKS.registered())
+    register_attack(_spec)
 
 
 @dataclass(frozen=True)

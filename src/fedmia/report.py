@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fedmia import metrics, uncertainty  # noqa: E402
-from fedmia.attacks import ATTACKS, PAPER_ORDER  # noqa: E402
+from fedmia.attacks import ATTACKS, attack_order, families, single_round_attacks  # noqa: E402
 from fedmia.metrics import METRICS, tpr_metric_name  # noqa: E402
 from fedmia.registry import FIGURES  # noqa: E402
 
@@ -54,12 +54,6 @@ SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "ci_lo
                    "ci_high", "std", "n", "n_defined", "draw_std", "n_nonmembers",
                    "fp_allowed", "fp_median", "low_count", "rounds", "selected_by",
                    "fpr_rule", "note", "diverged")
-#: Attack families of the privacy–utility figures (from the attack specs).
-FAMILIES: dict[str, tuple[str, ...]] = {}
-for _name in PAPER_ORDER:
-    FAMILIES.setdefault(ATTACKS.get(_name).family, ())
-    FAMILIES[ATTACKS.get(_name).family] += (_name,)
-SINGLE_ROUND = tuple(a for a in PAPER_ORDER if not ATTACKS.get(a).multi_round)
 
 
 def check_selection(how: str | int) -> str | int:
@@ -89,7 +83,7 @@ def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr") -> pd.Data
     keys = [*RUN, "attack"]
     multi = results[results["round"] == -1].assign(selected_by=ALL_ROUNDS)
     single = results[(results["round"] >= 0)
-                     & results["attack"].isin(SINGLE_ROUND)]
+                     & results["attack"].isin(single_round_attacks())]
     if single.empty:
         return multi.reset_index(drop=True)
     means = single.groupby([*keys, "round"], as_index=False).agg(
@@ -247,7 +241,7 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
     lost = lost[(lost["_merge"] == "left_only") & lost["diverged_round"].notna()]
     if len(lost):
         protocols = list(dict.fromkeys(results["protocol"])) or ["aligned"]
-        attacks = list(dict.fromkeys(results["attack"])) or list(PAPER_ORDER)
+        attacks = list(dict.fromkeys(results["attack"])) or attack_order()
         filler = [dict(zip(SETTING, key, strict=True), protocol=p, single_round=ALL_ROUNDS,
                        attack=a, metric=m, n=0, n_defined=0, fpr_rule=fpr_rule, rounds="0",
                        selected_by="", note="no observed round before the divergence")
@@ -256,7 +250,7 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
         table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
     table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
     table["diverged"] = table["diverged"].fillna("")
-    order = {a: i for i, a in enumerate(PAPER_ORDER)}
+    order = {a: i for i, a in enumerate(attack_order())}
     table = table.sort_values(
         [*ROW_KEYS, "single_round", "attack", "metric"],
         key=lambda s: s.map(order) if s.name == "attack" else s, kind="stable")
@@ -337,7 +331,7 @@ def paper_tables(summary: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
 
 def _layout(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    attacks = [a for a in PAPER_ORDER if a in set(summary["attack"])]
+    attacks = [a for a in attack_order() if a in set(summary["attack"])]
     diverged = summary["diverged"].fillna("")
     flag = (diverged != "").any()
     for setting, g in summary.groupby(SETTING, sort=False):
@@ -434,7 +428,7 @@ def _figure(rows: int, cols: int, width: float) -> tuple[plt.Figure, np.ndarray]
 
 def _colors() -> dict[str, str]:
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {a: cycle[i % len(cycle)] for i, a in enumerate(PAPER_ORDER)}
+    return {a: cycle[i % len(cycle)] for i, a in enumerate(attack_order())}
 
 
 def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figure:
@@ -445,9 +439,10 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
     markers at attacked rounds and hollow ones at rounds observed only for the figure;
     multi-round attacks are horizontal dashed lines (the official code's main figure).
     """
-    metric = {0.001: "tpr@0.1%", 0.01: "tpr@1%", 0.1: "tpr@10%"}.get(fpr)
-    if metric is None:
-        raise ValueError(f"round_plot_fpr must be one of 0.001, 0.01, 0.1 (got {fpr})")
+    if fpr not in metrics.FPR_LEVELS:
+        raise ValueError(f"round_plot_fpr must be one of {', '.join(map(str, metrics.FPR_LEVELS))}"
+                         f" (got {fpr})")
+    metric = tpr_metric_name(fpr)
     protocols = list(dict.fromkeys(cell["protocol"]))
     fig, axes = _figure(len(protocols), 2, width)
     colors = _colors()
@@ -460,7 +455,7 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
                  for m in (metric, "auc")}
         for ax, m, label in ((axes[row, 0], metric, f"TPR at FPR {fpr:.1%}"),
                              (axes[row, 1], "auc", "AUC")):
-            for a in [a for a in PAPER_ORDER if a in set(means.attack)]:
+            for a in [a for a in attack_order() if a in set(means.attack)]:
                 g = means[means.attack == a]
                 per_round = g[g["round"] >= 0].sort_values("round")
                 if len(per_round):
@@ -477,7 +472,7 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
                 if len(multi):
                     ax.axhline(multi[m].iloc[0], ls="--", color=colors[a], label=_label(a))
                     lo, hi = bands[a, -1, m]  # the interval as a bar at the right edge
-                    x = means["round"].max() * 1.04 + 0.5 + 0.25 * PAPER_ORDER.index(a)
+                    x = means["round"].max() * 1.04 + 0.5 + 0.25 * attack_order().index(a)
                     ax.plot([x, x], [lo, hi], color=colors[a], lw=2.5, alpha=0.7)
             ax.axhline(0.5 if m == "auc" else fpr, color="grey", lw=0.8, ls=":")
             ax.set_xlabel("round")
@@ -505,7 +500,7 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
     for ax, protocol in zip(axes[0], protocols, strict=True):
         part = sel[sel.protocol == protocol]
         lo_all = 1.0
-        for a in [a for a in PAPER_ORDER if a in set(part.attack)]:
+        for a in [a for a in attack_order() if a in set(part.attack)]:
             g = part[part.attack == a]
             tprs = np.array([np.interp(grid, np.asarray(f), np.asarray(t)) for f, t in
                              zip(g.roc_fpr, g.roc_tpr, strict=True)])  # rows × grid
@@ -565,11 +560,11 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
     """
     summary, what = _headline(summary)
     fig, axes = _figure(1, 2, width)
-    attacks = [a for a in PAPER_ORDER if a in set(summary.attack)]
+    attacks = [a for a in attack_order() if a in set(summary.attack)]
     parts = list(dict.fromkeys(summary.partition))
     w = 0.8 / max(len(parts), 1)
     x = np.arange(len(attacks))
-    for ax, metric in zip(axes[0], ("auc", "tpr@1%"), strict=True):
+    for ax, metric in zip(axes[0], ("auc", tpr_metric_name(0.01)), strict=True):
         for i, p in enumerate(parts):
             g = summary[(summary.partition == p) & (summary.metric == metric)]
             g = g.groupby("attack")[["mean", "std"]].mean().reindex(attacks)
@@ -648,7 +643,7 @@ def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> 
     overlaid; the first protocol and single-round selection (the title says which).
     """
     pu, what = _headline(pu)
-    attacks = [a for a in FAMILIES[family] if a in set(pu.attack)]
+    attacks = [a for a in families().get(family, []) if a in set(pu.attack)]
     if not attacks:
         raise ValueError(f"no attack of family '{family}' in the table")
     fig, axes = plt.subplots(2, len(attacks), figsize=(width, width * 0.6), squeeze=False)
@@ -760,7 +755,7 @@ def hypervolume_markdown(hv: pd.DataFrame) -> str:
     keys = ["dataset", "model", "partition", "protocol", "single_round", "kind"]
     wide = hv.assign(label=hv.attack.map(_label)).pivot_table(
         index=keys, columns="label", values="hypervolume", sort=False)
-    attacks = [_label(a) for a in PAPER_ORDER if _label(a) in wide.columns]
+    attacks = [_label(a) for a in attack_order() if _label(a) in wide.columns]
     wide = wide[attacks].reset_index()
     for a in attacks:
         wide[a] = wide[a].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}")
@@ -927,7 +922,7 @@ def audit_figure(pu: pd.DataFrame, width: float = 11) -> plt.Figure:
     finite = acc[np.isfinite(acc)]
     right = max(float(finite.max()) * 1.5 if len(finite) else 10.0, 1.0)
     x = acc.where(np.isfinite(acc), right)
-    for a in [a for a in PAPER_ORDER if a in set(rows.attack)]:
+    for a in [a for a in attack_order() if a in set(rows.attack)]:
         sel = rows.attack == a
         ax.scatter(x[sel], rows.loc[sel, "epsilon_empirical"], color=_colors()[a], s=18,
                    label=_label(a))

@@ -4,7 +4,7 @@
 import dataclasses
 
 from fedmia.fingerprint import fingerprint
-from fedmia.attacks import outlier_filter_for
+from fedmia.attacks import families, outlier_filter_for
 from fedmia.io import PREPARED_FILES
 from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_config
 
@@ -155,9 +155,7 @@ def get_all_manifests(wildcards=None):
 
 def get_families():
     """Attack families with at least one configured attack (privacy-utility figures)."""
-    from fedmia.attacks import ATTACKS as SPECS
-
-    return list(dict.fromkeys(SPECS.get(a).family for a in ATTACKS))
+    return [f for f, members in families().items() if set(members) & set(ATTACKS)]
 
 
 def has_defense_strengths():

@@ -142,7 +142,7 @@ rule figure_privacy_utility:
     log:
         "results/logs/report/privacy_utility_{family}.log",
     wildcard_constraints:
-        family="loss|cos|grad",
+        family="|".join(families()),
     conda:
         "../../envs/fedmia.yaml"
     params:
