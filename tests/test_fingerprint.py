@@ -323,6 +323,35 @@ def test_code_edit_outside_closure_keeps_fingerprint(fake, rel, old, new):
     assert fingerprint("fakepkg.main", root=fake) == before
 
 
+def test_plugins_count_with_what_they_import_of_the_package(fake, monkeypatch):
+    """A plugin (a single module, or a module of its own package) is hashed with the
+    modules of its package it imports and the closure of what it imports of ours."""
+    base = fake.parent
+    (base / "fakeplug.py").write_text("from fakepkg import b\n\nPLUG = 1\n")
+    write_pkg(base, {"__init__.py": "", "defs.py": "from .util import U\n",
+                     "util.py": "U = 1\n"}, name="plugpkg")
+    monkeypatch.syspath_prepend(str(base))
+    entry = "fakepkg.chain"  # its closure holds neither fakepkg.b nor fakepkg.e
+    base_fp = fingerprint(entry, root=fake)
+    with_plug = fingerprint(entry, root=fake, plugins=["fakeplug"])
+    assert with_plug != base_fp
+    assert fingerprint(entry, root=fake, plugins=["fakeplug", "plugpkg.defs"]) != with_plug
+    edit(fake / "d.py", "thing = 4", "thing = 40")  # imported by nobody here
+    assert fingerprint(entry, root=fake, plugins=["fakeplug"]) == with_plug
+    edit(base / "fakeplug.py", "PLUG = 1", "# a comment\nPLUG = 1")  # cosmetic
+    assert fingerprint(entry, root=fake, plugins=["fakeplug"]) == with_plug
+    edit(fake / "b.py", "B = 3", "B = 30")  # a package module the plugin imports
+    edited_b = fingerprint(entry, root=fake, plugins=["fakeplug"])
+    assert edited_b != with_plug
+    edit(base / "fakeplug.py", "PLUG = 1", "PLUG = 2")  # the plugin's code
+    assert fingerprint(entry, root=fake, plugins=["fakeplug"]) != edited_b
+    both = fingerprint(entry, root=fake, plugins=["plugpkg.defs"])
+    edit(base / "plugpkg" / "util.py", "U = 1", "U = 2")  # imported by the plugin module
+    assert fingerprint(entry, root=fake, plugins=["plugpkg.defs"]) != both
+    with pytest.raises(ClosureError, match="plugin 'no_such_plugin'"):
+        fingerprint(entry, root=fake, plugins=["no_such_plugin"])
+
+
 def test_fingerprint_is_a_short_hex_digest_of_closure_and_dependencies(fake):
     fp = fingerprint("fakepkg.main", root=fake, dependencies=())
     assert len(fp) == 16 and int(fp, 16) >= 0

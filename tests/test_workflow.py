@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -306,3 +307,116 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
             runtime[m.groups()] = int(re.search(r"runtime=(\d+)", block)[1])
     assert runtime[("cifar100", "resnet18", "iid")] > runtime[("cifar100", "alexnet", "iid")]
     assert runtime[("cifar100", "alexnet", "iid")] > runtime[("dermnet", "alexnet", "derm_iid")]
+
+
+# ------------------------------------------------------------------------------ plugins
+
+TOY_PLUGIN = '''"""A toy fedmia plugin: a defense and an attack, without an edit to fedmia."""
+
+from dataclasses import dataclass
+
+import torch
+
+from fedmia.attacks import AttackSpec, register_attack
+from fedmia.defenses import DEFENSES, Defense, generator_on
+from fedmia.params import param
+
+
+@DEFENSES.register("input_noise")
+@dataclass(frozen=True)
+class InputNoise(Defense):
+    """``input_noise``: Gaussian noise added to the normalised training inputs."""
+
+    std: float = param(0.1, minimum=0, maximum=10, description="noise std (normalised units)")
+    strength_param = "std"
+
+    def batch(self, x, y, spec, gen):
+        g = generator_on(gen, x.device)
+        return x + self.std * torch.randn(x.shape, generator=g, device=x.device), y
+
+
+register_attack(AttackSpec("confidence_series", "confidence", +1, "series", "confidence"))
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_run(snakemake_cmd, repo, tmp_path_factory):
+    """The tiny workflow with a toy plugin module (a temp dir on PYTHONPATH): a defense
+    and an attack that fedmia does not know, alone and as a compose step."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    (tmp / "plugins").mkdir()
+    (tmp / "plugins" / "toy_plugin.py").write_text(TOY_PLUGIN)
+    config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
+    config["plugins"] = ["toy_plugin"]
+    config["defenses"].update({
+        "noisy": {"kind": "input_noise", "std": 0.5},
+        "noisy_sub": {"kind": "compose", "steps": [{"kind": "input_noise"},
+                                                   {"kind": "subsample", "fraction": 0.5}],
+                      "strength": "input_noise.std"}})
+    config["attack"] = {"attacks": ["loss", "loss_series", "confidence_series"],
+                        "protocol": "aligned"}
+    config["grid"][0].update(defenses=["none", "noisy", "noisy_sub"], partitions=["iid"])
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(tmp / "plugins")}
+    wd = tmp / "wd"
+
+    def run(configfile: Path, *args: str) -> subprocess.CompletedProcess:
+        argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(wd), "--cores", "2",
+                "--configfile", str(configfile), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
+
+    r = run(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, wd, config, run
+
+
+def test_a_plugin_defense_and_attack_run_end_to_end(plugin_run):
+    _, wd, _, _ = plugin_run
+    tables = wd / "results" / "tables"
+    table = pd.read_csv(tables / "attacks.csv")
+    assert set(table.attack) == {"loss", "loss_series", "confidence_series"}
+    assert set(table.defense) == {"none", "noisy", "noisy_sub"}
+    conf = table[(table.attack == "confidence_series") & (table.metric == "auc")]
+    assert len(conf) == 3 and conf["mean"].between(0, 1).all()
+    assert (conf.single_round == "all attacked rounds").all()  # a multi-round attack
+    assert "confidence_series" in (tables / "attacks.md").read_text()
+    pu = pd.read_csv(tables / "privacy_utility.csv")
+    strength = pu.drop_duplicates("defense").set_index("defense")
+    assert strength.loc["noisy", "kind"] == "input_noise"
+    assert strength.loc["noisy", "strength"] == 0.5
+    assert strength.loc["noisy_sub", "strength"] == 0.1  # the step's default std
+    hv = pd.read_csv(tables / "hypervolume.csv")
+    assert {"input_noise", "compose"} <= set(hv.kind)
+    # its own privacy-utility figure: the family is the plugin attack's
+    assert (wd / "results" / "figures" / "privacy_utility_confidence.png").stat().st_size > 1000
+    # the noise reached training: the noisy cell's uploads differ from the undefended one's
+    obs = "results/train/digits/alexnet/{}/iid/seed0/observed/round0002.safetensors"
+    assert (wd / obs.format("none")).read_bytes() != (wd / obs.format("noisy")).read_bytes()
+
+
+def test_a_plugin_defense_is_validated_before_any_job(plugin_run):
+    tmp, _, config, run = plugin_run
+    bad = copy.deepcopy(config)
+    bad["defenses"]["noisy"]["std"] = -1
+    cfg = tmp / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(bad))
+    r = run(cfg, "-n")
+    assert r.returncode != 0
+    assert "invalid config at 'defenses.noisy.std': -1 is less than the minimum of 0" in (
+        r.stdout + r.stderr)
+
+
+def test_a_plugin_code_change_reruns_what_imports_it(plugin_run):
+    tmp, _, _, run = plugin_run
+    r = run(tmp / "config.yaml", "-n")
+    assert "Nothing to be done" in r.stdout + r.stderr
+    plugin = tmp / "plugins" / "toy_plugin.py"
+    original = plugin.read_text()
+    try:
+        plugin.write_text(original + "\n_EDITED = True  # a code change, not a comment\n")
+        r = run(tmp / "config.yaml", "-n")
+        counts = job_counts(r.stdout + r.stderr)
+        assert r.returncode == 0 and counts["train"] == 3 and counts["attack"] == 3, counts
+    finally:
+        plugin.write_text(original)

@@ -9,7 +9,12 @@ as a param, the fingerprint of its entry module: a short hex digest over
   line or column numbers. Comments, docstrings, blank lines and formatting do not
   count; any change to the code does, including type hints and default values;
 - the installed versions of the compute libraries (:data:`DEPENDENCIES`), without
-  their build's local label (``+cpu``, ``+cu128``).
+  their build's local label (``+cpu``, ``+cu128``);
+- with ``plugins`` (the config's plugin modules, which every job imports), each plugin
+  module and what it imports of its own package (or the file alone, for a plugin that
+  is a single module), hashed the same way, and the package modules it imports (with
+  their closure). A code change in a plugin reruns every stage, since every stage
+  imports it.
 
 A code change in a module a stage imports changes that stage's fingerprint, and
 Snakemake reruns its jobs (and everything downstream); a change elsewhere in the
@@ -145,7 +150,8 @@ def import_closure(entry: str | Iterable[str], *, root: str | Path | None = None
 
 
 def fingerprint(entry: str | Iterable[str], *, root: str | Path | None = None,
-                dependencies: Iterable[str] = DEPENDENCIES) -> str:
+                dependencies: Iterable[str] = DEPENDENCIES,
+                plugins: Iterable[str] = ()) -> str:
     """A short hex digest of the code ``entry`` runs (see the module docstring).
 
     Args:
@@ -155,17 +161,50 @@ def fingerprint(entry: str | Iterable[str], *, root: str | Path | None = None,
         dependencies: distributions whose installed versions are included (read with
             :func:`importlib.metadata.version`, nothing is imported); one that is not
             installed counts as ``-``.
+        plugins: importable modules outside the package that the code imports too (the
+            workflow's plugins; found with :func:`importlib.util.find_spec`).
 
     Returns:
         :data:`LENGTH` lowercase hex digits.
     """
+    entries, package, pkg_root = _resolve_entries(entry, root)
+    sources = plugin_sources(plugins)
+    for name, path in sources.items():
+        entries += list(_imported_modules(name, path, _info(path), pkg_root, package))
     lines = [FORMAT]
-    for name, path in sorted(_closure(*_resolve_entries(entry, root)).items()):
+    for name, path in sorted(_closure(entries, package, pkg_root).items()):
         lines.append(f"module {name} {_info(path).digest}")
+    for name, path in sorted(sources.items()):
+        lines.append(f"plugin {name} {_info(path).digest}")
     for dist, version in sorted(dependency_versions(dependencies).items()):
         lines.append(f"dist {dist} {version or '-'}")
     text = "\n".join(lines) + "\n"
     return hashlib.sha256(text.encode()).hexdigest()[:LENGTH]
+
+
+def plugin_sources(plugins: Iterable[str]) -> dict[str, Path]:
+    """Module name → source file of each plugin module and of what it imports of its package.
+
+    A plugin that is a single top-level module is its file alone.
+
+    Raises:
+        ClosureError: a plugin that cannot be found, or that is no Python source file.
+    """
+    out: dict[str, Path] = {}
+    for name in plugins:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError) as e:
+            raise ClosureError(f"plugin '{name}' cannot be found: {e}") from e
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            raise ClosureError(f"plugin '{name}' is not a Python source module on sys.path "
+                               f"(found {spec.origin if spec else None})")
+        top = name.partition(".")[0]
+        if "." in name or Path(spec.origin).name == "__init__.py":
+            out.update(_closure([name], top, package_dir(top)))
+        else:
+            out[name] = Path(spec.origin)
+    return out
 
 
 def dependency_versions(dependencies: Iterable[str] = DEPENDENCIES) -> dict[str, str | None]:

@@ -20,5 +20,6 @@ rule attack:
         cell=get_cell,
         rounds=get_observed_rounds,
         code=code("attack"),
+        plugins=PLUGINS,
     script:
         "../scripts/attack.py"

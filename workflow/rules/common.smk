@@ -11,15 +11,19 @@ from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_c
 SPEC = load_workflow_config(
     config, workflow.source_path("../schemas/config.schema.yaml")
 )
+# The plugin modules (imported above, before validation): a param of every rule, whose
+# job imports them before it builds anything.
+PLUGINS = config["plugins"]
 
 
 def code(stage):
     """Fingerprint of the library code a stage runs (a param: code changes rerun its jobs).
 
     Read statically from the installed package's source (no import, milliseconds), over
-    the stage's entry module and everything it imports, plus torch/numpy/pandas versions.
+    the stage's entry module and everything it imports, plus torch/numpy/pandas versions,
+    and the plugins' source (every job imports them).
     """
-    return fingerprint([f"fedmia.stages.{stage}", "fedmia.logs"])
+    return fingerprint([f"fedmia.stages.{stage}", "fedmia.logs"], plugins=PLUGINS)
 
 
 CELL = "{dataset}/{model}/{defense}/{partition}/seed{seed}"

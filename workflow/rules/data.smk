@@ -8,6 +8,7 @@ rule prepare:
     params:
         dataset=get_dataset_cfg,
         code=code("prepare"),
+        plugins=PLUGINS,
     script:
         "../scripts/prepare.py"
 
@@ -25,5 +26,6 @@ rule partition:
     params:
         partition=get_partition_cfg,
         code=code("partition"),
+        plugins=PLUGINS,
     script:
         "../scripts/partition.py"

@@ -23,5 +23,6 @@ rule measure:
         device=config["device"],
         deterministic=config["deterministic"],
         code=code("measure"),
+        plugins=PLUGINS,
     script:
         "../scripts/measure.py"

@@ -40,6 +40,7 @@ rule table:
         fpr_rule=config["attack"]["fpr_rule"],
         partition_kinds={k: p["kind"] for k, p in sorted(config["partitions"].items())},
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/table.py"
 
@@ -63,6 +64,7 @@ rule figure_rounds:
         kind="rounds",
         options=get_report_options(),
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/figure_cell.py"
 
@@ -82,6 +84,7 @@ use rule figure_rounds as figure_roc with:
         kind="roc",
         options=get_report_options(),
         code=code("report"),
+        plugins=PLUGINS,
 
 
 rule figure_partitions:
@@ -101,6 +104,7 @@ rule figure_partitions:
     params:
         options=canonical(config["report"]),
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/figure_partitions.py"
 
@@ -124,6 +128,7 @@ rule privacy_utility:
         defenses=canonical(config["defenses"]),
         delta=config["report"]["dp_delta"],
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/privacy_utility.py"
 
@@ -148,6 +153,7 @@ rule figure_privacy_utility:
     params:
         options=canonical(config["report"]),
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/figure_privacy_utility.py"
 
@@ -168,6 +174,7 @@ rule hypervolume:
         "../../envs/fedmia.yaml"
     params:
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/hypervolume.py"
 
@@ -190,5 +197,6 @@ rule figure_audit:
     params:
         options=canonical(config["report"]),
         code=code("report"),
+        plugins=PLUGINS,
     script:
         "../scripts/figure_audit.py"

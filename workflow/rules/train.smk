@@ -30,5 +30,6 @@ rule train:
         device=config["device"],
         deterministic=config["deterministic"],
         code=code("train"),
+        plugins=PLUGINS,
     script:
         "../scripts/train.py"

@@ -11,5 +11,6 @@ stage.attack(
     rounds=snakemake.params.rounds,
     manifest_file=snakemake.input.manifest,
     **snakemake.params.attack,
+    plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

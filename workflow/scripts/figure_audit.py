@@ -7,5 +7,6 @@ setup_logging(snakemake.log[0])
 stage.report_audit_figure(
     table=snakemake.input[0],
     options=snakemake.params.options,
+    plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

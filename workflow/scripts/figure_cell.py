@@ -8,5 +8,6 @@ stage.report_cell_figures(
     attack_files=list(snakemake.input),
     kind=snakemake.params.kind,
     options=snakemake.params.options,
+    plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

@@ -8,5 +8,6 @@ stage.report_privacy_utility_figure(
     table=snakemake.input[0],
     family=snakemake.wildcards.family,
     options=snakemake.params.options,
+    plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

@@ -5,5 +5,7 @@ from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])
 stage.report_hypervolume(
-    table=snakemake.input[0], outputs=dict(snakemake.output.items())
+    table=snakemake.input[0],
+    plugins=snakemake.params.plugins,
+    outputs=dict(snakemake.output.items()),
 )

@@ -16,5 +16,6 @@ stage.measure(
     deterministic=snakemake.params.deterministic,
     threads=snakemake.threads,
     **snakemake.params.measure,
+    plugins=snakemake.params.plugins,
     output=snakemake.output[0],
 )

@@ -9,4 +9,5 @@ stage.partition(
     snakemake.params.partition,
     int(snakemake.wildcards.seed),
     snakemake.output[0],
+    plugins=snakemake.params.plugins,
 )

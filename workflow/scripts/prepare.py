@@ -4,4 +4,8 @@ from fedmia.logs import setup_logging
 from fedmia.stages import prepare as stage
 
 setup_logging(snakemake.log[0])
-stage.prepare(snakemake.params.dataset, dict(snakemake.output.items()))
+stage.prepare(
+    snakemake.params.dataset,
+    dict(snakemake.output.items()),
+    plugins=snakemake.params.plugins,
+)

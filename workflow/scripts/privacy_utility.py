@@ -10,5 +10,6 @@ stage.report_privacy_utility(
     audits=list(snakemake.input.audits),
     defenses=snakemake.params.defenses,
     delta=snakemake.params.delta,
+    plugins=snakemake.params.plugins,
     output=snakemake.output[0],
 )

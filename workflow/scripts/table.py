@@ -10,5 +10,6 @@ stage.report_tables(
     selections=snakemake.params.selections,
     fpr_rule=snakemake.params.fpr_rule,
     partition_kinds=snakemake.params.partition_kinds,
+    plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

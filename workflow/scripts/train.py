@@ -18,5 +18,6 @@ stage.train(
     threads=snakemake.threads,
     checkpoint_dir=snakemake.params.checkpoint,
     checkpoint_every=snakemake.resources.checkpoint_every,
+    plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

@@ -13,6 +13,7 @@ import pandas as pd
 from fedmia import io
 from fedmia.attacks import PROTOCOLS, OfficialProtocol, audit_attacks, run_attacks
 from fedmia.io import ATTACK_COLUMNS, ATTACK_DTYPES, AUDIT_COLUMNS, CELL_KEYS, available_rounds
+from fedmia.registry import import_plugins
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def attack(
     roc_points: int = 200,
     n_boot: int = 1000,
     audit: Mapping[str, Any] | None = None,
+    plugins: Sequence[str] = (),
     outputs: Mapping[str, str | Path],
 ) -> None:
     """Stage 5: every attack against every target client of one cell, under each protocol.
@@ -60,11 +62,13 @@ def attack(
         roc_points: points of the stored ROC curve per row.
         n_boot: bootstrap replicates per row for the intervals.
         audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
+        plugins: the config's ``plugins``, imported first (they register kinds).
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
             (:data:`fedmia.io.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one row per
             attack (empty without canaries; :data:`fedmia.io.AUDIT_COLUMNS` after the
             cell's keys).
     """
+    import_plugins(plugins)
     missing = sorted(set(attacks) - set(outputs))
     if missing:
         raise ValueError(f"no output file for attack(s) {missing}")

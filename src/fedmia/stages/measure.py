@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from fedmia.fedavg import DeviceData
 from fedmia.io import MEASURE_DTYPES, available_rounds
 from fedmia.measures import compute_round_measures
 from fedmia.models import build_model
-from fedmia.registry import MEASURE_ROUTES
+from fedmia.registry import MEASURE_ROUTES, import_plugins
 from fedmia.state import FlatState, StateLayout
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def measure(
     chunk_size: int = 64,
     batch_size: int = 500,
     route: str = "layerwise",
+    plugins: Sequence[str] = (),
     output: str | Path,
 ) -> None:
     """Stage 4: membership disclosure measures of the evaluation samples at observed rounds.
@@ -53,10 +54,12 @@ def measure(
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
         route: ``layerwise`` (default) or ``func`` (:data:`fedmia.registry.MEASURE_ROUTES`).
+        plugins: the config's ``plugins``, imported first (they register kinds).
         output: the measure Parquet (:data:`fedmia.io.MEASURE_DTYPES`: ``round, client_id,
             sample_id, loss, cos, grad_diff, grad_norm, correct, confidence``), one row per
             (round, client, evaluation sample).
     """
+    import_plugins(plugins)
     grad_products = MEASURE_ROUTES.get(route)
     dev = setup_compute(device, threads, deterministic)
     rounds = available_rounds(rounds, manifest_file)

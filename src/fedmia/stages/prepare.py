@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +10,20 @@ import fedmia
 from fedmia import io
 from fedmia.config import DatasetConfig
 from fedmia.datasets import prepare_dataset
+from fedmia.registry import import_plugins
 
 
-def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
+def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *,
+            plugins: Sequence[str] = ()) -> None:
     """Stage 1: build a dataset's canonical arrays and metadata.
 
     Args:
         dataset: the dataset's config block (``DatasetConfig`` fields).
-        outputs: files for ``images``, ``labels``, ``is_test`` and ``meta``.
+        outputs: files for ``images``, ``labels``, ``is_test`` and ``meta``
+            (:data:`fedmia.io.PREPARED_FILES`).
+        plugins: the config's ``plugins``, imported first (they register kinds).
     """
+    import_plugins(plugins)
     cfg = DatasetConfig.from_dict(dataset)
     data = prepare_dataset(cfg)
     mean, std = data.channel_stats()

@@ -13,13 +13,13 @@ from fedmia import io, report
 from fedmia.accounting import DEFAULT_DELTA, defense_epsilon
 from fedmia.defenses import strength_of
 from fedmia.io import cells_frame
-from fedmia.registry import FIGURES
+from fedmia.registry import FIGURES, import_plugins
 
 
 def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
                   selections: Sequence[str | int], fpr_rule: str,
                   partition_kinds: Mapping[str, str] | None = None,
-                  outputs: Mapping[str, str | Path]) -> None:
+                  plugins: Sequence[str] = (), outputs: Mapping[str, str | Path]) -> None:
     """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
 
     Args:
@@ -28,9 +28,11 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         selections: how single-round attacks are reported (``report.single_round``).
         fpr_rule: the FPR rule the attack stage used (stated in the tables).
         partition_kinds: partition key → kind, for the non-iid finding.
+        plugins: the config's ``plugins``, imported first (they register attacks).
         outputs: ``csv``, ``per_round``, ``md``, ``tex``, and the findings table
             ``findings_csv``, ``findings_md``.
     """
+    import_plugins(plugins)
     results = pd.concat([io.read_parquet(f, "attack") for f in attack_files],
                         ignore_index=True)
     summary = report.summarize(results, selections, fpr_rule=fpr_rule,
@@ -62,8 +64,13 @@ def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
 
 
 def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
-                        options: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6b: one cell's figure ``kind`` (:data:`fedmia.registry.FIGURES`) as PNG and PDF."""
+                        options: Mapping[str, Any], plugins: Sequence[str] = (),
+                        outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6b: one cell's figure ``kind`` (:data:`fedmia.registry.FIGURES`) as PNG and PDF.
+
+    ``plugins`` (the config's) are imported first; so are they in every report stage.
+    """
+    import_plugins(plugins)
     cell = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
     draw = FIGURES.get(kind)
     if cell.empty:  # the cell diverged before its first observed round
@@ -75,8 +82,10 @@ def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
 
 
 def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
+                             plugins: Sequence[str] = (),
                              outputs: Mapping[str, str | Path]) -> None:
     """Stage 6c: iid vs non-iid bars from the tidy attack table."""
+    import_plugins(plugins)
     fig = report.partitions_figure(pd.read_csv(table), options["width"])
     _save_figure(fig, outputs, options["dpi"])
 
@@ -106,13 +115,15 @@ def epsilons(cells: pd.DataFrame, defenses: Mapping[str, Mapping[str, Any]],
 def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
                            defenses: Mapping[str, Mapping[str, Any]], output: str | Path,
                            audits: Iterable[str | Path] = (),
-                           delta: float = DEFAULT_DELTA) -> None:
+                           delta: float = DEFAULT_DELTA, plugins: Sequence[str] = ()) -> None:
     """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
 
     Each cell's manifest names the cell in its keys and gives its utility (the final
     model's test accuracy; chance for a diverged cell); they are joined to the attack
-    table on those keys.
+    table on those keys. ``plugins`` (the config's) are imported first: a defense's
+    strength is its registered kind's.
     """
+    import_plugins(plugins)
     strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
                               for key, d in defenses.items()])
     cells = cells_frame(manifests)
@@ -125,22 +136,27 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
 
 
 def report_privacy_utility_figure(*, table: str | Path, family: str,
-                                  options: Mapping[str, Any],
+                                  options: Mapping[str, Any], plugins: Sequence[str] = (),
                                   outputs: Mapping[str, str | Path]) -> None:
     """Stage 6e: one attack family's privacy–utility figure (PNG and PDF)."""
+    import_plugins(plugins)
     fig = report.privacy_utility_figure(pd.read_csv(table), family, options["width"])
     _save_figure(fig, outputs, options["dpi"])
 
 
 def report_audit_figure(*, table: str | Path, options: Mapping[str, Any],
+                        plugins: Sequence[str] = (),
                         outputs: Mapping[str, str | Path]) -> None:
     """Stage 6g: empirical against accounted ε (PNG and PDF)."""
+    import_plugins(plugins)
     fig = report.audit_figure(pd.read_csv(table), options["width"])
     _save_figure(fig, outputs, options["dpi"])
 
 
-def report_hypervolume(*, table: str | Path, outputs: Mapping[str, str | Path]) -> None:
+def report_hypervolume(*, table: str | Path, plugins: Sequence[str] = (),
+                       outputs: Mapping[str, str | Path]) -> None:
     """Stage 6f: Table 2, the hypervolume of every defense kind's front (CSV, Markdown)."""
+    import_plugins(plugins)
     hv = report.hypervolume_table(pd.read_csv(table))
     with io.atomic_path(outputs["csv"]) as tmp:
         hv.to_csv(tmp, index=False)

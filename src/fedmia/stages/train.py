@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fedmia.fingerprint import fingerprint
 from fedmia.io import CELL_KEYS, HISTORY_COLUMNS
 from fedmia.models import build_model, count_parameters
 from fedmia.partition import HELD_OUT
+from fedmia.registry import import_plugins
 from fedmia.state import FlatState
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def train(
     deterministic: bool = False,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 0,
+    plugins: Sequence[str] = (),
     outputs: Mapping[str, str | Path],
 ) -> None:
     """Stage 3: run FedAvg for one cell and save its history and the server's view.
@@ -83,6 +85,7 @@ def train(
             the job was killed resumes from the last save, provided the inputs, the
             settings and the training code are the same (else it starts afresh); a kill
             loses at most ``checkpoint_every`` rounds of work.
+        plugins: the config's ``plugins``, imported first (they register kinds).
         outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``),
             ``observed`` (folder: one ``roundNNNN.pt`` per observed round) and ``manifest``
             (JSON: the cell, the planned and the saved observed rounds, and the outcome —
@@ -98,6 +101,7 @@ def train(
     round's randomness comes from ``(seed, round, client)``, and a round starts from the
     saved global model and a fresh optimizer.
     """
+    import_plugins(plugins)
     mcfg = ModelConfig.from_dict(model)
     dcfg = DefenseConfig.from_dict(defense)
     tcfg = TrainConfig.from_dict(train_cfg)
@@ -121,7 +125,8 @@ def train(
     observed = set(tcfg.observed())
     ckpt = None
     if checkpoint_dir is not None and checkpoint_every > 0:
-        key = _checkpoint_key(model, defense, tcfg.to_dict(), cell, partition_file, meta)
+        key = _checkpoint_key(model, defense, tcfg.to_dict(), cell, partition_file, meta,
+                              plugins)
         ckpt = Checkpoint(checkpoint_dir, key)
     resumed = ckpt.load() if ckpt is not None else None
     start, rows, outcome = 1, [], None
@@ -187,12 +192,13 @@ def train(
 
 def _checkpoint_key(model: Mapping[str, Any], defense: Mapping[str, Any],
                     train_cfg: Mapping[str, Any], cell: Mapping[str, Any],
-                    partition_file: str | Path, meta: Mapping[str, Any]) -> str:
+                    partition_file: str | Path, meta: Mapping[str, Any],
+                    plugins: Sequence[str] = ()) -> str:
     """What a checkpoint must match to be resumed: settings, inputs and training code."""
     spec = {"model": dict(model), "defense": dict(defense), "train": dict(train_cfg),
             "cell": {k: cell[k] for k in CELL_KEYS}, "data": meta["sha256"],
             "partition": hashlib.sha256(Path(partition_file).read_bytes()).hexdigest(),
-            "code": fingerprint("fedmia.stages.train")}
+            "code": fingerprint("fedmia.stages.train", plugins=plugins)}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
