@@ -13,7 +13,7 @@ import fedmia.kinds  # noqa: F401 (fills every registry)
 from fedmia import metrics
 from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
 from fedmia.config import LR_SCHEDULES
-from fedmia.defenses import Defense
+from fedmia.defenses import Defense, defense_table
 from fedmia.params import param, schema_block
 from fedmia.registry import DEFENSES, MODELS
 from fedmia.report import SELECTIONS
@@ -65,6 +65,12 @@ def test_schema_defense_blocks_are_generated_from_the_dataclasses():
                   for b in schema["$defs"]["defense"]["allOf"]}
     generated = {b["if"]["properties"]["kind"]["const"]: b for b in defense_blocks()}
     assert checked_in == generated, "paste the output of: python -m fedmia.kinds schema"
+
+
+def test_readme_defense_table_is_generated_from_the_dataclasses():
+    """The README's table of defenses is what the registered defenses generate."""
+    readme = (REPO / "README.md").read_text()
+    assert defense_table() in readme, "paste the output of: python -m fedmia.kinds defenses"
 
 
 def test_schema_enums_of_settings_match_the_code():

@@ -154,6 +154,10 @@ def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
     assert hv.loc["mixup", "hypervolume"] == pytest.approx(0.9 * 0.5)
     assert hv.loc["mixup", "excluded"] == 1
     assert "Cos-II (Avg-Cosine)" in report.hypervolume_markdown(hv.reset_index())
+    # a front without any defined point (the undefended TPR undefined too) is n/a, not 0
+    none_undefined = pd.DataFrame(rows).assign(mean=np.nan)
+    hv = report.hypervolume_table(none_undefined).set_index("kind")
+    assert hv["hypervolume"].isna().all() and (hv["n_points"] == 0).all()
 
 
 def test_summary_intervals_and_false_positives():
@@ -203,3 +207,20 @@ def test_noniid_finding_compares_independent_groups():
     assert auc["partition"] == "dir vs iid" and auc["difference"] == pytest.approx(0.185)
     assert auc["verdict"] == "holds" and auc["n_units"] == 8
     assert "+0.185" in report.findings_markdown(f)
+
+
+def test_a_cell_diverged_before_any_observed_round_has_rows_where_its_attacks_belong():
+    """Its single-round attacks get a row per selection, its multi-round attacks one row
+    (all NaN), as an undiverged cell's would; nothing lands in the wrong section."""
+    res = fake_results()
+    cells = pd.DataFrame([dict(CELL, diverged_round=np.nan),
+                          dict(CELL, defense="noisy", diverged_round=2.0)])
+    s = report.summarize(res, ["best_tpr", "last"], cells=cells)
+    lost = s[s.defense == "noisy"]
+    assert set(lost[lost.attack == "loss"].single_round) == {"best_tpr", "last"}
+    assert set(lost[lost.attack == "loss_series"].single_round) == {report.ALL_ROUNDS}
+    assert lost["mean"].isna().all() and (lost["n"] == 0).all()
+    assert set(lost.diverged) == {"seed 0 diverged in round 2"}
+    placed = s[["single_round", "attack"]].drop_duplicates()
+    assert set(map(tuple, placed.to_numpy())) == {
+        ("best_tpr", "loss"), ("last", "loss"), (report.ALL_ROUNDS, "loss_series")}

@@ -223,7 +223,9 @@ def test_a_diverging_defense_cell_is_a_flagged_result(snakemake_cmd, repo, tmp_p
     assert (table[table.defense == "noisy"].diverged == "seed 0 diverged in round 2").all()
     assert "diverged in round 2" in (wd / "results/tables/attacks.md").read_text()
     hv = pd.read_csv(wd / "results" / "tables" / "hypervolume.csv")
-    assert set(hv.kind) == {"dp_param_noise"} and hv.hypervolume.between(0, 1).all()
+    # with 40 non-members TPR@0.1% is undefined for every point: each front is n/a, not 0
+    assert set(hv.kind) == {"dp_param_noise"} and hv.hypervolume.isna().all()
+    assert (hv.n_points == 0).all() and (hv.excluded == 2).all()
 
 
 # ------------------------------------------------------- code changes rerun what they affect
@@ -311,41 +313,22 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
 
 # ------------------------------------------------------------------------------ plugins
 
-TOY_PLUGIN = '''"""A toy fedmia plugin: a defense and an attack, without an edit to fedmia."""
-
-from dataclasses import dataclass
-
-import torch
-
-from fedmia.attacks import AttackSpec, register_attack
-from fedmia.defenses import DEFENSES, Defense, generator_on
-from fedmia.params import param
-
-
-@DEFENSES.register("input_noise")
-@dataclass(frozen=True)
-class InputNoise(Defense):
-    """``input_noise``: Gaussian noise added to the normalised training inputs."""
-
-    std: float = param(0.1, minimum=0, maximum=10, description="noise std (normalised units)")
-    strength_param = "std"
-
-    def batch(self, x, y, spec, gen):
-        g = generator_on(gen, x.device)
-        return x + self.std * torch.randn(x.shape, generator=g, device=x.device), y
-
-
-register_attack(AttackSpec("confidence_series", "confidence", +1, "series", "confidence"))
-'''
+def readme_plugin(repo: Path) -> str:
+    """The toy plugin of the README's "Extending" section (between its markers)."""
+    text = (repo / "README.md").read_text()
+    m = re.search(r"<!-- toy-plugin -->\n```python\n(.*?)```\n<!-- /toy-plugin -->", text, re.S)
+    assert m, "README.md lost its toy plugin (the <!-- toy-plugin --> block of Extending)"
+    return m.group(1)
 
 
 @pytest.fixture(scope="module")
 def plugin_run(snakemake_cmd, repo, tmp_path_factory):
-    """The tiny workflow with a toy plugin module (a temp dir on PYTHONPATH): a defense
-    and an attack that fedmia does not know, alone and as a compose step."""
+    """The tiny workflow with the README's toy plugin (a temp dir on PYTHONPATH): a
+    dataset, a defense and an attack that fedmia does not know, the defense alone and as a
+    compose step."""
     tmp = tmp_path_factory.mktemp("plugin")
     (tmp / "plugins").mkdir()
-    (tmp / "plugins" / "toy_plugin.py").write_text(TOY_PLUGIN)
+    (tmp / "plugins" / "toy_plugin.py").write_text(readme_plugin(repo))
     config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
     config["plugins"] = ["toy_plugin"]
     config["defenses"].update({
@@ -355,7 +338,10 @@ def plugin_run(snakemake_cmd, repo, tmp_path_factory):
                       "strength": "input_noise.std"}})
     config["attack"] = {"attacks": ["loss", "loss_series", "confidence_series"],
                         "protocol": "aligned"}
+    config["datasets"]["parity"] = {"kind": "digits_parity"}
     config["grid"][0].update(defenses=["none", "noisy", "noisy_sub"], partitions=["iid"])
+    config["grid"].append({"datasets": ["parity"], "models": ["alexnet"], "defenses": ["none"],
+                           "partitions": ["iid"], "seeds": [0]})
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": str(tmp / "plugins")}
@@ -371,14 +357,17 @@ def plugin_run(snakemake_cmd, repo, tmp_path_factory):
     return tmp, wd, config, run
 
 
-def test_a_plugin_defense_and_attack_run_end_to_end(plugin_run):
+def test_a_plugin_dataset_defense_and_attack_run_end_to_end(plugin_run):
     _, wd, _, _ = plugin_run
     tables = wd / "results" / "tables"
     table = pd.read_csv(tables / "attacks.csv")
     assert set(table.attack) == {"loss", "loss_series", "confidence_series"}
     assert set(table.defense) == {"none", "noisy", "noisy_sub"}
+    assert set(table.dataset) == {"digits", "parity"}
+    meta = json.loads((wd / "results" / "data" / "parity" / "meta.json").read_text())
+    assert meta["kind"] == "digits_parity" and meta["classes"] == ["even", "odd"]
     conf = table[(table.attack == "confidence_series") & (table.metric == "auc")]
-    assert len(conf) == 3 and conf["mean"].between(0, 1).all()
+    assert len(conf) == 4 and conf["mean"].between(0, 1).all()
     assert (conf.single_round == "all attacked rounds").all()  # a multi-round attack
     assert "confidence_series" in (tables / "attacks.md").read_text()
     pu = pd.read_csv(tables / "privacy_utility.csv")
@@ -395,7 +384,7 @@ def test_a_plugin_defense_and_attack_run_end_to_end(plugin_run):
     assert (wd / obs.format("none")).read_bytes() != (wd / obs.format("noisy")).read_bytes()
 
 
-def test_a_plugin_defense_is_validated_before_any_job(plugin_run):
+def test_plugin_kinds_are_validated_before_any_job(plugin_run):
     tmp, _, config, run = plugin_run
     bad = copy.deepcopy(config)
     bad["defenses"]["noisy"]["std"] = -1
@@ -404,6 +393,13 @@ def test_a_plugin_defense_is_validated_before_any_job(plugin_run):
     r = run(cfg, "-n")
     assert r.returncode != 0
     assert "invalid config at 'defenses.noisy.std': -1 is less than the minimum of 0" in (
+        r.stdout + r.stderr)
+    bad = copy.deepcopy(config)
+    bad["datasets"]["parity"]["root"] = "/data"
+    cfg.write_text(yaml.safe_dump(bad))
+    r = run(cfg, "-n")
+    assert r.returncode != 0
+    assert "'digits_parity' is built from scikit-learn's digits and reads no files; drop root" in (
         r.stdout + r.stderr)
 
 
@@ -417,6 +413,7 @@ def test_a_plugin_code_change_reruns_what_imports_it(plugin_run):
         plugin.write_text(original + "\n_EDITED = True  # a code change, not a comment\n")
         r = run(tmp / "config.yaml", "-n")
         counts = job_counts(r.stdout + r.stderr)
-        assert r.returncode == 0 and counts["train"] == 3 and counts["attack"] == 3, counts
+        assert r.returncode == 0 and counts["prepare"] == 2, counts
+        assert counts["train"] == 4 and counts["attack"] == 4, counts
     finally:
         plugin.write_text(original)

@@ -112,7 +112,9 @@ class DataSpec:
 @DEFENSES.register("none")
 @dataclass(frozen=True)
 class Defense:
-    """``none``: no defense (the base class, whose hooks each defense overrides as needed).
+    """``none``: no defense; the client uploads its update as is.
+
+    The base class, whose hooks each defense overrides as needed.
 
     Every hook is a pure function of its inputs and ``gen``, and :meth:`batch`
     accepts int64 labels *or* probabilities as targets (see :func:`as_probs`),
@@ -237,7 +239,7 @@ def _beta(alpha: float, gen: torch.Generator) -> float:
 @DEFENSES.register("dp")
 @dataclass(frozen=True)
 class DPDefense(Defense):
-    """``dp``: client-level differential privacy in the style of Geyer et al. (2017).
+    """``dp``: client-level DP (Geyer et al. 2017): clip the update to L2 norm C, add N(0, (σC)²).
 
     The trainable-parameter part ``u`` of the update is clipped to L2 norm
     ``clip`` (``u ← u · min(1, C/‖u‖)``, see :func:`clip_update`), then every
@@ -275,7 +277,7 @@ class DPDefense(Defense):
 @DEFENSES.register("dp_param_noise")
 @dataclass(frozen=True)
 class ParamNoiseDefense(Defense):
-    """``dp_param_noise``: the official FedMIA code's "DP": unclipped parameter noise.
+    """``dp_param_noise``: the official code's "DP": N(0, σ²) on every parameter, no clipping.
 
     Every trainable parameter of the uploaded model gets independent Gaussian
     noise of standard deviation ``sigma``; since the uploaded update is
@@ -394,7 +396,7 @@ class SparsifyDefense(Defense):
 @DEFENSES.register("mixup")
 @dataclass(frozen=True)
 class MixupDefense(Defense):
-    """``mixup`` (Zhang et al. 2018): train on convex mixes of pairs of inputs and labels.
+    """``mixup`` (Zhang et al. 2018): train on mixes of input pairs and of their labels.
 
     Per mini-batch, one ``λ ~ Beta(α, α)`` and one random permutation ``π`` of
     the batch are drawn; the model is trained on ``x' = λ·x + (1 − λ)·x[π]``
@@ -434,7 +436,9 @@ class MixupDefense(Defense):
 @DEFENSES.register("instahide")
 @dataclass(frozen=True)
 class InstaHideDefense(Defense):
-    """``instahide`` (Huang et al. 2020), inside-dataset version, as the official FedMIA code.
+    """``instahide`` (Huang et al. 2020) as the official code: mix k samples, a sign per pixel.
+
+    The inside-dataset version.
 
     Once per local epoch the client's whole local data set (n samples) is
     encoded, and the client trains on mini-batches of the encoded set
@@ -690,7 +694,7 @@ class AugmentDraw:
 @DEFENSES.register("augment")
 @dataclass(frozen=True)
 class AugmentDefense(Defense):
-    """``augment``: the official data augmentation, batched on the device in pixel space.
+    """``augment``: the official augmentation (crop, flips, rotation, jitter), in pixel space.
 
     Applied per sample, each with its own random parameters, in the official
     order (torchvision on PIL images), each step skipped when disabled:
@@ -843,7 +847,7 @@ class SubsampleDefense(Defense):
 @DEFENSES.register("compose")
 @dataclass(frozen=True)
 class ComposeDefense(Defense):
-    """``compose``: an ordered list of defenses, applied hook by hook.
+    """``compose``: an ordered list of defenses, applied hook by hook (e.g. Aug+Sampling).
 
     Each hook runs the steps' hooks in order, each on the previous one's output:
     ``local_indices`` (e.g. ``subsample``), ``batch`` (e.g. ``augment`` then

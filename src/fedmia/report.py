@@ -242,11 +242,16 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
     if len(lost):
         protocols = list(dict.fromkeys(results["protocol"])) or ["aligned"]
         attacks = list(dict.fromkeys(results["attack"])) or attack_order()
-        filler = [dict(zip(SETTING, key, strict=True), protocol=p, single_round=ALL_ROUNDS,
+        # each attack where it would be had the cell not diverged: a single-round attack
+        # once per selection, a multi-round one once
+        placed = [(a, how) for a in attacks
+                  for how in ([ALL_ROUNDS] if ATTACKS.get(a).multi_round
+                              else [str(h) for h in selections])]
+        filler = [dict(zip(SETTING, key, strict=True), protocol=p, single_round=how,
                        attack=a, metric=m, n=0, n_defined=0, fpr_rule=fpr_rule, rounds="0",
                        selected_by="", note="no observed round before the divergence")
                   for key in lost[SETTING].itertuples(index=False) for p in protocols
-                  for a in attacks for m in METRICS]
+                  for a, how in placed for m in METRICS]
         table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
     table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
     table["diverged"] = table["diverged"].fillna("")
@@ -721,7 +726,8 @@ def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
     front), each at (1 − test accuracy, mean TPR@0.1 % over targets and seeds) from
     :func:`privacy_utility`'s table; a diverged cell enters with its utility, chance.
     Points whose TPR is undefined (too few non-members, or no attacked round before a
-    divergence) are left out and counted in ``excluded``.
+    divergence) are left out and counted in ``excluded``; a front left without a point
+    has hypervolume NaN (n/a).
     """
     rows = []
     tpr = pu[pu.metric == HEADLINE_TPR]
@@ -734,7 +740,8 @@ def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
             used = pts[ok]
             rows.append(dict(zip(keys, key, strict=True), kind=kind,
                              hypervolume=hypervolume(1.0 - used["test_accuracy"].to_numpy(),
-                                                     used["mean"].to_numpy()),
+                                                     used["mean"].to_numpy())
+                             if len(used) else math.nan,  # no point: n/a, not 0
                              n_points=int(ok.sum()),
                              strengths=", ".join(f"{v:g}" for v in
                                                  sorted(pts.loc[pts.kind == kind, "strength"])),

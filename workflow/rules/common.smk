@@ -118,6 +118,7 @@ def get_attack_params(wildcards):
             for a in ATTACKS
         },
         "roc_points": cfg["roc_points"],
+        "n_boot": cfg["bootstrap"],
         "audit": {
             "target": config["partitions"][wildcards.partition]["audit_target"],
             "delta": config["report"]["dp_delta"],
