@@ -178,6 +178,23 @@ def write_parquet(df: pd.DataFrame, path: str | Path, kind: str) -> None:
         pq.write_table(table.replace_schema_metadata(meta), tmp, compression="zstd")
 
 
+@contextlib.contextmanager
+def _reading(path: str | Path, kind: str, what: str,
+             damaged: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Read a ``kind`` file in the block; a missing or damaged file stops naming the fix.
+
+    A missing file raises ``FileNotFoundError``; one whose reading raises one of
+    ``damaged`` (``what`` names its format) a :class:`FormatError`: truncated or damaged.
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist; {_fix(path, kind)}")
+    try:
+        yield
+    except damaged as e:
+        raise FormatError(f"{path} is not a readable {what} file ({e}): it is truncated or "
+                          f"damaged; {_fix(path, kind)}") from None
+
+
 def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None
                  ) -> pd.DataFrame:
     """Read a Parquet file :func:`write_parquet` wrote as ``kind``.
@@ -186,16 +203,11 @@ def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None
         FormatError: the file is damaged or truncated, or of another kind or version.
         FileNotFoundError: it does not exist.
     """
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist; {_fix(path, kind)}")
-    try:
+    with _reading(path, kind, "Parquet", (pa.ArrowException, OSError)):
         pf = pq.ParquetFile(path)
         meta = pf.schema_arrow.metadata or {}
         check_format((meta.get(FORMAT_KEY.encode()) or b"").decode() or None, path, kind)
         return pf.read(columns=columns).to_pandas()
-    except (pa.ArrowException, OSError) as e:
-        raise FormatError(f"{path} is not a readable Parquet file ({e}): it is truncated or "
-                          f"damaged; {_fix(path, kind)}") from None
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -222,17 +234,13 @@ def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
         FormatError: the file is damaged or truncated, or of another kind or version.
         FileNotFoundError: it does not exist.
     """
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist; {_fix(path, kind)}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get(FORMAT_KEY, "{}"))
-            check_format(header.get("format"), path, kind)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        return tensors, header.get("meta", {})
-    except (safetensors.SafetensorError, OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path} is not a readable safetensors file ({e}): it is truncated "
-                          f"or damaged; {_fix(path, kind)}") from None
+    with (_reading(path, kind, "safetensors",
+                   (safetensors.SafetensorError, OSError, json.JSONDecodeError)),
+          safetensors.safe_open(str(path), framework="pt") as f):
+        header = json.loads((f.metadata() or {}).get(FORMAT_KEY, "{}"))
+        check_format(header.get("format"), path, kind)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    return tensors, header.get("meta", {})
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -13,9 +13,8 @@ from fedmia.stages.prepare import prepare
 from fedmia.stages.report import (
     report_cell_figures,
     report_hypervolume,
-    report_partitions_figure,
     report_privacy_utility,
-    report_privacy_utility_figure,
+    report_table_figure,
     report_tables,
 )
 from fedmia.stages.train import train
@@ -23,6 +22,6 @@ from fedmia.stages.train import train
 __all__ = [
     "HISTORY_COLUMNS", "attack", "available_rounds", "cells_frame", "device_name", "measure",
     "partition", "prepare", "read_manifest", "report_cell_figures", "report_hypervolume",
-    "report_partitions_figure", "report_privacy_utility", "report_privacy_utility_figure",
+    "report_privacy_utility", "report_table_figure",
     "report_tables", "resolve_device", "setup_compute", "train",
 ]

@@ -102,11 +102,12 @@ rule figure_partitions:
     conda:
         "../../envs/fedmia.yaml"
     params:
+        kind="partitions",
         options=canonical(config["report"]),
         code=code("report"),
         plugins=PLUGINS,
     script:
-        "../scripts/figure_partitions.py"
+        "../scripts/figure_table.py"
 
 
 rule privacy_utility:
@@ -151,11 +152,13 @@ rule figure_privacy_utility:
     conda:
         "../../envs/fedmia.yaml"
     params:
+        kind="privacy_utility",
+        args=lambda wildcards: {"family": wildcards.family},
         options=canonical(config["report"]),
         code=code("report"),
         plugins=PLUGINS,
     script:
-        "../scripts/figure_privacy_utility.py"
+        "../scripts/figure_table.py"
 
 
 rule hypervolume:
@@ -195,8 +198,9 @@ rule figure_audit:
     conda:
         "../../envs/fedmia.yaml"
     params:
+        kind="audit",
         options=canonical(config["report"]),
         code=code("report"),
         plugins=PLUGINS,
     script:
-        "../scripts/figure_audit.py"
+        "../scripts/figure_table.py"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +81,25 @@ def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
     _save_figure(fig, outputs, options["dpi"])
 
 
-def report_partitions_figure(*, table: str | Path, options: Mapping[str, Any],
-                             plugins: Sequence[str] = (),
-                             outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6c: iid vs non-iid bars from the tidy attack table."""
+#: The figures drawn from one table (stages 6c, 6e, 6g): kind → function of the table, its
+#: ``width`` and the figure's own arguments (``family`` of the privacy–utility figure).
+TABLE_FIGURES: dict[str, Callable[..., Any]] = {
+    "partitions": report.partitions_figure,  # iid vs non-iid bars, from attacks.csv
+    "privacy_utility": report.privacy_utility_figure,  # one family, privacy_utility.csv
+    "audit": report.audit_figure,  # empirical against accounted ε, privacy_utility.csv
+}
+
+
+def report_table_figure(*, kind: str, table: str | Path, options: Mapping[str, Any],
+                        args: Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
+                        outputs: Mapping[str, str | Path]) -> None:
+    """Stages 6c, 6e, 6g: figure ``kind`` (:data:`TABLE_FIGURES`) of a CSV table, PNG and PDF.
+
+    ``args`` are the figure's own arguments; ``plugins`` (the config's) are imported
+    first (a plugin attack adds its family).
+    """
     import_plugins(plugins)
-    fig = report.partitions_figure(pd.read_csv(table), options["width"])
+    fig = TABLE_FIGURES[kind](pd.read_csv(table), width=options["width"], **(args or {}))
     _save_figure(fig, outputs, options["dpi"])
 
 
@@ -133,24 +146,6 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
                                 epsilons(cells, defenses, delta), audit)
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
-
-
-def report_privacy_utility_figure(*, table: str | Path, family: str,
-                                  options: Mapping[str, Any], plugins: Sequence[str] = (),
-                                  outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6e: one attack family's privacy–utility figure (PNG and PDF)."""
-    import_plugins(plugins)
-    fig = report.privacy_utility_figure(pd.read_csv(table), family, options["width"])
-    _save_figure(fig, outputs, options["dpi"])
-
-
-def report_audit_figure(*, table: str | Path, options: Mapping[str, Any],
-                        plugins: Sequence[str] = (),
-                        outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6g: empirical against accounted ε (PNG and PDF)."""
-    import_plugins(plugins)
-    fig = report.audit_figure(pd.read_csv(table), options["width"])
-    _save_figure(fig, outputs, options["dpi"])
 
 
 def report_hypervolume(*, table: str | Path, plugins: Sequence[str] = (),
