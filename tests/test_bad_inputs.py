@@ -251,7 +251,10 @@ CONFIG = [
                 r"pick an observed round"),
     config_case("unknown-single-round", "report.single_round", "best",
                 r"at 'report.single_round': 'best' is not valid",
-                r"best_tpr .* best_auc, last .* or a round number"),
+                r"best_tpr_per_target .* best_tpr_mean .* best_auc .* last .* or a round number"),
+    config_case("retired-single-round-best-tpr", "report.single_round", ["best_tpr", "last"],
+                r"at 'report.single_round': 'best_tpr' is retired: it picked the round of "
+                r"the best TPR@0.1% of the mean", r"write best_tpr_per_target .* or best_tpr_mean"),
     config_case("fedmia-attacks-with-two-clients", "partitions.iid.num_clients", 2,
                 r"at 'partitions.iid.num_clients': \['fedmia_loss', 'fedmia_cos'\] need at "
                 r"least 2 non-target clients", r"raise it or drop those attacks"),

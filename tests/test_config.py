@@ -12,11 +12,10 @@ import yaml
 import fedmia.kinds  # noqa: F401 (fills every registry)
 from fedmia import metrics
 from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
-from fedmia.config import LR_SCHEDULES
+from fedmia.config import LR_SCHEDULES, SELECTIONS
 from fedmia.defenses import Defense, defense_table
 from fedmia.params import param, schema_block
 from fedmia.registry import DEFENSES, MODELS
-from fedmia.report import SELECTIONS
 from fedmia.workflow import (
     KIND_ENUMS,
     check_keys_are_registered,
@@ -166,15 +165,18 @@ def test_a_compose_step_is_the_standalone_defense_schema():
 def test_attack_plan_defaults(default_config):
     spec = load_workflow_config(copy.deepcopy(default_config), SCHEMA)
     cell = spec.cells[0]
+    schema_default = load_schema(SCHEMA)["properties"]["report"]["properties"][
+        "single_round"]["default"]
+    DEFAULT_SELECTIONS = default_config.get("report", {}).get("single_round", schema_default)
     assert spec.observed_rounds(cell) == [1, 10, 20, 30]
     assert spec.attack_rounds(cell) == [10, 20, 30]  # round 1 observed, not attacked
     assert spec.protocols == ["aligned", "official"]
-    assert spec.selections == ["best_tpr", "last"]
+    assert spec.selections == DEFAULT_SELECTIONS
     cfg = mutate(mutate(default_config, "attack.rounds", [1, 30]), "attack.protocol", "official")
-    cfg = mutate(cfg, "report.single_round", "best_tpr")
+    cfg = mutate(cfg, "report.single_round", "best_tpr_mean")
     spec = load_workflow_config(cfg, SCHEMA)
     assert spec.attack_rounds(cell) == [1, 30]
-    assert spec.protocols == ["official"] and spec.selections == ["best_tpr"]
+    assert spec.protocols == ["official"] and spec.selections == ["best_tpr_mean"]
 
 
 def test_grid_block_overrides_the_official_draws_of_its_cells(default_config):

@@ -41,36 +41,72 @@ def test_select_rounds():
     assert picked(report.select_rounds(res, "best_auc")) == {10}
     # best TPR: rounds 20 and 30 tie; the earliest wins (the official's stable sort), and
     # round 1 is never a candidate because it was only observed, not attacked
-    assert picked(report.select_rounds(res, "best_tpr")) == {20}
+    assert picked(report.select_rounds(res, "best_tpr_mean")) == {20}
+    assert picked(report.select_rounds(res, "best_tpr_per_target")) == {20}
     assert picked(report.select_rounds(res, "last")) == {30}
     assert picked(report.select_rounds(res, 1)) == {1}  # a fixed round may be any observed
     assert picked(report.select_rounds(res, "last"), "loss_series") == {-1}
     with pytest.raises(ValueError, match="choose from"):
         report.select_rounds(res, "median")
+    with pytest.raises(ValueError, match="best_tpr_per_target .* best_tpr_mean"):
+        report.select_rounds(res, "best_tpr")  # retired: the new names are given
     with pytest.raises(ValueError, match="round 5 was not observed"):
         report.select_rounds(res, 5)
 
 
-def test_best_round_is_chosen_per_protocol_draw_on_the_mean_over_targets():
+def per_draw_results() -> pd.DataFrame:
+    """Official draws 0 and 1; target 0 alone prefers the other round than the mean."""
     rows = []
     for draw, best in ((0, 10), (1, 20)):
         for t in (0, 1):
             for rnd in (10, 20):
-                # target 0 alone would pick the other round: the mean over targets decides
                 tpr = 0.3 if rnd == best else (0.35 if t == 0 else 0.1)
                 rows.append(row("cos", t, rnd, 0.6, tpr, protocol="official", draw=draw))
-    res = pd.DataFrame(rows)
-    sel = report.select_rounds(res, "best_tpr")
+    return pd.DataFrame(rows)
+
+
+def test_best_tpr_mean_is_chosen_per_protocol_draw_on_the_mean_over_targets():
+    sel = report.select_rounds(per_draw_results(), "best_tpr_mean")
     assert sel.groupby("draw")["round"].unique().map(list).to_dict() == {0: [10], 1: [20]}
 
 
-def test_best_tpr_falls_back_where_tpr_is_undefined():
+def test_best_tpr_per_target_is_each_targets_own_round():
+    """The official choice (mia_attack_auto.py): each target its own best TPR@0.1 %."""
+    sel = report.select_rounds(per_draw_results(), "best_tpr_per_target")
+    rounds = sel.set_index(["draw", "target"])["round"].to_dict()
+    assert rounds == {(0, 0): 20, (0, 1): 10, (1, 0): 10, (1, 1): 20}
+    assert set(sel.selected_by) == {"best_tpr_per_target"}
+    # never a lower mean TPR than one round for all targets
+    mean = report.select_rounds(per_draw_results(), "best_tpr_mean")
+    assert (sel.groupby("draw")["tpr@0.1%"].mean() >= mean.groupby("draw")["tpr@0.1%"].mean()
+            ).all()
+
+
+def test_best_tpr_per_target_ties_go_to_the_earliest_round():
+    rows = [row("loss", 0, rnd, 0.6, tpr) for rnd, tpr in ((10, 0.1), (20, 0.3), (30, 0.3))]
+    sel = report.select_rounds(pd.DataFrame(rows), "best_tpr_per_target")
+    assert picked(sel) == {20}
+
+
+@pytest.mark.parametrize("how,who", [("best_tpr_mean", "the mean"),
+                                     ("best_tpr_per_target", "each target")])
+def test_best_tpr_falls_back_where_tpr_is_undefined(how, who):
     res = fake_results()
     res["tpr@0.1%"] = np.nan
-    sel = report.select_rounds(res, "best_tpr")
+    sel = report.select_rounds(res, how)
     assert picked(sel) == {10}
     assert set(sel[sel.attack == "loss"].selected_by) == {
-        "best_auc (fallback: TPR@0.1% undefined)"}
+        f"best AUC of {who} (fallback: TPR@0.1% undefined)"}
+
+
+@pytest.mark.parametrize("how", ["best_tpr_per_target", "best_tpr_mean", "best_auc", "last"])
+def test_a_run_without_an_attacked_round_has_no_single_round_row(how):
+    """Training diverged after round 1, observed for the figures only: nothing to pick."""
+    res = fake_results()
+    res = res[(res["round"] == 1)]
+    sel = report.select_rounds(res, how)
+    assert sel.empty
+    assert picked(report.select_rounds(res, 1)) == {1}
 
 
 def test_summarize_is_tidy_and_aggregates_over_targets():
@@ -101,10 +137,11 @@ def test_official_draw_spread():
 
 
 def test_paper_tables_layout_and_captions():
-    sections = report.paper_tables(report.summarize(fake_results(), ["best_tpr", "last"],
-                                                    fpr_rule="below"))
-    assert [t for t, _, _ in sections] == ["protocol aligned · single-round attacks at best_tpr",
-                                           "protocol aligned · single-round attacks at last"]
+    sections = report.paper_tables(report.summarize(
+        fake_results(), ["best_tpr_per_target", "last"], fpr_rule="below"))
+    assert [t for t, _, _ in sections] == [
+        "protocol aligned · single-round attacks at best_tpr_per_target",
+        "protocol aligned · single-round attacks at last"]
     title, cap, t = sections[0]
     assert list(t.columns) == ["dataset", "model", "defense", "partition", "metric",
                                "Loss-I (Blackbox-Loss)", "Loss-II (Loss-Series)"]
@@ -215,12 +252,12 @@ def test_a_cell_diverged_before_any_observed_round_has_rows_where_its_attacks_be
     res = fake_results()
     cells = pd.DataFrame([dict(CELL, diverged_round=np.nan),
                           dict(CELL, defense="noisy", diverged_round=2.0)])
-    s = report.summarize(res, ["best_tpr", "last"], cells=cells)
+    s = report.summarize(res, ["best_tpr_per_target", "last"], cells=cells)
     lost = s[s.defense == "noisy"]
-    assert set(lost[lost.attack == "loss"].single_round) == {"best_tpr", "last"}
+    assert set(lost[lost.attack == "loss"].single_round) == {"best_tpr_per_target", "last"}
     assert set(lost[lost.attack == "loss_series"].single_round) == {report.ALL_ROUNDS}
     assert lost["mean"].isna().all() and (lost["n"] == 0).all()
     assert set(lost.diverged) == {"seed 0 diverged in round 2"}
     placed = s[["single_round", "attack"]].drop_duplicates()
     assert set(map(tuple, placed.to_numpy())) == {
-        ("best_tpr", "loss"), ("last", "loss"), (report.ALL_ROUNDS, "loss_series")}
+        ("best_tpr_per_target", "loss"), ("last", "loss"), (report.ALL_ROUNDS, "loss_series")}

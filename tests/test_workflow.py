@@ -17,6 +17,7 @@ import yaml
 
 from fedmia.registry import FIGURES
 from fedmia.report import PU_COLUMNS
+from fedmia.workflow import SCHEMA, load_schema
 
 pytestmark = pytest.mark.workflow
 
@@ -95,7 +96,8 @@ def test_tiny_end_to_end_run(tiny_run):
                                  "cos_series", "fedmia_loss", "fedmia_cos", "grad_diff_series"}
     assert set(table.metric) == {"auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"}
     assert set(table.protocol) == {"aligned", "official"}
-    assert set(table.single_round) == {"best_tpr", "last", "all attacked rounds"}
+    default = load_schema(SCHEMA)["properties"]["report"]["properties"]["single_round"]
+    assert set(table.single_round) == {*default["default"], "all attacked rounds"}
     assert not table.duplicated(["dataset", "model", "defense", "partition", "protocol",
                                  "single_round", "attack", "metric"]).any()
     assert set(table.fpr_rule) == {"at_most"}
@@ -196,36 +198,70 @@ def test_paper_grid_dry_run_without_data(snakemake_cmd, repo, tmp_path):
             assert f"results/train/{dataset}/alexnet/{key}/" in out, key
 
 
-def test_a_diverging_defense_cell_is_a_flagged_result(snakemake_cmd, repo, tmp_path):
-    """One defense breaks the model in round 2: the workflow still finishes, writes every
-    table and figure, and flags the cell (utility chance, attacks on round 1 only)."""
-    config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
+def merged(base: dict, over: dict) -> dict:
+    """``over`` merged over ``base`` as Snakemake merges a --configfile over the Snakefile's:
+    mappings recursively, everything else (lists such as ``grid``) replaced."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = (merged(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else copy.deepcopy(value))
+    return out
+
+
+#: Issue 18's config, tried as a new user would: a defense that diverges before its first
+#: attacked round (round 2; round 1 is observed for the figures only).
+EARLY_DIVERGENCE = yaml.safe_load("""
+partitions: {iid: {kind: iid, num_clients: 3, samples_per_client: 20,
+                   eval_members_per_client: 10, eval_nonmembers: 20}}
+defenses: {none: {kind: none}, pn_huge: {kind: dp_param_noise, sigma: 5.0}}
+train: {rounds: 4, local_epochs: 1, batch_size: 10, lr: 0.05, observe_every: 2}
+grid: [{datasets: [digits], models: [alexnet], defenses: [none, pn_huge], partitions: [iid],
+        seeds: [0]}]
+""")
+
+
+def test_diverging_defense_cells_are_flagged_results(snakemake_cmd, repo, tmp_path):
+    """Defenses that break the model finish the workflow, write every table and figure, and
+    are flagged: `pn_huge` (issue 18's config over config/config.yaml) diverges before its
+    first attacked round — figures say why they are empty, tables show n/a; `noisy` diverges
+    in round 2 after an attacked round 1 (utility chance, attacks on round 1 only)."""
+    config = merged(yaml.safe_load((repo / "config" / "config.yaml").read_text()),
+                    EARLY_DIVERGENCE)
     config["defenses"]["noisy"] = {"kind": "dp_param_noise", "sigma": 1.0}
-    config["train"].update(rounds=3, observe_every=1)
-    config["grid"][0].update(defenses=["none", "noisy"], partitions=["iid"])
+    config["grid"].append({**config["grid"][0], "defenses": ["noisy"],
+                           "train": {"rounds": 3, "observe_every": 1}})
     cfg = tmp_path / "diverge.yaml"
     cfg.write_text(yaml.safe_dump(config))
     wd = tmp_path / "wd"
     r = smk(snakemake_cmd, repo, wd, cfg)
     assert r.returncode == 0, r.stderr[-3000:]
-    man = json.loads((wd / "results/train/digits/alexnet/noisy/iid/seed0/manifest.json")
-                     .read_text())
+    cells = "results/train/digits/alexnet/{}/iid/seed0/manifest.json"
+    huge = json.loads((wd / cells.format("pn_huge")).read_text())
+    assert huge["diverged_round"] == 2 and huge["observed_rounds"] == [1]
+    man = json.loads((wd / cells.format("noisy")).read_text())
     assert man["diverged_round"] == 2 and man["observed_rounds"] == [1]
     pu = pd.read_csv(wd / "results" / "tables" / "privacy_utility.csv")
-    noisy = pu[pu.defense == "noisy"]
-    assert noisy.diverged.all() and (noisy.diverged_round == 2).all()
-    assert np.allclose(noisy.test_accuracy, 0.1)  # chance, 10 classes
-    assert (noisy.last_finite_accuracy > 0).all()
+    for key in ("pn_huge", "noisy"):
+        flagged = pu[pu.defense == key]
+        assert flagged.diverged.all() and (flagged.diverged_round == 2).all()
+        assert np.allclose(flagged.test_accuracy, 0.1)  # chance, 10 classes
+        assert (flagged.last_finite_accuracy > 0).all()
     assert not pu[pu.defense == "none"].diverged.any()
-    multi = noisy[noisy.attack == "cos_series"]
+    assert pu[pu.defense == "pn_huge"]["mean"].isna().all()  # n/a: nothing attacked
+    multi = pu[(pu.defense == "noisy") & (pu.attack == "cos_series")]
     assert set(multi.rounds.astype(str)) == {"1"}  # one round instead of three
     table = pd.read_csv(wd / "results" / "tables" / "attacks.csv")
-    assert (table[table.defense == "noisy"].diverged == "seed 0 diverged in round 2").all()
-    assert "diverged in round 2" in (wd / "results/tables/attacks.md").read_text()
+    for key in ("pn_huge", "noisy"):
+        assert (table[table.defense == key].diverged == "seed 0 diverged in round 2").all()
+    md = (wd / "results/tables/attacks.md").read_text()
+    assert "diverged in round 2" in md and "n/a where training diverged before the first" in md
+    figures = wd / "results" / "figures"
+    for name in ("rounds", "roc"):
+        for ext in ("png", "pdf"):
+            assert (figures / "digits/alexnet/pn_huge/iid/seed0" / f"{name}.{ext}").stat().st_size
     hv = pd.read_csv(wd / "results" / "tables" / "hypervolume.csv")
-    # with 40 non-members TPR@0.1% is undefined for every point: each front is n/a, not 0
+    # with few non-members TPR@0.1% is undefined for every point: each front is n/a, not 0
     assert set(hv.kind) == {"dp_param_noise"} and hv.hypervolume.isna().all()
-    assert (hv.n_points == 0).all() and (hv.excluded == 2).all()
 
 
 # ------------------------------------------------------- code changes rerun what they affect

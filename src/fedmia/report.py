@@ -9,16 +9,26 @@ with the metrics of :mod:`fedmia.metrics` (``round = -1``: a multi-round score),
 **How a single-round attack is reported** (``report.single_round``, :data:`SELECTIONS`):
 a single-round attack has one score per observed round, and a table shows one of them:
 
-* ``best_tpr`` — the official code's choice (mia_attack_auto.py): the attacked round
-  with the highest TPR at FPR 0.1 % and that round's other metrics;
-* ``best_auc`` — the attacked round with the highest AUC;
+* ``best_tpr_per_target`` — the official code's choice (mia_attack_auto.py, which attacks
+  one target, client 0): for each target on its own, the attacked round with the highest
+  TPR at FPR 0.1 %, ties to the earliest round (the official's stable sort), and that
+  round's other metrics;
+* ``best_tpr_mean`` — the attacked round with the highest TPR at FPR 0.1 % of the *mean*
+  over targets (one round for all targets: its mean TPR is never higher than
+  ``best_tpr_per_target``'s);
+* ``best_auc`` — the attacked round with the highest mean AUC over targets;
 * ``last`` — the last attacked round (no hindsight);
 * a round number — that observed round.
 
-A best round is picked with hindsight, on the mean over target clients, separately per
-seed and per official draw; ties go to the earliest round (the official's stable sort).
-Where TPR at FPR 0.1 % is undefined for a cell (fewer than 1,000 non-members under the
-``at_most`` rule), ``best_tpr`` falls back to ``best_auc`` and the table says so.
+A best round is picked with hindsight, separately per seed and per official draw; ties go
+to the earliest round. Where TPR at FPR 0.1 % is undefined (fewer than 1,000 non-members
+under the ``at_most`` rule), the ``best_tpr_*`` selections fall back to the best AUC (of
+the target, or of the mean) and the table says so. The name ``best_tpr`` of earlier
+versions picked on the mean over targets while calling it the official choice; it is
+retired: :func:`check_selection` names the two that replace it.
+
+A run (cell × protocol draw) without an attacked round before its training diverged has
+no single-round row under any selection but a fixed round it observed.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import pandas as pd  # noqa: E402
 
 from fedmia import metrics, uncertainty  # noqa: E402
 from fedmia.attacks import ATTACKS, attack_order, families, single_round_attacks  # noqa: E402
+from fedmia.config import SELECTIONS, check_selection  # noqa: E402, F401
 from fedmia.metrics import METRICS, tpr_metric_name  # noqa: E402
 from fedmia.registry import FIGURES  # noqa: E402
 
@@ -44,8 +55,6 @@ SETTING = ["dataset", "model", "defense", "partition"]
 ROW_KEYS = [*SETTING, "protocol"]
 #: One set of per-target results: a cell under one protocol draw.
 RUN = [*SETTING, "seed", "protocol", "draw"]
-#: Named single-round selections (besides a fixed round number).
-SELECTIONS = ("best_tpr", "best_auc", "last")
 #: ``single_round`` of multi-round attacks in the tables.
 ALL_ROUNDS = "all attacked rounds"
 HEADLINE_TPR = tpr_metric_name(0.001)
@@ -56,25 +65,20 @@ SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "ci_lo
                    "fpr_rule", "note", "diverged")
 
 
-def check_selection(how: str | int) -> str | int:
-    """``how`` if it names a selection (:data:`SELECTIONS` or a round ≥ 1), else ValueError."""
-    if isinstance(how, bool) or not (how in SELECTIONS or (isinstance(how, int) and how >= 1)):
-        raise ValueError(f"unknown single-round selection {how!r}; choose from "
-                         f"{list(SELECTIONS)} or a round number")
-    return how
-
-
 def _label(attack: str) -> str:
     return ATTACKS.get(attack).label
 
 
-def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr") -> pd.DataFrame:
+def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr_per_target"
+                  ) -> pd.DataFrame:
     """The rows of each run (cell × protocol draw) and attack at one round.
 
     Multi-round attacks keep their ``round = -1`` rows. Single-round attacks keep the
-    rows of the round ``how`` picks (see the module docstring), chosen per run on the
-    mean over targets; a column ``selected_by`` says which rule picked it (``best_auc
-    (fallback: TPR@0.1% undefined)`` where ``best_tpr`` had to fall back).
+    rows of the round ``how`` picks (see the module docstring): per target for
+    ``best_tpr_per_target``, on the mean over targets otherwise; a column
+    ``selected_by`` says which rule picked it (``… (fallback: TPR@0.1% undefined)`` where
+    a ``best_tpr_*`` selection had to fall back to the AUC). A run without an attacked
+    round (training diverged before the first one) has no single-round row.
 
     Raises:
         ValueError: an unknown selection, or a fixed round a run did not observe.
@@ -86,9 +90,8 @@ def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr") -> pd.Data
                      & results["attack"].isin(single_round_attacks())]
     if single.empty:
         return multi.reset_index(drop=True)
-    means = single.groupby([*keys, "round"], as_index=False).agg(
-        auc=("auc", "mean"), tpr=(HEADLINE_TPR, "mean"), attacked=("attacked", "all"))
     if isinstance(how, int):
+        means = single.groupby([*keys, "round"], as_index=False).agg(auc=("auc", "mean"))
         pick = means[means["round"] == how]
         lacking = (means[keys].drop_duplicates().merge(pick[keys], how="left", indicator=True)
                    .query("_merge == 'left_only'"))
@@ -98,21 +101,41 @@ def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr") -> pd.Data
                              "choose an observed round")
         pick = pick.assign(selected_by=f"round {how}")
     else:
-        cand = means[means["attacked"]].sort_values([*keys, "round"])
+        per_target = how == "best_tpr_per_target"
+        by = [*keys, "target"] if per_target else keys
+        cand = (single.groupby([*by, "round"], as_index=False)
+                .agg(auc=("auc", "mean"), tpr=(HEADLINE_TPR, "mean"),
+                     attacked=("attacked", "all")))
+        cand = cand[cand["attacked"]].sort_values([*by, "round"], ignore_index=True)
         if how == "last":
-            pick = cand.groupby(keys, as_index=False).tail(1).assign(selected_by="last")
+            pick = cand.groupby(by, as_index=False).tail(1).assign(selected_by="last")
+        elif how == "best_auc":
+            pick = _best(cand, by, "auc").assign(selected_by=how)
         else:
-            col = "tpr" if how == "best_tpr" else "auc"
-            undefined = cand.groupby(keys)["tpr"].transform(lambda v: v.isna().all())
-            use = np.where((col == "tpr") & ~undefined, cand["tpr"], cand["auc"])
-            cand = cand.assign(_v=use, selected_by=np.where(
-                (col == "tpr") & undefined,
-                "best_auc (fallback: TPR@0.1% undefined)", how))
-            # idxmax takes the first maximum: rows are sorted by round, so ties go to the
-            # earliest round, as the official's stable sort
-            pick = cand.loc[cand.groupby(keys)["_v"].idxmax()].drop(columns="_v")
-    chosen = single.merge(pick[[*keys, "round", "selected_by"]], on=[*keys, "round"])
+            undefined = cand["tpr"].isna().groupby([cand[k] for k in by]).transform("all")
+            undefined = undefined.astype(bool)
+            cand = cand.assign(tpr=cand["tpr"].where(~undefined, cand["auc"]),
+                               selected_by=np.where(undefined, _fallback_text(how), how))
+            pick = _best(cand, by, "tpr")
+        pick = pick[[*by, "round", "selected_by"]]
+    chosen = single.merge(pick, on=[c for c in pick.columns if c != "selected_by"])
     return pd.concat([chosen, multi], ignore_index=True)
+
+
+def _best(cand: pd.DataFrame, by: list[str], col: str) -> pd.DataFrame:
+    """Per group ``by`` of ``cand`` (sorted by round), the row with the highest ``col``.
+
+    ``idxmax`` takes the first maximum: rows are sorted by round, so ties go to the
+    earliest round, as the official's stable sort. An empty ``cand`` gives no row.
+    """
+    if cand.empty:
+        return cand
+    return cand.loc[cand.groupby(by)[col].idxmax()]
+
+
+def _fallback_text(how: str) -> str:
+    target = "each target" if how == "best_tpr_per_target" else "the mean"
+    return f"best AUC of {target} (fallback: TPR@0.1% undefined)"
 
 
 def _alpha(metric: str) -> float | None:
@@ -179,7 +202,8 @@ def _divergence(cells: pd.DataFrame | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tpr", "last"),
+def summarize(results: pd.DataFrame,
+              selections: Sequence[str | int] = ("best_tpr_per_target", "last"),
               *, fpr_rule: str = "at_most", cells: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tidy attack table: one row per setting, protocol, selection, attack and metric.
 
@@ -249,7 +273,7 @@ def summarize(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tp
                               else [str(h) for h in selections])]
         filler = [dict(zip(SETTING, key, strict=True), protocol=p, single_round=how,
                        attack=a, metric=m, n=0, n_defined=0, fpr_rule=fpr_rule, rounds="0",
-                       selected_by="", note="no observed round before the divergence")
+                       selected_by="", note="no attacked round before the divergence")
                   for key in lost[SETTING].itertuples(index=False) for p in protocols
                   for a, how in placed for m in METRICS]
         table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
@@ -267,8 +291,10 @@ PROTOCOL_TEXT = {
     "official": "non-members redrawn per client and round, as the official code",
 }
 SELECTION_TEXT = {
-    "best_tpr": "the attacked round with the highest mean TPR@0.1% (the official choice, "
-                "picked with hindsight)",
+    "best_tpr_per_target": "for each target its own attacked round with the highest "
+                           "TPR@0.1% (the official code's choice, picked with hindsight)",
+    "best_tpr_mean": "the attacked round with the highest TPR@0.1% of the mean over targets "
+                     "(picked with hindsight; not the official choice)",
     "best_auc": "the attacked round with the highest mean AUC (picked with hindsight)",
     "last": "the last attacked round (no hindsight)",
 }
@@ -283,8 +309,9 @@ def _selection_text(how: str) -> str:
 def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     """The caption line of one table section: every convention it used."""
     part = summary[summary.protocol == protocol]
-    single = part[part.single_round == selection]
-    multi = part[part.single_round == ALL_ROUNDS]
+    placed = part["n"] > 0  # rows of a cell that diverged before any attacked round: n/a
+    single = part[(part.single_round == selection) & placed]
+    multi = part[(part.single_round == ALL_ROUNDS) & placed]
     n_non = sorted(set(part["n_nonmembers"].dropna().astype(int)))
     res = ", ".join(f"1/{q:,}" for q in n_non)
     bits = [f"Protocol `{protocol}`: {PROTOCOL_TEXT.get(protocol, protocol)}"]
@@ -298,6 +325,10 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     if len(multi):
         bits.append("multi-round attacks over "
                     + "/".join(sorted(set(multi["rounds"]), key=int)) + " attacked rounds")
+    lost = sorted(set(part.loc[~placed, "diverged"].dropna()) - {""})
+    if lost:
+        bits.append("n/a where training diverged before the first attacked round ("
+                    + "; ".join(lost) + ")")
     rules = sorted(set(part["fpr_rule"]))
     bits.append("; ".join(FPR_RULE_TEXT.get(r, r) for r in rules))
     unit = "targets × seeds" + (" × draws" if protocol == "official" else "")
@@ -489,7 +520,7 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
     return fig
 
 
-def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
+def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr_per_target",
                width: float = 11) -> plt.Figure:
     """Log-log ROC curves per attack (mean TPR over targets on a common FPR grid).
 
@@ -498,6 +529,9 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr",
     intervals of the mean curve over targets (and draws).
     """
     sel = select_rounds(cell, selection)
+    if sel.empty:  # only rounds observed for the figures before the training diverged
+        return empty_figure("no attacked round before the training diverged: no ROC curve "
+                            f"under selection {selection!r}", width)
     protocols = list(dict.fromkeys(sel["protocol"]))
     fig, axes = _figure(1, len(protocols), width * 0.5 * len(protocols))
     grid = np.logspace(-4, 0, 200)
@@ -801,7 +835,8 @@ def _unit_values(rows: pd.DataFrame, metric: str) -> pd.Series:
     return rows.groupby(["seed", "target"])[metric].mean()
 
 
-def findings(results: pd.DataFrame, selections: Sequence[str | int] = ("best_tpr",),
+def findings(results: pd.DataFrame,
+             selections: Sequence[str | int] = ("best_tpr_per_target",),
              partition_kinds: dict[str, str] | None = None) -> pd.DataFrame:
     """The paper's findings as tested claims, with 95 % intervals and verdicts.
 

@@ -34,6 +34,7 @@ import yaml
 
 from fedmia.attacks import ATTACKS
 from fedmia.config import (
+    RETIRED_SELECTIONS,
     ConfigError,
     DatasetConfig,
     ModelConfig,
@@ -236,6 +237,11 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
     schema = load_schema(schema_path)
     _load_plugins(config, schema)
     schema = with_registered_kinds(schema)
+    report = config.get("report")
+    for how in _as_list(report.get("single_round", []) if isinstance(report, dict) else []):
+        if isinstance(how, str) and how in RETIRED_SELECTIONS:
+            raise ConfigError(f"invalid config at 'report.single_round': "
+                              f"{RETIRED_SELECTIONS[how]}")
     _raise_first(list(_with_defaults(base)(schema).iter_errors(config)))
     # Typed configs double-check each block (the package's own validation), then each
     # kind checks what depends on it.
