@@ -252,6 +252,12 @@ CONFIG = [
     config_case("unknown-single-round", "report.single_round", "best",
                 r"at 'report.single_round': 'best' is not valid",
                 r"best_tpr_per_target .* best_tpr_mean .* best_auc .* last .* or a round number"),
+    config_case("unknown-utility", "report.utility", "max",
+                r"at 'report.utility': 'max' is not one of \['final', 'best'\]",
+                r"final .* or best"),
+    config_case("unknown-hypervolume-front", "report.hypervolume_front", "paper",
+                r"at 'report.hypervolume_front': 'paper' is not one of",
+                r"own .* or with_undefended"),
     config_case("retired-single-round-best-tpr", "report.single_round", ["best_tpr", "last"],
                 r"at 'report.single_round': 'best_tpr' is retired: it picked the round of "
                 r"the best TPR@0.1% of the mean", r"write best_tpr_per_target .* or best_tpr_mean"),

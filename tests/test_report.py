@@ -197,6 +197,50 @@ def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
     assert hv["hypervolume"].isna().all() and (hv["n_points"] == 0).all()
 
 
+def test_hypervolume_of_a_defenses_own_points_as_the_paper():
+    """``own`` (the paper's Def. 1): no undefended point in the front; said in the caption,
+    with the utility and the seeds behind the points."""
+    rows = []
+    for defense, kind, strength, acc, tpr, seeds in (("none", "none", np.nan, 0.9, 0.5, 3),
+                                                     ("dp1", "dp", 1.0, 0.7, 0.2, 1),
+                                                     ("dp2", "dp", 2.0, 0.4, 0.1, 1),
+                                                     ("au", "augment", 4.0, 0.5, 0.3, 1)):
+        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
+                         strength=strength, test_accuracy=acc, protocol="aligned",
+                         single_round="all attacked rounds", attack="cos_series",
+                         metric="tpr@0.1%", mean=tpr, std=0.0, n_seeds=seeds,
+                         utility="final test accuracy"))
+    own = report.hypervolume_table(pd.DataFrame(rows), "own").set_index("kind")
+    # dp alone: (0.3, 0.2), (0.6, 0.1) -> 0.3·0.8 + 0.4·0.9 = 0.60 (with none: 0.70)
+    assert own.loc["dp", "hypervolume"] == pytest.approx(0.60)
+    assert own.loc["dp", "n_points"] == 2 and own.loc["dp", "seeds"] == "1"
+    both = report.hypervolume_table(pd.DataFrame(rows)).set_index("kind")
+    assert both.loc["dp", "hypervolume"] == pytest.approx(0.70)
+    assert both.loc["dp", "seeds"] == "1-3"
+    cap = report.hypervolume_markdown(own.reset_index()).split("\n")[0]
+    for phrase in ("each defense's own strengths (the paper's definition)",
+                   "Utility: final test accuracy", "Seeds behind the points: 1",
+                   "one on/off flag", "no-op there"):
+        assert phrase in cap, cap
+    with pytest.raises(ValueError, match="choose from"):
+        report.hypervolume_table(pd.DataFrame(rows), "paper")
+
+
+def test_privacy_utility_uses_the_utility_it_names():
+    summary = report.summarize(fake_results(), ["last"])
+    cells = pd.DataFrame([dict(CELL, final_test_accuracy=0.6, best_test_accuracy=0.8,
+                               last_finite_test_accuracy=0.6, diverged_round=np.nan)])
+    strengths = pd.DataFrame([{"defense": "none", "kind": "none", "strength": np.nan}])
+    for utility, acc, text in (("final", 0.6, "final test accuracy"),
+                               ("best", 0.8, "best test accuracy over rounds")):
+        pu = report.privacy_utility(summary, cells, strengths, utility=utility)
+        assert list(pu.columns) == list(report.PU_COLUMNS)
+        assert (pu.test_accuracy == acc).all() and pu.utility.str.startswith(text).all()
+        assert (pu.n_seeds == 1).all()
+    with pytest.raises(ValueError, match="choose from"):
+        report.privacy_utility(summary, cells, strengths, utility="max")
+
+
 def test_summary_intervals_and_false_positives():
     rows = [row("cos_series", t, -1, auc, 0.02) for t, auc in enumerate((0.6, 0.7, 0.8, 0.9))]
     one = row("cos", 0, 10, 0.66, 0.03)

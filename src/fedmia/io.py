@@ -334,7 +334,8 @@ def available_rounds(rounds: Iterable[int], manifest_file: str | Path | None) ->
 def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
     """One row per cell from the train stage's manifests: keys and outcome."""
     cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy",
-            "rounds", "unnoised_state_floats"]
+            "best_test_accuracy", "rounds", "unnoised_state_floats"]
     rows = [{k: m.get(k, 0 if k == "unnoised_state_floats" else None) for k in cols}
             for m in map(read_manifest, manifests)]
-    return pd.DataFrame(rows, columns=cols).astype({"diverged_round": "float64"})
+    return pd.DataFrame(rows, columns=cols).astype({"diverged_round": "float64",
+                                                    "best_test_accuracy": "float64"})

@@ -626,37 +626,55 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
 #: The accounted-ε columns of :func:`privacy_utility`.
 EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note")
 PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
-              "last_finite_accuracy", "diverged", "diverged_round", *EPSILON_COLUMNS,
+              "utility", "n_seeds", "last_finite_accuracy", "diverged", "diverged_round",
+              *EPSILON_COLUMNS,
               "epsilon_empirical", "protocol", "single_round", "attack", "metric", "mean",
               "ci_low", "ci_high", "std", "rounds")
 
 
+#: ``report.utility`` → (the cells' column, how the tables name it).
+UTILITIES = {
+    "final": ("final_test_accuracy", "final test accuracy"),
+    "best": ("best_test_accuracy", "best test accuracy over rounds (hindsight, as the "
+             "official code also records)"),
+}
+
+
 def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
                     strengths: pd.DataFrame, epsilons: pd.DataFrame | None = None,
-                    audit: pd.DataFrame | None = None) -> pd.DataFrame:
+                    audit: pd.DataFrame | None = None, utility: str = "final"
+                    ) -> pd.DataFrame:
     """Join attack success with utility per defense.
 
     Args:
         summary: :func:`summarize` output.
-        cells: one row per cell: its keys, ``final_test_accuracy`` (the utility: the final
-            model's test accuracy; chance, 1 / classes, for a diverged cell),
-            ``last_finite_test_accuracy`` and ``diverged_round`` (NaN if none) — the train
-            stage's manifests.
+        cells: one row per cell: its keys, ``final_test_accuracy`` (the final model's test
+            accuracy; chance, 1 / classes, for a diverged cell), ``best_test_accuracy``
+            (the best over the tested rounds), ``last_finite_test_accuracy`` and
+            ``diverged_round`` (NaN if none) — the train stage's manifests.
         strengths: ``defense, kind, strength`` per defense key.
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
         audit: the one-run audits (:data:`fedmia.io.AUDIT_COLUMNS` with the cells'
             keys): ``epsilon_empirical`` of each attack, on the aligned protocol's rows
             only (the smallest over seeds, each a valid bound at level β); NaN without.
+        utility: ``report.utility`` (:data:`UTILITIES`): the final test accuracy or the best
+            over rounds.
 
     Returns:
-        Tidy, :data:`PU_COLUMNS`: ``test_accuracy`` and ``last_finite_accuracy`` averaged
-        over seeds, ``diverged`` (any seed diverged) and the earliest ``diverged_round``.
+        Tidy, :data:`PU_COLUMNS`: ``test_accuracy`` (the utility ``utility`` names, said in
+        the ``utility`` column) and ``last_finite_accuracy`` averaged over the setting's
+        ``n_seeds`` seeds, ``diverged`` (any seed diverged) and the earliest
+        ``diverged_round``.
     """
+    if utility not in UTILITIES:
+        raise ValueError(f"unknown utility {utility!r}; choose from {list(UTILITIES)}")
+    column, text = UTILITIES[utility]
     acc = cells.groupby(SETTING, as_index=False).agg(
-        test_accuracy=("final_test_accuracy", "mean"),
+        test_accuracy=(column, "mean"), n_seeds=("seed", "nunique"),
         last_finite_accuracy=("last_finite_test_accuracy", "mean"),
         diverged_round=("diverged_round", "min"))
+    acc["utility"] = text
     acc["diverged"] = acc["diverged_round"].notna()
     pu = summary.drop(columns="diverged", errors="ignore").merge(
         acc, on=SETTING, how="left").merge(strengths, on="defense", how="left")
@@ -749,29 +767,40 @@ def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
 
 #: Columns of :func:`hypervolume_table` (``results/tables/hypervolume.csv``).
 HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "attack",
-              "hypervolume", "n_points", "strengths", "excluded")
+              "hypervolume", "n_points", "strengths", "excluded", "front", "utility", "seeds")
+#: ``report.hypervolume_front`` → how the tables describe it.
+FRONTS = {
+    "own": "each defense's own strengths (the paper's definition)",
+    "with_undefended": "each defense's strengths plus the undefended model (fedmia's option, "
+                       "not the paper's)",
+}
 
 
-def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
+def hypervolume_table(pu: pd.DataFrame, front: str = "with_undefended") -> pd.DataFrame:
     """Table 2: the hypervolume of each defense kind's privacy–utility front, per attack.
 
     For every (dataset, model, partition, protocol, single-round selection, defense kind,
-    attack), the points are the kind's strengths plus the undefended cell (in every
-    front), each at (1 − test accuracy, mean TPR@0.1 % over targets and seeds) from
-    :func:`privacy_utility`'s table; a diverged cell enters with its utility, chance.
-    Points whose TPR is undefined (too few non-members, or no attacked round before a
-    divergence) are left out and counted in ``excluded``; a front left without a point
-    has hypervolume NaN (n/a).
+    attack), the points are the kind's strengths — plus the undefended cell where
+    ``front`` is ``with_undefended`` (:data:`FRONTS`) — each at (1 − utility, mean
+    TPR@0.1 % over targets and seeds) from :func:`privacy_utility`'s table (its
+    ``utility`` column says which test accuracy); a diverged cell enters with its
+    utility. Points whose TPR is undefined (too few non-members, or no attacked round
+    before a divergence) are left out and counted in ``excluded``; a front left without a
+    point has hypervolume NaN (n/a). ``seeds`` gives the seeds behind the points (e.g.
+    ``1`` for one-seed defense cells, ``1-3`` with a three-seed undefended point).
     """
+    if front not in FRONTS:
+        raise ValueError(f"unknown hypervolume front {front!r}; choose from {list(FRONTS)}")
     rows = []
     tpr = pu[pu.metric == HEADLINE_TPR]
     keys = ["dataset", "model", "partition", "protocol", "single_round", "attack"]
     for key, g in tpr.groupby(keys, sort=False):
-        base = g[g.kind == "none"]
+        base = g[g.kind == "none"] if front == "with_undefended" else g.iloc[:0]
         for kind in [k for k in dict.fromkeys(g.kind) if k != "none"]:
             pts = pd.concat([g[g.kind == kind], base])
             ok = pts["mean"].notna() & pts["test_accuracy"].notna()
             used = pts[ok]
+            seeds = sorted(set(pts["n_seeds"].dropna().astype(int))) if "n_seeds" in pts else []
             rows.append(dict(zip(keys, key, strict=True), kind=kind,
                              hypervolume=hypervolume(1.0 - used["test_accuracy"].to_numpy(),
                                                      used["mean"].to_numpy())
@@ -779,18 +808,43 @@ def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
                              n_points=int(ok.sum()),
                              strengths=", ".join(f"{v:g}" for v in
                                                  sorted(pts.loc[pts.kind == kind, "strength"])),
-                             excluded=int((~ok).sum())))
+                             excluded=int((~ok).sum()), front=front,
+                             utility="; ".join(sorted(set(pts["utility"].dropna())))
+                             if "utility" in pts else "",
+                             seeds="-".join(str(v) for v in (seeds[0], seeds[-1]))
+                             if len(seeds) > 1 else "".join(map(str, seeds))))
     return pd.DataFrame(rows, columns=list(HV_COLUMNS))
+
+
+#: What a Table 2 caption says of a defense kind whose official counterpart differs.
+KIND_NOTES = {
+    "augment": "`augment`: the official code's augmentation is one on/off flag (no strength), "
+               "and its Dermnet loader ignores it (a no-op there); fedmia's strengths and its "
+               "augmentation on Dermnet are fedmia's, not the official code's",
+}
 
 
 def hypervolume_markdown(hv: pd.DataFrame) -> str:
     """Table 2 layout: one row per setting and defense kind, the attacks as columns."""
+    fronts = sorted(set(hv["front"])) if len(hv) else []
+    utilities = sorted(set(hv["utility"])) if len(hv) else []
+    seeds = sorted(set(hv["seeds"].astype(str))) if len(hv) else []
     cap = ("Hypervolume of each defense kind's (test error, TPR@0.1%) points, both as "
-           "fractions, with the undefended model in every front, against the reference "
-           "point (1, 1): the area of the union of the boxes the points dominate. Larger "
-           "means the defense reaches lower leakage at lower utility loss (a stronger "
-           "attack gives a smaller value, as the paper's caption says). Points with an "
-           "undefined TPR are left out (`excluded` in hypervolume.csv).")
+           "fractions, against the reference point (1, 1): the area of the union of the "
+           "boxes the points dominate. Larger means the defense reaches lower leakage at "
+           "lower utility loss (a stronger attack gives a smaller value, as the paper's "
+           "caption says). Points with an undefined TPR are left out (`excluded` in "
+           "hypervolume.csv).")
+    if fronts:
+        cap += " Front: " + "; ".join(FRONTS.get(f, f) for f in fronts) + "."
+    if utilities:
+        cap += " Utility: " + "; ".join(utilities) + "."
+    if seeds:
+        cap += (" Seeds behind the points: " + ", ".join(seeds) + " (a one-seed point "
+                "carries run-to-run noise that no interval here shows).")
+    notes = [KIND_NOTES[k] for k in KIND_NOTES if len(hv) and k in set(hv["kind"])]
+    if notes:
+        cap += " " + " ".join(n[0].upper() + n[1:] + "." for n in notes)
     if hv.empty:
         return cap + "\n\nNo defense other than `none` in this run.\n"
     keys = ["dataset", "model", "partition", "protocol", "single_round", "kind"]

@@ -139,8 +139,20 @@ def get_cell_attacks(wildcards):
     return list(cell_attack_files().values())
 
 
+def get_figure_options():
+    """The report options every figure uses (the others do not rerun figures)."""
+    return canonical({k: config["report"][k] for k in ("dpi", "width")})
+
+
 def get_report_options():
-    return canonical({**config["report"], "single_round": SPEC.selections})
+    """The report options a per-cell figure uses."""
+    return canonical(
+        {
+            **get_figure_options(),
+            "round_plot_fpr": config["report"]["round_plot_fpr"],
+            "single_round": SPEC.selections,
+        }
+    )
 
 
 def cell_paths(pattern, **extra):

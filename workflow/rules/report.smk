@@ -103,7 +103,7 @@ rule figure_partitions:
         "../../envs/fedmia.yaml"
     params:
         kind="partitions",
-        options=canonical(config["report"]),
+        options=get_figure_options(),
         code=code("report"),
         plugins=PLUGINS,
     script:
@@ -128,6 +128,7 @@ rule privacy_utility:
     params:
         defenses=canonical(config["defenses"]),
         delta=config["report"]["dp_delta"],
+        utility=config["report"]["utility"],
         code=code("report"),
         plugins=PLUGINS,
     script:
@@ -154,7 +155,7 @@ rule figure_privacy_utility:
     params:
         kind="privacy_utility",
         args=lambda wildcards: {"family": wildcards.family},
-        options=canonical(config["report"]),
+        options=get_figure_options(),
         code=code("report"),
         plugins=PLUGINS,
     script:
@@ -176,6 +177,7 @@ rule hypervolume:
     conda:
         "../../envs/fedmia.yaml"
     params:
+        front=config["report"]["hypervolume_front"],
         code=code("report"),
         plugins=PLUGINS,
     script:
@@ -199,7 +201,7 @@ rule figure_audit:
         "../../envs/fedmia.yaml"
     params:
         kind="audit",
-        options=canonical(config["report"]),
+        options=get_figure_options(),
         code=code("report"),
         plugins=PLUGINS,
     script:

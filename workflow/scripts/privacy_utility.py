@@ -10,6 +10,7 @@ stage.report_privacy_utility(
     audits=list(snakemake.input.audits),
     defenses=snakemake.params.defenses,
     delta=snakemake.params.delta,
+    utility=snakemake.params.utility,
     plugins=snakemake.params.plugins,
     output=snakemake.output[0],
 )

@@ -128,13 +128,15 @@ def epsilons(cells: pd.DataFrame, defenses: Mapping[str, Mapping[str, Any]],
 def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
                            defenses: Mapping[str, Mapping[str, Any]], output: str | Path,
                            audits: Iterable[str | Path] = (),
-                           delta: float = DEFAULT_DELTA, plugins: Sequence[str] = ()) -> None:
-    """Stage 6d: the privacy–utility table (attack success next to final test accuracy).
+                           delta: float = DEFAULT_DELTA, utility: str = "final",
+                           plugins: Sequence[str] = ()) -> None:
+    """Stage 6d: the privacy–utility table (attack success next to test accuracy).
 
-    Each cell's manifest names the cell in its keys and gives its utility (the final
-    model's test accuracy; chance for a diverged cell); they are joined to the attack
-    table on those keys. ``plugins`` (the config's) are imported first: a defense's
-    strength is its registered kind's.
+    Each cell's manifest names the cell in its keys and gives its utility (``utility``:
+    the final model's test accuracy, chance for a diverged cell, or the best over the
+    tested rounds, :data:`fedmia.report.UTILITIES`); they are joined to the attack table
+    on those keys. ``plugins`` (the config's) are imported first: a defense's strength is
+    its registered kind's.
     """
     import_plugins(plugins)
     strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
@@ -143,16 +145,19 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     audit = pd.concat([io.read_parquet(f, "audit") for f in audits] or [pd.DataFrame()],
                       ignore_index=True)
     pu = report.privacy_utility(pd.read_csv(table), cells, strengths,
-                                epsilons(cells, defenses, delta), audit)
+                                epsilons(cells, defenses, delta), audit, utility=utility)
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
 
 
-def report_hypervolume(*, table: str | Path, plugins: Sequence[str] = (),
-                       outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6f: Table 2, the hypervolume of every defense kind's front (CSV, Markdown)."""
+def report_hypervolume(*, table: str | Path, front: str = "with_undefended",
+                       plugins: Sequence[str] = (), outputs: Mapping[str, str | Path]) -> None:
+    """Stage 6f: Table 2, the hypervolume of every defense kind's front (CSV, Markdown).
+
+    ``front``: ``report.hypervolume_front`` (:data:`fedmia.report.FRONTS`).
+    """
     import_plugins(plugins)
-    hv = report.hypervolume_table(pd.read_csv(table))
+    hv = report.hypervolume_table(pd.read_csv(table), front)
     with io.atomic_path(outputs["csv"]) as tmp:
         hv.to_csv(tmp, index=False)
     with io.atomic_path(outputs["md"]) as tmp:

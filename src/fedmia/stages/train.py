@@ -92,7 +92,8 @@ def train(
             ``diverged_round`` (null if training finished), ``last_finite_round``,
             ``last_finite_test_accuracy``, and ``final_test_accuracy``, the utility the
             tables use: the final model's, or chance (1 / classes) for a diverged cell,
-            whose final model has non-finite weights).
+            whose final model has non-finite weights; ``best_test_accuracy``, the best over
+            the tested rounds, which the official code records too).
 
     A run whose loss, uploads or model become non-finite stops there and still writes
     every output (see :func:`fedmia.fedavg.run_fedavg`): a diverged cell is a result.
@@ -177,6 +178,8 @@ def train(
         "unnoised_state_floats": sum(e.numel for e in state.layout.entries
                                      if not e.is_param),
         **outcome, "final_test_accuracy": final_accuracy,
+        # the official code also records the best test accuracy over rounds (hindsight)
+        "best_test_accuracy": _best_test_accuracy(history),
         "fedmia_version": fedmia.__version__,
     }
     if ckpt is not None:
@@ -188,6 +191,12 @@ def train(
     io.write_manifest(manifest, outputs["manifest"])
     if ckpt is not None:
         ckpt.remove()
+
+
+def _best_test_accuracy(history: pd.DataFrame) -> float | None:
+    """The best test accuracy of the global model over the tested rounds (``None``: none)."""
+    tested = history.loc[history["client_id"] == HELD_OUT, "test_accuracy"].dropna()
+    return float(tested.max()) if len(tested) else None
 
 
 def _checkpoint_key(model: Mapping[str, Any], defense: Mapping[str, Any],
