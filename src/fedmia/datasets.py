@@ -779,13 +779,13 @@ def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     (the paper uses 64; the official code's ``gen_tensor_dataset.py`` applied
     ``Resize((64, 64))`` to the whole photo, no crop).
 
-    ``split: null`` (default): the release's own split, 15,557 train and 4,002 test images.
+    ``split: null`` (default): the release's own ``train/`` and ``test/`` folders.
     Files with identical bytes are kept once (the first in the order train before test,
     sorted paths), because a picture on both sides of the split would make its membership
     meaningless; the count is logged and kept in ``extra``.
 
     ``split: official``: the split of the official code (Liar-Mask/FedMIA). Its
-    ``gen_tensor_dataset.py`` (first commit; not in the later tree) stacked
+    ``gen_tensor_dataset.py`` (commit c2e651b of its 2024 history; not in ``main``) stacked
     ``ImageFolder(train)`` then ``ImageFolder(test)`` into ``dermnet_ts.pt``; its
     ``utils/datasets.py`` concatenates the two (19,559 images), calls ``setup_seed(42)``
     and ``torch.randperm(19559)``, gives the first 15,000 of the permuted images to the
