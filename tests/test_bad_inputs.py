@@ -283,6 +283,17 @@ CONFIG = [
     config_case("files-dataset-without-a-root", "datasets.digits.kind", "dermnet",
                 r"datasets.digits.root: 'dermnet' reads its files from disk",
                 r"set root to the folder that holds them"),
+    config_case("dataset-unknown-split", "datasets.digits.split", "kaggle",
+                r"at 'datasets.digits.split': 'kaggle' is not one of \[None, 'official'\]",
+                r"null = the source's own train/test split"),
+    config_case("official-split-of-a-dataset-without-one", "datasets.digits.split", "official",
+                r"datasets.digits.split: only 'dermnet' has the official code's split",
+                r"drop split to use the train/test split of 'digits'"),
+    config_case("pool-size-without-the-official-split", "datasets.digits.pool_size", 100,
+                r"datasets.digits.pool_size: only split: official takes it",
+                r"drop it or set split: official"),
+    config_case("official-test-size-zero", "datasets.digits.test_size", 0,
+                r"at 'datasets.digits.test_size': 0 is less than", r"the minimum of 1"),
     config_case("unknown-measure-route", "measure.route", "fast",
                 r"at 'measure.route': 'fast' is not one of", r"\['layerwise', 'func'\]"),
     config_case("plugin-not-importable", "plugins", ["no_such_fedmia_plugin"],
@@ -407,6 +418,11 @@ def dermnet_empty_class(ctx: Ctx, root: Path) -> None:
     (root / "train" / "Warts Photos").mkdir()
     (root / "test" / "Warts Photos").mkdir()
     (root / "test" / "Warts Photos" / "readme.txt").write_text("x")
+
+
+def dermnet_hidden_class(ctx: Ctx, root: Path) -> None:
+    make_dermnet(root)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
 
 
 def dermnet_truncated(keep: float):
@@ -548,6 +564,27 @@ DATASETS = [
                  r"download it again or delete it", dermnet_truncated(0.9), DERMNET),
     prepare_case("dermnet-not-an-image", ValueError, r"cannot decode image .*zz\.jpg",
                  r"download it again or delete it", dermnet_not_an_image, DERMNET),
+    prepare_case("dermnet-unknown-split", ConfigError,
+                 r"dataset.split: .*\(got 'kaggle'\)",
+                 r"must be null \(the source's own split\) or one of \['official'\]", None,
+                 {**DERMNET, "split": "kaggle"}),
+    prepare_case("dermnet-test-size-without-the-official-split", ConfigError,
+                 r"dataset.test_size: only split: official takes it",
+                 r"drop it or set split: official", None, {**DERMNET, "test_size": 10}),
+    prepare_case("dermnet-official-split-on-too-few-images", ValueError,
+                 r"the official split of Dermnet needs pool_size \+ test_size = 15000 \+ 4000 = "
+                 r"19000 images but .*/train and .*/test hold 14",
+                 r"lower pool_size or test_size \(the official 15,000 \+ 4,000 are for the "
+                 r"full Kaggle release", lambda ctx, root: make_dermnet(root),
+                 {**DERMNET, "split": "official"}),
+    prepare_case("dermnet-official-split-sizes-over-the-tree", ValueError,
+                 r"needs pool_size \+ test_size = 11 \+ 4 = 15 images but .* hold 14",
+                 r"lower pool_size or test_size", lambda ctx, root: make_dermnet(root),
+                 {**DERMNET, "split": "official", "pool_size": 11, "test_size": 4}),
+    prepare_case("dermnet-official-split-hidden-empty-class-folder", ValueError,
+                 r"class folder .*train/\.ipynb_checkpoints holds no images",
+                 r"add images or remove it", dermnet_hidden_class,
+                 {**DERMNET, "split": "official", "pool_size": 5, "test_size": 3}),
     prepare_case("imagefolder-missing-root", FileNotFoundError,
                  r"dataset 'imagefolder': root folder .*nope does not exist",
                  r"put the files there .* or fix root", None, {"kind": "imagefolder",

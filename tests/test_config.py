@@ -12,7 +12,7 @@ import yaml
 import fedmia.kinds  # noqa: F401 (fills every registry)
 from fedmia import metrics
 from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
-from fedmia.config import LR_SCHEDULES, SELECTIONS
+from fedmia.config import DATASET_SPLITS, LR_SCHEDULES, SELECTIONS
 from fedmia.defenses import Defense, defense_table
 from fedmia.params import param, schema_block
 from fedmia.registry import DEFENSES, MODELS
@@ -83,6 +83,8 @@ def test_schema_enums_of_settings_match_the_code():
     assert load_schema(SCHEMA)["$defs"]["single_round"]["oneOf"][0]["enum"] == list(SELECTIONS)
     assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["lr_schedule"]["enum"] == list(
         LR_SCHEDULES)
+    dataset = props["datasets"]["additionalProperties"]["properties"]
+    assert dataset["split"]["enum"] == [None, *DATASET_SPLITS]
 
 
 def test_a_registered_kind_missing_from_the_schema_is_added(monkeypatch):

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import struct
 import tarfile
@@ -13,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedmia import datasets as ds
 from fedmia import io as fio
 from fedmia import pipeline
-from fedmia.config import DatasetConfig
+from fedmia.config import DatasetConfig, PartitionConfig
 from fedmia.datasets import prepare_dataset, seeded_split, verify_md5
+from fedmia.partition import make_partition
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -245,6 +248,177 @@ def test_dermnet_matches_pil_reference(tmp_path):
     with Image.open(tmp_path / "train" / DERM[2] / "m1.jpg") as img:
         ref = np.asarray(img.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(data.images[6], ref.transpose(2, 0, 1))
+
+
+# ------------------------------------------------------------------ Dermnet, official split
+
+# Class folders and files that sort differently under other rules: upper before lower case,
+# "a10" before "a2", an upper-case extension, a sub-folder after its class folder's own
+# files (torchvision walks it after them), and files torchvision does not list (.gif, .txt)
+# or does (.tif). Classes sorted by code point: "Acne ...", "Eczema Photos", "acne (lower)".
+OFFICIAL_TREE = {
+    "train": {"Eczema Photos": ["e1.jpg", "e10.jpg", "e2.jpg", "E3.jpg", "e4.jpeg"],
+              "Acne and Rosacea Photos": ["a2.jpg", "a10.jpg", "B.jpg", "a1.JPG", "z.jpg",
+                                          "sub/c.jpg", "sub/b.jpg", "scan.tif", "anim.gif",
+                                          "notes.txt"],
+              "acne (lower)": ["l1.jpg", "l2.jpg", "l3.jpg", "l4.jpg", "l5.jpg", "l6.jpg"]},
+    "test": {"Eczema Photos": ["t1.jpg", "t2.jpg", "t3.jpg"],
+             "Acne and Rosacea Photos": ["u2.jpg", "u1.jpg", "U3.jpg", "u4.jpg"],
+             "acne (lower)": ["v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg", "v5.jpg"]},
+}
+# torchvision's order of the first class of train/, by hand
+ACNE_ORDER = ["B.jpg", "a1.JPG", "a10.jpg", "a2.jpg", "scan.tif", "z.jpg", "sub/b.jpg",
+              "sub/c.jpg"]
+
+
+def make_dermnet_official(root: Path) -> None:
+    """64×64 noise images (each file its own), JPEG but for the .tif and the .gif."""
+    for i, (split, classes) in enumerate(
+            (s, c) for s, cs in OFFICIAL_TREE.items() for c in cs.items()):
+        for j, name in enumerate(classes[1]):
+            path = root / split / classes[0] / name
+            if name.endswith(".txt"):
+                path.write_text("not an image")
+                continue
+            fmt = {".gif": "GIF", ".tif": "TIFF"}.get(path.suffix.lower(), "JPEG")
+            save_image(path, "RGB", (64, 64), None, fmt, seed=100 * i + j)
+
+
+def official_recipe(root: Path, pool: int, test: int
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """The official split transcribed from its source, by file name (relative to root).
+
+    Returns the files listed (train/ then test/), the clients' pool and the test set.
+
+    ``gen_tensor_dataset.py``: ``ImageFolder(train)``, ``ImageFolder(test)``, whose files
+    are torchvision's ``make_dataset`` listing; ``utils/datasets.py``:
+    ``torch.cat([train, test])``, ``setup_seed(42)``, ``torch.randperm(n)``, the first
+    ``pool`` to the clients, the last ``test`` the test set.
+    """
+    extensions = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+    def image_folder(folder: Path) -> list[str]:
+        out = []
+        for target in sorted(d for d in os.listdir(folder) if (folder / d).is_dir()):
+            for dirpath, _, fnames in sorted(os.walk(folder / target, followlinks=True)):
+                out += [os.path.relpath(os.path.join(dirpath, f), root)
+                        for f in sorted(fnames) if f.lower().endswith(extensions)]
+        return out
+
+    files = image_folder(root / "train") + image_folder(root / "test")
+    with torch.random.fork_rng():
+        torch.manual_seed(42)
+        perm = torch.randperm(len(files)).tolist()
+    return files, [files[i] for i in perm[:pool]], [files[i] for i in perm[-test:]]
+
+
+def official_cfg(root: Path, **kw) -> DatasetConfig:
+    return DatasetConfig.from_dict({"kind": "dermnet", "root": str(root), "image_size": 64,
+                                    "split": "official", **kw})
+
+
+def decoded_names(root: Path, images: np.ndarray) -> list[str]:
+    """Which file of ``root`` each image is, by its pixels (every file is its own noise)."""
+    by_pixels = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in {".jpg", ".jpeg", ".tif"}:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+            by_pixels[arr.tobytes()] = path.relative_to(root).as_posix()
+    return [by_pixels[img.tobytes()] for img in images]
+
+
+def test_dermnet_official_listing_is_torchvisions(tmp_path):
+    make_dermnet_official(tmp_path)
+    classes, files, labels = ds.imagefolder_listing(tmp_path / "train")
+    assert classes == ["Acne and Rosacea Photos", "Eczema Photos", "acne (lower)"]
+    first = [f.relative_to(tmp_path / "train" / classes[0]).as_posix()
+             for f, label in zip(files, labels, strict=True) if label == 0]
+    assert first == ACNE_ORDER
+    assert [f.name for f, label in zip(files, labels, strict=True) if label == 1] == [
+        "E3.jpg", "e1.jpg", "e10.jpg", "e2.jpg", "e4.jpeg"]
+
+
+def test_dermnet_official_split_is_the_official_recipe(tmp_path):
+    make_dermnet_official(tmp_path)
+    data = prepare_dataset(official_cfg(tmp_path, pool_size=18, test_size=8))
+    listed, pool, test = official_recipe(tmp_path, 18, 8)
+    assert len(listed) == 19 + 12  # torchvision lists 8 + 5 + 6 in train/, 3 + 4 + 5 in test/
+    assert data.images.shape == (26, 3, 64, 64)
+    np.testing.assert_array_equal(data.is_test, [False] * 18 + [True] * 8)
+    # the same files, in the official order: row i is the official train_set[i], row
+    # 18 + j its test_set[j]
+    assert decoded_names(tmp_path, data.images) == pool + test
+    classes = ["Acne and Rosacea Photos", "Eczema Photos", "acne (lower)"]
+    assert data.classes == classes
+    assert [classes[y] for y in data.labels] == [f.split("/")[1] for f in pool + test]
+    assert data.extra["images_listed"] == 31
+    assert data.extra["unused"] == 5
+    assert data.extra["unused_files"] == [f for f in listed if f not in pool + test]
+    assert data.extra["duplicates_kept"] == 0
+    assert "the first 18 the clients' pool, the last 8 the test set, 5 unused" in data.source
+    again = prepare_dataset(official_cfg(tmp_path, pool_size=18, test_size=8))
+    assert again.checksum() == data.checksum()
+    # the release's split of the same tree: every image fedmia reads (.gif yes, .tif no)
+    own = prepare_dataset(DatasetConfig(kind="dermnet", root=str(tmp_path), image_size=64))
+    assert int((~own.is_test).sum()) == 19 and int(own.is_test.sum()) == 12
+
+
+def test_dermnet_official_split_keeps_duplicates(tmp_path):
+    """As the official code: a byte-identical copy stays (reported), so the sizes hold."""
+    make_dermnet_official(tmp_path)
+    test_dir = tmp_path / "test" / "Eczema Photos"
+    (test_dir / "t4.jpg").write_bytes((tmp_path / "train" / "Eczema Photos" / "e1.jpg")
+                                      .read_bytes())
+    data = prepare_dataset(official_cfg(tmp_path, pool_size=24, test_size=8))  # all 32 used
+    _, pool, test = official_recipe(tmp_path, 24, 8)
+    assert data.images.shape[0] == 32
+    assert data.extra["duplicates_kept"] == 1
+    first, copy = sorted(["train/Eczema Photos/e1.jpg", "test/Eczema Photos/t4.jpg"],
+                         key=(pool + test).index)
+    assert data.extra["duplicate_files"] == [[copy, first]]
+    rows = [(pool + test).index(f) for f in (first, copy)]
+    np.testing.assert_array_equal(data.images[rows[0]], data.images[rows[1]])
+    assert data.extra["duplicates_across_splits"] == int(data.is_test[rows].sum() == 1)
+
+
+def test_dermnet_official_pool_is_what_partitions_deal(tmp_path):
+    make_dermnet_official(tmp_path)
+    data = prepare_dataset(official_cfg(tmp_path, pool_size=20, test_size=8))
+    part = make_partition(data.labels, data.is_test,
+                          PartitionConfig(kind="iid", num_clients=4, eval_members_per_client=5,
+                                          eval_nonmembers=8), seed=0)
+    assert (part.client_id[:20] >= 0).all() and (part.client_id[20:] == -1).all()
+    assert np.bincount(part.client_id[:20]).tolist() == [5, 5, 5, 5]
+
+
+def test_official_permutation_is_the_mt19937_fisher_yates_of_torch_1x():
+    """``torch.randperm`` on the CPU as the official code's torch had it
+    (``aten/src/ATen/native/TensorFactories.cpp``, ``randperm_cpu``): r = 0..n-1, then for
+    i < n - 1 swap r[i] with r[i + z], z = (next 32-bit MT19937 draw) % (n - i), the
+    MT19937 seeded as ``std::mt19937(42)`` (the legacy seeding NumPy's RandomState uses)."""
+    for n in (1, 2, 37, 19_559):
+        _, key, pos, *_ = np.random.RandomState(ds.DERMNET_OFFICIAL_SEED).get_state()
+        bits = np.random.MT19937()
+        bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": pos}}
+        draws = bits.random_raw(max(n - 1, 0))
+        r = list(range(n))
+        for i in range(n - 1):
+            z = int(draws[i]) % (n - i)
+            r[i], r[i + z] = r[i + z], r[i]
+        np.testing.assert_array_equal(ds.official_permutation(n), r)
+    # the full release: the official first and last indices (19,559 images)
+    perm = ds.official_permutation(19_559)
+    assert perm[:4].tolist() == [7587, 1592, 405, 13401] and perm[-2:].tolist() == [6602, 3664]
+
+
+def test_official_permutation_leaves_torchs_generator_alone():
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
+        ds.official_permutation(100)
+        np.testing.assert_array_equal(torch.rand(3), expected)
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST

@@ -32,6 +32,8 @@ RETIRED_SELECTIONS = {
                 "(the official code's: each target's own best round) or best_tpr_mean (one "
                 "round, best on the mean over targets)",
 }
+#: The named splits a dataset kind may offer besides the source's own (``split: null``).
+DATASET_SPLITS = ("official",)
 
 
 class ConfigError(ValueError):
@@ -113,6 +115,15 @@ class DatasetConfig:
             directory.
         download: ``cifar100`` only: fetch the official archive into ``root`` (checked against
             its MD5) when ``root/cifar-100-python`` is missing.
+        split: ``None``: the source's own train/test split (Dermnet: the Kaggle release's
+            ``train/`` and ``test/`` folders); ``"official"``: the split of the official
+            FedMIA code, for the kinds that offer it (``dermnet``: both folders merged,
+            permuted with seed 42, the first ``pool_size`` to the clients, the last
+            ``test_size`` the test set, the rest unused).
+        pool_size: ``split: official`` only: images of the clients' pool (``None``: the
+            official code's number, Dermnet 15,000).
+        test_size: ``split: official`` only: images of the test set (``None``: the official
+            code's number, Dermnet 4,000).
     """
 
     kind: str
@@ -121,6 +132,9 @@ class DatasetConfig:
     split_seed: int = 0
     root: str | None = None
     download: bool = False
+    split: str | None = None
+    pool_size: int | None = None
+    test_size: int | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "dataset") -> Self:
@@ -134,6 +148,15 @@ class DatasetConfig:
                  f"{where}.root", f"must be a folder path or null (got {cfg.root!r})")
         _require(isinstance(cfg.download, bool), f"{where}.download",
                  f"must be true or false (got {cfg.download!r})")
+        _require(cfg.split is None or cfg.split in DATASET_SPLITS, f"{where}.split",
+                 f"must be null (the source's own split) or one of {list(DATASET_SPLITS)} "
+                 f"(got {cfg.split!r})")
+        for key in ("pool_size", "test_size"):
+            value = getattr(cfg, key)
+            if value is not None:
+                _require(value >= 1, f"{where}.{key}", f"must be >= 1 or null (got {value})")
+                _require(cfg.split == "official", f"{where}.{key}",
+                         "only split: official takes it; drop it or set split: official")
         return cfg
 
 

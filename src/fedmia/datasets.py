@@ -10,7 +10,8 @@ Loaders (registered by name in :data:`fedmia.registry.DATASETS` with
 and can download them): ``digits`` (scikit-learn, no files),
 ``fashion_mnist`` (idx files, Debian's ``dataset-fashion-mnist`` or a folder),
 ``cifar100`` (the official python-pickle release, optionally downloaded),
-``dermnet`` (the Kaggle ``train/``/``test/`` folder layout) and ``imagefolder`` (any
+``dermnet`` (the Kaggle ``train/``/``test/`` folder layout; its own split or the official
+FedMIA code's) and ``imagefolder`` (any
 folder-per-class tree). Raw-file problems raise ``FileNotFoundError`` or ``ValueError``
 whose message names the file and the fix.
 
@@ -107,12 +108,15 @@ class DatasetKind:
             searched first, then a system-wide copy) or ``none`` (it reads no files).
         download: whether ``download: true`` may fetch the files into ``root``.
         origin: where the data of a ``root: none`` kind comes from (for messages).
+        official_split: whether ``split: official`` (the official FedMIA code's split,
+            sized by ``pool_size`` and ``test_size``) is offered.
     """
 
     load: Loader
     root: Literal["required", "optional", "none"] = "required"
     download: bool = False
     origin: str = ""
+    official_split: bool = False
 
     def check(self, cfg: DatasetConfig, where: str = "dataset") -> None:
         """Raise :class:`~fedmia.config.ConfigError` if ``cfg`` sets what the kind does not take.
@@ -131,14 +135,20 @@ class DatasetKind:
         if self.root == "none" and cfg.root is not None:
             origin = f"{self.origin} and " if self.origin else ""
             raise ConfigError(f"{where}.root: '{cfg.kind}' {origin}reads no files; drop root")
+        if cfg.split == "official" and not self.official_split:
+            able = " or ".join(f"'{k}'" for k in DATASETS.registered()
+                               if DATASETS.get(k).official_split) or "no dataset"
+            raise ConfigError(f"{where}.split: only {able} has the official code's split; "
+                              f"drop split to use the train/test split of '{cfg.kind}'")
 
 
 def register_dataset(name: str, *, root: Literal["required", "optional", "none"] = "required",
-                     download: bool = False, origin: str = "") -> Callable[[Loader], Loader]:
+                     download: bool = False, origin: str = "",
+                     official_split: bool = False) -> Callable[[Loader], Loader]:
     """A decorator that registers a loader as dataset kind ``name`` (:class:`DatasetKind`)."""
 
     def deco(load: Loader) -> Loader:
-        DATASETS.register(name)(DatasetKind(load, root, download, origin))
+        DATASETS.register(name)(DatasetKind(load, root, download, origin, official_split))
         return load
 
     return deco
@@ -539,6 +549,74 @@ def _decode_image(path: Path, size: int) -> tuple[str, np.ndarray]:
                          "truncated: download it again or delete it") from exc
 
 
+def _same_classes(splits: list[tuple[Path, list[str]]]) -> list[str]:
+    """The class names shared by every ``(folder, class names)`` of ``splits``.
+
+    Raises:
+        ValueError: a folder without class folders, or folders with different classes.
+    """
+    for folder, names in splits:
+        if not names:
+            raise ValueError(f"{folder} holds no class folders; the layout is "
+                             f"{folder}/<class>/<image files>")
+    first_folder, first = splits[0]
+    for folder, names in splits[1:]:
+        if names != first:
+            raise ValueError(
+                f"class folders differ between {first_folder} and {folder}: only in "
+                f"{first_folder.name}/: {sorted(set(first) - set(names))}, only in "
+                f"{folder.name}/: {sorted(set(names) - set(first))}; make them hold the same "
+                "classes (an empty class needs no folder in either)")
+    return first
+
+
+def _decode_images(root: Path, files: list[Path], size: int) -> list[tuple[str, np.ndarray]]:
+    """``(SHA-256 of the bytes, size×size×3 uint8 RGB)`` of each file, in order.
+
+    Decoded on a few threads; the first file that cannot be decoded stops it
+    (:func:`_decode_image`'s ``ValueError``).
+    """
+    log.info("decoding %d images under %s", len(files), root)
+    workers = min(8, os.cpu_count() or 1)
+    decoded: list[tuple[str, np.ndarray]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
+        try:
+            for i, item in enumerate(pool.map(lambda p: _decode_image(p, size), files), 1):
+                decoded.append(item)
+                if i % 5000 == 0:
+                    log.info("decoded %d / %d images", i, len(files))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # fail fast on the first bad file
+            raise
+    return decoded
+
+
+def _duplicates(root: Path, files: list[Path], labels: list[int], flags: list[bool],
+                digests: list[str]) -> tuple[list[int], dict[str, Any]]:
+    """Files with identical bytes: the first of each (in the given order) and a report.
+
+    Returns:
+        The indices of the first copies (every file without a copy included), ascending,
+        and the report: ``duplicate_files`` (``[copy, first]`` paths relative to ``root``),
+        their count, how many pairs lie across the split (``flags`` differ) and how many
+        carry different labels.
+    """
+    seen: dict[str, int] = {}
+    firsts: list[int] = []
+    pairs: list[list[str]] = []
+    across = conflicts = 0
+    for i, digest in enumerate(digests):
+        j = seen.setdefault(digest, i)
+        if j == i:
+            firsts.append(i)
+            continue
+        pairs.append([files[i].relative_to(root).as_posix(), files[j].relative_to(root).as_posix()])
+        across += flags[i] != flags[j]
+        conflicts += labels[i] != labels[j]
+    return firsts, {"duplicates": len(pairs), "duplicates_across_splits": across,
+                    "duplicate_label_conflicts": conflicts, "duplicate_files": pairs}
+
+
 def _load_image_tree(
     root: Path, splits: list[tuple[Path, bool]], size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], dict[str, Any]]:
@@ -555,20 +633,8 @@ def _load_image_tree(
         the duplicate report. Order: split by split, classes sorted, files sorted by path.
         Of files with identical bytes (SHA-256) only the first in this order is kept.
     """
-    names = [[d.name for d in _class_dirs(folder)] for folder, _ in splits]
-    for (folder, _), ns in zip(splits, names, strict=True):
-        if not ns:
-            raise ValueError(f"{folder} holds no class folders; the layout is "
-                             f"{folder}/<class>/<image files>")
-    first_folder, first = splits[0][0], names[0]
-    for (folder, _), ns in zip(splits[1:], names[1:], strict=True):
-        if ns != first:
-            raise ValueError(
-                f"class folders differ between {first_folder} and {folder}: only in "
-                f"{first_folder.name}/: {sorted(set(first) - set(ns))}, only in "
-                f"{folder.name}/: {sorted(set(ns) - set(first))}; make them hold the same "
-                "classes (an empty class needs no folder in either)")
-    classes = first
+    classes = _same_classes([(folder, [d.name for d in _class_dirs(folder)])
+                             for folder, _ in splits])
     files: list[Path] = []
     labels: list[int] = []
     flags: list[bool] = []
@@ -579,37 +645,15 @@ def _load_image_tree(
             labels += [label] * len(found)
             flags += [test] * len(found)
 
-    log.info("decoding %d images under %s", len(files), root)
-    workers = min(8, os.cpu_count() or 1)
-    decoded: list[tuple[str, np.ndarray]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        try:
-            for i, item in enumerate(pool.map(lambda p: _decode_image(p, size), files), 1):
-                decoded.append(item)
-                if i % 5000 == 0:
-                    log.info("decoded %d / %d images", i, len(files))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # fail fast on the first bad file
-            raise
-
-    seen: dict[str, int] = {}
-    keep: list[int] = []
-    pairs: list[list[str]] = []
-    across = conflicts = 0
-    for i, (digest, _) in enumerate(decoded):
-        j = seen.setdefault(digest, i)
-        if j == i:
-            keep.append(i)
-            continue
-        pairs.append([files[i].relative_to(root).as_posix(), files[j].relative_to(root).as_posix()])
-        across += flags[i] != flags[j]
-        conflicts += labels[i] != labels[j]
+    decoded = _decode_images(root, files, size)
+    keep, report = _duplicates(root, files, labels, flags, [d for d, _ in decoded])
+    pairs = report["duplicate_files"]
     if pairs:
         log.warning("dropped %d exact duplicate image files under %s (%d across train/test, "
-                    "%d with a different label); first: %s is %s", len(pairs), root, across,
-                    conflicts, pairs[0][0], pairs[0][1])
-    extra = {"duplicates_dropped": len(pairs), "duplicates_across_splits": across,
-             "duplicate_label_conflicts": conflicts, "duplicate_files": pairs}
+                    "%d with a different label); first: %s is %s", len(pairs), root,
+                    report["duplicates_across_splits"], report["duplicate_label_conflicts"],
+                    pairs[0][0], pairs[0][1])
+    extra = {"duplicates_dropped": report.pop("duplicates"), **report}
     images = np.stack([decoded[i][1] for i in keep]).transpose(0, 3, 1, 2)  # N×3×size×size
     return (np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)[keep],
             np.asarray(flags, dtype=bool)[keep], classes, extra)
@@ -620,17 +664,146 @@ def _dup_note(extra: dict[str, Any]) -> str:
             f"({extra['duplicates_across_splits']} across train/test)")
 
 
-@register_dataset("dermnet")
+# --------------------------------------------------------------------------- Dermnet
+
+#: torchvision's ``IMG_EXTENSIONS`` (``torchvision.datasets.folder``), matched on the
+#: lower-cased file name: the files ``ImageFolder`` lists.
+TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
+                          ".webp")
+#: The official code's Dermnet split (``utils/datasets.py`` of Liar-Mask/FedMIA):
+#: ``setup_seed(42); torch.randperm(19559)``, ``[0:15000]`` the clients', ``[-4000:]`` the test set.
+DERMNET_OFFICIAL_SEED = 42
+DERMNET_OFFICIAL_POOL = 15_000
+DERMNET_OFFICIAL_TEST = 4_000
+
+
+def imagefolder_listing(folder: Path) -> tuple[list[str], list[Path], list[int]]:
+    """The image files of ``folder`` as torchvision's ``ImageFolder`` lists them, in its order.
+
+    torchvision's rule (``find_classes`` and ``make_dataset`` of
+    ``torchvision.datasets.folder``): the classes are the names of the sub-folders
+    (``os.scandir``, hidden ones included), sorted; per class, in that order, the folders
+    of ``sorted(os.walk(class_folder, followlinks=True))`` (the class folder's own files
+    before its sub-folders'), and in each folder the sorted file names whose lower-cased
+    name ends with one of :data:`TORCHVISION_EXTENSIONS`. Names sort by code point
+    (``"B.jpg" < "a.jpg"``, ``"img10.jpg" < "img2.jpg"``).
+
+    Returns:
+        The sorted class names, the files and their labels (index into the class names).
+
+    Raises:
+        ValueError: a class folder without such a file (torchvision raises too).
+    """
+    with os.scandir(folder) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir())
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = [Path(dirpath) / f
+                 for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True))
+                 for f in sorted(names) if f.lower().endswith(TORCHVISION_EXTENSIONS)]
+        if not found:
+            raise ValueError(f"class folder {folder / name} holds no images "
+                             f"({', '.join(TORCHVISION_EXTENSIONS)}); add images or remove it")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, labels
+
+
+def official_permutation(n: int, seed: int = DERMNET_OFFICIAL_SEED) -> np.ndarray:
+    """``torch.manual_seed(seed); torch.randperm(n)`` of the official code, int64 n.
+
+    Drawn from a generator of its own, so torch's global one is left as it was. On the CPU,
+    ``randperm`` is a Fisher–Yates shuffle over the 32-bit draws of the MT19937 seeded with
+    ``seed`` (``tests/test_datasets.py`` checks it against a NumPy transcription).
+    """
+    # torch only here: the module is imported when the Snakefile is parsed, without torch
+    import torch  # noqa: PLC0415
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def _dermnet_official(root: Path, cfg: DatasetConfig) -> PreparedData:
+    """The official code's Dermnet split (:func:`load_dermnet`, ``split: official``)."""
+    pool = cfg.pool_size or DERMNET_OFFICIAL_POOL
+    test = cfg.test_size or DERMNET_OFFICIAL_TEST
+    listed = [imagefolder_listing(root / s) for s in ("train", "test")]
+    classes = _same_classes([(root / s, names)
+                             for s, (names, _, _) in zip(("train", "test"), listed, strict=True)])
+    files = listed[0][1] + listed[1][1]  # the official torch.cat([train, test])
+    labels = listed[0][2] + listed[1][2]
+    n = len(files)
+    if pool + test > n:
+        raise ValueError(
+            f"the official split of Dermnet needs pool_size + test_size = {pool} + {test} = "
+            f"{pool + test} images but {root}/train and {root}/test hold {n}; lower pool_size "
+            "or test_size (the official 15,000 + 4,000 are for the full Kaggle release of "
+            "19,559 images)")
+    perm = official_permutation(n)
+    rows = np.concatenate([perm[:pool], perm[n - test:]])  # the official [0:pool], [-test:]
+    unused = [files[i].relative_to(root).as_posix() for i in np.sort(perm[pool:n - test])]
+    chosen = [files[i] for i in rows]
+    chosen_labels = [labels[i] for i in rows]
+    flags = [False] * pool + [True] * test
+    decoded = _decode_images(root, chosen, cfg.image_size)
+    _, report = _duplicates(root, chosen, chosen_labels, flags, [d for d, _ in decoded])
+    if report["duplicates"]:
+        log.warning("the official split keeps %d exact duplicate image files, as the official "
+                    "code did (%d across pool/test, %d with a different label); first: %s is %s",
+                    report["duplicates"], report["duplicates_across_splits"],
+                    report["duplicate_label_conflicts"], *report["duplicate_files"][0])
+    extra = {"split": "official", "images_listed": n, "pool": pool, "test": test,
+             "unused": len(unused), "unused_files": unused,
+             "duplicates_kept": report.pop("duplicates"), **report}
+    images = np.stack([img for _, img in decoded]).transpose(0, 3, 1, 2)  # N×3×size×size
+    return PreparedData(
+        images=np.ascontiguousarray(images), labels=np.asarray(chosen_labels, dtype=np.int64),
+        is_test=np.asarray(flags, dtype=bool), classes=classes, extra=extra,
+        source=f"Dermnet (Kaggle release) at {root}, the official code's split: {n} images "
+               f"(train/ then test/, in torchvision's ImageFolder order) permuted by "
+               f"torch.randperm with seed {DERMNET_OFFICIAL_SEED}; the first {pool} the "
+               f"clients' pool, the last {test} the test set, {len(unused)} unused (dropped); "
+               f"{extra['duplicates_kept']} exact duplicate files kept "
+               f"({extra['duplicates_across_splits']} across pool/test)",
+    )
+
+
+@register_dataset("dermnet", official_split=True)
 def load_dermnet(cfg: DatasetConfig) -> PreparedData:
-    """Dermnet, the Kaggle release: skin-disease photos in 23 classes, official train/test.
+    """Dermnet, the Kaggle release: skin-disease photos in 23 classes.
 
     Get it from https://www.kaggle.com/datasets/shubhamgoel27/dermnet and unzip it into
     ``root`` so that ``root/train/<class>/*.jpg`` and ``root/test/<class>/*.jpg`` exist
     (train and test must hold the same class folders; classes are sorted by name). Images
     of any mode are converted to RGB and resized bilinearly to ``image_size``×``image_size``
-    (the paper uses 64). Files with identical bytes are kept once (the first in the order
-    train before test, sorted paths), because a picture on both sides of the split would
-    make its membership meaningless; the count is logged and kept in ``extra``.
+    (the paper uses 64; the official code's ``gen_tensor_dataset.py`` applied
+    ``Resize((64, 64))`` to the whole photo, no crop).
+
+    ``split: null`` (default): the release's own ``train/`` and ``test/`` folders.
+    Files with identical bytes are kept once (the first in the order train before test,
+    sorted paths), because a picture on both sides of the split would make its membership
+    meaningless; the count is logged and kept in ``extra``.
+
+    ``split: official``: the split of the official code (Liar-Mask/FedMIA). Its
+    ``gen_tensor_dataset.py`` (commit c2e651b of its 2024 history; not in ``main``) stacked
+    ``ImageFolder(train)`` then ``ImageFolder(test)`` into ``dermnet_ts.pt``; its
+    ``utils/datasets.py`` concatenates the two (19,559 images), calls ``setup_seed(42)``
+    and ``torch.randperm(19559)``, gives the first 15,000 of the permuted images to the
+    clients and the last 4,000 to the test set; the 559 between are unused. This loader
+    lists the files exactly as torchvision's ``ImageFolder`` does
+    (:func:`imagefolder_listing`: sorted class folders, sorted file names, torchvision's
+    extensions; ``train/`` first, then ``test/``), draws the same permutation
+    (:func:`official_permutation`) and keeps the first ``pool_size`` (default 15,000) as
+    the training split and the last ``test_size`` (default 4,000) as the test split, in
+    permuted order: row i < ``pool_size`` is index i of the official ``train_set``, row
+    ``pool_size`` + j index j of its ``test_set``. The unused images are not in the arrays
+    at all (nothing downstream can use them); ``extra`` lists their files. Byte-identical
+    duplicates are kept, as the official code kept them, and reported in ``extra``
+    (``duplicates_kept``, ``duplicate_files``). The clients' pool is the training split, so
+    a partition with ``samples_per_client: null`` deals exactly it; fedmia's partitions do
+    not redraw the official assignment of the pool to clients (README "Datasets").
+    A smaller tree (tests, smoke runs) takes smaller ``pool_size``/``test_size``; a tree
+    with fewer images than the two together is refused.
     """
     root = _root(cfg)
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
@@ -638,6 +811,8 @@ def load_dermnet(cfg: DatasetConfig) -> PreparedData:
         raise FileNotFoundError(f"Dermnet root {root} has no {'/ or '.join(missing)}/ folder; "
                                 "unzip the Kaggle release there so that root/train/<class>/ and "
                                 "root/test/<class>/ exist")
+    if cfg.split == "official":
+        return _dermnet_official(root, cfg)
     images, labels, is_test, classes, extra = _load_image_tree(
         root, [(root / "train", False), (root / "test", True)], cfg.image_size)
     return PreparedData(
