@@ -33,6 +33,8 @@ PARTITION = "results/partitions/{dataset}/{partition}/seed{seed}.parquet"
 TRAIN = f"results/train/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"
 FIGURES = f"results/figures/{CELL}"
+# Small image trees in an official layout that the workflow writes (config standins:)
+STANDINS = "results/standins"
 ATTACKS = config["attack"]["attacks"]
 # GPUs per train and measure job: 1 when the config asks for CUDA; a cluster profile
 # asks for one with device: auto too (set-resources: train: gpu: 1). Attack and report
@@ -50,6 +52,7 @@ wildcard_constraints:
     defense=_alternatives(config["defenses"]),
     partition=_alternatives(config["partitions"]),
     seed=r"\d+",
+    standin=_alternatives(config["standins"]) or "(?!)",
 
 
 def cell_of(wildcards):
@@ -74,6 +77,13 @@ def resources_of(stage, what):
 
 def get_cell(wildcards):
     return dataclasses.asdict(cell_of(wildcards))
+
+
+def get_dataset_standin(wildcards):
+    """The stand-in tree a dataset reads (its root under STANDINS), if any."""
+    root = config["datasets"][wildcards.dataset].get("root") or ""
+    name = root[len(STANDINS) + 1 :] if root.startswith(f"{STANDINS}/") else None
+    return [root] if name in config["standins"] else []
 
 
 def get_dataset_cfg(wildcards):

@@ -1,4 +1,21 @@
+rule standin:
+    output:
+        directory(f"{STANDINS}/{{standin}}"),
+    log:
+        "results/logs/standin/{standin}.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        standin=lambda wildcards: canonical(config["standins"][wildcards.standin]),
+        code=code("prepare"),
+        plugins=PLUGINS,
+    script:
+        "../scripts/standin.py"
+
+
 rule prepare:
+    input:
+        get_dataset_standin,
     output:
         **DATA_FILES,
     log:
