@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -158,6 +160,38 @@ def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
     none_undefined = pd.DataFrame(rows).assign(mean=np.nan)
     hv = report.hypervolume_table(none_undefined).set_index("kind")
     assert hv["hypervolume"].isna().all() and (hv["n_points"] == 0).all()
+
+
+def test_hypervolume_fronts_are_split_by_the_defense_parameters():
+    rows = []
+    for defense, kind, strength, params, acc, tpr in (
+            ("none", "none", np.nan, "", 0.9, 0.5),
+            ("q1", "quantize", 1.0, "", 0.7, 0.2),
+            ("q2", "quantize", 2.0, "", 0.4, 0.1),
+            ("q1o", "quantize", 1.0, "variant=official", 0.6, 0.3),
+            ("q2o", "quantize", 2.0, "variant=official", 0.8, 0.4)):
+        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
+                         strength=strength, params=params, test_accuracy=acc,
+                         protocol="aligned", single_round="all attacked rounds",
+                         attack="cos_series", metric="tpr@0.1%", mean=tpr, std=0.0))
+    pu = pd.DataFrame(rows)
+    csv = io.StringIO()
+    pu.to_csv(csv, index=False)
+    csv.seek(0)
+    read = pd.read_csv(csv)  # the stage reads the table back: an empty params is NaN there
+    assert read["params"].isna().sum() == 3
+    for table in (pu, read):
+        hv = report.hypervolume_table(table).set_index("params")
+        assert set(hv.kind) == {"quantize"} and len(hv) == 2
+        # the default variant: (0.1, 0.5), (0.3, 0.2), (0.6, 0.1) -> 0.70 as above
+        assert hv.loc["", "hypervolume"] == pytest.approx(0.70)
+        assert hv.loc["", "n_points"] == 3 and hv.loc["", "strengths"] == "1, 2"
+        # official: (0.1, 0.5), (0.4, 0.3), (0.2, 0.4) -> 0.1·0.5 + 0.2·0.6 + 0.6·0.7
+        assert hv.loc["variant=official", "hypervolume"] == pytest.approx(0.59)
+        assert hv.loc["variant=official", "strengths"] == "1, 2"
+        md = report.hypervolume_markdown(hv.reset_index())
+        assert "variant=official" in md and md.count("| quantize") == 2
+    assert list(report.hypervolume_table(pu).columns) == list(report.HV_COLUMNS)
 
 
 def test_summary_intervals_and_false_positives():

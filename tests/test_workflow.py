@@ -375,6 +375,8 @@ def test_a_plugin_dataset_defense_and_attack_run_end_to_end(plugin_run):
     assert strength.loc["noisy", "kind"] == "input_noise"
     assert strength.loc["noisy", "strength"] == 0.5
     assert strength.loc["noisy_sub", "strength"] == 0.1  # the step's default std
+    assert pd.isna(strength.loc["noisy", "params"])  # "" (nothing but the strength) in a CSV
+    assert strength.loc["noisy_sub", "params"] == "input_noise + subsample(fraction=0.5)"
     hv = pd.read_csv(tables / "hypervolume.csv")
     assert {"input_noise", "compose"} <= set(hv.kind)
     # its own privacy-utility figure: the family is the plugin attack's

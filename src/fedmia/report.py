@@ -591,7 +591,8 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
 #: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
 #: The accounted-ε columns of :func:`privacy_utility`.
 EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note")
-PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
+PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "params",
+              "test_accuracy",
               "last_finite_accuracy", "diverged", "diverged_round", *EPSILON_COLUMNS,
               "epsilon_empirical", "protocol", "single_round", "attack", "metric", "mean",
               "ci_low", "ci_high", "std", "rounds")
@@ -608,7 +609,9 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
             model's test accuracy; chance, 1 / classes, for a diverged cell),
             ``last_finite_test_accuracy`` and ``diverged_round`` (NaN if none) — the train
             stage's manifests.
-        strengths: ``defense, kind, strength`` per defense key.
+        strengths: ``defense, kind, strength, params`` per defense key (``params``: the
+            defense's other parameters not at their defaults, e.g. ``variant=official``,
+            :func:`fedmia.defenses.params_of`).
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
         audit: the one-run audits (:data:`fedmia.io.AUDIT_COLUMNS` with the cells'
@@ -636,8 +639,8 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
     else:
         pu["epsilon_empirical"] = math.nan
     return pu[list(PU_COLUMNS)].sort_values(
-        ["dataset", "model", "partition", "kind", "strength", "protocol", "single_round",
-         "attack", "metric"]).reset_index(drop=True)
+        ["dataset", "model", "partition", "kind", "params", "strength", "protocol",
+         "single_round", "attack", "metric"]).reset_index(drop=True)
 
 
 def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> plt.Figure:
@@ -714,16 +717,19 @@ def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
 
 
 #: Columns of :func:`hypervolume_table` (``results/tables/hypervolume.csv``).
-HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "attack",
-              "hypervolume", "n_points", "strengths", "excluded")
+HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "params",
+              "attack", "hypervolume", "n_points", "strengths", "excluded")
 
 
 def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
     """Table 2: the hypervolume of each defense kind's privacy–utility front, per attack.
 
-    For every (dataset, model, partition, protocol, single-round selection, defense kind,
-    attack), the points are the kind's strengths plus the undefended cell (in every
-    front), each at (1 − test accuracy, mean TPR@0.1 % over targets and seeds) from
+    For every (dataset, model, partition, protocol, single-round selection, defense kind
+    and its other parameters, attack), the points are the kind's strengths plus the
+    undefended cell (in every front); defenses of one kind whose ``params`` differ (e.g.
+    ``variant=official`` and the default) are separate fronts (a table without a
+    ``params`` column: one front per kind). Each point is at (1 − test accuracy, mean
+    TPR@0.1 % over targets and seeds) from
     :func:`privacy_utility`'s table; a diverged cell enters with its utility, chance.
     Points whose TPR is undefined (too few non-members, or no attacked round before a
     divergence) are left out and counted in ``excluded``; a front left without a point
@@ -731,26 +737,29 @@ def hypervolume_table(pu: pd.DataFrame) -> pd.DataFrame:
     """
     rows = []
     tpr = pu[pu.metric == HEADLINE_TPR]
+    # a CSV reads an empty params as NaN
+    tpr = tpr.assign(params=tpr["params"].fillna("") if "params" in tpr else "")
     keys = ["dataset", "model", "partition", "protocol", "single_round", "attack"]
     for key, g in tpr.groupby(keys, sort=False):
         base = g[g.kind == "none"]
-        for kind in [k for k in dict.fromkeys(g.kind) if k != "none"]:
-            pts = pd.concat([g[g.kind == kind], base])
+        fronts = dict.fromkeys(zip(g.kind, g.params, strict=True))
+        for kind, params in [f for f in fronts if f[0] != "none"]:
+            front = g[(g.kind == kind) & (g.params == params)]
+            pts = pd.concat([front, base])
             ok = pts["mean"].notna() & pts["test_accuracy"].notna()
             used = pts[ok]
-            rows.append(dict(zip(keys, key, strict=True), kind=kind,
+            rows.append(dict(zip(keys, key, strict=True), kind=kind, params=params,
                              hypervolume=hypervolume(1.0 - used["test_accuracy"].to_numpy(),
                                                      used["mean"].to_numpy())
                              if len(used) else math.nan,  # no point: n/a, not 0
                              n_points=int(ok.sum()),
-                             strengths=", ".join(f"{v:g}" for v in
-                                                 sorted(pts.loc[pts.kind == kind, "strength"])),
+                             strengths=", ".join(f"{v:g}" for v in sorted(front["strength"])),
                              excluded=int((~ok).sum())))
     return pd.DataFrame(rows, columns=list(HV_COLUMNS))
 
 
 def hypervolume_markdown(hv: pd.DataFrame) -> str:
-    """Table 2 layout: one row per setting and defense kind, the attacks as columns."""
+    """Table 2 layout: one row per setting and front (kind, params), the attacks as columns."""
     cap = ("Hypervolume of each defense kind's (test error, TPR@0.1%) points, both as "
            "fractions, with the undefended model in every front, against the reference "
            "point (1, 1): the area of the union of the boxes the points dominate. Larger "
@@ -759,7 +768,8 @@ def hypervolume_markdown(hv: pd.DataFrame) -> str:
            "undefined TPR are left out (`excluded` in hypervolume.csv).")
     if hv.empty:
         return cap + "\n\nNo defense other than `none` in this run.\n"
-    keys = ["dataset", "model", "partition", "protocol", "single_round", "kind"]
+    keys = ["dataset", "model", "partition", "protocol", "single_round", "kind", "params"]
+    hv = hv.assign(params=hv["params"].fillna(""))  # a CSV reads an empty params as NaN
     wide = hv.assign(label=hv.attack.map(_label)).pivot_table(
         index=keys, columns="label", values="hypervolume", sort=False)
     attacks = [_label(a) for a in attack_order() if _label(a) in wide.columns]
