@@ -12,9 +12,9 @@ import yaml
 import fedmia.kinds  # noqa: F401 (fills every registry)
 from fedmia import metrics
 from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
-from fedmia.config import DATASET_SPLITS, LR_SCHEDULES, SELECTIONS
+from fedmia.config import DATASET_SPLITS, LR_SCHEDULES, SELECTIONS, ConfigError
 from fedmia.defenses import Defense, defense_table
-from fedmia.params import param, schema_block
+from fedmia.params import param, parameters, schema_block, validate
 from fedmia.registry import DEFENSES, MODELS
 from fedmia.workflow import (
     KIND_ENUMS,
@@ -97,6 +97,29 @@ def test_a_registered_kind_missing_from_the_schema_is_added(monkeypatch):
     assert "input_noise" in schema["$defs"]["defense"]["properties"]["kind"]["enum"]
     assert schema["$defs"]["defense"]["allOf"][-1] == schema_block(ToyDefense, "input_noise")
     assert load_schema(SCHEMA) == load_schema(SCHEMA)  # the original is left alone
+
+
+def test_a_string_parameter_is_one_of_its_choices():
+    """A ``str`` parameter (a variant) lists its values; they reach the schema and checks."""
+    @dataclass(frozen=True)
+    class Variants:
+        variant: str = param("a", choices=("a", "b"), description="which")
+
+    assert schema_block(Variants, "v")["then"]["properties"]["variant"] == {
+        "type": "string", "enum": ["a", "b"], "default": "a", "description": "which"}
+    assert validate(Variants, {"variant": "b"}, kind="v", what="defense") == {"variant": "b"}
+    with pytest.raises(ConfigError, match=r"'variant' = 'c' is invalid; allowed: one of "
+                                          r"\['a', 'b'\]"):
+        validate(Variants, {"variant": "c"}, kind="v", what="defense")
+    with pytest.raises(ValueError, match=r"default 'c' is not one of the choices"):
+        param("c", choices=("a", "b"))
+
+    @dataclass(frozen=True)
+    class NoChoices:
+        variant: str = param("a")
+
+    with pytest.raises(TypeError, match=r"lists its values: param\(..., choices="):
+        parameters(NoChoices)
 
 
 def test_parsing_modules_import_no_torch():

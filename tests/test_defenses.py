@@ -28,6 +28,7 @@ from fedmia.defenses import (
     crop,
     generator_on,
     jitter,
+    params_of,
     rotate,
     strength_of,
 )
@@ -162,12 +163,92 @@ def test_quantize_levels_and_error(bits):
     assert torch.equal(q[BN.slice], u[BN.slice])
 
 
-def test_quantize_32_bits_is_identity_and_constant_layers_stay():
+@pytest.mark.parametrize("variant", ["fedmia", "official"])
+def test_quantize_32_bits_is_identity_and_constant_layers_stay(variant):
     u = update_for(LAYOUT)
-    assert torch.equal(build("quantize", bits=32).upload(u, LAYOUT, gen()), u)
+    assert torch.equal(build("quantize", bits=32, variant=variant).upload(u, LAYOUT, gen()), u)
     u[SMALL.slice] = 0.25
-    q = build("quantize", bits=2).upload(u, LAYOUT, gen())
+    q = build("quantize", bits=2, variant=variant).upload(u, LAYOUT, gen())
     assert torch.equal(q[SMALL.slice], u[SMALL.slice])
+
+
+def test_quantize_default_variant_is_fedmia():
+    u = update_for(LAYOUT)
+    assert build("quantize", bits=3).variant == "fedmia"
+    assert torch.equal(build("quantize", bits=3).upload(u, LAYOUT, gen()),
+                       build("quantize", bits=3, variant="fedmia").upload(u, LAYOUT, gen()))
+
+
+def official_quant(ts: np.ndarray, bits: int) -> np.ndarray:
+    """experiments/utils.py ``quant`` line by line, in float64 (``.int()`` of ≥ 0: floor)."""
+    ts_min = ts.min()
+    num_of_bins = 2**bits
+    ts_q = ts - ts_min
+    delta = ts_q.max() / num_of_bins
+    ts_q = np.floor(ts_q / delta)
+    return ts_q * delta + ts_min
+
+
+def official_upload(u: torch.Tensor, layout: StateLayout, bits: int) -> torch.Tensor:
+    """main.py: ``quant`` on each named parameter of ``local − global`` (= −update)."""
+    out = u.clone()
+    for e in layout.entries:
+        if not e.is_param:
+            continue
+        d = -u[e.slice].to(torch.float64).numpy()
+        with np.errstate(invalid="ignore"):
+            q = official_quant(d, bits)
+        out[e.slice] = torch.from_numpy(-q).to(u.dtype)
+    return out
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_quantize_official_is_the_official_formula(bits, seed):
+    u = update_for(LAYOUT, seed=seed) * 1e-3
+    q = build("quantize", bits=bits, variant="official").upload(u, LAYOUT, gen())
+    ref = official_upload(u, LAYOUT, bits)
+    for e in (BIG, SMALL, FC):
+        assert torch.equal(q[e.slice], ref[e.slice])
+        d, qd = -u[e.slice], -q[e.slice]  # the official's model change and its quantization
+        assert qd.unique().numel() <= 2**bits + 1
+        assert qd.max() == d.max()  # the max lands on level 2**bits: itself
+        assert qd.min() == d.min()  # level 0
+        step = (d.max().double() - d.min().double()) / 2**bits
+        err = qd.double() - d.double()
+        ulp = d.abs().max().double() * 2**-23  # the float32 result rounds by half an ulp
+        assert (err <= ulp).all() and (err > -step - ulp).all()  # rounded down
+    assert torch.equal(q[BN.slice], u[BN.slice])
+    if bits == 1:  # three levels: min, midpoint, max
+        assert (-q[BIG.slice]).unique().numel() == 3
+
+
+def test_quantize_official_is_biased_by_half_a_step():
+    u = update_for(LAYOUT)
+    for bits in (2, 4):
+        q = build("quantize", bits=bits, variant="official").upload(u, LAYOUT, gen())
+        d, qd = -u[BIG.slice].double(), -q[BIG.slice].double()
+        step = (d.max() - d.min()) / 2**bits
+        assert (qd - d).mean().item() == pytest.approx(-step.item() / 2, rel=0.05)
+        fed = build("quantize", bits=bits).upload(u, LAYOUT, gen())
+        assert abs((fed[BIG.slice].double() - u[BIG.slice].double()).mean().item()) < 0.02 * step
+
+
+def test_quantize_official_constant_layer_passes_unchanged_where_the_official_gives_nan():
+    u = update_for(LAYOUT)
+    u[SMALL.slice] = -0.125
+    q = build("quantize", bits=4, variant="official").upload(u, LAYOUT, gen())
+    assert torch.equal(q[SMALL.slice], u[SMALL.slice])
+    ref = official_upload(u, LAYOUT, 4)
+    assert ref[SMALL.slice].isnan().all()  # 0 / 0 in the official code
+    for e in (BIG, FC):
+        assert torch.equal(q[e.slice], ref[e.slice])
+    # a layer holding its max exactly once, the rest at its min: two levels, both exact
+    layout = layout_of(("w", 5, True))
+    v = torch.tensor([0.5, 0.5, -1.5, 0.5, 0.5])  # d = −v: max 1.5 (once), min −0.5
+    out = build("quantize", bits=3, variant="official").upload(v, layout, gen())
+    assert torch.equal(out, v)
+    assert torch.equal(out, official_upload(v, layout, 3))
 
 
 # ---------------------------------------------------------------------------- sparsify
@@ -240,6 +321,28 @@ def test_mixup_lambda_is_beta_distributed_and_tiny_alpha_is_stable():
     tiny = [MixupDefense(alpha=0.01).draw(2, "cpu", gen(s))[0] for s in range(200)]
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in tiny)
     assert sum(min(v, 1 - v) < 1e-3 for v in tiny) > 150  # α → 0: λ near 0 or 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixup_official_feeds_the_unmixed_inputs_with_the_mixed_labels(device):
+    paper = build("mixup", alpha=1.0)
+    official = build("mixup", alpha=1.0, variant="official")
+    assert paper.variant == "paper" and official.soft_targets
+    x, y = images()
+    x, y = x.to(device), y.to(device)
+    s = spec(device=device)
+    xo, to = official.batch(x, y, s, gen(7))
+    assert torch.equal(xo, x)  # the model sees exactly the unmixed inputs
+    lam, perm = official.draw(16, device, gen(7))  # the same draws as the paper variant
+    assert 0.05 < lam < 0.95  # a real mix at this seed
+    onehot = F.one_hot(y, 5).float()
+    torch.testing.assert_close(to, lam * onehot + (1 - lam) * onehot[perm])
+    xp, tp = paper.batch(x, y, s, gen(7))
+    assert torch.equal(to, tp) and not torch.equal(xp, x)
+    # the official loss λ·CE(pred, y) + (1 − λ)·CE(pred, y[π]) is CE against these targets
+    pred = torch.randn(16, 5, generator=gen(3)).to(device)
+    official_loss = lam * F.cross_entropy(pred, y) + (1 - lam) * F.cross_entropy(pred, y[perm])
+    torch.testing.assert_close(F.cross_entropy(pred, to), official_loss)
 
 
 def test_mixup_accepts_soft_targets_for_composition():
@@ -607,7 +710,8 @@ def test_augment_preserves_shape_dtype_and_is_seeded(device, dtype, preset):
 
 @pytest.mark.parametrize("kind, params", [
     ("dp", dict(sigma=1.0, clip=0.5)), ("dp_param_noise", dict(sigma=1.0)),
-    ("quantize", dict(bits=1)), ("sparsify", dict(fraction=0.9, min_size=0)),
+    ("quantize", dict(bits=1)), ("quantize", dict(bits=1, variant="official")),
+    ("sparsify", dict(fraction=0.9, min_size=0)),
 ])
 def test_upload_defenses_leave_bn_statistics_unchanged(kind, params):
     u = update_for(LAYOUT) * 3
@@ -643,8 +747,10 @@ def tiny_data(n: int = 40) -> DeviceData:
 
 E2E = [
     ("dp", dict(sigma=0.1, clip=0.01)), ("dp_param_noise", dict(sigma=0.01)),
-    ("quantize", dict(bits=2)), ("sparsify", dict(fraction=0.5, min_size=0)),
-    ("mixup", dict(alpha=1.0)), ("instahide", dict(k=2)), ("instahide", dict(k=3)),
+    ("quantize", dict(bits=2)), ("quantize", dict(bits=2, variant="official")),
+    ("sparsify", dict(fraction=0.5, min_size=0)),
+    ("mixup", dict(alpha=1.0)), ("mixup", dict(alpha=1.0, variant="official")),
+    ("instahide", dict(k=2)), ("instahide", dict(k=3)),
     ("subsample", dict(fraction=0.5)), ("augment", dict()), ("augment", dict(preset="mild")),
     ("compose", dict(steps=[{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
                      strength="subsample.fraction")),
@@ -762,6 +868,29 @@ def test_compose_equals_its_steps_applied_one_after_the_other():
 def test_strength_of(block, strength):
     got = strength_of(block)
     assert (math.isnan(got) and math.isnan(strength)) or got == pytest.approx(strength)
+
+
+@pytest.mark.parametrize("block, params", [
+    ({"kind": "none"}, ""),
+    ({"kind": "mixup", "alpha": 1.0}, ""),
+    ({"kind": "mixup", "alpha": 1.0, "variant": "paper"}, ""),  # a default, written out
+    ({"kind": "mixup", "alpha": 1.0, "variant": "official"}, "variant=official"),
+    ({"kind": "quantize", "bits": 4, "variant": "official"}, "variant=official"),
+    ({"kind": "quantize", "bits": 4}, ""),
+    ({"kind": "dp", "sigma": 0.3, "clip": 5.0}, "clip=5"),  # required: always named
+    ({"kind": "sparsify", "fraction": 0.5, "min_size": 10}, "min_size=10"),
+    ({"kind": "augment"}, ""),
+    ({"kind": "augment", "padding": 2}, ""),  # the strength
+    ({"kind": "augment", "preset": "mild", "brightness": 0.25},
+     "vflip=false, rotation=0, contrast=0.2, saturation=0.2"),  # against the default preset
+    ({"kind": "compose", "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.25}],
+      "strength": "subsample.fraction"}, "augment + subsample"),
+    ({"kind": "compose", "steps": [{"kind": "augment"},
+                                   {"kind": "mixup", "alpha": 0.5, "variant": "official"}]},
+     "augment + mixup(alpha=0.5, variant=official)"),
+])
+def test_params_of_names_what_is_not_the_strength_nor_a_default(block, params):
+    assert params_of(block) == params
 
 
 def test_compose_with_instahide_encodes_the_whole_local_set():

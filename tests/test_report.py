@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -230,7 +232,8 @@ def test_privacy_utility_uses_the_utility_it_names():
     summary = report.summarize(fake_results(), ["last"])
     cells = pd.DataFrame([dict(CELL, final_test_accuracy=0.6, best_test_accuracy=0.8,
                                last_finite_test_accuracy=0.6, diverged_round=np.nan)])
-    strengths = pd.DataFrame([{"defense": "none", "kind": "none", "strength": np.nan}])
+    strengths = pd.DataFrame([{"defense": "none", "kind": "none", "strength": np.nan,
+                               "params": ""}])
     for utility, acc, text in (("final", 0.6, "final test accuracy"),
                                ("best", 0.8, "best test accuracy over rounds")):
         pu = report.privacy_utility(summary, cells, strengths, utility=utility)
@@ -239,6 +242,38 @@ def test_privacy_utility_uses_the_utility_it_names():
         assert (pu.n_seeds == 1).all()
     with pytest.raises(ValueError, match="choose from"):
         report.privacy_utility(summary, cells, strengths, utility="max")
+
+
+def test_hypervolume_fronts_are_split_by_the_defense_parameters():
+    rows = []
+    for defense, kind, strength, params, acc, tpr in (
+            ("none", "none", np.nan, "", 0.9, 0.5),
+            ("q1", "quantize", 1.0, "", 0.7, 0.2),
+            ("q2", "quantize", 2.0, "", 0.4, 0.1),
+            ("q1o", "quantize", 1.0, "variant=official", 0.6, 0.3),
+            ("q2o", "quantize", 2.0, "variant=official", 0.8, 0.4)):
+        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
+                         strength=strength, params=params, test_accuracy=acc,
+                         protocol="aligned", single_round="all attacked rounds",
+                         attack="cos_series", metric="tpr@0.1%", mean=tpr, std=0.0))
+    pu = pd.DataFrame(rows)
+    csv = io.StringIO()
+    pu.to_csv(csv, index=False)
+    csv.seek(0)
+    read = pd.read_csv(csv)  # the stage reads the table back: an empty params is NaN there
+    assert read["params"].isna().sum() == 3
+    for table in (pu, read):
+        hv = report.hypervolume_table(table).set_index("params")
+        assert set(hv.kind) == {"quantize"} and len(hv) == 2
+        # the default variant: (0.1, 0.5), (0.3, 0.2), (0.6, 0.1) -> 0.70 as above
+        assert hv.loc["", "hypervolume"] == pytest.approx(0.70)
+        assert hv.loc["", "n_points"] == 3 and hv.loc["", "strengths"] == "1, 2"
+        # official: (0.1, 0.5), (0.4, 0.3), (0.2, 0.4) -> 0.1·0.5 + 0.2·0.6 + 0.6·0.7
+        assert hv.loc["variant=official", "hypervolume"] == pytest.approx(0.59)
+        assert hv.loc["variant=official", "strengths"] == "1, 2"
+        md = report.hypervolume_markdown(hv.reset_index())
+        assert "variant=official" in md and md.count("| quantize") == 2
+    assert list(report.hypervolume_table(pu).columns) == list(report.HV_COLUMNS)
 
 
 def test_summary_intervals_and_false_positives():

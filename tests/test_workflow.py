@@ -50,7 +50,8 @@ def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path)
     fake = tmp_path / "fake" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('torch imported at parse time')\n")
-    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(tmp_path / "wd"),
             "--cores", "2", "--configfile", str(repo / "config" / "paper.yaml"), "-n"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
@@ -380,7 +381,8 @@ def plugin_run(snakemake_cmd, repo, tmp_path_factory):
                            "partitions": ["iid"], "seeds": [0]})
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": str(tmp / "plugins")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp / "plugins"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     wd = tmp / "wd"
 
     def run(configfile: Path, *args: str) -> subprocess.CompletedProcess:
@@ -411,6 +413,8 @@ def test_a_plugin_dataset_defense_and_attack_run_end_to_end(plugin_run):
     assert strength.loc["noisy", "kind"] == "input_noise"
     assert strength.loc["noisy", "strength"] == 0.5
     assert strength.loc["noisy_sub", "strength"] == 0.1  # the step's default std
+    assert pd.isna(strength.loc["noisy", "params"])  # "" (nothing but the strength) in a CSV
+    assert strength.loc["noisy_sub", "params"] == "input_noise + subsample(fraction=0.5)"
     hv = pd.read_csv(tables / "hypervolume.csv")
     assert {"input_noise", "compose"} <= set(hv.kind)
     # its own privacy-utility figure: the family is the plugin attack's

@@ -58,7 +58,8 @@ default, bounds, description), whose docstring says what it does and whose
 
 From it come the validation of a config block (:meth:`Defense.from_params`), its block
 of the workflow's schema (:func:`fedmia.params.schema_block`), its strength
-(:meth:`Defense.strength_value`) and its row of the README (:func:`defense_table`).
+(:meth:`Defense.strength_value`), its other parameters in the privacy–utility tables
+(:meth:`Defense.params_text`) and its row of the README (:func:`defense_table`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ import torch.nn.functional as F
 
 from fedmia.config import ConfigError, DefenseConfig
 from fedmia.params import (
+    changed,
     check_names,
     describe,
     numeric_parameters,
@@ -152,6 +154,14 @@ class Defense:
         if self.strength_param is None:
             return float("nan")
         return float(getattr(self, self.strength_param))
+
+    def params_text(self) -> str:
+        """Its parameters other than the strength that are not at their defaults.
+
+        ``name=value, ...`` (:func:`fedmia.params.changed`; a required parameter always
+        counts), e.g. ``variant=official`` or ``clip=5``; ``""`` when there is none.
+        """
+        return changed(self, skip=self.strength_param)
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Indices (n) of the client's samples it trains on this round."""
@@ -309,22 +319,42 @@ class ParamNoiseDefense(Defense):
 @DEFENSES.register("quantize")
 @dataclass(frozen=True)
 class QuantizeDefense(Defense):
-    """``quantize``: per-layer min/max uniform quantization of the update to ``2**bits`` levels.
+    """``quantize``: per-layer min/max b-bit quantization of the update (``official``: floored).
 
-    For each parameter entry (layer tensor) ``v`` of the update, with
-    ``lo = min v``, ``hi = max v`` and ``step = (hi − lo) / (2**b − 1)``, every
-    element becomes ``lo + round((v − lo) / step) · step`` (round to nearest,
-    deterministic; computed in float64, stored in the update's dtype). So each
-    layer takes at most ``2**b`` distinct values, including its min and max,
-    and each element moves by at most ``step / 2``. A constant layer
-    (``hi = lo``) is unchanged; ``bits = 32`` returns the update unchanged.
+    ``variant: fedmia`` (the default, fedmia's own, unbiased): for
+    each parameter entry (layer tensor) ``v`` of the update, with ``lo = min v``,
+    ``hi = max v`` and ``step = (hi − lo) / (2**b − 1)``, every element becomes
+    ``lo + round((v − lo) / step) · step`` (round to nearest, deterministic). So each
+    layer takes at most ``2**b`` distinct values, including its min and max, and each
+    element moves by at most ``step / 2``, without bias.
+
+    ``variant: official``, the released code's ``quant`` (experiments/utils.py),
+    applied in main.py to each trainable parameter tensor of the *model change*
+    ``d = w_local − w_global`` (the negated update ``v`` this hook gets): with
+    ``lo = min d`` and ``step = (max d − lo) / 2**b``, every element becomes
+    ``lo + ⌊(d − lo) / step⌋ · step``, and the upload is its negation. The levels are
+    ``0 … 2**b``, so a layer takes at most ``2**b + 1`` values (the max of ``d`` lands
+    on level ``2**b``, itself); every element of ``d`` is rounded *down*, by
+    ``[0, step)``, on average ``step / 2`` (a bias: the uploaded model change is
+    smaller by about ``step / 2`` per coordinate; in the update's sign, ``v`` is
+    rounded up). The official code computes in float32 and truncates with an int32
+    cast, which overflows from ``b = 31``; fedmia computes the same formula in float64.
+
+    Both variants: computed in float64 and stored in the update's dtype; a layer of
+    zero range (``hi = lo``, a constant layer) is returned unchanged (the official
+    code divides 0 by 0 there, a NaN; unchanged is the limit of its formula, every
+    element on level 0, ``lo`` itself); ``bits = 32`` returns the update unchanged.
 
     Attributes:
         bits: b, an integer in 1..32 (required).
+        variant: ``fedmia`` (default) or ``official``.
     """
 
     bits: int = param(minimum=1, maximum=32, description="bits per value (per-layer min/max "
                       "uniform)")
+    variant: str = param("fedmia", choices=("fedmia", "official"),
+                         description="fedmia: 2**bits levels, round to nearest; official: "
+                                     "the released code's 2**bits + 1 levels, rounded down")
     strength_param = "bits"
 
     def upload(self, update: torch.Tensor, layout: StateLayout,
@@ -332,17 +362,19 @@ class QuantizeDefense(Defense):
         """Quantize each parameter entry of ``update`` (P); BN statistics pass through."""
         if self.bits >= 32:
             return update
-        levels = 2**self.bits - 1
+        official = self.variant == "official"
+        levels = 2**self.bits if official else 2**self.bits - 1
+        sign = -1.0 if official else 1.0  # official: quantize d = w_local − w_global = −v
         out = update.clone()
         for e in _param_entries(layout):
             if e.numel == 0:
                 continue
-            v = update[e.slice].to(torch.float64)
+            v = sign * update[e.slice].to(torch.float64)
             lo, hi = torch.aminmax(v)
             step = (hi - lo) / levels
-            q = torch.round((v - lo) / step.clamp_min(torch.finfo(torch.float64).tiny))
-            q = q.clamp_(0, levels)
-            out[e.slice] = torch.where(step > 0, lo + q * step, v).to(out.dtype)
+            z = (v - lo) / step.clamp_min(torch.finfo(torch.float64).tiny)
+            q = (torch.floor(z) if official else torch.round(z)).clamp_(0, levels)
+            out[e.slice] = (sign * torch.where(step > 0, lo + q * step, v)).to(out.dtype)
         return out
 
 
@@ -396,24 +428,36 @@ class SparsifyDefense(Defense):
 @DEFENSES.register("mixup")
 @dataclass(frozen=True)
 class MixupDefense(Defense):
-    """``mixup`` (Zhang et al. 2018): train on mixes of input pairs and of their labels.
+    """``mixup`` (Zhang et al. 2018): train on mixed inputs and labels (``official``: labels only).
 
     Per mini-batch, one ``λ ~ Beta(α, α)`` and one random permutation ``π`` of
-    the batch are drawn; the model is trained on ``x' = λ·x + (1 − λ)·x[π]``
-    with soft targets ``λ·onehot(y) + (1 − λ)·onehot(y[π])`` (cross-entropy
-    against probabilities). Inputs are mixed in normalised space (the mix is
-    affine, so this equals mixing raw pixels).
+    the batch are drawn (in that order); the soft targets are
+    ``λ·onehot(y) + (1 − λ)·onehot(y[π])`` (cross-entropy against probabilities).
 
-    The official FedMIA code computes the mixed loss on the *unmixed* inputs
-    (``pred = model(x)``), i.e. it trains on label noise only; that bug is not
-    reproduced here.
+    ``variant: paper`` (the default; what the paper and Zhang et al. describe): the
+    model is trained on the mixed inputs ``x' = λ·x + (1 − λ)·x[π]``, mixed in
+    normalised space (the mix is affine, so this equals mixing raw pixels).
+
+    ``variant: official``: as the released code (``TrainerPrivate`` in
+    experiments/trainer_private.py), the model sees the *unmixed* inputs ``x``: its
+    ``mixup_data`` draws ``λ = np.random.beta(α, α)`` and ``π = torch.randperm(B)``
+    per mini-batch and builds the mixed inputs, but the trainer then computes
+    ``pred = model(x)`` and the loss ``λ·CE(pred, y) + (1 − λ)·CE(pred, y[π])``
+    (``F.cross_entropy``, batch mean). Cross-entropy is linear in its target, so
+    that loss equals the batch-mean cross-entropy against the mixed soft targets
+    above, which is what this variant returns with ``x`` unchanged: training on
+    label noise only. The draws are the same as the paper variant's.
 
     Attributes:
         alpha: α > 0 (required); small α puts λ near 0 or 1 (weak mixing),
             α = 1 draws λ uniformly. The official code's default is 0.01.
+        variant: ``paper`` (default) or ``official``.
     """
 
     alpha: float = param(exclusive_minimum=0, description="Beta(alpha, alpha) mixing")
+    variant: str = param("paper", choices=("paper", "official"),
+                         description="paper: mix inputs and labels; official: as the "
+                                     "released code, unmixed inputs with the mixed labels")
     soft_targets = True
     strength_param = "alpha"
 
@@ -427,10 +471,13 @@ class MixupDefense(Defense):
 
     def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixed inputs B×C×H×W and mixed soft targets B×num_classes."""
+        """Mixed inputs B×C×H×W (``official``: ``x`` itself) and mixed soft targets B×classes."""
         lam, perm = self.draw(x.shape[0], x.device, gen)
         t = as_probs(y, spec.num_classes, x.dtype)
-        return lam * x + (1 - lam) * x[perm], lam * t + (1 - lam) * t[perm]
+        mixed_t = lam * t + (1 - lam) * t[perm]
+        if self.variant == "official":
+            return x, mixed_t
+        return lam * x + (1 - lam) * x[perm], mixed_t
 
 
 @DEFENSES.register("instahide")
@@ -941,6 +988,19 @@ class ComposeDefense(Defense):
         i, name = self.strength
         return float(getattr(self.steps[i], name))
 
+    def params_text(self) -> str:
+        """Its steps, each with its parameters not at their defaults but the strength.
+
+        E.g. ``augment + subsample`` (strength ``subsample.fraction``) or
+        ``augment + mixup(alpha=0.5, variant=official)`` (no strength).
+        """
+        parts = []
+        for i, (kind, step) in enumerate(zip(self.step_kinds, self.steps, strict=True)):
+            skip = self.strength[1] if self.strength and self.strength[0] == i else None
+            text = changed(step, skip=skip)
+            parts.append(f"{kind}({text})" if text else kind)
+        return " + ".join(parts)
+
 
 # ------------------------------------------------------------------------------ build
 
@@ -978,6 +1038,18 @@ def strength_of(defense: Mapping[str, Any]) -> float:
     or for ``compose`` the step parameter its ``strength`` names (NaN when it names none).
     """
     return defense_from_config(defense).strength_value()
+
+
+def params_of(defense: Mapping[str, Any]) -> str:
+    """What else than its strength a defense config block sets (the ``params`` column).
+
+    Its parameters, defaults included, that are not the strength and not at their
+    defaults, as ``name=value, ...`` (:meth:`Defense.params_text`): e.g. ``variant=official``
+    for ``{kind: quantize, bits: 4, variant: official}``, ``clip=5`` for a ``dp`` (a
+    required parameter always counts), ``""`` for ``{kind: mixup, alpha: 1}``; a
+    ``compose`` lists its steps. Builds no tensor.
+    """
+    return defense_from_config(defense).params_text()
 
 
 def defense_table() -> str:

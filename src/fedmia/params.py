@@ -18,11 +18,15 @@ Everything else is read from those fields:
 * :func:`schema_block` is the kind's block of the workflow's JSON schema (the checked-in
   schema holds the built-in kinds' blocks, and a test compares them with this);
 * :func:`describe` is the parameter column of the README's table;
+* :func:`changed` names a built kind's parameters that are not at their defaults (the
+  ``params`` column of the privacy–utility tables);
 * :func:`numeric_parameters` and :func:`resolve_strength` serve a ``compose``'s strength
   axis (``'<step kind>.<parameter>'``).
 
 Field types are ``float`` (a JSON number), ``int`` (an integer; a float with no
-fractional part is accepted) and ``bool``. A class may offer *presets*, named sets of
+fractional part is accepted), ``bool`` and ``str`` (one of the values ``param``'s
+``choices`` lists, e.g. a variant: ``variant: str = param("paper", choices=("paper",
+"official"))``). A class may offer *presets*, named sets of
 values (``ClassVar presets: {name: {parameter: value}}``, the first one the default): a
 config block picks one with ``preset`` and overrides any value of it; the field defaults
 are what a preset does not set.
@@ -43,14 +47,14 @@ from fedmia.config import ConfigError
 #: The JSON-schema bound keywords a parameter may carry (field metadata keys).
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 #: Field annotation → JSON-schema type.
-TYPES = {"float": "number", "int": "integer", "bool": "boolean"}
+TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "string"}
 
 
 def param(default: Any = dataclasses.MISSING, *, description: str = "",
           minimum: float | None = None, exclusive_minimum: float | None = None,
           maximum: float | None = None, exclusive_maximum: float | None = None,
-          note: str = "") -> Any:
-    """A parameter field: its default (omit it: required), bounds and description.
+          choices: tuple[str, ...] | None = None, note: str = "") -> Any:
+    """A parameter field: its default (omit it: required), bounds or choices, description.
 
     Args:
         default: the value when the config block does not set it.
@@ -59,11 +63,16 @@ def param(default: Any = dataclasses.MISSING, *, description: str = "",
         exclusive_minimum: the value is > this.
         maximum: the value is ≤ this.
         exclusive_maximum: the value is < this.
+        choices: the values a ``str`` parameter may take (JSON schema's ``enum``).
         note: appended to the allowed values in the library's messages.
     """
     bounds = dict(zip(BOUNDS, (minimum, exclusive_minimum, maximum, exclusive_maximum),
                       strict=True))
-    meta = {k: v for k, v in bounds.items() if v is not None}
+    meta: dict[str, Any] = {k: v for k, v in bounds.items() if v is not None}
+    if choices is not None:
+        if default is not dataclasses.MISSING and default not in choices:
+            raise ValueError(f"default {default!r} is not one of the choices {list(choices)}")
+        meta["enum"] = list(choices)
     if description:
         meta["description"] = description
     if note:
@@ -78,8 +87,11 @@ def parameters(cls: type) -> list[dataclasses.Field]:
     out = [f for f in dataclasses.fields(cls) if f.init]
     for f in out:
         if _type(f) not in TYPES:
-            raise TypeError(f"{cls.__name__}.{f.name}: a parameter is float, int or bool "
-                            f"(got {f.type!r}); give the class its own from_params")
+            raise TypeError(f"{cls.__name__}.{f.name}: a parameter is float, int, bool or "
+                            f"str (got {f.type!r}); give the class its own from_params")
+        if (_type(f) == "str") != ("enum" in f.metadata):
+            raise TypeError(f"{cls.__name__}.{f.name}: a str parameter, and only one, lists "
+                            f"its values: param(..., choices=(...))")
     return out
 
 
@@ -100,11 +112,18 @@ def _fmt(v: float) -> str:
     return f"{v:g}"
 
 
-def _yaml(v: Any) -> str:
-    """A default as a config file writes it: ``true``, ``0.25``, ``45``."""
+def value_text(v: Any) -> str:
+    """A value as a config file writes it: ``true``, ``0.25``, ``45``, ``official``."""
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, str):
+        return v
     return _fmt(v) if isinstance(v, int | float) else repr(v)
+
+
+def _constraints(f: dataclasses.Field) -> dict[str, Any]:
+    """A field's bounds and allowed values (``enum``), as JSON-schema keywords."""
+    return {k: v for k, v in f.metadata.items() if k in (*BOUNDS, "enum")}
 
 
 def _range(kind: str, bounds: Mapping[str, Any]) -> str:
@@ -132,10 +151,12 @@ def allowed_text(kind: str, bounds: Mapping[str, Any]) -> str:
     """What a value of JSON-schema type ``kind`` within ``bounds`` may be, in words.
 
     E.g. ``"a number ≥ 0"``, ``"a number in [0, 1)"``, ``"an integer in 1..32"``, ``"true
-    or false"``.
+    or false"``, ``"one of ['paper', 'official']"`` (a string; ``bounds`` has its ``enum``).
     """
     if kind == "boolean":
         return "true or false"
+    if kind == "string":
+        return f"one of {list(bounds['enum'])}"
     noun = "an integer" if kind == "integer" else "a number"
     r = _range(kind, bounds)
     return f"{noun} in {r}" if r and _is_interval(r) else f"{noun} {r}".rstrip()
@@ -151,10 +172,13 @@ def check_value(kind: str, bounds: Mapping[str, Any], value: Any) -> Any:
     """``value`` as a valid value of JSON-schema type ``kind`` within ``bounds``, or None.
 
     A number is a finite int or float (not a bool), returned as a float; an integer is
-    an int or a float without a fractional part (not a bool), returned as an int.
+    an int or a float without a fractional part (not a bool), returned as an int; a
+    string is one of ``bounds["enum"]``.
     """
     if kind == "boolean":
         return value if isinstance(value, bool) else None
+    if kind == "string":
+        return value if isinstance(value, str) and value in bounds["enum"] else None
     if kind == "integer" and isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -217,7 +241,7 @@ def validate(cls: type, given: Mapping[str, Any], *, kind: str, what: str) -> di
     values = {}
     for f in fields:
         value = given[f.name] if f.name in given else preset.get(f.name, f.default)
-        bounds = {k: v for k, v in f.metadata.items() if k in BOUNDS}
+        bounds = _constraints(f)
         ok = check_value(TYPES[_type(f)], bounds, value)
         if ok is None:
             text = allowed_text(TYPES[_type(f)], bounds)
@@ -229,13 +253,37 @@ def validate(cls: type, given: Mapping[str, Any], *, kind: str, what: str) -> di
 
 def numeric_parameters(cls: type) -> list[str]:
     """Names of the numeric (float or int) parameters of ``cls``, in order."""
-    return [f.name for f in parameters(cls) if TYPES[_type(f)] != "boolean"]
+    return [f.name for f in parameters(cls) if TYPES[_type(f)] in ("number", "integer")]
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Each parameter's default: its default preset's value, else its field's default.
+
+    A required parameter (no default) is left out.
+    """
+    first = next(iter(presets(cls).values()), {})
+    return {f.name: first.get(f.name, f.default) for f in parameters(cls)
+            if f.name in first or not _required(f)}
+
+
+def changed(obj: Any, skip: str | None = None) -> str:
+    """The parameters of ``obj`` (a kind's dataclass) not at their defaults, but ``skip``.
+
+    ``name=value`` (:func:`value_text`), comma-separated in field order; a required
+    parameter always counts; ``""`` when every parameter but ``skip`` has its default.
+    E.g. ``variant=official`` for a ``mixup`` whose strength ``alpha`` is skipped.
+    """
+    base = defaults(type(obj))
+    return ", ".join(f"{f.name}={value_text(getattr(obj, f.name))}"
+                     for f in parameters(type(obj))
+                     if f.name != skip and (f.name not in base
+                                            or getattr(obj, f.name) != base[f.name]))
 
 
 def schema_property(f: dataclasses.Field, *, with_default: bool = True) -> dict[str, Any]:
     """The JSON-schema property of a parameter field."""
     prop: dict[str, Any] = {"type": TYPES[_type(f)]}
-    prop.update({k: v for k, v in f.metadata.items() if k in BOUNDS})
+    prop.update(_constraints(f))
     if with_default and not _required(f):
         prop["default"] = f.default
     if "description" in f.metadata:
@@ -279,7 +327,7 @@ def describe(cls: type) -> str:
     """The parameters of ``cls`` in one line of Markdown (the README's defense table).
 
     E.g. for ``dp``: ``sigma`` ≥ 0, ``clip`` > 0 (each name in backticks, defaults in
-    parentheses).
+    parentheses); a string parameter lists its values: ``variant`` ∈ {``paper``, ``official``}.
     """
     parts = []
     sets = presets(cls)
@@ -288,9 +336,10 @@ def describe(cls: type) -> str:
     for f in parameters(cls):
         kind = TYPES[_type(f)]
         r = _range(kind, {k: v for k, v in f.metadata.items() if k in BOUNDS})
-        text = "true/false" if kind == "boolean" else (
-            f"∈ {r}" if r[:1] in ("[", "(") else r)
-        default = "" if _required(f) else f" (default {_yaml(f.default)})"
+        text = ("true/false" if kind == "boolean"
+                else "∈ {" + ", ".join(f"`{c}`" for c in f.metadata["enum"]) + "}"
+                if kind == "string" else f"∈ {r}" if r[:1] in ("[", "(") else r)
+        default = "" if _required(f) else f" (default {value_text(f.default)})"
         parts.append(f"`{f.name}` {text}".rstrip() + default)
     return ", ".join(parts) or "—"
 

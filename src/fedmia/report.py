@@ -625,9 +625,9 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
 #: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
 #: The accounted-ε columns of :func:`privacy_utility`.
 EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note")
-PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "test_accuracy",
-              "utility", "n_seeds", "last_finite_accuracy", "diverged", "diverged_round",
-              *EPSILON_COLUMNS,
+PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "params",
+              "test_accuracy", "utility", "n_seeds", "last_finite_accuracy", "diverged",
+              "diverged_round", *EPSILON_COLUMNS,
               "epsilon_empirical", "protocol", "single_round", "attack", "metric", "mean",
               "ci_low", "ci_high", "std", "rounds")
 
@@ -652,7 +652,9 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
             accuracy; chance, 1 / classes, for a diverged cell), ``best_test_accuracy``
             (the best over the tested rounds), ``last_finite_test_accuracy`` and
             ``diverged_round`` (NaN if none) — the train stage's manifests.
-        strengths: ``defense, kind, strength`` per defense key.
+        strengths: ``defense, kind, strength, params`` per defense key (``params``: the
+            defense's other parameters not at their defaults, e.g. ``variant=official``,
+            :func:`fedmia.defenses.params_of`).
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
         audit: the one-run audits (:data:`fedmia.io.AUDIT_COLUMNS` with the cells'
@@ -688,8 +690,8 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
     else:
         pu["epsilon_empirical"] = math.nan
     return pu[list(PU_COLUMNS)].sort_values(
-        ["dataset", "model", "partition", "kind", "strength", "protocol", "single_round",
-         "attack", "metric"]).reset_index(drop=True)
+        ["dataset", "model", "partition", "kind", "params", "strength", "protocol",
+         "single_round", "attack", "metric"]).reset_index(drop=True)
 
 
 def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> plt.Figure:
@@ -766,8 +768,9 @@ def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
 
 
 #: Columns of :func:`hypervolume_table` (``results/tables/hypervolume.csv``).
-HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "attack",
-              "hypervolume", "n_points", "strengths", "excluded", "front", "utility", "seeds")
+HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "params",
+              "attack", "hypervolume", "n_points", "strengths", "excluded", "front", "utility",
+              "seeds")
 #: ``report.hypervolume_front`` → how the tables describe it.
 FRONTS = {
     "own": "each defense's own strengths (the paper's definition)",
@@ -779,35 +782,41 @@ FRONTS = {
 def hypervolume_table(pu: pd.DataFrame, front: str = "with_undefended") -> pd.DataFrame:
     """Table 2: the hypervolume of each defense kind's privacy–utility front, per attack.
 
-    For every (dataset, model, partition, protocol, single-round selection, defense kind,
-    attack), the points are the kind's strengths — plus the undefended cell where
-    ``front`` is ``with_undefended`` (:data:`FRONTS`) — each at (1 − utility, mean
-    TPR@0.1 % over targets and seeds) from :func:`privacy_utility`'s table (its
-    ``utility`` column says which test accuracy); a diverged cell enters with its
-    utility. Points whose TPR is undefined (too few non-members, or no attacked round
-    before a divergence) are left out and counted in ``excluded``; a front left without a
-    point has hypervolume NaN (n/a). ``seeds`` gives the seeds behind the points (e.g.
-    ``1`` for one-seed defense cells, ``1-3`` with a three-seed undefended point).
+    For every (dataset, model, partition, protocol, single-round selection, defense kind
+    and its other parameters, attack), the points are the kind's strengths — plus the
+    undefended cell where ``front`` is ``with_undefended`` (:data:`FRONTS`); defenses of
+    one kind whose ``params`` differ (e.g. ``variant=official`` and the default) are
+    separate fronts (a table without a ``params`` column: one front per kind). Each point
+    is at (1 − utility, mean TPR@0.1 % over targets and seeds) from
+    :func:`privacy_utility`'s table (its ``utility`` column says which test accuracy); a
+    diverged cell enters with its utility. Points whose TPR is undefined (too few
+    non-members, or no attacked round before a divergence) are left out and counted in
+    ``excluded``; a front left without a point has hypervolume NaN (n/a). ``seeds`` gives
+    the seeds behind the points (e.g. ``1`` for one-seed defense cells, ``1-3`` with a
+    three-seed undefended point).
     """
     if front not in FRONTS:
         raise ValueError(f"unknown hypervolume front {front!r}; choose from {list(FRONTS)}")
     rows = []
     tpr = pu[pu.metric == HEADLINE_TPR]
+    # a CSV reads an empty params as NaN
+    tpr = tpr.assign(params=tpr["params"].fillna("") if "params" in tpr else "")
     keys = ["dataset", "model", "partition", "protocol", "single_round", "attack"]
     for key, g in tpr.groupby(keys, sort=False):
         base = g[g.kind == "none"] if front == "with_undefended" else g.iloc[:0]
-        for kind in [k for k in dict.fromkeys(g.kind) if k != "none"]:
-            pts = pd.concat([g[g.kind == kind], base])
+        fronts = dict.fromkeys(zip(g.kind, g.params, strict=True))
+        for kind, params in [f for f in fronts if f[0] != "none"]:
+            own = g[(g.kind == kind) & (g.params == params)]
+            pts = pd.concat([own, base])
             ok = pts["mean"].notna() & pts["test_accuracy"].notna()
             used = pts[ok]
             seeds = sorted(set(pts["n_seeds"].dropna().astype(int))) if "n_seeds" in pts else []
-            rows.append(dict(zip(keys, key, strict=True), kind=kind,
+            rows.append(dict(zip(keys, key, strict=True), kind=kind, params=params,
                              hypervolume=hypervolume(1.0 - used["test_accuracy"].to_numpy(),
                                                      used["mean"].to_numpy())
                              if len(used) else math.nan,  # no point: n/a, not 0
                              n_points=int(ok.sum()),
-                             strengths=", ".join(f"{v:g}" for v in
-                                                 sorted(pts.loc[pts.kind == kind, "strength"])),
+                             strengths=", ".join(f"{v:g}" for v in sorted(own["strength"])),
                              excluded=int((~ok).sum()), front=front,
                              utility="; ".join(sorted(set(pts["utility"].dropna())))
                              if "utility" in pts else "",
@@ -825,7 +834,7 @@ KIND_NOTES = {
 
 
 def hypervolume_markdown(hv: pd.DataFrame) -> str:
-    """Table 2 layout: one row per setting and defense kind, the attacks as columns."""
+    """Table 2 layout: one row per setting and front (kind, params), the attacks as columns."""
     fronts = sorted(set(hv["front"])) if len(hv) else []
     utilities = sorted(set(hv["utility"])) if len(hv) else []
     seeds = sorted(set(hv["seeds"].astype(str))) if len(hv) else []
@@ -847,7 +856,8 @@ def hypervolume_markdown(hv: pd.DataFrame) -> str:
         cap += " " + " ".join(n[0].upper() + n[1:] + "." for n in notes)
     if hv.empty:
         return cap + "\n\nNo defense other than `none` in this run.\n"
-    keys = ["dataset", "model", "partition", "protocol", "single_round", "kind"]
+    keys = ["dataset", "model", "partition", "protocol", "single_round", "kind", "params"]
+    hv = hv.assign(params=hv["params"].fillna(""))  # a CSV reads an empty params as NaN
     wide = hv.assign(label=hv.attack.map(_label)).pivot_table(
         index=keys, columns="label", values="hypervolume", sort=False)
     attacks = [_label(a) for a in attack_order() if _label(a) in wide.columns]

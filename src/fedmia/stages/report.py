@@ -11,7 +11,7 @@ import pandas as pd
 
 from fedmia import io, report
 from fedmia.accounting import DEFAULT_DELTA, defense_epsilon
-from fedmia.defenses import strength_of
+from fedmia.defenses import params_of, strength_of
 from fedmia.io import cells_frame
 from fedmia.registry import FIGURES, import_plugins
 
@@ -135,12 +135,14 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     Each cell's manifest names the cell in its keys and gives its utility (``utility``:
     the final model's test accuracy, chance for a diverged cell, or the best over the
     tested rounds, :data:`fedmia.report.UTILITIES`); they are joined to the attack table
-    on those keys. ``plugins`` (the config's) are imported first: a defense's strength is
-    its registered kind's.
+    on those keys, and each defense's kind, strength and other parameters
+    (:func:`fedmia.defenses.params_of`, e.g. ``variant=official``) on its key.
+    ``plugins`` (the config's) are imported first: a defense's strength is its
+    registered kind's.
     """
     import_plugins(plugins)
-    strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d)}
-                              for key, d in defenses.items()])
+    strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d),
+                               "params": params_of(d)} for key, d in defenses.items()])
     cells = cells_frame(manifests)
     audit = pd.concat([io.read_parquet(f, "audit") for f in audits] or [pd.DataFrame()],
                       ignore_index=True)
