@@ -81,6 +81,8 @@ def test_schema_enums_of_settings_match_the_code():
     assert attack["fedmia_outlier_filter"]["enum"] == list(OUTLIER_POLICIES)
     assert report["round_plot_fpr"]["enum"] == list(metrics.FPR_LEVELS)
     assert load_schema(SCHEMA)["$defs"]["single_round"]["oneOf"][0]["enum"] == list(SELECTIONS)
+    report = load_schema(SCHEMA)["properties"]["report"]["properties"]
+    assert report["table_metrics"]["items"]["enum"] == list(metrics.METRICS)
     assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["lr_schedule"]["enum"] == list(
         LR_SCHEDULES)
     dataset = props["datasets"]["additionalProperties"]["properties"]

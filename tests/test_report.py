@@ -147,7 +147,7 @@ def test_paper_tables_layout_and_captions():
     title, cap, t = sections[0]
     assert list(t.columns) == ["dataset", "model", "defense", "partition", "metric",
                                "Loss-I (Blackbox-Loss)", "Loss-II (Loss-Series)"]
-    assert t.metric.tolist() == ["TPR@0.1% (%)", "AUC"]
+    assert t.metric.tolist() == ["TPR@0.1% (%) < 10 FP", "AUC"]  # 1,000 non-members
     # two targets, AUC 0.8 and 0.9: the bootstrap interval of their mean spans them
     assert t.iloc[1]["Loss-II (Loss-Series)"] == "0.850 [0.800, 0.900]"
     assert t.iloc[0]["Loss-I (Blackbox-Loss)"] == "5.00 [5.00, 5.00]"
@@ -340,3 +340,13 @@ def test_a_cell_diverged_before_any_observed_round_has_rows_where_its_attacks_be
     placed = s[["single_round", "attack"]].drop_duplicates()
     assert set(map(tuple, placed.to_numpy())) == {
         ("best_tpr_per_target", "loss"), ("last", "loss"), (report.ALL_ROUNDS, "loss_series")}
+
+
+def test_table_metrics_choose_the_rows_and_flag_few_false_positives():
+    s = report.summarize(fake_results(), ["last"], fpr_rule="at_most")
+    (_, cap, t), = report.paper_tables(s, ["tpr@1%", "auc", "tpr@0.1%"])
+    # 1,000 non-members: TPR@1 % rests on 10 false positives, TPR@0.1 % on 1
+    assert list(t.metric) == ["TPR@1% (%)", "AUC", "TPR@0.1% (%) < 10 FP"]
+    assert "marked '< 10 FP' rests on fewer than 10 false positives" in cap
+    with pytest.raises(ValueError, match="choose from"):
+        report.paper_tables(s, ["tpr@5%"])

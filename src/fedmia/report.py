@@ -342,17 +342,43 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
         bits.append(f"TPR@0.1% rests on at most {'/'.join(map(str, allowed))} false "
                     "positive(s)" + (" — α × non-members < 10: a percentile interval "
                                      "undercovers there" if tpr["low_count"].any() else ""))
+    if part["low_count"].fillna(False).astype(bool).any():
+        bits.append("a row marked '< 10 FP' rests on fewer than 10 false positives: read it "
+                    "as a wide range, not a point")
     return " · ".join(bits) + "."
 
 
-def paper_tables(summary: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+#: ``report.table_metrics`` of the paper's Table 1.
+PAPER_TABLE_METRICS = (HEADLINE_TPR, "auc")
+
+
+def _metric_label(metric: str) -> str:
+    """A metric's row label in the Table-1 layout (TPRs in percent)."""
+    if metric == "auc":
+        return "AUC"
+    if metric == "balanced_accuracy":
+        return "balanced accuracy"
+    return metric.replace("tpr", "TPR") + " (%)"
+
+
+def paper_tables(summary: pd.DataFrame, table_metrics: Sequence[str] = PAPER_TABLE_METRICS
+                 ) -> list[tuple[str, str, pd.DataFrame]]:
     """The paper's Table 1 layout, one section per (protocol, single-round selection).
 
+    Args:
+        summary: :func:`summarize` output.
+        table_metrics: the metric rows of each setting, in order (``report.table_metrics``;
+            the paper's are TPR@0.1 % and AUC).
+
     Returns:
-        ``(title, caption, table)`` per section; a table has one row per setting ×
-        {TPR@0.1 %, AUC}, the attacks as columns (paper names), TPR in percent, cells
-        ``mean ± std`` (``n/a`` where undefined).
+        ``(title, caption, table)`` per section; a table has one row per setting × metric,
+        the attacks as columns (paper names), TPR in percent, cells ``mean [95 %
+        interval]`` (``n/a`` where undefined); a TPR row resting on fewer than 10 false
+        positives (α × non-members < 10) says so in its label.
     """
+    unknown = [m for m in table_metrics if m not in METRICS]
+    if unknown or not table_metrics:
+        raise ValueError(f"unknown or no table metric(s) {unknown}; choose from {list(METRICS)}")
     out = []
     selections = [s for s in dict.fromkeys(summary["single_round"]) if s != ALL_ROUNDS]
     for protocol in dict.fromkeys(summary["protocol"]):
@@ -361,18 +387,21 @@ def paper_tables(summary: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
                            & summary.single_round.isin([selection, ALL_ROUNDS])]
             title = f"protocol {protocol}" + (
                 f" · single-round attacks at {selection}" if selection != ALL_ROUNDS else "")
-            out.append((title, caption(summary, protocol, selection), _layout(part)))
+            out.append((title, caption(summary, protocol, selection),
+                        _layout(part, table_metrics)))
     return out
 
 
-def _layout(summary: pd.DataFrame) -> pd.DataFrame:
+def _layout(summary: pd.DataFrame, table_metrics: Sequence[str]) -> pd.DataFrame:
     rows = []
     attacks = [a for a in attack_order() if a in set(summary["attack"])]
     diverged = summary["diverged"].fillna("")
     flag = (diverged != "").any()
     for setting, g in summary.groupby(SETTING, sort=False):
-        for metric, label in ((HEADLINE_TPR, "TPR@0.1% (%)"), ("auc", "AUC")):
-            row = dict(zip(SETTING, setting, strict=True), metric=label)
+        for metric in table_metrics:
+            few = g.loc[g.metric == metric, "low_count"].fillna(False).astype(bool).any()
+            row = dict(zip(SETTING, setting, strict=True),
+                       metric=_metric_label(metric) + (" < 10 FP" if few else ""))
             if flag:
                 row["diverged"] = diverged[g.index].iloc[0]
             for a in attacks:

@@ -39,6 +39,7 @@ rule table:
         selections=SPEC.selections,
         fpr_rule=config["attack"]["fpr_rule"],
         partition_kinds={k: p["kind"] for k, p in sorted(config["partitions"].items())},
+        table_metrics=config["report"]["table_metrics"],
         code=code("report"),
         plugins=PLUGINS,
     script:

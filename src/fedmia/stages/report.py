@@ -19,6 +19,7 @@ from fedmia.registry import FIGURES, import_plugins
 def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
                   selections: Sequence[str | int], fpr_rule: str,
                   partition_kinds: Mapping[str, str] | None = None,
+                  table_metrics: Sequence[str] = report.PAPER_TABLE_METRICS,
                   plugins: Sequence[str] = (), outputs: Mapping[str, str | Path]) -> None:
     """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
 
@@ -28,6 +29,7 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         selections: how single-round attacks are reported (``report.single_round``).
         fpr_rule: the FPR rule the attack stage used (stated in the tables).
         partition_kinds: partition key → kind, for the non-iid finding.
+        table_metrics: the metric rows of the Table-1 layout (``report.table_metrics``).
         plugins: the config's ``plugins``, imported first (they register attacks).
         outputs: ``csv``, ``per_round``, ``md``, ``tex``, and the findings table
             ``findings_csv``, ``findings_md``.
@@ -38,7 +40,7 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
     summary = report.summarize(results, selections, fpr_rule=fpr_rule,
                                cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
-    sections = report.paper_tables(summary)
+    sections = report.paper_tables(summary, table_metrics)
     with io.atomic_path(outputs["csv"]) as tmp:
         summary.to_csv(tmp, index=False)
     with io.atomic_path(outputs["per_round"]) as tmp:
