@@ -12,7 +12,7 @@ import yaml
 import fedmia.kinds  # noqa: F401 (fills every registry)
 from fedmia import metrics
 from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
-from fedmia.config import LR_SCHEDULES
+from fedmia.config import AGGREGATIONS, LR_SCHEDULES
 from fedmia.defenses import Defense, defense_table
 from fedmia.params import param, schema_block
 from fedmia.registry import DEFENSES, MODELS
@@ -84,6 +84,8 @@ def test_schema_enums_of_settings_match_the_code():
     assert load_schema(SCHEMA)["$defs"]["single_round"]["oneOf"][0]["enum"] == list(SELECTIONS)
     assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["lr_schedule"]["enum"] == list(
         LR_SCHEDULES)
+    assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["aggregation"]["enum"] == list(
+        AGGREGATIONS)
 
 
 def test_a_registered_kind_missing_from_the_schema_is_added(monkeypatch):
