@@ -193,6 +193,9 @@ CONFIG = [
     config_case("unknown-lr-schedule", "train.lr_schedule", "step",
                 r"at 'train.lr_schedule': 'step' is not one of",
                 r"\['cosine', 'exponential', 'constant'\]"),
+    config_case("unknown-aggregation", "train.aggregation", "official",
+                r"at 'train.aggregation': 'official' is not one of",
+                r"\['data_size', 'official_permuted'\]"),
     config_case("grid-undefined-dataset", "grid.0.datasets", ["cifar100"],
                 r"at 'grid\[0\].datasets': \['cifar100'\] not defined",
                 r"defined datasets: \['digits'\]"),
@@ -654,6 +657,11 @@ PARTITIONS = [
                    r"audit_canaries = 500 but only 420 held-out samples lie outside the "
                    r"evaluation set", r"lower audit_canaries or eval_nonmembers",
                    audit_canaries=500),
+    partition_case("too-few-held-out-samples-for-the-audit-s-fillers",
+                   r"audit_canaries = 300 needs 300 canaries and 300 fillers .* but only 120 "
+                   r"held-out samples remain outside the evaluation set and the canaries",
+                   r"lower audit_canaries, eval_nonmembers or samples_per_client",
+                   audit_canaries=300, samples_per_client=None),
 ]
 
 

@@ -12,7 +12,7 @@ import yaml
 import fedmia.kinds  # noqa: F401 (fills every registry)
 from fedmia import metrics
 from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
-from fedmia.config import DATASET_SPLITS, LR_SCHEDULES, SELECTIONS, ConfigError
+from fedmia.config import AGGREGATIONS, DATASET_SPLITS, LR_SCHEDULES, SELECTIONS, ConfigError
 from fedmia.defenses import Defense, defense_table
 from fedmia.params import param, parameters, schema_block, validate
 from fedmia.registry import DEFENSES, MODELS
@@ -87,6 +87,8 @@ def test_schema_enums_of_settings_match_the_code():
         LR_SCHEDULES)
     dataset = props["datasets"]["additionalProperties"]["properties"]
     assert dataset["split"]["enum"] == [None, *DATASET_SPLITS]
+    assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["aggregation"]["enum"] == list(
+        AGGREGATIONS)
 
 
 def test_a_registered_kind_missing_from_the_schema_is_added(monkeypatch):

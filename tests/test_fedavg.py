@@ -8,9 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.config import TrainConfig
-from fedmia.defenses import Defense
-from fedmia.fedavg import DeviceData, aggregate, client_generator, local_train, run_fedavg
+from fedmia.config import ConfigError, TrainConfig
+from fedmia.defenses import Defense, DPDefense, defense_from_config
+from fedmia.fedavg import (
+    DeviceData,
+    aggregate,
+    aggregation_rule,
+    aggregation_weights,
+    client_generator,
+    local_train,
+    official_order,
+    run_fedavg,
+)
 from fedmia.state import FlatState, StateLayout
 
 
@@ -31,8 +40,112 @@ def test_aggregate_is_the_data_weighted_average_of_uploaded_models():
     w = torch.tensor([1.0, 2.0, 3.0])
     models = torch.tensor([[0.0, 0.0, 0.0], [3.0, 6.0, 9.0]])
     n = torch.tensor([1, 2])
-    new = aggregate(w, w - models, n)
+    new = aggregate(w, w - models, aggregation_weights(n, "data_size", seed=0, rnd=1))
     assert torch.allclose(new, torch.tensor([2.0, 4.0, 6.0]))  # (1·0 + 2·3)/3 = 2, ...
+    # bit for bit the step fedmia took before the weights became an option
+    g = torch.Generator().manual_seed(0)
+    w, ups, n = torch.randn(50, generator=g), torch.randn(4, 50, generator=g), torch.tensor(
+        [7, 30, 11, 2])
+    before = w - (n.to(torch.float32) / n.sum()) @ ups
+    assert torch.equal(aggregate(w, ups, aggregation_weights(n, "data_size", 0, 1)), before)
+
+
+def official_fed_avg(local_ws: list[torch.Tensor], client_weights: list[float]) -> torch.Tensor:
+    """A transcription of the official ``_fed_avg``: the i-th listed model times weight i."""
+    w_avg = local_ws[0] * client_weights[0]
+    for i in range(1, len(local_ws)):
+        w_avg += local_ws[i] * client_weights[i]
+    return w_avg
+
+
+def test_official_permuted_weights_are_the_official_code_s():
+    """main.py (--frac 1): idxs_users = np.random.choice(range(K), K, replace=False); each
+    round's local_ws follow idxs_users, client_weights follow client ids (n_i / n)."""
+    g = torch.Generator().manual_seed(1)
+    n = torch.tensor([5, 40, 12, 3, 20])
+    w = torch.randn(30, generator=g, dtype=torch.float64)
+    models = torch.randn(5, 30, generator=g, dtype=torch.float64)
+    client_weights = [int(x) / int(n.sum()) for x in n]
+    orders = []
+    for rnd in range(1, 6):
+        idxs_users = official_order(seed=7, rnd=rnd, k=5)
+        orders.append(tuple(idxs_users))
+        local_ws = [models[i] for i in idxs_users]
+        want = official_fed_avg(local_ws, client_weights)
+        a = aggregation_weights(n, "official_permuted", seed=7, rnd=rnd)
+        torch.testing.assert_close(aggregate(w, w - models, a.double()), want)
+        # a permutation of the data shares, client idxs_users[i] getting n_i / n
+        assert sorted(a.tolist()) == sorted((n.float() / n.sum()).tolist())
+        assert [a[c].item() for c in idxs_users] == (n.float() / n.sum()).tolist()
+    assert len(set(orders)) > 1  # a fresh order each round
+    assert tuple(official_order(7, 3, 5)) == orders[2]  # reproducible from (seed, round)
+    assert any(tuple(official_order(8, r, 5)) != orders[r - 1] for r in range(1, 6))  # seeded
+
+
+def test_official_permuted_changes_nothing_when_clients_are_equally_large():
+    data = tiny_data()
+    client_idx = [torch.arange(0, 10), torch.arange(10, 20), torch.arange(20, 30)]
+    finals = []
+    for how in ("data_size", "official_permuted"):
+        cfg = TrainConfig(rounds=3, batch_size=4, lr=0.1, aggregation=how)
+        st = FlatState(tiny_model())
+        recs = [r.weights for r in run_fedavg(st, data, client_idx, torch.arange(30, 40), cfg,
+                                              Defense(), seed=5)]
+        assert recs == [[pytest.approx(1 / 3)] * 3] * 3
+        finals.append(st.flat.clone())
+    assert torch.equal(finals[0], finals[1])
+
+
+def test_aggregation_must_be_named():
+    with pytest.raises(ConfigError, match=r"train.aggregation: unknown aggregation 'official'; "
+                       r"choose from \['data_size', 'official_permuted'\]"):
+        TrainConfig.from_dict({"aggregation": "official"})
+    with pytest.raises(ValueError, match="unknown aggregation 'mean'"):
+        aggregation_weights(torch.tensor([1, 2]), "mean", 0, 1)
+
+
+@pytest.mark.parametrize("block, equal", [
+    ({"kind": "none"}, False),
+    ({"kind": "dp", "sigma": 0.5, "clip": 1.0}, True),
+    ({"kind": "dp_param_noise", "sigma": 0.1}, False),
+    ({"kind": "quantize", "bits": 4}, False),
+    ({"kind": "compose", "steps": [{"kind": "subsample", "fraction": 0.5},
+                                   {"kind": "dp", "sigma": 0.5, "clip": 1.0}]}, True),
+    ({"kind": "compose", "steps": [{"kind": "augment"}, {"kind": "subsample",
+                                                          "fraction": 0.5}]}, False),
+])
+def test_dp_and_a_compose_holding_it_aggregate_with_equal_weights(block, equal):
+    defense = defense_from_config(block)
+    assert defense.data_independent_weights is equal
+    for how in ("data_size", "official_permuted"):
+        rule = aggregation_rule(TrainConfig(aggregation=how), defense)
+        assert rule == ("equal" if equal else how)
+
+
+@pytest.mark.parametrize("aggregation", ["data_size", "official_permuted"])
+def test_a_dp_cell_s_weights_do_not_depend_on_client_sizes(aggregation):
+    """w_{r+1} = w_r − mean_k Δ̃_k under dp; `none` keeps n_k / n (sizes 6, 24, 10)."""
+    data = tiny_data()
+    client_idx = [torch.arange(0, 6), torch.arange(6, 30), torch.arange(30, 40)]
+    cfg = TrainConfig(rounds=2, batch_size=4, lr=0.1, aggregation=aggregation)
+    n = torch.tensor([6, 24, 10])
+    for defense, rule in ((DPDefense(sigma=0.01, clip=0.5), "equal"), (Defense(), aggregation)):
+        st = FlatState(tiny_model())
+        steps = []
+        for rec in run_fedavg(st, data, client_idx, torch.arange(30, 40), cfg, defense, seed=2):
+            steps.append((rec.global_flat.clone(), rec.uploads.clone(), rec.weights))
+        ends = [g for g, _, _ in steps[1:]] + [st.flat]
+        for rnd, ((sent, ups, weights), end) in enumerate(zip(steps, ends, strict=True), 1):
+            if rule == "equal":
+                assert weights == [pytest.approx(1 / 3)] * 3
+                torch.testing.assert_close(end, sent - ups.mean(0))
+            else:
+                want = aggregation_weights(n, rule, seed=2, rnd=rnd)
+                assert weights == want.tolist()
+                if rule == "data_size":
+                    assert weights == (n.float() / n.sum()).tolist()
+                torch.testing.assert_close(end, sent - want @ ups)
+                assert not torch.allclose(end, sent - ups.mean(0))
 
 
 def test_flat_state_binds_parameters_and_bn_buffers():

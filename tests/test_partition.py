@@ -6,7 +6,7 @@ import pytest
 
 from fedmia import pipeline
 from fedmia.config import PartitionConfig
-from fedmia.partition import PartitionError, make_partition
+from fedmia.partition import PartitionError, global_test_ids, make_partition
 
 
 def cfg(**kw) -> PartitionConfig:
@@ -19,8 +19,11 @@ def cfg(**kw) -> PartitionConfig:
 def test_iid_sizes_disjoint_and_eval(labels_split):
     labels, is_test = labels_split
     df = make_partition(labels, is_test, cfg(), seed=0)
-    assert list(df.columns) == ["sample_id", "client_id", "is_test", "eval", "canary", "canary_in"]
-    assert not df.canary.any() and not df.canary_in.any()  # no audit asked for
+    assert list(df.columns) == ["sample_id", "client_id", "is_test", "eval", "canary",
+                                "canary_in", "filler"]
+    assert not (df.canary | df.canary_in | df.filler).any()  # no audit asked for
+    # the global model is tested on the whole test split
+    assert (global_test_ids(df) == np.flatnonzero(is_test)).all()
     assert (df["sample_id"].to_numpy() == np.arange(len(labels))).all()
     sizes = df[df.client_id >= 0].groupby("client_id").size()
     assert sizes.tolist() == [100] * 5
@@ -108,8 +111,54 @@ def test_audit_canaries_are_held_out_samples_with_fair_coins(labels_split):
         kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
         eval_nonmembers=100), seed=3)
     assert (plain["eval"] == df["eval"]).all()
-    assert (plain.client_id[~df.canary_in] == df.client_id[~df.canary_in]).all()
+    audit = df.canary | df.filler
+    assert (plain.client_id[~audit] == df.client_id[~audit]).all()
+    assert (plain.client_id[audit] == -1).all()  # canaries and fillers were held out
     with pytest.raises(PartitionError, match="audit_canaries = 400 but only 300 held-out"):
         make_partition(labels, is_test, PartitionConfig(
             kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
             eval_nonmembers=100, audit_canaries=400), seed=3)
+
+
+def audited(labels_split, seed: int, **kw) -> pd.DataFrame:
+    labels, is_test = labels_split
+    base = dict(kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
+                eval_nonmembers=100, audit_canaries=200, audit_target=2)
+    return make_partition(labels, is_test, PartitionConfig(**{**base, **kw}), seed=seed)
+
+
+def test_the_audit_target_s_size_does_not_depend_on_the_coins(labels_split):
+    """Slot i holds canary i if its coin says in, else filler i: the target always trains
+    on its shard + m samples; fillers are never canaries, evaluated or tested."""
+    counts = {}
+    for seed in (3, 4):
+        df = audited(labels_split, seed)
+        counts[seed] = int(df.canary_in.sum())
+        sizes = df[df.client_id >= 0].groupby("client_id").size()
+        assert sizes.tolist() == [100, 100, 300, 100]  # target 2: 100 + 200 slots
+        f = df[df.filler]
+        assert len(f) == 200 and not (f.canary | f["eval"]).any()
+        # a filler trains exactly when its slot's canary is out: as many as the coins out
+        assert (f.client_id.isin([2, -1])).all()
+        assert (f.client_id == 2).sum() == 200 - counts[seed]
+        target = df[df.client_id == 2]
+        assert (target.canary == target.canary_in).all()  # only included canaries train
+        assert target.canary.sum() + target.filler.sum() == 200
+        # the global model's test samples: the test split outside the audit, trained on by
+        # no one, whatever the coins
+        tested = df.set_index("sample_id").loc[global_test_ids(df)]
+        assert tested.is_test.all() and (tested.client_id == -1).all()
+        assert not (tested.canary | tested.filler).any()
+        assert len(tested) == 400 - 200 - int((df.filler & df.is_test).sum())
+    assert counts[3] != counts[4]  # two coin draws, one target size
+
+
+def test_fillers_are_reproducible_and_need_enough_held_out_samples(labels_split):
+    pd.testing.assert_frame_equal(audited(labels_split, 3), audited(labels_split, 3))
+    # all 1,600 training samples dealt: 300 held-out test samples outside the evaluation
+    # set hold the 200 canaries but not 200 fillers besides
+    with pytest.raises(PartitionError, match=r"audit_canaries = 200 needs 200 canaries and "
+                       r"200 fillers .* only 100 held-out samples remain outside the "
+                       r"evaluation set and the canaries; lower audit_canaries, "
+                       r"eval_nonmembers or samples_per_client"):
+        audited(labels_split, 3, samples_per_client=None)

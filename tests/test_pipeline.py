@@ -62,6 +62,10 @@ def test_history_contents(cell):
     assert (glob.num_samples == 60).all()
     clients = h[h.client_id >= 0]
     assert (clients.num_samples == 20).all() and clients.test_loss.isna().all()
+    # the server's weight of each upload (n_k / n), in client rows only
+    assert (clients.aggregation_weight == np.float32(1 / 3)).all()
+    assert glob.aggregation_weight.isna().all()
+    assert pipeline.read_manifest(cell["manifest"])["aggregation_weights"] == "data_size"
     assert np.allclose(clients.groupby("round").train_loss.mean(), glob.train_loss)
     lrs = glob.lr.to_numpy()
     assert lrs[0] == lrs[1] == pytest.approx(0.05)  # the official cosine: rounds 1, 2 at lr
@@ -316,9 +320,14 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     assert (canary.client_id[canary.canary_in] == 0).all()
     assert (canary.client_id[~canary.canary_in] == -1).all()
     assert 70 < canary.canary_in.sum() < 130  # fair coins
+    # the target trains on its 20 samples and 200 slots, a filler where a canary is out
+    h = pd.read_parquet(tmp_path / "history.parquet")
+    assert h[h.client_id == 0].num_samples.unique().tolist() == [220]
+    assert (part.filler & (part.client_id == 0)).sum() == 200 - canary.canary_in.sum()
     assert loss.n_nonmembers.iloc[0] == 30 + 10 * 2  # the attacks see the evaluation set only
     # the audit is the bound of the target's -loss on the canaries at the attacked round
     mdm = pd.read_parquet(tmp_path / "mdm.parquet")
+    assert not mdm.sample_id.isin(part.sample_id[part.filler]).any()  # fillers are not scored
     mine = mdm[(mdm.client_id == 0) & mdm.sample_id.isin(canary.sample_id)].sort_values(
         "sample_id")
     coins = canary.set_index("sample_id").canary_in.reindex(mine.sample_id).to_numpy()
@@ -340,4 +349,8 @@ def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):
                               {"kind": "dp", "sigma": 10.0, "clip": 0.001}, train)
     man = pipeline.read_manifest(tmp_path / "manifest.json")
     assert man["diverged_round"] is None and row["num_canaries"] == 100
+    # clients of 220, 20 and 20 samples, equal weights: the server learns no data size
+    assert man["aggregation_weights"] == "equal"
+    h = pd.read_parquet(tmp_path / "history.parquet")
+    assert (h[h.client_id >= 0].aggregation_weight == np.float32(1 / 3)).all()
     assert row["epsilon_empirical"] <= accounted.epsilon_pld, (row, accounted)

@@ -3,11 +3,19 @@
 The mechanism. Every round each client clips the trainable-parameter part of its
 update to L2 norm ``C`` and adds ``N(0, (σC)²)`` to every coordinate of its own
 upload; every client uploads every round (sampling rate 1) for ``T`` rounds, and the
-attacker is the server, which sees every upload. Any change of one client's local
-data — one sample or all of it — moves its clipped update by at most ``2C``, so each
-upload is a Gaussian mechanism with L2 sensitivity ``2C`` and noise std ``σC``. In the
-units of `dp-accounting`_ (sensitivity one, the add-or-remove-one relation) that is a
-Gaussian with noise multiplier ``z = σC / 2C = σ / 2`` (:func:`noise_multiplier`).
+attacker is the server, which sees every upload. The server averages the uploads with
+equal weights, ``w_{r+1} = w_r − (1/K) Σ_k Δ̃_k`` (``dp`` has
+``data_independent_weights``, :func:`fedmia.fedavg.aggregation_rule`): with FedAvg's
+``n_k / n`` it would learn every client's data size un-noised, and ε would be infinite
+under any relation that changes a size.
+
+The neighbouring relation: one client's local data replaced by any other dataset, of
+any size (one sample changed, added or removed, or all of it). That moves the client's
+clipped update by at most ``2C`` and nothing else the server sees depends on the data,
+so each upload is a Gaussian mechanism with L2 sensitivity ``2C`` and noise std ``σC``.
+In the units of `dp-accounting`_ (sensitivity one, the add-or-remove-one relation) that
+is a Gaussian with noise multiplier ``z = σC / 2C = σ / 2`` (:func:`noise_multiplier`):
+the same privacy loss distribution, a shift of ``1 / z`` in units of the noise std.
 The guarantee is **client-level** against the server (it implies the sample-level one);
 the ``T`` rounds compose.
 

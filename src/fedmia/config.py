@@ -34,6 +34,8 @@ RETIRED_SELECTIONS = {
 }
 #: The named splits a dataset kind may offer besides the source's own (``split: null``).
 DATASET_SPLITS = ("official",)
+#: How the server weights the clients' uploads (``train.aggregation``, :class:`TrainConfig`).
+AGGREGATIONS = ("data_size", "official_permuted")
 
 
 class ConfigError(ValueError):
@@ -175,7 +177,9 @@ class PartitionConfig:
         beta: Dirichlet concentration β > 0 (``dirichlet`` only; smaller = more skewed).
         audit_canaries: m > 0 draws that many canaries from the held-out data (outside
             the evaluation set), each put in ``audit_target``'s training data by a fair
-            coin, for a one-run ε audit (0: no audit).
+            coin, for a one-run ε audit (0: no audit). The target holds m slots: a canary
+            left out is replaced by a held-out filler sample (never scored), so its data
+            size is its shard + m whatever the coins.
         audit_target: the client the canaries may join.
     """
 
@@ -267,6 +271,19 @@ class TrainConfig:
         test_every: evaluate the global model on the test split every this many rounds
             (and at the last round).
         eval_batch_size: batch size of evaluation passes.
+        aggregation: the weights of the uploads in the server's step
+            ``w_{r+1} = w_r − Σ_k a_k Δ_k``. ``data_size`` (default): ``a_k = n_k / n``,
+            client k's share of the training data. ``official_permuted``: the official
+            code's (``main.py`` with ``--frac 1``): each round it lists the uploads in a
+            fresh random order (``np.random.choice(range(K), K, replace=False)``) and
+            weights the i-th listed upload by client i's share ``n_i / n``, so a client
+            gets another client's share (identical to ``data_size`` when all clients hold
+            as many samples); the order of round r is drawn from ``(seed, round)``
+            (:func:`fedmia.fedavg.aggregation_weights`). A defense whose weights must not
+            depend on the data (``dp``, a ``compose`` holding it:
+            ``Defense.data_independent_weights``) overrides both with equal weights
+            ``a_k = 1 / K`` (a permutation of equal weights is the same weights); the
+            manifest records the weights used (``aggregation_weights``).
     """
 
     rounds: int = 30
@@ -281,6 +298,7 @@ class TrainConfig:
     observe_rounds: tuple[int, ...] = (1,)
     test_every: int = 1
     eval_batch_size: int = 500
+    aggregation: str = "data_size"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "train") -> Self:
@@ -305,6 +323,8 @@ class TrainConfig:
         _require(cfg.lr_schedule in LR_SCHEDULES, f"{where}.lr_schedule",
                  f"unknown schedule '{cfg.lr_schedule}'; choose from {list(LR_SCHEDULES)}")
         _require(0 < cfg.lr_gamma <= 1, f"{where}.lr_gamma", "must be in (0, 1]")
+        _require(cfg.aggregation in AGGREGATIONS, f"{where}.aggregation",
+                 f"unknown aggregation '{cfg.aggregation}'; choose from {list(AGGREGATIONS)}")
         _require(cfg.observe_every >= 1, f"{where}.observe_every", "must be >= 1")
         _require(cfg.test_every >= 1, f"{where}.test_every", "must be >= 1")
         bad = [r for r in cfg.observe_rounds if not 1 <= r <= cfg.rounds]

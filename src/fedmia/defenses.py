@@ -137,6 +137,11 @@ class Defense:
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: Whether the kind may be a step of a ``compose``.
     composable: ClassVar[bool] = True
+    #: True if the server must weight this defense's uploads without looking at the
+    #: clients' data (equal weights ``1 / K`` instead of ``n_k / n``, whatever
+    #: ``train.aggregation`` says): a privacy mechanism whose guarantee covers a change
+    #: of a client's data *size* (``dp``). :func:`fedmia.fedavg.run_fedavg` reads it.
+    data_independent_weights: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, kind: str) -> Defense:
@@ -256,7 +261,9 @@ class DPDefense(Defense):
     parameter coordinate gets independent Gaussian noise ``N(0, (σ·C)²)``.
     Geyer et al. add the noise once to the server's sum; here each client adds
     it to its own upload (local noise, what the attacker sees), so σ is the
-    noise multiplier per client. No privacy accounting is done.
+    noise multiplier per client. As in DP-FedAvg the server averages the uploads with
+    equal weights (:attr:`data_independent_weights`): weights ``n_k / n`` would tell it
+    every client's data size un-noised. The accounting is :mod:`fedmia.accounting`'s.
 
     Attributes:
         sigma: noise multiplier σ ≥ 0 (required); σ = 0 clips only.
@@ -267,6 +274,7 @@ class DPDefense(Defense):
     sigma: float = param(minimum=0, description="noise multiplier: noise std = sigma × clip")
     clip: float = param(exclusive_minimum=0, description="L2 norm bound C of the update")
     strength_param = "sigma"
+    data_independent_weights = True
 
     def clipped(self, update: torch.Tensor, layout: StateLayout) -> torch.Tensor:
         """The clipping step alone: ``update`` (P) with its parameter part clipped to C."""
@@ -960,6 +968,11 @@ class ComposeDefense(Defense):
     def whole_local_set(self) -> bool:  # type: ignore[override]
         """True if any step encodes the whole local set."""
         return any(s.whole_local_set for s in self.steps)
+
+    @property
+    def data_independent_weights(self) -> bool:  # type: ignore[override]
+        """True if any step needs weights that do not depend on the data (``dp``)."""
+        return any(s.data_independent_weights for s in self.steps)
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Each step's ``local_indices`` in turn."""

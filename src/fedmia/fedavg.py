@@ -3,14 +3,18 @@
 Every client takes part in every round. A client starts from the global model,
 trains ``local_epochs`` passes of SGD (momentum, weight decay, a fresh optimizer
 every round) over its data, and uploads ``Δ_k = w_global − w_local`` after its
-defense. The server applies the data-size-weighted average of the uploads:
-``w_{r+1} = w_r − Σ_k (n_k / n) Δ_k``, which equals the weighted average of the
-uploaded models. Parameters and floating buffers (BatchNorm statistics) are
-averaged alike.
+defense. The server applies a weighted average of the uploads,
+``w_{r+1} = w_r − Σ_k a_k Δ_k`` (the same weighted average of the uploaded models),
+with the weights of :func:`aggregation_weights`: the clients' data shares
+``a_k = n_k / n`` by default, the official code's permutation of them
+(``train.aggregation: official_permuted``), or equal weights ``1 / K`` under a defense
+whose weights must not depend on the data (``dp``). Parameters and floating buffers
+(BatchNorm statistics) are averaged alike.
 
 Randomness: the data order (and any defense randomness) of client ``k`` in round
 ``r`` comes from its own generator seeded by ``(seed, r, k)``, so runs are
-reproducible and independent of the order clients are visited.
+reproducible and independent of the order clients are visited; the official
+weights' order of round ``r`` comes from ``(seed, r)`` on a stream of its own.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.config import TrainConfig
+from fedmia.config import AGGREGATIONS, TrainConfig
 from fedmia.defenses import DataSpec, Defense
-from fedmia.partition import STREAM_TRAIN, rng_for
+from fedmia.partition import STREAM_AGGREGATION, STREAM_TRAIN, rng_for
 from fedmia.state import FlatState
 
 log = logging.getLogger(__name__)
@@ -146,17 +151,67 @@ def local_train(
     )
 
 
+#: The server's weights as the manifest names them: ``equal`` (``1 / K``, a defense with
+#: :attr:`~fedmia.defenses.Defense.data_independent_weights`) or a ``train.aggregation``.
+AGGREGATION_WEIGHTS = ("equal", *AGGREGATIONS)
+
+
+def aggregation_rule(cfg: TrainConfig, defense: Defense) -> str:
+    """The weights the server uses (one of :data:`AGGREGATION_WEIGHTS`).
+
+    ``equal`` when the defense's weights must not depend on the clients' data
+    (``dp``: the server would otherwise learn every ``n_k``), else ``cfg.aggregation``.
+    """
+    return "equal" if defense.data_independent_weights else cfg.aggregation
+
+
+def official_order(seed: int, rnd: int, k: int) -> np.ndarray:
+    """The official code's listing of the K uploads in round ``rnd`` (a permutation of 0..K-1).
+
+    ``main.py`` draws ``np.random.choice(range(K), K, replace=False)`` every round; here
+    the permutation comes from ``(seed, rnd)`` on a stream of its own, so it is
+    reproducible and independent of every other draw.
+    """
+    return rng_for(seed, STREAM_AGGREGATION, rnd).permutation(k)
+
+
+def aggregation_weights(num_samples: torch.Tensor, rule: str, seed: int,
+                        rnd: int) -> torch.Tensor:
+    """The weight ``a_k`` of each client's upload in round ``rnd`` (float32 K, sum 1).
+
+    Args:
+        num_samples: int64 K, the clients' data sizes ``n_k`` (in client-id order).
+        rule: ``data_size``: ``a_k = n_k / n``. ``official_permuted``: the official
+            code's, which lists the uploads in the order :func:`official_order` and
+            multiplies the i-th listed upload by ``n_i / n``: client ``order[i]`` gets
+            ``n_i / n``. ``equal``: ``a_k = 1 / K``.
+        seed: the run's seed.
+        rnd: the round (1-based).
+    """
+    if rule not in AGGREGATION_WEIGHTS:
+        raise ValueError(f"unknown aggregation '{rule}'; choose from {list(AGGREGATION_WEIGHTS)}")
+    k = num_samples.numel()
+    if rule == "equal":
+        return torch.full((k,), 1.0 / k, dtype=torch.float32, device=num_samples.device)
+    shares = num_samples.to(torch.float32) / num_samples.sum()
+    if rule == "data_size":
+        return shares
+    order = torch.from_numpy(official_order(seed, rnd, k)).to(num_samples.device)
+    weights = torch.empty_like(shares)
+    weights[order] = shares  # the i-th listed upload, client order[i], gets n_i / n
+    return weights
+
+
 def aggregate(global_flat: torch.Tensor, uploads: torch.Tensor,
-              num_samples: torch.Tensor) -> torch.Tensor:
-    """FedAvg step: ``w − Σ_k (n_k/n) Δ_k``.
+              weights: torch.Tensor) -> torch.Tensor:
+    """FedAvg step: ``w − Σ_k a_k Δ_k``.
 
     Args:
         global_flat: float32 P, the model the round started from.
         uploads: float32 K×P, the uploaded updates.
-        num_samples: K, client data sizes (the weights).
+        weights: float32 K, the weights ``a_k`` (:func:`aggregation_weights`).
     """
-    weights = num_samples.to(uploads.dtype) / num_samples.sum()
-    return global_flat - weights @ uploads
+    return global_flat - weights.to(uploads.dtype) @ uploads
 
 
 @torch.no_grad()
@@ -217,6 +272,9 @@ class RoundRecord:
     :func:`run_fedavg` yields; its test metrics are NaN and ``last_finite_test`` holds the
     test loss and accuracy of the model the round started from (the last finite global
     model).
+
+    ``weights`` are the weights the server gave the uploads (:func:`aggregation_weights`,
+    float32 values), in client-id order: ``w_{r+1} = w_r − Σ_k weights[k] · uploads[k]``.
     """
 
     round: int
@@ -224,6 +282,7 @@ class RoundRecord:
     client_loss: list[float]
     client_accuracy: list[float]
     num_samples: list[int]
+    weights: list[float]
     test_loss: float
     test_accuracy: float
     seconds: float
@@ -247,11 +306,15 @@ def run_fedavg(
     Training stops early at the first round whose client losses, uploads or aggregated
     model are not all finite; that round's record has ``diverged`` set (and ``state``
     holds the non-finite model).
+
+    The server weights the uploads as :func:`aggregation_rule` says: ``cfg.aggregation``,
+    or equal weights under a defense with ``data_independent_weights`` (``dp``).
     """
     device = state.flat.device
     k = len(client_idx)
     probe = test_idx[:PROBE_SAMPLES]
     num_samples = torch.tensor([i.numel() for i in client_idx], dtype=torch.int64)
+    rule = aggregation_rule(cfg, defense)
     global_flat = state.snapshot()
     uploads = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
     for rnd in range(start_round, cfg.rounds + 1):
@@ -264,7 +327,8 @@ def run_fedavg(
             uploads[c] = res.upload
             results.append(res)
         sent = global_flat
-        global_flat = aggregate(global_flat, uploads, num_samples.to(device))
+        weights = aggregation_weights(num_samples.to(device), rule, seed, rnd)
+        global_flat = aggregate(global_flat, uploads, weights)
         finite = (all(math.isfinite(r.loss) for r in results)
                   and bool(torch.isfinite(uploads).all())
                   and bool(torch.isfinite(global_flat).all())
@@ -285,7 +349,7 @@ def run_fedavg(
             round=rnd, lr=lr,
             client_loss=[r.loss for r in results],
             client_accuracy=[r.accuracy for r in results],
-            num_samples=num_samples.tolist(),
+            num_samples=num_samples.tolist(), weights=weights.tolist(),
             test_loss=test_loss, test_accuracy=test_acc,
             seconds=seconds, samples_per_s=samples / seconds,
             global_flat=sent, uploads=uploads, diverged=not finite, last_finite_test=last_finite,

@@ -59,8 +59,9 @@ PREPARED_FILES = {"images": "images.npy", "labels": "labels.npy", "is_test": "is
 PREPARED_ARRAYS = ("images", "labels", "is_test")
 #: The keys of a cell, in path order; attack tables, histories and manifests carry them.
 CELL_KEYS = ("dataset", "model", "defense", "partition", "seed")
-HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples", "train_loss",
-                   "train_accuracy", "test_loss", "test_accuracy"]
+HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples",
+                   "aggregation_weight", "train_loss", "train_accuracy", "test_loss",
+                   "test_accuracy"]
 #: The keys of a measure table row: the round, the client whose upload produced the values
 #: and the evaluation sample.
 MEASURE_KEYS = ("round", "client_id", "sample_id")
@@ -134,7 +135,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 #: Format version of each kind of intermediate file: bump one when its contents change
 #: incompatibly, so that old files are refused with a clear message instead of misread.
-FORMATS = {"partition": 2, "history": 2, "manifest": 1, "observed": 1, "final": 1,
+FORMATS = {"partition": 3, "history": 3, "manifest": 1, "observed": 1, "final": 1,
            "checkpoint": 1, "measures": 1, "attack": 1, "audit": 1}
 #: The rule that writes each kind of file (for the fix in an error message).
 WRITER = {"partition": "partition", "history": "train", "manifest": "train",

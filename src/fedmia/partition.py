@@ -6,6 +6,12 @@ when ``samples_per_client`` asks for fewer than there are) and an ``eval`` flag:
 each client's evaluation members plus ``eval_nonmembers`` held-out test samples.
 It is drawn once, from its own seed, and saved, so every later stage and every
 model sees the same samples.
+
+A one-run audit (``audit_canaries`` = m) gives the audit target m *slots*: slot i
+holds canary i when its coin says "in", else a fixed *filler* i, so the target trains
+on its shard plus m samples whatever the coins. Canaries, coins and fillers come from
+the audit's own stream; fillers are never scored, measured or tested
+(:func:`_audit_slots`, :func:`global_test_ids`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from fedmia.registry import PARTITIONS
 log = logging.getLogger(__name__)
 
 HELD_OUT = -1
-# Spawn keys of the independent random streams drawn from one seed.
+# Spawn keys of the independent random streams drawn from one seed (3 is
+# fedmia.attacks.STREAM_OFFICIAL).
 STREAM_PARTITION = 1
 STREAM_TRAIN = 2
 STREAM_AUDIT = 4
+STREAM_AGGREGATION = 5
 
 
 def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:
@@ -108,7 +116,9 @@ def make_partition(
         One row per sample, ordered by ``sample_id``: ``sample_id`` (int64),
         ``client_id`` (int32, -1 = held out), ``is_test`` (bool), ``eval`` (bool),
         ``canary`` and ``canary_in`` (bool: an audit canary, and its coin: in the audit
-        target's training data).
+        target's training data), ``filler`` (bool: an audit slot's filler, in the
+        target's training data — ``client_id`` = the target — when its slot's canary
+        is out, else held out; never in ``eval``, never a canary).
     """
     rng = rng_for(seed, STREAM_PARTITION)
     k = cfg.num_clients
@@ -145,13 +155,17 @@ def make_partition(
     in_eval[rng.choice(test_idx, size=cfg.eval_nonmembers, replace=False)] = True
     canary = np.zeros(len(labels), dtype=bool)
     canary_in = np.zeros(len(labels), dtype=bool)
+    filler = np.zeros(len(labels), dtype=bool)
     if cfg.audit_canaries:
-        ids, coins = _canaries(test_idx[~in_eval[test_idx]], cfg, seed)
+        ids, coins, fillers = _audit_slots(client_id, in_eval, test_idx, cfg, seed)
         canary[ids] = True
         canary_in[ids[coins]] = True
-        client_id[ids[coins]] = cfg.audit_target  # the coin said: train on it
+        filler[fillers] = True
+        # slot i: canary i if its coin says "in", else filler i
+        client_id[np.where(coins, ids, fillers)] = cfg.audit_target
         log.info("audit: %d canaries from the held-out data, %d included in client %d's "
-                 "training data", len(ids), int(coins.sum()), cfg.audit_target)
+                 "training data, %d fillers in the other slots", len(ids), int(coins.sum()),
+                 cfg.audit_target, int((~coins).sum()))
 
     sizes = [len(s) for s in shards]
     log.info("%s partition: %d clients, sizes min %d / max %d, %d evaluation samples",
@@ -163,19 +177,61 @@ def make_partition(
         "eval": in_eval,
         "canary": canary,
         "canary_in": canary_in,
+        "filler": filler,
     })
 
 
-def _canaries(candidates: np.ndarray, cfg: PartitionConfig, seed: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """The audit's canaries and coins (Steinke, Nasr & Jagielski 2023).
+def _audit_slots(client_id: np.ndarray, in_eval: np.ndarray, test_idx: np.ndarray,
+                 cfg: PartitionConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The audit's canaries, coins and slot fillers (Steinke, Nasr & Jagielski 2023).
 
-    ``audit_canaries`` held-out samples outside the evaluation set, from their own random
-    stream, each included in ``audit_target``'s training data with probability ½.
+    Canaries: ``audit_canaries`` = m test samples outside the evaluation set, each
+    included in ``audit_target``'s training data with probability ½ (the audit's stream,
+    :func:`fedmia.audit.draw_canaries`). Fillers: m further held-out samples (no client's,
+    outside the evaluation set and the canaries; either split), from a stream of the
+    audit's own: filler i takes slot i when canary i is out, so the target's data size
+    does not depend on the coins.
+
+    Args:
+        client_id: int32 N, the clients' shards (-1: held out), before the audit.
+        in_eval: bool N, the evaluation set.
+        test_idx: int, the test split's sample ids.
+        cfg: the partition's configuration (m > 0).
+        seed: the cell's seed.
+
+    Returns:
+        ``(canaries, coins, fillers)``: int m sorted canary ids, bool m their coins, int m
+        the fillers (filler i belongs to canary i's slot).
     """
-    if cfg.audit_canaries > len(candidates):
+    m = cfg.audit_canaries
+    candidates = test_idx[~in_eval[test_idx]]
+    if m > len(candidates):
         raise PartitionError(
-            f"audit_canaries = {cfg.audit_canaries} but only {len(candidates)} held-out "
-            "samples lie outside the evaluation set; lower audit_canaries or eval_nonmembers")
+            f"audit_canaries = {m} but only {len(candidates)} held-out samples lie outside "
+            "the evaluation set; lower audit_canaries or eval_nonmembers")
     stream = int(rng_for(seed, STREAM_AUDIT).integers(2**62))
-    return draw_canaries(np.sort(candidates), cfg.audit_canaries, stream)
+    ids, coins = draw_canaries(np.sort(candidates), m, stream)
+    spare = np.flatnonzero((client_id == HELD_OUT) & ~in_eval)
+    spare = spare[~np.isin(spare, ids)]
+    if m > len(spare):
+        raise PartitionError(
+            f"audit_canaries = {m} needs {m} canaries and {m} fillers (a filler takes a "
+            f"canary's slot in client {cfg.audit_target}'s data when its coin says out), but "
+            f"only {len(spare)} held-out samples remain outside the evaluation set and the "
+            "canaries; lower audit_canaries, eval_nonmembers or samples_per_client")
+    fillers = rng_for(seed, STREAM_AUDIT, 1).choice(spare, size=m, replace=False)
+    return ids, coins, fillers
+
+
+def global_test_ids(part: pd.DataFrame) -> np.ndarray:
+    """Sample ids (int64, sorted) of the test split the global model is tested on.
+
+    The test split's samples that no client trains on and that are not an audit's
+    canaries or fillers (which, by their coins, may be trained on): the same samples
+    whatever the coins. Without an audit, the whole test split.
+    """
+    keep = part["is_test"].to_numpy() & (part["client_id"].to_numpy() == HELD_OUT)
+    for column in ("canary", "filler"):
+        if column in part:
+            keep &= ~part[column].to_numpy()
+    return part["sample_id"].to_numpy()[keep]

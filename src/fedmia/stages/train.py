@@ -22,11 +22,11 @@ from fedmia import io
 from fedmia.compute import setup_compute
 from fedmia.config import DefenseConfig, ModelConfig, TrainConfig
 from fedmia.defenses import build_defense
-from fedmia.fedavg import DeviceData, RoundRecord, run_fedavg
+from fedmia.fedavg import DeviceData, RoundRecord, aggregation_rule, run_fedavg
 from fedmia.fingerprint import fingerprint
 from fedmia.io import CELL_KEYS, HISTORY_COLUMNS
 from fedmia.models import build_model, count_parameters
-from fedmia.partition import HELD_OUT
+from fedmia.partition import HELD_OUT, global_test_ids
 from fedmia.registry import import_plugins
 from fedmia.state import FlatState
 
@@ -35,15 +35,15 @@ log = logging.getLogger(__name__)
 
 def _history_rows(rec: RoundRecord) -> list[dict[str, Any]]:
     rows = []
-    for c, (loss, acc, n) in enumerate(zip(rec.client_loss, rec.client_accuracy,
-                                           rec.num_samples, strict=True)):
+    for c, (loss, acc, n, a) in enumerate(zip(rec.client_loss, rec.client_accuracy,
+                                              rec.num_samples, rec.weights, strict=True)):
         rows.append(dict(round=rec.round, client_id=c, lr=rec.lr, num_samples=n,
-                         train_loss=float(loss), train_accuracy=float(acc),
-                         test_loss=math.nan, test_accuracy=math.nan))
+                         aggregation_weight=float(a), train_loss=float(loss),
+                         train_accuracy=float(acc), test_loss=math.nan, test_accuracy=math.nan))
     w = np.asarray(rec.num_samples, dtype=np.float64)
     rows.append(dict(
         round=rec.round, client_id=HELD_OUT, lr=rec.lr, num_samples=int(w.sum()),
-        train_loss=float(np.dot(w, rec.client_loss) / w.sum()),
+        aggregation_weight=math.nan, train_loss=float(np.dot(w, rec.client_loss) / w.sum()),
         train_accuracy=float(np.dot(w, rec.client_accuracy) / w.sum()),
         test_loss=float(rec.test_loss), test_accuracy=float(rec.test_accuracy),
     ))
@@ -86,9 +86,13 @@ def train(
             settings and the training code are the same (else it starts afresh); a kill
             loses at most ``checkpoint_every`` rounds of work.
         plugins: the config's ``plugins``, imported first (they register kinds).
-        outputs: ``history`` (Parquet), ``final`` (final global model, ``.pt``),
+        outputs: ``history`` (Parquet: per round, a row per client — its data size, the
+            ``aggregation_weight`` the server gave its upload, its training loss and
+            accuracy — and a global row), ``final`` (final global model, ``.pt``),
             ``observed`` (folder: one ``roundNNNN.pt`` per observed round) and ``manifest``
-            (JSON: the cell, the planned and the saved observed rounds, and the outcome —
+            (JSON: the cell, the planned and the saved observed rounds, the server's
+            ``aggregation_weights`` — ``equal``, ``data_size`` or ``official_permuted``,
+            :func:`fedmia.fedavg.aggregation_rule` — and the outcome —
             ``diverged_round`` (null if training finished), ``last_finite_round``,
             ``last_finite_test_accuracy``, and ``final_test_accuracy``, the utility the
             tables use: the final model's, or chance (1 / classes) for a diverged cell,
@@ -118,7 +122,7 @@ def train(
     client_ids = part["client_id"].to_numpy()
     k = int(client_ids.max()) + 1
     client_idx = [torch.from_numpy(np.flatnonzero(client_ids == c)).to(dev) for c in range(k)]
-    test_idx = torch.from_numpy(np.flatnonzero(part["is_test"].to_numpy())).to(dev)
+    test_idx = torch.from_numpy(global_test_ids(part)).to(dev)
 
     net = build_model(mcfg.kind, meta["num_classes"], meta["shape"][0], seed=seed).to(dev)
     state = FlatState(net)
@@ -138,10 +142,15 @@ def train(
                  checkpoint_dir)
     obs_dir = ckpt.observed if ckpt is not None else Path(outputs["observed"])
     obs_dir.mkdir(parents=True, exist_ok=True)
+    weights = aggregation_rule(tcfg, defense_obj)
     log.info("FedAvg: %s (%d parameters) on %s, %d clients (sizes %s), %d rounds, "
-             "defense %s, device %s, observed rounds %s", mcfg.kind, count_parameters(net),
-             meta["kind"], k, [int(i.numel()) for i in client_idx], tcfg.rounds, dcfg.kind,
-             dev, sorted(observed))
+             "defense %s, %s aggregation weights, device %s, observed rounds %s", mcfg.kind,
+             count_parameters(net), meta["kind"], k, [int(i.numel()) for i in client_idx],
+             tcfg.rounds, dcfg.kind, weights, dev, sorted(observed))
+    if weights != tcfg.aggregation:
+        log.info("defense %s needs weights independent of the clients' data: the server "
+                 "averages the uploads with equal weights 1/K (train.aggregation = %s does "
+                 "not apply)", dcfg.kind, tcfg.aggregation)
     static = dict(layout=state.layout.to_list(), defense=dict(defense),
                   model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
                              in_channels=meta["shape"][0]),
@@ -173,6 +182,7 @@ def train(
         **{k: cell[k] for k in CELL_KEYS},
         "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
         "observed_rounds": saved, "num_classes": meta["num_classes"],
+        "aggregation_weights": weights,
         # floats of the uploaded state that are not parameters (BatchNorm statistics):
         # no defense perturbs them
         "unnoised_state_floats": sum(e.numel for e in state.layout.entries
