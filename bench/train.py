@@ -6,15 +6,19 @@ K × n samples once, with the same model, batch size and SGD settings (momentum,
 weight decay, learning rate of round 1), and end with the same evaluation pass
 over ``--test-samples`` samples:
 
-* ``fedavg``: one round of :func:`fedmia.fedavg.run_fedavg` (``rounds=1``, no
-  defense): per client, reload the global model, a fresh optimizer, one local
-  epoch, its upload; then the weighted aggregate and the test pass;
+* ``fedavg``: one unobserved round of :func:`fedmia.fedavg.run_fedavg` (``rounds=1``,
+  no defense; 270 of the paper's 300 rounds are unobserved): per client, reload the
+  global model, a fresh optimizer, one local epoch, its upload; then the weighted
+  aggregate, its divergence probe and the test pass;
+* ``fedavg_observed``: the same round observed (the server's view is saved by the train
+  stage, not here; the divergence probe also runs each uploaded model);
 * ``central``: one epoch of a plain SGD loop over all K × n samples in one
   shuffled order, then the test pass.
 
 Repeats are interleaved; medians are reported. The last lines are
-machine-readable: ``fl_overhead`` (FedAvg round time / centralized time − 1),
-``fedavg_samples_per_s``, ``central_samples_per_s`` and ``device``.
+machine-readable: ``fl_overhead`` (unobserved FedAvg round time / centralized time − 1),
+``fl_overhead_observed``, ``fedavg_samples_per_s``, ``central_samples_per_s`` and
+``device``.
 """
 
 from __future__ import annotations
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     all_idx = torch.arange(total, device=device)
     client_idx = list(all_idx.split(n))
     test_idx = torch.arange(total, total + args.test_samples, device=device)
-    cfg = TrainConfig(rounds=1, batch_size=args.batch_size, test_every=1)
+    cfg = TrainConfig(rounds=1, batch_size=args.batch_size, test_every=1, observe_rounds=())
+    cfg_observed = TrainConfig(rounds=1, batch_size=args.batch_size, test_every=1,
+                               observe_rounds=(1,))
 
     fl_state = FlatState(build_model("alexnet", args.classes, seed=args.seed).to(device))
     fl_init = fl_state.snapshot()
@@ -113,15 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     for _ in run_fedavg(fl_state, data, client_idx[:1], test_idx, cfg, Defense(), args.seed):
         pass
     central_epoch(central, data, client_idx[0], test_idx, cfg, torch.Generator())
-    times: dict[str, list[float]] = {"fedavg": [], "central": []}
+    times: dict[str, list[float]] = {"fedavg": [], "fedavg_observed": [], "central": []}
     for rep in range(args.repeats):
-        fl_state.load(fl_init)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in run_fedavg(fl_state, data, client_idx, test_idx, cfg, Defense(), args.seed):
-            pass
-        sync(device)
-        times["fedavg"].append(time.perf_counter() - t0)
+        for route, round_cfg in (("fedavg", cfg), ("fedavg_observed", cfg_observed)):
+            fl_state.load(fl_init)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in run_fedavg(fl_state, data, client_idx, test_idx, round_cfg, Defense(),
+                                args.seed):
+                pass
+            sync(device)
+            times[route].append(time.perf_counter() - t0)
 
         central.load_state_dict(central_init)
         gen = torch.Generator().manual_seed(args.seed + rep)
@@ -130,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         central_epoch(central, data, all_idx, test_idx, cfg, gen)
         sync(device)
         times["central"].append(time.perf_counter() - t0)
-        print(f"repeat {rep + 1}/{args.repeats}: fedavg {times['fedavg'][-1]:.2f} s, "
-              f"central {times['central'][-1]:.2f} s", flush=True)
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
+            f"{r} {t[-1]:.2f} s" for r, t in times.items()), flush=True)
 
     med = {r: statistics.median(t) for r, t in times.items()}
     print(f"\n{'route':<10}{'median s':>10}{'min s':>9}{'max s':>9}{'samples/s':>11}")

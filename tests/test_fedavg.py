@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmia import fedavg
 from fedmia.config import ConfigError, TrainConfig
 from fedmia.defenses import Defense, DPDefense, defense_from_config
 from fedmia.fedavg import (
@@ -15,9 +16,11 @@ from fedmia.fedavg import (
     aggregate,
     aggregation_rule,
     aggregation_weights,
+    all_finite,
     client_generator,
     local_train,
     official_order,
+    outputs_finite,
     run_fedavg,
 )
 from fedmia.state import FlatState, StateLayout
@@ -283,3 +286,56 @@ def test_whole_local_set_mode_trains_exactly_like_mini_batch_hooks():
                           PixelSpy(whole), client_generator(2, 1, 0))
         ups.append(res.upload)
     assert torch.equal(ups[0], ups[1])
+
+
+def test_all_finite_sees_nan_and_both_infinities():
+    t = torch.zeros(5)
+    assert all_finite(t)
+    for bad in (math.nan, math.inf, -math.inf):
+        u = t.clone()
+        u[3] = bad
+        assert not all_finite(u)
+
+
+def test_the_probe_catches_an_overflowing_upload_whose_aggregate_is_finite():
+    """Two uploads ±H·v cancel in the aggregate; each uploaded model overflows."""
+    state = FlatState(tiny_model())
+    data = tiny_data()
+    sent = state.snapshot()
+    v = torch.zeros_like(sent)
+    v[state.layout.param_mask()] = 1e30  # finite in float32, its logits are not
+    uploads = torch.stack([v, -v])
+    aggregate_flat = sent - uploads.mean(0)
+    probe = torch.arange(8)
+    assert all_finite(uploads) and all_finite(aggregate_flat)
+    assert outputs_finite(state, data, probe, aggregate_flat)  # the aggregate alone is fine
+    assert not outputs_finite(state, data, probe, aggregate_flat, sent, uploads)
+    assert not outputs_finite(state, data, probe, sent - v)  # an overflowing aggregate
+
+
+def test_uploads_are_probed_in_observed_rounds_only(monkeypatch):
+    """The uploads' forward passes cost K passes a round: run where the measures read
+    (observed rounds); the aggregate is probed every round."""
+    calls = []
+
+    def spy(state, data, idx, model_flat, sent=None, uploads=None):
+        calls.append(uploads is not None)
+        return True
+
+    monkeypatch.setattr(fedavg, "outputs_finite", spy)
+    cfg = TrainConfig(rounds=4, batch_size=5, observe_every=2, observe_rounds=(1,))
+    list(run_fedavg(FlatState(tiny_model()), tiny_data(), [torch.arange(10),
+                    torch.arange(10, 20)], torch.arange(30, 40), cfg, Defense(), seed=0))
+    assert calls == [True, True, False, True]  # rounds 1, 2, 4 observed
+
+
+def test_an_aggregate_overflowing_in_an_unobserved_round_stops_training():
+    class Blowup(Defense):
+        def upload(self, update, layout, gen):
+            return update * 1e36  # finite uploads, a model whose logits overflow
+
+    cfg = TrainConfig(rounds=3, batch_size=5, observe_every=10, observe_rounds=())
+    recs = list(run_fedavg(FlatState(tiny_model()), tiny_data(), [torch.arange(10),
+                           torch.arange(10, 20)], torch.arange(30, 40), cfg, Blowup(),
+                           seed=0))
+    assert [r.diverged for r in recs] == [True] and recs[0].round == 1

@@ -229,31 +229,47 @@ def evaluate(model: nn.Module, data: DeviceData, idx: torch.Tensor,
     return float(loss) / idx.numel(), float(correct) / idx.numel()
 
 
-#: Test samples every round's models are run on to check that their outputs are finite.
+#: Test samples the models are run on to check that their outputs are finite.
 PROBE_SAMPLES = 16
 
 
 @torch.no_grad()
-def outputs_finite(state: FlatState, vectors: Sequence[torch.Tensor], data: DeviceData,
-                   idx: torch.Tensor) -> bool:
-    """Whether each model state in ``vectors`` (each P) gives finite logits on ``idx``.
+def outputs_finite(state: FlatState, data: DeviceData, idx: torch.Tensor,
+                   model_flat: torch.Tensor, sent: torch.Tensor | None = None,
+                   uploads: torch.Tensor | None = None) -> bool:
+    """Whether ``model_flat`` (P) and each uploaded model give finite logits on ``idx``.
 
     A model with finite but huge weights (e.g. after strong unclipped parameter noise)
-    can overflow in its forward pass; its measures would then be NaN. ``state`` is
-    overwritten.
+    can overflow in its forward pass; its measures would then be NaN. With ``uploads``
+    (K×P) and the model ``sent`` (P) they were computed from, each uploaded model
+    ``sent − uploads[k]`` is formed in place in ``state`` (no K×P temporary) and run
+    too. ``state`` is overwritten.
     """
     model = state.module
     was = model.training
     model.eval()
     x, _ = data.batch(idx)
     try:
-        for v in vectors:
-            state.load(v)
+        state.load(model_flat)
+        if not bool(torch.isfinite(model(x)).all()):
+            return False
+        for upload in () if uploads is None else uploads:
+            state.load(sent)
+            state.flat.sub_(upload)
             if not bool(torch.isfinite(model(x)).all()):
                 return False
         return True
     finally:
         model.train(was)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite (two reductions, no temporary of its size).
+
+    NaN propagates through ``amin``/``amax``, and an infinity is the minimum or maximum.
+    """
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 @dataclass(frozen=True)
@@ -304,8 +320,10 @@ def run_fedavg(
     model, or a checkpoint's for a resumed run: a round depends only on it and on
     ``(seed, round, client)``) and, when the iterator is exhausted, the final one.
     Training stops early at the first round whose client losses, uploads or aggregated
-    model are not all finite; that round's record has ``diverged`` set (and ``state``
-    holds the non-finite model).
+    model are not all finite, or whose aggregated model — or, in an observed round (the
+    rounds the measures read), an uploaded model — gives non-finite logits on
+    :data:`PROBE_SAMPLES` test samples; that round's record has ``diverged`` set (and
+    ``state`` holds the non-finite model).
 
     The server weights the uploads as :func:`aggregation_rule` says: ``cfg.aggregation``,
     or equal weights under a defense with ``data_independent_weights`` (``dp``).
@@ -315,6 +333,7 @@ def run_fedavg(
     probe = test_idx[:PROBE_SAMPLES]
     num_samples = torch.tensor([i.numel() for i in client_idx], dtype=torch.int64)
     rule = aggregation_rule(cfg, defense)
+    observed = set(cfg.observed())
     global_flat = state.snapshot()
     uploads = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
     for rnd in range(start_round, cfg.rounds + 1):
@@ -329,10 +348,12 @@ def run_fedavg(
         sent = global_flat
         weights = aggregation_weights(num_samples.to(device), rule, seed, rnd)
         global_flat = aggregate(global_flat, uploads, weights)
+        # the uploads' forward passes only where they are measured (observed rounds); the
+        # aggregate every round (an overflowing global model is caught where it appears)
         finite = (all(math.isfinite(r.loss) for r in results)
-                  and bool(torch.isfinite(uploads).all())
-                  and bool(torch.isfinite(global_flat).all())
-                  and outputs_finite(state, [global_flat, *(sent - uploads)], data, probe))
+                  and all_finite(uploads) and all_finite(global_flat)
+                  and outputs_finite(state, data, probe, global_flat, sent,
+                                     uploads if rnd in observed else None))
         test_loss = test_acc = float("nan")
         last_finite = (float("nan"), float("nan"))
         if not finite:
