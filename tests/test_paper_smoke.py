@@ -40,9 +40,12 @@ def test_the_smoke_grid_has_every_cell_kind_of_the_paper_grid():
     assert smoke["datasets"]["digits"]["kind"] == "digits"
     for section in ("measure", "report"):
         assert smoke[section] == paper[section]
-    # the undefended cells keep their seeds (the findings' t-interval needs three)
+    # AlexNet's undefended cells keep their seeds (the findings' t-interval needs three)
     undefended = [b for b in smoke["grid"] if b["defenses"] == ["none"]]
-    assert undefended and all(b["seeds"] == [0, 1, 2] for b in undefended)
+    assert undefended and all(b["seeds"] == [0, 1, 2] for b in undefended
+                              if b["models"] == ["alexnet"])
+    assert {p for b in undefended if "resnet18" in b["models"] for p in b["partitions"]} == {
+        p for b in undefended for p in b["partitions"]}  # ResNet18 on every partition
     # every defense and strength meets the CIFAR-100 stand-in; every kind meets Dermnet
     kinds = {paper["defenses"][d]["kind"] for d in paper["defenses"]} - {"none"}
     derm = {paper["defenses"][d]["kind"] for b in smoke["grid"] if b["datasets"] == ["dermnet"]
