@@ -10,6 +10,7 @@ stage.report_tables(
     selections=snakemake.params.selections,
     fpr_rule=snakemake.params.fpr_rule,
     partition_kinds=snakemake.params.partition_kinds,
+    replicate_files=list(snakemake.input.replicates),
     plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )
