@@ -414,7 +414,7 @@ def test_rows_of_all_targets_share_one_resample_per_owner_group():
     assert len(reps) == 4 * 3 and list(reps.columns) == [
         c for c in REPLICATE_COLUMNS if c not in CELL_KEYS]
     assert all(v.dtype == np.float32 and v.shape == (40,) for v in reps["auc_replicates"])
-    sl = [bootstrap_strata(aligned_slots(own, t), (*keys, "aligned", 0)) for t in range(4)]
+    sl = [bootstrap_strata(aligned_slots(own, t), (*keys, "aligned")) for t in range(4)]
     assert [s.seed for s in sl[0]] == [s.seed for s in sl[3]]  # the same draw per group
     assert [len(s.slots) for s in sl[0]] == [60, 20, 20, 20, 20]
     for t in range(4):
@@ -439,6 +439,6 @@ def test_official_slots_name_their_owner_group():
     sl = official_slots(own, 1, 3, np.arange(3), OfficialProtocol(test_slots=4,
                                                                  client_slots=3), draw=0)
     assert sl.group.tolist() == [1] * 6 + [-1] * 4 + [0] * 3 + [2] * 3
-    strata = bootstrap_strata(sl, ("k", "official", 0))
+    strata = bootstrap_strata(sl, ("k", "official"))
     assert [(len(s.slots), bool(sl.is_member[s.slots[0]])) for s in strata] == [
         (4, False), (3, False), (6, True), (3, False)]

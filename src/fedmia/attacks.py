@@ -486,14 +486,20 @@ def bootstrap_strata(slots: Slots, keys: Sequence[str | int]) -> list[uncertaint
 
     The slots of each group (:attr:`Slots.group`, in slot order) form a stratum whose
     draws are seeded by ``stable_seed(*keys, group, size)``: with ``keys`` naming the
-    cell, protocol and draw but not the target, every target's rows resample a group
-    with the same draw. Under ``aligned`` a slot is a sample, so the resample is one
-    multiplicity per evaluation sample, shared by all targets (a sample's weight is
-    the same where it is a member and where it is a non-member). Under ``official``
-    a non-member slot holds another sample in every (round, client); there the
-    positions of each slot group are resampled (members stay samples), one draw per
-    (group, size) shared by the targets — positions, not samples, are shared, so the
-    pool's correlation between targets is not represented.
+    cell and the protocol but neither the target nor the official draw, every target's
+    rows (and every draw's) resample a group with the same draw. Under ``aligned`` a
+    slot is a sample, so the resample is one multiplicity per evaluation sample, shared
+    by all targets (a sample's weight is the same where it is a member and where it is
+    a non-member). Under ``official`` the members are samples too, the same in every
+    draw, so their resample is shared by the draws as it must be (a mean over draws
+    would otherwise shrink the members' sampling noise); a non-member slot, however,
+    holds another sample in every (round, client) and draw, so there the positions of
+    each slot group are resampled, one draw per (group, size) — positions, not
+    samples, are shared, and the sampling noise of the held-out pool, common to all
+    targets and draws, is not represented: an official row's interval is a valid
+    bootstrap of its slots, but a mean over targets or draws of official replicates
+    understates the pool's share of the uncertainty (small for the AUC, whose noise
+    the few members dominate; larger for TPR at low FPR).
     """
     groups, sizes = np.unique(slots.group, return_counts=True)
     return [uncertainty.Stratum(uncertainty.stable_seed(*keys, int(g), int(n)),
@@ -678,10 +684,10 @@ def run_attacks_with_replicates(
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Run attacks against each target client under each protocol; keep some replicates.
 
-    **The resample** (:func:`bootstrap_strata`). Per (protocol, draw) one stratified
-    bootstrap serves every target and attack: each owner group (the held-out samples,
-    each client's samples) is resampled within itself, with replacement, the draw
-    seeded by ``(*bootstrap_keys, protocol, draw, group, size)``
+    **The resample** (:func:`bootstrap_strata`). Per protocol one stratified bootstrap
+    serves every target, attack and official draw: each owner group (the held-out
+    samples, each client's samples) is resampled within itself, with replacement, the
+    draw seeded by ``(*bootstrap_keys, protocol, group, size)``
     (:func:`fedmia.uncertainty.stable_seed`); target t's members are its group's
     resample and its non-members the other groups'. Each row's interval is a
     stratified bootstrap (members and non-members keep their counts), and rows of
@@ -777,7 +783,7 @@ def run_attacks_with_replicates(
                 if not batch:
                     continue
                 stacked = np.stack([sc for _, _, sc in batch])  # rows × slots
-                strata = bootstrap_strata(slots, (*run_keys, protocol, draw))
+                strata = bootstrap_strata(slots, (*run_keys, protocol))
                 ci, reps = _intervals(stacked, slots, strata, n_boot=n_boot, rule=fpr_rule)
                 for i, ((name, keys, sc), extra) in enumerate(zip(batch, ci, strict=True)):
                     fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)

@@ -110,7 +110,7 @@ REPLICATE_KEYS = ("protocol", "draw", "target", "round")
 #: draw, target, round) of the attacks the findings compare, attacked rounds and
 #: multi-round scores only; per metric of :data:`REPLICATE_METRICS` the B bootstrap
 #: replicates as a float32 array (``<metric>_replicates``), replicate ``b`` of every row
-#: of one (protocol, draw) from the same resample of the evaluation samples.
+#: of one protocol from the same resample of the evaluation samples (all targets and draws).
 REPLICATE_COLUMNS = (*CELL_KEYS, "attack", *REPLICATE_KEYS,
                      *(f"{m}_replicates" for m in REPLICATE_METRICS))
 #: dtypes of the replicate table's key columns (the replicates: float32 arrays).

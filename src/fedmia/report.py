@@ -1054,7 +1054,9 @@ def findings_markdown(table: pd.DataFrame) -> str:
            "seed, a statement about that run only (`joint bootstrap, 1 run`: the "
            "evaluation samples resampled once for all targets and attacks, so that the "
            "shared non-member pool counts once, and the mean over the run's targets taken "
-           "in every replicate). Verdict: `holds` "
+           "in every replicate; under `official` the held-out pool's slots hold other "
+           "samples in every round and draw, so its share of the noise is not resampled: "
+           "the interval is narrower than it should be, mainly for TPR). Verdict: `holds` "
            "if the interval lies above 0, `fails` if below, `inconclusive` otherwise; "
            "`(1 run)` marks a verdict about one training run, not about training runs in "
            "general.")
