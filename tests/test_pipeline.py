@@ -176,11 +176,13 @@ def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits
                      manifest_file=outputs["manifest"], device="cpu", threads=1,
                      output=mdm_file)
     assert len(pd.read_parquet(mdm_file)) == 0
-    out = {"loss": tmp_path / "loss.parquet"}
+    out = {"loss": tmp_path / "loss.parquet", "replicates": tmp_path / "replicates.parquet"}
     pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
                     cell=CELL, rounds=[1, 2, 4], manifest_file=outputs["manifest"],
                     attacks=["loss"], attack_rounds=[2, 4], outputs=out)
     assert len(pd.read_parquet(out["loss"])) == 0
+    empty = read_replicates(out["replicates"])
+    assert len(empty) == 0 and list(empty.columns) == list(REPLICATE_COLUMNS)
     for kind in ("rounds", "roc"):  # the cell's figures say why they are empty
         figs = {"png": tmp_path / f"{kind}.png", "pdf": tmp_path / f"{kind}.pdf"}
         pipeline.report_cell_figures(attack_files=[out["loss"]], kind=kind, outputs=figs,

@@ -237,6 +237,10 @@ def test_a_finding_from_one_run_is_a_joint_bootstrap_labelled_one_run():
                                                                  r["target"]])
     f = report.findings(pd.DataFrame(rows), ["last"], replicates=reps)
     auc = f[(f.comparison == "loss_series − loss") & (f.metric == "auc")].iloc[0]
+    # a reader keeps the replicates of the selected rows only: here all 20 (one round each)
+    extra = pd.DataFrame([r | {"round": 20, "auc": 0.5} for r in rows if r["round"] == 10])
+    keys = report.replicate_keys(pd.concat([pd.DataFrame(rows), extra]), ["last"])
+    assert len(keys) == 20 and set(keys["round"]) == {-1, 20}
     assert auc["difference"] == pytest.approx(0.055) and auc["n_runs"] == 1
     assert auc["method"] == "joint bootstrap, 1 run" and auc["verdict"] == "holds (1 run)"
     # by hand: per target, the mean over draws of the paired replicate differences (the

@@ -840,6 +840,19 @@ def replicate_lookup(replicates: pd.DataFrame | None) -> Replicates:
     return out
 
 
+def replicate_keys(results: pd.DataFrame, selections: Sequence[str | int]) -> pd.DataFrame:
+    """The keys (:data:`REPLICATE_ROW`) of the rows whose replicates :func:`findings` reads.
+
+    The rows of the finding attacks (:func:`fedmia.attacks.finding_attacks`) that a
+    selection picks (:func:`select_rounds`): a reader keeps only these of the attack
+    stage's replicate tables (one single-round row per target and draw per selection
+    instead of one per attacked round).
+    """
+    sel = pd.concat([select_rounds(results, how) for how in selections], ignore_index=True)
+    sel = sel[sel["attack"].isin(finding_attacks())]
+    return sel[REPLICATE_ROW].drop_duplicates(ignore_index=True)
+
+
 def _row_keys(rows: pd.DataFrame) -> list[tuple]:
     """The :data:`REPLICATE_ROW` key of each row, as plain Python values."""
     return list(zip(*(rows[c].astype(str if c in ("dataset", "model", "defense",

@@ -26,7 +26,8 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
     Args:
         attack_files: every attack Parquet of the grid.
         replicate_files: every cell's bootstrap replicates (the findings' within-run
-            intervals of settings with one seed).
+            intervals of settings with one seed); only the rows the selections pick
+            are kept in memory (:func:`fedmia.report.replicate_keys`).
         manifests: every cell's train manifest (diverged cells are flagged).
         selections: how single-round attacks are reported (``report.single_round``).
         fpr_rule: the FPR rule the attack stage used (stated in the tables).
@@ -38,7 +39,9 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
     import_plugins(plugins)
     results = pd.concat([io.read_parquet(f, "attack") for f in attack_files],
                         ignore_index=True)
-    replicates = [io.read_replicates(f) for f in replicate_files]  # checked before any write
+    needed = report.replicate_keys(results, selections)  # the rows the findings compare
+    replicates = [io.read_replicates(f).merge(needed, on=report.REPLICATE_ROW)
+                  for f in replicate_files]  # each file checked before any write
     summary = report.summarize(results, selections, fpr_rule=fpr_rule,
                                cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
