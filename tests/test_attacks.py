@@ -12,18 +12,22 @@ from fedmia.attacks import (
     MULTI_ROUND,
     AttackSpec,
     OfficialProtocol,
+    aligned_slots,
     attack_scores,
+    bootstrap_strata,
     families,
     fedmia_cdf,
     official_slots,
     outlier_filter_for,
     run_attack,
     run_attacks,
+    run_attacks_with_replicates,
     single_round_attacks,
     validate_measures,
 )
-from fedmia.io import MEASURES, RESULT_COLUMNS
+from fedmia.io import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
 from fedmia.metrics import roc_auc
+from fedmia.uncertainty import stratified_replicates
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
 MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos"]
@@ -388,3 +392,53 @@ def test_report_sets_come_from_the_attack_specs():
     assert families() == {"loss": ["loss", "loss_series", "fedmia_loss"],
                           "cos": ["cos", "cos_series", "fedmia_cos"],
                           "grad": ["grad_norm", "grad_diff", "grad_diff_series"]}
+
+
+# ----------------------------------------------- one resample shared by every target
+
+
+def test_rows_of_all_targets_share_one_resample_per_owner_group():
+    """Replicate b resamples each owner group once for every target and attack: a row's
+    replicates are the stratified replicates of its own scores on the groups' strata,
+    whose seeds name the cell, protocol, draw and group, never the target."""
+    mdm, owner = world(1.0, k=4, per_client=20, held_out=60)
+    keys = ("d", "m", "none", "iid", 0)
+    tables, reps = run_attacks_with_replicates(
+        ["loss", "cos", "loss_series", "grad_norm"], mdm, owner, attack_rounds=[10, 20],
+        n_boot=40, bootstrap_keys=keys, keep_replicates=["loss", "loss_series"], **ALIGNED)
+    own = owner.sort_index().to_numpy()
+    # kept: the asked attacks, attacked rounds and multi-round rows only, float32 arrays
+    assert set(reps.attack) == {"loss", "loss_series"}
+    assert set(reps[reps.attack == "loss"]["round"]) == {10, 20}
+    assert set(reps[reps.attack == "loss_series"]["round"]) == {MULTI_ROUND}
+    assert len(reps) == 4 * 3 and list(reps.columns) == [
+        c for c in REPLICATE_COLUMNS if c not in CELL_KEYS]
+    assert all(v.dtype == np.float32 and v.shape == (40,) for v in reps["auc_replicates"])
+    sl = [bootstrap_strata(aligned_slots(own, t), (*keys, "aligned")) for t in range(4)]
+    assert [s.seed for s in sl[0]] == [s.seed for s in sl[3]]  # the same draw per group
+    assert [len(s.slots) for s in sl[0]] == [60, 20, 20, 20, 20]
+    for t in range(4):
+        scores = attack_scores("loss", mdm, t, attack_rounds=[10, 20])
+        x = scores[scores["round"] == 20]["score"].to_numpy()
+        want = stratified_replicates(x, own == t, sl[t], n_boot=40)
+        row = reps[(reps.attack == "loss") & (reps.target == t) & (reps["round"] == 20)]
+        np.testing.assert_array_equal(row["auc_replicates"].iloc[0],
+                                      want["auc"].astype(np.float32))
+        table = tables["loss"]
+        r = table[(table.target == t) & (table["round"] == 20)].iloc[0]
+        assert (r["auc_ci_low"], r["auc_ci_high"]) == pytest.approx(
+            np.percentile(want["auc"], [2.5, 97.5]))
+    # plain run_attacks: the same tables
+    again = run_attacks(["loss"], mdm, owner, attack_rounds=[10, 20], n_boot=40,
+                        bootstrap_keys=keys, **ALIGNED)["loss"]
+    pd.testing.assert_frame_equal(again, tables["loss"])
+
+
+def test_official_slots_name_their_owner_group():
+    own = np.r_[np.repeat([0, 1, 2], 6), np.full(10, -1)]
+    sl = official_slots(own, 1, 3, np.arange(3), OfficialProtocol(test_slots=4,
+                                                                 client_slots=3), draw=0)
+    assert sl.group.tolist() == [1] * 6 + [-1] * 4 + [0] * 3 + [2] * 3
+    strata = bootstrap_strata(sl, ("k", "official"))
+    assert [(len(s.slots), bool(sl.is_member[s.slots[0]])) for s in strata] == [
+        (4, False), (3, False), (6, True), (3, False)]

@@ -10,12 +10,15 @@ import pytest
 
 from fedmia.accounting import pld_epsilon
 from fedmia.audit import (
+    DEFAULT_CHOICES,
+    _counts,
     audit_from_scores,
     audit_p_value,
     count_guesses,
     draw_canaries,
     epsilon_lower_bound,
     max_epsilon_lower_bound,
+    select_and_audit,
 )
 
 
@@ -164,3 +167,40 @@ def test_bad_inputs_raise():
         audit_from_scores(np.array([0.0, np.nan]), np.array([True, False]), delta=0.0)
     with pytest.raises(ValueError):
         audit_from_scores(np.zeros(4), np.zeros(4, bool), delta=0.0, choices=[(0.8, 0.8)])
+
+
+def test_selected_attack_audit_chooses_attack_and_guesses_on_the_held_out_half():
+    rng = np.random.default_rng(5)
+    included = rng.random(400) < 0.5
+    scores = np.stack([rng.normal(size=400),  # a useless attack
+                       included * 2.0 + rng.normal(size=400),  # a strong one
+                       included * 0.5 + rng.normal(size=400)])  # a weak one
+    a, res = select_and_audit(scores, included, delta=1e-5, holdout_seed=11)
+    # slow reference: the same split, every (attack, choice) on the selection half, the
+    # first best one bounded on the audit half alone
+    split = np.random.default_rng(11)
+    perm, key = split.permutation(400), split.random(400)
+    select, audit = perm[:200], perm[200:]
+
+    def bound(s, idx, choice):
+        order = sorted(range(len(idx)), key=lambda i: (-s[idx[i]], key[idx[i]]))
+        count = count_guesses(np.array(order), included[idx], *_counts(len(idx), choice))
+        return epsilon_lower_bound(len(idx), count.num_guesses, count.num_correct, 1e-5)
+
+    tried = [(bound(scores[i], select, c), -i, -j) for i in range(3)
+             for j, c in enumerate(DEFAULT_CHOICES)]
+    best, minus_i, minus_j = max(tried)
+    assert a == -minus_i == 1 and res.selection_epsilon == best
+    assert res.epsilon == bound(scores[1], audit, DEFAULT_CHOICES[-minus_j])
+    assert res.num_canaries == 200 and res.epsilon > 0
+    # the audit half of the other attacks plays no part in the choice
+    spoiled = scores.copy()
+    spoiled[0, audit] = included[audit] * 100.0  # perfect on the audit half only
+    assert select_and_audit(spoiled, included, delta=1e-5, holdout_seed=11) == (a, res)
+    # one attack: the per-attack audit
+    one = select_and_audit(scores[2:], included, delta=1e-5, holdout_seed=4)
+    assert one == (0, audit_from_scores(scores[2], included, delta=1e-5, holdout_seed=4))
+    with pytest.raises(ValueError, match="attacks × canaries"):
+        select_and_audit(scores[0], included, delta=1e-5)
+    with pytest.raises(ValueError, match="aligned"):
+        select_and_audit(scores[:, :10], included, delta=1e-5)

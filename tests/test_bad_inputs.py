@@ -715,6 +715,33 @@ def attack_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
     return bad(id, exc, problem, fix, setup, marks)
 
 
+def replicates_case(id: str, exc: type[BaseException], problem: str, *,
+                    edit: Callable[[pd.DataFrame], pd.DataFrame] = lambda r: r,
+                    damage: Callable[[Path], None] | None = None, missing: bool = False):
+    """The report's table stage on a replicate file edited by ``edit`` (or damaged, or
+    missing): it stops before writing any table, naming the fix (rerun the attack)."""
+    def setup(ctx: Ctx):
+        attack_file, rep_file = ctx.tmp / "loss.parquet", ctx.tmp / "replicates.parquet"
+        fio.write_parquet(pd.DataFrame(columns=list(fio.ATTACK_COLUMNS)).astype(
+            fio.ATTACK_DTYPES), attack_file, "attack")
+        rng = np.random.default_rng(0)
+        reps = pd.DataFrame([dict(CELL, attack="loss", protocol="aligned", draw=0, target=t,
+                                  round=2, **{"auc_replicates": rng.random(8).astype("float32"),
+                                              "tpr@0.1%_replicates": np.zeros(8, "float32")})
+                             for t in range(3)]).astype(fio.REPLICATE_DTYPES)
+        if not missing:
+            fio.write_parquet(edit(reps), rep_file, "replicates")
+        if damage is not None:
+            damage(rep_file)
+        out = ctx.tmp / "tables"
+        outputs = {k: out / f"{k}.txt" for k in ("csv", "per_round", "md", "tex",
+                                                 "findings_csv", "findings_md")}
+        return (lambda: pipeline.report_tables(
+            attack_files=[attack_file], manifests=[], selections=["last"], fpr_rule="at_most",
+            replicate_files=[rep_file], outputs=outputs)), [*outputs.values(), out]
+    return bad(id, exc, problem, RERUN_ATTACK, setup)
+
+
 def measure_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
                  rounds: list[int], observed: dict[int, bytes] | None = None,
                  manifest: dict | None = None,
@@ -773,7 +800,27 @@ def doubled(p: pd.DataFrame) -> pd.DataFrame:
 RERUN_MEASURE = r"rerun the measure stage"
 NOT_TENSORS = b"not a file fedmia wrote" * 10
 
+RERUN_ATTACK = r"delete .*replicates.parquet and rerun, or rerun its stage with snakemake " \
+    r"--forcerun attack"
+
 INTERMEDIATE = [
+    # the attack stage's replicates given to the report
+    replicates_case("replicate-file-missing", FileNotFoundError,
+                    r"replicates.parquet does not exist", missing=True),
+    replicates_case("truncated-replicate-file", fio.FormatError,
+                    r"replicates.parquet is not a readable Parquet file .*truncated or damaged",
+                    damage=truncate),
+    replicates_case("replicate-file-missing-a-column", fio.FormatError,
+                    r"replicates.parquet lacks column\(s\) \['tpr@0.1%_replicates'\]",
+                    edit=lambda r: r.drop(columns="tpr@0.1%_replicates")),
+    replicates_case("replicate-arrays-of-unequal-lengths", fio.FormatError,
+                    r"replicate arrays of unequal lengths \[7, 8\]",
+                    edit=lambda r: r.assign(auc_replicates=[r.auc_replicates[0][:7],
+                                                            *r.auc_replicates[1:]])),
+    replicates_case("replicates-of-another-dtype", fio.FormatError,
+                    r"column 'auc_replicates' must hold float32 arrays, found ndarray float64",
+                    edit=lambda r: r.assign(auc_replicates=[v.astype("float64")
+                                                            for v in r.auc_replicates])),
     # measure tables given to the attack stage
     attack_case("measure-table-missing-a-round", ValueError,
                 r"mdm.parquet lacks observed round\(s\) \[2\]", RERUN_MEASURE,
@@ -883,6 +930,9 @@ FORMAT_VERSIONS = [
          lambda f: fio.read_parquet(f, "measures")),
         ("attack", "a.parquet", lambda f: _frame(f, "attack"),
          lambda f: fio.read_parquet(f, "attack")),
+        ("replicates", "r.parquet", lambda f: _frame(f, "replicates"), fio.read_replicates),
+        ("audit", "audit.parquet", lambda f: _frame(f, "audit"),
+         lambda f: fio.read_parquet(f, "audit")),
         ("observed", "round0001.safetensors",
          lambda f: fio.save_tensors(f, {"x": torch.zeros(1)}, {}, "observed"),
          fio.load_observed),

@@ -40,3 +40,16 @@ def test_bench_smoke(repo, script):
         rate = float(table["fedavg"][4])
         assert v["fedavg_samples_per_s"] == pytest.approx(rate, rel=1e-2)
         assert v["fl_overhead"] == pytest.approx(med["fedavg"] / med["central"] - 1, rel=1e-2)
+
+
+def test_bootstrap_coverage_smoke(repo):
+    """The coverage simulation runs and prints each method's coverage at S = 3 and S = 1."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "bootstrap.py"), "--coverage",
+                        "--smoke"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = dict(line.split("=", 1) for line in r.stdout.splitlines()
+                  if "=" in line and " " not in line.split("=", 1)[0])
+    for method in ("old_s3", "t_s3", "old_s1", "joint_s1", "joint+targets_s1"):
+        for metric in ("auc", "tpr@0.1%"):
+            assert 0 <= float(values[f"coverage_runs_{method}_{metric}"]) <= 1
+    assert "within-run" in r.stdout and "population" in r.stdout

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -110,3 +111,32 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
     io.write_parquet(pd.DataFrame({"round": [1]}), f, "measures")
     assert f.exists() and not stale.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".n.parquet.abc123.tmp", "m.parquet"]
+
+
+def replicate_table(n: int = 3, n_boot: int = 8) -> pd.DataFrame:
+    """A replicate table of ``n`` rows as the attack stage writes it."""
+    rng = np.random.default_rng(0)
+    keys = {"dataset": "digits", "model": "alexnet", "defense": "none", "partition": "iid",
+            "seed": 0, "attack": "loss", "protocol": "aligned", "draw": 0}
+    return pd.DataFrame([{**keys, "target": t, "round": 10,
+                          "auc_replicates": rng.random(n_boot).astype(np.float32),
+                          "tpr@0.1%_replicates": np.zeros(n_boot, np.float32)}
+                         for t in range(n)]).astype(io.REPLICATE_DTYPES)
+
+
+def test_replicate_file_contract(tmp_path):
+    assert io.REPLICATE_COLUMNS == (*io.CELL_KEYS, "attack", "protocol", "draw", "target",
+                                    "round", "auc_replicates", "tpr@0.1%_replicates")
+    f = tmp_path / "replicates.parquet"
+    df = replicate_table()
+    io.write_parquet(df, f, "replicates")
+    back = io.read_replicates(f)
+    assert list(back.columns) == list(io.REPLICATE_COLUMNS)
+    for c, t in io.REPLICATE_DTYPES.items():
+        assert (pd.api.types.is_string_dtype(back[c]) if t == "object"
+                else str(back[c].dtype) == t), c
+    for c in ("auc_replicates", "tpr@0.1%_replicates"):
+        assert all(v.dtype == np.float32 and v.shape == (8,) for v in back[c])
+        np.testing.assert_array_equal(np.stack(back[c]), np.stack(df[c]))
+    io.write_parquet(df, tmp_path / "again.parquet", "replicates")
+    assert (tmp_path / "again.parquet").read_bytes() == f.read_bytes()  # byte-stable

@@ -12,7 +12,8 @@ import torch
 
 from fedmia import io, pipeline
 from fedmia.accounting import accounted_epsilon
-from fedmia.audit import audit_from_scores, max_epsilon_lower_bound
+from fedmia.audit import audit_from_scores, max_epsilon_lower_bound, select_and_audit
+from fedmia.io import REPLICATE_COLUMNS, read_replicates
 from fedmia.models import build_model
 from fedmia.stages.train import Checkpoint
 from fedmia.state import FlatState, StateLayout
@@ -179,11 +180,13 @@ def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits
                      manifest_file=outputs["manifest"], device="cpu", threads=1,
                      output=mdm_file)
     assert len(pd.read_parquet(mdm_file)) == 0
-    out = {"loss": tmp_path / "loss.parquet"}
+    out = {"loss": tmp_path / "loss.parquet", "replicates": tmp_path / "replicates.parquet"}
     pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
                     cell=CELL, rounds=[1, 2, 4], manifest_file=outputs["manifest"],
                     attacks=["loss"], attack_rounds=[2, 4], outputs=out)
     assert len(pd.read_parquet(out["loss"])) == 0
+    empty = read_replicates(out["replicates"])
+    assert len(empty) == 0 and list(empty.columns) == list(REPLICATE_COLUMNS)
     for kind in ("rounds", "roc"):  # the cell's figures say why they are empty
         figs = {"png": tmp_path / f"{kind}.png", "pdf": tmp_path / f"{kind}.pdf"}
         pipeline.report_cell_figures(attack_files=[out["loss"]], kind=kind, outputs=figs,
@@ -302,11 +305,12 @@ def _audited_cell(digits_files, out, defense, train):
                      observed_dir=outputs["observed"], rounds=[train["rounds"]],
                      manifest_file=outputs["manifest"], device="cpu", threads=1,
                      output=out / "mdm.parquet")
-    files = {"loss": out / "loss.parquet", "audit": out / "audit.parquet"}
+    files = {"loss": out / "loss.parquet", "audit": out / "audit.parquet",
+             "replicates": out / "replicates.parquet"}
     pipeline.attack(measures_file=out / "mdm.parquet", partition_file=out / "partition.parquet",
                     cell=CELL, attacks=["loss"], attack_rounds=[train["rounds"]],
                     protocol=["aligned"], manifest_file=outputs["manifest"],
-                    audit={"target": 0, "delta": 1e-5}, outputs=files)
+                    audit={"target": 0, "delta": 1e-5}, n_boot=50, outputs=files)
     part_df = pd.read_parquet(out / "partition.parquet")
     return pd.read_parquet(files["audit"]).iloc[0], part_df, pd.read_parquet(files["loss"])
 
@@ -337,6 +341,22 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     assert row["num_canaries"] == 100 and row["round"] == 4
     assert mine.loss[coins].mean() < mine.loss[~coins].mean()  # the trained-on ones fit better
     assert row["epsilon_empirical"] <= max_epsilon_lower_bound(row["num_guesses"])
+    # the attack chosen on held-out canaries (here the only one) has a row of its own
+    table = io.read_parquet(tmp_path / "audit.parquet", "audit")
+    assert list(table.attack) == ["loss", "selected"]
+    chosen = table.iloc[1]
+    a, best = select_and_audit(-mine.loss.to_numpy()[None], coins, delta=1e-5,
+                               holdout_seed=stable_seed(0, "selected"))
+    assert chosen["selected_attack"] == "loss" and chosen["epsilon_empirical"] == best.epsilon
+    # the replicates the findings need: loss (a finding attack) per target at the attacked
+    # round, B float32 values, the file contract of fedmia.io
+    reps = read_replicates(tmp_path / "replicates.parquet")
+    assert list(reps.columns) == list(REPLICATE_COLUMNS) and len(reps) == 3
+    assert set(reps["round"]) == {4} and set(reps.target) == {0, 1, 2}
+    assert all(v.dtype == np.float32 and len(v) == 50 for v in reps["auc_replicates"])
+    lo, hi = np.percentile(reps["auc_replicates"].iloc[0].astype(float), [2.5, 97.5])
+    assert (loss.auc_ci_low.iloc[0], loss.auc_ci_high.iloc[0]) == pytest.approx((lo, hi),
+                                                                                 abs=1e-6)
 
 
 def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):

@@ -5,8 +5,11 @@ import io
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from fedmia import report
+from fedmia.io import CELL_KEYS
+from fedmia.uncertainty import percentile_interval
 
 CELL = dict(dataset="d", model="m", defense="none", partition="iid", seed=0)
 
@@ -296,33 +299,126 @@ def test_summary_intervals_and_false_positives():
     assert (cos["ci_low"], cos["ci_high"]) == pytest.approx((0.61, 0.71))
 
 
-def test_findings_are_paired_differences_with_verdicts():
+def test_findings_over_seeds_are_t_intervals_of_the_per_seed_means():
     rows = []
-    for t in range(6):
-        # II beats I on every target by 0.1 (paired), III ties II (±0.02 alternating)
-        rows.append(row("cos", t, 10, 0.6 + 0.02 * t, 0.01))
-        rows.append(row("cos_series", t, -1, 0.7 + 0.02 * t, 0.02))
-        rows.append(row("fedmia_cos", t, -1, 0.7 + 0.02 * t + (0.02 if t % 2 else -0.02),
-                        0.02))
+    for seed, shift, wiggle in ((0, 0.08, 0.01), (1, 0.10, -0.01), (2, 0.12, 0.004)):
+        for t in range(6):
+            # II beats I by `shift` on every target of the seed (paired); III − II is
+            # ±0.02 alternating plus a small per-seed wiggle
+            rows.append(row("cos", t, 10, 0.6 + 0.02 * t, 0.01) | {"seed": seed})
+            rows.append(row("cos_series", t, -1, 0.6 + 0.02 * t + shift, 0.02)
+                        | {"seed": seed})
+            rows.append(row("fedmia_cos", t, -1, 0.6 + 0.02 * t + shift + wiggle
+                            + (0.02 if t % 2 else -0.02), 0.02) | {"seed": seed})
     f = report.findings(pd.DataFrame(rows), ["last"]).set_index(["comparison", "metric"])
     ii = f.loc[("cos_series − cos", "auc")]
-    assert ii["difference"] == pytest.approx(0.1) and ii["verdict"] == "holds"
-    assert ii["ci_low"] == pytest.approx(0.1) and ii["n_units"] == 6  # the same on every target
+    half = stats.t.ppf(0.975, 2) * np.std([0.08, 0.10, 0.12], ddof=1) / np.sqrt(3)
+    assert ii["difference"] == pytest.approx(0.1)
+    assert (ii["ci_low"], ii["ci_high"]) == pytest.approx((0.1 - half, 0.1 + half))
+    assert ii["verdict"] == "holds" and ii["n_runs"] == 3 and ii["n_units"] == 18
+    assert ii["method"] == "t over 3 seeds"
     assert f.loc[("fedmia_cos − cos_series", "auc"), "verdict"] == "inconclusive"
     assert f.loc[("fedmia_cos − cos", "auc"), "verdict"] == "holds"
     assert list(report.findings(pd.DataFrame(rows), ["last"]).columns) == list(
         report.FINDINGS_COLUMNS)
+    two = report.findings(pd.DataFrame([r for r in rows if r["seed"] < 2]), ["last"])
+    assert set(two["method"]) == {"t over 2 seeds (1 df: wide)"}  # t_{1} = 12.7: wide
     assert report.verdict(-0.2, -0.1) == "fails" and report.verdict(np.nan, 1) == "undefined"
+    assert report.verdict(0.1, 0.2, one_run=True) == "holds (1 run)"
+    assert report.verdict(-0.1, 0.2, one_run=True) == "inconclusive (1 run)"
+    assert report.verdict(-0.3, -0.2, one_run=True) == "fails (1 run)"
+
+
+def replicates_of(rows: list[dict], draw_reps) -> pd.DataFrame:
+    """A replicate table for ``rows``: ``draw_reps(row)`` gives the B AUC replicates."""
+    keys = [*CELL_KEYS, "attack", "protocol", "draw", "target", "round"]
+    return pd.DataFrame([{**{k: r[k] for k in keys},
+                          "auc_replicates": draw_reps(r).astype(np.float32),
+                          "tpr@0.1%_replicates": np.full(50, r["tpr@0.1%"], np.float32)}
+                         for r in rows])
+
+
+def test_a_finding_from_one_run_is_a_joint_bootstrap_labelled_one_run():
+    rng = np.random.default_rng(0)
+    pool = rng.normal(0, 0.03, size=50)  # the shared pool's effect, replicate by replicate
+    rows = []
+    for draw in (0, 1):
+        for t in range(5):
+            rows.append(row("loss", t, 10, 0.60 + 0.01 * t, 0.01, protocol="official",
+                            draw=draw))
+            rows.append(row("loss_series", t, -1, 0.65 + 0.01 * t + 0.01 * draw, 0.02,
+                            protocol="official", draw=draw))
+    noise = {(r["attack"], r["draw"], r["target"]): rng.normal(0, 0.01, 50) for r in rows}
+    reps = replicates_of(rows, lambda r: r["auc"] + pool + noise[r["attack"], r["draw"],
+                                                                 r["target"]])
+    f = report.findings(pd.DataFrame(rows), ["last"], replicates=reps)
+    auc = f[(f.comparison == "loss_series − loss") & (f.metric == "auc")].iloc[0]
+    # a reader keeps the replicates of the selected rows only: here all 20 (one round each)
+    extra = pd.DataFrame([r | {"round": 20, "auc": 0.5} for r in rows if r["round"] == 10])
+    keys = report.replicate_keys(pd.concat([pd.DataFrame(rows), extra]), ["last"])
+    assert len(keys) == 20 and set(keys["round"]) == {-1, 20}
+    assert auc["difference"] == pytest.approx(0.055) and auc["n_runs"] == 1
+    assert auc["method"] == "joint bootstrap, 1 run" and auc["verdict"] == "holds (1 run)"
+    # by hand: per target, the mean over draws of the paired replicate differences (the
+    # pool's effect cancels in the pair); per replicate, the mean over the targets
+    d = np.stack([np.mean([np.float32(rows[2 * (5 * dr + t) + 1]["auc"] + pool
+                                      + noise["loss_series", dr, t]).astype(np.float64)
+                           - np.float32(rows[2 * (5 * dr + t)]["auc"] + pool
+                                        + noise["loss", dr, t]).astype(np.float64)
+                           for dr in (0, 1)], axis=0) for t in range(5)])
+    want = percentile_interval(d.mean(axis=0))
+    assert (auc["ci_low"], auc["ci_high"]) == pytest.approx(want)
+    # without replicates, one run has no interval
+    bare = report.findings(pd.DataFrame(rows), ["last"])
+    assert set(bare["verdict"]) == {"undefined"}
+    assert set(bare["method"]) == {"1 run, no bootstrap replicates"}
+    assert "(1 run)" in report.findings_markdown(f) and "n_runs" in report.findings_markdown(f)
 
 
 def test_noniid_finding_compares_independent_groups():
-    rows = [row("cos_series", t, -1, 0.8, 0.1) | {"partition": "dir"} for t in range(4)]
-    rows += [row("cos_series", t, -1, 0.6 + 0.01 * t, 0.1) for t in range(4)]
+    rows = []
+    for seed, gap in ((0, 0.17), (1, 0.19), (2, 0.195)):
+        rows += [row("cos_series", t, -1, 0.6 + gap, 0.1) | {"partition": "dir", "seed": seed}
+                 for t in range(4)]
+        rows += [row("cos_series", t, -1, 0.6 + 0.01 * t, 0.1) | {"seed": seed}
+                 for t in range(4)]
     f = report.findings(pd.DataFrame(rows), ["last"], {"iid": "iid", "dir": "dirichlet"})
     auc = f[(f.finding == report.NONIID_FINDING) & (f.metric == "auc")].iloc[0]
-    assert auc["partition"] == "dir vs iid" and auc["difference"] == pytest.approx(0.185)
-    assert auc["verdict"] == "holds" and auc["n_units"] == 8
-    assert "+0.185" in report.findings_markdown(f)
+    assert auc["partition"] == "dir vs iid" and auc["difference"] == pytest.approx(0.17)
+    assert auc["verdict"] == "holds" and auc["n_units"] == 24 and auc["n_runs"] == 3
+    assert auc["method"] == "t over 3 seeds"
+    assert "+0.170" in report.findings_markdown(f)
+    # one seed: each cell's own replicates, its targets drawn on their own
+    one = [r for r in rows if r["seed"] == 0]
+    reps = replicates_of(one, lambda r: r["auc"] + np.linspace(-0.02, 0.02, 50))
+    f1 = report.findings(pd.DataFrame(one), ["last"], {"iid": "iid", "dir": "dirichlet"},
+                         replicates=reps)
+    auc1 = f1[(f1.finding == report.NONIID_FINDING) & (f1.metric == "auc")].iloc[0]
+    assert auc1["verdict"] == "holds (1 run)" and auc1["n_runs"] == 1
+    assert auc1["difference"] == pytest.approx(0.155)
+    means = [np.stack([np.float32(r["auc"] + np.linspace(-0.02, 0.02, 50)).astype(float)
+                       for r in one if r["partition"] == p]).mean(axis=0) for p in ("dir", "iid")]
+    assert (auc1["ci_low"], auc1["ci_high"]) == pytest.approx(
+        percentile_interval(means[0] - means[1]))
+
+
+def test_privacy_utility_names_the_selected_attack_audit():
+    summary = report.summarize(fake_results(), ["last"])
+    cells = pd.DataFrame([dict(CELL, final_test_accuracy=0.9, last_finite_test_accuracy=0.9,
+                               diverged_round=np.nan)])
+    audit = pd.DataFrame([dict(CELL, attack=a, epsilon_empirical=e, selected_attack=s)
+                          for a, e, s in (("loss", 0.3, ""), ("loss_series", 0.5, ""),
+                                          ("selected", 0.4, "loss_series"))])
+    audit = pd.concat([audit, audit.assign(seed=1, epsilon_empirical=audit[
+        "epsilon_empirical"] + 0.1, selected_attack=["", "", "loss"])])
+    pu = report.privacy_utility(summary, cells, pd.DataFrame(
+        [{"defense": "none", "kind": "none", "strength": 0.0, "params": ""}]), audit=audit)
+    assert list(pu.columns) == list(report.PU_COLUMNS)
+    assert set(pu["epsilon_empirical_selected"]) == {0.4}  # every row of the setting
+    assert set(pu["selected_attack"]) == {"loss_series, loss"}
+    aligned = pu[pu.attack == "loss"]
+    assert set(aligned["epsilon_empirical"]) == {0.3}  # per attack: smallest over seeds
+    assert "selected" not in set(pu.attack)
 
 
 def test_a_cell_diverged_before_any_observed_round_has_rows_where_its_attacks_belong():

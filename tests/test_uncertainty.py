@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
 
 from fedmia import metrics, uncertainty
 from fedmia.uncertainty import (
@@ -307,3 +309,88 @@ def test_benchmark_smoke(repo):
     for key in ("bootstrap_ms_default_iid", "bootstrap_ms_paper", "projected_default_s",
                 "projected_default_paired_s"):
         assert float(values[key]) > 0, key
+
+
+# ------------------------------------------------- the joint resample shared by targets
+
+
+def test_joint_resample_equals_metrics_on_the_expanded_data():
+    """Slow reference: per replicate, each sample's multiplicity drawn by hand from its
+    owner group's stream, the data repeated accordingly, AUC from scikit-learn and TPR
+    from fedmia.metrics on the expanded data; one draw per group serves every target."""
+    rng = np.random.default_rng(0)
+    own = rng.permutation(np.r_[np.full(30, -1), np.repeat([0, 1, 2], 8)])  # 54 samples
+    scores = np.round(rng.normal(size=(3, 2, len(own))) * 3) / 3  # target × row × sample, ties
+    n_boot = 25
+    groups = [-1, 0, 1, 2]
+    seeds = {g: stable_seed("cell", "aligned", 0, g, int((own == g).sum())) for g in groups}
+    weight = np.zeros((n_boot, len(own)), dtype=np.int64)  # shared by every target
+    for g in groups:
+        members = np.flatnonzero(own == g)
+        draws = np.random.default_rng(seeds[g]).integers(0, len(members),
+                                                         size=(n_boot, len(members)))
+        for b in range(n_boot):
+            for j in draws[b]:
+                weight[b, members[j]] += 1
+    for t in (0, 1, 2):
+        is_member = own == t
+        strata = [uncertainty.Stratum(seeds[g], np.flatnonzero(own == g)) for g in groups]
+        reps = uncertainty.stratified_replicates(scores[t], is_member, strata, n_boot=n_boot,
+                                                 alphas=(0.05, 0.25))
+        np.testing.assert_array_equal(
+            uncertainty.strata_weights(strata, len(own), n_boot=n_boot), weight)
+        for b in range(n_boot):
+            s = np.repeat(scores[t], weight[b], axis=1)
+            m = np.repeat(is_member, weight[b])
+            assert m.sum() == 8 and (~m).sum() == 46  # stratified: the counts are kept
+            for r in range(2):
+                assert reps["auc"][r, b] == pytest.approx(roc_auc_score(m, s[r]), abs=1e-12)
+                for a in (0.05, 0.25):
+                    assert reps[metrics.tpr_metric_name(a)][r, b] == pytest.approx(
+                        metrics.tpr_at_fpr(s[r], m, a), abs=1e-12)
+
+
+def test_two_strata_are_the_plain_stratified_bootstrap_and_strata_are_checked():
+    scores, is_member = random_case(8, ties=True)
+    pos, neg = uncertainty._streams(3)
+    strata = [uncertainty.Stratum(pos, np.flatnonzero(is_member)),
+              uncertainty.Stratum(neg, np.flatnonzero(~is_member))]
+    plain = bootstrap_replicates(scores, is_member, n_boot=20, seed=3)
+    general = uncertainty.stratified_replicates(scores, is_member, strata, n_boot=20)
+    for k in plain:
+        np.testing.assert_array_equal(plain[k], general[k])
+    half = np.flatnonzero(~is_member)[:5]
+    with pytest.raises(ValueError, match="every one of the 400 slots exactly once"):
+        uncertainty.stratified_replicates(scores, is_member, strata[:1], n_boot=5)
+    with pytest.raises(ValueError, match="mixes members and non-members"):
+        uncertainty.stratified_replicates(scores, is_member, [
+            uncertainty.Stratum(1, np.r_[np.flatnonzero(is_member), half]),
+            uncertainty.Stratum(2, np.setdiff1d(np.flatnonzero(~is_member), half))], n_boot=5)
+
+
+def test_t_interval_by_hand():
+    v = np.array([0.12, 0.05, 0.09, 0.15])
+    half = stats.t.ppf(0.975, 3) * np.std(v, ddof=1) / 2
+    assert uncertainty.t_interval(v) == pytest.approx((v.mean() - half, v.mean() + half))
+    two = np.array([0.1, 0.2])  # 1 df: t = 12.706
+    assert uncertainty.t_interval(two) == pytest.approx((0.15 - 12.7062 * 0.05,
+                                                         0.15 + 12.7062 * 0.05), rel=1e-4)
+    assert uncertainty.t_interval(np.r_[v, np.nan]) == uncertainty.t_interval(v)
+    assert all(math.isnan(x) for x in uncertainty.t_interval(np.array([0.3, np.nan])))
+    lo, hi = uncertainty.t_interval(v, level=0.5)
+    assert hi - lo == pytest.approx(2 * stats.t.ppf(0.75, 3) * np.std(v, ddof=1) / 2)
+
+
+def test_run_replicate_means_by_hand():
+    rng = np.random.default_rng(1)
+    reps = rng.normal(size=(5, 40))
+    reps[2, 3] = np.nan
+    fixed = uncertainty.run_replicate_means(reps)
+    got = uncertainty.run_replicate_means(reps, draw_targets=7)
+    drawn = np.random.default_rng(7).integers(0, 5, size=(40, 5))
+    for b in range(40):
+        vals = [reps[t, b] for t in drawn[b] if not np.isnan(reps[t, b])]
+        assert got[b] == pytest.approx(np.mean(vals))
+        assert fixed[b] == pytest.approx(np.mean([v for v in reps[:, b] if not np.isnan(v)]))
+    with pytest.raises(ValueError, match="targets × replicates"):
+        uncertainty.run_replicate_means(reps[0])

@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from fedmia.attacks import finding_attacks
+from fedmia.io import read_replicates
 from fedmia.registry import FIGURES
-from fedmia.report import PU_COLUMNS
+from fedmia.report import FINDINGS_COLUMNS, PU_COLUMNS
 from fedmia.workflow import SCHEMA, load_schema
 
 pytestmark = pytest.mark.workflow
@@ -106,6 +108,16 @@ def test_tiny_end_to_end_run(tiny_run):
     assert "Loss-III (FedMIA-I)" in md and "### protocol official" in md
     assert "FPR resolution 1/" in md and "picked with hindsight" in md
     assert r"\toprule" in (tables / "attacks.tex").read_text()
+    # the replicates of the finding attacks reach the findings: one seed, so every defined
+    # verdict is a within-run statement
+    reps = read_replicates(wd / "results" / "attacks" / "digits" / "alexnet" / "none" / "iid"
+                           / "seed0" / "replicates.parquet")
+    assert set(reps.attack) == set(finding_attacks())
+    found = pd.read_csv(tables / "findings.csv")
+    assert list(found.columns) == list(FINDINGS_COLUMNS)
+    auc = found[found.metric == "auc"]  # (TPR@0.1 % is undefined on 30 non-members)
+    assert set(auc.method) == {"joint bootstrap, 1 run"} and set(auc.n_runs) == {1}
+    assert auc.verdict.str.endswith("(1 run)").all()
     pu = pd.read_csv(tables / "privacy_utility.csv")
     assert list(pu.columns) == list(PU_COLUMNS)
     assert pu.test_accuracy.between(0, 1).all()

@@ -59,10 +59,15 @@ from fedmia import audit, metrics, uncertainty
 from fedmia.io import (
     ATTACK_DTYPES,
     AUDIT_COLUMNS,
+    CELL_KEYS,
     CI_METRICS,
     MEASURE_DTYPES,
     MEASURE_KEYS,
     MEASURES,
+    REPLICATE_COLUMNS,
+    REPLICATE_DTYPES,
+    REPLICATE_KEYS,
+    REPLICATE_METRICS,
     RESULT_COLUMNS,
 )
 from fedmia.registry import ATTACKS
@@ -85,6 +90,8 @@ OUTLIER_POLICIES = ("auto", "always", "never")
 ATTACK_KINDS = ("single", "series", "fedmia")
 #: Spawn key of the official protocol's random draws (see :func:`official_slots`).
 STREAM_OFFICIAL = 3
+#: ``attack`` of the audit row whose attack was chosen on held-out canaries.
+SELECTED = "selected"
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,26 @@ for _spec in (
     AttackSpec("grad_diff_series", "grad_diff", +1, "series", "grad"),
 ):
     register_attack(_spec)
+
+
+#: The paper's findings as paired comparisons ``(finding, better attack, worse attack)``:
+#: per measure family, multi-round beats single-round (II vs I) and the other clients'
+#: models help (III vs II, III vs I). The report tests them (:func:`fedmia.report.findings`).
+FINDING_PAIRS = tuple(
+    (finding, better, worse)
+    for family in ("loss", "cos")
+    for finding, better, worse in (
+        ("multi-round beats single-round (II vs I)", f"{family}_series", family),
+        ("other clients' models help (III vs II)", f"fedmia_{family}", f"{family}_series"),
+        ("other clients' models help (III vs I)", f"fedmia_{family}", family),
+    )
+)
+
+
+def finding_attacks() -> list[str]:
+    """The attacks the findings compare (table order): those whose replicates are kept."""
+    named = {a for _, better, worse in FINDING_PAIRS for a in (better, worse)}
+    return [a for a in attack_order() if a in named]
 
 
 @dataclass(frozen=True)
@@ -437,17 +464,47 @@ class Slots:
         index: int64 R×K×S (or S for ``aligned``): sample position (on the cube's N axis)
             that client k scores in slot s at round r.
         is_member: bool S.
+        group: int64 S, the owner group a slot is drawn from: the target for a member,
+            −1 for a held-out sample's slot, ``c`` for a slot of client c's samples (the
+            strata of the bootstrap, :func:`bootstrap_strata`).
         ref_weights: bool R×K×S or ``None`` (every non-target client counts).
     """
 
     index: np.ndarray
     is_member: np.ndarray
+    group: np.ndarray
     ref_weights: np.ndarray | None = None
 
 
 def aligned_slots(own: np.ndarray, target: int) -> Slots:
     """The aligned protocol: every client scores every evaluation sample in every round."""
-    return Slots(np.arange(len(own)), own == target)
+    return Slots(np.arange(len(own)), own == target, np.asarray(own, dtype=np.int64))
+
+
+def bootstrap_strata(slots: Slots, keys: Sequence[str | int]) -> list[uncertainty.Stratum]:
+    """The strata of the bootstrap of one target's rows: one per owner group.
+
+    The slots of each group (:attr:`Slots.group`, in slot order) form a stratum whose
+    draws are seeded by ``stable_seed(*keys, group, size)``: with ``keys`` naming the
+    cell and the protocol but neither the target nor the official draw, every target's
+    rows (and every draw's) resample a group with the same draw. Under ``aligned`` a
+    slot is a sample, so the resample is one multiplicity per evaluation sample, shared
+    by all targets (a sample's weight is the same where it is a member and where it is
+    a non-member). Under ``official`` the members are samples too, the same in every
+    draw, so their resample is shared by the draws as it must be (a mean over draws
+    would otherwise shrink the members' sampling noise); a non-member slot, however,
+    holds another sample in every (round, client) and draw, so there the positions of
+    each slot group are resampled, one draw per (group, size) — positions, not
+    samples, are shared, and the sampling noise of the held-out pool, common to all
+    targets and draws, is not represented: an official row's interval is a valid
+    bootstrap of its slots, but a mean over targets or draws of official replicates
+    understates the pool's share of the uncertainty (small for the AUC, whose noise
+    the few members dominate; larger for TPR at low FPR).
+    """
+    groups, sizes = np.unique(slots.group, return_counts=True)
+    return [uncertainty.Stratum(uncertainty.stable_seed(*keys, int(g), int(n)),
+                                np.flatnonzero(slots.group == g))
+            for g, n in zip(groups, sizes, strict=True)]
 
 
 def official_slots(own: np.ndarray, target: int, num_rounds: int, clients: np.ndarray,
@@ -490,7 +547,7 @@ def official_slots(own: np.ndarray, target: int, num_rounds: int, clients: np.nd
     if not protocol.self_mix:
         weights = np.broadcast_to(owner_of_slot[None, None, :] != clients[None, :, None],
                                   index.shape)
-    return Slots(index, is_member, weights)
+    return Slots(index, is_member, owner_of_slot.astype(np.int64), weights)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -576,18 +633,19 @@ def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
     })
 
 
-def _intervals(scores: np.ndarray, is_member: np.ndarray, *, n_boot: int, rule: str,
-               seed: int) -> list[dict[str, float]]:
+def _intervals(scores: np.ndarray, slots: Slots, strata: Sequence[uncertainty.Stratum], *,
+               n_boot: int, rule: str) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
     """Per row of ``scores`` (R×S): bootstrap interval, SE and false positives.
 
-    The 95 % percentile interval and the standard error of each :data:`fedmia.io.CI_METRICS` from
-    ``n_boot`` paired replicates (one resample for all rows), and for each TPR the false
-    positives it rests on.
+    The 95 % percentile interval and the standard error of each :data:`fedmia.io.CI_METRICS`
+    from ``n_boot`` replicates of the stratified resample ``strata`` (one resample for
+    all rows: paired), and for each TPR the false positives it rests on. Returns the
+    rows' columns and the replicates (metric → float64 R×B; empty without replicates).
     """
     nan = float("nan")
     out: list[dict[str, float]] = [{} for _ in range(len(scores))]
-    reps = (uncertainty.bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=seed,
-                                             rule=rule) if n_boot > 0 else {})
+    reps = (uncertainty.stratified_replicates(scores, slots.is_member, strata, n_boot=n_boot,
+                                              rule=rule) if n_boot > 0 else {})
     for m in CI_METRICS:
         for r, row in enumerate(out):
             v = reps[m][r] if m in reps else None
@@ -598,20 +656,46 @@ def _intervals(scores: np.ndarray, is_member: np.ndarray, *, n_boot: int, rule: 
     for alpha in metrics.FPR_LEVELS:
         name = metrics.tpr_metric_name(alpha)
         for r, row in enumerate(out):
-            row[f"{name}_fp"] = uncertainty.false_positives_at(scores[r], is_member, alpha,
-                                                               rule)
-    return out
+            row[f"{name}_fp"] = uncertainty.false_positives_at(scores[r], slots.is_member,
+                                                               alpha, rule)
+    return out, reps
 
 
 def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
-                targets: Iterable[int] | None = None, *,
-                attack_rounds: Iterable[int] | None = None,
-                protocols: Sequence[str] = PROTOCOLS,
-                official: OfficialProtocol = OfficialProtocol(),
-                ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
-                fpr_rule: str = "at_most", roc_points: int = 200,
-                n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+                targets: Iterable[int] | None = None, **options: Any) -> dict[str, pd.DataFrame]:
     """Run attacks against each target client under each protocol and measure success.
+
+    :func:`run_attacks_with_replicates` without keeping replicates: its result tables
+    (the same keyword options).
+    """
+    return run_attacks_with_replicates(names, mdm, owner, targets, **options)[0]
+
+
+def run_attacks_with_replicates(
+        names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
+        targets: Iterable[int] | None = None, *,
+        attack_rounds: Iterable[int] | None = None,
+        protocols: Sequence[str] = PROTOCOLS,
+        official: OfficialProtocol = OfficialProtocol(),
+        ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
+        fpr_rule: str = "at_most", roc_points: int = 200,
+        n_boot: int = 1000, bootstrap_keys: Sequence[str | int] | None = None,
+        keep_replicates: Iterable[str] = (),
+) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+    """Run attacks against each target client under each protocol; keep some replicates.
+
+    **The resample** (:func:`bootstrap_strata`). Per protocol one stratified bootstrap
+    serves every target, attack and official draw: each owner group (the held-out
+    samples, each client's samples) is resampled within itself, with replacement, the
+    draw seeded by ``(*bootstrap_keys, protocol, group, size)``
+    (:func:`fedmia.uncertainty.stable_seed`); target t's members are its group's
+    resample and its non-members the other groups'. Each row's interval is a
+    stratified bootstrap (members and non-members keep their counts), and rows of
+    different targets and attacks are paired: replicate ``b`` resamples the same
+    samples in all of them, so a mean over targets of replicate ``b`` carries the
+    correlation of targets that share the non-member pool (the findings' within-run
+    intervals, :func:`fedmia.report.findings`). Under ``official``, slot positions are
+    resampled within each slot group (see :func:`bootstrap_strata`).
 
     Args:
         names: attack names (:data:`ATTACKS`).
@@ -629,21 +713,28 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
         fpr_rule: how TPR at FPR α counts the limit (:data:`fedmia.metrics.FPR_RULES`).
         roc_points: the most ROC points kept per row (:func:`fedmia.metrics.roc_points`).
         n_boot: bootstrap replicates per row for the intervals (0: none, NaN columns).
+        bootstrap_keys: the keys naming the run in the resample's seeds (the stage
+            passes the cell's keys, so that cells resample independently); default
+            ``(official.seed,)``.
+        keep_replicates: attacks whose replicates are returned (e.g.
+            :func:`finding_attacks`).
 
     Returns:
-        attack name → one row per (protocol, draw, target, round) with
-        :data:`fedmia.io.RESULT_COLUMNS`: ``draw`` is 0 for ``aligned``; ``round`` is −1 for a
-        multi-round score; ``attacked`` whether the round is one of ``attack_rounds``
-        (a single-round attack at a round observed only for the figures is False; only
-        attacked rounds are candidates when a report picks a round); ``n_rounds`` the
-        rounds a score combines (1 for single-round);
+        ``(tables, replicates)``. ``tables``: attack name → one row per (protocol, draw,
+        target, round) with :data:`fedmia.io.RESULT_COLUMNS`: ``draw`` is 0 for
+        ``aligned``; ``round`` is −1 for a multi-round score; ``attacked`` whether the
+        round is one of ``attack_rounds`` (a single-round attack at a round observed only
+        for the figures is False; only attacked rounds are candidates when a report
+        picks a round); ``n_rounds`` the rounds a score combines (1 for single-round);
         the :data:`fedmia.metrics.METRICS` (a TPR is NaN where undefined); for the AUC
         and each TPR its 95 % percentile bootstrap interval ``<metric>_ci_low``,
-        ``<metric>_ci_high`` and standard error ``<metric>_se`` (members and
-        non-members resampled separately; one paired resample per target and protocol
-        draw, seeded from ``(cell seed, protocol, draw, target)``,
-        :mod:`fedmia.uncertainty`), and for each TPR ``<metric>_fp``, the false
-        positives it rests on (−1 where undefined); the ROC points as float64 arrays.
+        ``<metric>_ci_high`` and standard error ``<metric>_se`` (the resample above),
+        and for each TPR ``<metric>_fp``, the false positives it rests on (−1 where
+        undefined); the ROC points as float64 arrays. ``replicates``: one row per
+        (attack in ``keep_replicates``, protocol, draw, target, round) for attacked
+        rounds and multi-round scores, :data:`fedmia.io.REPLICATE_COLUMNS` but the
+        cell's keys: the B replicates of each of :data:`fedmia.io.REPLICATE_METRICS`
+        as float32 arrays (no row with ``n_boot = 0``).
 
     Raises:
         ValueError: as :func:`validate_measures`; an unknown protocol or FPR rule;
@@ -656,12 +747,15 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
     metrics.check_fpr_rule(fpr_rule)
     if official.draws < 1:
         raise ValueError(f"the official protocol needs at least 1 draw; got {official.draws}")
+    keep = set(keep_replicates)
+    run_keys = tuple(bootstrap_keys) if bootstrap_keys is not None else (official.seed,)
     measures = sorted({s.measure for s in specs})
     cube, own, targets = _check(mdm, owner, targets, measures)
     attacked = _attacked_mask(cube, attack_rounds)
     signed = {(s.measure, s.sign): s.sign * cube.values[s.measure] for s in specs}
     filt = dict(outlier_filter or {})
     rows: dict[str, list[dict]] = {s.name: [] for s in specs}
+    kept: list[dict] = []
     for protocol in protocols:
         for draw in range(official.draws if protocol == "official" else 1):
             for target in targets:
@@ -689,14 +783,17 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                 if not batch:
                     continue
                 stacked = np.stack([sc for _, _, sc in batch])  # rows × slots
-                ci = _intervals(stacked, slots.is_member, n_boot=n_boot, rule=fpr_rule,
-                                seed=uncertainty.stable_seed(official.seed, protocol, draw,
-                                                             target))
-                for (name, keys, sc), extra in zip(batch, ci, strict=True):
+                strata = bootstrap_strata(slots, (*run_keys, protocol))
+                ci, reps = _intervals(stacked, slots, strata, n_boot=n_boot, rule=fpr_rule)
+                for i, ((name, keys, sc), extra) in enumerate(zip(batch, ci, strict=True)):
                     fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
                     rows[name].append({**keys, **metrics.attack_metrics(sc, slots.is_member,
                                                                         fpr_rule),
                                        **extra, "roc_fpr": fpr, "roc_tpr": tpr})
+                    if reps and name in keep and keys["attacked"]:
+                        kept.append({"attack": name, **{k: keys[k] for k in REPLICATE_KEYS},
+                                     **{f"{m}_replicates": reps[m][i].astype(np.float32)
+                                        for m in REPLICATE_METRICS}})
     out = {}
     dtypes = {c: t for c, t in ATTACK_DTYPES.items() if c in RESULT_COLUMNS}
     for spec in specs:
@@ -708,7 +805,11 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
                  "(%s) %.3f", spec.name, len(targets),
                  res.groupby(["protocol", "draw"]).ngroups, len(cube.sample_ids),
                  protocols[0], aligned["auc"].mean())
-    return out
+    cols = [c for c in REPLICATE_COLUMNS if c not in CELL_KEYS]
+    replicates = pd.DataFrame(kept, columns=cols).astype(
+        {c: t for c, t in REPLICATE_DTYPES.items() if c in cols})
+    return out, replicates.sort_values(["attack", "protocol", "draw", "target", "round"],
+                                       ignore_index=True)
 
 
 def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
@@ -734,7 +835,12 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
     single-round attack at the last attacked round (no hindsight: picking a round on
     the canaries would void the bound), a multi-round one over the attacked rounds.
     :func:`fedmia.audit.audit_from_scores` turns the scores and the coins into the
-    lower bound on ε at ``delta`` (guess counts chosen on a held-out half).
+    lower bound on ε at ``delta`` (guess counts chosen on a held-out half). Each such
+    row is a bound at level β for *that* attack, chosen before the audit; the largest
+    of them is not. One more row, ``attack = "selected"``
+    (:func:`fedmia.audit.select_and_audit`), chooses the attack and the guess counts
+    together on the selection half of one split and bounds ε on the other half: the
+    audit of "the best attack", at level β.
 
     Args:
         names: attack names.
@@ -749,7 +855,9 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
         seed: seed of the held-out split (e.g. the cell's).
 
     Returns:
-        One row per attack, :data:`fedmia.io.AUDIT_COLUMNS`; ``round`` −1 for a multi-round score.
+        One row per attack, then the ``selected`` row (its ``selected_attack`` names the
+        chosen attack, its ``round`` is that attack's), :data:`fedmia.io.AUDIT_COLUMNS`;
+        ``round`` −1 for a multi-round score. No row without an attacked round.
     """
     specs = [ATTACKS.get(n) for n in names]
     ids = np.sort(canaries.index.to_numpy())
@@ -763,7 +871,7 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
     t = cube.client_index(target)
     attacked = _attacked_mask(cube, attack_rounds)
     filt = dict(outlier_filter or {})
-    out = []
+    out, scored = [], []
     for spec in specs:
         if not attacked.any():
             continue
@@ -777,9 +885,21 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
             rnd, sc = MULTI_ROUND, scores[0]
         res = audit.audit_from_scores(sc, included, delta=delta, beta=beta,
                                       holdout_seed=uncertainty.stable_seed(seed, spec.name))
-        out.append({"attack": spec.name, "target": target, "round": rnd,
-                    "epsilon_empirical": res.epsilon, "num_canaries": res.num_canaries,
-                    "num_guesses": res.num_guesses, "num_correct": res.num_correct,
-                    "delta": delta, "beta": beta, "rule": res.rule,
-                    "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out"})
+        out.append(_audit_row(spec.name, target, rnd, res, ""))
+        scored.append((spec.name, rnd, sc))
+    if scored:
+        a, res = audit.select_and_audit(np.stack([sc for _, _, sc in scored]), included,
+                                        delta=delta, beta=beta,
+                                        holdout_seed=uncertainty.stable_seed(seed, SELECTED))
+        out.append(_audit_row(SELECTED, target, scored[a][1], res, scored[a][0]))
     return pd.DataFrame(out, columns=list(AUDIT_COLUMNS))
+
+
+def _audit_row(attack: str, target: int, rnd: int, res: audit.AuditResult,
+               selected: str) -> dict[str, Any]:
+    return {"attack": attack, "target": target, "round": rnd,
+            "epsilon_empirical": res.epsilon, "num_canaries": res.num_canaries,
+            "num_guesses": res.num_guesses, "num_correct": res.num_correct,
+            "delta": res.delta, "beta": res.beta, "rule": res.rule,
+            "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out",
+            "selected_attack": selected}

@@ -252,6 +252,52 @@ def _counts(n: int, choice: tuple[float, float]) -> tuple[int, int]:
     return k_in, min(round(f_out * n), n - k_in)
 
 
+def _halves(n: int, holdout_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The random split of n canaries: ``(selection half, audit half, tie-breaking key)``."""
+    rng = np.random.default_rng(holdout_seed)
+    perm = rng.permutation(n)
+    tie_key = rng.random(n)
+    return perm[: n // 2], perm[n // 2:], tie_key
+
+
+def _check_scores(scores: np.ndarray, included: np.ndarray,
+                  choices: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=float)
+    included = np.asarray(included, dtype=bool)
+    if (scores.ndim not in (1, 2) or scores.shape[-1:] != included.shape
+            or included.ndim != 1 or len(included) < 2):
+        raise ValueError("scores (m, or attacks × m) and included (m) must be aligned, with "
+                         "m >= 2")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    if not choices:
+        raise ValueError("choices must not be empty")
+    return scores, included
+
+
+def _bound(scores: np.ndarray, included: np.ndarray, tie_key: np.ndarray, idx: np.ndarray,
+           choice: tuple[float, float], delta: float, beta: float
+           ) -> tuple[float, GuessCount]:
+    """The bound and the guesses of ``choice`` on the canaries ``idx``."""
+    order = np.lexsort((tie_key[idx], -scores[idx]))  # highest first, ties by the key
+    count = count_guesses(order, included[idx], *_counts(len(idx), choice))
+    eps = epsilon_lower_bound(len(idx), count.num_guesses, count.num_correct, delta, beta)
+    return eps, count
+
+
+def _result(scores: np.ndarray, included: np.ndarray, tie_key: np.ndarray,
+            select: np.ndarray, audit: np.ndarray, choice: tuple[float, float],
+            selection_epsilon: float, delta: float, beta: float) -> AuditResult:
+    eps, count = _bound(scores, included, tie_key, audit, choice, delta, beta)
+    return AuditResult(
+        epsilon=eps, num_canaries=len(audit), num_guesses=count.num_guesses,
+        num_correct=count.num_correct, guesses_in=count.guesses_in,
+        guesses_out=count.guesses_out, correct_in=count.correct_in,
+        correct_out=count.correct_out, delta=delta, beta=beta, rule="holdout",
+        choice=tuple(choice), selection_canaries=len(select),
+        selection_epsilon=selection_epsilon)
+
+
 def audit_from_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
                       beta: float = DEFAULT_BETA,
                       choices: Sequence[tuple[float, float]] = DEFAULT_CHOICES,
@@ -271,36 +317,46 @@ def audit_from_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
     Returns:
         An :class:`AuditResult`.
     """
-    scores = np.asarray(scores, dtype=float)
-    included = np.asarray(included, dtype=bool)
-    if scores.ndim != 1 or scores.shape != included.shape or len(scores) < 2:
+    scores, included = _check_scores(scores, included, choices)
+    if scores.ndim != 1:
         raise ValueError("scores and included must be 1-D, of equal length >= 2")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores must be finite")
-    if not choices:
-        raise ValueError("choices must not be empty")
-    rng = np.random.default_rng(holdout_seed)
-    perm = rng.permutation(len(scores))
-    tie_key = rng.random(len(scores))
-    halves = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    return select_and_audit(scores[None], included, delta=delta, beta=beta, choices=choices,
+                            holdout_seed=holdout_seed)[1]
 
-    def ranked(idx: np.ndarray) -> np.ndarray:
-        # positions within idx from highest to lowest score, ties by the random key
-        return np.lexsort((tie_key[idx], -scores[idx]))
 
-    def bound(idx: np.ndarray, choice: tuple[float, float]) -> tuple[float, GuessCount]:
-        count = count_guesses(ranked(idx), included[idx], *_counts(len(idx), choice))
-        eps = epsilon_lower_bound(len(idx), count.num_guesses, count.num_correct, delta, beta)
-        return eps, count
+def select_and_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
+                     beta: float = DEFAULT_BETA,
+                     choices: Sequence[tuple[float, float]] = DEFAULT_CHOICES,
+                     holdout_seed: int = 0) -> tuple[int, AuditResult]:
+    """One-run ε bound of the best of several attacks, chosen with the guesses on held-out canaries.
 
-    select, audit = halves
-    tried = [bound(select, c)[0] for c in choices]
-    best = int(np.argmax(tried))  # first among equals
-    eps, count = bound(audit, choices[best])
-    return AuditResult(
-        epsilon=eps, num_canaries=len(audit), num_guesses=count.num_guesses,
-        num_correct=count.num_correct, guesses_in=count.guesses_in,
-        guesses_out=count.guesses_out, correct_in=count.correct_in,
-        correct_out=count.correct_out, delta=delta, beta=beta, rule="holdout",
-        choice=tuple(choices[best]), selection_canaries=len(select),
-        selection_epsilon=tried[best])
+    The largest of several per-attack bounds is not a 95 % bound (each is one at level
+    β; their maximum is exceeded by chance more often). Here the attack is chosen as
+    the guess counts are: on the selection half of one random split, every (attack,
+    choice) pair is tried and the one with the largest bound is kept (the first among
+    equals, attacks in the given order); the bound is that pair's on the audit half
+    alone. Conditioned on the selection half the choice is fixed, so the theorem applies
+    on the audit half as for one attack (see the module docstring). With one attack
+    this is :func:`audit_from_scores`.
+
+    Args:
+        scores: float A×m, attack ``a``'s score of each canary (higher = more likely
+            included); finite.
+        included: bool (m,), each canary's coin.
+        delta: δ of the guarantee being audited.
+        beta: significance level in (0, 1).
+        choices: candidate guess fractions, as :func:`audit_from_scores`.
+        holdout_seed: seed of the one split (and tie-breaking key) for all attacks.
+
+    Returns:
+        ``(a, result)``: the chosen attack's row in ``scores`` and its :class:`AuditResult`.
+    """
+    scores, included = _check_scores(scores, included, choices)
+    if scores.ndim != 2 or len(scores) == 0:
+        raise ValueError("scores must be 2-D (attacks × canaries) with at least one attack")
+    select, audit, tie_key = _halves(len(included), holdout_seed)
+    tried = np.array([[_bound(s, included, tie_key, select, c, delta, beta)[0]
+                       for c in choices] for s in scores])  # A × choices
+    a, c = np.unravel_index(int(np.argmax(tried)), tried.shape)  # first among equals
+    return int(a), _result(scores[a], included, tie_key, select, audit, choices[c],
+                           float(tried[a, c]), delta, beta)

@@ -4,9 +4,10 @@ A failed stage leaves no partial file behind: outputs appear only once complete.
 
 **The contracts between stages live here**: the prepared dataset's files
 (:data:`PREPARED_FILES`), the measure table's columns and dtypes
-(:data:`MEASURE_DTYPES`), the attack and audit tables' (:data:`ATTACK_DTYPES`,
-:data:`AUDIT_COLUMNS`), the observed-round record (:func:`save_observed`) and the keys
-that join histories and manifests to cells (:data:`CELL_KEYS`). Importing the module
+(:data:`MEASURE_DTYPES`), the attack, audit and replicate tables'
+(:data:`ATTACK_DTYPES`, :data:`AUDIT_COLUMNS`, :data:`REPLICATE_COLUMNS`), the
+observed-round record (:func:`save_observed`) and the keys that join histories and
+manifests to cells (:data:`CELL_KEYS`). Importing the module
 imports no torch (tensors are written through ``safetensors.numpy``, which gives the
 bytes ``safetensors.torch`` gives), so the workflow reads these names when it parses the
 Snakefile.
@@ -95,9 +96,26 @@ ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
                  "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
                  "n_nonmembers": "int64", **{c: "int64" for c in CI_COLUMNS if c.endswith("_fp")}}
 #: Columns of an attack's one-run audit (:func:`fedmia.attacks.audit_attacks`); the audit
-#: table (``results/attacks/{cell}/audit.parquet``) has the cell's keys first.
+#: table (``results/attacks/{cell}/audit.parquet``) has the cell's keys first. The row of
+#: ``attack = "selected"`` audits the attack chosen on the selection half of the canaries,
+#: named in ``selected_attack`` (empty in the per-attack rows).
 AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
-                 "num_guesses", "num_correct", "delta", "beta", "rule", "choice")
+                 "num_guesses", "num_correct", "delta", "beta", "rule", "choice",
+                 "selected_attack")
+#: The metrics whose bootstrap replicates the attack stage keeps for the findings.
+REPLICATE_METRICS = ("auc", metrics.tpr_metric_name(0.001))
+#: The keys of a replicate row after the cell's and the attack: the attack table row's.
+REPLICATE_KEYS = ("protocol", "draw", "target", "round")
+#: Columns of the replicate table (``results/attacks/{cell}/replicates.parquet``,
+#: :func:`fedmia.attacks.run_attacks_with_replicates`): one row per (attack, protocol,
+#: draw, target, round) of the attacks the findings compare, attacked rounds and
+#: multi-round scores only; per metric of :data:`REPLICATE_METRICS` the B bootstrap
+#: replicates as a float32 array (``<metric>_replicates``), replicate ``b`` of every row
+#: of one protocol from the same resample of the evaluation samples (all targets and draws).
+REPLICATE_COLUMNS = (*CELL_KEYS, "attack", *REPLICATE_KEYS,
+                     *(f"{m}_replicates" for m in REPLICATE_METRICS))
+#: dtypes of the replicate table's key columns (the replicates: float32 arrays).
+REPLICATE_DTYPES = {c: ATTACK_DTYPES[c] for c in (*CELL_KEYS, "attack", *REPLICATE_KEYS)}
 
 
 def prepared_paths(folder: str | Path) -> dict[str, str]:
@@ -136,11 +154,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 #: Format version of each kind of intermediate file: bump one when its contents change
 #: incompatibly, so that old files are refused with a clear message instead of misread.
 FORMATS = {"partition": 3, "history": 3, "manifest": 1, "observed": 1, "final": 1,
-           "checkpoint": 1, "measures": 1, "attack": 1, "audit": 1}
+           "checkpoint": 1, "measures": 1, "attack": 1, "audit": 2, "replicates": 1}
 #: The rule that writes each kind of file (for the fix in an error message).
 WRITER = {"partition": "partition", "history": "train", "manifest": "train",
           "observed": "train", "final": "train", "checkpoint": "train", "measures": "measure",
-          "attack": "attack", "audit": "attack"}
+          "attack": "attack", "audit": "attack", "replicates": "attack"}
 FORMAT_KEY = "fedmia_format"
 
 
@@ -330,6 +348,32 @@ def available_rounds(rounds: Iterable[int], manifest_file: str | Path | None) ->
         log.warning("training diverged in round %d: round(s) %s were never observed",
                     man["diverged_round"], lacking)
     return [r for r in rounds if r in saved]
+
+
+def read_replicates(path: str | Path) -> pd.DataFrame:
+    """A replicate table (:data:`REPLICATE_COLUMNS`), checked.
+
+    Raises:
+        FormatError: damaged, of another format version, lacking a column, or with
+            replicate arrays of unequal lengths or not float32.
+        FileNotFoundError: it does not exist.
+    """
+    df = read_parquet(path, "replicates")
+    lacking = [c for c in REPLICATE_COLUMNS if c not in df.columns]
+    if lacking:
+        raise FormatError(f"{path} lacks column(s) {lacking}; {_fix(path, 'replicates')}")
+    lengths = set()
+    for m in REPLICATE_METRICS:
+        for v in df[f"{m}_replicates"]:
+            if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.ndim != 1:
+                raise FormatError(f"{path}: column '{m}_replicates' must hold float32 "
+                                  f"arrays, found {type(v).__name__} "
+                                  f"{getattr(v, 'dtype', '')}; {_fix(path, 'replicates')}")
+            lengths.add(len(v))
+    if len(lengths) > 1:
+        raise FormatError(f"{path}: replicate arrays of unequal lengths {sorted(lengths)} "
+                          f"(one resample has one length); {_fix(path, 'replicates')}")
+    return df
 
 
 def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:

@@ -4,13 +4,16 @@ One attack on one target client at one round gives one AUC and one TPR at each F
 level (:mod:`fedmia.metrics`). This module says how much those numbers would move
 if the evaluation samples were drawn again.
 
-Replicates of one row (:func:`bootstrap_replicates`)
-    Stratified, non-parametric bootstrap: each replicate draws ``P`` of the ``P``
-    members and ``Q`` of the ``Q`` non-members uniformly with replacement, the two
-    sets independently, and applies exactly the definitions of :mod:`fedmia.metrics`
-    to the resampled data. A sample drawn twice is tied with itself: AUC counts each
-    member/non-member tie one half, a threshold ("score ≥ t") takes all copies or
-    none, and TPR at FPR α is the largest TPR among thresholds with at most
+Replicates of one row (:func:`stratified_replicates`, :func:`bootstrap_replicates`)
+    Stratified, non-parametric bootstrap: each replicate resamples every stratum
+    within itself, uniformly with replacement (:func:`bootstrap_replicates`: two strata,
+    the ``P`` members and the ``Q`` non-members; the attack stage: one stratum per owner
+    group — the held-out samples and each client's samples — whose draw every target's
+    rows share, :func:`fedmia.attacks.bootstrap_strata`), and applies exactly the
+    definitions of :mod:`fedmia.metrics` to the resampled data. A sample drawn twice
+    is tied with itself: AUC counts each member/non-member tie one half, a threshold
+    ("score ≥ t") takes all copies or none, and TPR at FPR α is the largest TPR among
+    thresholds with at most
     :func:`fedmia.metrics.max_false_positives` false positives (``at_most``: NaN in
     every replicate when ``Q·α < 1``). The ``below`` rule is applied exactly
     (largest TPR with ``FP < α·Q``); scikit-learn's ROC thinning, which
@@ -24,7 +27,45 @@ Interval of one row (:func:`percentile_interval`)
     the replicates (numpy's linear interpolation).
 
 Interval of a mean over units (:func:`two_stage_interval`, :func:`mean_interval`)
-    For the summary rows (mean over target clients and seeds); see there.
+    For the summary rows (mean over target clients and seeds); see there. They treat
+    the (seed, target) units as independent, which the targets of one run are not.
+
+Intervals of the findings (:func:`t_interval`, :func:`run_replicate_means`)
+    A finding is a difference of two attacks, averaged over targets (and official
+    draws) per run. Targets of one run share the trained models and the held-out
+    non-member pool, so the runs (seeds) are the independent units. With S ≥ 2 seeds:
+    the t-interval over the S per-seed means (S − 1 df; S = 2 is valid, and wide).
+    With one seed the statement is about that run: its estimand is the mean over the
+    run's targets of the expected difference over draws of the evaluation samples
+    (members and the pool; the models fixed), and the interval is the percentile
+    interval of :func:`run_replicate_means` over the replicates of one resample shared
+    by all targets and attacks. Measured (``python bench/bootstrap.py --coverage
+    --coverage-runs 400``: 400 simulated studies of runs with a run effect on the
+    difference, T = 10 targets × 40 members sharing 1,000 held-out non-members
+    (Q = 1,360), a sample difficulty shared by every target's scores (ρ = 0.6), B =
+    1,000; ``bench_runs`` defines both estimands), the 95 % intervals of the paired
+    difference covered
+
+    =========================================  ==  ==========  =====  ========
+    method                                     S   estimand    AUC    TPR@0.1%
+    =========================================  ==  ==========  =====  ========
+    (seed, target) units as independent (old)  3   population  64.5   89.7
+    t over the per-seed means                  3   population  95.5   95.3
+    targets as independent units (old)         1   within-run  90.7   83.8
+    joint resample, mean over targets          1   within-run  94.5   98.0
+    joint resample, targets also drawn         1   within-run  100    99.8
+    =========================================  ==  ==========  =====  ========
+
+    percent of the studies (binomial SE about 1.1 points). With 20 members per target
+    and stronger sharing (``--sim-members 20 --sim-rho 0.8 --sim-target-sd 0.3
+    --coverage-runs 600 --seed 2``) the same rows read 66.5 / 89.7, 96.7 / 93.5,
+    90.3 / 66.5, 93.5 / 94.8 and 99.5 / 95.0 (AUC / TPR@0.1 %). Both new methods stay at
+    or above 93 % in both; the old ones do not. Drawing the targets too counts the
+    sampling noise twice (each target's value already carries it): it over-covers the
+    AUC at about 1.7 × the width, so the findings use the mean over the fixed targets.
+    The simulation is of the ``aligned`` protocol; under ``official`` the pool's slots
+    are resampled as positions (:func:`fedmia.attacks.bootstrap_strata`), which leaves
+    the pool's share of the noise out of a mean over targets.
 
 Caveat — TPR at low FPR
     With ``m = ⌊α·Q⌋`` allowed false positives the TPR is set by the ``(m+1)``-th
@@ -52,12 +93,13 @@ Caveat — TPR at low FPR
     the sample maximum of the non-members alone.)
 
 Randomness
-    Every function takes an integer ``seed``; :func:`stable_seed` derives one from the
-    keys of a row, so reruns are byte-identical (numpy does not promise the same
-    ``Generator`` streams across its versions; pinned numpy, identical bytes).
-    Replicate ``b`` depends only on the seed, the scores and the order of the samples
-    (members and non-members have separate streams), never on how the replicates are
-    split into chunks (:data:`CHUNK_ENTRIES`) or on how many are drawn after it.
+    Every function takes an integer ``seed`` (a stratum its own); :func:`stable_seed`
+    derives one from the keys of a row or a stratum, so reruns are byte-identical
+    (numpy does not promise the same ``Generator`` streams across its versions; pinned
+    numpy, identical bytes). Replicate ``b`` depends only on the seeds, the scores and
+    the order of the samples in each stratum (each stratum has its own stream), never
+    on how the replicates are split into chunks (:data:`CHUNK_ENTRIES`) or on how many
+    are drawn after it.
 """
 
 from __future__ import annotations
@@ -70,6 +112,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+from scipy import stats
 
 from fedmia import metrics
 
@@ -113,10 +156,10 @@ def _blocks(scores: np.ndarray, is_member: np.ndarray) -> _Blocks:
     return _Blocks(block[m], block[~m], int(block_of_group[-1]) + 1)
 
 
-def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """The members' and the non-members' random streams of a bootstrap seeded ``seed``."""
+def _streams(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """The members' and the non-members' seeds of a bootstrap seeded ``seed``."""
     pos, neg = np.random.SeedSequence(seed).spawn(2)
-    return np.random.default_rng(pos), np.random.default_rng(neg)
+    return pos, neg
 
 
 def _draw(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
@@ -127,6 +170,58 @@ def _draw(rng: np.random.Generator, n_boot: int, n: int) -> np.ndarray:
     so blocks of replicates do not change the replicates; a test checks it.
     """
     return rng.integers(0, n, size=(n_boot, n), dtype=np.int64)
+
+
+class Stratum(NamedTuple):
+    """One stratum of a stratified resample: its seed and the slots it holds.
+
+    Replicate ``b`` draws ``m = len(slots)`` positions of the stratum uniformly with
+    replacement from a generator seeded ``seed`` (:func:`_draw`: row ``b`` of the
+    stream) and takes ``slots[position]``. Two calls with strata of the same seed and
+    size draw the same positions: that is how rows of different target clients share
+    one resample (:func:`fedmia.attacks.run_attacks`).
+    """
+
+    seed: int | np.random.SeedSequence  # seed of the stratum's draws
+    slots: np.ndarray  # int64 m: the slot (index into the scores) of each position
+
+
+def _check_strata(strata: Sequence[Stratum], is_member: np.ndarray) -> list[np.ndarray]:
+    """The strata's slot arrays (int64), checked.
+
+    They must partition the slots, and each stratum hold only members or only non-members.
+    """
+    n = len(is_member)
+    slots = [np.asarray(st.slots, dtype=np.int64).reshape(-1) for st in strata]
+    every = np.sort(np.concatenate(slots)) if slots else np.empty(0, np.int64)
+    if len(every) != n or not np.array_equal(every, np.arange(n)):
+        raise ValueError(f"the strata must hold every one of the {n} slots exactly once")
+    for i, sl in enumerate(slots):
+        if len(sl) == 0:
+            raise ValueError(f"stratum {i} is empty")
+        if len(np.unique(is_member[sl])) != 1:
+            raise ValueError(f"stratum {i} mixes members and non-members; a stratum holds "
+                             "one or the other")
+    return slots
+
+
+def strata_weights(strata: Sequence[Stratum], n_slots: int, *, n_boot: int) -> np.ndarray:
+    """How many times each replicate takes each slot (slow path, tests).
+
+    Args:
+        strata: as given to :func:`stratified_replicates`.
+        n_slots: S.
+        n_boot: B.
+
+    Returns:
+        int64 B×S; row ``b`` sums to ``len(slots)`` over each stratum's slots.
+    """
+    w = np.zeros((n_boot, n_slots), dtype=np.int64)
+    rows = np.arange(n_boot)[:, None]
+    for st in strata:
+        sl = np.asarray(st.slots, dtype=np.int64)
+        np.add.at(w, (rows, sl[_draw(np.random.default_rng(st.seed), n_boot, len(sl))]), 1)
+    return w
 
 
 def resample_weights(n_members: int, n_nonmembers: int, *, n_boot: int, seed: int
@@ -144,12 +239,11 @@ def resample_weights(n_members: int, n_nonmembers: int, *, n_boot: int, seed: in
         takes the ``j``-th member (non-member), members and non-members each in the
         order they appear in the input; every row sums to P (Q).
     """
-    rng_pos, rng_neg = _streams(seed)
-    out = []
-    for rng, n in ((rng_pos, n_members), (rng_neg, n_nonmembers)):
-        idx = _draw(rng, n_boot, n) + n * np.arange(n_boot)[:, None]
-        out.append(np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n))
-    return out[0], out[1]
+    pos, neg = _streams(seed)
+    w = strata_weights([Stratum(pos, np.arange(n_members)),
+                        Stratum(neg, n_members + np.arange(n_nonmembers))],
+                       n_members + n_nonmembers, n_boot=n_boot)
+    return w[:, :n_members], w[:, n_members:]
 
 
 def _block_counts(idx: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndarray:
@@ -198,13 +292,9 @@ def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: i
                          rule: str = "at_most") -> dict[str, np.ndarray]:
     """Stratified bootstrap replicates of the AUC and of TPR at each FPR level.
 
-    See the module docstring for the resampling and the definitions. No loop over
-    samples or replicates: the samples are sorted once and grouped into blocks
-    (:func:`_blocks`); per chunk of replicates (:data:`CHUNK_ENTRIES`), the drawn
-    indices are counted per block (one ``bincount`` each for members and
-    non-members: integer counts, chunk × K), and cumulative sums over the K blocks
-    give every AUC (integer arithmetic, exact up to the final division) and, per α,
-    every TPR (the last block end with FP ≤ m).
+    :func:`stratified_replicates` with two strata, the members and the non-members
+    (in input order), seeded by two streams spawned from ``seed``; see there and the
+    module docstring.
 
     ``scores`` may hold R score vectors of the same samples (R×N: e.g. every attack
     and round of one target client). Replicate ``b`` then resamples the same members
@@ -231,23 +321,91 @@ def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: i
         ValueError: invalid scores or labels (as :mod:`fedmia.metrics`), an FPR level
             outside (0, 1], an unknown rule, or ``n_boot < 1``.
     """
+    m = np.asarray(is_member).astype(bool)
+    pos, neg = _streams(seed)
+    strata = [Stratum(pos, np.flatnonzero(m)), Stratum(neg, np.flatnonzero(~m))]
+    return stratified_replicates(scores, m, strata, n_boot=n_boot, alphas=alphas, rule=rule)
+
+
+def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
+                          strata: Sequence[Stratum], *, n_boot: int = 1000,
+                          alphas: Sequence[float] = metrics.FPR_LEVELS,
+                          rule: str = "at_most") -> dict[str, np.ndarray]:
+    """Bootstrap replicates of the AUC and of TPR at each FPR level, resampled by strata.
+
+    Replicate ``b`` resamples every stratum within itself (:class:`Stratum`: ``m`` of its
+    ``m`` slots, uniformly with replacement, the draws seeded by the stratum's seed) and
+    applies exactly the definitions of :mod:`fedmia.metrics` to the resampled data (see
+    the module docstring for ties and the FPR rules). Each stratum holds only members
+    or only non-members, so every replicate keeps P members and Q non-members: with one
+    stratum of each, the plain stratified bootstrap; with the non-members split by the
+    client that owns them, a bootstrap stratified by owner group, as valid for one row
+    and able to share each group's resample with the rows of other target clients.
+
+    No loop over samples or replicates: the slots are sorted once per row and grouped
+    into blocks (:func:`_blocks`); per chunk of replicates (:data:`CHUNK_ENTRIES`),
+    each stratum's drawn positions are mapped to slots and counted per block (one
+    ``bincount`` each for members and non-members), and cumulative sums over the
+    blocks give every AUC (integer arithmetic, exact up to the final division) and,
+    per α, every TPR (the last block end with FP ≤ m).
+
+    Args:
+        scores: float S (or R×S, R rows of the same slots: one resample serves all
+            rows, a paired bootstrap), higher = more likely a member.
+        is_member: bool S (P members, Q non-members, both > 0).
+        strata: a partition of the S slots (every slot in exactly one stratum).
+        n_boot: B, the number of replicates.
+        alphas: FPR levels in (0, 1].
+        rule: :data:`fedmia.metrics.FPR_RULES`; ``below`` is the exact strict rule.
+
+    Returns:
+        ``{"auc": …, tpr_metric_name(α): …}``, each float64 B (R×B for R×S scores);
+        replicate ``b`` depends only on the strata (seeds and slots), the scores and
+        ``b``; a TPR is all-NaN where undefined. The multiplicities are
+        :func:`strata_weights`.
+
+    Raises:
+        ValueError: invalid scores or labels (as :mod:`fedmia.metrics`), strata that do
+            not partition the slots or mix members and non-members, an FPR level
+            outside (0, 1], an unknown rule, or ``n_boot < 1``.
+    """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1; got {n_boot}")
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim not in (1, 2):
-        raise ValueError(f"scores must be 1-D (N) or 2-D (R×N); got shape {s.shape}")
-    blocks = [_blocks(row, is_member) for row in s.reshape(-1, s.shape[-1])]
-    n_pos, n_neg = len(blocks[0].member_block), len(blocks[0].nonmember_block)
-    limits = _fp_limits(n_neg, alphas, rule)
+        raise ValueError(f"scores must be 1-D (S) or 2-D (R×S); got shape {s.shape}")
+    m = np.asarray(is_member).astype(bool)
+    rows = s.reshape(-1, s.shape[-1])
+    blocks = [_blocks(row, m) for row in rows]
+    slots = _check_strata(strata, m)
+    limits = _fp_limits(int((~m).sum()), alphas, rule)
+    # members and non-members each in stratum order: stratum k's positions are the
+    # columns start_k … start_k + m_k − 1 of its side, so a drawn position plus start_k
+    # indexes the side's block array directly (no gather, no concatenation per chunk)
+    side = [bool(m[sl[0]]) for sl in slots]  # True: a member stratum
+    start, n_side = [], [0, 0]
+    for sl, k in zip(slots, side, strict=True):
+        start.append(n_side[k])
+        n_side[k] += len(sl)
+    order = [np.concatenate([sl for sl, k in zip(slots, side, strict=True) if k is want])
+             for want in (True, False)]  # slots of the members, of the non-members
+    slot_block = np.empty(len(m), dtype=np.int64)
+    side_blocks = []  # per row: (block of each member position, of each non-member position)
+    for bl in blocks:
+        slot_block[m], slot_block[~m] = bl.member_block, bl.nonmember_block
+        side_blocks.append((slot_block[order[0]], slot_block[order[1]]))
+    rngs = [np.random.default_rng(st.seed) for st in strata]
     out = {name: np.empty((len(blocks), n_boot)) for name in ("auc", *limits)}
-    rng_pos, rng_neg = _streams(seed)
-    step = max(1, CHUNK_ENTRIES // (n_pos + n_neg))
+    step = max(1, CHUNK_ENTRIES // len(m))
     for lo in range(0, n_boot, step):
         nb = min(step, n_boot - lo)
-        drawn_pos, drawn_neg = _draw(rng_pos, nb, n_pos), _draw(rng_neg, nb, n_neg)
+        drawn = [np.empty((nb, n_side[1]), dtype=np.int64),  # nb×P member positions
+                 np.empty((nb, n_side[0]), dtype=np.int64)]  # nb×Q non-member positions
+        for rng, sl, k, a in zip(rngs, slots, side, start, strict=True):
+            np.add(_draw(rng, nb, len(sl)), a, out=drawn[not k][:, a:a + len(sl)])
         for r, bl in enumerate(blocks):
-            tp = _block_counts(drawn_pos, bl.member_block, bl.n_blocks)  # nb×K
-            fp = _block_counts(drawn_neg, bl.nonmember_block, bl.n_blocks)
+            tp = _block_counts(drawn[0], side_blocks[r][0], bl.n_blocks)  # nb×K
+            fp = _block_counts(drawn[1], side_blocks[r][1], bl.n_blocks)
             for name, values in _metrics_of_counts(tp, fp, limits).items():
                 out[name][r, lo:lo + nb] = values
     return out if s.ndim == 2 else {name: v[0] for name, v in out.items()}
@@ -366,6 +524,71 @@ def two_stage_interval(replicates: np.ndarray, *, n_boot: int = 1000, seed: int,
     units = rng.integers(0, n_units, size=(n_boot, n_units))  # first: as mean_interval
     within = rng.integers(0, n_within, size=(n_boot, n_units))
     return percentile_interval(_nanmean_rows(r[units, within]), level)
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of S independent values (S − 1 degrees of freedom).
+
+    ``mean ± t_{S−1, (1+level)/2} · sd / √S`` with the sample standard deviation (ddof 1):
+    exact for normal values, and the interval of a mean over S runs (seeds) in the
+    findings, each run's value the mean over its targets. With S = 2 (1 df) the
+    quantile is 12.71 at 95 %: valid, and very wide.
+
+    Args:
+        values: float S, NaN values left out.
+        level: coverage in (0, 1).
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` with fewer than 2 values.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D; got shape {v.shape}")
+    v = v[~np.isnan(v)]
+    if len(v) < 2:
+        return math.nan, math.nan
+    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(
+        len(v))
+    return float(v.mean()) - half, float(v.mean()) + half
+
+
+def run_replicate_means(replicates: np.ndarray, *, draw_targets: int | None = None
+                        ) -> np.ndarray:
+    """Replicates of a mean over the targets of one run, from a joint resample.
+
+    ``replicates[t, b]`` is target ``t``'s value (e.g. a paired difference of two
+    attacks) in replicate ``b`` of a resample *shared by all targets* (one draw of the
+    held-out group and of each client's group per replicate, :func:`fedmia.attacks.run_attacks`).
+    Replicate ``b`` of the mean averages the targets' values in replicate ``b`` (NaN left
+    out). Because the replicate index is the same for every target, the correlation
+    that the shared non-member pool induces between targets is kept: the percentile
+    interval of these means is the within-run interval of the findings (the run and its
+    targets fixed, the evaluation samples resampled; coverage in the module docstring).
+
+    With ``draw_targets`` (a seed), replicate ``b`` first draws T targets uniformly with
+    replacement (a fresh draw per replicate) and averages those: it adds the spread
+    between the run's targets, which a mean over the fixed targets of one run does not
+    have; measured, it over-covers (module docstring), so the findings do not use it.
+
+    Args:
+        replicates: float T×B.
+        draw_targets: seed of the target draws, or ``None`` (all targets, each once).
+
+    Returns:
+        float64 B, one mean per replicate (NaN where every value is).
+    """
+    r = np.asarray(replicates, dtype=np.float64)
+    if r.ndim != 2 or r.size == 0:
+        raise ValueError(f"replicates must be 2-D (targets × replicates), non-empty; "
+                         f"got shape {r.shape}")
+    n_targets, n_boot = r.shape
+    if draw_targets is None:
+        return _nanmean_rows(r.T)
+    drawn = np.random.default_rng(draw_targets).integers(0, n_targets,
+                                                         size=(n_boot, n_targets))
+    return _nanmean_rows(r[drawn, np.arange(n_boot)[:, None]])
 
 
 def false_positives_at(scores: np.ndarray, is_member: np.ndarray, alpha: float,

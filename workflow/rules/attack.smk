@@ -6,6 +6,7 @@ rule attack:
     output:
         **cell_attack_files(),
         audit=f"results/attacks/{CELL}/audit.parquet",
+        replicates=f"results/attacks/{CELL}/replicates.parquet",
     log:
         f"results/logs/attack/{CELL}.log",
     benchmark:

@@ -145,6 +145,10 @@ def get_all_audits(wildcards=None):
     return cell_paths(f"results/attacks/{CELL}/audit.parquet")
 
 
+def get_all_replicates(wildcards=None):
+    return cell_paths(f"results/attacks/{CELL}/replicates.parquet")
+
+
 def get_cell_attacks(wildcards):
     return list(cell_attack_files().values())
 

@@ -16,6 +16,7 @@ rule table:
     input:
         attacks=get_all_attacks,
         manifests=get_all_manifests,
+        replicates=get_all_replicates,
     output:
         csv=report(
             "results/tables/attacks.csv",

@@ -11,6 +11,7 @@ stage.report_tables(
     fpr_rule=snakemake.params.fpr_rule,
     partition_kinds=snakemake.params.partition_kinds,
     table_metrics=snakemake.params.table_metrics,
+    replicate_files=list(snakemake.input.replicates),
     plugins=snakemake.params.plugins,
     outputs=dict(snakemake.output.items()),
 )

@@ -11,8 +11,22 @@ from typing import Any
 import pandas as pd
 
 from fedmia import io
-from fedmia.attacks import PROTOCOLS, OfficialProtocol, audit_attacks, run_attacks
-from fedmia.io import ATTACK_COLUMNS, ATTACK_DTYPES, AUDIT_COLUMNS, CELL_KEYS, available_rounds
+from fedmia.attacks import (
+    PROTOCOLS,
+    OfficialProtocol,
+    audit_attacks,
+    finding_attacks,
+    run_attacks_with_replicates,
+)
+from fedmia.io import (
+    ATTACK_COLUMNS,
+    ATTACK_DTYPES,
+    AUDIT_COLUMNS,
+    CELL_KEYS,
+    REPLICATE_COLUMNS,
+    REPLICATE_DTYPES,
+    available_rounds,
+)
 from fedmia.registry import import_plugins
 
 log = logging.getLogger(__name__)
@@ -65,8 +79,12 @@ def attack(
         plugins: the config's ``plugins``, imported first (they register kinds).
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
             (:data:`fedmia.io.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one row per
-            attack (empty without canaries; :data:`fedmia.io.AUDIT_COLUMNS` after the
-            cell's keys).
+            attack and one for the attack selected on held-out canaries (empty without
+            canaries; :data:`fedmia.io.AUDIT_COLUMNS` after the cell's keys);
+            ``replicates``: the bootstrap replicates the findings need
+            (:data:`fedmia.io.REPLICATE_COLUMNS`, the attacks of
+            :func:`fedmia.attacks.finding_attacks` that run). Without the ``audit`` or
+            ``replicates`` key that file is not written.
     """
     import_plugins(plugins)
     missing = sorted(set(attacks) - set(outputs))
@@ -89,6 +107,7 @@ def attack(
             empty = pd.DataFrame(columns=list(ATTACK_COLUMNS))
             io.write_parquet(empty.astype(ATTACK_DTYPES), outputs[name], "attack")
         _write_audit(pd.DataFrame(columns=list(AUDIT_COLUMNS)), cell, outputs)
+        _write_replicates(pd.DataFrame(columns=list(REPLICATE_COLUMNS)), cell, outputs)
         return
     if rounds is not None:
         lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
@@ -123,10 +142,12 @@ def attack(
         raise ValueError(f"attack.targets {bad} are not clients of this cell (0..{k - 1})")
     proto = OfficialProtocol(**{**dict(official or {}), "seed": int(cell["seed"])})
     t0 = time.perf_counter()
-    results = run_attacks(attacks, mdm, owner, targets, attack_rounds=attack_rounds,
-                          protocols=list(protocol), official=proto, ddof=fedmia_ddof,
-                          outlier_filter=outlier_filter, fpr_rule=fpr_rule,
-                          roc_points=roc_points, n_boot=n_boot)
+    results, replicates = run_attacks_with_replicates(
+        attacks, mdm, owner, targets, attack_rounds=attack_rounds, protocols=list(protocol),
+        official=proto, ddof=fedmia_ddof, outlier_filter=outlier_filter, fpr_rule=fpr_rule,
+        roc_points=roc_points, n_boot=n_boot,
+        bootstrap_keys=tuple(cell[k] for k in CELL_KEYS),
+        keep_replicates=finding_attacks() if "replicates" in outputs else ())
     log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),
              "/".join(protocol), time.perf_counter() - t0)
     for name, res in results.items():
@@ -135,13 +156,30 @@ def attack(
         res.insert(len(CELL_KEYS), "attack", name)
         io.write_parquet(res, outputs[name], "attack")
     _write_audit(audited, cell, outputs)
+    _write_replicates(replicates, cell, outputs)
+
+
+def _with_cell(table: pd.DataFrame, cell: Mapping[str, Any]) -> pd.DataFrame:
+    """``table`` with the cell's keys as its first columns."""
+    table = table.copy()
+    for i, key in enumerate(CELL_KEYS):
+        table.insert(i, key, cell[key])
+    return table
+
+
+def _write_replicates(replicates: pd.DataFrame, cell: Mapping[str, Any],
+                      outputs: Mapping[str, str | Path]) -> None:
+    if "replicates" not in outputs:
+        return
+    if set(CELL_KEYS) - set(replicates.columns):
+        replicates = _with_cell(replicates, cell)
+    io.write_parquet(replicates[list(REPLICATE_COLUMNS)].astype(REPLICATE_DTYPES),
+                     outputs["replicates"], "replicates")
 
 
 def _write_audit(audited: pd.DataFrame, cell: Mapping[str, Any],
                  outputs: Mapping[str, str | Path]) -> None:
     if "audit" not in outputs:
         return
-    audited = audited.copy()
-    for i, key in enumerate(CELL_KEYS):
-        audited.insert(i, key, cell[key])
-    io.write_parquet(audited.astype({"seed": "int64"}), outputs["audit"], "audit")
+    io.write_parquet(_with_cell(audited, cell).astype({"seed": "int64"}), outputs["audit"],
+                     "audit")

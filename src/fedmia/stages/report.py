@@ -20,11 +20,15 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
                   selections: Sequence[str | int], fpr_rule: str,
                   partition_kinds: Mapping[str, str] | None = None,
                   table_metrics: Sequence[str] = report.PAPER_TABLE_METRICS,
+                  replicate_files: Iterable[str | Path] = (),
                   plugins: Sequence[str] = (), outputs: Mapping[str, str | Path]) -> None:
     """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
 
     Args:
         attack_files: every attack Parquet of the grid.
+        replicate_files: every cell's bootstrap replicates (the findings' within-run
+            intervals of settings with one seed); only the rows the selections pick
+            are kept in memory (:func:`fedmia.report.replicate_keys`).
         manifests: every cell's train manifest (diverged cells are flagged).
         selections: how single-round attacks are reported (``report.single_round``).
         fpr_rule: the FPR rule the attack stage used (stated in the tables).
@@ -37,6 +41,9 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
     import_plugins(plugins)
     results = pd.concat([io.read_parquet(f, "attack") for f in attack_files],
                         ignore_index=True)
+    needed = report.replicate_keys(results, selections)  # the rows the findings compare
+    replicates = [io.read_replicates(f).merge(needed, on=report.REPLICATE_ROW)
+                  for f in replicate_files]  # each file checked before any write
     summary = report.summarize(results, selections, fpr_rule=fpr_rule,
                                cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
@@ -49,7 +56,8 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         tmp.write_text(report.to_markdown(sections))
     with io.atomic_path(outputs["tex"]) as tmp:
         tmp.write_text(report.to_latex(sections))
-    found = report.findings(results, selections, dict(partition_kinds or {}))
+    found = report.findings(results, selections, dict(partition_kinds or {}),
+                            pd.concat(replicates, ignore_index=True) if replicates else None)
     with io.atomic_path(outputs["findings_csv"]) as tmp:
         found.to_csv(tmp, index=False)
     with io.atomic_path(outputs["findings_md"]) as tmp:
