@@ -4,8 +4,8 @@ For each shape (P members, Q non-members) the scores are two unit-variance Gauss
 ``d`` apart (members higher; ``d = 1`` gives AUC 0.76). Timed, interleaved, median of
 ``--repeats``:
 
-* ``metrics``: one :func:`fedmia.metrics.attack_metrics` call (what a row costs now);
-* ``boot``: one :func:`fedmia.uncertainty.bootstrap_replicates` call with
+* ``metrics``: one :func:`fedmia.attacker.metrics.attack_metrics` call (what a row costs now);
+* ``boot``: one :func:`fedmia.attacker.uncertainty.bootstrap_replicates` call with
   ``--n-boot`` replicates (AUC and TPR at the three FPR levels);
 * ``paired``: one call on ``--rows`` score vectors of the same samples (R×N, as the
   rows of one target client), per row: the draws are shared;
@@ -34,8 +34,8 @@ import numpy as np
 from scipy.stats import beta as beta_dist
 from scipy.stats import norm
 
-from fedmia import metrics
-from fedmia.uncertainty import (
+from fedmia.attacker import metrics
+from fedmia.attacker.uncertainty import (
     Stratum,
     _blocks,
     bootstrap_replicates,
@@ -235,7 +235,7 @@ def joint_differences(scores: np.ndarray, owner: np.ndarray, n_boot: int, seed: 
 
     One stratum per owner group (held-out pool, each target's group), seeded by the
     group alone, so every target's rows use the same draw of each group: the resample
-    of :func:`fedmia.attacks.run_attacks`. Returns metric → float T×B.
+    of :func:`fedmia.attacker.attacks.run_attacks`. Returns metric → float T×B.
     """
     out: dict[str, list[np.ndarray]] = {"auc": [], HEADLINE: []}
     groups = np.unique(owner)
@@ -262,10 +262,10 @@ def bench_runs(args: argparse.Namespace) -> None:
     estimator on Q non-members, not the population TPR, which it is biased against).
 
     Methods. ``old``: the previous findings interval, (seed, target) units resampled as
-    independent (:func:`fedmia.uncertainty.mean_interval`). ``t``: the t-interval over
-    the S per-seed means (:func:`fedmia.uncertainty.t_interval`). ``joint``: one run,
+    independent (:func:`fedmia.attacker.uncertainty.mean_interval`). ``t``: the t-interval over
+    the S per-seed means (:func:`fedmia.attacker.uncertainty.t_interval`). ``joint``: one run,
     a resample shared by the targets, per replicate the mean over all targets
-    (:func:`fedmia.uncertainty.run_replicate_means`; the findings' S = 1 interval).
+    (:func:`fedmia.attacker.uncertainty.run_replicate_means`; the findings' S = 1 interval).
     ``joint+targets``: the same with the targets drawn with replacement per replicate.
     """
     n_neg = args.sim_heldout + (args.sim_targets - 1) * args.sim_members

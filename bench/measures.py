@@ -1,10 +1,10 @@
 """Benchmark: the per-sample measures of one observed round, four ways, in one process.
 
-A CIFAR model of :data:`fedmia.models.MODELS` (``--model``: AlexNet by default, or
+A CIFAR model of :data:`fedmia.federation.models.MODELS` (``--model``: AlexNet by default, or
 the paper's GroupNorm ResNet18), 100 classes, 3×32×32 inputs, K client updates of
 scale ``--update-scale``, N evaluation samples. Routes, timed interleaved per repeat:
 
-(a) ``fedmia``: :func:`fedmia.measures.compute_round_measures` with the layer-wise
+(a) ``fedmia``: :func:`fedmia.attacker.measures.compute_round_measures` with the layer-wise
     route (loss, cos, grad_diff, grad_norm for all K clients);
 (b) ``naive``: as the official code does it — for each client, batches of 10
     samples, one backward pass per sample (``autograd.grad`` of that sample's
@@ -39,11 +39,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fedmia.compute import device_name, setup_compute
-from fedmia.layerwise import layerwise_grad_products
-from fedmia.measures import compute_round_measures, per_sample_grad_products
-from fedmia.models import MODELS, build_model
-from fedmia.state import FlatState
+from fedmia.attacker.layerwise import layerwise_grad_products
+from fedmia.attacker.measures import compute_round_measures, per_sample_grad_products
+from fedmia.federation.models import MODELS, build_model
+from fedmia.federation.state import FlatState
+from fedmia.stages.compute import device_name, setup_compute
 
 TOLERANCE = 1e-4
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=MODELS.names(), default="alexnet",
-                   help="model architecture (fedmia.models.MODELS)")
+                   help="model architecture (fedmia.federation.models.MODELS)")
     p.add_argument("--samples", type=positive_int, default=256, help="evaluation samples N")
     p.add_argument("--naive-samples", type=int, default=64,
                    help="samples for the naive route (at most --samples; 0: all): it costs "

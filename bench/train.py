@@ -1,12 +1,12 @@
 """Benchmark: one FedAvg round of K clients against centralized training on the same samples.
 
 AlexNet (CIFAR variant, 100 classes) on random uint8 images of CIFAR shape held
-on the device (:class:`fedmia.fedavg.DeviceData`). Both sides process the same
+on the device (:class:`fedmia.federation.fedavg.DeviceData`). Both sides process the same
 K × n samples once, with the same model, batch size and SGD settings (momentum,
 weight decay, learning rate of round 1), and end with the same evaluation pass
 over ``--test-samples`` samples:
 
-* ``fedavg``: one unobserved round of :func:`fedmia.fedavg.run_fedavg` (``rounds=1``,
+* ``fedavg``: one unobserved round of :func:`fedmia.federation.fedavg.run_fedavg` (``rounds=1``,
   no defense; 270 of the paper's 300 rounds are unobserved): per client, reload the
   global model, a fresh optimizer, one local epoch, its upload; then the weighted
   aggregate, its divergence probe and the test pass;
@@ -32,12 +32,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmia.compute import device_name, setup_compute
-from fedmia.config import TrainConfig
-from fedmia.defenses import Defense
-from fedmia.fedavg import DeviceData, evaluate, run_fedavg
-from fedmia.models import build_model
-from fedmia.state import FlatState
+from fedmia.core.config import TrainConfig
+from fedmia.federation.defenses import Defense
+from fedmia.federation.fedavg import DeviceData, evaluate, run_fedavg
+from fedmia.federation.models import build_model
+from fedmia.federation.state import FlatState
+from fedmia.stages.compute import device_name, setup_compute
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)

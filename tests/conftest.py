@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmia import io, pipeline
+from fedmia import pipeline
+from fedmia.stages import io
 
 REPO = Path(__file__).resolve().parents[1]
 

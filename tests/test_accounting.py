@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from fedmia import accounting
-from fedmia.accounting import (
+from fedmia.privacy import accounting
+from fedmia.privacy.accounting import (
     UNBOUNDED_REASONS,
     EpsilonReport,
     accounted_epsilon,

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedmia.attacks import (
+from fedmia.attacker.attacks import (
     ATTACKS,
     MULTI_ROUND,
     AttackSpec,
@@ -25,9 +25,9 @@ from fedmia.attacks import (
     single_round_attacks,
     validate_measures,
 )
-from fedmia.io import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
-from fedmia.metrics import roc_auc
-from fedmia.uncertainty import stratified_replicates
+from fedmia.attacker.metrics import roc_auc
+from fedmia.attacker.uncertainty import stratified_replicates
+from fedmia.stages.io import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
 MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos"]

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from fedmia.accounting import pld_epsilon
-from fedmia.audit import (
+from fedmia.privacy.accounting import pld_epsilon
+from fedmia.privacy.audit import (
     DEFAULT_CHOICES,
     _counts,
     audit_from_scores,

@@ -10,7 +10,7 @@ Each case makes one bad call and checks three things:
 
 Categories: config keys and values, dataset files, partitions, intermediate files, defense
 strengths (library and config), and command lines (``snakemake``, ``python -m
-fedmia.fingerprint``, ``bench/measures.py``), the last run as subprocesses.
+fedmia.core.fingerprint``, ``bench/measures.py``), the last run as subprocesses.
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fedmia import datasets as ds
-from fedmia import io as fio
 from fedmia import pipeline
-from fedmia.attacks import (
+from fedmia.attacker.attacks import (
     OfficialProtocol,
     official_slots,
     outlier_filter_for,
@@ -48,10 +46,12 @@ from fedmia.attacks import (
     run_attacks,
     validate_measures,
 )
-from fedmia.config import ConfigError, DefenseConfig, PartitionConfig, TrainConfig
-from fedmia.datasets import verify_md5
-from fedmia.defenses import InstaHideDefense, defense_from_config
-from fedmia.partition import PartitionError
+from fedmia.core.config import ConfigError, DefenseConfig, PartitionConfig, TrainConfig
+from fedmia.federation import datasets as ds
+from fedmia.federation.datasets import verify_md5
+from fedmia.federation.defenses import InstaHideDefense, defense_from_config
+from fedmia.federation.partition import PartitionError
+from fedmia.stages import io as fio
 from fedmia.stages.train import Checkpoint
 from fedmia.workflow import load_workflow_config
 from test_attacks import world
@@ -1346,14 +1346,15 @@ COMMANDS = [
         r"dataset 'imagefolder': root folder no/such/folder does not exist",
         r"put the files there .* or fix root", MISSING_ROOT, outputs=("results/data",))),
     command("fingerprint-without-a-module", Command(
-        [sys.executable, "-m", "fedmia.fingerprint"],
-        r"the following arguments are required: ENTRY", r"usage: python -m fedmia.fingerprint")),
+        [sys.executable, "-m", "fedmia.core.fingerprint"],
+        r"the following arguments are required: ENTRY",
+        r"usage: python -m fedmia.core.fingerprint")),
     command("fingerprint-of-a-module-outside-fedmia", Command(
-        [sys.executable, "-m", "fedmia.fingerprint", "json"],
+        [sys.executable, "-m", "fedmia.core.fingerprint", "json"],
         r"\['json'\] are not modules of fedmia", r"name modules of the installed fedmia, e.g. "
         r"fedmia.pipeline .*need --root")),
     command("fingerprint-of-a-missing-module", Command(
-        [sys.executable, "-m", "fedmia.fingerprint", "fedmia.nope"],
+        [sys.executable, "-m", "fedmia.core.fingerprint", "fedmia.nope"],
         r"no module 'fedmia.nope' in package 'fedmia'", r"e.g. fedmia.pipeline")),
     command("bench-zero-chunk", Command(
         [sys.executable, str(REPO / "bench" / "measures.py"), "--chunk", "0"],

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 import fedmia.kinds  # noqa: F401 (fills every registry)
-from fedmia import metrics
-from fedmia.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
-from fedmia.config import AGGREGATIONS, DATASET_SPLITS, LR_SCHEDULES, SELECTIONS, ConfigError
-from fedmia.defenses import Defense, defense_table
-from fedmia.params import param, parameters, schema_block, validate
-from fedmia.registry import DEFENSES, MODELS
+from fedmia.attacker import metrics
+from fedmia.attacker.attacks import ATTACKS, OUTLIER_POLICIES, PROTOCOLS
+from fedmia.core.config import AGGREGATIONS, DATASET_SPLITS, LR_SCHEDULES, SELECTIONS, ConfigError
+from fedmia.core.params import param, parameters, schema_block, validate
+from fedmia.core.registry import DEFENSES, MODELS
+from fedmia.federation.defenses import Defense, defense_table
 from fedmia.workflow import (
     KIND_ENUMS,
     check_keys_are_registered,
@@ -128,7 +128,8 @@ def test_a_string_parameter_is_one_of_its_choices():
 
 def test_parsing_modules_import_no_torch():
     """The modules the Snakefile imports at parse time (common.smk) import no torch."""
-    code = ("import sys, fedmia.workflow, fedmia.io, fedmia.fingerprint, fedmia.attacks; "
+    code = ("import sys, fedmia.workflow, fedmia.stages.io, fedmia.core.fingerprint, "
+            "fedmia.attacker.attacks; "
             "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -178,7 +179,7 @@ def test_every_defense_kind_validates(default_config):
                     "strength": "subsample.fraction"},
     })
     spec = load_workflow_config(cfg, SCHEMA)
-    # augment's defaults come from its preset in fedmia.defenses, not from the schema
+    # augment's defaults come from its preset in fedmia.federation.defenses, not from the schema
     assert spec.config["defenses"]["aug"] == {"kind": "augment"}
     assert spec.config["defenses"]["aug_sub"]["steps"][1] == {"kind": "subsample", "fraction": 0.5}
 

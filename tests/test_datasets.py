@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fedmia import datasets as ds
-from fedmia import io as fio
 from fedmia import pipeline
-from fedmia.config import DatasetConfig, PartitionConfig
-from fedmia.datasets import prepare_dataset, seeded_split, verify_md5
-from fedmia.partition import make_partition
+from fedmia.core.config import DatasetConfig, PartitionConfig
+from fedmia.federation import datasets as ds
+from fedmia.federation.datasets import prepare_dataset, seeded_split, verify_md5
+from fedmia.federation.partition import make_partition
+from fedmia.stages import io as fio
 
 # ----------------------------------------------------------------------------- helpers
 

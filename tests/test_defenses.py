@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.config import DefenseConfig, TrainConfig
-from fedmia.defenses import (
+from fedmia.core.config import DefenseConfig, TrainConfig
+from fedmia.federation.defenses import (
     DEFENSES,
     AugmentDefense,
     ComposeDefense,
@@ -32,8 +32,8 @@ from fedmia.defenses import (
     rotate,
     strength_of,
 )
-from fedmia.fedavg import DeviceData, local_train, run_fedavg
-from fedmia.state import Entry, FlatState, StateLayout
+from fedmia.federation.fedavg import DeviceData, local_train, run_fedavg
+from fedmia.federation.state import Entry, FlatState, StateLayout
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

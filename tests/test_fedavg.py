@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia import fedavg
-from fedmia.config import ConfigError, TrainConfig
-from fedmia.defenses import Defense, DPDefense, defense_from_config
-from fedmia.fedavg import (
+from fedmia.core.config import ConfigError, TrainConfig
+from fedmia.federation import fedavg
+from fedmia.federation.defenses import Defense, DPDefense, defense_from_config
+from fedmia.federation.fedavg import (
     DeviceData,
     aggregate,
     aggregation_rule,
@@ -23,7 +23,7 @@ from fedmia.fedavg import (
     outputs_finite,
     run_fedavg,
 )
-from fedmia.state import FlatState, StateLayout
+from fedmia.federation.state import FlatState, StateLayout
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import fedmia
-from fedmia.fingerprint import (
+from fedmia.core.fingerprint import (
     ClosureError,
     dependency_versions,
     fingerprint,
@@ -399,7 +399,7 @@ def test_fingerprint_is_stable_across_processes_and_imports_nothing(fake):
     """A fresh interpreter finds fakepkg on sys.path (find_spec) without importing it."""
     code = """
         import json, sys
-        from fedmia.fingerprint import fingerprint, import_closure, package_dir
+        from fedmia.core.fingerprint import fingerprint, import_closure, package_dir
         print(json.dumps([fingerprint("fakepkg.main"), str(package_dir("fakepkg")),
                           "fakepkg" in sys.modules]))
     """
@@ -428,7 +428,7 @@ def test_cli_error_exits_2(fake, capsys):
 
 
 def test_cli_as_module_on_the_real_package():
-    r = subprocess.run([sys.executable, "-m", "fedmia.fingerprint", "-q", "fedmia.pipeline"],
+    r = subprocess.run([sys.executable, "-m", "fedmia.core.fingerprint", "-q", "fedmia.pipeline"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"fedmia.pipeline {fingerprint('fedmia.pipeline')}\n"
@@ -456,7 +456,7 @@ def test_real_pipeline_closure_covers_what_python_imports():
     runtime = set(json.loads(out))
     closure = import_closure("fedmia.pipeline")
     assert runtime <= closure
-    assert "fedmia.fingerprint" in closure  # the train stage keys its checkpoints with it
+    assert "fedmia.core.fingerprint" in closure  # the train stage keys its checkpoints with it
 
 
 def test_real_fingerprints_import_no_heavy_library():
@@ -464,7 +464,7 @@ def test_real_fingerprints_import_no_heavy_library():
     out = python("""
         import json, sys, time
         start = time.perf_counter()
-        from fedmia.fingerprint import fingerprint, import_closure, package_dir
+        from fedmia.core.fingerprint import fingerprint, import_closure, package_dir
         closure = import_closure("fedmia.pipeline")
         pipeline = fingerprint("fedmia.pipeline")
         first = time.perf_counter() - start
@@ -497,8 +497,8 @@ def test_real_package_edits(fedmia_copy):
     fp = fingerprint("fedmia.pipeline", root=SRC)
     assert fingerprint("fedmia.pipeline", root=fedmia_copy) == fp  # paths do not count
     closure = import_closure("fedmia.pipeline", root=fedmia_copy)
-    metrics = fedmia_copy / "metrics.py"
-    assert "fedmia.metrics" in closure and metrics.read_text().startswith('"""')
+    metrics = fedmia_copy / "attacker" / "metrics.py"
+    assert "fedmia.attacker.metrics" in closure and metrics.read_text().startswith('"""')
 
     # Cosmetic: a comment, blank lines, and a docstring rewritten.
     metrics.write_text("# A comment.\n\n" + metrics.read_text().replace('"""', '"""Edited. ', 1))
@@ -507,7 +507,9 @@ def test_real_package_edits(fedmia_copy):
     outside = sorted(set(real_modules(fedmia_copy)) - closure)
     assert outside, "every module is in the pipeline's closure; pick another entry"
     for module in outside:
-        path = fedmia_copy / f"{module.split('.')[1]}.py"
+        path = fedmia_copy.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        if not path.exists():  # a package: its __init__
+            path = path.with_suffix("") / "__init__.py"
         path.write_text(path.read_text() + "\n_EDITED = 1\n")
     assert fingerprint("fedmia.pipeline", root=fedmia_copy) == fp
     # Code in the closure.
@@ -531,7 +533,7 @@ def test_non_editable_install(tmp_path):
     assert not (site / "fedmia" / "__init__.py").is_symlink()
     out = python("""
         import json, sys
-        import fedmia.fingerprint as fp
+        import fedmia.core.fingerprint as fp
         print(json.dumps([fp.__file__, str(fp.package_dir()),
                           fp.fingerprint("fedmia.pipeline"), fp.fingerprint("fedmia.workflow"),
                           "torch" in sys.modules]))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedmia import io
+from fedmia.stages import io
 
 
 def test_parquet_and_tensors_round_trip(tmp_path):
@@ -95,7 +95,7 @@ def test_prepared_file_names_come_from_one_constant(tmp_path):
 
 
 def test_same_tensors_same_bytes_across_processes(tmp_path):
-    code = ("import sys, torch; from fedmia import io; io.save_tensors(sys.argv[1], "
+    code = ("import sys, torch; from fedmia.stages import io; io.save_tensors(sys.argv[1], "
             "{'b': torch.ones(2, 3), 'a': torch.arange(3.0)}, {'z': 1, 'a': [2, 3]}, 'final')")
     for i in (0, 1):  # separate interpreters: hash seeds and allocation differ
         subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.st")], check=True)

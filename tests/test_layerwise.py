@@ -16,16 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia import measures
-from fedmia.layerwise import (
+from fedmia.attacker import measures
+from fedmia.attacker.layerwise import (
     CONV_METHODS,
     conv_costs,
     layerwise_grad_products,
     layerwise_products,
 )
-from fedmia.measures import auto_grad_products, compute_round_measures, per_sample_grad_products
-from fedmia.models import AlexNetCifar, build_model
-from fedmia.state import FlatState
+from fedmia.attacker.measures import (
+    auto_grad_products,
+    compute_round_measures,
+    per_sample_grad_products,
+)
+from fedmia.federation.models import AlexNetCifar, build_model
+from fedmia.federation.state import FlatState
 
 
 @pytest.fixture
@@ -266,7 +270,7 @@ class InPlaceAfterUse(nn.Module):
 
 
 def test_input_changed_in_place_after_use_is_recomputed_from_copies(caplog):
-    caplog.set_level(logging.DEBUG, logger="fedmia.layerwise")
+    caplog.set_level(logging.DEBUG, logger="fedmia.attacker.layerwise")
     torch.manual_seed(0)
     model = InPlaceAfterUse(inplace=False).eval()
     args = inputs(model, k=2, b=4, shape=(5,), num_classes=3)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.measures import compute_round_measures, per_sample_grad_products
-from fedmia.state import FlatState
+from fedmia.attacker.measures import compute_round_measures, per_sample_grad_products
+from fedmia.federation.state import FlatState
 
 
 def small_model() -> nn.Module:

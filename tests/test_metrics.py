@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from fedmia.metrics import (
+from fedmia.attacker.metrics import (
     METRICS,
     attack_metrics,
     balanced_accuracy,

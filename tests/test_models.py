@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.config import TrainConfig
-from fedmia.defenses import Defense
-from fedmia.fedavg import run_fedavg
-from fedmia.models import MODELS, build_model, count_parameters
-from fedmia.state import FlatState
+from fedmia.core.config import TrainConfig
+from fedmia.federation.defenses import Defense
+from fedmia.federation.fedavg import run_fedavg
+from fedmia.federation.models import MODELS, build_model, count_parameters
+from fedmia.federation.state import FlatState
 from test_fedavg import hand_round, tiny_data
 
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # official ResNet18: channels, first stride

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmia import io, pipeline
+from fedmia import pipeline
+from fedmia.stages import io
 from fedmia.stages.prepare import write_standin
 
 REPO = Path(__file__).resolve().parents[1]

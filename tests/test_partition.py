@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from fedmia import pipeline
-from fedmia.config import PartitionConfig
-from fedmia.partition import PartitionError, global_test_ids, make_partition
+from fedmia.core.config import PartitionConfig
+from fedmia.federation.partition import PartitionError, global_test_ids, make_partition
 
 
 def cfg(**kw) -> PartitionConfig:

@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmia import io, pipeline
-from fedmia.accounting import accounted_epsilon
-from fedmia.audit import audit_from_scores, max_epsilon_lower_bound, select_and_audit
-from fedmia.io import REPLICATE_COLUMNS, read_replicates
-from fedmia.models import build_model
+from fedmia import pipeline
+from fedmia.attacker.uncertainty import stable_seed
+from fedmia.federation.models import build_model
+from fedmia.federation.state import FlatState, StateLayout
+from fedmia.privacy.accounting import accounted_epsilon
+from fedmia.privacy.audit import audit_from_scores, max_epsilon_lower_bound, select_and_audit
+from fedmia.stages import io
+from fedmia.stages.io import REPLICATE_COLUMNS, read_replicates
 from fedmia.stages.train import Checkpoint
-from fedmia.state import FlatState, StateLayout
-from fedmia.uncertainty import stable_seed
 
 PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
             eval_nonmembers=30)
@@ -250,7 +251,7 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(
         "import json, sys\nfrom pathlib import Path\nfrom fedmia import pipeline\n"
-        "from fedmia.logs import setup_logging\nsetup_logging()\n"
+        "from fedmia.core.logs import setup_logging\nsetup_logging()\n"
         "kw = json.loads(sys.argv[1])\n"
         "kw['outputs'] = {k: Path(v) for k, v in kw['outputs'].items()}\n"
         "pipeline.train(**kw)\n")
@@ -349,7 +350,7 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
                                holdout_seed=stable_seed(0, "selected"))
     assert chosen["selected_attack"] == "loss" and chosen["epsilon_empirical"] == best.epsilon
     # the replicates the findings need: loss (a finding attack) per target at the attacked
-    # round, B float32 values, the file contract of fedmia.io
+    # round, B float32 values, the file contract of fedmia.stages.io
     reps = read_replicates(tmp_path / "replicates.parquet")
     assert list(reps.columns) == list(REPLICATE_COLUMNS) and len(reps) == 3
     assert set(reps["round"]) == {4} and set(reps.target) == {0, 1, 2}

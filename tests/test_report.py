@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from fedmia import report
-from fedmia.io import CELL_KEYS
-from fedmia.uncertainty import percentile_interval
+from fedmia.attacker.uncertainty import percentile_interval
+from fedmia.stages.io import CELL_KEYS
 
 CELL = dict(dataset="d", model="m", defense="none", partition="iid", seed=0)
 

@@ -11,8 +11,8 @@ from scipy import stats
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from fedmia import metrics, uncertainty
-from fedmia.uncertainty import (
+from fedmia.attacker import metrics, uncertainty
+from fedmia.attacker.uncertainty import (
     bootstrap_replicates,
     false_positives_at,
     mean_interval,
@@ -292,7 +292,7 @@ def test_stable_seed():
     with pytest.raises(TypeError, match="seed keys"):
         stable_seed([1, 2])
     # a fresh interpreter with another hash salt gives the same seed
-    code = ("from fedmia.uncertainty import stable_seed; "
+    code = ("from fedmia.attacker.uncertainty import stable_seed; "
             f"print(stable_seed(*{keys!r}))")
     for salt in ("0", "12345"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -317,7 +317,7 @@ def test_benchmark_smoke(repo):
 def test_joint_resample_equals_metrics_on_the_expanded_data():
     """Slow reference: per replicate, each sample's multiplicity drawn by hand from its
     owner group's stream, the data repeated accordingly, AUC from scikit-learn and TPR
-    from fedmia.metrics on the expanded data; one draw per group serves every target."""
+    from fedmia.attacker.metrics on the expanded data; one draw per group serves every target."""
     rng = np.random.default_rng(0)
     own = rng.permutation(np.r_[np.full(30, -1), np.repeat([0, 1, 2], 8)])  # 54 samples
     scores = np.round(rng.normal(size=(3, 2, len(own))) * 3) / 3  # target × row × sample, ties

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedmia.attacks import finding_attacks
-from fedmia.io import read_replicates
-from fedmia.registry import FIGURES
+from fedmia.attacker.attacks import finding_attacks
+from fedmia.core.registry import FIGURES
 from fedmia.report import FINDINGS_COLUMNS, PU_COLUMNS
+from fedmia.stages.io import read_replicates
 from fedmia.workflow import SCHEMA, load_schema
 
 pytestmark = pytest.mark.workflow
@@ -61,7 +61,7 @@ def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path)
 
 
 def test_every_registered_cell_figure_has_its_rule(snakemake_cmd, repo, tmp_path):
-    """Each per-cell figure kind (fedmia.registry.FIGURES) is a rule figure_<kind> whose
+    """Each per-cell figure kind (fedmia.core.registry.FIGURES) is a rule figure_<kind> whose
     output is results/figures/{cell}/<kind>.png, drawn for every cell; and no other."""
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
     out = r.stdout + r.stderr
@@ -305,8 +305,8 @@ REPORT_JOBS = {"table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitio
 @pytest.mark.parametrize("module, expected", [
     ("", {}),  # the same code from another path: nothing to do
     ("report", REPORT_JOBS),
-    ("attacks", {"attack": 2, **REPORT_JOBS}),
-    ("fedavg", {"train": 2, "measure": 2, "attack": 2, **REPORT_JOBS}),
+    ("attacker/attacks", {"attack": 2, **REPORT_JOBS}),
+    ("federation/fedavg", {"train": 2, "measure": 2, "attack": 2, **REPORT_JOBS}),
 ])
 def test_code_edits_rerun_exactly_what_they_affect(snakemake_cmd, repo, tiny_run, tmp_path,
                                                    module, expected):

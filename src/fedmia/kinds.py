@@ -1,7 +1,7 @@
 """Every built-in kind, registered: what the config schema and the README derive from them.
 
 Importing this module imports every module that fills a registry of
-:mod:`fedmia.registry` (so it imports torch; the workflow never imports it). From the
+:mod:`fedmia.core.registry` (so it imports torch; the workflow never imports it). From the
 registries come:
 
 * the schema's lists of kinds and the defenses' parameter blocks
@@ -9,7 +9,7 @@ registries come:
   checked-in ``workflow/schemas/config.schema.yaml`` holds them for the built-in kinds,
   so that parsing the Snakefile needs no torch, and ``tests/test_config.py`` checks
   that they are exactly what the registries generate;
-* the README's defense table (:func:`fedmia.defenses.defense_table`).
+* the README's defense table (:func:`fedmia.federation.defenses.defense_table`).
 
 After adding a kind in fedmia itself, print what to paste::
 
@@ -30,9 +30,10 @@ from typing import Any
 
 import yaml
 
+from fedmia import report  # noqa: F401
+
 # the modules that fill the registries (imported for that effect)
-from fedmia import attacks, datasets, defenses, measures, models, partition, report  # noqa: F401
-from fedmia.defenses import defense_table
+from fedmia.federation.defenses import defense_table
 from fedmia.workflow import defense_blocks, kind_lists
 
 __all__ = ["defense_table", "main", "schema_yaml"]

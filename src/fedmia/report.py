@@ -2,9 +2,9 @@
 
 Input everywhere is the concatenation of attack-stage tables: one row per
 ``(dataset, model, defense, partition, seed, attack, protocol, draw, target, round)``
-with the metrics of :mod:`fedmia.metrics` (``round = -1``: a multi-round score),
+with the metrics of :mod:`fedmia.attacker.metrics` (``round = -1``: a multi-round score),
 ``attacked`` (whether a single-round attack's round is one of the attacked rounds),
-``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr`` (:data:`fedmia.io.RESULT_COLUMNS`).
+``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr`` (:data:`fedmia.stages.io.RESULT_COLUMNS`).
 
 **How a single-round attack is reported** (``report.single_round``, :data:`SELECTIONS`):
 a single-round attack has one score per observed round, and a table shows one of them:
@@ -44,8 +44,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fedmia import metrics, uncertainty  # noqa: E402
-from fedmia.attacks import (  # noqa: E402
+from fedmia.attacker import metrics, uncertainty  # noqa: E402
+from fedmia.attacker.attacks import (  # noqa: E402
     ATTACKS,
     FINDING_PAIRS,
     SELECTED,
@@ -54,10 +54,10 @@ from fedmia.attacks import (  # noqa: E402
     finding_attacks,
     single_round_attacks,
 )
-from fedmia.config import SELECTIONS, check_selection  # noqa: E402, F401
-from fedmia.io import CELL_KEYS, REPLICATE_KEYS, REPLICATE_METRICS  # noqa: E402
-from fedmia.metrics import METRICS, tpr_metric_name  # noqa: E402
-from fedmia.registry import FIGURES  # noqa: E402
+from fedmia.attacker.metrics import METRICS, tpr_metric_name  # noqa: E402
+from fedmia.core.config import SELECTIONS, check_selection  # noqa: E402, F401
+from fedmia.core.registry import FIGURES  # noqa: E402
+from fedmia.stages.io import CELL_KEYS, REPLICATE_KEYS, REPLICATE_METRICS  # noqa: E402
 
 SETTING = ["dataset", "model", "defense", "partition"]
 #: The keys of one table row before the attack: setting and protocol.
@@ -175,7 +175,7 @@ def summary_interval(group: pd.DataFrame, key: tuple, n_boot: int = 1000
 
     The units are the (seed, target) pairs, each the mean of its rows (official draws);
     with two or more units, the percentile bootstrap of the mean over resampled units
-    (:func:`fedmia.uncertainty.mean_interval`). Resampling the top level alone covers
+    (:func:`fedmia.attacker.uncertainty.mean_interval`). Resampling the top level alone covers
     both sources: each unit's value carries its own evaluation-sample noise, so the
     spread of the units holds the within-target sampling too (resampling both levels
     would count it twice; Davison & Hinkley 1997, §3.8). With one unit: the bootstrap
@@ -693,10 +693,10 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
             ``diverged_round`` (NaN if none) — the train stage's manifests.
         strengths: ``defense, kind, strength, params`` per defense key (``params``: the
             defense's other parameters not at their defaults, e.g. ``variant=official``,
-            :func:`fedmia.defenses.params_of`).
+            :func:`fedmia.federation.defenses.params_of`).
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
-        audit: the one-run audits (:data:`fedmia.io.AUDIT_COLUMNS` with the cells'
+        audit: the one-run audits (:data:`fedmia.stages.io.AUDIT_COLUMNS` with the cells'
             keys): ``epsilon_empirical`` of each attack, on the aligned protocol's rows
             only (the smallest over seeds, each a valid bound at level β for that one
             attack, chosen in advance; the largest of them over attacks is *not* a bound
@@ -956,7 +956,7 @@ def replicate_lookup(replicates: pd.DataFrame | None) -> Replicates:
     """Metric → (key of a result row, :data:`REPLICATE_ROW`) → its B replicates.
 
     ``replicates``: the concatenated replicate tables of the attack stage
-    (:data:`fedmia.io.REPLICATE_COLUMNS`); ``None`` or empty: no replicates.
+    (:data:`fedmia.stages.io.REPLICATE_COLUMNS`); ``None`` or empty: no replicates.
     """
     out: Replicates = {m: {} for m in REPLICATE_METRICS}
     if replicates is None or replicates.empty:
@@ -970,7 +970,7 @@ def replicate_lookup(replicates: pd.DataFrame | None) -> Replicates:
 def replicate_keys(results: pd.DataFrame, selections: Sequence[str | int]) -> pd.DataFrame:
     """The keys (:data:`REPLICATE_ROW`) of the rows whose replicates :func:`findings` reads.
 
-    The rows of the finding attacks (:func:`fedmia.attacks.finding_attacks`) that a
+    The rows of the finding attacks (:func:`fedmia.attacker.attacks.finding_attacks`) that a
     selection picks (:func:`select_rounds`): a reader keeps only these of the attack
     stage's replicate tables (one single-round row per target and draw per selection
     instead of one per attacked round).
@@ -1051,21 +1051,22 @@ def findings(results: pd.DataFrame,
              replicates: pd.DataFrame | None = None) -> pd.DataFrame:
     """The paper's findings as tested claims, with 95 % intervals and verdicts.
 
-    * II vs I, III vs II, III vs I per measure family (:data:`fedmia.attacks.FINDING_PAIRS`):
+    * II vs I, III vs II, III vs I per measure family
+      (:data:`fedmia.attacker.attacks.FINDING_PAIRS`):
       the *paired* difference of two attacks on the same targets, seeds, official
       draws and evaluation samples, single-round attacks at each selection (the rows
       :func:`select_rounds` returns; rows are matched by seed, draw and target, so a
       selection may pick a different round per target). Per seed, the mean over its
       targets and draws of the difference; ``difference`` is the mean over seeds.
     * Non-iid vs iid: each non-iid partition against each iid one for the same dataset,
-      model, defense and attack of the findings (:func:`fedmia.attacks.finding_attacks`):
+      model, defense and attack of the findings (:func:`fedmia.attacker.attacks.finding_attacks`):
       per seed, the mean over the non-iid cell's targets minus that over the iid cell's
       (different clients: not paired by target).
 
     The interval (``method``):
 
     * S ≥ 2 seeds (``n_runs``): the t-interval over the S per-seed values, S − 1 degrees
-      of freedom (:func:`fedmia.uncertainty.t_interval`; with S = 2, 1 df: valid and very
+      of freedom (:func:`fedmia.attacker.uncertainty.t_interval`; with S = 2, 1 df: valid and very
       wide). Targets of one run share the model and the non-member pool, so the seeds,
       not the targets, are the independent units; resampling (seed, target) pairs as
       independent covered far less than 95 % (``bench/bootstrap.py --coverage``).
@@ -1074,9 +1075,9 @@ def findings(results: pd.DataFrame,
       evaluation samples (the trained models fixed). Replicate ``b`` of the run's mean
       averages the targets' values in replicate ``b`` of the attack stage's joint
       resample (one draw of every owner group per replicate, shared by all targets and
-      attacks: :func:`fedmia.uncertainty.run_replicate_means`); the percentile interval
+      attacks: :func:`fedmia.attacker.uncertainty.run_replicate_means`); the percentile interval
       over ``b``. (Drawing the targets with replacement on top over-covers: measured in
-      :mod:`fedmia.uncertainty`.) For non-iid vs iid the two cells' replicates are
+      :mod:`fedmia.attacker.uncertainty`.) For non-iid vs iid the two cells' replicates are
       independent (different runs, different seeds of the resample): replicate ``b`` of
       the difference is that of the two cells' means. Without ``replicates`` the
       interval is NaN.
@@ -1090,7 +1091,7 @@ def findings(results: pd.DataFrame,
         partition_kinds: partition key → kind (``iid``, ``dirichlet``), for the non-iid
             finding; ``None`` skips it.
         replicates: the concatenated replicate tables of the attack stage
-            (:data:`fedmia.io.REPLICATE_COLUMNS`), needed where a setting has one seed.
+            (:data:`fedmia.stages.io.REPLICATE_COLUMNS`), needed where a setting has one seed.
     """
     lookup = replicate_lookup(replicates)
     out = []

@@ -32,8 +32,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from fedmia.attacks import ATTACKS
-from fedmia.config import (
+from fedmia.attacker.attacks import ATTACKS
+from fedmia.core.config import (
     RETIRED_SELECTIONS,
     ConfigError,
     DatasetConfig,
@@ -41,10 +41,15 @@ from fedmia.config import (
     PartitionConfig,
     TrainConfig,
 )
-from fedmia.datasets import DATASETS
-from fedmia.params import allowed_text, block_numeric_parameters, resolve_strength, schema_block
-from fedmia.partition import PARTITIONS
-from fedmia.registry import DEFENSES, MEASURE_ROUTES, MODELS, PluginError, import_plugins
+from fedmia.core.params import (
+    allowed_text,
+    block_numeric_parameters,
+    resolve_strength,
+    schema_block,
+)
+from fedmia.core.registry import DEFENSES, MEASURE_ROUTES, MODELS, PluginError, import_plugins
+from fedmia.federation.datasets import DATASETS
+from fedmia.federation.partition import PARTITIONS
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -354,7 +359,7 @@ def kind_lists() -> dict[str, list[str]]:
 def defense_blocks() -> list[dict[str, Any]]:
     """The ``$defs.defense`` blocks of the registered defenses that can be compose steps.
 
-    Each generated from its dataclass (:func:`fedmia.params.schema_block`).
+    Each generated from its dataclass (:func:`fedmia.core.params.schema_block`).
     """
     return [schema_block(DEFENSES.get(k), k) for k in kind_lists()["defenses.<key>.steps[].kind"]]
 

@@ -3,9 +3,9 @@
 # any job starts.
 import dataclasses
 
-from fedmia.fingerprint import fingerprint
-from fedmia.attacks import families, outlier_filter_for
-from fedmia.io import PREPARED_FILES
+from fedmia.core.fingerprint import fingerprint
+from fedmia.attacker.attacks import families, outlier_filter_for
+from fedmia.stages.io import PREPARED_FILES
 from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_config
 
 SPEC = load_workflow_config(
@@ -23,7 +23,7 @@ def code(stage):
     the stage's entry module and everything it imports, plus torch/numpy/pandas versions,
     and the plugins' source (every job imports them).
     """
-    return fingerprint([f"fedmia.stages.{stage}", "fedmia.logs"], plugins=PLUGINS)
+    return fingerprint([f"fedmia.stages.{stage}", "fedmia.core.logs"], plugins=PLUGINS)
 
 
 CELL = "{dataset}/{model}/{defense}/{partition}/seed{seed}"

@@ -1,6 +1,6 @@
 """Rule attack: every attack against every target client of a cell (fedmia.stages.attack.attack)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import attack as stage
 
 setup_logging(snakemake.log[0])

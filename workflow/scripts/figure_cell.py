@@ -1,6 +1,6 @@
 """Rule figure_cell: one cell's rounds or ROC figure (fedmia.stages.report.report_cell_figures)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])

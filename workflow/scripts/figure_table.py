@@ -3,7 +3,7 @@
 Calls fedmia.stages.report.report_table_figure with the rule's ``kind`` (and ``args``).
 """
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])

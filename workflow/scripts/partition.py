@@ -1,6 +1,6 @@
 """Rule partition: clients' shards and the evaluation set (fedmia.stages.partition.partition)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import partition as stage
 
 setup_logging(snakemake.log[0])

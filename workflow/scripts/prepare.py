@@ -1,6 +1,6 @@
 """Rule prepare: the canonical arrays of one dataset (fedmia.stages.prepare.prepare)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import prepare as stage
 
 setup_logging(snakemake.log[0])

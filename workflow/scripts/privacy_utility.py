@@ -1,6 +1,6 @@
 """Rule privacy_utility: attack success next to utility (fedmia.stages.report)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])

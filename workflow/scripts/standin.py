@@ -1,6 +1,6 @@
 """Rule standin: a small image tree in an official layout (fedmia.stages.prepare)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import prepare as stage
 
 setup_logging(snakemake.log[0])

@@ -1,6 +1,6 @@
 """Rule table: the attack tables (fedmia.stages.report.report_tables)."""
 
-from fedmia.logs import setup_logging
+from fedmia.core.logs import setup_logging
 from fedmia.stages import report as stage
 
 setup_logging(snakemake.log[0])

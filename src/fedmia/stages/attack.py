@@ -10,15 +10,16 @@ from typing import Any
 
 import pandas as pd
 
-from fedmia import io
-from fedmia.attacks import (
+from fedmia.attacker.attacks import (
     PROTOCOLS,
     OfficialProtocol,
     audit_attacks,
     finding_attacks,
     run_attacks_with_replicates,
 )
-from fedmia.io import (
+from fedmia.core.registry import import_plugins
+from fedmia.stages import io
+from fedmia.stages.io import (
     ATTACK_COLUMNS,
     ATTACK_DTYPES,
     AUDIT_COLUMNS,
@@ -27,7 +28,6 @@ from fedmia.io import (
     REPLICATE_DTYPES,
     available_rounds,
 )
-from fedmia.registry import import_plugins
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,14 @@ def attack(
             saved before it are attacked (multi-round attacks report the fewer rounds in
             ``n_rounds``; with no attacked round left they have no rows, and with no
             observed round at all every table is empty).
-        attacks: attack code names (:data:`fedmia.attacks.ATTACKS`).
+        attacks: attack code names (:data:`fedmia.attacker.attacks.ATTACKS`).
         attack_rounds: the rounds multi-round attacks combine and best rounds are picked
             from (``None``: every round of the table).
         targets: ``"all"`` or a list of client ids.
-        protocol: non-member protocols (:data:`fedmia.attacks.PROTOCOLS`).
-        official: :class:`fedmia.attacks.OfficialProtocol` fields but ``seed`` (the cell's).
-        fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.metrics.FPR_RULES`).
+        protocol: non-member protocols (:data:`fedmia.attacker.attacks.PROTOCOLS`).
+        official: :class:`fedmia.attacker.attacks.OfficialProtocol` fields but ``seed`` (the
+            cell's).
+        fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.attacker.metrics.FPR_RULES`).
         fedmia_ddof: ddof of FedMIA's reference variance.
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
         roc_points: points of the stored ROC curve per row.
@@ -78,12 +79,12 @@ def attack(
         audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
         plugins: the config's ``plugins``, imported first (they register kinds).
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
-            (:data:`fedmia.io.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one row per
+            (:data:`fedmia.stages.io.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one row per
             attack and one for the attack selected on held-out canaries (empty without
-            canaries; :data:`fedmia.io.AUDIT_COLUMNS` after the cell's keys);
+            canaries; :data:`fedmia.stages.io.AUDIT_COLUMNS` after the cell's keys);
             ``replicates``: the bootstrap replicates the findings need
-            (:data:`fedmia.io.REPLICATE_COLUMNS`, the attacks of
-            :func:`fedmia.attacks.finding_attacks` that run). Without the ``audit`` or
+            (:data:`fedmia.stages.io.REPLICATE_COLUMNS`, the attacks of
+            :func:`fedmia.attacker.attacks.finding_attacks` that run). Without the ``audit`` or
             ``replicates`` key that file is not written.
     """
     import_plugins(plugins)

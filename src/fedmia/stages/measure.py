@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedmia import io
-from fedmia.compute import setup_compute
-from fedmia.fedavg import DeviceData
-from fedmia.io import MEASURE_DTYPES, available_rounds
-from fedmia.measures import compute_round_measures
-from fedmia.models import build_model
-from fedmia.registry import MEASURE_ROUTES, import_plugins
-from fedmia.state import FlatState, StateLayout
+from fedmia.attacker.measures import compute_round_measures
+from fedmia.core.registry import MEASURE_ROUTES, import_plugins
+from fedmia.federation.fedavg import DeviceData
+from fedmia.federation.models import build_model
+from fedmia.federation.state import FlatState, StateLayout
+from fedmia.stages import io
+from fedmia.stages.compute import setup_compute
+from fedmia.stages.io import MEASURE_DTYPES, available_rounds
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def measure(
             rounds before divergence, and only those are measured (none: an empty table).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch.
-        deterministic: deterministic CUDA algorithms (:func:`fedmia.compute.setup_compute`).
+        deterministic: deterministic CUDA algorithms (:func:`fedmia.stages.compute.setup_compute`).
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
-        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.registry.MEASURE_ROUTES`).
+        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.core.registry.MEASURE_ROUTES`).
         plugins: the config's ``plugins``, imported first (they register kinds).
-        output: the measure Parquet (:data:`fedmia.io.MEASURE_DTYPES`: ``round, client_id,
+        output: the measure Parquet (:data:`fedmia.stages.io.MEASURE_DTYPES`: ``round, client_id,
             sample_id, loss, cos, grad_diff, grad_norm, correct, confidence``), one row per
             (round, client, evaluation sample).
     """

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from fedmia import io
-from fedmia.config import PartitionConfig
-from fedmia.partition import make_partition
-from fedmia.registry import import_plugins
+from fedmia.core.config import PartitionConfig
+from fedmia.core.registry import import_plugins
+from fedmia.federation.partition import make_partition
+from fedmia.stages import io
 
 
 def partition(

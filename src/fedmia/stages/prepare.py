@@ -13,10 +13,10 @@ import numpy as np
 from PIL import Image
 
 import fedmia
-from fedmia import io
-from fedmia.config import DatasetConfig
-from fedmia.datasets import load_digits, prepare_dataset
-from fedmia.registry import import_plugins
+from fedmia.core.config import DatasetConfig
+from fedmia.core.registry import import_plugins
+from fedmia.federation.datasets import load_digits, prepare_dataset
+from fedmia.stages import io
 
 
 def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *,
@@ -26,7 +26,7 @@ def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *,
     Args:
         dataset: the dataset's config block (``DatasetConfig`` fields).
         outputs: files for ``images``, ``labels``, ``is_test`` and ``meta``
-            (:data:`fedmia.io.PREPARED_FILES`).
+            (:data:`fedmia.stages.io.PREPARED_FILES`).
         plugins: the config's ``plugins``, imported first (they register kinds).
     """
     import_plugins(plugins)

@@ -9,11 +9,12 @@ from typing import Any
 
 import pandas as pd
 
-from fedmia import io, report
-from fedmia.accounting import DEFAULT_DELTA, defense_epsilon
-from fedmia.defenses import params_of, strength_of
-from fedmia.io import cells_frame
-from fedmia.registry import FIGURES, import_plugins
+from fedmia import report
+from fedmia.core.registry import FIGURES, import_plugins
+from fedmia.federation.defenses import params_of, strength_of
+from fedmia.privacy.accounting import DEFAULT_DELTA, defense_epsilon
+from fedmia.stages import io
+from fedmia.stages.io import cells_frame
 
 
 def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
@@ -76,7 +77,7 @@ def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
 def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
                         options: Mapping[str, Any], plugins: Sequence[str] = (),
                         outputs: Mapping[str, str | Path]) -> None:
-    """Stage 6b: one cell's figure ``kind`` (:data:`fedmia.registry.FIGURES`) as PNG and PDF.
+    """Stage 6b: one cell's figure ``kind`` (:data:`fedmia.core.registry.FIGURES`) as PNG and PDF.
 
     ``plugins`` (the config's) are imported first; so are they in every report stage.
     """
@@ -119,7 +120,7 @@ def epsilons(cells: pd.DataFrame, defenses: Mapping[str, Mapping[str, Any]],
 
     Over the rounds whose uploads the server saw (up to a divergence), the most of the
     setting's seeds; ∞ with a note where no finite guarantee exists, NaN (and an empty
-    note) for a defense that claims none (:func:`fedmia.accounting.defense_epsilon`).
+    note) for a defense that claims none (:func:`fedmia.privacy.accounting.defense_epsilon`).
     """
     rows = []
     for key, g in cells.groupby(report.SETTING, sort=False):
@@ -146,7 +147,7 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     the final model's test accuracy, chance for a diverged cell, or the best over the
     tested rounds, :data:`fedmia.report.UTILITIES`); they are joined to the attack table
     on those keys, and each defense's kind, strength and other parameters
-    (:func:`fedmia.defenses.params_of`, e.g. ``variant=official``) on its key.
+    (:func:`fedmia.federation.defenses.params_of`, e.g. ``variant=official``) on its key.
     ``plugins`` (the config's) are imported first: a defense's strength is its
     registered kind's.
     """

@@ -18,17 +18,17 @@ import pandas as pd
 import torch
 
 import fedmia
-from fedmia import io
-from fedmia.compute import setup_compute
-from fedmia.config import DefenseConfig, ModelConfig, TrainConfig
-from fedmia.defenses import build_defense
-from fedmia.fedavg import DeviceData, RoundRecord, aggregation_rule, run_fedavg
-from fedmia.fingerprint import fingerprint
-from fedmia.io import CELL_KEYS, HISTORY_COLUMNS
-from fedmia.models import build_model, count_parameters
-from fedmia.partition import HELD_OUT, global_test_ids
-from fedmia.registry import import_plugins
-from fedmia.state import FlatState
+from fedmia.core.config import DefenseConfig, ModelConfig, TrainConfig
+from fedmia.core.fingerprint import fingerprint
+from fedmia.core.registry import import_plugins
+from fedmia.federation.defenses import build_defense
+from fedmia.federation.fedavg import DeviceData, RoundRecord, aggregation_rule, run_fedavg
+from fedmia.federation.models import build_model, count_parameters
+from fedmia.federation.partition import HELD_OUT, global_test_ids
+from fedmia.federation.state import FlatState
+from fedmia.stages import io
+from fedmia.stages.compute import setup_compute
+from fedmia.stages.io import CELL_KEYS, HISTORY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def train(
             the seed drives model initialisation, data order and defense noise).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch (``None``: torch's default).
-        deterministic: deterministic CUDA algorithms (:func:`fedmia.compute.setup_compute`).
+        deterministic: deterministic CUDA algorithms (:func:`fedmia.stages.compute.setup_compute`).
         checkpoint_dir: a folder outside the rule's outputs (Snakemake deletes a failed
             job's outputs) for the resumable state; ``None``: no checkpoints.
         checkpoint_every: save the state every this many rounds (0: never). A rerun after
@@ -92,7 +92,7 @@ def train(
             ``observed`` (folder: one ``roundNNNN.pt`` per observed round) and ``manifest``
             (JSON: the cell, the planned and the saved observed rounds, the server's
             ``aggregation_weights`` — ``equal``, ``data_size`` or ``official_permuted``,
-            :func:`fedmia.fedavg.aggregation_rule` — and the outcome —
+            :func:`fedmia.federation.fedavg.aggregation_rule` — and the outcome —
             ``diverged_round`` (null if training finished), ``last_finite_round``,
             ``last_finite_test_accuracy``, and ``final_test_accuracy``, the utility the
             tables use: the final model's, or chance (1 / classes) for a diverged cell,
@@ -100,7 +100,7 @@ def train(
             the tested rounds, which the official code records too).
 
     A run whose loss, uploads or model become non-finite stops there and still writes
-    every output (see :func:`fedmia.fedavg.run_fedavg`): a diverged cell is a result.
+    every output (see :func:`fedmia.federation.fedavg.run_fedavg`): a diverged cell is a result.
     A resumed run gives the same files as an uninterrupted one (on the CPU, byte for
     byte for the Parquet and JSON files, tensor for tensor for the ``.pt`` files): every
     round's randomness comes from ``(seed, round, client)``, and a round starts from the

@@ -22,15 +22,15 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from fedmia.audit import draw_canaries
-from fedmia.config import PartitionConfig
-from fedmia.registry import PARTITIONS
+from fedmia.core.config import PartitionConfig
+from fedmia.core.registry import PARTITIONS
+from fedmia.privacy.audit import draw_canaries
 
 log = logging.getLogger(__name__)
 
 HELD_OUT = -1
 # Spawn keys of the independent random streams drawn from one seed (3 is
-# fedmia.attacks.STREAM_OFFICIAL).
+# fedmia.attacker.attacks.STREAM_OFFICIAL).
 STREAM_PARTITION = 1
 STREAM_TRAIN = 2
 STREAM_AUDIT = 4
@@ -187,7 +187,7 @@ def _audit_slots(client_id: np.ndarray, in_eval: np.ndarray, test_idx: np.ndarra
 
     Canaries: ``audit_canaries`` = m test samples outside the evaluation set, each
     included in ``audit_target``'s training data with probability ½ (the audit's stream,
-    :func:`fedmia.audit.draw_canaries`). Fillers: m further held-out samples (no client's,
+    :func:`fedmia.privacy.audit.draw_canaries`). Fillers: m further held-out samples (no client's,
     outside the evaluation set and the canaries; either split), from a stream of the
     audit's own: filler i takes slot i when canary i is out, so the target's data size
     does not depend on the coins.

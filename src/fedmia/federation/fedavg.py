@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.config import AGGREGATIONS, TrainConfig
-from fedmia.defenses import DataSpec, Defense
-from fedmia.partition import STREAM_AGGREGATION, STREAM_TRAIN, rng_for
-from fedmia.state import FlatState
+from fedmia.core.config import AGGREGATIONS, TrainConfig
+from fedmia.federation.defenses import DataSpec, Defense
+from fedmia.federation.partition import STREAM_AGGREGATION, STREAM_TRAIN, rng_for
+from fedmia.federation.state import FlatState
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def local_train(
 
 
 #: The server's weights as the manifest names them: ``equal`` (``1 / K``, a defense with
-#: :attr:`~fedmia.defenses.Defense.data_independent_weights`) or a ``train.aggregation``.
+#: :attr:`~fedmia.federation.defenses.Defense.data_independent_weights`) or a ``train.aggregation``.
 AGGREGATION_WEIGHTS = ("equal", *AGGREGATIONS)
 
 

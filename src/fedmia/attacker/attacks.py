@@ -2,7 +2,7 @@
 
 Input is the *measure table* of one cell: long and tidy, one row per
 ``(round, client_id, sample_id)`` with float columns ``loss, cos, grad_diff,
-grad_norm`` (see :mod:`fedmia.measures`); ``client_id`` is the client whose upload
+grad_norm`` (see :mod:`fedmia.attacker.measures`); ``client_id`` is the client whose upload
 produced the value, and every client has a row for every evaluation sample in every
 observed round. It is pivoted once into float64 arrays R×K×N (rounds × clients ×
 samples, each axis sorted), so samples line up by ``sample_id`` whatever the row order.
@@ -55,8 +55,10 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from fedmia import audit, metrics, uncertainty
-from fedmia.io import (
+from fedmia.attacker import metrics, uncertainty
+from fedmia.core.registry import ATTACKS
+from fedmia.privacy import audit
+from fedmia.stages.io import (
     ATTACK_DTYPES,
     AUDIT_COLUMNS,
     CELL_KEYS,
@@ -70,7 +72,6 @@ from fedmia.io import (
     REPLICATE_METRICS,
     RESULT_COLUMNS,
 )
-from fedmia.registry import ATTACKS
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class AttackSpec:
 
 
 def register_attack(spec: AttackSpec) -> AttackSpec:
-    """Register ``spec`` under its name (:data:`fedmia.registry.ATTACKS`); returns it."""
+    """Register ``spec`` under its name (:data:`fedmia.core.registry.ATTACKS`); returns it."""
     return ATTACKS.register(spec.name)(spec)
 
 
@@ -637,7 +638,7 @@ def _intervals(scores: np.ndarray, slots: Slots, strata: Sequence[uncertainty.St
                n_boot: int, rule: str) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
     """Per row of ``scores`` (R×S): bootstrap interval, SE and false positives.
 
-    The 95 % percentile interval and the standard error of each :data:`fedmia.io.CI_METRICS`
+    The 95 % percentile interval and the standard error of each :data:`fedmia.stages.io.CI_METRICS`
     from ``n_boot`` replicates of the stratified resample ``strata`` (one resample for
     all rows: paired), and for each TPR the false positives it rests on. Returns the
     rows' columns and the replicates (metric → float64 R×B; empty without replicates).
@@ -688,7 +689,7 @@ def run_attacks_with_replicates(
     serves every target, attack and official draw: each owner group (the held-out
     samples, each client's samples) is resampled within itself, with replacement, the
     draw seeded by ``(*bootstrap_keys, protocol, group, size)``
-    (:func:`fedmia.uncertainty.stable_seed`); target t's members are its group's
+    (:func:`fedmia.attacker.uncertainty.stable_seed`); target t's members are its group's
     resample and its non-members the other groups'. Each row's interval is a
     stratified bootstrap (members and non-members keep their counts), and rows of
     different targets and attacks are paired: replicate ``b`` resamples the same
@@ -710,8 +711,8 @@ def run_attacks_with_replicates(
         official: the official protocol's draws.
         ddof: FedMIA's variance ddof.
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
-        fpr_rule: how TPR at FPR α counts the limit (:data:`fedmia.metrics.FPR_RULES`).
-        roc_points: the most ROC points kept per row (:func:`fedmia.metrics.roc_points`).
+        fpr_rule: how TPR at FPR α counts the limit (:data:`fedmia.attacker.metrics.FPR_RULES`).
+        roc_points: the most ROC points kept per row (:func:`fedmia.attacker.metrics.roc_points`).
         n_boot: bootstrap replicates per row for the intervals (0: none, NaN columns).
         bootstrap_keys: the keys naming the run in the resample's seeds (the stage
             passes the cell's keys, so that cells resample independently); default
@@ -721,19 +722,19 @@ def run_attacks_with_replicates(
 
     Returns:
         ``(tables, replicates)``. ``tables``: attack name → one row per (protocol, draw,
-        target, round) with :data:`fedmia.io.RESULT_COLUMNS`: ``draw`` is 0 for
+        target, round) with :data:`fedmia.stages.io.RESULT_COLUMNS`: ``draw`` is 0 for
         ``aligned``; ``round`` is −1 for a multi-round score; ``attacked`` whether the
         round is one of ``attack_rounds`` (a single-round attack at a round observed only
         for the figures is False; only attacked rounds are candidates when a report
         picks a round); ``n_rounds`` the rounds a score combines (1 for single-round);
-        the :data:`fedmia.metrics.METRICS` (a TPR is NaN where undefined); for the AUC
+        the :data:`fedmia.attacker.metrics.METRICS` (a TPR is NaN where undefined); for the AUC
         and each TPR its 95 % percentile bootstrap interval ``<metric>_ci_low``,
         ``<metric>_ci_high`` and standard error ``<metric>_se`` (the resample above),
         and for each TPR ``<metric>_fp``, the false positives it rests on (−1 where
         undefined); the ROC points as float64 arrays. ``replicates``: one row per
         (attack in ``keep_replicates``, protocol, draw, target, round) for attacked
-        rounds and multi-round scores, :data:`fedmia.io.REPLICATE_COLUMNS` but the
-        cell's keys: the B replicates of each of :data:`fedmia.io.REPLICATE_METRICS`
+        rounds and multi-round scores, :data:`fedmia.stages.io.REPLICATE_COLUMNS` but the
+        cell's keys: the B replicates of each of :data:`fedmia.stages.io.REPLICATE_METRICS`
         as float32 arrays (no row with ``n_boot = 0``).
 
     Raises:
@@ -834,11 +835,11 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
     other clients, none of which trains on a canary, are FedMIA's references); a
     single-round attack at the last attacked round (no hindsight: picking a round on
     the canaries would void the bound), a multi-round one over the attacked rounds.
-    :func:`fedmia.audit.audit_from_scores` turns the scores and the coins into the
+    :func:`fedmia.privacy.audit.audit_from_scores` turns the scores and the coins into the
     lower bound on ε at ``delta`` (guess counts chosen on a held-out half). Each such
     row is a bound at level β for *that* attack, chosen before the audit; the largest
     of them is not. One more row, ``attack = "selected"``
-    (:func:`fedmia.audit.select_and_audit`), chooses the attack and the guess counts
+    (:func:`fedmia.privacy.audit.select_and_audit`), chooses the attack and the guess counts
     together on the selection half of one split and bounds ε on the other half: the
     audit of "the best attack", at level β.
 
@@ -856,7 +857,7 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
 
     Returns:
         One row per attack, then the ``selected`` row (its ``selected_attack`` names the
-        chosen attack, its ``round`` is that attack's), :data:`fedmia.io.AUDIT_COLUMNS`;
+        chosen attack, its ``round`` is that attack's), :data:`fedmia.stages.io.AUDIT_COLUMNS`;
         ``round`` −1 for a multi-round score. No row without an attacked round.
     """
     specs = [ATTACKS.get(n) for n in names]

@@ -1,17 +1,17 @@
 """Name → object registries: every kind the config names, and the plugins that add kinds.
 
 Each registry below is filled by the module that implements its kind, with the
-registry's decorator (``@DEFENSES.register("dp")`` in :mod:`fedmia.defenses`, ...):
+registry's decorator (``@DEFENSES.register("dp")`` in :mod:`fedmia.federation.defenses`, ...):
 
 ==================  ===============================  ==========================================
 registry            filled by                        config key
 ==================  ===============================  ==========================================
-``DATASETS``        :mod:`fedmia.datasets`           ``datasets.<key>.kind``
-``PARTITIONS``      :mod:`fedmia.partition`          ``partitions.<key>.kind``
-``MODELS``          :mod:`fedmia.models`             ``models.<key>.kind``
-``DEFENSES``        :mod:`fedmia.defenses`           ``defenses.<key>.kind``
-``MEASURE_ROUTES``  :mod:`fedmia.measures`           ``measure.route``
-``ATTACKS``         :mod:`fedmia.attacks`            ``attack.attacks``
+``DATASETS``        :mod:`fedmia.federation.datasets`           ``datasets.<key>.kind``
+``PARTITIONS``      :mod:`fedmia.federation.partition`          ``partitions.<key>.kind``
+``MODELS``          :mod:`fedmia.federation.models`             ``models.<key>.kind``
+``DEFENSES``        :mod:`fedmia.federation.defenses`           ``defenses.<key>.kind``
+``MEASURE_ROUTES``  :mod:`fedmia.attacker.measures`           ``measure.route``
+``ATTACKS``         :mod:`fedmia.attacker.attacks`            ``attack.attacks``
 ``FIGURES``         :mod:`fedmia.report`             the per-cell figures (``rounds``, ``roc``)
 ==================  ===============================  ==========================================
 
@@ -22,7 +22,7 @@ schema equal to what the registries generate), and the kinds of *plugins* throug
 these registries.
 
 **Plugins.** A plugin is an importable module that registers kinds with these
-decorators (e.g. ``from fedmia.defenses import DEFENSES, Defense``). The config's
+decorators (e.g. ``from fedmia.federation.defenses import DEFENSES, Defense``). The config's
 ``plugins:`` list names them; :func:`import_plugins` imports them when the workflow
 is parsed and at the start of every job, before anything is built, so a plugin's kinds
 are validated, run and reported like the built-in ones without an edit to fedmia.
@@ -35,12 +35,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:  # types only: the registries do not depend on what they register
-    from fedmia.attacks import AttackSpec
-    from fedmia.datasets import DatasetKind
-    from fedmia.defenses import DefenseFactory
-    from fedmia.measures import GradProducts
-    from fedmia.models import ModelFactory
-    from fedmia.partition import PartitionKind
+    from fedmia.attacker.attacks import AttackSpec
+    from fedmia.attacker.measures import GradProducts
+    from fedmia.federation.datasets import DatasetKind
+    from fedmia.federation.defenses import DefenseFactory
+    from fedmia.federation.models import ModelFactory
+    from fedmia.federation.partition import PartitionKind
     from fedmia.report import CellFigure
 
 T = TypeVar("T")

@@ -43,12 +43,12 @@ import pyarrow.parquet as pq
 import safetensors
 import safetensors.numpy
 
-from fedmia import metrics
+from fedmia.attacker import metrics
 
 if TYPE_CHECKING:  # types only: the file contracts depend on neither torch nor the loaders
     import torch
 
-    from fedmia.datasets import PreparedData
+    from fedmia.federation.datasets import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ CI_METRICS = ("auc", *(metrics.tpr_metric_name(a) for a in metrics.FPR_LEVELS))
 #: for TPRs, ``_fp`` (the false positives the TPR rests on).
 CI_COLUMNS = tuple(f"{m}_{part}" for m in CI_METRICS for part in ("ci_low", "ci_high", "se")
                    ) + tuple(f"{m}_fp" for m in CI_METRICS if m != "auc")
-#: Columns of one attack's results (:func:`fedmia.attacks.run_attacks`), in order.
+#: Columns of one attack's results (:func:`fedmia.attacker.attacks.run_attacks`), in order.
 RESULT_COLUMNS = ("protocol", "draw", "target", "round", "attacked", "n_rounds",
                   *metrics.METRICS, *CI_COLUMNS,
                   "n_members", "n_nonmembers", "roc_fpr", "roc_tpr")
@@ -95,7 +95,7 @@ ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
                  "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
                  "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
                  "n_nonmembers": "int64", **{c: "int64" for c in CI_COLUMNS if c.endswith("_fp")}}
-#: Columns of an attack's one-run audit (:func:`fedmia.attacks.audit_attacks`); the audit
+#: Columns of an attack's one-run audit (:func:`fedmia.attacker.attacks.audit_attacks`); the audit
 #: table (``results/attacks/{cell}/audit.parquet``) has the cell's keys first. The row of
 #: ``attack = "selected"`` audits the attack chosen on the selection half of the canaries,
 #: named in ``selected_attack`` (empty in the per-attack rows).
@@ -107,7 +107,7 @@ REPLICATE_METRICS = ("auc", metrics.tpr_metric_name(0.001))
 #: The keys of a replicate row after the cell's and the attack: the attack table row's.
 REPLICATE_KEYS = ("protocol", "draw", "target", "round")
 #: Columns of the replicate table (``results/attacks/{cell}/replicates.parquet``,
-#: :func:`fedmia.attacks.run_attacks_with_replicates`): one row per (attack, protocol,
+#: :func:`fedmia.attacker.attacks.run_attacks_with_replicates`): one row per (attack, protocol,
 #: draw, target, round) of the attacks the findings compare, attacked rounds and
 #: multi-round scores only; per metric of :data:`REPLICATE_METRICS` the B bootstrap
 #: replicates as a float32 array (``<metric>_replicates``), replicate ``b`` of every row

@@ -1,7 +1,7 @@
 """Bootstrap uncertainty of attack metrics (pure numpy).
 
 One attack on one target client at one round gives one AUC and one TPR at each FPR
-level (:mod:`fedmia.metrics`). This module says how much those numbers would move
+level (:mod:`fedmia.attacker.metrics`). This module says how much those numbers would move
 if the evaluation samples were drawn again.
 
 Replicates of one row (:func:`stratified_replicates`, :func:`bootstrap_replicates`)
@@ -9,15 +9,15 @@ Replicates of one row (:func:`stratified_replicates`, :func:`bootstrap_replicate
     within itself, uniformly with replacement (:func:`bootstrap_replicates`: two strata,
     the ``P`` members and the ``Q`` non-members; the attack stage: one stratum per owner
     group — the held-out samples and each client's samples — whose draw every target's
-    rows share, :func:`fedmia.attacks.bootstrap_strata`), and applies exactly the
-    definitions of :mod:`fedmia.metrics` to the resampled data. A sample drawn twice
+    rows share, :func:`fedmia.attacker.attacks.bootstrap_strata`), and applies exactly the
+    definitions of :mod:`fedmia.attacker.metrics` to the resampled data. A sample drawn twice
     is tied with itself: AUC counts each member/non-member tie one half, a threshold
     ("score ≥ t") takes all copies or none, and TPR at FPR α is the largest TPR among
     thresholds with at most
-    :func:`fedmia.metrics.max_false_positives` false positives (``at_most``: NaN in
+    :func:`fedmia.attacker.metrics.max_false_positives` false positives (``at_most``: NaN in
     every replicate when ``Q·α < 1``). The ``below`` rule is applied exactly
     (largest TPR with ``FP < α·Q``); scikit-learn's ROC thinning, which
-    :mod:`fedmia.metrics` reproduces for that rule, is *not* reproduced in the
+    :mod:`fedmia.attacker.metrics` reproduces for that rule, is *not* reproduced in the
     replicates. On data without ties the two agree, also after resampling (copies
     of one sample add vertical or horizontal ROC steps only); with ties in the
     original scores a replicate can be higher than the thinned official value.
@@ -64,7 +64,7 @@ Intervals of the findings (:func:`t_interval`, :func:`run_replicate_means`)
     sampling noise twice (each target's value already carries it): it over-covers the
     AUC at about 1.7 × the width, so the findings use the mean over the fixed targets.
     The simulation is of the ``aligned`` protocol; under ``official`` the pool's slots
-    are resampled as positions (:func:`fedmia.attacks.bootstrap_strata`), which leaves
+    are resampled as positions (:func:`fedmia.attacker.attacks.bootstrap_strata`), which leaves
     the pool's share of the noise out of a mean over targets.
 
 Caveat — TPR at low FPR
@@ -114,7 +114,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from fedmia import metrics
+from fedmia.attacker import metrics
 
 #: Replicates are processed in chunks of about this many entries (replicates ×
 #: samples): the int64 draws of a chunk (2 MiB) stay in a core's cache, which is ~1.5×
@@ -142,7 +142,7 @@ def _blocks(scores: np.ndarray, is_member: np.ndarray) -> _Blocks:
     and the best threshold with FP ≤ m is found at a block end (inside a member run
     a later threshold only adds members; inside a non-member run it only adds FP).
     """
-    metrics.roc_curve(scores, is_member)  # validates exactly as fedmia.metrics does
+    metrics.roc_curve(scores, is_member)  # validates exactly as fedmia.attacker.metrics does
     s = np.asarray(scores, dtype=np.float64)
     m = np.asarray(is_member).astype(bool)
     _, group = np.unique(-s, return_inverse=True)  # tie group of each sample, G groups
@@ -179,7 +179,7 @@ class Stratum(NamedTuple):
     replacement from a generator seeded ``seed`` (:func:`_draw`: row ``b`` of the
     stream) and takes ``slots[position]``. Two calls with strata of the same seed and
     size draw the same positions: that is how rows of different target clients share
-    one resample (:func:`fedmia.attacks.run_attacks`).
+    one resample (:func:`fedmia.attacker.attacks.run_attacks`).
     """
 
     seed: int | np.random.SeedSequence  # seed of the stratum's draws
@@ -309,7 +309,7 @@ def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: i
         seed: seed of the resample (see :func:`stable_seed`); the multiplicities are
             :func:`resample_weights` ``(P, Q, n_boot=B, seed=seed)``.
         alphas: FPR levels in (0, 1].
-        rule: :data:`fedmia.metrics.FPR_RULES`; ``below`` is the exact strict rule
+        rule: :data:`fedmia.attacker.metrics.FPR_RULES`; ``below`` is the exact strict rule
             (no scikit-learn thinning).
 
     Returns:
@@ -318,7 +318,7 @@ def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: i
         and ``Q·α < 1``).
 
     Raises:
-        ValueError: invalid scores or labels (as :mod:`fedmia.metrics`), an FPR level
+        ValueError: invalid scores or labels (as :mod:`fedmia.attacker.metrics`), an FPR level
             outside (0, 1], an unknown rule, or ``n_boot < 1``.
     """
     m = np.asarray(is_member).astype(bool)
@@ -335,7 +335,7 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
 
     Replicate ``b`` resamples every stratum within itself (:class:`Stratum`: ``m`` of its
     ``m`` slots, uniformly with replacement, the draws seeded by the stratum's seed) and
-    applies exactly the definitions of :mod:`fedmia.metrics` to the resampled data (see
+    applies exactly the definitions of :mod:`fedmia.attacker.metrics` to the resampled data (see
     the module docstring for ties and the FPR rules). Each stratum holds only members
     or only non-members, so every replicate keeps P members and Q non-members: with one
     stratum of each, the plain stratified bootstrap; with the non-members split by the
@@ -356,7 +356,7 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
         strata: a partition of the S slots (every slot in exactly one stratum).
         n_boot: B, the number of replicates.
         alphas: FPR levels in (0, 1].
-        rule: :data:`fedmia.metrics.FPR_RULES`; ``below`` is the exact strict rule.
+        rule: :data:`fedmia.attacker.metrics.FPR_RULES`; ``below`` is the exact strict rule.
 
     Returns:
         ``{"auc": …, tpr_metric_name(α): …}``, each float64 B (R×B for R×S scores);
@@ -365,7 +365,7 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
         :func:`strata_weights`.
 
     Raises:
-        ValueError: invalid scores or labels (as :mod:`fedmia.metrics`), strata that do
+        ValueError: invalid scores or labels (as :mod:`fedmia.attacker.metrics`), strata that do
             not partition the slots or mix members and non-members, an FPR level
             outside (0, 1], an unknown rule, or ``n_boot < 1``.
     """
@@ -560,7 +560,8 @@ def run_replicate_means(replicates: np.ndarray, *, draw_targets: int | None = No
 
     ``replicates[t, b]`` is target ``t``'s value (e.g. a paired difference of two
     attacks) in replicate ``b`` of a resample *shared by all targets* (one draw of the
-    held-out group and of each client's group per replicate, :func:`fedmia.attacks.run_attacks`).
+    held-out group and of each client's group per replicate,
+    :func:`fedmia.attacker.attacks.run_attacks`).
     Replicate ``b`` of the mean averages the targets' values in replicate ``b`` (NaN left
     out). Because the replicate index is the same for every target, the correlation
     that the shared non-member pool induces between targets is kept: the percentile
@@ -595,12 +596,12 @@ def false_positives_at(scores: np.ndarray, is_member: np.ndarray, alpha: float,
                        rule: str = "at_most") -> int:
     """The false positives the reported TPR at FPR ``alpha`` rests on.
 
-    The TPR of :func:`fedmia.metrics.tpr_at_fpr` (``rule`` included, so ``below`` with
+    The TPR of :func:`fedmia.attacker.metrics.tpr_at_fpr` (``rule`` included, so ``below`` with
     scikit-learn's thinning) is ``TP/P`` for some number ``TP`` of members. This is
     the number of non-members at or above the strictest threshold reaching ``TP``
     members, i.e. with a score ≥ the lowest score among those members: the fewest
     false positives with which that TPR is reached, so a table can say "TPR 3.1 % at
-    1 false positive". It is at most :func:`fedmia.metrics.max_false_positives`;
+    1 false positive". It is at most :func:`fedmia.attacker.metrics.max_false_positives`;
     the metric's own (most permissive) threshold may admit more non-members, up to
     that limit, without gaining a member. 0 when the TPR is 0.
 
@@ -608,7 +609,7 @@ def false_positives_at(scores: np.ndarray, is_member: np.ndarray, alpha: float,
         scores: float N, higher = more likely a member.
         is_member: bool N.
         alpha: FPR level in (0, 1].
-        rule: one of :data:`fedmia.metrics.FPR_RULES`.
+        rule: one of :data:`fedmia.attacker.metrics.FPR_RULES`.
 
     Returns:
         The number of false positives, or −1 where the TPR is undefined (NaN:

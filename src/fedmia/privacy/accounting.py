@@ -5,7 +5,7 @@ update to L2 norm ``C`` and adds ``N(0, (σC)²)`` to every coordinate of its ow
 upload; every client uploads every round (sampling rate 1) for ``T`` rounds, and the
 attacker is the server, which sees every upload. The server averages the uploads with
 equal weights, ``w_{r+1} = w_r − (1/K) Σ_k Δ̃_k`` (``dp`` has
-``data_independent_weights``, :func:`fedmia.fedavg.aggregation_rule`): with FedAvg's
+``data_independent_weights``, :func:`fedmia.federation.fedavg.aggregation_rule`): with FedAvg's
 ``n_k / n`` it would learn every client's data size un-noised, and ε would be infinite
 under any relation that changes a size.
 

@@ -1,6 +1,6 @@
 """⟨g_i, Δ_k⟩ and ‖g_i‖² layer by layer from one batched forward and backward pass.
 
-The *near-the-floor* route of :mod:`fedmia.measures`. For a chunk of B samples at
+The *near-the-floor* route of :mod:`fedmia.attacker.measures`. For a chunk of B samples at
 the global model (eval mode: BatchNorm uses its running statistics, GroupNorm
 normalises each sample by its own statistics, so samples do not interact),
 ``g_i = ∇_θ CE(f(x_i), y_i)``. One batched forward pass of the
@@ -120,21 +120,21 @@ def _check_module(module: nn.Module, name: str) -> None:
         raise NotImplementedError(
             f"layer-wise grad products do not support module '{name}' of type {kind} "
             "(supported: Linear, Conv2d, BatchNorm, GroupNorm); use the torch.func route "
-            "fedmia.measures.per_sample_grad_products for this model")
+            "fedmia.attacker.measures.per_sample_grad_products for this model")
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise NotImplementedError(
                 f"layer-wise grad products need groups=1 convolutions; '{name}' ({kind}) has "
-                f"groups={module.groups}; use fedmia.measures.per_sample_grad_products")
+                f"groups={module.groups}; use fedmia.attacker.measures.per_sample_grad_products")
         if module.padding_mode != "zeros":
             raise NotImplementedError(
                 f"layer-wise grad products need zero padding; '{name}' ({kind}) has "
                 f"padding_mode={module.padding_mode!r}; use "
-                "fedmia.measures.per_sample_grad_products")
+                "fedmia.attacker.measures.per_sample_grad_products")
     if isinstance(module, _BatchNorm) and module.running_mean is None:
         raise NotImplementedError(
             f"'{name}' ({kind}) keeps no running statistics, so its eval-mode output mixes "
-            "the samples of a batch; use fedmia.measures.per_sample_grad_products")
+            "the samples of a batch; use fedmia.attacker.measures.per_sample_grad_products")
 
 
 def _unfold(module: nn.Module, a: torch.Tensor, layout: str) -> torch.Tensor:
@@ -328,7 +328,8 @@ def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, t
             if cap.calls > 1:
                 raise NotImplementedError(
                     f"module '{cap.name}' ({type(module).__name__}) runs more than once per "
-                    "forward pass (shared weights); use fedmia.measures.per_sample_grad_products")
+                    "forward pass (shared weights); use "
+                    "fedmia.attacker.measures.per_sample_grad_products")
             a = inputs[0]
             cap.a = a.detach().clone() if clone_inputs else a.detach()
             cap.a_version = cap.a._version
@@ -366,7 +367,8 @@ def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, t
     if blind:
         raise NotImplementedError(
             f"layer(s) {blind} run on tensors that do not depend on the input, so their "
-            "output gradients cannot be captured; use fedmia.measures.per_sample_grad_products")
+            "output gradients cannot be captured; use "
+            "fedmia.attacker.measures.per_sample_grad_products")
     return dots, sqnorm
 
 
@@ -376,7 +378,7 @@ def layerwise_grad_products(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """⟨g_i, Δ_k⟩ and ‖g_i‖² for one chunk, layer by layer (drop-in ``grad_products``).
 
-    Same contract as :func:`fedmia.measures.per_sample_grad_products`; see
+    Same contract as :func:`fedmia.attacker.measures.per_sample_grad_products`; see
     :func:`layerwise_products` for the method and its options.
 
     Args:

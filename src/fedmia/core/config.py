@@ -8,7 +8,7 @@ errors when it is used from Python without the workflow's schema validation.
 This module imports nothing from fedmia: a ``kind`` is a plain name here. What depends
 on the kind — whether it is registered, what a defense's parameters may be, whether a
 dataset reads files — is checked by the registered kind itself (the registries of
-:mod:`fedmia.registry`), once, in :mod:`fedmia.workflow` when the Snakefile is parsed
+:mod:`fedmia.core.registry`), once, in :mod:`fedmia.workflow` when the Snakefile is parsed
 and by the stage that builds it.
 """
 
@@ -106,7 +106,7 @@ class DatasetConfig:
     """How ``prepare`` builds a dataset's canonical arrays.
 
     Attributes:
-        kind: registry name of the loader (:data:`fedmia.registry.DATASETS`; which kinds
+        kind: registry name of the loader (:data:`fedmia.core.registry.DATASETS`; which kinds
             read files under ``root`` or can download them is the kind's to say).
         image_size: side of the square images the models see, in pixels.
         test_fraction: fraction held out as the test split (datasets without an official split).
@@ -167,7 +167,7 @@ class PartitionConfig:
     """How the training split is dealt to clients and the evaluation set is drawn.
 
     Attributes:
-        kind: registry name (:data:`fedmia.registry.PARTITIONS`): ``iid`` (equal random
+        kind: registry name (:data:`fedmia.core.registry.PARTITIONS`): ``iid`` (equal random
             shards) or ``dirichlet`` (label-Dirichlet(β)).
         num_clients: K, at least 2.
         samples_per_client: training samples per client (iid: exactly; dirichlet: on
@@ -219,7 +219,7 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model architecture by registry name (:data:`fedmia.registry.MODELS`)."""
+    """A model architecture by registry name (:data:`fedmia.core.registry.MODELS`)."""
 
     kind: str
 
@@ -234,9 +234,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DefenseConfig:
-    """A defense by registry name (:data:`fedmia.registry.DEFENSES`) and its parameters.
+    """A defense by registry name (:data:`fedmia.core.registry.DEFENSES`) and its parameters.
 
-    The parameters are the defense's to check: :func:`fedmia.defenses.build_defense`.
+    The parameters are the defense's to check: :func:`fedmia.federation.defenses.build_defense`.
     """
 
     kind: str
@@ -279,7 +279,7 @@ class TrainConfig:
             weights the i-th listed upload by client i's share ``n_i / n``, so a client
             gets another client's share (identical to ``data_size`` when all clients hold
             as many samples); the order of round r is drawn from ``(seed, round)``
-            (:func:`fedmia.fedavg.aggregation_weights`). A defense whose weights must not
+            (:func:`fedmia.federation.fedavg.aggregation_weights`). A defense whose weights must not
             depend on the data (``dp``, a ``compose`` holding it:
             ``Defense.data_independent_weights``) overrides both with equal weights
             ``a_k = 1 / K`` (a permutation of equal weights is the same weights); the

@@ -41,7 +41,7 @@ All hooks are vectorised tensor code (loops run over layers, mixing partners or
 transform steps, never over samples); they never modify their inputs in place.
 
 **A defense is defined once**: a frozen dataclass subclass of :class:`Defense`,
-registered by name, whose fields are its parameters (:func:`fedmia.params.param`:
+registered by name, whose fields are its parameters (:func:`fedmia.core.params.param`:
 default, bounds, description), whose docstring says what it does and whose
 ``strength_param`` names the parameter of the privacy–utility tables::
 
@@ -57,7 +57,7 @@ default, bounds, description), whose docstring says what it does and whose
             return x + self.std * noise, y
 
 From it come the validation of a config block (:meth:`Defense.from_params`), its block
-of the workflow's schema (:func:`fedmia.params.schema_block`), its strength
+of the workflow's schema (:func:`fedmia.core.params.schema_block`), its strength
 (:meth:`Defense.strength_value`), its other parameters in the privacy–utility tables
 (:meth:`Defense.params_text`) and its row of the README (:func:`defense_table`).
 """
@@ -74,8 +74,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmia.config import ConfigError, DefenseConfig
-from fedmia.params import (
+from fedmia.core.config import ConfigError, DefenseConfig
+from fedmia.core.params import (
     changed,
     check_names,
     describe,
@@ -84,8 +84,8 @@ from fedmia.params import (
     resolve_strength,
     validate,
 )
-from fedmia.registry import DEFENSES
-from fedmia.state import Entry, StateLayout
+from fedmia.core.registry import DEFENSES
+from fedmia.federation.state import Entry, StateLayout
 
 
 @dataclass(frozen=True)
@@ -133,21 +133,21 @@ class Defense:
     #: The parameter that is the kind's strength in privacy–utility tables (None: no
     #: strength, NaN).
     strength_param: ClassVar[str | None] = None
-    #: Named sets of parameter values, the first the default (:mod:`fedmia.params`).
+    #: Named sets of parameter values, the first the default (:mod:`fedmia.core.params`).
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: Whether the kind may be a step of a ``compose``.
     composable: ClassVar[bool] = True
     #: True if the server must weight this defense's uploads without looking at the
     #: clients' data (equal weights ``1 / K`` instead of ``n_k / n``, whatever
     #: ``train.aggregation`` says): a privacy mechanism whose guarantee covers a change
-    #: of a client's data *size* (``dp``). :func:`fedmia.fedavg.run_fedavg` reads it.
+    #: of a client's data *size* (``dp``). :func:`fedmia.federation.fedavg.run_fedavg` reads it.
     data_independent_weights: ClassVar[bool] = False
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, kind: str) -> Defense:
         """The defense of a config block's parameters (``params``: the block without ``kind``).
 
-        Checked against the fields (:func:`fedmia.params.validate`).
+        Checked against the fields (:func:`fedmia.core.params.validate`).
 
         Raises:
             ConfigError: naming the kind, the parameter, its value and what is allowed.
@@ -163,7 +163,7 @@ class Defense:
     def params_text(self) -> str:
         """Its parameters other than the strength that are not at their defaults.
 
-        ``name=value, ...`` (:func:`fedmia.params.changed`; a required parameter always
+        ``name=value, ...`` (:func:`fedmia.core.params.changed`; a required parameter always
         counts), e.g. ``variant=official`` or ``clip=5``; ``""`` when there is none.
         """
         return changed(self, skip=self.strength_param)
@@ -263,7 +263,7 @@ class DPDefense(Defense):
     it to its own upload (local noise, what the attacker sees), so σ is the
     noise multiplier per client. As in DP-FedAvg the server averages the uploads with
     equal weights (:attr:`data_independent_weights`): weights ``n_k / n`` would tell it
-    every client's data size un-noised. The accounting is :mod:`fedmia.accounting`'s.
+    every client's data size un-noised. The accounting is :mod:`fedmia.privacy.accounting`'s.
 
     Attributes:
         sigma: noise multiplier σ ≥ 0 (required); σ = 0 clips only.
@@ -930,7 +930,7 @@ class ComposeDefense(Defense):
         """The composition of ``{steps: [<defense block>, ...], strength: <path>}``.
 
         Each step is built as a standalone defense; ``strength`` names one step's numeric
-        parameter (:func:`fedmia.params.resolve_strength`).
+        parameter (:func:`fedmia.core.params.resolve_strength`).
 
         Raises:
             ConfigError: naming the step or the parameter at fault and what is allowed.
@@ -1069,7 +1069,7 @@ def defense_table() -> str:
     """The README's table of defenses (Markdown), one row per registered kind.
 
     Columns: the kind, its parameters with bounds and defaults
-    (:func:`fedmia.params.describe`), its strength parameter, and the first paragraph of
+    (:func:`fedmia.core.params.describe`), its strength parameter, and the first paragraph of
     its docstring.
     """
     rows = ["| kind | parameters | strength | what the client does |", "|---|---|---|---|"]

@@ -5,7 +5,7 @@ Canonical form (``PreparedData``): ``images`` uint8 N×C×H×W, ``labels`` int64
 of the training split for normalisation. ``sample_id`` everywhere downstream is the
 row index into these arrays.
 
-Loaders (registered by name in :data:`fedmia.registry.DATASETS` with
+Loaders (registered by name in :data:`fedmia.core.registry.DATASETS` with
 :func:`register_dataset`, which also says whether the loader reads files under ``root``
 and can download them): ``digits`` (scikit-learn, no files),
 ``fashion_mnist`` (idx files, Debian's ``dataset-fashion-mnist`` or a folder),
@@ -45,8 +45,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from fedmia.config import ConfigError, DatasetConfig
-from fedmia.registry import DATASETS
+from fedmia.core.config import ConfigError, DatasetConfig
+from fedmia.core.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class DatasetKind:
     official_split: bool = False
 
     def check(self, cfg: DatasetConfig, where: str = "dataset") -> None:
-        """Raise :class:`~fedmia.config.ConfigError` if ``cfg`` sets what the kind does not take.
+        """Raise a :class:`~fedmia.core.config.ConfigError` if ``cfg`` sets what it does not take.
 
         The message starts with ``where`` and the key (``datasets.digits.root: ...``).
         """
@@ -859,7 +859,7 @@ def prepare_dataset(cfg: DatasetConfig) -> PreparedData:
     """Check ``cfg`` against its kind (:meth:`DatasetKind.check`) and run its loader.
 
     Raises:
-        ValueError: an unknown kind (a :class:`~fedmia.config.ConfigError` for a setting
+        ValueError: an unknown kind (a :class:`~fedmia.core.config.ConfigError` for a setting
             the kind does not take); the loader's errors.
     """
     kind = DATASETS.get(cfg.kind)

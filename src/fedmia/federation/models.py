@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedmia.registry import MODELS
+from fedmia.core.registry import MODELS
 
 ModelFactory = Callable[[int, int], nn.Module]
 NormFactory = Callable[[int], nn.Module]  # channels → norm layer

@@ -22,7 +22,7 @@ package does not. Use from the workflow (runs at parse time, in a small fraction
 a second, and imports nothing but the standard library and ``fedmia/__init__.py``,
 which must stay free of heavy imports)::
 
-    from fedmia.fingerprint import fingerprint
+    from fedmia.core.fingerprint import fingerprint
 
     rule train:
         params:
@@ -31,7 +31,7 @@ which must stay free of heavy imports)::
 From a shell, to see what a stage's fingerprint covers (for example before deciding
 that an edit was cosmetic and ``snakemake --touch`` is safe)::
 
-    python -m fedmia.fingerprint fedmia.pipeline
+    python -m fedmia.core.fingerprint fedmia.pipeline
 
 Scope and choices:
 
@@ -500,9 +500,9 @@ def _write(node: object, emit: Callable[[str], object]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedmia.fingerprint ENTRY...``: each entry's fingerprint and closure."""
+    """``python -m fedmia.core.fingerprint ENTRY...``: each entry's fingerprint and closure."""
     parser = argparse.ArgumentParser(
-        prog="python -m fedmia.fingerprint",
+        prog="python -m fedmia.core.fingerprint",
         description="Print the fingerprint of the library code each entry module runs, "
                     "and the modules it covers (its import closure).")
     parser.add_argument("entries", nargs="+", metavar="ENTRY",

@@ -31,7 +31,7 @@ values (``ClassVar presets: {name: {parameter: value}}``, the first one the defa
 config block picks one with ``preset`` and overrides any value of it; the field defaults
 are what a preset does not set.
 
-This module imports nothing of fedmia but :mod:`fedmia.config` and no torch: the
+This module imports nothing of fedmia but :mod:`fedmia.core.config` and no torch: the
 workflow uses it when it parses the Snakefile.
 """
 
@@ -42,7 +42,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedmia.config import ConfigError
+from fedmia.core.config import ConfigError
 
 #: The JSON-schema bound keywords a parameter may carry (field metadata keys).
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")

@@ -14,9 +14,9 @@ global model ``w`` (the one the server sent) and upload ``Δ_k = w − w^k``:
 BatchNorm is in eval mode throughout. Only ⟨g_i, Δ_k⟩ for all k and ‖g_i‖² are
 needed: ``g_i`` is handled once per sample and round, whatever K is. Two routes
 compute them for a chunk of samples (the ``measure.route`` of the config, registered in
-:data:`fedmia.registry.MEASURE_ROUTES`):
+:data:`fedmia.core.registry.MEASURE_ROUTES`):
 
-* ``layerwise`` (default, :mod:`fedmia.layerwise`): from one batched forward and
+* ``layerwise`` (default, :mod:`fedmia.attacker.layerwise`): from one batched forward and
   backward pass, layer by layer, never forming per-sample gradients — near the
   cost of the plain batched passes;
 * ``func`` (:func:`per_sample_grad_products`): per-sample gradients of the chunk
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from fedmia.layerwise import layerwise_grad_products
-from fedmia.registry import MEASURE_ROUTES
-from fedmia.state import FlatState
+from fedmia.attacker.layerwise import layerwise_grad_products
+from fedmia.core.registry import MEASURE_ROUTES
+from fedmia.federation.state import FlatState
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def compute_round_measures(
             bounded per-layer buffer).
         batch_size: samples per forward pass of the loss.
         grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk
-            (:data:`fedmia.registry.MEASURE_ROUTES`; default: layer-wise).
+            (:data:`fedmia.core.registry.MEASURE_ROUTES`; default: layer-wise).
     """
     loss, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
     state.load(global_state)

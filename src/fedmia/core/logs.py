@@ -81,7 +81,7 @@ def die_with_snakemake(interval: float = WATCH_INTERVAL) -> bool:
     starts the same job again. A daemon thread checks every ``interval`` seconds that
     every process between us and the top-most Snakemake ancestor is still the same
     process (pid and start time); when one is gone, it exits this process at once.
-    Outputs are written to temporary names and renamed (:mod:`fedmia.io`), so the
+    Outputs are written to temporary names and renamed (:mod:`fedmia.stages.io`), so the
     exit leaves no partial output behind. Returns whether a watch was started.
     """
     ancestors = snakemake_ancestors()

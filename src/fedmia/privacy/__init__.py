@@ -1,0 +1,1 @@
+"""Privacy accounting (ε of a mechanism) and the one-run empirical audit."""
