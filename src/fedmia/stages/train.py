@@ -25,6 +25,7 @@ from fedmia.defenses import build_defense
 from fedmia.fedavg import DeviceData, RoundRecord, aggregation_rule, run_fedavg
 from fedmia.fingerprint import fingerprint
 from fedmia.io import CELL_KEYS, HISTORY_COLUMNS
+from fedmia.lockfile import lock_sha256
 from fedmia.models import build_model, count_parameters
 from fedmia.partition import HELD_OUT, global_test_ids
 from fedmia.registry import import_plugins
@@ -191,6 +192,7 @@ def train(
         # the official code also records the best test accuracy over rounds (hindsight)
         "best_test_accuracy": _best_test_accuracy(history),
         "fedmia_version": fedmia.__version__,
+        "lock_sha256": lock_sha256(),  # the shipped lock installed here, else None
     }
     if ckpt is not None:
         ckpt.move_observed(saved, Path(outputs["observed"]))
