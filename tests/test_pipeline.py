@@ -12,6 +12,7 @@ import torch
 
 from fedmia import pipeline
 from fedmia.attacker.uncertainty import stable_seed
+from fedmia.core.lockfile import lock_sha256
 from fedmia.federation.models import build_model
 from fedmia.federation.state import FlatState, StateLayout
 from fedmia.privacy.accounting import accounted_epsilon
@@ -73,6 +74,11 @@ def test_history_contents(cell):
     assert lrs[0] == lrs[1] == pytest.approx(0.05)  # the official cosine: rounds 1, 2 at lr
     assert (np.diff(lrs[1:]) < 0).all()  # then cosine decay
 
+
+
+def test_the_manifest_records_the_lock_the_environment_was_installed_from(cell):
+    # the sha256 of requirements/py311-linux-x86_64-cpu.txt in CI; None for an unlocked install
+    assert pipeline.read_manifest(cell["manifest"])["lock_sha256"] == lock_sha256()
 
 def test_observed_rounds_hold_the_server_view(cell):
     files = sorted(p.name for p in cell["observed"].iterdir())

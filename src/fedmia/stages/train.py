@@ -20,6 +20,7 @@ import torch
 import fedmia
 from fedmia.core.config import DefenseConfig, ModelConfig, TrainConfig
 from fedmia.core.fingerprint import fingerprint
+from fedmia.core.lockfile import lock_sha256
 from fedmia.core.registry import import_plugins
 from fedmia.federation.defenses import build_defense
 from fedmia.federation.fedavg import DeviceData, RoundRecord, aggregation_rule, run_fedavg
@@ -191,6 +192,7 @@ def train(
         # the official code also records the best test accuracy over rounds (hindsight)
         "best_test_accuracy": _best_test_accuracy(history),
         "fedmia_version": fedmia.__version__,
+        "lock_sha256": lock_sha256(),  # the shipped lock installed here, else None
     }
     if ckpt is not None:
         ckpt.move_observed(saved, Path(outputs["observed"]))
