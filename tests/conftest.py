@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedmia import pipeline
-from fedmia.stages import io
+from fedmia.core import contracts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def snakemake_cmd() -> list[str]:
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory) -> dict[str, str]:
     """The prepared digits dataset (32×32), written once per test session."""
-    files = io.prepared_paths(tmp_path_factory.mktemp("digits"))
+    files = contracts.prepared_paths(tmp_path_factory.mktemp("digits"))
     pipeline.prepare({"kind": "digits"}, files)
     return files
 

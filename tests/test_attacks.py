@@ -27,7 +27,7 @@ from fedmia.attacker.attacks import (
 )
 from fedmia.attacker.metrics import roc_auc
 from fedmia.attacker.uncertainty import stratified_replicates
-from fedmia.stages.io import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
+from fedmia.core.contracts import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
 MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos"]

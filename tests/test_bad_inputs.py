@@ -46,6 +46,7 @@ from fedmia.attacker.attacks import (
     run_attacks,
     validate_measures,
 )
+from fedmia.core import contracts
 from fedmia.core.config import ConfigError, DefenseConfig, PartitionConfig, TrainConfig
 from fedmia.federation import datasets as ds
 from fedmia.federation.datasets import verify_md5
@@ -241,7 +242,7 @@ CONFIG = [
                 r"but its eval_nonmembers is 1000 \(cell digits/alexnet/none/iid/seed0\)",
                 r"needs eval_nonmembers >= 1001 \(raise it\) or lower test_slots"),
     config_case("official-client-slots-over-the-pool", "attack.official", {"client_slots": 30},
-                r"partition 'dirichlet' but its eval_members_per_client is 20",
+                r"partition 'iid' but its eval_members_per_client is 10",
                 r"\(raise it\) or lower client_slots"),
     config_case("grid-zero-official-draws", "grid.0.attack", {"official": {"draws": 0}},
                 r"at 'grid\[0\].attack.official.draws': 0 is less than", r"the minimum of 1"),
@@ -333,7 +334,7 @@ CONFIG = [
 
 
 def prepared_files(folder: Path) -> dict[str, Path]:
-    return {k: Path(v) for k, v in fio.prepared_paths(folder).items()}
+    return {k: Path(v) for k, v in contracts.prepared_paths(folder).items()}
 
 
 def prepare_case(id: str, exc: type[BaseException], problem: str, fix: str,
@@ -722,13 +723,13 @@ def replicates_case(id: str, exc: type[BaseException], problem: str, *,
     missing): it stops before writing any table, naming the fix (rerun the attack)."""
     def setup(ctx: Ctx):
         attack_file, rep_file = ctx.tmp / "loss.parquet", ctx.tmp / "replicates.parquet"
-        fio.write_parquet(pd.DataFrame(columns=list(fio.ATTACK_COLUMNS)).astype(
-            fio.ATTACK_DTYPES), attack_file, "attack")
+        fio.write_parquet(pd.DataFrame(columns=list(contracts.ATTACK_COLUMNS)).astype(
+            contracts.ATTACK_DTYPES), attack_file, "attack")
         rng = np.random.default_rng(0)
         reps = pd.DataFrame([dict(CELL, attack="loss", protocol="aligned", draw=0, target=t,
                                   round=2, **{"auc_replicates": rng.random(8).astype("float32"),
                                               "tpr@0.1%_replicates": np.zeros(8, "float32")})
-                             for t in range(3)]).astype(fio.REPLICATE_DTYPES)
+                             for t in range(3)]).astype(contracts.REPLICATE_DTYPES)
         if not missing:
             fio.write_parquet(edit(reps), rep_file, "replicates")
         if damage is not None:
@@ -807,17 +808,17 @@ INTERMEDIATE = [
     # the attack stage's replicates given to the report
     replicates_case("replicate-file-missing", FileNotFoundError,
                     r"replicates.parquet does not exist", missing=True),
-    replicates_case("truncated-replicate-file", fio.FormatError,
+    replicates_case("truncated-replicate-file", contracts.FormatError,
                     r"replicates.parquet is not a readable Parquet file .*truncated or damaged",
                     damage=truncate),
-    replicates_case("replicate-file-missing-a-column", fio.FormatError,
+    replicates_case("replicate-file-missing-a-column", contracts.FormatError,
                     r"replicates.parquet lacks column\(s\) \['tpr@0.1%_replicates'\]",
                     edit=lambda r: r.drop(columns="tpr@0.1%_replicates")),
-    replicates_case("replicate-arrays-of-unequal-lengths", fio.FormatError,
+    replicates_case("replicate-arrays-of-unequal-lengths", contracts.FormatError,
                     r"replicate arrays of unequal lengths \[7, 8\]",
                     edit=lambda r: r.assign(auc_replicates=[r.auc_replicates[0][:7],
                                                             *r.auc_replicates[1:]])),
-    replicates_case("replicates-of-another-dtype", fio.FormatError,
+    replicates_case("replicates-of-another-dtype", contracts.FormatError,
                     r"column 'auc_replicates' must hold float32 arrays, found ndarray float64",
                     edit=lambda r: r.assign(auc_replicates=[v.astype("float64")
                                                             for v in r.auc_replicates])),
@@ -904,12 +905,12 @@ def old_format(kind: str, write: Callable[[Path], None], read: Callable[[Path], 
     """A ``kind`` file written by a fedmia whose format version was one lower."""
     def setup(ctx: Ctx):
         f = ctx.tmp / name
-        version = fio.FORMATS[kind]
-        fio.FORMATS[kind] = version - 1
+        version = contracts.FORMATS[kind]
+        contracts.FORMATS[kind] = version - 1
         try:
             write(f)
         finally:
-            fio.FORMATS[kind] = version
+            contracts.FORMATS[kind] = version
         return (lambda: read(f)), []
     return setup
 
@@ -919,9 +920,9 @@ def _frame(f: Path, kind: str) -> None:
 
 
 FORMAT_VERSIONS = [
-    bad(f"{kind}-file-of-an-older-format", fio.FormatError,
-        rf"has format '{kind}/{fio.FORMATS[kind] - 1}', but this fedmia reads "
-        rf"'{kind}/{fio.FORMATS[kind]}'", rf"--forcerun {fio.WRITER[kind]}",
+    bad(f"{kind}-file-of-an-older-format", contracts.FormatError,
+        rf"has format '{kind}/{contracts.FORMATS[kind] - 1}', but this fedmia reads "
+        rf"'{kind}/{contracts.FORMATS[kind]}'", rf"--forcerun {contracts.WRITER[kind]}",
         old_format(kind, write, read, name))
     for kind, name, write, read in (
         ("partition", "p.parquet", lambda f: _frame(f, "partition"),
@@ -939,12 +940,12 @@ FORMAT_VERSIONS = [
         ("manifest", "manifest.json", lambda f: fio.write_manifest({}, f), fio.read_manifest),
     )
 ] + [
-    bad("measures-file-given-as-a-partition", fio.FormatError,
-        rf"has format 'measures/{fio.FORMATS['measures']}', but this fedmia reads "
+    bad("measures-file-given-as-a-partition", contracts.FormatError,
+        rf"has format 'measures/{contracts.FORMATS['measures']}', but this fedmia reads "
         r"'partition/\d+'", r"--forcerun partition",
         lambda ctx: (_frame(ctx.tmp / "p.parquet", "measures"),
                      (lambda: fio.read_parquet(ctx.tmp / "p.parquet", "partition"), []))[1]),
-    bad("checkpoint-of-another-format", fio.FormatError,
+    bad("checkpoint-of-another-format", contracts.FormatError,
         r"state.safetensors has no fedmia format tag", r"delete .*ckpt to start the cell afresh",
         lambda ctx: (_untagged_checkpoint(ctx.tmp / "ckpt"), (lambda: _load_checkpoint(
             ctx.tmp / "ckpt"), []))[1]),

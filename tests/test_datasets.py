@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from fedmia import pipeline
+from fedmia.core import contracts
 from fedmia.core.config import DatasetConfig, PartitionConfig
 from fedmia.federation import datasets as ds
 from fedmia.federation.datasets import prepare_dataset, seeded_split, verify_md5
 from fedmia.federation.partition import make_partition
-from fedmia.stages import io as fio
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -527,7 +527,7 @@ def test_imagefolder_train_test(tmp_path):
 
 def test_pipeline_prepare_imagefolder(tmp_path):
     make_folder(tmp_path / "imgs")
-    files = fio.prepared_paths(tmp_path / "out")
+    files = contracts.prepared_paths(tmp_path / "out")
     pipeline.prepare({"kind": "imagefolder", "root": str(tmp_path / "imgs")}, files)
     meta = json.loads(Path(files["meta"]).read_text())
     assert meta["num_samples"] == 19 and meta["classes"] == ["cat", "dog", "emu"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fedmia.core import contracts
 from fedmia.stages import io
 
 
@@ -45,20 +46,21 @@ def test_bad_parquet_files_name_the_file_and_the_fix(tmp_path, damage, message):
         io.write_parquet(df, f, "attack")
     elif damage == "untagged":
         df.to_parquet(f)
-    with pytest.raises((io.FormatError, FileNotFoundError), match=message):
+    with pytest.raises((contracts.FormatError, FileNotFoundError), match=message):
         io.read_parquet(f, "measures")
 
 
 def test_old_format_versions_are_refused(tmp_path, monkeypatch):
     f = tmp_path / "r.safetensors"
-    monkeypatch.setitem(io.FORMATS, "observed", 0)  # a file of an older fedmia
+    monkeypatch.setitem(contracts.FORMATS, "observed", 0)  # a file of an older fedmia
     io.save_tensors(f, {"x": torch.zeros(2)}, {}, "observed")
-    monkeypatch.setitem(io.FORMATS, "observed", 1)
-    with pytest.raises(io.FormatError, match=r"has format 'observed/0', but this fedmia reads "
-                                             r"'observed/1' .*--forcerun train"):
+    monkeypatch.setitem(contracts.FORMATS, "observed", 1)
+    with pytest.raises(contracts.FormatError,
+                       match=r"has format 'observed/0', but this fedmia reads "
+                             r"'observed/1' .*--forcerun train"):
         io.load_tensors(f, "observed")
     f.write_bytes(f.read_bytes()[:30])
-    with pytest.raises(io.FormatError, match="not a readable safetensors file"):
+    with pytest.raises(contracts.FormatError, match="not a readable safetensors file"):
         io.load_tensors(f, "observed")
 
 
@@ -67,10 +69,10 @@ def test_manifests_are_versioned(tmp_path):
     io.write_manifest({"dataset": "d"}, f)
     assert io.read_manifest(f)["dataset"] == "d"
     f.write_text(json.dumps({"dataset": "d"}))
-    with pytest.raises(io.FormatError, match="no fedmia format tag.*--forcerun train"):
+    with pytest.raises(contracts.FormatError, match="no fedmia format tag.*--forcerun train"):
         io.read_manifest(f)
     f.write_text('{"dataset": ')
-    with pytest.raises(io.FormatError, match="not valid JSON"):
+    with pytest.raises(contracts.FormatError, match="not valid JSON"):
         io.read_manifest(f)
 
 
@@ -80,17 +82,17 @@ def test_tensors_are_written_byte_for_byte_as_safetensors_torch_writes_them(tmp_
          "mask": torch.tensor([True, False]), "global_state": torch.arange(5.0)}
     meta = {"round": 10, "layout": [{"name": "w", "shape": [5]}]}
     io.save_tensors(tmp_path / "io.safetensors", t, meta, "observed")
-    header = json.dumps({"format": io.format_tag("observed"), "meta": meta}, sort_keys=True)
+    header = json.dumps({"format": contracts.format_tag("observed"), "meta": meta}, sort_keys=True)
     save_file({k: t[k] for k in sorted(t)}, str(tmp_path / "torch.safetensors"),
-              metadata={io.FORMAT_KEY: header})
+              metadata={contracts.FORMAT_KEY: header})
     assert (tmp_path / "io.safetensors").read_bytes() == (
         tmp_path / "torch.safetensors").read_bytes()
 
 
 def test_prepared_file_names_come_from_one_constant(tmp_path):
-    paths = io.prepared_paths(tmp_path)
-    assert list(paths) == list(io.PREPARED_FILES)
-    assert set(io.PREPARED_ARRAYS) < set(io.PREPARED_FILES)
+    paths = contracts.prepared_paths(tmp_path)
+    assert list(paths) == list(contracts.PREPARED_FILES)
+    assert set(contracts.PREPARED_ARRAYS) < set(contracts.PREPARED_FILES)
     assert paths["meta"] == str(tmp_path / "meta.json")
 
 
@@ -121,18 +123,19 @@ def replicate_table(n: int = 3, n_boot: int = 8) -> pd.DataFrame:
     return pd.DataFrame([{**keys, "target": t, "round": 10,
                           "auc_replicates": rng.random(n_boot).astype(np.float32),
                           "tpr@0.1%_replicates": np.zeros(n_boot, np.float32)}
-                         for t in range(n)]).astype(io.REPLICATE_DTYPES)
+                         for t in range(n)]).astype(contracts.REPLICATE_DTYPES)
 
 
 def test_replicate_file_contract(tmp_path):
-    assert io.REPLICATE_COLUMNS == (*io.CELL_KEYS, "attack", "protocol", "draw", "target",
-                                    "round", "auc_replicates", "tpr@0.1%_replicates")
+    assert contracts.REPLICATE_COLUMNS == (*contracts.CELL_KEYS, "attack", "protocol", "draw",
+                                           "target", "round", "auc_replicates",
+                                           "tpr@0.1%_replicates")
     f = tmp_path / "replicates.parquet"
     df = replicate_table()
     io.write_parquet(df, f, "replicates")
     back = io.read_replicates(f)
-    assert list(back.columns) == list(io.REPLICATE_COLUMNS)
-    for c, t in io.REPLICATE_DTYPES.items():
+    assert list(back.columns) == list(contracts.REPLICATE_COLUMNS)
+    for c, t in contracts.REPLICATE_DTYPES.items():
         assert (pd.api.types.is_string_dtype(back[c]) if t == "object"
                 else str(back[c].dtype) == t), c
     for c in ("auc_replicates", "tpr@0.1%_replicates"):

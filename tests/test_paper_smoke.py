@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from fedmia import pipeline
+from fedmia.core import contracts
 from fedmia.stages import io
 from fedmia.stages.prepare import write_standin
 
@@ -72,7 +73,7 @@ def test_a_standin_tree_is_read_by_the_official_dermnet_split(tmp_path):
     assert len(list((root / "train").rglob("*.jpg"))) == 30
     assert len(list((root / "test").rglob("*.jpg"))) == 20
     assert not list(tmp_path.glob(".*.tmp"))  # nothing temporary left
-    files = io.prepared_paths(tmp_path / "prepared")
+    files = contracts.prepared_paths(tmp_path / "prepared")
     pipeline.prepare({"kind": "dermnet", "root": str(root), "image_size": 16,
                       "split": "official", "pool_size": 30, "test_size": 15}, files)
     arrays, meta = io.load_prepared(files)

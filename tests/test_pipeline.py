@@ -12,13 +12,14 @@ import torch
 
 from fedmia import pipeline
 from fedmia.attacker.uncertainty import stable_seed
+from fedmia.core.contracts import REPLICATE_COLUMNS
 from fedmia.core.lockfile import lock_sha256
 from fedmia.federation.models import build_model
 from fedmia.federation.state import FlatState, StateLayout
 from fedmia.privacy.accounting import accounted_epsilon
 from fedmia.privacy.audit import audit_from_scores, max_epsilon_lower_bound, select_and_audit
 from fedmia.stages import io
-from fedmia.stages.io import REPLICATE_COLUMNS, read_replicates
+from fedmia.stages.io import read_replicates
 from fedmia.stages.train import Checkpoint
 
 PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,

@@ -9,7 +9,7 @@ from scipy import stats
 
 from fedmia import report
 from fedmia.attacker.uncertainty import percentile_interval
-from fedmia.stages.io import CELL_KEYS
+from fedmia.core.contracts import CELL_KEYS
 
 CELL = dict(dataset="d", model="m", defense="none", partition="iid", seed=0)
 

@@ -4,9 +4,10 @@ Each rule runs one entry module of :mod:`fedmia.stages` (its code fingerprint is
 param of the rule); this module gathers their functions in one place.
 """
 
+from fedmia.core.contracts import HISTORY_COLUMNS
 from fedmia.stages.attack import attack
 from fedmia.stages.compute import device_name, resolve_device, setup_compute
-from fedmia.stages.io import HISTORY_COLUMNS, available_rounds, cells_frame, read_manifest
+from fedmia.stages.io import available_rounds, cells_frame, read_manifest
 from fedmia.stages.measure import measure
 from fedmia.stages.partition import partition
 from fedmia.stages.prepare import prepare

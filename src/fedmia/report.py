@@ -4,7 +4,8 @@ Input everywhere is the concatenation of attack-stage tables: one row per
 ``(dataset, model, defense, partition, seed, attack, protocol, draw, target, round)``
 with the metrics of :mod:`fedmia.attacker.metrics` (``round = -1``: a multi-round score),
 ``attacked`` (whether a single-round attack's round is one of the attacked rounds),
-``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr`` (:data:`fedmia.stages.io.RESULT_COLUMNS`).
+``n_rounds`` and the ROC points ``roc_fpr``, ``roc_tpr``
+(:data:`fedmia.core.contracts.RESULT_COLUMNS`).
 
 **How a single-round attack is reported** (``report.single_round``, :data:`SELECTIONS`):
 a single-round attack has one score per observed round, and a table shows one of them:
@@ -56,8 +57,8 @@ from fedmia.attacker.attacks import (  # noqa: E402
 )
 from fedmia.attacker.metrics import METRICS, tpr_metric_name  # noqa: E402
 from fedmia.core.config import SELECTIONS, check_selection  # noqa: E402, F401
+from fedmia.core.contracts import CELL_KEYS, REPLICATE_KEYS, REPLICATE_METRICS  # noqa: E402
 from fedmia.core.registry import FIGURES  # noqa: E402
-from fedmia.stages.io import CELL_KEYS, REPLICATE_KEYS, REPLICATE_METRICS  # noqa: E402
 
 SETTING = ["dataset", "model", "defense", "partition"]
 #: The keys of one table row before the attack: setting and protocol.
@@ -696,7 +697,7 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
             :func:`fedmia.federation.defenses.params_of`).
         epsilons: per setting, :data:`EPSILON_COLUMNS` (accounted ε of a ``dp`` defense,
             ∞ where none is finite; NaN where the defense claims none).
-        audit: the one-run audits (:data:`fedmia.stages.io.AUDIT_COLUMNS` with the cells'
+        audit: the one-run audits (:data:`fedmia.core.contracts.AUDIT_COLUMNS` with the cells'
             keys): ``epsilon_empirical`` of each attack, on the aligned protocol's rows
             only (the smallest over seeds, each a valid bound at level β for that one
             attack, chosen in advance; the largest of them over attacks is *not* a bound
@@ -956,7 +957,7 @@ def replicate_lookup(replicates: pd.DataFrame | None) -> Replicates:
     """Metric → (key of a result row, :data:`REPLICATE_ROW`) → its B replicates.
 
     ``replicates``: the concatenated replicate tables of the attack stage
-    (:data:`fedmia.stages.io.REPLICATE_COLUMNS`); ``None`` or empty: no replicates.
+    (:data:`fedmia.core.contracts.REPLICATE_COLUMNS`); ``None`` or empty: no replicates.
     """
     out: Replicates = {m: {} for m in REPLICATE_METRICS}
     if replicates is None or replicates.empty:
@@ -1091,7 +1092,7 @@ def findings(results: pd.DataFrame,
         partition_kinds: partition key → kind (``iid``, ``dirichlet``), for the non-iid
             finding; ``None`` skips it.
         replicates: the concatenated replicate tables of the attack stage
-            (:data:`fedmia.stages.io.REPLICATE_COLUMNS`), needed where a setting has one seed.
+            (:data:`fedmia.core.contracts.REPLICATE_COLUMNS`), needed where a setting has one seed.
     """
     lookup = replicate_lookup(replicates)
     out = []

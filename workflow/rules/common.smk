@@ -5,7 +5,7 @@ import dataclasses
 
 from fedmia.core.fingerprint import fingerprint
 from fedmia.attacker.attacks import families, outlier_filter_for
-from fedmia.stages.io import PREPARED_FILES
+from fedmia.core.contracts import PREPARED_FILES
 from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_config
 
 SPEC = load_workflow_config(

@@ -1,8 +1,8 @@
 """Rule train: FedAvg for one cell (fedmia.stages.train.train)."""
 
+from fedmia.core.contracts import PREPARED_FILES
 from fedmia.core.logs import setup_logging
 from fedmia.stages import train as stage
-from fedmia.stages.io import PREPARED_FILES
 
 setup_logging(snakemake.log[0])
 inputs = dict(snakemake.input.items())

@@ -56,9 +56,7 @@ import pandas as pd
 from scipy.special import ndtr
 
 from fedmia.attacker import metrics, uncertainty
-from fedmia.core.registry import ATTACKS
-from fedmia.privacy import audit
-from fedmia.stages.io import (
+from fedmia.core.contracts import (
     ATTACK_DTYPES,
     AUDIT_COLUMNS,
     CELL_KEYS,
@@ -72,6 +70,8 @@ from fedmia.stages.io import (
     REPLICATE_METRICS,
     RESULT_COLUMNS,
 )
+from fedmia.core.registry import ATTACKS
+from fedmia.privacy import audit
 
 log = logging.getLogger(__name__)
 
@@ -638,10 +638,11 @@ def _intervals(scores: np.ndarray, slots: Slots, strata: Sequence[uncertainty.St
                n_boot: int, rule: str) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
     """Per row of ``scores`` (R×S): bootstrap interval, SE and false positives.
 
-    The 95 % percentile interval and the standard error of each :data:`fedmia.stages.io.CI_METRICS`
-    from ``n_boot`` replicates of the stratified resample ``strata`` (one resample for
-    all rows: paired), and for each TPR the false positives it rests on. Returns the
-    rows' columns and the replicates (metric → float64 R×B; empty without replicates).
+    The 95 % percentile interval and the standard error of each
+    :data:`fedmia.core.contracts.CI_METRICS` from ``n_boot`` replicates of the stratified
+    resample ``strata`` (one resample for all rows: paired), and for each TPR the false
+    positives it rests on. Returns the rows' columns and the replicates (metric → float64
+    R×B; empty without replicates).
     """
     nan = float("nan")
     out: list[dict[str, float]] = [{} for _ in range(len(scores))]
@@ -722,7 +723,7 @@ def run_attacks_with_replicates(
 
     Returns:
         ``(tables, replicates)``. ``tables``: attack name → one row per (protocol, draw,
-        target, round) with :data:`fedmia.stages.io.RESULT_COLUMNS`: ``draw`` is 0 for
+        target, round) with :data:`fedmia.core.contracts.RESULT_COLUMNS`: ``draw`` is 0 for
         ``aligned``; ``round`` is −1 for a multi-round score; ``attacked`` whether the
         round is one of ``attack_rounds`` (a single-round attack at a round observed only
         for the figures is False; only attacked rounds are candidates when a report
@@ -733,8 +734,8 @@ def run_attacks_with_replicates(
         and for each TPR ``<metric>_fp``, the false positives it rests on (−1 where
         undefined); the ROC points as float64 arrays. ``replicates``: one row per
         (attack in ``keep_replicates``, protocol, draw, target, round) for attacked
-        rounds and multi-round scores, :data:`fedmia.stages.io.REPLICATE_COLUMNS` but the
-        cell's keys: the B replicates of each of :data:`fedmia.stages.io.REPLICATE_METRICS`
+        rounds and multi-round scores, :data:`fedmia.core.contracts.REPLICATE_COLUMNS` but the
+        cell's keys: the B replicates of each of :data:`fedmia.core.contracts.REPLICATE_METRICS`
         as float32 arrays (no row with ``n_boot = 0``).
 
     Raises:
@@ -857,7 +858,7 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
 
     Returns:
         One row per attack, then the ``selected`` row (its ``selected_attack`` names the
-        chosen attack, its ``round`` is that attack's), :data:`fedmia.stages.io.AUDIT_COLUMNS`;
+        chosen attack, its ``round`` is that attack's), :data:`fedmia.core.contracts.AUDIT_COLUMNS`;
         ``round`` −1 for a multi-round score. No row without an attacked round.
     """
     specs = [ATTACKS.get(n) for n in names]

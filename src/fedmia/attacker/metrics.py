@@ -33,19 +33,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-FPR_LEVELS = (0.001, 0.01, 0.1)
+from fedmia.core.contracts import FPR_LEVELS, METRICS, tpr_metric_name
+
 #: How TPR at FPR α counts the FPR limit: ``at_most`` FPR ≤ α (fedmia), ``below`` FPR < α
 #: (the official code).
 FPR_RULES = ("at_most", "below")
-
-
-def tpr_metric_name(alpha: float) -> str:
-    """Name of the TPR-at-FPR metric at level ``alpha`` (0.001 → ``"tpr@0.1%"``)."""
-    return f"tpr@{alpha * 100:g}%"
-
-
-#: The metrics :func:`attack_metrics` returns (besides the sample counts), in table order.
-METRICS = ("auc", *(tpr_metric_name(a) for a in FPR_LEVELS), "balanced_accuracy")
+__all__ = ["FPR_LEVELS", "FPR_RULES", "METRICS", "tpr_metric_name"]  # names of the metrics
 
 # Slack for float round-off when comparing a count with alpha × count.
 _EPS = 1e-9

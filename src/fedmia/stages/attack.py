@@ -17,17 +17,17 @@ from fedmia.attacker.attacks import (
     finding_attacks,
     run_attacks_with_replicates,
 )
-from fedmia.core.registry import import_plugins
-from fedmia.stages import io
-from fedmia.stages.io import (
+from fedmia.core.contracts import (
     ATTACK_COLUMNS,
     ATTACK_DTYPES,
     AUDIT_COLUMNS,
     CELL_KEYS,
     REPLICATE_COLUMNS,
     REPLICATE_DTYPES,
-    available_rounds,
 )
+from fedmia.core.registry import import_plugins
+from fedmia.stages import io
+from fedmia.stages.io import available_rounds
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,12 @@ def attack(
         audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
         plugins: the config's ``plugins``, imported first (they register kinds).
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
-            (:data:`fedmia.stages.io.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one row per
+            (:data:`fedmia.core.contracts.ATTACK_COLUMNS`); ``audit``: the one-run ε audit, one
+            row per
             attack and one for the attack selected on held-out canaries (empty without
-            canaries; :data:`fedmia.stages.io.AUDIT_COLUMNS` after the cell's keys);
+            canaries; :data:`fedmia.core.contracts.AUDIT_COLUMNS` after the cell's keys);
             ``replicates``: the bootstrap replicates the findings need
-            (:data:`fedmia.stages.io.REPLICATE_COLUMNS`, the attacks of
+            (:data:`fedmia.core.contracts.REPLICATE_COLUMNS`, the attacks of
             :func:`fedmia.attacker.attacks.finding_attacks` that run). Without the ``audit`` or
             ``replicates`` key that file is not written.
     """

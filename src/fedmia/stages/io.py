@@ -1,16 +1,11 @@
-"""File formats of the stages; every write is atomic (temp file + rename).
+"""Reading and writing the stages' files; every write is atomic (temp file + rename).
 
-A failed stage leaves no partial file behind: outputs appear only once complete.
-
-**The contracts between stages live here**: the prepared dataset's files
-(:data:`PREPARED_FILES`), the measure table's columns and dtypes
-(:data:`MEASURE_DTYPES`), the attack, audit and replicate tables'
-(:data:`ATTACK_DTYPES`, :data:`AUDIT_COLUMNS`, :data:`REPLICATE_COLUMNS`), the
-observed-round record (:func:`save_observed`) and the keys that join histories and
-manifests to cells (:data:`CELL_KEYS`). Importing the module
-imports no torch (tensors are written through ``safetensors.numpy``, which gives the
-bytes ``safetensors.torch`` gives), so the workflow reads these names when it parses the
-Snakefile.
+A failed stage leaves no partial file behind: outputs appear only once complete. What
+each file holds — names, columns, dtypes, format tags — is its contract in
+:mod:`fedmia.core.contracts`; this module is the I/O at the edges that the stages use
+(the observed-round record, :func:`save_observed`, included). Importing it imports no
+torch (tensors are written through ``safetensors.numpy``, which gives the bytes
+``safetensors.torch`` gives).
 
 **Versioned and byte-stable.** Every intermediate file carries a format tag,
 ``fedmia_format = "<kind>/<version>"`` (:data:`FORMATS`): in the key-value metadata of a
@@ -43,7 +38,17 @@ import pyarrow.parquet as pq
 import safetensors
 import safetensors.numpy
 
-from fedmia.attacker import metrics
+from fedmia.core.contracts import (
+    CELL_KEYS,
+    FORMAT_KEY,
+    PREPARED_ARRAYS,
+    REPLICATE_COLUMNS,
+    REPLICATE_METRICS,
+    FormatError,
+    check_format,
+    fix_text,
+    format_tag,
+)
 
 if TYPE_CHECKING:  # types only: the file contracts depend on neither torch nor the loaders
     import torch
@@ -51,78 +56,6 @@ if TYPE_CHECKING:  # types only: the file contracts depend on neither torch nor 
     from fedmia.federation.datasets import PreparedData
 
 log = logging.getLogger(__name__)
-
-#: The files of a prepared dataset (``results/data/{dataset}/``), by key: three arrays
-#: (``.npy``, one entry per sample) and the metadata JSON.
-PREPARED_FILES = {"images": "images.npy", "labels": "labels.npy", "is_test": "is_test.npy",
-                  "meta": "meta.json"}
-#: The array keys of :data:`PREPARED_FILES` (the attributes of ``PreparedData`` saved).
-PREPARED_ARRAYS = ("images", "labels", "is_test")
-#: The keys of a cell, in path order; attack tables, histories and manifests carry them.
-CELL_KEYS = ("dataset", "model", "defense", "partition", "seed")
-HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples",
-                   "aggregation_weight", "train_loss", "train_accuracy", "test_loss",
-                   "test_accuracy"]
-#: The keys of a measure table row: the round, the client whose upload produced the values
-#: and the evaluation sample.
-MEASURE_KEYS = ("round", "client_id", "sample_id")
-#: Columns and dtypes of the measure table, in order: the keys, then the measures (any
-#: numeric column can be an attack's measure).
-MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
-                  "loss": "float32", "cos": "float32", "grad_diff": "float32",
-                  "grad_norm": "float32", "correct": "bool", "confidence": "float32"}
-#: The membership disclosure measures of :data:`MEASURE_DTYPES` (the others are cheap
-#: by-products of the loss pass).
-MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
-#: Metrics with bootstrap intervals in an attack table (every metric but the balanced
-#: accuracy).
-CI_METRICS = ("auc", *(metrics.tpr_metric_name(a) for a in metrics.FPR_LEVELS))
-#: Interval columns of an attack table row: ``<metric>_ci_low``, ``_ci_high``, ``_se`` and,
-#: for TPRs, ``_fp`` (the false positives the TPR rests on).
-CI_COLUMNS = tuple(f"{m}_{part}" for m in CI_METRICS for part in ("ci_low", "ci_high", "se")
-                   ) + tuple(f"{m}_fp" for m in CI_METRICS if m != "auc")
-#: Columns of one attack's results (:func:`fedmia.attacker.attacks.run_attacks`), in order.
-RESULT_COLUMNS = ("protocol", "draw", "target", "round", "attacked", "n_rounds",
-                  *metrics.METRICS, *CI_COLUMNS,
-                  "n_members", "n_nonmembers", "roc_fpr", "roc_tpr")
-#: Columns of an attack table (``results/attacks/{cell}/{attack}.parquet``): the cell's
-#: keys, the attack's name, then :data:`RESULT_COLUMNS`.
-ATTACK_COLUMNS = (*CELL_KEYS, "attack", *RESULT_COLUMNS)
-#: dtypes of an attack table's integer, boolean and string columns (the metrics are
-#: float64, the ROC points float64 arrays).
-ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
-                 "partition": "object", "seed": "int64", "attack": "object",
-                 "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
-                 "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
-                 "n_nonmembers": "int64", **{c: "int64" for c in CI_COLUMNS if c.endswith("_fp")}}
-#: Columns of an attack's one-run audit (:func:`fedmia.attacker.attacks.audit_attacks`); the audit
-#: table (``results/attacks/{cell}/audit.parquet``) has the cell's keys first. The row of
-#: ``attack = "selected"`` audits the attack chosen on the selection half of the canaries,
-#: named in ``selected_attack`` (empty in the per-attack rows).
-AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
-                 "num_guesses", "num_correct", "delta", "beta", "rule", "choice",
-                 "selected_attack")
-#: The metrics whose bootstrap replicates the attack stage keeps for the findings.
-REPLICATE_METRICS = ("auc", metrics.tpr_metric_name(0.001))
-#: The keys of a replicate row after the cell's and the attack: the attack table row's.
-REPLICATE_KEYS = ("protocol", "draw", "target", "round")
-#: Columns of the replicate table (``results/attacks/{cell}/replicates.parquet``,
-#: :func:`fedmia.attacker.attacks.run_attacks_with_replicates`): one row per (attack, protocol,
-#: draw, target, round) of the attacks the findings compare, attacked rounds and
-#: multi-round scores only; per metric of :data:`REPLICATE_METRICS` the B bootstrap
-#: replicates as a float32 array (``<metric>_replicates``), replicate ``b`` of every row
-#: of one protocol from the same resample of the evaluation samples (all targets and draws).
-REPLICATE_COLUMNS = (*CELL_KEYS, "attack", *REPLICATE_KEYS,
-                     *(f"{m}_replicates" for m in REPLICATE_METRICS))
-#: dtypes of the replicate table's key columns (the replicates: float32 arrays).
-REPLICATE_DTYPES = {c: ATTACK_DTYPES[c] for c in (*CELL_KEYS, "attack", *REPLICATE_KEYS)}
-
-
-def prepared_paths(folder: str | Path) -> dict[str, str]:
-    """The files of a prepared dataset in ``folder``, by key (:data:`PREPARED_FILES`)."""
-    return {key: str(Path(folder) / name) for key, name in PREPARED_FILES.items()}
-
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -151,41 +84,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-#: Format version of each kind of intermediate file: bump one when its contents change
-#: incompatibly, so that old files are refused with a clear message instead of misread.
-FORMATS = {"partition": 3, "history": 3, "manifest": 1, "observed": 1, "final": 1,
-           "checkpoint": 1, "measures": 1, "attack": 1, "audit": 2, "replicates": 1}
-#: The rule that writes each kind of file (for the fix in an error message).
-WRITER = {"partition": "partition", "history": "train", "manifest": "train",
-          "observed": "train", "final": "train", "checkpoint": "train", "measures": "measure",
-          "attack": "attack", "audit": "attack", "replicates": "attack"}
-FORMAT_KEY = "fedmia_format"
-
-
-class FormatError(ValueError):
-    """An intermediate file of another format version, kind, or a damaged one."""
-
-
-def format_tag(kind: str) -> str:
-    """``"<kind>/<version>"`` of the current format of ``kind`` (see :data:`FORMATS`)."""
-    return f"{kind}/{FORMATS[kind]}"
-
-
-def _fix(path: str | Path, kind: str) -> str:
-    return (f"delete {path} and rerun, or rerun its stage with snakemake --forcerun "
-            f"{WRITER[kind]}")
-
-
-def check_format(found: str | None, path: str | Path, kind: str) -> None:
-    """Raise :class:`FormatError` unless ``found`` is the current tag of ``kind``."""
-    want = format_tag(kind)
-    if found != want:
-        what = "no fedmia format tag" if found is None else f"format {found!r}"
-        raise FormatError(f"{path} has {what}, but this fedmia reads {want!r} (the file was "
-                          f"written by another fedmia version or is not a {kind} file); "
-                          f"{_fix(path, kind)}")
-
-
 def write_parquet(df: pd.DataFrame, path: str | Path, kind: str) -> None:
     """Write ``df`` (without its index) to Parquet, atomically and deterministically.
 
@@ -206,12 +104,12 @@ def _reading(path: str | Path, kind: str, what: str,
     ``damaged`` (``what`` names its format) a :class:`FormatError`: truncated or damaged.
     """
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist; {_fix(path, kind)}")
+        raise FileNotFoundError(f"{path} does not exist; {fix_text(path, kind)}")
     try:
         yield
     except damaged as e:
         raise FormatError(f"{path} is not a readable {what} file ({e}): it is truncated or "
-                          f"damaged; {_fix(path, kind)}") from None
+                          f"damaged; {fix_text(path, kind)}") from None
 
 
 def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None
@@ -323,7 +221,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         man = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise FormatError(f"{path} is not valid JSON ({e}): it is truncated or damaged; "
-                          f"{_fix(path, 'manifest')}") from None
+                          f"{fix_text(path, 'manifest')}") from None
     check_format(man.get(FORMAT_KEY), path, "manifest")
     return man
 
@@ -361,18 +259,18 @@ def read_replicates(path: str | Path) -> pd.DataFrame:
     df = read_parquet(path, "replicates")
     lacking = [c for c in REPLICATE_COLUMNS if c not in df.columns]
     if lacking:
-        raise FormatError(f"{path} lacks column(s) {lacking}; {_fix(path, 'replicates')}")
+        raise FormatError(f"{path} lacks column(s) {lacking}; {fix_text(path, 'replicates')}")
     lengths = set()
     for m in REPLICATE_METRICS:
         for v in df[f"{m}_replicates"]:
             if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.ndim != 1:
                 raise FormatError(f"{path}: column '{m}_replicates' must hold float32 "
                                   f"arrays, found {type(v).__name__} "
-                                  f"{getattr(v, 'dtype', '')}; {_fix(path, 'replicates')}")
+                                  f"{getattr(v, 'dtype', '')}; {fix_text(path, 'replicates')}")
             lengths.add(len(v))
     if len(lengths) > 1:
         raise FormatError(f"{path}: replicate arrays of unequal lengths {sorted(lengths)} "
-                          f"(one resample has one length); {_fix(path, 'replicates')}")
+                          f"(one resample has one length); {fix_text(path, 'replicates')}")
     return df
 
 

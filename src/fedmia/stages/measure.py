@@ -12,13 +12,15 @@ import pandas as pd
 import torch
 
 from fedmia.attacker.measures import compute_round_measures
+from fedmia.core import contracts
+from fedmia.core.contracts import MEASURE_DTYPES
 from fedmia.core.registry import MEASURE_ROUTES, import_plugins
 from fedmia.federation.fedavg import DeviceData
 from fedmia.federation.models import build_model
 from fedmia.federation.state import FlatState, StateLayout
 from fedmia.stages import io
 from fedmia.stages.compute import setup_compute
-from fedmia.stages.io import MEASURE_DTYPES, available_rounds
+from fedmia.stages.io import available_rounds
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,9 @@ def measure(
         batch_size: samples per forward pass.
         route: ``layerwise`` (default) or ``func`` (:data:`fedmia.core.registry.MEASURE_ROUTES`).
         plugins: the config's ``plugins``, imported first (they register kinds).
-        output: the measure Parquet (:data:`fedmia.stages.io.MEASURE_DTYPES`: ``round, client_id,
-            sample_id, loss, cos, grad_diff, grad_norm, correct, confidence``), one row per
-            (round, client, evaluation sample).
+        output: the measure Parquet (:data:`fedmia.core.contracts.MEASURE_DTYPES`:
+            ``round, client_id, sample_id, loss, cos, grad_diff, grad_norm, correct,
+            confidence``), one row per (round, client, evaluation sample).
     """
     import_plugins(plugins)
     grad_products = MEASURE_ROUTES.get(route)
@@ -95,7 +97,7 @@ def measure(
             state = FlatState(build_model(m["kind"], m["num_classes"], m["in_channels"],
                                           seed=0).to(dev))
         if StateLayout.from_list(obs["layout"]) != state.layout:
-            raise io.FormatError(
+            raise contracts.FormatError(
                 f"{f}: its model layout differs from the first observed round's (files of "
                 "another architecture mixed in one cell); delete the cell's observed rounds "
                 "and rerun training (snakemake --forcerun train)")

@@ -26,7 +26,7 @@ def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *,
     Args:
         dataset: the dataset's config block (``DatasetConfig`` fields).
         outputs: files for ``images``, ``labels``, ``is_test`` and ``meta``
-            (:data:`fedmia.stages.io.PREPARED_FILES`).
+            (:data:`fedmia.core.contracts.PREPARED_FILES`).
         plugins: the config's ``plugins``, imported first (they register kinds).
     """
     import_plugins(plugins)

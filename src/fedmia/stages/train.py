@@ -18,7 +18,9 @@ import pandas as pd
 import torch
 
 import fedmia
+from fedmia.core import contracts
 from fedmia.core.config import DefenseConfig, ModelConfig, TrainConfig
+from fedmia.core.contracts import CELL_KEYS, HISTORY_COLUMNS
 from fedmia.core.fingerprint import fingerprint
 from fedmia.core.lockfile import lock_sha256
 from fedmia.core.registry import import_plugins
@@ -29,7 +31,6 @@ from fedmia.federation.partition import HELD_OUT, global_test_ids
 from fedmia.federation.state import FlatState
 from fedmia.stages import io
 from fedmia.stages.compute import setup_compute
-from fedmia.stages.io import CELL_KEYS, HISTORY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +247,9 @@ class Checkpoint:
             return None
         try:
             tensors, saved = io.load_tensors(f, "checkpoint")
-        except io.FormatError as e:
-            raise io.FormatError(f"{e} (a training checkpoint: delete {self.folder} to start "
-                                 "the cell afresh)") from None
+        except contracts.FormatError as e:
+            raise contracts.FormatError(f"{e} (a training checkpoint: delete {self.folder} to "
+                                        "start the cell afresh)") from None
         if saved.get("key") != self.key:
             log.warning("%s belongs to other settings, inputs or code; starting afresh", f)
             shutil.rmtree(self.folder)
