@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from fedmia.federation.partition import draw_canaries
 from fedmia.privacy.accounting import pld_epsilon
 from fedmia.privacy.audit import (
     DEFAULT_CHOICES,
@@ -15,7 +16,6 @@ from fedmia.privacy.audit import (
     audit_from_scores,
     audit_p_value,
     count_guesses,
-    draw_canaries,
     epsilon_lower_bound,
     max_epsilon_lower_bound,
     select_and_audit,

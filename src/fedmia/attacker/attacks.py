@@ -58,7 +58,6 @@ from scipy.special import ndtr
 from fedmia.attacker import metrics, uncertainty
 from fedmia.core.contracts import (
     ATTACK_DTYPES,
-    AUDIT_COLUMNS,
     CELL_KEYS,
     CI_METRICS,
     MEASURE_DTYPES,
@@ -71,7 +70,6 @@ from fedmia.core.contracts import (
     RESULT_COLUMNS,
 )
 from fedmia.core.registry import ATTACKS
-from fedmia.privacy import audit
 
 log = logging.getLogger(__name__)
 
@@ -590,7 +588,8 @@ def score_slots(spec: AttackSpec, x: np.ndarray, t: int, attacked: np.ndarray, *
     return cdf.mean(axis=0, keepdims=True)
 
 
-def _attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.ndarray:
+def attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.ndarray:
+    """Bool R: which rounds of ``cube`` are attacked (``None``: all); ValueError for others."""
     if attack_rounds is None:
         return np.ones(len(cube.rounds), dtype=bool)
     want = sorted(set(int(r) for r in attack_rounds))
@@ -623,7 +622,7 @@ def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
     cube = mdm if isinstance(mdm, MeasureCube) else MeasureCube.from_frame(mdm, [spec.measure])
     t = cube.client_index(target)
     x = spec.sign * cube.values[spec.measure]
-    scores = score_slots(spec, x, t, _attacked_mask(cube, attack_rounds), ddof=ddof,
+    scores = score_slots(spec, x, t, attacked_mask(cube, attack_rounds), ddof=ddof,
                          outlier_filter=outlier_filter)
     rounds = cube.rounds if spec.kind == "single" else np.array([MULTI_ROUND])
     n = len(cube.sample_ids)
@@ -753,7 +752,7 @@ def run_attacks_with_replicates(
     run_keys = tuple(bootstrap_keys) if bootstrap_keys is not None else (official.seed,)
     measures = sorted({s.measure for s in specs})
     cube, own, targets = _check(mdm, owner, targets, measures)
-    attacked = _attacked_mask(cube, attack_rounds)
+    attacked = attacked_mask(cube, attack_rounds)
     signed = {(s.measure, s.sign): s.sign * cube.values[s.measure] for s in specs}
     filt = dict(outlier_filter or {})
     rows: dict[str, list[dict]] = {s.name: [] for s in specs}
@@ -824,84 +823,3 @@ def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
     """
     return run_attacks([name], mdm, owner, targets, outlier_filter={name: outlier_filter},
                        **options)[name]
-
-
-def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, target: int,
-                  *, attack_rounds: Iterable[int] | None = None, ddof: int = 0,
-                  outlier_filter: Mapping[str, bool] | None = None, delta: float,
-                  beta: float = audit.DEFAULT_BETA, seed: int = 0) -> pd.DataFrame:
-    """The one-run ε audit of each attack (aligned protocol) on the target's canaries.
-
-    Each attack scores every canary against ``target`` as it scores a sample (the
-    other clients, none of which trains on a canary, are FedMIA's references); a
-    single-round attack at the last attacked round (no hindsight: picking a round on
-    the canaries would void the bound), a multi-round one over the attacked rounds.
-    :func:`fedmia.privacy.audit.audit_from_scores` turns the scores and the coins into the
-    lower bound on ε at ``delta`` (guess counts chosen on a held-out half). Each such
-    row is a bound at level β for *that* attack, chosen before the audit; the largest
-    of them is not. One more row, ``attack = "selected"``
-    (:func:`fedmia.privacy.audit.select_and_audit`), chooses the attack and the guess counts
-    together on the selection half of one split and bounds ε on the other half: the
-    audit of "the best attack", at level β.
-
-    Args:
-        names: attack names.
-        mdm: measure table holding the canaries' rows.
-        canaries: ``sample_id`` → bool, the canary's coin (True: in the target's data).
-        target: the client the canaries may have joined.
-        attack_rounds: as :func:`run_attacks`.
-        ddof: as :func:`run_attacks`.
-        outlier_filter: as :func:`run_attacks`.
-        delta: δ of the guarantee audited.
-        beta: significance level of the bound.
-        seed: seed of the held-out split (e.g. the cell's).
-
-    Returns:
-        One row per attack, then the ``selected`` row (its ``selected_attack`` names the
-        chosen attack, its ``round`` is that attack's), :data:`fedmia.core.contracts.AUDIT_COLUMNS`;
-        ``round`` −1 for a multi-round score. No row without an attacked round.
-    """
-    specs = [ATTACKS.get(n) for n in names]
-    ids = np.sort(canaries.index.to_numpy())
-    lacking = np.setdiff1d(ids, mdm["sample_id"].unique())
-    if len(lacking):
-        raise ValueError(f"the measure table lacks {len(lacking)} canaries, e.g. sample_id "
-                         f"{lacking[0]}{REMEASURE}")
-    cube = MeasureCube.from_frame(mdm[mdm["sample_id"].isin(ids)],
-                                  sorted({s.measure for s in specs}))
-    included = canaries.reindex(cube.sample_ids).to_numpy().astype(bool)
-    t = cube.client_index(target)
-    attacked = _attacked_mask(cube, attack_rounds)
-    filt = dict(outlier_filter or {})
-    out, scored = [], []
-    for spec in specs:
-        if not attacked.any():
-            continue
-        x = spec.sign * cube.values[spec.measure]
-        scores = score_slots(spec, x, t, attacked, ddof=ddof,
-                             outlier_filter=filt.get(spec.name, False))
-        if spec.kind == "single":
-            last = int(np.flatnonzero(attacked)[-1])
-            rnd, sc = int(cube.rounds[last]), scores[last]
-        else:
-            rnd, sc = MULTI_ROUND, scores[0]
-        res = audit.audit_from_scores(sc, included, delta=delta, beta=beta,
-                                      holdout_seed=uncertainty.stable_seed(seed, spec.name))
-        out.append(_audit_row(spec.name, target, rnd, res, ""))
-        scored.append((spec.name, rnd, sc))
-    if scored:
-        a, res = audit.select_and_audit(np.stack([sc for _, _, sc in scored]), included,
-                                        delta=delta, beta=beta,
-                                        holdout_seed=uncertainty.stable_seed(seed, SELECTED))
-        out.append(_audit_row(SELECTED, target, scored[a][1], res, scored[a][0]))
-    return pd.DataFrame(out, columns=list(AUDIT_COLUMNS))
-
-
-def _audit_row(attack: str, target: int, rnd: int, res: audit.AuditResult,
-               selected: str) -> dict[str, Any]:
-    return {"attack": attack, "target": target, "round": rnd,
-            "epsilon_empirical": res.epsilon, "num_canaries": res.num_canaries,
-            "num_guesses": res.num_guesses, "num_correct": res.num_correct,
-            "delta": res.delta, "beta": res.beta, "rule": res.rule,
-            "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out",
-            "selected_attack": selected}

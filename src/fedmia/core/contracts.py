@@ -72,7 +72,7 @@ ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
                  "protocol": "object", "draw": "int64", "target": "int64", "round": "int64",
                  "attacked": "bool", "n_rounds": "int64", "n_members": "int64",
                  "n_nonmembers": "int64", **{c: "int64" for c in CI_COLUMNS if c.endswith("_fp")}}
-#: Columns of an attack's one-run audit (:func:`fedmia.attacker.attacks.audit_attacks`); the audit
+#: Columns of an attack's one-run audit (:func:`fedmia.privacy.audit.audit_attacks`); the audit
 #: table (``results/attacks/{cell}/audit.parquet``) has the cell's keys first. The row of
 #: ``attack = "selected"`` audits the attack chosen on the selection half of the canaries,
 #: named in ``selected_attack`` (empty in the per-attack rows).

@@ -24,7 +24,6 @@ import pandas as pd
 
 from fedmia.core.config import PartitionConfig
 from fedmia.core.registry import PARTITIONS
-from fedmia.privacy.audit import draw_canaries
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +180,35 @@ def make_partition(
     })
 
 
+def draw_canaries(candidates: np.ndarray, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw m canaries from ``candidates`` and a fair coin for each (include or not).
+
+    Args:
+        candidates: int (N,), distinct sample ids to draw from.
+        m: number of canaries, 1 ≤ m ≤ N.
+        seed: seed of the ``np.random.Generator`` that draws both.
+
+    Returns:
+        ``(canary_ids, included)``: int (m,) sorted ids and bool (m,), ``included[j]``
+        the coin of ``canary_ids[j]`` (each True with probability ½, independently).
+    """
+    candidates = np.asarray(candidates)
+    if candidates.ndim != 1 or len(np.unique(candidates)) != len(candidates):
+        raise ValueError("candidates must be a 1-D array of distinct ids")
+    if not 1 <= m <= len(candidates):
+        raise ValueError(f"m must be in [1, {len(candidates)}], got {m}")
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(candidates, size=m, replace=False))
+    return ids, rng.random(m) < 0.5
+
+
 def _audit_slots(client_id: np.ndarray, in_eval: np.ndarray, test_idx: np.ndarray,
                  cfg: PartitionConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The audit's canaries, coins and slot fillers (Steinke, Nasr & Jagielski 2023).
 
     Canaries: ``audit_canaries`` = m test samples outside the evaluation set, each
     included in ``audit_target``'s training data with probability ½ (the audit's stream,
-    :func:`fedmia.privacy.audit.draw_canaries`). Fillers: m further held-out samples (no client's,
+    :func:`draw_canaries`). Fillers: m further held-out samples (no client's,
     outside the evaluation set and the canaries; either split), from a stream of the
     audit's own: filler i takes slot i when canary i is out, so the target's data size
     does not depend on the coins.

@@ -42,12 +42,25 @@ who sorts canaries by inclusion cannot leak it through ties.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats
+
+from fedmia.attacker import uncertainty
+from fedmia.attacker.attacks import (
+    MULTI_ROUND,
+    REMEASURE,
+    SELECTED,
+    MeasureCube,
+    attacked_mask,
+    score_slots,
+)
+from fedmia.core.contracts import AUDIT_COLUMNS
+from fedmia.core.registry import ATTACKS
 
 #: Default significance level β of the bound (95 % confidence).
 DEFAULT_BETA = 0.05
@@ -141,28 +154,6 @@ def max_epsilon_lower_bound(num_guesses: int, beta: float = DEFAULT_BETA) -> flo
     if num_guesses == 0:
         return 0.0
     return -math.log(math.expm1(-math.log(beta) / num_guesses))
-
-
-def draw_canaries(candidates: np.ndarray, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw m canaries from ``candidates`` and a fair coin for each (include or not).
-
-    Args:
-        candidates: int (N,), distinct sample ids to draw from.
-        m: number of canaries, 1 ≤ m ≤ N.
-        seed: seed of the ``np.random.Generator`` that draws both.
-
-    Returns:
-        ``(canary_ids, included)``: int (m,) sorted ids and bool (m,), ``included[j]``
-        the coin of ``canary_ids[j]`` (each True with probability ½, independently).
-    """
-    candidates = np.asarray(candidates)
-    if candidates.ndim != 1 or len(np.unique(candidates)) != len(candidates):
-        raise ValueError("candidates must be a 1-D array of distinct ids")
-    if not 1 <= m <= len(candidates):
-        raise ValueError(f"m must be in [1, {len(candidates)}], got {m}")
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(candidates, size=m, replace=False))
-    return ids, rng.random(m) < 0.5
 
 
 @dataclass(frozen=True)
@@ -360,3 +351,84 @@ def select_and_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
     a, c = np.unravel_index(int(np.argmax(tried)), tried.shape)  # first among equals
     return int(a), _result(scores[a], included, tie_key, select, audit, choices[c],
                            float(tried[a, c]), delta, beta)
+
+
+def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, target: int,
+                  *, attack_rounds: Iterable[int] | None = None, ddof: int = 0,
+                  outlier_filter: Mapping[str, bool] | None = None, delta: float,
+                  beta: float = DEFAULT_BETA, seed: int = 0) -> pd.DataFrame:
+    """The one-run ε audit of each attack (aligned protocol) on the target's canaries.
+
+    Each attack scores every canary against ``target`` as it scores a sample (the
+    other clients, none of which trains on a canary, are FedMIA's references); a
+    single-round attack at the last attacked round (no hindsight: picking a round on
+    the canaries would void the bound), a multi-round one over the attacked rounds.
+    :func:`fedmia.privacy.audit.audit_from_scores` turns the scores and the coins into the
+    lower bound on ε at ``delta`` (guess counts chosen on a held-out half). Each such
+    row is a bound at level β for *that* attack, chosen before the audit; the largest
+    of them is not. One more row, ``attack = "selected"``
+    (:func:`fedmia.privacy.audit.select_and_audit`), chooses the attack and the guess counts
+    together on the selection half of one split and bounds ε on the other half: the
+    audit of "the best attack", at level β.
+
+    Args:
+        names: attack names.
+        mdm: measure table holding the canaries' rows.
+        canaries: ``sample_id`` → bool, the canary's coin (True: in the target's data).
+        target: the client the canaries may have joined.
+        attack_rounds: as :func:`run_attacks`.
+        ddof: as :func:`run_attacks`.
+        outlier_filter: as :func:`run_attacks`.
+        delta: δ of the guarantee audited.
+        beta: significance level of the bound.
+        seed: seed of the held-out split (e.g. the cell's).
+
+    Returns:
+        One row per attack, then the ``selected`` row (its ``selected_attack`` names the
+        chosen attack, its ``round`` is that attack's), :data:`fedmia.core.contracts.AUDIT_COLUMNS`;
+        ``round`` −1 for a multi-round score. No row without an attacked round.
+    """
+    specs = [ATTACKS.get(n) for n in names]
+    ids = np.sort(canaries.index.to_numpy())
+    lacking = np.setdiff1d(ids, mdm["sample_id"].unique())
+    if len(lacking):
+        raise ValueError(f"the measure table lacks {len(lacking)} canaries, e.g. sample_id "
+                         f"{lacking[0]}{REMEASURE}")
+    cube = MeasureCube.from_frame(mdm[mdm["sample_id"].isin(ids)],
+                                  sorted({s.measure for s in specs}))
+    included = canaries.reindex(cube.sample_ids).to_numpy().astype(bool)
+    t = cube.client_index(target)
+    attacked = attacked_mask(cube, attack_rounds)
+    filt = dict(outlier_filter or {})
+    out, scored = [], []
+    for spec in specs:
+        if not attacked.any():
+            continue
+        x = spec.sign * cube.values[spec.measure]
+        scores = score_slots(spec, x, t, attacked, ddof=ddof,
+                             outlier_filter=filt.get(spec.name, False))
+        if spec.kind == "single":
+            last = int(np.flatnonzero(attacked)[-1])
+            rnd, sc = int(cube.rounds[last]), scores[last]
+        else:
+            rnd, sc = MULTI_ROUND, scores[0]
+        res = audit_from_scores(sc, included, delta=delta, beta=beta,
+                                      holdout_seed=uncertainty.stable_seed(seed, spec.name))
+        out.append(_audit_row(spec.name, target, rnd, res, ""))
+        scored.append((spec.name, rnd, sc))
+    if scored:
+        a, res = select_and_audit(np.stack([sc for _, _, sc in scored]), included,
+                                        delta=delta, beta=beta,
+                                        holdout_seed=uncertainty.stable_seed(seed, SELECTED))
+        out.append(_audit_row(SELECTED, target, scored[a][1], res, scored[a][0]))
+    return pd.DataFrame(out, columns=list(AUDIT_COLUMNS))
+
+
+def _audit_row(attack: str, target: int, rnd: int, res: AuditResult,
+               selected: str) -> dict[str, Any]:
+    return {"attack": attack, "target": target, "round": rnd,
+            "epsilon_empirical": res.epsilon, "num_canaries": res.num_canaries,
+            "num_guesses": res.num_guesses, "num_correct": res.num_correct,
+            "delta": res.delta, "beta": res.beta, "rule": res.rule,
+            "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out",
+            "selected_attack": selected}

@@ -13,7 +13,6 @@ import pandas as pd
 from fedmia.attacker.attacks import (
     PROTOCOLS,
     OfficialProtocol,
-    audit_attacks,
     finding_attacks,
     run_attacks_with_replicates,
 )
@@ -26,6 +25,7 @@ from fedmia.core.contracts import (
     REPLICATE_DTYPES,
 )
 from fedmia.core.registry import import_plugins
+from fedmia.privacy.audit import audit_attacks
 from fedmia.stages import io
 from fedmia.stages.io import available_rounds
 
