@@ -12,21 +12,34 @@ References written here without dp-accounting:
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
 
 import dp_accounting
 import numpy as np
 import pytest
 from scipy.stats import norm
 
+from fedmia.federation.defenses import (
+    CLIENT_LEVEL,
+    DEFENSES,
+    Defense,
+    Privacy,
+    defense_from_config,
+)
 from fedmia.privacy import accounting
 from fedmia.privacy.accounting import (
-    UNBOUNDED_REASONS,
     EpsilonReport,
     accounted_epsilon,
-    defense_epsilon,
     noise_multiplier,
-    unbounded_epsilon,
+    record_epsilon,
+)
+from fedmia.privacy.events import (
+    UNNOISED_STATISTICS,
+    cell_privacy,
+    event_from_dict,
+    event_to_dict,
 )
 
 # The RDP orders dp-accounting uses by default (copied; the reference must minimise over
@@ -103,8 +116,8 @@ def test_rdp_bounds_pld_over_a_grid():
 def test_a_relation_mismatch_is_caught(monkeypatch):
     # The PLD accountant under REPLACE_ONE doubles the sensitivity: ≈ 3× the RDP value at
     # the same σ, which the consistency check rejects.
-    monkeypatch.setattr(accounting, "NEIGHBORING_RELATION",
-                        dp_accounting.NeighboringRelation.REPLACE_ONE)
+    monkeypatch.setattr(accounting, "neighboring_relation",
+                        lambda: dp_accounting.NeighboringRelation.REPLACE_ONE)
     report = accounted_epsilon(4.0, 30)
     assert not consistent(report)
     assert report.epsilon_pld == pytest.approx(reference_pld_epsilon(1.0, 30, 1e-5), abs=0.01)
@@ -140,45 +153,89 @@ def test_zero_noise_is_infinite():
     assert not report.finite and "σ = 0" in report.note
 
 
-@pytest.mark.parametrize("reason", sorted(UNBOUNDED_REASONS))
-def test_unbounded_reasons(reason):
-    report = unbounded_epsilon(reason, sigma=0.1, rounds=300)
-    assert report.epsilon_rdp == math.inf and report.epsilon_pld == math.inf
-    assert report.note == UNBOUNDED_REASONS[reason] and not report.finite
-    assert report.to_dict()["rounds"] == 300
-
-
-def test_unknown_reason_and_bad_inputs_raise():
-    with pytest.raises(ValueError, match="unknown reason 'x'; choose from"):
-        unbounded_epsilon("x", sigma=0.1, rounds=1)
+def test_bad_inputs_raise():
     for args in ((-1.0, 1), (math.nan, 1), (1.0, 0), (1.0, 2.5), (1.0, True)):
         with pytest.raises(ValueError):
             accounted_epsilon(*args)
     with pytest.raises(ValueError):
         accounted_epsilon(1.0, 1, delta=0.0)
+    with pytest.raises(ValueError, match="not a dp-accounting event"):
+        event_from_dict({"noise_multiplier": 1.0})
+    with pytest.raises(ValueError, match="only dp_accounting's events"):
+        event_from_dict({"module_name": "os", "class_name": "system"})
 
 
-def test_report_is_flat_and_labelled():
+def test_report_is_flat():
     row = accounted_epsilon(4.0, 30).to_dict()
-    assert row["neighboring_relation"] == "add_or_remove_one" and row["level"] == "client"
+    assert row["rounds"] == 30 and row["delta"] == 1e-5
     assert all(np.isscalar(v) or v is None for v in row.values())
 
 
-def test_defense_epsilon_by_kind():
+def cell_epsilon(block, rounds=30, unnoised=False):
+    """ε of a defense block as the train stage records it and the report reads it."""
+    record = cell_privacy(defense_from_config(block).privacy(), rounds=rounds,
+                          unnoised_state=unnoised)
+    return None if record is None else record_epsilon(record, delta=1e-5)
+
+
+def test_each_defense_declares_its_own_event():
     dp = {"kind": "dp", "sigma": 8.0, "clip": 5.0}
-    rep = defense_epsilon(dp, rounds=30, delta=1e-5)
+    rep = cell_epsilon(dp)
     assert rep.epsilon_rdp == pytest.approx(accounted_epsilon(8.0, 30).epsilon_rdp)
-    assert defense_epsilon({"kind": "mixup", "alpha": 1.0}, rounds=30) is None
-    assert defense_epsilon({"kind": "none"}, rounds=30) is None
-    noise = defense_epsilon({"kind": "dp_param_noise", "sigma": 0.1}, rounds=30)
+    assert rep.epsilon_pld == pytest.approx(accounted_epsilon(8.0, 30).epsilon_pld)
+    assert rep.relation == CLIENT_LEVEL
+    assert cell_epsilon({"kind": "mixup", "alpha": 1.0}) is None  # no claim
+    assert cell_epsilon({"kind": "none"}) is None
+    noise = cell_epsilon({"kind": "dp_param_noise", "sigma": 0.1})
     assert math.isinf(noise.epsilon_rdp) and "unclipped" in noise.note
-    bn = defense_epsilon(dp, rounds=30, unnoised_state=True)
-    assert math.isinf(bn.epsilon_pld) and "BatchNorm" in bn.note
-    # training-time steps act before the upload whatever their place: dp's ε holds
-    aug = {"kind": "compose", "steps": [dp, {"kind": "augment"}, {"kind": "quantize",
-                                                                  "bits": 8}]}
-    assert defense_epsilon(aug, rounds=30).epsilon_rdp == rep.epsilon_rdp
-    plugin = {"kind": "compose", "steps": [dp, {"kind": "my_plugin_step"}]}
-    assert "follows dp" in defense_epsilon(plugin, rounds=30).note
-    assert math.isinf(defense_epsilon({"kind": "compose", "steps": [
-        {"kind": "augment"}, {"kind": "dp_param_noise", "sigma": 0.01}]}, rounds=30).epsilon_rdp)
+    bn = cell_epsilon(dp, unnoised=True)
+    assert math.isinf(bn.epsilon_pld) and bn.note == UNNOISED_STATISTICS
+    zero = cell_epsilon({"kind": "dp", "sigma": 0.0, "clip": 1.0})
+    assert math.isinf(zero.epsilon_rdp) and "σ = 0" in zero.note
+    # training-time steps act before the upload, upload-only ones after dp are
+    # post-processing: dp's ε holds whatever their place
+    aug = {"kind": "compose", "steps": [{"kind": "augment"}, dp,
+                                        {"kind": "quantize", "bits": 8}]}
+    assert cell_epsilon(aug).epsilon_rdp == pytest.approx(rep.epsilon_rdp)
+    assert math.isinf(cell_epsilon({"kind": "compose", "steps": [
+        {"kind": "augment"}, {"kind": "dp_param_noise", "sigma": 0.01}]}).epsilon_rdp)
+    assert cell_epsilon({"kind": "compose", "steps": [{"kind": "augment"},
+                                                      {"kind": "subsample",
+                                                       "fraction": 0.5}]}) is None
+
+
+def test_a_plugin_defense_declares_a_mechanism_and_a_step_it_cannot_vouch_for(monkeypatch):
+    """A plugin's Laplace mechanism is accounted like fedmia's; an unvouched plugin step
+    after dp voids dp's ε (it may read the data after the noise)."""
+    monkeypatch.setattr(DEFENSES, "_items", dict(DEFENSES._items))
+
+    @DEFENSES.register("laplace_toy")
+    @dataclass(frozen=True)
+    class LaplaceToy(Defense):
+        privacy_step = "mechanism"
+
+        def privacy(self):
+            return Privacy(dp_accounting.LaplaceDpEvent(2.0), "a toy relation")
+
+    @DEFENSES.register("reads_data_toy")
+    @dataclass(frozen=True)
+    class ReadsData(Defense):
+        privacy_step = None
+
+    rep = cell_epsilon({"kind": "laplace_toy"}, rounds=3)
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.LaplaceDpEvent(2.0), 3)
+    assert rep.epsilon_rdp == pytest.approx(acc.get_epsilon(1e-5))
+    assert rep.relation == "a toy relation"
+    dp = {"kind": "dp", "sigma": 8.0, "clip": 5.0}
+    after = cell_epsilon({"kind": "compose", "steps": [dp, {"kind": "reads_data_toy"}]})
+    assert math.isinf(after.epsilon_rdp) and "follows a privacy mechanism" in after.note
+    before = cell_epsilon({"kind": "compose", "steps": [{"kind": "reads_data_toy"}, dp]})
+    assert before.epsilon_rdp == pytest.approx(accounted_epsilon(8.0, 30).epsilon_rdp)
+
+
+def test_an_event_survives_the_manifest():
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(0.5), dp_accounting.NoOpDpEvent(),
+         dp_accounting.NonPrivateDpEvent()]), 7)
+    assert event_from_dict(json.loads(json.dumps(event_to_dict(event)))) == event

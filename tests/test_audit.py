@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedmia.federation.partition import draw_canaries
-from fedmia.privacy.accounting import pld_epsilon
+from fedmia.privacy.accounting import gaussian_rounds, pld_epsilon
 from fedmia.privacy.audit import (
     DEFAULT_CHOICES,
     _counts,
@@ -113,7 +113,7 @@ def test_gaussian_mechanism_bound_stays_below_true_epsilon(noise):
     # (ε, δ)-DP with ε the Gaussian's at δ. The score is the coordinate itself, the
     # likelihood-ratio (perfect-knowledge) score.
     delta = 1e-5
-    true_eps = pld_epsilon(noise, 1, delta, 1e-4)
+    true_eps = pld_epsilon(gaussian_rounds(noise, 1), delta, 1e-4)
     for seed in range(5):
         rng = np.random.default_rng(seed)
         included = rng.random(1000) < 0.5

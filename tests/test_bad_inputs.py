@@ -164,7 +164,7 @@ CONFIG = [
                 r"at 'train'.*'learning_rate' was unexpected", r"allowed keys are \[.*'lr'"),
     config_case("unknown-dataset-kind", "datasets.digits.kind", "mnist",
                 r"at 'datasets.digits.kind': 'mnist' is not one of",
-                r"\['digits', 'fashion_mnist', 'cifar100'"),
+                r"\['digits', 'cifar100', 'fashion_mnist'"),
     config_case("unknown-model-kind", "models.alexnet.kind", "vgg",
                 r"at 'models.alexnet.kind': 'vgg' is not one of",
                 r"\['alexnet', 'resnet18', 'resnet18_bn'\]"),

@@ -368,7 +368,11 @@ def test_dependency_versions_are_installed_versions_without_local_label():
     assert versions == {"pytest": importlib.metadata.version("pytest"),
                         "torch": importlib.metadata.version("torch").split("+")[0],
                         "no-such-distribution-x": None}
-    assert set(dependency_versions()) == {"torch", "numpy", "pandas"}
+    # every runtime dependency (pyproject's [project.dependencies]) but the workflow's tools
+    deps = set(dependency_versions())
+    assert {"torch", "numpy", "pandas", "scipy", "scikit-learn", "pyarrow", "matplotlib",
+            "dp-accounting", "safetensors", "pillow"} <= deps
+    assert not deps & {"snakemake", "jsonschema", "pyyaml", "pytest", "ruff"}
 
 
 def test_fingerprint_is_pinned(tmp_path):
@@ -419,7 +423,7 @@ def test_cli_prints_fingerprint_closure_and_dependencies(fake, capsys):
     assert lines[1:b] == [f"  {m}" for m in sorted(CLOSURE)]
     assert lines[b:b + 3] == [f"fakepkg.b {fingerprint('fakepkg.b', root=fake)}", "  fakepkg",
                               "  fakepkg.b"]
-    assert lines[b + 3].startswith("dependencies: numpy ") and len(lines) == b + 4
+    assert lines[b + 3].startswith("dependencies: dp-accounting ") and len(lines) == b + 4
 
 
 def test_cli_error_exits_2(fake, capsys):

@@ -28,7 +28,8 @@ from fedmia.attacker.measures import (
     compute_round_measures,
     per_sample_grad_products,
 )
-from fedmia.federation.models import AlexNetCifar, build_model
+from fedmia.federation.models import build_model
+from fedmia.federation.nets import AlexNetCifar
 from fedmia.federation.state import FlatState
 
 

@@ -16,10 +16,11 @@ import pytest
 import yaml
 
 from fedmia.attacker.attacks import finding_attacks
-from fedmia.core.registry import FIGURES
-from fedmia.report import FINDINGS_COLUMNS, PU_COLUMNS
+from fedmia.kinds import SCHEMA, load_schema
+from fedmia.report.figures import FIGURES
+from fedmia.report.findings import FINDINGS_COLUMNS
+from fedmia.report.utility import PU_COLUMNS
 from fedmia.stages.io import read_replicates
-from fedmia.workflow import SCHEMA, load_schema
 
 pytestmark = pytest.mark.workflow
 
@@ -46,22 +47,41 @@ def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
         "privacy_utility": 1, "figure_privacy_utility": 3}
 
 
+def without_torch(tmp_path: Path, *folders: Path) -> dict[str, str]:
+    """An environment whose ``import torch`` (and matplotlib, dp-accounting) raises, with
+    ``folders`` on PYTHONPATH."""
+    fake = tmp_path / "fake"
+    for name in ("torch", "matplotlib", "dp_accounting"):
+        (fake / name).mkdir(parents=True, exist_ok=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(fake), *map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
 def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path):
-    """Every cluster job re-parses the Snakefile: a torch that cannot be imported must not
-    matter to a dry run."""
-    fake = tmp_path / "fake" / "torch"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('torch imported at parse time')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(tmp_path / "wd"),
-            "--cores", "2", "--configfile", str(repo / "config" / "paper.yaml"), "-n"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    """Every cluster job re-parses the Snakefile: a torch (or matplotlib, dp-accounting)
+    that cannot be imported must not matter to a dry run — of the paper grid, and of a
+    config with the README's toy plugin."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "toy_plugin.py").write_text(readme_plugin(repo))
+    config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
+    config.update(plugins=["toy_plugin"], defenses={
+        "none": {"kind": "none"}, "noisy": {"kind": "input_noise", "std": 0.5}})
+    config["datasets"]["parity"] = {"kind": "digits_parity"}
+    config["grid"][0].update(datasets=["digits", "parity"], defenses=["none", "noisy"])
+    toy = tmp_path / "toy.yaml"
+    toy.write_text(yaml.safe_dump(config))
+    env = without_torch(tmp_path, plugins)
+    for cfg in (repo / "config" / "paper.yaml", toy):
+        argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(tmp_path / "wd"),
+                "--cores", "2", "--configfile", str(cfg), "-n"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_every_registered_cell_figure_has_its_rule(snakemake_cmd, repo, tmp_path):
-    """Each per-cell figure kind (fedmia.core.registry.FIGURES) is a rule figure_<kind> whose
+    """Each per-cell figure kind (fedmia.report.figures.FIGURES) is a rule figure_<kind> whose
     output is results/figures/{cell}/<kind>.png, drawn for every cell; and no other."""
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
     out = r.stdout + r.stderr
@@ -125,6 +145,23 @@ def test_tiny_end_to_end_run(tiny_run):
               "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
         assert (wd / "results" / "figures" / f).stat().st_size > 1000
     assert "round 1/2" in r.stderr  # progress reaches the terminal too
+
+
+def test_report_jobs_import_no_torch(snakemake_cmd, repo, tiny_run, tmp_path):
+    """Every report job runs with a torch that raises on import (report jobs start fast)."""
+    wd, cfg, _ = tiny_run
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported by a report job')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    rules = ["table", "figure_rounds", "figure_roc", "figure_partitions", "privacy_utility",
+             "figure_privacy_utility", "hypervolume"]
+    argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(wd), "--cores", "2",
+            "--configfile", str(cfg), "--forcerun", *rules]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert set(job_counts(r.stdout + r.stderr)) - {"all"} == set(rules)
 
 
 def test_second_run_does_nothing(snakemake_cmd, repo, tiny_run):
@@ -304,8 +341,9 @@ REPORT_JOBS = {"table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitio
 
 @pytest.mark.parametrize("module, expected", [
     ("", {}),  # the same code from another path: nothing to do
-    ("report", REPORT_JOBS),
-    ("attacker/attacks", {"attack": 2, **REPORT_JOBS}),
+    ("report/tables", REPORT_JOBS),
+    ("attacker/metrics", {"attack": 2, **REPORT_JOBS}),  # no training (issue 19)
+    ("privacy/audit", {"attack": 2, **REPORT_JOBS}),  # no partition, no training
     ("federation/fedavg", {"train": 2, "measure": 2, "attack": 2, **REPORT_JOBS}),
 ])
 def test_code_edits_rerun_exactly_what_they_affect(snakemake_cmd, repo, tiny_run, tmp_path,

@@ -1,90 +1,122 @@
-"""Every built-in kind, registered: what the config schema and the README derive from them.
+"""Every kind the config can name, by family: the catalogue of the registries.
 
-Importing this module imports every module that fills a registry of
-:mod:`fedmia.core.registry` (so it imports torch; the workflow never imports it). From the
-registries come:
+Importing this module imports every module that defines kinds; none of them imports torch
+or matplotlib at import (:mod:`fedmia.core.lazy`), so the workflow imports it when it
+parses the Snakefile. From the registries come the config schema's lists of kinds and
+its per-defense blocks (:func:`fedmia.workflow.load_schema`), validation, the cluster's
+resource estimates, the per-cell figure rules and the tables' captions — plugins' kinds
+included, since they register into the same registries.
 
-* the schema's lists of kinds and the defenses' parameter blocks
-  (:func:`fedmia.workflow.kind_lists`, :func:`fedmia.workflow.defense_blocks`): the
-  checked-in ``workflow/schemas/config.schema.yaml`` holds them for the built-in kinds,
-  so that parsing the Snakefile needs no torch, and ``tests/test_config.py`` checks
-  that they are exactly what the registries generate;
-* the README's defense table (:func:`fedmia.federation.defenses.defense_table`).
-
-After adding a kind in fedmia itself, print what to paste::
-
-    python -m fedmia.kinds schema      # YAML: each kind list, and the $defs.defense blocks
-    python -m fedmia.kinds defenses    # Markdown: the README's table of defenses
-
-(a plugin's kinds need neither: the workflow adds them to the schema when it imports the
-plugin).
+    python -m fedmia.kinds list        # every family and its kinds
+    python -m fedmia.kinds defenses    # the README's table of defenses (Markdown)
+    python -m fedmia.kinds schema      # the config schema with every kind filled in (YAML)
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fedmia import report  # noqa: F401
+from fedmia.attacker.attacks import ATTACKS, FINDINGS, PROTOCOLS
+from fedmia.attacker.routes import MEASURE_ROUTES
+from fedmia.core.params import schema_block
+from fedmia.core.registry import Registry
+from fedmia.federation.datasets import DATASETS
+from fedmia.federation.defenses import DEFENSES, defense_table
+from fedmia.federation.models import MODELS
+from fedmia.federation.partition import PARTITIONS
+from fedmia.report.figures import FIGURES, TABLE_FIGURES
+from fedmia.report.tables import SELECTIONS
 
-# the modules that fill the registries (imported for that effect)
-from fedmia.federation.defenses import defense_table
-from fedmia.workflow import defense_blocks, kind_lists
-
-__all__ = ["defense_table", "main", "schema_yaml"]
-
-
-def _flow(value: Any) -> str:
-    """``value`` as one line of YAML flow style (strings quoted where YAML needs it)."""
-    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf,
-                          allow_unicode=True).strip().removesuffix("\n...").strip()
-
-
-def _block_yaml(block: Mapping[str, Any], indent: str) -> list[str]:
-    """One ``$defs.defense.allOf`` item, in the layout of the checked-in schema."""
-    then = block["then"]
-    lines = [f"{indent}- if: {_flow(block['if'])}", f"{indent}  then:"]
-    for key, value in then.items():
-        if key == "properties":
-            lines.append(f"{indent}    properties:")
-            lines += [f"{indent}      {name}: {_flow(prop)}" for name, prop in value.items()]
-        else:
-            lines.append(f"{indent}    {key}: {_flow(value)}")
-    return lines
+#: The config schema (kinds not filled in: :func:`load_schema`).
+SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: Every registry by family (the ``x-kinds`` names of the config schema).
+REGISTRIES: dict[str, Registry[Any]] = {
+    "datasets": DATASETS, "partitions": PARTITIONS, "models": MODELS, "defenses": DEFENSES,
+    "measure routes": MEASURE_ROUTES, "attacks": ATTACKS, "protocols": PROTOCOLS,
+    "selections": SELECTIONS, "findings": FINDINGS, "figures": FIGURES,
+    "table figures": TABLE_FIGURES}
 
 
-def schema_yaml() -> str:
-    """The schema's parts that the registries generate, as YAML to paste.
+def kinds(family: str) -> list[str]:
+    """The registered kinds of ``family`` in registration order.
 
-    Each list of kinds (``<where in the schema>: [names]``), then the ``allOf`` list of
-    ``$defs.defense`` (one block per kind that can be a compose step).
+    ``composable defenses``: the defenses that may be a step of a ``compose``.
+
+    Raises:
+        ValueError: an unknown family.
     """
-    lines = ["# kinds: where in workflow/schemas/config.schema.yaml -> enum"]
-    for where, names in kind_lists().items():
-        lines.append(f"# {where}: {_flow(names)}")
-    lines.append("# $defs.defense.allOf:")
-    lines.append("    allOf:")
-    for block in defense_blocks():
-        lines += _block_yaml(block, "      ")
-    return "\n".join(lines) + "\n"
+    if family == "composable defenses":
+        return [k for k in DEFENSES.registered() if DEFENSES.get(k).composable]
+    if family not in REGISTRIES:
+        raise ValueError(f"unknown family of kinds {family!r}; choose from "
+                         f"{['composable defenses', *REGISTRIES]}")
+    return REGISTRIES[family].registered()
+
+
+def read_schema(path: str | Path = SCHEMA) -> dict[str, Any]:
+    """The config JSON schema (YAML) as written: kinds not yet filled in."""
+    return yaml.safe_load(Path(path).read_text())
+
+
+def load_schema(path: str | Path = SCHEMA) -> dict[str, Any]:
+    """The config JSON schema with every registered kind filled in (plugins: import first).
+
+    Where the schema says ``x-kinds: <family>`` the registered kinds of that family become
+    the ``enum`` (:func:`fedmia.kinds.kinds`; ``x-kinds-default``: the ``default``), and
+    ``x-defense-blocks`` becomes the ``allOf`` of one block per composable defense,
+    generated from its dataclass (:func:`defense_blocks`).
+    """
+    return fill_kinds(read_schema(path))
+
+
+def fill_kinds(schema: Any) -> Any:
+    """``schema`` with its ``x-kinds``, ``x-kinds-default`` and ``x-defense-blocks`` filled."""
+    if isinstance(schema, list):
+        return [fill_kinds(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "x-kinds":
+            out["enum"] = kinds(value)
+        elif key == "x-kinds-default":
+            out["default"] = kinds(value)
+        elif key == "x-defense-blocks":
+            out["allOf"] = defense_blocks()
+        else:
+            out[key] = fill_kinds(value)
+    return out
+
+
+def defense_blocks() -> list[dict[str, Any]]:
+    """The ``$defs.defense`` blocks of the registered defenses that can be compose steps.
+
+    Each generated from its dataclass (:func:`fedmia.core.params.schema_block`).
+    """
+    return [schema_block(DEFENSES.get(k), k) for k in kinds("composable defenses")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedmia.kinds {schema,defenses}``: print what the registries generate."""
+    """``python -m fedmia.kinds {list,defenses,schema}``."""
     parser = argparse.ArgumentParser(
         prog="python -m fedmia.kinds",
-        description="Print the parts of the config schema or of the README that the "
-                    "registered kinds generate.")
-    parser.add_argument("what", choices=["schema", "defenses"],
-                        help="schema: the lists of kinds and the defense blocks (YAML); "
-                             "defenses: the README's table of defenses (Markdown)")
+        description="Print the registered kinds, the README's table of defenses, or the "
+                    "config schema the workflow validates against (kinds filled in).")
+    parser.add_argument("what", choices=["list", "defenses", "schema"])
     args = parser.parse_args(argv)
-    sys.stdout.write(schema_yaml() if args.what == "schema" else defense_table())
+    if args.what == "list":
+        for family in REGISTRIES:
+            sys.stdout.write(f"{family}: {', '.join(kinds(family))}\n")
+    elif args.what == "defenses":
+        sys.stdout.write(defense_table())
+    else:
+        sys.stdout.write(yaml.safe_dump(load_schema(), sort_keys=False, allow_unicode=True))
     return 0
 
 

@@ -4,19 +4,16 @@
 bad input stops the run before any job starts, with a message that names the key,
 what is wrong and what is allowed.
 
-**Parsing imports no torch** (every cluster job parses the Snakefile again). The
-built-in kinds of the torch-backed registries (models, defenses, measure routes) reach
-the parse through the schema, which lists every kind and holds each defense's parameter
-block; ``tests/test_config.py`` checks that these are exactly what the registries and
-the defenses' dataclasses generate (:func:`check_keys_are_registered`,
-:func:`defense_blocks`). Datasets, partitions and attacks are registered by modules
-free of torch, imported here, so their own checks run directly.
+**Parsing imports no torch** (every cluster job parses the Snakefile again). Every module
+that defines kinds imports without torch (:mod:`fedmia.core.lazy`; a network is named by
+a dotted path), so the parse imports them all (:mod:`fedmia.kinds`) and fills the
+schema's lists of kinds and its per-defense blocks from the registries
+(:func:`load_schema`): nothing about a kind is checked into the schema.
 
 **Plugins** (the config's ``plugins:``) are imported first, before anything is
-validated: their kinds are added to the schema's lists, a plugin defense's block is
-generated from its dataclass (:func:`with_registered_kinds`), and they are validated
-like the built-in ones. A plugin that imports torch (any defense or model does) makes
-the parse import it too.
+validated: their kinds land in the same registries, so the schema lists them and they
+are validated like the built-in ones. A plugin must keep torch out of its import too
+(README "Extending").
 """
 
 from __future__ import annotations
@@ -30,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import yaml
 
 from fedmia.attacker.attacks import ATTACKS
 from fedmia.core.config import (
-    RETIRED_SELECTIONS,
     ConfigError,
     DatasetConfig,
     ModelConfig,
@@ -45,13 +40,12 @@ from fedmia.core.params import (
     allowed_text,
     block_numeric_parameters,
     resolve_strength,
-    schema_block,
 )
-from fedmia.core.registry import DEFENSES, MEASURE_ROUTES, MODELS, PluginError, import_plugins
+from fedmia.core.registry import PluginError, import_plugins
 from fedmia.federation.datasets import DATASETS
-from fedmia.federation.partition import PARTITIONS
-
-SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+from fedmia.federation.models import MODELS
+from fedmia.kinds import SCHEMA, fill_kinds, read_schema
+from fedmia.report.tables import RETIRED_SELECTIONS
 
 
 @dataclass(frozen=True, order=True)
@@ -126,11 +120,6 @@ def _raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> 
             desc = node.schema.get("description") if isinstance(node.schema, dict) else None
             node = node.parent
     raise ConfigError(f"invalid config at '{where}': {msg}" + (f" ({desc})" if desc else ""))
-
-
-def load_schema(path: str | Path = SCHEMA) -> dict[str, Any]:
-    """Read the config JSON schema (YAML)."""
-    return yaml.safe_load(Path(path).read_text())
 
 
 @dataclass(frozen=True)
@@ -239,9 +228,9 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
         ConfigError: naming the first offending key, what is wrong and what is allowed.
     """
     base = jsonschema.Draft202012Validator
-    schema = load_schema(schema_path)
-    _load_plugins(config, schema)
-    schema = with_registered_kinds(schema)
+    raw = read_schema(schema_path)
+    _load_plugins(config, raw)
+    schema = fill_kinds(raw)
     report = config.get("report")
     for how in _as_list(report.get("single_round", []) if isinstance(report, dict) else []):
         if isinstance(how, str) and how in RETIRED_SELECTIONS:
@@ -315,88 +304,8 @@ def _load_plugins(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
             raise ConfigError(f"invalid config at 'plugins[{i}]': {e}") from None
 
 
-#: Where the schema lists the kinds of a registry: a label (the config key) → the path of
-#: the ``enum`` in the schema.
-KIND_ENUMS: dict[str, tuple[str, ...]] = {
-    "datasets.<key>.kind": ("properties", "datasets", "additionalProperties", "properties",
-                            "kind", "enum"),
-    "partitions.<key>.kind": ("properties", "partitions", "additionalProperties",
-                              "properties", "kind", "enum"),
-    "models.<key>.kind": ("properties", "models", "additionalProperties", "properties",
-                          "kind", "enum"),
-    "defenses.<key>.kind": ("properties", "defenses", "additionalProperties", "properties",
-                            "kind", "enum"),
-    "defenses.<key>.steps[].kind": ("$defs", "defense", "properties", "kind", "enum"),
-    "measure.route": ("properties", "measure", "properties", "route", "enum"),
-    "attack.attacks[]": ("properties", "attack", "properties", "attacks", "items", "enum"),
-}
-
-
-def _at(schema: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        schema = schema[key]
-    return schema
-
-
-def kind_lists() -> dict[str, list[str]]:
-    """What each list of :data:`KIND_ENUMS` holds: the registered names, in registration order.
-
-    From the registries as filled so far (all built-in kinds once :mod:`fedmia.kinds` is
-    imported; at parse time only those of torch-free modules and of plugins).
-    """
-    steps = [k for k in DEFENSES.registered() if DEFENSES.get(k).composable]
-    return {
-        "datasets.<key>.kind": DATASETS.registered(),
-        "partitions.<key>.kind": PARTITIONS.registered(),
-        "models.<key>.kind": MODELS.registered(),
-        "defenses.<key>.kind": DEFENSES.registered(),
-        "defenses.<key>.steps[].kind": steps,
-        "measure.route": MEASURE_ROUTES.registered(),
-        "attack.attacks[]": ATTACKS.registered(),
-    }
-
-
-def defense_blocks() -> list[dict[str, Any]]:
-    """The ``$defs.defense`` blocks of the registered defenses that can be compose steps.
-
-    Each generated from its dataclass (:func:`fedmia.core.params.schema_block`).
-    """
-    return [schema_block(DEFENSES.get(k), k) for k in kind_lists()["defenses.<key>.steps[].kind"]]
-
-
 def _block_kind(block: Mapping[str, Any]) -> str:
     return block["if"]["properties"]["kind"]["const"]
-
-
-def with_registered_kinds(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """``schema`` with every registered kind it lacks (a plugin's) added.
-
-    Each list of kinds gets the registered names it lacks, and ``$defs.defense`` the
-    generated block of each registered defense it has none for.
-    """
-    out = copy.deepcopy(dict(schema))
-    for label, names in kind_lists().items():
-        enum = _at(out, KIND_ENUMS[label])
-        enum += [n for n in names if n not in enum]
-    blocks = out["$defs"]["defense"]["allOf"]
-    known = {_block_kind(b) for b in blocks}
-    blocks += [b for b in defense_blocks() if _block_kind(b) not in known]
-    return out
-
-
-def check_keys_are_registered(schema: Mapping[str, Any]) -> dict[str, tuple[list, list]]:
-    """Each list of kinds of ``schema`` and what the registries generate for it.
-
-    ``{label: (schema names, registered names)}`` for every list of :data:`KIND_ENUMS`
-    and the default of ``attack.attacks`` (every registered attack). For tests: import
-    :mod:`fedmia.kinds` first, which fills every registry.
-    """
-    out = {label: (list(_at(schema, path)), kind_lists()[label])
-           for label, path in KIND_ENUMS.items()}
-    out["attack.attacks (default)"] = (
-        list(schema["properties"]["attack"]["properties"]["attacks"]["default"]),
-        ATTACKS.registered())
-    return out
 
 
 def _defense_blocks_by_kind(schema: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -441,18 +350,9 @@ def _check_defense(block: Mapping[str, Any], schema: Mapping[str, Any], where: s
 
 # ----------------------------------------------------------------- cluster resources
 
-#: Samples of each dataset kind (both splits), for resource estimates before ``prepare``
-#: has run; a kind not listed (e.g. ``imagefolder``) is taken as 60,000.
-DATASET_SAMPLES = {"digits": 1_797, "fashion_mnist": 70_000, "cifar100": 60_000,
-                   "dermnet": 19_559}
-#: Training samples per second per job, a deliberately low estimate (GPU: an older data-centre
-#: card; CPU: one busy core, measured here: AlexNet 646/s, ResNet18 ~80/s). A model kind
-#: not listed is costed as ResNet18.
-THROUGHPUT = {"alexnet": {"gpu": 10_000, "cpu": 500},
-              "resnet18": {"gpu": 2_000, "cpu": 60},
-              "resnet18_bn": {"gpu": 2_000, "cpu": 60}}
-#: Parameters of each model kind (100 classes; for memory estimates).
-PARAMETERS = {"alexnet": 2_495_396, "resnet18": 11_220_132, "resnet18_bn": 11_220_132}
+#: Samples assumed for a dataset kind that does not say (its ``samples`` fact; e.g.
+#: ``imagefolder``), and the model kind whose cost a kind without its own is given.
+DEFAULT_SAMPLES = 60_000
 
 
 def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, dict[str, int]]:
@@ -467,11 +367,18 @@ def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, d
     part = PartitionConfig.from_dict(config["partitions"][cell.partition])
     dataset = config["datasets"][cell.dataset]
     kind = config["models"][cell.model]["kind"]
-    samples = DATASET_SAMPLES.get(dataset["kind"], 60_000)
+    samples = DATASETS.facts(dataset["kind"]).get("samples") or DEFAULT_SAMPLES
     per_client = part.samples_per_client or int(samples * 0.8 / part.num_clients)
     train_samples = per_client * part.num_clients
-    rate = THROUGHPUT.get(kind, THROUGHPUT["resnet18"])["gpu" if gpu else "cpu"]
-    params = PARAMETERS.get(kind, PARAMETERS["resnet18"])
+    cost = MODELS.facts(kind)
+    missing = [k for k in ("samples_per_s", "parameters") if k not in cost]
+    if missing:
+        raise ConfigError(
+            f"model kind '{kind}' does not state its cost {missing}: the cluster's resource "
+            f"estimates need them; register it with MODELS.register('{kind}', impl=..., "
+            "samples_per_s={'gpu': ..., 'cpu': ...}, parameters=...)")
+    rate = cost["samples_per_s"]["gpu" if gpu else "cpu"]
+    params = cost["parameters"]
     image_mb = samples * 3 * dataset.get("image_size", 32) ** 2 / 1e6
     n_eval = part.num_clients * part.eval_members_per_client + part.eval_nonmembers
     observed = len(train.observed())

@@ -69,7 +69,7 @@ from fedmia.core.contracts import (
     REPLICATE_METRICS,
     RESULT_COLUMNS,
 )
-from fedmia.core.registry import ATTACKS
+from fedmia.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,6 @@ MULTI_ROUND = -1
 VAR_FLOOR = 1e-8
 #: FedMIA's outlier filter keeps reference values below μ + OUTLIER_Z·σ.
 OUTLIER_Z = 3.0
-#: Non-member protocols: see the module docstring.
-PROTOCOLS = ("aligned", "official")
 #: Policies of FedMIA's outlier filter (:func:`outlier_filter_for`).
 OUTLIER_POLICIES = ("auto", "always", "never")
 #: How an attack combines rounds and clients (:attr:`AttackSpec.kind`).
@@ -140,9 +138,29 @@ class AttackSpec:
         return v1 if v1 == v3 else f"{v1} ({v3})"
 
 
-def register_attack(spec: AttackSpec) -> AttackSpec:
-    """Register ``spec`` under its name (:data:`fedmia.core.registry.ATTACKS`); returns it."""
-    return ATTACKS.register(spec.name)(spec)
+#: The attacks (``attack.attacks``), in table order (registration order): the paper's
+#: Table 1 columns, then fedmia's additions, then those of plugins. Registered as facts,
+#: ``ATTACKS.register(name, measure=..., sign=..., kind=..., family=..., paper=...)``.
+ATTACKS: Registry[AttackSpec] = Registry("attack", build=AttackSpec, decorates=False)
+
+ATTACKS.register("loss", measure="loss", sign=-1, kind="single", family="loss",
+                 paper=("Loss-I", "Blackbox-Loss"))
+ATTACKS.register("loss_series", measure="loss", sign=-1, kind="series", family="loss",
+                 paper=("Loss-II", "Loss-Series"))
+ATTACKS.register("fedmia_loss", measure="loss", sign=-1, kind="fedmia", family="loss",
+                 paper=("Loss-III", "FedMIA-I"))
+ATTACKS.register("cos", measure="cos", sign=+1, kind="single", family="cos",
+                 paper=("Cos-I", "Grad-Cosine"))
+ATTACKS.register("cos_series", measure="cos", sign=+1, kind="series", family="cos",
+                 paper=("Cos-II", "Avg-Cosine"))
+ATTACKS.register("fedmia_cos", measure="cos", sign=+1, kind="fedmia", family="cos",
+                 paper=("Cos-III", "FedMIA-II"))
+ATTACKS.register("grad_norm", measure="grad_norm", sign=-1, kind="single", family="grad",
+                 paper=("Grad-Norm", "Grad-Norm"))
+ATTACKS.register("grad_diff", measure="grad_diff", sign=+1, kind="single", family="grad",
+                 paper=("Grad-Diff", "Grad-Diff"))
+ATTACKS.register("grad_diff_series", measure="grad_diff", sign=+1, kind="series",
+                 family="grad")
 
 
 def attack_order() -> list[str]:
@@ -166,37 +184,66 @@ def families() -> dict[str, list[str]]:
     return out
 
 
-for _spec in (
-    AttackSpec("loss", "loss", -1, "single", "loss", ("Loss-I", "Blackbox-Loss")),
-    AttackSpec("loss_series", "loss", -1, "series", "loss", ("Loss-II", "Loss-Series")),
-    AttackSpec("fedmia_loss", "loss", -1, "fedmia", "loss", ("Loss-III", "FedMIA-I")),
-    AttackSpec("cos", "cos", +1, "single", "cos", ("Cos-I", "Grad-Cosine")),
-    AttackSpec("cos_series", "cos", +1, "series", "cos", ("Cos-II", "Avg-Cosine")),
-    AttackSpec("fedmia_cos", "cos", +1, "fedmia", "cos", ("Cos-III", "FedMIA-II")),
-    AttackSpec("grad_norm", "grad_norm", -1, "single", "grad", ("Grad-Norm", "Grad-Norm")),
-    AttackSpec("grad_diff", "grad_diff", +1, "single", "grad", ("Grad-Diff", "Grad-Diff")),
-    AttackSpec("grad_diff_series", "grad_diff", +1, "series", "grad"),
-):
-    register_attack(_spec)
+@dataclass(frozen=True)
+class Protocol:
+    """A non-member protocol (see the module docstring).
+
+    Attributes:
+        name: its name, the ``protocol`` column of every result.
+        text: what it means, for the tables' captions.
+    """
+
+    name: str
+    text: str
 
 
-#: The paper's findings as paired comparisons ``(finding, better attack, worse attack)``:
-#: per measure family, multi-round beats single-round (II vs I) and the other clients'
-#: models help (III vs II, III vs I). The report tests them (:func:`fedmia.report.findings`).
-FINDING_PAIRS = tuple(
-    (finding, better, worse)
-    for family in ("loss", "cos")
-    for finding, better, worse in (
-        ("multi-round beats single-round (II vs I)", f"{family}_series", family),
-        ("other clients' models help (III vs II)", f"fedmia_{family}", f"{family}_series"),
-        ("other clients' models help (III vs I)", f"fedmia_{family}", family),
-    )
-)
+#: The non-member protocols (``attack.protocol``).
+PROTOCOLS: Registry[Protocol] = Registry("non-member protocol", build=Protocol,
+                                         decorates=False)
+PROTOCOLS.register("aligned", text="non-members aligned: the same samples for every client "
+                                   "and round (fedmia)")
+PROTOCOLS.register("official", text="non-members redrawn per client and round, as the "
+                                    "official code")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A pre-specified comparison of two attacks: the better one should score higher.
+
+    Attributes:
+        name: its name (registry key).
+        claim: the claim it tests, as the tables state it.
+        better: the attack the claim says is stronger.
+        worse: the attack it is compared with (paired: same targets and samples).
+    """
+
+    name: str
+    claim: str
+    better: str
+    worse: str
+
+
+#: The findings the report tests (:func:`fedmia.report.findings.findings.findings`), in order: the
+#: paper's, per measure family — multi-round beats single-round (II vs I), the other
+#: clients' models help (III vs II, III vs I).
+FINDINGS: Registry[Finding] = Registry("finding", build=Finding, decorates=False)
+for _family in ("loss", "cos"):
+    FINDINGS.register(f"{_family}: II vs I", claim="multi-round beats single-round (II vs I)",
+                      better=f"{_family}_series", worse=_family)
+    FINDINGS.register(f"{_family}: III vs II", claim="other clients' models help (III vs II)",
+                      better=f"fedmia_{_family}", worse=f"{_family}_series")
+    FINDINGS.register(f"{_family}: III vs I", claim="other clients' models help (III vs I)",
+                      better=f"fedmia_{_family}", worse=_family)
+
+
+def finding_pairs() -> list[tuple[str, str, str]]:
+    """``(claim, better attack, worse attack)`` of every registered finding, in order."""
+    return [(f.claim, f.better, f.worse) for f in map(FINDINGS.get, FINDINGS.registered())]
 
 
 def finding_attacks() -> list[str]:
     """The attacks the findings compare (table order): those whose replicates are kept."""
-    named = {a for _, better, worse in FINDING_PAIRS for a in (better, worse)}
+    named = {a for _, better, worse in finding_pairs() for a in (better, worse)}
     return [a for a in attack_order() if a in named]
 
 
@@ -676,7 +723,7 @@ def run_attacks_with_replicates(
         names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
         targets: Iterable[int] | None = None, *,
         attack_rounds: Iterable[int] | None = None,
-        protocols: Sequence[str] = PROTOCOLS,
+        protocols: Sequence[str] | None = None,
         official: OfficialProtocol = OfficialProtocol(),
         ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
         fpr_rule: str = "at_most", roc_points: int = 200,
@@ -695,7 +742,7 @@ def run_attacks_with_replicates(
     different targets and attacks are paired: replicate ``b`` resamples the same
     samples in all of them, so a mean over targets of replicate ``b`` carries the
     correlation of targets that share the non-member pool (the findings' within-run
-    intervals, :func:`fedmia.report.findings`). Under ``official``, slot positions are
+    intervals, :func:`fedmia.report.findings.findings`). Under ``official``, slot positions are
     resampled within each slot group (see :func:`bootstrap_strata`).
 
     Args:
@@ -707,7 +754,7 @@ def run_attacks_with_replicates(
             empty list leaves multi-round attacks without rows, as after a divergence
             before the first attacked round); single-round attacks are scored at every
             round of the table.
-        protocols: non-member protocols (:data:`PROTOCOLS`).
+        protocols: non-member protocols (:data:`PROTOCOLS`; ``None``: every registered one).
         official: the official protocol's draws.
         ddof: FedMIA's variance ddof.
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
@@ -742,9 +789,11 @@ def run_attacks_with_replicates(
             attack rounds the table lacks; an official draw larger than its pool.
     """
     specs = [ATTACKS.get(n) for n in names]
+    protocols = PROTOCOLS.registered() if protocols is None else list(protocols)
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
-        raise ValueError(f"unknown or no protocol(s) {bad}; choose from {list(PROTOCOLS)}")
+        raise ValueError(f"unknown or no protocol(s) {bad}; choose from "
+                         f"{PROTOCOLS.registered()}")
     metrics.check_fpr_rule(fpr_rule)
     if official.draws < 1:
         raise ValueError(f"the official protocol needs at least 1 draw; got {official.draws}")

@@ -14,7 +14,7 @@ global model ``w`` (the one the server sent) and upload ``Δ_k = w − w^k``:
 BatchNorm is in eval mode throughout. Only ⟨g_i, Δ_k⟩ for all k and ‖g_i‖² are
 needed: ``g_i`` is handled once per sample and round, whatever K is. Two routes
 compute them for a chunk of samples (the ``measure.route`` of the config, registered in
-:data:`fedmia.core.registry.MEASURE_ROUTES`):
+:data:`fedmia.attacker.routes.MEASURE_ROUTES`):
 
 * ``layerwise`` (default, :mod:`fedmia.attacker.layerwise`): from one batched forward and
   backward pass, layer by layer, never forming per-sample gradients — near the
@@ -27,7 +27,6 @@ compute them for a chunk of samples (the ``measure.route`` of the config, regist
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedmia.attacker.layerwise import layerwise_grad_products
-from fedmia.core.registry import MEASURE_ROUTES
+from fedmia.attacker.routes import GradProducts
 from fedmia.federation.state import FlatState
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,6 @@ def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.T
     return loss, correct, conf
 
 
-@MEASURE_ROUTES.register("func")
 def per_sample_grad_products(
     model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
     x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
@@ -129,10 +127,6 @@ def per_sample_grad_products(
     return dots, sqnorm
 
 
-GradProducts = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-@MEASURE_ROUTES.register("layerwise")
 def auto_grad_products(model: nn.Module, params: dict[str, torch.Tensor],
                        buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                        updates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +159,7 @@ def compute_round_measures(
             bounded per-layer buffer).
         batch_size: samples per forward pass of the loss.
         grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk
-            (:data:`fedmia.core.registry.MEASURE_ROUTES`; default: layer-wise).
+            (:data:`fedmia.attacker.routes.MEASURE_ROUTES`; default: layer-wise).
     """
     loss, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
     state.load(global_state)

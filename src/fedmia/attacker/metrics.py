@@ -35,9 +35,9 @@ import numpy as np
 
 from fedmia.core.contracts import FPR_LEVELS, METRICS, tpr_metric_name
 
-#: How TPR at FPR α counts the FPR limit: ``at_most`` FPR ≤ α (fedmia), ``below`` FPR < α
-#: (the official code).
-FPR_RULES = ("at_most", "below")
+#: How TPR at FPR α counts the FPR limit → how the tables say it: ``at_most`` FPR ≤ α
+#: (fedmia), ``below`` FPR < α (the official code).
+FPR_RULES = {"at_most": "TPR at FPR ≤ α (fedmia)", "below": "TPR at FPR < α (the official code)"}
 __all__ = ["FPR_LEVELS", "FPR_RULES", "METRICS", "tpr_metric_name"]  # names of the metrics
 
 # Slack for float round-off when comparing a count with alpha × count.

@@ -22,16 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 LR_SCHEDULES = ("cosine", "exponential", "constant")
-#: Named single-round selections of the report (besides a fixed round number); what each
-#: picks: :mod:`fedmia.report`.
-SELECTIONS = ("best_tpr_per_target", "best_tpr_mean", "best_auc", "last")
-#: Selection names no longer accepted → the message that names their replacements.
-RETIRED_SELECTIONS = {
-    "best_tpr": "'best_tpr' is retired: it picked the round of the best TPR@0.1% of the mean "
-                "over targets, which is not the official choice; write best_tpr_per_target "
-                "(the official code's: each target's own best round) or best_tpr_mean (one "
-                "round, best on the mean over targets)",
-}
 #: The named splits a dataset kind may offer besides the source's own (``split: null``).
 DATASET_SPLITS = ("official",)
 #: How the server weights the clients' uploads (``train.aggregation``, :class:`TrainConfig`).
@@ -40,20 +30,6 @@ AGGREGATIONS = ("data_size", "official_permuted")
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the offending key and the fix."""
-
-
-def check_selection(how: str | int) -> str | int:
-    """``how`` if it names a single-round selection (:data:`SELECTIONS` or a round ≥ 1).
-
-    Raises:
-        ConfigError: a retired name (naming its replacements) or an unknown one.
-    """
-    if isinstance(how, str) and how in RETIRED_SELECTIONS:
-        raise ConfigError(RETIRED_SELECTIONS[how])
-    if isinstance(how, bool) or not (how in SELECTIONS or (isinstance(how, int) and how >= 1)):
-        raise ConfigError(f"unknown single-round selection {how!r}; choose from "
-                          f"{list(SELECTIONS)} or a round number")
-    return how
 
 
 def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:

@@ -8,8 +8,9 @@ as a param, the fingerprint of its entry module: a short hex digest over
   on its normalised syntax tree: no docstrings or other bare string statements, no
   line or column numbers. Comments, docstrings, blank lines and formatting do not
   count; any change to the code does, including type hints and default values;
-- the installed versions of the compute libraries (:data:`DEPENDENCIES`), without
-  their build's local label (``+cpu``, ``+cu128``);
+- the installed versions of the runtime dependencies (:func:`runtime_dependencies`:
+  fedmia's declared dependencies but the workflow's own tools, not the test tools),
+  without their build's local label (``+cpu``, ``+cu128``);
 - with ``plugins`` (the config's plugin modules, which every job imports), each plugin
   module and what it imports of its own package (or the file alone, for a plugin that
   is a single module), hashed the same way, and the package modules it imports (with
@@ -35,6 +36,8 @@ that an edit was cosmetic and ``snakemake --touch`` is safe)::
 
 Scope and choices:
 
+- A kind registered by a dotted path (``impl="module:attr"``, a network that needs torch
+  at import) counts as an import of that module.
 - Imports are found by reading the source with :mod:`ast`, never by importing it:
   ``import pkg.x``, ``from pkg import x``, ``from pkg.x import y``, relative
   imports, and imports anywhere in a file (inside functions, ``try``, ``if``), since
@@ -49,8 +52,8 @@ Scope and choices:
   binds at module level, else :class:`ClosureError`. ``from pkg import *`` follows
   the submodules named in a literal ``__all__``.
 - Not seen: imports by computed name (``importlib.import_module(name)``), attribute
-  access to a submodule nobody imported, data files, and libraries other than
-  :data:`DEPENDENCIES`.
+  access to a submodule nobody imported, data files, and libraries other than the
+  runtime dependencies.
 - Only regular packages (directories with ``__init__.py``) are supported.
 
 The digest does not depend on the process (no :func:`hash`, sorted inputs) or the
@@ -72,8 +75,36 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-#: Distributions whose installed version is part of every fingerprint.
-DEPENDENCIES: tuple[str, ...] = ("torch", "numpy", "pandas")
+#: Declared dependencies that run the workflow but compute nothing of its results: their
+#: versions are left out of the fingerprints (a new Snakemake reruns nothing).
+WORKFLOW_TOOLS = ("snakemake", "jsonschema", "pyyaml")
+#: The runtime dependencies where fedmia's distribution metadata cannot be read (a copy of
+#: the source on ``PYTHONPATH`` without an install): the compute libraries.
+FALLBACK_DEPENDENCIES = ("dp-accounting", "matplotlib", "numpy", "pandas", "pillow",
+                         "pyarrow", "safetensors", "scikit-learn", "scipy", "torch")
+
+
+@lru_cache(maxsize=1)
+def runtime_dependencies() -> tuple[str, ...]:
+    """The distributions whose installed versions every fingerprint holds.
+
+    fedmia's declared dependencies (its installed metadata, i.e. ``pyproject.toml``'s
+    ``[project.dependencies]``, no extras) but :data:`WORKFLOW_TOOLS`; sorted, normalised
+    names. Where fedmia is not installed, :data:`FALLBACK_DEPENDENCIES`.
+    """
+    try:
+        requires = importlib.metadata.requires("fedmia") or []
+    except importlib.metadata.PackageNotFoundError:
+        return FALLBACK_DEPENDENCIES
+    names = set()
+    for req in requires:
+        if "extra ==" in req.replace('"', "").replace("'", ""):
+            continue
+        name = req.split(";")[0].strip()
+        for stop in "[<>=!~ (":
+            name = name.split(stop)[0]
+        names.add(name.strip().lower().replace("_", "-"))
+    return tuple(sorted(names - set(WORKFLOW_TOOLS)))
 
 #: Hex digits of a fingerprint (64 bits).
 LENGTH = 16
@@ -150,7 +181,7 @@ def import_closure(entry: str | Iterable[str], *, root: str | Path | None = None
 
 
 def fingerprint(entry: str | Iterable[str], *, root: str | Path | None = None,
-                dependencies: Iterable[str] = DEPENDENCIES,
+                dependencies: Iterable[str] | None = None,
                 plugins: Iterable[str] = ()) -> str:
     """A short hex digest of the code ``entry`` runs (see the module docstring).
 
@@ -159,8 +190,8 @@ def fingerprint(entry: str | Iterable[str], *, root: str | Path | None = None,
             covers the union of their import closures.
         root: the package's directory; by default found with :func:`package_dir`.
         dependencies: distributions whose installed versions are included (read with
-            :func:`importlib.metadata.version`, nothing is imported); one that is not
-            installed counts as ``-``.
+            :func:`importlib.metadata.version`, nothing is imported; default:
+            :func:`runtime_dependencies`); one that is not installed counts as ``-``.
         plugins: importable modules outside the package that the code imports too (the
             workflow's plugins; found with :func:`importlib.util.find_spec`).
 
@@ -207,14 +238,15 @@ def plugin_sources(plugins: Iterable[str]) -> dict[str, Path]:
     return out
 
 
-def dependency_versions(dependencies: Iterable[str] = DEPENDENCIES) -> dict[str, str | None]:
+def dependency_versions(dependencies: Iterable[str] | None = None) -> dict[str, str | None]:
     """Installed version of each distribution (``None`` if absent), without importing it.
 
     The local label of a build is dropped (``2.13.0+cpu`` and ``2.13.0+cu128`` are both
     ``2.13.0``), so that a CPU login node and GPU compute nodes agree on the fingerprint.
     Read once per process and distribution (a process is shorter than a ``pip install``).
     """
-    return {dist: _version(dist) for dist in dependencies}
+    deps = runtime_dependencies() if dependencies is None else dependencies
+    return {dist: _version(dist) for dist in deps}
 
 
 @lru_cache(maxsize=64)
@@ -373,9 +405,26 @@ def _analyse(source: bytes, filename: str) -> _ModuleInfo:
     all_names = _literal_all(tree)
     imports: list[_Import] = []
     _scan(tree, imports, runs=True)
+    imports += _registered_impls(tree)
     digest = hashlib.sha256(_dump(tree).encode()).hexdigest()
     return _ModuleInfo(digest=digest, imports=tuple(imports), names=frozenset(names),
                        dynamic=dynamic, all_names=all_names)
+
+
+def _registered_impls(tree: ast.Module) -> list[_Import]:
+    """The modules named by ``impl="module:attr"`` in a call (a kind's registration).
+
+    A kind whose implementation needs torch at import is registered by a dotted path
+    (:mod:`fedmia.core.registry`), loaded by the jobs; to the fingerprint that is an import.
+    """
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            for kw in node.keywords:
+                if (kw.arg == "impl" and isinstance(kw.value, ast.Constant)
+                        and isinstance(kw.value.value, str) and ":" in kw.value.value):
+                    out.append(_Import(0, kw.value.value.partition(":")[0], None, node.lineno))
+    return out
 
 
 def _is_type_checking(test: ast.expr) -> bool:

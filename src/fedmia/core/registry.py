@@ -1,88 +1,145 @@
-"""Name → object registries: every kind the config names, and the plugins that add kinds.
+"""Kinds by name: one registry per kind the config names, one spelling to register them.
 
-Each registry below is filled by the module that implements its kind, with the
-registry's decorator (``@DEFENSES.register("dp")`` in :mod:`fedmia.federation.defenses`, ...):
+A *kind* is anything the config names by a string: a dataset, a partition, a model, a
+defense, a measure route, an attack, a non-member protocol, a single-round selection, a
+finding, a figure. Each family has one :class:`Registry`, defined next to what it
+registers (``DATASETS`` in :mod:`fedmia.federation.datasets`, ``ATTACKS`` in
+:mod:`fedmia.attacker.attacks`, …; :mod:`fedmia.kinds` lists them all), and every kind
+is registered with the same call, ``<REGISTRY>.register(name, …)``, in one of three forms:
 
-==================  ===============================  ==========================================
-registry            filled by                        config key
-==================  ===============================  ==========================================
-``DATASETS``        :mod:`fedmia.federation.datasets`           ``datasets.<key>.kind``
-``PARTITIONS``      :mod:`fedmia.federation.partition`          ``partitions.<key>.kind``
-``MODELS``          :mod:`fedmia.federation.models`             ``models.<key>.kind``
-``DEFENSES``        :mod:`fedmia.federation.defenses`           ``defenses.<key>.kind``
-``MEASURE_ROUTES``  :mod:`fedmia.attacker.measures`           ``measure.route``
-``ATTACKS``         :mod:`fedmia.attacker.attacks`            ``attack.attacks``
-``FIGURES``         :mod:`fedmia.report`             the per-cell figures (``rounds``, ``roc``)
-==================  ===============================  ==========================================
+* above its implementation, as a decorator, when the module imports without torch (a
+  loader, a partition, a defense — whose torch is :mod:`fedmia.core.lazy`)::
 
-The registries live here, apart from what they register, so that the workflow can read
-them when it parses the Snakefile without importing torch: the built-in kinds of the
-torch-backed modules reach the parse through the config schema (a test keeps the
-schema equal to what the registries generate), and the kinds of *plugins* through
-these registries.
+      @DEFENSES.register("dp")
+      class DPDefense(Defense): ...
 
-**Plugins.** A plugin is an importable module that registers kinds with these
-decorators (e.g. ``from fedmia.federation.defenses import DEFENSES, Defense``). The config's
-``plugins:`` list names them; :func:`import_plugins` imports them when the workflow
-is parsed and at the start of every job, before anything is built, so a plugin's kinds
-are validated, run and reported like the built-in ones without an edit to fedmia.
+* with ``impl="module:attribute"`` when the implementation needs torch at import (a
+  network subclassing ``nn.Module``): the parse reads the name and the facts, a job loads
+  the implementation on first :meth:`Registry.get`::
+
+      MODELS.register("alexnet", impl="fedmia.federation.nets:alexnet", parameters=...)
+
+* facts only, for a kind that is data (an attack, a protocol): the family's ``build``
+  makes its descriptor from them::
+
+      ATTACKS.register("loss", measure="loss", sign=-1, kind="single", family="loss")
+
+The facts of a kind (its traits: a model's cost, a dataset's size, a protocol's
+description) live in its registration and nowhere else; the config schema's lists of
+kinds, its per-defense blocks, resource estimates and table captions are derived from
+them when the workflow is parsed (:mod:`fedmia.workflow`).
+
+**Plugins.** A plugin is an importable module that registers kinds the same way. The
+config's ``plugins:`` list names them; :func:`import_plugins` imports them when the
+workflow is parsed and at the start of every job, so a plugin's kinds are validated, run
+and reported like the built-in ones without an edit to fedmia.
+
+This module imports nothing of fedmia: the registries depend on it, never the reverse.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-if TYPE_CHECKING:  # types only: the registries do not depend on what they register
-    from fedmia.attacker.attacks import AttackSpec
-    from fedmia.attacker.measures import GradProducts
-    from fedmia.federation.datasets import DatasetKind
-    from fedmia.federation.defenses import DefenseFactory
-    from fedmia.federation.models import ModelFactory
-    from fedmia.federation.partition import PartitionKind
-    from fedmia.report import CellFigure
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
+@dataclass
+class Entry(Generic[T]):
+    """A registered kind: its implementation (or where to load it) and its facts."""
+
+    name: str
+    obj: T | None = None
+    impl: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self, what: str) -> T:
+        """The implementation, imported from ``impl`` on first use."""
+        if self.obj is None:
+            if self.impl is None:
+                raise ValueError(f"{what} '{self.name}' was registered without an "
+                                 "implementation; decorate one or give impl='module:attr'")
+            module, _, attr = self.impl.partition(":")
+            try:
+                self.obj = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise ImportError(f"{what} '{self.name}': cannot load its implementation "
+                                  f"{self.impl!r} ({e}); fix the registration's impl") from e
+        return self.obj
+
+
 class Registry(Generic[T]):
-    """A mapping from names to objects that fails loudly on unknown names.
+    """A mapping from names to kinds that fails loudly on unknown names.
 
-    Example::
-
-        MODELS = Registry("model")
-
-        @MODELS.register("alexnet")
-        def alexnet(...): ...
-
-        MODELS.get("alexnet")   # -> the function
-        MODELS.get("vgg")       # ValueError: unknown model 'vgg'; choose from ['alexnet']
+    Args:
+        what: the family's name, for messages (``"defense"``).
+        build: makes the registered object from what :meth:`register` gets: with
+            ``decorates``, ``build(decorated, **facts)``; without, ``build(name=name,
+            **facts)``. ``None``: the decorated object itself.
+        decorates: whether :meth:`register` without ``impl`` is a decorator (the kind has
+            code) or registers the facts at once (the kind is data).
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, *, build: Callable[..., T] | None = None,
+                 decorates: bool = True) -> None:
         self.what = what
-        self._items: dict[str, T] = {}
+        self.build = build
+        self.decorates = decorates
+        self._items: dict[str, Entry[T]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Return a decorator that registers its argument under ``name``."""
+    def _add(self, entry: Entry[T]) -> None:
+        if entry.name in self._items:
+            raise ValueError(f"{self.what} '{entry.name}' is already registered; pick another "
+                             "name")
+        self._items[entry.name] = entry
 
-        def deco(obj: T) -> T:
-            if name in self._items:
-                raise ValueError(f"{self.what} '{name}' is already registered")
-            self._items[name] = obj
+    def register(self, name: str, *, impl: str | None = None, **facts: Any) -> Any:
+        """Register kind ``name``: the one spelling for every kind (see the module doc).
+
+        Returns:
+            A decorator (a family that ``decorates``, without ``impl``), the built object (a
+            family of data), or ``None`` (with ``impl``).
+        """
+        if impl is not None:
+            if ":" not in impl:
+                raise ValueError(f"{self.what} '{name}': impl must be 'module:attribute', "
+                                 f"got {impl!r}")
+            self._add(Entry(name, impl=impl, facts=dict(facts)))
+            return None
+        if not self.decorates:
+            obj = self.build(name=name, **facts) if self.build else facts
+            self._add(Entry(name, obj=obj, facts=dict(facts)))
+            return obj
+
+        def deco(obj: Any) -> Any:
+            built = self.build(obj, **facts) if self.build else obj
+            self._add(Entry(name, obj=built, facts=dict(facts)))
             return obj
 
         return deco
 
-    def get(self, name: str) -> T:
-        """Return the object registered as ``name`` or raise a ``ValueError`` listing the names."""
+    def _entry(self, name: str) -> Entry[T]:
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise ValueError(
                 f"unknown {self.what} '{name}'; choose from {sorted(self._items)}"
             ) from None
+
+    def get(self, name: str) -> T:
+        """The kind ``name`` (its implementation, loaded if registered by ``impl``).
+
+        Raises:
+            ValueError: an unknown name, listing the registered ones.
+        """
+        return self._entry(name).load(self.what)
+
+    def facts(self, name: str) -> Mapping[str, Any]:
+        """The facts kind ``name`` was registered with (never loads its implementation)."""
+        return self._entry(name).facts
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
@@ -97,19 +154,6 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
-
-
-DATASETS: Registry[DatasetKind] = Registry("dataset")
-PARTITIONS: Registry[PartitionKind] = Registry("partition kind")
-MODELS: Registry[ModelFactory] = Registry("model")
-DEFENSES: Registry[DefenseFactory] = Registry("defense")
-MEASURE_ROUTES: Registry[GradProducts] = Registry("measure route")
-ATTACKS: Registry[AttackSpec] = Registry("attack")
-FIGURES: Registry[CellFigure] = Registry("figure")
-#: Every registry, by the config's name of its kind (the schema checks use these names).
-REGISTRIES: dict[str, Registry[Any]] = {
-    "datasets": DATASETS, "partitions": PARTITIONS, "models": MODELS, "defenses": DEFENSES,
-    "measure routes": MEASURE_ROUTES, "attacks": ATTACKS, "figures": FIGURES}
 
 
 class PluginError(ImportError):

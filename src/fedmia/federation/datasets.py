@@ -5,9 +5,9 @@ Canonical form (``PreparedData``): ``images`` uint8 N×C×H×W, ``labels`` int64
 of the training split for normalisation. ``sample_id`` everywhere downstream is the
 row index into these arrays.
 
-Loaders (registered by name in :data:`fedmia.core.registry.DATASETS` with
-:func:`register_dataset`, which also says whether the loader reads files under ``root``
-and can download them): ``digits`` (scikit-learn, no files),
+Loaders (registered by name in :data:`DATASETS` with ``@DATASETS.register(name, ...)``,
+whose facts say whether the loader reads files under ``root``, can download them, offers
+the official split, and how many samples the source holds): ``digits`` (scikit-learn, no files),
 ``fashion_mnist`` (idx files, Debian's ``dataset-fashion-mnist`` or a folder),
 ``cifar100`` (the official python-pickle release, optionally downloaded),
 ``dermnet`` (the Kaggle ``train/``/``test/`` folder layout; its own split or the official
@@ -16,8 +16,9 @@ folder-per-class tree). Raw-file problems raise ``FileNotFoundError`` or ``Value
 whose message names the file and the fix.
 
 The workflow imports this module when it parses the Snakefile (to check each dataset's
-config block against its kind), so it imports neither torch nor scikit-learn at the top:
-each is imported where it is used (:func:`resize_uint8`, :func:`load_digits`).
+config block against its kind), so it imports neither torch nor scikit-learn at import:
+torch is :mod:`fedmia.core.lazy`'s, scikit-learn imported where it is used
+(:func:`load_digits`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ import numpy as np
 from PIL import Image
 
 from fedmia.core.config import ConfigError, DatasetConfig
-from fedmia.core.registry import DATASETS
+from fedmia.core.lazy import F, torch
+from fedmia.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,8 @@ class DatasetKind:
         origin: where the data of a ``root: none`` kind comes from (for messages).
         official_split: whether ``split: official`` (the official FedMIA code's split,
             sized by ``pool_size`` and ``test_size``) is offered.
+        samples: how many samples the source holds (both splits), for the cluster's
+            resource estimates before ``prepare`` has run; ``None``: unknown.
     """
 
     load: Loader
@@ -117,6 +121,7 @@ class DatasetKind:
     download: bool = False
     origin: str = ""
     official_split: bool = False
+    samples: int | None = None
 
     def check(self, cfg: DatasetConfig, where: str = "dataset") -> None:
         """Raise a :class:`~fedmia.core.config.ConfigError` if ``cfg`` sets what it does not take.
@@ -142,26 +147,15 @@ class DatasetKind:
                               f"drop split to use the train/test split of '{cfg.kind}'")
 
 
-def register_dataset(name: str, *, root: Literal["required", "optional", "none"] = "required",
-                     download: bool = False, origin: str = "",
-                     official_split: bool = False) -> Callable[[Loader], Loader]:
-    """A decorator that registers a loader as dataset kind ``name`` (:class:`DatasetKind`)."""
-
-    def deco(load: Loader) -> Loader:
-        DATASETS.register(name)(DatasetKind(load, root, download, origin, official_split))
-        return load
-
-    return deco
+#: The dataset kinds (``datasets.<key>.kind``): ``@DATASETS.register(name, **facts)`` above
+#: a loader makes a :class:`DatasetKind` of it and the facts.
+DATASETS: Registry[DatasetKind] = Registry("dataset", build=DatasetKind)
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """Bilinearly resize uint8 N×C×H×W images to N×C×size×size (uint8, rounded)."""
     if images.shape[-2:] == (size, size):
         return images
-    # torch only here: the module is imported when the Snakefile is parsed, without torch
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
-
     x = torch.from_numpy(images).float()
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                       antialias=size < images.shape[-1])
@@ -179,7 +173,7 @@ def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndar
     return is_test
 
 
-@register_dataset("digits", root="none", origin="ships inside scikit-learn")
+@DATASETS.register("digits", root="none", origin="ships inside scikit-learn", samples=1_797)
 def load_digits(cfg: DatasetConfig) -> PreparedData:
     """Scikit-learn's handwritten digits (1,797 real 8×8 images, 10 classes, no download).
 
@@ -372,7 +366,7 @@ def _cifar100_folder(root: Path, download: bool) -> Path:
     return folder
 
 
-@register_dataset("cifar100", download=True)
+@DATASETS.register("cifar100", download=True, samples=60_000)
 def load_cifar100(cfg: DatasetConfig) -> PreparedData:
     """CIFAR-100, the official python-pickle release: 50,000 train + 10,000 test, 32×32 RGB.
 
@@ -468,7 +462,7 @@ def _find_fashion_mnist(places: Iterable[Path]) -> tuple[Path, dict[str, Path]]:
         "and set root to their folder")
 
 
-@register_dataset("fashion_mnist", root="optional")
+@DATASETS.register("fashion_mnist", root="optional", samples=70_000)
 def load_fashion_mnist(cfg: DatasetConfig) -> PreparedData:
     """Fashion-MNIST: 60,000 train + 10,000 test real 28×28 grey images of 10 clothing classes.
 
@@ -717,9 +711,6 @@ def official_permutation(n: int, seed: int = DERMNET_OFFICIAL_SEED) -> np.ndarra
     ``randperm`` is a Fisher–Yates shuffle over the 32-bit draws of the MT19937 seeded with
     ``seed`` (``tests/test_datasets.py`` checks it against a NumPy transcription).
     """
-    # torch only here: the module is imported when the Snakefile is parsed, without torch
-    import torch  # noqa: PLC0415
-
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
@@ -768,7 +759,7 @@ def _dermnet_official(root: Path, cfg: DatasetConfig) -> PreparedData:
     )
 
 
-@register_dataset("dermnet", official_split=True)
+@DATASETS.register("dermnet", official_split=True, samples=19_559)
 def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     """Dermnet, the Kaggle release: skin-disease photos in 23 classes.
 
@@ -822,7 +813,7 @@ def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     )
 
 
-@register_dataset("imagefolder")
+@DATASETS.register("imagefolder")
 def load_imagefolder(cfg: DatasetConfig) -> PreparedData:
     """Any folder-per-class image set: ``root/<class>/*`` or ``root/{train,test}/<class>/*``.
 

@@ -71,10 +71,9 @@ from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fedmia.core.config import ConfigError, DefenseConfig
+from fedmia.core.lazy import F, dp_accounting, torch
 from fedmia.core.params import (
     changed,
     check_names,
@@ -84,8 +83,12 @@ from fedmia.core.params import (
     resolve_strength,
     validate,
 )
-from fedmia.core.registry import DEFENSES
+from fedmia.core.registry import Registry
 from fedmia.federation.state import Entry, StateLayout
+
+#: The defense kinds (``defenses.<key>.kind``): each a frozen dataclass deriving from
+#: :class:`Defense`, registered with ``@DEFENSES.register(name)``.
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,27 @@ class DataSpec:
     def normalise(self, p: torch.Tensor) -> torch.Tensor:
         """Pixels B×C×H×W in [0, 1] units → normalised images (``(p − mean) / std``)."""
         return (p - self.mean.to(p.dtype)) / self.std.to(p.dtype)
+
+
+#: The neighbouring relation of fedmia's client-level mechanisms (``dp``).
+CLIENT_LEVEL = ("client level: one client's local data replaced by any other dataset, of "
+                "any size; the server sees every upload")
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """What a defense guarantees for one round of one client's uploads.
+
+    Attributes:
+        event: its dp-accounting event (``dp_accounting.DpEvent``) in the units of the
+            add-or-remove-one relation of the accountants (sensitivity one).
+        relation: the neighbouring relation the event assumes, as the tables state it.
+        note: why there is no finite ε (``NonPrivateDpEvent``); empty otherwise.
+    """
+
+    event: Any
+    relation: str
+    note: str = ""
 
 
 @DEFENSES.register("none")
@@ -142,6 +166,15 @@ class Defense:
     #: ``train.aggregation`` says): a privacy mechanism whose guarantee covers a change
     #: of a client's data *size* (``dp``). :func:`fedmia.federation.fedavg.run_fedavg` reads it.
     data_independent_weights: ClassVar[bool] = False
+    #: What the tables say of the kind where the official code differs from it (Table 2's
+    #: caption); empty if nothing.
+    table_note: ClassVar[str] = ""
+    #: Where the step acts, for privacy accounting (:meth:`privacy`): ``training`` (which
+    #: samples it trains on, what a batch looks like: before any upload is formed),
+    #: ``upload`` (transforms the update it is given and reads nothing else), ``mechanism``
+    #: (a privacy mechanism on the update: :meth:`privacy` says which); ``None``: fedmia
+    #: cannot vouch for it (it might read the client's data after the upload is formed).
+    privacy_step: ClassVar[str | None] = "upload"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], *, kind: str) -> Defense:
@@ -167,6 +200,18 @@ class Defense:
         counts), e.g. ``variant=official`` or ``clip=5``; ``""`` when there is none.
         """
         return changed(self, skip=self.strength_param)
+
+    def privacy(self) -> Privacy | None:
+        """The privacy guarantee of one round of this defense's uploads, or ``None``.
+
+        ``None``: the defense claims no formal guarantee (anything but a mechanism). A
+        mechanism returns its dp-accounting event for one round of one client's upload,
+        the neighbouring relation it assumes, and a note where the event is
+        :class:`~dp_accounting.NonPrivateDpEvent` (no finite ε) saying why. The train
+        stage composes the rounds it ran and records the result in the cell's manifest;
+        the report computes ε at ``report.dp_delta`` from it (:mod:`fedmia.privacy`).
+        """
+        return None
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Indices (n) of the client's samples it trains on this round."""
@@ -275,6 +320,20 @@ class DPDefense(Defense):
     clip: float = param(exclusive_minimum=0, description="L2 norm bound C of the update")
     strength_param = "sigma"
     data_independent_weights = True
+    privacy_step = "mechanism"
+
+    def privacy(self) -> Privacy:
+        """A Gaussian mechanism with noise multiplier σ/2 (sensitivity 2C, std σC).
+
+        Any change of a client's data moves its clipped update by at most 2C; in the
+        accountants' units (sensitivity one, add-or-remove-one) that is noise multiplier
+        ``σ / 2`` (:func:`fedmia.privacy.accounting.noise_multiplier`). σ = 0: no noise,
+        no finite ε.
+        """
+        if self.sigma == 0:
+            return Privacy(dp_accounting.NonPrivateDpEvent(), CLIENT_LEVEL,
+                           "σ = 0: the clipped update is uploaded without noise, so ε = ∞")
+        return Privacy(dp_accounting.GaussianDpEvent(self.sigma / 2.0), CLIENT_LEVEL)
 
     def clipped(self, update: torch.Tensor, layout: StateLayout) -> torch.Tensor:
         """The clipping step alone: ``update`` (P) with its parameter part clipped to C."""
@@ -312,6 +371,13 @@ class ParamNoiseDefense(Defense):
     sigma: float = param(minimum=0, description="std of the noise added to every parameter "
                          "(no clipping, no guarantee)")
     strength_param = "sigma"
+    privacy_step = "mechanism"
+
+    def privacy(self) -> Privacy:
+        """No finite ε: the noise is added to an unclipped update (unbounded sensitivity)."""
+        return Privacy(dp_accounting.NonPrivateDpEvent(), CLIENT_LEVEL,
+                       "dp_param_noise adds noise to an unclipped update: its sensitivity to "
+                       "a client's data is unbounded, so no noise scale gives a finite ε")
 
     def upload(self, update: torch.Tensor, layout: StateLayout,
                gen: torch.Generator) -> torch.Tensor:
@@ -364,6 +430,7 @@ class QuantizeDefense(Defense):
                          description="fedmia: 2**bits levels, round to nearest; official: "
                                      "the released code's 2**bits + 1 levels, rounded down")
     strength_param = "bits"
+    privacy_step = "upload"
 
     def upload(self, update: torch.Tensor, layout: StateLayout,
                gen: torch.Generator) -> torch.Tensor:
@@ -409,6 +476,7 @@ class SparsifyDefense(Defense):
     min_size: int = param(1000, minimum=0, description="layers with fewer elements are left "
                           "untouched")
     strength_param = "fraction"
+    privacy_step = "upload"
 
     def num_zeroed(self, n: int) -> int:
         """How many of a layer's ``n`` elements are zeroed (0 if ``n < min_size``)."""
@@ -468,6 +536,7 @@ class MixupDefense(Defense):
                                      "released code, unmixed inputs with the mixed labels")
     soft_targets = True
     strength_param = "alpha"
+    privacy_step = "training"
 
     def draw(self, batch_size: int, device: torch.device | str,
              gen: torch.Generator) -> tuple[float, torch.Tensor]:
@@ -535,6 +604,7 @@ class InstaHideDefense(Defense):
     soft_targets = True
     whole_local_set = True
     strength_param = "k"
+    privacy_step = "training"
     #: Rejection passes before giving up (each pass draws up to twice as many
     #: candidates per pending row as the last, so this is never reached in practice).
     max_passes = 64
@@ -795,6 +865,11 @@ class AugmentDefense(Defense):
     contrast: float = param(0.8, minimum=0, description="contrast jitter")
     saturation: float = param(0.0, minimum=0, description="saturation jitter")
     strength_param = "padding"
+    privacy_step = "training"
+    table_note = ("`augment`: the official code's augmentation is one on/off flag (no "
+                  "strength), and its Dermnet loader ignores it (a no-op there); fedmia's "
+                  "strengths and its augmentation on Dermnet are fedmia's, not the official "
+                  "code's")
     presets = {"official": {},
                "mild": dict(vflip=False, rotation=0.0, brightness=0.2, contrast=0.2,
                             saturation=0.2)}
@@ -881,6 +956,7 @@ class SubsampleDefense(Defense):
     fraction: float = param(exclusive_minimum=0, maximum=1, description="fraction of the "
                             "local data trained on each round")
     strength_param = "fraction"
+    privacy_step = "training"
 
     def size(self, n: int) -> int:
         """The number of samples kept out of ``n``."""
@@ -970,9 +1046,56 @@ class ComposeDefense(Defense):
         return any(s.whole_local_set for s in self.steps)
 
     @property
+    def table_note(self) -> str:  # type: ignore[override]
+        """Its steps' notes."""
+        return "; ".join(dict.fromkeys(n for s in self.steps if (n := s.table_note)))
+
+    @property
     def data_independent_weights(self) -> bool:  # type: ignore[override]
         """True if any step needs weights that do not depend on the data (``dp``)."""
         return any(s.data_independent_weights for s in self.steps)
+
+    @property
+    def privacy_step(self) -> str | None:  # type: ignore[override]
+        """``mechanism`` if a step is one; else ``None`` when a step cannot be vouched for."""
+        steps = [s.privacy_step for s in self.steps]
+        if "mechanism" in steps:
+            return "mechanism"
+        return None if None in steps else ("upload" if "upload" in steps else "training")
+
+    def privacy(self) -> Privacy | None:
+        """Its steps' events composed, one per step (``None`` without a mechanism).
+
+        A ``training`` step acts before any upload is formed (fedmia runs a compose hook
+        by hook: all training hooks, then the upload hooks in list order), so whatever
+        its place its effect on the upload is bounded by a later mechanism's clipping:
+        ``NoOpDpEvent``. An ``upload`` step before a mechanism is clipped by it too; after
+        it, it is post-processing of the noised update: ``NoOpDpEvent`` either way. A step
+        fedmia cannot vouch for (``privacy_step`` ``None``, e.g. a plugin's) after a
+        mechanism might read the data after the noise: ``NonPrivateDpEvent``; before it,
+        the mechanism clips its output: ``NoOpDpEvent``.
+        """
+        found = [(i, p) for i, s in enumerate(self.steps)
+                 if s.privacy_step == "mechanism" and (p := s.privacy()) is not None]
+        if not found:
+            return None
+        first = found[0][0]
+        events, notes = [], [p.note for _, p in found if p.note]
+        mechanisms = dict(found)
+        for i, step in enumerate(self.steps):
+            if i in mechanisms:
+                events.append(mechanisms[i].event)
+            elif step.privacy_step is None and i > first:
+                events.append(dp_accounting.NonPrivateDpEvent())
+                notes.append(f"in this compose step {i} ({self.step_kinds[i]}) follows a "
+                             "privacy mechanism and may read the client's data after the "
+                             "noise: it is not post-processing, so the mechanism's ε does not "
+                             "bound it (ε = ∞)")
+            else:
+                events.append(dp_accounting.NoOpDpEvent())
+        relations = sorted({p.relation for _, p in found})
+        return Privacy(dp_accounting.ComposedDpEvent(events), "; ".join(relations),
+                       "; ".join(notes))
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Each step's ``local_indices`` in turn."""
@@ -1063,6 +1186,14 @@ def params_of(defense: Mapping[str, Any]) -> str:
     ``compose`` lists its steps. Builds no tensor.
     """
     return defense_from_config(defense).params_text()
+
+
+def note_of(defense: Mapping[str, Any]) -> str:
+    """What the tables say of a defense config block where the official code differs.
+
+    Its kind's :attr:`Defense.table_note` (a ``compose``: its steps'); ``""`` if none.
+    """
+    return defense_from_config(defense).table_note
 
 
 def defense_table() -> str:

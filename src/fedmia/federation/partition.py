@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from fedmia.core.config import PartitionConfig
-from fedmia.core.registry import PARTITIONS
+from fedmia.core.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class PartitionError(ValueError):
 #: class of every sample of the dataset; every sample of ``pool`` goes to one client.
 PartitionKind = Callable[[np.ndarray, np.ndarray, PartitionConfig, np.random.Generator],
                          list[np.ndarray]]
+#: The partition kinds (``partitions.<key>.kind``), registered with ``@PARTITIONS.register``.
+PARTITIONS: Registry[PartitionKind] = Registry("partition kind")
 
 
 @PARTITIONS.register("iid")

@@ -10,9 +10,12 @@ one ``clone``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from fedmia.core.lazy import torch
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,25 @@
-"""Accounted ε of fedmia's clipped client-level ``dp`` defense (pure computation).
+"""Accounted ε from the dp-accounting events the defenses declare (pure computation).
 
-The mechanism. Every round each client clips the trainable-parameter part of its
+**Who owns what.** A defense that is a privacy mechanism declares the event of one round
+of one client's upload and the neighbouring relation it assumes
+(:meth:`fedmia.federation.defenses.Defense.privacy`; ``compose`` composes its steps'); the
+train stage composes the rounds it ran (:func:`cell_privacy`: every client every round,
+sampling rate 1; a model whose normalisation statistics pass un-noised has no finite ε)
+and records the composed event in the cell's manifest; the report computes ε at
+``report.dp_delta`` from that record (:func:`epsilon_of`), so changing δ reruns no
+training, and a plugin's mechanism is accounted like fedmia's.
+
+fedmia's ``dp``. Every round each client clips the trainable-parameter part of its
 update to L2 norm ``C`` and adds ``N(0, (σC)²)`` to every coordinate of its own
-upload; every client uploads every round (sampling rate 1) for ``T`` rounds, and the
-attacker is the server, which sees every upload. The server averages the uploads with
-equal weights, ``w_{r+1} = w_r − (1/K) Σ_k Δ̃_k`` (``dp`` has
-``data_independent_weights``, :func:`fedmia.federation.fedavg.aggregation_rule`): with FedAvg's
-``n_k / n`` it would learn every client's data size un-noised, and ε would be infinite
-under any relation that changes a size.
-
+upload; the server averages the uploads with equal weights (``dp`` has
+``data_independent_weights``): with FedAvg's ``n_k / n`` it would learn every client's
+data size un-noised, and ε would be infinite under any relation that changes a size.
 The neighbouring relation: one client's local data replaced by any other dataset, of
-any size (one sample changed, added or removed, or all of it). That moves the client's
-clipped update by at most ``2C`` and nothing else the server sees depends on the data,
-so each upload is a Gaussian mechanism with L2 sensitivity ``2C`` and noise std ``σC``.
-In the units of `dp-accounting`_ (sensitivity one, the add-or-remove-one relation) that
-is a Gaussian with noise multiplier ``z = σC / 2C = σ / 2`` (:func:`noise_multiplier`):
-the same privacy loss distribution, a shift of ``1 / z`` in units of the noise std.
+any size. That moves the client's clipped update by at most ``2C`` and nothing else the
+server sees depends on the data, so each upload is a Gaussian mechanism with L2
+sensitivity ``2C`` and noise std ``σC``. In the units of `dp-accounting`_ (sensitivity
+one, the add-or-remove-one relation) that is a Gaussian with noise multiplier
+``z = σC / 2C = σ / 2`` (:func:`noise_multiplier`): the same privacy loss distribution.
 The guarantee is **client-level** against the server (it implies the sample-level one);
 the ``T`` rounds compose.
 
@@ -28,7 +32,7 @@ Two accountants, one relation. ε at δ comes from Google's ``dp-accounting`` wi
   self-composition of a Gaussian is one Gaussian with noise ``z / √T``, which the
   accountant uses, so it is exact up to the discretisation step),
 
-both under :data:`NEIGHBORING_RELATION` (add-or-remove-one). The PLD accountant under
+both under :func:`neighboring_relation` (add-or-remove-one). The PLD accountant under
 ``REPLACE_ONE`` would double the sensitivity internally (≈3× larger ε than RDP at the
 same σ); using one constant for both keeps them comparable.
 
@@ -40,10 +44,10 @@ fixed 1e-4 step takes a minute and GBs at ε ~ 10³). Where ``ε_RDP > pld_skip_
 skipped and reported as ``None`` with the reason: ``e^ε`` is then far beyond floating
 point and the mechanism is, for any purpose, not private; the RDP value alone says so.
 
-No finite ε. σ = 0 (clipping without noise) has ε = ∞; so do the cases in
-:data:`UNBOUNDED_REASONS` (:func:`unbounded_epsilon`): ``dp_param_noise`` (no clipping),
-a model whose normalisation statistics are uploaded un-noised, and a ``compose`` in which
-a step that reads the data follows ``dp``.
+No finite ε. An event holding a ``NonPrivateDpEvent`` has ε = ∞, and the record's note
+says why: σ = 0, ``dp_param_noise`` (no clipping), a model whose normalisation statistics
+are uploaded un-noised, a ``compose`` in which a step fedmia cannot vouch for follows the
+mechanism.
 
 .. _dp-accounting: https://github.com/google/differential-privacy/tree/main/python
 """
@@ -56,15 +60,22 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import dp_accounting
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
+from fedmia.core.lazy import LazyModule, dp_accounting
+from fedmia.privacy.events import event_from_dict
+
+#: The accountants, imported on first use (dp-accounting takes seconds to import, and
+#: every report job imports this module).
+pld = LazyModule("dp_accounting.pld")
+rdp = LazyModule("dp_accounting.rdp")
 
 log = logging.getLogger(__name__)
 
-#: The neighbouring relation of both accountants: add or remove one unit (here a
-#: client's whole update), sensitivity one after normalising by ``2C``.
-NEIGHBORING_RELATION = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+def neighboring_relation() -> Any:
+    """The relation of both accountants: add or remove one unit (``ADD_OR_REMOVE_ONE``).
+
+    The unit is a client's whole update, sensitivity one after normalising by ``2C``.
+    """
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 #: Default δ of the reports.
 DEFAULT_DELTA = 1e-5
 #: Above this ε_RDP the PLD accountant is skipped (see the module docstring).
@@ -72,32 +83,15 @@ PLD_SKIP_ABOVE = 1e4
 #: PLD discretisation step at ε ≤ 1; above, the step is this times ε_RDP.
 PLD_BASE_INTERVAL = 1e-4
 
-#: Why a configuration has no finite ε, by name (:func:`unbounded_epsilon`).
-UNBOUNDED_REASONS: dict[str, str] = {
-    "no_noise": "σ = 0: the clipped update is uploaded without noise, so ε = ∞",
-    "dp_param_noise": (
-        "dp_param_noise adds noise to an unclipped update: its sensitivity to a client's "
-        "data is unbounded, so no noise scale gives a finite ε"),
-    "unnoised_statistics": (
-        "the model's normalisation statistics (BatchNorm running mean/var) are uploaded "
-        "without clipping or noise: they are a deterministic function of the client's "
-        "data, so ε = ∞ whatever σ"),
-    "data_step_after_dp": (
-        "in this compose a step that reads the client's data follows dp: its output is "
-        "not post-processing of the noised update, so dp's ε does not bound it (ε = ∞)"),
-}
 
 
 @dataclass(frozen=True)
 class EpsilonReport:
-    """ε at δ of one ``dp`` configuration, from both accountants.
+    """ε at δ of a composed event, from both accountants.
 
     Attributes:
-        sigma: the defense's noise multiplier σ (noise std / clipping norm C).
-        rounds: number of rounds T composed (every client uploads every round).
+        rounds: number of rounds T composed.
         delta: the δ at which ε is reported.
-        noise_multiplier: ``z = σ / 2``, the Gaussian's noise std per unit of L2
-            sensitivity under add-or-remove (0 when σ = 0; NaN for unbounded cases).
         epsilon_rdp: ε from the RDP accountant (``inf`` when there is no finite ε).
         rdp_order: the Rényi order α at which the RDP conversion is tightest
             (``None`` when ε is infinite).
@@ -106,21 +100,17 @@ class EpsilonReport:
             ``None`` when PLD was not run; ``epsilon_pld`` exceeds the exact ε by at
             most about this much.
         note: why PLD was skipped or why ε is infinite; empty otherwise.
-        neighboring_relation: the relation both accountants used.
-        level: ``"client"``: adjacent inputs differ in one client's whole local data.
+        relation: the neighbouring relation the event assumes (its defense's).
     """
 
-    sigma: float
     rounds: int
     delta: float
-    noise_multiplier: float
     epsilon_rdp: float
     rdp_order: float | None
     epsilon_pld: float | None
     pld_interval: float | None
     note: str = ""
-    neighboring_relation: str = NEIGHBORING_RELATION.name.lower()
-    level: str = "client"
+    relation: str = ""
 
     @property
     def finite(self) -> bool:
@@ -141,33 +131,17 @@ def noise_multiplier(sigma: float) -> float:
     return sigma / 2.0
 
 
-def _check(sigma: float, rounds: int, delta: float) -> None:
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+def _check(rounds: int, delta: float) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def _event(z: float, rounds: int) -> dp_accounting.DpEvent:
-    """T rounds of one Gaussian upload with noise multiplier z."""
-    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds)
-
-
-def rdp_epsilon(z: float, rounds: int, delta: float) -> tuple[float, float]:
-    """ε at δ and the optimal order from dp-accounting's RDP accountant.
-
-    Args:
-        z: Gaussian noise multiplier (std per unit of L2 sensitivity), > 0.
-        rounds: number of self-compositions T ≥ 1.
-        delta: target δ in (0, 1).
-
-    Returns:
-        ``(epsilon, order)``.
-    """
-    acc = RdpAccountant(neighboring_relation=NEIGHBORING_RELATION)
-    acc.compose(_event(z, rounds))
+def rdp_epsilon(event: dp_accounting.DpEvent, delta: float) -> tuple[float, float]:
+    """ε at δ and the optimal order of ``event`` from dp-accounting's RDP accountant."""
+    acc = rdp.RdpAccountant(neighboring_relation=neighboring_relation())
+    acc.compose(event)
     eps, order = acc.get_epsilon_and_optimal_order(delta)
     return float(eps), float(order)
 
@@ -177,138 +151,81 @@ def pld_interval(epsilon_rdp: float) -> float:
     return PLD_BASE_INTERVAL * max(1.0, epsilon_rdp)
 
 
-def pld_epsilon(z: float, rounds: int, delta: float, interval: float) -> float:
-    """ε at δ from dp-accounting's PLD accountant (pessimistic estimate).
+def pld_epsilon(event: dp_accounting.DpEvent, delta: float, interval: float) -> float:
+    """ε at δ of ``event`` from dp-accounting's PLD accountant (pessimistic estimate).
 
     Args:
-        z: Gaussian noise multiplier (std per unit of L2 sensitivity), > 0.
-        rounds: number of self-compositions T ≥ 1.
+        event: the composed event.
         delta: target δ in (0, 1).
         interval: discretisation step of the privacy loss (nats); the result exceeds the
             exact ε by at most about this much.
     """
-    acc = PLDAccountant(NEIGHBORING_RELATION, value_discretization_interval=interval)
-    acc.compose(_event(z, rounds))
+    acc = pld.PLDAccountant(neighboring_relation(), value_discretization_interval=interval)
+    acc.compose(event)
     return float(acc.get_epsilon(delta))
+
+
+def gaussian_rounds(z: float, rounds: int) -> dp_accounting.DpEvent:
+    """T rounds of one Gaussian upload with noise multiplier z."""
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds)
+
+
+def epsilon_of(event: dp_accounting.DpEvent, *, rounds: int, delta: float = DEFAULT_DELTA,
+               relation: str = "", note: str = "",
+               pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport:
+    """ε at δ of a composed event, RDP first, then PLD unless ``ε_RDP > pld_skip_above``.
+
+    An infinite ε (a ``NonPrivateDpEvent`` inside) is reported as ∞ by both, with
+    ``note`` saying why.
+
+    Args:
+        event: the event of all the rounds (e.g. a cell's, :func:`cell_privacy`).
+        rounds: the rounds it composes (for the report).
+        delta: target δ in (0, 1).
+        relation: its neighbouring relation (for the report).
+        note: why it has no finite ε, where it has none.
+        pld_skip_above: skip PLD where the RDP ε exceeds this.
+    """
+    _check(rounds, delta)
+    eps_rdp, order = rdp_epsilon(event, delta)
+    if not math.isfinite(eps_rdp):
+        return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=math.inf, rdp_order=None,
+                             epsilon_pld=math.inf, pld_interval=None, note=note,
+                             relation=relation)
+    if eps_rdp > pld_skip_above:
+        skipped = (f"PLD skipped: ε_RDP = {eps_rdp:.4g} > {pld_skip_above:g}; at this size "
+                   "the mechanism is not private in any useful sense")
+        log.info("%s", skipped)
+        return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=eps_rdp, rdp_order=order,
+                             epsilon_pld=None, pld_interval=None,
+                             note="; ".join(n for n in (note, skipped) if n),
+                             relation=relation)
+    step = pld_interval(eps_rdp)
+    return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=eps_rdp, rdp_order=order,
+                         epsilon_pld=pld_epsilon(event, delta, step), pld_interval=step,
+                         note=note, relation=relation)
 
 
 def accounted_epsilon(sigma: float, rounds: int, *, delta: float = DEFAULT_DELTA,
                       pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport:
-    """Client-level ε at δ of ``dp`` with noise multiplier σ over T rounds.
+    """Client-level ε at δ of fedmia's ``dp`` with noise multiplier σ over T rounds.
 
-    RDP first; then PLD with step :func:`pld_interval` unless ``ε_RDP > pld_skip_above``.
-    σ = 0 gives ε = ∞ from both without calling the accountants.
-
-    Args:
-        sigma: the ``dp`` defense's σ (noise std / clipping norm), ≥ 0.
-        rounds: number of rounds T ≥ 1 in which every client uploads.
-        delta: target δ in (0, 1).
-        pld_skip_above: skip PLD where the RDP ε exceeds this.
-
-    Returns:
-        An :class:`EpsilonReport`.
+    The event of :meth:`fedmia.federation.defenses.DPDefense.privacy` (a Gaussian with
+    noise multiplier σ/2 each round), composed T times; σ = 0 has ε = ∞.
     """
-    _check(sigma, rounds, delta)
-    z = noise_multiplier(sigma)
-    if z == 0:
-        return EpsilonReport(sigma=sigma, rounds=rounds, delta=delta, noise_multiplier=0.0,
-                             epsilon_rdp=math.inf, rdp_order=None, epsilon_pld=math.inf,
-                             pld_interval=None, note=UNBOUNDED_REASONS["no_noise"])
-    eps_rdp, order = rdp_epsilon(z, rounds, delta)
-    if eps_rdp > pld_skip_above:
-        note = (f"PLD skipped: ε_RDP = {eps_rdp:.4g} > {pld_skip_above:g}; at this size "
-                "the mechanism is not private in any useful sense")
-        log.info("σ=%g T=%d: %s", sigma, rounds, note)
-        return EpsilonReport(sigma=sigma, rounds=rounds, delta=delta, noise_multiplier=z,
-                             epsilon_rdp=eps_rdp, rdp_order=order, epsilon_pld=None,
-                             pld_interval=None, note=note)
-    step = pld_interval(eps_rdp)
-    eps_pld = pld_epsilon(z, rounds, delta, step)
-    return EpsilonReport(sigma=sigma, rounds=rounds, delta=delta, noise_multiplier=z,
-                         epsilon_rdp=eps_rdp, rdp_order=order, epsilon_pld=eps_pld,
-                         pld_interval=step)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    _check(rounds, delta)
+    if sigma == 0:
+        return epsilon_of(dp_accounting.NonPrivateDpEvent(), rounds=rounds, delta=delta,
+                          note="σ = 0: the clipped update is uploaded without noise, so ε = ∞")
+    return epsilon_of(gaussian_rounds(noise_multiplier(sigma), rounds), rounds=rounds,
+                      delta=delta, pld_skip_above=pld_skip_above)
 
 
-def unbounded_epsilon(reason: str, *, sigma: float, rounds: int,
-                      delta: float = DEFAULT_DELTA) -> EpsilonReport:
-    """A report of ε = ∞ for a configuration without a finite guarantee.
-
-    Args:
-        reason: a key of :data:`UNBOUNDED_REASONS` (``"no_noise"``,
-            ``"dp_param_noise"``, ``"unnoised_statistics"``, ``"data_step_after_dp"``).
-        sigma: the defense's noise parameter, recorded as given (for ``dp_param_noise``
-            it is a std in parameter units, not a multiplier).
-        rounds: number of rounds T ≥ 1.
-        delta: the δ of the report.
-
-    Returns:
-        An :class:`EpsilonReport` with ε_RDP = ε_PLD = ∞ and the reason as its note.
-
-    Raises:
-        ValueError: for an unknown reason.
-    """
-    if reason not in UNBOUNDED_REASONS:
-        raise ValueError(f"unknown reason {reason!r}; choose from {sorted(UNBOUNDED_REASONS)}")
-    return EpsilonReport(sigma=sigma, rounds=rounds, delta=delta, noise_multiplier=math.nan,
-                         epsilon_rdp=math.inf, rdp_order=None, epsilon_pld=math.inf,
-                         pld_interval=None, note=UNBOUNDED_REASONS[reason])
-
-
-#: Defense kinds that only transform the upload and never read the client's data again:
-#: after ``dp`` they are post-processing of the noised update.
-UPLOAD_ONLY_KINDS = ("dp", "dp_param_noise", "quantize", "sparsify", "none")
-#: Defense kinds that act during local training (which samples, what each batch looks
-#: like): they run before any upload hook, whatever their place in a ``compose``, so dp's
-#: clipping still bounds their effect on the upload.
-TRAINING_KINDS = ("mixup", "instahide", "augment", "subsample")
-
-
-def defense_epsilon(defense: Mapping[str, Any], *, rounds: int, delta: float = DEFAULT_DELTA,
-                    unnoised_state: bool = False) -> EpsilonReport | None:
-    """The accounted ε of a defense config block, ∞ with a reason, or ``None`` (no claim).
-
-    * ``dp``: :func:`accounted_epsilon` over ``rounds`` (every upload a Gaussian
-      mechanism, every client every round); ∞ if the model uploads un-noised
-      normalisation statistics (``unnoised_state``).
-    * ``dp_param_noise``: ∞ (no clipping).
-    * ``compose`` holding ``dp``: dp's ε when every later step is upload-only
-      post-processing (:data:`UPLOAD_ONLY_KINDS`) or acts during training
-      (:data:`TRAINING_KINDS`; fedmia applies a compose hook by hook, so those run before
-      any upload, whatever their place in the list); ∞ if a later step is of another
-      kind (one fedmia cannot vouch for, e.g. a plugin's), which might read the data
-      after the noise. A compose with ``dp_param_noise`` and no ``dp``: ∞.
-    * any other kind: ``None`` — the defense claims no formal guarantee.
-
-    Args:
-        defense: ``{kind: ..., <param>: ...}`` as in the config.
-        rounds: rounds whose uploads the server saw (a diverged run: up to divergence).
-        delta: δ of the reported (ε, δ).
-        unnoised_state: the model uploads floating state that is not a parameter
-            (BatchNorm running statistics), which no defense perturbs.
-    """
-    kind = defense["kind"]
-    dp: Mapping[str, Any] | None = None
-    if kind == "dp":
-        dp = defense
-    elif kind == "compose":
-        kinds = [step["kind"] for step in defense["steps"]]
-        if "dp" in kinds:
-            i = kinds.index("dp")
-            dp = defense["steps"][i]
-            unknown = [k for k in kinds[i + 1:] if k not in (*UPLOAD_ONLY_KINDS, *TRAINING_KINDS)]
-            if unknown:
-                return unbounded_epsilon("data_step_after_dp", sigma=float(dp["sigma"]),
-                                         rounds=rounds, delta=delta)
-        elif "dp_param_noise" in kinds:
-            sigma = float(defense["steps"][kinds.index("dp_param_noise")]["sigma"])
-            return unbounded_epsilon("dp_param_noise", sigma=sigma, rounds=rounds,
-                                     delta=delta)
-    elif kind == "dp_param_noise":
-        return unbounded_epsilon("dp_param_noise", sigma=float(defense["sigma"]),
-                                 rounds=rounds, delta=delta)
-    if dp is None:
-        return None
-    if unnoised_state:
-        return unbounded_epsilon("unnoised_statistics", sigma=float(dp["sigma"]),
-                                 rounds=rounds, delta=delta)
-    return accounted_epsilon(float(dp["sigma"]), rounds, delta=delta)
+def record_epsilon(record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA,
+                   pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport:
+    """ε at δ of a cell's record (:func:`fedmia.privacy.events.cell_privacy`, from its manifest)."""
+    return epsilon_of(event_from_dict(record["event"]), rounds=int(record["rounds"]),
+                      delta=delta, relation=record.get("relation", ""),
+                      note=record.get("note", ""), pld_skip_above=pld_skip_above)

@@ -52,6 +52,7 @@ from scipy import stats
 
 from fedmia.attacker import uncertainty
 from fedmia.attacker.attacks import (
+    ATTACKS,
     MULTI_ROUND,
     REMEASURE,
     SELECTED,
@@ -60,7 +61,6 @@ from fedmia.attacker.attacks import (
     score_slots,
 )
 from fedmia.core.contracts import AUDIT_COLUMNS
-from fedmia.core.registry import ATTACKS
 
 #: Default significance level β of the bound (95 % confidence).
 DEFAULT_BETA = 0.05

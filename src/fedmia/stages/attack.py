@@ -42,7 +42,7 @@ def attack(
     attacks: Sequence[str],
     attack_rounds: Iterable[int] | None = None,
     targets: str | list[int] = "all",
-    protocol: Sequence[str] = PROTOCOLS,
+    protocol: Sequence[str] | None = None,
     official: Mapping[str, Any] | None = None,
     fpr_rule: str = "at_most",
     fedmia_ddof: int = 0,
@@ -68,7 +68,8 @@ def attack(
         attack_rounds: the rounds multi-round attacks combine and best rounds are picked
             from (``None``: every round of the table).
         targets: ``"all"`` or a list of client ids.
-        protocol: non-member protocols (:data:`fedmia.attacker.attacks.PROTOCOLS`).
+        protocol: non-member protocols (:data:`fedmia.attacker.attacks.PROTOCOLS`; ``None``:
+            all).
         official: :class:`fedmia.attacker.attacks.OfficialProtocol` fields but ``seed`` (the
             cell's).
         fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.attacker.metrics.FPR_RULES`).
@@ -143,9 +144,10 @@ def attack(
     if bad:
         raise ValueError(f"attack.targets {bad} are not clients of this cell (0..{k - 1})")
     proto = OfficialProtocol(**{**dict(official or {}), "seed": int(cell["seed"])})
+    protocol = PROTOCOLS.registered() if protocol is None else list(protocol)
     t0 = time.perf_counter()
     results, replicates = run_attacks_with_replicates(
-        attacks, mdm, owner, targets, attack_rounds=attack_rounds, protocols=list(protocol),
+        attacks, mdm, owner, targets, attack_rounds=attack_rounds, protocols=protocol,
         official=proto, ddof=fedmia_ddof, outlier_filter=outlier_filter, fpr_rule=fpr_rule,
         roc_points=roc_points, n_boot=n_boot,
         bootstrap_keys=tuple(cell[k] for k in CELL_KEYS),

@@ -277,7 +277,7 @@ def read_replicates(path: str | Path) -> pd.DataFrame:
 def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
     """One row per cell from the train stage's manifests: keys and outcome."""
     cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy",
-            "best_test_accuracy", "rounds", "unnoised_state_floats"]
+            "best_test_accuracy", "rounds", "unnoised_state_floats", "privacy"]
     rows = [{k: m.get(k, 0 if k == "unnoised_state_floats" else None) for k in cols}
             for m in map(read_manifest, manifests)]
     return pd.DataFrame(rows, columns=cols).astype({"diverged_round": "float64",

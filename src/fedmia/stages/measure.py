@@ -12,9 +12,10 @@ import pandas as pd
 import torch
 
 from fedmia.attacker.measures import compute_round_measures
+from fedmia.attacker.routes import MEASURE_ROUTES
 from fedmia.core import contracts
 from fedmia.core.contracts import MEASURE_DTYPES
-from fedmia.core.registry import MEASURE_ROUTES, import_plugins
+from fedmia.core.registry import import_plugins
 from fedmia.federation.fedavg import DeviceData
 from fedmia.federation.models import build_model
 from fedmia.federation.state import FlatState, StateLayout
@@ -55,7 +56,7 @@ def measure(
         deterministic: deterministic CUDA algorithms (:func:`fedmia.stages.compute.setup_compute`).
         chunk_size: samples per per-sample-gradient chunk (bounds memory).
         batch_size: samples per forward pass.
-        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.core.registry.MEASURE_ROUTES`).
+        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.attacker.routes.MEASURE_ROUTES`).
         plugins: the config's ``plugins``, imported first (they register kinds).
         output: the measure Parquet (:data:`fedmia.core.contracts.MEASURE_DTYPES`:
             ``round, client_id, sample_id, loss, cos, grad_diff, grad_norm, correct,

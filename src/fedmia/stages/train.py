@@ -29,6 +29,7 @@ from fedmia.federation.fedavg import DeviceData, RoundRecord, aggregation_rule, 
 from fedmia.federation.models import build_model, count_parameters
 from fedmia.federation.partition import HELD_OUT, global_test_ids
 from fedmia.federation.state import FlatState
+from fedmia.privacy.events import cell_privacy
 from fedmia.stages import io
 from fedmia.stages.compute import setup_compute
 
@@ -180,6 +181,7 @@ def train(
                    or r < outcome["diverged_round"])
     final_accuracy = (1.0 / meta["num_classes"] if outcome["diverged_round"] is not None
                       else outcome["last_finite_test_accuracy"])
+    unnoised = sum(e.numel for e in state.layout.entries if not e.is_param)
     manifest = {
         **{k: cell[k] for k in CELL_KEYS},
         "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
@@ -187,8 +189,10 @@ def train(
         "aggregation_weights": weights,
         # floats of the uploaded state that are not parameters (BatchNorm statistics):
         # no defense perturbs them
-        "unnoised_state_floats": sum(e.numel for e in state.layout.entries
-                                     if not e.is_param),
+        "unnoised_state_floats": unnoised,
+        # the defense's guarantee over the rounds the server saw (the report computes ε)
+        "privacy": cell_privacy(defense_obj.privacy(), unnoised_state=unnoised > 0,
+                                rounds=outcome["diverged_round"] or tcfg.rounds),
         **outcome, "final_test_accuracy": final_accuracy,
         # the official code also records the best test accuracy over rounds (hindsight)
         "best_test_accuracy": _best_test_accuracy(history),

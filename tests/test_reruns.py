@@ -1,0 +1,102 @@
+"""Which stages an edit of each module of fedmia reruns: written down, checked statically.
+
+Every rule's ``code`` param is the fingerprint of its stage's entry module and what it
+imports (:mod:`fedmia.core.fingerprint`; ``workflow/rules/common.smk``'s ``code()``):
+editing a module changes the fingerprints of exactly the stages below, and Snakemake
+reruns their jobs (and, through their new outputs, everything downstream). A new module
+must be added here, deliberately; a change of import that changes a row fails until the
+table says so. ``tests/test_workflow.py`` checks a few of these rows end to end with
+``snakemake -n`` on an edited copy of the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedmia.core.fingerprint import import_closure
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+STAGES = ("prepare", "partition", "train", "measure", "attack", "report")
+
+#: module → the stages whose code param an edit of it changes.
+RERUNS = {
+    "fedmia": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.attacker": ("measure", "attack", "report"),
+    "fedmia.attacker.attacks": ("attack", "report"),
+    "fedmia.attacker.layerwise": ("measure",),
+    "fedmia.attacker.measures": ("measure",),
+    "fedmia.attacker.metrics": ("attack", "report"),
+    "fedmia.attacker.routes": ("measure",),
+    "fedmia.attacker.uncertainty": ("attack", "report"),
+    "fedmia.core": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.core.config": ("prepare", "partition", "train", "measure", "report"),
+    "fedmia.core.contracts": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.core.fingerprint": ("train",),
+    "fedmia.core.lazy": ("prepare", "train", "measure", "report"),
+    "fedmia.core.lockfile": ("train",),
+    "fedmia.core.logs": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.core.params": ("train", "measure", "report"),
+    "fedmia.core.registry": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.federation": ("prepare", "partition", "train", "measure", "report"),
+    "fedmia.federation.datasets": ("prepare",),
+    "fedmia.federation.defenses": ("train", "measure", "report"),
+    "fedmia.federation.fedavg": ("train", "measure"),
+    "fedmia.federation.models": ("train", "measure"),
+    "fedmia.federation.nets": ("train", "measure"),
+    "fedmia.federation.partition": ("partition", "train", "measure"),
+    "fedmia.federation.state": ("train", "measure", "report"),
+    "fedmia.kinds": (),
+    "fedmia.pipeline": (),
+    "fedmia.privacy": ("train", "attack", "report"),
+    "fedmia.privacy.accounting": ("report",),
+    "fedmia.privacy.audit": ("attack",),
+    "fedmia.privacy.events": ("train", "report"),
+    "fedmia.report": ("report",),
+    "fedmia.report.figures": ("report",),
+    "fedmia.report.findings": ("report",),
+    "fedmia.report.tables": ("report",),
+    "fedmia.report.utility": ("report",),
+    "fedmia.stages": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.stages.attack": ("attack",),
+    "fedmia.stages.compute": ("train", "measure"),
+    "fedmia.stages.io": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.stages.measure": ("measure",),
+    "fedmia.stages.partition": ("partition",),
+    "fedmia.stages.prepare": ("prepare",),
+    "fedmia.stages.report": ("report",),
+    "fedmia.stages.train": ("train",),
+    "fedmia.workflow": (),
+}
+
+
+def stage_closure(stage: str) -> set[str]:
+    """The modules a stage's rules fingerprint (common.smk: the entry and the logging)."""
+    return import_closure([f"fedmia.stages.{stage}", "fedmia.core.logs"])
+
+
+def package_modules() -> set[str]:
+    out = set()
+    for path in (SRC / "fedmia").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        out.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def test_the_table_covers_every_module():
+    assert set(RERUNS) == package_modules(), "add the new module to RERUNS"
+
+
+@pytest.mark.parametrize("module", sorted(RERUNS))
+def test_an_edit_reruns_exactly_the_stages_the_table_says(module):
+    closures = {s: stage_closure(s) for s in STAGES}
+    assert tuple(s for s in STAGES if module in closures[s]) == RERUNS[module]
+
+
+def test_what_the_issues_asked():
+    """An edit of the metrics reruns no training; one of the audit no partition."""
+    assert "train" not in RERUNS["fedmia.attacker.metrics"]
+    assert RERUNS["fedmia.privacy.audit"] == ("attack",)
+    assert RERUNS["fedmia.privacy.accounting"] == ("report",)  # ε at δ: the report's
+    assert RERUNS["fedmia.federation.nets"] == ("train", "measure")  # by dotted path
