@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -251,3 +253,58 @@ def test_grid_block_overrides_the_official_draws_of_its_cells(default_config):
                                       "test_slots": None}
     assert spec.official_for(dirichlet)["test_slots"] == 500
     assert spec.official_for(dirichlet)["draws"] == 7  # the top level stays in force
+
+
+NEW_DEFENSE = '''
+
+@DEFENSES.register("upload_scale")
+@dataclass(frozen=True)
+class UploadScale(Defense):
+    """``upload_scale``: the upload multiplied by a factor (a test defense)."""
+
+    factor: float = param(1.0, exclusive_minimum=0, description="scale of the upload")
+    strength_param = "factor"
+    privacy_step = "upload"
+
+    def upload(self, update, layout, gen):
+        return update * self.factor
+'''
+
+
+def test_adding_a_defense_inside_fedmia_touches_one_file(tmp_path):
+    """Append a defense to a copy of federation/defenses.py and nothing else: the workflow
+    validates it (the schema lists it, its block checks its parameters), it builds and runs
+    its hook, and the README table generator has its row."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "fedmia", src / "fedmia",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    defenses = src / "fedmia" / "federation" / "defenses.py"
+    defenses.write_text(defenses.read_text() + NEW_DEFENSE)
+    config = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
+    config["defenses"]["scaled"] = {"kind": "upload_scale", "factor": 2.0}
+    config["grid"][0]["defenses"] = ["none", "scaled"]
+    code = f"""
+import sys, torch, yaml
+from fedmia.workflow import load_workflow_config
+from fedmia.kinds import load_schema, main
+from fedmia.core.config import ConfigError
+from fedmia.federation.defenses import defense_from_config, defense_table
+config = yaml.safe_load({yaml.safe_dump(config)!r})
+spec = load_workflow_config(config, {str(SCHEMA)!r})
+assert any(c.defense == "scaled" for c in spec.cells)
+assert "upload_scale" in load_schema({str(SCHEMA)!r})["$defs"]["defense"]["properties"]["kind"]["enum"]
+bad = yaml.safe_load({yaml.safe_dump(config)!r})
+bad["defenses"]["scaled"]["factor"] = -1.0
+try:
+    load_workflow_config(bad, {str(SCHEMA)!r})
+    sys.exit("a negative factor was accepted")
+except ConfigError as e:
+    assert "factor" in str(e), e
+d = defense_from_config({{"kind": "upload_scale", "factor": 3.0}})
+assert torch.equal(d.upload(torch.ones(2), None, None), torch.full((2,), 3.0))
+assert "| `upload_scale` |" in defense_table()
+"""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -106,6 +106,9 @@ class AttackSpec:
             ``grad``).
         paper: the paper's names, (v1, v3) — the 2025 version renamed some; empty for
             fedmia's own additions.
+        outlier_filter_non_iid: whether ``attack.fedmia_outlier_filter: auto`` applies
+            FedMIA's 3σ filter to it on non-iid partitions (the official code does for
+            FedMIA-II, the cosine).
     """
 
     name: str
@@ -114,6 +117,7 @@ class AttackSpec:
     kind: Literal["single", "series", "fedmia"]
     family: str
     paper: tuple[str, str] = ("", "")
+    outlier_filter_non_iid: bool = False
 
     def __post_init__(self) -> None:
         numeric = [c for c, t in MEASURE_DTYPES.items() if c not in MEASURE_KEYS and t != "bool"]
@@ -154,7 +158,7 @@ ATTACKS.register("cos", measure="cos", sign=+1, kind="single", family="cos",
 ATTACKS.register("cos_series", measure="cos", sign=+1, kind="series", family="cos",
                  paper=("Cos-II", "Avg-Cosine"))
 ATTACKS.register("fedmia_cos", measure="cos", sign=+1, kind="fedmia", family="cos",
-                 paper=("Cos-III", "FedMIA-II"))
+                 paper=("Cos-III", "FedMIA-II"), outlier_filter_non_iid=True)
 ATTACKS.register("grad_norm", measure="grad_norm", sign=-1, kind="single", family="grad",
                  paper=("Grad-Norm", "Grad-Norm"))
 ATTACKS.register("grad_diff", measure="grad_diff", sign=+1, kind="single", family="grad",
@@ -460,14 +464,14 @@ def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
 def outlier_filter_for(policy: str, attack: str, partition_kind: str) -> bool:
     """Whether FedMIA's outlier filter applies: ``always``, ``never``, or ``auto``.
 
-    ``auto`` applies it as the official code does: to ``fedmia_cos`` on non-iid
-    (``dirichlet``) partitions only.
+    ``auto`` applies it as the official code does: to an attack registered with
+    ``outlier_filter_non_iid`` (``fedmia_cos``) on non-iid partitions only.
     """
     if policy not in OUTLIER_POLICIES:
         raise ValueError(f"unknown outlier-filter policy '{policy}'; "
                          f"choose from {list(OUTLIER_POLICIES)}")
     if policy == "auto":
-        return attack == "fedmia_cos" and partition_kind == "dirichlet"
+        return ATTACKS.get(attack).outlier_filter_non_iid and partition_kind != "iid"
     return policy == "always"
 
 
