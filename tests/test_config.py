@@ -292,7 +292,8 @@ from fedmia.federation.defenses import defense_from_config, defense_table
 config = yaml.safe_load({yaml.safe_dump(config)!r})
 spec = load_workflow_config(config, {str(SCHEMA)!r})
 assert any(c.defense == "scaled" for c in spec.cells)
-assert "upload_scale" in load_schema({str(SCHEMA)!r})["$defs"]["defense"]["properties"]["kind"]["enum"]
+schema = load_schema({str(SCHEMA)!r})
+assert "upload_scale" in schema["$defs"]["defense"]["properties"]["kind"]["enum"]
 bad = yaml.safe_load({yaml.safe_dump(config)!r})
 bad["defenses"]["scaled"]["factor"] = -1.0
 try:
