@@ -10,7 +10,8 @@ import pytest
 
 LINES = {
     "measures.py": ["speedup_vs_naive", "cost_vs_floor", "peak_rss_mb"],
-    "train.py": ["fl_overhead", "fedavg_samples_per_s", "central_samples_per_s"],
+    "train.py": ["fl_overhead", "fl_overhead_observed", "fl_overhead_cpu", "fedavg_samples_per_s",
+                 "central_samples_per_s"],
 }
 
 
@@ -24,10 +25,11 @@ def test_bench_smoke(repo, script):
     for key in LINES[script]:
         assert key in values, r.stdout
     v = {k: float(values[k]) for k in LINES[script]}
-    assert all(math.isfinite(x) and x > 0 for x in v.values()), v
+    assert all(math.isfinite(x) for x in v.values()), v
+    assert all(x > 0 for k, x in v.items() if "overhead" not in k), v
     assert values["device"] == "cpu"
     # the machine lines are the ratios of the medians in the printed table
-    width = {"measures.py": 8, "train.py": 5}[script]
+    width = {"measures.py": 8, "train.py": 6}[script]
     table = {row.split()[0]: row.split() for row in r.stdout.splitlines()
              if len(row.split()) == width}
     if script == "measures.py":
@@ -36,10 +38,16 @@ def test_bench_smoke(repo, script):
         assert v["cost_vs_floor"] == pytest.approx(ms["fedmia"] / ms["floor"], rel=2e-2)
         assert "fedmia vs naive, max |a−b|/max|b|" in r.stdout  # the agreement was checked
     else:
-        med = {route: float(table[route][1]) for route in ("fedavg", "central")}
+        routes = ("fedavg", "fedavg_observed", "central")
+        med = {route: float(table[route][1]) for route in routes}
+        cpu = {route: float(table[route][5]) for route in routes}
         rate = float(table["fedavg"][4])
         assert v["fedavg_samples_per_s"] == pytest.approx(rate, rel=1e-2)
         assert v["fl_overhead"] == pytest.approx(med["fedavg"] / med["central"] - 1, rel=1e-2)
+        assert v["fl_overhead_observed"] == pytest.approx(
+            med["fedavg_observed"] / med["central"] - 1, rel=1e-2)
+        assert v["fl_overhead_cpu"] == pytest.approx(cpu["fedavg"] / cpu["central"] - 1,
+                                                     rel=1e-2)
 
 
 def test_bootstrap_coverage_smoke(repo):
