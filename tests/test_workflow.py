@@ -93,12 +93,9 @@ def test_every_registered_cell_figure_has_its_rule(snakemake_cmd, repo, tmp_path
 
 
 @pytest.fixture(scope="module")
-def tiny_run(snakemake_cmd, repo, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("wf")
-    cfg = repo / ".test" / "config" / "config.yaml"
-    r = smk(snakemake_cmd, repo, wd, cfg)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return wd, cfg, r
+def tiny_run(tiny_workflow):
+    """The session's tiny run (conftest): its results are read, reruns planned from it."""
+    return tiny_workflow
 
 
 def test_tiny_end_to_end_run(tiny_run):
