@@ -61,3 +61,41 @@ def test_bootstrap_coverage_smoke(repo):
         for metric in ("auc", "tpr@0.1%"):
             assert 0 <= float(values[f"coverage_runs_{method}_{metric}"]) <= 1
     assert "within-run" in r.stdout and "population" in r.stdout
+
+
+def machine_lines(out: str) -> dict[str, str]:
+    """The ``key=value`` lines of a benchmark's output."""
+    return dict(line.split("=", 1) for line in out.splitlines()
+                if "=" in line and " " not in line.split("=", 1)[0])
+
+
+def test_startup_smoke(repo):
+    """Every job kind's start-up is timed, and the report and attack jobs import no torch."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "startup.py"), "--smoke"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = machine_lines(r.stdout)
+    scripts = sorted(p.stem for p in (repo / "workflow" / "scripts").glob("*.py"))
+    for name in ("python", "preamble", *scripts):
+        assert float(values[f"startup_s_{name}"]) > 0, name
+    imports = {row.split()[0]: row.split()[-1] for row in r.stdout.splitlines()
+               if len(row.split()) == 5}
+    assert "torch" in imports["train"] and "torch" in imports["measure"]
+    for name in ("attack", "table", "figure_cell", "figure_table", "hypervolume",
+                 "privacy_utility"):
+        assert "torch" not in imports[name], (name, imports[name])
+
+
+def test_attack_stage_smoke(repo, tmp_path):
+    """The attack stage runs on a synthetic table of the paper cell's shape (scaled down)."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "attack_stage.py"), "--smoke",
+                        "--keep", str(tmp_path)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = machine_lines(r.stdout)
+    assert int(values["attack_rows"]) == 31 * 10 * (10 * 20 + 40)  # rounds × clients × N
+    assert float(values["attack_stage_s"]) >= float(values["attack_attacks_s"]) > 0
+    assert float(values["attack_peak_rss_mb"]) > 0
+    tables = sorted(p.stem for p in (tmp_path / "out").glob("*.parquet"))
+    assert "replicates" in tables and len(tables) > 1
+    assert int(values["attack_result_rows"]) > 0
