@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,10 +98,19 @@ def test_schema_defense_blocks_are_generated_from_the_dataclasses():
     assert filled == generated and set(filled) == set(kinds("composable defenses"))
 
 
-def test_readme_defense_table_is_generated_from_the_dataclasses():
-    """The README's table of defenses is what the registered defenses generate."""
+def test_docs_defense_table_is_generated_from_the_dataclasses():
+    """docs/defenses.md's table of defenses is what the registered defenses generate."""
+    page = (REPO / "docs" / "defenses.md").read_text()
+    assert defense_table() in page, "paste the output of: python -m fedmia.kinds defenses"
+
+
+def test_the_readme_is_a_front_door():
+    """At most 200 lines; every page it links exists."""
     readme = (REPO / "README.md").read_text()
-    assert defense_table() in readme, "paste the output of: python -m fedmia.kinds defenses"
+    assert len(readme.splitlines()) <= 200
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if not link.startswith("http"):
+            assert (REPO / link).exists(), f"README links {link}, which does not exist"
 
 
 def test_schema_enums_of_settings_match_the_code():

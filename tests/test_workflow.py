@@ -61,7 +61,7 @@ def without_torch(tmp_path: Path, *folders: Path) -> dict[str, str]:
 def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path):
     """Every cluster job re-parses the Snakefile: a torch (or matplotlib, dp-accounting)
     that cannot be imported must not matter to a dry run — of the paper grid, and of a
-    config with the README's toy plugin."""
+    config with the toy plugin of docs/extending.md."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "toy_plugin.py").write_text(readme_plugin(repo))
@@ -401,16 +401,16 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
 # ------------------------------------------------------------------------------ plugins
 
 def readme_plugin(repo: Path) -> str:
-    """The toy plugin of the README's "Extending" section (between its markers)."""
-    text = (repo / "README.md").read_text()
+    """The toy plugin of docs/extending.md (between its markers)."""
+    text = (repo / "docs" / "extending.md").read_text()
     m = re.search(r"<!-- toy-plugin -->\n```python\n(.*?)```\n<!-- /toy-plugin -->", text, re.S)
-    assert m, "README.md lost its toy plugin (the <!-- toy-plugin --> block of Extending)"
+    assert m, "docs/extending.md lost its toy plugin (the <!-- toy-plugin --> block)"
     return m.group(1)
 
 
 @pytest.fixture(scope="module")
 def plugin_run(snakemake_cmd, repo, tmp_path_factory):
-    """The tiny workflow with the README's toy plugin (a temp dir on PYTHONPATH): a
+    """The tiny workflow with the toy plugin of docs/extending.md (a temp dir on PYTHONPATH): a
     dataset, a defense and an attack that fedmia does not know, the defense alone and as a
     compose step."""
     tmp = tmp_path_factory.mktemp("plugin")

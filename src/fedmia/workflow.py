@@ -13,7 +13,7 @@ schema's lists of kinds and its per-defense blocks from the registries
 **Plugins** (the config's ``plugins:``) are imported first, before anything is
 validated: their kinds land in the same registries, so the schema lists them and they
 are validated like the built-in ones. A plugin must keep torch out of its import too
-(README "Extending").
+(docs/extending.md).
 """
 
 from __future__ import annotations
