@@ -31,8 +31,8 @@ def test_parquet_and_tensors_round_trip(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("truncate", r"is not a readable Parquet file .* truncated or damaged; delete .* and "
                  r"rerun, or rerun its stage with snakemake --forcerun measure"),
-    ("other_kind", r"has format 'attack/1', but this fedmia reads 'measures/1'"),
-    ("untagged", r"has no fedmia format tag, but this fedmia reads 'measures/1' .*--forcerun "
+    ("other_kind", r"has format 'attack/1', but this fedmia reads 'measures/2'"),
+    ("untagged", r"has no fedmia format tag, but this fedmia reads 'measures/2' .*--forcerun "
                  r"measure"),
     ("missing", r"does not exist; delete .* or rerun its stage"),
 ])
