@@ -76,7 +76,10 @@ def test_measures_match_per_sample_backward_loop():
 
 
 def slow_logit_statistics(logits: list[float], y: int) -> tuple[Decimal, Decimal]:
-    """The definitions at 400 digits: loss = log Σ_j e^{z_j} − z_y, φ = z_y − log Σ_{j≠y} e^{z_j}."""
+    """The definitions at 400 digits.
+
+    loss = log Σ_j e^{z_j} − z_y and φ = z_y − log Σ_{j≠y} e^{z_j}.
+    """
     with localcontext() as ctx:
         ctx.prec = 400  # e^{−300} ≈ 1e-130 must survive 1 + e^{−300}
         z = [Decimal(repr(float(v))) for v in logits]

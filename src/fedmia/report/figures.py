@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from fedmia.attacker import metrics, uncertainty
-from fedmia.attacker.attacks import ATTACKS, attack_order, families
+from fedmia.attacker.attacks import ATTACKS, UTILITY_ATTACK, attack_order, families
 from fedmia.attacker.metrics import METRICS, tpr_metric_name
 from fedmia.core.lazy import plt
 from fedmia.core.registry import Registry
@@ -59,9 +59,13 @@ def _figure(rows: int, cols: int, width: float) -> tuple[plt.Figure, np.ndarray]
     return fig, axes
 
 
-def _colors() -> dict[str, str]:
+def _colors() -> dict[str, Any]:
+    """A colour per registered attack: the default cycle, or tab20 for more than it holds."""
+    order = attack_order()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {a: cycle[i % len(cycle)] for i, a in enumerate(attack_order())}
+    if len(order) > len(cycle):
+        cycle = list(plt.get_cmap("tab20").colors)
+    return {a: cycle[i % len(cycle)] for i, a in enumerate(order)}
 
 
 def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figure:
@@ -220,13 +224,18 @@ def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> 
     """Test accuracy versus attack AUC (top) and TPR@0.1% (bottom) for one attack family.
 
     One line per defense kind (strengths as points, labelled), the undefended model
-    as a black star; one column per attack of the family; all settings of ``pu``
-    overlaid; the first protocol and single-round selection (the title says which).
+    as a black star; one column per attack of the family, then one for
+    :data:`fedmia.attacker.attacks.UTILITY_ATTACK` (named before the runs, the same in
+    every figure and cell: not a per-cell maximum) where the table has it; all settings
+    of ``pu`` overlaid; the first protocol and single-round selection (the title says
+    which).
     """
     pu, what = headline(pu)
     attacks = [a for a in families().get(family, []) if a in set(pu.attack)]
     if not attacks:
         raise ValueError(f"no attack of family '{family}' in the table")
+    if UTILITY_ATTACK in set(pu.attack):
+        attacks.append(UTILITY_ATTACK)
     fig, axes = plt.subplots(2, len(attacks), figsize=(width, width * 0.6), squeeze=False)
     kinds = [k for k in dict.fromkeys(pu.kind) if k != "none"]
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
