@@ -751,7 +751,8 @@ def replicates_case(id: str, exc: type[BaseException], problem: str, *,
         rng = np.random.default_rng(0)
         reps = pd.DataFrame([dict(CELL, attack="loss", protocol="aligned", draw=0, target=t,
                                   round=2, **{"auc_replicates": rng.random(8).astype("float32"),
-                                              "tpr@0.1%_replicates": np.zeros(8, "float32")})
+                                              "tpr@0.1%_replicates": np.zeros(8, "float32"),
+                                              "tpr@1%_replicates": np.zeros(8, "float32")})
                              for t in range(3)]).astype(contracts.REPLICATE_DTYPES)
         if not missing:
             fio.write_parquet(edit(reps), rep_file, "replicates")

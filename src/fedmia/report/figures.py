@@ -13,7 +13,13 @@ import numpy as np
 import pandas as pd
 
 from fedmia.attacker import metrics, uncertainty
-from fedmia.attacker.attacks import ATTACKS, UTILITY_ATTACK, attack_order, families
+from fedmia.attacker.attacks import (
+    ATTACKS,
+    CALIBRATED_KINDS,
+    UTILITY_ATTACK,
+    attack_order,
+    families,
+)
 from fedmia.attacker.metrics import METRICS, tpr_metric_name
 from fedmia.core.lazy import plt
 from fedmia.core.registry import Registry
@@ -68,13 +74,19 @@ def _colors() -> dict[str, Any]:
     return {a: cycle[i % len(cycle)] for i, a in enumerate(order)}
 
 
+def _style(attack: str) -> str:
+    """Line style of a multi-round attack: dashed, dash-dotted for fedmia's LiRA and RMIA."""
+    return "-." if ATTACKS.get(attack).kind in CALIBRATED_KINDS else "--"
+
+
 def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figure:
     """TPR at ``fpr`` and AUC versus round for one cell, one row per protocol.
 
     Means over targets (and official draws), with 95 % bootstrap bands over targets
     (:func:`_band`). Single-round attacks are lines over the observed rounds, filled
     markers at attacked rounds and hollow ones at rounds observed only for the figure;
-    multi-round attacks are horizontal dashed lines (the official code's main figure).
+    multi-round attacks are horizontal dashed lines (the official code's main figure;
+    dash-dotted for LiRA and RMIA).
     """
     if fpr not in metrics.FPR_LEVELS:
         raise ValueError(f"round_plot_fpr must be one of {', '.join(map(str, metrics.FPR_LEVELS))}"
@@ -107,7 +119,8 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
                     ax.plot(miss["round"], miss[m], "o", mfc="none", color=colors[a])
                 multi = g[g["round"] == -1]
                 if len(multi):
-                    ax.axhline(multi[m].iloc[0], ls="--", color=colors[a], label=attack_label(a))
+                    ax.axhline(multi[m].iloc[0], ls=_style(a), color=colors[a],
+                               label=attack_label(a))
                     lo, hi = bands[a, -1, m]  # the interval as a bar at the right edge
                     x = means["round"].max() * 1.04 + 0.5 + 0.25 * attack_order().index(a)
                     ax.plot([x, x], [lo, hi], color=colors[a], lw=2.5, alpha=0.7)
@@ -148,6 +161,7 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr_per_target",
             lo_all = min(lo_all, lo)
             keep = grid >= lo
             ax.loglog(grid[keep], tprs.mean(axis=0)[keep], color=colors[a],
+                      ls="-" if _style(a) == "--" else _style(a),
                       label=f"{attack_label(a)} (AUC {g.auc.mean():.3f})")
             band_lo, band_hi = _band(tprs, (protocol, a, "roc"))
             ax.fill_between(grid[keep], np.maximum(band_lo[keep], 1e-4), band_hi[keep],
