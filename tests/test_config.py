@@ -24,12 +24,13 @@ from fedmia.kinds import (
     kinds,
     load_schema,
     read_schema,
+    reference,
 )
 from fedmia.report.tables import SELECTIONS
 from fedmia.workflow import load_workflow_config
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "src" / "fedmia" / "core" / "config.schema.yaml"
 
 
 @dataclass(frozen=True)
@@ -309,3 +310,9 @@ assert "| `upload_scale` |" in defense_table()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_configuration_reference_is_generated_from_the_schema():
+    """config/README.md is what the schema and the registries generate."""
+    assert (REPO / "config" / "README.md").read_text() == reference(), (
+        "config/README.md is stale: python -m fedmia.kinds reference > config/README.md")

@@ -100,8 +100,8 @@ def test_official_permuted_changes_nothing_when_clients_are_equally_large():
 
 
 def test_aggregation_must_be_named():
-    with pytest.raises(ConfigError, match=r"train.aggregation: unknown aggregation 'official'; "
-                       r"choose from \['data_size', 'official_permuted'\]"):
+    with pytest.raises(ConfigError, match=r"at 'train.aggregation': 'official' is not one of "
+                       r"\['data_size', 'official_permuted'\]"):
         TrainConfig.from_dict({"aggregation": "official"})
     with pytest.raises(ValueError, match="unknown aggregation 'mean'"):
         aggregation_weights(torch.tensor([1, 2]), "mean", 0, 1)

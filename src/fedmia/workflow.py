@@ -18,7 +18,6 @@ are validated like the built-in ones. A plugin must keep torch out of its import
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Mapping
@@ -30,11 +29,14 @@ import jsonschema
 
 from fedmia.attacker.attacks import ATTACKS
 from fedmia.core.config import (
+    VALIDATOR,
     ConfigError,
     DatasetConfig,
     ModelConfig,
     PartitionConfig,
+    ReportConfig,
     TrainConfig,
+    raise_first,
 )
 from fedmia.core.params import (
     allowed_text,
@@ -77,59 +79,23 @@ def canonical(obj: Any) -> Any:
     return obj
 
 
-def _with_defaults(cls: type) -> type:
-    """A jsonschema validator class that also fills in ``default`` values."""
-    validate_props = cls.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
-        if isinstance(instance, dict):
-            for name, sub in properties.items():
-                if isinstance(sub, dict) and "default" in sub and name not in instance:
-                    instance[name] = copy.deepcopy(sub["default"])
-        yield from validate_props(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(cls, {"properties": set_defaults})
-
-
-def _where(path) -> str:  # noqa: ANN001
-    parts = []
-    for p in path:
-        parts.append(f"[{p}]" if isinstance(p, int) else f".{p}")
-    return "".join(parts).lstrip(".") or "<top level>"
-
-
-def _raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> None:
-    if not errors:
-        return
-    err = jsonschema.exceptions.best_match(errors)
-    where = (prefix + _where(err.absolute_path) if err.absolute_path or not prefix
-             else prefix.rstrip("."))
-    msg = err.message
-    if err.validator == "additionalProperties" and isinstance(err.schema.get("properties"), dict):
-        msg += f"; allowed keys are {sorted(err.schema['properties'])}"
-    if err.validator == "required":
-        msg += "; add it"
-    if err.validator == "not" and err.validator_value == {"required": ["beta"]}:
-        msg = "only a 'dirichlet' partition takes beta; drop beta or set kind: dirichlet"
-    desc = None
-    if err.absolute_path:
-        # an alternative of a oneOf/anyOf may lack the description of the key it failed
-        # for: take the nearest one up the chain (it says what is allowed)
-        node: jsonschema.ValidationError | None = err
-        while node is not None and desc is None:
-            desc = node.schema.get("description") if isinstance(node.schema, dict) else None
-            node = node.parent
-    raise ConfigError(f"invalid config at '{where}': {msg}" + (f" ({desc})" if desc else ""))
-
-
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """A validated config (defaults filled in) and the cells it asks for."""
+    """A validated config (defaults filled in), its cells, and the typed sections.
+
+    Each section is parsed once, here: ``trains`` holds each cell's :class:`TrainConfig`
+    (``train`` updated by its grid block), ``partitions`` each partition's
+    :class:`PartitionConfig`, ``report`` the :class:`ReportConfig`. The rules pass the
+    plain mappings (:meth:`train_for`) and each job builds its typed object again.
+    """
 
     config: dict[str, Any]
     cells: tuple[Cell, ...]
     train: dict[Cell, dict[str, Any]]
     official: dict[Cell, dict[str, Any]]
+    trains: dict[Cell, TrainConfig]
+    partitions: dict[str, PartitionConfig]
+    report: ReportConfig
 
     def train_for(self, cell: Cell) -> dict[str, Any]:
         """Resolved training config of ``cell`` (``train`` updated by its grid block)."""
@@ -137,13 +103,13 @@ class WorkflowSpec:
 
     def observed_rounds(self, cell: Cell) -> list[int]:
         """Observed rounds of ``cell``."""
-        return TrainConfig.from_dict(self.train[cell]).observed()
+        return self.trains[cell].observed()
 
     def attack_rounds(self, cell: Cell) -> list[int]:
         """Rounds the attacks of ``cell`` use (``attack.rounds``, else observe_every's)."""
         rounds = self.config["attack"]["rounds"]
         if rounds is None:
-            return TrainConfig.from_dict(self.train[cell]).every_rounds()
+            return self.trains[cell].every_rounds()
         return sorted(rounds)
 
     def official_for(self, cell: Cell) -> dict[str, Any]:
@@ -158,7 +124,7 @@ class WorkflowSpec:
     @property
     def selections(self) -> list[str | int]:
         """The single-round selections of the report, as a list."""
-        return _as_list(self.config["report"]["single_round"])
+        return self.report.selections
 
 
 def _as_list(value: Any) -> list:
@@ -170,7 +136,7 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
     config = spec.config
     attack = config["attack"]
     for cell in spec.cells:
-        train = TrainConfig.from_dict(spec.train[cell])
+        train = spec.trains[cell]
         observed = train.observed()
         rounds = spec.attack_rounds(cell)
         if not rounds:
@@ -192,7 +158,7 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
     fedmia = [a for a in attack["attacks"] if ATTACKS.get(a).kind == "fedmia"]
     targets = [] if attack["targets"] == "all" else attack["targets"]
     for key in sorted({c.partition for c in spec.cells}):
-        part = PartitionConfig.from_dict(config["partitions"][key])
+        part = spec.partitions[key]
         beyond = sorted({t for t in targets if t >= part.num_clients})
         if beyond:
             raise ConfigError(
@@ -208,7 +174,7 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
         return
     for cell in spec.cells:
         official = spec.official[cell]
-        part = PartitionConfig.from_dict(config["partitions"][cell.partition])
+        part = spec.partitions[cell.partition]
         for which, pool, name in (("test_slots", part.eval_nonmembers, "eval_nonmembers"),
                                   ("client_slots", part.eval_members_per_client,
                                    "eval_members_per_client")):
@@ -227,33 +193,36 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
     Raises:
         ConfigError: naming the first offending key, what is wrong and what is allowed.
     """
-    base = jsonschema.Draft202012Validator
     raw = read_schema(schema_path)
     _load_plugins(config, raw)
     schema = fill_kinds(raw)
     report = config.get("report")
+    if isinstance(report, dict) and "dp_delta" in report:
+        raise ConfigError("invalid config at 'report.dp_delta': it moved to privacy.delta (the "
+                          "audit reads it too, not only the report); write privacy: {delta: "
+                          f"{report['dp_delta']}}} instead")
     for how in _as_list(report.get("single_round", []) if isinstance(report, dict) else []):
         if isinstance(how, str) and how in RETIRED_SELECTIONS:
             raise ConfigError(f"invalid config at 'report.single_round': "
                               f"{RETIRED_SELECTIONS[how]}")
-    _raise_first(list(_with_defaults(base)(schema).iter_errors(config)))
-    # Typed configs double-check each block (the package's own validation), then each
-    # kind checks what depends on it.
+    raise_first(list(VALIDATOR(schema).iter_errors(config)))
+    # The typed sections, parsed once (checks across keys), then each kind checks what
+    # depends on it.
     for key, block in config["datasets"].items():
         where = f"datasets.{key}"
         DATASETS.get(block["kind"]).check(DatasetConfig.from_dict(block, where=where), where)
     for key, block in config["models"].items():
         ModelConfig.from_dict(block, where=f"models.{key}")
-    for key, block in config["partitions"].items():
-        PartitionConfig.from_dict(block, where=f"partitions.{key}")
+    partitions = {key: PartitionConfig.from_dict(block, where=f"partitions.{key}")
+                  for key, block in config["partitions"].items()}
     for key, block in config["defenses"].items():
         _check_defense(block, schema, f"defenses.{key}")
-    train_validator = base({**schema["$defs"]["train"], "$defs": schema["$defs"]})
-    official_validator = base({**schema["$defs"]["official"], "$defs": schema["$defs"]})
-    TrainConfig.from_dict(config["train"], where="train")
+    report = ReportConfig.from_dict(config["report"], where="report")
+    official_validator = VALIDATOR({**schema["$defs"]["official"], "$defs": schema["$defs"]})
 
     cells: list[Cell] = []
     train: dict[Cell, dict[str, Any]] = {}
+    trains: dict[Cell, TrainConfig] = {}
     official: dict[Cell, dict[str, Any]] = {}
     for i, block in enumerate(config["grid"]):
         for section in ("datasets", "models", "defenses", "partitions"):
@@ -266,10 +235,9 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
         merged = {**config["train"], **block.get("train", {})}
         block_official = {**config["attack"]["official"],
                           **block.get("attack", {}).get("official", {})}
-        _raise_first(list(official_validator.iter_errors(block_official)),
+        raise_first(list(official_validator.iter_errors(block_official)),
                      prefix=f"grid[{i}].attack.official.")
-        _raise_first(list(train_validator.iter_errors(merged)), prefix=f"grid[{i}].train.")
-        TrainConfig.from_dict(merged, where=f"grid[{i}].train (merged with train)")
+        train_cfg = TrainConfig.from_dict(merged, where=f"grid[{i}].train")
         for combo in itertools.product(block["datasets"], block["models"], block["defenses"],
                                        block["partitions"], block["seeds"]):
             cell = Cell(*combo)
@@ -282,8 +250,10 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
             if cell not in train:
                 cells.append(cell)
                 train[cell] = merged
+                trains[cell] = train_cfg
                 official[cell] = block_official
-    spec = WorkflowSpec(config=config, cells=tuple(cells), train=train, official=official)
+    spec = WorkflowSpec(config=config, cells=tuple(cells), train=train, official=official,
+                        trains=trains, partitions=partitions, report=report)
     _check_attack_plan(spec)
     return spec
 
@@ -295,7 +265,7 @@ def _load_plugins(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
     """Check the config's ``plugins`` (as the schema says) and import them, in order."""
     plugins = config.get("plugins", [])
     spec = schema["properties"]["plugins"]
-    _raise_first(list(jsonschema.Draft202012Validator(spec).iter_errors(plugins)),
+    raise_first(list(jsonschema.Draft202012Validator(spec).iter_errors(plugins)),
                  prefix="plugins")
     for i, name in enumerate(plugins):
         try:
@@ -363,8 +333,8 @@ def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, d
     an upper bound, not a forecast. Users override them with ``--set-resources``.
     """
     config = spec.config
-    train = TrainConfig.from_dict(spec.train[cell])
-    part = PartitionConfig.from_dict(config["partitions"][cell.partition])
+    train = spec.trains[cell]
+    part = spec.partitions[cell.partition]
     dataset = config["datasets"][cell.dataset]
     kind = config["models"][cell.model]["kind"]
     samples = DATASETS.facts(dataset["kind"]).get("samples") or DEFAULT_SAMPLES

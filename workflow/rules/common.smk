@@ -8,9 +8,9 @@ from fedmia.attacker.attacks import families, outlier_filter_for
 from fedmia.core.contracts import PREPARED_FILES
 from fedmia.workflow import Cell, canonical, estimate_resources, load_workflow_config
 
-SPEC = load_workflow_config(
-    config, workflow.source_path("../schemas/config.schema.yaml")
-)
+# The schema ships with the package (fedmia/core/config.schema.yaml); its lists of kinds
+# are filled from the registries, plugins included.
+SPEC = load_workflow_config(config)
 # The plugin modules (imported above, before validation): a param of every rule, whose
 # job imports them before it builds anything.
 PLUGINS = config["plugins"]
@@ -133,7 +133,7 @@ def get_attack_params(wildcards):
         "n_boot": cfg["bootstrap"],
         "audit": {
             "target": config["partitions"][wildcards.partition]["audit_target"],
-            "delta": config["report"]["dp_delta"],
+            "delta": config["privacy"]["delta"],
         },
     }
 

@@ -129,7 +129,7 @@ rule privacy_utility:
         "../../envs/fedmia.yaml"
     params:
         defenses=canonical(config["defenses"]),
-        delta=config["report"]["dp_delta"],
+        delta=config["privacy"]["delta"],
         utility=config["report"]["utility"],
         code=code("report"),
         plugins=PLUGINS,

@@ -15,7 +15,7 @@ stage.measure(
     device=snakemake.params.device,
     deterministic=snakemake.params.deterministic,
     threads=snakemake.threads,
-    **snakemake.params.measure,
+    config=snakemake.params.measure,
     plugins=snakemake.params.plugins,
     output=snakemake.output[0],
 )

@@ -1,26 +1,38 @@
-"""Typed, frozen configuration of each stage: the bottom layer of the package.
+"""Typed, frozen configuration of each section: the bottom layer of the package.
 
-Each dataclass mirrors one block of ``config/config.yaml`` (documented in
-``workflow/schemas/config.schema.yaml``). ``from_dict`` rejects unknown keys and
-invalid values with a message naming the key, so the package gives the same clear
-errors when it is used from Python without the workflow's schema validation.
+**One definition per key.** The config schema (``fedmia/core/config.schema.yaml``, shipped
+with the package) defines every key of every section once: its type, bounds, allowed
+values, default and description. The workflow validates the whole config against it when
+the Snakefile is parsed (:mod:`fedmia.workflow`, with the registered kinds filled in), the
+configuration reference ``config/README.md`` is generated from it
+(``python -m fedmia.kinds reference``), and each dataclass here takes its defaults from it
+(:func:`schema_defaults`) and validates a mapping against its section (:meth:`Section.
+from_dict`, the same validator and messages): a key's default or bound is never written
+twice. The dataclasses are what the stages use: a rule passes its section as a plain
+mapping (Snakemake compares params by their ``repr``) and the job builds the typed object.
 
-This module imports nothing from fedmia: a ``kind`` is a plain name here. What depends
-on the kind — whether it is registered, what a defense's parameters may be, whether a
-dataset reads files — is checked by the registered kind itself (the registries of
-:mod:`fedmia.core.registry`), once, in :mod:`fedmia.workflow` when the Snakefile is parsed
-and by the stage that builds it.
+This module imports nothing from fedmia: a ``kind`` is a plain name here. What depends on
+the kind — whether it is registered, what a defense's parameters may be, whether a dataset
+reads files — is checked by the registered kind itself, once, in :mod:`fedmia.workflow`
+when the Snakefile is parsed and by the stage that builds it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Self
 
+import jsonschema
+import yaml
+
+#: The config schema (the registered kinds not yet filled in: ``fedmia.kinds.load_schema``).
+SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
 LR_SCHEDULES = ("cosine", "exponential", "constant")
 #: The named splits a dataset kind may offer besides the source's own (``split: null``).
 DATASET_SPLITS = ("official",)
@@ -32,53 +44,169 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the offending key and the fix."""
 
 
-def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where}: must be a mapping of keys to values (got {d!r}); write "
-                          "it as 'key: value' lines")
-    fields = dataclasses.fields(cls)
-    allowed = {f.name for f in fields}
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {sorted(allowed)}")
-    missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {missing}; add them")
+@lru_cache(maxsize=1)
+def raw_schema() -> dict[str, Any]:
+    """The config schema as written (``x-kinds`` markers where the kinds go)."""
+    return yaml.safe_load(SCHEMA_FILE.read_text())
 
 
-#: What a field's (simple) annotation allows: a description and a test.
-_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-}
+def _kinds_as_names(node: Any) -> Any:
+    """``node`` with every list of kinds (``x-kinds``) a plain name.
 
-
-def _check_types(cfg: Any, where: str) -> None:
-    """Reject a field whose value does not fit its annotation (``int``, ``float | None``, ...).
-
-    Fields of other annotations (tuples, mappings) are checked where they are parsed.
+    This module knows no registry; the workflow checks the kinds
+    (:func:`fedmia.kinds.load_schema`).
     """
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        alternatives = [a.strip() for a in str(f.type).split("|")]
-        if value is None and "None" in alternatives:
-            continue
-        known = [_TYPES[a] for a in alternatives if a in _TYPES]
-        if known and not any(ok(value) for _, ok in known):
-            what = " or ".join([d for d, _ in known] + ["null"] * ("None" in alternatives))
-            raise ConfigError(f"{where}.{f.name}: must be {what} (got {value!r})")
+    if isinstance(node, list):
+        return [_kinds_as_names(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "x-kinds":
+            out["type"] = "string"
+        elif key not in ("x-kinds-default", "x-defense-blocks"):
+            out[key] = _kinds_as_names(value)
+    return out
+
+
+def section_schema(path: Iterable[str]) -> dict[str, Any]:
+    """The schema of the section at ``path`` (e.g. ``("$defs", "train")``), with ``$defs``.
+
+    A kind is a plain name here (``x-kinds`` → a string).
+    """
+    node: Any = raw_schema()
+    for key in path:
+        node = node[key]
+    return _kinds_as_names({**node, "$defs": raw_schema()["$defs"]})
+
+
+def with_defaults(cls: type) -> type:
+    """A jsonschema validator class that also fills in ``default`` values."""
+    validate_props = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+#: The validator of the config: JSON schema 2020-12, defaults filled in.
+VALIDATOR = with_defaults(jsonschema.Draft202012Validator)
+
+
+def _where(path: Iterable[Any]) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
+    return "".join(parts).lstrip(".") or "<top level>"
+
+
+def raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> None:
+    """Raise a :class:`ConfigError` for the most relevant of ``errors`` (none: return).
+
+    The message names the key (``prefix`` + its path), what is wrong, what is allowed
+    (the nearest description up the schema) and, for an unknown or a missing key, the fix.
+    """
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    where = (prefix + _where(err.absolute_path) if err.absolute_path or not prefix
+             else prefix.rstrip("."))
+    msg = err.message
+    if err.validator == "additionalProperties" and isinstance(err.schema.get("properties"), dict):
+        msg += f"; allowed keys are {sorted(err.schema['properties'])}"
+    if err.validator == "required":
+        msg += "; add it"
+    if err.validator == "not" and err.validator_value == {"required": ["beta"]}:
+        msg = "only a 'dirichlet' partition takes beta; drop beta or set kind: dirichlet"
+    desc = None
+    if err.absolute_path:
+        # an alternative of a oneOf/anyOf may lack the description of the key it failed
+        # for: take the nearest one up the chain (it says what is allowed)
+        node: jsonschema.ValidationError | None = err
+        while node is not None and desc is None:
+            desc = node.schema.get("description") if isinstance(node.schema, dict) else None
+            node = node.parent
+    raise ConfigError(f"invalid config at '{where}': {msg}" + (f" ({desc})" if desc else ""))
+
+
+def _plain(value: Any) -> Any:
+    """A dataclass value as JSON data (tuples as lists), for validation."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def schema_defaults(*path: str):  # noqa: ANN201 (a class decorator)
+    """Give a config dataclass's fields the defaults its schema section declares.
+
+    Apply it below ``@dataclass``: each annotated field without a value of its own gets
+    the ``default`` of the property of the same name (a list becomes a tuple); a field
+    whose property has no default stays required. The class remembers its section
+    (``schema_path``) for :meth:`Section.from_dict`.
+    """
+
+    def deco(cls: type) -> type:
+        props = section_schema(path).get("properties", {})
+        for name in cls.__annotations__:
+            if name in cls.__dict__ or name not in props or "default" not in props[name]:
+                continue
+            default = props[name]["default"]
+            setattr(cls, name, tuple(default) if isinstance(default, list) else default)
+        cls.schema_path = tuple(path)
+        return cls
+
+    return deco
+
+
+class Section:
+    """A config section: built from a mapping validated against its schema section."""
+
+    schema_path: ClassVar[tuple[str, ...]] = ()
+    #: How messages name the section when the caller does not say (``train``, ``dataset``).
+    key: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str | None = None) -> Self:
+        """Validate ``d`` against the section's schema (defaults filled in) and build it.
+
+        Raises:
+            ConfigError: naming the key (``where`` + its path), what is wrong, what is
+                allowed and the fix.
+        """
+        where = where or cls.key or cls.schema_path[-1]
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"invalid config at '{where}': must be a mapping of keys to "
+                              f"values (got {d!r}); write it as 'key: value' lines")
+        data = _plain(copy.deepcopy(dict(d)))
+        validator = VALIDATOR(section_schema(cls.schema_path))
+        raise_first(list(validator.iter_errors(data)), prefix=f"{where}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        built = cls(**{k: tuple(v) if isinstance(v, list) else v
+                       for k, v in data.items() if k in names})
+        built.check(where)
+        return built
+
+    def check(self, where: str) -> None:
+        """Checks across keys that the schema cannot express (raise :class:`ConfigError`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (JSON/YAML friendly)."""
+        return _plain(dataclasses.asdict(self))
 
 
 def _require(cond: bool, where: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"{where}: {msg}")
+        raise ConfigError(f"invalid config at '{where}': {msg}")
 
 
 @dataclass(frozen=True)
-class DatasetConfig:
+@schema_defaults("properties", "datasets", "additionalProperties")
+class DatasetConfig(Section):
     """How ``prepare`` builds a dataset's canonical arrays.
 
     Attributes:
@@ -104,42 +232,30 @@ class DatasetConfig:
             code's number, Dermnet 4,000).
     """
 
-    kind: str
-    image_size: int = 32
-    test_fraction: float = 0.25
-    split_seed: int = 0
-    root: str | None = None
-    download: bool = False
-    split: str | None = None
-    pool_size: int | None = None
-    test_size: int | None = None
+    key = "dataset"
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "dataset") -> Self:
-        """Build from a config mapping, rejecting unknown keys and bad values."""
-        _check_keys(cls, d, where)
-        cfg = cls(**d)
-        _check_types(cfg, where)
-        _require(cfg.image_size >= 8, f"{where}.image_size", "must be >= 8")
-        _require(0.0 < cfg.test_fraction < 1.0, f"{where}.test_fraction", "must be in (0, 1)")
-        _require(cfg.root is None or (isinstance(cfg.root, str) and cfg.root.strip() != ""),
-                 f"{where}.root", f"must be a folder path or null (got {cfg.root!r})")
-        _require(isinstance(cfg.download, bool), f"{where}.download",
-                 f"must be true or false (got {cfg.download!r})")
-        _require(cfg.split is None or cfg.split in DATASET_SPLITS, f"{where}.split",
-                 f"must be null (the source's own split) or one of {list(DATASET_SPLITS)} "
-                 f"(got {cfg.split!r})")
+    kind: str
+    image_size: int
+    test_fraction: float
+    split_seed: int
+    root: str | None
+    download: bool
+    split: str | None
+    pool_size: int | None
+    test_size: int | None
+
+    def check(self, where: str) -> None:
+        """A root is a non-empty path; ``pool_size`` and ``test_size`` need ``split: official``."""
+        _require(self.root is None or self.root.strip() != "", f"{where}.root",
+                 f"must be a folder path or null (got {self.root!r})")
         for key in ("pool_size", "test_size"):
-            value = getattr(cfg, key)
-            if value is not None:
-                _require(value >= 1, f"{where}.{key}", f"must be >= 1 or null (got {value})")
-                _require(cfg.split == "official", f"{where}.{key}",
-                         "only split: official takes it; drop it or set split: official")
-        return cfg
+            _require(getattr(self, key) is None or self.split == "official", f"{where}.{key}",
+                     "only split: official takes it; drop it or set split: official")
 
 
 @dataclass(frozen=True)
-class PartitionConfig:
+@schema_defaults("properties", "partitions", "additionalProperties")
+class PartitionConfig(Section):
     """How the training split is dealt to clients and the evaluation set is drawn.
 
     Attributes:
@@ -159,53 +275,31 @@ class PartitionConfig:
         audit_target: the client the canaries may join.
     """
 
-    kind: str
-    num_clients: int = 10
-    samples_per_client: int | None = None
-    eval_members_per_client: int = 50
-    eval_nonmembers: int = 200
-    beta: float | None = None
-    audit_canaries: int = 0
-    audit_target: int = 0
+    key = "partition"
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "partition") -> Self:
-        """Build from a config mapping, rejecting unknown keys and bad values."""
-        _check_keys(cls, d, where)
-        cfg = cls(**d)
-        _check_types(cfg, where)
-        _require(cfg.num_clients >= 2, f"{where}.num_clients",
-                 f"K = {cfg.num_clients}: federated learning needs at least 2 clients")
-        _require(cfg.samples_per_client is None or cfg.samples_per_client >= 1,
-                 f"{where}.samples_per_client", "must be >= 1 or null")
-        _require(cfg.eval_members_per_client >= 1, f"{where}.eval_members_per_client",
-                 "must be >= 1")
-        _require(cfg.eval_nonmembers >= 1, f"{where}.eval_nonmembers", "must be >= 1")
-        _require(cfg.audit_canaries >= 0, f"{where}.audit_canaries", "must be >= 0")
-        _require(0 <= cfg.audit_target < cfg.num_clients, f"{where}.audit_target",
-                 f"must be a client id in 0..{cfg.num_clients - 1}")
-        if cfg.kind == "dirichlet":
-            _require(cfg.beta is not None and cfg.beta > 0, f"{where}.beta",
-                     f"the Dirichlet concentration must be > 0 (got {cfg.beta})")
-        else:
-            _require(cfg.beta is None, f"{where}.beta", "only a 'dirichlet' partition takes beta; "
-                     "drop beta or set kind: dirichlet")
-        return cfg
+    kind: str
+    num_clients: int
+    samples_per_client: int | None
+    eval_members_per_client: int
+    eval_nonmembers: int
+    audit_canaries: int
+    audit_target: int
+    beta: float | None = None  # the schema requires it for dirichlet and forbids it otherwise
+
+    def check(self, where: str) -> None:
+        """The audit's target is a client."""
+        _require(self.audit_target < self.num_clients, f"{where}.audit_target",
+                 f"must be a client id in 0..{self.num_clients - 1}")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """A model architecture by registry name (:data:`fedmia.core.registry.MODELS`)."""
+@schema_defaults("properties", "models", "additionalProperties")
+class ModelConfig(Section):
+    """A model architecture by registry name (:data:`fedmia.federation.models.MODELS`)."""
+
+    key = "model"
 
     kind: str
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "model") -> Self:
-        """Build from a config mapping, rejecting unknown keys and bad values."""
-        _check_keys(cls, d, where)
-        cfg = cls(**d)
-        _check_types(cfg, where)
-        return cfg
 
 
 @dataclass(frozen=True)
@@ -221,13 +315,15 @@ class DefenseConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "defense") -> Self:
         """Split ``{kind: ..., <param>: ...}`` into the kind and its parameters."""
-        _require(isinstance(d, Mapping) and "kind" in d, where,
-                 "missing key 'kind'; add kind: the name of a registered defense")
+        if not (isinstance(d, Mapping) and "kind" in d):
+            raise ConfigError(f"{where}: missing key 'kind'; add kind: the name of a "
+                              "registered defense")
         return cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+@schema_defaults("$defs", "train")
+class TrainConfig(Section):
     """FedAvg as the paper's official code runs it.
 
     Attributes:
@@ -262,52 +358,29 @@ class TrainConfig:
             manifest records the weights used (``aggregation_weights``).
     """
 
-    rounds: int = 30
-    local_epochs: int = 1
-    batch_size: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    lr_gamma: float = 0.99
-    observe_every: int = 10
-    observe_rounds: tuple[int, ...] = (1,)
-    test_every: int = 1
-    eval_batch_size: int = 500
-    aggregation: str = "data_size"
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_schedule: str
+    lr_gamma: float
+    observe_every: int
+    observe_rounds: tuple[int, ...]
+    test_every: int
+    eval_batch_size: int
+    aggregation: str
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "train") -> Self:
-        """Build from a config mapping, rejecting unknown keys and bad values."""
-        _check_keys(cls, d, where)
-        d = dict(d)
-        if "observe_rounds" in d:
-            rounds = d["observe_rounds"]
-            _require(isinstance(rounds, list | tuple) and all(_TYPES["int"][1](r) for r in rounds),
-                     f"{where}.observe_rounds", f"must be a list of integers (got {rounds!r})")
-            d["observe_rounds"] = tuple(int(r) for r in rounds)
-        cfg = cls(**d)
-        _check_types(cfg, where)
-        _require(cfg.rounds >= 1, f"{where}.rounds", f"must be >= 1 (got {cfg.rounds})")
-        _require(cfg.local_epochs >= 1, f"{where}.local_epochs", "must be >= 1")
-        _require(cfg.batch_size >= 1, f"{where}.batch_size",
-                 f"must be >= 1 (got {cfg.batch_size})")
-        _require(cfg.eval_batch_size >= 1, f"{where}.eval_batch_size", "must be >= 1")
-        _require(cfg.lr > 0, f"{where}.lr", "must be > 0")
-        _require(0 <= cfg.momentum < 1, f"{where}.momentum", "must be in [0, 1)")
-        _require(cfg.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
-        _require(cfg.lr_schedule in LR_SCHEDULES, f"{where}.lr_schedule",
-                 f"unknown schedule '{cfg.lr_schedule}'; choose from {list(LR_SCHEDULES)}")
-        _require(0 < cfg.lr_gamma <= 1, f"{where}.lr_gamma", "must be in (0, 1]")
-        _require(cfg.aggregation in AGGREGATIONS, f"{where}.aggregation",
-                 f"unknown aggregation '{cfg.aggregation}'; choose from {list(AGGREGATIONS)}")
-        _require(cfg.observe_every >= 1, f"{where}.observe_every", "must be >= 1")
-        _require(cfg.test_every >= 1, f"{where}.test_every", "must be >= 1")
-        bad = [r for r in cfg.observe_rounds if not 1 <= r <= cfg.rounds]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "observe_rounds", tuple(self.observe_rounds))
+
+    def check(self, where: str) -> None:
+        """Every observed round is a round of the run."""
+        bad = [r for r in self.observe_rounds if not 1 <= r <= self.rounds]
         _require(not bad, f"{where}.observe_rounds",
-                 f"round(s) {bad} are outside 1..{cfg.rounds} (the last round is "
-                 f"train.rounds = {cfg.rounds}); drop them or raise rounds")
-        return cfg
+                 f"round(s) {bad} are outside 1..{self.rounds} (the last round is "
+                 f"train.rounds = {self.rounds}); drop them or raise rounds")
 
     def observed(self) -> list[int]:
         """Sorted observed rounds: ``observe_rounds`` ∪ :meth:`every_rounds`."""
@@ -331,8 +404,62 @@ class TrainConfig:
             return self.lr * self.lr_gamma ** (rnd - 1)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * max(rnd - 2, 0) / self.rounds))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (JSON/YAML friendly)."""
-        d = dataclasses.asdict(self)
-        d["observe_rounds"] = list(self.observe_rounds)
-        return d
+
+
+@dataclass(frozen=True)
+@schema_defaults("properties", "measure")
+class MeasureConfig(Section):
+    """The measure stage: how the per-sample measures are computed (``measure:``).
+
+    Attributes:
+        route: the measure route (:data:`fedmia.attacker.routes.MEASURE_ROUTES`).
+        chunk_size: samples per chunk of the gradient products.
+        batch_size: samples per forward pass of the clients' losses.
+    """
+
+    route: str
+    chunk_size: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+@schema_defaults("properties", "report")
+class ReportConfig(Section):
+    """Tables and figures (``report:``); changing them reruns only report rules.
+
+    Attributes:
+        single_round: how single-round attacks are reported (a selection name or a round,
+            or a list of them: one table section each).
+        table_metrics: the metric rows of the Table-1 layout.
+        utility: ``final`` or ``best`` test accuracy in the privacy–utility tables.
+        hypervolume_front: ``own`` or ``with_undefended`` points in Table 2.
+        round_plot_fpr: FPR of the TPR-versus-round figure.
+        dpi: resolution of the PNG figures.
+        width: figure width in inches.
+    """
+
+    single_round: Any
+    table_metrics: tuple[str, ...]
+    utility: str
+    hypervolume_front: str
+    round_plot_fpr: float
+    dpi: int
+    width: float
+
+    @property
+    def selections(self) -> list[Any]:
+        """``single_round`` as a list."""
+        s = self.single_round
+        return list(s) if isinstance(s, list | tuple) else [s]
+
+
+@dataclass(frozen=True)
+@schema_defaults("properties", "privacy")
+class PrivacyConfig(Section):
+    """The (ε, δ) the report states and the audit bounds (``privacy:``).
+
+    Attributes:
+        delta: δ of the accounted ε of a privacy mechanism and of the one-run audit's bound.
+    """
+
+    delta: float

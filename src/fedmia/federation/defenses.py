@@ -209,7 +209,7 @@ class Defense:
         the neighbouring relation it assumes, and a note where the event is
         :class:`~dp_accounting.NonPrivateDpEvent` (no finite ε) saying why. The train
         stage composes the rounds it ran and records the result in the cell's manifest;
-        the report computes ε at ``report.dp_delta`` from it (:mod:`fedmia.privacy`).
+        the report computes ε at ``privacy.delta`` from it (:mod:`fedmia.privacy`).
         """
         return None
 

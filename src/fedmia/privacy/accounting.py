@@ -6,7 +6,7 @@ of one client's upload and the neighbouring relation it assumes
 train stage composes the rounds it ran (:func:`cell_privacy`: every client every round,
 sampling rate 1; a model whose normalisation statistics pass un-noised has no finite ε)
 and records the composed event in the cell's manifest; the report computes ε at
-``report.dp_delta`` from that record (:func:`epsilon_of`), so changing δ reruns no
+``privacy.delta`` from that record (:func:`epsilon_of`), so changing δ reruns no
 training, and a plugin's mechanism is accounted like fedmia's.
 
 fedmia's ``dp``. Every round each client clips the trainable-parameter part of its

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import torch
 from fedmia.attacker.measures import compute_round_measures
 from fedmia.attacker.routes import MEASURE_ROUTES
 from fedmia.core import contracts
+from fedmia.core.config import MeasureConfig
 from fedmia.core.contracts import MEASURE_DTYPES
 from fedmia.core.registry import import_plugins
 from fedmia.federation.fedavg import DeviceData
@@ -36,9 +38,7 @@ def measure(
     device: str = "auto",
     threads: int | None = None,
     deterministic: bool = False,
-    chunk_size: int = 64,
-    batch_size: int = 500,
-    route: str = "layerwise",
+    config: Mapping[str, Any] | None = None,
     plugins: Sequence[str] = (),
     output: str | Path,
 ) -> None:
@@ -54,16 +54,17 @@ def measure(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads for torch.
         deterministic: deterministic CUDA algorithms (:func:`fedmia.stages.compute.setup_compute`).
-        chunk_size: samples per per-sample-gradient chunk (bounds memory).
-        batch_size: samples per forward pass.
-        route: ``layerwise`` (default) or ``func`` (:data:`fedmia.attacker.routes.MEASURE_ROUTES`).
+        config: the ``measure`` section (:class:`fedmia.core.config.MeasureConfig`: the
+            route, the chunk size bounding memory, the forward batch size); ``None``: its
+            defaults.
         plugins: the config's ``plugins``, imported first (they register kinds).
         output: the measure Parquet (:data:`fedmia.core.contracts.MEASURE_DTYPES`:
             ``round, client_id, sample_id, loss, logit_conf, cos, grad_diff, grad_norm,
             correct, confidence``), one row per (round, client, evaluation sample).
     """
     import_plugins(plugins)
-    grad_products = MEASURE_ROUTES.get(route)
+    cfg = MeasureConfig.from_dict(config or {}, where="measure")
+    grad_products = MEASURE_ROUTES.get(cfg.route)
     dev = setup_compute(device, threads, deterministic)
     rounds = available_rounds(rounds, manifest_file)
     if not rounds:
@@ -103,7 +104,7 @@ def measure(
                 "another architecture mixed in one cell); delete the cell's observed rounds "
                 "and rerun training (snakemake --forcerun train)")
         res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
-                                     x, y, chunk_size=chunk_size, batch_size=batch_size,
+                                     x, y, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size,
                                      grad_products=grad_products)
         k, n = res.loss.shape
         columns = {
