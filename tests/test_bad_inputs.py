@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from fedmia import pipeline
 from fedmia.attacker.attacks import (
+    AttackSpec,
     OfficialProtocol,
     official_slots,
     outlier_filter_for,
@@ -46,6 +47,7 @@ from fedmia.attacker.attacks import (
     run_attacks,
     validate_measures,
 )
+from fedmia.attacker.calibrated import LiraOptions, RmiaOptions
 from fedmia.core import contracts
 from fedmia.core.config import ConfigError, DefenseConfig, PartitionConfig, TrainConfig
 from fedmia.federation import datasets as ds
@@ -224,7 +226,28 @@ CONFIG = [
                 r"has no attacked rounds: train.rounds = 30 < train.observe_every = 40",
                 r"lower observe_every or list attack.rounds"),
     config_case("unknown-protocol", "attack.protocol", "leaky",
-                r"at 'attack.protocol': 'leaky' is not valid", r"aligned .* and/or official"),
+                r"at 'attack.protocol': 'leaky' is not valid",
+                r"aligned .* official .* and/or heldout"),
+    config_case("unknown-lira-variance", "attack.lira", {"variance": "robust"},
+                r"at 'attack.lira.variance': 'robust' is not one of",
+                r"\['shrunk', 'per_sample', 'pooled'\]"),
+    config_case("unknown-lira-location", "attack.lira", {"location": "mode"},
+                r"at 'attack.lira.location': 'mode' is not one of", r"\['mean', 'median'\]"),
+    config_case("lira-ddof-two", "attack.lira", {"ddof": 2},
+                r"at 'attack.lira.ddof': 2 is not one of", r"\[0, 1\]"),
+    config_case("unknown-lira-key", "attack.lira", {"var": "pooled"},
+                r"at 'attack.lira': .*'var' was unexpected",
+                r"allowed keys are \['ddof', 'location', 'variance'\]"),
+    config_case("rmia-a-above-one", "attack.rmia", {"a": 1.5},
+                r"at 'attack.rmia.a': 1.5 is greater than the maximum of 1", r"offline a"),
+    config_case("rmia-negative-a", "attack.rmia", {"a": -0.1},
+                r"at 'attack.rmia.a': -0.1 is less than the minimum of 0", r"offline a"),
+    config_case("rmia-zero-gamma", "attack.rmia", {"gamma": 0},
+                r"at 'attack.rmia.gamma': 0 is less than or equal to the minimum of 0",
+                r"likelihood-ratio threshold"),
+    config_case("unknown-rmia-key", "attack.rmia", {"alpha": 0.3},
+                r"at 'attack.rmia': .*'alpha' was unexpected",
+                r"allowed keys are \['a', 'gamma'\]"),
     config_case("unknown-fpr-rule", "attack.fpr_rule", "strict",
                 r"at 'attack.fpr_rule': 'strict' is not one of", r"\['at_most', 'below'\]"),
     config_case("unknown-attack", "attack.attacks", ["lira"],
@@ -671,7 +694,7 @@ PARTITIONS = [
 # --------------------------------------------------------------- 4. intermediate files
 
 CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
-MEASURES = ("loss", "cos", "grad_diff", "grad_norm", "confidence")
+MEASURES = ("loss", "logit_conf", "cos", "grad_diff", "grad_norm", "confidence")
 
 
 def cell_inputs(ctx: Ctx, **part: Any) -> tuple[Path, pd.DataFrame]:
@@ -730,7 +753,8 @@ def replicates_case(id: str, exc: type[BaseException], problem: str, *,
         rng = np.random.default_rng(0)
         reps = pd.DataFrame([dict(CELL, attack="loss", protocol="aligned", draw=0, target=t,
                                   round=2, **{"auc_replicates": rng.random(8).astype("float32"),
-                                              "tpr@0.1%_replicates": np.zeros(8, "float32")})
+                                              "tpr@0.1%_replicates": np.zeros(8, "float32"),
+                                              "tpr@1%_replicates": np.zeros(8, "float32")})
                              for t in range(3)]).astype(contracts.REPLICATE_DTYPES)
         if not missing:
             fio.write_parquet(edit(reps), rep_file, "replicates")
@@ -1033,6 +1057,27 @@ ATTACKS = [
     bad("fedmia-with-one-reference", ValueError, r"at least 2 non-target clients; got 1",
         r"num_clients >= 3|drop",
         library(lambda: run_attack("fedmia_loss", *world(separation=0.3, k=2)))),
+    bad("unknown-lira-variance-rule", ValueError, r"unknown LiRA variance rule 'robust'",
+        r"set attack.lira.variance to one of \['per_sample', 'pooled', 'shrunk'\]",
+        library(lambda: LiraOptions(variance="robust"))),
+    bad("unknown-lira-location-library", ValueError, r"unknown LiRA location 'mode'",
+        r"set attack.lira.location to one of \['mean', 'median'\]",
+        library(lambda: LiraOptions(location="mode"))),
+    bad("rmia-a-outside-0-1", ValueError, r"RMIA's a must be a number in \[0, 1\]; got 2",
+        r"set attack.rmia.a in \[0, 1\]", library(lambda: RmiaOptions(a=2))),
+    bad("rmia-gamma-not-positive", ValueError, r"RMIA's gamma must be a finite number > 0",
+        r"set attack.rmia.gamma > 0", library(lambda: RmiaOptions(gamma=0.0))),
+    bad("rmia-on-the-cosine", ValueError, r"RMIA's signal is log p_y = −loss",
+        r"give measure='loss', sign=-1",
+        library(lambda: AttackSpec("rmia_cos", "cos", 1, "rmia", ""))),
+    bad("rmia-without-a-held-out-population", ValueError,
+        r"cross-fitting left half [01] without a held-out population",
+        r"raise the partition's eval_nonmembers",
+        library(lambda: run_attacks(["rmia"], *world(separation=0.3, held_out=1),
+                                    protocols=["aligned"], n_boot=0))),
+    bad("lira-with-one-reference", ValueError, r"LiRA needs at least 2 reference",
+        r"num_clients >= 3|drop",
+        library(lambda: run_attack("lira_cos", *world(separation=0.3, k=2)))),
     bad("unknown-outlier-filter", ValueError, r"unknown outlier-filter policy 'sometimes'",
         r"choose from \['auto', 'always', 'never'\]",
         library(lambda: outlier_filter_for("sometimes", "fedmia_cos", "iid"))),

@@ -244,7 +244,7 @@ def test_attack_plan_defaults(default_config):
     DEFAULT_SELECTIONS = default_config.get("report", {}).get("single_round", schema_default)
     assert spec.observed_rounds(cell) == [1, 10, 20, 30]
     assert spec.attack_rounds(cell) == [10, 20, 30]  # round 1 observed, not attacked
-    assert spec.protocols == ["aligned", "official"]
+    assert spec.protocols == ["aligned", "official", "heldout"]
     assert spec.selections == DEFAULT_SELECTIONS
     cfg = mutate(mutate(default_config, "attack.rounds", [1, 30]), "attack.protocol", "official")
     cfg = mutate(cfg, "report.single_round", "best_tpr_mean")

@@ -119,8 +119,9 @@ def test_measure_table_contents(measured, cell):
     mdm = pd.read_parquet(measured)
     part = pd.read_parquet(cell["history"].parent / "partition.parquet")
     n_eval = int(part["eval"].sum())
-    assert list(mdm.columns) == ["round", "client_id", "sample_id", "loss", "cos", "grad_diff",
-                                 "grad_norm", "correct", "confidence"]
+    assert list(mdm.columns) == ["round", "client_id", "sample_id", "loss", "logit_conf", "cos",
+                                 "grad_diff", "grad_norm", "correct", "confidence"]
+    assert mdm.loss.dtype == mdm.logit_conf.dtype == np.float64 and (mdm.loss > 0).all()
     assert len(mdm) == 3 * 3 * n_eval and not mdm.duplicated(["round", "client_id",
                                                                "sample_id"]).any()
     assert set(mdm.sample_id) == set(part.sample_id[part["eval"]])

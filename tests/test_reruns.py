@@ -25,6 +25,7 @@ RERUNS = {
     "fedmia": ("prepare", "partition", "train", "measure", "attack", "report"),
     "fedmia.attacker": ("measure", "attack", "report"),
     "fedmia.attacker.attacks": ("attack", "report"),
+    "fedmia.attacker.calibrated": ("attack", "report"),
     "fedmia.attacker.layerwise": ("measure",),
     "fedmia.attacker.measures": ("measure",),
     "fedmia.attacker.metrics": ("attack", "report"),

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedmia.attacker.attacks import finding_attacks
+from fedmia.attacker.attacks import ATTACKS, finding_attacks
 from fedmia.kinds import SCHEMA, load_schema
 from fedmia.report.figures import FIGURES
 from fedmia.report.findings import FINDINGS_COLUMNS
@@ -115,10 +115,12 @@ def test_tiny_end_to_end_run(tiny_run):
     assert (wd / "results" / "partitions" / "digits" / "iid" / "seed0.parquet").exists()
     tables = wd / "results" / "tables"
     table = pd.read_csv(tables / "attacks.csv")
-    assert set(table.attack) == {"loss", "cos", "grad_norm", "grad_diff", "loss_series",
-                                 "cos_series", "fedmia_loss", "fedmia_cos", "grad_diff_series"}
+    assert set(table.attack) == set(ATTACKS.names())  # the paper's, LiRA's and RMIA's
     assert set(table.metric) == {"auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"}
-    assert set(table.protocol) == {"aligned", "official"}
+    assert set(table.protocol) == {"aligned", "official", "heldout"}
+    calibrated = table[table.attack.str.startswith(("lira", "rmia")) & (table.metric == "auc")]
+    assert calibrated["mean"].notna().all() and calibrated["ci_low"].notna().all()
+    assert set(calibrated.protocol) == {"aligned", "official", "heldout"}
     default = load_schema(SCHEMA)["properties"]["report"]["properties"]["single_round"]
     assert set(table.single_round) == {*default["default"], "all attacked rounds"}
     assert not table.duplicated(["dataset", "model", "defense", "partition", "protocol",
@@ -127,6 +129,8 @@ def test_tiny_end_to_end_run(tiny_run):
     md = (tables / "attacks.md").read_text()
     assert "Loss-III (FedMIA-I)" in md and "### protocol official" in md
     assert "FPR resolution 1/" in md and "picked with hindsight" in md
+    assert "lira_conf_cos_sum" in md and "rounds and measures are correlated" in md
+    assert "### protocol heldout" in md
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     # the replicates of the finding attacks reach the findings: one seed, so every defined
     # verdict is a within-run statement

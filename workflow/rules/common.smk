@@ -127,6 +127,8 @@ def get_attack_params(wildcards):
             a: outlier_filter_for(cfg["fedmia_outlier_filter"], a, kind)
             for a in ATTACKS
         },
+        "lira": cfg["lira"],
+        "rmia": cfg["rmia"],
         "roc_points": cfg["roc_points"],
         "n_boot": cfg["bootstrap"],
         "audit": {

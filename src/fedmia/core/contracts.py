@@ -44,13 +44,17 @@ HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples",
 #: and the evaluation sample.
 MEASURE_KEYS = ("round", "client_id", "sample_id")
 #: Columns and dtypes of the measure table, in order: the keys, then the measures (any
-#: numeric column can be an attack's measure).
+#: numeric column can be an attack's measure). ``loss`` and ``logit_conf`` (LiRA's φ =
+#: z_y − logsumexp_{j≠y} z_j) are float64, both computed in float64 from the logits
+#: (:func:`fedmia.attacker.measures.logit_statistics`): a confident sample's loss is
+#: e^{−φ} > 0, never a float32 0 (ties at 0 break TPR at low FPR).
 MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
-                  "loss": "float32", "cos": "float32", "grad_diff": "float32",
-                  "grad_norm": "float32", "correct": "bool", "confidence": "float32"}
+                  "loss": "float64", "logit_conf": "float64", "cos": "float32",
+                  "grad_diff": "float32", "grad_norm": "float32", "correct": "bool",
+                  "confidence": "float32"}
 #: The membership disclosure measures of :data:`MEASURE_DTYPES` (the others are cheap
 #: by-products of the loss pass).
-MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
+MEASURES = ("loss", "logit_conf", "cos", "grad_diff", "grad_norm")
 #: Metrics with bootstrap intervals in an attack table (every metric but the balanced
 #: accuracy).
 CI_METRICS = ("auc", *(tpr_metric_name(a) for a in FPR_LEVELS))
@@ -79,8 +83,10 @@ ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
 AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
                  "num_guesses", "num_correct", "delta", "beta", "rule", "choice",
                  "selected_attack")
-#: The metrics whose bootstrap replicates the attack stage keeps for the findings.
-REPLICATE_METRICS = ("auc", tpr_metric_name(0.001))
+#: The metrics whose bootstrap replicates the attack stage keeps for the findings: the AUC,
+#: the paper's TPR@0.1 % and TPR@1 % (the lowest FPR a ~1,000-sample pool resolves with
+#: more than one false positive).
+REPLICATE_METRICS = ("auc", tpr_metric_name(0.001), tpr_metric_name(0.01))
 #: The keys of a replicate row after the cell's and the attack: the attack table row's.
 REPLICATE_KEYS = ("protocol", "draw", "target", "round")
 #: Columns of the replicate table (``results/attacks/{cell}/replicates.parquet``,
@@ -104,7 +110,7 @@ def prepared_paths(folder: str | Path) -> dict[str, str]:
 #: Format version of each kind of intermediate file: bump one when its contents change
 #: incompatibly, so that old files are refused with a clear message instead of misread.
 FORMATS = {"partition": 3, "history": 3, "manifest": 1, "observed": 1, "final": 1,
-           "checkpoint": 1, "measures": 1, "attack": 1, "audit": 2, "replicates": 1}
+           "checkpoint": 1, "measures": 2, "attack": 1, "audit": 2, "replicates": 2}
 #: The rule that writes each kind of file (for the fix in an error message).
 WRITER = {"partition": "partition", "history": "train", "manifest": "train",
           "observed": "train", "final": "train", "checkpoint": "train", "measures": "measure",

@@ -16,6 +16,7 @@ from fedmia.attacker.attacks import (
     finding_attacks,
     run_attacks_with_replicates,
 )
+from fedmia.attacker.calibrated import LiraOptions, RmiaOptions
 from fedmia.core.contracts import (
     ATTACK_COLUMNS,
     ATTACK_DTYPES,
@@ -47,6 +48,8 @@ def attack(
     fpr_rule: str = "at_most",
     fedmia_ddof: int = 0,
     outlier_filter: Mapping[str, bool] | None = None,
+    lira: Mapping[str, Any] | None = None,
+    rmia: Mapping[str, Any] | None = None,
     roc_points: int = 200,
     n_boot: int = 1000,
     audit: Mapping[str, Any] | None = None,
@@ -75,6 +78,10 @@ def attack(
         fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.attacker.metrics.FPR_RULES`).
         fedmia_ddof: ddof of FedMIA's reference variance.
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
+        lira: ``attack.lira``, :class:`fedmia.attacker.calibrated.LiraOptions` fields
+            (``variance``, ``location``, ``ddof``); ``None``: the defaults.
+        rmia: ``attack.rmia``, :class:`fedmia.attacker.calibrated.RmiaOptions` fields
+            (``a``, ``gamma``); ``None``: the defaults.
         roc_points: points of the stored ROC curve per row.
         n_boot: bootstrap replicates per row for the intervals.
         audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
@@ -90,6 +97,7 @@ def attack(
             ``replicates`` key that file is not written.
     """
     import_plugins(plugins)
+    lira_options, rmia_options = LiraOptions(**dict(lira or {})), RmiaOptions(**dict(rmia or {}))
     missing = sorted(set(attacks) - set(outputs))
     if missing:
         raise ValueError(f"no output file for attack(s) {missing}")
@@ -126,6 +134,8 @@ def attack(
                                                         index=canaries["sample_id"]),
                                 int(audit["target"]), attack_rounds=attack_rounds,
                                 ddof=fedmia_ddof, outlier_filter=outlier_filter,
+                                lira=lira_options, rmia=rmia_options,
+                                population=owner.index[owner.to_numpy() == -1].to_numpy(),
                                 delta=float(audit["delta"]), seed=int(cell["seed"]))
         log.info("audit on %d canaries: ε ≥ %s", len(canaries),
                  dict(zip(audited.attack, audited.epsilon_empirical.round(3), strict=True)))
@@ -148,7 +158,8 @@ def attack(
     t0 = time.perf_counter()
     results, replicates = run_attacks_with_replicates(
         attacks, mdm, owner, targets, attack_rounds=attack_rounds, protocols=protocol,
-        official=proto, ddof=fedmia_ddof, outlier_filter=outlier_filter, fpr_rule=fpr_rule,
+        official=proto, ddof=fedmia_ddof, outlier_filter=outlier_filter, lira=lira_options,
+        rmia=rmia_options, fpr_rule=fpr_rule,
         roc_points=roc_points, n_boot=n_boot,
         bootstrap_keys=tuple(cell[k] for k in CELL_KEYS),
         keep_replicates=finding_attacks() if "replicates" in outputs else ())

@@ -59,8 +59,8 @@ def measure(
             defaults.
         plugins: the config's ``plugins``, imported first (they register kinds).
         output: the measure Parquet (:data:`fedmia.core.contracts.MEASURE_DTYPES`:
-            ``round, client_id, sample_id, loss, cos, grad_diff, grad_norm, correct,
-            confidence``), one row per (round, client, evaluation sample).
+            ``round, client_id, sample_id, loss, logit_conf, cos, grad_diff, grad_norm,
+            correct, confidence``), one row per (round, client, evaluation sample).
     """
     import_plugins(plugins)
     cfg = MeasureConfig.from_dict(config or {}, where="measure")
@@ -112,6 +112,7 @@ def measure(
             "client_id": np.repeat(np.arange(k), n),
             "sample_id": np.tile(eval_ids, k),
             "loss": res.loss.reshape(-1).numpy(),
+            "logit_conf": res.logit_conf.reshape(-1).numpy(),
             "cos": res.cos.reshape(-1).numpy(),
             "grad_diff": res.grad_diff.reshape(-1).numpy(),
             "grad_norm": np.tile(res.grad_norm.numpy(), k),
