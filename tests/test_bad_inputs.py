@@ -735,8 +735,11 @@ def attack_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
             damage(mdm_file)
         out = ctx.tmp / "attacks"
         outputs = {a: out / f"{a}.parquet" for a in ("loss", "cos", "audit")}
-        args = dict(attacks=["loss", "cos"], measures_file=mdm_file, partition_file=part_file,
-                    cell=CELL, rounds=[1, 2], outputs=outputs, n_boot=10, **kw)
+        config = {"attacks": ["loss", "cos"], "bootstrap": 10,
+                  **{k: v for k, v in kw.items() if k != "audit"}}
+        args = dict(measures_file=mdm_file, partition_file=part_file, cell=CELL,
+                    rounds=[1, 2], outputs=outputs, config=config,
+                    **{k: v for k, v in kw.items() if k == "audit"})
         return (lambda: pipeline.attack(**args)), [*outputs.values(), out]
     return bad(id, exc, problem, fix, setup, marks)
 

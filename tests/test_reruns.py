@@ -32,7 +32,7 @@ RERUNS = {
     "fedmia.attacker.routes": ("measure",),
     "fedmia.attacker.uncertainty": ("attack", "report"),
     "fedmia.core": ("prepare", "partition", "train", "measure", "attack", "report"),
-    "fedmia.core.config": ("prepare", "partition", "train", "measure", "report"),
+    "fedmia.core.config": ("prepare", "partition", "train", "measure", "attack", "report"),
     "fedmia.core.contracts": ("prepare", "partition", "train", "measure", "attack", "report"),
     "fedmia.core.fingerprint": ("train",),
     "fedmia.core.lazy": ("prepare", "train", "measure", "report"),

@@ -30,6 +30,7 @@ import jsonschema
 from fedmia.attacker.attacks import ATTACKS
 from fedmia.core.config import (
     VALIDATOR,
+    AttackConfig,
     ConfigError,
     DatasetConfig,
     ModelConfig,
@@ -85,7 +86,8 @@ class WorkflowSpec:
 
     Each section is parsed once, here: ``trains`` holds each cell's :class:`TrainConfig`
     (``train`` updated by its grid block), ``partitions`` each partition's
-    :class:`PartitionConfig`, ``report`` the :class:`ReportConfig`. The rules pass the
+    :class:`PartitionConfig`, ``report`` the :class:`ReportConfig`, ``attack`` the
+    :class:`AttackConfig` (each cell's resolution: :meth:`attack_for`). The rules pass the
     plain mappings (:meth:`train_for`) and each job builds its typed object again.
     """
 
@@ -96,6 +98,7 @@ class WorkflowSpec:
     trains: dict[Cell, TrainConfig]
     partitions: dict[str, PartitionConfig]
     report: ReportConfig
+    attack: AttackConfig
 
     def train_for(self, cell: Cell) -> dict[str, Any]:
         """Resolved training config of ``cell`` (``train`` updated by its grid block)."""
@@ -107,7 +110,7 @@ class WorkflowSpec:
 
     def attack_rounds(self, cell: Cell) -> list[int]:
         """Rounds the attacks of ``cell`` use (``attack.rounds``, else observe_every's)."""
-        rounds = self.config["attack"]["rounds"]
+        rounds = self.attack.rounds
         if rounds is None:
             return self.trains[cell].every_rounds()
         return sorted(rounds)
@@ -116,10 +119,19 @@ class WorkflowSpec:
         """The official protocol's options of ``cell`` (``attack.official`` ∪ its block's)."""
         return canonical(self.official[cell])
 
+    def attack_for(self, cell: Cell) -> dict[str, Any]:
+        """The ``attack`` section resolved for ``cell`` (its rounds, its official options).
+
+        What the attack stage receives (:class:`AttackConfig`'s fields as plain data).
+        """
+        resolved = {**self.attack.to_dict(), "rounds": self.attack_rounds(cell),
+                    "official": self.official[cell]}
+        return canonical(resolved)
+
     @property
     def protocols(self) -> list[str]:
         """The non-member protocols, as a list."""
-        return _as_list(self.config["attack"]["protocol"])
+        return self.attack.protocols
 
     @property
     def selections(self) -> list[str | int]:
@@ -133,8 +145,6 @@ def _as_list(value: Any) -> list:
 
 def _check_attack_plan(spec: WorkflowSpec) -> None:
     """Cross-checks of the attack and report options against every cell."""
-    config = spec.config
-    attack = config["attack"]
     for cell in spec.cells:
         train = spec.trains[cell]
         observed = train.observed()
@@ -155,8 +165,8 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                 raise ConfigError(
                     f"invalid config at 'report.single_round': round {how} is not observed in "
                     f"cell {cell.path} (observed: {observed}); pick an observed round")
-    fedmia = [a for a in attack["attacks"] if ATTACKS.get(a).kind == "fedmia"]
-    targets = [] if attack["targets"] == "all" else attack["targets"]
+    fedmia = [a for a in spec.attack.attacks or () if ATTACKS.get(a).kind == "fedmia"]
+    targets = [] if spec.attack.targets == "all" else spec.attack.targets
     for key in sorted({c.partition for c in spec.cells}):
         part = spec.partitions[key]
         beyond = sorted({t for t in targets if t >= part.num_clients})
@@ -253,7 +263,8 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
                 trains[cell] = train_cfg
                 official[cell] = block_official
     spec = WorkflowSpec(config=config, cells=tuple(cells), train=train, official=official,
-                        trains=trains, partitions=partitions, report=report)
+                        trains=trains, partitions=partitions, report=report,
+                        attack=AttackConfig.from_dict(config["attack"]))
     _check_attack_plan(spec)
     return spec
 

@@ -111,26 +111,16 @@ def get_observed_rounds(wildcards):
 
 
 def get_attack_params(wildcards):
-    """The attack stage's slice of the config for one cell, with per-cell choices resolved."""
-    cfg = config["attack"]
+    """The attack stage's arguments for one cell: its resolved ``attack`` section and the
+    choices that depend on its partition."""
     cell = cell_of(wildcards)
     kind = config["partitions"][wildcards.partition]["kind"]
     return {
-        "attacks": list(ATTACKS),
-        "attack_rounds": SPEC.attack_rounds(cell),
-        "targets": cfg["targets"],
-        "protocol": SPEC.protocols,
-        "official": SPEC.official_for(cell),
-        "fpr_rule": cfg["fpr_rule"],
-        "fedmia_ddof": cfg["fedmia_ddof"],
+        "config": SPEC.attack_for(cell),
         "outlier_filter": {
-            a: outlier_filter_for(cfg["fedmia_outlier_filter"], a, kind)
+            a: outlier_filter_for(config["attack"]["fedmia_outlier_filter"], a, kind)
             for a in ATTACKS
         },
-        "lira": cfg["lira"],
-        "rmia": cfg["rmia"],
-        "roc_points": cfg["roc_points"],
-        "n_boot": cfg["bootstrap"],
         "audit": {
             "target": config["partitions"][wildcards.partition]["audit_target"],
             "delta": config["privacy"]["delta"],
