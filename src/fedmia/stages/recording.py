@@ -20,10 +20,11 @@ stops with the file and the fix, and nothing of the cell is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 
 import fedmia
 from fedmia.core.config import ModelConfig, PartitionConfig
-from fedmia.core.contracts import CELL_KEYS, VIEW_FILES
+from fedmia.core.contracts import CELL_KEYS, VIEW_FILES, FormatError
 from fedmia.core.lockfile import lock_sha256
 from fedmia.core.registry import import_plugins
 from fedmia.federation.fedavg import DeviceData, evaluate
@@ -52,6 +53,15 @@ RERECORD = ("restore the recording's files as they were recorded, or record the 
 
 class RecordingError(ValueError):
     """A recorded server view that cannot be audited; the message names the file and the fix."""
+
+
+@contextlib.contextmanager
+def _recorded_file() -> Iterator[None]:
+    """Read a recording's file in the block: a damaged one names the recording's fix."""
+    try:
+        yield
+    except FormatError as e:  # its fix (rerun a stage) is not a recording's
+        raise RecordingError(f"{str(e).split('; ')[0]}; {RERECORD}") from None
 
 
 def verify_files(folder: Path, view: Mapping[str, Any]) -> None:
@@ -210,14 +220,18 @@ def import_recording(
                              f"but partition '{cell['partition']}' says num_clients "
                              f"{pcfg.num_clients}; set it to {view['num_clients']}")
     verify_files(folder, view)
-    own = io.read_ownership(folder / VIEW_FILES["ownership"])
+    with _recorded_file():
+        own = io.read_ownership(folder / VIEW_FILES["ownership"])
     check_ownership(own, view, n, folder / VIEW_FILES["ownership"])
     net = build_model(mcfg.kind, meta["num_classes"], meta["shape"][0], seed=0).to(dev)
     state = FlatState(net)
     for r in view["observed_rounds"]:
         path = folder / io.view_file(r)
-        check_round(io.load_observed(path), path, state.layout, mcfg.kind, pcfg.num_clients)
-    final, _ = io.load_tensors(folder / VIEW_FILES["final"], "final")
+        with _recorded_file():
+            obs = io.load_observed(path)
+        check_round(obs, path, state.layout, mcfg.kind, pcfg.num_clients)
+    with _recorded_file():
+        final, _ = io.load_tensors(folder / VIEW_FILES["final"], "final")
     if final["global_state"].shape != (state.layout.size,):
         raise RecordingError(f"{folder / VIEW_FILES['final']}: a model of another "
                              f"architecture than '{mcfg.kind}'; {RERECORD}")
