@@ -104,7 +104,9 @@ def recording_of(wildcards):
     """The recording imported as this cell (a rule of recorded cells only)."""
     cell = cell_of(wildcards)
     if cell not in SPEC.recorded:
-        raise ValueError(f"cell {cell.path} is trained, not recorded (config recordings:)")
+        raise ValueError(
+            f"cell {cell.path} is trained, not recorded (config recordings:)"
+        )
     return SPEC.recorded[cell]
 
 
