@@ -10,12 +10,14 @@ drawn by hand. After the runs the README describes::
     snakemake --cores all --configfile config/fashion_mnist_defenses.yaml \\
         -d runs/fashion_mnist_defenses
     snakemake --cores all --configfile config/audit.yaml -d runs/audit
+    python examples/flower/run.py && \
+        snakemake --cores all --configfile examples/flower/audit.yaml   # in the repo: flower=.
 
 run (any subset of the runs; the others' files are left as they are)::
 
     python docs/update.py default=runs/default fashion_mnist=runs/fashion_mnist \\
         defenses=runs/defenses fashion_mnist_defenses=runs/fashion_mnist_defenses \\
-        audit=runs/audit
+        audit=runs/audit flower=.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ FILES: dict[str, list[tuple[str, str]]] = {
          "fashion_mnist_defenses_privacy_utility_cos.png")],
     "audit": [("results/tables/privacy_utility.csv", "audit_privacy_utility.csv"),
               ("results/figures/privacy_audit.png", "audit_privacy_audit.png")],
+    "flower": [("results/tables/attacks.md", "flower_attacks.md")],
 }
 
 
