@@ -165,3 +165,16 @@ def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
     assert ev.groupby("client_id").size().to_dict() == {HELD_OUT: 200,
                                                         **dict.fromkeys(range(10), 50)}
     assert np.isin(ev.sample_id[ev.client_id == HELD_OUT], np.flatnonzero(part.is_test)).all()
+
+    # a new recording reruns the import even when its manifest keeps its date (the SHA-256
+    # of the manifest is a param of the rule)
+    manifest = rec / "manifest.json"
+    stat = manifest.stat()
+    manifest.write_text(manifest.read_text() + "\n")
+    os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    dry = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(wd),
+         "--cores", "2", "--configfile", str(REPO / "examples" / "flower" / "audit.yaml"),
+         "-n"], capture_output=True, text=True, env=env, timeout=600)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert "rule import_recording:" in dry.stdout and "rule measure:" in dry.stdout, dry.stdout
