@@ -14,7 +14,9 @@ it too), timing each::
         --configfile config/paper_smoke.yaml -d runs/smoke
 
 (and likewise ``config/defenses.yaml``, ``config/fashion_mnist_defenses.yaml``,
-``config/audit.yaml``), then::
+``config/audit.yaml``; the Flower example runs in the repository itself:
+``python examples/flower/run.py`` then ``/usr/bin/time -f %e -o TIME snakemake --cores all
+--configfile examples/flower/audit.yaml``, named ``flower=.``), then::
 
     python docs/update.py default=runs/default fashion_mnist=runs/fashion_mnist smoke=runs/smoke
 
@@ -48,6 +50,8 @@ RUNS = {
     "fashion_mnist_defenses": ("config/fashion_mnist_defenses.yaml",
                                "Fashion-MNIST, six defense kinds"),
     "audit": ("config/audit.yaml", "the one-run ε audit"),
+    "flower": ("examples/flower/audit.yaml",
+               "a real Flower training (examples/flower), recorded and audited"),
 }
 TABLES = ("attacks.csv", "findings.csv", "privacy_utility.csv", "hypervolume.csv")
 #: The attacks the summary tables show (code names), in order.

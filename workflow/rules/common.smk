@@ -31,6 +31,8 @@ DATA = "results/data/{dataset}"
 DATA_FILES = {key: f"{DATA}/{name}" for key, name in PREPARED_FILES.items()}
 PARTITION = "results/partitions/{dataset}/{partition}/seed{seed}.parquet"
 TRAIN = f"results/train/{CELL}"
+# A recorded cell's server view, imported instead of trained (config recordings:)
+IMPORTED = f"results/imported/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"
 FIGURES = f"results/figures/{CELL}"
 # Small image trees in an official layout that the workflow writes (config standins:)
@@ -77,6 +79,35 @@ def resources_of(stage, what):
 
 def get_cell(wildcards):
     return dataclasses.asdict(cell_of(wildcards))
+
+
+def view_folder(cell):
+    """The folder of a cell's server view: trained (TRAIN) or imported (IMPORTED)."""
+    pattern = IMPORTED if cell in SPEC.recorded else TRAIN
+    return pattern.format(**dataclasses.asdict(cell))
+
+
+def get_view(what):
+    """A function of the wildcards: the cell's view file ``what`` (manifest.json, observed)."""
+    return lambda wildcards: f"{view_folder(cell_of(wildcards))}/{what}"
+
+
+def get_cell_partition(wildcards):
+    """The partition the measures and attacks read: the partition stage's or the import's."""
+    cell = cell_of(wildcards)
+    if cell in SPEC.recorded:
+        return f"{view_folder(cell)}/partition.parquet"
+    return PARTITION.format(**dataclasses.asdict(cell))
+
+
+def recording_of(wildcards):
+    """The recording imported as this cell (a rule of recorded cells only)."""
+    cell = cell_of(wildcards)
+    if cell not in SPEC.recorded:
+        raise ValueError(
+            f"cell {cell.path} is trained, not recorded (config recordings:)"
+        )
+    return SPEC.recorded[cell]
 
 
 def get_dataset_standin(wildcards):
@@ -173,7 +204,7 @@ def get_all_attacks(wildcards=None):
 
 
 def get_all_manifests(wildcards=None):
-    return cell_paths(f"{TRAIN}/manifest.json")
+    return [f"{view_folder(c)}/manifest.json" for c in SPEC.cells]
 
 
 def get_families():

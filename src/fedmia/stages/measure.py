@@ -47,7 +47,9 @@ def measure(
     Args:
         data: files of the prepared dataset.
         partition_file: the partition Parquet (its ``eval`` samples are measured).
-        observed_dir: the train stage's ``observed/`` folder.
+        observed_dir: the ``observed/`` folder of a recorded server view (the train
+            stage's, or an imported recording's): each round's uploads carry their
+            clients' ids.
         rounds: the observed rounds to measure (each must have its file).
         manifest_file: the train stage's manifest: a cell that diverged saved only the
             rounds before divergence, and only those are measured (none: an empty table).
@@ -109,7 +111,7 @@ def measure(
         k, n = res.loss.shape
         columns = {
             "round": np.full(k * n, rnd),
-            "client_id": np.repeat(np.arange(k), n),
+            "client_id": np.repeat(obs["client_ids"].numpy(), n),  # the uploads' rows
             "sample_id": np.tile(eval_ids, k),
             "loss": res.loss.reshape(-1).numpy(),
             "logit_conf": res.logit_conf.reshape(-1).numpy(),
