@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-stage", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.scale, args.n_boot, args.draws = 0.004, 20, 1
+        args.scale, args.n_boot, args.draws = 0.01, 20, 1
     return args
 
 
@@ -78,22 +78,19 @@ def cell_of(text: str) -> Cell:
 def attack_options(spec: WorkflowSpec, cell: Cell) -> dict:
     """The attack stage's options for ``cell``, as the workflow gives them.
 
-    The attack rule's ``attack`` params (``workflow/rules/common.smk``) without the audit.
+    The attack rule's params (``workflow/rules/common.smk``, ``get_attack_params``)
+    without the audit: ``config`` (the cell's resolved ``attack`` section) and
+    ``outlier_filter``.
     """
-    attack = spec.config["attack"]
+    attacks = list(spec.config["attack"]["attacks"])
     kind = spec.config["partitions"][cell.partition]["kind"]
+    config = spec.attack_for(cell)
+    config["attacks"] = attacks
     return {
-        "attacks": list(attack["attacks"]),
-        "attack_rounds": spec.attack_rounds(cell),
-        "targets": attack["targets"],
-        "protocol": spec.protocols,
-        "official": dict(spec.official_for(cell)),
-        "fpr_rule": attack["fpr_rule"],
-        "fedmia_ddof": attack["fedmia_ddof"],
-        "outlier_filter": {a: outlier_filter_for(attack["fedmia_outlier_filter"], a, kind)
-                           for a in attack["attacks"]},
-        "roc_points": attack["roc_points"],
-        "n_boot": attack["bootstrap"],
+        "config": config,
+        "outlier_filter": {
+            a: outlier_filter_for(spec.config["attack"]["fedmia_outlier_filter"], a, kind)
+            for a in attacks},
     }
 
 
@@ -108,19 +105,20 @@ def plan(args: argparse.Namespace) -> dict:
     members = max(2, round(part.eval_members_per_client * args.scale))
     heldout = max(2, round(part.eval_nonmembers * args.scale))
     options = attack_options(spec, cell)
-    official = options["official"]
+    official = options["config"]["official"]
     for key in ("test_slots", "client_slots"):
         if official.get(key) is not None:
             official[key] = max(1, round(official[key] * args.scale))
     if args.draws is not None:
         official["draws"] = args.draws
     if args.n_boot is not None:
-        options["n_boot"] = args.n_boot
+        options["config"]["bootstrap"] = args.n_boot
     return {
         "cell": {"dataset": cell.dataset, "model": cell.model, "defense": cell.defense,
                  "partition": cell.partition, "seed": cell.seed},
         "clients": part.num_clients, "members": members, "heldout": heldout,
         "rounds": spec.observed_rounds(cell), "options": options,
+        "attacks": options["config"]["attacks"],
     }
 
 
@@ -173,7 +171,7 @@ def run_stage(folder: Path) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
     job = json.loads((folder / "job.json").read_text())
-    outputs = {name: folder / "out" / f"{name}.parquet" for name in job["options"]["attacks"]}
+    outputs = {name: folder / "out" / f"{name}.parquet" for name in job["attacks"]}
     outputs["replicates"] = folder / "out" / "replicates.parquet"
     t0 = time.perf_counter()
     attack(measures_file=folder / "mdm.parquet", partition_file=folder / "partition.parquet",
@@ -193,12 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     job = plan(args)
     k, m, h, rounds = job["clients"], job["members"], job["heldout"], job["rounds"]
     n = k * m + h
-    opts = job["options"]
+    opts = job["options"]["config"]
     print(f"cell {args.cell} of {args.config.name} (scale {args.scale:g}): {k} clients × {m} "
           f"members + {h} held-out = {n:,} samples; {len(rounds)} observed rounds "
-          f"({len(opts['attack_rounds'])} attacked); {len(rounds) * k * n:,} measure rows")
+          f"({len(opts['rounds'])} attacked); {len(rounds) * k * n:,} measure rows")
     print(f"{len(opts['attacks'])} attacks, protocols {opts['protocol']}, official "
-          f"{opts['official']}, fpr_rule {opts['fpr_rule']}, B = {opts['n_boot']}")
+          f"{opts['official']}, fpr_rule {opts['fpr_rule']}, B = {opts['bootstrap']}")
     with tempfile.TemporaryDirectory(prefix="fedmia-bench-attack-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
         options = attack_options(job["spec"], CELL)
         outputs = {name: args.out / "attacks" / f"{name}.parquet"
-                   for name in options["attacks"]}
+                   for name in options["config"]["attacks"]}
         attack(measures_file=first["mdm"], partition_file=part_file, cell=job["cell"],
                rounds=job["rounds"], manifest_file=first["manifest"], **options,
                outputs=outputs)

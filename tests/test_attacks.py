@@ -30,7 +30,9 @@ from fedmia.attacker.uncertainty import stratified_replicates
 from fedmia.core.contracts import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
-MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos"]
+MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos",
+         "lira_conf", "lira_cos", "lira_conf_sum", "lira_cos_sum", "lira_conf_cos_sum", "rmia",
+         "rmia_sum"]
 ALIGNED = {"protocols": ["aligned"]}
 
 
@@ -52,7 +54,8 @@ def world(separation: float, *, k: int = 5, per_client: int = 30, held_out: int 
     """A cell whose members differ from non-members by ``separation`` noise units.
 
     Sample ids are scattered, not positions. Under its owner's upload a sample has
-    lower loss, higher cos and grad_diff; grad_norm is lower for client 0's samples.
+    lower loss, higher logit_conf, cos and grad_diff; grad_norm is lower for client 0's
+    samples.
     """
     rng = np.random.default_rng(seed)
     n = k * per_client + held_out
@@ -68,6 +71,7 @@ def world(separation: float, *, k: int = 5, per_client: int = 30, held_out: int 
         "grad_diff": separation * on_own + noise(),
         "grad_norm": np.broadcast_to(
             1.0 - separation * (own == 0) + rng.random((len(rounds), 1, n)), shape),
+        "logit_conf": separation * on_own + noise(),
     }
     return make_table(values, rounds, np.arange(k), sample_ids), owner
 
@@ -76,17 +80,28 @@ def world(separation: float, *, k: int = 5, per_client: int = 30, held_out: int 
 def test_perfect_separation(name):
     mdm, owner = world(separation=100.0)
     res = run_attack(name, mdm, owner, targets=[0] if name == "grad_norm" else None)
+    mixed, held = res[res.protocol != "heldout"], res[res.protocol == "heldout"]
+    if ATTACKS.get(name).kind == "rmia":
+        # RMIA's score is a fraction of the population: every member beats all of it and
+        # scores 1, and so does a held-out sample above the other half's population (a
+        # tie at the top); the tie holds few non-members
+        assert (res["tpr@10%"] == 1.0).all() and (res["auc"] > 0.9).all()
+        return
     assert (res["auc"] == 1.0).all()
-    assert (res["tpr@1%"] == 1.0).all()
+    assert (mixed["tpr@1%"] == 1.0).all() and (held["tpr@10%"] == 1.0).all()
     assert res["tpr@0.1%"].isna().all()  # 170 non-members cannot resolve FPR 0.1%
-    assert (res["n_members"] == 30).all() and (res["n_nonmembers"] == 170).all()
+    assert held["tpr@1%"].isna().all()  # nor 50 held-out ones FPR 1%
+    assert (res["n_members"] == 30).all() and (mixed["n_nonmembers"] == 170).all()
+    assert (held["n_nonmembers"] == 50).all()
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
 def test_identical_distributions(name):
     mdm, owner = world(separation=0.0, per_client=700, held_out=500)
     res = run_attack(name, mdm, owner)
-    assert res["auc"].sub(0.5).abs().max() < 0.05
+    mixed, held = res[res.protocol != "heldout"], res[res.protocol == "heldout"]
+    assert mixed["auc"].sub(0.5).abs().max() < 0.05
+    assert abs(held["auc"].mean() - 0.5) < 0.02  # 500 non-members: single rows are noisier
 
 
 def test_attack_kinds():
@@ -108,10 +123,10 @@ def test_output_columns_and_rounds():
         rounds = {-1} if name in MULTI else {1, 10, 20}
         assert set(res["round"]) == rounds
         assert set(res["n_rounds"]) == ({3} if name in MULTI else {1})
-        assert len(res) == 2 * len(rounds) * (1 + 3)  # aligned + 3 official draws
+        assert len(res) == 2 * len(rounds) * (1 + 3 + 1)  # aligned + 3 official + heldout
         assert res.groupby("protocol")["draw"].unique().map(list).to_dict() == {
-            "aligned": [0], "official": [0, 1, 2]}
-        scores = attack_scores(name, mdm, 1)
+            "aligned": [0], "heldout": [0], "official": [0, 1, 2]}
+        scores = attack_scores(name, mdm, 1, owner=owner)
         assert set(scores["round"]) == rounds
         assert len(scores) == len(rounds) * len(owner)
 
@@ -252,7 +267,8 @@ def test_row_order_does_not_matter():
         pd.testing.assert_frame_equal(a[cols], b[cols])
         for c in ("roc_fpr", "roc_tpr"):
             assert all(np.array_equal(x, y) for x, y in zip(a[c], b[c], strict=True))
-        pd.testing.assert_frame_equal(attack_scores(name, mdm, 2), attack_scores(name, shuffled, 2))
+        pd.testing.assert_frame_equal(attack_scores(name, mdm, 2, owner=owner),
+                                      attack_scores(name, shuffled, 2, owner=owner_shuffled))
 
 
 def test_validate_accepts_good_table():
@@ -380,8 +396,9 @@ def test_official_redraws_inflate_low_fpr_tpr_of_series_attacks():
 
 
 def test_attack_specs_name_a_measure_column_a_sign_and_a_kind():
-    with pytest.raises(ValueError, match=r"measure 'acc' is not a column of the measure table; "
-                                         r"choose from \['loss', 'cos', .*'confidence'\]"):
+    with pytest.raises(ValueError, match=r"measure 'acc' is not a column of the measure "
+                                         r"table; choose from \['loss', 'logit_conf', 'cos', "
+                                         r".*'confidence'\]"):
         AttackSpec("acc_series", "acc", 1, "series", "acc")
     with pytest.raises(ValueError, match=r"sign must be \+1 or -1 and kind one of"):
         AttackSpec("x", "loss", 2, "single", "loss")

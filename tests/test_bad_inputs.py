@@ -18,8 +18,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -39,6 +41,7 @@ from safetensors.torch import save_file
 
 from fedmia import pipeline
 from fedmia.attacker.attacks import (
+    AttackSpec,
     OfficialProtocol,
     official_slots,
     outlier_filter_for,
@@ -46,13 +49,17 @@ from fedmia.attacker.attacks import (
     run_attacks,
     validate_measures,
 )
+from fedmia.attacker.calibrated import LiraOptions, RmiaOptions
 from fedmia.core import contracts
 from fedmia.core.config import ConfigError, DefenseConfig, PartitionConfig, TrainConfig
 from fedmia.federation import datasets as ds
 from fedmia.federation.datasets import verify_md5
 from fedmia.federation.defenses import InstaHideDefense, defense_from_config
+from fedmia.federation.models import build_model
 from fedmia.federation.partition import PartitionError
+from fedmia.federation.state import FlatState
 from fedmia.stages import io as fio
+from fedmia.stages.recording import RecordingError, import_recording
 from fedmia.stages.train import Checkpoint
 from fedmia.workflow import load_workflow_config
 from test_attacks import world
@@ -224,7 +231,28 @@ CONFIG = [
                 r"has no attacked rounds: train.rounds = 30 < train.observe_every = 40",
                 r"lower observe_every or list attack.rounds"),
     config_case("unknown-protocol", "attack.protocol", "leaky",
-                r"at 'attack.protocol': 'leaky' is not valid", r"aligned .* and/or official"),
+                r"at 'attack.protocol': 'leaky' is not valid",
+                r"aligned .* official .* and/or heldout"),
+    config_case("unknown-lira-variance", "attack.lira", {"variance": "robust"},
+                r"at 'attack.lira.variance': 'robust' is not one of",
+                r"\['shrunk', 'per_sample', 'pooled'\]"),
+    config_case("unknown-lira-location", "attack.lira", {"location": "mode"},
+                r"at 'attack.lira.location': 'mode' is not one of", r"\['mean', 'median'\]"),
+    config_case("lira-ddof-two", "attack.lira", {"ddof": 2},
+                r"at 'attack.lira.ddof': 2 is not one of", r"\[0, 1\]"),
+    config_case("unknown-lira-key", "attack.lira", {"var": "pooled"},
+                r"at 'attack.lira': .*'var' was unexpected",
+                r"allowed keys are \['ddof', 'location', 'variance'\]"),
+    config_case("rmia-a-above-one", "attack.rmia", {"a": 1.5},
+                r"at 'attack.rmia.a': 1.5 is greater than the maximum of 1", r"offline a"),
+    config_case("rmia-negative-a", "attack.rmia", {"a": -0.1},
+                r"at 'attack.rmia.a': -0.1 is less than the minimum of 0", r"offline a"),
+    config_case("rmia-zero-gamma", "attack.rmia", {"gamma": 0},
+                r"at 'attack.rmia.gamma': 0 is less than or equal to the minimum of 0",
+                r"likelihood-ratio threshold"),
+    config_case("unknown-rmia-key", "attack.rmia", {"alpha": 0.3},
+                r"at 'attack.rmia': .*'alpha' was unexpected",
+                r"allowed keys are \['a', 'gamma'\]"),
     config_case("unknown-fpr-rule", "attack.fpr_rule", "strict",
                 r"at 'attack.fpr_rule': 'strict' is not one of", r"\['at_most', 'below'\]"),
     config_case("unknown-attack", "attack.attacks", ["lira"],
@@ -671,7 +699,7 @@ PARTITIONS = [
 # --------------------------------------------------------------- 4. intermediate files
 
 CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
-MEASURES = ("loss", "cos", "grad_diff", "grad_norm", "confidence")
+MEASURES = ("loss", "logit_conf", "cos", "grad_diff", "grad_norm", "confidence")
 
 
 def cell_inputs(ctx: Ctx, **part: Any) -> tuple[Path, pd.DataFrame]:
@@ -712,8 +740,11 @@ def attack_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
             damage(mdm_file)
         out = ctx.tmp / "attacks"
         outputs = {a: out / f"{a}.parquet" for a in ("loss", "cos", "audit")}
-        args = dict(attacks=["loss", "cos"], measures_file=mdm_file, partition_file=part_file,
-                    cell=CELL, rounds=[1, 2], outputs=outputs, n_boot=10, **kw)
+        config = {"attacks": ["loss", "cos"], "bootstrap": 10,
+                  **{k: v for k, v in kw.items() if k != "audit"}}
+        args = dict(measures_file=mdm_file, partition_file=part_file, cell=CELL,
+                    rounds=[1, 2], outputs=outputs, config=config,
+                    **{k: v for k, v in kw.items() if k == "audit"})
         return (lambda: pipeline.attack(**args)), [*outputs.values(), out]
     return bad(id, exc, problem, fix, setup, marks)
 
@@ -730,7 +761,8 @@ def replicates_case(id: str, exc: type[BaseException], problem: str, *,
         rng = np.random.default_rng(0)
         reps = pd.DataFrame([dict(CELL, attack="loss", protocol="aligned", draw=0, target=t,
                                   round=2, **{"auc_replicates": rng.random(8).astype("float32"),
-                                              "tpr@0.1%_replicates": np.zeros(8, "float32")})
+                                              "tpr@0.1%_replicates": np.zeros(8, "float32"),
+                                              "tpr@1%_replicates": np.zeros(8, "float32")})
                              for t in range(3)]).astype(contracts.REPLICATE_DTYPES)
         if not missing:
             fio.write_parquet(edit(reps), rep_file, "replicates")
@@ -899,6 +931,171 @@ INTERMEDIATE = [
                r"rerun its stage with snakemake --forcerun partition", damage=truncate),
 ]
 
+# ------------------------------------------------- 4a. recorded server views to import
+
+REC_PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=5,
+                eval_nonmembers=20)
+RECORD_AGAIN = r"restore the recording's files as they were recorded, or record the run again"
+
+
+@pytest.fixture(scope="session")
+def recorded_view(digits_files, tmp_path_factory) -> Path:
+    """A tiny trained cell's folder: a recorded server view (rounds 1 and 2, K = 3)."""
+    out = tmp_path_factory.mktemp("recorded")
+    pipeline.partition(digits_files, REC_PART, 0, out / "partition.parquet")
+    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
+                   model={"kind": "alexnet"}, defense={"kind": "none"},
+                   train_cfg=dict(rounds=2, batch_size=10, observe_every=1), cell=CELL,
+                   device="cpu", threads=1,
+                   outputs={k: out / n for k, n in (("history", "history.parquet"),
+                                                    ("final", "final.safetensors"),
+                                                    ("observed", "observed"),
+                                                    ("manifest", "manifest.json"))})
+    return out
+
+
+def resign(rec: Path, name: str) -> None:
+    """Write the current SHA-256 of ``rec/name`` into the manifest (as its recorder would)."""
+    man = json.loads((rec / "manifest.json").read_text())
+    man["view"]["files"][name] = fio.file_sha256(rec / name)
+    (rec / "manifest.json").write_text(json.dumps(man))
+
+
+def recording_case(id: str, exc: type[BaseException], problem: str, fix: str, *,
+                   damage: Callable[[Path], None], part: dict | None = None, marks: Any = ()):
+    """The import stage on a copy of a recorded view that ``damage`` spoils."""
+    def setup(ctx: Ctx):
+        rec = ctx.tmp / "rec"
+        shutil.copytree(ctx.request.getfixturevalue("recorded_view"), rec)
+        damage(rec)
+        out = ctx.tmp / "imported"
+        outputs = {"manifest": out / "manifest.json", "observed": out / "observed",
+                   "ownership": out / "ownership.parquet", "final": out / "final.safetensors",
+                   "partition": out / "partition.parquet"}
+        return (lambda: import_recording(
+            recording=rec, data=ctx.digits, model={"kind": "alexnet"},
+            partition={**REC_PART, **(part or {})}, cell=CELL, device="cpu", threads=1,
+            outputs=outputs)), [*outputs.values(), out]
+    return bad(id, exc, problem, fix, setup, marks)
+
+
+def _drop_round(rec: Path) -> None:
+    (rec / "observed" / "round0002.safetensors").unlink()
+
+
+def _other_architecture(rec: Path) -> None:
+    f = rec / "observed" / "round0001.safetensors"
+    obs = fio.load_observed(f)
+    state = FlatState(build_model("alexnet", 12, 3, seed=0))  # 12 classes: another classifier
+    p = state.layout.size
+    fio.save_observed(f, global_state=torch.zeros(p), uploads=torch.zeros(3, p),
+                      client_ids=obs["client_ids"], num_samples=obs["num_samples"],
+                      meta={"round": 1, "layout": state.layout.to_list(),
+                            "model": {"kind": "alexnet", "num_classes": 12, "in_channels": 3}})
+    resign(rec, "observed/round0001.safetensors")
+
+
+def _foreign_samples(rec: Path) -> None:
+    own = fio.read_ownership(rec / "ownership.parquet")
+    own.loc[own.sample_id >= 1790, "sample_id"] += 5000
+    fio.write_ownership(own, rec / "ownership.parquet")
+    resign(rec, "ownership.parquet")
+
+
+def _truncated_round(rec: Path) -> None:
+    truncate(rec / "observed" / "round0001.safetensors")
+    resign(rec, "observed/round0001.safetensors")  # a recorder that wrote a broken file
+
+
+def _changed_final(rec: Path) -> None:
+    f = rec / "final.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+
+
+def _missing_client(rec: Path) -> None:
+    f = rec / "observed" / "round0002.safetensors"
+    obs = fio.load_observed(f)
+    fio.save_observed(f, global_state=obs["global_state"], uploads=obs["uploads"][:2],
+                      client_ids=obs["client_ids"][:2], num_samples=obs["num_samples"][:2],
+                      meta={k: obs[k] for k in ("round", "layout", "model")})
+    resign(rec, "observed/round0002.safetensors")
+
+
+RECORDINGS = [
+    recording_case("recording-missing-a-round", RecordingError,
+                   r"recorded round 2: .*round0002.safetensors is missing", RECORD_AGAIN,
+                   damage=_drop_round),
+    recording_case("recording-upload-of-another-architecture", RecordingError,
+                   r"round0001.safetensors: an upload of another architecture than model "
+                   r"'alexnet' \(first difference: 'classifier.weight' \[12, 256\] vs "
+                   r"\[10, 256\]\)", r"set the recording's model to the architecture the run "
+                   r"trained", damage=_other_architecture),
+    recording_case("recording-sample-ids-not-in-the-dataset", RecordingError,
+                   r"ownership.parquet names 7 sample id\(s\) not in the dataset, e.g. "
+                   r"\[6790, 6791, 6792\]; the dataset has 1797 samples",
+                   r"set the recording's dataset to the one it trained on",
+                   damage=_foreign_samples),
+    recording_case("recording-truncated-file", RecordingError,
+                   r"round0001.safetensors is not a readable safetensors file .*truncated",
+                   RECORD_AGAIN, damage=_truncated_round),
+    recording_case("recording-hash-mismatch", RecordingError,
+                   r"final.safetensors: SHA-256 \w+… does not match the manifest's \w+… \(the "
+                   r"file was changed or truncated after recording\)", RECORD_AGAIN,
+                   damage=_changed_final),
+    recording_case("recording-without-a-manifest", FileNotFoundError,
+                   r"rec/manifest.json does not exist: no recorded view there",
+                   r"record the run first .* or fix the recording's folder",
+                   damage=lambda rec: (rec / "manifest.json").unlink()),
+    recording_case("recording-a-client-missing-from-a-round", RecordingError,
+                   r"round0002.safetensors: client\(s\) \[2\] sent no upload in round 2",
+                   r"attack other rounds .* or record a run in which every client takes part",
+                   damage=_missing_client),
+    recording_case("recording-of-other-clients-than-the-partition", RecordingError,
+                   r"the view has 3 clients but partition 'iid' says num_clients 4",
+                   r"set it to 3", damage=lambda rec: None, part={"num_clients": 4}),
+]
+
+
+def recording_config(edit: Callable[[dict, Path], None]) -> Setup:
+    """The tiny config with a recording of the session's recorded view, edited."""
+    def setup(ctx: Ctx):
+        cfg = copy.deepcopy(TINY)
+        cfg["partitions"]["rec"] = dict(REC_PART)
+        cfg["recordings"] = {"run": dict(folder=str(ctx.request.getfixturevalue(
+            "recorded_view")), dataset="digits", model="alexnet", defense="none",
+            partition="rec", seed=0)}
+        edit(cfg, ctx.tmp)
+        return (lambda: load_workflow_config(cfg)), []
+    return setup
+
+
+def _also_in_the_grid(cfg: dict, tmp: Path) -> None:
+    cfg["grid"][0]["partitions"].append("rec")
+
+
+RECORDING_CONFIGS = [
+    bad("config-recording-folder-without-a-manifest", ConfigError,
+        r"at 'recordings.run.folder': .*nowhere/manifest.json does not exist",
+        r"record the run first", recording_config(
+            lambda cfg, tmp: cfg["recordings"]["run"].update(folder=str(tmp / "nowhere")))),
+    bad("config-recording-attack-round-not-recorded", ConfigError,
+        r"at 'recordings.run.attack_rounds': round\(s\) \[5\] are not in recording 'run'",
+        r"attack recorded rounds only", recording_config(
+            lambda cfg, tmp: cfg["recordings"]["run"].update(attack_rounds=[2, 5]))),
+    bad("config-recording-of-an-undefined-model", ConfigError,
+        r"at 'recordings.run.model': 'cnn' is not defined", r"defined models: \['alexnet'\]",
+        recording_config(lambda cfg, tmp: cfg["recordings"]["run"].update(model="cnn"))),
+    bad("config-recording-of-a-trained-cell", ConfigError,
+        r"at 'recordings.run': cell digits/alexnet/none/rec/seed0 is also trained by a grid "
+        r"block", r"give the recording another cell key", recording_config(_also_in_the_grid)),
+    bad("config-recording-of-other-clients-than-the-partition", ConfigError,
+        r"at 'partitions.rec.num_clients': recording 'run' has 3 clients", r"set it to 3",
+        recording_config(lambda cfg, tmp: cfg["partitions"]["rec"].update(num_clients=5))),
+]
+
+
 # --------------------------------------------------- 4b. files of another format version
 
 
@@ -1033,6 +1230,27 @@ ATTACKS = [
     bad("fedmia-with-one-reference", ValueError, r"at least 2 non-target clients; got 1",
         r"num_clients >= 3|drop",
         library(lambda: run_attack("fedmia_loss", *world(separation=0.3, k=2)))),
+    bad("unknown-lira-variance-rule", ValueError, r"unknown LiRA variance rule 'robust'",
+        r"set attack.lira.variance to one of \['per_sample', 'pooled', 'shrunk'\]",
+        library(lambda: LiraOptions(variance="robust"))),
+    bad("unknown-lira-location-library", ValueError, r"unknown LiRA location 'mode'",
+        r"set attack.lira.location to one of \['mean', 'median'\]",
+        library(lambda: LiraOptions(location="mode"))),
+    bad("rmia-a-outside-0-1", ValueError, r"RMIA's a must be a number in \[0, 1\]; got 2",
+        r"set attack.rmia.a in \[0, 1\]", library(lambda: RmiaOptions(a=2))),
+    bad("rmia-gamma-not-positive", ValueError, r"RMIA's gamma must be a finite number > 0",
+        r"set attack.rmia.gamma > 0", library(lambda: RmiaOptions(gamma=0.0))),
+    bad("rmia-on-the-cosine", ValueError, r"RMIA's signal is log p_y = −loss",
+        r"give measure='loss', sign=-1",
+        library(lambda: AttackSpec("rmia_cos", "cos", 1, "rmia", ""))),
+    bad("rmia-without-a-held-out-population", ValueError,
+        r"cross-fitting left half [01] without a held-out population",
+        r"raise the partition's eval_nonmembers",
+        library(lambda: run_attacks(["rmia"], *world(separation=0.3, held_out=1),
+                                    protocols=["aligned"], n_boot=0))),
+    bad("lira-with-one-reference", ValueError, r"LiRA needs at least 2 reference",
+        r"num_clients >= 3|drop",
+        library(lambda: run_attack("lira_cos", *world(separation=0.3, k=2)))),
     bad("unknown-outlier-filter", ValueError, r"unknown outlier-filter policy 'sometimes'",
         r"choose from \['auto', 'always', 'never'\]",
         library(lambda: outlier_filter_for("sometimes", "fedmia_cos", "iid"))),
@@ -1276,7 +1494,8 @@ DEFENSES = [
                         r"in \[0.5, upper_bound\]"),
 ]
 
-CASES = CONFIG + DATASETS + PARTITIONS + INTERMEDIATE + FORMAT_VERSIONS + ATTACKS + DEFENSES
+CASES = (CONFIG + DATASETS + PARTITIONS + INTERMEDIATE + RECORDINGS + RECORDING_CONFIGS
+         + FORMAT_VERSIONS + ATTACKS + DEFENSES)
 
 
 @pytest.mark.parametrize("case", CASES)

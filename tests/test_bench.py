@@ -6,7 +6,13 @@ import math
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
+
+from fedmia.attacker.attacks import ATTACKS, run_attacks
+from fedmia.report.tables import summarize
+from fedmia.stages import io
+from test_attacks import world
 
 LINES = {
     "measures.py": ["speedup_vs_naive", "cost_vs_floor", "peak_rss_mb"],
@@ -93,9 +99,56 @@ def test_attack_stage_smoke(repo, tmp_path):
                        cwd=repo, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     values = machine_lines(r.stdout)
-    assert int(values["attack_rows"]) == 31 * 10 * (10 * 20 + 40)  # rounds × clients × N
+    assert int(values["attack_rows"]) == 31 * 10 * (10 * 50 + 100)  # rounds × clients × N
     assert float(values["attack_stage_s"]) >= float(values["attack_attacks_s"]) > 0
     assert float(values["attack_peak_rss_mb"]) > 0
     tables = sorted(p.stem for p in (tmp_path / "out").glob("*.parquet"))
     assert "replicates" in tables and len(tables) > 1
     assert int(values["attack_result_rows"]) > 0
+
+
+def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path):
+    """bench/attacks.py on a run directory: per setting and protocol, every attack sorted by
+    TPR@1 %, its three metrics with intervals, the attack stage's time, the RMIA sweep."""
+    mdm, owner = world(0.5, k=4, per_client=30, held_out=150, seed=2)
+    res = run_attacks(ATTACKS.names(), mdm, owner, n_boot=20)
+    cell = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
+    results = pd.concat([r.assign(**cell, attack=name) for name, r in res.items()])
+    tables = tmp_path / "results" / "tables"
+    tables.mkdir(parents=True)
+    summarize(results, ["last"]).to_csv(tables / "attacks.csv", index=False)
+    bench = tmp_path / "results" / "benchmarks" / "attack" / "digits" / "alexnet" / "none"
+    bench.mkdir(parents=True)
+    (bench / "iid.tsv").write_text("s\th:m:s\n12.5\t0:00:12\n")
+    mdm_file = tmp_path / "results" / "mdm" / "digits" / "alexnet" / "none" / "iid" / \
+        "seed0.parquet"
+    mdm_file.parent.mkdir(parents=True)
+    io.write_parquet(mdm, mdm_file, "measures")
+    part = pd.DataFrame({"sample_id": owner.index, "client_id": owner.to_numpy(), "eval": True})
+    part_file = tmp_path / "results" / "partitions" / "digits" / "iid" / "seed0.parquet"
+    part_file.parent.mkdir(parents=True)
+    io.write_parquet(part, part_file, "partition")
+    r = subprocess.run([sys.executable, str(repo / "bench" / "attacks.py"), str(tmp_path),
+                        "--rmia-a", "0", "1"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for protocol in ("aligned", "official", "heldout"):
+        section = out.split(f"digits/alexnet/none/iid/{protocol} — sorted by tpr@1%")[1]
+        section = section.split("\n\n")[0]
+        labels = [line[:36].strip() for line in section.splitlines()[2:]]
+        assert len(labels) == len(ATTACKS.names())  # single-round ones at `last`
+        assert "Loss-I (Blackbox-Loss) @ last" in labels and "lira_conf_cos_sum" in labels
+        col = [line[62:88].split()[0] for line in section.splitlines()[2:]]  # TPR@1 %
+        values = [float(v.rstrip("*")) for v in col if v != "n/a"]
+        assert values == sorted(values, reverse=True)
+        assert "[" in section  # intervals
+    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line
+                  and " " not in line.split("=", 1)[0])
+    assert values["attack_stage_s"] == "12.5"
+    assert values["strongest_digits_alexnet_none_iid_aligned"] in ATTACKS.names()
+    assert "RMIA sensitivity to a" in out and out.count("rmia_sum") >= 4
+    bad = subprocess.run([sys.executable, str(repo / "bench" / "attacks.py"),
+                          str(tmp_path / "x")], cwd=repo, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "give the directory of a finished run" in bad.stderr

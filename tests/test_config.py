@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,10 +98,19 @@ def test_schema_defense_blocks_are_generated_from_the_dataclasses():
     assert filled == generated and set(filled) == set(kinds("composable defenses"))
 
 
-def test_readme_defense_table_is_generated_from_the_dataclasses():
-    """The README's table of defenses is what the registered defenses generate."""
+def test_docs_defense_table_is_generated_from_the_dataclasses():
+    """docs/defenses.md's table of defenses is what the registered defenses generate."""
+    page = (REPO / "docs" / "defenses.md").read_text()
+    assert defense_table() in page, "paste the output of: python -m fedmia.kinds defenses"
+
+
+def test_the_readme_is_a_front_door():
+    """At most 200 lines; every page it links exists."""
     readme = (REPO / "README.md").read_text()
-    assert defense_table() in readme, "paste the output of: python -m fedmia.kinds defenses"
+    assert len(readme.splitlines()) <= 200
+    for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme):
+        if not link.startswith("http"):
+            assert (REPO / link).exists(), f"README links {link}, which does not exist"
 
 
 def test_schema_enums_of_settings_match_the_code():
@@ -234,7 +244,7 @@ def test_attack_plan_defaults(default_config):
     DEFAULT_SELECTIONS = default_config.get("report", {}).get("single_round", schema_default)
     assert spec.observed_rounds(cell) == [1, 10, 20, 30]
     assert spec.attack_rounds(cell) == [10, 20, 30]  # round 1 observed, not attacked
-    assert spec.protocols == ["aligned", "official"]
+    assert spec.protocols == ["aligned", "official", "heldout"]
     assert spec.selections == DEFAULT_SELECTIONS
     cfg = mutate(mutate(default_config, "attack.rounds", [1, 30]), "attack.protocol", "official")
     cfg = mutate(cfg, "report.single_round", "best_tpr_mean")

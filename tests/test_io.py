@@ -31,8 +31,8 @@ def test_parquet_and_tensors_round_trip(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("truncate", r"is not a readable Parquet file .* truncated or damaged; delete .* and "
                  r"rerun, or rerun its stage with snakemake --forcerun measure"),
-    ("other_kind", r"has format 'attack/1', but this fedmia reads 'measures/1'"),
-    ("untagged", r"has no fedmia format tag, but this fedmia reads 'measures/1' .*--forcerun "
+    ("other_kind", r"has format 'attack/1', but this fedmia reads 'measures/2'"),
+    ("untagged", r"has no fedmia format tag, but this fedmia reads 'measures/2' .*--forcerun "
                  r"measure"),
     ("missing", r"does not exist; delete .* or rerun its stage"),
 ])
@@ -122,14 +122,15 @@ def replicate_table(n: int = 3, n_boot: int = 8) -> pd.DataFrame:
             "seed": 0, "attack": "loss", "protocol": "aligned", "draw": 0}
     return pd.DataFrame([{**keys, "target": t, "round": 10,
                           "auc_replicates": rng.random(n_boot).astype(np.float32),
-                          "tpr@0.1%_replicates": np.zeros(n_boot, np.float32)}
+                          "tpr@0.1%_replicates": np.zeros(n_boot, np.float32),
+                          "tpr@1%_replicates": np.zeros(n_boot, np.float32)}
                          for t in range(n)]).astype(contracts.REPLICATE_DTYPES)
 
 
 def test_replicate_file_contract(tmp_path):
     assert contracts.REPLICATE_COLUMNS == (*contracts.CELL_KEYS, "attack", "protocol", "draw",
                                            "target", "round", "auc_replicates",
-                                           "tpr@0.1%_replicates")
+                                           "tpr@0.1%_replicates", "tpr@1%_replicates")
     f = tmp_path / "replicates.parquet"
     df = replicate_table()
     io.write_parquet(df, f, "replicates")
@@ -138,7 +139,7 @@ def test_replicate_file_contract(tmp_path):
     for c, t in contracts.REPLICATE_DTYPES.items():
         assert (pd.api.types.is_string_dtype(back[c]) if t == "object"
                 else str(back[c].dtype) == t), c
-    for c in ("auc_replicates", "tpr@0.1%_replicates"):
+    for c in ("auc_replicates", "tpr@0.1%_replicates", "tpr@1%_replicates"):
         assert all(v.dtype == np.float32 and v.shape == (8,) for v in back[c])
         np.testing.assert_array_equal(np.stack(back[c]), np.stack(df[c]))
     io.write_parquet(df, tmp_path / "again.parquet", "replicates")

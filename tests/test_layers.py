@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedmia"
 #: The layers, bottom first: a module may import from its own layer and the layers below.
 LAYERS = ("core", "federation", "attacker", "privacy", "report", "top")
 #: Modules of the package's top level: the entry points above every folder.
-TOP = ("workflow", "pipeline", "kinds", "stages")
+TOP = ("workflow", "pipeline", "kinds", "stages", "flower")
 
 
 def layer_of(module: str) -> str:

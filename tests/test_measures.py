@@ -2,13 +2,18 @@ from __future__ import annotations
 
 import copy
 import math
+from decimal import Decimal, localcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.attacker.measures import compute_round_measures, per_sample_grad_products
+from fedmia.attacker.measures import (
+    compute_round_measures,
+    logit_statistics,
+    per_sample_grad_products,
+)
 from fedmia.federation.state import FlatState
 
 
@@ -59,10 +64,47 @@ def test_measures_match_per_sample_backward_loop():
     state, w, uploads, x, y = setup(k=3)
     got = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5)
     loss, cos, diff, norm = reference(state, w, uploads, x, y)
-    for name, want in (("loss", loss), ("cos", cos), ("grad_diff", diff), ("grad_norm", norm)):
+    for name, want in (("loss", loss.double()), ("cos", cos), ("grad_diff", diff),
+                       ("grad_norm", norm)):
         torch.testing.assert_close(getattr(got, name), want, rtol=1e-5, atol=1e-6, msg=name)
     assert got.confidence.allclose(torch.exp(-loss), rtol=1e-5)
     assert got.loss.shape == (3, 13) and got.grad_norm.shape == (13,)
+    assert got.loss.dtype == got.logit_conf.dtype == torch.float64
+    p = torch.exp(-got.loss)  # φ = log p − log(1 − p), from the same logits
+    torch.testing.assert_close(got.logit_conf, torch.log(p) - torch.log1p(-p), rtol=1e-9,
+                               atol=1e-9)
+
+
+def slow_logit_statistics(logits: list[float], y: int) -> tuple[Decimal, Decimal]:
+    """The definitions at 400 digits.
+
+    loss = log Σ_j e^{z_j} − z_y and φ = z_y − log Σ_{j≠y} e^{z_j}.
+    """
+    with localcontext() as ctx:
+        ctx.prec = 400  # e^{−300} ≈ 1e-130 must survive 1 + e^{−300}
+        z = [Decimal(repr(float(v))) for v in logits]
+        every = sum(v.exp() for v in z).ln()
+        others = sum(v.exp() for j, v in enumerate(z) if j != y).ln()
+        return every - z[y], z[y] - others
+
+
+@pytest.mark.parametrize("margin", [0.0, 3.0, 17.0, 40.0, 90.0, 300.0])
+def test_loss_and_logit_conf_keep_their_precision(margin):
+    """float64 from the logits: a confident sample's loss ≈ e^{−φ} > 0, never a float32 0."""
+    g = torch.Generator().manual_seed(int(margin))
+    logits = torch.randn(6, 5, generator=g).float()
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    logits[torch.arange(6), y] += margin
+    loss, phi = logit_statistics(logits, y)
+    assert loss.dtype == phi.dtype == torch.float64
+    for i in range(6):
+        want_loss, want_phi = slow_logit_statistics(logits[i].tolist(), int(y[i]))
+        assert float(loss[i]) == pytest.approx(float(want_loss), rel=1e-12, abs=0)
+        assert float(phi[i]) == pytest.approx(float(want_phi), rel=1e-12, abs=1e-12)
+        assert loss[i] > 0
+    float32_ce = F.cross_entropy(logits, y, reduction="none")
+    if margin >= 40:  # the defect this fixes: float32 rounds p_y to 1, the loss to 0
+        assert (float32_ce == 0).all()
 
 
 def test_measures_leave_batchnorm_statistics_alone():

@@ -119,8 +119,9 @@ def test_measure_table_contents(measured, cell):
     mdm = pd.read_parquet(measured)
     part = pd.read_parquet(cell["history"].parent / "partition.parquet")
     n_eval = int(part["eval"].sum())
-    assert list(mdm.columns) == ["round", "client_id", "sample_id", "loss", "cos", "grad_diff",
-                                 "grad_norm", "correct", "confidence"]
+    assert list(mdm.columns) == ["round", "client_id", "sample_id", "loss", "logit_conf", "cos",
+                                 "grad_diff", "grad_norm", "correct", "confidence"]
+    assert mdm.loss.dtype == mdm.logit_conf.dtype == np.float64 and (mdm.loss > 0).all()
     assert len(mdm) == 3 * 3 * n_eval and not mdm.duplicated(["round", "client_id",
                                                                "sample_id"]).any()
     assert set(mdm.sample_id) == set(part.sample_id[part["eval"]])
@@ -166,7 +167,7 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
     files = {a: tmp_path / f"{a}.parquet" for a in ("cos", "cos_series")}
     pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
                     cell=CELL, rounds=[1, 2, 3, 4], manifest_file=outputs["manifest"],
-                    attacks=list(files), attack_rounds=[1, 2, 3, 4], outputs=files)
+                    config={"attacks": list(files), "rounds": [1, 2, 3, 4]}, outputs=files)
     series = pd.read_parquet(files["cos_series"])
     assert set(series["n_rounds"]) == {1}  # fewer rounds than planned
     assert set(pd.read_parquet(files["cos"])["round"]) == {1}
@@ -191,7 +192,7 @@ def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits
     out = {"loss": tmp_path / "loss.parquet", "replicates": tmp_path / "replicates.parquet"}
     pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
                     cell=CELL, rounds=[1, 2, 4], manifest_file=outputs["manifest"],
-                    attacks=["loss"], attack_rounds=[2, 4], outputs=out)
+                    config={"attacks": ["loss"], "rounds": [2, 4]}, outputs=out)
     assert len(pd.read_parquet(out["loss"])) == 0
     empty = read_replicates(out["replicates"])
     assert len(empty) == 0 and list(empty.columns) == list(REPLICATE_COLUMNS)
@@ -316,9 +317,10 @@ def _audited_cell(digits_files, out, defense, train):
     files = {"loss": out / "loss.parquet", "audit": out / "audit.parquet",
              "replicates": out / "replicates.parquet"}
     pipeline.attack(measures_file=out / "mdm.parquet", partition_file=out / "partition.parquet",
-                    cell=CELL, attacks=["loss"], attack_rounds=[train["rounds"]],
-                    protocol=["aligned"], manifest_file=outputs["manifest"],
-                    audit={"target": 0, "delta": 1e-5}, n_boot=50, outputs=files)
+                    cell=CELL, manifest_file=outputs["manifest"],
+                    config={"attacks": ["loss"], "rounds": [train["rounds"]],
+                            "protocol": ["aligned"], "bootstrap": 50},
+                    audit={"target": 0, "delta": 1e-5}, outputs=files)
     part_df = pd.read_parquet(out / "partition.parquet")
     return pd.read_parquet(files["audit"]).iloc[0], part_df, pd.read_parquet(files["loss"])
 

@@ -337,7 +337,8 @@ def replicates_of(rows: list[dict], draw_reps) -> pd.DataFrame:
     keys = [*CELL_KEYS, "attack", "protocol", "draw", "target", "round"]
     return pd.DataFrame([{**{k: r[k] for k in keys},
                           "auc_replicates": draw_reps(r).astype(np.float32),
-                          "tpr@0.1%_replicates": np.full(50, r["tpr@0.1%"], np.float32)}
+                          "tpr@0.1%_replicates": np.full(50, r["tpr@0.1%"], np.float32),
+                          "tpr@1%_replicates": np.full(50, r["tpr@1%"], np.float32)}
                          for r in rows])
 
 

@@ -18,35 +18,41 @@ import pytest
 from fedmia.core.fingerprint import import_closure
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-STAGES = ("prepare", "partition", "train", "measure", "attack", "report")
+STAGES = ("prepare", "partition", "train", "recording", "measure", "attack", "report")
 
 #: module → the stages whose code param an edit of it changes.
 RERUNS = {
-    "fedmia": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia": ("prepare", "partition", "train", "recording", "measure", "attack", "report"),
     "fedmia.attacker": ("measure", "attack", "report"),
     "fedmia.attacker.attacks": ("attack", "report"),
+    "fedmia.attacker.calibrated": ("attack", "report"),
     "fedmia.attacker.layerwise": ("measure",),
     "fedmia.attacker.measures": ("measure",),
     "fedmia.attacker.metrics": ("attack", "report"),
     "fedmia.attacker.routes": ("measure",),
     "fedmia.attacker.uncertainty": ("attack", "report"),
-    "fedmia.core": ("prepare", "partition", "train", "measure", "attack", "report"),
-    "fedmia.core.config": ("prepare", "partition", "train", "measure", "report"),
-    "fedmia.core.contracts": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.core": ("prepare", "partition", "train", "recording", "measure", "attack", "report"),
+    "fedmia.core.config": ("prepare", "partition", "train", "recording", "measure", "attack",
+                           "report"),
+    "fedmia.core.contracts": ("prepare", "partition", "train", "recording", "measure", "attack",
+        "report"),
     "fedmia.core.fingerprint": ("train",),
-    "fedmia.core.lazy": ("prepare", "train", "measure", "report"),
-    "fedmia.core.lockfile": ("train",),
-    "fedmia.core.logs": ("prepare", "partition", "train", "measure", "attack", "report"),
-    "fedmia.core.params": ("train", "measure", "report"),
-    "fedmia.core.registry": ("prepare", "partition", "train", "measure", "attack", "report"),
-    "fedmia.federation": ("prepare", "partition", "train", "measure", "report"),
+    "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "report"),
+    "fedmia.core.lockfile": ("train", "recording"),
+    "fedmia.core.logs": ("prepare", "partition", "train", "recording", "measure", "attack",
+        "report"),
+    "fedmia.core.params": ("train", "recording", "measure", "report"),
+    "fedmia.core.registry": ("prepare", "partition", "train", "recording", "measure", "attack",
+        "report"),
+    "fedmia.federation": ("prepare", "partition", "train", "recording", "measure", "report"),
     "fedmia.federation.datasets": ("prepare",),
-    "fedmia.federation.defenses": ("train", "measure", "report"),
-    "fedmia.federation.fedavg": ("train", "measure"),
-    "fedmia.federation.models": ("train", "measure"),
-    "fedmia.federation.nets": ("train", "measure"),
-    "fedmia.federation.partition": ("partition", "train", "measure"),
-    "fedmia.federation.state": ("train", "measure", "report"),
+    "fedmia.federation.defenses": ("train", "recording", "measure", "report"),
+    "fedmia.federation.fedavg": ("train", "recording", "measure"),
+    "fedmia.federation.models": ("train", "recording", "measure"),
+    "fedmia.federation.nets": ("train", "recording", "measure"),
+    "fedmia.federation.partition": ("partition", "train", "recording", "measure"),
+    "fedmia.federation.state": ("train", "recording", "measure", "report"),
+    "fedmia.flower": (),
     "fedmia.kinds": (),
     "fedmia.pipeline": (),
     "fedmia.privacy": ("train", "attack", "report"),
@@ -58,13 +64,15 @@ RERUNS = {
     "fedmia.report.findings": ("report",),
     "fedmia.report.tables": ("report",),
     "fedmia.report.utility": ("report",),
-    "fedmia.stages": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.stages": ("prepare", "partition", "train", "recording", "measure", "attack", "report"),
     "fedmia.stages.attack": ("attack",),
-    "fedmia.stages.compute": ("train", "measure"),
-    "fedmia.stages.io": ("prepare", "partition", "train", "measure", "attack", "report"),
+    "fedmia.stages.compute": ("train", "recording", "measure"),
+    "fedmia.stages.io": ("prepare", "partition", "train", "recording", "measure", "attack",
+        "report"),
     "fedmia.stages.measure": ("measure",),
     "fedmia.stages.partition": ("partition",),
     "fedmia.stages.prepare": ("prepare",),
+    "fedmia.stages.recording": ("recording",),
     "fedmia.stages.report": ("report",),
     "fedmia.stages.train": ("train",),
     "fedmia.workflow": (),
@@ -99,4 +107,4 @@ def test_what_the_issues_asked():
     assert "train" not in RERUNS["fedmia.attacker.metrics"]
     assert RERUNS["fedmia.privacy.audit"] == ("attack",)
     assert RERUNS["fedmia.privacy.accounting"] == ("report",)  # ε at δ: the report's
-    assert RERUNS["fedmia.federation.nets"] == ("train", "measure")  # by dotted path
+    assert RERUNS["fedmia.federation.nets"] == ("train", "recording", "measure")  # dotted path

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fedmia.attacker.attacks import finding_attacks
+from fedmia.attacker.attacks import ATTACKS, finding_attacks
 from fedmia.kinds import SCHEMA, load_schema
 from fedmia.report.figures import FIGURES
 from fedmia.report.findings import FINDINGS_COLUMNS
@@ -61,7 +61,7 @@ def without_torch(tmp_path: Path, *folders: Path) -> dict[str, str]:
 def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path):
     """Every cluster job re-parses the Snakefile: a torch (or matplotlib, dp-accounting)
     that cannot be imported must not matter to a dry run — of the paper grid, and of a
-    config with the README's toy plugin."""
+    config with the toy plugin of docs/extending.md."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "toy_plugin.py").write_text(readme_plugin(repo))
@@ -112,10 +112,12 @@ def test_tiny_end_to_end_run(tiny_run):
     assert (wd / "results" / "partitions" / "digits" / "iid" / "seed0.parquet").exists()
     tables = wd / "results" / "tables"
     table = pd.read_csv(tables / "attacks.csv")
-    assert set(table.attack) == {"loss", "cos", "grad_norm", "grad_diff", "loss_series",
-                                 "cos_series", "fedmia_loss", "fedmia_cos", "grad_diff_series"}
+    assert set(table.attack) == set(ATTACKS.names())  # the paper's, LiRA's and RMIA's
     assert set(table.metric) == {"auc", "tpr@0.1%", "tpr@1%", "tpr@10%", "balanced_accuracy"}
-    assert set(table.protocol) == {"aligned", "official"}
+    assert set(table.protocol) == {"aligned", "official", "heldout"}
+    calibrated = table[table.attack.str.startswith(("lira", "rmia")) & (table.metric == "auc")]
+    assert calibrated["mean"].notna().all() and calibrated["ci_low"].notna().all()
+    assert set(calibrated.protocol) == {"aligned", "official", "heldout"}
     default = load_schema(SCHEMA)["properties"]["report"]["properties"]["single_round"]
     assert set(table.single_round) == {*default["default"], "all attacked rounds"}
     assert not table.duplicated(["dataset", "model", "defense", "partition", "protocol",
@@ -124,6 +126,8 @@ def test_tiny_end_to_end_run(tiny_run):
     md = (tables / "attacks.md").read_text()
     assert "Loss-III (FedMIA-I)" in md and "### protocol official" in md
     assert "FPR resolution 1/" in md and "picked with hindsight" in md
+    assert "lira_conf_cos_sum" in md and "rounds and measures are correlated" in md
+    assert "### protocol heldout" in md
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     # the replicates of the finding attacks reach the findings: one seed, so every defined
     # verdict is a within-run statement
@@ -398,16 +402,16 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
 # ------------------------------------------------------------------------------ plugins
 
 def readme_plugin(repo: Path) -> str:
-    """The toy plugin of the README's "Extending" section (between its markers)."""
-    text = (repo / "README.md").read_text()
+    """The toy plugin of docs/extending.md (between its markers)."""
+    text = (repo / "docs" / "extending.md").read_text()
     m = re.search(r"<!-- toy-plugin -->\n```python\n(.*?)```\n<!-- /toy-plugin -->", text, re.S)
-    assert m, "README.md lost its toy plugin (the <!-- toy-plugin --> block of Extending)"
+    assert m, "docs/extending.md lost its toy plugin (the <!-- toy-plugin --> block)"
     return m.group(1)
 
 
 @pytest.fixture(scope="module")
 def plugin_run(snakemake_cmd, repo, tmp_path_factory):
-    """The tiny workflow with the README's toy plugin (a temp dir on PYTHONPATH): a
+    """The tiny workflow with the toy plugin of docs/extending.md (a temp dir on PYTHONPATH): a
     dataset, a defense and an attack that fedmia does not know, the defense alone and as a
     compose step."""
     tmp = tmp_path_factory.mktemp("plugin")

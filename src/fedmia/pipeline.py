@@ -11,6 +11,7 @@ from fedmia.stages.io import available_rounds, cells_frame, read_manifest
 from fedmia.stages.measure import measure
 from fedmia.stages.partition import partition
 from fedmia.stages.prepare import prepare
+from fedmia.stages.recording import import_recording
 from fedmia.stages.report import (
     report_cell_figures,
     report_hypervolume,
@@ -21,7 +22,8 @@ from fedmia.stages.report import (
 from fedmia.stages.train import train
 
 __all__ = [
-    "HISTORY_COLUMNS", "attack", "available_rounds", "cells_frame", "device_name", "measure",
+    "HISTORY_COLUMNS", "attack", "available_rounds", "cells_frame", "device_name",
+    "import_recording", "measure",
     "partition", "prepare", "read_manifest", "report_cell_figures", "report_hypervolume",
     "report_privacy_utility", "report_table_figure",
     "report_tables", "resolve_device", "setup_compute", "train",

@@ -13,7 +13,7 @@ schema's lists of kinds and its per-defense blocks from the registries
 **Plugins** (the config's ``plugins:``) are imported first, before anything is
 validated: their kinds land in the same registries, so the schema lists them and they
 are validated like the built-in ones. A plugin must keep torch out of its import too
-(README "Extending").
+(docs/extending.md).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import jsonschema
 from fedmia.attacker.attacks import ATTACKS
 from fedmia.core.config import (
     VALIDATOR,
+    AttackConfig,
     ConfigError,
     DatasetConfig,
     ModelConfig,
@@ -38,6 +39,7 @@ from fedmia.core.config import (
     TrainConfig,
     raise_first,
 )
+from fedmia.core.contracts import VIEW_FILES, FormatError
 from fedmia.core.params import (
     allowed_text,
     block_numeric_parameters,
@@ -48,6 +50,7 @@ from fedmia.federation.datasets import DATASETS
 from fedmia.federation.models import MODELS
 from fedmia.kinds import SCHEMA, fill_kinds, read_schema
 from fedmia.report.tables import RETIRED_SELECTIONS
+from fedmia.stages.io import file_sha256, read_view
 
 
 @dataclass(frozen=True, order=True)
@@ -80,12 +83,39 @@ def canonical(obj: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class Recording:
+    """A recorded server view imported as a cell (``recordings.<key>``), read at parse time.
+
+    Attributes:
+        key: its key in ``recordings``.
+        folder: the recording's folder.
+        manifest: its ``manifest.json`` (the import rule's input).
+        sha256: the manifest's SHA-256 (a param of the import rule: a new recording reruns
+            the import, and Snakemake would date the folder by the folder alone).
+        rounds: rounds the run trained.
+        observed: the recorded rounds.
+        attacked: the rounds the attacks use.
+        num_clients: the clients of the view.
+    """
+
+    key: str
+    folder: str
+    manifest: str
+    sha256: str
+    rounds: int
+    observed: tuple[int, ...]
+    attacked: tuple[int, ...]
+    num_clients: int
+
+
+@dataclass(frozen=True)
 class WorkflowSpec:
     """A validated config (defaults filled in), its cells, and the typed sections.
 
     Each section is parsed once, here: ``trains`` holds each cell's :class:`TrainConfig`
     (``train`` updated by its grid block), ``partitions`` each partition's
-    :class:`PartitionConfig`, ``report`` the :class:`ReportConfig`. The rules pass the
+    :class:`PartitionConfig`, ``report`` the :class:`ReportConfig`, ``attack`` the
+    :class:`AttackConfig` (each cell's resolution: :meth:`attack_for`). The rules pass the
     plain mappings (:meth:`train_for`) and each job builds its typed object again.
     """
 
@@ -96,18 +126,28 @@ class WorkflowSpec:
     trains: dict[Cell, TrainConfig]
     partitions: dict[str, PartitionConfig]
     report: ReportConfig
+    attack: AttackConfig
+    recorded: dict[Cell, Recording]
 
     def train_for(self, cell: Cell) -> dict[str, Any]:
         """Resolved training config of ``cell`` (``train`` updated by its grid block)."""
         return canonical(self.train[cell])
 
     def observed_rounds(self, cell: Cell) -> list[int]:
-        """Observed rounds of ``cell``."""
+        """Observed rounds of ``cell`` (a recorded cell: its recorded rounds)."""
+        if cell in self.recorded:
+            return list(self.recorded[cell].observed)
         return self.trains[cell].observed()
 
     def attack_rounds(self, cell: Cell) -> list[int]:
-        """Rounds the attacks of ``cell`` use (``attack.rounds``, else observe_every's)."""
-        rounds = self.config["attack"]["rounds"]
+        """Rounds the attacks of ``cell`` use (``attack.rounds``, else observe_every's).
+
+        A recorded cell: its recording's ``attack_rounds``, else ``attack.rounds``, else
+        every recorded round.
+        """
+        if cell in self.recorded:
+            return list(self.recorded[cell].attacked)
+        rounds = self.attack.rounds
         if rounds is None:
             return self.trains[cell].every_rounds()
         return sorted(rounds)
@@ -116,10 +156,19 @@ class WorkflowSpec:
         """The official protocol's options of ``cell`` (``attack.official`` ∪ its block's)."""
         return canonical(self.official[cell])
 
+    def attack_for(self, cell: Cell) -> dict[str, Any]:
+        """The ``attack`` section resolved for ``cell`` (its rounds, its official options).
+
+        What the attack stage receives (:class:`AttackConfig`'s fields as plain data).
+        """
+        resolved = {**self.attack.to_dict(), "rounds": self.attack_rounds(cell),
+                    "official": self.official[cell]}
+        return canonical(resolved)
+
     @property
     def protocols(self) -> list[str]:
         """The non-member protocols, as a list."""
-        return _as_list(self.config["attack"]["protocol"])
+        return self.attack.protocols
 
     @property
     def selections(self) -> list[str | int]:
@@ -133,13 +182,21 @@ def _as_list(value: Any) -> list:
 
 def _check_attack_plan(spec: WorkflowSpec) -> None:
     """Cross-checks of the attack and report options against every cell."""
-    config = spec.config
-    attack = config["attack"]
     for cell in spec.cells:
-        train = spec.trains[cell]
-        observed = train.observed()
+        observed = spec.observed_rounds(cell)
         rounds = spec.attack_rounds(cell)
-        if not rounds:
+        if cell in spec.recorded:
+            rec = spec.recorded[cell]
+            lacking = sorted(set(rounds) - set(observed))
+            if lacking:
+                where = (f"recordings.{rec.key}.attack_rounds" if spec.config["recordings"][rec.key]
+                         ["attack_rounds"] is not None else "attack.rounds")
+                raise ConfigError(
+                    f"invalid config at '{where}': round(s) {lacking} are not in recording "
+                    f"'{rec.key}' ({rec.manifest} records rounds {list(observed)}); attack "
+                    f"recorded rounds only (set recordings.{rec.key}.attack_rounds)")
+        train = spec.trains.get(cell)
+        if train is not None and not rounds:
             raise ConfigError(
                 f"invalid config: cell {cell.path} has no attacked rounds: train.rounds = "
                 f"{train.rounds} < train.observe_every = {train.observe_every}; lower "
@@ -155,8 +212,8 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                 raise ConfigError(
                     f"invalid config at 'report.single_round': round {how} is not observed in "
                     f"cell {cell.path} (observed: {observed}); pick an observed round")
-    fedmia = [a for a in attack["attacks"] if ATTACKS.get(a).kind == "fedmia"]
-    targets = [] if attack["targets"] == "all" else attack["targets"]
+    fedmia = [a for a in spec.attack.attacks or () if ATTACKS.get(a).kind == "fedmia"]
+    targets = [] if spec.attack.targets == "all" else spec.attack.targets
     for key in sorted({c.partition for c in spec.cells}):
         part = spec.partitions[key]
         beyond = sorted({t for t in targets if t >= part.num_clients})
@@ -173,7 +230,7 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
     if "official" not in spec.protocols:
         return
     for cell in spec.cells:
-        official = spec.official[cell]
+        official = spec.official_for(cell)
         part = spec.partitions[cell.partition]
         for which, pool, name in (("test_slots", part.eval_nonmembers, "eval_nonmembers"),
                                   ("client_slots", part.eval_members_per_client,
@@ -252,10 +309,69 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
                 train[cell] = merged
                 trains[cell] = train_cfg
                 official[cell] = block_official
+    recorded = _recordings(config, partitions)
+    for cell, rec in recorded.items():
+        if cell in train:
+            raise ConfigError(
+                f"invalid config at 'recordings.{rec.key}': cell {cell.path} is also trained "
+                "by a grid block; give the recording another cell key (e.g. its own defense, "
+                "partition or seed key)")
+        cells.append(cell)
+        official[cell] = dict(config["attack"]["official"])
+    if not cells:
+        raise ConfigError("invalid config at 'grid': no cell to run; add a grid block or a "
+                          "recording (recordings:)")
     spec = WorkflowSpec(config=config, cells=tuple(cells), train=train, official=official,
-                        trains=trains, partitions=partitions, report=report)
+                        trains=trains, partitions=partitions, report=report,
+                        attack=AttackConfig.from_dict(config["attack"]), recorded=recorded)
     _check_attack_plan(spec)
     return spec
+
+
+def _recordings(config: dict[str, Any], partitions: Mapping[str, PartitionConfig]
+                ) -> dict[Cell, Recording]:
+    """The recorded cells (``recordings:``), their manifests read (the view block only).
+
+    Raises:
+        ConfigError: a key naming no entry of its section, a recording without a readable
+            manifest, one whose clients are not its partition's, two recordings of one cell.
+    """
+    out: dict[Cell, Recording] = {}
+    for key, block in config["recordings"].items():
+        where = f"recordings.{key}"
+        for field, section in (("dataset", "datasets"), ("model", "models"),
+                               ("defense", "defenses"), ("partition", "partitions")):
+            if block[field] not in config[section]:
+                raise ConfigError(f"invalid config at '{where}.{field}': '{block[field]}' is "
+                                  f"not defined; defined {section}: {sorted(config[section])}")
+        manifest = Path(block["folder"]) / VIEW_FILES["manifest"]
+        try:
+            view = read_view(manifest)
+        except (FileNotFoundError, FormatError) as e:
+            raise ConfigError(f"invalid config at '{where}.folder': {e}") from None
+        part = partitions[block["partition"]]
+        if part.num_clients != view["num_clients"]:
+            raise ConfigError(
+                f"invalid config at 'partitions.{block['partition']}.num_clients': recording "
+                f"'{key}' has {view['num_clients']} clients ({manifest}) but the partition "
+                f"says {part.num_clients}; set it to {view['num_clients']}")
+        observed = tuple(view["observed_rounds"])
+        if not observed:
+            raise ConfigError(f"invalid config at '{where}.folder': {manifest} records no "
+                              "round; record at least one round of the run")
+        chosen = block["attack_rounds"] or config["attack"]["rounds"]
+        cell = Cell(block["dataset"], block["model"], block["defense"], block["partition"],
+                    int(block["seed"]))
+        if cell in out:
+            raise ConfigError(f"invalid config at '{where}': cell {cell.path} is also "
+                              f"recording '{out[cell].key}'; give each recording its own cell "
+                              "key")
+        out[cell] = Recording(key=key, folder=block["folder"], manifest=str(manifest),
+                              sha256=file_sha256(manifest), rounds=int(view["rounds"]),
+                              observed=observed,
+                              attacked=tuple(sorted(chosen)) if chosen else observed,
+                              num_clients=int(view["num_clients"]))
+    return out
 
 
 # ------------------------------------------------------------- plugins and kinds
@@ -328,12 +444,14 @@ DEFAULT_SAMPLES = 60_000
 def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, dict[str, int]]:
     """Runtime (minutes) and memory (MB) requests of a cell's train, measure and attack jobs.
 
+    A recorded cell's ``train`` entry is its import's (hashing and checking its files).
+
     Scaled by the model kind (throughput, parameters), the data (samples, image size),
     the clients and rounds, with a safety factor of 3 on time; a cluster scheduler needs
     an upper bound, not a forecast. Users override them with ``--set-resources``.
     """
     config = spec.config
-    train = spec.trains[cell]
+    train = spec.trains.get(cell)  # None: a recorded cell, imported instead of trained
     part = spec.partitions[cell.partition]
     dataset = config["datasets"][cell.dataset]
     kind = config["models"][cell.model]["kind"]
@@ -351,8 +469,8 @@ def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, d
     params = cost["parameters"]
     image_mb = samples * 3 * dataset.get("image_size", 32) ** 2 / 1e6
     n_eval = part.num_clients * part.eval_members_per_client + part.eval_nonmembers
-    observed = len(train.observed())
-    train_s = train.rounds * train.local_epochs * train_samples / rate
+    observed = len(spec.observed_rounds(cell))
+    train_s = 0 if train is None else train.rounds * train.local_epochs * train_samples / rate
     measure_s = observed * n_eval * 3 / rate  # one forward+backward and K forwards per sample
     rows = observed * part.num_clients * n_eval
     return {

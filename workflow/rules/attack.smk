@@ -1,8 +1,8 @@
 rule attack:
     input:
         mdm=MDM,
-        partition=PARTITION,
-        manifest=f"{TRAIN}/manifest.json",
+        partition=get_cell_partition,
+        manifest=get_view("manifest.json"),
     output:
         **cell_attack_files(),
         audit=f"results/attacks/{CELL}/audit.parquet",

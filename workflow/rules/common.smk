@@ -31,6 +31,8 @@ DATA = "results/data/{dataset}"
 DATA_FILES = {key: f"{DATA}/{name}" for key, name in PREPARED_FILES.items()}
 PARTITION = "results/partitions/{dataset}/{partition}/seed{seed}.parquet"
 TRAIN = f"results/train/{CELL}"
+# A recorded cell's server view, imported instead of trained (config recordings:)
+IMPORTED = f"results/imported/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"
 FIGURES = f"results/figures/{CELL}"
 # Small image trees in an official layout that the workflow writes (config standins:)
@@ -79,6 +81,35 @@ def get_cell(wildcards):
     return dataclasses.asdict(cell_of(wildcards))
 
 
+def view_folder(cell):
+    """The folder of a cell's server view: trained (TRAIN) or imported (IMPORTED)."""
+    pattern = IMPORTED if cell in SPEC.recorded else TRAIN
+    return pattern.format(**dataclasses.asdict(cell))
+
+
+def get_view(what):
+    """A function of the wildcards: the cell's view file ``what`` (manifest.json, observed)."""
+    return lambda wildcards: f"{view_folder(cell_of(wildcards))}/{what}"
+
+
+def get_cell_partition(wildcards):
+    """The partition the measures and attacks read: the partition stage's or the import's."""
+    cell = cell_of(wildcards)
+    if cell in SPEC.recorded:
+        return f"{view_folder(cell)}/partition.parquet"
+    return PARTITION.format(**dataclasses.asdict(cell))
+
+
+def recording_of(wildcards):
+    """The recording imported as this cell (a rule of recorded cells only)."""
+    cell = cell_of(wildcards)
+    if cell not in SPEC.recorded:
+        raise ValueError(
+            f"cell {cell.path} is trained, not recorded (config recordings:)"
+        )
+    return SPEC.recorded[cell]
+
+
 def get_dataset_standin(wildcards):
     """The stand-in tree a dataset reads (its root under STANDINS), if any."""
     root = config["datasets"][wildcards.dataset].get("root") or ""
@@ -111,24 +142,16 @@ def get_observed_rounds(wildcards):
 
 
 def get_attack_params(wildcards):
-    """The attack stage's slice of the config for one cell, with per-cell choices resolved."""
-    cfg = config["attack"]
+    """The attack stage's arguments for one cell: its resolved ``attack`` section and the
+    choices that depend on its partition."""
     cell = cell_of(wildcards)
     kind = config["partitions"][wildcards.partition]["kind"]
     return {
-        "attacks": list(ATTACKS),
-        "attack_rounds": SPEC.attack_rounds(cell),
-        "targets": cfg["targets"],
-        "protocol": SPEC.protocols,
-        "official": SPEC.official_for(cell),
-        "fpr_rule": cfg["fpr_rule"],
-        "fedmia_ddof": cfg["fedmia_ddof"],
+        "config": SPEC.attack_for(cell),
         "outlier_filter": {
-            a: outlier_filter_for(cfg["fedmia_outlier_filter"], a, kind)
+            a: outlier_filter_for(config["attack"]["fedmia_outlier_filter"], a, kind)
             for a in ATTACKS
         },
-        "roc_points": cfg["roc_points"],
-        "n_boot": cfg["bootstrap"],
         "audit": {
             "target": config["partitions"][wildcards.partition]["audit_target"],
             "delta": config["privacy"]["delta"],
@@ -181,7 +204,7 @@ def get_all_attacks(wildcards=None):
 
 
 def get_all_manifests(wildcards=None):
-    return cell_paths(f"{TRAIN}/manifest.json")
+    return [f"{view_folder(c)}/manifest.json" for c in SPEC.cells]
 
 
 def get_families():

@@ -1,9 +1,9 @@
 rule measure:
     input:
         **DATA_FILES,
-        partition=PARTITION,
-        observed=f"{TRAIN}/observed",
-        manifest=f"{TRAIN}/manifest.json",
+        partition=get_cell_partition,
+        observed=get_view("observed"),
+        manifest=get_view("manifest.json"),
     output:
         MDM,
     log:

@@ -6,6 +6,7 @@ rule train:
         history=f"{TRAIN}/history.parquet",
         final=f"{TRAIN}/final.safetensors",
         observed=directory(f"{TRAIN}/observed"),
+        ownership=f"{TRAIN}/ownership.parquet",
         manifest=f"{TRAIN}/manifest.json",
     log:
         f"results/logs/train/{CELL}.log",

@@ -22,6 +22,23 @@ Attacks (:data:`ATTACKS`; score: higher = more likely a member; ``s`` = sign × 
   σ² are the mean and variance of the same sample's ``s`` under the non-target
   clients' uploads (paper Eq. 10 and the official code: ddof 0, σ² + 1e-8;
   :func:`fedmia_cdf`); the mean over the attacked rounds, round ``-1``.
+* ``lira`` (``lira_conf``, ``lira_cos``, ``lira_conf_sum``, ``lira_cos_sum``,
+  ``lira_conf_cos_sum``): offline LiRA with the non-target clients' uploads as OUT
+  references (:func:`fedmia.attacker.calibrated.lira_z`; the OUT Gaussian's variance rule
+  and location are options, :class:`fedmia.attacker.calibrated.LiraOptions`); rounds (and,
+  for ``lira_conf_cos_sum``, the loss's φ and the cosine) combined by the mean of Φ(z)
+  (``combine = "mean"``, the paper's way) or the sum of z (``"sum"``), round ``-1``.
+* ``rmia`` (``rmia``, ``rmia_sum``): offline RMIA on p_y with the same references and the
+  held-out samples as population, cross-fitted
+  (:func:`fedmia.attacker.calibrated.crossfit_rmia`); per-round scores averaged, or the
+  per-round log LR summed before the comparison with log γ.
+
+An attack's *kind* says how it calibrates and combines; its *signals* (``measure`` and
+``sign``, plus ``also`` for a combined attack) say what it reads. Which attacks are
+separate and which are options: the statistic and the round combination are separate
+attacks (columns of the tables, compared in :data:`FINDINGS`); how LiRA's Gaussian is
+estimated and RMIA's ``a`` and γ are options of the stage (``attack.lira``,
+``attack.rmia``), the same for every LiRA / RMIA attack of a run.
 
 **Rounds.** Single-round attacks are scored at every observed round (the per-round
 figures draw them all); multi-round attacks average over the *attacked* rounds only
@@ -34,6 +51,11 @@ round 1, is observed but not attacked unless listed).
 * ``aligned`` (fedmia): the same non-member samples for every client and round, so a
   per-sample statistic (a series mean, FedMIA's reference μ, σ) compares one sample
   with itself.
+* ``heldout`` (fedmia): ``aligned`` with the held-out samples as the only
+  non-members. Another client's sample has its owner's upload, an IN model, among the
+  target's references (and the owner's memorisation in every calibration); a held-out
+  sample has none: the metric on the held-out non-members alone is the centralized
+  attacks' setting.
 * ``official`` (the official code, main.py and mia_attack_auto.py): members stay
   aligned, but the non-members are drawn independently for every (client, round):
   non-member *slot* j holds the test samples' draw or client c's draw, permuted
@@ -55,7 +77,14 @@ import numpy as np
 import pandas as pd
 from scipy.special import ndtr
 
-from fedmia.attacker import metrics, uncertainty
+from fedmia.attacker import calibrated, metrics, uncertainty
+from fedmia.attacker.calibrated import (
+    COMBINES,
+    DEFAULT_LIRA,
+    DEFAULT_RMIA,
+    LiraOptions,
+    RmiaOptions,
+)
 from fedmia.core.contracts import (
     ATTACK_DTYPES,
     CELL_KEYS,
@@ -78,15 +107,19 @@ REMEASURE = "; rerun the measure stage (snakemake --forcerun measure)"
 #: ``round`` of a score that uses all attacked rounds.
 MULTI_ROUND = -1
 #: FedMIA's variance floor: σ² = var + VAR_FLOOR, as the official code (``var + 1e-8``).
-VAR_FLOOR = 1e-8
+VAR_FLOOR = calibrated.VAR_FLOOR
 #: FedMIA's outlier filter keeps reference values below μ + OUTLIER_Z·σ.
 OUTLIER_Z = 3.0
 #: Policies of FedMIA's outlier filter (:func:`outlier_filter_for`).
 OUTLIER_POLICIES = ("auto", "always", "never")
 #: How an attack combines rounds and clients (:attr:`AttackSpec.kind`).
-ATTACK_KINDS = ("single", "series", "fedmia")
+ATTACK_KINDS = ("single", "series", "fedmia", "lira", "rmia")
+#: The kinds calibrated by LiRA or RMIA: they take ``combine`` (``mean`` or ``sum``).
+CALIBRATED_KINDS = ("lira", "rmia")
 #: Spawn key of the official protocol's random draws (see :func:`official_slots`).
 STREAM_OFFICIAL = 3
+#: The last key of the seed of RMIA's cross-fitting coins (:func:`rmia_halves`).
+RMIA_HALVES = "rmia halves"
 #: ``attack`` of the audit row whose attack was chosen on held-out canaries.
 SELECTED = "selected"
 
@@ -109,24 +142,55 @@ class AttackSpec:
         outlier_filter_non_iid: whether ``attack.fedmia_outlier_filter: auto`` applies
             FedMIA's 3σ filter to it on non-iid partitions (the official code does for
             FedMIA-II, the cosine).
+        combine: how a ``lira`` or ``rmia`` attack combines rounds (and measures):
+            ``mean`` of the per-round scores (the paper's way) or ``sum`` of the per-round
+            statistics (z; log LR), :data:`fedmia.attacker.calibrated.COMBINES`. Other
+            kinds: ``mean``.
+        also: further ``(measure, sign)`` signals a ``lira`` attack combines with the
+            first (their z are summed, or their Φ(z) averaged, with the rounds').
     """
 
     name: str
     measure: str
     sign: int
-    kind: Literal["single", "series", "fedmia"]
+    kind: Literal["single", "series", "fedmia", "lira", "rmia"]
     family: str
     paper: tuple[str, str] = ("", "")
     outlier_filter_non_iid: bool = False
+    combine: Literal["mean", "sum"] = "mean"
+    also: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         numeric = [c for c, t in MEASURE_DTYPES.items() if c not in MEASURE_KEYS and t != "bool"]
-        if self.measure not in numeric:
-            raise ValueError(f"attack '{self.name}': measure '{self.measure}' is not a column of "
-                             f"the measure table; choose from {numeric}")
-        if self.sign not in (1, -1) or self.kind not in ATTACK_KINDS:
-            raise ValueError(f"attack '{self.name}': sign must be +1 or -1 and kind one of "
-                             f"{list(ATTACK_KINDS)} (got {self.sign}, '{self.kind}')")
+        for measure, sign in self.signals:
+            if measure not in numeric:
+                raise ValueError(f"attack '{self.name}': measure '{measure}' is not a column "
+                                 f"of the measure table; choose from {numeric}")
+            if sign not in (1, -1) or self.kind not in ATTACK_KINDS:
+                raise ValueError(f"attack '{self.name}': sign must be +1 or -1 and kind one "
+                                 f"of {list(ATTACK_KINDS)} (got {sign}, '{self.kind}')")
+        if self.combine not in COMBINES or (self.combine != "mean"
+                                            and self.kind not in CALIBRATED_KINDS):
+            raise ValueError(f"attack '{self.name}': combine must be one of {list(COMBINES)}, "
+                             f"and 'mean' unless the kind is one of {list(CALIBRATED_KINDS)} "
+                             f"(got '{self.combine}' with kind '{self.kind}')")
+        if self.also and self.kind != "lira":
+            raise ValueError(f"attack '{self.name}': only a 'lira' attack combines further "
+                             f"signals (also); kind is '{self.kind}'")
+        if self.kind == "rmia" and (self.measure, self.sign) != ("loss", -1):
+            raise ValueError(f"attack '{self.name}': RMIA's signal is log p_y = −loss: give "
+                             f"measure='loss', sign=-1 (got '{self.measure}', {self.sign}); "
+                             "RMIA on another measure (the cosine) is not defined")
+
+    @property
+    def signals(self) -> tuple[tuple[str, int], ...]:
+        """``(measure, sign)`` of every signal the attack reads: the first, then ``also``."""
+        return ((self.measure, self.sign), *self.also)
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """The measure columns the attack reads."""
+        return tuple(dict.fromkeys(m for m, _ in self.signals))
 
     @property
     def multi_round(self) -> bool:
@@ -165,6 +229,22 @@ ATTACKS.register("grad_diff", measure="grad_diff", sign=+1, kind="single", famil
                  paper=("Grad-Diff", "Grad-Diff"))
 ATTACKS.register("grad_diff_series", measure="grad_diff", sign=+1, kind="series",
                  family="grad")
+# fedmia's calibrated attacks (module docstring): not in a measure family's
+# privacy–utility figure, where only :data:`UTILITY_ATTACK` stands beside the paper's
+ATTACKS.register("lira_conf", measure="logit_conf", sign=+1, kind="lira", family="")
+ATTACKS.register("lira_cos", measure="cos", sign=+1, kind="lira", family="")
+ATTACKS.register("lira_conf_sum", measure="logit_conf", sign=+1, kind="lira", family="",
+                 combine="sum")
+ATTACKS.register("lira_cos_sum", measure="cos", sign=+1, kind="lira", family="",
+                 combine="sum")
+ATTACKS.register("lira_conf_cos_sum", measure="logit_conf", sign=+1, kind="lira", family="",
+                 combine="sum", also=(("cos", +1),))
+ATTACKS.register("rmia", measure="loss", sign=-1, kind="rmia", family="")
+ATTACKS.register("rmia_sum", measure="loss", sign=-1, kind="rmia", family="", combine="sum")
+
+#: The one attack beside the paper's in every privacy–utility figure, named before the
+#: runs (not a per-cell maximum): the combined LiRA of φ and the cosine, summed over rounds.
+UTILITY_ATTACK = "lira_conf_cos_sum"
 
 
 def attack_order() -> list[str]:
@@ -181,10 +261,15 @@ def single_round_attacks() -> list[str]:
 
 
 def families() -> dict[str, list[str]]:
-    """Measure family → its registered attacks (table order): one privacy–utility figure each."""
+    """Measure family → its registered attacks (table order): one privacy–utility figure each.
+
+    Attacks of family ``""`` are in none (fedmia's calibrated attacks; the figures draw
+    :data:`UTILITY_ATTACK` beside every family's).
+    """
     out: dict[str, list[str]] = {}
     for a in attack_order():
-        out.setdefault(ATTACKS.get(a).family, []).append(a)
+        if ATTACKS.get(a).family:
+            out.setdefault(ATTACKS.get(a).family, []).append(a)
     return out
 
 
@@ -195,10 +280,16 @@ class Protocol:
     Attributes:
         name: its name, the ``protocol`` column of every result.
         text: what it means, for the tables' captions.
+        redrawn: non-members redrawn per (client, round) as the official code
+            (:func:`official_slots`, ``attack.official.draws`` draws); else aligned
+            (:func:`aligned_slots`), one draw.
+        heldout_only: the held-out samples are the only non-members (aligned only).
     """
 
     name: str
     text: str
+    redrawn: bool = False
+    heldout_only: bool = False
 
 
 #: The non-member protocols (``attack.protocol``).
@@ -206,8 +297,11 @@ PROTOCOLS: Registry[Protocol] = Registry("non-member protocol", build=Protocol,
                                          decorates=False)
 PROTOCOLS.register("aligned", text="non-members aligned: the same samples for every client "
                                    "and round (fedmia)")
-PROTOCOLS.register("official", text="non-members redrawn per client and round, as the "
-                                    "official code")
+PROTOCOLS.register("official", redrawn=True,
+                   text="non-members redrawn per client and round, as the official code")
+PROTOCOLS.register("heldout", heldout_only=True,
+                   text="aligned, held-out non-members only: no reference client trained on "
+                        "a non-member (fedmia)")
 
 
 @dataclass(frozen=True)
@@ -238,6 +332,25 @@ for _family in ("loss", "cos"):
                       better=f"fedmia_{_family}", worse=f"{_family}_series")
     FINDINGS.register(f"{_family}: III vs I", claim="other clients' models help (III vs I)",
                       better=f"fedmia_{_family}", worse=_family)
+# fedmia's, pre-specified before any run of the calibrated attacks (issue 20). "The best of
+# the paper's eight" is named, not picked on results: FedMIA-II (Cos-III), the strongest
+# attack of the paper's headline table (v3 Table 1, IID: TPR@0.1% 66.98 %); Cos-II, the
+# strongest without the other clients' models, beside it.
+FINDINGS.register("LiRA-φ vs FedMIA-I", better="lira_conf", worse="fedmia_loss",
+                  claim="LiRA's φ and shrunk variance beat FedMIA's loss Gaussian "
+                        "(LiRA-φ vs FedMIA-I)")
+FINDINGS.register("LiRA-cos vs FedMIA-II", better="lira_cos", worse="fedmia_cos",
+                  claim="LiRA's shrunk variance beats FedMIA's on the cosine "
+                        "(LiRA-cos vs FedMIA-II)")
+FINDINGS.register("sum vs mean of rounds", better="lira_conf_sum", worse="lira_conf",
+                  claim="summing per-round z beats averaging Φ(z) (LiRA-φ, Σz vs mean)")
+FINDINGS.register("RMIA vs FedMIA-I", better="rmia_sum", worse="fedmia_loss",
+                  claim="RMIA with a population beats FedMIA-I (RMIA-Σ vs FedMIA-I)")
+FINDINGS.register("combined vs FedMIA-II", better="lira_conf_cos_sum", worse="fedmia_cos",
+                  claim="φ and cosine combined beat the paper's best, FedMIA-II (named "
+                        "before the runs)")
+FINDINGS.register("combined vs Cos-II", better="lira_conf_cos_sum", worse="cos_series",
+                  claim="φ and cosine combined beat Cos-II")
 
 
 def finding_pairs() -> list[tuple[str, str, str]]:
@@ -402,17 +515,6 @@ def validate_measures(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int
 # ------------------------------------------------------------------------------ FedMIA
 
 
-def _moments(x: np.ndarray, w: np.ndarray, ddof: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean and variance over axis −2 (``w`` bool, same shape as ``x``).
-
-    The variance divides by ``max(n − ddof, 1)`` for ``n`` values (0 for a single value).
-    """
-    n = w.sum(axis=-2)
-    mu = np.where(w, x, 0.0).sum(axis=-2) / np.maximum(n, 1)
-    ss = np.where(w, (x - mu[..., None, :]) ** 2, 0.0).sum(axis=-2)
-    return mu, ss / np.maximum(n - ddof, 1)
-
-
 def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
                weights: np.ndarray | None = None, ddof: int = 0,
                outlier_filter: bool = False, var_floor: float = VAR_FLOOR) -> np.ndarray:
@@ -449,7 +551,7 @@ def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
         weights, reference.shape)
     if not w.any(axis=-2).all():
         raise ValueError("every slot needs at least one reference value")
-    mu, var = _moments(reference, w, ddof)
+    mu, var = calibrated.moments(reference, w, ddof)
     if outlier_filter:
         keep = w & (reference < (mu + OUTLIER_Z * np.sqrt(var))[..., None, :])
         empty = ~keep.any(axis=-2)
@@ -457,7 +559,7 @@ def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
             lowest = np.argmin(np.where(w, reference, np.inf), axis=-2)
             only = np.arange(reference.shape[-2])[:, None] == lowest[..., None, :]
             keep = np.where(empty[..., None, :], only, keep)
-        mu, var = _moments(reference, keep, ddof)
+        mu, var = calibrated.moments(reference, keep, ddof)
     return ndtr((target - mu) / np.sqrt(var + var_floor))
 
 
@@ -526,9 +628,35 @@ class Slots:
     ref_weights: np.ndarray | None = None
 
 
-def aligned_slots(own: np.ndarray, target: int) -> Slots:
-    """The aligned protocol: every client scores every evaluation sample in every round."""
-    return Slots(np.arange(len(own)), own == target, np.asarray(own, dtype=np.int64))
+def aligned_slots(own: np.ndarray, target: int, *, heldout_only: bool = False) -> Slots:
+    """The aligned protocol: every client scores every evaluation sample in every round.
+
+    With ``heldout_only`` (the ``heldout`` protocol) the slots are the target's members
+    and the held-out samples only, in sample order.
+    """
+    index = (np.flatnonzero((own == target) | (own == -1)) if heldout_only
+             else np.arange(len(own)))
+    return Slots(index, own[index] == target, np.asarray(own[index], dtype=np.int64))
+
+
+def protocol_slots(protocol: str, own: np.ndarray, target: int, num_rounds: int,
+                   clients: np.ndarray, official: OfficialProtocol, draw: int) -> Slots:
+    """The slots of one draw of ``protocol`` (:data:`PROTOCOLS`) for ``target``."""
+    p = PROTOCOLS.get(protocol)
+    if p.redrawn:
+        return official_slots(own, target, num_rounds, clients, official, draw)
+    return aligned_slots(own, target, heldout_only=p.heldout_only)
+
+
+def rmia_halves(slots: Slots, keys: Sequence[str | int]) -> np.ndarray:
+    """RMIA's cross-fitting coins of one draw's slots (bool S), seeded by ``keys``.
+
+    One fair coin per slot from ``stable_seed(*keys, "rmia halves")``
+    (:func:`fedmia.attacker.calibrated.crossfit_halves`): it depends on the keys and the
+    number of slots only, never on which slots are members.
+    """
+    return calibrated.crossfit_halves(len(slots.is_member),
+                                      uncertainty.stable_seed(*keys, RMIA_HALVES))
 
 
 def bootstrap_strata(slots: Slots, keys: Sequence[str | int]) -> list[uncertainty.Stratum]:
@@ -610,23 +738,32 @@ def _slot_values(values: np.ndarray, slots: Slots) -> np.ndarray:
     return np.take_along_axis(values, slots.index, axis=-1)
 
 
-def score_slots(spec: AttackSpec, x: np.ndarray, t: int, attacked: np.ndarray, *,
+def score_slots(spec: AttackSpec, xs: Sequence[np.ndarray], t: int, attacked: np.ndarray, *,
                 ref_weights: np.ndarray | None = None, ddof: int = 0,
-                outlier_filter: bool = False) -> np.ndarray:
+                outlier_filter: bool = False, lira: LiraOptions = DEFAULT_LIRA,
+                rmia: RmiaOptions = DEFAULT_RMIA, population: np.ndarray | None = None,
+                halves: np.ndarray | None = None) -> np.ndarray:
     """Scores of attack ``spec`` against client position ``t``.
 
     Args:
         spec: the attack.
-        x: float64 R×K×S, ``sign × measure`` of every client in every slot.
+        xs: per signal of ``spec.signals``, float64 R×K×S, ``sign × measure`` of every
+            client in every slot.
         t: the target's position on the client axis.
         attacked: bool R, the rounds multi-round attacks combine.
-        ref_weights: bool R×K×S, which reference values FedMIA uses (default all).
+        ref_weights: bool R×K×S, which reference values the calibrated kinds use
+            (default all).
         ddof: FedMIA's variance ddof.
         outlier_filter: FedMIA's outlier filter.
+        lira: LiRA's options (``lira`` kind).
+        rmia: RMIA's ``a`` and γ (``rmia`` kind).
+        population: bool S, the slots RMIA may take as population (held-out samples).
+        halves: bool S, RMIA's cross-fitting coins (:func:`rmia_halves`).
 
     Returns:
         ``single``: R×S (one row per observed round); otherwise 1×S.
     """
+    x = xs[0]
     if spec.kind == "single":
         return x[:, t]
     a = np.flatnonzero(attacked)
@@ -634,9 +771,25 @@ def score_slots(spec: AttackSpec, x: np.ndarray, t: int, attacked: np.ndarray, *
         return x[a, t].mean(axis=0, keepdims=True)
     others = np.delete(np.arange(x.shape[1]), t)
     w = None if ref_weights is None else ref_weights[a][:, others]
-    cdf = fedmia_cdf(x[a, t], x[a][:, others], weights=w, ddof=ddof,
-                     outlier_filter=outlier_filter)
-    return cdf.mean(axis=0, keepdims=True)
+    if spec.kind == "fedmia":
+        cdf = fedmia_cdf(x[a, t], x[a][:, others], weights=w, ddof=ddof,
+                         outlier_filter=outlier_filter)
+        return cdf.mean(axis=0, keepdims=True)
+    if spec.kind == "lira":
+        zs = [calibrated.lira_z(v[a, t], v[a][:, others], weights=w, options=lira) for v in xs]
+        if spec.combine == "sum":  # Σ over rounds and signals
+            per = [z.sum(axis=0) for z in zs]
+            return (per[0] if len(per) == 1 else np.sum(per, axis=0))[None]
+        per = [ndtr(z).mean(axis=0) for z in zs]  # the mean of Φ(z) over rounds and signals
+        return (per[0] if len(per) == 1 else np.mean(per, axis=0))[None]
+    if population is None or halves is None:
+        raise ValueError(f"attack '{spec.name}' (RMIA) needs a population and cross-fitting "
+                         "halves")
+    llr = calibrated.rmia_log_lr(x[a, t], x[a][:, others], weights=w, a=rmia.a)  # R'×S
+    if spec.combine == "sum":
+        return calibrated.crossfit_rmia(llr.sum(axis=0), population, halves, rmia.gamma)[None]
+    return np.mean([calibrated.crossfit_rmia(r, population, halves, rmia.gamma) for r in llr],
+                   axis=0)[None]
 
 
 def attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.ndarray:
@@ -651,30 +804,48 @@ def attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.
     return np.isin(cube.rounds, want)  # empty: no multi-round score (e.g. a diverged run)
 
 
-def attack_scores(name: str, mdm: pd.DataFrame | MeasureCube, target: int, *,
+def attack_scores(name: str | AttackSpec, mdm: pd.DataFrame | MeasureCube, target: int, *,
                   attack_rounds: Iterable[int] | None = None, ddof: int = 0,
-                  outlier_filter: bool = False) -> pd.DataFrame:
+                  outlier_filter: bool = False, lira: LiraOptions = DEFAULT_LIRA,
+                  rmia: RmiaOptions = DEFAULT_RMIA, owner: pd.Series | None = None,
+                  bootstrap_keys: Sequence[str | int] = (0,)) -> pd.DataFrame:
     """Scores of attack ``name`` against target client ``target`` (aligned protocol).
 
     Args:
-        name: attack name (:data:`ATTACKS`).
+        name: attack name (:data:`ATTACKS`), or an :class:`AttackSpec`.
         mdm: the measure table, or its :class:`MeasureCube`.
         target: the target client id.
         attack_rounds: the rounds multi-round attacks combine (default: all in the table).
         ddof: FedMIA's variance ddof (0 as the paper).
         outlier_filter: FedMIA attacks drop reference outliers (ignored by others).
+        lira: LiRA's options.
+        rmia: RMIA's options.
+        owner: owning client of each sample, indexed by ``sample_id`` (−1 = held out):
+            RMIA's population (needed by RMIA attacks only).
+        bootstrap_keys: the run's keys in the seed of RMIA's cross-fitting coins, as
+            :func:`run_attacks` takes them (its default: ``(0,)``, the official seed).
 
     Returns:
         Columns ``round`` (int64; −1 = a multi-round score), ``sample_id`` (int64),
         ``score`` (float64, higher = more likely a member); one row per (round, sample),
         sorted by round (per-round ones first), then sample_id.
     """
-    spec = ATTACKS.get(name)
-    cube = mdm if isinstance(mdm, MeasureCube) else MeasureCube.from_frame(mdm, [spec.measure])
+    spec = name if isinstance(name, AttackSpec) else ATTACKS.get(name)
+    cube = (mdm if isinstance(mdm, MeasureCube)
+            else MeasureCube.from_frame(mdm, list(spec.measures)))
     t = cube.client_index(target)
-    x = spec.sign * cube.values[spec.measure]
-    scores = score_slots(spec, x, t, attacked_mask(cube, attack_rounds), ddof=ddof,
-                         outlier_filter=outlier_filter)
+    xs = [sign * cube.values[m] for m, sign in spec.signals]
+    population = halves = None
+    if spec.kind == "rmia":
+        if owner is None:
+            raise ValueError(f"attack '{spec.name}' (RMIA) needs owner: its population is the "
+                             "held-out samples")
+        slots = aligned_slots(owner_array(cube, owner), target)
+        population = slots.group == -1
+        halves = rmia_halves(slots, (*bootstrap_keys, "aligned", 0, target))
+    scores = score_slots(spec, xs, t, attacked_mask(cube, attack_rounds), ddof=ddof,
+                         outlier_filter=outlier_filter, lira=lira, rmia=rmia,
+                         population=population, halves=halves)
     rounds = cube.rounds if spec.kind == "single" else np.array([MULTI_ROUND])
     n = len(cube.sample_ids)
     return pd.DataFrame({
@@ -730,6 +901,7 @@ def run_attacks_with_replicates(
         protocols: Sequence[str] | None = None,
         official: OfficialProtocol = OfficialProtocol(),
         ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
+        lira: LiraOptions = DEFAULT_LIRA, rmia: RmiaOptions = DEFAULT_RMIA,
         fpr_rule: str = "at_most", roc_points: int = 200,
         n_boot: int = 1000, bootstrap_keys: Sequence[str | int] | None = None,
         keep_replicates: Iterable[str] = (),
@@ -762,6 +934,10 @@ def run_attacks_with_replicates(
         official: the official protocol's draws.
         ddof: FedMIA's variance ddof.
         outlier_filter: attack name → whether FedMIA's outlier filter applies.
+        lira: LiRA's options (every ``lira`` attack).
+        rmia: RMIA's ``a`` and γ (every ``rmia`` attack). Its population is a draw's
+            held-out slots, its cross-fitting coins seeded by ``(*bootstrap_keys,
+            protocol, draw, target)`` (:func:`rmia_halves`).
         fpr_rule: how TPR at FPR α counts the limit (:data:`fedmia.attacker.metrics.FPR_RULES`).
         roc_points: the most ROC points kept per row (:func:`fedmia.attacker.metrics.roc_points`).
         n_boot: bootstrap replicates per row for the intervals (0: none, NaN columns).
@@ -803,28 +979,32 @@ def run_attacks_with_replicates(
         raise ValueError(f"the official protocol needs at least 1 draw; got {official.draws}")
     keep = set(keep_replicates)
     run_keys = tuple(bootstrap_keys) if bootstrap_keys is not None else (official.seed,)
-    measures = sorted({s.measure for s in specs})
+    measures = sorted({m for s in specs for m in s.measures})
     cube, own, targets = _check(mdm, owner, targets, measures)
     attacked = attacked_mask(cube, attack_rounds)
-    signed = {(s.measure, s.sign): s.sign * cube.values[s.measure] for s in specs}
+    signed = {(m, sign): sign * cube.values[m] for s in specs for m, sign in s.signals}
     filt = dict(outlier_filter or {})
+    need_halves = any(s.kind == "rmia" for s in specs)
     rows: dict[str, list[dict]] = {s.name: [] for s in specs}
     kept: list[dict] = []
     for protocol in protocols:
-        for draw in range(official.draws if protocol == "official" else 1):
+        for draw in range(official.draws if PROTOCOLS.get(protocol).redrawn else 1):
             for target in targets:
                 t = cube.client_index(target)
-                slots = (aligned_slots(own, target) if protocol == "aligned" else
-                         official_slots(own, target, len(cube.rounds), cube.clients,
-                                        official, draw))
+                slots = protocol_slots(protocol, own, target, len(cube.rounds), cube.clients,
+                                       official, draw)
                 xs = {key: _slot_values(v, slots) for key, v in signed.items()}
+                halves = (rmia_halves(slots, (*run_keys, protocol, draw, target))
+                          if need_halves else None)
                 batch: list[tuple[str, dict[str, Any], np.ndarray]] = []
                 for spec in specs:
                     if spec.multi_round and not attacked.any():
                         continue  # no attacked round to combine
-                    x = xs[spec.measure, spec.sign]
-                    scores = score_slots(spec, x, t, attacked, ref_weights=slots.ref_weights,
-                                         ddof=ddof, outlier_filter=filt.get(spec.name, False))
+                    scores = score_slots(spec, [xs[sig] for sig in spec.signals], t, attacked,
+                                         ref_weights=slots.ref_weights, ddof=ddof,
+                                         outlier_filter=filt.get(spec.name, False),
+                                         lira=lira, rmia=rmia,
+                                         population=slots.group == -1, halves=halves)
                     if spec.kind == "single":
                         rounds, hit = cube.rounds.tolist(), attacked.tolist()
                     else:

@@ -3,13 +3,23 @@
 For evaluation sample ``x_i`` (label ``y_i``), client ``k`` and round ``r`` with
 global model ``w`` (the one the server sent) and upload ``Δ_k = w − w^k``:
 
-* ``loss[k, i]``      = CE(f(x_i; w − Δ_k), y_i), on the client's uploaded model;
+* ``loss[k, i]``      = CE(f(x_i; w − Δ_k), y_i), on the client's uploaded model, float64;
+* ``logit_conf[k, i]`` = φ = z_y − logsumexp_{j≠y} z_j, LiRA's logit-scaled confidence
+  log p_y − log(1 − p_y) from the logits z of the same pass, float64;
 * ``g_i``             = ∇_θ CE(f(x_i; w), y_i) over the trainable parameters θ;
 * ``cos[k, i]``       = cos(g_i, Δ_k);
 * ``grad_diff[k, i]`` = ‖Δ_k‖² − ‖Δ_k − g_i‖² = 2⟨g_i, Δ_k⟩ − ‖g_i‖²;
 * ``grad_norm[i]``    = ‖g_i‖² (independent of k);
 * ``correct[k, i]``, ``confidence[k, i]``: argmax hit and softmax probability of
   ``y_i`` under the client's model (cheap by-products of the loss pass).
+
+**Precision** (:func:`logit_statistics`). The logits come from the float32 forward pass;
+φ and the loss are computed from them in float64: φ first (a log-sum-exp over the other
+classes), then ``loss = softplus(−φ) = log(1 + e^{−φ})``, which is −log p_y exactly and keeps
+its small values — a float32 cross-entropy is exactly 0 once p_y rounds to 1 (margin ≳ 17),
+and even a float64 log-softmax ``z_y − logsumexp(z)`` is 0 from a margin of ≈ 37 on, while
+``softplus(−φ)`` stays positive up to φ ≈ 745. Neither is ever derived from the other
+after rounding.
 
 BatchNorm is in eval mode throughout. Only ⟨g_i, Δ_k⟩ for all k and ‖g_i‖² are
 needed: ``g_i`` is handled once per sample and round, whatever K is. Two routes
@@ -43,15 +53,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RoundMeasures:
-    """Measures of N samples under K clients at one round (float32 CPU tensors).
+    """Measures of N samples under K clients at one round (CPU tensors).
 
     Attributes:
-        loss, cos, grad_diff, confidence: K×N.
+        loss, logit_conf: float64 K×N (:func:`logit_statistics`).
+        cos, grad_diff, confidence: float32 K×N.
         correct: bool K×N.
-        grad_norm: N (squared norm ‖g_i‖²).
+        grad_norm: float32 N (squared norm ‖g_i‖²).
     """
 
     loss: torch.Tensor
+    logit_conf: torch.Tensor
     cos: torch.Tensor
     grad_diff: torch.Tensor
     grad_norm: torch.Tensor
@@ -59,11 +71,37 @@ class RoundMeasures:
     confidence: torch.Tensor
 
 
+def logit_statistics(logits: torch.Tensor, y: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and LiRA's logit-scaled confidence from logits, in float64.
+
+    φ = z_y − logsumexp_{j≠y} z_j = log p_y − log(1 − p_y) and loss = −log p_y =
+    softplus(−φ) = log(1 + e^{−φ}) (the two are the same identity: log Σ_j e^{z_j} − z_y =
+    log(1 + e^{logsumexp_{j≠y} z_j − z_y})). Both in float64 from the logits, so a confident
+    sample keeps a positive loss (≈ e^{−φ}) down to 1e-323 instead of rounding to 0.
+
+    Args:
+        logits: float B×C (any float dtype; cast to float64), C ≥ 2.
+        y: int64 B, labels.
+
+    Returns:
+        ``(loss, phi)``, float64 B each.
+    """
+    z = logits.double()
+    zy = z.gather(1, y[:, None])[:, 0]
+    others = z.scatter(1, y[:, None], float("-inf"))
+    phi = zy - torch.logsumexp(others, dim=1)
+    return F.softplus(-phi), phi
+
+
 @torch.no_grad()
 def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.Tensor,
                   x: torch.Tensor, y: torch.Tensor, batch_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample CE, correctness and true-class confidence under each uploaded model.
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample loss, logit-scaled confidence, correctness and p_y under each upload.
+
+    One batched forward pass per (client, batch); everything from its logits
+    (:func:`logit_statistics`).
 
     Args:
         state: flat-state wrapper of the model (overwritten).
@@ -74,24 +112,22 @@ def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.T
         batch_size: samples per forward pass.
 
     Returns:
-        ``(loss, correct, confidence)``, each K×N.
+        ``(loss, logit_conf, correct, confidence)``, each K×N: float64, float64, bool,
+        float32 (p_y = e^{−loss}).
     """
     model = state.module.eval()
     k, n = uploads.shape[0], x.shape[0]
-    loss = torch.empty(k, n, device=x.device)
+    loss = torch.empty(k, n, dtype=torch.float64, device=x.device)
+    phi = torch.empty(k, n, dtype=torch.float64, device=x.device)
     correct = torch.empty(k, n, dtype=torch.bool, device=x.device)
-    conf = torch.empty(k, n, device=x.device)
     for c in range(k):
         state.load(global_state - uploads[c])
         for s in range(0, n, batch_size):
             logits = model(x[s:s + batch_size])
             yy = y[s:s + batch_size]
-            logp = F.log_softmax(logits, dim=1)
-            nll = -logp.gather(1, yy[:, None])[:, 0]
-            loss[c, s:s + batch_size] = nll
-            conf[c, s:s + batch_size] = torch.exp(-nll)
+            loss[c, s:s + batch_size], phi[c, s:s + batch_size] = logit_statistics(logits, yy)
             correct[c, s:s + batch_size] = logits.argmax(1) == yy
-    return loss, correct, conf
+    return loss, phi, correct, torch.exp(-loss).float()
 
 
 def per_sample_grad_products(
@@ -161,7 +197,7 @@ def compute_round_measures(
         grad_products: the route computing ⟨g_i, Δ_k⟩ and ‖g_i‖² of a chunk
             (:data:`fedmia.attacker.routes.MEASURE_ROUTES`; default: layer-wise).
     """
-    loss, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
+    loss, phi, correct, conf = client_losses(state, global_state, uploads, x, y, batch_size)
     state.load(global_state)
     model = state.module.eval()
     layout = state.layout
@@ -184,7 +220,7 @@ def compute_round_measures(
     g_norm = sqnorm.clamp_min(0).sqrt()
     cos = dots / (g_norm[:, None] * upd_norm[None, :]).clamp_min(1e-30)
     return RoundMeasures(
-        loss=loss.cpu(), cos=cos.T.contiguous().cpu(),
+        loss=loss.cpu(), logit_conf=phi.cpu(), cos=cos.T.contiguous().cpu(),
         grad_diff=(2 * dots - sqnorm[:, None]).T.contiguous().cpu(),
         grad_norm=sqnorm.cpu(), correct=correct.cpu(), confidence=conf.cpu(),
     )

@@ -156,6 +156,8 @@ def schema_defaults(*path: str):  # noqa: ANN201 (a class decorator)
             if name in cls.__dict__ or name not in props or "default" not in props[name]:
                 continue
             default = props[name]["default"]
+            if isinstance(default, dict):  # a dataclass field may not share a mutable one
+                default = field(default_factory=lambda d=default: copy.deepcopy(d))
             setattr(cls, name, tuple(default) if isinstance(default, list) else default)
         cls.schema_path = tuple(path)
         return cls
@@ -420,6 +422,52 @@ class MeasureConfig(Section):
     route: str
     chunk_size: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+@schema_defaults("properties", "attack")
+class AttackConfig(Section):
+    """The attack stage (``attack:``): which attacks, against whom, and how they are scored.
+
+    The workflow passes each cell its resolved section: ``rounds`` the cell's attacked
+    rounds and ``official`` the run's options updated by the cell's grid block.
+
+    Attributes:
+        attacks: attack code names (``None``: every registered attack).
+        protocol: a non-member protocol or a list of them (``None``: every registered one).
+        targets: ``"all"`` or a list of target client ids.
+        rounds: the rounds multi-round attacks combine and single-round attacks are
+            selected from (``None``: every round of the measure table).
+        official: the official protocol's options (its ``seed`` is the cell's).
+        fpr_rule: ``at_most`` or ``below``.
+        fedmia_ddof: ddof of FedMIA's reference variance.
+        fedmia_outlier_filter: ``auto``, ``always`` or ``never`` (resolved per partition
+            kind by the workflow).
+        lira: LiRA's options (``variance``, ``location``, ``ddof``).
+        rmia: RMIA's options (``a``, ``gamma``).
+        roc_points: points of the stored ROC curve per row.
+        bootstrap: bootstrap replicates per row for the intervals.
+    """
+
+    key: ClassVar[str] = "attack"
+    attacks: tuple[str, ...] | None = None  # the schema's default: the registered kinds
+    protocol: str | tuple[str, ...] | None = None
+    targets: str | tuple[int, ...]
+    rounds: tuple[int, ...] | None
+    official: Mapping[str, Any]
+    fpr_rule: str
+    fedmia_ddof: int
+    fedmia_outlier_filter: str
+    lira: Mapping[str, Any]
+    rmia: Mapping[str, Any]
+    roc_points: int
+    bootstrap: int
+
+    @property
+    def protocols(self) -> list[str] | None:
+        """``protocol`` as a list (``None``: every registered protocol)."""
+        p = self.protocol
+        return None if p is None else [p] if isinstance(p, str) else list(p)
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,17 @@ HISTORY_COLUMNS = [*CELL_KEYS, "round", "client_id", "lr", "num_samples",
 #: and the evaluation sample.
 MEASURE_KEYS = ("round", "client_id", "sample_id")
 #: Columns and dtypes of the measure table, in order: the keys, then the measures (any
-#: numeric column can be an attack's measure).
+#: numeric column can be an attack's measure). ``loss`` and ``logit_conf`` (LiRA's φ =
+#: z_y − logsumexp_{j≠y} z_j) are float64, both computed in float64 from the logits
+#: (:func:`fedmia.attacker.measures.logit_statistics`): a confident sample's loss is
+#: e^{−φ} > 0, never a float32 0 (ties at 0 break TPR at low FPR).
 MEASURE_DTYPES = {"round": "int32", "client_id": "int32", "sample_id": "int64",
-                  "loss": "float32", "cos": "float32", "grad_diff": "float32",
-                  "grad_norm": "float32", "correct": "bool", "confidence": "float32"}
+                  "loss": "float64", "logit_conf": "float64", "cos": "float32",
+                  "grad_diff": "float32", "grad_norm": "float32", "correct": "bool",
+                  "confidence": "float32"}
 #: The membership disclosure measures of :data:`MEASURE_DTYPES` (the others are cheap
 #: by-products of the loss pass).
-MEASURES = ("loss", "cos", "grad_diff", "grad_norm")
+MEASURES = ("loss", "logit_conf", "cos", "grad_diff", "grad_norm")
 #: Metrics with bootstrap intervals in an attack table (every metric but the balanced
 #: accuracy).
 CI_METRICS = ("auc", *(tpr_metric_name(a) for a in FPR_LEVELS))
@@ -79,8 +83,10 @@ ATTACK_DTYPES = {"dataset": "object", "model": "object", "defense": "object",
 AUDIT_COLUMNS = ("attack", "target", "round", "epsilon_empirical", "num_canaries",
                  "num_guesses", "num_correct", "delta", "beta", "rule", "choice",
                  "selected_attack")
-#: The metrics whose bootstrap replicates the attack stage keeps for the findings.
-REPLICATE_METRICS = ("auc", tpr_metric_name(0.001))
+#: The metrics whose bootstrap replicates the attack stage keeps for the findings: the AUC,
+#: the paper's TPR@0.1 % and TPR@1 % (the lowest FPR a ~1,000-sample pool resolves with
+#: more than one false positive).
+REPLICATE_METRICS = ("auc", tpr_metric_name(0.001), tpr_metric_name(0.01))
 #: The keys of a replicate row after the cell's and the attack: the attack table row's.
 REPLICATE_KEYS = ("protocol", "draw", "target", "round")
 #: Columns of the replicate table (``results/attacks/{cell}/replicates.parquet``,
@@ -103,12 +109,43 @@ def prepared_paths(folder: str | Path) -> dict[str, str]:
 
 #: Format version of each kind of intermediate file: bump one when its contents change
 #: incompatibly, so that old files are refused with a clear message instead of misread.
-FORMATS = {"partition": 3, "history": 3, "manifest": 1, "observed": 1, "final": 1,
-           "checkpoint": 1, "measures": 1, "attack": 1, "audit": 2, "replicates": 1}
+#: ``view`` is the version of the recorded server view as a whole (:data:`VIEW_FILES`),
+#: stated inside the manifest's ``view`` block.
+FORMATS = {"partition": 3, "history": 3, "manifest": 2, "observed": 2, "final": 1,
+           "ownership": 1, "view": 1,
+           "checkpoint": 1, "measures": 2, "attack": 1, "audit": 2, "replicates": 2}
 #: The rule that writes each kind of file (for the fix in an error message).
 WRITER = {"partition": "partition", "history": "train", "manifest": "train",
-          "observed": "train", "final": "train", "checkpoint": "train", "measures": "measure",
+          "observed": "train", "final": "train", "ownership": "train", "view": "train",
+          "checkpoint": "train", "measures": "measure",
           "attack": "attack", "audit": "attack", "replicates": "attack"}
+
+# ------------------------------------------------------------- the recorded server view
+
+#: The files of a recorded server view ("what the server saw"), by key, relative to the
+#: recording's folder: the manifest (JSON; its ``view`` block: :data:`VIEW_KEYS`), the
+#: observed rounds (``observed/roundNNNN.safetensors``: :data:`OBSERVED_TENSORS`), the
+#: final global model (``final``) and who owns which sample (:data:`OWNERSHIP_DTYPES`).
+#: fedmia's train stage writes them under ``results/train/{cell}/``, the Flower recorder
+#: (``fedmia.flower``) into a folder of the user's; the import stage reads either.
+VIEW_FILES = {"manifest": "manifest.json", "observed": "observed",
+              "final": "final.safetensors", "ownership": "ownership.parquet"}
+#: The keys of a manifest's ``view`` block: its format (``view/1``), who recorded it, the
+#: model (``kind``, ``num_classes``, ``in_channels``), the dataset (``kind``,
+#: ``num_samples``, ``sha256`` of the prepared arrays or null), the number of clients, the
+#: rounds trained, the observed (recorded) rounds, and the SHA-256 of every file of the
+#: view but the manifest, by its path relative to the recording's folder.
+VIEW_KEYS = ("format", "recorder", "model", "dataset", "num_clients", "rounds",
+             "observed_rounds", "files")
+#: The tensors of an observed round: the global model sent (float32 P), the participants'
+#: uploads Δ = global − local (float32 n×P, fedmia's sign), the participants' client ids
+#: (int64 n, one per row of ``uploads``) and their data sizes (int64 n).
+OBSERVED_TENSORS = ("global_state", "uploads", "client_ids", "num_samples")
+#: Columns of a view's ownership table (``ownership.parquet``): one row per sample the
+#: recording names — ``client_id`` ≥ 0, the client that trains on it; -1, the held-out
+#: pool no client trains on (the non-members are drawn from it); ``eval``: the evaluation
+#: set the recorder chose (all False: the auditor's partition draws one).
+OWNERSHIP_DTYPES = {"sample_id": "int64", "client_id": "int32", "eval": "bool"}
 FORMAT_KEY = "fedmia_format"
 
 

@@ -13,7 +13,7 @@ a decorator or default argument that touches ``torch`` at import (``@torch.no_gr
 ``dtype=torch.float32``) would import it — ``tests/test_workflow.py`` parses the
 workflow with a torch that raises on import, so such a use fails a test. Type
 annotations are strings (``from __future__ import annotations``) and cost nothing.
-The same holds for plugins (README "Extending"). Modules that subclass torch classes at
+The same holds for plugins (docs/extending.md). Modules that subclass torch classes at
 import (the networks) are named by a dotted path in their kind's descriptor instead
 (:mod:`fedmia.core.registry`).
 

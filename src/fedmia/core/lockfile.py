@@ -21,7 +21,9 @@ from pathlib import Path
 #: an installed wheel.
 LOCK_DIR = Path(__file__).resolve().parents[3] / "requirements"
 
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:\\)?$")
+#: A pin, ``name==version`` or ``name[extra,...]==version`` (extras kept: scripts/lock.sh).
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[A-Za-z0-9._, -]*\])?"
+                  r"==([^\s;\\]+)\s*(?:\\)?$")
 
 
 def normalise(name: str) -> str:
@@ -37,7 +39,7 @@ def lock_files(lock_dir: Path = LOCK_DIR) -> list[Path]:
 
 
 def read_pins(path: Path) -> dict[str, str]:
-    """``{normalised name: version}`` of a lock file's ``name==version`` lines.
+    """``{normalised name: version}`` of a lock file's ``name==version`` lines (extras dropped).
 
     Comments, pip options (``--find-links``) and the indented ``--hash`` lines under a
     pin are skipped. Any other line is an error naming the file and line: a lock pins

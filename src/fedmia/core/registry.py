@@ -40,6 +40,8 @@ This module imports nothing of fedmia: the registries depend on it, never the re
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -166,11 +168,19 @@ def import_plugins(modules: Iterable[str]) -> None:
     A module already imported is not run again (Python caches it), so calling this at
     parse time and again in a job is cheap.
 
+    A plugin is looked up on ``sys.path`` (``PYTHONPATH``, installed packages) and then in
+    the working directory, as ``python -m`` would (``snakemake`` and its jobs run there):
+    a plugin kept with the project (``examples/flower``: ``examples.flower.digits_app.
+    fedmia_plugin``) needs no ``PYTHONPATH``.
+
     Raises:
         PluginError: a module (or the package that should hold it) does not exist.
         Exception: whatever the plugin's own code raises on import (e.g. a ``ValueError``
             for a name that is already registered).
     """
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for name in modules:
         try:
             importlib.import_module(name)

@@ -792,7 +792,7 @@ def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     duplicates are kept, as the official code kept them, and reported in ``extra``
     (``duplicates_kept``, ``duplicate_files``). The clients' pool is the training split, so
     a partition with ``samples_per_client: null`` deals exactly it; fedmia's partitions do
-    not redraw the official assignment of the pool to clients (README "Datasets").
+    not redraw the official assignment of the pool to clients (docs/running.md, "Datasets").
     A smaller tree (tests, smoke runs) takes smaller ``pool_size``/``test_size``; a tree
     with fewer images than the two together is refused.
     """

@@ -34,6 +34,7 @@ STREAM_PARTITION = 1
 STREAM_TRAIN = 2
 STREAM_AUDIT = 4
 STREAM_AGGREGATION = 5
+STREAM_IMPORT = 6
 
 
 def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:
@@ -180,6 +181,43 @@ def make_partition(
         "canary_in": canary_in,
         "filler": filler,
     })
+
+
+def evaluation_set(owner: np.ndarray, cfg: PartitionConfig, seed: int,
+                   where: str = "partition") -> np.ndarray:
+    """The evaluation set of a recorded run's clients (its recording names none).
+
+    ``eval_members_per_client`` samples of each client and ``eval_nonmembers`` of the
+    held-out pool, drawn from ``(seed, STREAM_IMPORT)``.
+
+    Args:
+        owner: int N, the client of every sample (``HELD_OUT``: the held-out pool; below
+            it, a sample the recording does not name, never drawn).
+        cfg: the cell's partition config (its evaluation sizes, ``num_clients``).
+        seed: the cell's seed.
+        where: the config key of ``cfg``, for messages.
+
+    Returns:
+        bool N, the evaluation set.
+
+    Raises:
+        PartitionError: a client or the pool holds fewer samples than asked for.
+    """
+    rng = rng_for(seed, STREAM_IMPORT)
+    in_eval = np.zeros(len(owner), dtype=bool)
+    for c in range(cfg.num_clients):
+        own = np.flatnonzero(owner == c)
+        if len(own) < cfg.eval_members_per_client:
+            raise PartitionError(f"{where}.eval_members_per_client = "
+                                 f"{cfg.eval_members_per_client} but client {c} of the "
+                                 f"recording owns {len(own)} samples; lower it")
+        in_eval[rng.choice(own, size=cfg.eval_members_per_client, replace=False)] = True
+    pool = np.flatnonzero(owner == HELD_OUT)
+    if len(pool) < cfg.eval_nonmembers:
+        raise PartitionError(f"{where}.eval_nonmembers = {cfg.eval_nonmembers} but the "
+                             f"recording's held-out pool holds {len(pool)} samples; lower it")
+    in_eval[rng.choice(pool, size=cfg.eval_nonmembers, replace=False)] = True
+    return in_eval
 
 
 def draw_canaries(candidates: np.ndarray, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

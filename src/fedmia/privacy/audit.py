@@ -50,16 +50,18 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fedmia.attacker import uncertainty
+from fedmia.attacker import calibrated, uncertainty
 from fedmia.attacker.attacks import (
     ATTACKS,
     MULTI_ROUND,
     REMEASURE,
+    RMIA_HALVES,
     SELECTED,
     MeasureCube,
     attacked_mask,
     score_slots,
 )
+from fedmia.attacker.calibrated import DEFAULT_LIRA, DEFAULT_RMIA, LiraOptions, RmiaOptions
 from fedmia.core.contracts import AUDIT_COLUMNS
 
 #: Default significance level β of the bound (95 % confidence).
@@ -355,7 +357,9 @@ def select_and_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
 
 def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, target: int,
                   *, attack_rounds: Iterable[int] | None = None, ddof: int = 0,
-                  outlier_filter: Mapping[str, bool] | None = None, delta: float,
+                  outlier_filter: Mapping[str, bool] | None = None,
+                  lira: LiraOptions = DEFAULT_LIRA, rmia: RmiaOptions = DEFAULT_RMIA,
+                  population: Sequence[int] | np.ndarray | None = None, delta: float,
                   beta: float = DEFAULT_BETA, seed: int = 0) -> pd.DataFrame:
     """The one-run ε audit of each attack (aligned protocol) on the target's canaries.
 
@@ -379,6 +383,13 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
         attack_rounds: as :func:`run_attacks`.
         ddof: as :func:`run_attacks`.
         outlier_filter: as :func:`run_attacks`.
+        lira: as :func:`run_attacks`.
+        rmia: as :func:`run_attacks`.
+        population: sample ids of held-out samples of the measure table, RMIA's
+            population (needed by RMIA attacks only): the canaries and these samples are
+            cross-fitted as the evaluation set is (each canary is scored against the
+            population of the other half; coins seeded by ``seed``). LiRA's pooled or
+            shrunk variance is fitted over the canaries and these samples.
         delta: δ of the guarantee audited.
         beta: significance level of the bound.
         seed: seed of the held-out split (e.g. the cell's).
@@ -390,23 +401,32 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
     """
     specs = [ATTACKS.get(n) for n in names]
     ids = np.sort(canaries.index.to_numpy())
-    lacking = np.setdiff1d(ids, mdm["sample_id"].unique())
+    pop = np.setdiff1d(np.asarray(population if population is not None else [],
+                                  dtype=np.int64), ids)
+    if population is None and any(s.kind == "rmia" for s in specs):
+        raise ValueError("the audit of an RMIA attack needs a population: pass the held-out "
+                         "evaluation samples' ids (population=...)")
+    lacking = np.setdiff1d(np.r_[ids, pop], mdm["sample_id"].unique())
     if len(lacking):
-        raise ValueError(f"the measure table lacks {len(lacking)} canaries, e.g. sample_id "
-                         f"{lacking[0]}{REMEASURE}")
-    cube = MeasureCube.from_frame(mdm[mdm["sample_id"].isin(ids)],
-                                  sorted({s.measure for s in specs}))
-    included = canaries.reindex(cube.sample_ids).to_numpy().astype(bool)
+        raise ValueError(f"the measure table lacks {len(lacking)} canaries or population "
+                         f"samples, e.g. sample_id {lacking[0]}{REMEASURE}")
+    cube = MeasureCube.from_frame(mdm[mdm["sample_id"].isin(np.r_[ids, pop])],
+                                  sorted({m for s in specs for m in s.measures}))
+    is_canary = np.isin(cube.sample_ids, ids)
+    included = canaries.reindex(cube.sample_ids[is_canary]).to_numpy().astype(bool)
     t = cube.client_index(target)
     attacked = attacked_mask(cube, attack_rounds)
     filt = dict(outlier_filter or {})
+    halves = calibrated.crossfit_halves(len(cube.sample_ids),
+                                        uncertainty.stable_seed(seed, RMIA_HALVES))
     out, scored = [], []
     for spec in specs:
         if not attacked.any():
             continue
-        x = spec.sign * cube.values[spec.measure]
-        scores = score_slots(spec, x, t, attacked, ddof=ddof,
-                             outlier_filter=filt.get(spec.name, False))
+        xs = [sign * cube.values[m] for m, sign in spec.signals]
+        scores = score_slots(spec, xs, t, attacked, ddof=ddof,
+                             outlier_filter=filt.get(spec.name, False), lira=lira, rmia=rmia,
+                             population=~is_canary, halves=halves)[:, is_canary]
         if spec.kind == "single":
             last = int(np.flatnonzero(attacked)[-1])
             rnd, sc = int(cube.rounds[last]), scores[last]

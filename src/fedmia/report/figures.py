@@ -13,7 +13,13 @@ import numpy as np
 import pandas as pd
 
 from fedmia.attacker import metrics, uncertainty
-from fedmia.attacker.attacks import ATTACKS, attack_order, families
+from fedmia.attacker.attacks import (
+    ATTACKS,
+    CALIBRATED_KINDS,
+    UTILITY_ATTACK,
+    attack_order,
+    families,
+)
 from fedmia.attacker.metrics import METRICS, tpr_metric_name
 from fedmia.core.lazy import plt
 from fedmia.core.registry import Registry
@@ -59,9 +65,18 @@ def _figure(rows: int, cols: int, width: float) -> tuple[plt.Figure, np.ndarray]
     return fig, axes
 
 
-def _colors() -> dict[str, str]:
+def _colors() -> dict[str, Any]:
+    """A colour per registered attack: the default cycle, or tab20 for more than it holds."""
+    order = attack_order()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {a: cycle[i % len(cycle)] for i, a in enumerate(attack_order())}
+    if len(order) > len(cycle):
+        cycle = list(plt.get_cmap("tab20").colors)
+    return {a: cycle[i % len(cycle)] for i, a in enumerate(order)}
+
+
+def _style(attack: str) -> str:
+    """Line style of a multi-round attack: dashed, dash-dotted for fedmia's LiRA and RMIA."""
+    return "-." if ATTACKS.get(attack).kind in CALIBRATED_KINDS else "--"
 
 
 def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figure:
@@ -70,7 +85,8 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
     Means over targets (and official draws), with 95 % bootstrap bands over targets
     (:func:`_band`). Single-round attacks are lines over the observed rounds, filled
     markers at attacked rounds and hollow ones at rounds observed only for the figure;
-    multi-round attacks are horizontal dashed lines (the official code's main figure).
+    multi-round attacks are horizontal dashed lines (the official code's main figure;
+    dash-dotted for LiRA and RMIA).
     """
     if fpr not in metrics.FPR_LEVELS:
         raise ValueError(f"round_plot_fpr must be one of {', '.join(map(str, metrics.FPR_LEVELS))}"
@@ -103,7 +119,8 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
                     ax.plot(miss["round"], miss[m], "o", mfc="none", color=colors[a])
                 multi = g[g["round"] == -1]
                 if len(multi):
-                    ax.axhline(multi[m].iloc[0], ls="--", color=colors[a], label=attack_label(a))
+                    ax.axhline(multi[m].iloc[0], ls=_style(a), color=colors[a],
+                               label=attack_label(a))
                     lo, hi = bands[a, -1, m]  # the interval as a bar at the right edge
                     x = means["round"].max() * 1.04 + 0.5 + 0.25 * attack_order().index(a)
                     ax.plot([x, x], [lo, hi], color=colors[a], lw=2.5, alpha=0.7)
@@ -144,6 +161,7 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr_per_target",
             lo_all = min(lo_all, lo)
             keep = grid >= lo
             ax.loglog(grid[keep], tprs.mean(axis=0)[keep], color=colors[a],
+                      ls="-" if _style(a) == "--" else _style(a),
                       label=f"{attack_label(a)} (AUC {g.auc.mean():.3f})")
             band_lo, band_hi = _band(tprs, (protocol, a, "roc"))
             ax.fill_between(grid[keep], np.maximum(band_lo[keep], 1e-4), band_hi[keep],
@@ -220,13 +238,18 @@ def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> 
     """Test accuracy versus attack AUC (top) and TPR@0.1% (bottom) for one attack family.
 
     One line per defense kind (strengths as points, labelled), the undefended model
-    as a black star; one column per attack of the family; all settings of ``pu``
-    overlaid; the first protocol and single-round selection (the title says which).
+    as a black star; one column per attack of the family, then one for
+    :data:`fedmia.attacker.attacks.UTILITY_ATTACK` (named before the runs, the same in
+    every figure and cell: not a per-cell maximum) where the table has it; all settings
+    of ``pu`` overlaid; the first protocol and single-round selection (the title says
+    which).
     """
     pu, what = headline(pu)
     attacks = [a for a in families().get(family, []) if a in set(pu.attack)]
     if not attacks:
         raise ValueError(f"no attack of family '{family}' in the table")
+    if UTILITY_ATTACK in set(pu.attack):
+        attacks.append(UTILITY_ATTACK)
     fig, axes = plt.subplots(2, len(attacks), figsize=(width, width * 0.6), squeeze=False)
     kinds = [k for k in dict.fromkeys(pu.kind) if k != "none"]
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]

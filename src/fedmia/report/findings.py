@@ -283,8 +283,9 @@ def _two_cell_row(base: dict, attack: str, metric: str, first: pd.DataFrame,
 
 def findings_markdown(table: pd.DataFrame) -> str:
     """The findings table: one line per comparison, the difference with its interval."""
-    cap = ("The paper's findings as tested claims: the difference of the better attack's "
-           "metric minus the worse one's (AUC; TPR@0.1% in percentage points), paired on "
+    cap = ("The paper's findings, and fedmia's pre-specified ones for its LiRA and RMIA "
+           "attacks, as tested claims: the difference of the better attack's "
+           "metric minus the worse one's (AUC; TPRs in percentage points), paired on "
            "the same targets, draws and evaluation samples for the attack comparisons, two "
            "groups of clients for non-iid vs iid; the mean over seeds of each seed's mean "
            "over targets. The 95 % interval (`method`): with `n_runs` ≥ 2 seeds, the "

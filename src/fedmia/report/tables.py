@@ -42,7 +42,13 @@ import numpy as np
 import pandas as pd
 
 from fedmia.attacker import metrics, uncertainty
-from fedmia.attacker.attacks import ATTACKS, PROTOCOLS, attack_order, single_round_attacks
+from fedmia.attacker.attacks import (
+    ATTACKS,
+    CALIBRATED_KINDS,
+    PROTOCOLS,
+    attack_order,
+    single_round_attacks,
+)
 from fedmia.attacker.metrics import METRICS, tpr_metric_name
 from fedmia.core.config import ConfigError
 from fedmia.core.registry import Registry
@@ -368,6 +374,7 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     if len(multi):
         bits.append("multi-round attacks over "
                     + "/".join(sorted(set(multi["rounds"]), key=int)) + " attacked rounds")
+        bits += _calibrated_text(set(multi["attack"]))
     lost = sorted(set(part.loc[~placed, "diverged"].dropna()) - {""})
     if lost:
         bits.append("n/a where training diverged before the first attacked round ("
@@ -389,6 +396,27 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
         bits.append("a row marked '< 10 FP' rests on fewer than 10 false positives: read it "
                     "as a wide range, not a point")
     return " · ".join(bits) + "."
+
+
+def _calibrated_text(attacks: set[str]) -> list[str]:
+    """Caption bits for the LiRA and RMIA attacks among ``attacks`` (none: empty)."""
+    specs = [ATTACKS.get(a) for a in attack_order() if a in attacks]
+    specs = [s for s in specs if s.kind in CALIBRATED_KINDS]
+    bits = []
+    if any(s.kind == "lira" for s in specs):
+        bits.append("LiRA (lira_*): offline, the K − 1 other clients' uploads of the round as "
+                    "OUT references, score Φ((s − μ)/σ) (attack.lira: variance rule and μ)")
+    if any(s.kind == "rmia" for s in specs):
+        bits.append("RMIA (rmia*): offline with a fixed a and γ (attack.rmia), p_y under the "
+                    "other clients' uploads, held-out samples of the other cross-fitting half "
+                    "as population")
+    summed = [s.name for s in specs if s.combine == "sum"]
+    if summed:
+        bits.append(f"{', '.join(summed)} sum the per-round z (LiRA; lira_conf_cos_sum also "
+                    "over φ and the cosine) or log LR (RMIA) as if independent: rounds and "
+                    "measures are correlated, so a sum is a working combination, not the "
+                    "likelihood ratio; the others average per-round scores as the paper")
+    return bits
 
 
 #: ``report.table_metrics`` of the paper's Table 1.

@@ -11,11 +11,14 @@ from typing import Any
 import pandas as pd
 
 from fedmia.attacker.attacks import (
+    ATTACKS,
     PROTOCOLS,
     OfficialProtocol,
     finding_attacks,
     run_attacks_with_replicates,
 )
+from fedmia.attacker.calibrated import LiraOptions, RmiaOptions
+from fedmia.core.config import AttackConfig
 from fedmia.core.contracts import (
     ATTACK_COLUMNS,
     ATTACK_DTYPES,
@@ -39,16 +42,8 @@ def attack(
     cell: Mapping[str, Any],
     rounds: Iterable[int] | None = None,
     manifest_file: str | Path | None = None,
-    attacks: Sequence[str],
-    attack_rounds: Iterable[int] | None = None,
-    targets: str | list[int] = "all",
-    protocol: Sequence[str] | None = None,
-    official: Mapping[str, Any] | None = None,
-    fpr_rule: str = "at_most",
-    fedmia_ddof: int = 0,
+    config: AttackConfig | Mapping[str, Any] | None = None,
     outlier_filter: Mapping[str, bool] | None = None,
-    roc_points: int = 200,
-    n_boot: int = 1000,
     audit: Mapping[str, Any] | None = None,
     plugins: Sequence[str] = (),
     outputs: Mapping[str, str | Path],
@@ -64,19 +59,15 @@ def attack(
             saved before it are attacked (multi-round attacks report the fewer rounds in
             ``n_rounds``; with no attacked round left they have no rows, and with no
             observed round at all every table is empty).
-        attacks: attack code names (:data:`fedmia.attacker.attacks.ATTACKS`).
-        attack_rounds: the rounds multi-round attacks combine and best rounds are picked
-            from (``None``: every round of the table).
-        targets: ``"all"`` or a list of client ids.
-        protocol: non-member protocols (:data:`fedmia.attacker.attacks.PROTOCOLS`; ``None``:
-            all).
-        official: :class:`fedmia.attacker.attacks.OfficialProtocol` fields but ``seed`` (the
-            cell's).
-        fpr_rule: ``at_most`` or ``below`` (:data:`fedmia.attacker.metrics.FPR_RULES`).
-        fedmia_ddof: ddof of FedMIA's reference variance.
-        outlier_filter: attack name → whether FedMIA's outlier filter applies.
-        roc_points: points of the stored ROC curve per row.
-        n_boot: bootstrap replicates per row for the intervals.
+        config: the cell's resolved ``attack`` section (:class:`fedmia.core.config.
+            AttackConfig`, or a mapping validated into one; ``None``: the defaults): the
+            attacks (``None``: every registered one), targets, protocols, the rounds
+            multi-round attacks combine and best rounds are picked from (``rounds``;
+            ``None``: every round of the table), the official protocol's options (its
+            ``seed`` is the cell's), the FPR rule, FedMIA's ddof, LiRA's and RMIA's options,
+            the ROC points and the bootstrap replicates per row.
+        outlier_filter: attack name → whether FedMIA's outlier filter applies (the
+            workflow resolves ``fedmia_outlier_filter`` by the partition's kind).
         audit: ``{target, delta}`` of the one-run audit of a partition with canaries.
         plugins: the config's ``plugins``, imported first (they register kinds).
         outputs: attack name → its Parquet: one row per (protocol, draw, target, round)
@@ -90,6 +81,10 @@ def attack(
             ``replicates`` key that file is not written.
     """
     import_plugins(plugins)
+    cfg = config if isinstance(config, AttackConfig) else AttackConfig.from_dict(config or {})
+    attacks = list(cfg.attacks) if cfg.attacks is not None else ATTACKS.registered()
+    attack_rounds = cfg.rounds
+    lira_options, rmia_options = LiraOptions(**cfg.lira), RmiaOptions(**cfg.rmia)
     missing = sorted(set(attacks) - set(outputs))
     if missing:
         raise ValueError(f"no output file for attack(s) {missing}")
@@ -125,7 +120,9 @@ def attack(
         audited = audit_attacks(attacks, mdm, pd.Series(canaries["canary_in"].to_numpy(),
                                                         index=canaries["sample_id"]),
                                 int(audit["target"]), attack_rounds=attack_rounds,
-                                ddof=fedmia_ddof, outlier_filter=outlier_filter,
+                                ddof=cfg.fedmia_ddof, outlier_filter=outlier_filter,
+                                lira=lira_options, rmia=rmia_options,
+                                population=owner.index[owner.to_numpy() == -1].to_numpy(),
                                 delta=float(audit["delta"]), seed=int(cell["seed"]))
         log.info("audit on %d canaries: ε ≥ %s", len(canaries),
                  dict(zip(audited.attack, audited.epsilon_empirical.round(3), strict=True)))
@@ -138,18 +135,18 @@ def attack(
                          "(snakemake --forcerun measure)")
     mdm = mdm[mdm["sample_id"].isin(owner.index)]  # the attacks see the evaluation set
     k = int(part["client_id"].max()) + 1
-    if targets == "all":
-        targets = list(range(k))
+    targets = list(range(k)) if cfg.targets == "all" else list(cfg.targets)
     bad = [t for t in targets if not 0 <= t < k]
     if bad:
         raise ValueError(f"attack.targets {bad} are not clients of this cell (0..{k - 1})")
-    proto = OfficialProtocol(**{**dict(official or {}), "seed": int(cell["seed"])})
-    protocol = PROTOCOLS.registered() if protocol is None else list(protocol)
+    proto = OfficialProtocol(**{**cfg.official, "seed": int(cell["seed"])})
+    protocol = PROTOCOLS.registered() if cfg.protocols is None else cfg.protocols
     t0 = time.perf_counter()
     results, replicates = run_attacks_with_replicates(
         attacks, mdm, owner, targets, attack_rounds=attack_rounds, protocols=protocol,
-        official=proto, ddof=fedmia_ddof, outlier_filter=outlier_filter, fpr_rule=fpr_rule,
-        roc_points=roc_points, n_boot=n_boot,
+        official=proto, ddof=cfg.fedmia_ddof, outlier_filter=outlier_filter, lira=lira_options,
+        rmia=rmia_options, fpr_rule=cfg.fpr_rule, roc_points=cfg.roc_points,
+        n_boot=cfg.bootstrap,
         bootstrap_keys=tuple(cell[k] for k in CELL_KEYS),
         keep_replicates=finding_attacks() if "replicates" in outputs else ())
     log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +42,12 @@ import safetensors.numpy
 from fedmia.core.contracts import (
     CELL_KEYS,
     FORMAT_KEY,
+    OWNERSHIP_DTYPES,
     PREPARED_ARRAYS,
     REPLICATE_COLUMNS,
     REPLICATE_METRICS,
+    VIEW_FILES,
+    VIEW_KEYS,
     FormatError,
     check_format,
     fix_text,
@@ -185,20 +189,111 @@ def load_prepared(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], 
 
 
 def save_observed(path: str | Path, *, global_state: torch.Tensor, uploads: torch.Tensor,
-                  num_samples: torch.Tensor, meta: dict[str, Any]) -> None:
-    """Save one observed round (safetensors).
+                  client_ids: torch.Tensor, num_samples: torch.Tensor,
+                  meta: dict[str, Any]) -> str:
+    """Save one observed round of the server's view (safetensors); return its SHA-256.
 
-    The server's view — ``global_state`` (P), ``uploads`` (K×P), the clients'
-    ``num_samples`` (K) — and ``meta`` (round, lr, layout, model, defense).
+    The tensors of :data:`~fedmia.core.contracts.OBSERVED_TENSORS`: ``global_state`` (P),
+    the participants' ``uploads`` (n×P), their ``client_ids`` (n, one per row) and
+    ``num_samples`` (n); ``meta``: ``round``, ``layout``, ``model`` (and what the writer
+    adds: ``lr``, ``defense``, ``recorder``).
     """
     save_tensors(path, {"global_state": global_state, "uploads": uploads,
-                        "num_samples": num_samples}, meta, "observed")
+                        "client_ids": client_ids, "num_samples": num_samples}, meta, "observed")
+    return file_sha256(path)
 
 
 def load_observed(path: str | Path) -> dict[str, Any]:
     """What :func:`save_observed` wrote, tensors and metadata in one mapping."""
     tensors, meta = load_tensors(path, "observed")
     return {**meta, **tensors}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_ownership(ownership: pd.DataFrame, path: str | Path) -> str:
+    """Write a view's ownership table (:data:`OWNERSHIP_DTYPES`); return its SHA-256."""
+    table = ownership[list(OWNERSHIP_DTYPES)].astype(OWNERSHIP_DTYPES)
+    write_parquet(table.sort_values("sample_id", ignore_index=True), path, "ownership")
+    return file_sha256(path)
+
+
+def read_ownership(path: str | Path) -> pd.DataFrame:
+    """A view's ownership table, checked: its columns and dtypes, no sample twice.
+
+    Raises:
+        FormatError: damaged, of another format, lacking a column or naming a sample twice.
+        FileNotFoundError: it does not exist.
+    """
+    df = read_parquet(path, "ownership")
+    lacking = [c for c in OWNERSHIP_DTYPES if c not in df.columns]
+    if lacking:
+        raise FormatError(f"{path} lacks column(s) {lacking}; {fix_text(path, 'ownership')}")
+    df = df[list(OWNERSHIP_DTYPES)].astype(OWNERSHIP_DTYPES)
+    twice = df["sample_id"][df["sample_id"].duplicated()].unique()
+    if len(twice):
+        raise FormatError(f"{path} names sample id(s) {twice[:5].tolist()} more than once (a "
+                          "sample is owned by one client or held out); record the view again")
+    return df
+
+
+def make_view(*, recorder: str, model: dict[str, Any], dataset: dict[str, Any],
+              num_clients: int, rounds: int, observed_rounds: Iterable[int],
+              files: dict[str, str]) -> dict[str, Any]:
+    """The ``view`` block of a manifest (:data:`~fedmia.core.contracts.VIEW_KEYS`).
+
+    Args:
+        recorder: who recorded it (``fedmia <version> train stage``, ``fedmia.flower ...``).
+        model: ``kind`` (a registered model kind), ``num_classes``, ``in_channels``.
+        dataset: ``kind``, ``num_samples`` and ``sha256`` (of the prepared arrays,
+            :meth:`fedmia.federation.datasets.PreparedData.checksum`; ``None``: unknown).
+        num_clients: K, the clients that own samples (ids 0..K-1).
+        rounds: the rounds trained.
+        observed_rounds: the rounds recorded (each has its ``observed/roundNNNN`` file).
+        files: path relative to the recording's folder → SHA-256, for every file of the
+            view but the manifest.
+    """
+    return {"format": format_tag("view"), "recorder": recorder, "model": dict(model),
+            "dataset": dict(dataset), "num_clients": int(num_clients), "rounds": int(rounds),
+            "observed_rounds": sorted(int(r) for r in observed_rounds),
+            "files": dict(sorted(files.items()))}
+
+
+def view_file(observed_round: int) -> str:
+    """The path of observed round ``observed_round`` relative to a recording's folder."""
+    return round_file(VIEW_FILES["observed"], observed_round).as_posix()
+
+
+def read_view(manifest_file: str | Path) -> dict[str, Any]:
+    """The ``view`` block of a recording's (or a train stage's) manifest, checked.
+
+    Raises:
+        FormatError: the manifest is damaged, of another format, has no ``view`` block,
+            one of another view format, or lacks a key of
+            :data:`~fedmia.core.contracts.VIEW_KEYS`.
+        FileNotFoundError: there is no manifest.
+    """
+    if not Path(manifest_file).exists():
+        raise FileNotFoundError(f"{manifest_file} does not exist: no recorded view there; "
+                                "record the run first (fedmia's train stage or "
+                                "fedmia.flower) or fix the recording's folder")
+    view = read_manifest(manifest_file).get("view")
+    if not isinstance(view, dict):
+        raise FormatError(f"{manifest_file} has no 'view' block (a manifest of an older "
+                          "fedmia); record the run again with this fedmia")
+    check_format(view.get("format"), manifest_file, "view")
+    lacking = [k for k in VIEW_KEYS if k not in view]
+    if lacking:
+        raise FormatError(f"{manifest_file}: its view lacks key(s) {lacking}; record the run "
+                          "again")
+    return view
 
 
 def round_file(observed_dir: str | Path, rnd: int) -> Path:

@@ -47,7 +47,9 @@ def measure(
     Args:
         data: files of the prepared dataset.
         partition_file: the partition Parquet (its ``eval`` samples are measured).
-        observed_dir: the train stage's ``observed/`` folder.
+        observed_dir: the ``observed/`` folder of a recorded server view (the train
+            stage's, or an imported recording's): each round's uploads carry their
+            clients' ids.
         rounds: the observed rounds to measure (each must have its file).
         manifest_file: the train stage's manifest: a cell that diverged saved only the
             rounds before divergence, and only those are measured (none: an empty table).
@@ -59,8 +61,8 @@ def measure(
             defaults.
         plugins: the config's ``plugins``, imported first (they register kinds).
         output: the measure Parquet (:data:`fedmia.core.contracts.MEASURE_DTYPES`:
-            ``round, client_id, sample_id, loss, cos, grad_diff, grad_norm, correct,
-            confidence``), one row per (round, client, evaluation sample).
+            ``round, client_id, sample_id, loss, logit_conf, cos, grad_diff, grad_norm,
+            correct, confidence``), one row per (round, client, evaluation sample).
     """
     import_plugins(plugins)
     cfg = MeasureConfig.from_dict(config or {}, where="measure")
@@ -109,9 +111,10 @@ def measure(
         k, n = res.loss.shape
         columns = {
             "round": np.full(k * n, rnd),
-            "client_id": np.repeat(np.arange(k), n),
+            "client_id": np.repeat(obs["client_ids"].numpy(), n),  # the uploads' rows
             "sample_id": np.tile(eval_ids, k),
             "loss": res.loss.reshape(-1).numpy(),
+            "logit_conf": res.logit_conf.reshape(-1).numpy(),
             "cos": res.cos.reshape(-1).numpy(),
             "grad_diff": res.grad_diff.reshape(-1).numpy(),
             "grad_norm": np.tile(res.grad_norm.numpy(), k),

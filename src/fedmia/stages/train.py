@@ -92,7 +92,10 @@ def train(
         outputs: ``history`` (Parquet: per round, a row per client — its data size, the
             ``aggregation_weight`` the server gave its upload, its training loss and
             accuracy — and a global row), ``final`` (final global model, ``.pt``),
-            ``observed`` (folder: one ``roundNNNN.pt`` per observed round) and ``manifest``
+            ``observed`` (folder: one ``roundNNNN.safetensors`` per observed round, the
+            server's view: :func:`fedmia.stages.io.save_observed`), ``ownership`` (Parquet:
+            who owns which sample, the held-out pool and the evaluation set, from the
+            partition; default: ``ownership.parquet`` next to the manifest) and ``manifest``
             (JSON: the cell, the planned and the saved observed rounds, the server's
             ``aggregation_weights`` — ``equal``, ``data_size`` or ``official_permuted``,
             :func:`fedmia.federation.fedavg.aggregation_rule` — and the outcome —
@@ -100,7 +103,10 @@ def train(
             ``last_finite_test_accuracy``, and ``final_test_accuracy``, the utility the
             tables use: the final model's, or chance (1 / classes) for a diverged cell,
             whose final model has non-finite weights; ``best_test_accuracy``, the best over
-            the tested rounds, which the official code records too).
+            the tested rounds, which the official code records too); its ``view`` block
+            makes the folder a recorded server view (:func:`fedmia.stages.io.make_view`:
+            model, dataset, clients, rounds and the SHA-256 of every file), the input the
+            import stage reads (:mod:`fedmia.stages.recording`, ``docs/flower.md``).
 
     A run whose loss, uploads or model become non-finite stops there and still writes
     every output (see :func:`fedmia.federation.fedavg.run_fedavg`): a diverged cell is a result.
@@ -161,7 +167,8 @@ def train(
 
     def save_round(rec: RoundRecord) -> None:
         io.save_observed(io.round_file(obs_dir, rec.round), global_state=rec.global_flat,
-                         uploads=rec.uploads, num_samples=torch.tensor(rec.num_samples),
+                         uploads=rec.uploads, client_ids=torch.arange(k),
+                         num_samples=torch.tensor(rec.num_samples),
                          meta=dict(static, round=rec.round, lr=rec.lr))
 
     def after_round(rnd: int, rows: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
@@ -205,9 +212,26 @@ def train(
                     dict(static, rounds=tcfg.rounds, diverged_round=outcome["diverged_round"]),
                     "final")
     io.write_parquet(history, outputs["history"], "history")
+    ownership_file = outputs.get("ownership") or Path(outputs["manifest"]).with_name(
+        contracts.VIEW_FILES["ownership"])
+    io.write_ownership(part, ownership_file)
+    folder = Path(outputs["manifest"]).parent
+    files = {_relative(f, folder): io.file_sha256(f)
+             for f in (outputs["final"], ownership_file,
+                       *(io.round_file(outputs["observed"], r) for r in saved))}
+    manifest["view"] = io.make_view(
+        recorder=f"fedmia {fedmia.__version__} train stage", model=static["model"],
+        dataset={"kind": meta["kind"], "num_samples": len(part), "sha256": meta["sha256"]},
+        num_clients=k, rounds=outcome["diverged_round"] or tcfg.rounds,
+        observed_rounds=saved, files=files)
     io.write_manifest(manifest, outputs["manifest"])
     if ckpt is not None:
         ckpt.remove()
+
+
+def _relative(path: str | Path, folder: Path) -> str:
+    """``path`` relative to ``folder`` (POSIX), as a view's manifest lists its files."""
+    return Path(os.path.relpath(path, folder)).as_posix()
 
 
 def _best_test_accuracy(history: pd.DataFrame) -> float | None:
