@@ -61,6 +61,11 @@ def tiny_workflow(snakemake_cmd, tmp_path_factory
     """One real run of the tiny workflow (``.test/config``), shared by the tests that read
     its results or plan reruns from it: ``(workdir, configfile, completed snakemake)``.
 
+    Run as ``snakemake -s <checkout>/Snakefile -d <workdir>``: the Snakefile's
+    ``configfile: config/config.yaml`` is looked up in the workdir, which has none, so it
+    is not the run of a clone (tests/test_reliability.py runs clones: their results differ,
+    e.g. the digits test fraction).
+
     Its ``results/`` must stay as the run wrote them: a test may rerun jobs (they write
     the same bytes) and write elsewhere in the workdir, never change a result.
     """

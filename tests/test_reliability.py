@@ -51,16 +51,16 @@ def assert_same_results(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_workflow):
-    """The uninterrupted run: the session's tiny run (conftest), made from the checkout
-    with its own workdir; every run here is made in a separate clone."""
-    return tiny_workflow[0]
+def reference(snakemake_cmd, repo, tmp_path_factory):
+    wd = clone(repo, tmp_path_factory.mktemp("ref") / "clone")
+    r = run(snakemake_cmd, wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return wd
 
 
 def test_two_clones_write_byte_identical_results(snakemake_cmd, repo, reference, tmp_path):
-    """Same config and seed in a separate clone and in the checkout (the reference): every
-    result file is byte-identical (Parquet, JSON, CSV, Markdown, LaTeX, safetensors, PNG
-    and PDF)."""
+    """Same config and seed in two separate clones: every result file is byte-identical
+    (Parquet, JSON, CSV, Markdown, LaTeX, safetensors, PNG and PDF)."""
     wd = clone(repo, tmp_path / "clone")
     r = run(snakemake_cmd, wd)
     assert r.returncode == 0, r.stderr[-3000:]
