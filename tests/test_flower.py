@@ -95,7 +95,8 @@ def imported_cell(digits_files, folder: Path, out: Path) -> dict[str, Path]:
     outputs = {a: out / f"{a}.parquet" for a in attacks}
     pipeline.attack(measures_file=out / "mdm.parquet", partition_file=files["partition"],
                     cell=CELL, rounds=[1, 2, 3], manifest_file=files["manifest"],
-                    attacks=attacks, attack_rounds=[1, 2, 3], n_boot=20, outputs=outputs)
+                    config={"attacks": attacks, "rounds": [1, 2, 3], "bootstrap": 20},
+                    outputs=outputs)
     return {**files, **outputs}
 
 
