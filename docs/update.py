@@ -64,20 +64,30 @@ def _git_commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+REGIME_COLUMNS = ["dataset", "model", "defense", "partition", "seed", "rounds",
+                  "diverged_round", "test_accuracy", "best_test_accuracy",
+                  "client_train_accuracy"]
+
+
 def _regime(run: Path) -> pd.DataFrame:
     """One row per cell: final and best test accuracy, the clients' last train accuracy."""
     rows = []
-    for man in sorted((run / "results" / "train").rglob("manifest.json")):
+    manifests = [*(run / "results" / "train").rglob("manifest.json"),
+                 *(run / "results" / "imported").rglob("manifest.json")]
+    for man in sorted(manifests):
         m = json.loads(man.read_text())
-        h = pd.read_parquet(man.parent / "history.parquet")
-        clients = h[h["client_id"] >= 0]
-        last = clients[clients["round"] == clients["round"].max()]
+        train_acc = float("nan")  # an imported recording has no clients' history
+        if (man.parent / "history.parquet").is_file():
+            h = pd.read_parquet(man.parent / "history.parquet")
+            clients = h[h["client_id"] >= 0]
+            last = clients[clients["round"] == clients["round"].max()]
+            train_acc = float(last["train_accuracy"].mean())
         rows.append({k: m[k] for k in ("dataset", "model", "defense", "partition", "seed")}
                     | {"rounds": m["rounds"], "diverged_round": m.get("diverged_round"),
                        "test_accuracy": m["final_test_accuracy"],
                        "best_test_accuracy": m.get("best_test_accuracy"),
-                       "client_train_accuracy": float(last["train_accuracy"].mean())})
-    return pd.DataFrame(rows)
+                       "client_train_accuracy": train_acc})
+    return pd.DataFrame(rows, columns=REGIME_COLUMNS)
 
 
 def collect(name: str, run: Path) -> None:
@@ -205,7 +215,8 @@ def _run_header(name: str, info: dict, regime: pd.DataFrame) -> list[str]:
             diverged=("diverged_round", lambda v: int(v.notna().sum()))).reset_index()
         if len(reg) <= 12:
             reg["test_accuracy"] = reg["test_accuracy"].map("{:.3f}".format)
-            reg["client_train_accuracy"] = reg["client_train_accuracy"].map("{:.3f}".format)
+            reg["client_train_accuracy"] = reg["client_train_accuracy"].map(
+                lambda v: "n/a (imported)" if math.isnan(v) else f"{v:.3f}")
             lines += ["The regime (final global model's test accuracy; the clients' training "
                       "accuracy in the last round, averaged):", "", _md(reg)]
         else:

@@ -6,4 +6,4 @@ package holds the pure computation (datasets, partitions, models, FedAvg, defens
 :mod:`fedmia.pipeline` is the only module that reads and writes the workflow's files.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

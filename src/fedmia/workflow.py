@@ -189,8 +189,9 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
             rec = spec.recorded[cell]
             lacking = sorted(set(rounds) - set(observed))
             if lacking:
-                where = (f"recordings.{rec.key}.attack_rounds" if spec.config["recordings"][rec.key]
-                         ["attack_rounds"] is not None else "attack.rounds")
+                own = spec.config["recordings"][rec.key].get("attack_rounds")
+                where = (f"recordings.{rec.key}.attack_rounds" if own is not None
+                         else "attack.rounds")
                 raise ConfigError(
                     f"invalid config at '{where}': round(s) {lacking} are not in recording "
                     f"'{rec.key}' ({rec.manifest} records rounds {list(observed)}); attack "
