@@ -1,7 +1,8 @@
 """The GPU check: a paper-shaped cell on the device, stage by stage, and what must hold there.
 
-Run by ``bench/gpu_check.sh`` (which sets up the paths); ``--device cpu --smoke`` is the
-CI's smoke test of it. Steps, each timed (wall clock), on ``--device``:
+``python bench/gpu_check.py --out DIR`` on a machine with CUDA (``--device cuda``, the
+default); ``--device cpu --smoke`` is the CI's smoke test of it (tests/test_bench.py).
+Steps, each timed (wall clock), on ``--device``:
 
 1. data: a synthetic CIFAR-100 release (random images, the real shapes: 50,000 + 10,000
    32×32 RGB, 100 classes) written as ``cifar-100-python/``, then the ``prepare`` and
@@ -17,7 +18,10 @@ CI's smoke test of it. Steps, each timed (wall clock), on ``--device``:
    tables; the AUCs must agree within ``--auc-tolerance`` (0.005);
 5. ``attack``: the attack stage with the paper's options (both protocols, 5 official
    draws, 1,000 bootstrap replicates) on the device run's measures;
-6. ``python bench/measures.py`` and ``python bench/train.py`` on the device.
+6. ``python bench/measures.py`` and ``python bench/train.py`` on the device;
+7. on CUDA: the tests marked ``cuda`` (tests/test_cuda.py, the CUDA cases of
+   tests/test_defenses.py) with ``FEDMIA_REQUIRE_CUDA=1``, so they fail, not skip,
+   where CUDA is missing.
 
 Exit status 1 if a check fails. The last lines are machine-readable:
 ``gpu_check_<step>_s`` per step, ``gpu_check_identical`` and ``gpu_check_auc_max_diff``,
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -62,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--auc-tolerance", type=float, default=0.005)
     p.add_argument("--smoke", action="store_true",
                    help="tiny data and benchmarks (CI, with --device cpu)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:  # two rounds, both observed
+        args.rounds, args.observe_every = 2, 1
+    return args
 
 
 class Steps:
@@ -104,8 +112,8 @@ def plan(args: argparse.Namespace, data_root: Path) -> dict:
                        "defenses": [CELL.defense], "partitions": [CELL.partition],
                        "seeds": [CELL.seed]}]
     if args.smoke:
-        config["partitions"]["iid"].update(samples_per_client=40, eval_members_per_client=20,
-                                           eval_nonmembers=60)
+        config["partitions"]["iid"].update(num_clients=3, samples_per_client=40,
+                                           eval_members_per_client=20, eval_nonmembers=60)
         config["attack"]["official"].update(draws=1, test_slots=20, client_slots=10)
         config["attack"]["bootstrap"] = 20
         config["train"]["batch_size"] = 20
@@ -235,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         *([] if args.smoke or not args.device.startswith("cuda")
           else ["--samples", "4096", "--chunk", "256", "--naive-samples", "64"])))
     trained = step("bench_train", lambda: bench_lines("train.py", *dev, *gpu_threads, *smoke))
+    cuda_tests = 0
+    if args.device.startswith("cuda"):
+        cuda_tests = step("cuda_tests", lambda: subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py",
+             "tests/test_defenses.py"], cwd=REPO,
+            env={**os.environ, "FEDMIA_REQUIRE_CUDA": "1"}).returncode)
 
     manifest = json.loads(first["manifest"].read_text())
     print(f"\ncell {CELL.path} (synthetic CIFAR-100 of the real shape), {args.rounds} rounds, "
@@ -243,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'step':<22}{'s':>9}")
     for name, s in step.seconds.items():
         print(f"{name:<22}{s:>9.1f}")
-    ok = not differ and bool(diff.max() <= args.auc_tolerance)
+    ok = not differ and bool(diff.max() <= args.auc_tolerance) and cuda_tests == 0
     print()
     for name, s in step.seconds.items():
         print(f"gpu_check_{name}_s={s:.2f}")
@@ -258,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print("GPU CHECK FAILED: " + ("; ".join(
             ([f"reruns differ in {differ}"] if differ else [])
             + ([f"AUC differs by {diff.max():.2e} > {args.auc_tolerance}"]
-               if diff.max() > args.auc_tolerance else []))))
+               if diff.max() > args.auc_tolerance else [])
+            + (["the cuda tests failed"] if cuda_tests else []))))
     return 0 if ok else 1
 
 

@@ -25,7 +25,7 @@ def snakemake_cmd() -> list[str]:
     return [sys.executable, "-m", "snakemake"]
 
 
-#: Set to 1 where CUDA must be there (the GPU check, bench/gpu_check.sh): the tests marked
+#: Set to 1 where CUDA must be there (the GPU check, bench/gpu_check.py): the tests marked
 #: ``cuda`` then fail without it instead of skipping.
 REQUIRE_CUDA = "FEDMIA_REQUIRE_CUDA"
 

@@ -152,3 +152,20 @@ def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path)
                           str(tmp_path / "x")], cwd=repo, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "give the directory of a finished run" in bad.stderr
+
+
+def test_gpu_check_smoke_on_cpu(repo, tmp_path):
+    """The GPU check, on the CPU at smoke size: every step runs, the deterministic reruns are
+    byte-identical and the device-vs-CPU AUCs agree (trivially here: both are the CPU)."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "gpu_check.py"), "--device", "cpu",
+                        "--smoke", "--out", str(tmp_path / "check")],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    values = machine_lines(r.stdout)
+    for name in ("data", "prepare", "train_measure", "train_measure_again", "measure_cpu",
+                 "agreement", "attack", "bench_measures", "bench_train"):
+        assert float(values[f"gpu_check_{name}_s"]) >= 0, name
+    assert values["gpu_check_identical"] == "1"
+    assert float(values["gpu_check_auc_max_diff"]) == 0.0
+    assert values["device"] == "cpu"
+    assert (tmp_path / "check" / "attacks" / "loss.parquet").stat().st_size > 0

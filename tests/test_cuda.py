@@ -1,7 +1,7 @@
 """What must hold on a CUDA device: the same measures as on the CPU, repeatable training.
 
 Every test is marked ``cuda``: it skips without a CUDA device, and fails instead where
-``FEDMIA_REQUIRE_CUDA=1`` (``bench/gpu_check.sh`` runs them so on a GPU machine).
+``FEDMIA_REQUIRE_CUDA=1`` (``bench/gpu_check.py`` runs them so on a GPU machine).
 """
 
 from __future__ import annotations
