@@ -1,0 +1,226 @@
+"""Partial participation (``train.participation``): the draw, training, the recorded view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedmia import pipeline
+from fedmia.core.config import ConfigError, Participation, TrainConfig
+from fedmia.federation.defenses import Defense, DPDefense
+from fedmia.federation.fedavg import participants, run_fedavg
+from fedmia.federation.partition import STREAM_PARTICIPATION, rng_for
+from fedmia.federation.state import FlatState
+from fedmia.stages import io
+from test_fedavg import hand_round, tiny_data, tiny_model
+
+
+def test_participation_is_typed_with_defaults_and_checked():
+    assert TrainConfig().participation == Participation(fraction=1.0, sampling="uniform")
+    cfg = TrainConfig.from_dict({"participation": {"fraction": 0.5}})
+    assert cfg.participation == Participation(fraction=0.5, sampling="uniform")
+    assert cfg.to_dict()["participation"] == {"fraction": 0.5, "sampling": "uniform"}
+    with pytest.raises(ConfigError, match=r"at 'train.participation.fraction': 0 is less"):
+        TrainConfig.from_dict({"participation": {"fraction": 0}})
+    with pytest.raises(ConfigError, match=r"at 'train.participation.sampling': 'bernoulli'"):
+        TrainConfig.from_dict({"participation": {"sampling": "bernoulli"}})
+
+
+def test_partial_participation_observes_and_attacks_every_round():
+    full = TrainConfig(rounds=30)
+    assert full.every_rounds() == [10, 20, 30] and full.observed() == [1, 10, 20, 30]
+    for sampling in ("uniform", "poisson"):
+        part = TrainConfig(rounds=30, participation={"fraction": 0.1, "sampling": sampling})
+        assert part.every_rounds() == part.observed() == list(range(1, 31))
+    # poisson at q = 1 is every client every round
+    assert TrainConfig(rounds=30, participation={"fraction": 1.0, "sampling": "poisson"}
+                       ).every_rounds() == [10, 20, 30]
+
+
+@pytest.mark.parametrize("fraction, k, m", [(0.1, 50, 5), (0.5, 10, 5), (0.25, 10, 3),
+                                            (0.01, 10, 1), (0.99, 10, 10), (1.0, 7, 7)])
+def test_uniform_draws_round_fk_clients_half_up_at_least_one(fraction, k, m):
+    p = Participation(fraction=fraction, sampling="uniform")
+    assert p.size(k) == m
+    got = participants(p, seed=4, rnd=3, k=k)
+    assert len(got) == m == len(set(got.tolist())) and (np.diff(got) > 0).all()
+    assert 0 <= got.min() and got.max() < k
+
+
+def test_draws_are_seeded_per_round_and_match_a_reference():
+    p = Participation(fraction=0.3, sampling="poisson")
+    k = 40
+    # the reference: one coin per client from (seed, round) on the participation stream
+    coins = rng_for(9, STREAM_PARTICIPATION, 2).random(k)
+    assert participants(p, 9, 2, k).tolist() == [c for c in range(k) if coins[c] < 0.3]
+    u = Participation(fraction=0.3, sampling="uniform")
+    want = sorted(rng_for(9, STREAM_PARTICIPATION, 2).choice(k, 12, replace=False).tolist())
+    assert participants(u, 9, 2, k).tolist() == want
+    for q in (p, u):
+        assert participants(q, 9, 2, k).tolist() == participants(q, 9, 2, k).tolist()
+        draws = {tuple(participants(q, s, r, k)) for s in (0, 1) for r in (1, 2, 3)}
+        assert len(draws) == 6  # another seed or round, another draw
+    # poisson: each client in about a fraction q of the rounds
+    rate = np.mean([len(participants(p, 0, r, k)) for r in range(1, 501)]) / k
+    assert rate == pytest.approx(0.3, abs=0.01)
+    assert participants(Participation(fraction=1.0, sampling="poisson"), 0, 1, 5).tolist() == [
+        0, 1, 2, 3, 4]
+
+
+def _run(cfg, client_idx, defense=None, seed=3):
+    st = FlatState(tiny_model())
+    recs = []
+    for rec in run_fedavg(st, tiny_data(), client_idx, torch.arange(35, 40), cfg,
+                          defense or Defense(), seed=seed):
+        recs.append((rec, rec.global_flat.clone(), rec.uploads.clone()))
+    return st, recs
+
+
+CLIENTS = [torch.arange(0, 6), torch.arange(6, 16), torch.arange(16, 25), torch.arange(25, 35)]
+
+
+def test_only_participants_train_and_their_data_weighted_average_is_applied():
+    cfg = TrainConfig(rounds=1, batch_size=4, lr=0.1,
+                      participation={"fraction": 0.5, "sampling": "uniform"})
+    part = participants(cfg.participation, 3, 1, 4).tolist()
+    model0 = tiny_model()
+    st, [(rec, sent, ups)] = _run(cfg, CLIENTS)
+    assert rec.participants == part and len(part) == 2 and ups.shape[0] == 2
+    sizes = [len(CLIENTS[c]) for c in part]
+    assert rec.num_samples == sizes
+    assert rec.weights == pytest.approx([n / sum(sizes) for n in sizes])
+    hands = [hand_round(model0, tiny_data(), CLIENTS[c], cfg, seed=3, rnd=1, client=c)
+             for c in part]
+    final = st.module.state_dict()
+    for e in st.layout.entries:
+        want = sum(n * h[e.name] for n, h in zip(sizes, hands, strict=True)) / sum(sizes)
+        torch.testing.assert_close(final[e.name], want, rtol=1e-5, atol=1e-6)
+    # a client's upload does not depend on who else takes part
+    full_cfg = TrainConfig(rounds=1, batch_size=4, lr=0.1)
+    _, [(full, _, full_ups)] = _run(full_cfg, CLIENTS)
+    torch.testing.assert_close(ups, full_ups[part], rtol=0, atol=0)
+
+
+def test_a_round_with_one_participant_applies_its_update_whole():
+    cfg = TrainConfig(rounds=2, batch_size=4, lr=0.1,
+                      participation={"fraction": 0.1, "sampling": "uniform"})
+    st, recs = _run(cfg, CLIENTS)
+    ends = [g for _, g, _ in recs[1:]] + [st.flat]
+    for (rec, sent, ups), end in zip(recs, ends, strict=True):
+        assert len(rec.participants) == 1 and rec.weights == [1.0]
+        torch.testing.assert_close(end, sent - ups[0])
+
+
+def test_dp_with_poisson_divides_by_the_fixed_expected_count():
+    q = 0.5
+    cfg = TrainConfig(rounds=6, batch_size=4, lr=0.1,
+                      participation={"fraction": q, "sampling": "poisson"})
+    st, recs = _run(cfg, CLIENTS, DPDefense(sigma=0.01, clip=0.5), seed=1)
+    ends = [g for _, g, _ in recs[1:]] + [st.flat]
+    sizes = {len(r.participants) for r, _, _ in recs}
+    assert len(sizes) > 1  # the number of participants varies
+    for (rec, sent, ups), end in zip(recs, ends, strict=True):
+        assert rec.weights == [pytest.approx(1 / (q * 4))] * len(rec.participants)
+        torch.testing.assert_close(end, sent - ups.sum(0) / (q * 4))
+    # dp with uniform sampling: 1/m
+    cfg = TrainConfig(rounds=1, batch_size=4, lr=0.1,
+                      participation={"fraction": 0.75, "sampling": "uniform"})
+    _, [(rec, _, _)] = _run(cfg, CLIENTS, DPDefense(sigma=0.01, clip=0.5))
+    assert rec.weights == [pytest.approx(1 / 3)] * 3
+
+
+def test_a_round_without_participants_keeps_the_model():
+    cfg = TrainConfig(rounds=12, batch_size=4, lr=0.1,
+                      participation={"fraction": 0.1, "sampling": "poisson"})
+    draws = [participants(cfg.participation, 0, r, 4).tolist() for r in range(1, 13)]
+    assert [] in draws and any(draws)  # this seed has rounds with and without participants
+    st, recs = _run(cfg, CLIENTS, seed=0)
+    ends = [g for _, g, _ in recs[1:]] + [st.flat]
+    for (rec, sent, ups), end, want in zip(recs, ends, draws, strict=True):
+        assert rec.participants == want and ups.shape[0] == len(want)
+        if not want:
+            assert rec.weights == [] and torch.equal(end, sent)
+        else:
+            assert not torch.equal(end, sent)
+
+
+PART = dict(kind="iid", num_clients=4, samples_per_client=15, eval_members_per_client=5,
+            eval_nonmembers=20)
+TRAIN = dict(rounds=4, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
+             observe_rounds=[1], test_every=2)
+CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
+
+
+def _cell(digits_files, out, participation):
+    pipeline.partition(digits_files, PART, 0, out / "partition.parquet")
+    outputs = {"history": out / "history.parquet", "final": out / "final.safetensors",
+               "observed": out / "observed", "manifest": out / "manifest.json"}
+    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
+                   model={"kind": "alexnet"}, defense={"kind": "none"},
+                   train_cfg={**TRAIN, "participation": participation}, cell=CELL,
+                   device="cpu", threads=1, outputs=outputs)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def sampled_cell(digits_files, tmp_path_factory):
+    return _cell(digits_files, tmp_path_factory.mktemp("sampled"),
+                 {"fraction": 0.25, "sampling": "uniform"})
+
+
+def test_the_participants_are_recorded_in_history_view_and_manifest(sampled_cell):
+    part = Participation(fraction=0.25, sampling="uniform")
+    want = {r: participants(part, 0, r, 4).tolist() for r in range(1, 5)}
+    hist = pd.read_parquet(sampled_cell["history"])
+    clients = hist[hist.client_id >= 0]
+    assert {r: g.client_id.tolist() for r, g in clients.groupby("round")} == want
+    observed = sorted(p.name for p in sampled_cell["observed"].iterdir())
+    assert observed == [f"round{r:04d}.safetensors" for r in range(1, 5)]  # every round
+    for r in range(1, 5):
+        obs = io.load_observed(io.round_file(sampled_cell["observed"], r))
+        assert obs["client_ids"].tolist() == want[r] and obs["uploads"].shape[0] == 1
+        assert obs["num_samples"].tolist() == [15]
+    manifest = io.read_manifest(sampled_cell["manifest"])
+    counts = np.bincount(sum(want.values(), []), minlength=4).tolist()
+    assert 0 in counts  # a client that never took part: 4 rounds of 1 of 4 clients
+    assert manifest["participation"] == {"fraction": 0.25, "sampling": "uniform",
+                                         "client_rounds": counts}
+    assert manifest["observed_rounds"] == [1, 2, 3, 4]
+
+
+def test_measures_hold_the_participants_only(sampled_cell, digits_files, tmp_path):
+    out = tmp_path / "mdm.parquet"
+    pipeline.measure(data=digits_files,
+                     partition_file=sampled_cell["history"].parent / "partition.parquet",
+                     observed_dir=sampled_cell["observed"], rounds=[1, 2, 3, 4], device="cpu",
+                     threads=1, output=out)
+    mdm = pd.read_parquet(out)
+    part = Participation(fraction=0.25, sampling="uniform")
+    for r in range(1, 5):
+        assert sorted(set(mdm[mdm["round"] == r].client_id)) == participants(part, 0, r, 4
+                                                                             ).tolist()
+
+
+def test_full_participation_is_the_run_of_before(digits_files, tmp_path):
+    """fraction 1.0 (either sampling) gives the files of a run without the key."""
+    runs = {}
+    for name, participation in (("uniform", {"fraction": 1.0}),
+                                ("poisson", {"fraction": 1.0, "sampling": "poisson"})):
+        (tmp_path / name).mkdir()
+        runs[name] = _cell(digits_files, tmp_path / name, participation)
+    (tmp_path / "default").mkdir()
+    pipeline.partition(digits_files, PART, 0, tmp_path / "default" / "partition.parquet")
+    base = {k: tmp_path / "default" / v.name for k, v in runs["uniform"].items()}
+    pipeline.train(data=digits_files, partition_file=tmp_path / "default" / "partition.parquet",
+                   model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=TRAIN,
+                   cell=CELL, device="cpu", threads=1, outputs=base)
+    for run in runs.values():
+        for key in ("final", "history"):
+            assert run[key].read_bytes() == base[key].read_bytes()
+        for r in (1, 2, 4):
+            assert (io.round_file(run["observed"], r).read_bytes()
+                    == io.round_file(base["observed"], r).read_bytes())
+    assert io.read_manifest(base["manifest"])["participation"] == {
+        "fraction": 1.0, "sampling": "uniform", "client_rounds": [4, 4, 4, 4]}
