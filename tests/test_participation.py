@@ -6,14 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.special import ndtr
 
 from fedmia import pipeline
+from fedmia.attacker.attacks import MeasureCube, OfficialProtocol, attack_scores, run_attacks
 from fedmia.core.config import ConfigError, Participation, TrainConfig
 from fedmia.federation.defenses import Defense, DPDefense
 from fedmia.federation.fedavg import participants, run_fedavg
 from fedmia.federation.partition import STREAM_PARTICIPATION, rng_for
 from fedmia.federation.state import FlatState
+from fedmia.report.tables import summarize
 from fedmia.stages import io
+from test_attacks import world
 from test_fedavg import hand_round, tiny_data, tiny_model
 
 
@@ -224,3 +228,120 @@ def test_full_participation_is_the_run_of_before(digits_files, tmp_path):
                     == io.round_file(base["observed"], r).read_bytes())
     assert io.read_manifest(base["manifest"])["participation"] == {
         "fraction": 1.0, "sampling": "uniform", "client_rounds": [4, 4, 4, 4]}
+
+
+# ------------------------------------------------------------------ attacks (step 2)
+
+#: who took part in which of rounds 1..5 (K = 5); client 4 never does; in round 3 the
+#: target 0 has only one other participant; round 5 has client 1 alone
+PRESENT = {1: [0, 1, 2, 3], 2: [0, 2, 3], 3: [0, 1], 4: [1, 2, 3], 5: [1]}
+
+
+@pytest.fixture(scope="module")
+def sampled_world():
+    mdm, owner = world(separation=1.0, rounds=tuple(PRESENT))
+    keep = np.zeros(len(mdm), dtype=bool)
+    for r, clients in PRESENT.items():
+        keep |= (mdm["round"] == r).to_numpy() & mdm["client_id"].isin(clients).to_numpy()
+    return mdm[keep].reset_index(drop=True), owner, mdm
+
+
+def _signed(mdm, measure, sign, rnd, client, sample_ids):
+    g = mdm[(mdm["round"] == rnd) & (mdm["client_id"] == client)].set_index("sample_id")
+    return sign * g[measure].reindex(sample_ids).to_numpy()
+
+
+def test_a_target_is_scored_in_the_rounds_it_took_part_in(sampled_world):
+    mdm, owner, _ = sampled_world
+    names = ["loss", "loss_series", "fedmia_loss", "fedmia_cos", "lira_conf", "rmia"]
+    everything = run_attacks(names, mdm, owner, n_boot=10,
+                             official=OfficialProtocol(draws=1), partial=True)
+    took = {c: [r for r, cl in PRESENT.items() if c in cl] for c in range(5)}
+    # with references: the rounds with >= 2 other participants
+    refs = {c: [r for r in took[c] if len(PRESENT[r]) - 1 >= 2] for c in range(4)}
+    assert refs == {0: [1, 2], 1: [1, 4], 2: [1, 2, 4], 3: [1, 2, 4]}
+    for protocol in ("aligned", "official", "heldout"):
+        res = {n: t[t.protocol == protocol] for n, t in everything.items()}
+        # single-round: a row per round the target took part in; client 4 is no target
+        assert {t: sorted(g["round"]) for t, g in res["loss"].groupby("target")} == {
+            c: took[c] for c in range(4)}
+        series = res["loss_series"].set_index("target")["n_rounds"].to_dict()
+        assert series == {c: len(took[c]) for c in range(4)}
+        for name in ("fedmia_loss", "fedmia_cos", "lira_conf", "rmia"):
+            assert res[name].set_index("target")["n_rounds"].to_dict() == {
+                c: len(refs[c]) for c in range(4)}
+            assert res[name]["auc"].notna().all()
+
+
+def test_fedmia_references_are_the_round_s_other_participants(sampled_world):
+    """FedMIA-I of target 0 by hand: Φ((s_t − μ)/σ) against the round's other participants."""
+    mdm, owner, _ = sampled_world
+    sample_ids = np.sort(mdm["sample_id"].unique())
+    per_round = []
+    for r in (1, 2):  # round 3 has one other participant only: skipped
+        t = _signed(mdm, "loss", -1, r, 0, sample_ids)
+        ref = np.stack([_signed(mdm, "loss", -1, r, c, sample_ids) for c in PRESENT[r]
+                        if c != 0])
+        per_round.append(ndtr((t - ref.mean(0)) / np.sqrt(ref.var(0) + 1e-8)))
+    want = np.mean(per_round, axis=0)
+    got = attack_scores("fedmia_loss", mdm_cube(mdm), 0)
+    np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-12)
+    series = attack_scores("loss_series", mdm_cube(mdm), 0)
+    np.testing.assert_allclose(series["score"].to_numpy(), np.mean(
+        [_signed(mdm, "loss", -1, r, 0, sample_ids) for r in (1, 2, 3)], axis=0), rtol=1e-12)
+    # rounds 3 and 5 give client 1 at most one other participant: no FedMIA score
+    few = mdm_cube(mdm[mdm["round"].isin([3, 5])])
+    assert len(attack_scores("fedmia_loss", few, 1)) == 0
+    assert len(attack_scores("loss_series", few, 1)) == len(sample_ids)
+
+
+def mdm_cube(mdm):
+    return MeasureCube.from_frame(mdm, ["loss", "cos"], partial=True)
+
+
+def test_a_full_table_read_as_partial_gives_the_same_results(sampled_world):
+    _, owner, full = sampled_world
+    names = ["loss", "cos_series", "fedmia_cos", "lira_conf_cos_sum", "rmia_sum"]
+    a = run_attacks(names, full, owner, n_boot=20, official=OfficialProtocol(draws=2))
+    b = run_attacks(names, full, owner, n_boot=20, official=OfficialProtocol(draws=2),
+                    partial=True)
+    for name in names:
+        pd.testing.assert_frame_equal(a[name], b[name])
+
+
+def test_a_partial_table_is_refused_unless_participation_is_sampled(sampled_world):
+    mdm, owner, _ = sampled_world
+    with pytest.raises(ValueError, match=r"round 2 lacks client\(s\) \[1\]"):
+        run_attacks(["loss"], mdm, owner, n_boot=0)
+    lacking = mdm.drop(index=mdm.index[(mdm["round"] == 1) & (mdm["client_id"] == 2)][:3])
+    with pytest.raises(ValueError, match="every participant needs every sample in its rounds"):
+        run_attacks(["loss"], lacking, owner, n_boot=0, partial=True)
+
+
+def test_the_attack_stage_and_attacks_csv_on_a_sampled_cell(digits_files, tmp_path):
+    """3 of 4 clients per round: each target's rounds, the table's participation column."""
+    out = _cell(digits_files, tmp_path, {"fraction": 0.75, "sampling": "uniform"})
+    mdm_file = tmp_path / "mdm.parquet"
+    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
+                     observed_dir=out["observed"], rounds=[1, 2, 3, 4], device="cpu",
+                     threads=1, output=mdm_file)
+    names = ["loss", "loss_series", "fedmia_loss"]
+    files = {n: tmp_path / f"{n}.parquet" for n in names}
+    pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
+                    cell=CELL, rounds=[1, 2, 3, 4], manifest_file=out["manifest"],
+                    config={"attacks": names, "protocol": "aligned", "rounds": [1, 2, 3, 4],
+                            "bootstrap": 0}, outputs=files)
+    counts = io.read_manifest(out["manifest"])["participation"]["client_rounds"]
+    series = pd.read_parquet(files["loss_series"]).set_index("target")["n_rounds"]
+    assert series.to_dict() == {c: n for c, n in enumerate(counts) if n}
+    fedmia = pd.read_parquet(files["fedmia_loss"]).set_index("target")["n_rounds"]
+    assert fedmia.to_dict() == series.to_dict()  # 2 others in every round
+    single = pd.read_parquet(files["loss"])
+    assert single.groupby("target").size().to_dict() == series.to_dict()
+    results = pd.concat([pd.read_parquet(f) for f in files.values()], ignore_index=True)
+    table = summarize(results, ["last"], cells=io.cells_frame([out["manifest"]]))
+    assert (table["participation"] == 0.75).all()
+    multi = table[table["attack"] == "loss_series"].iloc[0]
+    assert multi["target_rounds_min"] == min(series) and multi["target_rounds_max"] == max(
+        series) and multi["target_rounds_mean"] == pytest.approx(series.mean())
+    assert table[table["attack"] == "loss"]["target_rounds_mean"].isna().all()
