@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
+import dp_accounting
+import mpmath as mp
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_accountant
 from scipy.special import ndtr
 
 from fedmia import pipeline
@@ -15,8 +20,16 @@ from fedmia.federation.defenses import Defense, DPDefense
 from fedmia.federation.fedavg import participants, run_fedavg
 from fedmia.federation.partition import STREAM_PARTICIPATION, rng_for
 from fedmia.federation.state import FlatState
+from fedmia.privacy.accounting import (
+    accounted_epsilon,
+    client_epsilons,
+    observer_epsilon,
+    record_epsilon,
+)
+from fedmia.privacy.events import cell_privacy, event_from_dict
 from fedmia.report.tables import summarize
 from fedmia.stages import io
+from fedmia.stages.report import epsilons
 from test_attacks import world
 from test_fedavg import hand_round, tiny_data, tiny_model
 
@@ -345,3 +358,148 @@ def test_the_attack_stage_and_attacks_csv_on_a_sampled_cell(digits_files, tmp_pa
     assert multi["target_rounds_min"] == min(series) and multi["target_rounds_max"] == max(
         series) and multi["target_rounds_mean"] == pytest.approx(series.mean())
     assert table[table["attack"] == "loss"]["target_rounds_mean"].isna().all()
+
+
+# --------------------------------------------------------------- accounting (step 3)
+
+DELTA = 1e-5
+INTEGER_ORDERS = list(range(2, 64))
+
+
+def independent_epsilon(rdp_at, rounds: int, delta: float = DELTA) -> float:
+    """ε at δ from per-round RDP at the integer orders (Canonne, Kamath & Steinke 2020,
+    Prop. 12: ε = min_α r(α) + log(1 − 1/α) − log(δα)/(α − 1))."""
+    return min(rounds * rdp_at(a) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+               for a in INTEGER_ORDERS)
+
+
+def poisson_gaussian_rdp(q: float, z: float, alpha: int) -> float:
+    """RDP of the Poisson-subsampled Gaussian at integer α (Mironov, Talwar & Zhang 2019,
+    add-or-remove): log Σ_k C(α,k) (1−q)^(α−k) q^k e^((k²−k)/(2z²)) / (α − 1)."""
+    mp.mp.dps = 60
+    a = sum(mp.binomial(alpha, k) * (1 - mp.mpf(q)) ** (alpha - k) * mp.mpf(q) ** k
+            * mp.e ** (mp.mpf(k * k - k) / (2 * z * z)) for k in range(alpha + 1))
+    return float(mp.log(a) / (alpha - 1))
+
+
+def wor_gaussian_rdp(q: float, z: float, alpha: int) -> float:
+    """RDP of the Gaussian under sampling without replacement, replace-one, at integer α
+    (Wang, Balle & Kasiviswanathan 2019, Theorem 27 with the Gaussian's ε(j) = j/(2z²))."""
+    mp.mp.dps = 60
+    q = mp.mpf(q)
+
+    def cgf(x):  # x · ε(x + 1)
+        return mp.mpf(x) * (x + 1) / (2 * z * z)
+
+    def forward_difference(j):  # of exp(cgf) at 0
+        return sum((-1) ** (j - k) * mp.binomial(j, k) * mp.e ** cgf(k) for k in range(j + 1))
+
+    e2 = mp.mpf(2) / (2 * z * z)
+    a = 1 + q ** 2 * mp.binomial(alpha, 2) * min(4 * (mp.e ** e2 - 1), 2 * mp.e ** e2)
+    for j in range(3, alpha + 1):
+        lo, hi = forward_difference(2 * (j // 2)), forward_difference(2 * ((j + 1) // 2))
+        a += q ** j * mp.binomial(alpha, j) * min(4 * mp.sqrt(lo * hi), 2 * mp.e ** cgf(j - 1))
+    return float(mp.log(a) / (alpha - 1))
+
+
+def _record(sigma, sampling, fraction, client_rounds, rounds, k):
+    return cell_privacy(DPDefense(sigma=sigma, clip=1.0).privacy(), rounds=rounds,
+                        unnoised_state=False,
+                        participation={"fraction": fraction, "sampling": sampling,
+                                       "num_clients": k, "client_rounds": client_rounds})
+
+
+def _rdp_at_integers(event, relation):
+    acc = rdp_accountant.RdpAccountant(orders=INTEGER_ORDERS, neighboring_relation=relation)
+    acc.compose(event)
+    return acc.get_epsilon(DELTA)
+
+
+def test_poisson_observer_epsilon_matches_an_independent_computation():
+    sigma, q, rounds = 1.0, 0.1, 50  # dp's σ = 1: the target's own noise σ per unit C
+    record = _record(sigma, "poisson", q, [5, 3, 0, 7], rounds, k=4)
+    obs = event_from_dict(record["observer"]["event"])
+    want = independent_epsilon(lambda a: poisson_gaussian_rdp(q, sigma, a), rounds)
+    got = _rdp_at_integers(obs, dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    assert got == pytest.approx(want, rel=1e-6)
+    report = observer_epsilon(record, delta=DELTA)
+    # fedmia's report: the default orders hold these integers and more
+    assert report.epsilon_rdp <= want * (1 + 1e-9) and report.epsilon_rdp > 0.9 * want
+    assert report.epsilon_pld is not None and report.epsilon_pld <= report.epsilon_rdp * 1.01
+    # amplification: far below the server's ε over all the rounds
+    assert report.epsilon_rdp < accounted_epsilon(sigma, rounds).epsilon_rdp / 3
+    print(f"poisson q={q}, σ={sigma}, T={rounds}: observer ε_RDP={report.epsilon_rdp:.3f} "
+          f"ε_PLD={report.epsilon_pld:.3f}; independent (integer orders) {want:.3f}")
+
+
+def test_uniform_observer_epsilon_matches_an_independent_computation():
+    sigma, k, fraction, rounds = 2.0, 10, 0.5, 20  # m = 5 of 10, z = σ/2 = 1
+    record = _record(sigma, "uniform", fraction, [10] * k, rounds, k=k)
+    assert record["observer"]["accountant"] == "replace_one"
+    obs = event_from_dict(record["observer"]["event"])
+    want = independent_epsilon(lambda a: wor_gaussian_rdp(5 / 10, sigma / 2, a), rounds)
+    got = _rdp_at_integers(obs, dp_accounting.NeighboringRelation.REPLACE_ONE)
+    assert got == pytest.approx(want, rel=1e-6)
+    report = observer_epsilon(record, delta=DELTA)
+    assert report.epsilon_rdp <= want * (1 + 1e-9) and report.epsilon_rdp > 0.9 * want
+    assert report.epsilon_pld is None and "PLD accountant does not support" in report.note
+    assert "replace-one" in report.note
+    print(f"uniform m=5 of 10, σ={sigma}, T={rounds}: observer ε_RDP={report.epsilon_rdp:.3f};"
+          f" independent (integer orders) {want:.3f}")
+
+
+def test_against_the_server_a_client_composes_the_rounds_it_took_part_in():
+    sigma, rounds = 4.0, 30
+    counts = [12, 0, 30, 7]
+    record = _record(sigma, "poisson", 0.4, counts, rounds, k=4)
+    assert record["rounds"] == 30 and record["client_rounds"] == counts
+    report = record_epsilon(record, delta=DELTA)
+    assert report.epsilon_rdp == pytest.approx(accounted_epsilon(sigma, 30).epsilon_rdp)
+    eps = client_epsilons(record, delta=DELTA)
+    assert eps[1] == 0.0
+    for n, e in zip(counts, eps, strict=True):
+        if n:
+            assert e == pytest.approx(accounted_epsilon(sigma, n).epsilon_rdp)
+    assert eps[3] < eps[0] < eps[2]
+
+
+def test_full_participation_keeps_the_record_of_before():
+    privacy = DPDefense(sigma=1.0, clip=1.0).privacy()
+    before = cell_privacy(privacy, rounds=30, unnoised_state=False)
+    for sampling in ("uniform", "poisson"):
+        assert cell_privacy(privacy, rounds=30, unnoised_state=False, participation={
+            "fraction": 1.0, "sampling": sampling, "num_clients": 4,
+            "client_rounds": [30] * 4}) == before
+    # un-noised statistics: no finite ε against anyone
+    record = cell_privacy(privacy, rounds=30, unnoised_state=True, participation={
+        "fraction": 0.5, "sampling": "poisson", "num_clients": 4, "client_rounds": [15] * 4})
+    assert math.isinf(observer_epsilon(record).epsilon_rdp)
+    assert math.isinf(record_epsilon(record).epsilon_rdp)
+
+
+def test_the_report_states_both_epsilons_of_a_sampled_cell():
+    def row(defense, privacy):
+        return {**CELL, "defense": defense, "diverged_round": math.nan, "rounds": 20,
+                "privacy": privacy}
+
+    cells = pd.DataFrame([
+        row("uniform", _record(2.0, "uniform", 0.5, [10] * 10, 20, k=10)),
+        row("poisson", _record(2.0, "poisson", 0.1, [2] * 50, 20, k=50)),
+        row("full", cell_privacy(DPDefense(sigma=2.0, clip=1.0).privacy(), rounds=20,
+                                 unnoised_state=False))])
+    eps = epsilons(cells, DELTA).set_index("defense")
+    assert eps.loc["uniform", "dp_rounds"] == 10  # the most rounds a client took part in
+    assert eps.loc["uniform", "epsilon_rdp"] == pytest.approx(
+        accounted_epsilon(2.0, 10).epsilon_rdp)
+    # m = 5 of 10: the sampled bound (all 20 rounds, replace-one RDP) is looser than the
+    # server's over a client's 10 rounds, which bounds an observer too: the note says so
+    assert eps.loc["uniform", "epsilon_observer_rdp"] > eps.loc["uniform", "epsilon_rdp"]
+    assert np.isnan(eps.loc["uniform", "epsilon_observer_pld"])
+    note = eps.loc["uniform", "epsilon_observer_note"]
+    assert "replace-one" in note and "bounds an observer too" in note
+    # q = 0.1 of 50: amplification
+    assert 0 < eps.loc["poisson", "epsilon_observer_rdp"] < eps.loc["poisson", "epsilon_rdp"]
+    assert eps.loc["poisson", "epsilon_observer_pld"] > 0
+    assert "bounds an observer too" not in eps.loc["poisson", "epsilon_observer_note"]
+    assert np.isnan(eps.loc["full", "epsilon_observer_rdp"])
+    assert eps.loc["full", "epsilon_observer_note"] == ""

@@ -206,20 +206,21 @@ def train(
     final_accuracy = (1.0 / meta["num_classes"] if outcome["diverged_round"] is not None
                       else outcome["last_finite_test_accuracy"])
     unnoised = sum(e.numel for e in state.layout.entries if not e.is_param)
+    participation = {**tcfg.participation.to_dict(), "client_rounds": client_rounds(history, k)}
     manifest = {
         **{k: cell[k] for k in CELL_KEYS},
         "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
         "observed_rounds": saved, "num_classes": meta["num_classes"],
         "aggregation_weights": weights,
         # who took part: the draw (train.participation) and each client's rounds (history)
-        "participation": {**tcfg.participation.to_dict(),
-                          "client_rounds": client_rounds(history, k)},
+        "participation": participation,
         # floats of the uploaded state that are not parameters (BatchNorm statistics):
         # no defense perturbs them
         "unnoised_state_floats": unnoised,
         # the defense's guarantee over the rounds the server saw (the report computes ε)
         "privacy": cell_privacy(defense_obj.privacy(), unnoised_state=unnoised > 0,
-                                rounds=outcome["diverged_round"] or tcfg.rounds),
+                                rounds=outcome["diverged_round"] or tcfg.rounds,
+                                participation={**participation, "num_clients": k}),
         **outcome, "final_test_accuracy": final_accuracy,
         # the official code also records the best test accuracy over rounds (hindsight)
         "best_test_accuracy": _best_test_accuracy(history),
