@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import dp_accounting
 import mpmath as mp
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_accountant
 from scipy.special import ndtr
 
@@ -30,6 +32,7 @@ from fedmia.privacy.events import cell_privacy, event_from_dict
 from fedmia.report.tables import summarize
 from fedmia.stages import io
 from fedmia.stages.report import epsilons
+from fedmia.workflow import load_workflow_config
 from test_attacks import world
 from test_fedavg import hand_round, tiny_data, tiny_model
 
@@ -503,3 +506,23 @@ def test_the_report_states_both_epsilons_of_a_sampled_cell():
     assert "bounds an observer too" not in eps.loc["poisson", "epsilon_observer_note"]
     assert np.isnan(eps.loc["full", "epsilon_observer_rdp"])
     assert eps.loc["full", "epsilon_observer_note"] == ""
+
+
+def test_a_grid_block_samples_its_cells_which_observe_and_attack_every_round():
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    cfg["partitions"]["iid_sampled"] = dict(cfg["partitions"]["iid"])
+    cfg["grid"] = [
+        {"datasets": ["digits"], "models": ["alexnet"], "defenses": ["none"],
+         "partitions": ["iid"], "seeds": [0]},
+        {"datasets": ["digits"], "models": ["alexnet"], "defenses": ["none"],
+         "partitions": ["iid_sampled"], "seeds": [0],
+         "train": {"participation": {"fraction": 0.5, "sampling": "poisson"}}}]
+    spec = load_workflow_config(cfg)
+    full, sampled = spec.cells
+    assert spec.train_for(full)["participation"] == {"fraction": 1.0, "sampling": "uniform"}
+    assert spec.train_for(sampled)["participation"] == {"fraction": 0.5, "sampling": "poisson"}
+    rounds = spec.trains[sampled].rounds
+    assert spec.observed_rounds(full) == [1, 10, 20, 30]
+    assert spec.attack_rounds(full) == [10, 20, 30]
+    assert spec.observed_rounds(sampled) == spec.attack_rounds(sampled) == list(
+        range(1, rounds + 1))
