@@ -29,7 +29,7 @@ from fedmia.privacy.accounting import (
     record_epsilon,
 )
 from fedmia.privacy.events import cell_privacy, event_from_dict
-from fedmia.report.tables import summarize
+from fedmia.report.tables import caption, summarize
 from fedmia.stages import io
 from fedmia.stages.report import epsilons
 from fedmia.workflow import load_workflow_config
@@ -526,3 +526,21 @@ def test_a_grid_block_samples_its_cells_which_observe_and_attack_every_round():
     assert spec.attack_rounds(full) == [10, 20, 30]
     assert spec.observed_rounds(sampled) == spec.attack_rounds(sampled) == list(
         range(1, rounds + 1))
+
+
+def test_the_tables_say_how_many_rounds_each_target_had(sampled_world):
+    mdm, owner, _ = sampled_world
+    names = ["loss", "loss_series", "fedmia_loss"]
+    res = run_attacks(names, mdm, owner, protocols=["aligned"], n_boot=0, partial=True)
+    results = pd.concat([t.assign(attack=n, **CELL) for n, t in res.items()],
+                        ignore_index=True)
+    summary = summarize(results, ["last"])
+    series = summary[summary["attack"] == "loss_series"].iloc[0]
+    assert series["rounds"] == "3–4"  # targets 0..3 took part in 3, 4, 3, 3 rounds
+    assert (series["target_rounds_min"], series["target_rounds_max"]) == (3, 4)
+    assert series["target_rounds_mean"] == pytest.approx(13 / 4)
+    # FedMIA: the rounds with 2 other participants, 2, 2, 3, 3
+    assert "2–3/3–4 attacked rounds (a target's own: partial participation)" in caption(
+        summary, "aligned", "last")
+    # without the cells' manifests the participation is unknown
+    assert summary["participation"].isna().all()

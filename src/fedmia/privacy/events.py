@@ -149,7 +149,6 @@ def observer_record(event: dp_accounting.DpEvent, *, rounds: int, unnoised_state
         step = dp_accounting.SampledWithoutReplacementDpEvent(k, m, event)
         relation, note = REPLACE_ONE, (
             f"observer of the global models, uniform sampling of {m} of {k}: "
-            "SampledWithoutReplacementDpEvent(K, m, GaussianDpEvent(σ/2)) under replace-one, "
-            "RDP accountant only (dp-accounting's PLD accountant does not support it)")
+            "SampledWithoutReplacementDpEvent(K, m, GaussianDpEvent(σ/2)) under replace-one")
     return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(step, rounds)),
             "rounds": rounds, "accountant": relation, "note": note}

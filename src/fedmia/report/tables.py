@@ -395,8 +395,10 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
                        if set(picked) - {selection} else "")
                     + f"; rounds picked: {', '.join(rounds)}")
     if len(multi):
-        bits.append("multi-round attacks over "
-                    + "/".join(sorted(set(multi["rounds"]), key=int)) + " attacked rounds")
+        counts = sorted(set(multi["rounds"]), key=lambda c: [int(n) for n in c.split("–")])
+        bits.append("multi-round attacks over " + "/".join(counts) + " attacked rounds"
+                    + (" (a target's own: partial participation)"
+                       if any("–" in c for c in counts) else ""))
         bits += _calibrated_text(set(multi["attack"]))
     lost = sorted(set(part.loc[~placed, "diverged"].dropna()) - {""})
     if lost:
