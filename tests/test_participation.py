@@ -544,3 +544,17 @@ def test_the_tables_say_how_many_rounds_each_target_had(sampled_world):
         summary, "aligned", "last")
     # without the cells' manifests the participation is unknown
     assert summary["participation"].isna().all()
+
+
+def test_uniform_sampling_too_small_for_the_reference_attacks_is_refused():
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
+    cfg["train"] = {"participation": {"fraction": 0.2}}  # m = 2 of 10
+    with pytest.raises(ConfigError, match=r"at 'train.participation.fraction' \(cell digits/"
+                       r"alexnet/none/iid/seed0\): uniform sampling takes m = 2 of 10 clients "
+                       r"per round, but \['fedmia_loss', .* need at least 2 other participants"):
+        load_workflow_config(cfg)
+    cfg["attack"] = {"attacks": ["loss", "cos_series"]}
+    load_workflow_config(cfg)  # no reference attack: fine
+    cfg["attack"] = {}
+    cfg["train"] = {"participation": {"fraction": 0.2, "sampling": "poisson"}}
+    load_workflow_config(cfg)  # Poisson: rounds with too few are skipped where they occur
