@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from fedmia.privacy.accounting import (
 from fedmia.privacy.events import cell_privacy, event_from_dict
 from fedmia.report.tables import caption, summarize
 from fedmia.stages import io
+from fedmia.stages.recording import import_recording
 from fedmia.stages.report import epsilons
 from fedmia.workflow import load_workflow_config
 from test_attacks import world
@@ -558,3 +560,49 @@ def test_uniform_sampling_too_small_for_the_reference_attacks_is_refused():
     cfg["attack"] = {}
     cfg["train"] = {"participation": {"fraction": 0.2, "sampling": "poisson"}}
     load_workflow_config(cfg)  # Poisson: rounds with too few are skipped where they occur
+
+
+def test_a_recording_whose_rounds_lack_clients_is_imported_and_attacked_as_sampled(
+        digits_files, tmp_path):
+    """A Flower-style view: round 2 lacks client 3 (sampled, or an error reply)."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    cell = _cell(digits_files, rec, {"fraction": 1.0})
+    f = io.round_file(cell["observed"], 2)
+    obs = io.load_observed(f)
+    io.save_observed(f, global_state=obs["global_state"], uploads=obs["uploads"][:3],
+                     client_ids=obs["client_ids"][:3], num_samples=obs["num_samples"][:3],
+                     meta={k: obs[k] for k in ("round", "layout", "model")})
+    man = json.loads(cell["manifest"].read_text())
+    man["view"]["files"]["observed/round0002.safetensors"] = io.file_sha256(f)
+    cell["manifest"].write_text(json.dumps(man))
+    out = tmp_path / "imported"
+    outputs = {"manifest": out / "manifest.json", "observed": out / "observed",
+               "ownership": out / "ownership.parquet", "final": out / "final.safetensors",
+               "partition": out / "partition.parquet"}
+    import_recording(recording=rec, data=digits_files, model={"kind": "alexnet"},
+                     partition=PART, cell=CELL, device="cpu", threads=1, outputs=outputs)
+    imported = io.read_manifest(outputs["manifest"])
+    # rounds 1, 2, 4 recorded (observe_every 2, observe_rounds [1]); client 3 lacks round 2
+    assert imported["participation"] == {"fraction": pytest.approx(11 / 12),
+                                         "sampling": "recorded", "client_rounds": [3, 3, 3, 2]}
+    mdm_file = tmp_path / "mdm.parquet"
+    pipeline.measure(data=digits_files, partition_file=outputs["partition"],
+                     observed_dir=outputs["observed"], rounds=[1, 2, 4], device="cpu",
+                     threads=1, output=mdm_file)
+    files = {n: tmp_path / f"{n}.parquet" for n in ("loss_series", "fedmia_loss")}
+    pipeline.attack(measures_file=mdm_file, partition_file=outputs["partition"], cell=CELL,
+                    rounds=[1, 2, 4], manifest_file=outputs["manifest"],
+                    config={"attacks": list(files), "protocol": "aligned",
+                            "rounds": [1, 2, 4], "bootstrap": 0}, outputs=files)
+    for name in files:
+        n = pd.read_parquet(files[name]).set_index("target")["n_rounds"].to_dict()
+        assert n == {0: 3, 1: 3, 2: 3, 3: 2}
+    # a recording in which every client took part keeps the manifest of before
+    (tmp_path / "full").mkdir()
+    full = _cell(digits_files, tmp_path / "full", {"fraction": 1.0})
+    again = {k: tmp_path / "again" / v.name for k, v in outputs.items()}
+    import_recording(recording=full["manifest"].parent, data=digits_files,
+                     model={"kind": "alexnet"}, partition=PART, cell=CELL, device="cpu",
+                     threads=1, outputs=again)
+    assert "participation" not in io.read_manifest(again["manifest"])
