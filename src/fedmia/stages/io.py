@@ -372,8 +372,9 @@ def read_replicates(path: str | Path) -> pd.DataFrame:
 def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
     """One row per cell from the train stage's manifests: keys and outcome.
 
-    ``participation`` is the fraction of ``train.participation`` (1.0 for a manifest
-    without the block: an imported recording, every client every round).
+    ``participation`` is the fraction of ``train.participation`` (an imported recording
+    whose rounds lack clients: the mean share per round; 1.0 for a manifest without the
+    block: every client every round).
     """
     cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy",
             "best_test_accuracy", "rounds", "unnoised_state_floats", "privacy"]
