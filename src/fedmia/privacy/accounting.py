@@ -5,8 +5,8 @@ of one client's upload and the neighbouring relation it assumes
 (:meth:`fedmia.federation.defenses.Defense.privacy`; ``compose`` composes its steps'); the
 train stage composes the rounds it ran (:func:`cell_privacy`: every client every round,
 sampling rate 1, or under partial participation the rounds a client took part in, with an
-observer's sampled event beside it; a model whose normalisation statistics pass un-noised has no finite ε)
-and records the composed event in the cell's manifest; the report computes ε at
+observer's sampled event beside it; a model whose normalisation statistics pass un-noised
+has no finite ε) and records the composed event in the cell's manifest; the report computes ε at
 ``privacy.delta`` from that record (:func:`epsilon_of`), so changing δ reruns no
 training, and a plugin's mechanism is accounted like fedmia's.
 

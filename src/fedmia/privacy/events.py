@@ -141,9 +141,9 @@ def observer_record(event: dp_accounting.DpEvent, *, rounds: int, unnoised_state
     if participation["sampling"] == "poisson":
         step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(2 * z))
         relation, note = ADD_OR_REMOVE, (
-            "observer of the global models, Poisson sampling q = %g (fixed denominator qK): "
-            "PoissonSampledDpEvent(q, GaussianDpEvent(σ)), add-or-remove a client, the "
-            "target's own noise only (conservative)" % q)
+            f"observer of the global models, Poisson sampling q = {q:g} (fixed denominator "
+            "qK): PoissonSampledDpEvent(q, GaussianDpEvent(σ)), add-or-remove a client, the "
+            "target's own noise only (conservative)")
     else:
         m = Participation(fraction=q, sampling="uniform").size(k)
         step = dp_accounting.SampledWithoutReplacementDpEvent(k, m, event)
