@@ -22,7 +22,8 @@ it too), timing each::
 
 Step 1 copies what the pages need of each named run into ``docs/data/<run>/`` (the
 tables, the regime of every cell from its manifest and history, the wall time, the
-config, the commit); step 2 renders the pages from ``docs/data/`` — every run recorded
+config, the commit, and a ``NOTE`` file of the run's folder if there is one: say there
+under what load it was timed); step 2 renders the pages from ``docs/data/`` — every run recorded
 there, named now or before — and copies the figures they show. ``python docs/update.py``
 alone re-renders from ``docs/data/``.
 """
@@ -58,8 +59,9 @@ TABLES = ("attacks.csv", "findings.csv", "privacy_utility.csv", "hypervolume.csv
 SHOWN = ("loss", "loss_series", "fedmia_loss", "cos", "cos_series", "fedmia_cos")
 
 
-def _git_commit() -> str:
-    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+def _git_commit(run: Path) -> str:
+    """The commit the run's folder is checked out at (a run inside a clone: the clone's)."""
+    r = subprocess.run(["git", "-C", str(run), "rev-parse", "--short", "HEAD"],
                        capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
 
@@ -113,8 +115,10 @@ def collect(name: str, run: Path) -> None:
         if (run / "results" / "figures" / extra).is_file():
             shutil.copyfile(run / "results" / "figures" / extra, out / extra)
     (out / "run.json").write_text(json.dumps({
-        "config": RUNS[name][0], "commit": _git_commit(), "seconds": seconds,
-        "figure": str(figure.relative_to(run)) if figure else None}, indent=1) + "\n")
+        "config": RUNS[name][0], "commit": _git_commit(run), "seconds": seconds,
+        "figure": str(figure.relative_to(run)) if figure else None,
+        "note": (run / "NOTE").read_text().strip() if (run / "NOTE").is_file() else None},
+        indent=1) + "\n")
     print(f"docs/data/{name} <- {run}")
 
 
@@ -206,7 +210,7 @@ def _run_header(name: str, info: dict, regime: pd.DataFrame) -> list[str]:
     lines = [f"## {name}: {RUNS[name][1]}", "",
              f"`snakemake --cores all --configfile {info['config']}` — "
              f"{_minutes(info['seconds'])} on the 2-core CPU development machine, at commit "
-             f"`{info['commit']}`.", ""]
+             f"`{info['commit']}`{'; ' + info['note'] if info.get('note') else ''}.", ""]
     if len(regime):
         reg = regime.groupby(["dataset", "model", "defense", "partition"], sort=False).agg(
             seeds=("seed", "nunique"), rounds=("rounds", "max"),

@@ -1014,15 +1014,6 @@ def _changed_final(rec: Path) -> None:
     f.write_bytes(bytes(raw))
 
 
-def _missing_client(rec: Path) -> None:
-    f = rec / "observed" / "round0002.safetensors"
-    obs = fio.load_observed(f)
-    fio.save_observed(f, global_state=obs["global_state"], uploads=obs["uploads"][:2],
-                      client_ids=obs["client_ids"][:2], num_samples=obs["num_samples"][:2],
-                      meta={k: obs[k] for k in ("round", "layout", "model")})
-    resign(rec, "observed/round0002.safetensors")
-
-
 RECORDINGS = [
     recording_case("recording-missing-a-round", RecordingError,
                    r"recorded round 2: .*round0002.safetensors is missing", RECORD_AGAIN,
@@ -1048,10 +1039,6 @@ RECORDINGS = [
                    r"rec/manifest.json does not exist: no recorded view there",
                    r"record the run first .* or fix the recording's folder",
                    damage=lambda rec: (rec / "manifest.json").unlink()),
-    recording_case("recording-a-client-missing-from-a-round", RecordingError,
-                   r"round0002.safetensors: client\(s\) \[2\] sent no upload in round 2",
-                   r"attack other rounds .* or record a run in which every client takes part",
-                   damage=_missing_client),
     recording_case("recording-of-other-clients-than-the-partition", RecordingError,
                    r"the view has 3 clients but partition 'iid' says num_clients 4",
                    r"set it to 3", damage=lambda rec: None, part={"num_clients": 4}),

@@ -27,7 +27,7 @@ from typing import Any
 
 import jsonschema
 
-from fedmia.attacker.attacks import ATTACKS
+from fedmia.attacker.attacks import ATTACKS, CALIBRATED_KINDS
 from fedmia.core.config import (
     VALIDATOR,
     AttackConfig,
@@ -180,6 +180,28 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+def _check_participation(spec: WorkflowSpec) -> None:
+    """Uniform sampling leaves every round at least 2 references for the attacks needing them.
+
+    FedMIA, LiRA and RMIA compare a target with the other participants of a round and
+    skip a round with fewer than 2 (:func:`fedmia.attacker.attacks.target_rounds`): with
+    m = round(fK) < 3 they would have no round at all. (Poisson sampling varies m: such
+    rounds are skipped where they occur.)
+    """
+    referenced = [a for a in spec.attack.attacks or ()
+                  if ATTACKS.get(a).kind in ("fedmia", *CALIBRATED_KINDS)]
+    if not referenced:
+        return
+    for cell, train in spec.trains.items():
+        p, k = train.participation, spec.partitions[cell.partition].num_clients
+        if not p.full and p.sampling == "uniform" and p.size(k) < 3:
+            raise ConfigError(
+                f"invalid config at 'train.participation.fraction' (cell {cell.path}): "
+                f"uniform sampling takes m = {p.size(k)} of {k} clients per round, but "
+                f"{referenced} need at least 2 other participants in a round (m >= 3); "
+                "raise the fraction or drop those attacks")
+
+
 def _check_attack_plan(spec: WorkflowSpec) -> None:
     """Cross-checks of the attack and report options against every cell."""
     for cell in spec.cells:
@@ -228,6 +250,7 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
                 f"invalid config at 'partitions.{key}.num_clients': {fedmia} need at least 2 "
                 f"non-target clients, i.e. num_clients >= 3 (got {part.num_clients}); raise it "
                 "or drop those attacks")
+    _check_participation(spec)
     if "official" not in spec.protocols:
         return
     for cell in spec.cells:

@@ -46,6 +46,15 @@ figures draw them all); multi-round attacks average over the *attacked* rounds o
 attacks rounds 10, 20, …, 300 — a round added through ``observe_rounds``, such as
 round 1, is observed but not attacked unless listed).
 
+**Partial participation** (``train.participation``; a cube built with ``partial``): a
+round holds the uploads of its participants only (:attr:`MeasureCube.present`). A target
+is scored in the rounds it took part in: a single-round attack at those rounds, a
+series over its attacked rounds, and FedMIA, LiRA and RMIA over its attacked rounds with
+at least 2 other participants, whose uploads are that round's references
+(:func:`target_rounds`); ``n_rounds`` says how many rounds a target's score combines,
+and a target without such a round has no multi-round row. A client that never took part
+has no rows in the table and is no target. At full participation nothing changes.
+
 **Non-member protocols** (:data:`PROTOCOLS`, a column of every result):
 
 * ``aligned`` (fedmia): the same non-member samples for every client and round, so a
@@ -373,17 +382,29 @@ class MeasureCube:
         clients: int64 K, sorted client ids.
         sample_ids: int64 N, sorted evaluation sample ids.
         values: measure name → float64 R×K×N; ``values[m][r, k, i]`` is measure ``m`` of
-            sample ``sample_ids[i]`` under client ``clients[k]``'s upload at ``rounds[r]``.
+            sample ``sample_ids[i]`` under client ``clients[k]``'s upload at ``rounds[r]``
+            (NaN where the client did not take part).
+        present: bool R×K, which client took part in which round (partial participation);
+            ``None``: every client in every round (the full grid).
     """
 
     rounds: np.ndarray
     clients: np.ndarray
     sample_ids: np.ndarray
     values: Mapping[str, np.ndarray]
+    present: np.ndarray | None = None
 
     @classmethod
-    def from_frame(cls, mdm: pd.DataFrame, measures: Sequence[str] = MEASURES) -> MeasureCube:
+    def from_frame(cls, mdm: pd.DataFrame, measures: Sequence[str] = MEASURES, *,
+                   partial: bool = False) -> MeasureCube:
         """Pivot a measure table after checking columns, duplicates, finiteness and the grid.
+
+        Args:
+            mdm: the measure table.
+            measures: the measure columns to pivot.
+            partial: a round may lack clients (partial participation): a (round, client)
+                either has every sample or none, and :attr:`present` says which. Else
+                every client needs every sample in every round.
 
         Raises:
             ValueError: naming the problem (see :func:`validate_measures`).
@@ -408,7 +429,16 @@ class MeasureCube:
                              f"sample_id) row(s), e.g. ({r[i]}, {c[i]}, {s[i]}){REMEASURE}")
         rounds, clients, sample_ids = np.unique(r), np.unique(c), np.unique(s)
         shape = (len(rounds), len(clients), len(sample_ids))
-        if len(r) != np.prod(shape):
+        present = None
+        if partial:
+            ri, ci = np.searchsorted(rounds, r), np.searchsorted(clients, c)
+            present = np.zeros(shape[:2], dtype=bool)
+            present[ri, ci] = True
+            if len(r) != present.sum() * shape[2]:
+                raise ValueError(_grid_gaps(mdm, clients, sample_ids, partial=True))
+            if present.all():
+                present = None  # every client took part in every round
+        elif len(r) != np.prod(shape):
             raise ValueError(_grid_gaps(mdm, clients, sample_ids))
         values = {}
         for m in measures:
@@ -419,8 +449,13 @@ class MeasureCube:
                 raise ValueError(f"measure column '{m}' has {int(bad.sum())} NaN or infinite "
                                  f"value(s), e.g. at round {r[i]}, client {c[i]}, "
                                  f"sample_id {s[i]}{REMEASURE}")
-            values[m] = v.reshape(shape)
-        return cls(rounds, clients, sample_ids, values)
+            if present is None:
+                values[m] = v.reshape(shape)
+            else:
+                full = np.full(shape, np.nan)
+                full[ri, ci, np.searchsorted(sample_ids, s)] = v
+                values[m] = full
+        return cls(rounds, clients, sample_ids, values, present)
 
     def client_index(self, client: int) -> int:
         """Position of ``client`` on the client axis; ValueError if the table lacks it."""
@@ -432,12 +467,16 @@ class MeasureCube:
 
 
 def _grid_gaps(mdm: pd.DataFrame, clients: np.ndarray, sample_ids: np.ndarray,
-               limit: int = 5) -> str:
-    """Describe the missing cells of a duplicate-free, incomplete grid."""
+               limit: int = 5, partial: bool = False) -> str:
+    """Describe the missing cells of a duplicate-free, incomplete grid.
+
+    ``partial``: a round may lack clients (they did not take part); only a client's
+    missing samples are gaps.
+    """
     problems = []
     for rnd, g in mdm.groupby("round", sort=True):
         lacking = np.setdiff1d(clients, g["client_id"].to_numpy())
-        if len(lacking):
+        if len(lacking) and not partial:
             problems.append(f"round {rnd} lacks client(s) {lacking.tolist()}")
         for cl, gc in g.groupby("client_id", sort=True):
             miss = np.setdiff1d(sample_ids, gc["sample_id"].to_numpy())
@@ -445,8 +484,10 @@ def _grid_gaps(mdm: pd.DataFrame, clients: np.ndarray, sample_ids: np.ndarray,
                 problems.append(f"round {rnd}, client {cl} lacks {len(miss)} of "
                                 f"{len(sample_ids)} samples (e.g. sample_id {miss[0]})")
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
-    return ("incomplete measure table (every client needs every sample in every round): "
-            + "; ".join(problems[:limit]) + more + REMEASURE)
+    need = ("every participant needs every sample in its rounds" if partial
+            else "every client needs every sample in every round")
+    return (f"incomplete measure table ({need}): " + "; ".join(problems[:limit]) + more
+            + REMEASURE)
 
 
 def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
@@ -485,10 +526,16 @@ def _check_targets(cube: MeasureCube, own: np.ndarray, targets: Iterable[int]) -
 
 
 def _check(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int] | None,
-           measures: Sequence[str]) -> tuple[MeasureCube, np.ndarray, list[int]]:
-    cube = MeasureCube.from_frame(mdm, measures)
+           measures: Sequence[str], partial: bool = False
+           ) -> tuple[MeasureCube, np.ndarray, list[int]]:
+    cube = MeasureCube.from_frame(mdm, measures, partial=partial)
     own = owner_array(cube, owner)
     targets = cube.clients.tolist() if targets is None else list(targets)
+    if partial:
+        unseen = [t for t in targets if t not in set(cube.clients.tolist())]
+        if unseen:
+            log.info("client(s) %s took part in no measured round: not attacked", unseen)
+        targets = [t for t in targets if t not in unseen]
     return cube, own, _check_targets(cube, own, targets)
 
 
@@ -738,11 +785,34 @@ def _slot_values(values: np.ndarray, slots: Slots) -> np.ndarray:
     return np.take_along_axis(values, slots.index, axis=-1)
 
 
+#: The fewest other participants a round needs to give a target its references (FedMIA,
+#: LiRA, RMIA) under partial participation.
+MIN_REFERENCES = 2
+
+
+def target_rounds(kind: str, t: int, attacked: np.ndarray,
+                  present: np.ndarray | None) -> np.ndarray:
+    """Bool R: the rounds a multi-round attack of ``kind`` combines for client position ``t``.
+
+    Full participation (``present`` ``None``): the attacked rounds. Else the attacked
+    rounds the target took part in, and for the kinds with references (``fedmia``,
+    ``lira``, ``rmia``) only those with at least :data:`MIN_REFERENCES` other
+    participants (``present``: bool R×K, :attr:`MeasureCube.present`).
+    """
+    if present is None:
+        return attacked
+    used = attacked & present[:, t]
+    if kind in ("fedmia", *CALIBRATED_KINDS):
+        used &= np.delete(present, t, axis=1).sum(axis=1) >= MIN_REFERENCES
+    return used
+
+
 def score_slots(spec: AttackSpec, xs: Sequence[np.ndarray], t: int, attacked: np.ndarray, *,
                 ref_weights: np.ndarray | None = None, ddof: int = 0,
                 outlier_filter: bool = False, lira: LiraOptions = DEFAULT_LIRA,
                 rmia: RmiaOptions = DEFAULT_RMIA, population: np.ndarray | None = None,
-                halves: np.ndarray | None = None) -> np.ndarray:
+                halves: np.ndarray | None = None,
+                present: np.ndarray | None = None) -> np.ndarray:
     """Scores of attack ``spec`` against client position ``t``.
 
     Args:
@@ -759,18 +829,27 @@ def score_slots(spec: AttackSpec, xs: Sequence[np.ndarray], t: int, attacked: np
         rmia: RMIA's ``a`` and γ (``rmia`` kind).
         population: bool S, the slots RMIA may take as population (held-out samples).
         halves: bool S, RMIA's cross-fitting coins (:func:`rmia_halves`).
+        present: bool R×K, who took part in which round (partial participation; ``None``:
+            everyone): multi-round attacks combine the rounds of :func:`target_rounds`
+            (at least one: the caller skips a target without), with that round's other
+            participants as references.
 
     Returns:
-        ``single``: R×S (one row per observed round); otherwise 1×S.
+        ``single``: R×S (one row per observed round; NaN where the target did not take
+        part); otherwise 1×S.
     """
     x = xs[0]
     if spec.kind == "single":
         return x[:, t]
-    a = np.flatnonzero(attacked)
+    a = np.flatnonzero(target_rounds(spec.kind, t, attacked, present))
     if spec.kind == "series":
         return x[a, t].mean(axis=0, keepdims=True)
     others = np.delete(np.arange(x.shape[1]), t)
     w = None if ref_weights is None else ref_weights[a][:, others]
+    if present is not None:  # the round's other participants are its references
+        seen = np.broadcast_to(present[a][:, others][..., None], (len(a), len(others),
+                                                                  x.shape[-1]))
+        w = seen if w is None else w & seen
     if spec.kind == "fedmia":
         cdf = fedmia_cdf(x[a, t], x[a][:, others], weights=w, ddof=ddof,
                          outlier_filter=outlier_filter)
@@ -843,10 +922,17 @@ def attack_scores(name: str | AttackSpec, mdm: pd.DataFrame | MeasureCube, targe
         slots = aligned_slots(owner_array(cube, owner), target)
         population = slots.group == -1
         halves = rmia_halves(slots, (*bootstrap_keys, "aligned", 0, target))
-    scores = score_slots(spec, xs, t, attacked_mask(cube, attack_rounds), ddof=ddof,
-                         outlier_filter=outlier_filter, lira=lira, rmia=rmia,
-                         population=population, halves=halves)
+    attacked = attacked_mask(cube, attack_rounds)
     rounds = cube.rounds if spec.kind == "single" else np.array([MULTI_ROUND])
+    if spec.kind != "single" and not target_rounds(spec.kind, t, attacked, cube.present).any():
+        rounds = rounds[:0]  # no round to combine for this target
+        scores = np.zeros((0, len(cube.sample_ids)))
+    else:
+        scores = score_slots(spec, xs, t, attacked, ddof=ddof, outlier_filter=outlier_filter,
+                             lira=lira, rmia=rmia, population=population, halves=halves,
+                             present=cube.present)
+    if spec.kind == "single" and cube.present is not None:  # the target's rounds only
+        scores, rounds = scores[cube.present[:, t]], rounds[cube.present[:, t]]
     n = len(cube.sample_ids)
     return pd.DataFrame({
         "round": np.repeat(rounds.astype(np.int64), n),
@@ -904,7 +990,7 @@ def run_attacks_with_replicates(
         lira: LiraOptions = DEFAULT_LIRA, rmia: RmiaOptions = DEFAULT_RMIA,
         fpr_rule: str = "at_most", roc_points: int = 200,
         n_boot: int = 1000, bootstrap_keys: Sequence[str | int] | None = None,
-        keep_replicates: Iterable[str] = (),
+        keep_replicates: Iterable[str] = (), partial: bool = False,
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Run attacks against each target client under each protocol; keep some replicates.
 
@@ -946,6 +1032,10 @@ def run_attacks_with_replicates(
             ``(official.seed,)``.
         keep_replicates: attacks whose replicates are returned (e.g.
             :func:`finding_attacks`).
+        partial: the cell sampled its participants (``train.participation`` below 1): a
+            round may lack clients, each target is scored in the rounds it took part in
+            (module docstring, :func:`target_rounds`) and ``n_rounds`` is its own; a
+            target without a measured round is skipped.
 
     Returns:
         ``(tables, replicates)``. ``tables``: attack name → one row per (protocol, draw,
@@ -980,8 +1070,9 @@ def run_attacks_with_replicates(
     keep = set(keep_replicates)
     run_keys = tuple(bootstrap_keys) if bootstrap_keys is not None else (official.seed,)
     measures = sorted({m for s in specs for m in s.measures})
-    cube, own, targets = _check(mdm, owner, targets, measures)
+    cube, own, targets = _check(mdm, owner, targets, measures, partial)
     attacked = attacked_mask(cube, attack_rounds)
+    present = cube.present
     signed = {(m, sign): sign * cube.values[m] for s in specs for m, sign in s.signals}
     filt = dict(outlier_filter or {})
     need_halves = any(s.kind == "rmia" for s in specs)
@@ -998,18 +1089,24 @@ def run_attacks_with_replicates(
                           if need_halves else None)
                 batch: list[tuple[str, dict[str, Any], np.ndarray]] = []
                 for spec in specs:
-                    if spec.multi_round and not attacked.any():
-                        continue  # no attacked round to combine
+                    used = target_rounds(spec.kind, t, attacked, present)
+                    if spec.multi_round and not used.any():
+                        continue  # no attacked round to combine (for this target)
                     scores = score_slots(spec, [xs[sig] for sig in spec.signals], t, attacked,
                                          ref_weights=slots.ref_weights, ddof=ddof,
                                          outlier_filter=filt.get(spec.name, False),
                                          lira=lira, rmia=rmia,
-                                         population=slots.group == -1, halves=halves)
+                                         population=slots.group == -1, halves=halves,
+                                         present=present)
                     if spec.kind == "single":
                         rounds, hit = cube.rounds.tolist(), attacked.tolist()
+                        if present is not None:  # the rounds the target took part in
+                            took = present[:, t]
+                            rounds, hit = cube.rounds[took].tolist(), attacked[took].tolist()
+                            scores = scores[took]
                     else:
                         rounds, hit = [MULTI_ROUND], [True]
-                    n_rounds = 1 if spec.kind == "single" else int(attacked.sum())
+                    n_rounds = 1 if spec.kind == "single" else int(used.sum())
                     for rnd, was_attacked, sc in zip(rounds, hit, scores, strict=True):
                         batch.append((spec.name, {
                             "protocol": protocol, "draw": draw, "target": target,

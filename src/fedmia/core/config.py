@@ -38,6 +38,8 @@ LR_SCHEDULES = ("cosine", "exponential", "constant")
 DATASET_SPLITS = ("official",)
 #: How the server weights the clients' uploads (``train.aggregation``, :class:`TrainConfig`).
 AGGREGATIONS = ("data_size", "official_permuted")
+#: How a round's participants are drawn (``train.participation.sampling``, :class:`Participation`).
+SAMPLINGS = ("uniform", "poisson")
 
 
 class ConfigError(ValueError):
@@ -324,12 +326,40 @@ class DefenseConfig:
 
 
 @dataclass(frozen=True)
+@schema_defaults("$defs", "train", "properties", "participation")
+class Participation(Section):
+    """Which clients take part in a round (``train.participation``).
+
+    Attributes:
+        fraction: f in (0, 1]. ``uniform``: m = round(fK) participants (half up, at least
+            1), drawn without replacement; ``poisson``: each client independently with
+            probability q = f, so a round may have none. 1.0: every client every round.
+        sampling: ``uniform`` or ``poisson``.
+
+    The draw itself is :func:`fedmia.federation.fedavg.participants`.
+    """
+
+    key: ClassVar[str] = "train.participation"
+    fraction: float
+    sampling: str
+
+    @property
+    def full(self) -> bool:
+        """Every client takes part in every round (``fraction`` 1, either sampling)."""
+        return self.fraction == 1.0
+
+    def size(self, num_clients: int) -> int:
+        """``uniform``'s m = round(fK), half up, at least 1 (``poisson``: its mean is qK)."""
+        return max(1, min(num_clients, math.floor(self.fraction * num_clients + 0.5)))
+
+
+@dataclass(frozen=True)
 @schema_defaults("$defs", "train")
 class TrainConfig(Section):
     """FedAvg as the paper's official code runs it.
 
     Attributes:
-        rounds: communication rounds T (every client takes part in every round).
+        rounds: communication rounds T.
         local_epochs: passes over the local data per round.
         batch_size: local mini-batch size.
         lr: initial SGD learning rate.
@@ -357,7 +387,12 @@ class TrainConfig(Section):
             depend on the data (``dp``, a ``compose`` holding it:
             ``Defense.data_independent_weights``) overrides both with equal weights
             ``a_k = 1 / K`` (a permutation of equal weights is the same weights); the
-            manifest records the weights used (``aggregation_weights``).
+            manifest records the weights used (``aggregation_weights``). Only a round's
+            participants are weighted.
+        participation: which clients take part in each round (:class:`Participation`;
+            default every client every round). Below fraction 1 every round is observed
+            and is a default attacked round (:meth:`every_rounds`): a client is seen only
+            in the rounds it took part in.
     """
 
     rounds: int
@@ -373,9 +408,12 @@ class TrainConfig(Section):
     test_every: int
     eval_batch_size: int
     aggregation: str
+    participation: Participation
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "observe_rounds", tuple(self.observe_rounds))
+        if isinstance(self.participation, Mapping):
+            object.__setattr__(self, "participation", Participation(**self.participation))
 
     def check(self, where: str) -> None:
         """Every observed round is a round of the run."""
@@ -389,8 +427,13 @@ class TrainConfig(Section):
         return sorted(set(self.observe_rounds) | set(self.every_rounds()))
 
     def every_rounds(self) -> list[int]:
-        """The multiples of ``observe_every`` up to ``rounds`` (the default attacked rounds)."""
-        return list(range(self.observe_every, self.rounds + 1, self.observe_every))
+        """The default attacked rounds: the multiples of ``observe_every`` up to ``rounds``.
+
+        Under partial participation every round (a client is seen in a fraction of the
+        rounds only; at f = 0.1 it would be in about 0.3 of the multiples of 10 of 30).
+        """
+        step = self.observe_every if self.participation.full else 1
+        return list(range(step, self.rounds + 1, step))
 
     def lr_at(self, rnd: int) -> float:
         """Learning rate of round ``rnd`` (1-based).

@@ -1,6 +1,8 @@
 """FedAvg exactly as the paper's official code runs it, on tensors held on the device.
 
-Every client takes part in every round. A client starts from the global model,
+By default every client takes part in every round; ``train.participation`` samples a
+round's participants (:func:`participants`), and only they train, upload and are
+weighted. A client starts from the global model,
 trains ``local_epochs`` passes of SGD (momentum, weight decay, a fresh optimizer
 every round) over its data, and uploads ``Δ_k = w_global − w_local`` after its
 defense. The server applies a weighted average of the uploads,
@@ -14,7 +16,9 @@ whose weights must not depend on the data (``dp``). Parameters and floating buff
 Randomness: the data order (and any defense randomness) of client ``k`` in round
 ``r`` comes from its own generator seeded by ``(seed, r, k)``, so runs are
 reproducible and independent of the order clients are visited; the official
-weights' order of round ``r`` comes from ``(seed, r)`` on a stream of its own.
+weights' order of round ``r`` comes from ``(seed, r)`` on a stream of its own, and so do
+the round's participants (another stream), so a client's training does not depend on
+who else takes part.
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.core.config import AGGREGATIONS, TrainConfig
+from fedmia.core.config import AGGREGATIONS, Participation, TrainConfig
 from fedmia.federation.defenses import DataSpec, Defense
-from fedmia.federation.partition import STREAM_AGGREGATION, STREAM_TRAIN, rng_for
+from fedmia.federation.partition import (
+    STREAM_AGGREGATION,
+    STREAM_PARTICIPATION,
+    STREAM_TRAIN,
+    rng_for,
+)
 from fedmia.federation.state import FlatState
 
 log = logging.getLogger(__name__)
@@ -182,24 +191,59 @@ def official_order(seed: int, rnd: int, k: int) -> np.ndarray:
     return rng_for(seed, STREAM_AGGREGATION, rnd).permutation(k)
 
 
+def participants(participation: Participation, seed: int, rnd: int, k: int) -> np.ndarray:
+    """The clients that take part in round ``rnd`` (sorted int64 ids, possibly none).
+
+    ``fraction`` 1: every client, nothing drawn. ``uniform``: ``m =``
+    :meth:`~fedmia.core.config.Participation.size` clients without replacement;
+    ``poisson``: each client independently with probability ``q = fraction`` (a round may
+    have none). The draw comes from ``(seed, round)`` on a stream of its own, so it is
+    reproducible and independent of the clients' training.
+    """
+    if participation.full:
+        return np.arange(k, dtype=np.int64)
+    rng = rng_for(seed, STREAM_PARTICIPATION, rnd)
+    if participation.sampling == "poisson":
+        return np.flatnonzero(rng.random(k) < participation.fraction).astype(np.int64)
+    return np.sort(rng.choice(k, size=participation.size(k), replace=False)).astype(np.int64)
+
+
+def equal_denominator(participation: Participation, k: int, m: int) -> float:
+    """The denominator of ``equal`` weights ``1 / d`` with ``m`` of ``k`` clients taking part.
+
+    ``m`` itself, except under ``poisson`` sampling below fraction 1: the fixed expected
+    number ``qK`` (DP-FedAvg, McMahan et al. 2018), so the weights — and with them the
+    sensitivity of the aggregate — do not depend on who happened to take part.
+    """
+    if participation.sampling == "poisson" and not participation.full:
+        return participation.fraction * k
+    return float(m)
+
+
 def aggregation_weights(num_samples: torch.Tensor, rule: str, seed: int,
-                        rnd: int) -> torch.Tensor:
-    """The weight ``a_k`` of each client's upload in round ``rnd`` (float32 K, sum 1).
+                        rnd: int, denominator: float | None = None) -> torch.Tensor:
+    """The weight ``a_k`` of each participant's upload in round ``rnd`` (float32 m).
 
     Args:
-        num_samples: int64 K, the clients' data sizes ``n_k`` (in client-id order).
-        rule: ``data_size``: ``a_k = n_k / n``. ``official_permuted``: the official
-            code's, which lists the uploads in the order :func:`official_order` and
-            multiplies the i-th listed upload by ``n_i / n``: client ``order[i]`` gets
-            ``n_i / n``. ``equal``: ``a_k = 1 / K``.
+        num_samples: int64 m, the participants' data sizes ``n_k`` (in client-id order;
+            every client when all take part).
+        rule: ``data_size``: ``a_k = n_k / n`` (n: the participants' total).
+            ``official_permuted``: the official code's, which lists the uploads in the
+            order :func:`official_order` and multiplies the i-th listed upload by ``n_i /
+            n``: participant ``order[i]`` gets ``n_i / n``. ``equal``: ``a_k = 1 / d``.
         seed: the run's seed.
         rnd: the round (1-based).
+        denominator: ``d`` of ``equal`` weights (:func:`equal_denominator`; ``None``: m,
+            the weights sum to 1). The other rules' weights sum to 1.
     """
     if rule not in AGGREGATION_WEIGHTS:
         raise ValueError(f"unknown aggregation '{rule}'; choose from {list(AGGREGATION_WEIGHTS)}")
     k = num_samples.numel()
+    if k == 0:
+        return torch.zeros(0, dtype=torch.float32, device=num_samples.device)
     if rule == "equal":
-        return torch.full((k,), 1.0 / k, dtype=torch.float32, device=num_samples.device)
+        d = k if denominator is None else denominator
+        return torch.full((k,), 1.0 / d, dtype=torch.float32, device=num_samples.device)
     shares = num_samples.to(torch.float32) / num_samples.sum()
     if rule == "data_size":
         return shares
@@ -280,7 +324,10 @@ def all_finite(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` is finite (two reductions, no temporary of its size).
 
     NaN propagates through ``amin``/``amax``, and an infinity is the minimum or maximum.
+    An empty tensor (a round without participants) is finite.
     """
+    if t.numel() == 0:
+        return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
@@ -290,8 +337,9 @@ class RoundRecord:
     """Everything one round produced.
 
     ``global_flat`` and ``uploads`` (the server's view, what an observed round
-    saves) are the model sent at the start of the round (P) and the K uploads
-    (K×P); both are buffers reused by the next round, so copy or save them before
+    saves) are the model sent at the start of the round (P) and the m participants'
+    uploads (m×P, in the order of ``participants``: every client, K×P, by default);
+    both are buffers reused by the next round, so copy or save them before
     advancing the iterator. Test metrics are those of the aggregated model at the end of the round
     (NaN in rounds without a test).
 
@@ -302,11 +350,15 @@ class RoundRecord:
     test loss and accuracy of the model the round started from (the last finite global
     model).
 
-    ``weights`` are the weights the server gave the uploads (:func:`aggregation_weights`,
-    float32 values), in client-id order: ``w_{r+1} = w_r − Σ_k weights[k] · uploads[k]``.
+    ``participants`` are the clients that took part (sorted ids, possibly none: then the
+    model stays as it was); ``client_loss``, ``client_accuracy``, ``num_samples`` and
+    ``weights`` (the weights the server gave the uploads, :func:`aggregation_weights`,
+    float32 values) are theirs, in that order: ``w_{r+1} = w_r − Σ_i weights[i] ·
+    uploads[i]``.
     """
 
     round: int
+    participants: list[int]
     lr: float
     client_loss: list[float]
     client_accuracy: list[float]
@@ -338,8 +390,11 @@ def run_fedavg(
     :data:`PROBE_SAMPLES` test samples; that round's record has ``diverged`` set (and
     ``state`` holds the non-finite model).
 
-    The server weights the uploads as :func:`aggregation_rule` says: ``cfg.aggregation``,
-    or equal weights under a defense with ``data_independent_weights`` (``dp``).
+    Only the round's participants (:func:`participants`, ``cfg.participation``) train
+    and upload. The server weights their uploads as :func:`aggregation_rule` says:
+    ``cfg.aggregation``, or equal weights under a defense with
+    ``data_independent_weights`` (``dp``; with the fixed denominator ``qK`` under
+    Poisson sampling, :func:`equal_denominator`).
     """
     device = state.flat.device
     k = len(client_idx)
@@ -349,16 +404,20 @@ def run_fedavg(
     observed = set(cfg.observed())
     global_flat = state.snapshot()
     spare = torch.empty_like(global_flat)  # the next global model (the two swap each round)
-    uploads = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
+    buffer = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         lr = cfg.lr_at(rnd)
+        part = participants(cfg.participation, seed, rnd, k)
+        uploads = buffer[:len(part)]
         results = []
-        for c in range(k):
+        for i, c in enumerate(part.tolist()):
             results.append(local_train(state, global_flat, data, client_idx[c], cfg, lr,
                                        defense, client_generator(seed, rnd, c),
-                                       out=uploads[c]))
-        weights = aggregation_weights(num_samples.to(device), rule, seed, rnd)
+                                       out=uploads[i]))
+        sizes = num_samples[torch.from_numpy(part)]
+        weights = aggregation_weights(sizes.to(device), rule, seed, rnd,
+                                      equal_denominator(cfg.participation, k, len(part)))
         sent, global_flat = global_flat, aggregate(global_flat, uploads, weights, out=spare)
         spare = sent  # yielded below; the next round's aggregate overwrites it
         # the uploads' forward passes only where they are measured (observed rounds); the
@@ -381,10 +440,10 @@ def run_fedavg(
         seconds = time.perf_counter() - t0
         samples = sum(r.samples for r in results)
         yield RoundRecord(
-            round=rnd, lr=lr,
+            round=rnd, participants=part.tolist(), lr=lr,
             client_loss=[r.loss for r in results],
             client_accuracy=[r.accuracy for r in results],
-            num_samples=num_samples.tolist(), weights=weights.tolist(),
+            num_samples=sizes.tolist(), weights=weights.tolist(),
             test_loss=test_loss, test_accuracy=test_acc,
             seconds=seconds, samples_per_s=samples / seconds,
             global_flat=sent, uploads=uploads, diverged=not finite, last_finite_test=last_finite,

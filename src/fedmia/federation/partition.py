@@ -35,6 +35,7 @@ STREAM_TRAIN = 2
 STREAM_AUDIT = 4
 STREAM_AGGREGATION = 5
 STREAM_IMPORT = 6
+STREAM_PARTICIPATION = 7
 
 
 def rng_for(seed: int, stream: int, *keys: int) -> np.random.Generator:

@@ -4,8 +4,9 @@
 of one client's upload and the neighbouring relation it assumes
 (:meth:`fedmia.federation.defenses.Defense.privacy`; ``compose`` composes its steps'); the
 train stage composes the rounds it ran (:func:`cell_privacy`: every client every round,
-sampling rate 1; a model whose normalisation statistics pass un-noised has no finite ε)
-and records the composed event in the cell's manifest; the report computes ε at
+sampling rate 1, or under partial participation the rounds a client took part in, with an
+observer's sampled event beside it; a model whose normalisation statistics pass un-noised
+has no finite ε) and records the composed event in the cell's manifest; the report computes ε at
 ``privacy.delta`` from that record (:func:`epsilon_of`), so changing δ reruns no
 training, and a plugin's mechanism is accounted like fedmia's.
 
@@ -61,7 +62,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedmia.core.lazy import LazyModule, dp_accounting
-from fedmia.privacy.events import event_from_dict
+from fedmia.privacy.events import ADD_OR_REMOVE, REPLACE_ONE, event_from_dict
 
 #: The accountants, imported on first use (dp-accounting takes seconds to import, and
 #: every report job imports this module).
@@ -76,6 +77,22 @@ def neighboring_relation() -> Any:
     The unit is a client's whole update, sensitivity one after normalising by ``2C``.
     """
     return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def accountant_relation(accountant: str) -> Any:
+    """The dp-accounting relation a record names.
+
+    ``add_or_remove``: fedmia's (:func:`neighboring_relation`); ``replace_one``: the only
+    relation under which dp-accounting's RDP accountant composes sampling without
+    replacement (an observer of a cell with uniform partial participation,
+    :func:`fedmia.privacy.events.observer_record`).
+    """
+    if accountant == ADD_OR_REMOVE:
+        return neighboring_relation()
+    if accountant == REPLACE_ONE:
+        return dp_accounting.NeighboringRelation.REPLACE_ONE
+    raise ValueError(f"unknown accountant relation {accountant!r}; choose {ADD_OR_REMOVE!r} "
+                     f"or {REPLACE_ONE!r}")
 #: Default δ of the reports.
 DEFAULT_DELTA = 1e-5
 #: Above this ε_RDP the PLD accountant is skipped (see the module docstring).
@@ -138,9 +155,13 @@ def _check(rounds: int, delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def rdp_epsilon(event: dp_accounting.DpEvent, delta: float) -> tuple[float, float]:
-    """ε at δ and the optimal order of ``event`` from dp-accounting's RDP accountant."""
-    acc = rdp.RdpAccountant(neighboring_relation=neighboring_relation())
+def rdp_epsilon(event: dp_accounting.DpEvent, delta: float,
+                accountant: str = ADD_OR_REMOVE) -> tuple[float, float]:
+    """ε at δ and the optimal order of ``event`` from dp-accounting's RDP accountant.
+
+    ``accountant``: the neighbouring relation (:func:`accountant_relation`).
+    """
+    acc = rdp.RdpAccountant(neighboring_relation=accountant_relation(accountant))
     acc.compose(event)
     eps, order = acc.get_epsilon_and_optimal_order(delta)
     return float(eps), float(order)
@@ -170,9 +191,15 @@ def gaussian_rounds(z: float, rounds: int) -> dp_accounting.DpEvent:
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds)
 
 
+#: Why an event under replace-one has no PLD ε (:func:`epsilon_of`).
+NO_PLD_REPLACE_ONE = ("no PLD ε: dp-accounting's PLD accountant does not support sampling "
+                      "without replacement; RDP under replace-one only")
+
+
 def epsilon_of(event: dp_accounting.DpEvent, *, rounds: int, delta: float = DEFAULT_DELTA,
                relation: str = "", note: str = "",
-               pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport:
+               pld_skip_above: float = PLD_SKIP_ABOVE,
+               accountant: str = ADD_OR_REMOVE) -> EpsilonReport:
     """ε at δ of a composed event, RDP first, then PLD unless ``ε_RDP > pld_skip_above``.
 
     An infinite ε (a ``NonPrivateDpEvent`` inside) is reported as ∞ by both, with
@@ -185,9 +212,16 @@ def epsilon_of(event: dp_accounting.DpEvent, *, rounds: int, delta: float = DEFA
         relation: its neighbouring relation (for the report).
         note: why it has no finite ε, where it has none.
         pld_skip_above: skip PLD where the RDP ε exceeds this.
+        accountant: the accountants' neighbouring relation (:func:`accountant_relation`);
+            ``replace_one``: RDP only (:data:`NO_PLD_REPLACE_ONE`).
     """
     _check(rounds, delta)
-    eps_rdp, order = rdp_epsilon(event, delta)
+    eps_rdp, order = rdp_epsilon(event, delta, accountant)
+    if accountant == REPLACE_ONE and math.isfinite(eps_rdp):
+        return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=eps_rdp, rdp_order=order,
+                             epsilon_pld=None, pld_interval=None,
+                             note="; ".join(n for n in (note, NO_PLD_REPLACE_ONE) if n),
+                             relation=relation)
     if not math.isfinite(eps_rdp):
         return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=math.inf, rdp_order=None,
                              epsilon_pld=math.inf, pld_interval=None, note=note,
@@ -229,3 +263,39 @@ def record_epsilon(record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA,
     return epsilon_of(event_from_dict(record["event"]), rounds=int(record["rounds"]),
                       delta=delta, relation=record.get("relation", ""),
                       note=record.get("note", ""), pld_skip_above=pld_skip_above)
+
+
+def observer_epsilon(record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA,
+                     pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport | None:
+    """ε at δ against an observer of the global models only (partial participation).
+
+    From a cell record's ``observer`` (:func:`fedmia.privacy.events.observer_record`):
+    the sampled event over the rounds trained, under its ``accountant`` relation.
+    ``None``: no such record (full participation) or no amplified guarantee for the
+    defense's event (the record's note says why).
+    """
+    obs = record.get("observer")
+    if not obs or obs.get("event") is None:
+        return None
+    return epsilon_of(event_from_dict(obs["event"]), rounds=int(obs["rounds"]), delta=delta,
+                      relation=record.get("relation", ""), note=obs.get("note", ""),
+                      pld_skip_above=pld_skip_above,
+                      accountant=obs.get("accountant", ADD_OR_REMOVE))
+
+
+def client_epsilons(record: Mapping[str, Any], *,
+                    delta: float = DEFAULT_DELTA) -> list[float] | None:
+    """Each client's RDP ε at δ against the server: its own rounds composed.
+
+    Under partial participation the record keeps ``client_rounds``; client c's guarantee
+    composes the defense's per-round event over its ``client_rounds[c]`` rounds (0
+    rounds: ε = 0, nothing of it was seen). ``None`` without ``client_rounds``.
+    """
+    counts = record.get("client_rounds")
+    if counts is None:
+        return None
+    composed = event_from_dict(record["event"])
+    step = composed.event if isinstance(composed, dp_accounting.SelfComposedDpEvent) else composed
+    by_count = {n: 0.0 if n == 0 else rdp_epsilon(
+        dp_accounting.SelfComposedDpEvent(step, n), delta)[0] for n in set(counts)}
+    return [by_count[n] for n in counts]

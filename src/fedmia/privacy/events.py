@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
+from fedmia.core.config import Participation
 from fedmia.core.lazy import dp_accounting
 
 #: Why a model's uploads have no finite ε whatever the defense (:func:`cell_privacy`).
@@ -57,20 +58,33 @@ def _unplain(value: Any) -> Any:
     return value
 
 
-def cell_privacy(privacy: Any, *, rounds: int, unnoised_state: bool) -> dict[str, Any] | None:
+#: The accountants' neighbouring relations an observer's record names (``accountant``).
+ADD_OR_REMOVE, REPLACE_ONE = "add_or_remove", "replace_one"
+
+
+def cell_privacy(privacy: Any, *, rounds: int, unnoised_state: bool,
+                 participation: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The record of a cell's guarantee: its defense's event over the rounds it ran.
 
     Args:
         privacy: the defense's :class:`~fedmia.federation.defenses.Privacy` of one round
             (``None``: the defense claims no guarantee, and so does the cell).
         rounds: the rounds whose uploads the server saw (a diverged cell: up to the
-            divergence); every client uploads every round.
+            divergence).
         unnoised_state: the model uploads floating state that no defense perturbs
             (BatchNorm running statistics): no finite ε.
+        participation: ``fraction``, ``sampling``, ``num_clients`` and ``client_rounds``
+            (the rounds each client took part in, within ``rounds``); ``None`` or fraction
+            1: every client uploads every round. Below 1 the server, which knows who took
+            part (the draw is independent of the data and recorded), sees a client's
+            upload in its own rounds only: the record composes the rounds of the client
+            that took part most (each client's own ε composes its own ``client_rounds``,
+            kept in the record) and adds ``observer`` (:func:`observer_record`).
 
     Returns:
-        ``{"event": event_to_dict(...), "rounds", "relation", "note"}`` for the manifest,
-        or ``None``.
+        ``{"event": event_to_dict(...), "rounds", "relation", "note"}`` for the manifest
+        (with ``client_rounds`` and ``observer`` under partial participation), or
+        ``None``.
     """
     if privacy is None or rounds < 1:
         return None
@@ -78,5 +92,63 @@ def cell_privacy(privacy: Any, *, rounds: int, unnoised_state: bool) -> dict[str
     if unnoised_state:
         event = dp_accounting.ComposedDpEvent([event, dp_accounting.NonPrivateDpEvent()])
         note = "; ".join(n for n in (note, UNNOISED_STATISTICS) if n)
-    return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, rounds)),
-            "rounds": rounds, "relation": privacy.relation, "note": note}
+    if participation is None or float(participation["fraction"]) == 1.0:
+        return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, rounds)),
+                "rounds": rounds, "relation": privacy.relation, "note": note}
+    client_rounds = [int(n) for n in participation["client_rounds"]]
+    most = max(client_rounds)
+    seen = (f"against the server, which knows who took part: the rounds a client took "
+            f"part in, at most {most} of {rounds}")
+    return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, most)),
+            "rounds": most, "relation": privacy.relation,
+            "note": "; ".join(n for n in (note, seen) if n), "client_rounds": client_rounds,
+            "observer": observer_record(privacy.event, rounds=rounds,
+                                        unnoised_state=unnoised_state,
+                                        participation=participation)}
+
+
+def observer_record(event: dp_accounting.DpEvent, *, rounds: int, unnoised_state: bool,
+                    participation: Mapping[str, Any]) -> dict[str, Any]:
+    """The guarantee against an observer of the global models only: sampling amplifies.
+
+    ``event`` is the defense's per-round event: fedmia's ``dp`` declares
+    ``GaussianDpEvent(σ/2)``, the Gaussian of a client's upload under replace-one
+    (sensitivity 2C, noise σC). The observer does not know who took part:
+
+    * ``poisson`` (q = fraction, the fixed denominator qK): adding or removing the
+      target moves the sum of the uploads by its clipped update (≤ C) under its own
+      noise σC — ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` per round under
+      add-or-remove (only the target's own noise counted: conservative), both
+      accountants;
+    * ``uniform`` (m of K): ``SampledWithoutReplacementDpEvent(K, m, GaussianDpEvent(σ/2))``
+      per round, which dp-accounting's RDP accountant supports under replace-one only
+      and its PLD accountant not at all: RDP only (``accountant: replace_one``).
+
+    Composed over the ``rounds`` trained (the observer sees every global model). An event
+    other than a Gaussian (or a model with un-noised statistics) has no amplified
+    guarantee here: ``NonPrivateDpEvent`` or ``None`` with a note.
+    """
+    k = int(participation["num_clients"])
+    q = float(participation["fraction"])
+    if unnoised_state or isinstance(event, dp_accounting.NonPrivateDpEvent):
+        return {"event": event_to_dict(dp_accounting.NonPrivateDpEvent()), "rounds": rounds,
+                "accountant": ADD_OR_REMOVE,
+                "note": "no finite ε against the server, none against an observer"}
+    if not isinstance(event, dp_accounting.GaussianDpEvent):
+        return {"event": None, "rounds": rounds, "accountant": ADD_OR_REMOVE,
+                "note": "sampling amplification is accounted for a Gaussian mechanism only"}
+    z = float(event.noise_multiplier)
+    if participation["sampling"] == "poisson":
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(2 * z))
+        relation, note = ADD_OR_REMOVE, (
+            f"observer of the global models, Poisson sampling q = {q:g} (fixed denominator "
+            "qK): PoissonSampledDpEvent(q, GaussianDpEvent(σ)), add-or-remove a client, the "
+            "target's own noise only (conservative)")
+    else:
+        m = Participation(fraction=q, sampling="uniform").size(k)
+        step = dp_accounting.SampledWithoutReplacementDpEvent(k, m, event)
+        relation, note = REPLACE_ONE, (
+            f"observer of the global models, uniform sampling of {m} of {k}: "
+            "SampledWithoutReplacementDpEvent(K, m, GaussianDpEvent(σ/2)) under replace-one")
+    return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(step, rounds)),
+            "rounds": rounds, "accountant": relation, "note": note}

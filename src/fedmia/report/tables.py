@@ -65,7 +65,8 @@ HEADLINE_TPR = tpr_metric_name(0.001)
 SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "ci_low",
                    "ci_high", "std", "n", "n_defined", "draw_std", "n_nonmembers",
                    "fp_allowed", "fp_median", "low_count", "rounds", "selected_by",
-                   "fpr_rule", "note", "diverged")
+                   "fpr_rule", "note", "diverged", "participation", "target_rounds_min",
+                   "target_rounds_mean", "target_rounds_max")
 
 
 def attack_label(attack: str) -> str:
@@ -262,6 +263,21 @@ def _divergence(cells: pd.DataFrame | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def _participation(cells: pd.DataFrame | None) -> pd.DataFrame:
+    """Per setting: its participation fraction (the cells' manifests; 1.0 where unrecorded)."""
+    cols = [*SETTING, "participation"]
+    if cells is None or cells.empty or "participation" not in cells:
+        return pd.DataFrame(columns=cols).astype({"participation": "float64"})
+    frac = cells.assign(participation=cells["participation"].astype("float64").fillna(1.0))
+    return frac.groupby(SETTING, sort=False, as_index=False)["participation"].first()[cols]
+
+
+def _count_text(n_rounds: pd.Series) -> str:
+    """The rounds combined: one number, or ``min–max`` where targets differ."""
+    lo, hi = int(n_rounds.min()), int(n_rounds.max())
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
 def summarize(results: pd.DataFrame,
               selections: Sequence[str | int] = ("best_tpr_per_target", "last"),
               *, fpr_rule: str = "at_most", cells: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -271,9 +287,12 @@ def summarize(results: pd.DataFrame,
     over official draws of the per-draw mean (the spread of one official run; NaN for
     ``aligned``). Single-round attacks appear once per selection (``single_round``
     names it, ``rounds`` lists the round(s) it picked); multi-round attacks once, with
-    ``single_round`` = :data:`ALL_ROUNDS` and ``rounds`` the number of rounds combined.
-    A metric undefined for some rows (TPR at an FPR below 1/#non-members) has ``mean``
-    NaN and a ``note``.
+    ``single_round`` = :data:`ALL_ROUNDS` and ``rounds`` the number of rounds combined
+    (``min–max`` where the targets differ: partial participation), and
+    ``target_rounds_min``, ``_mean``, ``_max`` the rounds a target's score combines over
+    the rows (NaN for single-round rows). ``participation`` is the setting's
+    ``train.participation.fraction`` (from ``cells``; NaN without). A metric undefined
+    for some rows (TPR at an FPR below 1/#non-members) has ``mean`` NaN and a ``note``.
 
     ``cells`` (one row per cell: its keys and ``diverged_round``, NaN if training
     finished; the train stage's manifests) flags settings whose training diverged
@@ -313,13 +332,16 @@ def summarize(results: pd.DataFrame,
                         else math.nan),
             fp_median=g["fp"].median() if alpha is not None else math.nan,
             low_count=alpha is not None and alpha * q < 10,
-            rounds=_rounds_text(g["round"]) if single else f"{int(g['n_rounds'].iloc[0])}",
+            rounds=_rounds_text(g["round"]) if single else _count_text(g["n_rounds"]),
+            **{f"target_rounds_{f}": math.nan if single else float(g["n_rounds"].agg(f))
+               for f in ("min", "mean", "max")},
             selected_by="; ".join(sorted(set(g["selected_by"]))),
             fpr_rule=fpr_rule,
             note="" if defined == len(g) else
             "undefined for some targets: fewer non-members than 1/FPR")
         out.append(row)
-    table = pd.DataFrame(out, columns=[c for c in SUMMARY_COLUMNS if c != "diverged"])
+    table = pd.DataFrame(out, columns=[c for c in SUMMARY_COLUMNS
+                                       if c not in ("diverged", "participation")])
     div = _divergence(cells)
     lost = div.merge(table[SETTING].drop_duplicates(), how="left", indicator=True)
     lost = lost[(lost["_merge"] == "left_only") & lost["diverged_round"].notna()]
@@ -339,6 +361,7 @@ def summarize(results: pd.DataFrame,
         table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
     table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
     table["diverged"] = table["diverged"].fillna("")
+    table = table.merge(_participation(cells), on=SETTING, how="left")
     order = {a: i for i, a in enumerate(attack_order())}
     table = table.sort_values(
         [*ROW_KEYS, "single_round", "attack", "metric"],
@@ -372,8 +395,10 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
                        if set(picked) - {selection} else "")
                     + f"; rounds picked: {', '.join(rounds)}")
     if len(multi):
-        bits.append("multi-round attacks over "
-                    + "/".join(sorted(set(multi["rounds"]), key=int)) + " attacked rounds")
+        counts = sorted(set(multi["rounds"]), key=lambda c: [int(n) for n in c.split("–")])
+        bits.append("multi-round attacks over " + "/".join(counts) + " attacked rounds"
+                    + (" (a target's own: partial participation)"
+                       if any("–" in c for c in counts) else ""))
         bits += _calibrated_text(set(multi["attack"]))
     lost = sorted(set(part.loc[~placed, "diverged"].dropna()) - {""})
     if lost:

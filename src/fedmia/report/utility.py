@@ -12,7 +12,8 @@ from fedmia.report.tables import HEADLINE_TPR, SETTING, attack_label, md_table
 
 #: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
 #: The accounted-ε columns of :func:`privacy_utility`.
-EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note")
+EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note",
+                   "epsilon_observer_rdp", "epsilon_observer_pld", "epsilon_observer_note")
 PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "params",
               "defense_note", "test_accuracy", "utility", "n_seeds", "last_finite_accuracy",
               "diverged", "diverged_round", *EPSILON_COLUMNS,

@@ -58,7 +58,9 @@ def attack(
         manifest_file: the train stage's manifest: after a divergence, only the rounds
             saved before it are attacked (multi-round attacks report the fewer rounds in
             ``n_rounds``; with no attacked round left they have no rows, and with no
-            observed round at all every table is empty).
+            observed round at all every table is empty). Its ``participation`` below
+            fraction 1: each target is attacked in the rounds it took part in
+            (:func:`fedmia.attacker.attacks.run_attacks_with_replicates`, ``partial``).
         config: the cell's resolved ``attack`` section (:class:`fedmia.core.config.
             AttackConfig`, or a mapping validated into one; ``None``: the defaults): the
             attacks (``None``: every registered one), targets, protocols, the rounds
@@ -89,6 +91,7 @@ def attack(
     if missing:
         raise ValueError(f"no output file for attack(s) {missing}")
     mdm = io.read_parquet(measures_file, "measures")
+    partial = sampled_participation(manifest_file)
     if manifest_file is not None:
         rounds = available_rounds(rounds or [], manifest_file) if rounds is not None else None
         attack_rounds = (available_rounds(attack_rounds, manifest_file)
@@ -116,6 +119,10 @@ def attack(
     owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
     canaries = part[part["canary"]] if "canary" in part else part.iloc[:0]
     audited = pd.DataFrame(columns=list(AUDIT_COLUMNS))
+    if len(canaries) and audit is not None and partial:
+        raise ValueError("the one-run audit (audit_canaries) needs every client in every "
+                         "round; this cell samples its participants (train.participation "
+                         "fraction below 1): set audit_canaries: 0 or fraction: 1.0")
     if len(canaries) and audit is not None:
         audited = audit_attacks(attacks, mdm, pd.Series(canaries["canary_in"].to_numpy(),
                                                         index=canaries["sample_id"]),
@@ -148,7 +155,8 @@ def attack(
         rmia=rmia_options, fpr_rule=cfg.fpr_rule, roc_points=cfg.roc_points,
         n_boot=cfg.bootstrap,
         bootstrap_keys=tuple(cell[k] for k in CELL_KEYS),
-        keep_replicates=finding_attacks() if "replicates" in outputs else ())
+        keep_replicates=finding_attacks() if "replicates" in outputs else (),
+        partial=partial)
     log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),
              "/".join(protocol), time.perf_counter() - t0)
     for name, res in results.items():
@@ -184,3 +192,15 @@ def _write_audit(audited: pd.DataFrame, cell: Mapping[str, Any],
         return
     io.write_parquet(_with_cell(audited, cell).astype({"seed": "int64"}), outputs["audit"],
                      "audit")
+
+
+def sampled_participation(manifest_file: str | Path | None) -> bool:
+    """Whether the cell's manifest records sampled participants (fraction below 1).
+
+    No manifest, or one without a ``participation`` block (an imported recording): every
+    client in every round.
+    """
+    if manifest_file is None:
+        return False
+    block = io.read_manifest(manifest_file).get("participation") or {}
+    return float(block.get("fraction", 1.0)) < 1.0

@@ -370,10 +370,16 @@ def read_replicates(path: str | Path) -> pd.DataFrame:
 
 
 def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per cell from the train stage's manifests: keys and outcome."""
+    """One row per cell from the train stage's manifests: keys and outcome.
+
+    ``participation`` is the fraction of ``train.participation`` (an imported recording
+    whose rounds lack clients: the mean share per round; 1.0 for a manifest without the
+    block: every client every round).
+    """
     cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy",
             "best_test_accuracy", "rounds", "unnoised_state_floats", "privacy"]
-    rows = [{k: m.get(k, 0 if k == "unnoised_state_floats" else None) for k in cols}
+    rows = [{**{k: m.get(k, 0 if k == "unnoised_state_floats" else None) for k in cols},
+             "participation": float((m.get("participation") or {}).get("fraction", 1.0))}
             for m in map(read_manifest, manifests)]
-    return pd.DataFrame(rows, columns=cols).astype({"diverged_round": "float64",
-                                                    "best_test_accuracy": "float64"})
+    return pd.DataFrame(rows, columns=[*cols, "participation"]).astype(
+        {"diverged_round": "float64", "best_test_accuracy": "float64"})

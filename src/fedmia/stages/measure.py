@@ -62,7 +62,8 @@ def measure(
         plugins: the config's ``plugins``, imported first (they register kinds).
         output: the measure Parquet (:data:`fedmia.core.contracts.MEASURE_DTYPES`:
             ``round, client_id, sample_id, loss, logit_conf, cos, grad_diff, grad_norm,
-            correct, confidence``), one row per (round, client, evaluation sample).
+            correct, confidence``), one row per (round, participant, evaluation sample):
+            a client is measured in the rounds it took part in only.
     """
     import_plugins(plugins)
     cfg = MeasureConfig.from_dict(config or {}, where="measure")
@@ -72,8 +73,7 @@ def measure(
     if not rounds:
         log.warning("no observed round to measure (training diverged before the first); "
                     "writing an empty measure table")
-        io.write_parquet(pd.DataFrame({c: pd.Series(dtype=t) for c, t in MEASURE_DTYPES.items()}),
-                         output, "measures")
+        io.write_parquet(_empty_measures(), output, "measures")
         return
     files = [io.round_file(observed_dir, r) for r in rounds]
     missing = [str(f) for f in files if not f.exists()]
@@ -96,6 +96,9 @@ def measure(
     for rnd, f in zip(rounds, files, strict=True):
         t0 = time.perf_counter()
         obs = io.load_observed(f)
+        if obs["uploads"].shape[0] == 0:  # partial participation: nobody took part
+            log.info("round %d: no participant, nothing to measure", rnd)
+            continue
         if state is None:
             m = obs["model"]
             state = FlatState(build_model(m["kind"], m["num_classes"], m["in_channels"],
@@ -125,4 +128,10 @@ def measure(
         dt = time.perf_counter() - t0
         log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
                  rnd, n, k, dt, n / dt)
-    io.write_parquet(pd.concat(frames, ignore_index=True), output, "measures")
+    io.write_parquet(pd.concat(frames, ignore_index=True) if frames else _empty_measures(),
+                     output, "measures")
+
+
+def _empty_measures() -> pd.DataFrame:
+    """A measure table without rows (no round to measure, or none with a participant)."""
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in MEASURE_DTYPES.items()})

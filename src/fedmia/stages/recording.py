@@ -123,13 +123,18 @@ def check_ownership(own: pd.DataFrame, view: Mapping[str, Any], num_samples: int
 
 
 def check_round(obs: Mapping[str, Any], path: Path, layout: StateLayout, model_name: str,
-                num_clients: int) -> None:
-    """One observed round: the configured model's architecture, every client once.
+                num_clients: int) -> list[int]:
+    """One observed round: the configured model's architecture, each participant once.
+
+    A round may lack clients (sampled per round, or an error reply): the attacks use
+    each client in the rounds it took part in (``docs/participation.md``).
+
+    Returns:
+        The round's participants (sorted client ids).
 
     Raises:
         RecordingError: the uploads or the global model are of another architecture
-            (layout or length), a client id outside the view or twice, a client missing
-            (every client must take part in every recorded round).
+            (layout or length), a client id outside the view or twice.
     """
     theirs = StateLayout.from_list(obs["layout"])
     uploads = obs["uploads"]
@@ -150,19 +155,31 @@ def check_round(obs: Mapping[str, Any], path: Path, layout: StateLayout, model_n
                              f"and {len(obs['num_samples'])} data sizes; {RERECORD}")
     twice = sorted({c for c in ids if ids.count(c) > 1})
     outside = sorted(c for c in ids if not 0 <= c < num_clients)
-    missing = sorted(set(range(num_clients)) - set(ids))
     if twice or outside:
         raise RecordingError(f"{path}: client id(s) {twice or outside} appear twice or lie "
                              f"outside 0..{num_clients - 1}; {RERECORD}")
-    if missing:
-        raise RecordingError(
-            f"{path}: client(s) {missing} sent no upload in round {obs['round']} (an error "
-            "reply, or clients sampled per round); fedmia's attacks need every client in "
-            "every recorded round: attack other rounds (recordings.<key>.attack_rounds) or "
-            "record a run in which every client takes part")
     if not (torch.isfinite(uploads).all() and torch.isfinite(obs["global_state"]).all()):
         raise RecordingError(f"{path}: non-finite values in round {obs['round']} (the run "
                              "diverged); attack the rounds before it")
+    return sorted(ids)
+
+
+def recorded_participation(participants: Mapping[int, list[int]],
+                           num_clients: int) -> dict[str, Any] | None:
+    """The manifest's ``participation`` of a recording whose rounds lack clients.
+
+    ``fraction`` is the mean share of the clients that took part in a recorded round,
+    ``sampling`` ``recorded`` (how the run drew them is not in the view) and
+    ``client_rounds`` the recorded rounds each client took part in. ``None`` where every
+    client took part in every recorded round (the manifest of before).
+    """
+    if all(len(ids) == num_clients for ids in participants.values()):
+        return None
+    counts = np.zeros(num_clients, dtype=int)
+    for ids in participants.values():
+        counts[ids] += 1
+    share = float(np.mean([len(ids) for ids in participants.values()])) / num_clients
+    return {"fraction": share, "sampling": "recorded", "client_rounds": counts.tolist()}
 
 
 def import_recording(
@@ -225,11 +242,13 @@ def import_recording(
     check_ownership(own, view, n, folder / VIEW_FILES["ownership"])
     net = build_model(mcfg.kind, meta["num_classes"], meta["shape"][0], seed=0).to(dev)
     state = FlatState(net)
+    participants = {}
     for r in view["observed_rounds"]:
         path = folder / io.view_file(r)
         with _recorded_file():
             obs = io.load_observed(path)
-        check_round(obs, path, state.layout, mcfg.kind, pcfg.num_clients)
+        participants[r] = check_round(obs, path, state.layout, mcfg.kind, pcfg.num_clients)
+    participation = recorded_participation(participants, pcfg.num_clients)
     with _recorded_file():
         final, _ = io.load_tensors(folder / VIEW_FILES["final"], "final")
     if final["global_state"].shape != (state.layout.size,):
@@ -274,6 +293,11 @@ def import_recording(
                       "manifest_sha256": io.file_sha256(manifest_file)},
         "view": view,
     }
+    if participation is not None:  # rounds lacking clients: attacked as sampled
+        manifest["participation"] = participation
+        log.info("recorded rounds lack clients: each client is attacked in the %s rounds it "
+                 "took part in (mean share %.2f)", participation["client_rounds"],
+                 participation["fraction"])
     _write_cell(folder, view, part, manifest, outputs)
     log.info("imported %s: %d clients, rounds %s of %d, %d evaluation samples, final model's "
              "test accuracy %.3f on %d held-out samples", folder, view["num_clients"],

@@ -11,7 +11,8 @@ import pandas as pd
 
 from fedmia.core.registry import import_plugins
 from fedmia.federation.defenses import note_of, params_of, strength_of
-from fedmia.privacy.accounting import DEFAULT_DELTA, record_epsilon
+from fedmia.privacy.accounting import DEFAULT_DELTA, observer_epsilon, record_epsilon
+from fedmia.privacy.events import REPLACE_ONE
 from fedmia.report import figures, findings, tables
 from fedmia.report import utility as privacy_utility_tables
 from fedmia.report.figures import FIGURES, TABLE_FIGURES
@@ -117,19 +118,39 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
     the composed event of the rounds whose uploads the server saw,
     :func:`fedmia.privacy.accounting.cell_privacy`), at ``delta``; the largest over the
     setting's seeds (a seed that diverged later saw more rounds). ∞ with a note where no
-    finite guarantee exists; NaN and an empty note for a defense that claims none.
+    finite guarantee exists; NaN and an empty note for a defense that claims none. Under
+    partial participation ``dp_rounds`` is the most rounds any client took part in (the
+    server knows who took part), and ``epsilon_observer_*`` the guarantee against an
+    observer of the global models only, amplified by the sampling
+    (:func:`fedmia.privacy.accounting.observer_epsilon`; NaN at full participation).
     """
     rows = []
     for key, g in cells.groupby(tables.SETTING, sort=False):
         setting = dict(zip(tables.SETTING, key, strict=True))
         seen = int((g["diverged_round"].fillna(g["rounds"])).max())
-        reports = [record_epsilon(r, delta=delta) for r in g["privacy"] if isinstance(r, dict)]
+        records = [r for r in g["privacy"] if isinstance(r, dict)]
+        reports = [record_epsilon(r, delta=delta) for r in records]
         rep = max(reports, key=lambda r: r.epsilon_rdp) if reports else None
+        observed = [(r, o) for r, o in ((r, observer_epsilon(r, delta=delta)) for r in records)
+                    if o]
+        obs_record, obs = (max(observed, key=lambda ro: ro[1].epsilon_rdp) if observed
+                           else (None, None))
+        obs_note = obs.note if obs else ""
+        if (obs and rep and rep.epsilon_rdp < obs.epsilon_rdp
+                and obs_record["observer"]["accountant"] == REPLACE_ONE):
+            # the same relation (replace one client's data): post-processing
+            obs_note += (f"; the server's ε_RDP = {rep.epsilon_rdp:.4g} bounds an observer too "
+                         "(the global models are computed from the uploads): the sampled "
+                         "bound is looser here")
         rows.append({**setting, "dp_rounds": rep.rounds if rep else seen, "dp_delta": delta,
                      "epsilon_rdp": rep.epsilon_rdp if rep else math.nan,
                      "epsilon_pld": (math.nan if rep is None or rep.epsilon_pld is None
                                      else rep.epsilon_pld),
-                     "epsilon_note": rep.note if rep else ""})
+                     "epsilon_note": rep.note if rep else "",
+                     "epsilon_observer_rdp": obs.epsilon_rdp if obs else math.nan,
+                     "epsilon_observer_pld": (math.nan if obs is None or obs.epsilon_pld is None
+                                              else obs.epsilon_pld),
+                     "epsilon_observer_note": obs_note})
     return pd.DataFrame(rows, columns=[*tables.SETTING, *privacy_utility_tables.EPSILON_COLUMNS])
 
 

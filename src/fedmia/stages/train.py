@@ -37,20 +37,33 @@ log = logging.getLogger(__name__)
 
 
 def _history_rows(rec: RoundRecord) -> list[dict[str, Any]]:
+    """A row per participant of the round (the clients that trained), then the global row.
+
+    The global row's training loss and accuracy are the participants' (weighted by data
+    size; NaN in a round without participants).
+    """
     rows = []
-    for c, (loss, acc, n, a) in enumerate(zip(rec.client_loss, rec.client_accuracy,
-                                              rec.num_samples, rec.weights, strict=True)):
+    for c, loss, acc, n, a in zip(rec.participants, rec.client_loss, rec.client_accuracy,
+                                  rec.num_samples, rec.weights, strict=True):
         rows.append(dict(round=rec.round, client_id=c, lr=rec.lr, num_samples=n,
                          aggregation_weight=float(a), train_loss=float(loss),
                          train_accuracy=float(acc), test_loss=math.nan, test_accuracy=math.nan))
     w = np.asarray(rec.num_samples, dtype=np.float64)
+    total = w.sum()
     rows.append(dict(
-        round=rec.round, client_id=HELD_OUT, lr=rec.lr, num_samples=int(w.sum()),
-        aggregation_weight=math.nan, train_loss=float(np.dot(w, rec.client_loss) / w.sum()),
-        train_accuracy=float(np.dot(w, rec.client_accuracy) / w.sum()),
+        round=rec.round, client_id=HELD_OUT, lr=rec.lr, num_samples=int(total),
+        aggregation_weight=math.nan,
+        train_loss=float(np.dot(w, rec.client_loss) / total) if total else math.nan,
+        train_accuracy=float(np.dot(w, rec.client_accuracy) / total) if total else math.nan,
         test_loss=float(rec.test_loss), test_accuracy=float(rec.test_accuracy),
     ))
     return rows
+
+
+def client_rounds(history: pd.DataFrame, num_clients: int) -> list[int]:
+    """How many rounds each client (0..K-1) took part in: its rows in the history."""
+    clients = history.loc[history["client_id"] != HELD_OUT, "client_id"].to_numpy()
+    return np.bincount(clients, minlength=num_clients).astype(int).tolist()
 
 
 def train(
@@ -89,14 +102,16 @@ def train(
             settings and the training code are the same (else it starts afresh); a kill
             loses at most ``checkpoint_every`` rounds of work.
         plugins: the config's ``plugins``, imported first (they register kinds).
-        outputs: ``history`` (Parquet: per round, a row per client — its data size, the
+        outputs: ``history`` (Parquet: per round, a row per participant — its data size, the
             ``aggregation_weight`` the server gave its upload, its training loss and
             accuracy — and a global row), ``final`` (final global model, ``.pt``),
             ``observed`` (folder: one ``roundNNNN.safetensors`` per observed round, the
             server's view: :func:`fedmia.stages.io.save_observed`), ``ownership`` (Parquet:
             who owns which sample, the held-out pool and the evaluation set, from the
             partition; default: ``ownership.parquet`` next to the manifest) and ``manifest``
-            (JSON: the cell, the planned and the saved observed rounds, the server's
+            (JSON: the cell, the planned and the saved observed rounds, the
+            ``participation`` — ``fraction``, ``sampling`` and ``client_rounds``, the rounds
+            each client took part in — the server's
             ``aggregation_weights`` — ``equal``, ``data_size`` or ``official_permuted``,
             :func:`fedmia.federation.fedavg.aggregation_rule` — and the outcome —
             ``diverged_round`` (null if training finished), ``last_finite_round``,
@@ -153,9 +168,10 @@ def train(
     obs_dir.mkdir(parents=True, exist_ok=True)
     weights = aggregation_rule(tcfg, defense_obj)
     log.info("FedAvg: %s (%d parameters) on %s, %d clients (sizes %s), %d rounds, "
-             "defense %s, %s aggregation weights, device %s, observed rounds %s", mcfg.kind,
-             count_parameters(net), meta["kind"], k, [int(i.numel()) for i in client_idx],
-             tcfg.rounds, dcfg.kind, weights, dev, sorted(observed))
+             "defense %s, %s aggregation weights, participation %s, device %s, observed "
+             "rounds %s", mcfg.kind, count_parameters(net), meta["kind"], k,
+             [int(i.numel()) for i in client_idx], tcfg.rounds, dcfg.kind, weights,
+             tcfg.participation, dev, sorted(observed))
     if weights != tcfg.aggregation:
         log.info("defense %s needs weights independent of the clients' data: the server "
                  "averages the uploads with equal weights 1/K (train.aggregation = %s does "
@@ -167,7 +183,8 @@ def train(
 
     def save_round(rec: RoundRecord) -> None:
         io.save_observed(io.round_file(obs_dir, rec.round), global_state=rec.global_flat,
-                         uploads=rec.uploads, client_ids=torch.arange(k),
+                         uploads=rec.uploads,
+                         client_ids=torch.tensor(rec.participants, dtype=torch.int64),
                          num_samples=torch.tensor(rec.num_samples),
                          meta=dict(static, round=rec.round, lr=rec.lr))
 
@@ -189,17 +206,21 @@ def train(
     final_accuracy = (1.0 / meta["num_classes"] if outcome["diverged_round"] is not None
                       else outcome["last_finite_test_accuracy"])
     unnoised = sum(e.numel for e in state.layout.entries if not e.is_param)
+    participation = {**tcfg.participation.to_dict(), "client_rounds": client_rounds(history, k)}
     manifest = {
         **{k: cell[k] for k in CELL_KEYS},
         "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
         "observed_rounds": saved, "num_classes": meta["num_classes"],
         "aggregation_weights": weights,
+        # who took part: the draw (train.participation) and each client's rounds (history)
+        "participation": participation,
         # floats of the uploaded state that are not parameters (BatchNorm statistics):
         # no defense perturbs them
         "unnoised_state_floats": unnoised,
         # the defense's guarantee over the rounds the server saw (the report computes ε)
         "privacy": cell_privacy(defense_obj.privacy(), unnoised_state=unnoised > 0,
-                                rounds=outcome["diverged_round"] or tcfg.rounds),
+                                rounds=outcome["diverged_round"] or tcfg.rounds,
+                                participation={**participation, "num_clients": k}),
         **outcome, "final_test_accuracy": final_accuracy,
         # the official code also records the best test accuracy over rounds (hindsight)
         "best_test_accuracy": _best_test_accuracy(history),
