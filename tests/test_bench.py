@@ -16,7 +16,8 @@ from test_attacks import world
 
 LINES = {
     "measures.py": ["speedup_vs_naive", "cost_vs_floor", "peak_rss_mb"],
-    "train.py": ["fl_overhead", "fedavg_samples_per_s", "central_samples_per_s"],
+    "train.py": ["fl_overhead", "fl_overhead_observed", "fl_overhead_cpu", "fedavg_samples_per_s",
+                 "central_samples_per_s"],
 }
 
 
@@ -30,10 +31,11 @@ def test_bench_smoke(repo, script):
     for key in LINES[script]:
         assert key in values, r.stdout
     v = {k: float(values[k]) for k in LINES[script]}
-    assert all(math.isfinite(x) and x > 0 for x in v.values()), v
+    assert all(math.isfinite(x) for x in v.values()), v
+    assert all(x > 0 for k, x in v.items() if "overhead" not in k), v
     assert values["device"] == "cpu"
     # the machine lines are the ratios of the medians in the printed table
-    width = {"measures.py": 8, "train.py": 5}[script]
+    width = {"measures.py": 8, "train.py": 6}[script]
     table = {row.split()[0]: row.split() for row in r.stdout.splitlines()
              if len(row.split()) == width}
     if script == "measures.py":
@@ -42,10 +44,16 @@ def test_bench_smoke(repo, script):
         assert v["cost_vs_floor"] == pytest.approx(ms["fedmia"] / ms["floor"], rel=2e-2)
         assert "fedmia vs naive, max |a−b|/max|b|" in r.stdout  # the agreement was checked
     else:
-        med = {route: float(table[route][1]) for route in ("fedavg", "central")}
+        routes = ("fedavg", "fedavg_observed", "central")
+        med = {route: float(table[route][1]) for route in routes}
+        cpu = {route: float(table[route][5]) for route in routes}
         rate = float(table["fedavg"][4])
         assert v["fedavg_samples_per_s"] == pytest.approx(rate, rel=1e-2)
         assert v["fl_overhead"] == pytest.approx(med["fedavg"] / med["central"] - 1, rel=1e-2)
+        assert v["fl_overhead_observed"] == pytest.approx(
+            med["fedavg_observed"] / med["central"] - 1, rel=1e-2)
+        assert v["fl_overhead_cpu"] == pytest.approx(cpu["fedavg"] / cpu["central"] - 1,
+                                                     rel=1e-2)
 
 
 def test_bootstrap_coverage_smoke(repo):
@@ -59,6 +67,44 @@ def test_bootstrap_coverage_smoke(repo):
         for metric in ("auc", "tpr@0.1%"):
             assert 0 <= float(values[f"coverage_runs_{method}_{metric}"]) <= 1
     assert "within-run" in r.stdout and "population" in r.stdout
+
+
+def machine_lines(out: str) -> dict[str, str]:
+    """The ``key=value`` lines of a benchmark's output."""
+    return dict(line.split("=", 1) for line in out.splitlines()
+                if "=" in line and " " not in line.split("=", 1)[0])
+
+
+def test_startup_smoke(repo):
+    """Every job kind's start-up is timed, and the report and attack jobs import no torch."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "startup.py"), "--smoke"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = machine_lines(r.stdout)
+    scripts = sorted(p.stem for p in (repo / "workflow" / "scripts").glob("*.py"))
+    for name in ("python", "preamble", *scripts):
+        assert float(values[f"startup_s_{name}"]) > 0, name
+    imports = {row.split()[0]: row.split()[-1] for row in r.stdout.splitlines()
+               if len(row.split()) == 5}
+    assert "torch" in imports["train"] and "torch" in imports["measure"]
+    for name in ("attack", "table", "figure_cell", "figure_table", "hypervolume",
+                 "privacy_utility"):
+        assert "torch" not in imports[name], (name, imports[name])
+
+
+def test_attack_stage_smoke(repo, tmp_path):
+    """The attack stage runs on a synthetic table of the paper cell's shape (scaled down)."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "attack_stage.py"), "--smoke",
+                        "--keep", str(tmp_path)],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    values = machine_lines(r.stdout)
+    assert int(values["attack_rows"]) == 31 * 10 * (10 * 50 + 100)  # rounds × clients × N
+    assert float(values["attack_stage_s"]) >= float(values["attack_attacks_s"]) > 0
+    assert float(values["attack_peak_rss_mb"]) > 0
+    tables = sorted(p.stem for p in (tmp_path / "out").glob("*.parquet"))
+    assert "replicates" in tables and len(tables) > 1
+    assert int(values["attack_result_rows"]) > 0
 
 
 def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path):
@@ -106,3 +152,20 @@ def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path)
                           str(tmp_path / "x")], cwd=repo, capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "give the directory of a finished run" in bad.stderr
+
+
+def test_gpu_check_smoke_on_cpu(repo, tmp_path):
+    """The GPU check, on the CPU at smoke size: every step runs, the deterministic reruns are
+    byte-identical and the device-vs-CPU AUCs agree (trivially here: both are the CPU)."""
+    r = subprocess.run([sys.executable, str(repo / "bench" / "gpu_check.py"), "--device", "cpu",
+                        "--smoke", "--out", str(tmp_path / "check")],
+                       cwd=repo, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    values = machine_lines(r.stdout)
+    for name in ("data", "prepare", "train_measure", "train_measure_again", "measure_cpu",
+                 "agreement", "attack", "bench_measures", "bench_train"):
+        assert float(values[f"gpu_check_{name}_s"]) >= 0, name
+    assert values["gpu_check_identical"] == "1"
+    assert float(values["gpu_check_auc_max_diff"]) == 0.0
+    assert values["device"] == "cpu"
+    assert (tmp_path / "check" / "attacks" / "loss.parquet").stat().st_size > 0

@@ -35,7 +35,8 @@ from fedmia.federation.defenses import (
 from fedmia.federation.fedavg import DeviceData, local_train, run_fedavg
 from fedmia.federation.state import Entry, FlatState, StateLayout
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: The CUDA case skips without CUDA, or fails where FEDMIA_REQUIRE_CUDA=1 (conftest).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def build(kind: str, **params):

@@ -37,7 +37,7 @@ RERUNS = {
     "fedmia.core.contracts": ("prepare", "partition", "train", "recording", "measure", "attack",
         "report"),
     "fedmia.core.fingerprint": ("train",),
-    "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "report"),
+    "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "attack", "report"),
     "fedmia.core.lockfile": ("train", "recording"),
     "fedmia.core.logs": ("prepare", "partition", "train", "recording", "measure", "attack",
         "report"),

@@ -321,8 +321,8 @@ class Run:
 def tiny_run_argv(snakemake_cmd, repo: Path, workdir: Path, *args: str) -> list[str]:
     # The target comes first: options such as --set-resources take every value after them.
     # --config threads=1: torch's thread count is the rule's `threads` (config `threads`,
-    # workflow/rules/{train,measure}.smk -> pipeline.setup_compute), so both runs use one
-    # thread and compute the same floats (the tiny config says 1 too; this pins it).
+    # workflow/rules/{train,measure}.smk -> pipeline.setup_compute), so the SLURM run uses
+    # one thread, as the local run (the tiny config says 1), and computes the same floats.
     return [*snakemake_cmd, TARGET, "-s", str(repo / "Snakefile"), "-d", str(workdir),
             "--configfile", str(repo / ".test" / "config" / "config.yaml"),
             "--config", "threads=1", *args]
@@ -339,28 +339,28 @@ def slurm_args(repo: Path, *set_resources: str) -> list[str]:
             "--set-resources", "train:mem_mb=2000", "train:runtime=30",
             "measure:mem_mb=2000", "measure:runtime=30", *set_resources,
             # The plugin checks job states 40 s after a job ends or starts, then 10 s
-            # later each time (sized for big clusters); these jobs take about 20 s.
-            "--slurm-init-seconds-before-status-checks", "10",
+            # later than the last wait each time (sized for big clusters); these jobs
+            # take 5-15 s: checks after 2 and 14 s catch most of them.
+            "--slurm-init-seconds-before-status-checks", "2",
             "--slurm-keep-successful-logs"]
 
 
 @pytest.fixture(scope="module")
-def slurm_runs(slurm_cluster, snakemake_cmd, repo, tmp_path_factory):
-    """The tiny config locally (--cores 2) and through the profile, side by side.
+def slurm_runs(slurm_cluster, tiny_workflow, snakemake_cmd, repo, tmp_path_factory):
+    """The tiny config locally (the session's run, conftest: --cores 2, one torch thread as
+    the config says) and through the profile.
 
     SLURM, in its own working directory, first with the partition rule sent to a
     partition that does not exist (prepare runs, partition cannot be submitted), then
     fixed: the rerun must continue from the prepared data.
     """
-    local_wd, slurm_wd = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("slurm")
-    local = Run(tiny_run_argv(snakemake_cmd, repo, local_wd, "--cores", "2"),
-                local_wd / "snakemake.out").start()
+    local_wd, _, local = tiny_workflow
+    slurm_wd = tmp_path_factory.mktemp("slurm")
     broken = Run(tiny_run_argv(snakemake_cmd, repo, slurm_wd,
                                *slurm_args(repo, "partition:slurm_partition=nope")),
                  slurm_wd / "broken.out").start().finish()
     fixed = Run(tiny_run_argv(snakemake_cmd, repo, slurm_wd, *slurm_args(repo)),
                 slurm_wd / "fixed.out").start().finish()
-    local.finish()
     return {"local": local, "broken": broken, "fixed": fixed,
             "local_wd": local_wd, "slurm_wd": slurm_wd}
 
@@ -401,8 +401,9 @@ def test_every_job_ran_as_a_slurm_job(slurm_runs):
 
 def test_slurm_run_matches_the_local_run(slurm_runs):
     local = slurm_runs["local"]
-    assert local.returncode == 0, local.out[-5000:]
-    assert not submissions(local.out)
+    out = local.stdout + local.stderr
+    assert local.returncode == 0, out[-5000:]
+    assert not submissions(out)
     ours = slurm_runs["slurm_wd"] / TARGET
     theirs = slurm_runs["local_wd"] / TARGET
     # Same code, same seeds, one torch thread on the same CPU: the same bytes, so the

@@ -394,3 +394,32 @@ def test_run_replicate_means_by_hand():
         assert fixed[b] == pytest.approx(np.mean([v for v in reps[:, b] if not np.isnan(v)]))
     with pytest.raises(ValueError, match="targets × replicates"):
         uncertainty.run_replicate_means(reps[0])
+
+
+@pytest.mark.parametrize("rule", metrics.FPR_RULES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_replicates_of_a_large_pool_equal_metrics_on_explicit_resample(monkeypatch, ties,
+                                                                      rule):
+    """5,000 non-members: the TPR limits are searched in the top blocks first (and in all
+    of them where a replicate has not passed the limit there: forced below)."""
+    scores, is_member = random_case(11, n_pos=150, n_neg=5000, ties=ties)
+    if ties:
+        scores = np.round(scores * 20) / 20  # many tie groups, members and non-members mixed
+    n_boot = 6
+    reps = bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=4, alphas=ALPHAS,
+                                rule=rule)
+    w_pos, w_neg = resample_weights(150, 5000, n_boot=n_boot, seed=4)
+    for b in range(n_boot):
+        s, m = explicit_resample(scores, is_member, w_pos[b], w_neg[b])
+        assert reps["auc"][b] == pytest.approx(metrics.roc_auc(s, m), abs=1e-12)
+        for a in ALPHAS:
+            want = metrics.tpr_at_fpr(s, m, a) if rule == "at_most" else strict_tpr(s, m, a)
+            assert reps[metrics.tpr_metric_name(a)][b] == pytest.approx(want, abs=1e-12)
+    searched = []
+    monkeypatch.setattr(uncertainty, "_limit_prefix",
+                        lambda sizes, top: searched.append(len(sizes)) or 1)
+    forced = bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=4, alphas=ALPHAS,
+                                  rule=rule)
+    assert searched and min(searched) > 1  # one block searched first: not enough
+    for k in reps:
+        np.testing.assert_array_equal(forced[k], reps[k])

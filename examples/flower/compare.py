@@ -65,7 +65,8 @@ def attacked(data: dict, part_file: Path, folder: Path, seed: int, out: Path) ->
     outputs = {a: out / f"{a}.parquet" for a in ATTACKS}
     pipeline.attack(measures_file=out / "mdm.parquet", partition_file=part_file,
                     cell=cell(seed), rounds=[1, *ROUNDS], manifest_file=folder / "manifest.json",
-                    attacks=ATTACKS, attack_rounds=ROUNDS, protocol=["aligned"], n_boot=0,
+                    config={"attacks": ATTACKS, "rounds": ROUNDS, "protocol": ["aligned"],
+                            "bootstrap": 0},
                     outputs=outputs)
     rows = []
     for a in ATTACKS:

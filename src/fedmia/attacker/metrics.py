@@ -54,8 +54,16 @@ class _Roc(NamedTuple):
     n_neg: int
 
 
-def _roc(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
-    """Validate the inputs and count TP/FP at every distinct threshold (one sort)."""
+def check_scores(scores: np.ndarray, is_member: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The inputs of every metric, validated: ``(scores, is_member, P, Q)``.
+
+    Returns float64 scores, bool labels and the numbers of members and non-members.
+
+    Raises:
+        ValueError: not 1-D, lengths differ, labels not boolean (or 0/1), scores not
+            finite, or no members or no non-members.
+    """
     s = np.asarray(scores, dtype=np.float64)
     m = np.asarray(is_member)
     if s.ndim != 1 or m.ndim != 1:
@@ -75,6 +83,12 @@ def _roc(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
         raise ValueError(f"no members among the {len(m)} samples: the attack is undefined")
     if n_neg == 0:
         raise ValueError(f"no non-members among the {len(m)} samples: the attack is undefined")
+    return s, m, n_pos, n_neg
+
+
+def _roc(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
+    """Validate the inputs and count TP/FP at every distinct threshold (one sort)."""
+    s, m, n_pos, n_neg = check_scores(scores, is_member)
     order = np.argsort(-s, kind="stable")
     s_sorted = s[order]
     tp = np.cumsum(m[order], dtype=np.int64)

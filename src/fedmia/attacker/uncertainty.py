@@ -112,26 +112,35 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
 
 from fedmia.attacker import metrics
+from fedmia.core.lazy import scipy_sparse as sparse
+from fedmia.core.lazy import scipy_stats as stats
 
 #: Replicates are processed in chunks of about this many entries (replicates ×
-#: samples): the int64 draws of a chunk (2 MiB) stay in a core's cache, which is ~1.5×
-#: faster than one pass over all B × N entries, and memory stays ~10 MB for any B and N.
-#: The replicates do not depend on it.
-CHUNK_ENTRIES = 1 << 18
+#: samples): memory stays ~50 MB for any B and N (the int64 draws and the counts of a
+#: chunk), and the work per row of a chunk outweighs numpy's per-call overhead (the time
+#: hardly changed from 2¹⁸ to 2²³ on the paper's shape at 1/10 scale). The replicates do
+#: not depend on it.
+CHUNK_ENTRIES = 1 << 21
 
 
 class _Blocks(NamedTuple):
-    """The samples in runs that a resample cannot split (see :func:`_blocks`)."""
+    """The samples of one row in runs that a resample cannot split (see :func:`_blocks`).
 
-    member_block: np.ndarray  # int64 P: block of each member (members in input order)
-    nonmember_block: np.ndarray  # int64 Q: block of each non-member (input order)
+    Per side (members, non-members): a 0/1 matrix that sums the side's positions per
+    block holding any of them (blocks × positions, CSR: one 1 per position), and those
+    blocks' ids. A block holds one side only, except a tie group holding both (a
+    *mixed* block).
+    """
+
+    sums: tuple[sparse.csr_array, sparse.csr_array]  # int32 M×P, N×Q
+    ids: tuple[np.ndarray, np.ndarray]  # int64 M, N, increasing: the blocks' ids (0 … K−1)
     n_blocks: int  # K
 
 
-def _blocks(scores: np.ndarray, is_member: np.ndarray) -> _Blocks:
+def _blocks(scores: np.ndarray, is_member: np.ndarray,
+            side_pos: np.ndarray | None = None) -> _Blocks:
     """Group the samples, by decreasing score, into blocks of consecutive tie groups.
 
     A tie group is the set of samples with one score. Consecutive tie groups that
@@ -141,19 +150,33 @@ def _blocks(scores: np.ndarray, is_member: np.ndarray) -> _Blocks:
     members of one block beat the same non-members (and tie with the same ones),
     and the best threshold with FP ≤ m is found at a block end (inside a member run
     a later threshold only adds members; inside a non-member run it only adds FP).
+
+    ``side_pos`` (int64 S) is each sample's position on its side (the bootstrap's
+    order of the members, and of the non-members); default: input order. One sort.
     """
-    metrics.roc_curve(scores, is_member)  # validates exactly as fedmia.attacker.metrics does
-    s = np.asarray(scores, dtype=np.float64)
-    m = np.asarray(is_member).astype(bool)
-    _, group = np.unique(-s, return_inverse=True)  # tie group of each sample, G groups
-    n_groups = int(group.max()) + 1
-    has_member = np.bincount(group[m], minlength=n_groups) > 0
-    has_nonmember = np.bincount(group[~m], minlength=n_groups) > 0
+    s, m, _, _ = metrics.check_scores(scores, is_member)
+    if side_pos is None:
+        side_pos = np.empty(len(m), dtype=np.int64)
+        side_pos[m], side_pos[~m] = np.arange(int(m.sum())), np.arange(int((~m).sum()))
+    order = np.argsort(-s, kind="stable")
+    s_sorted, m_sorted = s[order], m[order]
+    group = np.cumsum(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) - 1  # tie group, sorted
+    n_groups = int(group[-1]) + 1
+    has_member = np.bincount(group[m_sorted], minlength=n_groups) > 0
+    has_nonmember = np.bincount(group[~m_sorted], minlength=n_groups) > 0
     kind = has_member.astype(np.int8) + 2 * has_nonmember  # 1, 2, or 3 (mixed)
     starts = np.r_[True, (kind[1:] != kind[:-1]) | (kind[1:] == 3)]
     block_of_group = np.cumsum(starts) - 1
-    block = block_of_group[group].astype(np.int64)
-    return _Blocks(block[m], block[~m], int(block_of_group[-1]) + 1)
+    block = block_of_group[group]  # of each sample in sorted order: non-decreasing
+    sums, ids = [], []
+    for side in (m_sorted, ~m_sorted):
+        b = block[side]
+        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+        n = len(b)
+        sums.append(sparse.csr_array((np.ones(n, dtype=np.int32), side_pos[order[side]],
+                                      np.r_[starts, n]), shape=(len(starts), n)))
+        ids.append(b[starts])
+    return _Blocks(tuple(sums), tuple(ids), int(block_of_group[-1]) + 1)
 
 
 def _streams(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
@@ -246,11 +269,15 @@ def resample_weights(n_members: int, n_nonmembers: int, *, n_boot: int, seed: in
     return w[:, :n_members], w[:, n_members:]
 
 
-def _block_counts(idx: np.ndarray, block: np.ndarray, n_blocks: int) -> np.ndarray:
-    """Resampled count of each block: int64 b×K from the drawn indices ``idx`` (b×n)."""
-    key = block[idx]  # b×n, int64
-    key += n_blocks * np.arange(len(idx))[:, None]
-    return np.bincount(key.ravel(), minlength=len(idx) * n_blocks).reshape(len(idx), n_blocks)
+def _multiplicities(drawn: np.ndarray, n: int) -> np.ndarray:
+    """How often each of ``n`` positions is drawn in each of b replicates.
+
+    ``drawn``: int64 b×m drawn positions (in 0 … n−1). Returns int32 n×b (positions ×
+    replicates, the layout the per-block sums read).
+    """
+    b = len(drawn)
+    counts = np.bincount((drawn * b + np.arange(b)[:, None]).ravel(), minlength=n * b)
+    return counts.astype(np.int32).reshape(n, b)
 
 
 def _fp_limits(n_nonmembers: int, alphas: Sequence[float], rule: str) -> dict[str, int | None]:
@@ -263,27 +290,60 @@ def _fp_limits(n_nonmembers: int, alphas: Sequence[float], rule: str) -> dict[st
     return limits
 
 
-def _metrics_of_counts(tp: np.ndarray, fp: np.ndarray, limits: dict[str, int | None]
-                       ) -> dict[str, np.ndarray]:
-    """AUC and TPRs of b resamples from their counts per block (int64 b×K each).
+def _limit_prefix(sizes: np.ndarray, top: int) -> int:
+    """How many of the top blocks holding non-members to search first for the TPR limits.
 
-    ``tp[i, k]`` (``fp[i, k]``): members (non-members) of block ``k`` in resample ``i``;
-    blocks in decreasing score order (:func:`_blocks`). Returns float64 b per metric.
+    ``sizes``: the non-members of each such block (in order); ``top``: the largest limit
+    on the false positives. A replicate's false positives in the first j blocks are
+    their count ± sampling noise, so past about twice the limit (plus a margin) every
+    replicate has, in practice, left the limit behind; the caller checks it and
+    searches all blocks where one has not.
     """
-    nb, k = tp.shape
-    n_pos, n_neg = int(tp[0].sum()), int(fp[0].sum())  # every resample keeps P and Q
-    tp_cum = np.zeros((nb, k + 1), dtype=np.int64)  # column k: members in blocks < k
-    np.cumsum(tp, axis=1, out=tp_cum[:, 1:])
-    # member/non-member pairs won + ½ tied = Σ_k fp_k (TP before k + tp_k / 2), × 2
-    won2 = np.einsum("bk,bk->b", fp, tp_cum[:, 1:] + tp_cum[:, :-1])
+    return int(np.searchsorted(np.cumsum(sizes), 2 * top + 64 + 8 * math.sqrt(top + 1))) + 1
+
+
+def _metrics_of_blocks(tp: np.ndarray, fp: np.ndarray, blocks: _Blocks,
+                       limits: dict[str, int | None]) -> dict[str, np.ndarray]:
+    """AUC and TPRs of b resamples from their counts per block.
+
+    ``tp[j, i]`` (int M×b): the members, in resample ``i``, of the j-th block that holds
+    members (``blocks.ids[0]``); ``fp[j, i]`` (int N×b) the non-members of the j-th block
+    that holds non-members (``blocks.ids[1]``); blocks in decreasing score order
+    (:func:`_blocks`). Returns float64 b per metric.
+    """
+    nb = tp.shape[1]
+    member_ids, nonmember_ids = blocks.ids
+    tp_cum = np.zeros((tp.shape[0] + 1, nb), dtype=np.int64)  # row j: members of the
+    np.cumsum(tp, axis=0, out=tp_cum[1:])  # blocks above the j-th block holding members
+    n_pos, n_neg = int(tp_cum[-1, 0]), int(fp[:, 0].sum())  # every resample keeps P and Q
+    before = np.searchsorted(member_ids, nonmember_ids)  # member blocks above each N-block
+    tp_above = tp_cum[before]  # N×b: members above each block holding non-members
+    # member/non-member pairs won + ½ tied, × 2 = Σ_k fp_k (2 · TP above k + tp_k); tp_k ≠ 0
+    # only in a mixed block
+    won2 = 2 * np.einsum("jb,jb->b", fp, tp_above, dtype=np.int64)
+    mixed = np.flatnonzero(member_ids[np.minimum(before, len(member_ids) - 1)]
+                           == nonmember_ids)
+    if len(mixed):
+        won2 += np.einsum("jb,jb->b", fp[mixed], tp[before[mixed]], dtype=np.int64)
     out = {"auc": won2 / (2 * n_pos * n_neg)}
-    fp_cum = np.cumsum(fp, axis=1)  # FP of the threshold at each block end
-    rows = np.arange(nb)
+    defined = [m for m in limits.values() if m is not None]
+    if defined:  # FP at each block end: in the top blocks, or all where one needs more
+        top = max(defined)
+        sizes = np.diff(blocks.sums[1].indptr)  # non-members per block
+        fp_cum = np.cumsum(fp[:_limit_prefix(sizes, top)], axis=0)
+        if len(fp_cum) < len(fp) and not (fp_cum[-1] > top).all():
+            fp_cum = np.cumsum(fp, axis=0)
+    cols = np.arange(nb)
     for name, m in limits.items():
         if m is None:
             out[name] = np.full(nb, np.nan)
-        else:  # the last block end with FP <= m; fp_cum is non-decreasing along a row
-            out[name] = tp_cum[rows, np.count_nonzero(fp_cum <= m, axis=1)] / n_pos
+            continue
+        # the first block holding non-members that takes FP beyond m ends the admitted
+        # blocks; every member above it counts (all of them when there is none)
+        j = np.count_nonzero(fp_cum <= m, axis=0)
+        admitted = np.where(j < len(tp_above),
+                            tp_above[np.minimum(j, len(tp_above) - 1), cols], n_pos)
+        out[name] = admitted / n_pos
     return out
 
 
@@ -344,10 +404,12 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
 
     No loop over samples or replicates: the slots are sorted once per row and grouped
     into blocks (:func:`_blocks`); per chunk of replicates (:data:`CHUNK_ENTRIES`),
-    each stratum's drawn positions are mapped to slots and counted per block (one
-    ``bincount`` each for members and non-members), and cumulative sums over the
-    blocks give every AUC (integer arithmetic, exact up to the final division) and,
-    per α, every TPR (the last block end with FP ≤ m).
+    the drawn positions are counted once (how often each member and each non-member is
+    drawn in each replicate: one ``bincount`` per side, shared by all rows), per row
+    those counts are summed per block (a sparse 0/1 matrix per side, blocks ×
+    positions), and cumulative sums over the blocks give every AUC (integer arithmetic,
+    exact up to the final division) and, per α, every TPR (the last block end with
+    FP ≤ m, searched in the top blocks that can hold it).
 
     Args:
         scores: float S (or R×S, R rows of the same slots: one resample serves all
@@ -376,24 +438,22 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
         raise ValueError(f"scores must be 1-D (S) or 2-D (R×S); got shape {s.shape}")
     m = np.asarray(is_member).astype(bool)
     rows = s.reshape(-1, s.shape[-1])
-    blocks = [_blocks(row, m) for row in rows]
+    for row in rows:
+        metrics.check_scores(row, is_member)  # the metrics' errors before the strata's
     slots = _check_strata(strata, m)
     limits = _fp_limits(int((~m).sum()), alphas, rule)
     # members and non-members each in stratum order: stratum k's positions are the
     # columns start_k … start_k + m_k − 1 of its side, so a drawn position plus start_k
-    # indexes the side's block array directly (no gather, no concatenation per chunk)
+    # is a position on that side (no gather, no concatenation per chunk)
     side = [bool(m[sl[0]]) for sl in slots]  # True: a member stratum
     start, n_side = [], [0, 0]
     for sl, k in zip(slots, side, strict=True):
         start.append(n_side[k])
         n_side[k] += len(sl)
-    order = [np.concatenate([sl for sl, k in zip(slots, side, strict=True) if k is want])
-             for want in (True, False)]  # slots of the members, of the non-members
-    slot_block = np.empty(len(m), dtype=np.int64)
-    side_blocks = []  # per row: (block of each member position, of each non-member position)
-    for bl in blocks:
-        slot_block[m], slot_block[~m] = bl.member_block, bl.nonmember_block
-        side_blocks.append((slot_block[order[0]], slot_block[order[1]]))
+    side_pos = np.empty(len(m), dtype=np.int64)  # each slot's position on its side
+    for sl, a in zip(slots, start, strict=True):
+        side_pos[sl] = a + np.arange(len(sl))
+    blocks = [_blocks(row, m, side_pos) for row in rows]
     rngs = [np.random.default_rng(st.seed) for st in strata]
     out = {name: np.empty((len(blocks), n_boot)) for name in ("auc", *limits)}
     step = max(1, CHUNK_ENTRIES // len(m))
@@ -403,10 +463,12 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
                  np.empty((nb, n_side[0]), dtype=np.int64)]  # nb×Q non-member positions
         for rng, sl, k, a in zip(rngs, slots, side, start, strict=True):
             np.add(_draw(rng, nb, len(sl)), a, out=drawn[not k][:, a:a + len(sl)])
+        # how often each position is drawn (positions × replicates), shared by all
+        # rows; per row, summed per block
+        counts = [_multiplicities(d, d.shape[1]) for d in drawn]
         for r, bl in enumerate(blocks):
-            tp = _block_counts(drawn[0], side_blocks[r][0], bl.n_blocks)  # nb×K
-            fp = _block_counts(drawn[1], side_blocks[r][1], bl.n_blocks)
-            for name, values in _metrics_of_counts(tp, fp, limits).items():
+            tp, fp = (a @ c for a, c in zip(bl.sums, counts, strict=True))
+            for name, values in _metrics_of_blocks(tp, fp, bl, limits).items():
                 out[name][r, lo:lo + nb] = values
     return out if s.ndim == 2 else {name: v[0] for name, v in out.items()}
 
@@ -615,15 +677,12 @@ def false_positives_at(scores: np.ndarray, is_member: np.ndarray, alpha: float,
         The number of false positives, or −1 where the TPR is undefined (NaN:
         ``at_most`` with fewer than ``1/alpha`` non-members).
     """
-    tpr = metrics.tpr_at_fpr(scores, is_member, alpha, rule)
+    roc = metrics._roc(scores, is_member)  # one sort for the TPR and its curve
+    tpr = metrics._tpr_at_fpr(roc, alpha, rule)
     if math.isnan(tpr):
         return -1
-    fpr, tpr_curve, _ = metrics.roc_curve(scores, is_member)
-    m = np.asarray(is_member).astype(bool)
-    n_pos, n_neg = int(m.sum()), int((~m).sum())
-    tp_curve = np.rint(tpr_curve * n_pos)  # exact counts (rates are count / P)
-    first = int(np.searchsorted(tp_curve, round(tpr * n_pos), side="left"))
-    return int(round(fpr[first] * n_neg))
+    first = int(np.searchsorted(roc.tp, round(tpr * roc.n_pos), side="left"))
+    return int(roc.fp[first])
 
 
 def stable_seed(*keys: str | int | float | bool) -> int:

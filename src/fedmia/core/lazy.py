@@ -1,4 +1,4 @@
-"""Modules imported on first use: torch, matplotlib, dp-accounting for what the parse imports.
+"""Modules imported on first use: torch, matplotlib, dp-accounting, scipy's stats and sparse.
 
 Parsing the Snakefile imports every module that defines a kind the config can name (its
 descriptor: name, parameters, traits), and that parse must not import torch (every
@@ -76,3 +76,8 @@ F = LazyModule("torch.nn.functional")
 dp_accounting = LazyModule("dp_accounting")
 #: ``import matplotlib.pyplot as plt`` with the Agg backend, on first use.
 plt = LazyModule("matplotlib.pyplot", before=_agg)
+#: ``from scipy import stats`` (about 0.3 s to import, beyond numpy), on first use: the
+#: report jobs import the bootstrap module and most never call it.
+scipy_stats = LazyModule("scipy.stats")
+#: ``from scipy import sparse`` (about 0.2 s), on first use.
+scipy_sparse = LazyModule("scipy.sparse")

@@ -103,7 +103,8 @@ class LocalResult:
 
 def local_train(
     state: FlatState, global_flat: torch.Tensor, data: DeviceData, idx: torch.Tensor,
-    cfg: TrainConfig, lr: float, defense: Defense, gen: torch.Generator,
+    cfg: TrainConfig, lr: float, defense: Defense, gen: torch.Generator, *,
+    out: torch.Tensor | None = None,
 ) -> LocalResult:
     """Train a client from ``global_flat`` on samples ``idx`` and return its upload.
 
@@ -119,6 +120,9 @@ def local_train(
             ``defense.whole_local_set``, the whole shuffled local data once per epoch,
             whose output is then cut into mini-batches.
         gen: the client's generator for this round.
+        out: float32 P, where to write the upload (e.g. the client's row of the server's
+            K×P uploads): the update is formed there and the defense's upload, if it is
+            another tensor, copied there; the result's ``upload`` is then ``out``.
     """
     model = state.module
     state.load(global_flat)
@@ -151,9 +155,12 @@ def local_train(
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
     samples = n * cfg.local_epochs
-    update = global_flat - state.flat.detach()
+    update = torch.sub(global_flat, state.flat.detach(), out=out)
+    upload = defense.upload(update, state.layout, gen)
+    if out is not None and upload is not out:
+        upload = out.copy_(upload)
     return LocalResult(
-        upload=defense.upload(update, state.layout, gen),
+        upload=upload,
         loss=float(loss_sum) / samples,
         accuracy=float(correct) / samples,
         samples=samples,
@@ -246,16 +253,23 @@ def aggregation_weights(num_samples: torch.Tensor, rule: str, seed: int,
     return weights
 
 
-def aggregate(global_flat: torch.Tensor, uploads: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
+def aggregate(global_flat: torch.Tensor, uploads: torch.Tensor, weights: torch.Tensor, *,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """FedAvg step: ``w − Σ_k a_k Δ_k``.
 
     Args:
         global_flat: float32 P, the model the round started from.
         uploads: float32 K×P, the uploaded updates.
         weights: float32 K, the weights ``a_k`` (:func:`aggregation_weights`).
+        out: float32 P (not ``global_flat``), where to write the result: the step
+            ``Σ_k a_k Δ_k`` is formed there first, so no temporary is allocated. The
+            same floats either way (the product ``weights @ uploads`` is this ``mm``).
     """
-    return global_flat - weights.to(uploads.dtype) @ uploads
+    weights = weights.to(uploads.dtype)
+    if out is None:
+        return global_flat - weights @ uploads
+    torch.mm(weights[None], uploads, out=out[None])
+    return torch.sub(global_flat, out, out=out)
 
 
 @torch.no_grad()
@@ -287,22 +301,21 @@ def outputs_finite(state: FlatState, data: DeviceData, idx: torch.Tensor,
     can overflow in its forward pass; its measures would then be NaN. With ``uploads``
     (K×P) and the model ``sent`` (P) they were computed from, each uploaded model
     ``sent − uploads[k]`` is formed in place in ``state`` (no K×P temporary) and run
-    too. ``state`` is overwritten.
+    too, before ``model_flat``. ``state`` is overwritten; it holds ``model_flat`` when
+    the answer is True.
     """
     model = state.module
     was = model.training
     model.eval()
     x, _ = data.batch(idx)
     try:
-        state.load(model_flat)
-        if not bool(torch.isfinite(model(x)).all()):
-            return False
         for upload in () if uploads is None else uploads:
             state.load(sent)
             state.flat.sub_(upload)
             if not bool(torch.isfinite(model(x)).all()):
                 return False
-        return True
+        state.load(model_flat)
+        return bool(torch.isfinite(model(x)).all())
     finally:
         model.train(was)
 
@@ -390,6 +403,7 @@ def run_fedavg(
     rule = aggregation_rule(cfg, defense)
     observed = set(cfg.observed())
     global_flat = state.snapshot()
+    spare = torch.empty_like(global_flat)  # the next global model (the two swap each round)
     buffer = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
@@ -398,17 +412,17 @@ def run_fedavg(
         uploads = buffer[:len(part)]
         results = []
         for i, c in enumerate(part.tolist()):
-            res = local_train(state, global_flat, data, client_idx[c], cfg, lr, defense,
-                              client_generator(seed, rnd, c))
-            uploads[i] = res.upload
-            results.append(res)
-        sent = global_flat
+            results.append(local_train(state, global_flat, data, client_idx[c], cfg, lr,
+                                       defense, client_generator(seed, rnd, c),
+                                       out=uploads[i]))
         sizes = num_samples[torch.from_numpy(part)]
         weights = aggregation_weights(sizes.to(device), rule, seed, rnd,
                                       equal_denominator(cfg.participation, k, len(part)))
-        global_flat = aggregate(global_flat, uploads, weights)
+        sent, global_flat = global_flat, aggregate(global_flat, uploads, weights, out=spare)
+        spare = sent  # yielded below; the next round's aggregate overwrites it
         # the uploads' forward passes only where they are measured (observed rounds); the
-        # aggregate every round (an overflowing global model is caught where it appears)
+        # aggregate every round (an overflowing global model is caught where it appears).
+        # Finite: ``state`` holds the aggregate.
         finite = (all(math.isfinite(r.loss) for r in results)
                   and all_finite(uploads) and all_finite(global_flat)
                   and outputs_finite(state, data, probe, global_flat, sent,
@@ -418,7 +432,7 @@ def run_fedavg(
         if not finite:
             state.load(sent)
             last_finite = evaluate(state.module, data, test_idx, cfg.eval_batch_size)
-        state.load(global_flat)
+            state.load(global_flat)
         if finite and (rnd % cfg.test_every == 0 or rnd == cfg.rounds):
             test_loss, test_acc = evaluate(state.module, data, test_idx, cfg.eval_batch_size)
         if device.type == "cuda":
