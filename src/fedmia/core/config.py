@@ -348,6 +348,10 @@ class Participation(Section):
         """Every client takes part in every round (``fraction`` 1, either sampling)."""
         return self.fraction == 1.0
 
+    def __str__(self) -> str:
+        """How the logs name it: ``every client every round`` or e.g. ``poisson 0.1``."""
+        return "every client every round" if self.full else f"{self.sampling} {self.fraction:g}"
+
     def size(self, num_clients: int) -> int:
         """``uniform``'s m = round(fK), half up, at least 1 (``poisson``: its mean is qK)."""
         return max(1, min(num_clients, math.floor(self.fraction * num_clients + 0.5)))
