@@ -48,17 +48,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--config", type=Path, default=REPO / "config" / "paper.yaml")
-    p.add_argument("--cell", default="cifar100/alexnet/none/iid/seed0",
-                   help="dataset/model/defense/partition/seed<seed> of a cell of the config")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="factor on the evaluation samples and the official slots")
+    p.add_argument(
+        "--cell",
+        default="cifar100/alexnet/none/iid/seed0",
+        help="dataset/model/defense/partition/seed<seed> of a cell of the config",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="factor on the evaluation samples and the official slots",
+    )
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates (config's)")
     p.add_argument("--draws", type=int, default=None, help="official draws (config's)")
-    p.add_argument("--keep", type=Path, default=None,
-                   help="write the files and results here and keep them (default: a temp dir)")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="write the files and results here and keep them (default: a temp dir)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shape, few replicates (for CI)")
     p.add_argument("--run-stage", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -90,7 +102,8 @@ def attack_options(spec: WorkflowSpec, cell: Cell) -> dict:
         "config": config,
         "outlier_filter": {
             a: outlier_filter_for(spec.config["attack"]["fedmia_outlier_filter"], a, kind)
-            for a in attacks},
+            for a in attacks
+        },
     }
 
 
@@ -114,16 +127,25 @@ def plan(args: argparse.Namespace) -> dict:
     if args.n_boot is not None:
         options["config"]["bootstrap"] = args.n_boot
     return {
-        "cell": {"dataset": cell.dataset, "model": cell.model, "defense": cell.defense,
-                 "partition": cell.partition, "seed": cell.seed},
-        "clients": part.num_clients, "members": members, "heldout": heldout,
-        "rounds": spec.observed_rounds(cell), "options": options,
+        "cell": {
+            "dataset": cell.dataset,
+            "model": cell.model,
+            "defense": cell.defense,
+            "partition": cell.partition,
+            "seed": cell.seed,
+        },
+        "clients": part.num_clients,
+        "members": members,
+        "heldout": heldout,
+        "rounds": spec.observed_rounds(cell),
+        "options": options,
         "attacks": options["config"]["attacks"],
     }
 
 
-def synthetic_tables(clients: int, members: int, heldout: int, rounds: list[int],
-                     seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthetic_tables(
+    clients: int, members: int, heldout: int, rounds: list[int], seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A measure table (every (round, client, sample)) and its partition.
 
     Sample ``i < clients·members`` belongs to client ``i // members``, the rest are
@@ -135,9 +157,9 @@ def synthetic_tables(clients: int, members: int, heldout: int, rounds: list[int]
     rng = np.random.default_rng(seed)
     n = clients * members + heldout
     owner = np.full(n, -1, dtype=np.int64)
-    owner[:clients * members] = np.repeat(np.arange(clients), members)
+    owner[: clients * members] = np.repeat(np.arange(clients), members)
     r, k = len(rounds), clients
-    own = (owner[None, :] == np.arange(k)[:, None])  # K×N: sample's owner is this client
+    own = owner[None, :] == np.arange(k)[:, None]  # K×N: sample's owner is this client
     level = rng.standard_normal(n).astype(np.float32)
     columns: dict[str, np.ndarray] = {
         "round": np.repeat(np.asarray(rounds, dtype=np.int32), k * n),
@@ -156,11 +178,17 @@ def synthetic_tables(clients: int, members: int, heldout: int, rounds: list[int]
             v = rng.standard_normal((r, k, n), dtype=np.float32)
             v += level + 0.5 * own[None]
         columns[name] = v.reshape(-1).astype(dtype)
-    part = pd.DataFrame({
-        "sample_id": np.arange(n, dtype=np.int64), "client_id": owner,
-        "is_test": owner < 0, "eval": np.ones(n, dtype=bool),
-        "canary": np.zeros(n, dtype=bool), "canary_in": np.zeros(n, dtype=bool),
-        "filler": np.zeros(n, dtype=bool)})
+    part = pd.DataFrame(
+        {
+            "sample_id": np.arange(n, dtype=np.int64),
+            "client_id": owner,
+            "is_test": owner < 0,
+            "eval": np.ones(n, dtype=bool),
+            "canary": np.zeros(n, dtype=bool),
+            "canary_in": np.zeros(n, dtype=bool),
+            "filler": np.zeros(n, dtype=bool),
+        }
+    )
     return pd.DataFrame(columns), part
 
 
@@ -168,14 +196,21 @@ def run_stage(folder: Path) -> int:
     """The child process: the attack stage on ``folder``'s files; prints its timings."""
     from fedmia.stages.attack import attack  # noqa: PLC0415 (the child's own import)
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
     job = json.loads((folder / "job.json").read_text())
     outputs = {name: folder / "out" / f"{name}.parquet" for name in job["attacks"]}
     outputs["replicates"] = folder / "out" / "replicates.parquet"
     t0 = time.perf_counter()
-    attack(measures_file=folder / "mdm.parquet", partition_file=folder / "partition.parquet",
-           cell=job["cell"], rounds=job["rounds"], **job["options"], outputs=outputs)
+    attack(
+        measures_file=folder / "mdm.parquet",
+        partition_file=folder / "partition.parquet",
+        cell=job["cell"],
+        rounds=job["rounds"],
+        **job["options"],
+        outputs=outputs,
+    )
     seconds = time.perf_counter() - t0
     rows = sum(len(pd.read_parquet(f)) for name, f in outputs.items() if name != "replicates")
     print(f"stage_s={seconds:.2f}")
@@ -192,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     k, m, h, rounds = job["clients"], job["members"], job["heldout"], job["rounds"]
     n = k * m + h
     opts = job["options"]["config"]
-    print(f"cell {args.cell} of {args.config.name} (scale {args.scale:g}): {k} clients × {m} "
-          f"members + {h} held-out = {n:,} samples; {len(rounds)} observed rounds "
-          f"({len(opts['rounds'])} attacked); {len(rounds) * k * n:,} measure rows")
-    print(f"{len(opts['attacks'])} attacks, protocols {opts['protocol']}, official "
-          f"{opts['official']}, fpr_rule {opts['fpr_rule']}, B = {opts['bootstrap']}")
+    print(
+        f"cell {args.cell} of {args.config.name} (scale {args.scale:g}): {k} clients × {m} "
+        f"members + {h} held-out = {n:,} samples; {len(rounds)} observed rounds "
+        f"({len(opts['rounds'])} attacked); {len(rounds) * k * n:,} measure rows"
+    )
+    print(
+        f"{len(opts['attacks'])} attacks, protocols {opts['protocol']}, official "
+        f"{opts['official']}, fpr_rule {opts['fpr_rule']}, B = {opts['bootstrap']}"
+    )
     with tempfile.TemporaryDirectory(prefix="fedmia-bench-attack-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -209,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         size_mb = (folder / "mdm.parquet").stat().st_size / 2**20
         print(f"wrote the measure table ({size_mb:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, __file__, "--run-stage", str(folder)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--run-stage", str(folder)], capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB
         if r.returncode != 0:

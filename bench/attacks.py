@@ -37,21 +37,41 @@ METRICS = (tpr_metric_name(0.001), tpr_metric_name(0.01), "auc")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", nargs="?", default=".", type=Path,
-                   help="run directory (holds results/tables/attacks.csv)")
-    p.add_argument("--sort", choices=METRICS, default=tpr_metric_name(0.01),
-                   help="metric the attacks are sorted by (descending)")
-    p.add_argument("--selection", action="append",
-                   help="single-round selection(s) to show (default: every one in the table)")
-    p.add_argument("--rmia-a", type=float, nargs="+", metavar="A",
-                   help="RMIA sensitivity: rerun rmia and rmia_sum with these values of a")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "run",
+        nargs="?",
+        default=".",
+        type=Path,
+        help="run directory (holds results/tables/attacks.csv)",
+    )
+    p.add_argument(
+        "--sort",
+        choices=METRICS,
+        default=tpr_metric_name(0.01),
+        help="metric the attacks are sorted by (descending)",
+    )
+    p.add_argument(
+        "--selection",
+        action="append",
+        help="single-round selection(s) to show (default: every one in the table)",
+    )
+    p.add_argument(
+        "--rmia-a",
+        type=float,
+        nargs="+",
+        metavar="A",
+        help="RMIA sensitivity: rerun rmia and rmia_sum with these values of a",
+    )
     args = p.parse_args(argv)
     table = args.run / "results" / "tables" / "attacks.csv"
     if not table.is_file():
-        p.error(f"{table} does not exist: give the directory of a finished run (snakemake "
-                "writes results/tables/attacks.csv in its report stage)")
+        p.error(
+            f"{table} does not exist: give the directory of a finished run (snakemake "
+            "writes results/tables/attacks.csv in its report stage)"
+        )
     if args.rmia_a and not all(0 <= a <= 1 for a in args.rmia_a):
         p.error(f"argument --rmia-a: values must lie in [0, 1]; got {args.rmia_a}")
     return args
@@ -78,8 +98,7 @@ def wide(summary: pd.DataFrame, selections: list[str] | None) -> pd.DataFrame:
     keys = [*SETTING, "protocol", "attack", "single_round"]
     out = s.pivot_table(index=keys, columns="metric", values="mean", sort=False)
     for part, col in (("lo", "ci_low"), ("hi", "ci_high"), ("few", "low_count")):
-        extra = s.pivot_table(index=keys, columns="metric", values=col, sort=False,
-                              aggfunc="first")
+        extra = s.pivot_table(index=keys, columns="metric", values=col, sort=False, aggfunc="first")
         out = out.join(extra.add_suffix(f"_{part}"))
     return out.reset_index()
 
@@ -91,15 +110,20 @@ def print_tables(table: pd.DataFrame, sort: str) -> dict[str, str]:
     for key, g in table.groupby([*SETTING, "protocol"], sort=False):
         g = g.sort_values([sort, other], ascending=False, na_position="last")
         name = "/".join(str(k) for k in key)
-        print(f"\n{name} — sorted by {sort}; TPR in %, mean over targets and seeds "
-              "[95 % interval]; * rests on < 10 false positives")
+        print(
+            f"\n{name} — sorted by {sort}; TPR in %, mean over targets and seeds "
+            "[95 % interval]; * rests on < 10 false positives"
+        )
         print(f"{'attack':<36}{'TPR@0.1%':>26}{'TPR@1%':>26}{'AUC':>24}")
         for _, row in g.iterrows():
             label = attack_label(row["attack"])
             if row["single_round"] != ALL_ROUNDS:
                 label += f" @ {row['single_round']}"
-            print(f"{label:<36}" + "".join(f"{_cell(row, m):>26}" for m in METRICS[:2])
-                  + f"{_cell(row, 'auc'):>24}")
+            print(
+                f"{label:<36}"
+                + "".join(f"{_cell(row, m):>26}" for m in METRICS[:2])
+                + f"{_cell(row, 'auc'):>24}"
+            )
         top = g.iloc[0]
         if math.isfinite(top.get(sort, math.nan)):
             strongest[name.replace("/", "_")] = str(top["attack"])
@@ -122,14 +146,17 @@ def attack_stage_seconds(run: Path) -> float | None:
 
 def rmia_sensitivity(run: Path, values: list[float]) -> None:
     """RMIA's AUC and TPR@1 % per value of ``a`` on every cell's measure table."""
-    print("\nRMIA sensitivity to a (aligned and heldout protocols, mean over targets; the "
-          "runs use the config's fixed a — this table is no choice of it):")
+    print(
+        "\nRMIA sensitivity to a (aligned and heldout protocols, mean over targets; the "
+        "runs use the config's fixed a — this table is no choice of it):"
+    )
     print(f"{'cell':<46}{'a':>6}{'attack':>10}{'protocol':>10}{'AUC':>8}{'TPR@1%':>9}")
     for mdm_file in sorted((run / "results" / "mdm").rglob("*.parquet")):
         parts = mdm_file.relative_to(run / "results" / "mdm").with_suffix("").parts
         dataset, _, _, partition, seed = parts
-        part = io.read_parquet(run / "results" / "partitions" / dataset / partition
-                               / f"{seed}.parquet", "partition")
+        part = io.read_parquet(
+            run / "results" / "partitions" / dataset / partition / f"{seed}.parquet", "partition"
+        )
         mdm = io.read_parquet(mdm_file, "measures")
         if mdm.empty:
             continue
@@ -137,12 +164,20 @@ def rmia_sensitivity(run: Path, values: list[float]) -> None:
         owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
         mdm = mdm[mdm["sample_id"].isin(owner.index)]
         for a in values:
-            res = run_attacks(["rmia", "rmia_sum"], mdm, owner, protocols=["aligned", "heldout"],
-                              n_boot=0, rmia=RmiaOptions(a=a))
+            res = run_attacks(
+                ["rmia", "rmia_sum"],
+                mdm,
+                owner,
+                protocols=["aligned", "heldout"],
+                n_boot=0,
+                rmia=RmiaOptions(a=a),
+            )
             for name, r in res.items():
                 for protocol, g in r.groupby("protocol"):
-                    print(f"{'/'.join(parts):<46}{a:>6g}{name:>10}{protocol:>10}"
-                          f"{g['auc'].mean():>8.3f}{100 * g['tpr@1%'].mean():>9.2f}")
+                    print(
+                        f"{'/'.join(parts):<46}{a:>6g}{name:>10}{protocol:>10}"
+                        f"{g['auc'].mean():>8.3f}{100 * g['tpr@1%'].mean():>9.2f}"
+                    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,17 +56,23 @@ CELL = Cell("cifar100", "alexnet", "none", "iid", 0)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--out", type=Path, required=True, help="working folder (emptied first)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--observe-every", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads of the CPU-side runs (0: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of the CPU-side runs (0: torch's default)",
+    )
     p.add_argument("--auc-tolerance", type=float, default=0.005)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny data and benchmarks (CI, with --device cpu)")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny data and benchmarks (CI, with --device cpu)"
+    )
     args = p.parse_args(argv)
     if args.smoke:  # two rounds, both observed
         args.rounds, args.observe_every = 2, 1
@@ -95,8 +101,10 @@ def synthetic_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) -> 
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     for name, n in (("train", n_train), ("test", n_test)):
-        split = {b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
-                 b"fine_labels": rng.integers(0, 100, n).tolist()}
+        split = {
+            b"data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8),
+            b"fine_labels": rng.integers(0, 100, n).tolist(),
+        }
         (folder / name).write_bytes(pickle.dumps(split, protocol=4))
     names = [f"class{i:02d}".encode() for i in range(100)]
     (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": names}, protocol=4))
@@ -106,41 +114,83 @@ def plan(args: argparse.Namespace, data_root: Path) -> dict:
     """The cell's config, from ``config/paper.yaml`` with fewer rounds (smaller: smoke)."""
     config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     config["datasets"]["cifar100"].update(root=str(data_root), download=False)
-    config["train"].update(rounds=args.rounds, observe_every=args.observe_every,
-                           observe_rounds=[1], test_every=args.rounds)
-    config["grid"] = [{"datasets": [CELL.dataset], "models": [CELL.model],
-                       "defenses": [CELL.defense], "partitions": [CELL.partition],
-                       "seeds": [CELL.seed]}]
+    config["train"].update(
+        rounds=args.rounds,
+        observe_every=args.observe_every,
+        observe_rounds=[1],
+        test_every=args.rounds,
+    )
+    config["grid"] = [
+        {
+            "datasets": [CELL.dataset],
+            "models": [CELL.model],
+            "defenses": [CELL.defense],
+            "partitions": [CELL.partition],
+            "seeds": [CELL.seed],
+        }
+    ]
     if args.smoke:
-        config["partitions"]["iid"].update(num_clients=3, samples_per_client=40,
-                                           eval_members_per_client=20, eval_nonmembers=60)
+        config["partitions"]["iid"].update(
+            num_clients=3, samples_per_client=40, eval_members_per_client=20, eval_nonmembers=60
+        )
         config["attack"]["official"].update(draws=1, test_slots=20, client_slots=10)
         config["attack"]["bootstrap"] = 20
         config["train"]["batch_size"] = 20
     spec = load_workflow_config(config)
     cfg = spec.config
-    return {"config": cfg, "spec": spec,
-            "cell": {"dataset": CELL.dataset, "model": CELL.model, "defense": CELL.defense,
-                     "partition": CELL.partition, "seed": CELL.seed},
-            "rounds": spec.observed_rounds(CELL)}
+    return {
+        "config": cfg,
+        "spec": spec,
+        "cell": {
+            "dataset": CELL.dataset,
+            "model": CELL.model,
+            "defense": CELL.defense,
+            "partition": CELL.partition,
+            "seed": CELL.seed,
+        },
+        "rounds": spec.observed_rounds(CELL),
+    }
 
 
-def train_and_measure(job: dict, data: dict[str, str], part: Path, folder: Path, device: str,
-                      threads: int | None) -> dict[str, Path]:
+def train_and_measure(
+    job: dict, data: dict[str, str], part: Path, folder: Path, device: str, threads: int | None
+) -> dict[str, Path]:
     """The train and measure stages of the cell into ``folder``; their files."""
     from fedmia.stages.measure import measure  # noqa: PLC0415 (torch: after the plan)
     from fedmia.stages.train import train  # noqa: PLC0415
 
     cfg, spec = job["config"], job["spec"]
-    out = {"history": folder / "history.parquet", "final": folder / "final.safetensors",
-           "observed": folder / "observed", "manifest": folder / "manifest.json"}
-    train(data=data, partition_file=part, model=cfg["models"][CELL.model],
-          defense=cfg["defenses"][CELL.defense], train_cfg=spec.train_for(CELL),
-          cell=job["cell"], device=device, threads=threads, deterministic=True, outputs=out)
+    out = {
+        "history": folder / "history.parquet",
+        "final": folder / "final.safetensors",
+        "observed": folder / "observed",
+        "manifest": folder / "manifest.json",
+    }
+    train(
+        data=data,
+        partition_file=part,
+        model=cfg["models"][CELL.model],
+        defense=cfg["defenses"][CELL.defense],
+        train_cfg=spec.train_for(CELL),
+        cell=job["cell"],
+        device=device,
+        threads=threads,
+        deterministic=True,
+        outputs=out,
+    )
     out["mdm"] = folder / "mdm.parquet"
-    measure(data=data, partition_file=part, observed_dir=out["observed"],
-            rounds=job["rounds"], manifest_file=out["manifest"], device=device,
-            threads=threads, deterministic=True, config=cfg["measure"], output=out["mdm"])
+    measure(
+        data=data,
+        partition_file=part,
+        observed_dir=out["observed"],
+        rounds=job["rounds"],
+        manifest_file=out["manifest"],
+        device=device,
+        threads=threads,
+        deterministic=True,
+        config=cfg["measure"],
+        output=out["mdm"],
+    )
     return out
 
 
@@ -160,21 +210,23 @@ def aucs(mdm: pd.DataFrame, part: pd.DataFrame, attacks: list[str], rnd: int) ->
     """Every attack's AUC per (attack, target, round) on one round's table, aligned."""
     ev = part[part["eval"]]
     owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
-    tables = run_attacks(attacks, mdm, owner, protocols=["aligned"], attack_rounds=[rnd],
-                         n_boot=0)
-    return pd.concat({name: t.set_index(["target", "round"])["auc"]
-                      for name, t in tables.items()})
+    tables = run_attacks(attacks, mdm, owner, protocols=["aligned"], attack_rounds=[rnd], n_boot=0)
+    return pd.concat({name: t.set_index(["target", "round"])["auc"] for name, t in tables.items()})
 
 
 def bench_lines(script: str, *args: str) -> dict[str, str]:
     """Run ``bench/<script>``; its ``key=value`` lines."""
-    r = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True
+    )
     print(r.stdout[-3000:], end="")
     if r.returncode != 0:
         raise SystemExit(f"bench/{script} failed:\n{r.stderr[-3000:]}")
-    return dict(line.split("=", 1) for line in r.stdout.splitlines()
-                if "=" in line and " " not in line.split("=", 1)[0])
+    return dict(
+        line.split("=", 1)
+        for line in r.stdout.splitlines()
+        if "=" in line and " " not in line.split("=", 1)[0]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,10 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         partition(data, cfg["partitions"][CELL.partition], CELL.seed, part_file)
 
     step("prepare", prepare_and_partition)
-    first = step("train_measure", lambda: train_and_measure(
-        job, data, part_file, args.out / "run1", args.device, threads))
-    second = step("train_measure_again", lambda: train_and_measure(
-        job, data, part_file, args.out / "run2", args.device, threads))
+    first = step(
+        "train_measure",
+        lambda: train_and_measure(job, data, part_file, args.out / "run1", args.device, threads),
+    )
+    second = step(
+        "train_measure_again",
+        lambda: train_and_measure(job, data, part_file, args.out / "run2", args.device, threads),
+    )
     differ = same_bytes(first, second)
     print(f"deterministic reruns: {'byte-identical' if not differ else f'DIFFER: {differ}'}")
 
@@ -211,49 +267,99 @@ def main(argv: list[str] | None = None) -> int:
 
     last = job["rounds"][-1]
     cpu_mdm = args.out / "mdm_cpu.parquet"
-    step("measure_cpu", lambda: measure(
-        data=data, partition_file=part_file, observed_dir=first["observed"], rounds=[last],
-        manifest_file=first["manifest"], device="cpu", threads=threads,
-        config=cfg["measure"], output=cpu_mdm))
+    step(
+        "measure_cpu",
+        lambda: measure(
+            data=data,
+            partition_file=part_file,
+            observed_dir=first["observed"],
+            rounds=[last],
+            manifest_file=first["manifest"],
+            device="cpu",
+            threads=threads,
+            config=cfg["measure"],
+            output=cpu_mdm,
+        ),
+    )
     part = io.read_parquet(part_file, "partition")
     dev_mdm = io.read_parquet(first["mdm"], "measures")
     attacks = list(cfg["attack"]["attacks"])
-    diff = step("agreement", lambda: (
-        aucs(dev_mdm[dev_mdm["round"] == last], part, attacks, last)
-        - aucs(io.read_parquet(cpu_mdm, "measures"), part, attacks, last)).abs())
-    print(f"AUC, {args.device} vs cpu measures of round {last}: max |difference| "
-          f"{diff.max():.2e} over {len(diff)} (attack, target) rows")
+    diff = step(
+        "agreement",
+        lambda: (
+            aucs(dev_mdm[dev_mdm["round"] == last], part, attacks, last)
+            - aucs(io.read_parquet(cpu_mdm, "measures"), part, attacks, last)
+        ).abs(),
+    )
+    print(
+        f"AUC, {args.device} vs cpu measures of round {last}: max |difference| "
+        f"{diff.max():.2e} over {len(diff)} (attack, target) rows"
+    )
 
     def attack_stage() -> None:
         from fedmia.stages.attack import attack  # noqa: PLC0415
 
         options = attack_options(job["spec"], CELL)
-        outputs = {name: args.out / "attacks" / f"{name}.parquet"
-                   for name in options["config"]["attacks"]}
-        attack(measures_file=first["mdm"], partition_file=part_file, cell=job["cell"],
-               rounds=job["rounds"], manifest_file=first["manifest"], **options,
-               outputs=outputs)
+        outputs = {
+            name: args.out / "attacks" / f"{name}.parquet" for name in options["config"]["attacks"]
+        }
+        attack(
+            measures_file=first["mdm"],
+            partition_file=part_file,
+            cell=job["cell"],
+            rounds=job["rounds"],
+            manifest_file=first["manifest"],
+            **options,
+            outputs=outputs,
+        )
 
     step("attack", attack_stage)
     smoke = ["--smoke"] if args.smoke else []
     dev = ["--device", "cuda" if args.device.startswith("cuda") else "cpu"]
     gpu_threads = ["--threads", "0"] if args.device.startswith("cuda") else []
-    measures = step("bench_measures", lambda: bench_lines(
-        "measures.py", *dev, *gpu_threads, *smoke,
-        *([] if args.smoke or not args.device.startswith("cuda")
-          else ["--samples", "4096", "--chunk", "256", "--naive-samples", "64"])))
+    measures = step(
+        "bench_measures",
+        lambda: bench_lines(
+            "measures.py",
+            *dev,
+            *gpu_threads,
+            *smoke,
+            *(
+                []
+                if args.smoke or not args.device.startswith("cuda")
+                else ["--samples", "4096", "--chunk", "256", "--naive-samples", "64"]
+            ),
+        ),
+    )
     trained = step("bench_train", lambda: bench_lines("train.py", *dev, *gpu_threads, *smoke))
     cuda_tests = 0
     if args.device.startswith("cuda"):
-        cuda_tests = step("cuda_tests", lambda: subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py",
-             "tests/test_defenses.py"], cwd=REPO,
-            env={**os.environ, "FEDMIA_REQUIRE_CUDA": "1"}).returncode)
+        cuda_tests = step(
+            "cuda_tests",
+            lambda: (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pytest",
+                        "-q",
+                        "-m",
+                        "cuda",
+                        "tests/test_cuda.py",
+                        "tests/test_defenses.py",
+                    ],
+                    cwd=REPO,
+                    env={**os.environ, "FEDMIA_REQUIRE_CUDA": "1"},
+                ).returncode
+            ),
+        )
 
     manifest = json.loads(first["manifest"].read_text())
-    print(f"\ncell {CELL.path} (synthetic CIFAR-100 of the real shape), {args.rounds} rounds, "
-          f"observed {job['rounds']}, device {args.device}; final test accuracy "
-          f"{manifest.get('final_test_accuracy', float('nan'))}")
+    print(
+        f"\ncell {CELL.path} (synthetic CIFAR-100 of the real shape), {args.rounds} rounds, "
+        f"observed {job['rounds']}, device {args.device}; final test accuracy "
+        f"{manifest.get('final_test_accuracy', float('nan'))}"
+    )
     print(f"{'step':<22}{'s':>9}")
     for name, s in step.seconds.items():
         print(f"{name:<22}{s:>9.1f}")
@@ -269,11 +375,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}={trained.get(key)}")
     print(f"device={measures.get('device')}")
     if not ok:
-        print("GPU CHECK FAILED: " + ("; ".join(
-            ([f"reruns differ in {differ}"] if differ else [])
-            + ([f"AUC differs by {diff.max():.2e} > {args.auc_tolerance}"]
-               if diff.max() > args.auc_tolerance else [])
-            + (["the cuda tests failed"] if cuda_tests else []))))
+        print(
+            "GPU CHECK FAILED: "
+            + (
+                "; ".join(
+                    ([f"reruns differ in {differ}"] if differ else [])
+                    + (
+                        [f"AUC differs by {diff.max():.2e} > {args.auc_tolerance}"]
+                        if diff.max() > args.auc_tolerance
+                        else []
+                    )
+                    + (["the cuda tests failed"] if cuda_tests else [])
+                )
+            )
+        )
     return 0 if ok else 1
 
 

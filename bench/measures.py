@@ -61,30 +61,50 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODELS.names(), default="alexnet",
-                   help="model architecture (fedmia.federation.models.MODELS)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS.names(),
+        default="alexnet",
+        help="model architecture (fedmia.federation.models.MODELS)",
+    )
     p.add_argument("--samples", type=positive_int, default=256, help="evaluation samples N")
-    p.add_argument("--naive-samples", type=int, default=64,
-                   help="samples for the naive route (at most --samples; 0: all): it costs "
-                        "K backward passes per sample, so its time is scaled per sample")
+    p.add_argument(
+        "--naive-samples",
+        type=int,
+        default=64,
+        help="samples for the naive route (at most --samples; 0: all): it costs "
+        "K backward passes per sample, so its time is scaled per sample",
+    )
     p.add_argument("--clients", type=positive_int, default=10, help="client updates K")
     p.add_argument("--classes", type=positive_int, default=100)
     p.add_argument("--chunk", type=positive_int, default=64, help="samples per gradient chunk")
-    p.add_argument("--batch-size", type=positive_int, default=500,
-                   help="samples per loss forward pass")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=500, help="samples per loss forward pass"
+    )
     p.add_argument("--update-scale", type=float, default=1e-2)
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default). 1 by default: per-core rates, "
-                        "and on a shared 2-core machine two OpenMP threads wait on each other "
-                        "for whole scheduler slices, slowing small ops 3-10x")
-    p.add_argument("--routes", default=",".join(ROUTES),
-                   help=f"comma-separated routes to run, of {', '.join(ROUTES)}")
-    p.add_argument("--memory-check", action="store_true",
-                   help="also run route (a) alone on N and 4N samples in subprocesses")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0: torch's default). 1 by default: per-core rates, "
+        "and on a shared 2-core machine two OpenMP threads wait on each other "
+        "for whole scheduler slices, slowing small ops 3-10x",
+    )
+    p.add_argument(
+        "--routes",
+        default=",".join(ROUTES),
+        help=f"comma-separated routes to run, of {', '.join(ROUTES)}",
+    )
+    p.add_argument(
+        "--memory-check",
+        action="store_true",
+        help="also run route (a) alone on N and 4N samples in subprocesses",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -135,8 +155,9 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- routes
 
 
-def naive(state: FlatState, w: torch.Tensor, uploads: torch.Tensor, x: torch.Tensor,
-          y: torch.Tensor) -> dict[str, torch.Tensor]:
+def naive(
+    state: FlatState, w: torch.Tensor, uploads: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The official code's way: per client, batches of 10, one backward per sample."""
     model = state.module.eval()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -148,14 +169,15 @@ def naive(state: FlatState, w: torch.Tensor, uploads: torch.Tensor, x: torch.Ten
         state.load(w - uploads[c])
         with torch.no_grad():
             for s in range(0, n, 10):
-                out["loss"][c, s:s + 10] = F.cross_entropy(model(x[s:s + 10]), y[s:s + 10],
-                                                           reduction="none")
+                out["loss"][c, s : s + 10] = F.cross_entropy(
+                    model(x[s : s + 10]), y[s : s + 10], reduction="none"
+                )
         state.load(w)
         # float64 reductions: the check then measures fedmia's error, not this route's own
         # (a float32 dot over ResNet18's 11M terms is off by ~6e-4; grad_diff cancels)
         d = uploads[c][mask].double()
         for s in range(0, n, 10):
-            losses = F.cross_entropy(model(x[s:s + 10]), y[s:s + 10], reduction="none")
+            losses = F.cross_entropy(model(x[s : s + 10]), y[s : s + 10], reduction="none")
             for j in range(len(losses)):
                 grads = torch.autograd.grad(losses[j], params, retain_graph=True)
                 g = torch.cat([t.reshape(-1) for t in grads]).double()
@@ -166,27 +188,42 @@ def naive(state: FlatState, w: torch.Tensor, uploads: torch.Tensor, x: torch.Ten
     return {m: v.cpu() for m, v in out.items()}
 
 
-def floor(state: FlatState, w: torch.Tensor, uploads: torch.Tensor, x: torch.Tensor,
-          y: torch.Tensor, chunk: int, batch_size: int) -> None:
+def floor(
+    state: FlatState,
+    w: torch.Tensor,
+    uploads: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    chunk: int,
+    batch_size: int,
+) -> None:
     """One batched forward+backward over the samples, plus K batched forward passes."""
     model = state.module.eval()
     state.load(w)
     for s in range(0, len(y), chunk):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[s:s + chunk]), y[s:s + chunk]).backward()
+        F.cross_entropy(model(x[s : s + chunk]), y[s : s + chunk]).backward()
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for c in range(uploads.shape[0]):
             state.load(w - uploads[c])
             for s in range(0, len(y), batch_size):
-                model(x[s:s + batch_size])
+                model(x[s : s + batch_size])
     state.load(w)
 
 
 def fedmia_route(state, w, uploads, x, y, chunk, batch_size, grad_products=None):
     """``compute_round_measures`` (layer-wise route unless another is given)."""
-    m = compute_round_measures(state, w, uploads, x, y, chunk_size=chunk, batch_size=batch_size,
-                               grad_products=grad_products or layerwise_grad_products)
+    m = compute_round_measures(
+        state,
+        w,
+        uploads,
+        x,
+        y,
+        chunk_size=chunk,
+        batch_size=batch_size,
+        grad_products=grad_products or layerwise_grad_products,
+    )
     return {"loss": m.loss, "cos": m.cos, "grad_diff": m.grad_diff, "grad_norm": m.grad_norm}
 
 
@@ -203,8 +240,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
     return time.perf_counter() - t0, peak_rss_mb(), result
 
 
-def max_rel_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
-                  n: int) -> dict[str, float]:
+def max_rel_error(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], n: int
+) -> dict[str, float]:
     """Per measure, max |got − want| / max |want| over the first n samples."""
     errs = {}
     for m, w in want.items():
@@ -221,19 +259,40 @@ def memory_check(args: argparse.Namespace) -> None:
     """Run route (a) alone on N and 4N samples in fresh processes; print their peaks."""
     peaks = {}
     for n in (args.samples, 4 * args.samples):
-        cmd = [sys.executable, __file__, "--model", args.model, "--routes", "fedmia",
-               "--repeats", "1",
-               "--samples", str(n), "--chunk", str(args.chunk), "--clients", str(args.clients),
-               "--classes", str(args.classes), "--batch-size", str(args.batch_size),
-               "--device", args.device, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--routes",
+            "fedmia",
+            "--repeats",
+            "1",
+            "--samples",
+            str(n),
+            "--chunk",
+            str(args.chunk),
+            "--clients",
+            str(args.clients),
+            "--classes",
+            str(args.classes),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         vals = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
         peaks[n] = float(vals["peak_rss_mb"])
         print(f"memory check: route (a) alone, N={n:5d}: peak RSS {peaks[n]:8.1f} MiB")
     n1, n4 = args.samples, 4 * args.samples
     data_mb = 3 * n1 * (3 * 32 * 32 * 4 + 8) / 2**20
-    print(f"memory check: 4N − N = {peaks[n4] - peaks[n1]:+.1f} MiB for {3 * n1} more samples "
-          f"(their inputs alone: {data_mb:.1f} MiB; chunk = {args.chunk})")
+    print(
+        f"memory check: 4N − N = {peaks[n4] - peaks[n1]:+.1f} MiB for {3 * n1} more samples "
+        f"(their inputs alone: {data_mb:.1f} MiB; chunk = {args.chunk})"
+    )
     print(f"memory_peak_rss_mb_N={peaks[n1]:.1f}")
     print(f"memory_peak_rss_mb_4N={peaks[n4]:.1f}")
 
@@ -250,26 +309,36 @@ def main(argv: list[str] | None = None) -> int:
     w = state.snapshot()
     g = torch.Generator().manual_seed(args.seed)
     mask = state.layout.param_mask()
-    uploads = (args.update_scale * torch.randn(args.clients, w.numel(), generator=g)
-               * mask).to(device)
+    uploads = (args.update_scale * torch.randn(args.clients, w.numel(), generator=g) * mask).to(
+        device
+    )
     x = torch.randn(args.samples, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, args.classes, (args.samples,), generator=g).to(device)
     nn_ = args.naive_samples
-    print(f"{args.model}/{args.classes} classes, {int(mask.sum()):,} parameters; K={args.clients} "
-          f"updates; N={args.samples} samples (naive: {nn_}); chunk={args.chunk}; "
-          f"device={name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.model}/{args.classes} classes, {int(mask.sum()):,} parameters; K={args.clients} "
+        f"updates; N={args.samples} samples (naive: {nn_}); chunk={args.chunk}; "
+        f"device={name}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     if nn_ < args.samples:
-        print(f"naive route runs on {nn_} of {args.samples} samples; its time is scaled per "
-              "sample")
+        print(f"naive route runs on {nn_} of {args.samples} samples; its time is scaled per sample")
 
     jobs: dict[str, Callable[[int], object]] = {  # each on the first n samples
-        "fedmia": lambda n: fedmia_route(state, w, uploads, x[:n], y[:n], args.chunk,
-                                         args.batch_size),
+        "fedmia": lambda n: fedmia_route(
+            state, w, uploads, x[:n], y[:n], args.chunk, args.batch_size
+        ),
         "naive": lambda n: naive(state, w, uploads, x[:n], y[:n]),
         "floor": lambda n: floor(state, w, uploads, x[:n], y[:n], args.chunk, args.batch_size),
-        "torch.func": lambda n: fedmia_route(state, w, uploads, x[:n], y[:n], args.chunk,
-                                             args.batch_size,
-                                             grad_products=per_sample_grad_products),
+        "torch.func": lambda n: fedmia_route(
+            state,
+            w,
+            uploads,
+            x[:n],
+            y[:n],
+            args.chunk,
+            args.batch_size,
+            grad_products=per_sample_grad_products,
+        ),
     }
     samples = {r: (nn_ if r == "naive" else args.samples) for r in routes}
     for r in routes:  # warm-up (allocator, oneDNN primitives), untimed
@@ -283,28 +352,38 @@ def main(argv: list[str] | None = None) -> int:
             times[r].append(sec)
             peaks[r] = max(peaks[r], peak)
             results[r] = res
-        print(f"repeat {rep + 1}/{args.repeats}: "
-              + ", ".join(f"{r} {times[r][-1]:.2f} s" for r in routes), flush=True)
+        print(
+            f"repeat {rep + 1}/{args.repeats}: "
+            + ", ".join(f"{r} {times[r][-1]:.2f} s" for r in routes),
+            flush=True,
+        )
 
     med = {r: statistics.median(t) for r, t in times.items()}
     per = {r: med[r] / samples[r] for r in routes}
-    print(f"\n{'route':<12}{'samples':>8}{'median s':>10}{'min s':>9}{'max s':>9}"
-          f"{'ms/sample':>11}{'samples/s':>11}{'peak RSS MiB':>14}")
+    print(
+        f"\n{'route':<12}{'samples':>8}{'median s':>10}{'min s':>9}{'max s':>9}"
+        f"{'ms/sample':>11}{'samples/s':>11}{'peak RSS MiB':>14}"
+    )
     for r in routes:
-        print(f"{r:<12}{samples[r]:>8}{med[r]:>10.3f}{min(times[r]):>9.3f}{max(times[r]):>9.3f}"
-              f"{1e3 * per[r]:>11.2f}{1 / per[r]:>11.1f}{peaks[r]:>14.1f}")
+        print(
+            f"{r:<12}{samples[r]:>8}{med[r]:>10.3f}{min(times[r]):>9.3f}{max(times[r]):>9.3f}"
+            f"{1e3 * per[r]:>11.2f}{1 / per[r]:>11.1f}{peaks[r]:>14.1f}"
+        )
     if device.type == "cuda":
-        print(f"peak CUDA memory (last route): "
-              f"{torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB")
-    print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} "
-          "MiB")
+        print(
+            f"peak CUDA memory (last route): "
+            f"{torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB"
+        )
+    print(f"process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MiB")
 
     status = 0
     if "fedmia" in routes and "naive" in routes:
         errs = max_rel_error(results["fedmia"], results["naive"], nn_)
         worst = max(errs.values())
-        print("fedmia vs naive, max |a−b|/max|b|: "
-              + ", ".join(f"{m} {e:.2e}" for m, e in errs.items()))
+        print(
+            "fedmia vs naive, max |a−b|/max|b|: "
+            + ", ".join(f"{m} {e:.2e}" for m, e in errs.items())
+        )
         if worst > TOLERANCE:
             print(f"ERROR: fedmia and naive disagree ({worst:.2e} > {TOLERANCE:.0e})")
             status = 1

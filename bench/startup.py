@@ -31,8 +31,9 @@ HEAVY = ("torch", "matplotlib", "pandas", "pyarrow", "scipy", "sklearn", "dp_acc
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scripts", type=Path, default=REPO / "workflow" / "scripts")
     p.add_argument("--smoke", action="store_true", help="one repeat (for CI)")
@@ -65,24 +66,36 @@ def preamble() -> str:
         Wildcards,
     )
 
-    cell = {"dataset": "digits", "model": "alexnet", "defense": "none", "partition": "iid",
-            "seed": 0}
+    cell = {
+        "dataset": "digits",
+        "model": "alexnet",
+        "defense": "none",
+        "partition": "iid",
+        "seed": 0,
+    }
     job = Snakemake(
         InputFiles(fromdict={"mdm": "results/mdm/digits/alexnet/none/iid/seed0.parquet"}),
         OutputFiles(fromdict={"loss": "results/attacks/loss.parquet"}),
         Params(fromdict={"cell": cell, "code": "0" * 16, "plugins": []}),
-        Wildcards(fromdict={k: str(v) for k, v in cell.items()}), 1, ResourceList(),
-        Log(["results/logs/attack.log"]), {}, "attack", None)
+        Wildcards(fromdict={k: str(v) for k, v in cell.items()}),
+        1,
+        ResourceList(),
+        Log(["results/logs/attack.log"]),
+        {},
+        "attack",
+        None,
+    )
     blob = pickle.dumps(job, protocol=4)
-    return (f"import pickle; snakemake = pickle.loads({blob!r}); "
-            "from snakemake.logging import logger; "
-            "from snakemake.iocontainers import Snakemake")
+    return (
+        f"import pickle; snakemake = pickle.loads({blob!r}); "
+        "from snakemake.logging import logger; "
+        "from snakemake.iocontainers import Snakemake"
+    )
 
 
 def report_modules() -> str:
     """Code printing which of :data:`HEAVY` the process imported."""
-    return (f"import sys; print('imported=' + ','.join(m for m in {HEAVY!r} "
-            "if m in sys.modules))")
+    return f"import sys; print('imported=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
 
 
 def timed(code: str) -> tuple[float, str]:
@@ -111,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             imported[name] = last.removeprefix("imported=")
     print(f"{'job':<18}{'median s':>10}{'min s':>8}{'max s':>8}  imports")
     for name, t in times.items():
-        print(f"{name:<18}{statistics.median(t):>10.3f}{min(t):>8.3f}{max(t):>8.3f}  "
-              f"{imported[name] or '-'}")
+        print(
+            f"{name:<18}{statistics.median(t):>10.3f}{min(t):>8.3f}{max(t):>8.3f}  "
+            f"{imported[name] or '-'}"
+        )
     print()
     for name, t in times.items():
         print(f"startup_s_{name}={statistics.median(t):.3f}")

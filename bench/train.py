@@ -48,8 +48,9 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--clients", type=int, default=10, help="clients K")
     p.add_argument("--samples-per-client", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=100)
@@ -57,8 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default); see bench/measures.py")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0: torch's default); see bench/measures.py",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat (for CI)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -74,14 +79,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def central_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: DeviceData,
-                  idx: torch.Tensor, test_idx: torch.Tensor, cfg: TrainConfig,
-                  gen: torch.Generator) -> None:
+def central_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: DeviceData,
+    idx: torch.Tensor,
+    test_idx: torch.Tensor,
+    cfg: TrainConfig,
+    gen: torch.Generator,
+) -> None:
     """One epoch of plain SGD over samples ``idx`` (one shuffled order), then a test pass."""
     model.train()
     order = idx[torch.randperm(idx.numel(), generator=gen).to(idx.device)]
     for start in range(0, order.numel(), cfg.batch_size):
-        x, y = data.batch(order[start:start + cfg.batch_size])
+        x, y = data.batch(order[start : start + cfg.batch_size])
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,8 +102,9 @@ def central_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, data: Devi
 
 def sgd(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer FedAvg's clients use, for the centralized side."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr_at(1), momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr_at(1), momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 def clock() -> tuple[float, float]:
@@ -114,16 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     images = rng.integers(0, 256, size=(total + args.test_samples, 3, 32, 32), dtype=np.uint8)
     labels = rng.integers(0, args.classes, size=total + args.test_samples)
-    data = DeviceData.from_arrays(images, labels, CIFAR100_MEAN, CIFAR100_STD, args.classes,
-                                  device)
+    data = DeviceData.from_arrays(images, labels, CIFAR100_MEAN, CIFAR100_STD, args.classes, device)
     all_idx = torch.arange(total, device=device)
     client_idx = list(all_idx.split(n))
     test_idx = torch.arange(total, total + args.test_samples, device=device)
     # two rounds (the second is timed); observe_every beyond them: only observe_rounds
-    cfgs = {"fedavg": TrainConfig(rounds=2, batch_size=args.batch_size, test_every=1,
-                                  observe_every=3, observe_rounds=()),
-            "fedavg_observed": TrainConfig(rounds=2, batch_size=args.batch_size, test_every=1,
-                                           observe_every=3, observe_rounds=(2,))}
+    cfgs = {
+        "fedavg": TrainConfig(
+            rounds=2, batch_size=args.batch_size, test_every=1, observe_every=3, observe_rounds=()
+        ),
+        "fedavg_observed": TrainConfig(
+            rounds=2, batch_size=args.batch_size, test_every=1, observe_every=3, observe_rounds=(2,)
+        ),
+    }
     cfg = cfgs["fedavg"]
     assert cfg.lr_at(1) == cfg.lr_at(2) and cfg.observed() == []
 
@@ -131,15 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     fl_init = fl_state.snapshot()
     central = build_model("alexnet", args.classes, seed=args.seed).to(device)
     central_init = {name: t.clone() for name, t in central.state_dict().items()}
-    print(f"AlexNet/{args.classes} classes; K={k} clients × {n} samples = {total}; "
-          f"batch {args.batch_size}; test pass {args.test_samples}; device={name}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"AlexNet/{args.classes} classes; K={k} clients × {n} samples = {total}; "
+        f"batch {args.batch_size}; test pass {args.test_samples}; device={name}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     # warm-up (allocator, oneDNN primitives), untimed: both sides on one client's samples
     for _ in run_fedavg(fl_state, data, client_idx[:1], test_idx, cfg, Defense(), args.seed):
         pass
-    central_epoch(central, sgd(central, cfg), data, client_idx[0], test_idx, cfg,
-                  torch.Generator())
+    central_epoch(central, sgd(central, cfg), data, client_idx[0], test_idx, cfg, torch.Generator())
     wall: dict[str, list[float]] = {r: [] for r in ROUTES}
     cpu: dict[str, list[float]] = {r: [] for r in ROUTES}
     for rep in range(args.repeats):
@@ -147,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             fl_state.load(fl_init)
             marks = []
             sync(device)
-            for _ in run_fedavg(fl_state, data, client_idx, test_idx, cfgs[route], Defense(),
-                                args.seed):
+            for _ in run_fedavg(
+                fl_state, data, client_idx, test_idx, cfgs[route], Defense(), args.seed
+            ):
                 sync(device)
                 marks.append(clock())
             wall[route].append(marks[1][0] - marks[0][0])
@@ -164,16 +181,23 @@ def main(argv: list[str] | None = None) -> int:
             marks.append(clock())
         wall["central"].append(marks[1][0] - marks[0][0])
         cpu["central"].append(marks[1][1] - marks[0][1])
-        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
-            f"{r} {t[-1]:.2f} s" for r, t in wall.items()), flush=True)
+        print(
+            f"repeat {rep + 1}/{args.repeats}: "
+            + ", ".join(f"{r} {t[-1]:.2f} s" for r, t in wall.items()),
+            flush=True,
+        )
 
     med = {r: statistics.median(t) for r, t in wall.items()}
     med_cpu = {r: statistics.median(t) for r, t in cpu.items()}
-    print(f"\n{'route':<16}{'median s':>10}{'min s':>9}{'max s':>9}{'samples/s':>11}"
-          f"{'median CPU s':>14}")
+    print(
+        f"\n{'route':<16}{'median s':>10}{'min s':>9}{'max s':>9}{'samples/s':>11}"
+        f"{'median CPU s':>14}"
+    )
     for r, t in wall.items():
-        print(f"{r:<16}{med[r]:>10.4f}{min(t):>9.3f}{max(t):>9.3f}{total / med[r]:>11.1f}"
-              f"{med_cpu[r]:>14.4f}")
+        print(
+            f"{r:<16}{med[r]:>10.4f}{min(t):>9.3f}{max(t):>9.3f}{total / med[r]:>11.1f}"
+            f"{med_cpu[r]:>14.4f}"
+        )
     print()
     print(f"fl_overhead={med['fedavg'] / med['central'] - 1:.4f}")
     print(f"fl_overhead_observed={med['fedavg_observed'] / med['central'] - 1:.4f}")

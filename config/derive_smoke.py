@@ -60,8 +60,13 @@ def _dataset(key: str, block: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if key == "cifar100":
         return DATASETS[key], {"kind": "digits", "image_size": 32, "test_fraction": 0.6}
     if block["kind"] == "dermnet":
-        out = {**block, "root": STANDIN_ROOT, "image_size": STANDIN["image_size"],
-               "pool_size": K * SAMPLES, "test_size": TEST}
+        out = {
+            **block,
+            "root": STANDIN_ROOT,
+            "image_size": STANDIN["image_size"],
+            "pool_size": K * SAMPLES,
+            "test_size": TEST,
+        }
         return key, out
     raise ValueError(f"no smoke rule for dataset '{key}' (kind {block['kind']}); add one")
 
@@ -103,12 +108,20 @@ def derive(paper: dict[str, Any]) -> dict[str, Any]:
     for block in paper["grid"]:
         for part in block["partitions"]:
             meets.setdefault(part, set()).update(DATASETS.get(d, d) for d in block["datasets"])
-    out["partitions"] = {k: _partition(v, all(pooled[d] for d in meets.get(k, ())))
-                         for k, v in paper["partitions"].items()}
+    out["partitions"] = {
+        k: _partition(v, all(pooled[d] for d in meets.get(k, ())))
+        for k, v in paper["partitions"].items()
+    }
     members = min(p["eval_members_per_client"] for p in out["partitions"].values())
     out["defenses"] = paper["defenses"]
-    out["train"] = {**paper["train"], "rounds": ROUNDS, "observe_every": OBSERVE,
-                    "observe_rounds": [1], "local_epochs": 1, "batch_size": 10}
+    out["train"] = {
+        **paper["train"],
+        "rounds": ROUNDS,
+        "observe_every": OBSERVE,
+        "observe_rounds": [1],
+        "local_epochs": 1,
+        "batch_size": 10,
+    }
     for section in ("measure", "attack", "report"):
         if section in paper:
             out[section] = paper[section]
@@ -123,8 +136,10 @@ def derive(paper: dict[str, Any]) -> dict[str, Any]:
                 block["defenses"] = _first_of_each_kind(block["defenses"], paper["defenses"])
         block["datasets"] = [DATASETS.get(dataset, dataset)]
         if "official" in block.get("attack", {}):
-            block["attack"] = {**block["attack"],
-                               "official": _official(block["attack"]["official"], members)}
+            block["attack"] = {
+                **block["attack"],
+                "official": _official(block["attack"]["official"], members),
+            }
         others = [m for m in block["models"] if m != FULL_MODEL]
         grid.append({**block, "models": [FULL_MODEL]})
         if others and block["defenses"] == ["none"]:

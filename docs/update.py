@@ -48,11 +48,15 @@ RUNS = {
     "fashion_mnist": ("config/fashion_mnist.yaml", "Fashion-MNIST, AlexNet, K = 10"),
     "smoke": ("config/paper_smoke.yaml", "the paper's grid shape, tiny (a smoke test)"),
     "defenses": ("config/defenses.yaml", "digits, every defense kind"),
-    "fashion_mnist_defenses": ("config/fashion_mnist_defenses.yaml",
-                               "Fashion-MNIST, six defense kinds"),
+    "fashion_mnist_defenses": (
+        "config/fashion_mnist_defenses.yaml",
+        "Fashion-MNIST, six defense kinds",
+    ),
     "audit": ("config/audit.yaml", "the one-run ε audit"),
-    "flower": ("examples/flower/audit.yaml",
-               "a real Flower training (examples/flower), recorded and audited"),
+    "flower": (
+        "examples/flower/audit.yaml",
+        "a real Flower training (examples/flower), recorded and audited",
+    ),
 }
 TABLES = ("attacks.csv", "findings.csv", "privacy_utility.csv", "hypervolume.csv")
 #: The attacks the summary tables show (code names), in order.
@@ -61,21 +65,33 @@ SHOWN = ("loss", "loss_series", "fedmia_loss", "cos", "cos_series", "fedmia_cos"
 
 def _git_commit(run: Path) -> str:
     """The commit the run's folder is checked out at (a run inside a clone: the clone's)."""
-    r = subprocess.run(["git", "-C", str(run), "rev-parse", "--short", "HEAD"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["git", "-C", str(run), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
     return r.stdout.strip() or "unknown"
 
 
-REGIME_COLUMNS = ["dataset", "model", "defense", "partition", "seed", "rounds",
-                  "diverged_round", "test_accuracy", "best_test_accuracy",
-                  "client_train_accuracy"]
+REGIME_COLUMNS = [
+    "dataset",
+    "model",
+    "defense",
+    "partition",
+    "seed",
+    "rounds",
+    "diverged_round",
+    "test_accuracy",
+    "best_test_accuracy",
+    "client_train_accuracy",
+]
 
 
 def _regime(run: Path) -> pd.DataFrame:
     """One row per cell: final and best test accuracy, the clients' last train accuracy."""
     rows = []
-    manifests = [*(run / "results" / "train").rglob("manifest.json"),
-                 *(run / "results" / "imported").rglob("manifest.json")]
+    manifests = [
+        *(run / "results" / "train").rglob("manifest.json"),
+        *(run / "results" / "imported").rglob("manifest.json"),
+    ]
     for man in sorted(manifests):
         m = json.loads(man.read_text())
         train_acc = float("nan")  # an imported recording has no clients' history
@@ -84,11 +100,16 @@ def _regime(run: Path) -> pd.DataFrame:
             clients = h[h["client_id"] >= 0]
             last = clients[clients["round"] == clients["round"].max()]
             train_acc = float(last["train_accuracy"].mean())
-        rows.append({k: m[k] for k in ("dataset", "model", "defense", "partition", "seed")}
-                    | {"rounds": m["rounds"], "diverged_round": m.get("diverged_round"),
-                       "test_accuracy": m["final_test_accuracy"],
-                       "best_test_accuracy": m.get("best_test_accuracy"),
-                       "client_train_accuracy": train_acc})
+        rows.append(
+            {k: m[k] for k in ("dataset", "model", "defense", "partition", "seed")}
+            | {
+                "rounds": m["rounds"],
+                "diverged_round": m.get("diverged_round"),
+                "test_accuracy": m["final_test_accuracy"],
+                "best_test_accuracy": m.get("best_test_accuracy"),
+                "client_train_accuracy": train_acc,
+            }
+        )
     return pd.DataFrame(rows, columns=REGIME_COLUMNS)
 
 
@@ -96,8 +117,9 @@ def collect(name: str, run: Path) -> None:
     """Copy what the pages need of run ``name`` (working directory ``run``) to docs/data."""
     tables = run / "results" / "tables"
     if not (tables / "attacks.csv").is_file():
-        raise SystemExit(f"{tables / 'attacks.csv'} does not exist: finish the '{name}' run "
-                         f"in {run} first")
+        raise SystemExit(
+            f"{tables / 'attacks.csv'} does not exist: finish the '{name}' run in {run} first"
+        )
     out = DATA / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -106,19 +128,29 @@ def collect(name: str, run: Path) -> None:
             shutil.copyfile(tables / t, out / t)
     _regime(run).to_csv(out / "regime.csv", index=False)
     seconds = float((run / "TIME").read_text().split()[-1]) if (run / "TIME").is_file() else None
-    figures = sorted((run / "results" / "figures").rglob("rounds.png"),
-                     key=lambda f: ("/none/" not in str(f), "/iid/" not in str(f), str(f)))
+    figures = sorted(
+        (run / "results" / "figures").rglob("rounds.png"),
+        key=lambda f: ("/none/" not in str(f), "/iid/" not in str(f), str(f)),
+    )
     figure = figures[0] if figures else None
     if figure is not None:
         shutil.copyfile(figure, out / "rounds.png")
     for extra in ("privacy_utility_cos.png", "privacy_audit.png"):
         if (run / "results" / "figures" / extra).is_file():
             shutil.copyfile(run / "results" / "figures" / extra, out / extra)
-    (out / "run.json").write_text(json.dumps({
-        "config": RUNS[name][0], "commit": _git_commit(run), "seconds": seconds,
-        "figure": str(figure.relative_to(run)) if figure else None,
-        "note": (run / "NOTE").read_text().strip() if (run / "NOTE").is_file() else None},
-        indent=1) + "\n")
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "config": RUNS[name][0],
+                "commit": _git_commit(run),
+                "seconds": seconds,
+                "figure": str(figure.relative_to(run)) if figure else None,
+                "note": (run / "NOTE").read_text().strip() if (run / "NOTE").is_file() else None,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"docs/data/{name} <- {run}")
 
 
@@ -155,41 +187,56 @@ def _labels() -> dict[str, str]:
 def _headline(attacks: pd.DataFrame, protocol: str, selection: str) -> pd.DataFrame:
     """Per setting: TPR@1 %, TPR@0.1 % and AUC of the paper's attacks, with intervals."""
     labels = _labels()
-    part = attacks[(attacks.protocol == protocol)
-                   & attacks.single_round.isin([selection, "all attacked rounds"])
-                   & attacks.attack.isin(SHOWN)]
+    part = attacks[
+        (attacks.protocol == protocol)
+        & attacks.single_round.isin([selection, "all attacked rounds"])
+        & attacks.attack.isin(SHOWN)
+    ]
     rows = []
     for (ds, model, defense, partition), g in part.groupby(
-            ["dataset", "model", "defense", "partition"], sort=False):
-        for metric, label, scale in (("tpr@1%", "TPR@1% (%)", 100), ("auc", "AUC", 1),
-                                     ("tpr@0.1%", "TPR@0.1% (%)", 100)):
+        ["dataset", "model", "defense", "partition"], sort=False
+    ):
+        for metric, label, scale in (
+            ("tpr@1%", "TPR@1% (%)", 100),
+            ("auc", "AUC", 1),
+            ("tpr@0.1%", "TPR@0.1% (%)", 100),
+        ):
             m = g[g.metric == metric].set_index("attack")
             few = bool(m["low_count"].astype(bool).any()) if len(m) else False
-            row = {"setting": f"{ds} / {model} / {defense} / {partition}",
-                   "metric": label + (" < 10 FP" if few else "")}
+            row = {
+                "setting": f"{ds} / {model} / {defense} / {partition}",
+                "metric": label + (" < 10 FP" if few else ""),
+            }
             for a in SHOWN:
                 r = m.loc[a] if a in m.index else None
-                row[labels.get(a, a)] = ("n/a" if r is None else
-                                         _fmt(r["mean"], r["ci_low"], r["ci_high"], scale,
-                                              2 if scale == 100 else 3))
+                row[labels.get(a, a)] = (
+                    "n/a"
+                    if r is None
+                    else _fmt(r["mean"], r["ci_low"], r["ci_high"], scale, 2 if scale == 100 else 3)
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _strongest(attacks: pd.DataFrame, protocol: str, selection: str, k: int = 5
-               ) -> pd.DataFrame:
+def _strongest(attacks: pd.DataFrame, protocol: str, selection: str, k: int = 5) -> pd.DataFrame:
     """The k strongest attacks by TPR@1 % per setting (every registered attack)."""
     labels = _labels()
-    part = attacks[(attacks.protocol == protocol) & (attacks.metric == "tpr@1%")
-                   & attacks.single_round.isin([selection, "all attacked rounds"])]
+    part = attacks[
+        (attacks.protocol == protocol)
+        & (attacks.metric == "tpr@1%")
+        & attacks.single_round.isin([selection, "all attacked rounds"])
+    ]
     rows = []
     part = part[part.defense == "none"] if (part.defense == "none").any() else part
-    for (ds, model, partition), g in part.groupby(["dataset", "model", "partition"],
-                                                  sort=False):
+    for (ds, model, partition), g in part.groupby(["dataset", "model", "partition"], sort=False):
         for r in g.sort_values("mean", ascending=False).head(k).itertuples():
-            rows.append({"setting": f"{ds} / {model} / {partition}",
-                         "attack": labels.get(r.attack, r.attack),
-                         "TPR@1% (%)": _fmt(r.mean, r.ci_low, r.ci_high, 100, 2)})
+            rows.append(
+                {
+                    "setting": f"{ds} / {model} / {partition}",
+                    "attack": labels.get(r.attack, r.attack),
+                    "TPR@1% (%)": _fmt(r.mean, r.ci_low, r.ci_high, 100, 2),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -198,77 +245,123 @@ def _findings(findings: pd.DataFrame, protocol: str) -> pd.DataFrame:
     rows = []
     for r in f.itertuples():
         scale = 1 if r.metric == "auc" else 100
-        rows.append({"setting": f"{r.dataset} / {r.defense} / {r.partition}",
-                     "single-round at": r.single_round, "claim": r.finding,
-                     "comparison": r.comparison, "metric": r.metric,
-                     "difference": _fmt(r.difference, r.ci_low, r.ci_high, scale, 3),
-                     "verdict": r.verdict, "runs": getattr(r, "n_runs", "")})
+        rows.append(
+            {
+                "setting": f"{r.dataset} / {r.defense} / {r.partition}",
+                "single-round at": r.single_round,
+                "claim": r.finding,
+                "comparison": r.comparison,
+                "metric": r.metric,
+                "difference": _fmt(r.difference, r.ci_low, r.ci_high, scale, 3),
+                "verdict": r.verdict,
+                "runs": getattr(r, "n_runs", ""),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _run_header(name: str, info: dict, regime: pd.DataFrame) -> list[str]:
-    lines = [f"## {name}: {RUNS[name][1]}", "",
-             f"`snakemake --cores all --configfile {info['config']}` — "
-             f"{_minutes(info['seconds'])} on the 2-core CPU development machine, at commit "
-             f"`{info['commit']}`{'; ' + info['note'] if info.get('note') else ''}.", ""]
+    lines = [
+        f"## {name}: {RUNS[name][1]}",
+        "",
+        f"`snakemake --cores all --configfile {info['config']}` — "
+        f"{_minutes(info['seconds'])} on the 2-core CPU development machine, at commit "
+        f"`{info['commit']}`{'; ' + info['note'] if info.get('note') else ''}.",
+        "",
+    ]
     if len(regime):
-        reg = regime.groupby(["dataset", "model", "defense", "partition"], sort=False).agg(
-            seeds=("seed", "nunique"), rounds=("rounds", "max"),
-            test_accuracy=("test_accuracy", "mean"),
-            client_train_accuracy=("client_train_accuracy", "mean"),
-            diverged=("diverged_round", lambda v: int(v.notna().sum()))).reset_index()
+        reg = (
+            regime.groupby(["dataset", "model", "defense", "partition"], sort=False)
+            .agg(
+                seeds=("seed", "nunique"),
+                rounds=("rounds", "max"),
+                test_accuracy=("test_accuracy", "mean"),
+                client_train_accuracy=("client_train_accuracy", "mean"),
+                diverged=("diverged_round", lambda v: int(v.notna().sum())),
+            )
+            .reset_index()
+        )
         if len(reg) <= 12:
             reg["test_accuracy"] = reg["test_accuracy"].map("{:.3f}".format)
             reg["client_train_accuracy"] = reg["client_train_accuracy"].map(
-                lambda v: "n/a (imported)" if math.isnan(v) else f"{v:.3f}")
-            lines += ["The regime (final global model's test accuracy; the clients' training "
-                      "accuracy in the last round, averaged):", "", _md(reg)]
+                lambda v: "n/a (imported)" if math.isnan(v) else f"{v:.3f}"
+            )
+            lines += [
+                "The regime (final global model's test accuracy; the clients' training "
+                "accuracy in the last round, averaged):",
+                "",
+                _md(reg),
+            ]
         else:
-            lines += [f"{len(regime)} cells; {int(regime['diverged_round'].notna().sum())} "
-                      "diverged (flagged results, chance utility).", ""]
+            lines += [
+                f"{len(regime)} cells; {int(regime['diverged_round'].notna().sum())} "
+                "diverged (flagged results, chance utility).",
+                "",
+            ]
     return lines
 
 
 def render_results() -> str:
     """docs/results.md from every run in docs/data."""
-    out = ["# Results", "",
-           "GENERATED by `python docs/update.py` from the documented runs (their commands "
-           "and the commit each ran at are in each section). Intervals are 95 % bootstrap "
-           "intervals (over targets and seeds; \"Honest numbers\" in "
-           "[conventions.md](conventions.md)); a TPR row marked `< 10 FP` rests on fewer "
-           "than 10 false positives: read it as a wide range. Results of earlier versions: "
-           "[results_history.md](results_history.md).", ""]
+    out = [
+        "# Results",
+        "",
+        "GENERATED by `python docs/update.py` from the documented runs (their commands "
+        "and the commit each ran at are in each section). Intervals are 95 % bootstrap "
+        'intervals (over targets and seeds; "Honest numbers" in '
+        "[conventions.md](conventions.md)); a TPR row marked `< 10 FP` rests on fewer "
+        "than 10 false positives: read it as a wide range. Results of earlier versions: "
+        "[results_history.md](results_history.md).",
+        "",
+    ]
     for name in RUNS:
         folder = DATA / name
         if not (folder / "run.json").is_file():
             continue
         info = json.loads((folder / "run.json").read_text())
         attacks = pd.read_csv(folder / "attacks.csv")
-        regime = pd.read_csv(folder / "regime.csv") if (folder / "regime.csv").is_file() \
+        regime = (
+            pd.read_csv(folder / "regime.csv")
+            if (folder / "regime.csv").is_file()
             else pd.DataFrame()
+        )
         out += _run_header(name, info, regime)
-        selections = [s for s in dict.fromkeys(attacks.single_round)
-                      if s != "all attacked rounds"]
+        selections = [s for s in dict.fromkeys(attacks.single_round) if s != "all attacked rounds"]
         selection = "last" if "last" in selections else (selections or ["last"])[0]
         for protocol in dict.fromkeys(attacks.protocol):
             table = _headline(attacks, protocol, selection)
             if len(table) and len(table) <= 60:
-                out += [f"**Protocol `{protocol}`**, single-round attacks at `{selection}` "
-                        "(the paper's attacks; every attack and section: "
-                        f"`results/tables/attacks.md` of the run):", "", _md(table)]
+                out += [
+                    f"**Protocol `{protocol}`**, single-round attacks at `{selection}` "
+                    "(the paper's attacks; every attack and section: "
+                    f"`results/tables/attacks.md` of the run):",
+                    "",
+                    _md(table),
+                ]
         strong = _strongest(attacks, "aligned", selection)
         if len(strong):
-            out += ["The strongest attacks by TPR@1 % (aligned protocol; every registered "
-                    "attack, the undefended model):", "", _md(strong)]
+            out += [
+                "The strongest attacks by TPR@1 % (aligned protocol; every registered "
+                "attack, the undefended model):",
+                "",
+                _md(strong),
+            ]
         if (folder / "findings.csv").is_file():
             f = _findings(pd.read_csv(folder / "findings.csv"), "aligned")
             if len(f) and len(f) <= 80:
-                out += ["The findings as tested claims (aligned protocol; AUC, TPR@1 % in "
-                        "points):", "", _md(f)]
+                out += [
+                    "The findings as tested claims (aligned protocol; AUC, TPR@1 % in points):",
+                    "",
+                    _md(f),
+                ]
         if (folder / "rounds.png").is_file():
             shutil.copyfile(folder / "rounds.png", DOCS / f"{name}_rounds.png")
-            out += [f"![attack success per round, {name}]({name}_rounds.png)", "",
-                    f"*`{info['figure']}` of the run.*", ""]
+            out += [
+                f"![attack success per round, {name}]({name}_rounds.png)",
+                "",
+                f"*`{info['figure']}` of the run.*",
+                "",
+            ]
     return "\n".join(out)
 
 
@@ -277,31 +370,39 @@ def render_results() -> str:
 EVIDENCE = ("default", "fashion_mnist", "defenses", "fashion_mnist_defenses")
 #: The paper's claims (2025 version), in order, for docs/reproduction.md.
 CLAIMS = (
-    ("multi-round beats single-round (II vs I)",
-     "Finding 1: combining rounds (Loss-II, Cos-II) beats a single round (Loss-I, Cos-I)."),
-    ("other clients' models help (III vs II)",
-     "Finding 2: the other clients' models (FedMIA, III) beat the series alone (II)."),
-    ("other clients' models help (III vs I)",
-     "Finding 2': FedMIA (III) beats the single-round attack (I)."),
-    ("non-iid leaks more than iid",
-     "Finding 3: non-iid data leaks more than iid."),
+    (
+        "multi-round beats single-round (II vs I)",
+        "Finding 1: combining rounds (Loss-II, Cos-II) beats a single round (Loss-I, Cos-I).",
+    ),
+    (
+        "other clients' models help (III vs II)",
+        "Finding 2: the other clients' models (FedMIA, III) beat the series alone (II).",
+    ),
+    (
+        "other clients' models help (III vs I)",
+        "Finding 2': FedMIA (III) beats the single-round attack (I).",
+    ),
+    ("non-iid leaks more than iid", "Finding 3: non-iid data leaks more than iid."),
 )
 
 
 def render_reproduction() -> str:
     """docs/reproduction.md: the paper's claims one by one, with fedmia's verdicts."""
-    out = ["# The paper's claims, checked", "",
-           "GENERATED by `python docs/update.py` from the documented runs "
-           "([results.md](results.md) has their settings). For each claim of Zhu et al. "
-           "(arXiv 2402.06289, 2025 version), fedmia's measured verdict in every setting run "
-           "here, under both non-member protocols: `holds` — the 95 % interval of the paired "
-           "difference lies above 0; `fails` — below; `inconclusive` — it contains 0; "
-           "`(1 run)` — one seed, a statement about that training run only. The paper "
-           "measured CIFAR-100 and Dermnet at 300 rounds on a GPU; the runs here are CPU-scale "
-           "(digits, Fashion-MNIST), so a verdict here is evidence about the claim, not a "
-           "replication of the paper's numbers ([conventions.md](conventions.md) lists "
-           "where the official code's conventions differ and what they do to the numbers).",
-           ""]
+    out = [
+        "# The paper's claims, checked",
+        "",
+        "GENERATED by `python docs/update.py` from the documented runs "
+        "([results.md](results.md) has their settings). For each claim of Zhu et al. "
+        "(arXiv 2402.06289, 2025 version), fedmia's measured verdict in every setting run "
+        "here, under both non-member protocols: `holds` — the 95 % interval of the paired "
+        "difference lies above 0; `fails` — below; `inconclusive` — it contains 0; "
+        "`(1 run)` — one seed, a statement about that training run only. The paper "
+        "measured CIFAR-100 and Dermnet at 300 rounds on a GPU; the runs here are CPU-scale "
+        "(digits, Fashion-MNIST), so a verdict here is evidence about the claim, not a "
+        "replication of the paper's numbers ([conventions.md](conventions.md) lists "
+        "where the official code's conventions differ and what they do to the numbers).",
+        "",
+    ]
     frames = []
     for name in EVIDENCE:
         f = DATA / name / "findings.csv"
@@ -317,21 +418,42 @@ def render_reproduction() -> str:
             out += ["Not measured in the documented runs.", ""]
             continue
         counts = rows.verdict.str.replace(r" \(1 run\)", "", regex=True).value_counts()
-        out += ["Verdicts on the AUC over all runs, settings, protocols and selections: "
-                + ", ".join(f"{v} {n}" for v, n in counts.items()) + ".", ""]
+        out += [
+            "Verdicts on the AUC over all runs, settings, protocols and selections: "
+            + ", ".join(f"{v} {n}" for v, n in counts.items())
+            + ".",
+            "",
+        ]
         table = rows.assign(
-            difference=[_fmt(d, lo, hi) for d, lo, hi in zip(rows.difference, rows.ci_low,
-                                                              rows.ci_high, strict=True)])
-        table = table[["run", "dataset", "defense", "partition", "protocol", "single_round",
-                       "comparison", "difference", "verdict"]]
+            difference=[
+                _fmt(d, lo, hi)
+                for d, lo, hi in zip(rows.difference, rows.ci_low, rows.ci_high, strict=True)
+            ]
+        )
+        table = table[
+            [
+                "run",
+                "dataset",
+                "defense",
+                "partition",
+                "protocol",
+                "single_round",
+                "comparison",
+                "difference",
+                "verdict",
+            ]
+        ]
         out += [_md(table)]
     pu_frames = []
     for name in EVIDENCE:
         hv = DATA / name / "hypervolume.csv"
         if hv.is_file():
             pu_frames.append(pd.read_csv(hv).assign(run=name))
-    out += ["## The paper's recommendation: data replacement (MixUp, InstaHide, augmentation, "
-            "sampling) gives a better privacy–utility balance than gradient perturbation", ""]
+    out += [
+        "## The paper's recommendation: data replacement (MixUp, InstaHide, augmentation, "
+        "sampling) gives a better privacy–utility balance than gradient perturbation",
+        "",
+    ]
     if pu_frames:
         hv = pd.concat(pu_frames, ignore_index=True)
         replacement = {"mixup", "instahide", "augment", "subsample", "compose"}
@@ -340,18 +462,34 @@ def render_reproduction() -> str:
         for (run, ds, attack), g in hv.groupby(["run", "dataset", "attack"], sort=False):
             rep = g[g.kind.isin(replacement)]["hypervolume"].max()
             grad = g[~g.kind.isin(replacement)]["hypervolume"].max()
-            rows.append({"run": run, "dataset": ds, "attack": attack,
-                         "best data replacement": f"{rep:.3f}",
-                         "best gradient perturbation": f"{grad:.3f}",
-                         "larger": "data replacement" if rep > grad else
-                         "gradient perturbation" if grad > rep else "tie"})
-        out += ["Table 2's hypervolume (larger: lower leakage at lower utility loss), the "
-                "best kind of each family, aligned protocol, multi-round attacks (one seed: "
-                "no interval; see the runs' caption notes):", "", _md(pd.DataFrame(rows))]
+            rows.append(
+                {
+                    "run": run,
+                    "dataset": ds,
+                    "attack": attack,
+                    "best data replacement": f"{rep:.3f}",
+                    "best gradient perturbation": f"{grad:.3f}",
+                    "larger": "data replacement"
+                    if rep > grad
+                    else "gradient perturbation"
+                    if grad > rep
+                    else "tie",
+                }
+            )
+        out += [
+            "Table 2's hypervolume (larger: lower leakage at lower utility loss), the "
+            "best kind of each family, aligned protocol, multi-round attacks (one seed: "
+            "no interval; see the runs' caption notes):",
+            "",
+            _md(pd.DataFrame(rows)),
+        ]
     else:
-        out += ["No documented run with defenses in docs/data yet; the last measured "
-                "verdict (fedmia 0.1.0, digits and Fashion-MNIST): not supported beyond noise "
-                "— [results_history.md](results_history.md).", ""]
+        out += [
+            "No documented run with defenses in docs/data yet; the last measured "
+            "verdict (fedmia 0.1.0, digits and Fashion-MNIST): not supported beyond noise "
+            "— [results_history.md](results_history.md).",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -361,8 +499,10 @@ def main(argv: list[str]) -> int:
         name, sep, folder = arg.partition("=")
         if not sep or name not in RUNS:
             print(__doc__, file=sys.stderr)
-            print(f"usage: python docs/update.py [NAME=DIR ...] (NAME in {list(RUNS)})",
-                  file=sys.stderr)
+            print(
+                f"usage: python docs/update.py [NAME=DIR ...] (NAME in {list(RUNS)})",
+                file=sys.stderr,
+            )
             return 2
         collect(name, Path(folder))
     (DOCS / "results.md").write_text(render_results())

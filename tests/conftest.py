@@ -56,8 +56,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_workflow(snakemake_cmd, tmp_path_factory
-                  ) -> tuple[Path, Path, subprocess.CompletedProcess]:
+def tiny_workflow(
+    snakemake_cmd, tmp_path_factory
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """One real run of the tiny workflow (``.test/config``), shared by the tests that read
     its results or plan reruns from it: ``(workdir, configfile, completed snakemake)``.
 
@@ -71,8 +72,17 @@ def tiny_workflow(snakemake_cmd, tmp_path_factory
     """
     wd = tmp_path_factory.mktemp("tiny_workflow")
     cfg = REPO / ".test" / "config" / "config.yaml"
-    argv = [*snakemake_cmd, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--cores", "2",
-            "--configfile", str(cfg)]
+    argv = [
+        *snakemake_cmd,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(wd),
+        "--cores",
+        "2",
+        "--configfile",
+        str(cfg),
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return wd, cfg, r

@@ -79,8 +79,10 @@ def reference_pld_epsilon(z: float, rounds: int, delta: float) -> float:
 
 def consistent(report: EpsilonReport) -> bool:
     """RDP ≥ PLD up to PLD's step, and RDP within 1.5× PLD (same relation in both)."""
-    return (report.epsilon_rdp >= report.epsilon_pld - report.pld_interval
-            and report.epsilon_rdp <= 1.5 * report.epsilon_pld)
+    return (
+        report.epsilon_rdp >= report.epsilon_pld - report.pld_interval
+        and report.epsilon_rdp <= 1.5 * report.epsilon_pld
+    )
 
 
 def test_noise_multiplier_is_half_sigma():
@@ -95,8 +97,9 @@ def test_rdp_matches_the_gaussian_rdp_formula(sigma, rounds):
     assert report.epsilon_rdp == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize(("sigma", "rounds", "delta"), [(4.0, 30, 1e-5), (1.0, 10, 1e-6),
-                                                        (10.0, 1, 1e-5)])
+@pytest.mark.parametrize(
+    ("sigma", "rounds", "delta"), [(4.0, 30, 1e-5), (1.0, 10, 1e-6), (10.0, 1, 1e-5)]
+)
 def test_pld_matches_the_exact_gaussian_profile(sigma, rounds, delta):
     report = accounted_epsilon(sigma, rounds, delta=delta)
     exact = reference_pld_epsilon(sigma / 2, rounds, delta)
@@ -116,8 +119,9 @@ def test_rdp_bounds_pld_over_a_grid():
 def test_a_relation_mismatch_is_caught(monkeypatch):
     # The PLD accountant under REPLACE_ONE doubles the sensitivity: ≈ 3× the RDP value at
     # the same σ, which the consistency check rejects.
-    monkeypatch.setattr(accounting, "neighboring_relation",
-                        lambda: dp_accounting.NeighboringRelation.REPLACE_ONE)
+    monkeypatch.setattr(
+        accounting, "neighboring_relation", lambda: dp_accounting.NeighboringRelation.REPLACE_ONE
+    )
     report = accounted_epsilon(4.0, 30)
     assert not consistent(report)
     assert report.epsilon_pld == pytest.approx(reference_pld_epsilon(1.0, 30, 1e-5), abs=0.01)
@@ -173,8 +177,9 @@ def test_report_is_flat():
 
 def cell_epsilon(block, rounds=30, unnoised=False):
     """ε of a defense block as the train stage records it and the report reads it."""
-    record = cell_privacy(defense_from_config(block).privacy(), rounds=rounds,
-                          unnoised_state=unnoised)
+    record = cell_privacy(
+        defense_from_config(block).privacy(), rounds=rounds, unnoised_state=unnoised
+    )
     return None if record is None else record_epsilon(record, delta=1e-5)
 
 
@@ -194,14 +199,25 @@ def test_each_defense_declares_its_own_event():
     assert math.isinf(zero.epsilon_rdp) and "σ = 0" in zero.note
     # training-time steps act before the upload, upload-only ones after dp are
     # post-processing: dp's ε holds whatever their place
-    aug = {"kind": "compose", "steps": [{"kind": "augment"}, dp,
-                                        {"kind": "quantize", "bits": 8}]}
+    aug = {"kind": "compose", "steps": [{"kind": "augment"}, dp, {"kind": "quantize", "bits": 8}]}
     assert cell_epsilon(aug).epsilon_rdp == pytest.approx(rep.epsilon_rdp)
-    assert math.isinf(cell_epsilon({"kind": "compose", "steps": [
-        {"kind": "augment"}, {"kind": "dp_param_noise", "sigma": 0.01}]}).epsilon_rdp)
-    assert cell_epsilon({"kind": "compose", "steps": [{"kind": "augment"},
-                                                      {"kind": "subsample",
-                                                       "fraction": 0.5}]}) is None
+    assert math.isinf(
+        cell_epsilon(
+            {
+                "kind": "compose",
+                "steps": [{"kind": "augment"}, {"kind": "dp_param_noise", "sigma": 0.01}],
+            }
+        ).epsilon_rdp
+    )
+    assert (
+        cell_epsilon(
+            {
+                "kind": "compose",
+                "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
+            }
+        )
+        is None
+    )
 
 
 def test_a_plugin_defense_declares_a_mechanism_and_a_step_it_cannot_vouch_for(monkeypatch):
@@ -235,7 +251,14 @@ def test_a_plugin_defense_declares_a_mechanism_and_a_step_it_cannot_vouch_for(mo
 
 
 def test_an_event_survives_the_manifest():
-    event = dp_accounting.SelfComposedDpEvent(dp_accounting.ComposedDpEvent(
-        [dp_accounting.GaussianDpEvent(0.5), dp_accounting.NoOpDpEvent(),
-         dp_accounting.NonPrivateDpEvent()]), 7)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.GaussianDpEvent(0.5),
+                dp_accounting.NoOpDpEvent(),
+                dp_accounting.NonPrivateDpEvent(),
+            ]
+        ),
+        7,
+    )
     assert event_from_dict(json.loads(json.dumps(event_to_dict(event)))) == event

@@ -30,9 +30,20 @@ from fedmia.attacker.uncertainty import stratified_replicates
 from fedmia.core.contracts import CELL_KEYS, MEASURES, REPLICATE_COLUMNS, RESULT_COLUMNS
 
 SINGLE = ["loss", "cos", "grad_norm", "grad_diff"]
-MULTI = ["loss_series", "cos_series", "grad_diff_series", "fedmia_loss", "fedmia_cos",
-         "lira_conf", "lira_cos", "lira_conf_sum", "lira_cos_sum", "lira_conf_cos_sum", "rmia",
-         "rmia_sum"]
+MULTI = [
+    "loss_series",
+    "cos_series",
+    "grad_diff_series",
+    "fedmia_loss",
+    "fedmia_cos",
+    "lira_conf",
+    "lira_cos",
+    "lira_conf_sum",
+    "lira_cos_sum",
+    "lira_conf_cos_sum",
+    "rmia",
+    "rmia_sum",
+]
 ALIGNED = {"protocols": ["aligned"]}
 
 
@@ -45,12 +56,20 @@ def make_table(values: dict[str, np.ndarray], rounds, clients, sample_ids) -> pd
     shape = (len(rounds), len(clients), len(sample_ids))
     rr, cc, ss = np.meshgrid(rounds, clients, sample_ids, indexing="ij")
     cols = {m: np.broadcast_to(values.get(m, 0.0), shape).ravel() for m in MEASURES}
-    return pd.DataFrame({"round": rr.ravel(), "client_id": cc.ravel(),
-                         "sample_id": ss.ravel(), **cols})
+    return pd.DataFrame(
+        {"round": rr.ravel(), "client_id": cc.ravel(), "sample_id": ss.ravel(), **cols}
+    )
 
 
-def world(separation: float, *, k: int = 5, per_client: int = 30, held_out: int = 50,
-          rounds=(1, 10, 20), seed: int = 0):
+def world(
+    separation: float,
+    *,
+    k: int = 5,
+    per_client: int = 30,
+    held_out: int = 50,
+    rounds=(1, 10, 20),
+    seed: int = 0,
+):
     """A cell whose members differ from non-members by ``separation`` noise units.
 
     Sample ids are scattered, not positions. Under its owner's upload a sample has
@@ -70,7 +89,8 @@ def world(separation: float, *, k: int = 5, per_client: int = 30, held_out: int 
         "cos": separation * on_own + noise(),
         "grad_diff": separation * on_own + noise(),
         "grad_norm": np.broadcast_to(
-            1.0 - separation * (own == 0) + rng.random((len(rounds), 1, n)), shape),
+            1.0 - separation * (own == 0) + rng.random((len(rounds), 1, n)), shape
+        ),
         "logit_conf": separation * on_own + noise(),
     }
     return make_table(values, rounds, np.arange(k), sample_ids), owner
@@ -116,8 +136,9 @@ def test_attack_kinds():
 def test_output_columns_and_rounds():
     mdm, owner = world(separation=0.5)
     for name in ATTACKS.names():
-        res = run_attack(name, mdm, owner, targets=[1, 3], roc_points=20,
-                         official=OfficialProtocol(draws=3))
+        res = run_attack(
+            name, mdm, owner, targets=[1, 3], roc_points=20, official=OfficialProtocol(draws=3)
+        )
         assert list(res.columns) == list(RESULT_COLUMNS)
         assert (res.roc_fpr.map(len) <= 20).all()
         rounds = {-1} if name in MULTI else {1, 10, 20}
@@ -125,7 +146,10 @@ def test_output_columns_and_rounds():
         assert set(res["n_rounds"]) == ({3} if name in MULTI else {1})
         assert len(res) == 2 * len(rounds) * (1 + 3 + 1)  # aligned + 3 official + heldout
         assert res.groupby("protocol")["draw"].unique().map(list).to_dict() == {
-            "aligned": [0], "heldout": [0], "official": [0, 1, 2]}
+            "aligned": [0],
+            "heldout": [0],
+            "official": [0, 1, 2],
+        }
         scores = attack_scores(name, mdm, 1, owner=owner)
         assert set(scores["round"]) == rounds
         assert len(scores) == len(rounds) * len(owner)
@@ -140,8 +164,11 @@ def test_scores_match_pandas_reference():
     np.testing.assert_allclose(grad_norm.score, -grad_norm.grad_norm)
     grad_diff = attack_scores("grad_diff", mdm, 2).merge(t, on=["round", "sample_id"])
     np.testing.assert_allclose(grad_diff.score, grad_diff.grad_diff)
-    for name, col, sign in (("loss_series", "loss", -1), ("cos_series", "cos", 1),
-                            ("grad_diff_series", "grad_diff", 1)):
+    for name, col, sign in (
+        ("loss_series", "loss", -1),
+        ("cos_series", "cos", 1),
+        ("grad_diff_series", "grad_diff", 1),
+    ):
         s = attack_scores(name, mdm, 2)
         s = s[s["round"] == MULTI_ROUND].set_index("sample_id").score
         ref = sign * t.groupby("sample_id")[col].mean()
@@ -180,8 +207,9 @@ def test_fedmia_variance_floor():
     # identical references: σ² = 0, so the floor alone sets the scale, as the official
     target = np.array([[0.0, 1e-4, -1e-4]])
     ref = np.zeros((1, 3, 3))
-    np.testing.assert_allclose(fedmia_cdf(target, ref)[0],
-                               [0.5, phi(1e-4 / 1e-4), phi(-1.0)], rtol=1e-12)
+    np.testing.assert_allclose(
+        fedmia_cdf(target, ref)[0], [0.5, phi(1e-4 / 1e-4), phi(-1.0)], rtol=1e-12
+    )
 
 
 def test_fedmia_outlier_filter():
@@ -197,9 +225,9 @@ def test_fedmia_outlier_filter():
     plain = attack_scores("fedmia_cos", mdm, 0).set_index("sample_id").score
     filt = attack_scores("fedmia_cos", mdm, 0, outlier_filter=True).set_index("sample_id").score
     assert plain[1] == pytest.approx(phi((0.2 - mu) / math.sqrt(var + 1e-8)), rel=1e-12)
-    assert filt[1] == pytest.approx(phi((0.2 - statistics.mean(refs))
-                                        / math.sqrt(statistics.pvariance(refs) + 1e-8)),
-                                    rel=1e-12)
+    assert filt[1] == pytest.approx(
+        phi((0.2 - statistics.mean(refs)) / math.sqrt(statistics.pvariance(refs) + 1e-8)), rel=1e-12
+    )
     assert filt[1] > plain[1] + 0.3
     assert filt[2] == plain[2]  # nothing to drop for sample 2
 
@@ -229,8 +257,9 @@ def test_fedmia_cdf_against_slow_reference(outlier_filter, ddof):
     reference[:, 0, ::2] += 8.0  # outliers in half the samples
     reference[:, :, 1] = 0.25  # all references equal: the filter keeps none, then the minimum
     fast = fedmia_cdf(target, reference, outlier_filter=outlier_filter, ddof=ddof)
-    np.testing.assert_allclose(fast, slow_fedmia(target, reference, outlier_filter, ddof),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        fast, slow_fedmia(target, reference, outlier_filter, ddof), atol=1e-12
+    )
     if outlier_filter:
         assert not np.allclose(fast, fedmia_cdf(target, reference, ddof=ddof))
 
@@ -241,11 +270,10 @@ def test_fedmia_weights_leave_references_out():
     w = np.ones(reference.shape, dtype=bool)
     w[:, 1, :3] = False  # reference 1 does not count for the first three slots
     fast = fedmia_cdf(target, reference, weights=w)
-    np.testing.assert_allclose(fast[:, :3], slow_fedmia(target[:, :3],
-                                                        np.delete(reference, 1, 1)[:, :, :3],
-                                                        False))
-    np.testing.assert_allclose(fast[:, 3:], slow_fedmia(target[:, 3:], reference[:, :, 3:],
-                                                        False))
+    np.testing.assert_allclose(
+        fast[:, :3], slow_fedmia(target[:, :3], np.delete(reference, 1, 1)[:, :, :3], False)
+    )
+    np.testing.assert_allclose(fast[:, 3:], slow_fedmia(target[:, 3:], reference[:, :, 3:], False))
 
 
 def test_outlier_filter_policy():
@@ -267,8 +295,10 @@ def test_row_order_does_not_matter():
         pd.testing.assert_frame_equal(a[cols], b[cols])
         for c in ("roc_fpr", "roc_tpr"):
             assert all(np.array_equal(x, y) for x, y in zip(a[c], b[c], strict=True))
-        pd.testing.assert_frame_equal(attack_scores(name, mdm, 2, owner=owner),
-                                      attack_scores(name, shuffled, 2, owner=owner_shuffled))
+        pd.testing.assert_frame_equal(
+            attack_scores(name, mdm, 2, owner=owner),
+            attack_scores(name, shuffled, 2, owner=owner_shuffled),
+        )
 
 
 def test_validate_accepts_good_table():
@@ -299,8 +329,7 @@ def test_multi_round_attacks_use_only_the_attacked_rounds():
     np.testing.assert_allclose(s.sort_index(), ref.sort_index())
     res = run_attacks(["loss", "fedmia_cos"], mdm, owner, attack_rounds=[10, 20], **ALIGNED)
     assert set(res["loss"]["round"]) == {1, 10, 20}  # single-round: every observed round
-    assert res["loss"].set_index("round")["attacked"].to_dict() == {1: False, 10: True,
-                                                                     20: True}
+    assert res["loss"].set_index("round")["attacked"].to_dict() == {1: False, 10: True, 20: True}
     assert set(res["fedmia_cos"]["n_rounds"]) == {2}
 
 
@@ -336,8 +365,14 @@ def test_official_slots_redraw_nonmembers_per_client_and_round():
 def test_official_protocol_scores_against_a_slow_reference():
     mdm, owner = world(separation=0.3, k=4, per_client=8, held_out=12, seed=5)
     proto = OfficialProtocol(draws=1, seed=3)
-    res = run_attacks(["cos", "cos_series", "fedmia_cos"], mdm, owner, targets=[2],
-                      protocols=["official"], official=proto)
+    res = run_attacks(
+        ["cos", "cos_series", "fedmia_cos"],
+        mdm,
+        owner,
+        targets=[2],
+        protocols=["official"],
+        official=proto,
+    )
     piv = mdm.pivot_table(index=["round", "client_id"], columns="sample_id", values="cos")
     sample_ids = np.array(sorted(owner.index))
     own = owner.reindex(sample_ids).to_numpy()
@@ -354,9 +389,16 @@ def test_official_protocol_scores_against_a_slow_reference():
         assert single[rnd] == pytest.approx(roc_auc(val[ri, 2], sl.is_member))
     series = val[:, 2].mean(axis=0)
     assert res["cos_series"]["auc"].iloc[0] == pytest.approx(roc_auc(series, sl.is_member))
-    cdf = [[phi((val[ri, 2, j] - np.mean(val[ri, [0, 1, 3], j]))
-                / math.sqrt(np.var(val[ri, [0, 1, 3], j]) + 1e-8))
-            for j in range(val.shape[2])] for ri in range(len(rounds))]
+    cdf = [
+        [
+            phi(
+                (val[ri, 2, j] - np.mean(val[ri, [0, 1, 3], j]))
+                / math.sqrt(np.var(val[ri, [0, 1, 3], j]) + 1e-8)
+            )
+            for j in range(val.shape[2])
+        ]
+        for ri in range(len(rounds))
+    ]
     fed = np.mean(cdf, axis=0)
     assert res["fedmia_cos"]["auc"].iloc[0] == pytest.approx(roc_auc(fed, sl.is_member))
 
@@ -387,8 +429,9 @@ def test_official_redraws_inflate_low_fpr_tpr_of_series_attacks():
     cos = offset + shift + rng.normal(scale=0.3, size=(len(rounds), k, n))
     mdm = make_table({"cos": cos}, rounds, np.arange(k), np.arange(n))
     owner = pd.Series(own, index=np.arange(n))
-    res = run_attacks(["cos_series"], mdm, owner, targets=[0],
-                      official=OfficialProtocol(draws=2))["cos_series"]
+    res = run_attacks(["cos_series"], mdm, owner, targets=[0], official=OfficialProtocol(draws=2))[
+        "cos_series"
+    ]
     tpr = res.groupby("protocol")["tpr@1%"].mean()
     auc = res.groupby("protocol")["auc"].mean()
     assert tpr["official"] > 3 * tpr["aligned"]
@@ -396,9 +439,12 @@ def test_official_redraws_inflate_low_fpr_tpr_of_series_attacks():
 
 
 def test_attack_specs_name_a_measure_column_a_sign_and_a_kind():
-    with pytest.raises(ValueError, match=r"measure 'acc' is not a column of the measure "
-                                         r"table; choose from \['loss', 'logit_conf', 'cos', "
-                                         r".*'confidence'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"measure 'acc' is not a column of the measure "
+        r"table; choose from \['loss', 'logit_conf', 'cos', "
+        r".*'confidence'\]",
+    ):
         AttackSpec("acc_series", "acc", 1, "series", "acc")
     with pytest.raises(ValueError, match=r"sign must be \+1 or -1 and kind one of"):
         AttackSpec("x", "loss", 2, "single", "loss")
@@ -406,9 +452,11 @@ def test_attack_specs_name_a_measure_column_a_sign_and_a_kind():
 
 def test_report_sets_come_from_the_attack_specs():
     assert single_round_attacks() == ["loss", "cos", "grad_norm", "grad_diff"]
-    assert families() == {"loss": ["loss", "loss_series", "fedmia_loss"],
-                          "cos": ["cos", "cos_series", "fedmia_cos"],
-                          "grad": ["grad_norm", "grad_diff", "grad_diff_series"]}
+    assert families() == {
+        "loss": ["loss", "loss_series", "fedmia_loss"],
+        "cos": ["cos", "cos_series", "fedmia_cos"],
+        "grad": ["grad_norm", "grad_diff", "grad_diff_series"],
+    }
 
 
 # ----------------------------------------------- one resample shared by every target
@@ -421,15 +469,23 @@ def test_rows_of_all_targets_share_one_resample_per_owner_group():
     mdm, owner = world(1.0, k=4, per_client=20, held_out=60)
     keys = ("d", "m", "none", "iid", 0)
     tables, reps = run_attacks_with_replicates(
-        ["loss", "cos", "loss_series", "grad_norm"], mdm, owner, attack_rounds=[10, 20],
-        n_boot=40, bootstrap_keys=keys, keep_replicates=["loss", "loss_series"], **ALIGNED)
+        ["loss", "cos", "loss_series", "grad_norm"],
+        mdm,
+        owner,
+        attack_rounds=[10, 20],
+        n_boot=40,
+        bootstrap_keys=keys,
+        keep_replicates=["loss", "loss_series"],
+        **ALIGNED,
+    )
     own = owner.sort_index().to_numpy()
     # kept: the asked attacks, attacked rounds and multi-round rows only, float32 arrays
     assert set(reps.attack) == {"loss", "loss_series"}
     assert set(reps[reps.attack == "loss"]["round"]) == {10, 20}
     assert set(reps[reps.attack == "loss_series"]["round"]) == {MULTI_ROUND}
     assert len(reps) == 4 * 3 and list(reps.columns) == [
-        c for c in REPLICATE_COLUMNS if c not in CELL_KEYS]
+        c for c in REPLICATE_COLUMNS if c not in CELL_KEYS
+    ]
     assert all(v.dtype == np.float32 and v.shape == (40,) for v in reps["auc_replicates"])
     sl = [bootstrap_strata(aligned_slots(own, t), (*keys, "aligned")) for t in range(4)]
     assert [s.seed for s in sl[0]] == [s.seed for s in sl[3]]  # the same draw per group
@@ -439,23 +495,29 @@ def test_rows_of_all_targets_share_one_resample_per_owner_group():
         x = scores[scores["round"] == 20]["score"].to_numpy()
         want = stratified_replicates(x, own == t, sl[t], n_boot=40)
         row = reps[(reps.attack == "loss") & (reps.target == t) & (reps["round"] == 20)]
-        np.testing.assert_array_equal(row["auc_replicates"].iloc[0],
-                                      want["auc"].astype(np.float32))
+        np.testing.assert_array_equal(row["auc_replicates"].iloc[0], want["auc"].astype(np.float32))
         table = tables["loss"]
         r = table[(table.target == t) & (table["round"] == 20)].iloc[0]
         assert (r["auc_ci_low"], r["auc_ci_high"]) == pytest.approx(
-            np.percentile(want["auc"], [2.5, 97.5]))
+            np.percentile(want["auc"], [2.5, 97.5])
+        )
     # plain run_attacks: the same tables
-    again = run_attacks(["loss"], mdm, owner, attack_rounds=[10, 20], n_boot=40,
-                        bootstrap_keys=keys, **ALIGNED)["loss"]
+    again = run_attacks(
+        ["loss"], mdm, owner, attack_rounds=[10, 20], n_boot=40, bootstrap_keys=keys, **ALIGNED
+    )["loss"]
     pd.testing.assert_frame_equal(again, tables["loss"])
 
 
 def test_official_slots_name_their_owner_group():
     own = np.r_[np.repeat([0, 1, 2], 6), np.full(10, -1)]
-    sl = official_slots(own, 1, 3, np.arange(3), OfficialProtocol(test_slots=4,
-                                                                 client_slots=3), draw=0)
+    sl = official_slots(
+        own, 1, 3, np.arange(3), OfficialProtocol(test_slots=4, client_slots=3), draw=0
+    )
     assert sl.group.tolist() == [1] * 6 + [-1] * 4 + [0] * 3 + [2] * 3
     strata = bootstrap_strata(sl, ("k", "official"))
     assert [(len(s.slots), bool(sl.is_member[s.slots[0]])) for s in strata] == [
-        (4, False), (3, False), (6, True), (3, False)]
+        (4, False),
+        (3, False),
+        (6, True),
+        (3, False),
+    ]

@@ -44,14 +44,16 @@ def test_p_value_matches_the_theorem_written_out():
             for eps in (0.0, 0.3, 1.0, 2.5):
                 for delta in (0.0, 1e-3, 0.05):
                     assert audit_p_value(m, r, v, eps, delta) == pytest.approx(
-                        brute_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12)
+                        brute_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12
+                    )
 
 
 def test_bound_is_the_root_of_the_p_value():
     eps = epsilon_lower_bound(200, 60, 55, 1e-5, 0.05)
     assert eps > 0
-    assert audit_p_value(200, 60, 55, eps, 1e-5) < 0.05 <= audit_p_value(200, 60, 55, eps + 1e-6,
-                                                                          1e-5)
+    assert (
+        audit_p_value(200, 60, 55, eps, 1e-5) < 0.05 <= audit_p_value(200, 60, 55, eps + 1e-6, 1e-5)
+    )
 
 
 def test_bound_covers_randomized_response_exactly():
@@ -88,7 +90,8 @@ def test_bound_is_monotone_in_v_and_capped_by_m():
         assert perfect <= max_epsilon_lower_bound(r, beta) <= cap_m
         # with δ = 0 perfect guesses reach the cap
         assert epsilon_lower_bound(m, r, r, 0.0, beta) == pytest.approx(
-            max_epsilon_lower_bound(r, beta), abs=1e-7)
+            max_epsilon_lower_bound(r, beta), abs=1e-7
+        )
     # a larger δ never gives a larger bound
     assert epsilon_lower_bound(m, 100, 95, 1e-3) < epsilon_lower_bound(m, 100, 95, 1e-6)
 
@@ -128,8 +131,9 @@ def test_audit_result_counts_its_guesses():
     scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])
     count = count_guesses(np.argsort(-scores), included, 2, 1)
     assert (count.num_guesses, count.correct_in, count.correct_out) == (3, 1, 1)
-    result = audit_from_scores(np.tile(scores, 10), np.tile(included, 10), delta=0.0,
-                               choices=[(0.1, 0.1)])
+    result = audit_from_scores(
+        np.tile(scores, 10), np.tile(included, 10), delta=0.0, choices=[(0.1, 0.1)]
+    )
     row = result.to_dict()
     assert row["rule"] == "holdout" and (row["choice_in"], row["choice_out"]) == (0.1, 0.1)
     assert row["num_canaries"] + row["selection_canaries"] == 80
@@ -172,9 +176,13 @@ def test_bad_inputs_raise():
 def test_selected_attack_audit_chooses_attack_and_guesses_on_the_held_out_half():
     rng = np.random.default_rng(5)
     included = rng.random(400) < 0.5
-    scores = np.stack([rng.normal(size=400),  # a useless attack
-                       included * 2.0 + rng.normal(size=400),  # a strong one
-                       included * 0.5 + rng.normal(size=400)])  # a weak one
+    scores = np.stack(
+        [
+            rng.normal(size=400),  # a useless attack
+            included * 2.0 + rng.normal(size=400),  # a strong one
+            included * 0.5 + rng.normal(size=400),
+        ]
+    )  # a weak one
     a, res = select_and_audit(scores, included, delta=1e-5, holdout_seed=11)
     # slow reference: the same split, every (attack, choice) on the selection half, the
     # first best one bounded on the audit half alone
@@ -187,8 +195,11 @@ def test_selected_attack_audit_chooses_attack_and_guesses_on_the_held_out_half()
         count = count_guesses(np.array(order), included[idx], *_counts(len(idx), choice))
         return epsilon_lower_bound(len(idx), count.num_guesses, count.num_correct, 1e-5)
 
-    tried = [(bound(scores[i], select, c), -i, -j) for i in range(3)
-             for j, c in enumerate(DEFAULT_CHOICES)]
+    tried = [
+        (bound(scores[i], select, c), -i, -j)
+        for i in range(3)
+        for j, c in enumerate(DEFAULT_CHOICES)
+    ]
     best, minus_i, minus_j = max(tried)
     assert a == -minus_i == 1 and res.selection_epsilon == best
     assert res.epsilon == bound(scores[1], audit, DEFAULT_CHOICES[-minus_j])

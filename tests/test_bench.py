@@ -16,18 +16,31 @@ from test_attacks import world
 
 LINES = {
     "measures.py": ["speedup_vs_naive", "cost_vs_floor", "peak_rss_mb"],
-    "train.py": ["fl_overhead", "fl_overhead_observed", "fl_overhead_cpu", "fedavg_samples_per_s",
-                 "central_samples_per_s"],
+    "train.py": [
+        "fl_overhead",
+        "fl_overhead_observed",
+        "fl_overhead_cpu",
+        "fedavg_samples_per_s",
+        "central_samples_per_s",
+    ],
 }
 
 
 @pytest.mark.parametrize("script", sorted(LINES))
 def test_bench_smoke(repo, script):
-    r = subprocess.run([sys.executable, str(repo / "bench" / script), "--smoke", "--device",
-                        "cpu"], cwd=repo, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(repo / "bench" / script), "--smoke", "--device", "cpu"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    values = dict(line.split("=", 1) for line in r.stdout.splitlines()
-                  if "=" in line and " " not in line.split("=", 1)[0])
+    values = dict(
+        line.split("=", 1)
+        for line in r.stdout.splitlines()
+        if "=" in line and " " not in line.split("=", 1)[0]
+    )
     for key in LINES[script]:
         assert key in values, r.stdout
     v = {k: float(values[k]) for k in LINES[script]}
@@ -36,8 +49,9 @@ def test_bench_smoke(repo, script):
     assert values["device"] == "cpu"
     # the machine lines are the ratios of the medians in the printed table
     width = {"measures.py": 8, "train.py": 6}[script]
-    table = {row.split()[0]: row.split() for row in r.stdout.splitlines()
-             if len(row.split()) == width}
+    table = {
+        row.split()[0]: row.split() for row in r.stdout.splitlines() if len(row.split()) == width
+    }
     if script == "measures.py":
         ms = {route: float(table[route][5]) for route in ("fedmia", "naive", "floor")}
         assert v["speedup_vs_naive"] == pytest.approx(ms["naive"] / ms["fedmia"], rel=2e-2)
@@ -51,18 +65,26 @@ def test_bench_smoke(repo, script):
         assert v["fedavg_samples_per_s"] == pytest.approx(rate, rel=1e-2)
         assert v["fl_overhead"] == pytest.approx(med["fedavg"] / med["central"] - 1, rel=1e-2)
         assert v["fl_overhead_observed"] == pytest.approx(
-            med["fedavg_observed"] / med["central"] - 1, rel=1e-2)
-        assert v["fl_overhead_cpu"] == pytest.approx(cpu["fedavg"] / cpu["central"] - 1,
-                                                     rel=1e-2)
+            med["fedavg_observed"] / med["central"] - 1, rel=1e-2
+        )
+        assert v["fl_overhead_cpu"] == pytest.approx(cpu["fedavg"] / cpu["central"] - 1, rel=1e-2)
 
 
 def test_bootstrap_coverage_smoke(repo):
     """The coverage simulation runs and prints each method's coverage at S = 3 and S = 1."""
-    r = subprocess.run([sys.executable, str(repo / "bench" / "bootstrap.py"), "--coverage",
-                        "--smoke"], cwd=repo, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(repo / "bench" / "bootstrap.py"), "--coverage", "--smoke"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    values = dict(line.split("=", 1) for line in r.stdout.splitlines()
-                  if "=" in line and " " not in line.split("=", 1)[0])
+    values = dict(
+        line.split("=", 1)
+        for line in r.stdout.splitlines()
+        if "=" in line and " " not in line.split("=", 1)[0]
+    )
     for method in ("old_s3", "t_s3", "old_s1", "joint_s1", "joint+targets_s1"):
         for metric in ("auc", "tpr@0.1%"):
             assert 0 <= float(values[f"coverage_runs_{method}_{metric}"]) <= 1
@@ -71,32 +93,57 @@ def test_bootstrap_coverage_smoke(repo):
 
 def machine_lines(out: str) -> dict[str, str]:
     """The ``key=value`` lines of a benchmark's output."""
-    return dict(line.split("=", 1) for line in out.splitlines()
-                if "=" in line and " " not in line.split("=", 1)[0])
+    return dict(
+        line.split("=", 1)
+        for line in out.splitlines()
+        if "=" in line and " " not in line.split("=", 1)[0]
+    )
 
 
 def test_startup_smoke(repo):
     """Every job kind's start-up is timed, and the report and attack jobs import no torch."""
-    r = subprocess.run([sys.executable, str(repo / "bench" / "startup.py"), "--smoke"],
-                       cwd=repo, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(repo / "bench" / "startup.py"), "--smoke"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     values = machine_lines(r.stdout)
     scripts = sorted(p.stem for p in (repo / "workflow" / "scripts").glob("*.py"))
     for name in ("python", "preamble", *scripts):
         assert float(values[f"startup_s_{name}"]) > 0, name
-    imports = {row.split()[0]: row.split()[-1] for row in r.stdout.splitlines()
-               if len(row.split()) == 5}
+    imports = {
+        row.split()[0]: row.split()[-1] for row in r.stdout.splitlines() if len(row.split()) == 5
+    }
     assert "torch" in imports["train"] and "torch" in imports["measure"]
-    for name in ("attack", "table", "figure_cell", "figure_table", "hypervolume",
-                 "privacy_utility"):
+    for name in (
+        "attack",
+        "table",
+        "figure_cell",
+        "figure_table",
+        "hypervolume",
+        "privacy_utility",
+    ):
         assert "torch" not in imports[name], (name, imports[name])
 
 
 def test_attack_stage_smoke(repo, tmp_path):
     """The attack stage runs on a synthetic table of the paper cell's shape (scaled down)."""
-    r = subprocess.run([sys.executable, str(repo / "bench" / "attack_stage.py"), "--smoke",
-                        "--keep", str(tmp_path)],
-                       cwd=repo, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "bench" / "attack_stage.py"),
+            "--smoke",
+            "--keep",
+            str(tmp_path),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     values = machine_lines(r.stdout)
     assert int(values["attack_rows"]) == 31 * 10 * (10 * 50 + 100)  # rounds × clients × N
@@ -120,17 +167,22 @@ def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path)
     bench = tmp_path / "results" / "benchmarks" / "attack" / "digits" / "alexnet" / "none"
     bench.mkdir(parents=True)
     (bench / "iid.tsv").write_text("s\th:m:s\n12.5\t0:00:12\n")
-    mdm_file = tmp_path / "results" / "mdm" / "digits" / "alexnet" / "none" / "iid" / \
-        "seed0.parquet"
+    mdm_file = (
+        tmp_path / "results" / "mdm" / "digits" / "alexnet" / "none" / "iid" / "seed0.parquet"
+    )
     mdm_file.parent.mkdir(parents=True)
     io.write_parquet(mdm, mdm_file, "measures")
     part = pd.DataFrame({"sample_id": owner.index, "client_id": owner.to_numpy(), "eval": True})
     part_file = tmp_path / "results" / "partitions" / "digits" / "iid" / "seed0.parquet"
     part_file.parent.mkdir(parents=True)
     io.write_parquet(part, part_file, "partition")
-    r = subprocess.run([sys.executable, str(repo / "bench" / "attacks.py"), str(tmp_path),
-                        "--rmia-a", "0", "1"], cwd=repo, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(repo / "bench" / "attacks.py"), str(tmp_path), "--rmia-a", "0", "1"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     for protocol in ("aligned", "official", "heldout"):
@@ -143,27 +195,55 @@ def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path)
         values = [float(v.rstrip("*")) for v in col if v != "n/a"]
         assert values == sorted(values, reverse=True)
         assert "[" in section  # intervals
-    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line
-                  and " " not in line.split("=", 1)[0])
+    values = dict(
+        line.split("=", 1)
+        for line in out.splitlines()
+        if "=" in line and " " not in line.split("=", 1)[0]
+    )
     assert values["attack_stage_s"] == "12.5"
     assert values["strongest_digits_alexnet_none_iid_aligned"] in ATTACKS.names()
     assert "RMIA sensitivity to a" in out and out.count("rmia_sum") >= 4
-    bad = subprocess.run([sys.executable, str(repo / "bench" / "attacks.py"),
-                          str(tmp_path / "x")], cwd=repo, capture_output=True, text=True,
-                         timeout=60)
+    bad = subprocess.run(
+        [sys.executable, str(repo / "bench" / "attacks.py"), str(tmp_path / "x")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "give the directory of a finished run" in bad.stderr
 
 
 def test_gpu_check_smoke_on_cpu(repo, tmp_path):
     """The GPU check, on the CPU at smoke size: every step runs, the deterministic reruns are
     byte-identical and the device-vs-CPU AUCs agree (trivially here: both are the CPU)."""
-    r = subprocess.run([sys.executable, str(repo / "bench" / "gpu_check.py"), "--device", "cpu",
-                        "--smoke", "--out", str(tmp_path / "check")],
-                       cwd=repo, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--out",
+            str(tmp_path / "check"),
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     values = machine_lines(r.stdout)
-    for name in ("data", "prepare", "train_measure", "train_measure_again", "measure_cpu",
-                 "agreement", "attack", "bench_measures", "bench_train"):
+    for name in (
+        "data",
+        "prepare",
+        "train_measure",
+        "train_measure_again",
+        "measure_cpu",
+        "agreement",
+        "attack",
+        "bench_measures",
+        "bench_train",
+    ):
         assert float(values[f"gpu_check_{name}_s"]) >= 0, name
     assert values["gpu_check_identical"] == "1"
     assert float(values["gpu_check_auc_max_diff"]) == 0.0

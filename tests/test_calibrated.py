@@ -57,8 +57,9 @@ def test_lira_with_fedmias_choices_is_fedmia_i_bit_for_bit():
     # and under the official protocol's slots with self_mix = false (weighted references)
     cube = MeasureCube.from_frame(mdm, ["loss"])
     own = owner_array(cube, owner)
-    sl = official_slots(own, 2, len(cube.rounds), cube.clients,
-                        OfficialProtocol(self_mix=False, seed=1), draw=0)
+    sl = official_slots(
+        own, 2, len(cube.rounds), cube.clients, OfficialProtocol(self_mix=False, seed=1), draw=0
+    )
     x = -np.take_along_axis(cube.values["loss"], sl.index, axis=-1)
     every = np.ones(len(cube.rounds), dtype=bool)
     fed = score_slots(ATTACKS.get("fedmia_loss"), [x], 2, every, ref_weights=sl.ref_weights)
@@ -82,8 +83,9 @@ def slow_prior(s2: list[float], d: list[float]) -> tuple[float, float]:
     evar -= sum(special.polygamma(1, k / 2) for k in d) / len(d)
     if evar <= 0:
         return math.inf, sum(s2) / len(s2)
-    half = optimize.brentq(lambda y: special.polygamma(1, y) - evar, 1e-8, 1e8, xtol=1e-14,
-                           rtol=1e-14)
+    half = optimize.brentq(
+        lambda y: special.polygamma(1, y) - evar, 1e-8, 1e8, xtol=1e-14, rtol=1e-14
+    )
     d0 = 2 * half
     return d0, math.exp(emean + special.digamma(d0 / 2) - math.log(d0 / 2))
 
@@ -93,8 +95,10 @@ def slow_lira(x: np.ndarray, t: int, options: LiraOptions, weights=None) -> np.n
     r_n, k_n, s_n = x.shape
     z = np.empty((r_n, s_n))
     for r in range(r_n):
-        refs = [[x[r, k, s] for k in range(k_n) if k != t
-                 and (weights is None or weights[r, k, s])] for s in range(s_n)]
+        refs = [
+            [x[r, k, s] for k in range(k_n) if k != t and (weights is None or weights[r, k, s])]
+            for s in range(s_n)
+        ]
         means = [sum(v) / len(v) for v in refs]
         ss = [sum((a - mu) ** 2 for a in v) for v, mu in zip(refs, means, strict=True)]
         if options.variance == "per_sample":
@@ -107,8 +111,10 @@ def slow_lira(x: np.ndarray, t: int, options: LiraOptions, weights=None) -> np.n
             # a slot with one reference value (d = 0) is not in the prior's fit
             fit = [(q / k, k) for q, k in zip(ss, d, strict=True) if k > 0]
             d0, s0 = slow_prior([f[0] for f in fit], [f[1] for f in fit])
-            var = [s0 if math.isinf(d0) else (d0 * s0 + q) / (d0 + k)
-                   for q, k in zip(ss, d, strict=True)]
+            var = [
+                s0 if math.isinf(d0) else (d0 * s0 + q) / (d0 + k)
+                for q, k in zip(ss, d, strict=True)
+            ]
         for s in range(s_n):
             mu = means[s] if options.location == "mean" else statistics.median(refs[s])
             z[r, s] = (x[r, t, s] - mu) / math.sqrt(var[s] + options.var_floor)
@@ -123,7 +129,8 @@ def test_lira_against_a_slow_reference(variance, location, ddof):
     r_n, k_n, s_n = 3, 6, 40
     # per-sample spreads that differ (a log-normal scale), so that shrinkage has work
     x = rng.normal(size=(r_n, 1, s_n)) + rng.lognormal(0, 0.7, (r_n, 1, s_n)) * rng.normal(
-        size=(r_n, k_n, s_n))
+        size=(r_n, k_n, s_n)
+    )
     options = LiraOptions(variance=variance, location=location, ddof=ddof)
     want = slow_lira(x, 2, options)
     others = [k for k in range(k_n) if k != 2]
@@ -131,8 +138,9 @@ def test_lira_against_a_slow_reference(variance, location, ddof):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
     every = np.ones(r_n, dtype=bool)
     mean = score_slots(AttackSpec("m", "cos", 1, "lira", ""), [x], 2, every, lira=options)
-    summed = score_slots(AttackSpec("s", "cos", 1, "lira", "", combine="sum"), [x], 2, every,
-                         lira=options)
+    summed = score_slots(
+        AttackSpec("s", "cos", 1, "lira", "", combine="sum"), [x], 2, every, lira=options
+    )
     np.testing.assert_allclose(mean[0], norm.cdf(want).mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(summed[0], want.sum(axis=0), rtol=1e-9, atol=1e-12)
 
@@ -157,15 +165,18 @@ def test_shrinkage_between_the_per_sample_and_the_pooled_variance():
     assert 0 < d0 < math.inf  # the spreads differ: a finite prior
     lo, hi = np.minimum(per, s0), np.maximum(per, s0)  # between s² (d = 8) and the prior's
     assert ((shrunk >= lo - 1e-12) & (shrunk <= hi + 1e-12)).all()
-    np.testing.assert_allclose(shrunk - 1e-8, (d0 * s0 + 8 * (per - 1e-8)) / (d0 + 8),
-                               rtol=1e-10)
+    np.testing.assert_allclose(shrunk - 1e-8, (d0 * s0 + 8 * (per - 1e-8)) / (d0 + 8), rtol=1e-10)
     # every slot with the same spread: no excess spread of log s², d0 = ∞, the pooled value
     same = np.repeat(rng.normal(size=(1, 9, 1)), 50, axis=-1) + rng.normal(size=(1, 1, 50))
     flat = calibrated.out_gaussian(same, options=LiraOptions())[1]
-    assert calibrated.fit_variance_prior(same.var(axis=1, ddof=1)[0], np.full(50, 8.0))[0] \
-        == math.inf
-    np.testing.assert_allclose(flat, calibrated.out_gaussian(
-        same, options=LiraOptions(variance="pooled", ddof=1))[1], rtol=1e-12)
+    assert (
+        calibrated.fit_variance_prior(same.var(axis=1, ddof=1)[0], np.full(50, 8.0))[0] == math.inf
+    )
+    np.testing.assert_allclose(
+        flat,
+        calibrated.out_gaussian(same, options=LiraOptions(variance="pooled", ddof=1))[1],
+        rtol=1e-12,
+    )
 
 
 def test_trigamma_inverse():
@@ -182,16 +193,29 @@ def test_the_combined_attack_sums_the_z_of_both_measures():
     np.testing.assert_allclose(both, conf + cos, rtol=1e-12, atol=1e-12)
     mean = AttackSpec("mean2", "logit_conf", 1, "lira", "", also=(("cos", 1),))
     m = attack_scores(mean, mdm, 1)["score"].to_numpy()
-    np.testing.assert_allclose(m, (attack_scores("lira_conf", mdm, 1)["score"].to_numpy()
-                                   + attack_scores("lira_cos", mdm, 1)["score"].to_numpy()) / 2,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        m,
+        (
+            attack_scores("lira_conf", mdm, 1)["score"].to_numpy()
+            + attack_scores("lira_cos", mdm, 1)["score"].to_numpy()
+        )
+        / 2,
+        rtol=1e-12,
+    )
 
 
 # ---------------------------------------------------------------------------- RMIA
 
 
-def slow_rmia(logp: np.ndarray, t: int, population: np.ndarray, halves: np.ndarray,
-              a: float, gamma: float, combine: str) -> np.ndarray:
+def slow_rmia(
+    logp: np.ndarray,
+    t: int,
+    population: np.ndarray,
+    halves: np.ndarray,
+    a: float,
+    gamma: float,
+    combine: str,
+) -> np.ndarray:
     """RMIA's definitions in probability space, a loop over references, samples and z."""
     r_n, k_n, s_n = logp.shape
     lr = np.empty((r_n, s_n))
@@ -219,10 +243,18 @@ def test_rmia_against_a_slow_reference(a, gamma, combine):
     population = rng.random(s_n) < 0.6
     halves = calibrated.crossfit_halves(s_n, 5)
     spec = AttackSpec("r", "loss", -1, "rmia", "", combine=combine)
-    got = score_slots(spec, [logp], 1, np.ones(r_n, dtype=bool), rmia=RmiaOptions(a, gamma),
-                      population=population, halves=halves)[0]
-    np.testing.assert_allclose(got, slow_rmia(logp, 1, population, halves, a, gamma, combine),
-                               rtol=0, atol=1e-12)
+    got = score_slots(
+        spec,
+        [logp],
+        1,
+        np.ones(r_n, dtype=bool),
+        rmia=RmiaOptions(a, gamma),
+        population=population,
+        halves=halves,
+    )[0]
+    np.testing.assert_allclose(
+        got, slow_rmia(logp, 1, population, halves, a, gamma, combine), rtol=0, atol=1e-12
+    )
 
 
 def test_rmia_fraction_is_a_sort_and_a_search():
@@ -260,8 +292,9 @@ def test_crossfitting_coins_do_not_depend_on_membership():
     own = np.r_[np.repeat([0, 1, 2], 10), np.full(30, -1)]
     a, b = aligned_slots(own, 0), aligned_slots(own, 1)
     assert (a.is_member != b.is_member).any()
-    np.testing.assert_array_equal(rmia_halves(a, ("k", "aligned", 0, 7)),
-                                  rmia_halves(b, ("k", "aligned", 0, 7)))
+    np.testing.assert_array_equal(
+        rmia_halves(a, ("k", "aligned", 0, 7)), rmia_halves(b, ("k", "aligned", 0, 7))
+    )
     relabelled = Slots(a.index, ~a.is_member, a.group)
     np.testing.assert_array_equal(rmia_halves(relabelled, ("x",)), rmia_halves(a, ("x",)))
     halves = rmia_halves(a, ("k", "aligned", 0, 0))
@@ -271,8 +304,15 @@ def test_crossfitting_coins_do_not_depend_on_membership():
 
 def test_rmia_in_run_attacks_equals_attack_scores_and_the_slow_reference():
     mdm, owner = world(separation=0.5, k=4, per_client=15, held_out=40, seed=6)
-    res = run_attacks(["rmia", "rmia_sum"], mdm, owner, targets=[2], protocols=["aligned"],
-                      n_boot=0, rmia=RmiaOptions(a=0.5))
+    res = run_attacks(
+        ["rmia", "rmia_sum"],
+        mdm,
+        owner,
+        targets=[2],
+        protocols=["aligned"],
+        n_boot=0,
+        rmia=RmiaOptions(a=0.5),
+    )
     cube = MeasureCube.from_frame(mdm, ["loss"])
     own = owner_array(cube, owner)
     slots = aligned_slots(own, 2)
@@ -285,11 +325,17 @@ def test_rmia_in_run_attacks_equals_attack_scores_and_the_slow_reference():
 
 
 def test_rmia_needs_the_loss_and_a_population():
-    with pytest.raises(ValueError, match=r"RMIA's signal is log p_y = −loss: give "
-                                         r"measure='loss', sign=-1 .* not defined"):
+    with pytest.raises(
+        ValueError,
+        match=r"RMIA's signal is log p_y = −loss: give "
+        r"measure='loss', sign=-1 .* not defined",
+    ):
         AttackSpec("rmia_cos", "cos", 1, "rmia", "")
-    with pytest.raises(ValueError, match=r"combine must be one of \['mean', 'sum'\], and "
-                                         r"'mean' unless the kind is one of"):
+    with pytest.raises(
+        ValueError,
+        match=r"combine must be one of \['mean', 'sum'\], and "
+        r"'mean' unless the kind is one of",
+    ):
         AttackSpec("s", "cos", 1, "series", "", combine="sum")
     with pytest.raises(ValueError, match="only a 'lira' attack combines further signals"):
         AttackSpec("f", "cos", 1, "fedmia", "", also=(("loss", -1),))
@@ -308,8 +354,14 @@ def test_heldout_protocol_is_aligned_on_the_held_out_non_members():
     held = run_attacks(names, mdm, owner, protocols=["heldout"], **opts)
     for target in range(4):
         keep = owner.index[(owner == target) | (owner == -1)]
-        sub = run_attacks(names, mdm[mdm.sample_id.isin(keep)], owner.loc[keep],
-                          targets=[target], protocols=["aligned"], **opts)
+        sub = run_attacks(
+            names,
+            mdm[mdm.sample_id.isin(keep)],
+            owner.loc[keep],
+            targets=[target],
+            protocols=["aligned"],
+            **opts,
+        )
         for name in names:
             h = held[name][held[name].target == target].reset_index(drop=True)
             cols = ["round", "auc", "tpr@10%", "n_members", "n_nonmembers"]
@@ -342,8 +394,9 @@ def test_summed_z_reaches_the_neyman_pearson_roc():
     shift = c * math.sqrt(r_n)
     assert roc_auc(summed, is_member) == pytest.approx(norm.cdf(shift / math.sqrt(2)), abs=0.01)
     tpr = tpr_at_fpr(summed, is_member, 0.01)
-    se = float(np.std(bootstrap_replicates(summed, is_member, n_boot=200, seed=1)["tpr@1%"],
-                      ddof=1))
+    se = float(
+        np.std(bootstrap_replicates(summed, is_member, n_boot=200, seed=1)["tpr@1%"], ddof=1)
+    )
     want = 1 - norm.cdf(norm.ppf(0.99) - shift)
     assert abs(tpr - want) <= 3 * se, (tpr, want, se)
     averaged = score_slots(ATTACKS.get("lira_conf"), [x], 0, every)[0]

@@ -46,8 +46,10 @@ def default_config() -> dict:
 
 def test_default_config_is_valid_and_defaults_are_filled(default_config):
     spec = load_workflow_config(default_config, SCHEMA)
-    assert [c.path for c in spec.cells] == ["digits/alexnet/none/iid/seed0",
-                                            "digits/alexnet/none/dirichlet/seed0"]
+    assert [c.path for c in spec.cells] == [
+        "digits/alexnet/none/iid/seed0",
+        "digits/alexnet/none/dirichlet/seed0",
+    ]
     assert spec.config["datasets"]["digits"]["split_seed"] == 0  # schema default
     assert spec.train_for(spec.cells[0])["momentum"] == 0.9
     assert spec.observed_rounds(spec.cells[0]) == [1, 10, 20, 30]
@@ -76,24 +78,25 @@ def test_no_kind_list_is_checked_into_the_schema():
 
 def test_the_schema_lists_exactly_the_registered_kinds():
     schema = load_schema(SCHEMA)
-    kind = {f: schema["properties"][f]["additionalProperties"]["properties"]["kind"]["enum"]
-            for f in ("datasets", "models", "partitions", "defenses")}
+    kind = {
+        f: schema["properties"][f]["additionalProperties"]["properties"]["kind"]["enum"]
+        for f in ("datasets", "models", "partitions", "defenses")
+    }
     for family, listed in kind.items():
         assert listed == kinds(family)
-    assert schema["$defs"]["defense"]["properties"]["kind"]["enum"] == kinds(
-        "composable defenses")
+    assert schema["$defs"]["defense"]["properties"]["kind"]["enum"] == kinds("composable defenses")
     attack = schema["properties"]["attack"]["properties"]
     assert attack["attacks"]["items"]["enum"] == ATTACKS.registered()
     assert attack["attacks"]["default"] == ATTACKS.registered()  # the run order
     assert attack["protocol"]["default"] == PROTOCOLS.registered()
-    assert schema["properties"]["measure"]["properties"]["route"]["enum"] == kinds(
-        "measure routes")
+    assert schema["properties"]["measure"]["properties"]["route"]["enum"] == kinds("measure routes")
 
 
 def test_schema_defense_blocks_are_generated_from_the_dataclasses():
     schema = load_schema(SCHEMA)
-    filled = {b["if"]["properties"]["kind"]["const"]: b
-              for b in schema["$defs"]["defense"]["allOf"]}
+    filled = {
+        b["if"]["properties"]["kind"]["const"]: b for b in schema["$defs"]["defense"]["allOf"]
+    }
     generated = {b["if"]["properties"]["kind"]["const"]: b for b in defense_blocks()}
     assert filled == generated and set(filled) == set(kinds("composable defenses"))
 
@@ -122,15 +125,18 @@ def test_schema_enums_of_settings_match_the_code():
     assert attack["fedmia_outlier_filter"]["enum"] == list(OUTLIER_POLICIES)
     assert report["round_plot_fpr"]["enum"] == list(metrics.FPR_LEVELS)
     assert load_schema(SCHEMA)["$defs"]["single_round"]["oneOf"][0]["enum"] == (
-        SELECTIONS.registered())
+        SELECTIONS.registered()
+    )
     report = load_schema(SCHEMA)["properties"]["report"]["properties"]
     assert report["table_metrics"]["items"]["enum"] == list(metrics.METRICS)
     assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["lr_schedule"]["enum"] == list(
-        LR_SCHEDULES)
+        LR_SCHEDULES
+    )
     dataset = props["datasets"]["additionalProperties"]["properties"]
     assert dataset["split"]["enum"] == [None, *DATASET_SPLITS]
     assert load_schema(SCHEMA)["$defs"]["train"]["properties"]["aggregation"]["enum"] == list(
-        AGGREGATIONS)
+        AGGREGATIONS
+    )
 
 
 def test_a_registered_kind_reaches_the_schema(monkeypatch):
@@ -138,26 +144,35 @@ def test_a_registered_kind_reaches_the_schema(monkeypatch):
     monkeypatch.setattr(DEFENSES, "_items", dict(DEFENSES._items))
     monkeypatch.setattr(MODELS, "_items", dict(MODELS._items))
     DEFENSES.register("input_noise")(ToyDefense)
-    MODELS.register("tiny", impl="toy:tiny", samples_per_s={"gpu": 1, "cpu": 1},
-                    parameters=1)
+    MODELS.register("tiny", impl="toy:tiny", samples_per_s={"gpu": 1, "cpu": 1}, parameters=1)
     schema = fill_kinds(read_schema(SCHEMA))
-    assert "tiny" in schema["properties"]["models"]["additionalProperties"]["properties"][
-        "kind"]["enum"]
+    assert (
+        "tiny"
+        in schema["properties"]["models"]["additionalProperties"]["properties"]["kind"]["enum"]
+    )
     assert "input_noise" in schema["$defs"]["defense"]["properties"]["kind"]["enum"]
     assert schema["$defs"]["defense"]["allOf"][-1] == schema_block(ToyDefense, "input_noise")
 
 
 def test_a_string_parameter_is_one_of_its_choices():
     """A ``str`` parameter (a variant) lists its values; they reach the schema and checks."""
+
     @dataclass(frozen=True)
     class Variants:
         variant: str = param("a", choices=("a", "b"), description="which")
 
     assert schema_block(Variants, "v")["then"]["properties"]["variant"] == {
-        "type": "string", "enum": ["a", "b"], "default": "a", "description": "which"}
+        "type": "string",
+        "enum": ["a", "b"],
+        "default": "a",
+        "description": "which",
+    }
     assert validate(Variants, {"variant": "b"}, kind="v", what="defense") == {"variant": "b"}
-    with pytest.raises(ConfigError, match=r"'variant' = 'c' is invalid; allowed: one of "
-                                          r"\['a', 'b'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'variant' = 'c' is invalid; allowed: one of "
+        r"\['a', 'b'\]",
+    ):
         validate(Variants, {"variant": "c"}, kind="v", what="defense")
     with pytest.raises(ValueError, match=r"default 'c' is not one of the choices"):
         param("c", choices=("a", "b"))
@@ -172,10 +187,12 @@ def test_a_string_parameter_is_one_of_its_choices():
 
 def test_parsing_modules_import_no_torch():
     """The modules the Snakefile imports at parse time (common.smk) import no torch."""
-    code = ("import sys, fedmia.workflow, fedmia.stages.io, fedmia.core.fingerprint, "
-            "fedmia.attacker.attacks; "
-            "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, fedmia.workflow, fedmia.stages.io, fedmia.core.fingerprint, "
+        "fedmia.attacker.attacks; "
+        "bad = [m for m in ('torch', 'sklearn') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -208,20 +225,24 @@ DELETE = object()
 
 def test_every_defense_kind_validates(default_config):
     cfg = copy.deepcopy(default_config)
-    cfg["defenses"].update({
-        "dp": {"kind": "dp", "sigma": 0.5, "clip": 1.0},
-        "pn": {"kind": "dp_param_noise", "sigma": 0.01},
-        "q": {"kind": "quantize", "bits": 4},
-        "s": {"kind": "sparsify", "fraction": 0.9},
-        "m": {"kind": "mixup", "alpha": 1.0},
-        "i": {"kind": "instahide", "k": 3},
-        "sub": {"kind": "subsample", "fraction": 0.5},
-        "aug": {"kind": "augment"},
-        "aug_mild": {"kind": "augment", "preset": "mild", "rotation": 10},
-        "aug_sub": {"kind": "compose", "steps": [{"kind": "augment"},
-                                                 {"kind": "subsample", "fraction": 0.5}],
-                    "strength": "subsample.fraction"},
-    })
+    cfg["defenses"].update(
+        {
+            "dp": {"kind": "dp", "sigma": 0.5, "clip": 1.0},
+            "pn": {"kind": "dp_param_noise", "sigma": 0.01},
+            "q": {"kind": "quantize", "bits": 4},
+            "s": {"kind": "sparsify", "fraction": 0.9},
+            "m": {"kind": "mixup", "alpha": 1.0},
+            "i": {"kind": "instahide", "k": 3},
+            "sub": {"kind": "subsample", "fraction": 0.5},
+            "aug": {"kind": "augment"},
+            "aug_mild": {"kind": "augment", "preset": "mild", "rotation": 10},
+            "aug_sub": {
+                "kind": "compose",
+                "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
+                "strength": "subsample.fraction",
+            },
+        }
+    )
     spec = load_workflow_config(cfg, SCHEMA)
     # augment's defaults come from its preset in fedmia.federation.defenses, not from the schema
     assert spec.config["defenses"]["aug"] == {"kind": "augment"}
@@ -239,8 +260,9 @@ def test_a_compose_step_is_the_standalone_defense_schema():
 def test_attack_plan_defaults(default_config):
     spec = load_workflow_config(copy.deepcopy(default_config), SCHEMA)
     cell = spec.cells[0]
-    schema_default = load_schema(SCHEMA)["properties"]["report"]["properties"][
-        "single_round"]["default"]
+    schema_default = load_schema(SCHEMA)["properties"]["report"]["properties"]["single_round"][
+        "default"
+    ]
     DEFAULT_SELECTIONS = default_config.get("report", {}).get("single_round", schema_default)
     assert spec.observed_rounds(cell) == [1, 10, 20, 30]
     assert spec.attack_rounds(cell) == [10, 20, 30]  # round 1 observed, not attacked
@@ -255,13 +277,22 @@ def test_attack_plan_defaults(default_config):
 
 def test_grid_block_overrides_the_official_draws_of_its_cells(default_config):
     cfg = mutate(default_config, "attack.official", {"draws": 7})
-    cfg["grid"] = [{**cfg["grid"][0], "partitions": ["iid"]},
-                   {**cfg["grid"][0], "partitions": ["dirichlet"],
-                    "attack": {"official": {"test_slots": 500}}}]
+    cfg["grid"] = [
+        {**cfg["grid"][0], "partitions": ["iid"]},
+        {
+            **cfg["grid"][0],
+            "partitions": ["dirichlet"],
+            "attack": {"official": {"test_slots": 500}},
+        },
+    ]
     spec = load_workflow_config(cfg, SCHEMA)
     iid, dirichlet = spec.cells
-    assert spec.official_for(iid) == {"client_slots": None, "draws": 7, "self_mix": True,
-                                      "test_slots": None}
+    assert spec.official_for(iid) == {
+        "client_slots": None,
+        "draws": 7,
+        "self_mix": True,
+        "test_slots": None,
+    }
     assert spec.official_for(dirichlet)["test_slots"] == 500
     assert spec.official_for(dirichlet)["draws"] == 7  # the top level stays in force
 
@@ -287,8 +318,9 @@ def test_adding_a_defense_inside_fedmia_touches_one_file(tmp_path):
     validates it (the schema lists it, its block checks its parameters), it builds and runs
     its hook, and the README table generator has its row."""
     src = tmp_path / "src"
-    shutil.copytree(REPO / "src" / "fedmia", src / "fedmia",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "src" / "fedmia", src / "fedmia", ignore=shutil.ignore_patterns("__pycache__")
+    )
     defenses = src / "fedmia" / "federation" / "defenses.py"
     defenses.write_text(defenses.read_text() + NEW_DEFENSE)
     config = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
@@ -317,12 +349,14 @@ assert torch.equal(d.upload(torch.ones(2), None, None), torch.full((2,), 3.0))
 assert "| `upload_scale` |" in defense_table()
 """
     env = {**os.environ, "PYTHONPATH": str(src)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_the_configuration_reference_is_generated_from_the_schema():
     """config/README.md is what the schema and the registries generate."""
     assert (REPO / "config" / "README.md").read_text() == reference(), (
-        "config/README.md is stale: python -m fedmia.kinds reference > config/README.md")
+        "config/README.md is stale: python -m fedmia.kinds reference > config/README.md"
+    )

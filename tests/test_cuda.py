@@ -26,8 +26,9 @@ MEASURES = ("loss", "cos", "grad_diff", "grad_norm", "confidence")
 
 def close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
     """Equal up to float32 rounding of the scale of the largest value (as the CPU tests)."""
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol,
-                               atol=rtol * want.abs().max().item(), msg=what)
+    torch.testing.assert_close(
+        got.double(), want.double(), rtol=rtol, atol=rtol * want.abs().max().item(), msg=what
+    )
 
 
 @pytest.mark.parametrize("kind", ["alexnet", "resnet18"])
@@ -41,8 +42,9 @@ def test_measures_on_cuda_equal_the_cpu_ones(kind):
         state = FlatState(copy.deepcopy(model).to(device))
         w = state.snapshot()
         uploads = 1e-2 * torch.randn(3, w.numel(), generator=g.manual_seed(1)).to(device)
-        results[device] = compute_round_measures(state, w, uploads, x.to(device),
-                                                 y.to(device), chunk_size=5, batch_size=7)
+        results[device] = compute_round_measures(
+            state, w, uploads, x.to(device), y.to(device), chunk_size=5, batch_size=7
+        )
         assert results[device].cos.device.type == "cpu"
     reference = None
     for name in MEASURES:
@@ -51,8 +53,16 @@ def test_measures_on_cuda_equal_the_cpu_ones(kind):
     state = FlatState(copy.deepcopy(model).to("cuda"))
     w = state.snapshot()
     uploads = 1e-2 * torch.randn(3, w.numel(), generator=g.manual_seed(1)).to("cuda")
-    func = compute_round_measures(state, w, uploads, x.cuda(), y.cuda(), chunk_size=5,
-                                  batch_size=7, grad_products=per_sample_grad_products)
+    func = compute_round_measures(
+        state,
+        w,
+        uploads,
+        x.cuda(),
+        y.cuda(),
+        chunk_size=5,
+        batch_size=7,
+        grad_products=per_sample_grad_products,
+    )
     for name in ("cos", "grad_diff", "grad_norm"):
         close(getattr(results["cuda"], name), getattr(func, name), f"{name} vs torch.func")
 
@@ -62,15 +72,16 @@ def fedavg_round_on_cuda(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (80, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (80,), generator=g)
-    data = DeviceData.from_arrays(images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10,
-                                  torch.device("cuda"))
+    data = DeviceData.from_arrays(
+        images, labels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 10, torch.device("cuda")
+    )
     client_idx = [torch.arange(0, 30, device="cuda"), torch.arange(30, 60, device="cuda")]
-    cfg = TrainConfig(rounds=2, batch_size=10, test_every=1, observe_every=1,
-                      observe_rounds=())
+    cfg = TrainConfig(rounds=2, batch_size=10, test_every=1, observe_every=1, observe_rounds=())
     state = FlatState(build_model("alexnet", 10, seed=seed).to("cuda"))
     uploads = None
-    for rec in run_fedavg(state, data, client_idx, torch.arange(60, 80, device="cuda"), cfg,
-                          Defense(), seed):
+    for rec in run_fedavg(
+        state, data, client_idx, torch.arange(60, 80, device="cuda"), cfg, Defense(), seed
+    ):
         assert not rec.diverged
         uploads = rec.uploads.clone()
     return state.snapshot().cpu(), uploads.cpu()

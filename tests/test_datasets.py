@@ -50,7 +50,8 @@ def py2_pickle(obj: object, path: Path) -> None:
 
 
 CIFAR_NAMES = ["apple", "aquarium_fish", "baby", "bear", "beaver"] + [
-    f"class_{i:02d}" for i in range(5, 100)]
+    f"class_{i:02d}" for i in range(5, 100)
+]
 
 
 def make_cifar(root: Path, n_train: int = 12, n_test: int = 5, seed: int = 0) -> dict:
@@ -62,17 +63,24 @@ def make_cifar(root: Path, n_train: int = 12, n_test: int = 5, seed: int = 0) ->
     for split, n in (("train", n_train), ("test", n_test)):
         data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
         fine = [int(v) for v in rng.integers(0, 100, size=n)]
-        py2_pickle({
-            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-            b"batch_label": f"{split} batch 1 of 1".encode(),
-            b"fine_labels": fine,
-            b"coarse_labels": [f // 5 for f in fine],
-            b"data": data,
-        }, folder / split)
+        py2_pickle(
+            {
+                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                b"batch_label": f"{split} batch 1 of 1".encode(),
+                b"fine_labels": fine,
+                b"coarse_labels": [f // 5 for f in fine],
+                b"data": data,
+            },
+            folder / split,
+        )
         out[split] = (data, fine)
-    py2_pickle({b"fine_label_names": [n.encode() for n in CIFAR_NAMES],
-                b"coarse_label_names": [f"super_{i}".encode() for i in range(20)]},
-               folder / "meta")
+    py2_pickle(
+        {
+            b"fine_label_names": [n.encode() for n in CIFAR_NAMES],
+            b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+        },
+        folder / "meta",
+    )
     return out
 
 
@@ -85,13 +93,15 @@ def cifar_tarball(tmp: Path) -> bytes:
     return buf.getvalue()
 
 
-def save_image(path: Path, mode: str, size: tuple[int, int], color, fmt: str | None = None,
-               seed: int = 0) -> None:
+def save_image(
+    path: Path, mode: str, size: tuple[int, int], color, fmt: str | None = None, seed: int = 0
+) -> None:
     """A solid image (``color``) or, with ``color=None``, random noise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if color is None:
-        arr = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3),
-                                                   dtype=np.uint8)
+        arr = np.random.default_rng(seed).integers(
+            0, 256, size=(size[1], size[0], 3), dtype=np.uint8
+        )
         img = Image.fromarray(arr, "RGB").convert(mode)
     else:
         img = Image.new(mode, size, color)
@@ -173,8 +183,7 @@ def test_cifar100_download_ok(tmp_path, monkeypatch):
     cfg = DatasetConfig(kind="cifar100", root=str(root), download=True)
     data = prepare_dataset(cfg)
     assert data.images.shape == (17, 3, 32, 32) and data.classes == CIFAR_NAMES
-    assert sorted(p.name for p in root.iterdir()) == ["cifar-100-python",
-                                                     "cifar-100-python.tar.gz"]
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-100-python", "cifar-100-python.tar.gz"]
     assert prepare_dataset(cfg).checksum() == data.checksum() and len(calls) == 1  # no re-fetch
 
 
@@ -229,7 +238,8 @@ def test_dermnet(tmp_path):
     assert data.extra["duplicate_label_conflicts"] == 0
     assert sorted(data.extra["duplicate_files"]) == [
         [f"test/{DERM[0]}/t0.jpg", f"train/{DERM[0]}/a1.jpg"],
-        [f"train/{DERM[2]}/m3.jpg", f"train/{DERM[2]}/m1.jpg"]]
+        [f"train/{DERM[2]}/m3.jpg", f"train/{DERM[2]}/m1.jpg"],
+    ]
     assert "2 exact duplicate files dropped (1 across train/test)" in data.source
     # exact colours survive conversion and resizing: solid RGB, RGBA and grey images
     assert (data.images[1].reshape(3, -1).T == [200, 10, 30]).all()
@@ -257,24 +267,37 @@ def test_dermnet_matches_pil_reference(tmp_path):
 # files (torchvision walks it after them), and files torchvision does not list (.gif, .txt)
 # or does (.tif). Classes sorted by code point: "Acne ...", "Eczema Photos", "acne (lower)".
 OFFICIAL_TREE = {
-    "train": {"Eczema Photos": ["e1.jpg", "e10.jpg", "e2.jpg", "E3.jpg", "e4.jpeg"],
-              "Acne and Rosacea Photos": ["a2.jpg", "a10.jpg", "B.jpg", "a1.JPG", "z.jpg",
-                                          "sub/c.jpg", "sub/b.jpg", "scan.tif", "anim.gif",
-                                          "notes.txt"],
-              "acne (lower)": ["l1.jpg", "l2.jpg", "l3.jpg", "l4.jpg", "l5.jpg", "l6.jpg"]},
-    "test": {"Eczema Photos": ["t1.jpg", "t2.jpg", "t3.jpg"],
-             "Acne and Rosacea Photos": ["u2.jpg", "u1.jpg", "U3.jpg", "u4.jpg"],
-             "acne (lower)": ["v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg", "v5.jpg"]},
+    "train": {
+        "Eczema Photos": ["e1.jpg", "e10.jpg", "e2.jpg", "E3.jpg", "e4.jpeg"],
+        "Acne and Rosacea Photos": [
+            "a2.jpg",
+            "a10.jpg",
+            "B.jpg",
+            "a1.JPG",
+            "z.jpg",
+            "sub/c.jpg",
+            "sub/b.jpg",
+            "scan.tif",
+            "anim.gif",
+            "notes.txt",
+        ],
+        "acne (lower)": ["l1.jpg", "l2.jpg", "l3.jpg", "l4.jpg", "l5.jpg", "l6.jpg"],
+    },
+    "test": {
+        "Eczema Photos": ["t1.jpg", "t2.jpg", "t3.jpg"],
+        "Acne and Rosacea Photos": ["u2.jpg", "u1.jpg", "U3.jpg", "u4.jpg"],
+        "acne (lower)": ["v1.jpg", "v2.jpg", "v3.jpg", "v4.jpg", "v5.jpg"],
+    },
 }
 # torchvision's order of the first class of train/, by hand
-ACNE_ORDER = ["B.jpg", "a1.JPG", "a10.jpg", "a2.jpg", "scan.tif", "z.jpg", "sub/b.jpg",
-              "sub/c.jpg"]
+ACNE_ORDER = ["B.jpg", "a1.JPG", "a10.jpg", "a2.jpg", "scan.tif", "z.jpg", "sub/b.jpg", "sub/c.jpg"]
 
 
 def make_dermnet_official(root: Path) -> None:
     """64×64 noise images (each file its own), JPEG but for the .tif and the .gif."""
     for i, (split, classes) in enumerate(
-            (s, c) for s, cs in OFFICIAL_TREE.items() for c in cs.items()):
+        (s, c) for s, cs in OFFICIAL_TREE.items() for c in cs.items()
+    ):
         for j, name in enumerate(classes[1]):
             path = root / split / classes[0] / name
             if name.endswith(".txt"):
@@ -284,8 +307,7 @@ def make_dermnet_official(root: Path) -> None:
             save_image(path, "RGB", (64, 64), None, fmt, seed=100 * i + j)
 
 
-def official_recipe(root: Path, pool: int, test: int
-                    ) -> tuple[list[str], list[str], list[str]]:
+def official_recipe(root: Path, pool: int, test: int) -> tuple[list[str], list[str], list[str]]:
     """The official split transcribed from its source, by file name (relative to root).
 
     Returns the files listed (train/ then test/), the clients' pool and the test set.
@@ -301,8 +323,11 @@ def official_recipe(root: Path, pool: int, test: int
         out = []
         for target in sorted(d for d in os.listdir(folder) if (folder / d).is_dir()):
             for dirpath, _, fnames in sorted(os.walk(folder / target, followlinks=True)):
-                out += [os.path.relpath(os.path.join(dirpath, f), root)
-                        for f in sorted(fnames) if f.lower().endswith(extensions)]
+                out += [
+                    os.path.relpath(os.path.join(dirpath, f), root)
+                    for f in sorted(fnames)
+                    if f.lower().endswith(extensions)
+                ]
         return out
 
     files = image_folder(root / "train") + image_folder(root / "test")
@@ -313,8 +338,9 @@ def official_recipe(root: Path, pool: int, test: int
 
 
 def official_cfg(root: Path, **kw) -> DatasetConfig:
-    return DatasetConfig.from_dict({"kind": "dermnet", "root": str(root), "image_size": 64,
-                                    "split": "official", **kw})
+    return DatasetConfig.from_dict(
+        {"kind": "dermnet", "root": str(root), "image_size": 64, "split": "official", **kw}
+    )
 
 
 def decoded_names(root: Path, images: np.ndarray) -> list[str]:
@@ -332,11 +358,19 @@ def test_dermnet_official_listing_is_torchvisions(tmp_path):
     make_dermnet_official(tmp_path)
     classes, files, labels = ds.imagefolder_listing(tmp_path / "train")
     assert classes == ["Acne and Rosacea Photos", "Eczema Photos", "acne (lower)"]
-    first = [f.relative_to(tmp_path / "train" / classes[0]).as_posix()
-             for f, label in zip(files, labels, strict=True) if label == 0]
+    first = [
+        f.relative_to(tmp_path / "train" / classes[0]).as_posix()
+        for f, label in zip(files, labels, strict=True)
+        if label == 0
+    ]
     assert first == ACNE_ORDER
     assert [f.name for f, label in zip(files, labels, strict=True) if label == 1] == [
-        "E3.jpg", "e1.jpg", "e10.jpg", "e2.jpg", "e4.jpeg"]
+        "E3.jpg",
+        "e1.jpg",
+        "e10.jpg",
+        "e2.jpg",
+        "e4.jpeg",
+    ]
 
 
 def test_dermnet_official_split_is_the_official_recipe(tmp_path):
@@ -368,14 +402,16 @@ def test_dermnet_official_split_keeps_duplicates(tmp_path):
     """As the official code: a byte-identical copy stays (reported), so the sizes hold."""
     make_dermnet_official(tmp_path)
     test_dir = tmp_path / "test" / "Eczema Photos"
-    (test_dir / "t4.jpg").write_bytes((tmp_path / "train" / "Eczema Photos" / "e1.jpg")
-                                      .read_bytes())
+    (test_dir / "t4.jpg").write_bytes(
+        (tmp_path / "train" / "Eczema Photos" / "e1.jpg").read_bytes()
+    )
     data = prepare_dataset(official_cfg(tmp_path, pool_size=24, test_size=8))  # all 32 used
     _, pool, test = official_recipe(tmp_path, 24, 8)
     assert data.images.shape[0] == 32
     assert data.extra["duplicates_kept"] == 1
-    first, copy = sorted(["train/Eczema Photos/e1.jpg", "test/Eczema Photos/t4.jpg"],
-                         key=(pool + test).index)
+    first, copy = sorted(
+        ["train/Eczema Photos/e1.jpg", "test/Eczema Photos/t4.jpg"], key=(pool + test).index
+    )
     assert data.extra["duplicate_files"] == [[copy, first]]
     rows = [(pool + test).index(f) for f in (first, copy)]
     np.testing.assert_array_equal(data.images[rows[0]], data.images[rows[1]])
@@ -385,9 +421,12 @@ def test_dermnet_official_split_keeps_duplicates(tmp_path):
 def test_dermnet_official_pool_is_what_partitions_deal(tmp_path):
     make_dermnet_official(tmp_path)
     data = prepare_dataset(official_cfg(tmp_path, pool_size=20, test_size=8))
-    part = make_partition(data.labels, data.is_test,
-                          PartitionConfig(kind="iid", num_clients=4, eval_members_per_client=5,
-                                          eval_nonmembers=8), seed=0)
+    part = make_partition(
+        data.labels,
+        data.is_test,
+        PartitionConfig(kind="iid", num_clients=4, eval_members_per_client=5, eval_nonmembers=8),
+        seed=0,
+    )
     assert (part.client_id[:20] >= 0).all() and (part.client_id[20:] == -1).all()
     assert np.bincount(part.client_id[:20]).tolist() == [5, 5, 5, 5]
 
@@ -431,16 +470,22 @@ def make_fashion(root: Path, gz: dict[str, bool]) -> tuple[np.ndarray, ...]:
     x_te = rng.integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
     y_te = np.array([9, 2, 1, 1], dtype=np.uint8)
     root.mkdir(parents=True, exist_ok=True)
-    for name, arr, magic in [("train-images-idx3-ubyte", x_tr, 2051),
-                             ("train-labels-idx1-ubyte", y_tr, 2049),
-                             ("t10k-images-idx3-ubyte", x_te, 2051),
-                             ("t10k-labels-idx1-ubyte", y_te, 2049)]:
+    for name, arr, magic in [
+        ("train-images-idx3-ubyte", x_tr, 2051),
+        ("train-labels-idx1-ubyte", y_tr, 2049),
+        ("t10k-images-idx3-ubyte", x_te, 2051),
+        ("t10k-labels-idx1-ubyte", y_te, 2049),
+    ]:
         write_idx(root / (name + (".gz" if gz[name] else "")), arr, magic)
     return x_tr, y_tr, x_te, y_te
 
 
-MIXED = {"train-images-idx3-ubyte": True, "train-labels-idx1-ubyte": False,
-         "t10k-images-idx3-ubyte": False, "t10k-labels-idx1-ubyte": True}
+MIXED = {
+    "train-images-idx3-ubyte": True,
+    "train-labels-idx1-ubyte": False,
+    "t10k-images-idx3-ubyte": False,
+    "t10k-labels-idx1-ubyte": True,
+}
 
 
 @pytest.fixture
@@ -453,8 +498,9 @@ def no_system_fashion(monkeypatch, tmp_path):
 
 def test_fashion_mnist(tmp_path, no_system_fashion):
     x_tr, y_tr, x_te, y_te = make_fashion(tmp_path / "fm", MIXED)
-    data = prepare_dataset(DatasetConfig(kind="fashion_mnist", root=str(tmp_path / "fm"),
-                                         image_size=28))
+    data = prepare_dataset(
+        DatasetConfig(kind="fashion_mnist", root=str(tmp_path / "fm"), image_size=28)
+    )
     assert data.images.shape == (10, 3, 28, 28)
     for c in range(3):
         np.testing.assert_array_equal(data.images[:, c], np.concatenate([x_tr, x_te]))
@@ -479,8 +525,10 @@ def test_fashion_mnist_system_place(tmp_path, no_system_fashion):
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not (SYSTEM_FASHION / "t10k-labels-idx1-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (SYSTEM_FASHION / "t10k-labels-idx1-ubyte.gz").exists(),
+    reason="Debian's dataset-fashion-mnist is not installed",
+)
 def test_fashion_mnist_real_debian_copy():
     data = prepare_dataset(DatasetConfig(kind="fashion_mnist"))
     assert data.images.shape == (70000, 3, 32, 32)
@@ -496,16 +544,18 @@ def make_folder(root: Path) -> None:
     for c, name in enumerate(["cat", "dog", "emu"]):
         for i, ext in enumerate([".png", ".JPG", ".bmp", ".gif", ".webp", ".jpeg"]):
             fmt = {".JPG": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext)
-            save_image(root / name / f"{i:02d}{ext}", "RGB", (20 + i, 30), None,
-                       fmt=fmt, seed=10 * c + i)
+            save_image(
+                root / name / f"{i:02d}{ext}", "RGB", (20 + i, 30), None, fmt=fmt, seed=10 * c + i
+            )
     save_image(root / "dog" / "sub" / "nested.png", "RGB", (16, 16), None, seed=99)
     (root / "dog" / "labels.csv").write_text("x")
 
 
 def test_imagefolder_seeded_split(tmp_path):
     make_folder(tmp_path)
-    cfg = DatasetConfig(kind="imagefolder", root=str(tmp_path), image_size=16,
-                        test_fraction=0.5, split_seed=3)
+    cfg = DatasetConfig(
+        kind="imagefolder", root=str(tmp_path), image_size=16, test_fraction=0.5, split_seed=3
+    )
     data = prepare_dataset(cfg)
     assert data.images.shape == (19, 3, 16, 16) and data.classes == ["cat", "dog", "emu"]
     np.testing.assert_array_equal(data.labels, [0] * 6 + [1] * 7 + [2] * 6)

@@ -57,8 +57,12 @@ def layout_of(*entries: tuple[str, int, bool]) -> StateLayout:
 
 
 # a big conv-like layer, a BN running mean (not a parameter), a small bias, a mid-size layer
-LAYOUT = layout_of(("conv.weight", 20_000, True), ("bn.running_mean", 64, False),
-                   ("conv.bias", 64, True), ("fc.weight", 5_000, True))
+LAYOUT = layout_of(
+    ("conv.weight", 20_000, True),
+    ("bn.running_mean", 64, False),
+    ("conv.bias", 64, True),
+    ("fc.weight", 5_000, True),
+)
 BIG, BN, SMALL, FC = LAYOUT.entries
 
 
@@ -85,8 +89,18 @@ SPEC = spec()
 
 
 def test_all_kinds_are_registered():
-    assert set(DEFENSES.names()) == {"none", "dp", "dp_param_noise", "quantize", "sparsify",
-                                     "mixup", "instahide", "subsample", "augment", "compose"}
+    assert set(DEFENSES.names()) == {
+        "none",
+        "dp",
+        "dp_param_noise",
+        "quantize",
+        "sparsify",
+        "mixup",
+        "instahide",
+        "subsample",
+        "augment",
+        "compose",
+    }
 
 
 def test_generator_on_cpu_is_gen_itself():
@@ -133,8 +147,9 @@ def test_dp_upload_is_clipped_plus_noise_and_seeded():
     assert noise[mask].std().item() == pytest.approx(0.1, rel=0.05)
     assert torch.equal(a[~mask], u[~mask])
     # σ = 0 clips only
-    torch.testing.assert_close(build("dp", sigma=0, clip=1.0).upload(u, LAYOUT, gen()),
-                               d.clipped(u, LAYOUT))
+    torch.testing.assert_close(
+        build("dp", sigma=0, clip=1.0).upload(u, LAYOUT, gen()), d.clipped(u, LAYOUT)
+    )
 
 
 def test_dp_param_noise_std_is_sigma_and_nothing_is_clipped():
@@ -176,8 +191,10 @@ def test_quantize_32_bits_is_identity_and_constant_layers_stay(variant):
 def test_quantize_default_variant_is_fedmia():
     u = update_for(LAYOUT)
     assert build("quantize", bits=3).variant == "fedmia"
-    assert torch.equal(build("quantize", bits=3).upload(u, LAYOUT, gen()),
-                       build("quantize", bits=3, variant="fedmia").upload(u, LAYOUT, gen()))
+    assert torch.equal(
+        build("quantize", bits=3).upload(u, LAYOUT, gen()),
+        build("quantize", bits=3, variant="fedmia").upload(u, LAYOUT, gen()),
+    )
 
 
 def official_quant(ts: np.ndarray, bits: int) -> np.ndarray:
@@ -358,8 +375,9 @@ def test_mixup_accepts_soft_targets_for_composition():
 # --------------------------------------------------------------------------- instahide
 
 
-@pytest.mark.parametrize("k, bound", [(2, 0.65), (3, 0.65), (4, 0.65), (4, 0.9), (6, 0.65),
-                                      (3, 0.51)])
+@pytest.mark.parametrize(
+    "k, bound", [(2, 0.65), (3, 0.65), (4, 0.65), (4, 0.9), (6, 0.65), (3, 0.51)]
+)
 def test_instahide_coefficients_follow_the_official_rejection_rule(k, bound):
     d = build("instahide", k=k, upper_bound=bound)
     c = d.coefficients(4000, gen(1))
@@ -398,8 +416,10 @@ def official_instahide(x, y, coeffs, partners, signs, num_classes):
         mixed = mixed + coeffs[:, i, None, None, None] * x[partners[i]]
         ys.append(y[partners[i]])
         mixed = mixed * signs[i - 1].to(x.dtype)  # a new sign mask inside the partner loop
-    target = sum(coeffs[:, i, None] * F.one_hot(ys[i], num_classes).to(x.dtype)
-                 for i in range(coeffs.shape[1]))
+    target = sum(
+        coeffs[:, i, None] * F.one_hot(ys[i], num_classes).to(x.dtype)
+        for i in range(coeffs.shape[1])
+    )
     return mixed, target
 
 
@@ -471,8 +491,7 @@ def test_instahide_mixes_over_the_whole_local_set_once_per_epoch():
 # --------------------------------------------------------------------------- subsample
 
 
-@pytest.mark.parametrize("fraction, n", [(0.5, 100), (0.25, 10), (0.01, 30), (1.0, 17),
-                                         (0.3, 7)])
+@pytest.mark.parametrize("fraction, n", [(0.5, 100), (0.25, 10), (0.01, 30), (1.0, 17), (0.3, 7)])
 def test_subsample_size_subset_no_repetition(fraction, n):
     d = build("subsample", fraction=fraction)
     assert isinstance(d, SubsampleDefense)
@@ -497,8 +516,12 @@ def pixels(b: int = 8, c: int = 3, h: int = 8, w: int = 8, seed: int = 2) -> tor
 def test_augment_presets_and_defaults():
     official = build("augment")
     assert isinstance(official, AugmentDefense)
-    assert (official.padding, official.hflip, official.vflip, official.rotation) == (4, True, True,
-                                                                                      45.0)
+    assert (official.padding, official.hflip, official.vflip, official.rotation) == (
+        4,
+        True,
+        True,
+        45.0,
+    )
     assert (official.brightness, official.contrast, official.saturation) == (0.25, 0.8, 0.0)
     assert official == build("augment", preset="official")
     mild = build("augment", preset="mild")
@@ -522,8 +545,9 @@ def test_crop_is_a_window_of_the_zero_padded_image():
     for i in range(6):  # slow reference: slice the padded image
         padded = torch.zeros(3, 7 + 4, 9 + 6)
         padded[:, 2:9, 3:12] = p[i]
-        torch.testing.assert_close(out[i], padded[:, dy[i]:dy[i] + 7, dx[i]:dx[i] + 9],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            out[i], padded[:, dy[i] : dy[i] + 7, dx[i] : dx[i] + 9], rtol=0, atol=0
+        )
 
 
 def rotate_reference(img: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -547,15 +571,15 @@ def test_rotate_matches_the_per_pixel_inverse_mapping():
     angles = torch.tensor([0.0, 12.5, -37.0, 45.0, -3.3])
     out = rotate(p, angles)
     for i in range(5):
-        torch.testing.assert_close(out[i], rotate_reference(p[i], float(angles[i])), rtol=0,
-                                   atol=0)
+        torch.testing.assert_close(out[i], rotate_reference(p[i], float(angles[i])), rtol=0, atol=0)
     assert torch.equal(out[0], p[0])  # 0° is the identity
 
 
 def test_rotate_quarter_turns_are_exact_and_counter_clockwise():
     p = pixels(b=2, h=10, w=10)
-    torch.testing.assert_close(rotate(p, torch.full((2,), 90.0)), p.rot90(1, dims=(2, 3)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        rotate(p, torch.full((2,), 90.0)), p.rot90(1, dims=(2, 3)), rtol=0, atol=0
+    )
     torch.testing.assert_close(rotate(p, torch.full((2,), 180.0)), p.flip(2, 3), rtol=0, atol=0)
     # a quarter turn of a bright top row moves it to the left column (counter-clockwise)
     bar = torch.zeros(1, 1, 6, 6)
@@ -573,7 +597,8 @@ def test_rotate_matches_pil():
         ours = rotate(imgs.float(), torch.full((4,), a))
         for i in range(4):
             pil = Image.fromarray(imgs[i].permute(1, 2, 0).numpy()).rotate(
-                a, Image.NEAREST, expand=False, fillcolor=(0, 0, 0))
+                a, Image.NEAREST, expand=False, fillcolor=(0, 0, 0)
+            )
             ref = torch.tensor(np.array(pil), dtype=torch.float32).permute(2, 0, 1)
             mismatched += int((ref != ours[i]).any(0).sum())
     # PIL maps in 16.16 fixed point: only pixels within ~1e-4 of a grid line may differ
@@ -597,9 +622,17 @@ def jitter_reference(img: torch.Tensor, factors: list[float], order: list[int]) 
 
 def test_jitter_applies_each_sample_its_own_order_of_operations():
     p = pixels(b=6)
-    factors = torch.tensor([[1.2, 0.3, 1.5], [0.8, 1.7, 0.5], [1.25, 1.8, 1.0],
-                            [0.75, 0.2, 1.3], [1.1, 1.4, 0.2], [0.9, 0.6, 1.6]],
-                           dtype=torch.float64)
+    factors = torch.tensor(
+        [
+            [1.2, 0.3, 1.5],
+            [0.8, 1.7, 0.5],
+            [1.25, 1.8, 1.0],
+            [0.75, 0.2, 1.3],
+            [1.1, 1.4, 0.2],
+            [0.9, 0.6, 1.6],
+        ],
+        dtype=torch.float64,
+    )
     order = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [0, 2, 1], [2, 0, 1], [1, 2, 0]])
     out = jitter(p, factors, order)
     for i in range(6):
@@ -610,8 +643,9 @@ def test_jitter_applies_each_sample_its_own_order_of_operations():
     cb = jitter(p, factors, order[:, :2].new_tensor([[1, 0]] * 6))
     assert not torch.allclose(bc, cb)
     # an operation not listed is not applied
-    torch.testing.assert_close(jitter(p, factors, torch.tensor([[0]] * 6)),
-                               adjust_brightness(p, factors[:, 0]))
+    torch.testing.assert_close(
+        jitter(p, factors, torch.tensor([[0]] * 6)), adjust_brightness(p, factors[:, 0])
+    )
 
 
 def test_jitter_operations_match_pil_up_to_8_bit_rounding():
@@ -619,8 +653,11 @@ def test_jitter_operations_match_pil_up_to_8_bit_rounding():
     ImageEnhance = pytest.importorskip("PIL.ImageEnhance")
     imgs = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=gen(8))
     p = imgs.float() / 255
-    ops = [(adjust_brightness, ImageEnhance.Brightness), (adjust_contrast, ImageEnhance.Contrast),
-           (adjust_saturation, ImageEnhance.Color)]
+    ops = [
+        (adjust_brightness, ImageEnhance.Brightness),
+        (adjust_contrast, ImageEnhance.Contrast),
+        (adjust_saturation, ImageEnhance.Color),
+    ]
     for ours_fn, pil_cls in ops:
         for f in (0.2, 0.75, 1.25, 1.8):
             ours = ours_fn(p, torch.full((3,), f))
@@ -673,18 +710,26 @@ def test_augment_pads_and_rotates_with_black_pixels():
     i = int(torch.nonzero((dr.dy == 0) & (dr.dx == 0))[0])  # shifted down-right by 4
     torch.testing.assert_close(p[i, :, :4], torch.zeros(3, 4, 32), atol=1e-6, rtol=0)
     torch.testing.assert_close(p[i, :, 4:, 4:], SPEC.to_pixels(x)[i, :, :28, :28])
-    r = build("augment", padding=0, hflip=False, vflip=False, rotation=45, brightness=0,
-              contrast=0)
+    r = build("augment", padding=0, hflip=False, vflip=False, rotation=45, brightness=0, contrast=0)
     pr = SPEC.to_pixels(r.batch(x, y, SPEC, gen(5))[0])
     turned = r.draw(x.shape, "cpu", gen(5)).degrees.abs() > 30
     # a corner falls outside the turned image: black in pixel space
-    torch.testing.assert_close(pr[turned][:, :, 0, 0], torch.zeros(int(turned.sum()), 3),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pr[turned][:, :, 0, 0], torch.zeros(int(turned.sum()), 3), atol=1e-6, rtol=0
+    )
 
 
 def test_augment_with_every_step_off_is_the_identity():
-    d = build("augment", padding=0, hflip=False, vflip=False, rotation=0, brightness=0,
-              contrast=0, saturation=0)
+    d = build(
+        "augment",
+        padding=0,
+        hflip=False,
+        vflip=False,
+        rotation=0,
+        brightness=0,
+        contrast=0,
+        saturation=0,
+    )
     x, y = images()
     torch.testing.assert_close(d.batch(x, y, SPEC, gen(1))[0], x)
 
@@ -709,11 +754,16 @@ def test_augment_preserves_shape_dtype_and_is_seeded(device, dtype, preset):
 # ------------------------------------------------------------ BN statistics pass through
 
 
-@pytest.mark.parametrize("kind, params", [
-    ("dp", dict(sigma=1.0, clip=0.5)), ("dp_param_noise", dict(sigma=1.0)),
-    ("quantize", dict(bits=1)), ("quantize", dict(bits=1, variant="official")),
-    ("sparsify", dict(fraction=0.9, min_size=0)),
-])
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        ("dp", dict(sigma=1.0, clip=0.5)),
+        ("dp_param_noise", dict(sigma=1.0)),
+        ("quantize", dict(bits=1)),
+        ("quantize", dict(bits=1, variant="official")),
+        ("sparsify", dict(fraction=0.9, min_size=0)),
+    ],
+)
 def test_upload_defenses_leave_bn_statistics_unchanged(kind, params):
     u = update_for(LAYOUT) * 3
     up = build(kind, **params).upload(u, LAYOUT, gen(1))
@@ -735,8 +785,14 @@ def test_defense_config_from_dict_keeps_the_parameters():
 
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
 
 
 def tiny_data(n: int = 40) -> DeviceData:
@@ -747,16 +803,35 @@ def tiny_data(n: int = 40) -> DeviceData:
 
 
 E2E = [
-    ("dp", dict(sigma=0.1, clip=0.01)), ("dp_param_noise", dict(sigma=0.01)),
-    ("quantize", dict(bits=2)), ("quantize", dict(bits=2, variant="official")),
+    ("dp", dict(sigma=0.1, clip=0.01)),
+    ("dp_param_noise", dict(sigma=0.01)),
+    ("quantize", dict(bits=2)),
+    ("quantize", dict(bits=2, variant="official")),
     ("sparsify", dict(fraction=0.5, min_size=0)),
-    ("mixup", dict(alpha=1.0)), ("mixup", dict(alpha=1.0, variant="official")),
-    ("instahide", dict(k=2)), ("instahide", dict(k=3)),
-    ("subsample", dict(fraction=0.5)), ("augment", dict()), ("augment", dict(preset="mild")),
-    ("compose", dict(steps=[{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
-                     strength="subsample.fraction")),
-    ("compose", dict(steps=[{"kind": "augment", "preset": "mild"}, {"kind": "instahide", "k": 2},
-                            {"kind": "sparsify", "fraction": 0.5, "min_size": 0}])),
+    ("mixup", dict(alpha=1.0)),
+    ("mixup", dict(alpha=1.0, variant="official")),
+    ("instahide", dict(k=2)),
+    ("instahide", dict(k=3)),
+    ("subsample", dict(fraction=0.5)),
+    ("augment", dict()),
+    ("augment", dict(preset="mild")),
+    (
+        "compose",
+        dict(
+            steps=[{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
+            strength="subsample.fraction",
+        ),
+    ),
+    (
+        "compose",
+        dict(
+            steps=[
+                {"kind": "augment", "preset": "mild"},
+                {"kind": "instahide", "k": 2},
+                {"kind": "sparsify", "fraction": 0.5, "min_size": 0},
+            ]
+        ),
+    ),
 ]
 
 
@@ -814,25 +889,39 @@ class Recorder(Defense):
 
 def test_compose_runs_each_hook_of_its_steps_in_order():
     log = []
-    d = ComposeDefense(steps=(Recorder("a", log), Recorder("b", log, soft=True)),
-                       step_kinds=("a", "b"))
+    d = ComposeDefense(
+        steps=(Recorder("a", log), Recorder("b", log, soft=True)), step_kinds=("a", "b")
+    )
     assert d.soft_targets and not d.whole_local_set
     assert torch.equal(d.local_indices(torch.arange(5), gen()), torch.arange(2, 5))
     x, y = images()
     torch.testing.assert_close(d.batch(x, y, SPEC, gen())[0], x + 2)
     u = update_for(LAYOUT)
     torch.testing.assert_close(d.upload(u, LAYOUT, gen()), u * 4)
-    assert log == [("local_indices", "a"), ("local_indices", "b"), ("batch", "a"),
-                   ("batch", "b"), ("upload", "a"), ("upload", "b")]
-    assert ComposeDefense(steps=(Recorder("a", log), Recorder("b", log, whole=True)),
-                          step_kinds=("a", "b")).whole_local_set
+    assert log == [
+        ("local_indices", "a"),
+        ("local_indices", "b"),
+        ("batch", "a"),
+        ("batch", "b"),
+        ("upload", "a"),
+        ("upload", "b"),
+    ]
+    assert ComposeDefense(
+        steps=(Recorder("a", log), Recorder("b", log, whole=True)), step_kinds=("a", "b")
+    ).whole_local_set
 
 
 def test_compose_equals_its_steps_applied_one_after_the_other():
-    d = build("compose", steps=[{"kind": "augment"}, {"kind": "mixup", "alpha": 1.0},
-                                {"kind": "subsample", "fraction": 0.5},
-                                {"kind": "sparsify", "fraction": 0.5, "min_size": 0},
-                                {"kind": "dp", "sigma": 0.1, "clip": 1.0}])
+    d = build(
+        "compose",
+        steps=[
+            {"kind": "augment"},
+            {"kind": "mixup", "alpha": 1.0},
+            {"kind": "subsample", "fraction": 0.5},
+            {"kind": "sparsify", "fraction": 0.5, "min_size": 0},
+            {"kind": "dp", "sigma": 0.1, "clip": 1.0},
+        ],
+    )
     assert isinstance(d, ComposeDefense) and d.soft_targets and not d.whole_local_set
     assert d.step_kinds == ("augment", "mixup", "subsample", "sparsify", "dp")
     aug, mix, sub, sp, dp = d.steps
@@ -845,51 +934,101 @@ def test_compose_equals_its_steps_applied_one_after_the_other():
     idx = torch.arange(100)
     assert torch.equal(d.local_indices(idx, gen(4)), sub.local_indices(idx, gen(4)))
     u = update_for(LAYOUT)
-    assert torch.equal(d.upload(u, LAYOUT, gen(5)), dp.upload(sp.upload(u, LAYOUT, gen(5)),
-                                                               LAYOUT, gen(5)))
+    assert torch.equal(
+        d.upload(u, LAYOUT, gen(5)), dp.upload(sp.upload(u, LAYOUT, gen(5)), LAYOUT, gen(5))
+    )
 
 
-@pytest.mark.parametrize("block, strength", [
-    ({"kind": "none"}, float("nan")),
-    ({"kind": "dp", "sigma": 0.3, "clip": 1.0}, 0.3),
-    ({"kind": "augment"}, 4.0),  # the preset's padding, though not written in the block
-    ({"kind": "instahide", "k": 3}, 3.0),
-    ({"kind": "compose", "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.25}],
-      "strength": "subsample.fraction"}, 0.25),
-    ({"kind": "compose", "steps": [{"kind": "augment", "rotation": 30},
-                                   {"kind": "subsample", "fraction": 0.25}],
-      "strength": "0.rotation"}, 30.0),
-    ({"kind": "compose", "steps": [{"kind": "subsample", "fraction": 0.5},
-                                   {"kind": "subsample", "fraction": 0.8}],
-      "strength": "1.fraction"}, 0.8),
-    ({"kind": "compose", "steps": [{"kind": "sparsify", "fraction": 0.5}],
-      "strength": "sparsify.min_size"}, 1000.0),  # a default value
-    ({"kind": "compose", "steps": [{"kind": "augment"}]}, float("nan")),
-])
+@pytest.mark.parametrize(
+    "block, strength",
+    [
+        ({"kind": "none"}, float("nan")),
+        ({"kind": "dp", "sigma": 0.3, "clip": 1.0}, 0.3),
+        ({"kind": "augment"}, 4.0),  # the preset's padding, though not written in the block
+        ({"kind": "instahide", "k": 3}, 3.0),
+        (
+            {
+                "kind": "compose",
+                "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.25}],
+                "strength": "subsample.fraction",
+            },
+            0.25,
+        ),
+        (
+            {
+                "kind": "compose",
+                "steps": [
+                    {"kind": "augment", "rotation": 30},
+                    {"kind": "subsample", "fraction": 0.25},
+                ],
+                "strength": "0.rotation",
+            },
+            30.0,
+        ),
+        (
+            {
+                "kind": "compose",
+                "steps": [
+                    {"kind": "subsample", "fraction": 0.5},
+                    {"kind": "subsample", "fraction": 0.8},
+                ],
+                "strength": "1.fraction",
+            },
+            0.8,
+        ),
+        (
+            {
+                "kind": "compose",
+                "steps": [{"kind": "sparsify", "fraction": 0.5}],
+                "strength": "sparsify.min_size",
+            },
+            1000.0,
+        ),  # a default value
+        ({"kind": "compose", "steps": [{"kind": "augment"}]}, float("nan")),
+    ],
+)
 def test_strength_of(block, strength):
     got = strength_of(block)
     assert (math.isnan(got) and math.isnan(strength)) or got == pytest.approx(strength)
 
 
-@pytest.mark.parametrize("block, params", [
-    ({"kind": "none"}, ""),
-    ({"kind": "mixup", "alpha": 1.0}, ""),
-    ({"kind": "mixup", "alpha": 1.0, "variant": "paper"}, ""),  # a default, written out
-    ({"kind": "mixup", "alpha": 1.0, "variant": "official"}, "variant=official"),
-    ({"kind": "quantize", "bits": 4, "variant": "official"}, "variant=official"),
-    ({"kind": "quantize", "bits": 4}, ""),
-    ({"kind": "dp", "sigma": 0.3, "clip": 5.0}, "clip=5"),  # required: always named
-    ({"kind": "sparsify", "fraction": 0.5, "min_size": 10}, "min_size=10"),
-    ({"kind": "augment"}, ""),
-    ({"kind": "augment", "padding": 2}, ""),  # the strength
-    ({"kind": "augment", "preset": "mild", "brightness": 0.25},
-     "vflip=false, rotation=0, contrast=0.2, saturation=0.2"),  # against the default preset
-    ({"kind": "compose", "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.25}],
-      "strength": "subsample.fraction"}, "augment + subsample"),
-    ({"kind": "compose", "steps": [{"kind": "augment"},
-                                   {"kind": "mixup", "alpha": 0.5, "variant": "official"}]},
-     "augment + mixup(alpha=0.5, variant=official)"),
-])
+@pytest.mark.parametrize(
+    "block, params",
+    [
+        ({"kind": "none"}, ""),
+        ({"kind": "mixup", "alpha": 1.0}, ""),
+        ({"kind": "mixup", "alpha": 1.0, "variant": "paper"}, ""),  # a default, written out
+        ({"kind": "mixup", "alpha": 1.0, "variant": "official"}, "variant=official"),
+        ({"kind": "quantize", "bits": 4, "variant": "official"}, "variant=official"),
+        ({"kind": "quantize", "bits": 4}, ""),
+        ({"kind": "dp", "sigma": 0.3, "clip": 5.0}, "clip=5"),  # required: always named
+        ({"kind": "sparsify", "fraction": 0.5, "min_size": 10}, "min_size=10"),
+        ({"kind": "augment"}, ""),
+        ({"kind": "augment", "padding": 2}, ""),  # the strength
+        (
+            {"kind": "augment", "preset": "mild", "brightness": 0.25},
+            "vflip=false, rotation=0, contrast=0.2, saturation=0.2",
+        ),  # against the default preset
+        (
+            {
+                "kind": "compose",
+                "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.25}],
+                "strength": "subsample.fraction",
+            },
+            "augment + subsample",
+        ),
+        (
+            {
+                "kind": "compose",
+                "steps": [
+                    {"kind": "augment"},
+                    {"kind": "mixup", "alpha": 0.5, "variant": "official"},
+                ],
+            },
+            "augment + mixup(alpha=0.5, variant=official)",
+        ),
+    ],
+)
 def test_params_of_names_what_is_not_the_strength_nor_a_default(block, params):
     assert params_of(block) == params
 

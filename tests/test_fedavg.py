@@ -28,8 +28,14 @@ from fedmia.federation.state import FlatState, StateLayout
 
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
 
 
 def tiny_data(n: int = 40) -> DeviceData:
@@ -47,8 +53,11 @@ def test_aggregate_is_the_data_weighted_average_of_uploaded_models():
     assert torch.allclose(new, torch.tensor([2.0, 4.0, 6.0]))  # (1·0 + 2·3)/3 = 2, ...
     # bit for bit the step fedmia took before the weights became an option
     g = torch.Generator().manual_seed(0)
-    w, ups, n = torch.randn(50, generator=g), torch.randn(4, 50, generator=g), torch.tensor(
-        [7, 30, 11, 2])
+    w, ups, n = (
+        torch.randn(50, generator=g),
+        torch.randn(4, 50, generator=g),
+        torch.tensor([7, 30, 11, 2]),
+    )
     before = w - (n.to(torch.float32) / n.sum()) @ ups
     assert torch.equal(aggregate(w, ups, aggregation_weights(n, "data_size", 0, 1)), before)
 
@@ -92,31 +101,52 @@ def test_official_permuted_changes_nothing_when_clients_are_equally_large():
     for how in ("data_size", "official_permuted"):
         cfg = TrainConfig(rounds=3, batch_size=4, lr=0.1, aggregation=how)
         st = FlatState(tiny_model())
-        recs = [r.weights for r in run_fedavg(st, data, client_idx, torch.arange(30, 40), cfg,
-                                              Defense(), seed=5)]
+        recs = [
+            r.weights
+            for r in run_fedavg(st, data, client_idx, torch.arange(30, 40), cfg, Defense(), seed=5)
+        ]
         assert recs == [[pytest.approx(1 / 3)] * 3] * 3
         finals.append(st.flat.clone())
     assert torch.equal(finals[0], finals[1])
 
 
 def test_aggregation_must_be_named():
-    with pytest.raises(ConfigError, match=r"at 'train.aggregation': 'official' is not one of "
-                       r"\['data_size', 'official_permuted'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"at 'train.aggregation': 'official' is not one of "
+        r"\['data_size', 'official_permuted'\]",
+    ):
         TrainConfig.from_dict({"aggregation": "official"})
     with pytest.raises(ValueError, match="unknown aggregation 'mean'"):
         aggregation_weights(torch.tensor([1, 2]), "mean", 0, 1)
 
 
-@pytest.mark.parametrize("block, equal", [
-    ({"kind": "none"}, False),
-    ({"kind": "dp", "sigma": 0.5, "clip": 1.0}, True),
-    ({"kind": "dp_param_noise", "sigma": 0.1}, False),
-    ({"kind": "quantize", "bits": 4}, False),
-    ({"kind": "compose", "steps": [{"kind": "subsample", "fraction": 0.5},
-                                   {"kind": "dp", "sigma": 0.5, "clip": 1.0}]}, True),
-    ({"kind": "compose", "steps": [{"kind": "augment"}, {"kind": "subsample",
-                                                          "fraction": 0.5}]}, False),
-])
+@pytest.mark.parametrize(
+    "block, equal",
+    [
+        ({"kind": "none"}, False),
+        ({"kind": "dp", "sigma": 0.5, "clip": 1.0}, True),
+        ({"kind": "dp_param_noise", "sigma": 0.1}, False),
+        ({"kind": "quantize", "bits": 4}, False),
+        (
+            {
+                "kind": "compose",
+                "steps": [
+                    {"kind": "subsample", "fraction": 0.5},
+                    {"kind": "dp", "sigma": 0.5, "clip": 1.0},
+                ],
+            },
+            True,
+        ),
+        (
+            {
+                "kind": "compose",
+                "steps": [{"kind": "augment"}, {"kind": "subsample", "fraction": 0.5}],
+            },
+            False,
+        ),
+    ],
+)
 def test_dp_and_a_compose_holding_it_aggregate_with_equal_weights(block, equal):
     defense = defense_from_config(block)
     assert defense.data_independent_weights is equal
@@ -161,24 +191,27 @@ def test_flat_state_binds_parameters_and_bn_buffers():
     v = torch.arange(st.layout.size, dtype=torch.float32)
     st.load(v)
     assert torch.equal(m[5].bias, v[st.layout.entries[-1].slice])
-    assert torch.equal(m[1].running_mean, v[[e for e in st.layout.entries
-                                             if e.name == "1.running_mean"][0].slice])
+    assert torch.equal(
+        m[1].running_mean, v[[e for e in st.layout.entries if e.name == "1.running_mean"][0].slice]
+    )
     m(torch.randn(4, 3, 6, 6))  # train-mode BN updates its statistics inside the flat vector
     assert not torch.equal(st.flat, v)
     assert StateLayout.from_list(st.layout.to_list()) == st.layout
 
 
-def hand_round(model0: nn.Module, data: DeviceData, idx, cfg: TrainConfig, seed: int, rnd: int,
-               client: int):
+def hand_round(
+    model0: nn.Module, data: DeviceData, idx, cfg: TrainConfig, seed: int, rnd: int, client: int
+):
     """One client round the obvious way: its own model copy, its own optimizer."""
     m = copy.deepcopy(model0).train()
-    opt = torch.optim.SGD(m.parameters(), lr=cfg.lr_at(rnd), momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        m.parameters(), lr=cfg.lr_at(rnd), momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     g = client_generator(seed, rnd, client)
     for _ in range(cfg.local_epochs):
         order = idx[torch.randperm(len(idx), generator=g)]
         for s in range(0, len(order), cfg.batch_size):
-            x, y = data.batch(order[s:s + cfg.batch_size])
+            x, y = data.batch(order[s : s + cfg.batch_size])
             opt.zero_grad()
             F.cross_entropy(m(x), y).backward()
             opt.step()
@@ -204,8 +237,12 @@ def test_one_round_matches_hand_computed_weighted_average():
     w0 = FlatState(copy.deepcopy(model0)).flat
     assert torch.equal(recs[0].global_flat, w0)
     for c in range(2):
-        up = torch.cat([(model0.state_dict()[e.name] - expected_states[c][e.name]).reshape(-1)
-                        for e in st.layout.entries])
+        up = torch.cat(
+            [
+                (model0.state_dict()[e.name] - expected_states[c][e.name]).reshape(-1)
+                for e in st.layout.entries
+            ]
+        )
         torch.testing.assert_close(recs[0].uploads[c], up, rtol=1e-5, atol=1e-6)
 
 
@@ -217,10 +254,15 @@ def test_client_streams_are_independent_and_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
 
 
-@pytest.mark.parametrize("schedule, r, want", [
-    ("constant", 7, 0.1), ("exponential", 3, 0.1 * 0.99**2), ("cosine", 1, 0.1),
-    ("cosine", 7, 0.05),  # half way: (1 + cos(π·5/10))/2 = 0.5
-])
+@pytest.mark.parametrize(
+    "schedule, r, want",
+    [
+        ("constant", 7, 0.1),
+        ("exponential", 3, 0.1 * 0.99**2),
+        ("cosine", 1, 0.1),
+        ("cosine", 7, 0.05),  # half way: (1 + cos(π·5/10))/2 = 0.5
+    ],
+)
 def test_lr_schedules(schedule, r, want):
     cfg = TrainConfig(rounds=10, lr=0.1, lr_schedule=schedule)
     assert cfg.lr_at(r) == pytest.approx(want)
@@ -282,8 +324,16 @@ def test_whole_local_set_mode_trains_exactly_like_mini_batch_hooks():
     ups = []
     for whole in (False, True):
         st = FlatState(tiny_model())
-        res = local_train(st, st.snapshot(), data, torch.arange(5, 20), cfg, 0.1,
-                          PixelSpy(whole), client_generator(2, 1, 0))
+        res = local_train(
+            st,
+            st.snapshot(),
+            data,
+            torch.arange(5, 20),
+            cfg,
+            0.1,
+            PixelSpy(whole),
+            client_generator(2, 1, 0),
+        )
         ups.append(res.upload)
     assert torch.equal(ups[0], ups[1])
 
@@ -324,8 +374,17 @@ def test_uploads_are_probed_in_observed_rounds_only(monkeypatch):
 
     monkeypatch.setattr(fedavg, "outputs_finite", spy)
     cfg = TrainConfig(rounds=4, batch_size=5, observe_every=2, observe_rounds=(1,))
-    list(run_fedavg(FlatState(tiny_model()), tiny_data(), [torch.arange(10),
-                    torch.arange(10, 20)], torch.arange(30, 40), cfg, Defense(), seed=0))
+    list(
+        run_fedavg(
+            FlatState(tiny_model()),
+            tiny_data(),
+            [torch.arange(10), torch.arange(10, 20)],
+            torch.arange(30, 40),
+            cfg,
+            Defense(),
+            seed=0,
+        )
+    )
     assert calls == [True, True, False, True]  # rounds 1, 2, 4 observed
 
 
@@ -335,7 +394,15 @@ def test_an_aggregate_overflowing_in_an_unobserved_round_stops_training():
             return update * 1e36  # finite uploads, a model whose logits overflow
 
     cfg = TrainConfig(rounds=3, batch_size=5, observe_every=10, observe_rounds=())
-    recs = list(run_fedavg(FlatState(tiny_model()), tiny_data(), [torch.arange(10),
-                           torch.arange(10, 20)], torch.arange(30, 40), cfg, Blowup(),
-                           seed=0))
+    recs = list(
+        run_fedavg(
+            FlatState(tiny_model()),
+            tiny_data(),
+            [torch.arange(10), torch.arange(10, 20)],
+            torch.arange(30, 40),
+            cfg,
+            Blowup(),
+            seed=0,
+        )
+    )
     assert [r.diverged for r in recs] == [True] and recs[0].round == 1

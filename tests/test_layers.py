@@ -51,7 +51,7 @@ def imports(module: str, path: Path) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
+                anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base]) if base else ".".join(anchor)
             if base.startswith("fedmia"):
                 known = modules()
@@ -82,8 +82,7 @@ def test_no_import_circle():
             if n not in GRAPH or n == "fedmia":
                 continue
             if state.get(n) == 1:
-                raise AssertionError("import circle: " + " → ".join(
-                    stack[stack.index(n):] + [n]))
+                raise AssertionError("import circle: " + " → ".join(stack[stack.index(n) :] + [n]))
             if not state.get(n):
                 visit(n)
         stack.pop()

@@ -42,11 +42,21 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def inputs(model: nn.Module, k: int, b: int, shape, num_classes: int, scale: float = 1e-2,
-           seed: int = 0, perturb: float = 0.0):
+def inputs(
+    model: nn.Module,
+    k: int,
+    b: int,
+    shape,
+    num_classes: int,
+    scale: float = 1e-2,
+    seed: int = 0,
+    perturb: float = 0.0,
+):
     g = torch.Generator().manual_seed(seed)
-    params = {n: p.detach() + perturb * torch.randn(p.shape, generator=g)
-              for n, p in model.named_parameters()}
+    params = {
+        n: p.detach() + perturb * torch.randn(p.shape, generator=g)
+        for n, p in model.named_parameters()
+    }
     buffers = {n: t.detach() for n, t in model.named_buffers()}
     updates = {n: scale * torch.randn(k, *p.shape, generator=g) for n, p in params.items()}
     x = torch.randn(b, *shape, generator=g)
@@ -222,9 +232,14 @@ def test_leaves_model_untouched_and_no_hooks():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
     model.train()
     with pytest.raises(NotImplementedError):
-        layerwise_grad_products(nn.Sequential(nn.LayerNorm(3)), {"0.weight": torch.ones(3)},
-                                {}, torch.randn(2, 3), torch.zeros(2, dtype=torch.long),
-                                {"0.weight": torch.ones(1, 3)})
+        layerwise_grad_products(
+            nn.Sequential(nn.LayerNorm(3)),
+            {"0.weight": torch.ones(3)},
+            {},
+            torch.randn(2, 3),
+            torch.zeros(2, dtype=torch.long),
+            {"0.weight": torch.ones(1, 3)},
+        )
     assert all(m.training for m in model.modules())
 
 
@@ -236,8 +251,9 @@ def test_compute_round_measures_with_layerwise_route_equals_default():
     uploads = 0.01 * torch.randn(3, w.numel())
     x, y = torch.randn(7, 3, 32, 32), torch.randint(0, 10, (7,))
     want = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5)
-    got = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5,
-                                 grad_products=layerwise_grad_products)
+    got = compute_round_measures(
+        state, w, uploads, x, y, chunk_size=4, batch_size=5, grad_products=layerwise_grad_products
+    )
     assert torch.equal(state.flat, w)
     for name in ("loss", "cos", "grad_diff", "grad_norm", "confidence", "correct"):
         a, b = getattr(got, name), getattr(want, name)
@@ -286,19 +302,34 @@ def test_input_changed_in_place_after_use_is_recomputed_from_copies(caplog):
 def one(model: nn.Module, shape):
     params = {n: p.detach() for n, p in model.named_parameters()}
     updates = {n: torch.randn(2, *p.shape) for n, p in params.items()}
-    return (model, params, dict(model.named_buffers()), torch.randn(2, *shape),
-            torch.zeros(2, dtype=torch.long), updates)
+    return (
+        model,
+        params,
+        dict(model.named_buffers()),
+        torch.randn(2, *shape),
+        torch.zeros(2, dtype=torch.long),
+        updates,
+    )
 
 
-@pytest.mark.parametrize(("model", "shape", "match"), [
-    (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), (4,), "LayerNorm.*torch.func"),
-    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), (4, 5, 5), "groups=2"),
-    (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
-     (2, 3, 3), "padding_mode"),
-    (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4, track_running_stats=False)), (4,),
-     "running statistics"),
-    (Shared(), (3,), "more than once"),
-])
+@pytest.mark.parametrize(
+    ("model", "shape", "match"),
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), (4,), "LayerNorm.*torch.func"),
+        (nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten()), (4, 5, 5), "groups=2"),
+        (
+            nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
+            (2, 3, 3),
+            "padding_mode",
+        ),
+        (
+            nn.Sequential(nn.Flatten(), nn.BatchNorm1d(4, track_running_stats=False)),
+            (4,),
+            "running statistics",
+        ),
+        (Shared(), (3,), "more than once"),
+    ],
+)
 def test_unsupported_models_raise_clearly(model, shape, match):
     with pytest.raises(NotImplementedError, match=match):
         layerwise_grad_products(*one(model.eval(), shape))

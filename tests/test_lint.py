@@ -27,14 +27,33 @@ def test_ruff(repo):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.skipif(tool("snakefmt") is None,
-                    reason="snakefmt not installed (pip install -e .[test])")
+@pytest.mark.skipif(tool("ruff") is None, reason="ruff not installed (pip install -e .[test])")
+def test_ruff_format(repo):
+    """Every Python file as ``ruff format`` writes it (run ``ruff format .`` to fix)."""
+    r = run(tool("ruff"), "format", "--check", ".", cwd=repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(
+    tool("snakefmt") is None, reason="snakefmt not installed (pip install -e .[test])"
+)
 def test_snakefmt(repo):
     r = run(tool("snakefmt"), "--check", "Snakefile", "workflow/rules", cwd=repo)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_snakemake_lint(repo, tmp_path):
-    r = run(sys.executable, "-m", "snakemake", "--lint", "-s", str(repo / "Snakefile"),
-            "-d", str(tmp_path), "--configfile", str(repo / "config" / "config.yaml"), cwd=repo)
+    r = run(
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--lint",
+        "-s",
+        str(repo / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(repo / "config" / "config.yaml"),
+        cwd=repo,
+    )
     assert r.returncode == 0 and "good condition" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -87,16 +87,20 @@ def test_the_running_environment_is_installed_from_a_shipped_lock():
     installed = installed_versions()
     if lock_sha256(installed=installed) is None:
         closest = min(lock_files(), key=lambda p: len(mismatches(read_pins(p), installed)))
-        pytest.fail(f"this environment matches no shipped lock; against {closest.name}: "
-                    f"{mismatches(read_pins(closest), installed)}. Install it with "
-                    f"`pip install -r requirements/{CPU.name} && pip install --no-deps -e .`")
+        pytest.fail(
+            f"this environment matches no shipped lock; against {closest.name}: "
+            f"{mismatches(read_pins(closest), installed)}. Install it with "
+            f"`pip install -r requirements/{CPU.name} && pip install --no-deps -e .`"
+        )
 
 
 def test_lock_sha256_names_the_lock_whose_every_pin_is_installed(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("# a lock\n--find-links https://example.org/\nnumpy==2.4.6 \\\n"
-                 "    --hash=sha256:" + "0" * 64 + "\n    # via fedmia\ntorch==2.13.0+cpu\n"
-                 "SQLAlchemy[asyncio]==2.0.58\n")
+    a.write_text(
+        "# a lock\n--find-links https://example.org/\nnumpy==2.4.6 \\\n"
+        "    --hash=sha256:" + "0" * 64 + "\n    # via fedmia\ntorch==2.13.0+cpu\n"
+        "SQLAlchemy[asyncio]==2.0.58\n"
+    )
     b.write_text("numpy==2.4.6\ntorch==2.13.0\n")
     assert read_pins(a) == {"numpy": "2.4.6", "torch": "2.13.0+cpu", "sqlalchemy": "2.0.58"}
     sha_b = hashlib.sha256(b.read_bytes()).hexdigest()
@@ -105,7 +109,9 @@ def test_lock_sha256_names_the_lock_whose_every_pin_is_installed(tmp_path):
     assert lock_sha256([a, b], {"torch": "2.13.0"}) is None
     assert lock_sha256([], {"numpy": "2.4.6", "torch": "2.13.0"}) is None
     assert mismatches(read_pins(b), {"numpy": "2.4.7"}) == [
-        "numpy: locked 2.4.6, installed 2.4.7", "torch: locked 2.13.0, installed nothing"]
+        "numpy: locked 2.4.6, installed 2.4.7",
+        "torch: locked 2.13.0, installed nothing",
+    ]
 
 
 def test_read_pins_rejects_a_line_that_is_not_an_exact_pin(tmp_path):

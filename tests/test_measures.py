@@ -19,9 +19,17 @@ from fedmia.federation.state import FlatState
 
 def small_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(4, 5, 2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(5, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 5, 2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    )
 
 
 def setup(k: int, n: int = 13):
@@ -50,7 +58,7 @@ def reference(state: FlatState, w, uploads, x, y):
     state.load(w)
     for i in range(n):
         model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         norm[i] = g @ g
         for c in range(k):
@@ -64,15 +72,18 @@ def test_measures_match_per_sample_backward_loop():
     state, w, uploads, x, y = setup(k=3)
     got = compute_round_measures(state, w, uploads, x, y, chunk_size=4, batch_size=5)
     loss, cos, diff, norm = reference(state, w, uploads, x, y)
-    for name, want in (("loss", loss.double()), ("cos", cos), ("grad_diff", diff),
-                       ("grad_norm", norm)):
+    for name, want in (
+        ("loss", loss.double()),
+        ("cos", cos),
+        ("grad_diff", diff),
+        ("grad_norm", norm),
+    ):
         torch.testing.assert_close(getattr(got, name), want, rtol=1e-5, atol=1e-6, msg=name)
     assert got.confidence.allclose(torch.exp(-loss), rtol=1e-5)
     assert got.loss.shape == (3, 13) and got.grad_norm.shape == (13,)
     assert got.loss.dtype == got.logit_conf.dtype == torch.float64
     p = torch.exp(-got.loss)  # φ = log p − log(1 − p), from the same logits
-    torch.testing.assert_close(got.logit_conf, torch.log(p) - torch.log1p(-p), rtol=1e-9,
-                               atol=1e-9)
+    torch.testing.assert_close(got.logit_conf, torch.log(p) - torch.log1p(-p), rtol=1e-9, atol=1e-9)
 
 
 def slow_logit_statistics(logits: list[float], y: int) -> tuple[Decimal, Decimal]:
@@ -139,7 +150,7 @@ def test_cos_keeps_float32_accuracy_over_millions_of_parameters():
     model64 = copy.deepcopy(model).double()
     for i in range(2):
         model64.zero_grad()
-        F.cross_entropy(model64(x[i:i + 1].double()), y[i:i + 1]).backward()
+        F.cross_entropy(model64(x[i : i + 1].double()), y[i : i + 1]).backward()
         g = torch.cat([p.grad.reshape(-1) for p in model64.parameters()])
         for c in range(2):
             d = uploads[c].double()

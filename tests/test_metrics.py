@@ -51,8 +51,7 @@ def slow_balanced_accuracy(scores, is_member):
 @pytest.mark.parametrize("seed", range(5))
 def test_auc_matches_sklearn(seed, ties):
     scores, is_member = random_case(seed, ties=ties)
-    assert roc_auc(scores, is_member) == pytest.approx(roc_auc_score(is_member, scores),
-                                                       abs=1e-12)
+    assert roc_auc(scores, is_member) == pytest.approx(roc_auc_score(is_member, scores), abs=1e-12)
 
 
 def test_auc_extremes_and_all_tied():
@@ -79,12 +78,13 @@ def test_against_slow_reference(seed, ties):
     scores, is_member = random_case(seed, n=300, ties=ties)
     for alpha in (0.01, 0.05, 0.1, 0.3, 1.0):
         assert tpr_at_fpr(scores, is_member, alpha) == pytest.approx(
-            slow_tpr_at_fpr(scores, is_member, alpha), abs=1e-12)
+            slow_tpr_at_fpr(scores, is_member, alpha), abs=1e-12
+        )
     assert balanced_accuracy(scores, is_member) == pytest.approx(
-        slow_balanced_accuracy(scores, is_member), abs=1e-12)
+        slow_balanced_accuracy(scores, is_member), abs=1e-12
+    )
     fpr, tpr, _ = roc_curve(scores, is_member)
-    np.testing.assert_allclose(np.c_[fpr, tpr], sorted(slow_points(scores, is_member)),
-                               atol=1e-12)
+    np.testing.assert_allclose(np.c_[fpr, tpr], sorted(slow_points(scores, is_member)), atol=1e-12)
 
 
 def test_tpr_at_fpr_exactly_alpha():
@@ -183,7 +183,8 @@ def test_tpr_below_rule_matches_official_code(seed, ties):
     scores, is_member = random_case(seed, ties=ties)
     for alpha in (0.001, 0.01, 0.05, 0.1, 0.5):
         assert tpr_at_fpr(scores, is_member, alpha, "below") == pytest.approx(
-            official_tpr(scores, is_member, alpha), abs=1e-12)
+            official_tpr(scores, is_member, alpha), abs=1e-12
+        )
 
 
 def test_fpr_rules_differ_exactly_at_the_limit():

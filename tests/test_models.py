@@ -17,11 +17,17 @@ from test_fedavg import hand_round, tiny_data
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # official ResNet18: channels, first stride
 
 
-@pytest.mark.parametrize("kind, classes, params", [
-    ("alexnet", 100, 2_495_396), ("alexnet", 10, 2_472_266),
-    ("resnet18", 100, 11_220_132), ("resnet18", 10, 11_173_962),
-    ("resnet18_bn", 100, 11_220_132), ("resnet18_bn", 10, 11_173_962),
-])
+@pytest.mark.parametrize(
+    "kind, classes, params",
+    [
+        ("alexnet", 100, 2_495_396),
+        ("alexnet", 10, 2_472_266),
+        ("resnet18", 100, 11_220_132),
+        ("resnet18", 10, 11_173_962),
+        ("resnet18_bn", 100, 11_220_132),
+        ("resnet18_bn", 10, 11_173_962),
+    ],
+)
 def test_parameter_counts(kind, classes, params):
     assert count_parameters(build_model(kind, classes, seed=0)) == params
 
@@ -34,16 +40,19 @@ def test_output_shapes_any_input_size(kind, size):
 
 
 def test_alexnet_layers_match_the_cifar_variant():
-    convs = [m for m in build_model("alexnet", 10, seed=0).modules()
-             if isinstance(m, torch.nn.Conv2d)]
+    convs = [
+        m for m in build_model("alexnet", 10, seed=0).modules() if isinstance(m, torch.nn.Conv2d)
+    ]
     assert len(convs) == 5
     assert convs[0].kernel_size == (11, 11) and convs[0].stride == (4, 4)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d)
-                   for m in build_model("alexnet", 10, seed=0).modules())
+    assert not any(
+        isinstance(m, torch.nn.BatchNorm2d) for m in build_model("alexnet", 10, seed=0).modules()
+    )
 
 
 def official_resnet18_shapes(num_classes: int) -> list[tuple[str, tuple[int, ...]]]:
     """State-dict names and shapes of the official ``resnet_cifar.ResNet18``, in order."""
+
     def norm(name: str, c: int) -> list[tuple[str, tuple[int, ...]]]:
         return [(f"{name}.weight", (c,)), (f"{name}.bias", (c,))]
 
@@ -52,8 +61,12 @@ def official_resnet18_shapes(num_classes: int) -> list[tuple[str, tuple[int, ...
     for stage, (c, stride) in enumerate(STAGES, 1):
         for block in (0, 1):
             p = f"layer{stage}.{block}"
-            out += [(f"{p}.conv1.weight", (c, c_in, 3, 3)), *norm(f"{p}.bn1", c),
-                    (f"{p}.conv2.weight", (c, c, 3, 3)), *norm(f"{p}.bn2", c)]
+            out += [
+                (f"{p}.conv1.weight", (c, c_in, 3, 3)),
+                *norm(f"{p}.bn1", c),
+                (f"{p}.conv2.weight", (c, c, 3, 3)),
+                *norm(f"{p}.bn2", c),
+            ]
             if block == 0 and (stride != 1 or c_in != c):
                 out += [(f"{p}.shortcut.0.weight", (c, c_in, 1, 1)), *norm(f"{p}.shortcut.1", c)]
             c_in = c
@@ -67,6 +80,7 @@ def official_resnet18_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> t
     plus the identity or the 1×1-conv → GroupNorm shortcut, then ReLU;
     ``avg_pool2d(out, out.shape[-1])``, flatten, linear.
     """
+
     def gn(h: torch.Tensor, name: str) -> torch.Tensor:
         return F.group_norm(h, 32, sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-5)
 
@@ -78,8 +92,7 @@ def official_resnet18_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> t
             h = gn(F.conv2d(h, sd[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
             short = out
             if f"{p}.shortcut.0.weight" in sd:
-                short = gn(F.conv2d(out, sd[f"{p}.shortcut.0.weight"], stride=s),
-                           f"{p}.shortcut.1")
+                short = gn(F.conv2d(out, sd[f"{p}.shortcut.0.weight"], stride=s), f"{p}.shortcut.1")
             out = F.relu(h + short)
     out = F.avg_pool2d(out, out.shape[-1]).flatten(1)
     return F.linear(out, sd["linear.weight"], sd["linear.bias"])
@@ -87,12 +100,15 @@ def official_resnet18_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> t
 
 def test_resnet18_is_the_official_groupnorm_resnet18():
     model = build_model("resnet18", 10, seed=0).eval()
-    assert [(n, tuple(t.shape)) for n, t in model.state_dict().items()] == \
-        official_resnet18_shapes(10)  # no buffers: GroupNorm keeps no statistics
+    assert [(n, tuple(t.shape)) for n, t in model.state_dict().items()] == official_resnet18_shapes(
+        10
+    )  # no buffers: GroupNorm keeps no statistics
     norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
     assert len(norms) == 20  # stem, 2 per block × 8, 3 shortcuts
-    assert all(isinstance(m, nn.GroupNorm) and m.num_groups == 32 and m.eps == 1e-5
-               and m.affine for m in norms)
+    assert all(
+        isinstance(m, nn.GroupNorm) and m.num_groups == 32 and m.eps == 1e-5 and m.affine
+        for m in norms
+    )
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial GroupNorm scales and shifts
@@ -122,15 +138,21 @@ def test_fedavg_round_with_the_groupnorm_resnet18_matches_hand_computed():
     data = tiny_data(12)  # 3×6×6 images, 3 classes
     client_idx = [torch.arange(0, 4), torch.arange(4, 10)]
     cfg = TrainConfig(rounds=1, local_epochs=1, batch_size=2, lr=0.05)
-    expected = [hand_round(model0, data, idx, cfg, seed=1, rnd=1, client=c)
-                for c, idx in enumerate(client_idx)]
+    expected = [
+        hand_round(model0, data, idx, cfg, seed=1, rnd=1, client=c)
+        for c, idx in enumerate(client_idx)
+    ]
     (rec,) = run_fedavg(st, data, client_idx, torch.arange(10, 12), cfg, Defense(), seed=1)
     sent = model0.state_dict()
     final = st.module.state_dict()
     for e in st.layout.entries:
         for c in range(2):
-            torch.testing.assert_close(rec.uploads[c, e.slice].view(e.shape),
-                                       sent[e.name] - expected[c][e.name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                rec.uploads[c, e.slice].view(e.shape),
+                sent[e.name] - expected[c][e.name],
+                rtol=1e-5,
+                atol=1e-6,
+            )
         want = (4 * expected[0][e.name] + 6 * expected[1][e.name]) / 10
         torch.testing.assert_close(final[e.name], want, rtol=1e-5, atol=1e-6)
     assert rec.uploads.abs().sum(1).min() > 0
@@ -150,6 +172,9 @@ def test_init_is_seeded_and_leaves_global_rng_alone():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown model 'vgg'; choose from "
-                                         r"\['alexnet', 'resnet18', 'resnet18_bn'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown model 'vgg'; choose from "
+        r"\['alexnet', 'resnet18', 'resnet18_bn'\]",
+    ):
         MODELS.get("vgg")

@@ -57,12 +57,15 @@ def test_partial_participation_observes_and_attacks_every_round():
         part = TrainConfig(rounds=30, participation={"fraction": 0.1, "sampling": sampling})
         assert part.every_rounds() == part.observed() == list(range(1, 31))
     # poisson at q = 1 is every client every round
-    assert TrainConfig(rounds=30, participation={"fraction": 1.0, "sampling": "poisson"}
-                       ).every_rounds() == [10, 20, 30]
+    assert TrainConfig(
+        rounds=30, participation={"fraction": 1.0, "sampling": "poisson"}
+    ).every_rounds() == [10, 20, 30]
 
 
-@pytest.mark.parametrize("fraction, k, m", [(0.1, 50, 5), (0.5, 10, 5), (0.25, 10, 3),
-                                            (0.01, 10, 1), (0.99, 10, 10), (1.0, 7, 7)])
+@pytest.mark.parametrize(
+    "fraction, k, m",
+    [(0.1, 50, 5), (0.5, 10, 5), (0.25, 10, 3), (0.01, 10, 1), (0.99, 10, 10), (1.0, 7, 7)],
+)
 def test_uniform_draws_round_fk_clients_half_up_at_least_one(fraction, k, m):
     p = Participation(fraction=fraction, sampling="uniform")
     assert p.size(k) == m
@@ -88,14 +91,20 @@ def test_draws_are_seeded_per_round_and_match_a_reference():
     rate = np.mean([len(participants(p, 0, r, k)) for r in range(1, 501)]) / k
     assert rate == pytest.approx(0.3, abs=0.01)
     assert participants(Participation(fraction=1.0, sampling="poisson"), 0, 1, 5).tolist() == [
-        0, 1, 2, 3, 4]
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 def _run(cfg, client_idx, defense=None, seed=3):
     st = FlatState(tiny_model())
     recs = []
-    for rec in run_fedavg(st, tiny_data(), client_idx, torch.arange(35, 40), cfg,
-                          defense or Defense(), seed=seed):
+    for rec in run_fedavg(
+        st, tiny_data(), client_idx, torch.arange(35, 40), cfg, defense or Defense(), seed=seed
+    ):
         recs.append((rec, rec.global_flat.clone(), rec.uploads.clone()))
     return st, recs
 
@@ -104,8 +113,9 @@ CLIENTS = [torch.arange(0, 6), torch.arange(6, 16), torch.arange(16, 25), torch.
 
 
 def test_only_participants_train_and_their_data_weighted_average_is_applied():
-    cfg = TrainConfig(rounds=1, batch_size=4, lr=0.1,
-                      participation={"fraction": 0.5, "sampling": "uniform"})
+    cfg = TrainConfig(
+        rounds=1, batch_size=4, lr=0.1, participation={"fraction": 0.5, "sampling": "uniform"}
+    )
     part = participants(cfg.participation, 3, 1, 4).tolist()
     model0 = tiny_model()
     st, [(rec, sent, ups)] = _run(cfg, CLIENTS)
@@ -113,8 +123,9 @@ def test_only_participants_train_and_their_data_weighted_average_is_applied():
     sizes = [len(CLIENTS[c]) for c in part]
     assert rec.num_samples == sizes
     assert rec.weights == pytest.approx([n / sum(sizes) for n in sizes])
-    hands = [hand_round(model0, tiny_data(), CLIENTS[c], cfg, seed=3, rnd=1, client=c)
-             for c in part]
+    hands = [
+        hand_round(model0, tiny_data(), CLIENTS[c], cfg, seed=3, rnd=1, client=c) for c in part
+    ]
     final = st.module.state_dict()
     for e in st.layout.entries:
         want = sum(n * h[e.name] for n, h in zip(sizes, hands, strict=True)) / sum(sizes)
@@ -126,8 +137,9 @@ def test_only_participants_train_and_their_data_weighted_average_is_applied():
 
 
 def test_a_round_with_one_participant_applies_its_update_whole():
-    cfg = TrainConfig(rounds=2, batch_size=4, lr=0.1,
-                      participation={"fraction": 0.1, "sampling": "uniform"})
+    cfg = TrainConfig(
+        rounds=2, batch_size=4, lr=0.1, participation={"fraction": 0.1, "sampling": "uniform"}
+    )
     st, recs = _run(cfg, CLIENTS)
     ends = [g for _, g, _ in recs[1:]] + [st.flat]
     for (rec, sent, ups), end in zip(recs, ends, strict=True):
@@ -137,8 +149,9 @@ def test_a_round_with_one_participant_applies_its_update_whole():
 
 def test_dp_with_poisson_divides_by_the_fixed_expected_count():
     q = 0.5
-    cfg = TrainConfig(rounds=6, batch_size=4, lr=0.1,
-                      participation={"fraction": q, "sampling": "poisson"})
+    cfg = TrainConfig(
+        rounds=6, batch_size=4, lr=0.1, participation={"fraction": q, "sampling": "poisson"}
+    )
     st, recs = _run(cfg, CLIENTS, DPDefense(sigma=0.01, clip=0.5), seed=1)
     ends = [g for _, g, _ in recs[1:]] + [st.flat]
     sizes = {len(r.participants) for r, _, _ in recs}
@@ -147,15 +160,17 @@ def test_dp_with_poisson_divides_by_the_fixed_expected_count():
         assert rec.weights == [pytest.approx(1 / (q * 4))] * len(rec.participants)
         torch.testing.assert_close(end, sent - ups.sum(0) / (q * 4))
     # dp with uniform sampling: 1/m
-    cfg = TrainConfig(rounds=1, batch_size=4, lr=0.1,
-                      participation={"fraction": 0.75, "sampling": "uniform"})
+    cfg = TrainConfig(
+        rounds=1, batch_size=4, lr=0.1, participation={"fraction": 0.75, "sampling": "uniform"}
+    )
     _, [(rec, _, _)] = _run(cfg, CLIENTS, DPDefense(sigma=0.01, clip=0.5))
     assert rec.weights == [pytest.approx(1 / 3)] * 3
 
 
 def test_a_round_without_participants_keeps_the_model():
-    cfg = TrainConfig(rounds=12, batch_size=4, lr=0.1,
-                      participation={"fraction": 0.1, "sampling": "poisson"})
+    cfg = TrainConfig(
+        rounds=12, batch_size=4, lr=0.1, participation={"fraction": 0.1, "sampling": "poisson"}
+    )
     draws = [participants(cfg.participation, 0, r, 4).tolist() for r in range(1, 13)]
     assert [] in draws and any(draws)  # this seed has rounds with and without participants
     st, recs = _run(cfg, CLIENTS, seed=0)
@@ -168,28 +183,48 @@ def test_a_round_without_participants_keeps_the_model():
             assert not torch.equal(end, sent)
 
 
-PART = dict(kind="iid", num_clients=4, samples_per_client=15, eval_members_per_client=5,
-            eval_nonmembers=20)
-TRAIN = dict(rounds=4, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
-             observe_rounds=[1], test_every=2)
+PART = dict(
+    kind="iid", num_clients=4, samples_per_client=15, eval_members_per_client=5, eval_nonmembers=20
+)
+TRAIN = dict(
+    rounds=4,
+    local_epochs=1,
+    batch_size=10,
+    lr=0.05,
+    observe_every=2,
+    observe_rounds=[1],
+    test_every=2,
+)
 CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
 
 
 def _cell(digits_files, out, participation):
     pipeline.partition(digits_files, PART, 0, out / "partition.parquet")
-    outputs = {"history": out / "history.parquet", "final": out / "final.safetensors",
-               "observed": out / "observed", "manifest": out / "manifest.json"}
-    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
-                   model={"kind": "alexnet"}, defense={"kind": "none"},
-                   train_cfg={**TRAIN, "participation": participation}, cell=CELL,
-                   device="cpu", threads=1, outputs=outputs)
+    outputs = {
+        "history": out / "history.parquet",
+        "final": out / "final.safetensors",
+        "observed": out / "observed",
+        "manifest": out / "manifest.json",
+    }
+    pipeline.train(
+        data=digits_files,
+        partition_file=out / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        train_cfg={**TRAIN, "participation": participation},
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
     return outputs
 
 
 @pytest.fixture(scope="module")
 def sampled_cell(digits_files, tmp_path_factory):
-    return _cell(digits_files, tmp_path_factory.mktemp("sampled"),
-                 {"fraction": 0.25, "sampling": "uniform"})
+    return _cell(
+        digits_files, tmp_path_factory.mktemp("sampled"), {"fraction": 0.25, "sampling": "uniform"}
+    )
 
 
 def test_the_participants_are_recorded_in_history_view_and_manifest(sampled_cell):
@@ -207,45 +242,67 @@ def test_the_participants_are_recorded_in_history_view_and_manifest(sampled_cell
     manifest = io.read_manifest(sampled_cell["manifest"])
     counts = np.bincount(sum(want.values(), []), minlength=4).tolist()
     assert 0 in counts  # a client that never took part: 4 rounds of 1 of 4 clients
-    assert manifest["participation"] == {"fraction": 0.25, "sampling": "uniform",
-                                         "client_rounds": counts}
+    assert manifest["participation"] == {
+        "fraction": 0.25,
+        "sampling": "uniform",
+        "client_rounds": counts,
+    }
     assert manifest["observed_rounds"] == [1, 2, 3, 4]
 
 
 def test_measures_hold_the_participants_only(sampled_cell, digits_files, tmp_path):
     out = tmp_path / "mdm.parquet"
-    pipeline.measure(data=digits_files,
-                     partition_file=sampled_cell["history"].parent / "partition.parquet",
-                     observed_dir=sampled_cell["observed"], rounds=[1, 2, 3, 4], device="cpu",
-                     threads=1, output=out)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=sampled_cell["history"].parent / "partition.parquet",
+        observed_dir=sampled_cell["observed"],
+        rounds=[1, 2, 3, 4],
+        device="cpu",
+        threads=1,
+        output=out,
+    )
     mdm = pd.read_parquet(out)
     part = Participation(fraction=0.25, sampling="uniform")
     for r in range(1, 5):
-        assert sorted(set(mdm[mdm["round"] == r].client_id)) == participants(part, 0, r, 4
-                                                                             ).tolist()
+        assert sorted(set(mdm[mdm["round"] == r].client_id)) == participants(part, 0, r, 4).tolist()
 
 
 def test_full_participation_is_the_run_of_before(digits_files, tmp_path):
     """fraction 1.0 (either sampling) gives the files of a run without the key."""
     runs = {}
-    for name, participation in (("uniform", {"fraction": 1.0}),
-                                ("poisson", {"fraction": 1.0, "sampling": "poisson"})):
+    for name, participation in (
+        ("uniform", {"fraction": 1.0}),
+        ("poisson", {"fraction": 1.0, "sampling": "poisson"}),
+    ):
         (tmp_path / name).mkdir()
         runs[name] = _cell(digits_files, tmp_path / name, participation)
     (tmp_path / "default").mkdir()
     pipeline.partition(digits_files, PART, 0, tmp_path / "default" / "partition.parquet")
     base = {k: tmp_path / "default" / v.name for k, v in runs["uniform"].items()}
-    pipeline.train(data=digits_files, partition_file=tmp_path / "default" / "partition.parquet",
-                   model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=TRAIN,
-                   cell=CELL, device="cpu", threads=1, outputs=base)
+    pipeline.train(
+        data=digits_files,
+        partition_file=tmp_path / "default" / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        train_cfg=TRAIN,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=base,
+    )
     for run in runs.values():
         for key in ("final", "history"):
             assert run[key].read_bytes() == base[key].read_bytes()
         for r in (1, 2, 4):
-            assert (io.round_file(run["observed"], r).read_bytes()
-                    == io.round_file(base["observed"], r).read_bytes())
+            assert (
+                io.round_file(run["observed"], r).read_bytes()
+                == io.round_file(base["observed"], r).read_bytes()
+            )
     assert io.read_manifest(base["manifest"])["participation"] == {
-        "fraction": 1.0, "sampling": "uniform", "client_rounds": [4, 4, 4, 4]}
+        "fraction": 1.0,
+        "sampling": "uniform",
+        "client_rounds": [4, 4, 4, 4],
+    }
 
 
 # ------------------------------------------------------------------ attacks (step 2)
@@ -272,8 +329,9 @@ def _signed(mdm, measure, sign, rnd, client, sample_ids):
 def test_a_target_is_scored_in_the_rounds_it_took_part_in(sampled_world):
     mdm, owner, _ = sampled_world
     names = ["loss", "loss_series", "fedmia_loss", "fedmia_cos", "lira_conf", "rmia"]
-    everything = run_attacks(names, mdm, owner, n_boot=10,
-                             official=OfficialProtocol(draws=1), partial=True)
+    everything = run_attacks(
+        names, mdm, owner, n_boot=10, official=OfficialProtocol(draws=1), partial=True
+    )
     took = {c: [r for r, cl in PRESENT.items() if c in cl] for c in range(5)}
     # with references: the rounds with >= 2 other participants
     refs = {c: [r for r in took[c] if len(PRESENT[r]) - 1 >= 2] for c in range(4)}
@@ -282,12 +340,14 @@ def test_a_target_is_scored_in_the_rounds_it_took_part_in(sampled_world):
         res = {n: t[t.protocol == protocol] for n, t in everything.items()}
         # single-round: a row per round the target took part in; client 4 is no target
         assert {t: sorted(g["round"]) for t, g in res["loss"].groupby("target")} == {
-            c: took[c] for c in range(4)}
+            c: took[c] for c in range(4)
+        }
         series = res["loss_series"].set_index("target")["n_rounds"].to_dict()
         assert series == {c: len(took[c]) for c in range(4)}
         for name in ("fedmia_loss", "fedmia_cos", "lira_conf", "rmia"):
             assert res[name].set_index("target")["n_rounds"].to_dict() == {
-                c: len(refs[c]) for c in range(4)}
+                c: len(refs[c]) for c in range(4)
+            }
             assert res[name]["auc"].notna().all()
 
 
@@ -298,15 +358,17 @@ def test_fedmia_references_are_the_round_s_other_participants(sampled_world):
     per_round = []
     for r in (1, 2):  # round 3 has one other participant only: skipped
         t = _signed(mdm, "loss", -1, r, 0, sample_ids)
-        ref = np.stack([_signed(mdm, "loss", -1, r, c, sample_ids) for c in PRESENT[r]
-                        if c != 0])
+        ref = np.stack([_signed(mdm, "loss", -1, r, c, sample_ids) for c in PRESENT[r] if c != 0])
         per_round.append(ndtr((t - ref.mean(0)) / np.sqrt(ref.var(0) + 1e-8)))
     want = np.mean(per_round, axis=0)
     got = attack_scores("fedmia_loss", mdm_cube(mdm), 0)
     np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=1e-12)
     series = attack_scores("loss_series", mdm_cube(mdm), 0)
-    np.testing.assert_allclose(series["score"].to_numpy(), np.mean(
-        [_signed(mdm, "loss", -1, r, 0, sample_ids) for r in (1, 2, 3)], axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        series["score"].to_numpy(),
+        np.mean([_signed(mdm, "loss", -1, r, 0, sample_ids) for r in (1, 2, 3)], axis=0),
+        rtol=1e-12,
+    )
     # rounds 3 and 5 give client 1 at most one other participant: no FedMIA score
     few = mdm_cube(mdm[mdm["round"].isin([3, 5])])
     assert len(attack_scores("fedmia_loss", few, 1)) == 0
@@ -321,8 +383,7 @@ def test_a_full_table_read_as_partial_gives_the_same_results(sampled_world):
     _, owner, full = sampled_world
     names = ["loss", "cos_series", "fedmia_cos", "lira_conf_cos_sum", "rmia_sum"]
     a = run_attacks(names, full, owner, n_boot=20, official=OfficialProtocol(draws=2))
-    b = run_attacks(names, full, owner, n_boot=20, official=OfficialProtocol(draws=2),
-                    partial=True)
+    b = run_attacks(names, full, owner, n_boot=20, official=OfficialProtocol(draws=2), partial=True)
     for name in names:
         pd.testing.assert_frame_equal(a[name], b[name])
 
@@ -340,15 +401,26 @@ def test_the_attack_stage_and_attacks_csv_on_a_sampled_cell(digits_files, tmp_pa
     """3 of 4 clients per round: each target's rounds, the table's participation column."""
     out = _cell(digits_files, tmp_path, {"fraction": 0.75, "sampling": "uniform"})
     mdm_file = tmp_path / "mdm.parquet"
-    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                     observed_dir=out["observed"], rounds=[1, 2, 3, 4], device="cpu",
-                     threads=1, output=mdm_file)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        observed_dir=out["observed"],
+        rounds=[1, 2, 3, 4],
+        device="cpu",
+        threads=1,
+        output=mdm_file,
+    )
     names = ["loss", "loss_series", "fedmia_loss"]
     files = {n: tmp_path / f"{n}.parquet" for n in names}
-    pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
-                    cell=CELL, rounds=[1, 2, 3, 4], manifest_file=out["manifest"],
-                    config={"attacks": names, "protocol": "aligned", "rounds": [1, 2, 3, 4],
-                            "bootstrap": 0}, outputs=files)
+    pipeline.attack(
+        measures_file=mdm_file,
+        partition_file=tmp_path / "partition.parquet",
+        cell=CELL,
+        rounds=[1, 2, 3, 4],
+        manifest_file=out["manifest"],
+        config={"attacks": names, "protocol": "aligned", "rounds": [1, 2, 3, 4], "bootstrap": 0},
+        outputs=files,
+    )
     counts = io.read_manifest(out["manifest"])["participation"]["client_rounds"]
     series = pd.read_parquet(files["loss_series"]).set_index("target")["n_rounds"]
     assert series.to_dict() == {c: n for c, n in enumerate(counts) if n}
@@ -360,8 +432,11 @@ def test_the_attack_stage_and_attacks_csv_on_a_sampled_cell(digits_files, tmp_pa
     table = summarize(results, ["last"], cells=io.cells_frame([out["manifest"]]))
     assert (table["participation"] == 0.75).all()
     multi = table[table["attack"] == "loss_series"].iloc[0]
-    assert multi["target_rounds_min"] == min(series) and multi["target_rounds_max"] == max(
-        series) and multi["target_rounds_mean"] == pytest.approx(series.mean())
+    assert (
+        multi["target_rounds_min"] == min(series)
+        and multi["target_rounds_max"] == max(series)
+        and multi["target_rounds_mean"] == pytest.approx(series.mean())
+    )
     assert table[table["attack"] == "loss"]["target_rounds_mean"].isna().all()
 
 
@@ -374,16 +449,23 @@ INTEGER_ORDERS = list(range(2, 64))
 def independent_epsilon(rdp_at, rounds: int, delta: float = DELTA) -> float:
     """ε at δ from per-round RDP at the integer orders (Canonne, Kamath & Steinke 2020,
     Prop. 12: ε = min_α r(α) + log(1 − 1/α) − log(δα)/(α − 1))."""
-    return min(rounds * rdp_at(a) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
-               for a in INTEGER_ORDERS)
+    return min(
+        rounds * rdp_at(a) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+        for a in INTEGER_ORDERS
+    )
 
 
 def poisson_gaussian_rdp(q: float, z: float, alpha: int) -> float:
     """RDP of the Poisson-subsampled Gaussian at integer α (Mironov, Talwar & Zhang 2019,
     add-or-remove): log Σ_k C(α,k) (1−q)^(α−k) q^k e^((k²−k)/(2z²)) / (α − 1)."""
     mp.mp.dps = 60
-    a = sum(mp.binomial(alpha, k) * (1 - mp.mpf(q)) ** (alpha - k) * mp.mpf(q) ** k
-            * mp.e ** (mp.mpf(k * k - k) / (2 * z * z)) for k in range(alpha + 1))
+    a = sum(
+        mp.binomial(alpha, k)
+        * (1 - mp.mpf(q)) ** (alpha - k)
+        * mp.mpf(q) ** k
+        * mp.e ** (mp.mpf(k * k - k) / (2 * z * z))
+        for k in range(alpha + 1)
+    )
     return float(mp.log(a) / (alpha - 1))
 
 
@@ -400,18 +482,25 @@ def wor_gaussian_rdp(q: float, z: float, alpha: int) -> float:
         return sum((-1) ** (j - k) * mp.binomial(j, k) * mp.e ** cgf(k) for k in range(j + 1))
 
     e2 = mp.mpf(2) / (2 * z * z)
-    a = 1 + q ** 2 * mp.binomial(alpha, 2) * min(4 * (mp.e ** e2 - 1), 2 * mp.e ** e2)
+    a = 1 + q**2 * mp.binomial(alpha, 2) * min(4 * (mp.e**e2 - 1), 2 * mp.e**e2)
     for j in range(3, alpha + 1):
         lo, hi = forward_difference(2 * (j // 2)), forward_difference(2 * ((j + 1) // 2))
-        a += q ** j * mp.binomial(alpha, j) * min(4 * mp.sqrt(lo * hi), 2 * mp.e ** cgf(j - 1))
+        a += q**j * mp.binomial(alpha, j) * min(4 * mp.sqrt(lo * hi), 2 * mp.e ** cgf(j - 1))
     return float(mp.log(a) / (alpha - 1))
 
 
 def _record(sigma, sampling, fraction, client_rounds, rounds, k):
-    return cell_privacy(DPDefense(sigma=sigma, clip=1.0).privacy(), rounds=rounds,
-                        unnoised_state=False,
-                        participation={"fraction": fraction, "sampling": sampling,
-                                       "num_clients": k, "client_rounds": client_rounds})
+    return cell_privacy(
+        DPDefense(sigma=sigma, clip=1.0).privacy(),
+        rounds=rounds,
+        unnoised_state=False,
+        participation={
+            "fraction": fraction,
+            "sampling": sampling,
+            "num_clients": k,
+            "client_rounds": client_rounds,
+        },
+    )
 
 
 def _rdp_at_integers(event, relation):
@@ -433,8 +522,10 @@ def test_poisson_observer_epsilon_matches_an_independent_computation():
     assert report.epsilon_pld is not None and report.epsilon_pld <= report.epsilon_rdp * 1.01
     # amplification: far below the server's ε over all the rounds
     assert report.epsilon_rdp < accounted_epsilon(sigma, rounds).epsilon_rdp / 3
-    print(f"poisson q={q}, σ={sigma}, T={rounds}: observer ε_RDP={report.epsilon_rdp:.3f} "
-          f"ε_PLD={report.epsilon_pld:.3f}; independent (integer orders) {want:.3f}")
+    print(
+        f"poisson q={q}, σ={sigma}, T={rounds}: observer ε_RDP={report.epsilon_rdp:.3f} "
+        f"ε_PLD={report.epsilon_pld:.3f}; independent (integer orders) {want:.3f}"
+    )
 
 
 def test_uniform_observer_epsilon_matches_an_independent_computation():
@@ -449,8 +540,10 @@ def test_uniform_observer_epsilon_matches_an_independent_computation():
     assert report.epsilon_rdp <= want * (1 + 1e-9) and report.epsilon_rdp > 0.9 * want
     assert report.epsilon_pld is None and "PLD accountant does not support" in report.note
     assert "replace-one" in report.note
-    print(f"uniform m=5 of 10, σ={sigma}, T={rounds}: observer ε_RDP={report.epsilon_rdp:.3f};"
-          f" independent (integer orders) {want:.3f}")
+    print(
+        f"uniform m=5 of 10, σ={sigma}, T={rounds}: observer ε_RDP={report.epsilon_rdp:.3f};"
+        f" independent (integer orders) {want:.3f}"
+    )
 
 
 def test_against_the_server_a_client_composes_the_rounds_it_took_part_in():
@@ -472,30 +565,63 @@ def test_full_participation_keeps_the_record_of_before():
     privacy = DPDefense(sigma=1.0, clip=1.0).privacy()
     before = cell_privacy(privacy, rounds=30, unnoised_state=False)
     for sampling in ("uniform", "poisson"):
-        assert cell_privacy(privacy, rounds=30, unnoised_state=False, participation={
-            "fraction": 1.0, "sampling": sampling, "num_clients": 4,
-            "client_rounds": [30] * 4}) == before
+        assert (
+            cell_privacy(
+                privacy,
+                rounds=30,
+                unnoised_state=False,
+                participation={
+                    "fraction": 1.0,
+                    "sampling": sampling,
+                    "num_clients": 4,
+                    "client_rounds": [30] * 4,
+                },
+            )
+            == before
+        )
     # un-noised statistics: no finite ε against anyone
-    record = cell_privacy(privacy, rounds=30, unnoised_state=True, participation={
-        "fraction": 0.5, "sampling": "poisson", "num_clients": 4, "client_rounds": [15] * 4})
+    record = cell_privacy(
+        privacy,
+        rounds=30,
+        unnoised_state=True,
+        participation={
+            "fraction": 0.5,
+            "sampling": "poisson",
+            "num_clients": 4,
+            "client_rounds": [15] * 4,
+        },
+    )
     assert math.isinf(observer_epsilon(record).epsilon_rdp)
     assert math.isinf(record_epsilon(record).epsilon_rdp)
 
 
 def test_the_report_states_both_epsilons_of_a_sampled_cell():
     def row(defense, privacy):
-        return {**CELL, "defense": defense, "diverged_round": math.nan, "rounds": 20,
-                "privacy": privacy}
+        return {
+            **CELL,
+            "defense": defense,
+            "diverged_round": math.nan,
+            "rounds": 20,
+            "privacy": privacy,
+        }
 
-    cells = pd.DataFrame([
-        row("uniform", _record(2.0, "uniform", 0.5, [10] * 10, 20, k=10)),
-        row("poisson", _record(2.0, "poisson", 0.1, [2] * 50, 20, k=50)),
-        row("full", cell_privacy(DPDefense(sigma=2.0, clip=1.0).privacy(), rounds=20,
-                                 unnoised_state=False))])
+    cells = pd.DataFrame(
+        [
+            row("uniform", _record(2.0, "uniform", 0.5, [10] * 10, 20, k=10)),
+            row("poisson", _record(2.0, "poisson", 0.1, [2] * 50, 20, k=50)),
+            row(
+                "full",
+                cell_privacy(
+                    DPDefense(sigma=2.0, clip=1.0).privacy(), rounds=20, unnoised_state=False
+                ),
+            ),
+        ]
+    )
     eps = epsilons(cells, DELTA).set_index("defense")
     assert eps.loc["uniform", "dp_rounds"] == 10  # the most rounds a client took part in
     assert eps.loc["uniform", "epsilon_rdp"] == pytest.approx(
-        accounted_epsilon(2.0, 10).epsilon_rdp)
+        accounted_epsilon(2.0, 10).epsilon_rdp
+    )
     # m = 5 of 10: the sampled bound (all 20 rounds, replace-one RDP) is looser than the
     # server's over a client's 10 rounds, which bounds an observer too: the note says so
     assert eps.loc["uniform", "epsilon_observer_rdp"] > eps.loc["uniform", "epsilon_rdp"]
@@ -514,11 +640,22 @@ def test_a_grid_block_samples_its_cells_which_observe_and_attack_every_round():
     cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
     cfg["partitions"]["iid_sampled"] = dict(cfg["partitions"]["iid"])
     cfg["grid"] = [
-        {"datasets": ["digits"], "models": ["alexnet"], "defenses": ["none"],
-         "partitions": ["iid"], "seeds": [0]},
-        {"datasets": ["digits"], "models": ["alexnet"], "defenses": ["none"],
-         "partitions": ["iid_sampled"], "seeds": [0],
-         "train": {"participation": {"fraction": 0.5, "sampling": "poisson"}}}]
+        {
+            "datasets": ["digits"],
+            "models": ["alexnet"],
+            "defenses": ["none"],
+            "partitions": ["iid"],
+            "seeds": [0],
+        },
+        {
+            "datasets": ["digits"],
+            "models": ["alexnet"],
+            "defenses": ["none"],
+            "partitions": ["iid_sampled"],
+            "seeds": [0],
+            "train": {"participation": {"fraction": 0.5, "sampling": "poisson"}},
+        },
+    ]
     spec = load_workflow_config(cfg)
     full, sampled = spec.cells
     assert spec.train_for(full)["participation"] == {"fraction": 1.0, "sampling": "uniform"}
@@ -526,16 +663,16 @@ def test_a_grid_block_samples_its_cells_which_observe_and_attack_every_round():
     rounds = spec.trains[sampled].rounds
     assert spec.observed_rounds(full) == [1, 10, 20, 30]
     assert spec.attack_rounds(full) == [10, 20, 30]
-    assert spec.observed_rounds(sampled) == spec.attack_rounds(sampled) == list(
-        range(1, rounds + 1))
+    assert (
+        spec.observed_rounds(sampled) == spec.attack_rounds(sampled) == list(range(1, rounds + 1))
+    )
 
 
 def test_the_tables_say_how_many_rounds_each_target_had(sampled_world):
     mdm, owner, _ = sampled_world
     names = ["loss", "loss_series", "fedmia_loss"]
     res = run_attacks(names, mdm, owner, protocols=["aligned"], n_boot=0, partial=True)
-    results = pd.concat([t.assign(attack=n, **CELL) for n, t in res.items()],
-                        ignore_index=True)
+    results = pd.concat([t.assign(attack=n, **CELL) for n, t in res.items()], ignore_index=True)
     summary = summarize(results, ["last"])
     series = summary[summary["attack"] == "loss_series"].iloc[0]
     assert series["rounds"] == "3–4"  # targets 0..3 took part in 3, 4, 3, 3 rounds
@@ -543,7 +680,8 @@ def test_the_tables_say_how_many_rounds_each_target_had(sampled_world):
     assert series["target_rounds_mean"] == pytest.approx(13 / 4)
     # FedMIA: the rounds with 2 other participants, 2, 2, 3, 3
     assert "2–3/3–4 attacked rounds (a target's own: partial participation)" in caption(
-        summary, "aligned", "last")
+        summary, "aligned", "last"
+    )
     # without the cells' manifests the participation is unknown
     assert summary["participation"].isna().all()
 
@@ -551,9 +689,12 @@ def test_the_tables_say_how_many_rounds_each_target_had(sampled_world):
 def test_uniform_sampling_too_small_for_the_reference_attacks_is_refused():
     cfg = yaml.safe_load((Path(__file__).parents[1] / "config" / "config.yaml").read_text())
     cfg["train"] = {"participation": {"fraction": 0.2}}  # m = 2 of 10
-    with pytest.raises(ConfigError, match=r"at 'train.participation.fraction' \(cell digits/"
-                       r"alexnet/none/iid/seed0\): uniform sampling takes m = 2 of 10 clients "
-                       r"per round, but \['fedmia_loss', .* need at least 2 other participants"):
+    with pytest.raises(
+        ConfigError,
+        match=r"at 'train.participation.fraction' \(cell digits/"
+        r"alexnet/none/iid/seed0\): uniform sampling takes m = 2 of 10 clients "
+        r"per round, but \['fedmia_loss', .* need at least 2 other participants",
+    ):
         load_workflow_config(cfg)
     cfg["attack"] = {"attacks": ["loss", "cos_series"]}
     load_workflow_config(cfg)  # no reference attack: fine
@@ -563,38 +704,70 @@ def test_uniform_sampling_too_small_for_the_reference_attacks_is_refused():
 
 
 def test_a_recording_whose_rounds_lack_clients_is_imported_and_attacked_as_sampled(
-        digits_files, tmp_path):
+    digits_files, tmp_path
+):
     """A Flower-style view: round 2 lacks client 3 (sampled, or an error reply)."""
     rec = tmp_path / "rec"
     rec.mkdir()
     cell = _cell(digits_files, rec, {"fraction": 1.0})
     f = io.round_file(cell["observed"], 2)
     obs = io.load_observed(f)
-    io.save_observed(f, global_state=obs["global_state"], uploads=obs["uploads"][:3],
-                     client_ids=obs["client_ids"][:3], num_samples=obs["num_samples"][:3],
-                     meta={k: obs[k] for k in ("round", "layout", "model")})
+    io.save_observed(
+        f,
+        global_state=obs["global_state"],
+        uploads=obs["uploads"][:3],
+        client_ids=obs["client_ids"][:3],
+        num_samples=obs["num_samples"][:3],
+        meta={k: obs[k] for k in ("round", "layout", "model")},
+    )
     man = json.loads(cell["manifest"].read_text())
     man["view"]["files"]["observed/round0002.safetensors"] = io.file_sha256(f)
     cell["manifest"].write_text(json.dumps(man))
     out = tmp_path / "imported"
-    outputs = {"manifest": out / "manifest.json", "observed": out / "observed",
-               "ownership": out / "ownership.parquet", "final": out / "final.safetensors",
-               "partition": out / "partition.parquet"}
-    import_recording(recording=rec, data=digits_files, model={"kind": "alexnet"},
-                     partition=PART, cell=CELL, device="cpu", threads=1, outputs=outputs)
+    outputs = {
+        "manifest": out / "manifest.json",
+        "observed": out / "observed",
+        "ownership": out / "ownership.parquet",
+        "final": out / "final.safetensors",
+        "partition": out / "partition.parquet",
+    }
+    import_recording(
+        recording=rec,
+        data=digits_files,
+        model={"kind": "alexnet"},
+        partition=PART,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
     imported = io.read_manifest(outputs["manifest"])
     # rounds 1, 2, 4 recorded (observe_every 2, observe_rounds [1]); client 3 lacks round 2
-    assert imported["participation"] == {"fraction": pytest.approx(11 / 12),
-                                         "sampling": "recorded", "client_rounds": [3, 3, 3, 2]}
+    assert imported["participation"] == {
+        "fraction": pytest.approx(11 / 12),
+        "sampling": "recorded",
+        "client_rounds": [3, 3, 3, 2],
+    }
     mdm_file = tmp_path / "mdm.parquet"
-    pipeline.measure(data=digits_files, partition_file=outputs["partition"],
-                     observed_dir=outputs["observed"], rounds=[1, 2, 4], device="cpu",
-                     threads=1, output=mdm_file)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=outputs["partition"],
+        observed_dir=outputs["observed"],
+        rounds=[1, 2, 4],
+        device="cpu",
+        threads=1,
+        output=mdm_file,
+    )
     files = {n: tmp_path / f"{n}.parquet" for n in ("loss_series", "fedmia_loss")}
-    pipeline.attack(measures_file=mdm_file, partition_file=outputs["partition"], cell=CELL,
-                    rounds=[1, 2, 4], manifest_file=outputs["manifest"],
-                    config={"attacks": list(files), "protocol": "aligned",
-                            "rounds": [1, 2, 4], "bootstrap": 0}, outputs=files)
+    pipeline.attack(
+        measures_file=mdm_file,
+        partition_file=outputs["partition"],
+        cell=CELL,
+        rounds=[1, 2, 4],
+        manifest_file=outputs["manifest"],
+        config={"attacks": list(files), "protocol": "aligned", "rounds": [1, 2, 4], "bootstrap": 0},
+        outputs=files,
+    )
     for name in files:
         n = pd.read_parquet(files[name]).set_index("target")["n_rounds"].to_dict()
         assert n == {0: 3, 1: 3, 2: 3, 3: 2}
@@ -602,7 +775,14 @@ def test_a_recording_whose_rounds_lack_clients_is_imported_and_attacked_as_sampl
     (tmp_path / "full").mkdir()
     full = _cell(digits_files, tmp_path / "full", {"fraction": 1.0})
     again = {k: tmp_path / "again" / v.name for k, v in outputs.items()}
-    import_recording(recording=full["manifest"].parent, data=digits_files,
-                     model={"kind": "alexnet"}, partition=PART, cell=CELL, device="cpu",
-                     threads=1, outputs=again)
+    import_recording(
+        recording=full["manifest"].parent,
+        data=digits_files,
+        model={"kind": "alexnet"},
+        partition=PART,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=again,
+    )
     assert "participation" not in io.read_manifest(again["manifest"])

@@ -10,8 +10,13 @@ from fedmia.federation.partition import PartitionError, global_test_ids, make_pa
 
 
 def cfg(**kw) -> PartitionConfig:
-    base = dict(kind="iid", num_clients=5, samples_per_client=100, eval_members_per_client=20,
-                eval_nonmembers=50)
+    base = dict(
+        kind="iid",
+        num_clients=5,
+        samples_per_client=100,
+        eval_members_per_client=20,
+        eval_nonmembers=50,
+    )
     base.update(kw)
     return PartitionConfig.from_dict(base)
 
@@ -19,8 +24,15 @@ def cfg(**kw) -> PartitionConfig:
 def test_iid_sizes_disjoint_and_eval(labels_split):
     labels, is_test = labels_split
     df = make_partition(labels, is_test, cfg(), seed=0)
-    assert list(df.columns) == ["sample_id", "client_id", "is_test", "eval", "canary",
-                                "canary_in", "filler"]
+    assert list(df.columns) == [
+        "sample_id",
+        "client_id",
+        "is_test",
+        "eval",
+        "canary",
+        "canary_in",
+        "filler",
+    ]
     assert not (df.canary | df.canary_in | df.filler).any()  # no audit asked for
     # the global model is tested on the whole test split
     assert (global_test_ids(df) == np.flatnonzero(is_test)).all()
@@ -53,8 +65,11 @@ def test_dirichlet_skew_grows_as_beta_shrinks(labels_split):
 
     iid = skew(make_partition(labels, is_test, cfg(), 0))
     d1 = skew(make_partition(labels, is_test, cfg(kind="dirichlet", beta=1.0), 0))
-    d01 = skew(make_partition(labels, is_test, cfg(kind="dirichlet", beta=0.1,
-                                                   eval_members_per_client=5), 0))
+    d01 = skew(
+        make_partition(
+            labels, is_test, cfg(kind="dirichlet", beta=0.1, eval_members_per_client=5), 0
+        )
+    )
     assert iid < 0.25 < d1 < d01
     assert d01 > 0.5
 
@@ -77,19 +92,28 @@ def test_same_seed_same_partition_other_seed_differs(labels_split):
 
 
 def test_partition_file_is_byte_identical(digits_files, tmp_path):
-    part = dict(kind="dirichlet", beta=0.5, num_clients=4, samples_per_client=40,
-                eval_members_per_client=10, eval_nonmembers=30)
+    part = dict(
+        kind="dirichlet",
+        beta=0.5,
+        num_clients=4,
+        samples_per_client=40,
+        eval_members_per_client=10,
+        eval_nonmembers=30,
+    )
     pipeline.partition(digits_files, part, 1, tmp_path / "a.parquet")
     pipeline.partition(digits_files, part, 1, tmp_path / "b.parquet")
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(samples_per_client=1000), "training split has 1600"),
-    (dict(eval_nonmembers=401), "test split has only 400"),
-    (dict(eval_members_per_client=101), "fewer samples than eval_members_per_client"),
-    (dict(kind="dirichlet", beta=0.01, eval_members_per_client=99), "could not give all 5"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(samples_per_client=1000), "training split has 1600"),
+        (dict(eval_nonmembers=401), "test split has only 400"),
+        (dict(eval_members_per_client=101), "fewer samples than eval_members_per_client"),
+        (dict(kind="dirichlet", beta=0.01, eval_members_per_client=99), "could not give all 5"),
+    ],
+)
 def test_impossible_sizes_raise(labels_split, kw, msg):
     labels, is_test = labels_split
     with pytest.raises(PartitionError, match=msg):
@@ -98,32 +122,64 @@ def test_impossible_sizes_raise(labels_split, kw, msg):
 
 def test_audit_canaries_are_held_out_samples_with_fair_coins(labels_split):
     labels, is_test = labels_split
-    cfg = PartitionConfig(kind="iid", num_clients=4, samples_per_client=100,
-                          eval_members_per_client=20, eval_nonmembers=100,
-                          audit_canaries=200, audit_target=2)
+    cfg = PartitionConfig(
+        kind="iid",
+        num_clients=4,
+        samples_per_client=100,
+        eval_members_per_client=20,
+        eval_nonmembers=100,
+        audit_canaries=200,
+        audit_target=2,
+    )
     df = make_partition(labels, is_test, cfg, seed=3)
     c = df[df.canary]
     assert len(c) == 200 and c.is_test.all() and not c["eval"].any()
     assert (c.client_id == np.where(c.canary_in, 2, -1)).all()
     assert 70 < c.canary_in.sum() < 130
     # the canaries have their own stream: the rest of the partition is unchanged
-    plain = make_partition(labels, is_test, PartitionConfig(
-        kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
-        eval_nonmembers=100), seed=3)
+    plain = make_partition(
+        labels,
+        is_test,
+        PartitionConfig(
+            kind="iid",
+            num_clients=4,
+            samples_per_client=100,
+            eval_members_per_client=20,
+            eval_nonmembers=100,
+        ),
+        seed=3,
+    )
     assert (plain["eval"] == df["eval"]).all()
     audit = df.canary | df.filler
     assert (plain.client_id[~audit] == df.client_id[~audit]).all()
     assert (plain.client_id[audit] == -1).all()  # canaries and fillers were held out
     with pytest.raises(PartitionError, match="audit_canaries = 400 but only 300 held-out"):
-        make_partition(labels, is_test, PartitionConfig(
-            kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
-            eval_nonmembers=100, audit_canaries=400), seed=3)
+        make_partition(
+            labels,
+            is_test,
+            PartitionConfig(
+                kind="iid",
+                num_clients=4,
+                samples_per_client=100,
+                eval_members_per_client=20,
+                eval_nonmembers=100,
+                audit_canaries=400,
+            ),
+            seed=3,
+        )
 
 
 def audited(labels_split, seed: int, **kw) -> pd.DataFrame:
     labels, is_test = labels_split
-    base = dict(kind="iid", num_clients=4, samples_per_client=100, eval_members_per_client=20,
-                eval_nonmembers=100, audit_canaries=200, audit_target=2)
+    base = dict(
+        kind="iid",
+        num_clients=4,
+        samples_per_client=100,
+        eval_members_per_client=20,
+        eval_nonmembers=100,
+        audit_canaries=200,
+        audit_target=2,
+    )
     return make_partition(labels, is_test, PartitionConfig(**{**base, **kw}), seed=seed)
 
 
@@ -157,8 +213,11 @@ def test_fillers_are_reproducible_and_need_enough_held_out_samples(labels_split)
     pd.testing.assert_frame_equal(audited(labels_split, 3), audited(labels_split, 3))
     # all 1,600 training samples dealt: 300 held-out test samples outside the evaluation
     # set hold the 200 canaries but not 200 fillers besides
-    with pytest.raises(PartitionError, match=r"audit_canaries = 200 needs 200 canaries and "
-                       r"200 fillers .* only 100 held-out samples remain outside the "
-                       r"evaluation set and the canaries; lower audit_canaries, "
-                       r"eval_nonmembers or samples_per_client"):
+    with pytest.raises(
+        PartitionError,
+        match=r"audit_canaries = 200 needs 200 canaries and "
+        r"200 fillers .* only 100 held-out samples remain outside the "
+        r"evaluation set and the canaries; lower audit_canaries, "
+        r"eval_nonmembers or samples_per_client",
+    ):
         audited(labels_split, 3, samples_per_client=None)

@@ -22,10 +22,18 @@ from fedmia.stages import io
 from fedmia.stages.io import read_replicates
 from fedmia.stages.train import Checkpoint
 
-PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
-            eval_nonmembers=30)
-TRAIN = dict(rounds=4, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
-             observe_rounds=[1], test_every=2)
+PART = dict(
+    kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10, eval_nonmembers=30
+)
+TRAIN = dict(
+    rounds=4,
+    local_epochs=1,
+    batch_size=10,
+    lr=0.05,
+    observe_every=2,
+    observe_rounds=[1],
+    test_every=2,
+)
 
 
 CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
@@ -33,11 +41,23 @@ CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", 
 
 def run_cell(digits_files, out, seed=0, train=TRAIN, part=PART):
     pipeline.partition(digits_files, part, seed, out / "partition.parquet")
-    outputs = {"history": out / "history.parquet", "final": out / "final.safetensors",
-               "observed": out / "observed", "manifest": out / "manifest.json"}
-    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
-                   model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=train,
-                   cell={**CELL, "seed": seed}, device="cpu", threads=1, outputs=outputs)
+    outputs = {
+        "history": out / "history.parquet",
+        "final": out / "final.safetensors",
+        "observed": out / "observed",
+        "manifest": out / "manifest.json",
+    }
+    pipeline.train(
+        data=digits_files,
+        partition_file=out / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        train_cfg=train,
+        cell={**CELL, "seed": seed},
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
     return outputs
 
 
@@ -76,10 +96,10 @@ def test_history_contents(cell):
     assert (np.diff(lrs[1:]) < 0).all()  # then cosine decay
 
 
-
 def test_the_manifest_records_the_lock_the_environment_was_installed_from(cell):
     # the sha256 of requirements/py311-linux-x86_64-cpu.txt in CI; None for an unlocked install
     assert pipeline.read_manifest(cell["manifest"])["lock_sha256"] == lock_sha256()
+
 
 def test_observed_rounds_hold_the_server_view(cell):
     files = sorted(p.name for p in cell["observed"].iterdir())
@@ -102,16 +122,23 @@ def test_observed_rounds_hold_the_server_view(cell):
 def test_same_seed_gives_byte_identical_history(digits_files, tmp_path, cell):
     again = run_cell(digits_files, tmp_path)
     assert again["history"].read_bytes() == cell["history"].read_bytes()
-    assert ((tmp_path / "partition.parquet").read_bytes()
-            == (cell["history"].parent / "partition.parquet").read_bytes())
+    assert (tmp_path / "partition.parquet").read_bytes() == (
+        cell["history"].parent / "partition.parquet"
+    ).read_bytes()
 
 
 @pytest.fixture(scope="module")
 def measured(cell, digits_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("mdm") / "mdm.parquet"
-    pipeline.measure(data=digits_files, partition_file=cell["history"].parent / "partition.parquet",
-                     observed_dir=cell["observed"], rounds=[1, 2, 4], device="cpu", threads=1,
-                     output=out)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=cell["history"].parent / "partition.parquet",
+        observed_dir=cell["observed"],
+        rounds=[1, 2, 4],
+        device="cpu",
+        threads=1,
+        output=out,
+    )
     return out
 
 
@@ -119,11 +146,22 @@ def test_measure_table_contents(measured, cell):
     mdm = pd.read_parquet(measured)
     part = pd.read_parquet(cell["history"].parent / "partition.parquet")
     n_eval = int(part["eval"].sum())
-    assert list(mdm.columns) == ["round", "client_id", "sample_id", "loss", "logit_conf", "cos",
-                                 "grad_diff", "grad_norm", "correct", "confidence"]
+    assert list(mdm.columns) == [
+        "round",
+        "client_id",
+        "sample_id",
+        "loss",
+        "logit_conf",
+        "cos",
+        "grad_diff",
+        "grad_norm",
+        "correct",
+        "confidence",
+    ]
     assert mdm.loss.dtype == mdm.logit_conf.dtype == np.float64 and (mdm.loss > 0).all()
-    assert len(mdm) == 3 * 3 * n_eval and not mdm.duplicated(["round", "client_id",
-                                                               "sample_id"]).any()
+    assert (
+        len(mdm) == 3 * 3 * n_eval and not mdm.duplicated(["round", "client_id", "sample_id"]).any()
+    )
     assert set(mdm.sample_id) == set(part.sample_id[part["eval"]])
     # grad_norm does not depend on the client
     assert (mdm.groupby(["round", "sample_id"]).grad_norm.nunique() == 1).all()
@@ -143,12 +181,23 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
     """Strong unclipped parameter noise breaks the model in round 2: training stops, every
     output is written, the manifest flags the cell, and measures and attacks use round 1."""
     pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.safetensors",
-               "observed": tmp_path / "observed", "manifest": tmp_path / "manifest.json"}
-    pipeline.train(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                   model={"kind": "alexnet"}, defense={"kind": "dp_param_noise", "sigma": 1.0},
-                   train_cfg={**TRAIN, "observe_every": 1}, cell=CELL, device="cpu",
-                   threads=1, outputs=outputs)
+    outputs = {
+        "history": tmp_path / "history.parquet",
+        "final": tmp_path / "final.safetensors",
+        "observed": tmp_path / "observed",
+        "manifest": tmp_path / "manifest.json",
+    }
+    pipeline.train(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "dp_param_noise", "sigma": 1.0},
+        train_cfg={**TRAIN, "observe_every": 1},
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
     man = pipeline.read_manifest(outputs["manifest"])
     assert man["diverged_round"] == 2 and man["last_finite_round"] == 1
     assert man["planned_observed_rounds"] == [1, 2, 3, 4] and man["observed_rounds"] == [1]
@@ -156,51 +205,88 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
     assert 0 < man["last_finite_test_accuracy"] < 1
     assert sorted(p.name for p in outputs["observed"].iterdir()) == ["round0001.safetensors"]
     h = pd.read_parquet(outputs["history"])
-    assert h["round"].max() == 2 and (h[["dataset", "seed"]].iloc[0].tolist()
-                                      == ["digits", 0])
+    assert h["round"].max() == 2 and (h[["dataset", "seed"]].iloc[0].tolist() == ["digits", 0])
     mdm_file = tmp_path / "mdm.parquet"
-    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                     observed_dir=outputs["observed"], rounds=[1, 2, 3, 4],
-                     manifest_file=outputs["manifest"], device="cpu", threads=1,
-                     output=mdm_file)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        observed_dir=outputs["observed"],
+        rounds=[1, 2, 3, 4],
+        manifest_file=outputs["manifest"],
+        device="cpu",
+        threads=1,
+        output=mdm_file,
+    )
     assert set(pd.read_parquet(mdm_file)["round"]) == {1}
     files = {a: tmp_path / f"{a}.parquet" for a in ("cos", "cos_series")}
-    pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
-                    cell=CELL, rounds=[1, 2, 3, 4], manifest_file=outputs["manifest"],
-                    config={"attacks": list(files), "rounds": [1, 2, 3, 4]}, outputs=files)
+    pipeline.attack(
+        measures_file=mdm_file,
+        partition_file=tmp_path / "partition.parquet",
+        cell=CELL,
+        rounds=[1, 2, 3, 4],
+        manifest_file=outputs["manifest"],
+        config={"attacks": list(files), "rounds": [1, 2, 3, 4]},
+        outputs=files,
+    )
     series = pd.read_parquet(files["cos_series"])
     assert set(series["n_rounds"]) == {1}  # fewer rounds than planned
     assert set(pd.read_parquet(files["cos"])["round"]) == {1}
 
 
-def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits_files,
-                                                                           tmp_path):
+def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits_files, tmp_path):
     pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    outputs = {"history": tmp_path / "history.parquet", "final": tmp_path / "final.safetensors",
-               "observed": tmp_path / "observed", "manifest": tmp_path / "manifest.json"}
-    pipeline.train(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                   model={"kind": "alexnet"}, defense={"kind": "dp_param_noise", "sigma": 1e30},
-                   train_cfg=TRAIN, cell=CELL, device="cpu", threads=1, outputs=outputs)
+    outputs = {
+        "history": tmp_path / "history.parquet",
+        "final": tmp_path / "final.safetensors",
+        "observed": tmp_path / "observed",
+        "manifest": tmp_path / "manifest.json",
+    }
+    pipeline.train(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "dp_param_noise", "sigma": 1e30},
+        train_cfg=TRAIN,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
     man = pipeline.read_manifest(outputs["manifest"])
     assert man["diverged_round"] == 1 and man["observed_rounds"] == []
     mdm_file = tmp_path / "mdm.parquet"
-    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                     observed_dir=outputs["observed"], rounds=[1, 2, 4],
-                     manifest_file=outputs["manifest"], device="cpu", threads=1,
-                     output=mdm_file)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        observed_dir=outputs["observed"],
+        rounds=[1, 2, 4],
+        manifest_file=outputs["manifest"],
+        device="cpu",
+        threads=1,
+        output=mdm_file,
+    )
     assert len(pd.read_parquet(mdm_file)) == 0
     out = {"loss": tmp_path / "loss.parquet", "replicates": tmp_path / "replicates.parquet"}
-    pipeline.attack(measures_file=mdm_file, partition_file=tmp_path / "partition.parquet",
-                    cell=CELL, rounds=[1, 2, 4], manifest_file=outputs["manifest"],
-                    config={"attacks": ["loss"], "rounds": [2, 4]}, outputs=out)
+    pipeline.attack(
+        measures_file=mdm_file,
+        partition_file=tmp_path / "partition.parquet",
+        cell=CELL,
+        rounds=[1, 2, 4],
+        manifest_file=outputs["manifest"],
+        config={"attacks": ["loss"], "rounds": [2, 4]},
+        outputs=out,
+    )
     assert len(pd.read_parquet(out["loss"])) == 0
     empty = read_replicates(out["replicates"])
     assert len(empty) == 0 and list(empty.columns) == list(REPLICATE_COLUMNS)
     for kind in ("rounds", "roc"):  # the cell's figures say why they are empty
         figs = {"png": tmp_path / f"{kind}.png", "pdf": tmp_path / f"{kind}.pdf"}
-        pipeline.report_cell_figures(attack_files=[out["loss"]], kind=kind, outputs=figs,
-                                     options={"round_plot_fpr": 0.01, "width": 6, "dpi": 50,
-                                              "single_round": ["last"]})
+        pipeline.report_cell_figures(
+            attack_files=[out["loss"]],
+            kind=kind,
+            outputs=figs,
+            options={"round_plot_fpr": 0.01, "width": 6, "dpi": 50, "single_round": ["last"]},
+        )
         assert figs["png"].stat().st_size > 1000
 
 
@@ -208,15 +294,27 @@ def test_members_look_like_members_after_real_training(digits_files, tmp_path):
     """On a real (tiny) FedAvg run, every client's own evaluation samples have a higher
     mean cos and a lower mean loss under its upload than the non-members do: the
     direction the attacks assume is measured, not built in."""
-    part = dict(kind="iid", num_clients=3, samples_per_client=30, eval_members_per_client=30,
-                eval_nonmembers=200)
-    train = dict(rounds=6, local_epochs=3, batch_size=10, lr=0.05, observe_every=3,
-                 observe_rounds=[])
+    part = dict(
+        kind="iid",
+        num_clients=3,
+        samples_per_client=30,
+        eval_members_per_client=30,
+        eval_nonmembers=200,
+    )
+    train = dict(
+        rounds=6, local_epochs=3, batch_size=10, lr=0.05, observe_every=3, observe_rounds=[]
+    )
     out = run_cell(digits_files, tmp_path, train=train, part=part)
     mdm_file = tmp_path / "mdm.parquet"
-    pipeline.measure(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                     observed_dir=out["observed"], rounds=[3, 6], device="cpu", threads=1,
-                     output=mdm_file)
+    pipeline.measure(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        observed_dir=out["observed"],
+        rounds=[3, 6],
+        device="cpu",
+        threads=1,
+        output=mdm_file,
+    )
     mdm = pd.read_parquet(mdm_file)
     p = pd.read_parquet(tmp_path / "partition.parquet")
     owner = p.set_index("sample_id").client_id
@@ -228,8 +326,12 @@ def test_members_look_like_members_after_real_training(digits_files, tmp_path):
 
 
 def _train_outputs(out):
-    return {"history": out / "history.parquet", "final": out / "final.safetensors",
-            "observed": out / "observed", "manifest": out / "manifest.json"}
+    return {
+        "history": out / "history.parquet",
+        "final": out / "final.safetensors",
+        "observed": out / "observed",
+        "manifest": out / "manifest.json",
+    }
 
 
 def _same_results(a, b):
@@ -242,17 +344,31 @@ def _same_results(a, b):
         assert (a / "observed" / f).read_bytes() == (b / "observed" / f).read_bytes(), f
 
 
-RESUME_TRAIN = dict(rounds=6, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
-                    observe_rounds=[1], test_every=1)
+RESUME_TRAIN = dict(
+    rounds=6,
+    local_epochs=1,
+    batch_size=10,
+    lr=0.05,
+    observe_every=2,
+    observe_rounds=[1],
+    test_every=1,
+)
 
 
 def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
     """SIGKILL a real training process after its second checkpoint; the rerun resumes
     there and its outputs equal an uninterrupted run's."""
     pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    common = dict(data=digits_files, partition_file=str(tmp_path / "partition.parquet"),
-                  model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=RESUME_TRAIN,
-                  cell=CELL, device="cpu", threads=1)
+    common = dict(
+        data=digits_files,
+        partition_file=str(tmp_path / "partition.parquet"),
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        train_cfg=RESUME_TRAIN,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+    )
     ref = tmp_path / "ref"
     pipeline.train(**common, outputs=_train_outputs(ref))
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
@@ -262,11 +378,17 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
         "from fedmia.core.logs import setup_logging\nsetup_logging()\n"
         "kw = json.loads(sys.argv[1])\n"
         "kw['outputs'] = {k: Path(v) for k, v in kw['outputs'].items()}\n"
-        "pipeline.train(**kw)\n")
-    kw = {**common, "checkpoint_dir": str(ckpt), "checkpoint_every": 2,
-          "outputs": {k: str(v) for k, v in _train_outputs(out).items()}}
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(kw)],
-                            stderr=subprocess.PIPE, text=True)
+        "pipeline.train(**kw)\n"
+    )
+    kw = {
+        **common,
+        "checkpoint_dir": str(ckpt),
+        "checkpoint_every": 2,
+        "outputs": {k: str(v) for k, v in _train_outputs(out).items()},
+    }
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(kw)], stderr=subprocess.PIPE, text=True
+    )
     log = []
     for line in proc.stderr:  # kill it as soon as round 4 is saved
         log.append(line)
@@ -276,8 +398,9 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL, "".join(log)
     assert (ckpt / "state.safetensors").exists() and not (out / "manifest.json").exists()
-    r = subprocess.run([sys.executable, str(script), json.dumps(kw)], capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), json.dumps(kw)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from the checkpoint of round 4" in r.stderr
     assert "round 5/6" in r.stderr and "round 3/6" not in r.stderr  # only the lost rounds
@@ -287,47 +410,92 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(digits_files, tmp_path, caplog):
     pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    common = dict(data=digits_files, partition_file=tmp_path / "partition.parquet",
-                  model={"kind": "alexnet"}, defense={"kind": "none"}, cell=CELL,
-                  device="cpu", threads=1, checkpoint_dir=tmp_path / "ckpt",
-                  checkpoint_every=2)
-    pipeline.train(**common, train_cfg={**RESUME_TRAIN, "rounds": 2},
-                   outputs=_train_outputs(tmp_path / "a"))
+    common = dict(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_every=2,
+    )
+    pipeline.train(
+        **common, train_cfg={**RESUME_TRAIN, "rounds": 2}, outputs=_train_outputs(tmp_path / "a")
+    )
     # leave a stale checkpoint behind, as a kill under other settings would
     Checkpoint(tmp_path / "ckpt", "another run").save(2, torch.zeros(3), [], {})
     with caplog.at_level("WARNING"):
-        pipeline.train(**common, train_cfg={**RESUME_TRAIN, "rounds": 2, "lr": 0.04},
-                       outputs=_train_outputs(tmp_path / "b"))
+        pipeline.train(
+            **common,
+            train_cfg={**RESUME_TRAIN, "rounds": 2, "lr": 0.04},
+            outputs=_train_outputs(tmp_path / "b"),
+        )
     assert "belongs to other settings, inputs or code; starting afresh" in caplog.text
     assert pipeline.read_manifest(tmp_path / "b" / "manifest.json")["last_finite_round"] == 2
 
 
 def _audited_cell(digits_files, out, defense, train):
-    part = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
-                eval_nonmembers=30, audit_canaries=200, audit_target=0)
+    part = dict(
+        kind="iid",
+        num_clients=3,
+        samples_per_client=20,
+        eval_members_per_client=10,
+        eval_nonmembers=30,
+        audit_canaries=200,
+        audit_target=0,
+    )
     pipeline.partition(digits_files, part, 0, out / "partition.parquet")
     outputs = _train_outputs(out)
-    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
-                   model={"kind": "alexnet"}, defense=defense, train_cfg=train, cell=CELL,
-                   device="cpu", threads=1, outputs=outputs)
-    pipeline.measure(data=digits_files, partition_file=out / "partition.parquet",
-                     observed_dir=outputs["observed"], rounds=[train["rounds"]],
-                     manifest_file=outputs["manifest"], device="cpu", threads=1,
-                     output=out / "mdm.parquet")
-    files = {"loss": out / "loss.parquet", "audit": out / "audit.parquet",
-             "replicates": out / "replicates.parquet"}
-    pipeline.attack(measures_file=out / "mdm.parquet", partition_file=out / "partition.parquet",
-                    cell=CELL, manifest_file=outputs["manifest"],
-                    config={"attacks": ["loss"], "rounds": [train["rounds"]],
-                            "protocol": ["aligned"], "bootstrap": 50},
-                    audit={"target": 0, "delta": 1e-5}, outputs=files)
+    pipeline.train(
+        data=digits_files,
+        partition_file=out / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense=defense,
+        train_cfg=train,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
+    pipeline.measure(
+        data=digits_files,
+        partition_file=out / "partition.parquet",
+        observed_dir=outputs["observed"],
+        rounds=[train["rounds"]],
+        manifest_file=outputs["manifest"],
+        device="cpu",
+        threads=1,
+        output=out / "mdm.parquet",
+    )
+    files = {
+        "loss": out / "loss.parquet",
+        "audit": out / "audit.parquet",
+        "replicates": out / "replicates.parquet",
+    }
+    pipeline.attack(
+        measures_file=out / "mdm.parquet",
+        partition_file=out / "partition.parquet",
+        cell=CELL,
+        manifest_file=outputs["manifest"],
+        config={
+            "attacks": ["loss"],
+            "rounds": [train["rounds"]],
+            "protocol": ["aligned"],
+            "bootstrap": 50,
+        },
+        audit={"target": 0, "delta": 1e-5},
+        outputs=files,
+    )
     part_df = pd.read_parquet(out / "partition.parquet")
     return pd.read_parquet(files["audit"]).iloc[0], part_df, pd.read_parquet(files["loss"])
 
 
 def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_path):
-    train = dict(rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4,
-                 observe_rounds=[])
+    train = dict(
+        rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4, observe_rounds=[]
+    )
     row, part, loss = _audited_cell(digits_files, tmp_path, {"kind": "none"}, train)
     canary = part[part.canary]
     assert len(canary) == 200 and not (canary["eval"]).any() and canary.is_test.all()
@@ -342,11 +510,11 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     # the audit is the bound of the target's -loss on the canaries at the attacked round
     mdm = pd.read_parquet(tmp_path / "mdm.parquet")
     assert not mdm.sample_id.isin(part.sample_id[part.filler]).any()  # fillers are not scored
-    mine = mdm[(mdm.client_id == 0) & mdm.sample_id.isin(canary.sample_id)].sort_values(
-        "sample_id")
+    mine = mdm[(mdm.client_id == 0) & mdm.sample_id.isin(canary.sample_id)].sort_values("sample_id")
     coins = canary.set_index("sample_id").canary_in.reindex(mine.sample_id).to_numpy()
-    again = audit_from_scores(-mine.loss.to_numpy(), coins, delta=1e-5,
-                              holdout_seed=stable_seed(0, "loss"))
+    again = audit_from_scores(
+        -mine.loss.to_numpy(), coins, delta=1e-5, holdout_seed=stable_seed(0, "loss")
+    )
     assert row["epsilon_empirical"] == again.epsilon and row["num_correct"] == again.num_correct
     assert row["num_canaries"] == 100 and row["round"] == 4
     assert mine.loss[coins].mean() < mine.loss[~coins].mean()  # the trained-on ones fit better
@@ -355,8 +523,9 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     table = io.read_parquet(tmp_path / "audit.parquet", "audit")
     assert list(table.attack) == ["loss", "selected"]
     chosen = table.iloc[1]
-    a, best = select_and_audit(-mine.loss.to_numpy()[None], coins, delta=1e-5,
-                               holdout_seed=stable_seed(0, "selected"))
+    a, best = select_and_audit(
+        -mine.loss.to_numpy()[None], coins, delta=1e-5, holdout_seed=stable_seed(0, "selected")
+    )
     assert chosen["selected_attack"] == "loss" and chosen["epsilon_empirical"] == best.epsilon
     # the replicates the findings need: loss (a finding attack) per target at the attacked
     # round, B float32 values, the file contract of fedmia.stages.io
@@ -365,18 +534,19 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     assert set(reps["round"]) == {4} and set(reps.target) == {0, 1, 2}
     assert all(v.dtype == np.float32 and len(v) == 50 for v in reps["auc_replicates"])
     lo, hi = np.percentile(reps["auc_replicates"].iloc[0].astype(float), [2.5, 97.5])
-    assert (loss.auc_ci_low.iloc[0], loss.auc_ci_high.iloc[0]) == pytest.approx((lo, hi),
-                                                                                 abs=1e-6)
+    assert (loss.auc_ci_low.iloc[0], loss.auc_ci_high.iloc[0]) == pytest.approx((lo, hi), abs=1e-6)
 
 
 def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):
-    train = dict(rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4,
-                 observe_rounds=[])
+    train = dict(
+        rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4, observe_rounds=[]
+    )
     accounted = accounted_epsilon(10.0, 4, delta=1e-5)
     assert accounted.epsilon_pld <= 2
     # clip 1e-3: noise std σC = 0.01 per coordinate, small enough to keep training finite
-    row, _, _ = _audited_cell(digits_files, tmp_path,
-                              {"kind": "dp", "sigma": 10.0, "clip": 0.001}, train)
+    row, _, _ = _audited_cell(
+        digits_files, tmp_path, {"kind": "dp", "sigma": 10.0, "clip": 0.001}, train
+    )
     man = pipeline.read_manifest(tmp_path / "manifest.json")
     assert man["diverged_round"] is None and row["num_canaries"] == 100
     # clients of 220, 20 and 20 samples, equal weights: the server learns no data size

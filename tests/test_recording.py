@@ -22,30 +22,45 @@ from fedmia.federation.partition import HELD_OUT, evaluation_set
 from fedmia.stages import io
 from fedmia.stages.recording import import_recording
 
-PART = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
-            eval_nonmembers=30)
-TRAIN = dict(rounds=2, local_epochs=1, batch_size=10, lr=0.05, observe_every=2,
-             observe_rounds=[1])
+PART = dict(
+    kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10, eval_nonmembers=30
+)
+TRAIN = dict(rounds=2, local_epochs=1, batch_size=10, lr=0.05, observe_every=2, observe_rounds=[1])
 CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
 
 
 def trained(digits_files, out):
     """A tiny trained cell in ``out`` (the train stage's file names)."""
     pipeline.partition(digits_files, PART, 0, out / "partition.parquet")
-    outputs = {"history": out / "history.parquet", "final": out / VIEW_FILES["final"],
-               "observed": out / VIEW_FILES["observed"],
-               "ownership": out / VIEW_FILES["ownership"],
-               "manifest": out / VIEW_FILES["manifest"]}
-    pipeline.train(data=digits_files, partition_file=out / "partition.parquet",
-                   model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=TRAIN,
-                   cell=CELL, device="cpu", threads=1, outputs=outputs)
+    outputs = {
+        "history": out / "history.parquet",
+        "final": out / VIEW_FILES["final"],
+        "observed": out / VIEW_FILES["observed"],
+        "ownership": out / VIEW_FILES["ownership"],
+        "manifest": out / VIEW_FILES["manifest"],
+    }
+    pipeline.train(
+        data=digits_files,
+        partition_file=out / "partition.parquet",
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        train_cfg=TRAIN,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=outputs,
+    )
     return outputs
 
 
 def import_outputs(out):
-    return {"manifest": out / "manifest.json", "observed": out / "observed",
-            "ownership": out / "ownership.parquet", "final": out / "final.safetensors",
-            "partition": out / "partition.parquet"}
+    return {
+        "manifest": out / "manifest.json",
+        "observed": out / "observed",
+        "ownership": out / "ownership.parquet",
+        "final": out / "final.safetensors",
+        "partition": out / "partition.parquet",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +75,12 @@ def test_the_train_stage_writes_a_recorded_view(cell, digits_files):
     _, meta = io.load_prepared(digits_files)
     assert view["dataset"] == {"kind": "digits", "num_samples": 1797, "sha256": meta["sha256"]}
     assert (view["num_clients"], view["rounds"], view["observed_rounds"]) == (3, 2, [1, 2])
-    assert sorted(view["files"]) == ["final.safetensors", "observed/round0001.safetensors",
-                                     "observed/round0002.safetensors", "ownership.parquet"]
+    assert sorted(view["files"]) == [
+        "final.safetensors",
+        "observed/round0001.safetensors",
+        "observed/round0002.safetensors",
+        "ownership.parquet",
+    ]
     folder = cell["manifest"].parent
     assert all(io.file_sha256(folder / f) == h for f, h in view["files"].items())
     obs = io.load_observed(io.round_file(cell["observed"], 2))
@@ -73,14 +92,25 @@ def test_the_train_stage_writes_a_recorded_view(cell, digits_files):
 
 
 def test_a_trained_cell_read_back_through_the_import_path_is_the_same_cell(
-        cell, digits_files, tmp_path):
+    cell, digits_files, tmp_path
+):
     folder = cell["manifest"].parent
     out = import_outputs(tmp_path / "imported")
-    import_recording(recording=folder, data=digits_files, model={"kind": "alexnet"},
-                     partition=PART, cell=CELL, device="cpu", threads=1, outputs=out)
+    import_recording(
+        recording=folder,
+        data=digits_files,
+        model={"kind": "alexnet"},
+        partition=PART,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=out,
+    )
     for r in (1, 2):
-        assert (io.round_file(out["observed"], r).read_bytes()
-                == io.round_file(cell["observed"], r).read_bytes())
+        assert (
+            io.round_file(out["observed"], r).read_bytes()
+            == io.round_file(cell["observed"], r).read_bytes()
+        )
     a = pd.read_parquet(folder / "partition.parquet")
     b = pd.read_parquet(out["partition"])
     for column in ("sample_id", "client_id", "is_test", "eval"):
@@ -93,19 +123,29 @@ def test_a_trained_cell_read_back_through_the_import_path_is_the_same_cell(
     # the imported cell's folder is itself a recording, and its measures are the same
     assert io.read_view(out["manifest"])["files"] == trained_man["view"]["files"]
     measures = []
-    for part_file, obs in ((folder / "partition.parquet", cell["observed"]),
-                           (out["partition"], out["observed"])):
+    for part_file, obs in (
+        (folder / "partition.parquet", cell["observed"]),
+        (out["partition"], out["observed"]),
+    ):
         mdm = tmp_path / f"mdm{len(measures)}.parquet"
-        pipeline.measure(data=digits_files, partition_file=part_file, observed_dir=obs,
-                         rounds=[1, 2], device="cpu", threads=1, output=mdm)
+        pipeline.measure(
+            data=digits_files,
+            partition_file=part_file,
+            observed_dir=obs,
+            rounds=[1, 2],
+            device="cpu",
+            threads=1,
+            output=mdm,
+        )
         measures.append(pd.read_parquet(mdm))
     pd.testing.assert_frame_equal(*measures)
 
 
 def test_an_evaluation_set_is_drawn_where_the_recording_names_none():
     owner = np.array([0] * 30 + [1] * 30 + [HELD_OUT] * 50 + [-2] * 20, dtype=np.int32)
-    cfg = PartitionConfig.from_dict({"kind": "iid", "num_clients": 2,
-                                     "eval_members_per_client": 5, "eval_nonmembers": 40})
+    cfg = PartitionConfig.from_dict(
+        {"kind": "iid", "num_clients": 2, "eval_members_per_client": 5, "eval_nonmembers": 40}
+    )
     drawn = evaluation_set(owner, cfg, seed=3)
     assert [int((drawn & (owner == c)).sum()) for c in (0, 1, HELD_OUT, -2)] == [5, 5, 40, 0]
     assert (drawn == evaluation_set(owner, cfg, seed=3)).all()
@@ -113,7 +153,8 @@ def test_an_evaluation_set_is_drawn_where_the_recording_names_none():
 
 
 def test_a_view_without_an_evaluation_set_is_imported_with_a_drawn_one(
-        cell, digits_files, tmp_path):
+    cell, digits_files, tmp_path
+):
     rec = tmp_path / "rec"
     shutil.copytree(cell["manifest"].parent, rec)
     own = io.read_ownership(rec / "ownership.parquet").assign(eval=False)
@@ -122,8 +163,16 @@ def test_a_view_without_an_evaluation_set_is_imported_with_a_drawn_one(
     (rec / "manifest.json").write_text(json.dumps(man))
     out = import_outputs(tmp_path / "imported")
     part = {**PART, "eval_members_per_client": 4, "eval_nonmembers": 25}
-    import_recording(recording=rec, data=digits_files, model={"kind": "alexnet"},
-                     partition=part, cell=CELL, device="cpu", threads=1, outputs=out)
+    import_recording(
+        recording=rec,
+        data=digits_files,
+        model={"kind": "alexnet"},
+        partition=part,
+        cell=CELL,
+        device="cpu",
+        threads=1,
+        outputs=out,
+    )
     p = pd.read_parquet(out["partition"])
     ev = p[p["eval"]]
     assert ev.groupby("client_id").size().to_dict() == {HELD_OUT: 25, 0: 4, 1: 4, 2: 4}

@@ -39,8 +39,11 @@ def run(cmd: list[str], wd: Path, *args: str, timeout: int = 900) -> subprocess.
 def results(wd: Path) -> dict[str, bytes]:
     """Every file under ``results/`` but logs, benchmarks and checkpoints, by path."""
     root = wd / "results"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] not in VOLATILE}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] not in VOLATILE
+    }
 
 
 def assert_same_results(a: Path, b: Path) -> None:
@@ -65,8 +68,7 @@ def test_two_clones_write_byte_identical_results(snakemake_cmd, repo, reference,
     r = run(snakemake_cmd, wd)
     assert r.returncode == 0, r.stderr[-3000:]
     kinds = {Path(f).suffix for f in results(wd)}
-    assert {".parquet", ".json", ".csv", ".md", ".tex", ".safetensors", ".png",
-            ".pdf"} <= kinds
+    assert {".parquet", ".json", ".csv", ".md", ".tex", ".safetensors", ".png", ".pdf"} <= kinds
     assert_same_results(reference, wd)
 
 
@@ -102,24 +104,31 @@ def _wait_for(predicate, timeout: float = 600, what: str = "") -> None:
 
 
 def _log_says(wd: Path, pattern: str, text: str) -> bool:
-    return any(text in p.read_text(errors="replace")
-               for p in (wd / "results" / "logs").glob(pattern)) if (
-        wd / "results" / "logs").exists() else False
+    return (
+        any(text in p.read_text(errors="replace") for p in (wd / "results" / "logs").glob(pattern))
+        if (wd / "results" / "logs").exists()
+        else False
+    )
 
 
-@pytest.mark.parametrize("stage, pattern, text", [
-    ("training", "train/**/*.log", "round 1/2"),
-    ("attacks", "attack/**/*.log", "fedmia.stages.attack"),
-])
-def test_killing_snakemake_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_path,
-                                              stage, pattern, text):
+@pytest.mark.parametrize(
+    "stage, pattern, text",
+    [
+        ("training", "train/**/*.log", "round 1/2"),
+        ("attacks", "attack/**/*.log", "fedmia.stages.attack"),
+    ],
+)
+def test_killing_snakemake_then_a_plain_rerun(
+    snakemake_cmd, repo, reference, tmp_path, stage, pattern, text
+):
     """SIGKILL snakemake itself mid-run: its jobs die with it, and a plain rerun (no
     --unlock, no --rerun-incomplete: profiles/default holds them) completes with results
     byte-identical to an uninterrupted run."""
     wd = clone(repo, tmp_path / "clone")
     argv = [*snakemake_cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
-    proc = subprocess.Popen(argv, cwd=wd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         _wait_for(lambda: _log_says(wd, pattern, text), what=f"{stage} to start")
         jobs = _descendants(proc.pid)
@@ -127,8 +136,9 @@ def test_killing_snakemake_then_a_plain_rerun(snakemake_cmd, repo, reference, tm
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         # the orphaned job processes notice and end within a few seconds
-        _wait_for(lambda: not any(_alive(p) for p in jobs), timeout=30,
-                  what="the orphaned jobs to end")
+        _wait_for(
+            lambda: not any(_alive(p) for p in jobs), timeout=30, what="the orphaned jobs to end"
+        )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -142,14 +152,23 @@ def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_
     rerun resumes and completes with byte-identical results."""
     wd = clone(repo, tmp_path / "clone")
     argv = [*snakemake_cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
-    proc = subprocess.Popen(argv, cwd=wd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=wd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        _wait_for(lambda: _log_says(wd, "train/**/*.log", "round 1/2"),
-                  what="a training job to start")
-        scripts = [p for p in _descendants(proc.pid)
-                   if "train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(
-                       errors="replace")]
+        _wait_for(
+            lambda: _log_says(wd, "train/**/*.log", "round 1/2"), what="a training job to start"
+        )
+        scripts = [
+            p
+            for p in _descendants(proc.pid)
+            if "train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+        ]
         assert scripts, "no training job found"
         os.kill(scripts[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=900)
@@ -163,19 +182,35 @@ def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_
 
 
 def test_different_seeds_give_different_partitions_and_models(digits_files, tmp_path):
-    part = dict(kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10,
-                eval_nonmembers=30)
+    part = dict(
+        kind="iid",
+        num_clients=3,
+        samples_per_client=20,
+        eval_members_per_client=10,
+        eval_nonmembers=30,
+    )
     train = dict(rounds=1, local_epochs=1, batch_size=10, lr=0.05, observe_every=1)
     files = {}
     for seed in (0, 1):
         out = tmp_path / f"s{seed}"
         pipeline.partition(digits_files, part, seed, out / "p.parquet")
-        outputs = {"history": out / "h.parquet", "final": out / "f.safetensors",
-                   "observed": out / "obs", "manifest": out / "m.json"}
-        pipeline.train(data=digits_files, partition_file=out / "p.parquet",
-                       model={"kind": "alexnet"}, defense={"kind": "none"}, train_cfg=train,
-                       cell=dict(dataset="d", model="m", defense="n", partition="p",
-                                 seed=seed), device="cpu", threads=1, outputs=outputs)
+        outputs = {
+            "history": out / "h.parquet",
+            "final": out / "f.safetensors",
+            "observed": out / "obs",
+            "manifest": out / "m.json",
+        }
+        pipeline.train(
+            data=digits_files,
+            partition_file=out / "p.parquet",
+            model={"kind": "alexnet"},
+            defense={"kind": "none"},
+            train_cfg=train,
+            cell=dict(dataset="d", model="m", defense="n", partition="p", seed=seed),
+            device="cpu",
+            threads=1,
+            outputs=outputs,
+        )
         files[seed] = out
     for name in ("p.parquet", "f.safetensors"):
         assert (files[0] / name).read_bytes() != (files[1] / name).read_bytes(), name

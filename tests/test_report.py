@@ -16,10 +16,20 @@ CELL = dict(dataset="d", model="m", defense="none", partition="iid", seed=0)
 
 
 def row(attack, target, rnd, auc, tpr, *, protocol="aligned", draw=0, attacked=True):
-    return dict(CELL, attack=attack, protocol=protocol, draw=draw, target=target, round=rnd,
-                attacked=attacked, n_rounds=1 if rnd >= 0 else 2, auc=auc,
-                **{"tpr@0.1%": tpr, "tpr@1%": tpr, "tpr@10%": tpr, "balanced_accuracy": auc},
-                n_members=10, n_nonmembers=1000)
+    return dict(
+        CELL,
+        attack=attack,
+        protocol=protocol,
+        draw=draw,
+        target=target,
+        round=rnd,
+        attacked=attacked,
+        n_rounds=1 if rnd >= 0 else 2,
+        auc=auc,
+        **{"tpr@0.1%": tpr, "tpr@1%": tpr, "tpr@10%": tpr, "balanced_accuracy": auc},
+        n_members=10,
+        n_nonmembers=1000,
+    )
 
 
 def fake_results() -> pd.DataFrame:
@@ -84,8 +94,7 @@ def test_best_tpr_per_target_is_each_targets_own_round():
     assert set(sel.selected_by) == {"best_tpr_per_target"}
     # never a lower mean TPR than one round for all targets
     mean = tables.select_rounds(per_draw_results(), "best_tpr_mean")
-    assert (sel.groupby("draw")["tpr@0.1%"].mean() >= mean.groupby("draw")["tpr@0.1%"].mean()
-            ).all()
+    assert (sel.groupby("draw")["tpr@0.1%"].mean() >= mean.groupby("draw")["tpr@0.1%"].mean()).all()
 
 
 def test_best_tpr_per_target_ties_go_to_the_earliest_round():
@@ -94,15 +103,17 @@ def test_best_tpr_per_target_ties_go_to_the_earliest_round():
     assert picked(sel) == {20}
 
 
-@pytest.mark.parametrize("how,who", [("best_tpr_mean", "the mean"),
-                                     ("best_tpr_per_target", "each target")])
+@pytest.mark.parametrize(
+    "how,who", [("best_tpr_mean", "the mean"), ("best_tpr_per_target", "each target")]
+)
 def test_best_tpr_falls_back_where_tpr_is_undefined(how, who):
     res = fake_results()
     res["tpr@0.1%"] = np.nan
     sel = tables.select_rounds(res, how)
     assert picked(sel) == {10}
     assert set(sel[sel.attack == "loss"].selected_by) == {
-        f"best AUC of {who} (fallback: TPR@0.1% undefined)"}
+        f"best AUC of {who} (fallback: TPR@0.1% undefined)"
+    }
 
 
 @pytest.mark.parametrize("how", ["best_tpr_per_target", "best_tpr_mean", "best_auc", "last"])
@@ -120,8 +131,9 @@ def test_summarize_is_tidy_and_aggregates_over_targets():
     res.loc[res.target == 1, "tpr@0.1%"] = np.nan  # undefined for one target
     s = tables.summarize(res, ["best_auc", "last"])
     assert list(s.columns) == list(tables.SUMMARY_COLUMNS)
-    assert not s.duplicated(["dataset", "model", "defense", "partition", "protocol",
-                             "single_round", "attack", "metric"]).any()
+    assert not s.duplicated(
+        ["dataset", "model", "defense", "partition", "protocol", "single_round", "attack", "metric"]
+    ).any()
     auc = s[(s.attack == "loss") & (s.metric == "auc")].set_index("single_round")
     assert auc.loc["best_auc", "mean"] == pytest.approx(0.71) and auc.loc["best_auc", "n"] == 2
     assert auc.loc["best_auc", "std"] == pytest.approx(np.std([0.70, 0.72], ddof=1))
@@ -134,8 +146,11 @@ def test_summarize_is_tidy_and_aggregates_over_targets():
 
 
 def test_official_draw_spread():
-    rows = [row("cos_series", t, -1, auc, 0.1, protocol="official", draw=d)
-            for d, auc in ((0, 0.6), (1, 0.7), (2, 0.8)) for t in (0, 1)]
+    rows = [
+        row("cos_series", t, -1, auc, 0.1, protocol="official", draw=d)
+        for d, auc in ((0, 0.6), (1, 0.7), (2, 0.8))
+        for t in (0, 1)
+    ]
     s = tables.summarize(pd.DataFrame(rows), ["last"])
     auc = s[s.metric == "auc"].iloc[0]
     assert auc["n"] == 6 and auc["mean"] == pytest.approx(0.7)
@@ -143,21 +158,35 @@ def test_official_draw_spread():
 
 
 def test_paper_tables_layout_and_captions():
-    sections = tables.paper_tables(tables.summarize(
-        fake_results(), ["best_tpr_per_target", "last"], fpr_rule="below"))
+    sections = tables.paper_tables(
+        tables.summarize(fake_results(), ["best_tpr_per_target", "last"], fpr_rule="below")
+    )
     assert [t for t, _, _ in sections] == [
         "protocol aligned · single-round attacks at best_tpr_per_target",
-        "protocol aligned · single-round attacks at last"]
+        "protocol aligned · single-round attacks at last",
+    ]
     title, cap, t = sections[0]
-    assert list(t.columns) == ["dataset", "model", "defense", "partition", "metric",
-                               "Loss-I (Blackbox-Loss)", "Loss-II (Loss-Series)"]
+    assert list(t.columns) == [
+        "dataset",
+        "model",
+        "defense",
+        "partition",
+        "metric",
+        "Loss-I (Blackbox-Loss)",
+        "Loss-II (Loss-Series)",
+    ]
     assert t.metric.tolist() == ["TPR@0.1% (%) < 10 FP", "AUC"]  # 1,000 non-members
     # two targets, AUC 0.8 and 0.9: the bootstrap interval of their mean spans them
     assert t.iloc[1]["Loss-II (Loss-Series)"] == "0.850 [0.800, 0.900]"
     assert t.iloc[0]["Loss-I (Blackbox-Loss)"] == "5.00 [5.00, 5.00]"
-    for phrase in ("Protocol `aligned`", "picked with hindsight", "rounds picked: 20",
-                   "FPR < α (the official code)", "FPR resolution 1/1,000",
-                   "TPR@0.1% rests on at most 0 false positive(s) — α × non-members < 10"):
+    for phrase in (
+        "Protocol `aligned`",
+        "picked with hindsight",
+        "rounds picked: 20",
+        "FPR < α (the official code)",
+        "FPR resolution 1/1,000",
+        "TPR@0.1% rests on at most 0 false positive(s) — α × non-members < 10",
+    ):
         assert phrase in cap, cap
     md = tables.to_markdown(sections)
     assert md.count("### protocol aligned") == 2 and "Loss-II" in md
@@ -181,14 +210,29 @@ def test_hypervolume_against_a_hand_computed_front():
 
 def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
     rows = []
-    for defense, kind, strength, acc, tpr in (("none", "none", np.nan, 0.9, 0.5),
-                                              ("dp1", "dp", 1.0, 0.7, 0.2),
-                                              ("dp2", "dp", 2.0, 0.4, 0.1),
-                                              ("mx", "mixup", 0.5, 0.8, np.nan)):
-        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
-                         strength=strength, test_accuracy=acc, protocol="aligned",
-                         single_round="all attacked rounds", attack="cos_series",
-                         metric="tpr@0.1%", mean=tpr, std=0.0))
+    for defense, kind, strength, acc, tpr in (
+        ("none", "none", np.nan, 0.9, 0.5),
+        ("dp1", "dp", 1.0, 0.7, 0.2),
+        ("dp2", "dp", 2.0, 0.4, 0.1),
+        ("mx", "mixup", 0.5, 0.8, np.nan),
+    ):
+        rows.append(
+            dict(
+                dataset="d",
+                model="m",
+                partition="iid",
+                defense=defense,
+                kind=kind,
+                strength=strength,
+                test_accuracy=acc,
+                protocol="aligned",
+                single_round="all attacked rounds",
+                attack="cos_series",
+                metric="tpr@0.1%",
+                mean=tpr,
+                std=0.0,
+            )
+        )
     hv = utility.hypervolume_table(pd.DataFrame(rows)).set_index("kind")
     # dp front: (0.1, 0.5), (0.3, 0.2), (0.6, 0.1) -> 0.70 as above
     assert hv.loc["dp", "hypervolume"] == pytest.approx(0.70)
@@ -207,17 +251,32 @@ def test_hypervolume_of_a_defenses_own_points_as_the_paper():
     """``own`` (the paper's Def. 1): no undefended point in the front; said in the caption,
     with the utility and the seeds behind the points."""
     rows = []
-    for defense, kind, strength, acc, tpr, seeds in (("none", "none", np.nan, 0.9, 0.5, 3),
-                                                     ("dp1", "dp", 1.0, 0.7, 0.2, 1),
-                                                     ("dp2", "dp", 2.0, 0.4, 0.1, 1),
-                                                     ("au", "augment", 4.0, 0.5, 0.3, 1)):
-        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
-                         strength=strength, test_accuracy=acc, protocol="aligned",
-                         single_round="all attacked rounds", attack="cos_series",
-                         metric="tpr@0.1%", mean=tpr, std=0.0, n_seeds=seeds,
-                         utility="final test accuracy",
-                         defense_note=AugmentDefense.table_note if kind == "augment"
-                         else ""))
+    for defense, kind, strength, acc, tpr, seeds in (
+        ("none", "none", np.nan, 0.9, 0.5, 3),
+        ("dp1", "dp", 1.0, 0.7, 0.2, 1),
+        ("dp2", "dp", 2.0, 0.4, 0.1, 1),
+        ("au", "augment", 4.0, 0.5, 0.3, 1),
+    ):
+        rows.append(
+            dict(
+                dataset="d",
+                model="m",
+                partition="iid",
+                defense=defense,
+                kind=kind,
+                strength=strength,
+                test_accuracy=acc,
+                protocol="aligned",
+                single_round="all attacked rounds",
+                attack="cos_series",
+                metric="tpr@0.1%",
+                mean=tpr,
+                std=0.0,
+                n_seeds=seeds,
+                utility="final test accuracy",
+                defense_note=AugmentDefense.table_note if kind == "augment" else "",
+            )
+        )
     own = utility.hypervolume_table(pd.DataFrame(rows), "own").set_index("kind")
     # dp alone: (0.3, 0.2), (0.6, 0.1) -> 0.3·0.8 + 0.4·0.9 = 0.60 (with none: 0.70)
     assert own.loc["dp", "hypervolume"] == pytest.approx(0.60)
@@ -226,9 +285,13 @@ def test_hypervolume_of_a_defenses_own_points_as_the_paper():
     assert both.loc["dp", "hypervolume"] == pytest.approx(0.70)
     assert both.loc["dp", "seeds"] == "1-3"
     cap = utility.hypervolume_markdown(own.reset_index()).split("\n")[0]
-    for phrase in ("each defense's own strengths (the paper's definition)",
-                   "Utility: final test accuracy", "Seeds behind the points: 1",
-                   "one on/off flag", "no-op there"):
+    for phrase in (
+        "each defense's own strengths (the paper's definition)",
+        "Utility: final test accuracy",
+        "Seeds behind the points: 1",
+        "one on/off flag",
+        "no-op there",
+    ):
         assert phrase in cap, cap
     with pytest.raises(ValueError, match="choose from"):
         utility.hypervolume_table(pd.DataFrame(rows), "paper")
@@ -236,12 +299,24 @@ def test_hypervolume_of_a_defenses_own_points_as_the_paper():
 
 def test_privacy_utility_uses_the_utility_it_names():
     summary = tables.summarize(fake_results(), ["last"])
-    cells = pd.DataFrame([dict(CELL, final_test_accuracy=0.6, best_test_accuracy=0.8,
-                               last_finite_test_accuracy=0.6, diverged_round=np.nan)])
-    strengths = pd.DataFrame([{"defense": "none", "kind": "none", "strength": np.nan,
-                               "params": ""}])
-    for which, acc, text in (("final", 0.6, "final test accuracy"),
-                             ("best", 0.8, "best test accuracy over rounds")):
+    cells = pd.DataFrame(
+        [
+            dict(
+                CELL,
+                final_test_accuracy=0.6,
+                best_test_accuracy=0.8,
+                last_finite_test_accuracy=0.6,
+                diverged_round=np.nan,
+            )
+        ]
+    )
+    strengths = pd.DataFrame(
+        [{"defense": "none", "kind": "none", "strength": np.nan, "params": ""}]
+    )
+    for which, acc, text in (
+        ("final", 0.6, "final test accuracy"),
+        ("best", 0.8, "best test accuracy over rounds"),
+    ):
         pu = utility.privacy_utility(summary, cells, strengths, utility=which)
         assert list(pu.columns) == list(utility.PU_COLUMNS)
         assert (pu.test_accuracy == acc).all() and pu.utility.str.startswith(text).all()
@@ -253,15 +328,30 @@ def test_privacy_utility_uses_the_utility_it_names():
 def test_hypervolume_fronts_are_split_by_the_defense_parameters():
     rows = []
     for defense, kind, strength, params, acc, tpr in (
-            ("none", "none", np.nan, "", 0.9, 0.5),
-            ("q1", "quantize", 1.0, "", 0.7, 0.2),
-            ("q2", "quantize", 2.0, "", 0.4, 0.1),
-            ("q1o", "quantize", 1.0, "variant=official", 0.6, 0.3),
-            ("q2o", "quantize", 2.0, "variant=official", 0.8, 0.4)):
-        rows.append(dict(dataset="d", model="m", partition="iid", defense=defense, kind=kind,
-                         strength=strength, params=params, test_accuracy=acc,
-                         protocol="aligned", single_round="all attacked rounds",
-                         attack="cos_series", metric="tpr@0.1%", mean=tpr, std=0.0))
+        ("none", "none", np.nan, "", 0.9, 0.5),
+        ("q1", "quantize", 1.0, "", 0.7, 0.2),
+        ("q2", "quantize", 2.0, "", 0.4, 0.1),
+        ("q1o", "quantize", 1.0, "variant=official", 0.6, 0.3),
+        ("q2o", "quantize", 2.0, "variant=official", 0.8, 0.4),
+    ):
+        rows.append(
+            dict(
+                dataset="d",
+                model="m",
+                partition="iid",
+                defense=defense,
+                kind=kind,
+                strength=strength,
+                params=params,
+                test_accuracy=acc,
+                protocol="aligned",
+                single_round="all attacked rounds",
+                attack="cos_series",
+                metric="tpr@0.1%",
+                mean=tpr,
+                std=0.0,
+            )
+        )
     pu = pd.DataFrame(rows)
     csv = io.StringIO()
     pu.to_csv(csv, index=False)
@@ -309,10 +399,17 @@ def test_findings_over_seeds_are_t_intervals_of_the_per_seed_means():
             # II beats I by `shift` on every target of the seed (paired); III − II is
             # ±0.02 alternating plus a small per-seed wiggle
             rows.append(row("cos", t, 10, 0.6 + 0.02 * t, 0.01) | {"seed": seed})
-            rows.append(row("cos_series", t, -1, 0.6 + 0.02 * t + shift, 0.02)
-                        | {"seed": seed})
-            rows.append(row("fedmia_cos", t, -1, 0.6 + 0.02 * t + shift + wiggle
-                            + (0.02 if t % 2 else -0.02), 0.02) | {"seed": seed})
+            rows.append(row("cos_series", t, -1, 0.6 + 0.02 * t + shift, 0.02) | {"seed": seed})
+            rows.append(
+                row(
+                    "fedmia_cos",
+                    t,
+                    -1,
+                    0.6 + 0.02 * t + shift + wiggle + (0.02 if t % 2 else -0.02),
+                    0.02,
+                )
+                | {"seed": seed}
+            )
     f = findings.findings(pd.DataFrame(rows), ["last"]).set_index(["comparison", "metric"])
     ii = f.loc[("cos_series − cos", "auc")]
     half = stats.t.ppf(0.975, 2) * np.std([0.08, 0.10, 0.12], ddof=1) / np.sqrt(3)
@@ -323,7 +420,8 @@ def test_findings_over_seeds_are_t_intervals_of_the_per_seed_means():
     assert f.loc[("fedmia_cos − cos_series", "auc"), "verdict"] == "inconclusive"
     assert f.loc[("fedmia_cos − cos", "auc"), "verdict"] == "holds"
     assert list(findings.findings(pd.DataFrame(rows), ["last"]).columns) == list(
-        findings.FINDINGS_COLUMNS)
+        findings.FINDINGS_COLUMNS
+    )
     two = findings.findings(pd.DataFrame([r for r in rows if r["seed"] < 2]), ["last"])
     assert set(two["method"]) == {"t over 2 seeds (1 df: wide)"}  # t_{1} = 12.7: wide
     assert findings.verdict(-0.2, -0.1) == "fails" and findings.verdict(np.nan, 1) == "undefined"
@@ -335,11 +433,17 @@ def test_findings_over_seeds_are_t_intervals_of_the_per_seed_means():
 def replicates_of(rows: list[dict], draw_reps) -> pd.DataFrame:
     """A replicate table for ``rows``: ``draw_reps(row)`` gives the B AUC replicates."""
     keys = [*CELL_KEYS, "attack", "protocol", "draw", "target", "round"]
-    return pd.DataFrame([{**{k: r[k] for k in keys},
-                          "auc_replicates": draw_reps(r).astype(np.float32),
-                          "tpr@0.1%_replicates": np.full(50, r["tpr@0.1%"], np.float32),
-                          "tpr@1%_replicates": np.full(50, r["tpr@1%"], np.float32)}
-                         for r in rows])
+    return pd.DataFrame(
+        [
+            {
+                **{k: r[k] for k in keys},
+                "auc_replicates": draw_reps(r).astype(np.float32),
+                "tpr@0.1%_replicates": np.full(50, r["tpr@0.1%"], np.float32),
+                "tpr@1%_replicates": np.full(50, r["tpr@1%"], np.float32),
+            }
+            for r in rows
+        ]
+    )
 
 
 def test_a_finding_from_one_run_is_a_joint_bootstrap_labelled_one_run():
@@ -348,13 +452,22 @@ def test_a_finding_from_one_run_is_a_joint_bootstrap_labelled_one_run():
     rows = []
     for draw in (0, 1):
         for t in range(5):
-            rows.append(row("loss", t, 10, 0.60 + 0.01 * t, 0.01, protocol="official",
-                            draw=draw))
-            rows.append(row("loss_series", t, -1, 0.65 + 0.01 * t + 0.01 * draw, 0.02,
-                            protocol="official", draw=draw))
+            rows.append(row("loss", t, 10, 0.60 + 0.01 * t, 0.01, protocol="official", draw=draw))
+            rows.append(
+                row(
+                    "loss_series",
+                    t,
+                    -1,
+                    0.65 + 0.01 * t + 0.01 * draw,
+                    0.02,
+                    protocol="official",
+                    draw=draw,
+                )
+            )
     noise = {(r["attack"], r["draw"], r["target"]): rng.normal(0, 0.01, 50) for r in rows}
-    reps = replicates_of(rows, lambda r: r["auc"] + pool + noise[r["attack"], r["draw"],
-                                                                 r["target"]])
+    reps = replicates_of(
+        rows, lambda r: r["auc"] + pool + noise[r["attack"], r["draw"], r["target"]]
+    )
     f = findings.findings(pd.DataFrame(rows), ["last"], replicates=reps)
     auc = f[(f.comparison == "loss_series − loss") & (f.metric == "auc")].iloc[0]
     # a reader keeps the replicates of the selected rows only: here all 20 (one round each)
@@ -365,11 +478,23 @@ def test_a_finding_from_one_run_is_a_joint_bootstrap_labelled_one_run():
     assert auc["method"] == "joint bootstrap, 1 run" and auc["verdict"] == "holds (1 run)"
     # by hand: per target, the mean over draws of the paired replicate differences (the
     # pool's effect cancels in the pair); per replicate, the mean over the targets
-    d = np.stack([np.mean([np.float32(rows[2 * (5 * dr + t) + 1]["auc"] + pool
-                                      + noise["loss_series", dr, t]).astype(np.float64)
-                           - np.float32(rows[2 * (5 * dr + t)]["auc"] + pool
-                                        + noise["loss", dr, t]).astype(np.float64)
-                           for dr in (0, 1)], axis=0) for t in range(5)])
+    d = np.stack(
+        [
+            np.mean(
+                [
+                    np.float32(
+                        rows[2 * (5 * dr + t) + 1]["auc"] + pool + noise["loss_series", dr, t]
+                    ).astype(np.float64)
+                    - np.float32(
+                        rows[2 * (5 * dr + t)]["auc"] + pool + noise["loss", dr, t]
+                    ).astype(np.float64)
+                    for dr in (0, 1)
+                ],
+                axis=0,
+            )
+            for t in range(5)
+        ]
+    )
     want = percentile_interval(d.mean(axis=0))
     assert (auc["ci_low"], auc["ci_high"]) == pytest.approx(want)
     # without replicates, one run has no interval
@@ -382,10 +507,11 @@ def test_a_finding_from_one_run_is_a_joint_bootstrap_labelled_one_run():
 def test_noniid_finding_compares_independent_groups():
     rows = []
     for seed, gap in ((0, 0.17), (1, 0.19), (2, 0.195)):
-        rows += [row("cos_series", t, -1, 0.6 + gap, 0.1) | {"partition": "dir", "seed": seed}
-                 for t in range(4)]
-        rows += [row("cos_series", t, -1, 0.6 + 0.01 * t, 0.1) | {"seed": seed}
-                 for t in range(4)]
+        rows += [
+            row("cos_series", t, -1, 0.6 + gap, 0.1) | {"partition": "dir", "seed": seed}
+            for t in range(4)
+        ]
+        rows += [row("cos_series", t, -1, 0.6 + 0.01 * t, 0.1) | {"seed": seed} for t in range(4)]
     f = findings.findings(pd.DataFrame(rows), ["last"], {"iid": "iid", "dir": "dirichlet"})
     auc = f[(f.finding == findings.NONIID_FINDING) & (f.metric == "auc")].iloc[0]
     assert auc["partition"] == "dir vs iid" and auc["difference"] == pytest.approx(0.17)
@@ -395,28 +521,58 @@ def test_noniid_finding_compares_independent_groups():
     # one seed: each cell's own replicates, its targets drawn on their own
     one = [r for r in rows if r["seed"] == 0]
     reps = replicates_of(one, lambda r: r["auc"] + np.linspace(-0.02, 0.02, 50))
-    f1 = findings.findings(pd.DataFrame(one), ["last"], {"iid": "iid", "dir": "dirichlet"},
-                         replicates=reps)
+    f1 = findings.findings(
+        pd.DataFrame(one), ["last"], {"iid": "iid", "dir": "dirichlet"}, replicates=reps
+    )
     auc1 = f1[(f1.finding == findings.NONIID_FINDING) & (f1.metric == "auc")].iloc[0]
     assert auc1["verdict"] == "holds (1 run)" and auc1["n_runs"] == 1
     assert auc1["difference"] == pytest.approx(0.155)
-    means = [np.stack([np.float32(r["auc"] + np.linspace(-0.02, 0.02, 50)).astype(float)
-                       for r in one if r["partition"] == p]).mean(axis=0) for p in ("dir", "iid")]
+    means = [
+        np.stack(
+            [
+                np.float32(r["auc"] + np.linspace(-0.02, 0.02, 50)).astype(float)
+                for r in one
+                if r["partition"] == p
+            ]
+        ).mean(axis=0)
+        for p in ("dir", "iid")
+    ]
     assert (auc1["ci_low"], auc1["ci_high"]) == pytest.approx(
-        percentile_interval(means[0] - means[1]))
+        percentile_interval(means[0] - means[1])
+    )
 
 
 def test_privacy_utility_names_the_selected_attack_audit():
     summary = tables.summarize(fake_results(), ["last"])
-    cells = pd.DataFrame([dict(CELL, final_test_accuracy=0.9, last_finite_test_accuracy=0.9,
-                               diverged_round=np.nan)])
-    audit = pd.DataFrame([dict(CELL, attack=a, epsilon_empirical=e, selected_attack=s)
-                          for a, e, s in (("loss", 0.3, ""), ("loss_series", 0.5, ""),
-                                          ("selected", 0.4, "loss_series"))])
-    audit = pd.concat([audit, audit.assign(seed=1, epsilon_empirical=audit[
-        "epsilon_empirical"] + 0.1, selected_attack=["", "", "loss"])])
-    pu = utility.privacy_utility(summary, cells, pd.DataFrame(
-        [{"defense": "none", "kind": "none", "strength": 0.0, "params": ""}]), audit=audit)
+    cells = pd.DataFrame(
+        [dict(CELL, final_test_accuracy=0.9, last_finite_test_accuracy=0.9, diverged_round=np.nan)]
+    )
+    audit = pd.DataFrame(
+        [
+            dict(CELL, attack=a, epsilon_empirical=e, selected_attack=s)
+            for a, e, s in (
+                ("loss", 0.3, ""),
+                ("loss_series", 0.5, ""),
+                ("selected", 0.4, "loss_series"),
+            )
+        ]
+    )
+    audit = pd.concat(
+        [
+            audit,
+            audit.assign(
+                seed=1,
+                epsilon_empirical=audit["epsilon_empirical"] + 0.1,
+                selected_attack=["", "", "loss"],
+            ),
+        ]
+    )
+    pu = utility.privacy_utility(
+        summary,
+        cells,
+        pd.DataFrame([{"defense": "none", "kind": "none", "strength": 0.0, "params": ""}]),
+        audit=audit,
+    )
     assert list(pu.columns) == list(utility.PU_COLUMNS)
     assert set(pu["epsilon_empirical_selected"]) == {0.4}  # every row of the setting
     assert set(pu["selected_attack"]) == {"loss_series, loss"}
@@ -429,8 +585,9 @@ def test_a_cell_diverged_before_any_observed_round_has_rows_where_its_attacks_be
     """Its single-round attacks get a row per selection, its multi-round attacks one row
     (all NaN), as an undiverged cell's would; nothing lands in the wrong section."""
     res = fake_results()
-    cells = pd.DataFrame([dict(CELL, diverged_round=np.nan),
-                          dict(CELL, defense="noisy", diverged_round=2.0)])
+    cells = pd.DataFrame(
+        [dict(CELL, diverged_round=np.nan), dict(CELL, defense="noisy", diverged_round=2.0)]
+    )
     s = tables.summarize(res, ["best_tpr_per_target", "last"], cells=cells)
     lost = s[s.defense == "noisy"]
     assert set(lost[lost.attack == "loss"].single_round) == {"best_tpr_per_target", "last"}
@@ -439,12 +596,15 @@ def test_a_cell_diverged_before_any_observed_round_has_rows_where_its_attacks_be
     assert set(lost.diverged) == {"seed 0 diverged in round 2"}
     placed = s[["single_round", "attack"]].drop_duplicates()
     assert set(map(tuple, placed.to_numpy())) == {
-        ("best_tpr_per_target", "loss"), ("last", "loss"), (tables.ALL_ROUNDS, "loss_series")}
+        ("best_tpr_per_target", "loss"),
+        ("last", "loss"),
+        (tables.ALL_ROUNDS, "loss_series"),
+    }
 
 
 def test_table_metrics_choose_the_rows_and_flag_few_false_positives():
     s = tables.summarize(fake_results(), ["last"], fpr_rule="at_most")
-    (_, cap, t), = tables.paper_tables(s, ["tpr@1%", "auc", "tpr@0.1%"])
+    ((_, cap, t),) = tables.paper_tables(s, ["tpr@1%", "auc", "tpr@0.1%"])
     # 1,000 non-members: TPR@1 % rests on 10 false positives, TPR@0.1 % on 1
     assert list(t.metric) == ["TPR@1% (%)", "AUC", "TPR@0.1% (%) < 10 FP"]
     assert "marked '< 10 FP' rests on fewer than 10 false positives" in cap

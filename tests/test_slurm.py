@@ -149,8 +149,10 @@ class SlurmCluster:
             raise ClusterError("SLURM is not running here and starting its daemons needs root")
         missing = [d for d in DAEMONS if shutil.which(d) is None]
         if missing:
-            raise ClusterError(f"SLURM daemons not installed: {', '.join(missing)} "
-                               "(Debian: apt-get install slurm-wlm munge)")
+            raise ClusterError(
+                f"SLURM daemons not installed: {', '.join(missing)} "
+                "(Debian: apt-get install slurm-wlm munge)"
+            )
         self.write_config()
         if not process_running("munged"):
             self.start_munged()
@@ -194,8 +196,14 @@ class SlurmCluster:
 
     def start_daemon(self, name: str, *args: str, user: str | None = None) -> None:
         with (self.logs / f"{name}.log").open("w") as log:
-            proc = subprocess.Popen([name, *args], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, user=user, group=user)
+            proc = subprocess.Popen(
+                [name, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                user=user,
+                group=user,
+            )
         self.started.append((name, proc))
 
     def check_started(self) -> None:
@@ -208,8 +216,10 @@ class SlurmCluster:
         while not any(s in UP for s in node_states().values()):
             self.check_started()
             if time.monotonic() > deadline:
-                raise ClusterError(f"no SLURM node became idle within {timeout:.0f} s "
-                                   f"(sinfo: {node_states() or 'no answer'})")
+                raise ClusterError(
+                    f"no SLURM node became idle within {timeout:.0f} s "
+                    f"(sinfo: {node_states() or 'no answer'})"
+                )
             time.sleep(1)
 
     def stop(self) -> None:
@@ -228,8 +238,10 @@ class SlurmCluster:
     def diagnostics(self) -> str:
         parts = []
         for log in sorted(self.logs.glob("*.log")):
-            parts.append(f"--- {log.name} (last 40 lines) ---\n"
-                         + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+            parts.append(
+                f"--- {log.name} (last 40 lines) ---\n"
+                + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            )
         for argv in (("sinfo", "--list-reasons"), ("scontrol", "show", "node")):
             r = run_cmd(*argv)
             parts.append(f"--- {' '.join(argv)} ---\n{r.stdout}{r.stderr}")
@@ -259,8 +271,10 @@ def machine_lock(timeout: float = 3600) -> Iterator[None]:
 def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     missing = [c for c in CLIENTS if shutil.which(c) is None]
     if missing:
-        unavailable(f"SLURM client commands not found: {', '.join(missing)} "
-                    "(Debian: apt-get install slurm-wlm munge)")
+        unavailable(
+            f"SLURM client commands not found: {', '.join(missing)} "
+            "(Debian: apt-get install slurm-wlm munge)"
+        )
     with machine_lock():
         cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-daemons"))
         try:
@@ -299,8 +313,9 @@ class Run:
     def start(self) -> Run:
         self.t0 = time.monotonic()
         with self.log.open("w") as f:
-            self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         return self
 
     def finish(self, timeout: float = TIMEOUT_S) -> Run:
@@ -323,9 +338,19 @@ def tiny_run_argv(snakemake_cmd, repo: Path, workdir: Path, *args: str) -> list[
     # --config threads=1: torch's thread count is the rule's `threads` (config `threads`,
     # workflow/rules/{train,measure}.smk -> pipeline.setup_compute), so the SLURM run uses
     # one thread, as the local run (the tiny config says 1), and computes the same floats.
-    return [*snakemake_cmd, TARGET, "-s", str(repo / "Snakefile"), "-d", str(workdir),
-            "--configfile", str(repo / ".test" / "config" / "config.yaml"),
-            "--config", "threads=1", *args]
+    return [
+        *snakemake_cmd,
+        TARGET,
+        "-s",
+        str(repo / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(repo / ".test" / "config" / "config.yaml"),
+        "--config",
+        "threads=1",
+        *args,
+    ]
 
 
 def slurm_args(repo: Path, *set_resources: str) -> list[str]:
@@ -334,15 +359,25 @@ def slurm_args(repo: Path, *set_resources: str) -> list[str]:
     A command-line list replaces the profile's whole list, so train and measure are
     repeated here.
     """
-    return ["--profile", str(repo / "profiles" / "slurm"),
-            "--default-resources", "mem_mb=2000", "runtime=30",
-            "--set-resources", "train:mem_mb=2000", "train:runtime=30",
-            "measure:mem_mb=2000", "measure:runtime=30", *set_resources,
-            # The plugin checks job states 40 s after a job ends or starts, then 10 s
-            # later than the last wait each time (sized for big clusters); these jobs
-            # take 5-15 s: checks after 2 and 14 s catch most of them.
-            "--slurm-init-seconds-before-status-checks", "2",
-            "--slurm-keep-successful-logs"]
+    return [
+        "--profile",
+        str(repo / "profiles" / "slurm"),
+        "--default-resources",
+        "mem_mb=2000",
+        "runtime=30",
+        "--set-resources",
+        "train:mem_mb=2000",
+        "train:runtime=30",
+        "measure:mem_mb=2000",
+        "measure:runtime=30",
+        *set_resources,
+        # The plugin checks job states 40 s after a job ends or starts, then 10 s
+        # later than the last wait each time (sized for big clusters); these jobs
+        # take 5-15 s: checks after 2 and 14 s catch most of them.
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-keep-successful-logs",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -356,19 +391,36 @@ def slurm_runs(slurm_cluster, tiny_workflow, snakemake_cmd, repo, tmp_path_facto
     """
     local_wd, _, local = tiny_workflow
     slurm_wd = tmp_path_factory.mktemp("slurm")
-    broken = Run(tiny_run_argv(snakemake_cmd, repo, slurm_wd,
-                               *slurm_args(repo, "partition:slurm_partition=nope")),
-                 slurm_wd / "broken.out").start().finish()
-    fixed = Run(tiny_run_argv(snakemake_cmd, repo, slurm_wd, *slurm_args(repo)),
-                slurm_wd / "fixed.out").start().finish()
-    return {"local": local, "broken": broken, "fixed": fixed,
-            "local_wd": local_wd, "slurm_wd": slurm_wd}
+    broken = (
+        Run(
+            tiny_run_argv(
+                snakemake_cmd, repo, slurm_wd, *slurm_args(repo, "partition:slurm_partition=nope")
+            ),
+            slurm_wd / "broken.out",
+        )
+        .start()
+        .finish()
+    )
+    fixed = (
+        Run(tiny_run_argv(snakemake_cmd, repo, slurm_wd, *slurm_args(repo)), slurm_wd / "fixed.out")
+        .start()
+        .finish()
+    )
+    return {
+        "local": local,
+        "broken": broken,
+        "fixed": fixed,
+        "local_wd": local_wd,
+        "slurm_wd": slurm_wd,
+    }
 
 
 def submissions(out: str) -> list[tuple[str, Path]]:
     """``(SLURM job id, SLURM log file)`` of every job the plugin submitted."""
-    return [(m[1], Path(m[2])) for m in
-            re.finditer(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.", out)]
+    return [
+        (m[1], Path(m[2]))
+        for m in re.finditer(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.", out)
+    ]
 
 
 def test_cluster_error_names_the_rule_and_the_rerun_continues(slurm_runs):
@@ -378,8 +430,13 @@ def test_cluster_error_names_the_rule_and_the_rerun_continues(slurm_runs):
     assert "SLURM sbatch failed" in broken.out and "Invalid partition" in broken.out
     assert re.search(r"Finished jobid: \d+ \(Rule: prepare\)", broken.out), broken.out[-5000:]
     assert fixed.returncode == 0, fixed.out[-5000:]
-    assert job_counts(fixed.out) == {"partition": 2, "train": 2, "measure": 2, "attack": 2,
-                                     "table": 1}
+    assert job_counts(fixed.out) == {
+        "partition": 2,
+        "train": 2,
+        "measure": 2,
+        "attack": 2,
+        "table": 1,
+    }
 
 
 def test_every_job_ran_as_a_slurm_job(slurm_runs):

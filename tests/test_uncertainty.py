@@ -25,8 +25,7 @@ from fedmia.attacker.uncertainty import (
 ALPHAS = (0.001, 0.01, 0.05, 0.1, 0.3)
 
 
-def random_case(seed: int, n_pos: int = 80, n_neg: int = 320, ties: bool = False,
-                d: float = 1.0):
+def random_case(seed: int, n_pos: int = 80, n_neg: int = 320, ties: bool = False, d: float = 1.0):
     rng = np.random.default_rng(seed)
     is_member = rng.permutation(np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)])
     scores = rng.normal(size=n_pos + n_neg) + d * is_member
@@ -55,8 +54,9 @@ def strict_tpr(scores, is_member, alpha):
 def test_replicates_equal_metrics_on_explicit_resample(seed, ties, rule):
     scores, is_member = random_case(seed, ties=ties)
     n_boot = 30
-    reps = bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=seed + 100,
-                                alphas=ALPHAS, rule=rule)
+    reps = bootstrap_replicates(
+        scores, is_member, n_boot=n_boot, seed=seed + 100, alphas=ALPHAS, rule=rule
+    )
     w_pos, w_neg = resample_weights(80, 320, n_boot=n_boot, seed=seed + 100)
     assert set(reps) == {"auc", *(metrics.tpr_metric_name(a) for a in ALPHAS)}
     for b in range(n_boot):
@@ -110,8 +110,9 @@ def test_chunks_do_not_change_replicates(monkeypatch):
 def test_paired_rows_equal_single_calls():
     scores, is_member = random_case(5, ties=True)
     other, _ = random_case(6, ties=False)
-    batch = bootstrap_replicates(np.stack([scores, other]), is_member, n_boot=40, seed=9,
-                                 rule="below")
+    batch = bootstrap_replicates(
+        np.stack([scores, other]), is_member, n_boot=40, seed=9, rule="below"
+    )
     for r, s in enumerate((scores, other)):
         single = bootstrap_replicates(s, is_member, n_boot=40, seed=9, rule="below")
         for k in single:
@@ -154,7 +155,8 @@ def test_auc_interval_covers_true_auc_about_95_percent():
         m = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
         s = rng.normal(size=n_pos + n_neg) + d * m
         low, high = percentile_interval(
-            bootstrap_replicates(s, m, n_boot=400, seed=rep, alphas=())["auc"])
+            bootstrap_replicates(s, m, n_boot=400, seed=rep, alphas=())["auc"]
+        )
         hits += low <= true_auc <= high
     assert 0.88 <= hits / reps <= 0.99, hits / reps
 
@@ -171,8 +173,10 @@ def test_tpr_at_low_fpr_interval_is_wide():
         widths[k] = (high - low) / point[k]
     tpr = point["tpr@0.1%"]
     member_sampling_only = 2 * 1.96 * math.sqrt(tpr * (1 - tpr) / 500)
-    assert percentile_interval(reps["tpr@0.1%"])[1] - percentile_interval(
-        reps["tpr@0.1%"])[0] > 2 * member_sampling_only
+    assert (
+        percentile_interval(reps["tpr@0.1%"])[1] - percentile_interval(reps["tpr@0.1%"])[0]
+        > 2 * member_sampling_only
+    )
     assert widths["tpr@0.1%"] > 3 * widths["tpr@10%"]
 
 
@@ -210,7 +214,8 @@ def test_two_stage_matches_slow_reference():
     reps = rng.normal(size=(6, 50)) * 0.1 + rng.normal(size=(6, 1))
     reps[2] = np.nan  # a unit where the metric is undefined is left out of the mean
     assert two_stage_interval(reps, n_boot=300, seed=4, level=0.9) == pytest.approx(
-        slow_two_stage(reps, 300, 4, 0.9), abs=1e-12)
+        slow_two_stage(reps, 300, 4, 0.9), abs=1e-12
+    )
 
 
 def test_two_stage_without_within_noise_is_the_between_unit_interval():
@@ -245,9 +250,11 @@ def slow_false_positives(scores, is_member, alpha, rule):
     if math.isnan(tpr):
         return -1
     need = round(tpr * is_member.sum())
-    return min(int((~is_member & (scores >= t)).sum())
-               for t in [np.inf, *set(scores.tolist())]
-               if (is_member & (scores >= t)).sum() >= need)
+    return min(
+        int((~is_member & (scores >= t)).sum())
+        for t in [np.inf, *set(scores.tolist())]
+        if (is_member & (scores >= t)).sum() >= need
+    )
 
 
 @pytest.mark.parametrize("rule", metrics.FPR_RULES)
@@ -292,22 +299,38 @@ def test_stable_seed():
     with pytest.raises(TypeError, match="seed keys"):
         stable_seed([1, 2])
     # a fresh interpreter with another hash salt gives the same seed
-    code = ("from fedmia.attacker.uncertainty import stable_seed; "
-            f"print(stable_seed(*{keys!r}))")
+    code = f"from fedmia.attacker.uncertainty import stable_seed; print(stable_seed(*{keys!r}))"
     for salt in ("0", "12345"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             env={"PYTHONHASHSEED": salt, "PATH": ""}, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={"PYTHONHASHSEED": salt, "PATH": ""},
+            check=True,
+        )
         assert int(out.stdout) == seed
 
 
 def test_benchmark_smoke(repo):
-    r = subprocess.run([sys.executable, str(repo / "bench" / "bootstrap.py"), "--smoke"],
-                       cwd=repo, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(repo / "bench" / "bootstrap.py"), "--smoke"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    values = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line
-                  and " " not in line.split("=", 1)[0])
-    for key in ("bootstrap_ms_default_iid", "bootstrap_ms_paper", "projected_default_s",
-                "projected_default_paired_s"):
+    values = dict(
+        line.split("=", 1)
+        for line in r.stdout.splitlines()
+        if "=" in line and " " not in line.split("=", 1)[0]
+    )
+    for key in (
+        "bootstrap_ms_default_iid",
+        "bootstrap_ms_paper",
+        "projected_default_s",
+        "projected_default_paired_s",
+    ):
         assert float(values[key]) > 0, key
 
 
@@ -327,18 +350,21 @@ def test_joint_resample_equals_metrics_on_the_expanded_data():
     weight = np.zeros((n_boot, len(own)), dtype=np.int64)  # shared by every target
     for g in groups:
         members = np.flatnonzero(own == g)
-        draws = np.random.default_rng(seeds[g]).integers(0, len(members),
-                                                         size=(n_boot, len(members)))
+        draws = np.random.default_rng(seeds[g]).integers(
+            0, len(members), size=(n_boot, len(members))
+        )
         for b in range(n_boot):
             for j in draws[b]:
                 weight[b, members[j]] += 1
     for t in (0, 1, 2):
         is_member = own == t
         strata = [uncertainty.Stratum(seeds[g], np.flatnonzero(own == g)) for g in groups]
-        reps = uncertainty.stratified_replicates(scores[t], is_member, strata, n_boot=n_boot,
-                                                 alphas=(0.05, 0.25))
+        reps = uncertainty.stratified_replicates(
+            scores[t], is_member, strata, n_boot=n_boot, alphas=(0.05, 0.25)
+        )
         np.testing.assert_array_equal(
-            uncertainty.strata_weights(strata, len(own), n_boot=n_boot), weight)
+            uncertainty.strata_weights(strata, len(own), n_boot=n_boot), weight
+        )
         for b in range(n_boot):
             s = np.repeat(scores[t], weight[b], axis=1)
             m = np.repeat(is_member, weight[b])
@@ -347,14 +373,17 @@ def test_joint_resample_equals_metrics_on_the_expanded_data():
                 assert reps["auc"][r, b] == pytest.approx(roc_auc_score(m, s[r]), abs=1e-12)
                 for a in (0.05, 0.25):
                     assert reps[metrics.tpr_metric_name(a)][r, b] == pytest.approx(
-                        metrics.tpr_at_fpr(s[r], m, a), abs=1e-12)
+                        metrics.tpr_at_fpr(s[r], m, a), abs=1e-12
+                    )
 
 
 def test_two_strata_are_the_plain_stratified_bootstrap_and_strata_are_checked():
     scores, is_member = random_case(8, ties=True)
     pos, neg = uncertainty._streams(3)
-    strata = [uncertainty.Stratum(pos, np.flatnonzero(is_member)),
-              uncertainty.Stratum(neg, np.flatnonzero(~is_member))]
+    strata = [
+        uncertainty.Stratum(pos, np.flatnonzero(is_member)),
+        uncertainty.Stratum(neg, np.flatnonzero(~is_member)),
+    ]
     plain = bootstrap_replicates(scores, is_member, n_boot=20, seed=3)
     general = uncertainty.stratified_replicates(scores, is_member, strata, n_boot=20)
     for k in plain:
@@ -363,9 +392,15 @@ def test_two_strata_are_the_plain_stratified_bootstrap_and_strata_are_checked():
     with pytest.raises(ValueError, match="every one of the 400 slots exactly once"):
         uncertainty.stratified_replicates(scores, is_member, strata[:1], n_boot=5)
     with pytest.raises(ValueError, match="mixes members and non-members"):
-        uncertainty.stratified_replicates(scores, is_member, [
-            uncertainty.Stratum(1, np.r_[np.flatnonzero(is_member), half]),
-            uncertainty.Stratum(2, np.setdiff1d(np.flatnonzero(~is_member), half))], n_boot=5)
+        uncertainty.stratified_replicates(
+            scores,
+            is_member,
+            [
+                uncertainty.Stratum(1, np.r_[np.flatnonzero(is_member), half]),
+                uncertainty.Stratum(2, np.setdiff1d(np.flatnonzero(~is_member), half)),
+            ],
+            n_boot=5,
+        )
 
 
 def test_t_interval_by_hand():
@@ -373,8 +408,9 @@ def test_t_interval_by_hand():
     half = stats.t.ppf(0.975, 3) * np.std(v, ddof=1) / 2
     assert uncertainty.t_interval(v) == pytest.approx((v.mean() - half, v.mean() + half))
     two = np.array([0.1, 0.2])  # 1 df: t = 12.706
-    assert uncertainty.t_interval(two) == pytest.approx((0.15 - 12.7062 * 0.05,
-                                                         0.15 + 12.7062 * 0.05), rel=1e-4)
+    assert uncertainty.t_interval(two) == pytest.approx(
+        (0.15 - 12.7062 * 0.05, 0.15 + 12.7062 * 0.05), rel=1e-4
+    )
     assert uncertainty.t_interval(np.r_[v, np.nan]) == uncertainty.t_interval(v)
     assert all(math.isnan(x) for x in uncertainty.t_interval(np.array([0.3, np.nan])))
     lo, hi = uncertainty.t_interval(v, level=0.5)
@@ -398,16 +434,14 @@ def test_run_replicate_means_by_hand():
 
 @pytest.mark.parametrize("rule", metrics.FPR_RULES)
 @pytest.mark.parametrize("ties", [False, True])
-def test_replicates_of_a_large_pool_equal_metrics_on_explicit_resample(monkeypatch, ties,
-                                                                      rule):
+def test_replicates_of_a_large_pool_equal_metrics_on_explicit_resample(monkeypatch, ties, rule):
     """5,000 non-members: the TPR limits are searched in the top blocks first (and in all
     of them where a replicate has not passed the limit there: forced below)."""
     scores, is_member = random_case(11, n_pos=150, n_neg=5000, ties=ties)
     if ties:
         scores = np.round(scores * 20) / 20  # many tie groups, members and non-members mixed
     n_boot = 6
-    reps = bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=4, alphas=ALPHAS,
-                                rule=rule)
+    reps = bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=4, alphas=ALPHAS, rule=rule)
     w_pos, w_neg = resample_weights(150, 5000, n_boot=n_boot, seed=4)
     for b in range(n_boot):
         s, m = explicit_resample(scores, is_member, w_pos[b], w_neg[b])
@@ -416,10 +450,12 @@ def test_replicates_of_a_large_pool_equal_metrics_on_explicit_resample(monkeypat
             want = metrics.tpr_at_fpr(s, m, a) if rule == "at_most" else strict_tpr(s, m, a)
             assert reps[metrics.tpr_metric_name(a)][b] == pytest.approx(want, abs=1e-12)
     searched = []
-    monkeypatch.setattr(uncertainty, "_limit_prefix",
-                        lambda sizes, top: searched.append(len(sizes)) or 1)
-    forced = bootstrap_replicates(scores, is_member, n_boot=n_boot, seed=4, alphas=ALPHAS,
-                                  rule=rule)
+    monkeypatch.setattr(
+        uncertainty, "_limit_prefix", lambda sizes, top: searched.append(len(sizes)) or 1
+    )
+    forced = bootstrap_replicates(
+        scores, is_member, n_boot=n_boot, seed=4, alphas=ALPHAS, rule=rule
+    )
     assert searched and min(searched) > 1  # one block searched first: not enough
     for k in reps:
         np.testing.assert_array_equal(forced[k], reps[k])

@@ -42,9 +42,19 @@ def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
     r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
     assert r.returncode == 0, r.stderr
     assert job_counts(r.stdout + r.stderr) == {
-        "all": 1, "prepare": 1, "partition": 2, "train": 2, "measure": 2, "attack": 2,
-        "table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
-        "privacy_utility": 1, "figure_privacy_utility": 3}
+        "all": 1,
+        "prepare": 1,
+        "partition": 2,
+        "train": 2,
+        "measure": 2,
+        "attack": 2,
+        "table": 1,
+        "figure_rounds": 2,
+        "figure_roc": 2,
+        "figure_partitions": 1,
+        "privacy_utility": 1,
+        "figure_privacy_utility": 3,
+    }
 
 
 def without_torch(tmp_path: Path, *folders: Path) -> dict[str, str]:
@@ -54,8 +64,12 @@ def without_torch(tmp_path: Path, *folders: Path) -> dict[str, str]:
     for name in ("torch", "matplotlib", "dp_accounting"):
         (fake / name).mkdir(parents=True, exist_ok=True)
         (fake / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(fake), *map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(fake), *map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
 
 
 def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path):
@@ -66,16 +80,28 @@ def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path)
     plugins.mkdir()
     (plugins / "toy_plugin.py").write_text(readme_plugin(repo))
     config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
-    config.update(plugins=["toy_plugin"], defenses={
-        "none": {"kind": "none"}, "noisy": {"kind": "input_noise", "std": 0.5}})
+    config.update(
+        plugins=["toy_plugin"],
+        defenses={"none": {"kind": "none"}, "noisy": {"kind": "input_noise", "std": 0.5}},
+    )
     config["datasets"]["parity"] = {"kind": "digits_parity"}
     config["grid"][0].update(datasets=["digits", "parity"], defenses=["none", "noisy"])
     toy = tmp_path / "toy.yaml"
     toy.write_text(yaml.safe_dump(config))
     env = without_torch(tmp_path, plugins)
     for cfg in (repo / "config" / "paper.yaml", toy):
-        argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(tmp_path / "wd"),
-                "--cores", "2", "--configfile", str(cfg), "-n"]
+        argv = [
+            *snakemake_cmd,
+            "-s",
+            str(repo / "Snakefile"),
+            "-d",
+            str(tmp_path / "wd"),
+            "--cores",
+            "2",
+            "--configfile",
+            str(cfg),
+            "-n",
+        ]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
@@ -105,9 +131,12 @@ def test_tiny_end_to_end_run(tiny_run):
         h = pd.read_parquet(cell / "history.parquet")
         assert h["round"].max() == 2 and (cell / "final.safetensors").exists()
         assert sorted(p.name for p in (cell / "observed").glob("round*")) == [
-            "round0001.safetensors", "round0002.safetensors"]
-        log = (wd / "results" / "logs" / "train" / "digits" / "alexnet" / "none" / part /
-               "seed0.log").read_text()
+            "round0001.safetensors",
+            "round0002.safetensors",
+        ]
+        log = (
+            wd / "results" / "logs" / "train" / "digits" / "alexnet" / "none" / part / "seed0.log"
+        ).read_text()
         assert "round 2/2" in log and "samples/s" in log
     assert (wd / "results" / "partitions" / "digits" / "iid" / "seed0.parquet").exists()
     tables = wd / "results" / "tables"
@@ -120,8 +149,9 @@ def test_tiny_end_to_end_run(tiny_run):
     assert set(calibrated.protocol) == {"aligned", "official", "heldout"}
     default = load_schema(SCHEMA)["properties"]["report"]["properties"]["single_round"]
     assert set(table.single_round) == {*default["default"], "all attacked rounds"}
-    assert not table.duplicated(["dataset", "model", "defense", "partition", "protocol",
-                                 "single_round", "attack", "metric"]).any()
+    assert not table.duplicated(
+        ["dataset", "model", "defense", "partition", "protocol", "single_round", "attack", "metric"]
+    ).any()
     assert set(table.fpr_rule) == {"at_most"}
     md = (tables / "attacks.md").read_text()
     assert "Loss-III (FedMIA-I)" in md and "### protocol official" in md
@@ -131,8 +161,17 @@ def test_tiny_end_to_end_run(tiny_run):
     assert r"\toprule" in (tables / "attacks.tex").read_text()
     # the replicates of the finding attacks reach the findings: one seed, so every defined
     # verdict is a within-run statement
-    reps = read_replicates(wd / "results" / "attacks" / "digits" / "alexnet" / "none" / "iid"
-                           / "seed0" / "replicates.parquet")
+    reps = read_replicates(
+        wd
+        / "results"
+        / "attacks"
+        / "digits"
+        / "alexnet"
+        / "none"
+        / "iid"
+        / "seed0"
+        / "replicates.parquet"
+    )
     assert set(reps.attack) == set(finding_attacks())
     found = pd.read_csv(tables / "findings.csv")
     assert list(found.columns) == list(FINDINGS_COLUMNS)
@@ -142,8 +181,13 @@ def test_tiny_end_to_end_run(tiny_run):
     pu = pd.read_csv(tables / "privacy_utility.csv")
     assert list(pu.columns) == list(PU_COLUMNS)
     assert pu.test_accuracy.between(0, 1).all()
-    for f in ("partitions.png", "partitions.pdf", "privacy_utility_cos.png",
-              "digits/alexnet/none/iid/seed0/rounds.png", "digits/alexnet/none/iid/seed0/roc.pdf"):
+    for f in (
+        "partitions.png",
+        "partitions.pdf",
+        "privacy_utility_cos.png",
+        "digits/alexnet/none/iid/seed0/rounds.png",
+        "digits/alexnet/none/iid/seed0/roc.pdf",
+    ):
         assert (wd / "results" / "figures" / f).stat().st_size > 1000
     assert "round 1/2" in r.stderr  # progress reaches the terminal too
 
@@ -159,12 +203,34 @@ def test_report_jobs_import_no_torch(snakemake_cmd, repo, tiny_run, tmp_path):
     fake = tmp_path / "fake" / "torch"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('torch imported by a report job')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    rules = ["table", "figure_rounds", "figure_roc", "figure_partitions", "privacy_utility",
-             "figure_privacy_utility", "hypervolume"]
-    argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(wd), "--cores", "2",
-            "--configfile", str(cfg), "--forcerun", *rules]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(fake.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
+    rules = [
+        "table",
+        "figure_rounds",
+        "figure_roc",
+        "figure_partitions",
+        "privacy_utility",
+        "figure_privacy_utility",
+        "hypervolume",
+    ]
+    argv = [
+        *snakemake_cmd,
+        "-s",
+        str(repo / "Snakefile"),
+        "-d",
+        str(wd),
+        "--cores",
+        "2",
+        "--configfile",
+        str(cfg),
+        "--forcerun",
+        *rules,
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert set(job_counts(r.stdout + r.stderr)) - {"all"} == set(rules)
@@ -180,16 +246,27 @@ def test_changing_one_cells_training_reruns_only_that_cell(snakemake_cmd, repo, 
     wd, cfg, _ = tiny_run
     config = yaml.safe_load(cfg.read_text())
     block = config["grid"][0]
-    config["grid"] = [{**block, "partitions": ["iid"]},
-                      {**block, "partitions": ["dirichlet"], "train": {"lr": 0.02}}]
+    config["grid"] = [
+        {**block, "partitions": ["iid"]},
+        {**block, "partitions": ["dirichlet"], "train": {"lr": 0.02}},
+    ]
     changed = wd / "changed.yaml"
     changed.write_text(yaml.safe_dump(config))
     r = smk(snakemake_cmd, repo, wd, changed, "-n")
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
-    assert job_counts(out) == {"all": 1, "train": 1, "measure": 1, "attack": 1, "table": 1,
-                               "figure_rounds": 1, "figure_roc": 1, "figure_partitions": 1,
-                               "privacy_utility": 1, "figure_privacy_utility": 3}
+    assert job_counts(out) == {
+        "all": 1,
+        "train": 1,
+        "measure": 1,
+        "attack": 1,
+        "table": 1,
+        "figure_rounds": 1,
+        "figure_roc": 1,
+        "figure_partitions": 1,
+        "privacy_utility": 1,
+        "figure_privacy_utility": 3,
+    }
     assert "partition=dirichlet" in out and "partition=iid" not in out
 
 
@@ -206,14 +283,27 @@ def rerun_with(snakemake_cmd, repo, tiny_run, section: str, change: dict) -> dic
 
 def test_changing_a_figure_option_reruns_only_figures(snakemake_cmd, repo, tiny_run):
     counts = rerun_with(snakemake_cmd, repo, tiny_run, "report", {"dpi": 80})
-    assert counts == {"all": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
-                      "figure_privacy_utility": 3}
+    assert counts == {
+        "all": 1,
+        "figure_rounds": 2,
+        "figure_roc": 2,
+        "figure_partitions": 1,
+        "figure_privacy_utility": 3,
+    }
 
 
 def test_changing_an_attack_option_reruns_attacks_and_report(snakemake_cmd, repo, tiny_run):
     counts = rerun_with(snakemake_cmd, repo, tiny_run, "attack", {"targets": [0, 1]})
-    assert counts == {"all": 1, "attack": 2, "table": 1, "figure_rounds": 2, "figure_roc": 2,
-                      "figure_partitions": 1, "privacy_utility": 1, "figure_privacy_utility": 3}
+    assert counts == {
+        "all": 1,
+        "attack": 2,
+        "table": 1,
+        "figure_rounds": 2,
+        "figure_roc": 2,
+        "figure_partitions": 1,
+        "privacy_utility": 1,
+        "figure_privacy_utility": 3,
+    }
 
 
 def test_html_report_builds_offline(snakemake_cmd, repo, tiny_run):
@@ -226,8 +316,15 @@ def test_html_report_builds_offline(snakemake_cmd, repo, tiny_run):
 
 def test_slurm_profile_dry_run(snakemake_cmd, repo, tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    r = smk(snakemake_cmd, repo, tmp_path, repo / ".test" / "config" / "config.yaml",
-            "-n", "--profile", str(repo / "profiles" / "slurm"))
+    r = smk(
+        snakemake_cmd,
+        repo,
+        tmp_path,
+        repo / ".test" / "config" / "config.yaml",
+        "-n",
+        "--profile",
+        str(repo / "profiles" / "slurm"),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert job_counts(r.stdout + r.stderr)["train"] == 2
 
@@ -259,8 +356,11 @@ def merged(base: dict, over: dict) -> dict:
     mappings recursively, everything else (lists such as ``grid``) replaced."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        out[key] = (merged(out[key], value) if isinstance(value, dict)
-                    and isinstance(out.get(key), dict) else copy.deepcopy(value))
+        out[key] = (
+            merged(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else copy.deepcopy(value)
+        )
     return out
 
 
@@ -281,11 +381,11 @@ def test_diverging_defense_cells_are_flagged_results(snakemake_cmd, repo, tmp_pa
     are flagged: `pn_huge` (issue 18's config over config/config.yaml) diverges before its
     first attacked round — figures say why they are empty, tables show n/a; `noisy` diverges
     in round 2 after an attacked round 1 (utility chance, attacks on round 1 only)."""
-    config = merged(yaml.safe_load((repo / "config" / "config.yaml").read_text()),
-                    EARLY_DIVERGENCE)
+    config = merged(yaml.safe_load((repo / "config" / "config.yaml").read_text()), EARLY_DIVERGENCE)
     config["defenses"]["noisy"] = {"kind": "dp_param_noise", "sigma": 1.0}
-    config["grid"].append({**config["grid"][0], "defenses": ["noisy"],
-                           "train": {"rounds": 3, "observe_every": 1}})
+    config["grid"].append(
+        {**config["grid"][0], "defenses": ["noisy"], "train": {"rounds": 3, "observe_every": 1}}
+    )
     cfg = tmp_path / "diverge.yaml"
     cfg.write_text(yaml.safe_dump(config))
     wd = tmp_path / "wd"
@@ -327,33 +427,55 @@ def _code_edit_reruns(snakemake_cmd, repo, tiny_run, tmp_path, module: str) -> d
     """Counts of a dry run after a real code edit in ``module`` of a copy of the package."""
     wd, cfg, _ = tiny_run
     src = tmp_path / "src"
-    shutil.copytree(repo / "src" / "fedmia", src / "fedmia",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        repo / "src" / "fedmia", src / "fedmia", ignore=shutil.ignore_patterns("__pycache__")
+    )
     env = {**os.environ, "PYTHONPATH": str(src)}
     if module:
         f = src / "fedmia" / f"{module}.py"
         f.write_text(f.read_text() + "\n_EDITED = True  # a code change, not a comment\n")
-    argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(wd), "--cores", "2",
-            "--configfile", str(cfg), "-n"]
+    argv = [
+        *snakemake_cmd,
+        "-s",
+        str(repo / "Snakefile"),
+        "-d",
+        str(wd),
+        "--cores",
+        "2",
+        "--configfile",
+        str(cfg),
+        "-n",
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     return {} if "Nothing to be done" in out else job_counts(out)
 
 
-REPORT_JOBS = {"table": 1, "figure_rounds": 2, "figure_roc": 2, "figure_partitions": 1,
-               "privacy_utility": 1, "figure_privacy_utility": 3, "all": 1}
+REPORT_JOBS = {
+    "table": 1,
+    "figure_rounds": 2,
+    "figure_roc": 2,
+    "figure_partitions": 1,
+    "privacy_utility": 1,
+    "figure_privacy_utility": 3,
+    "all": 1,
+}
 
 
-@pytest.mark.parametrize("module, expected", [
-    ("", {}),  # the same code from another path: nothing to do
-    ("report/tables", REPORT_JOBS),
-    ("attacker/metrics", {"attack": 2, **REPORT_JOBS}),  # no training (issue 19)
-    ("privacy/audit", {"attack": 2, **REPORT_JOBS}),  # no partition, no training
-    ("federation/fedavg", {"train": 2, "measure": 2, "attack": 2, **REPORT_JOBS}),
-])
-def test_code_edits_rerun_exactly_what_they_affect(snakemake_cmd, repo, tiny_run, tmp_path,
-                                                   module, expected):
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("", {}),  # the same code from another path: nothing to do
+        ("report/tables", REPORT_JOBS),
+        ("attacker/metrics", {"attack": 2, **REPORT_JOBS}),  # no training (issue 19)
+        ("privacy/audit", {"attack": 2, **REPORT_JOBS}),  # no partition, no training
+        ("federation/fedavg", {"train": 2, "measure": 2, "attack": 2, **REPORT_JOBS}),
+    ],
+)
+def test_code_edits_rerun_exactly_what_they_affect(
+    snakemake_cmd, repo, tiny_run, tmp_path, module, expected
+):
     assert _code_edit_reruns(snakemake_cmd, repo, tiny_run, tmp_path, module) == expected
 
 
@@ -377,14 +499,26 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
     profile = tmp_path / "profile"
     profile.mkdir()
     (profile / "config.yaml").write_text(
-        "set-resources:\n  train:\n    gpu: 1\n  measure:\n    gpu: 1\n")
+        "set-resources:\n  train:\n    gpu: 1\n  measure:\n    gpu: 1\n"
+    )
     config = yaml.safe_load((repo / "config" / "paper.yaml").read_text())
     config["device"] = "auto"
     cfg = tmp_path / "auto.yaml"
     cfg.write_text(yaml.safe_dump(config))
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    r = smk(snakemake_cmd, repo, tmp_path / "wd", cfg, "-n", "--profile", str(profile),
-            "--executor", "slurm", "--jobs", "10")
+    r = smk(
+        snakemake_cmd,
+        repo,
+        tmp_path / "wd",
+        cfg,
+        "-n",
+        "--profile",
+        str(profile),
+        "--executor",
+        "slurm",
+        "--jobs",
+        "10",
+    )
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     jobs = job_resources(out)
@@ -392,12 +526,14 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
     for rule, res in jobs:
         by_rule.setdefault(rule, []).append(res)
     assert all(res.get("gpu") == "1" for res in by_rule["train"] + by_rule["measure"])
-    assert not any("gpu" in res and res["gpu"] != "0" for rule, res in jobs
-                   if rule not in ("train", "measure"))
+    assert not any(
+        "gpu" in res and res["gpu"] != "0" for rule, res in jobs if rule not in ("train", "measure")
+    )
     runtime = {}
     for block in re.split(r"\n(?=rule train:)", out)[1:]:
-        m = re.search(r"wildcards: dataset=(\w+), model=(\w+), defense=none, partition=(\w+)",
-                      block)
+        m = re.search(
+            r"wildcards: dataset=(\w+), model=(\w+), defense=none, partition=(\w+)", block
+        )
         if m:
             runtime[m.groups()] = int(re.search(r"runtime=(\d+)", block)[1])
     assert runtime[("cifar100", "resnet18", "iid")] > runtime[("cifar100", "alexnet", "iid")]
@@ -405,6 +541,7 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
 
 
 # ------------------------------------------------------------------------------ plugins
+
 
 def readme_plugin(repo: Path) -> str:
     """The toy plugin of docs/extending.md (between its markers)."""
@@ -424,26 +561,54 @@ def plugin_run(snakemake_cmd, repo, tmp_path_factory):
     (tmp / "plugins" / "toy_plugin.py").write_text(readme_plugin(repo))
     config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
     config["plugins"] = ["toy_plugin"]
-    config["defenses"].update({
-        "noisy": {"kind": "input_noise", "std": 0.5},
-        "noisy_sub": {"kind": "compose", "steps": [{"kind": "input_noise"},
-                                                   {"kind": "subsample", "fraction": 0.5}],
-                      "strength": "input_noise.std"}})
-    config["attack"] = {"attacks": ["loss", "loss_series", "confidence_series"],
-                        "protocol": "aligned"}
+    config["defenses"].update(
+        {
+            "noisy": {"kind": "input_noise", "std": 0.5},
+            "noisy_sub": {
+                "kind": "compose",
+                "steps": [{"kind": "input_noise"}, {"kind": "subsample", "fraction": 0.5}],
+                "strength": "input_noise.std",
+            },
+        }
+    )
+    config["attack"] = {
+        "attacks": ["loss", "loss_series", "confidence_series"],
+        "protocol": "aligned",
+    }
     config["datasets"]["parity"] = {"kind": "digits_parity"}
     config["grid"][0].update(defenses=["none", "noisy", "noisy_sub"], partitions=["iid"])
-    config["grid"].append({"datasets": ["parity"], "models": ["alexnet"], "defenses": ["none"],
-                           "partitions": ["iid"], "seeds": [0]})
+    config["grid"].append(
+        {
+            "datasets": ["parity"],
+            "models": ["alexnet"],
+            "defenses": ["none"],
+            "partitions": ["iid"],
+            "seeds": [0],
+        }
+    )
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tmp / "plugins"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(tmp / "plugins"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+    }
     wd = tmp / "wd"
 
     def run(configfile: Path, *args: str) -> subprocess.CompletedProcess:
-        argv = [*snakemake_cmd, "-s", str(repo / "Snakefile"), "-d", str(wd), "--cores", "2",
-                "--configfile", str(configfile), *args]
+        argv = [
+            *snakemake_cmd,
+            "-s",
+            str(repo / "Snakefile"),
+            "-d",
+            str(wd),
+            "--cores",
+            "2",
+            "--configfile",
+            str(configfile),
+            *args,
+        ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
 
     r = run(cfg)
@@ -489,14 +654,16 @@ def test_plugin_kinds_are_validated_before_any_job(plugin_run):
     r = run(cfg, "-n")
     assert r.returncode != 0
     assert "invalid config at 'defenses.noisy.std': -1 is less than the minimum of 0" in (
-        r.stdout + r.stderr)
+        r.stdout + r.stderr
+    )
     bad = copy.deepcopy(config)
     bad["datasets"]["parity"]["root"] = "/data"
     cfg.write_text(yaml.safe_dump(bad))
     r = run(cfg, "-n")
     assert r.returncode != 0
     assert "'digits_parity' is built from scikit-learn's digits and reads no files; drop root" in (
-        r.stdout + r.stderr)
+        r.stdout + r.stderr
+    )
 
 
 def test_a_plugin_code_change_reruns_what_imports_it(plugin_run):

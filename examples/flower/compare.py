@@ -45,11 +45,9 @@ from fedmia.stages.recording import import_recording  # noqa: E402
 
 K = 10
 PART = dict(kind="iid", num_clients=K, eval_members_per_client=50, eval_nonmembers=200)
-TRAIN = dict(rounds=20, local_epochs=1, batch_size=32, lr=0.05, observe_every=5,
-             observe_rounds=[1])
+TRAIN = dict(rounds=20, local_epochs=1, batch_size=32, lr=0.05, observe_every=5, observe_rounds=[1])
 ROUNDS = [5, 10, 15, 20]
-ATTACKS = ["loss", "cos", "grad_diff", "loss_series", "cos_series", "fedmia_loss",
-           "fedmia_cos"]
+ATTACKS = ["loss", "cos", "grad_diff", "loss_series", "cos_series", "fedmia_loss", "fedmia_cos"]
 
 
 def cell(seed: int) -> dict:
@@ -59,15 +57,26 @@ def cell(seed: int) -> dict:
 
 def attacked(data: dict, part_file: Path, folder: Path, seed: int, out: Path) -> pd.DataFrame:
     """Measures and attacks of a cell's view: per attack the mean AUC and TPR@1 %."""
-    pipeline.measure(data=data, partition_file=part_file, observed_dir=folder / "observed",
-                     rounds=[1, *ROUNDS], manifest_file=folder / "manifest.json",
-                     device="cpu", threads=1, output=out / "mdm.parquet")
+    pipeline.measure(
+        data=data,
+        partition_file=part_file,
+        observed_dir=folder / "observed",
+        rounds=[1, *ROUNDS],
+        manifest_file=folder / "manifest.json",
+        device="cpu",
+        threads=1,
+        output=out / "mdm.parquet",
+    )
     outputs = {a: out / f"{a}.parquet" for a in ATTACKS}
-    pipeline.attack(measures_file=out / "mdm.parquet", partition_file=part_file,
-                    cell=cell(seed), rounds=[1, *ROUNDS], manifest_file=folder / "manifest.json",
-                    config={"attacks": ATTACKS, "rounds": ROUNDS, "protocol": ["aligned"],
-                            "bootstrap": 0},
-                    outputs=outputs)
+    pipeline.attack(
+        measures_file=out / "mdm.parquet",
+        partition_file=part_file,
+        cell=cell(seed),
+        rounds=[1, *ROUNDS],
+        manifest_file=folder / "manifest.json",
+        config={"attacks": ATTACKS, "rounds": ROUNDS, "protocol": ["aligned"], "bootstrap": 0},
+        outputs=outputs,
+    )
     rows = []
     for a in ATTACKS:
         t = pd.read_parquet(outputs[a])
@@ -80,10 +89,17 @@ def fedmia_run(data: dict, seed: int, out: Path) -> tuple[Path, Path]:
     """Train with fedmia's own FedAvg, seed ``seed`` in ``out``: its partition file and folder."""
     part_file = out / "partition.parquet"
     pipeline.partition(data, PART, seed, part_file)
-    pipeline.train(data=data, partition_file=part_file, model={"kind": "alexnet"},
-                   defense={"kind": "none"}, train_cfg=TRAIN, cell=cell(seed), device="cpu",
-                   threads=1, outputs={k: out / n for k, n in VIEW_FILES.items()}
-                   | {"history": out / "history.parquet"})
+    pipeline.train(
+        data=data,
+        partition_file=part_file,
+        model={"kind": "alexnet"},
+        defense={"kind": "none"},
+        train_cfg=TRAIN,
+        cell=cell(seed),
+        device="cpu",
+        threads=1,
+        outputs={k: out / n for k, n in VIEW_FILES.items()} | {"history": out / "history.parquet"},
+    )
     return part_file, out
 
 
@@ -91,8 +107,13 @@ def flower_run(data: dict, part_file: Path, seed: int, out: Path, cpus: int) -> 
     """Flower's FedAvg over fedmia's ClientApp, recorded into ``out``."""
     part = pd.read_parquet(part_file)
     _, meta = io.load_prepared(data)
-    settings = {"data": dict(data), "partition": str(part_file), "model": "alexnet",
-                "train": TRAIN, "seed": seed}
+    settings = {
+        "data": dict(data),
+        "partition": str(part_file),
+        "model": "alexnet",
+        "train": TRAIN,
+        "seed": seed,
+    }
     model = build_model("alexnet", 10, 3, seed=seed)
     flat = FlatState(model)
     initial = unflatten(flat.flat.detach(), flat.layout)
@@ -101,21 +122,36 @@ def flower_run(data: dict, part_file: Path, seed: int, out: Path, cpus: int) -> 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = ViewRecorder(
-            FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=K,
-                   min_available_nodes=K),
-            folder=out, model=model, model_kind="alexnet", num_classes=10, in_channels=3,
+            FedAvg(
+                fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=K, min_available_nodes=K
+            ),
+            folder=out,
+            model=model,
+            model_kind="alexnet",
+            num_classes=10,
+            in_channels=3,
             dataset={"kind": "digits", "num_samples": len(part), "sha256": meta["sha256"]},
             clients={c: part.sample_id[part.client_id == c].tolist() for c in range(K)},
             held_out=part.sample_id[part.client_id == HELD_OUT].tolist(),
-            evaluation=part.sample_id[part["eval"]].tolist(), rounds=[1, *ROUNDS])
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=TRAIN["rounds"],
-                       train_config=ConfigRecord({"fedmia": json.dumps(settings,
-                                                                      sort_keys=True)}))
+            evaluation=part.sample_id[part["eval"]].tolist(),
+            rounds=[1, *ROUNDS],
+        )
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=TRAIN["rounds"],
+            train_config=ConfigRecord({"fedmia": json.dumps(settings, sort_keys=True)}),
+        )
 
-    run_simulation(server_app=app, client_app=flower_fedmia_app.app, num_supernodes=K,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"include_dashboard": False,
-                                                 "num_cpus": cpus}})
+    run_simulation(
+        server_app=app,
+        client_app=flower_fedmia_app.app,
+        num_supernodes=K,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "num_cpus": cpus},
+        },
+    )
 
 
 def main() -> None:
@@ -135,50 +171,68 @@ def main() -> None:
     for seed in args.seeds:
         part_file, folder = fedmia_run(data, seed, out / f"fedmia{seed}")
         views[seed] = folder
-        tables[f"fedmia seed {seed}"] = attacked(data, part_file, folder, seed,
-                                                 out / f"fedmia{seed}")
+        tables[f"fedmia seed {seed}"] = attacked(
+            data, part_file, folder, seed, out / f"fedmia{seed}"
+        )
     seed = args.seeds[0]
     part_file = out / f"fedmia{seed}" / "partition.parquet"
     flower_run(data, part_file, seed, out / "flower", args.cpus)
     cell_dir = out / "flower_cell"
-    import_recording(recording=out / "flower", data=data, model={"kind": "alexnet"},
-                     partition=PART, cell=cell(seed), device="cpu", threads=1,
-                     outputs={"manifest": cell_dir / "manifest.json",
-                              "observed": cell_dir / "observed",
-                              "ownership": cell_dir / "ownership.parquet",
-                              "final": cell_dir / "final.safetensors",
-                              "partition": cell_dir / "partition.parquet"})
-    tables["flower"] = attacked(data, cell_dir / "partition.parquet", cell_dir, seed,
-                                cell_dir)
-    print(f"config: digits, alexnet, K = {K} iid, {TRAIN['rounds']} rounds, attacked rounds "
-          f"{ROUNDS}; fedmia seeds {args.seeds}; Flower's FedAvg with seed {seed}'s "
-          f"partition, initial model and client generators; {time.perf_counter() - t0:.0f}s")
+    import_recording(
+        recording=out / "flower",
+        data=data,
+        model={"kind": "alexnet"},
+        partition=PART,
+        cell=cell(seed),
+        device="cpu",
+        threads=1,
+        outputs={
+            "manifest": cell_dir / "manifest.json",
+            "observed": cell_dir / "observed",
+            "ownership": cell_dir / "ownership.parquet",
+            "final": cell_dir / "final.safetensors",
+            "partition": cell_dir / "partition.parquet",
+        },
+    )
+    tables["flower"] = attacked(data, cell_dir / "partition.parquet", cell_dir, seed, cell_dir)
+    print(
+        f"config: digits, alexnet, K = {K} iid, {TRAIN['rounds']} rounds, attacked rounds "
+        f"{ROUNDS}; fedmia seeds {args.seeds}; Flower's FedAvg with seed {seed}'s "
+        f"partition, initial model and client generators; {time.perf_counter() - t0:.0f}s"
+    )
     print("\nglobal model sent, Flower vs fedmia (same seed) | fedmia seed vs seed:")
     for r in [1, *ROUNDS]:
         a = io.load_observed(io.round_file(views[seed] / "observed", r))["global_state"]
         b = io.load_observed(io.round_file(out / "flower" / "observed", r))["global_state"]
-        line = (f"round {r:3d}: max |Δw| {float((a - b).abs().max()):.3e}, "
-                f"‖Δw‖/‖w‖ {float((a - b).norm() / a.norm()):.3e}")
+        line = (
+            f"round {r:3d}: max |Δw| {float((a - b).abs().max()):.3e}, "
+            f"‖Δw‖/‖w‖ {float((a - b).norm() / a.norm()):.3e}"
+        )
         if len(args.seeds) > 1:
             other = io.round_file(views[args.seeds[1]] / "observed", r)
             d = io.load_observed(other)["global_state"]
-            line += (f" | seeds {seed}/{args.seeds[1]}: ‖Δw‖/‖w‖ "
-                     f"{float((a - d).norm() / a.norm()):.3e}")
+            line += (
+                f" | seeds {seed}/{args.seeds[1]}: ‖Δw‖/‖w‖ {float((a - d).norm() / a.norm()):.3e}"
+            )
         print(line)
     fed = pd.concat({k: v for k, v in tables.items() if k.startswith("fedmia")}, axis=1)
-    summary = pd.DataFrame({
-        "flower auc": tables["flower"]["auc"],
-        f"fedmia s{seed} auc": tables[f"fedmia seed {seed}"]["auc"],
-        "|diff| auc": (tables["flower"]["auc"] - tables[f"fedmia seed {seed}"]["auc"]).abs(),
-        "fedmia seeds auc range": fed.xs("auc", axis=1, level=1).max(axis=1)
-        - fed.xs("auc", axis=1, level=1).min(axis=1),
-        "fedmia seeds auc sd": fed.xs("auc", axis=1, level=1).std(axis=1),
-        "flower tpr@1%": tables["flower"]["tpr@1%"],
-        f"fedmia s{seed} tpr@1%": tables[f"fedmia seed {seed}"]["tpr@1%"],
-        "fedmia seeds tpr@1% sd": fed.xs("tpr@1%", axis=1, level=1).std(axis=1),
-    })
-    print("\nper attack (aligned protocol, mean over the 10 targets; multi-round attacks over "
-          f"rounds {ROUNDS}, single-round ones at round {ROUNDS[-1]}):")
+    summary = pd.DataFrame(
+        {
+            "flower auc": tables["flower"]["auc"],
+            f"fedmia s{seed} auc": tables[f"fedmia seed {seed}"]["auc"],
+            "|diff| auc": (tables["flower"]["auc"] - tables[f"fedmia seed {seed}"]["auc"]).abs(),
+            "fedmia seeds auc range": fed.xs("auc", axis=1, level=1).max(axis=1)
+            - fed.xs("auc", axis=1, level=1).min(axis=1),
+            "fedmia seeds auc sd": fed.xs("auc", axis=1, level=1).std(axis=1),
+            "flower tpr@1%": tables["flower"]["tpr@1%"],
+            f"fedmia s{seed} tpr@1%": tables[f"fedmia seed {seed}"]["tpr@1%"],
+            "fedmia seeds tpr@1% sd": fed.xs("tpr@1%", axis=1, level=1).std(axis=1),
+        }
+    )
+    print(
+        "\nper attack (aligned protocol, mean over the 10 targets; multi-round attacks over "
+        f"rounds {ROUNDS}, single-round ones at round {ROUNDS[-1]}):"
+    )
     print(summary.to_string(float_format=lambda v: f"{v:.4f}"))
     summary.to_csv(out / "compare.csv")
 

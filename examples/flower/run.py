@@ -27,10 +27,18 @@ from flwr.simulation import run_simulation  # noqa: E402
 def main() -> None:
     """Parse the output folder, run the simulation, say where the recording is."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/recordings/flower_digits"),
-                        help="the recording's folder (made absolute)")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
-                        help="CPUs Ray may use (one per client at a time)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/recordings/flower_digits"),
+        help="the recording's folder (made absolute)",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPUs Ray may use (one per client at a time)",
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     handler = logging.StreamHandler()  # fedmia's log lines (Flower logs its own)
@@ -39,13 +47,20 @@ def main() -> None:
     logging.getLogger("fedmia").setLevel(logging.INFO)
     t0 = time.perf_counter()
     run_simulation(
-        server_app=server_app(out), client_app=client_app, num_supernodes=NUM_CLIENTS,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"include_dashboard": False, "num_cpus": args.cpus}})
+        server_app=server_app(out),
+        client_app=client_app,
+        num_supernodes=NUM_CLIENTS,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "num_cpus": args.cpus},
+        },
+    )
     if not (out / "manifest.json").exists():
         sys.exit(f"the simulation wrote no recording in {out}; see the log above")
-    print(f"recorded the server's view in {out} in {time.perf_counter() - t0:.0f}s; audit it "
-          "with: snakemake --cores all --configfile examples/flower/audit.yaml")
+    print(
+        f"recorded the server's view in {out} in {time.perf_counter() - t0:.0f}s; audit it "
+        "with: snakemake --cores all --configfile examples/flower/audit.yaml"
+    )
 
 
 if __name__ == "__main__":

@@ -69,24 +69,33 @@ def flatten(arrays: ArrayRecord, layout: StateLayout) -> torch.Tensor:
     flat = torch.empty(layout.size, dtype=torch.float32)
     for e in layout.entries:
         if e.name not in arrays:
-            raise ValueError(f"the arrays lack '{e.name}' of the recorded model: another "
-                             "architecture than the recorder's model")
+            raise ValueError(
+                f"the arrays lack '{e.name}' of the recorded model: another "
+                "architecture than the recorder's model"
+            )
         a = arrays[e.name].numpy()
         if tuple(a.shape) != e.shape:
-            raise ValueError(f"'{e.name}' has shape {list(a.shape)} but the recorder's model "
-                             f"has {list(e.shape)}: another architecture")
+            raise ValueError(
+                f"'{e.name}' has shape {list(a.shape)} but the recorder's model "
+                f"has {list(e.shape)}: another architecture"
+            )
         flat[e.slice] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(-1)
     names = {e.name for e in layout.entries}
-    extra = [k for k, v in arrays.items()
-             if k not in names and np.issubdtype(np.dtype(v.dtype), np.floating)]
+    extra = [
+        k
+        for k, v in arrays.items()
+        if k not in names and np.issubdtype(np.dtype(v.dtype), np.floating)
+    ]
     if extra:
-        raise ValueError(f"the arrays hold {extra}, which the recorder's model has not: "
-                         "another architecture")
+        raise ValueError(
+            f"the arrays hold {extra}, which the recorder's model has not: another architecture"
+        )
     return flat
 
 
-def unflatten(flat: torch.Tensor, layout: StateLayout,
-              template: ArrayRecord | None = None) -> ArrayRecord:
+def unflatten(
+    flat: torch.Tensor, layout: StateLayout, template: ArrayRecord | None = None
+) -> ArrayRecord:
     """A Flower ``ArrayRecord`` of a flat state (P), in the layout's order.
 
     ``template``'s arrays that the layout has not (integer buffers such as BatchNorm's
@@ -112,10 +121,12 @@ def partition_id(reply: Message, key: str = PARTITION_KEY) -> int:
         for record in records.values():
             if key in record:
                 return int(record[key])
-    raise ValueError(f"a training reply (node {reply.metadata.src_node_id}) carries no "
-                     f"'{key}': the ClientApp must put its partition id (context.node_config"
-                     f"['partition-id']) in its reply, e.g. ConfigRecord({{'{key}': pid}}) "
-                     "(docs/flower.md)")
+    raise ValueError(
+        f"a training reply (node {reply.metadata.src_node_id}) carries no "
+        f"'{key}': the ClientApp must put its partition id (context.node_config"
+        f"['partition-id']) in its reply, e.g. ConfigRecord({{'{key}': pid}}) "
+        "(docs/flower.md)"
+    )
 
 
 class ViewRecorder(Strategy):
@@ -142,23 +153,41 @@ class ViewRecorder(Strategy):
         weight_key: the reply's metric of its data size (``num-examples``, Flower's).
     """
 
-    def __init__(self, strategy: Strategy, *, folder: str | Path, model: nn.Module,
-                 model_kind: str, num_classes: int, in_channels: int,
-                 dataset: Mapping[str, Any], clients: Mapping[int, Sequence[int]],
-                 held_out: Sequence[int], evaluation: Sequence[int] | None = None,
-                 rounds: Iterable[int] | None = None, key: str = PARTITION_KEY,
-                 weight_key: str = "num-examples") -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        folder: str | Path,
+        model: nn.Module,
+        model_kind: str,
+        num_classes: int,
+        in_channels: int,
+        dataset: Mapping[str, Any],
+        clients: Mapping[int, Sequence[int]],
+        held_out: Sequence[int],
+        evaluation: Sequence[int] | None = None,
+        rounds: Iterable[int] | None = None,
+        key: str = PARTITION_KEY,
+        weight_key: str = "num-examples",
+    ) -> None:
         self.strategy = strategy
         self.folder = Path(folder)
         self.layout = state_layout(model)
-        self.model = {"kind": model_kind, "num_classes": int(num_classes),
-                      "in_channels": int(in_channels)}
-        self.dataset = {"kind": dataset["kind"], "num_samples": int(dataset["num_samples"]),
-                        "sha256": dataset.get("sha256")}
+        self.model = {
+            "kind": model_kind,
+            "num_classes": int(num_classes),
+            "in_channels": int(in_channels),
+        }
+        self.dataset = {
+            "kind": dataset["kind"],
+            "num_samples": int(dataset["num_samples"]),
+            "sha256": dataset.get("sha256"),
+        }
         self.num_clients = len(clients)
         if sorted(clients) != list(range(self.num_clients)):
-            raise ValueError(f"clients must be keyed by the partition ids 0..K-1, got "
-                             f"{sorted(clients)[:10]}")
+            raise ValueError(
+                f"clients must be keyed by the partition ids 0..K-1, got {sorted(clients)[:10]}"
+            )
         self.rounds = None if rounds is None else set(rounds)
         self.key = key
         self.weight_key = weight_key
@@ -170,8 +199,12 @@ class ViewRecorder(Strategy):
 
     # ------------------------------------------------------------------ the recording
 
-    def _start(self, clients: Mapping[int, Sequence[int]], held_out: Sequence[int],
-               evaluation: Sequence[int] | None) -> None:
+    def _start(
+        self,
+        clients: Mapping[int, Sequence[int]],
+        held_out: Sequence[int],
+        evaluation: Sequence[int] | None,
+    ) -> None:
         """Empty the folder of an older recording and write the ownership table."""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / VIEW_FILES["manifest"]).unlink(missing_ok=True)  # first: no stale view
@@ -180,101 +213,159 @@ class ViewRecorder(Strategy):
         ids = [np.asarray(clients[c], dtype=np.int64) for c in range(self.num_clients)]
         pool = np.asarray(held_out, dtype=np.int64)
         sample_id = np.concatenate([*ids, pool])
-        client_id = np.concatenate([np.full(len(i), c, dtype=np.int32)
-                                    for c, i in enumerate(ids)]
-                                   + [np.full(len(pool), HELD_OUT, dtype=np.int32)])
+        client_id = np.concatenate(
+            [np.full(len(i), c, dtype=np.int32) for c, i in enumerate(ids)]
+            + [np.full(len(pool), HELD_OUT, dtype=np.int32)]
+        )
         chosen = set() if evaluation is None else {int(i) for i in evaluation}
-        own = pd.DataFrame({"sample_id": sample_id, "client_id": client_id,
-                            "eval": [int(i) in chosen for i in sample_id]})
+        own = pd.DataFrame(
+            {
+                "sample_id": sample_id,
+                "client_id": client_id,
+                "eval": [int(i) in chosen for i in sample_id],
+            }
+        )
         if own["sample_id"].duplicated().any():
-            raise ValueError("a sample is owned twice (by two clients, or by a client and the "
-                             "held-out pool): the clients' shards must be disjoint")
+            raise ValueError(
+                "a sample is owned twice (by two clients, or by a client and the "
+                "held-out pool): the clients' shards must be disjoint"
+            )
         self._files[VIEW_FILES["ownership"]] = io.write_ownership(
-            own, self.folder / VIEW_FILES["ownership"])
+            own, self.folder / VIEW_FILES["ownership"]
+        )
 
     def _recorded(self, server_round: int) -> bool:
         return self.rounds is None or server_round in self.rounds
 
     def _write_manifest(self, server_round: int) -> None:
-        view = io.make_view(recorder=self.recorder, model=self.model, dataset=self.dataset,
-                            num_clients=self.num_clients, rounds=server_round,
-                            observed_rounds=self._observed, files=self._files)
+        view = io.make_view(
+            recorder=self.recorder,
+            model=self.model,
+            dataset=self.dataset,
+            num_clients=self.num_clients,
+            rounds=server_round,
+            observed_rounds=self._observed,
+            files=self._files,
+        )
         io.write_manifest({"view": view}, self.folder / VIEW_FILES["manifest"])
 
     # ------------------------------------------------------------ the strategy's hooks
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Record the global model sent (a recorded round), then delegate."""
         if self._recorded(server_round):
             self._sent[server_round] = flatten(arrays, self.layout)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record the replies' uploads, delegate the aggregation, record its result."""
         replies = list(replies)  # materialised: the wrapped strategy reads them again
         for r in replies:
             if r.has_error():
-                log.warning("round %d: node %s replied with an error (%s): its upload is not "
-                            "recorded", server_round, r.metadata.src_node_id, r.error.reason)
+                log.warning(
+                    "round %d: node %s replied with an error (%s): its upload is not recorded",
+                    server_round,
+                    r.metadata.src_node_id,
+                    r.error.reason,
+                )
         sent = self._sent.pop(server_round, None)
         if sent is not None:
             self._save_round(server_round, sent, [r for r in replies if not r.has_error()])
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None:
             f = self.folder / VIEW_FILES["final"]
-            io.save_tensors(f, {"global_state": flatten(arrays, self.layout)},
-                            {"round": server_round, "layout": self.layout.to_list(),
-                             "model": self.model, "recorder": self.recorder}, "final")
+            io.save_tensors(
+                f,
+                {"global_state": flatten(arrays, self.layout)},
+                {
+                    "round": server_round,
+                    "layout": self.layout.to_list(),
+                    "model": self.model,
+                    "recorder": self.recorder,
+                },
+                "final",
+            )
             self._files[VIEW_FILES["final"]] = io.file_sha256(f)
             self._write_manifest(server_round)
         return arrays, metrics
 
-    def _save_round(self, server_round: int, sent: torch.Tensor,
-                    replies: list[Message]) -> None:
+    def _save_round(self, server_round: int, sent: torch.Tensor, replies: list[Message]) -> None:
         rows = []
         for r in replies:
             if len(r.content.array_records) != 1:
-                raise ValueError(f"round {server_round}: a reply (node "
-                                 f"{r.metadata.src_node_id}) holds "
-                                 f"{len(r.content.array_records)} ArrayRecords; the recorder "
-                                 "reads the one holding the trained model")
+                raise ValueError(
+                    f"round {server_round}: a reply (node "
+                    f"{r.metadata.src_node_id}) holds "
+                    f"{len(r.content.array_records)} ArrayRecords; the recorder "
+                    "reads the one holding the trained model"
+                )
             local = flatten(next(iter(r.content.array_records.values())), self.layout)
-            weight = next((rec[self.weight_key] for rec in r.content.metric_records.values()
-                           if self.weight_key in rec), 0)
-            rows.append((partition_id(r, self.key), sent - local, int(weight),
-                         int(r.metadata.src_node_id)))
+            weight = next(
+                (
+                    rec[self.weight_key]
+                    for rec in r.content.metric_records.values()
+                    if self.weight_key in rec
+                ),
+                0,
+            )
+            rows.append(
+                (partition_id(r, self.key), sent - local, int(weight), int(r.metadata.src_node_id))
+            )
         rows.sort(key=lambda row: row[0])  # client-id order, whatever the reply order
         ids = [row[0] for row in rows]
         if len(set(ids)) != len(ids) or not all(0 <= c < self.num_clients for c in ids):
-            raise ValueError(f"round {server_round}: replies name partition ids {ids}; each "
-                             f"of 0..{self.num_clients - 1} at most once")
-        uploads = (torch.stack([row[1] for row in rows]) if rows
-                   else torch.empty(0, self.layout.size))
+            raise ValueError(
+                f"round {server_round}: replies name partition ids {ids}; each "
+                f"of 0..{self.num_clients - 1} at most once"
+            )
+        uploads = (
+            torch.stack([row[1] for row in rows]) if rows else torch.empty(0, self.layout.size)
+        )
         name = io.view_file(server_round)
         self._files[name] = io.save_observed(
-            self.folder / name, global_state=sent, uploads=uploads,
+            self.folder / name,
+            global_state=sent,
+            uploads=uploads,
             client_ids=torch.tensor(ids, dtype=torch.int64),
             num_samples=torch.tensor([row[2] for row in rows], dtype=torch.int64),
-            meta={"round": server_round, "layout": self.layout.to_list(), "model": self.model,
-                  "recorder": self.recorder, "node_ids": [row[3] for row in rows]})
+            meta={
+                "round": server_round,
+                "layout": self.layout.to_list(),
+                "model": self.model,
+                "recorder": self.recorder,
+                "node_ids": [row[3] for row in rows],
+            },
+        )
         self._observed.append(server_round)
-        log.info("round %d recorded: %d uploads (clients %s) in %s", server_round, len(ids),
-                 ids, self.folder / name)
+        log.info(
+            "round %d recorded: %d uploads (clients %s) in %s",
+            server_round,
+            len(ids),
+            ids,
+            self.folder / name,
+        )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Delegated."""
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """Delegated."""
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         """The wrapped strategy's summary, and where the view is recorded."""
-        log.info("recording the server's view in %s (rounds: %s)", self.folder,
-                 "all" if self.rounds is None else sorted(self.rounds))
+        log.info(
+            "recording the server's view in %s (rounds: %s)",
+            self.folder,
+            "all" if self.rounds is None else sorted(self.rounds),
+        )
         self.strategy.summary()

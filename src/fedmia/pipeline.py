@@ -22,9 +22,22 @@ from fedmia.stages.report import (
 from fedmia.stages.train import train
 
 __all__ = [
-    "HISTORY_COLUMNS", "attack", "available_rounds", "cells_frame", "device_name",
-    "import_recording", "measure",
-    "partition", "prepare", "read_manifest", "report_cell_figures", "report_hypervolume",
-    "report_privacy_utility", "report_table_figure",
-    "report_tables", "resolve_device", "setup_compute", "train",
+    "HISTORY_COLUMNS",
+    "attack",
+    "available_rounds",
+    "cells_frame",
+    "device_name",
+    "import_recording",
+    "measure",
+    "partition",
+    "prepare",
+    "read_manifest",
+    "report_cell_figures",
+    "report_hypervolume",
+    "report_privacy_utility",
+    "report_table_figure",
+    "report_tables",
+    "resolve_device",
+    "setup_compute",
+    "train",
 ]

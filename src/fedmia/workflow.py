@@ -161,8 +161,11 @@ class WorkflowSpec:
 
         What the attack stage receives (:class:`AttackConfig`'s fields as plain data).
         """
-        resolved = {**self.attack.to_dict(), "rounds": self.attack_rounds(cell),
-                    "official": self.official[cell]}
+        resolved = {
+            **self.attack.to_dict(),
+            "rounds": self.attack_rounds(cell),
+            "official": self.official[cell],
+        }
         return canonical(resolved)
 
     @property
@@ -188,8 +191,9 @@ def _check_participation(spec: WorkflowSpec) -> None:
     m = round(fK) < 3 they would have no round at all. (Poisson sampling varies m: such
     rounds are skipped where they occur.)
     """
-    referenced = [a for a in spec.attack.attacks or ()
-                  if ATTACKS.get(a).kind in ("fedmia", *CALIBRATED_KINDS)]
+    referenced = [
+        a for a in spec.attack.attacks or () if ATTACKS.get(a).kind in ("fedmia", *CALIBRATED_KINDS)
+    ]
     if not referenced:
         return
     for cell, train in spec.trains.items():
@@ -199,7 +203,8 @@ def _check_participation(spec: WorkflowSpec) -> None:
                 f"invalid config at 'train.participation.fraction' (cell {cell.path}): "
                 f"uniform sampling takes m = {p.size(k)} of {k} clients per round, but "
                 f"{referenced} need at least 2 other participants in a round (m >= 3); "
-                "raise the fraction or drop those attacks")
+                "raise the fraction or drop those attacks"
+            )
 
 
 def _check_attack_plan(spec: WorkflowSpec) -> None:
@@ -212,29 +217,34 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
             lacking = sorted(set(rounds) - set(observed))
             if lacking:
                 own = spec.config["recordings"][rec.key].get("attack_rounds")
-                where = (f"recordings.{rec.key}.attack_rounds" if own is not None
-                         else "attack.rounds")
+                where = (
+                    f"recordings.{rec.key}.attack_rounds" if own is not None else "attack.rounds"
+                )
                 raise ConfigError(
                     f"invalid config at '{where}': round(s) {lacking} are not in recording "
                     f"'{rec.key}' ({rec.manifest} records rounds {list(observed)}); attack "
-                    f"recorded rounds only (set recordings.{rec.key}.attack_rounds)")
+                    f"recorded rounds only (set recordings.{rec.key}.attack_rounds)"
+                )
         train = spec.trains.get(cell)
         if train is not None and not rounds:
             raise ConfigError(
                 f"invalid config: cell {cell.path} has no attacked rounds: train.rounds = "
                 f"{train.rounds} < train.observe_every = {train.observe_every}; lower "
-                "observe_every or list attack.rounds")
+                "observe_every or list attack.rounds"
+            )
         lacking = sorted(set(rounds) - set(observed))
         if lacking:
             raise ConfigError(
                 f"invalid config at 'attack.rounds': round(s) {lacking} are not observed in "
                 f"cell {cell.path} (observed: {observed}); attack observed rounds only, or "
-                "add them to train.observe_rounds")
+                "add them to train.observe_rounds"
+            )
         for how in spec.selections:
             if isinstance(how, int) and how not in observed:
                 raise ConfigError(
                     f"invalid config at 'report.single_round': round {how} is not observed in "
-                    f"cell {cell.path} (observed: {observed}); pick an observed round")
+                    f"cell {cell.path} (observed: {observed}); pick an observed round"
+                )
     fedmia = [a for a in spec.attack.attacks or () if ATTACKS.get(a).kind == "fedmia"]
     targets = [] if spec.attack.targets == "all" else spec.attack.targets
     for key in sorted({c.partition for c in spec.cells}):
@@ -244,28 +254,32 @@ def _check_attack_plan(spec: WorkflowSpec) -> None:
             raise ConfigError(
                 f"invalid config at 'attack.targets': client(s) {beyond} do not exist in "
                 f"partition '{key}' (num_clients {part.num_clients}, ids 0.."
-                f"{part.num_clients - 1}); list ids below num_clients, or all")
+                f"{part.num_clients - 1}); list ids below num_clients, or all"
+            )
         if fedmia and part.num_clients < 3:
             raise ConfigError(
                 f"invalid config at 'partitions.{key}.num_clients': {fedmia} need at least 2 "
                 f"non-target clients, i.e. num_clients >= 3 (got {part.num_clients}); raise it "
-                "or drop those attacks")
+                "or drop those attacks"
+            )
     _check_participation(spec)
     if "official" not in spec.protocols:
         return
     for cell in spec.cells:
         official = spec.official_for(cell)
         part = spec.partitions[cell.partition]
-        for which, pool, name in (("test_slots", part.eval_nonmembers, "eval_nonmembers"),
-                                  ("client_slots", part.eval_members_per_client,
-                                   "eval_members_per_client")):
+        for which, pool, name in (
+            ("test_slots", part.eval_nonmembers, "eval_nonmembers"),
+            ("client_slots", part.eval_members_per_client, "eval_members_per_client"),
+        ):
             slots = official[which]
             if slots is not None and slots > pool:
                 raise ConfigError(
                     f"invalid config at 'attack.official.{which}': {slots} slots are drawn "
                     f"from partition '{cell.partition}' but its {name} is {pool} (cell "
                     f"{cell.path}); the official protocol needs {name} >= {slots} (raise it) "
-                    f"or lower {which}")
+                    f"or lower {which}"
+                )
 
 
 def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> WorkflowSpec:
@@ -279,13 +293,14 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
     schema = fill_kinds(raw)
     report = config.get("report")
     if isinstance(report, dict) and "dp_delta" in report:
-        raise ConfigError("invalid config at 'report.dp_delta': it moved to privacy.delta (the "
-                          "audit reads it too, not only the report); write privacy: {delta: "
-                          f"{report['dp_delta']}}} instead")
+        raise ConfigError(
+            "invalid config at 'report.dp_delta': it moved to privacy.delta (the "
+            "audit reads it too, not only the report); write privacy: {delta: "
+            f"{report['dp_delta']}}} instead"
+        )
     for how in _as_list(report.get("single_round", []) if isinstance(report, dict) else []):
         if isinstance(how, str) and how in RETIRED_SELECTIONS:
-            raise ConfigError(f"invalid config at 'report.single_round': "
-                              f"{RETIRED_SELECTIONS[how]}")
+            raise ConfigError(f"invalid config at 'report.single_round': {RETIRED_SELECTIONS[how]}")
     raise_first(list(VALIDATOR(schema).iter_errors(config)))
     # The typed sections, parsed once (checks across keys), then each kind checks what
     # depends on it.
@@ -294,8 +309,10 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
         DATASETS.get(block["kind"]).check(DatasetConfig.from_dict(block, where=where), where)
     for key, block in config["models"].items():
         ModelConfig.from_dict(block, where=f"models.{key}")
-    partitions = {key: PartitionConfig.from_dict(block, where=f"partitions.{key}")
-                  for key, block in config["partitions"].items()}
+    partitions = {
+        key: PartitionConfig.from_dict(block, where=f"partitions.{key}")
+        for key, block in config["partitions"].items()
+    }
     for key, block in config["defenses"].items():
         _check_defense(block, schema, f"defenses.{key}")
     report = ReportConfig.from_dict(config["report"], where="report")
@@ -314,13 +331,22 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
                     f"defined {section}: {sorted(config[section])}"
                 )
         merged = {**config["train"], **block.get("train", {})}
-        block_official = {**config["attack"]["official"],
-                          **block.get("attack", {}).get("official", {})}
-        raise_first(list(official_validator.iter_errors(block_official)),
-                     prefix=f"grid[{i}].attack.official.")
+        block_official = {
+            **config["attack"]["official"],
+            **block.get("attack", {}).get("official", {}),
+        }
+        raise_first(
+            list(official_validator.iter_errors(block_official)),
+            prefix=f"grid[{i}].attack.official.",
+        )
         train_cfg = TrainConfig.from_dict(merged, where=f"grid[{i}].train")
-        for combo in itertools.product(block["datasets"], block["models"], block["defenses"],
-                                       block["partitions"], block["seeds"]):
+        for combo in itertools.product(
+            block["datasets"],
+            block["models"],
+            block["defenses"],
+            block["partitions"],
+            block["seeds"],
+        ):
             cell = Cell(*combo)
             if cell in train and (train[cell], official[cell]) != (merged, block_official):
                 raise ConfigError(
@@ -339,21 +365,33 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
             raise ConfigError(
                 f"invalid config at 'recordings.{rec.key}': cell {cell.path} is also trained "
                 "by a grid block; give the recording another cell key (e.g. its own defense, "
-                "partition or seed key)")
+                "partition or seed key)"
+            )
         cells.append(cell)
         official[cell] = dict(config["attack"]["official"])
     if not cells:
-        raise ConfigError("invalid config at 'grid': no cell to run; add a grid block or a "
-                          "recording (recordings:)")
-    spec = WorkflowSpec(config=config, cells=tuple(cells), train=train, official=official,
-                        trains=trains, partitions=partitions, report=report,
-                        attack=AttackConfig.from_dict(config["attack"]), recorded=recorded)
+        raise ConfigError(
+            "invalid config at 'grid': no cell to run; add a grid block or a "
+            "recording (recordings:)"
+        )
+    spec = WorkflowSpec(
+        config=config,
+        cells=tuple(cells),
+        train=train,
+        official=official,
+        trains=trains,
+        partitions=partitions,
+        report=report,
+        attack=AttackConfig.from_dict(config["attack"]),
+        recorded=recorded,
+    )
     _check_attack_plan(spec)
     return spec
 
 
-def _recordings(config: dict[str, Any], partitions: Mapping[str, PartitionConfig]
-                ) -> dict[Cell, Recording]:
+def _recordings(
+    config: dict[str, Any], partitions: Mapping[str, PartitionConfig]
+) -> dict[Cell, Recording]:
     """The recorded cells (``recordings:``), their manifests read (the view block only).
 
     Raises:
@@ -363,11 +401,17 @@ def _recordings(config: dict[str, Any], partitions: Mapping[str, PartitionConfig
     out: dict[Cell, Recording] = {}
     for key, block in config["recordings"].items():
         where = f"recordings.{key}"
-        for field, section in (("dataset", "datasets"), ("model", "models"),
-                               ("defense", "defenses"), ("partition", "partitions")):
+        for field, section in (
+            ("dataset", "datasets"),
+            ("model", "models"),
+            ("defense", "defenses"),
+            ("partition", "partitions"),
+        ):
             if block[field] not in config[section]:
-                raise ConfigError(f"invalid config at '{where}.{field}': '{block[field]}' is "
-                                  f"not defined; defined {section}: {sorted(config[section])}")
+                raise ConfigError(
+                    f"invalid config at '{where}.{field}': '{block[field]}' is "
+                    f"not defined; defined {section}: {sorted(config[section])}"
+                )
         manifest = Path(block["folder"]) / VIEW_FILES["manifest"]
         try:
             view = read_view(manifest)
@@ -378,23 +422,38 @@ def _recordings(config: dict[str, Any], partitions: Mapping[str, PartitionConfig
             raise ConfigError(
                 f"invalid config at 'partitions.{block['partition']}.num_clients': recording "
                 f"'{key}' has {view['num_clients']} clients ({manifest}) but the partition "
-                f"says {part.num_clients}; set it to {view['num_clients']}")
+                f"says {part.num_clients}; set it to {view['num_clients']}"
+            )
         observed = tuple(view["observed_rounds"])
         if not observed:
-            raise ConfigError(f"invalid config at '{where}.folder': {manifest} records no "
-                              "round; record at least one round of the run")
+            raise ConfigError(
+                f"invalid config at '{where}.folder': {manifest} records no "
+                "round; record at least one round of the run"
+            )
         chosen = block["attack_rounds"] or config["attack"]["rounds"]
-        cell = Cell(block["dataset"], block["model"], block["defense"], block["partition"],
-                    int(block["seed"]))
+        cell = Cell(
+            block["dataset"],
+            block["model"],
+            block["defense"],
+            block["partition"],
+            int(block["seed"]),
+        )
         if cell in out:
-            raise ConfigError(f"invalid config at '{where}': cell {cell.path} is also "
-                              f"recording '{out[cell].key}'; give each recording its own cell "
-                              "key")
-        out[cell] = Recording(key=key, folder=block["folder"], manifest=str(manifest),
-                              sha256=file_sha256(manifest), rounds=int(view["rounds"]),
-                              observed=observed,
-                              attacked=tuple(sorted(chosen)) if chosen else observed,
-                              num_clients=int(view["num_clients"]))
+            raise ConfigError(
+                f"invalid config at '{where}': cell {cell.path} is also "
+                f"recording '{out[cell].key}'; give each recording its own cell "
+                "key"
+            )
+        out[cell] = Recording(
+            key=key,
+            folder=block["folder"],
+            manifest=str(manifest),
+            sha256=file_sha256(manifest),
+            rounds=int(view["rounds"]),
+            observed=observed,
+            attacked=tuple(sorted(chosen)) if chosen else observed,
+            num_clients=int(view["num_clients"]),
+        )
     return out
 
 
@@ -405,8 +464,7 @@ def _load_plugins(config: dict[str, Any], schema: Mapping[str, Any]) -> None:
     """Check the config's ``plugins`` (as the schema says) and import them, in order."""
     plugins = config.get("plugins", [])
     spec = schema["properties"]["plugins"]
-    raise_first(list(jsonschema.Draft202012Validator(spec).iter_errors(plugins)),
-                 prefix="plugins")
+    raise_first(list(jsonschema.Draft202012Validator(spec).iter_errors(plugins)), prefix="plugins")
     for i, name in enumerate(plugins):
         try:
             import_plugins([name])
@@ -427,10 +485,16 @@ def _check_parameters(block: Mapping[str, Any], rules: Mapping[str, Any], owner:
     props = rules["then"]["properties"]
     for name, value in block.items():
         prop = props.get(name)
-        if (isinstance(prop, Mapping) and prop.get("type") in ("number", "integer")
-                and isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"{owner}: parameter '{name}' = {value!r} is invalid; allowed: "
-                              f"{allowed_text(prop['type'], prop)}")
+        if (
+            isinstance(prop, Mapping)
+            and prop.get("type") in ("number", "integer")
+            and isinstance(value, float)
+            and not math.isfinite(value)
+        ):
+            raise ConfigError(
+                f"{owner}: parameter '{name}' = {value!r} is invalid; allowed: "
+                f"{allowed_text(prop['type'], prop)}"
+            )
 
 
 def _check_defense(block: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
@@ -442,18 +506,27 @@ def _check_defense(block: Mapping[str, Any], schema: Mapping[str, Any], where: s
     rules = _defense_blocks_by_kind(schema)
     kind = block["kind"]
     if "steps" not in block:  # a standalone defense
-        _check_parameters({k: v for k, v in block.items() if k != "kind"}, rules[kind],
-                          f"{where}: defense '{kind}'")
+        _check_parameters(
+            {k: v for k, v in block.items() if k != "kind"},
+            rules[kind],
+            f"{where}: defense '{kind}'",
+        )
         return
     kinds = [step["kind"] for step in block["steps"]]
     for i, step in enumerate(block["steps"]):
-        _check_parameters({k: v for k, v in step.items() if k != "kind"}, rules[step["kind"]],
-                          f"{where}: defense '{kind}': steps[{i}]: defense '{step['kind']}'")
+        _check_parameters(
+            {k: v for k, v in step.items() if k != "kind"},
+            rules[step["kind"]],
+            f"{where}: defense '{kind}': steps[{i}]: defense '{step['kind']}'",
+        )
     if block.get("strength") is not None:
         try:
-            resolve_strength(block["strength"], kinds,
-                             [block_numeric_parameters(rules[k]) for k in kinds],
-                             f"defense '{kind}'")
+            resolve_strength(
+                block["strength"],
+                kinds,
+                [block_numeric_parameters(rules[k]) for k in kinds],
+                f"defense '{kind}'",
+            )
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -488,7 +561,8 @@ def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, d
         raise ConfigError(
             f"model kind '{kind}' does not state its cost {missing}: the cluster's resource "
             f"estimates need them; register it with MODELS.register('{kind}', impl=..., "
-            "samples_per_s={'gpu': ..., 'cpu': ...}, parameters=...)")
+            "samples_per_s={'gpu': ..., 'cpu': ...}, parameters=...)"
+        )
     rate = cost["samples_per_s"]["gpu" if gpu else "cpu"]
     params = cost["parameters"]
     image_mb = samples * 3 * dataset.get("image_size", 32) ** 2 / 1e6
@@ -498,11 +572,15 @@ def estimate_resources(spec: WorkflowSpec, cell: Cell, gpu: bool) -> dict[str, d
     measure_s = observed * n_eval * 3 / rate  # one forward+backward and K forwards per sample
     rows = observed * part.num_clients * n_eval
     return {
-        "train": {"runtime": int(10 + 3 * train_s / 60),
-                  "mem_mb": int(4000 + 2 * image_mb + 4 * params * (part.num_clients + 8) / 1e6)},
-        "measure": {"runtime": int(10 + 3 * measure_s / 60),
-                    "mem_mb": int(4000 + 2 * image_mb + 4 * params * (part.num_clients + 8) / 1e6
-                                  + rows * 60 / 1e6)},
-        "attack": {"runtime": int(30 + rows / 2e5),
-                   "mem_mb": int(4000 + rows * 100 / 1e6)},
+        "train": {
+            "runtime": int(10 + 3 * train_s / 60),
+            "mem_mb": int(4000 + 2 * image_mb + 4 * params * (part.num_clients + 8) / 1e6),
+        },
+        "measure": {
+            "runtime": int(10 + 3 * measure_s / 60),
+            "mem_mb": int(
+                4000 + 2 * image_mb + 4 * params * (part.num_clients + 8) / 1e6 + rows * 60 / 1e6
+            ),
+        },
+        "attack": {"runtime": int(30 + rows / 2e5), "mem_mb": int(4000 + rows * 100 / 1e6)},
     }

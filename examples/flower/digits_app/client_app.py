@@ -22,9 +22,14 @@ def fit(msg: Message, context: Context) -> Message:
     ids = partition(int(context.node_config["num-partitions"]))[pid]
     g = torch.Generator().manual_seed(1000 * rnd + pid)
     loss = train(model, ids, float(msg.content["config"]["lr"]), g)
-    return Message(RecordDict({
-        "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train_loss": loss, "num-examples": len(ids)}),
-        # the only fact of the client the audit needs: its stable id (node ids change)
-        "client": ConfigRecord({"partition-id": pid}),
-    }), reply_to=msg)
+    return Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(model.state_dict()),
+                "metrics": MetricRecord({"train_loss": loss, "num-examples": len(ids)}),
+                # the only fact of the client the audit needs: its stable id (node ids change)
+                "client": ConfigRecord({"partition-id": pid}),
+            }
+        ),
+        reply_to=msg,
+    )

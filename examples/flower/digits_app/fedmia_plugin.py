@@ -7,5 +7,9 @@ model's factory by a dotted path.
 
 from fedmia.federation.models import MODELS
 
-MODELS.register("digits_cnn", impl=f"{__package__}.task:net",
-                samples_per_s={"gpu": 50_000, "cpu": 3_000}, parameters=65_962)
+MODELS.register(
+    "digits_cnn",
+    impl=f"{__package__}.task:net",
+    samples_per_s={"gpu": 50_000, "cpu": 3_000},
+    parameters=65_962,
+)

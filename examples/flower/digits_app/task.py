@@ -83,7 +83,7 @@ def train(model: nn.Module, ids: np.ndarray, lr: float, generator: torch.Generat
     order = torch.from_numpy(ids)[torch.randperm(len(ids), generator=generator)]
     total = 0.0
     for start in range(0, len(order), BATCH_SIZE):
-        batch = order[start:start + BATCH_SIZE]
+        batch = order[start : start + BATCH_SIZE]
         loss = F.cross_entropy(model(x[batch]), y[batch])
         opt.zero_grad()
         loss.backward()

@@ -173,23 +173,34 @@ class AttackSpec:
         numeric = [c for c, t in MEASURE_DTYPES.items() if c not in MEASURE_KEYS and t != "bool"]
         for measure, sign in self.signals:
             if measure not in numeric:
-                raise ValueError(f"attack '{self.name}': measure '{measure}' is not a column "
-                                 f"of the measure table; choose from {numeric}")
+                raise ValueError(
+                    f"attack '{self.name}': measure '{measure}' is not a column "
+                    f"of the measure table; choose from {numeric}"
+                )
             if sign not in (1, -1) or self.kind not in ATTACK_KINDS:
-                raise ValueError(f"attack '{self.name}': sign must be +1 or -1 and kind one "
-                                 f"of {list(ATTACK_KINDS)} (got {sign}, '{self.kind}')")
-        if self.combine not in COMBINES or (self.combine != "mean"
-                                            and self.kind not in CALIBRATED_KINDS):
-            raise ValueError(f"attack '{self.name}': combine must be one of {list(COMBINES)}, "
-                             f"and 'mean' unless the kind is one of {list(CALIBRATED_KINDS)} "
-                             f"(got '{self.combine}' with kind '{self.kind}')")
+                raise ValueError(
+                    f"attack '{self.name}': sign must be +1 or -1 and kind one "
+                    f"of {list(ATTACK_KINDS)} (got {sign}, '{self.kind}')"
+                )
+        if self.combine not in COMBINES or (
+            self.combine != "mean" and self.kind not in CALIBRATED_KINDS
+        ):
+            raise ValueError(
+                f"attack '{self.name}': combine must be one of {list(COMBINES)}, "
+                f"and 'mean' unless the kind is one of {list(CALIBRATED_KINDS)} "
+                f"(got '{self.combine}' with kind '{self.kind}')"
+            )
         if self.also and self.kind != "lira":
-            raise ValueError(f"attack '{self.name}': only a 'lira' attack combines further "
-                             f"signals (also); kind is '{self.kind}'")
+            raise ValueError(
+                f"attack '{self.name}': only a 'lira' attack combines further "
+                f"signals (also); kind is '{self.kind}'"
+            )
         if self.kind == "rmia" and (self.measure, self.sign) != ("loss", -1):
-            raise ValueError(f"attack '{self.name}': RMIA's signal is log p_y = −loss: give "
-                             f"measure='loss', sign=-1 (got '{self.measure}', {self.sign}); "
-                             "RMIA on another measure (the cosine) is not defined")
+            raise ValueError(
+                f"attack '{self.name}': RMIA's signal is log p_y = −loss: give "
+                f"measure='loss', sign=-1 (got '{self.measure}', {self.sign}); "
+                "RMIA on another measure (the cosine) is not defined"
+            )
 
     @property
     def signals(self) -> tuple[tuple[str, int], ...]:
@@ -220,34 +231,79 @@ class AttackSpec:
 #: ``ATTACKS.register(name, measure=..., sign=..., kind=..., family=..., paper=...)``.
 ATTACKS: Registry[AttackSpec] = Registry("attack", build=AttackSpec, decorates=False)
 
-ATTACKS.register("loss", measure="loss", sign=-1, kind="single", family="loss",
-                 paper=("Loss-I", "Blackbox-Loss"))
-ATTACKS.register("loss_series", measure="loss", sign=-1, kind="series", family="loss",
-                 paper=("Loss-II", "Loss-Series"))
-ATTACKS.register("fedmia_loss", measure="loss", sign=-1, kind="fedmia", family="loss",
-                 paper=("Loss-III", "FedMIA-I"))
-ATTACKS.register("cos", measure="cos", sign=+1, kind="single", family="cos",
-                 paper=("Cos-I", "Grad-Cosine"))
-ATTACKS.register("cos_series", measure="cos", sign=+1, kind="series", family="cos",
-                 paper=("Cos-II", "Avg-Cosine"))
-ATTACKS.register("fedmia_cos", measure="cos", sign=+1, kind="fedmia", family="cos",
-                 paper=("Cos-III", "FedMIA-II"), outlier_filter_non_iid=True)
-ATTACKS.register("grad_norm", measure="grad_norm", sign=-1, kind="single", family="grad",
-                 paper=("Grad-Norm", "Grad-Norm"))
-ATTACKS.register("grad_diff", measure="grad_diff", sign=+1, kind="single", family="grad",
-                 paper=("Grad-Diff", "Grad-Diff"))
-ATTACKS.register("grad_diff_series", measure="grad_diff", sign=+1, kind="series",
-                 family="grad")
+ATTACKS.register(
+    "loss", measure="loss", sign=-1, kind="single", family="loss", paper=("Loss-I", "Blackbox-Loss")
+)
+ATTACKS.register(
+    "loss_series",
+    measure="loss",
+    sign=-1,
+    kind="series",
+    family="loss",
+    paper=("Loss-II", "Loss-Series"),
+)
+ATTACKS.register(
+    "fedmia_loss",
+    measure="loss",
+    sign=-1,
+    kind="fedmia",
+    family="loss",
+    paper=("Loss-III", "FedMIA-I"),
+)
+ATTACKS.register(
+    "cos", measure="cos", sign=+1, kind="single", family="cos", paper=("Cos-I", "Grad-Cosine")
+)
+ATTACKS.register(
+    "cos_series",
+    measure="cos",
+    sign=+1,
+    kind="series",
+    family="cos",
+    paper=("Cos-II", "Avg-Cosine"),
+)
+ATTACKS.register(
+    "fedmia_cos",
+    measure="cos",
+    sign=+1,
+    kind="fedmia",
+    family="cos",
+    paper=("Cos-III", "FedMIA-II"),
+    outlier_filter_non_iid=True,
+)
+ATTACKS.register(
+    "grad_norm",
+    measure="grad_norm",
+    sign=-1,
+    kind="single",
+    family="grad",
+    paper=("Grad-Norm", "Grad-Norm"),
+)
+ATTACKS.register(
+    "grad_diff",
+    measure="grad_diff",
+    sign=+1,
+    kind="single",
+    family="grad",
+    paper=("Grad-Diff", "Grad-Diff"),
+)
+ATTACKS.register("grad_diff_series", measure="grad_diff", sign=+1, kind="series", family="grad")
 # fedmia's calibrated attacks (module docstring): not in a measure family's
 # privacy–utility figure, where only :data:`UTILITY_ATTACK` stands beside the paper's
 ATTACKS.register("lira_conf", measure="logit_conf", sign=+1, kind="lira", family="")
 ATTACKS.register("lira_cos", measure="cos", sign=+1, kind="lira", family="")
-ATTACKS.register("lira_conf_sum", measure="logit_conf", sign=+1, kind="lira", family="",
-                 combine="sum")
-ATTACKS.register("lira_cos_sum", measure="cos", sign=+1, kind="lira", family="",
-                 combine="sum")
-ATTACKS.register("lira_conf_cos_sum", measure="logit_conf", sign=+1, kind="lira", family="",
-                 combine="sum", also=(("cos", +1),))
+ATTACKS.register(
+    "lira_conf_sum", measure="logit_conf", sign=+1, kind="lira", family="", combine="sum"
+)
+ATTACKS.register("lira_cos_sum", measure="cos", sign=+1, kind="lira", family="", combine="sum")
+ATTACKS.register(
+    "lira_conf_cos_sum",
+    measure="logit_conf",
+    sign=+1,
+    kind="lira",
+    family="",
+    combine="sum",
+    also=(("cos", +1),),
+)
 ATTACKS.register("rmia", measure="loss", sign=-1, kind="rmia", family="")
 ATTACKS.register("rmia_sum", measure="loss", sign=-1, kind="rmia", family="", combine="sum")
 
@@ -302,15 +358,18 @@ class Protocol:
 
 
 #: The non-member protocols (``attack.protocol``).
-PROTOCOLS: Registry[Protocol] = Registry("non-member protocol", build=Protocol,
-                                         decorates=False)
-PROTOCOLS.register("aligned", text="non-members aligned: the same samples for every client "
-                                   "and round (fedmia)")
-PROTOCOLS.register("official", redrawn=True,
-                   text="non-members redrawn per client and round, as the official code")
-PROTOCOLS.register("heldout", heldout_only=True,
-                   text="aligned, held-out non-members only: no reference client trained on "
-                        "a non-member (fedmia)")
+PROTOCOLS: Registry[Protocol] = Registry("non-member protocol", build=Protocol, decorates=False)
+PROTOCOLS.register(
+    "aligned", text="non-members aligned: the same samples for every client and round (fedmia)"
+)
+PROTOCOLS.register(
+    "official", redrawn=True, text="non-members redrawn per client and round, as the official code"
+)
+PROTOCOLS.register(
+    "heldout",
+    heldout_only=True,
+    text="aligned, held-out non-members only: no reference client trained on a non-member (fedmia)",
+)
 
 
 @dataclass(frozen=True)
@@ -335,31 +394,64 @@ class Finding:
 #: clients' models help (III vs II, III vs I).
 FINDINGS: Registry[Finding] = Registry("finding", build=Finding, decorates=False)
 for _family in ("loss", "cos"):
-    FINDINGS.register(f"{_family}: II vs I", claim="multi-round beats single-round (II vs I)",
-                      better=f"{_family}_series", worse=_family)
-    FINDINGS.register(f"{_family}: III vs II", claim="other clients' models help (III vs II)",
-                      better=f"fedmia_{_family}", worse=f"{_family}_series")
-    FINDINGS.register(f"{_family}: III vs I", claim="other clients' models help (III vs I)",
-                      better=f"fedmia_{_family}", worse=_family)
+    FINDINGS.register(
+        f"{_family}: II vs I",
+        claim="multi-round beats single-round (II vs I)",
+        better=f"{_family}_series",
+        worse=_family,
+    )
+    FINDINGS.register(
+        f"{_family}: III vs II",
+        claim="other clients' models help (III vs II)",
+        better=f"fedmia_{_family}",
+        worse=f"{_family}_series",
+    )
+    FINDINGS.register(
+        f"{_family}: III vs I",
+        claim="other clients' models help (III vs I)",
+        better=f"fedmia_{_family}",
+        worse=_family,
+    )
 # fedmia's, pre-specified before any run of the calibrated attacks (issue 20). "The best of
 # the paper's eight" is named, not picked on results: FedMIA-II (Cos-III), the strongest
 # attack of the paper's headline table (v3 Table 1, IID: TPR@0.1% 66.98 %); Cos-II, the
 # strongest without the other clients' models, beside it.
-FINDINGS.register("LiRA-φ vs FedMIA-I", better="lira_conf", worse="fedmia_loss",
-                  claim="LiRA's φ and shrunk variance beat FedMIA's loss Gaussian "
-                        "(LiRA-φ vs FedMIA-I)")
-FINDINGS.register("LiRA-cos vs FedMIA-II", better="lira_cos", worse="fedmia_cos",
-                  claim="LiRA's shrunk variance beats FedMIA's on the cosine "
-                        "(LiRA-cos vs FedMIA-II)")
-FINDINGS.register("sum vs mean of rounds", better="lira_conf_sum", worse="lira_conf",
-                  claim="summing per-round z beats averaging Φ(z) (LiRA-φ, Σz vs mean)")
-FINDINGS.register("RMIA vs FedMIA-I", better="rmia_sum", worse="fedmia_loss",
-                  claim="RMIA with a population beats FedMIA-I (RMIA-Σ vs FedMIA-I)")
-FINDINGS.register("combined vs FedMIA-II", better="lira_conf_cos_sum", worse="fedmia_cos",
-                  claim="φ and cosine combined beat the paper's best, FedMIA-II (named "
-                        "before the runs)")
-FINDINGS.register("combined vs Cos-II", better="lira_conf_cos_sum", worse="cos_series",
-                  claim="φ and cosine combined beat Cos-II")
+FINDINGS.register(
+    "LiRA-φ vs FedMIA-I",
+    better="lira_conf",
+    worse="fedmia_loss",
+    claim="LiRA's φ and shrunk variance beat FedMIA's loss Gaussian (LiRA-φ vs FedMIA-I)",
+)
+FINDINGS.register(
+    "LiRA-cos vs FedMIA-II",
+    better="lira_cos",
+    worse="fedmia_cos",
+    claim="LiRA's shrunk variance beats FedMIA's on the cosine (LiRA-cos vs FedMIA-II)",
+)
+FINDINGS.register(
+    "sum vs mean of rounds",
+    better="lira_conf_sum",
+    worse="lira_conf",
+    claim="summing per-round z beats averaging Φ(z) (LiRA-φ, Σz vs mean)",
+)
+FINDINGS.register(
+    "RMIA vs FedMIA-I",
+    better="rmia_sum",
+    worse="fedmia_loss",
+    claim="RMIA with a population beats FedMIA-I (RMIA-Σ vs FedMIA-I)",
+)
+FINDINGS.register(
+    "combined vs FedMIA-II",
+    better="lira_conf_cos_sum",
+    worse="fedmia_cos",
+    claim="φ and cosine combined beat the paper's best, FedMIA-II (named before the runs)",
+)
+FINDINGS.register(
+    "combined vs Cos-II",
+    better="lira_conf_cos_sum",
+    worse="cos_series",
+    claim="φ and cosine combined beat Cos-II",
+)
 
 
 def finding_pairs() -> list[tuple[str, str, str]]:
@@ -395,8 +487,9 @@ class MeasureCube:
     present: np.ndarray | None = None
 
     @classmethod
-    def from_frame(cls, mdm: pd.DataFrame, measures: Sequence[str] = MEASURES, *,
-                   partial: bool = False) -> MeasureCube:
+    def from_frame(
+        cls, mdm: pd.DataFrame, measures: Sequence[str] = MEASURES, *, partial: bool = False
+    ) -> MeasureCube:
         """Pivot a measure table after checking columns, duplicates, finiteness and the grid.
 
         Args:
@@ -411,22 +504,24 @@ class MeasureCube:
         """
         missing = [c for c in (*MEASURE_KEYS, *measures) if c not in mdm.columns]
         if missing:
-            raise ValueError(f"measure table lacks column(s) {missing}; "
-                             f"it has {list(mdm.columns)}{REMEASURE}")
+            raise ValueError(
+                f"measure table lacks column(s) {missing}; it has {list(mdm.columns)}{REMEASURE}"
+            )
         if len(mdm) == 0:
             raise ValueError(f"measure table is empty{REMEASURE}")
         for c in MEASURE_KEYS:
             if not pd.api.types.is_integer_dtype(mdm[c]):
-                raise ValueError(f"measure table column '{c}' must be integer, "
-                                 f"not {mdm[c].dtype}")
+                raise ValueError(f"measure table column '{c}' must be integer, not {mdm[c].dtype}")
         r, c, s = (mdm[k].to_numpy(np.int64) for k in MEASURE_KEYS)
         order = np.lexsort((s, c, r))
         r, c, s = r[order], c[order], s[order]
         dup = (r[1:] == r[:-1]) & (c[1:] == c[:-1]) & (s[1:] == s[:-1])
         if dup.any():
             i = int(np.flatnonzero(dup)[0])
-            raise ValueError(f"measure table has {int(dup.sum())} duplicated (round, client_id, "
-                             f"sample_id) row(s), e.g. ({r[i]}, {c[i]}, {s[i]}){REMEASURE}")
+            raise ValueError(
+                f"measure table has {int(dup.sum())} duplicated (round, client_id, "
+                f"sample_id) row(s), e.g. ({r[i]}, {c[i]}, {s[i]}){REMEASURE}"
+            )
         rounds, clients, sample_ids = np.unique(r), np.unique(c), np.unique(s)
         shape = (len(rounds), len(clients), len(sample_ids))
         present = None
@@ -446,9 +541,11 @@ class MeasureCube:
             bad = ~np.isfinite(v)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"measure column '{m}' has {int(bad.sum())} NaN or infinite "
-                                 f"value(s), e.g. at round {r[i]}, client {c[i]}, "
-                                 f"sample_id {s[i]}{REMEASURE}")
+                raise ValueError(
+                    f"measure column '{m}' has {int(bad.sum())} NaN or infinite "
+                    f"value(s), e.g. at round {r[i]}, client {c[i]}, "
+                    f"sample_id {s[i]}{REMEASURE}"
+                )
             if present is None:
                 values[m] = v.reshape(shape)
             else:
@@ -461,13 +558,20 @@ class MeasureCube:
         """Position of ``client`` on the client axis; ValueError if the table lacks it."""
         i = int(np.searchsorted(self.clients, client))
         if i == len(self.clients) or self.clients[i] != client:
-            raise ValueError(f"target client {client} has no rows in the measure table "
-                             f"(clients: {self.clients.tolist()})")
+            raise ValueError(
+                f"target client {client} has no rows in the measure table "
+                f"(clients: {self.clients.tolist()})"
+            )
         return i
 
 
-def _grid_gaps(mdm: pd.DataFrame, clients: np.ndarray, sample_ids: np.ndarray,
-               limit: int = 5, partial: bool = False) -> str:
+def _grid_gaps(
+    mdm: pd.DataFrame,
+    clients: np.ndarray,
+    sample_ids: np.ndarray,
+    limit: int = 5,
+    partial: bool = False,
+) -> str:
     """Describe the missing cells of a duplicate-free, incomplete grid.
 
     ``partial``: a round may lack clients (they did not take part); only a client's
@@ -481,13 +585,17 @@ def _grid_gaps(mdm: pd.DataFrame, clients: np.ndarray, sample_ids: np.ndarray,
         for cl, gc in g.groupby("client_id", sort=True):
             miss = np.setdiff1d(sample_ids, gc["sample_id"].to_numpy())
             if len(miss):
-                problems.append(f"round {rnd}, client {cl} lacks {len(miss)} of "
-                                f"{len(sample_ids)} samples (e.g. sample_id {miss[0]})")
+                problems.append(
+                    f"round {rnd}, client {cl} lacks {len(miss)} of "
+                    f"{len(sample_ids)} samples (e.g. sample_id {miss[0]})"
+                )
     more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
-    need = ("every participant needs every sample in its rounds" if partial
-            else "every client needs every sample in every round")
-    return (f"incomplete measure table ({need}): " + "; ".join(problems[:limit]) + more
-            + REMEASURE)
+    need = (
+        "every participant needs every sample in its rounds"
+        if partial
+        else "every client needs every sample in every round"
+    )
+    return f"incomplete measure table ({need}): " + "; ".join(problems[:limit]) + more + REMEASURE
 
 
 def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
@@ -501,10 +609,12 @@ def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
         raise ValueError(f"owner has {len(dups)} duplicated sample_id(s), e.g. {dups[0]}")
     known = np.isin(cube.sample_ids, owner.index.to_numpy())
     if not known.all():
-        raise ValueError(f"{int((~known).sum())} sample(s) of the measure table are not in "
-                         f"owner, e.g. sample_id {cube.sample_ids[~known][0]}: the measures "
-                         "belong to another evaluation set; rerun the measure stage on this "
-                         "partition (or rerun the partition stage)")
+        raise ValueError(
+            f"{int((~known).sum())} sample(s) of the measure table are not in "
+            f"owner, e.g. sample_id {cube.sample_ids[~known][0]}: the measures "
+            "belong to another evaluation set; rerun the measure stage on this "
+            "partition (or rerun the partition stage)"
+        )
     return owner.reindex(cube.sample_ids).to_numpy().astype(np.int64)
 
 
@@ -515,19 +625,27 @@ def _check_targets(cube: MeasureCube, own: np.ndarray, targets: Iterable[int]) -
         cube.client_index(t)
         is_member = own == t
         if not is_member.any():
-            raise ValueError(f"target client {t} owns none of the {n} evaluation samples "
-                             "(no members); raise the partition's eval_members_per_client or "
-                             "drop it from attack.targets")
+            raise ValueError(
+                f"target client {t} owns none of the {n} evaluation samples "
+                "(no members); raise the partition's eval_members_per_client or "
+                "drop it from attack.targets"
+            )
         if is_member.all():
-            raise ValueError(f"target client {t} owns all {n} evaluation samples "
-                             "(no non-members); raise the partition's eval_nonmembers")
+            raise ValueError(
+                f"target client {t} owns all {n} evaluation samples "
+                "(no non-members); raise the partition's eval_nonmembers"
+            )
         out.append(int(t))
     return out
 
 
-def _check(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int] | None,
-           measures: Sequence[str], partial: bool = False
-           ) -> tuple[MeasureCube, np.ndarray, list[int]]:
+def _check(
+    mdm: pd.DataFrame,
+    owner: pd.Series,
+    targets: Iterable[int] | None,
+    measures: Sequence[str],
+    partial: bool = False,
+) -> tuple[MeasureCube, np.ndarray, list[int]]:
     cube = MeasureCube.from_frame(mdm, measures, partial=partial)
     own = owner_array(cube, owner)
     targets = cube.clients.tolist() if targets is None else list(targets)
@@ -539,8 +657,13 @@ def _check(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int] | None,
     return cube, own, _check_targets(cube, own, targets)
 
 
-def validate_measures(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int] | None = None,
-                      *, measures: Sequence[str] = MEASURES) -> None:
+def validate_measures(
+    mdm: pd.DataFrame,
+    owner: pd.Series,
+    targets: Iterable[int] | None = None,
+    *,
+    measures: Sequence[str] = MEASURES,
+) -> None:
     """Check a measure table and ownership before an attack.
 
     Args:
@@ -562,9 +685,15 @@ def validate_measures(mdm: pd.DataFrame, owner: pd.Series, targets: Iterable[int
 # ------------------------------------------------------------------------------ FedMIA
 
 
-def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
-               weights: np.ndarray | None = None, ddof: int = 0,
-               outlier_filter: bool = False, var_floor: float = VAR_FLOOR) -> np.ndarray:
+def fedmia_cdf(
+    target: np.ndarray,
+    reference: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    ddof: int = 0,
+    outlier_filter: bool = False,
+    var_floor: float = VAR_FLOOR,
+) -> np.ndarray:
     """FedMIA's per-sample score Φ((s_t − μ)/σ) against the non-target clients (Eq. 10).
 
     μ and σ² are the mean and variance (``ddof`` 0, as the paper and the official code;
@@ -589,13 +718,18 @@ def fedmia_cdf(target: np.ndarray, reference: np.ndarray, *,
         float64 (..., S) in [0, 1].
     """
     if reference.shape[-2] < 2:
-        raise ValueError(f"FedMIA needs at least 2 non-target clients; got "
-                         f"{reference.shape[-2]}: use num_clients >= 3 or drop the fedmia "
-                         "attacks")
+        raise ValueError(
+            f"FedMIA needs at least 2 non-target clients; got "
+            f"{reference.shape[-2]}: use num_clients >= 3 or drop the fedmia "
+            "attacks"
+        )
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 or 1; got {ddof}")
-    w = np.ones(reference.shape, dtype=bool) if weights is None else np.broadcast_to(
-        weights, reference.shape)
+    w = (
+        np.ones(reference.shape, dtype=bool)
+        if weights is None
+        else np.broadcast_to(weights, reference.shape)
+    )
     if not w.any(axis=-2).all():
         raise ValueError("every slot needs at least one reference value")
     mu, var = calibrated.moments(reference, w, ddof)
@@ -617,8 +751,9 @@ def outlier_filter_for(policy: str, attack: str, partition_kind: str) -> bool:
     ``outlier_filter_non_iid`` (``fedmia_cos``) on non-iid partitions only.
     """
     if policy not in OUTLIER_POLICIES:
-        raise ValueError(f"unknown outlier-filter policy '{policy}'; "
-                         f"choose from {list(OUTLIER_POLICIES)}")
+        raise ValueError(
+            f"unknown outlier-filter policy '{policy}'; choose from {list(OUTLIER_POLICIES)}"
+        )
     if policy == "auto":
         return ATTACKS.get(attack).outlier_filter_non_iid and partition_kind != "iid"
     return policy == "always"
@@ -681,13 +816,19 @@ def aligned_slots(own: np.ndarray, target: int, *, heldout_only: bool = False) -
     With ``heldout_only`` (the ``heldout`` protocol) the slots are the target's members
     and the held-out samples only, in sample order.
     """
-    index = (np.flatnonzero((own == target) | (own == -1)) if heldout_only
-             else np.arange(len(own)))
+    index = np.flatnonzero((own == target) | (own == -1)) if heldout_only else np.arange(len(own))
     return Slots(index, own[index] == target, np.asarray(own[index], dtype=np.int64))
 
 
-def protocol_slots(protocol: str, own: np.ndarray, target: int, num_rounds: int,
-                   clients: np.ndarray, official: OfficialProtocol, draw: int) -> Slots:
+def protocol_slots(
+    protocol: str,
+    own: np.ndarray,
+    target: int,
+    num_rounds: int,
+    clients: np.ndarray,
+    official: OfficialProtocol,
+    draw: int,
+) -> Slots:
     """The slots of one draw of ``protocol`` (:data:`PROTOCOLS`) for ``target``."""
     p = PROTOCOLS.get(protocol)
     if p.redrawn:
@@ -702,8 +843,9 @@ def rmia_halves(slots: Slots, keys: Sequence[str | int]) -> np.ndarray:
     (:func:`fedmia.attacker.calibrated.crossfit_halves`): it depends on the keys and the
     number of slots only, never on which slots are members.
     """
-    return calibrated.crossfit_halves(len(slots.is_member),
-                                      uncertainty.stable_seed(*keys, RMIA_HALVES))
+    return calibrated.crossfit_halves(
+        len(slots.is_member), uncertainty.stable_seed(*keys, RMIA_HALVES)
+    )
 
 
 def bootstrap_strata(slots: Slots, keys: Sequence[str | int]) -> list[uncertainty.Stratum]:
@@ -727,13 +869,22 @@ def bootstrap_strata(slots: Slots, keys: Sequence[str | int]) -> list[uncertaint
     the few members dominate; larger for TPR at low FPR).
     """
     groups, sizes = np.unique(slots.group, return_counts=True)
-    return [uncertainty.Stratum(uncertainty.stable_seed(*keys, int(g), int(n)),
-                                np.flatnonzero(slots.group == g))
-            for g, n in zip(groups, sizes, strict=True)]
+    return [
+        uncertainty.Stratum(
+            uncertainty.stable_seed(*keys, int(g), int(n)), np.flatnonzero(slots.group == g)
+        )
+        for g, n in zip(groups, sizes, strict=True)
+    ]
 
 
-def official_slots(own: np.ndarray, target: int, num_rounds: int, clients: np.ndarray,
-                   protocol: OfficialProtocol, draw: int) -> Slots:
+def official_slots(
+    own: np.ndarray,
+    target: int,
+    num_rounds: int,
+    clients: np.ndarray,
+    protocol: OfficialProtocol,
+    draw: int,
+) -> Slots:
     """One official draw for ``target``: non-member slots redrawn per (client, round).
 
     The non-member slots are grouped as the official code builds them: first
@@ -742,36 +893,42 @@ def official_slots(own: np.ndarray, target: int, num_rounds: int, clients: np.nd
     uniformly random draw without replacement from the group (a random permutation
     when the slots take the whole group). Members stay aligned.
     """
-    groups = [np.flatnonzero(own == -1)] + [np.flatnonzero(own == c) for c in clients
-                                            if c != target]
+    groups = [np.flatnonzero(own == -1)] + [
+        np.flatnonzero(own == c) for c in clients if c != target
+    ]
     owners = [-1] + [int(c) for c in clients if c != target]
     sizes = [protocol.test_slots, *[protocol.client_slots] * (len(groups) - 1)]
-    rng = np.random.default_rng(np.random.SeedSequence(
-        [STREAM_OFFICIAL, protocol.seed, target, draw]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([STREAM_OFFICIAL, protocol.seed, target, draw])
+    )
     k = len(clients)
     blocks, slot_owner = [], []
     for g, size, o in zip(groups, sizes, owners, strict=True):
         n = len(g) if size is None else size
         if n > len(g):
-            raise ValueError(f"the official protocol draws {n} slots from "
-                             f"{'the held-out samples' if o < 0 else f'client {o}'} but the "
-                             f"evaluation set holds only {len(g)}; lower attack.official."
-                             f"{'test_slots' if o < 0 else 'client_slots'} or enlarge the "
-                             "partition's evaluation set")
+            raise ValueError(
+                f"the official protocol draws {n} slots from "
+                f"{'the held-out samples' if o < 0 else f'client {o}'} but the "
+                f"evaluation set holds only {len(g)}; lower attack.official."
+                f"{'test_slots' if o < 0 else 'client_slots'} or enlarge the "
+                "partition's evaluation set"
+            )
         if n == 0 or len(g) == 0:
             continue
         pick = rng.random((num_rounds, k, len(g))).argsort(axis=-1)[..., :n]  # R×K×n
         blocks.append(g[pick])
         slot_owner.append(np.full(n, o))
     members = np.flatnonzero(own == target)
-    index = np.concatenate([np.broadcast_to(members, (num_rounds, k, len(members))), *blocks],
-                           axis=-1)
+    index = np.concatenate(
+        [np.broadcast_to(members, (num_rounds, k, len(members))), *blocks], axis=-1
+    )
     owner_of_slot = np.concatenate([np.full(len(members), target), *slot_owner])
     is_member = np.arange(index.shape[-1]) < len(members)
     weights = None
     if not protocol.self_mix:
-        weights = np.broadcast_to(owner_of_slot[None, None, :] != clients[None, :, None],
-                                  index.shape)
+        weights = np.broadcast_to(
+            owner_of_slot[None, None, :] != clients[None, :, None], index.shape
+        )
     return Slots(index, is_member, owner_of_slot.astype(np.int64), weights)
 
 
@@ -790,8 +947,9 @@ def _slot_values(values: np.ndarray, slots: Slots) -> np.ndarray:
 MIN_REFERENCES = 2
 
 
-def target_rounds(kind: str, t: int, attacked: np.ndarray,
-                  present: np.ndarray | None) -> np.ndarray:
+def target_rounds(
+    kind: str, t: int, attacked: np.ndarray, present: np.ndarray | None
+) -> np.ndarray:
     """Bool R: the rounds a multi-round attack of ``kind`` combines for client position ``t``.
 
     Full participation (``present`` ``None``): the attacked rounds. Else the attacked
@@ -807,12 +965,21 @@ def target_rounds(kind: str, t: int, attacked: np.ndarray,
     return used
 
 
-def score_slots(spec: AttackSpec, xs: Sequence[np.ndarray], t: int, attacked: np.ndarray, *,
-                ref_weights: np.ndarray | None = None, ddof: int = 0,
-                outlier_filter: bool = False, lira: LiraOptions = DEFAULT_LIRA,
-                rmia: RmiaOptions = DEFAULT_RMIA, population: np.ndarray | None = None,
-                halves: np.ndarray | None = None,
-                present: np.ndarray | None = None) -> np.ndarray:
+def score_slots(
+    spec: AttackSpec,
+    xs: Sequence[np.ndarray],
+    t: int,
+    attacked: np.ndarray,
+    *,
+    ref_weights: np.ndarray | None = None,
+    ddof: int = 0,
+    outlier_filter: bool = False,
+    lira: LiraOptions = DEFAULT_LIRA,
+    rmia: RmiaOptions = DEFAULT_RMIA,
+    population: np.ndarray | None = None,
+    halves: np.ndarray | None = None,
+    present: np.ndarray | None = None,
+) -> np.ndarray:
     """Scores of attack ``spec`` against client position ``t``.
 
     Args:
@@ -847,12 +1014,12 @@ def score_slots(spec: AttackSpec, xs: Sequence[np.ndarray], t: int, attacked: np
     others = np.delete(np.arange(x.shape[1]), t)
     w = None if ref_weights is None else ref_weights[a][:, others]
     if present is not None:  # the round's other participants are its references
-        seen = np.broadcast_to(present[a][:, others][..., None], (len(a), len(others),
-                                                                  x.shape[-1]))
+        seen = np.broadcast_to(present[a][:, others][..., None], (len(a), len(others), x.shape[-1]))
         w = seen if w is None else w & seen
     if spec.kind == "fedmia":
-        cdf = fedmia_cdf(x[a, t], x[a][:, others], weights=w, ddof=ddof,
-                         outlier_filter=outlier_filter)
+        cdf = fedmia_cdf(
+            x[a, t], x[a][:, others], weights=w, ddof=ddof, outlier_filter=outlier_filter
+        )
         return cdf.mean(axis=0, keepdims=True)
     if spec.kind == "lira":
         zs = [calibrated.lira_z(v[a, t], v[a][:, others], weights=w, options=lira) for v in xs]
@@ -862,13 +1029,13 @@ def score_slots(spec: AttackSpec, xs: Sequence[np.ndarray], t: int, attacked: np
         per = [ndtr(z).mean(axis=0) for z in zs]  # the mean of Φ(z) over rounds and signals
         return (per[0] if len(per) == 1 else np.mean(per, axis=0))[None]
     if population is None or halves is None:
-        raise ValueError(f"attack '{spec.name}' (RMIA) needs a population and cross-fitting "
-                         "halves")
+        raise ValueError(f"attack '{spec.name}' (RMIA) needs a population and cross-fitting halves")
     llr = calibrated.rmia_log_lr(x[a, t], x[a][:, others], weights=w, a=rmia.a)  # R'×S
     if spec.combine == "sum":
         return calibrated.crossfit_rmia(llr.sum(axis=0), population, halves, rmia.gamma)[None]
-    return np.mean([calibrated.crossfit_rmia(r, population, halves, rmia.gamma) for r in llr],
-                   axis=0)[None]
+    return np.mean(
+        [calibrated.crossfit_rmia(r, population, halves, rmia.gamma) for r in llr], axis=0
+    )[None]
 
 
 def attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.ndarray:
@@ -878,16 +1045,26 @@ def attacked_mask(cube: MeasureCube, attack_rounds: Iterable[int] | None) -> np.
     want = sorted(set(int(r) for r in attack_rounds))
     missing = sorted(set(want) - set(cube.rounds.tolist()))
     if missing:
-        raise ValueError(f"attack rounds {missing} are not in the measure table (observed "
-                         f"rounds: {cube.rounds.tolist()}); attack only observed rounds")
+        raise ValueError(
+            f"attack rounds {missing} are not in the measure table (observed "
+            f"rounds: {cube.rounds.tolist()}); attack only observed rounds"
+        )
     return np.isin(cube.rounds, want)  # empty: no multi-round score (e.g. a diverged run)
 
 
-def attack_scores(name: str | AttackSpec, mdm: pd.DataFrame | MeasureCube, target: int, *,
-                  attack_rounds: Iterable[int] | None = None, ddof: int = 0,
-                  outlier_filter: bool = False, lira: LiraOptions = DEFAULT_LIRA,
-                  rmia: RmiaOptions = DEFAULT_RMIA, owner: pd.Series | None = None,
-                  bootstrap_keys: Sequence[str | int] = (0,)) -> pd.DataFrame:
+def attack_scores(
+    name: str | AttackSpec,
+    mdm: pd.DataFrame | MeasureCube,
+    target: int,
+    *,
+    attack_rounds: Iterable[int] | None = None,
+    ddof: int = 0,
+    outlier_filter: bool = False,
+    lira: LiraOptions = DEFAULT_LIRA,
+    rmia: RmiaOptions = DEFAULT_RMIA,
+    owner: pd.Series | None = None,
+    bootstrap_keys: Sequence[str | int] = (0,),
+) -> pd.DataFrame:
     """Scores of attack ``name`` against target client ``target`` (aligned protocol).
 
     Args:
@@ -910,15 +1087,15 @@ def attack_scores(name: str | AttackSpec, mdm: pd.DataFrame | MeasureCube, targe
         sorted by round (per-round ones first), then sample_id.
     """
     spec = name if isinstance(name, AttackSpec) else ATTACKS.get(name)
-    cube = (mdm if isinstance(mdm, MeasureCube)
-            else MeasureCube.from_frame(mdm, list(spec.measures)))
+    cube = mdm if isinstance(mdm, MeasureCube) else MeasureCube.from_frame(mdm, list(spec.measures))
     t = cube.client_index(target)
     xs = [sign * cube.values[m] for m, sign in spec.signals]
     population = halves = None
     if spec.kind == "rmia":
         if owner is None:
-            raise ValueError(f"attack '{spec.name}' (RMIA) needs owner: its population is the "
-                             "held-out samples")
+            raise ValueError(
+                f"attack '{spec.name}' (RMIA) needs owner: its population is the held-out samples"
+            )
         slots = aligned_slots(owner_array(cube, owner), target)
         population = slots.group == -1
         halves = rmia_halves(slots, (*bootstrap_keys, "aligned", 0, target))
@@ -928,21 +1105,39 @@ def attack_scores(name: str | AttackSpec, mdm: pd.DataFrame | MeasureCube, targe
         rounds = rounds[:0]  # no round to combine for this target
         scores = np.zeros((0, len(cube.sample_ids)))
     else:
-        scores = score_slots(spec, xs, t, attacked, ddof=ddof, outlier_filter=outlier_filter,
-                             lira=lira, rmia=rmia, population=population, halves=halves,
-                             present=cube.present)
+        scores = score_slots(
+            spec,
+            xs,
+            t,
+            attacked,
+            ddof=ddof,
+            outlier_filter=outlier_filter,
+            lira=lira,
+            rmia=rmia,
+            population=population,
+            halves=halves,
+            present=cube.present,
+        )
     if spec.kind == "single" and cube.present is not None:  # the target's rounds only
         scores, rounds = scores[cube.present[:, t]], rounds[cube.present[:, t]]
     n = len(cube.sample_ids)
-    return pd.DataFrame({
-        "round": np.repeat(rounds.astype(np.int64), n),
-        "sample_id": np.tile(cube.sample_ids, len(rounds)),
-        "score": scores.reshape(-1),
-    })
+    return pd.DataFrame(
+        {
+            "round": np.repeat(rounds.astype(np.int64), n),
+            "sample_id": np.tile(cube.sample_ids, len(rounds)),
+            "score": scores.reshape(-1),
+        }
+    )
 
 
-def _intervals(scores: np.ndarray, slots: Slots, strata: Sequence[uncertainty.Stratum], *,
-               n_boot: int, rule: str) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
+def _intervals(
+    scores: np.ndarray,
+    slots: Slots,
+    strata: Sequence[uncertainty.Stratum],
+    *,
+    n_boot: int,
+    rule: str,
+) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
     """Per row of ``scores`` (R×S): bootstrap interval, SE and false positives.
 
     The 95 % percentile interval and the standard error of each
@@ -953,25 +1148,39 @@ def _intervals(scores: np.ndarray, slots: Slots, strata: Sequence[uncertainty.St
     """
     nan = float("nan")
     out: list[dict[str, float]] = [{} for _ in range(len(scores))]
-    reps = (uncertainty.stratified_replicates(scores, slots.is_member, strata, n_boot=n_boot,
-                                              rule=rule) if n_boot > 0 else {})
+    reps = (
+        uncertainty.stratified_replicates(scores, slots.is_member, strata, n_boot=n_boot, rule=rule)
+        if n_boot > 0
+        else {}
+    )
     for m in CI_METRICS:
         for r, row in enumerate(out):
             v = reps[m][r] if m in reps else None
             defined = v is not None and not np.isnan(v).all()
             lo, hi = uncertainty.percentile_interval(v) if defined else (nan, nan)
-            row.update({f"{m}_ci_low": lo, f"{m}_ci_high": hi,
-                        f"{m}_se": float(np.nanstd(v, ddof=1)) if defined else nan})
+            row.update(
+                {
+                    f"{m}_ci_low": lo,
+                    f"{m}_ci_high": hi,
+                    f"{m}_se": float(np.nanstd(v, ddof=1)) if defined else nan,
+                }
+            )
     for alpha in metrics.FPR_LEVELS:
         name = metrics.tpr_metric_name(alpha)
         for r, row in enumerate(out):
-            row[f"{name}_fp"] = uncertainty.false_positives_at(scores[r], slots.is_member,
-                                                               alpha, rule)
+            row[f"{name}_fp"] = uncertainty.false_positives_at(
+                scores[r], slots.is_member, alpha, rule
+            )
     return out, reps
 
 
-def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
-                targets: Iterable[int] | None = None, **options: Any) -> dict[str, pd.DataFrame]:
+def run_attacks(
+    names: Sequence[str],
+    mdm: pd.DataFrame,
+    owner: pd.Series,
+    targets: Iterable[int] | None = None,
+    **options: Any,
+) -> dict[str, pd.DataFrame]:
     """Run attacks against each target client under each protocol and measure success.
 
     :func:`run_attacks_with_replicates` without keeping replicates: its result tables
@@ -981,16 +1190,24 @@ def run_attacks(names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
 
 
 def run_attacks_with_replicates(
-        names: Sequence[str], mdm: pd.DataFrame, owner: pd.Series,
-        targets: Iterable[int] | None = None, *,
-        attack_rounds: Iterable[int] | None = None,
-        protocols: Sequence[str] | None = None,
-        official: OfficialProtocol = OfficialProtocol(),
-        ddof: int = 0, outlier_filter: Mapping[str, bool] | None = None,
-        lira: LiraOptions = DEFAULT_LIRA, rmia: RmiaOptions = DEFAULT_RMIA,
-        fpr_rule: str = "at_most", roc_points: int = 200,
-        n_boot: int = 1000, bootstrap_keys: Sequence[str | int] | None = None,
-        keep_replicates: Iterable[str] = (), partial: bool = False,
+    names: Sequence[str],
+    mdm: pd.DataFrame,
+    owner: pd.Series,
+    targets: Iterable[int] | None = None,
+    *,
+    attack_rounds: Iterable[int] | None = None,
+    protocols: Sequence[str] | None = None,
+    official: OfficialProtocol = OfficialProtocol(),
+    ddof: int = 0,
+    outlier_filter: Mapping[str, bool] | None = None,
+    lira: LiraOptions = DEFAULT_LIRA,
+    rmia: RmiaOptions = DEFAULT_RMIA,
+    fpr_rule: str = "at_most",
+    roc_points: int = 200,
+    n_boot: int = 1000,
+    bootstrap_keys: Sequence[str | int] | None = None,
+    keep_replicates: Iterable[str] = (),
+    partial: bool = False,
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Run attacks against each target client under each protocol; keep some replicates.
 
@@ -1062,8 +1279,7 @@ def run_attacks_with_replicates(
     protocols = PROTOCOLS.registered() if protocols is None else list(protocols)
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
-        raise ValueError(f"unknown or no protocol(s) {bad}; choose from "
-                         f"{PROTOCOLS.registered()}")
+        raise ValueError(f"unknown or no protocol(s) {bad}; choose from {PROTOCOLS.registered()}")
     metrics.check_fpr_rule(fpr_rule)
     if official.draws < 1:
         raise ValueError(f"the official protocol needs at least 1 draw; got {official.draws}")
@@ -1082,22 +1298,32 @@ def run_attacks_with_replicates(
         for draw in range(official.draws if PROTOCOLS.get(protocol).redrawn else 1):
             for target in targets:
                 t = cube.client_index(target)
-                slots = protocol_slots(protocol, own, target, len(cube.rounds), cube.clients,
-                                       official, draw)
+                slots = protocol_slots(
+                    protocol, own, target, len(cube.rounds), cube.clients, official, draw
+                )
                 xs = {key: _slot_values(v, slots) for key, v in signed.items()}
-                halves = (rmia_halves(slots, (*run_keys, protocol, draw, target))
-                          if need_halves else None)
+                halves = (
+                    rmia_halves(slots, (*run_keys, protocol, draw, target)) if need_halves else None
+                )
                 batch: list[tuple[str, dict[str, Any], np.ndarray]] = []
                 for spec in specs:
                     used = target_rounds(spec.kind, t, attacked, present)
                     if spec.multi_round and not used.any():
                         continue  # no attacked round to combine (for this target)
-                    scores = score_slots(spec, [xs[sig] for sig in spec.signals], t, attacked,
-                                         ref_weights=slots.ref_weights, ddof=ddof,
-                                         outlier_filter=filt.get(spec.name, False),
-                                         lira=lira, rmia=rmia,
-                                         population=slots.group == -1, halves=halves,
-                                         present=present)
+                    scores = score_slots(
+                        spec,
+                        [xs[sig] for sig in spec.signals],
+                        t,
+                        attacked,
+                        ref_weights=slots.ref_weights,
+                        ddof=ddof,
+                        outlier_filter=filt.get(spec.name, False),
+                        lira=lira,
+                        rmia=rmia,
+                        population=slots.group == -1,
+                        halves=halves,
+                        present=present,
+                    )
                     if spec.kind == "single":
                         rounds, hit = cube.rounds.tolist(), attacked.tolist()
                         if present is not None:  # the rounds the target took part in
@@ -1108,9 +1334,20 @@ def run_attacks_with_replicates(
                         rounds, hit = [MULTI_ROUND], [True]
                     n_rounds = 1 if spec.kind == "single" else int(used.sum())
                     for rnd, was_attacked, sc in zip(rounds, hit, scores, strict=True):
-                        batch.append((spec.name, {
-                            "protocol": protocol, "draw": draw, "target": target,
-                            "round": rnd, "attacked": was_attacked, "n_rounds": n_rounds}, sc))
+                        batch.append(
+                            (
+                                spec.name,
+                                {
+                                    "protocol": protocol,
+                                    "draw": draw,
+                                    "target": target,
+                                    "round": rnd,
+                                    "attacked": was_attacked,
+                                    "n_rounds": n_rounds,
+                                },
+                                sc,
+                            )
+                        )
                 if not batch:
                     continue
                 stacked = np.stack([sc for _, _, sc in batch])  # rows × slots
@@ -1118,38 +1355,64 @@ def run_attacks_with_replicates(
                 ci, reps = _intervals(stacked, slots, strata, n_boot=n_boot, rule=fpr_rule)
                 for i, ((name, keys, sc), extra) in enumerate(zip(batch, ci, strict=True)):
                     fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
-                    rows[name].append({**keys, **metrics.attack_metrics(sc, slots.is_member,
-                                                                        fpr_rule),
-                                       **extra, "roc_fpr": fpr, "roc_tpr": tpr})
+                    rows[name].append(
+                        {
+                            **keys,
+                            **metrics.attack_metrics(sc, slots.is_member, fpr_rule),
+                            **extra,
+                            "roc_fpr": fpr,
+                            "roc_tpr": tpr,
+                        }
+                    )
                     if reps and name in keep and keys["attacked"]:
-                        kept.append({"attack": name, **{k: keys[k] for k in REPLICATE_KEYS},
-                                     **{f"{m}_replicates": reps[m][i].astype(np.float32)
-                                        for m in REPLICATE_METRICS}})
+                        kept.append(
+                            {
+                                "attack": name,
+                                **{k: keys[k] for k in REPLICATE_KEYS},
+                                **{
+                                    f"{m}_replicates": reps[m][i].astype(np.float32)
+                                    for m in REPLICATE_METRICS
+                                },
+                            }
+                        )
     out = {}
     dtypes = {c: t for c, t in ATTACK_DTYPES.items() if c in RESULT_COLUMNS}
     for spec in specs:
         res = pd.DataFrame(rows[spec.name], columns=list(RESULT_COLUMNS)).astype(dtypes)
-        out[spec.name] = res.sort_values(["protocol", "draw", "target", "round"],
-                                         ignore_index=True)
+        out[spec.name] = res.sort_values(["protocol", "draw", "target", "round"], ignore_index=True)
         aligned = res[res.protocol == protocols[0]]
-        log.info("attack %s: %d target(s) × %d protocol draw(s) of %d samples; mean AUC "
-                 "(%s) %.3f", spec.name, len(targets),
-                 res.groupby(["protocol", "draw"]).ngroups, len(cube.sample_ids),
-                 protocols[0], aligned["auc"].mean())
+        log.info(
+            "attack %s: %d target(s) × %d protocol draw(s) of %d samples; mean AUC (%s) %.3f",
+            spec.name,
+            len(targets),
+            res.groupby(["protocol", "draw"]).ngroups,
+            len(cube.sample_ids),
+            protocols[0],
+            aligned["auc"].mean(),
+        )
     cols = [c for c in REPLICATE_COLUMNS if c not in CELL_KEYS]
     replicates = pd.DataFrame(kept, columns=cols).astype(
-        {c: t for c, t in REPLICATE_DTYPES.items() if c in cols})
-    return out, replicates.sort_values(["attack", "protocol", "draw", "target", "round"],
-                                       ignore_index=True)
+        {c: t for c, t in REPLICATE_DTYPES.items() if c in cols}
+    )
+    return out, replicates.sort_values(
+        ["attack", "protocol", "draw", "target", "round"], ignore_index=True
+    )
 
 
-def run_attack(name: str, mdm: pd.DataFrame, owner: pd.Series,
-               targets: Iterable[int] | None = None, *, outlier_filter: bool = False,
-               **options: Any) -> pd.DataFrame:
+def run_attack(
+    name: str,
+    mdm: pd.DataFrame,
+    owner: pd.Series,
+    targets: Iterable[int] | None = None,
+    *,
+    outlier_filter: bool = False,
+    **options: Any,
+) -> pd.DataFrame:
     """:func:`run_attacks` for one attack; its result table.
 
     ``outlier_filter`` applies FedMIA's outlier filter (ignored by other attacks); the
     other keyword options are :func:`run_attacks`'s.
     """
-    return run_attacks([name], mdm, owner, targets, outlier_filter={name: outlier_filter},
-                       **options)[name]
+    return run_attacks(
+        [name], mdm, owner, targets, outlier_filter={name: outlier_filter}, **options
+    )[name]

@@ -93,17 +93,21 @@ class LiraOptions:
 
     def __post_init__(self) -> None:
         if self.variance not in VARIANCE_RULES:
-            raise ValueError(f"unknown LiRA variance rule {self.variance!r}; set "
-                             f"attack.lira.variance to one of {list(VARIANCE_RULES)}")
+            raise ValueError(
+                f"unknown LiRA variance rule {self.variance!r}; set "
+                f"attack.lira.variance to one of {list(VARIANCE_RULES)}"
+            )
         if self.location not in LOCATIONS:
-            raise ValueError(f"unknown LiRA location {self.location!r}; set "
-                             f"attack.lira.location to one of {list(LOCATIONS)}")
+            raise ValueError(
+                f"unknown LiRA location {self.location!r}; set "
+                f"attack.lira.location to one of {list(LOCATIONS)}"
+            )
         if self.ddof not in (0, 1):
-            raise ValueError(f"LiRA's ddof must be 0 or 1; got {self.ddof!r}: set "
-                             "attack.lira.ddof to 0 or 1")
+            raise ValueError(
+                f"LiRA's ddof must be 0 or 1; got {self.ddof!r}: set attack.lira.ddof to 0 or 1"
+            )
         if not (self.var_floor >= 0 and math.isfinite(self.var_floor)):
-            raise ValueError(f"the variance floor must be finite and >= 0; got "
-                             f"{self.var_floor!r}")
+            raise ValueError(f"the variance floor must be finite and >= 0; got {self.var_floor!r}")
 
 
 @dataclass(frozen=True)
@@ -123,11 +127,15 @@ class RmiaOptions:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.a, int | float) and 0 <= self.a <= 1):
-            raise ValueError(f"RMIA's a must be a number in [0, 1]; got {self.a!r}: set "
-                             "attack.rmia.a in [0, 1] (0.3 by default)")
+            raise ValueError(
+                f"RMIA's a must be a number in [0, 1]; got {self.a!r}: set "
+                "attack.rmia.a in [0, 1] (0.3 by default)"
+            )
         if not (isinstance(self.gamma, int | float) and 0 < self.gamma < math.inf):
-            raise ValueError(f"RMIA's gamma must be a finite number > 0; got "
-                             f"{self.gamma!r}: set attack.rmia.gamma > 0 (1 by default)")
+            raise ValueError(
+                f"RMIA's gamma must be a finite number > 0; got "
+                f"{self.gamma!r}: set attack.rmia.gamma > 0 (1 by default)"
+            )
 
 
 #: The default options (module-level, immutable: the default arguments of the callers).
@@ -140,8 +148,11 @@ DEFAULT_RMIA = RmiaOptions()
 
 def _weights(reference: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Bool weights of ``reference`` (..., M, S), checked: every slot keeps a value."""
-    w = (np.ones(reference.shape, dtype=bool) if weights is None
-         else np.broadcast_to(np.asarray(weights, dtype=bool), reference.shape))
+    w = (
+        np.ones(reference.shape, dtype=bool)
+        if weights is None
+        else np.broadcast_to(np.asarray(weights, dtype=bool), reference.shape)
+    )
     if not w.any(axis=-2).all():
         raise ValueError("every slot needs at least one reference value")
     return w
@@ -222,8 +233,9 @@ def _shrunk(ss: np.ndarray, n: np.ndarray) -> np.ndarray:
     return out.reshape(ss.shape)
 
 
-def out_gaussian(reference: np.ndarray, weights: np.ndarray | None = None,
-                 options: LiraOptions = DEFAULT_LIRA) -> tuple[np.ndarray, np.ndarray]:
+def out_gaussian(
+    reference: np.ndarray, weights: np.ndarray | None = None, options: LiraOptions = DEFAULT_LIRA
+) -> tuple[np.ndarray, np.ndarray]:
     """LiRA's OUT Gaussian of every slot: μ and σ² (floor included).
 
     Args:
@@ -254,8 +266,13 @@ def out_gaussian(reference: np.ndarray, weights: np.ndarray | None = None,
     return mu, var + options.var_floor
 
 
-def lira_z(target: np.ndarray, reference: np.ndarray, *, weights: np.ndarray | None = None,
-           options: LiraOptions = DEFAULT_LIRA) -> np.ndarray:
+def lira_z(
+    target: np.ndarray,
+    reference: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    options: LiraOptions = DEFAULT_LIRA,
+) -> np.ndarray:
     """LiRA's one-sided z = (s_t − μ_OUT) / σ_OUT of every slot (offline LiRA).
 
     Args:
@@ -268,9 +285,11 @@ def lira_z(target: np.ndarray, reference: np.ndarray, *, weights: np.ndarray | N
         float64 (..., S); Φ(z) is the per-round score (:func:`lira_cdf`).
     """
     if reference.shape[-2] < 2:
-        raise ValueError(f"LiRA needs at least 2 reference (non-target) clients; got "
-                         f"{reference.shape[-2]}: use num_clients >= 3 or drop the LiRA "
-                         "attacks")
+        raise ValueError(
+            f"LiRA needs at least 2 reference (non-target) clients; got "
+            f"{reference.shape[-2]}: use num_clients >= 3 or drop the LiRA "
+            "attacks"
+        )
     if options.variance == "per_sample" and options.location == "mean":
         # FedMIA's moments, so that this configuration is FedMIA's score bit for bit
         mu, var = moments(reference, _weights(reference, weights), options.ddof)
@@ -279,8 +298,13 @@ def lira_z(target: np.ndarray, reference: np.ndarray, *, weights: np.ndarray | N
     return (target - mu) / np.sqrt(var)
 
 
-def lira_cdf(target: np.ndarray, reference: np.ndarray, *, weights: np.ndarray | None = None,
-             options: LiraOptions = DEFAULT_LIRA) -> np.ndarray:
+def lira_cdf(
+    target: np.ndarray,
+    reference: np.ndarray,
+    *,
+    weights: np.ndarray | None = None,
+    options: LiraOptions = DEFAULT_LIRA,
+) -> np.ndarray:
     """Φ(:func:`lira_z`): the per-round LiRA score in [0, 1]."""
     return ndtr(lira_z(target, reference, weights=weights, options=options))
 
@@ -288,8 +312,9 @@ def lira_cdf(target: np.ndarray, reference: np.ndarray, *, weights: np.ndarray |
 # -------------------------------------------------------------------------------- RMIA
 
 
-def rmia_log_lr(target: np.ndarray, reference: np.ndarray, *,
-                weights: np.ndarray | None = None, a: float = 0.3) -> np.ndarray:
+def rmia_log_lr(
+    target: np.ndarray, reference: np.ndarray, *, weights: np.ndarray | None = None, a: float = 0.3
+) -> np.ndarray:
     """Offline RMIA's log LR(x) = log Pr(x | θ_t) − log Pr(x), in log space.
 
     Pr(x) = ½((1 + a)·P_OUT(x) + (1 − a)), P_OUT(x) the mean over the (weighted) references
@@ -342,8 +367,9 @@ def crossfit_halves(n_slots: int, seed: int | np.random.SeedSequence) -> np.ndar
     return np.random.default_rng(seed).random(n_slots) < 0.5
 
 
-def crossfit_rmia(llr: np.ndarray, population: np.ndarray, halves: np.ndarray,
-                  gamma: float = 1.0) -> np.ndarray:
+def crossfit_rmia(
+    llr: np.ndarray, population: np.ndarray, halves: np.ndarray, gamma: float = 1.0
+) -> np.ndarray:
     """RMIA scores of every slot, each against the population of the other half.
 
     Args:
@@ -369,8 +395,10 @@ def crossfit_rmia(llr: np.ndarray, population: np.ndarray, halves: np.ndarray,
             continue
         pop = population & ~scored
         if not pop.any():
-            raise ValueError(f"RMIA's cross-fitting left half {int(h)} without a held-out "
-                             f"population in the other half ({int(population.sum())} held-out "
-                             "slot(s) in all): raise the partition's eval_nonmembers")
+            raise ValueError(
+                f"RMIA's cross-fitting left half {int(h)} without a held-out "
+                f"population in the other half ({int(population.sum())} held-out "
+                "slot(s) in all): raise the partition's eval_nonmembers"
+            )
         out[scored] = rmia_fraction(llr[scored], llr[pop], gamma)
     return out

@@ -84,8 +84,10 @@ def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, int]:
     mat_floats = unfold + 3 * c_out * d  # write G_i, read it for the dots and the norm
     ghost_macs = (t * t * (d + c_out + 1) if t > 1 else d + c_out) + k * c_out * d * t
     ghost_floats = unfold + 2 * t * t + 2 * k * c_out * t
-    return {"materialise": mat_macs + MEMORY_WEIGHT * mat_floats,
-            "ghost": ghost_macs + MEMORY_WEIGHT * ghost_floats}
+    return {
+        "materialise": mat_macs + MEMORY_WEIGHT * mat_floats,
+        "ghost": ghost_macs + MEMORY_WEIGHT * ghost_floats,
+    }
 
 
 def buffer_floats(method: str, c_out: int, d: int, t: int, k: int) -> int:
@@ -120,21 +122,25 @@ def _check_module(module: nn.Module, name: str) -> None:
         raise NotImplementedError(
             f"layer-wise grad products do not support module '{name}' of type {kind} "
             "(supported: Linear, Conv2d, BatchNorm, GroupNorm); use the torch.func route "
-            "fedmia.attacker.measures.per_sample_grad_products for this model")
+            "fedmia.attacker.measures.per_sample_grad_products for this model"
+        )
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise NotImplementedError(
                 f"layer-wise grad products need groups=1 convolutions; '{name}' ({kind}) has "
-                f"groups={module.groups}; use fedmia.attacker.measures.per_sample_grad_products")
+                f"groups={module.groups}; use fedmia.attacker.measures.per_sample_grad_products"
+            )
         if module.padding_mode != "zeros":
             raise NotImplementedError(
                 f"layer-wise grad products need zero padding; '{name}' ({kind}) has "
                 f"padding_mode={module.padding_mode!r}; use "
-                "fedmia.attacker.measures.per_sample_grad_products")
+                "fedmia.attacker.measures.per_sample_grad_products"
+            )
     if isinstance(module, _BatchNorm) and module.running_mean is None:
         raise NotImplementedError(
             f"'{name}' ({kind}) keeps no running statistics, so its eval-mode output mixes "
-            "the samples of a batch; use fedmia.attacker.measures.per_sample_grad_products")
+            "the samples of a batch; use fedmia.attacker.measures.per_sample_grad_products"
+        )
 
 
 def _unfold(module: nn.Module, a: torch.Tensor, layout: str) -> torch.Tensor:
@@ -172,9 +178,16 @@ def _unfold(module: nn.Module, a: torch.Tensor, layout: str) -> torch.Tensor:
     return p.permute(1, 4, 5, 0, 2, 3).reshape(c * kh * kw, b * ho * wo)
 
 
-def _weight_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
-                  updates: dict[str, torch.Tensor], dots: torch.Tensor, sqnorm: torch.Tensor,
-                  method: str, max_floats: int) -> None:
+def _weight_terms(
+    cap: _Capture,
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    updates: dict[str, torch.Tensor],
+    dots: torch.Tensor,
+    sqnorm: torch.Tensor,
+    method: str,
+    max_floats: int,
+) -> None:
     """Add a Linear/Conv2d layer's weight (and bias) terms to ``dots`` and ``sqnorm``."""
     module = cap.module
     b = a.shape[0]
@@ -199,25 +212,25 @@ def _weight_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
         method = min(costs, key=costs.__getitem__)
     step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k)))
     for s in range(0, b, step):
-        dl = delta[s:s + step]  # b_s×C×T
+        dl = delta[s : s + step]  # b_s×C×T
         bs = dl.shape[0]
         if method == "materialise":
-            u = _unfold(module, a[s:s + step], "bdt")  # b_s×D×T
+            u = _unfold(module, a[s : s + step], "bdt")  # b_s×D×T
             g = torch.bmm(dl, u.transpose(1, 2)).reshape(bs, c_out * d)  # per-sample G_i
-            dots[s:s + step] += g @ uw.reshape(k, c_out * d).T
-            sqnorm[s:s + step] += (g * g).sum(1)
+            dots[s : s + step] += g @ uw.reshape(k, c_out * d).T
+            sqnorm[s : s + step] += (g * g).sum(1)
             continue
-        u = _unfold(module, a[s:s + step], "dn")  # D×(b_s·T)
+        u = _unfold(module, a[s : s + step], "dn")  # D×(b_s·T)
         if t == 1:
-            sqnorm[s:s + step] += (u * u).sum(0) * (dl * dl).sum((1, 2))
+            sqnorm[s : s + step] += (u * u).sum(0) * (dl * dl).sum((1, 2))
         else:
             ub = u.view(d, bs, t).permute(1, 2, 0)  # b_s×T×D, a view
             gram_u = torch.bmm(ub, ub.transpose(1, 2))  # b_s×T×T
             gram_d = torch.bmm(dl.transpose(1, 2), dl)
-            sqnorm[s:s + step] += (gram_u * gram_d).sum((1, 2))
+            sqnorm[s : s + step] += (gram_u * gram_d).sum((1, 2))
         # Δ_k U_i for all k and i: the input convolved with the K stacked update kernels
         conv = torch.matmul(uw, u).view(k, c_out, bs, t)
-        dots[s:s + step] += torch.einsum("kcbt,bct->bk", conv, dl)
+        dots[s : s + step] += torch.einsum("kcbt,bct->bk", conv, dl)
 
 
 def _normalised(cap: _Capture, a: torch.Tensor) -> torch.Tensor:
@@ -237,9 +250,14 @@ def _normalised(cap: _Capture, a: torch.Tensor) -> torch.Tensor:
     return (a.reshape(b, c, -1) - mean[:, None]) * torch.rsqrt(var[:, None] + eps)
 
 
-def _norm_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
-                updates: dict[str, torch.Tensor], dots: torch.Tensor,
-                sqnorm: torch.Tensor) -> None:
+def _norm_terms(
+    cap: _Capture,
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    updates: dict[str, torch.Tensor],
+    dots: torch.Tensor,
+    sqnorm: torch.Tensor,
+) -> None:
     """Add a norm layer's γ and β terms (eval BatchNorm, GroupNorm) to ``dots`` and ``sqnorm``."""
     b, c = delta.shape[:2]
     delta = delta.reshape(b, c, -1)
@@ -254,9 +272,15 @@ def _norm_terms(cap: _Capture, a: torch.Tensor, delta: torch.Tensor,
 
 
 def layerwise_products(
-    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-    x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor], *,
-    conv_method: ConvMethod = "auto", max_buffer_floats: int = MAX_BUFFER_FLOATS,
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: dict[str, torch.Tensor],
+    *,
+    conv_method: ConvMethod = "auto",
+    max_buffer_floats: int = MAX_BUFFER_FLOATS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """⟨g_i, Δ_k⟩ and ‖g_i‖² of one chunk from one batched forward/backward pass.
 
@@ -285,27 +309,58 @@ def layerwise_products(
         raise ValueError(f"unknown conv_method '{conv_method}'; choose from {list(CONV_METHODS)}")
     caps: list[_Capture] = []
     for mod_name, module in model.named_modules():
-        own = {attr: f"{mod_name}.{attr}" if mod_name else attr
-               for attr, _ in module.named_parameters(recurse=False)}
+        own = {
+            attr: f"{mod_name}.{attr}" if mod_name else attr
+            for attr, _ in module.named_parameters(recurse=False)
+        }
         own = {attr: full for attr, full in own.items() if full in params}
         if own:
             _check_module(module, mod_name or type(model).__name__)
             caps.append(_Capture(mod_name, module, own))
     try:
-        return _run(model, params, buffers, x, y, updates, caps, conv_method,
-                    max_buffer_floats, clone_inputs=False)
+        return _run(
+            model,
+            params,
+            buffers,
+            x,
+            y,
+            updates,
+            caps,
+            conv_method,
+            max_buffer_floats,
+            clone_inputs=False,
+        )
     except _InputModified as err:
         log.debug("%s; recomputing with copied layer inputs", err)
         for cap in caps:
             cap.calls, cap.a, cap.stats, cap.blind = 0, None, None, False
-        return _run(model, params, buffers, x, y, updates, caps, conv_method,
-                    max_buffer_floats, clone_inputs=True)
+        return _run(
+            model,
+            params,
+            buffers,
+            x,
+            y,
+            updates,
+            caps,
+            conv_method,
+            max_buffer_floats,
+            clone_inputs=True,
+        )
 
 
-def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-         x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
-         caps: list[_Capture], conv_method: str, max_floats: int, *, clone_inputs: bool
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: dict[str, torch.Tensor],
+    caps: list[_Capture],
+    conv_method: str,
+    max_floats: int,
+    *,
+    clone_inputs: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     b = x.shape[0]
     k = next(iter(updates.values())).shape[0]
     dots = torch.zeros(b, k, dtype=x.dtype, device=x.device)
@@ -329,19 +384,20 @@ def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, t
                 raise NotImplementedError(
                     f"module '{cap.name}' ({type(module).__name__}) runs more than once per "
                     "forward pass (shared weights); use "
-                    "fedmia.attacker.measures.per_sample_grad_products")
+                    "fedmia.attacker.measures.per_sample_grad_products"
+                )
             a = inputs[0]
             cap.a = a.detach().clone() if clone_inputs else a.detach()
             cap.a_version = cap.a._version
             if isinstance(module, _BatchNorm):
-                cap.stats = (module.running_mean.detach(), module.running_var.detach(),
-                             module.eps)
+                cap.stats = (module.running_mean.detach(), module.running_var.detach(), module.eps)
             # registered before any in-place op on the output (e.g. ReLU(inplace=True)):
             # receives the gradient w.r.t. the layer's own output
             if output.requires_grad:
                 output.register_hook(lambda g: on_grad(cap, g))
             else:  # not downstream of the input: its gradient cannot be captured
                 cap.blind = True
+
         return hook
 
     training = {m: m.training for m in model.modules()}
@@ -368,13 +424,18 @@ def _run(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, t
         raise NotImplementedError(
             f"layer(s) {blind} run on tensors that do not depend on the input, so their "
             "output gradients cannot be captured; use "
-            "fedmia.attacker.measures.per_sample_grad_products")
+            "fedmia.attacker.measures.per_sample_grad_products"
+        )
     return dots, sqnorm
 
 
 def layerwise_grad_products(
-    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-    x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """⟨g_i, Δ_k⟩ and ‖g_i‖² for one chunk, layer by layer (drop-in ``grad_products``).
 

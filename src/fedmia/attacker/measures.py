@@ -71,8 +71,7 @@ class RoundMeasures:
     confidence: torch.Tensor
 
 
-def logit_statistics(logits: torch.Tensor, y: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def logit_statistics(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and LiRA's logit-scaled confidence from logits, in float64.
 
     φ = z_y − logsumexp_{j≠y} z_j = log p_y − log(1 − p_y) and loss = −log p_y =
@@ -95,9 +94,14 @@ def logit_statistics(logits: torch.Tensor, y: torch.Tensor
 
 
 @torch.no_grad()
-def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.Tensor,
-                  x: torch.Tensor, y: torch.Tensor, batch_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def client_losses(
+    state: FlatState,
+    global_state: torch.Tensor,
+    uploads: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample loss, logit-scaled confidence, correctness and p_y under each upload.
 
     One batched forward pass per (client, batch); everything from its logits
@@ -123,16 +127,20 @@ def client_losses(state: FlatState, global_state: torch.Tensor, uploads: torch.T
     for c in range(k):
         state.load(global_state - uploads[c])
         for s in range(0, n, batch_size):
-            logits = model(x[s:s + batch_size])
-            yy = y[s:s + batch_size]
-            loss[c, s:s + batch_size], phi[c, s:s + batch_size] = logit_statistics(logits, yy)
-            correct[c, s:s + batch_size] = logits.argmax(1) == yy
+            logits = model(x[s : s + batch_size])
+            yy = y[s : s + batch_size]
+            loss[c, s : s + batch_size], phi[c, s : s + batch_size] = logit_statistics(logits, yy)
+            correct[c, s : s + batch_size] = logits.argmax(1) == yy
     return loss, phi, correct, torch.exp(-loss).float()
 
 
 def per_sample_grad_products(
-    model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-    x: torch.Tensor, y: torch.Tensor, updates: dict[str, torch.Tensor],
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """⟨g_i, Δ_k⟩ and ‖g_i‖² for one chunk, by ``torch.func`` per-sample gradients.
 
@@ -163,9 +171,14 @@ def per_sample_grad_products(
     return dots, sqnorm
 
 
-def auto_grad_products(model: nn.Module, params: dict[str, torch.Tensor],
-                       buffers: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                       updates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def auto_grad_products(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    updates: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer-wise route, or the ``torch.func`` route for models it does not cover.
 
     Args and returns as :func:`per_sample_grad_products`.
@@ -178,8 +191,14 @@ def auto_grad_products(model: nn.Module, params: dict[str, torch.Tensor],
 
 
 def compute_round_measures(
-    state: FlatState, global_state: torch.Tensor, uploads: torch.Tensor,
-    x: torch.Tensor, y: torch.Tensor, *, chunk_size: int = 64, batch_size: int = 500,
+    state: FlatState,
+    global_state: torch.Tensor,
+    uploads: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    batch_size: int = 500,
     grad_products: GradProducts = auto_grad_products,
 ) -> RoundMeasures:
     """All measures of N samples for the K clients of one observed round.
@@ -202,8 +221,7 @@ def compute_round_measures(
     model = state.module.eval()
     layout = state.layout
     params = {e.name: state.flat[e.slice].view(e.shape) for e in layout.entries if e.is_param}
-    buffers = {e.name: state.flat[e.slice].view(e.shape) for e in layout.entries
-               if not e.is_param}
+    buffers = {e.name: state.flat[e.slice].view(e.shape) for e in layout.entries if not e.is_param}
     buffers.update({n: b for n, b in model.named_buffers() if n not in buffers})
     k = uploads.shape[0]
     upd = {e.name: uploads[:, e.slice].view(k, *e.shape) for e in layout.entries if e.is_param}
@@ -211,16 +229,21 @@ def compute_round_measures(
     dots = torch.empty(n, k, device=x.device)
     sqnorm = torch.empty(n, device=x.device)
     for s in range(0, n, chunk_size):
-        d, q = grad_products(model, params, buffers, x[s:s + chunk_size], y[s:s + chunk_size],
-                             upd)
-        dots[s:s + chunk_size], sqnorm[s:s + chunk_size] = d, q
+        d, q = grad_products(
+            model, params, buffers, x[s : s + chunk_size], y[s : s + chunk_size], upd
+        )
+        dots[s : s + chunk_size], sqnorm[s : s + chunk_size] = d, q
     # ‖Δ_k‖ from per-layer sums of squares (pairwise summation): a float32 ``norm`` over
     # ResNet18's 11M parameters accumulates ~4e-4 relative error; no K×P copy either. K
     upd_norm = torch.stack([u.reshape(k, -1).square().sum(1) for u in upd.values()]).sum(0).sqrt()
     g_norm = sqnorm.clamp_min(0).sqrt()
     cos = dots / (g_norm[:, None] * upd_norm[None, :]).clamp_min(1e-30)
     return RoundMeasures(
-        loss=loss.cpu(), logit_conf=phi.cpu(), cos=cos.T.contiguous().cpu(),
+        loss=loss.cpu(),
+        logit_conf=phi.cpu(),
+        cos=cos.T.contiguous().cpu(),
         grad_diff=(2 * dots - sqnorm[:, None]).T.contiguous().cpu(),
-        grad_norm=sqnorm.cpu(), correct=correct.cpu(), confidence=conf.cpu(),
+        grad_norm=sqnorm.cpu(),
+        correct=correct.cpu(),
+        confidence=conf.cpu(),
     )

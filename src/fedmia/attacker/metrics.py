@@ -54,8 +54,9 @@ class _Roc(NamedTuple):
     n_neg: int
 
 
-def check_scores(scores: np.ndarray, is_member: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, int, int]:
+def check_scores(
+    scores: np.ndarray, is_member: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int, int]:
     """The inputs of every metric, validated: ``(scores, is_member, P, Q)``.
 
     Returns float64 scores, bool labels and the numbers of members and non-members.
@@ -94,12 +95,12 @@ def _roc(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
     tp = np.cumsum(m[order], dtype=np.int64)
     fp = np.arange(1, len(s) + 1, dtype=np.int64) - tp
     last = np.r_[s_sorted[1:] != s_sorted[:-1], True]  # last sample of each tie group
-    return _Roc(np.r_[0, fp[last]], np.r_[0, tp[last]], np.r_[np.inf, s_sorted[last]],
-                n_pos, n_neg)
+    return _Roc(np.r_[0, fp[last]], np.r_[0, tp[last]], np.r_[np.inf, s_sorted[last]], n_pos, n_neg)
 
 
-def roc_curve(scores: np.ndarray, is_member: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(
+    scores: np.ndarray, is_member: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The exact ROC curve, one point per distinct score.
 
     Args:
@@ -184,8 +185,9 @@ def _tpr_at_fpr(r: _Roc, alpha: float, rule: str = "at_most") -> float:
     return float(tp[i] / r.n_pos)
 
 
-def tpr_at_fpr(scores: np.ndarray, is_member: np.ndarray, alpha: float,
-               rule: str = "at_most") -> float:
+def tpr_at_fpr(
+    scores: np.ndarray, is_member: np.ndarray, alpha: float, rule: str = "at_most"
+) -> float:
     """TPR of the most permissive threshold whose FPR is within ``alpha`` by ``rule``.
 
     ``rule = "at_most"``: FPR ≤ α (NaN when there are fewer than ``1/alpha``
@@ -233,8 +235,9 @@ def _roc_points(r: _Roc, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[0.0, grid], np.r_[0.0, tpr[i]]
 
 
-def roc_points(scores: np.ndarray, is_member: np.ndarray, max_points: int = 200
-               ) -> tuple[np.ndarray, np.ndarray]:
+def roc_points(
+    scores: np.ndarray, is_member: np.ndarray, max_points: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
     """A ROC curve of at most ``max_points`` points for (log-log) plots.
 
     A curve with at most ``max_points`` points is returned whole. Otherwise the FPR
@@ -255,8 +258,9 @@ def roc_points(scores: np.ndarray, is_member: np.ndarray, max_points: int = 200
     return _roc_points(_roc(scores, is_member), max_points)
 
 
-def attack_metrics(scores: np.ndarray, is_member: np.ndarray, rule: str = "at_most"
-                   ) -> dict[str, float]:
+def attack_metrics(
+    scores: np.ndarray, is_member: np.ndarray, rule: str = "at_most"
+) -> dict[str, float]:
     """All metrics of one attack (one sort).
 
     Args:

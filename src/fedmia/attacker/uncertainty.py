@@ -139,8 +139,9 @@ class _Blocks(NamedTuple):
     n_blocks: int  # K
 
 
-def _blocks(scores: np.ndarray, is_member: np.ndarray,
-            side_pos: np.ndarray | None = None) -> _Blocks:
+def _blocks(
+    scores: np.ndarray, is_member: np.ndarray, side_pos: np.ndarray | None = None
+) -> _Blocks:
     """Group the samples, by decreasing score, into blocks of consecutive tie groups.
 
     A tie group is the set of samples with one score. Consecutive tie groups that
@@ -173,8 +174,12 @@ def _blocks(scores: np.ndarray, is_member: np.ndarray,
         b = block[side]
         starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
         n = len(b)
-        sums.append(sparse.csr_array((np.ones(n, dtype=np.int32), side_pos[order[side]],
-                                      np.r_[starts, n]), shape=(len(starts), n)))
+        sums.append(
+            sparse.csr_array(
+                (np.ones(n, dtype=np.int32), side_pos[order[side]], np.r_[starts, n]),
+                shape=(len(starts), n),
+            )
+        )
         ids.append(b[starts])
     return _Blocks(tuple(sums), tuple(ids), int(block_of_group[-1]) + 1)
 
@@ -223,8 +228,9 @@ def _check_strata(strata: Sequence[Stratum], is_member: np.ndarray) -> list[np.n
         if len(sl) == 0:
             raise ValueError(f"stratum {i} is empty")
         if len(np.unique(is_member[sl])) != 1:
-            raise ValueError(f"stratum {i} mixes members and non-members; a stratum holds "
-                             "one or the other")
+            raise ValueError(
+                f"stratum {i} mixes members and non-members; a stratum holds one or the other"
+            )
     return slots
 
 
@@ -247,8 +253,9 @@ def strata_weights(strata: Sequence[Stratum], n_slots: int, *, n_boot: int) -> n
     return w
 
 
-def resample_weights(n_members: int, n_nonmembers: int, *, n_boot: int, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def resample_weights(
+    n_members: int, n_nonmembers: int, *, n_boot: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The multiplicities :func:`bootstrap_replicates` resamples with (slow path, tests).
 
     Args:
@@ -263,9 +270,11 @@ def resample_weights(n_members: int, n_nonmembers: int, *, n_boot: int, seed: in
         order they appear in the input; every row sums to P (Q).
     """
     pos, neg = _streams(seed)
-    w = strata_weights([Stratum(pos, np.arange(n_members)),
-                        Stratum(neg, n_members + np.arange(n_nonmembers))],
-                       n_members + n_nonmembers, n_boot=n_boot)
+    w = strata_weights(
+        [Stratum(pos, np.arange(n_members)), Stratum(neg, n_members + np.arange(n_nonmembers))],
+        n_members + n_nonmembers,
+        n_boot=n_boot,
+    )
     return w[:, :n_members], w[:, n_members:]
 
 
@@ -286,7 +295,8 @@ def _fp_limits(n_nonmembers: int, alphas: Sequence[float], rule: str) -> dict[st
     for a in alphas:
         m = metrics.max_false_positives(n_nonmembers, a, rule)  # validates alpha and rule
         limits[metrics.tpr_metric_name(a)] = (
-            m if metrics.tpr_at_fpr_defined(n_nonmembers, a, rule) else None)
+            m if metrics.tpr_at_fpr_defined(n_nonmembers, a, rule) else None
+        )
     return limits
 
 
@@ -302,8 +312,9 @@ def _limit_prefix(sizes: np.ndarray, top: int) -> int:
     return int(np.searchsorted(np.cumsum(sizes), 2 * top + 64 + 8 * math.sqrt(top + 1))) + 1
 
 
-def _metrics_of_blocks(tp: np.ndarray, fp: np.ndarray, blocks: _Blocks,
-                       limits: dict[str, int | None]) -> dict[str, np.ndarray]:
+def _metrics_of_blocks(
+    tp: np.ndarray, fp: np.ndarray, blocks: _Blocks, limits: dict[str, int | None]
+) -> dict[str, np.ndarray]:
     """AUC and TPRs of b resamples from their counts per block.
 
     ``tp[j, i]`` (int M×b): the members, in resample ``i``, of the j-th block that holds
@@ -321,8 +332,7 @@ def _metrics_of_blocks(tp: np.ndarray, fp: np.ndarray, blocks: _Blocks,
     # member/non-member pairs won + ½ tied, × 2 = Σ_k fp_k (2 · TP above k + tp_k); tp_k ≠ 0
     # only in a mixed block
     won2 = 2 * np.einsum("jb,jb->b", fp, tp_above, dtype=np.int64)
-    mixed = np.flatnonzero(member_ids[np.minimum(before, len(member_ids) - 1)]
-                           == nonmember_ids)
+    mixed = np.flatnonzero(member_ids[np.minimum(before, len(member_ids) - 1)] == nonmember_ids)
     if len(mixed):
         won2 += np.einsum("jb,jb->b", fp[mixed], tp[before[mixed]], dtype=np.int64)
     out = {"auc": won2 / (2 * n_pos * n_neg)}
@@ -330,7 +340,7 @@ def _metrics_of_blocks(tp: np.ndarray, fp: np.ndarray, blocks: _Blocks,
     if defined:  # FP at each block end: in the top blocks, or all where one needs more
         top = max(defined)
         sizes = np.diff(blocks.sums[1].indptr)  # non-members per block
-        fp_cum = np.cumsum(fp[:_limit_prefix(sizes, top)], axis=0)
+        fp_cum = np.cumsum(fp[: _limit_prefix(sizes, top)], axis=0)
         if len(fp_cum) < len(fp) and not (fp_cum[-1] > top).all():
             fp_cum = np.cumsum(fp, axis=0)
     cols = np.arange(nb)
@@ -341,15 +351,22 @@ def _metrics_of_blocks(tp: np.ndarray, fp: np.ndarray, blocks: _Blocks,
         # the first block holding non-members that takes FP beyond m ends the admitted
         # blocks; every member above it counts (all of them when there is none)
         j = np.count_nonzero(fp_cum <= m, axis=0)
-        admitted = np.where(j < len(tp_above),
-                            tp_above[np.minimum(j, len(tp_above) - 1), cols], n_pos)
+        admitted = np.where(
+            j < len(tp_above), tp_above[np.minimum(j, len(tp_above) - 1), cols], n_pos
+        )
         out[name] = admitted / n_pos
     return out
 
 
-def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: int = 1000,
-                         seed: int, alphas: Sequence[float] = metrics.FPR_LEVELS,
-                         rule: str = "at_most") -> dict[str, np.ndarray]:
+def bootstrap_replicates(
+    scores: np.ndarray,
+    is_member: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int,
+    alphas: Sequence[float] = metrics.FPR_LEVELS,
+    rule: str = "at_most",
+) -> dict[str, np.ndarray]:
     """Stratified bootstrap replicates of the AUC and of TPR at each FPR level.
 
     :func:`stratified_replicates` with two strata, the members and the non-members
@@ -387,10 +404,15 @@ def bootstrap_replicates(scores: np.ndarray, is_member: np.ndarray, *, n_boot: i
     return stratified_replicates(scores, m, strata, n_boot=n_boot, alphas=alphas, rule=rule)
 
 
-def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
-                          strata: Sequence[Stratum], *, n_boot: int = 1000,
-                          alphas: Sequence[float] = metrics.FPR_LEVELS,
-                          rule: str = "at_most") -> dict[str, np.ndarray]:
+def stratified_replicates(
+    scores: np.ndarray,
+    is_member: np.ndarray,
+    strata: Sequence[Stratum],
+    *,
+    n_boot: int = 1000,
+    alphas: Sequence[float] = metrics.FPR_LEVELS,
+    rule: str = "at_most",
+) -> dict[str, np.ndarray]:
     """Bootstrap replicates of the AUC and of TPR at each FPR level, resampled by strata.
 
     Replicate ``b`` resamples every stratum within itself (:class:`Stratum`: ``m`` of its
@@ -459,17 +481,19 @@ def stratified_replicates(scores: np.ndarray, is_member: np.ndarray,
     step = max(1, CHUNK_ENTRIES // len(m))
     for lo in range(0, n_boot, step):
         nb = min(step, n_boot - lo)
-        drawn = [np.empty((nb, n_side[1]), dtype=np.int64),  # nb×P member positions
-                 np.empty((nb, n_side[0]), dtype=np.int64)]  # nb×Q non-member positions
+        drawn = [
+            np.empty((nb, n_side[1]), dtype=np.int64),  # nb×P member positions
+            np.empty((nb, n_side[0]), dtype=np.int64),
+        ]  # nb×Q non-member positions
         for rng, sl, k, a in zip(rngs, slots, side, start, strict=True):
-            np.add(_draw(rng, nb, len(sl)), a, out=drawn[not k][:, a:a + len(sl)])
+            np.add(_draw(rng, nb, len(sl)), a, out=drawn[not k][:, a : a + len(sl)])
         # how often each position is drawn (positions × replicates), shared by all
         # rows; per row, summed per block
         counts = [_multiplicities(d, d.shape[1]) for d in drawn]
         for r, bl in enumerate(blocks):
             tp, fp = (a @ c for a, c in zip(bl.sums, counts, strict=True))
             for name, values in _metrics_of_blocks(tp, fp, bl, limits).items():
-                out[name][r, lo:lo + nb] = values
+                out[name][r, lo : lo + nb] = values
     return out if s.ndim == 2 else {name: v[0] for name, v in out.items()}
 
 
@@ -506,8 +530,9 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
     return np.divide(total, n, out=np.full(len(x), np.nan), where=n > 0)
 
 
-def mean_interval(values: np.ndarray, *, n_boot: int = 1000, seed: int, level: float = 0.95
-                  ) -> tuple[float, float]:
+def mean_interval(
+    values: np.ndarray, *, n_boot: int = 1000, seed: int, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over units (units resampled only).
 
     Each of ``n_boot`` outer replicates draws U units uniformly with replacement and
@@ -532,8 +557,9 @@ def mean_interval(values: np.ndarray, *, n_boot: int = 1000, seed: int, level: f
     return percentile_interval(_nanmean_rows(v[units]), level)
 
 
-def two_stage_interval(replicates: np.ndarray, *, n_boot: int = 1000, seed: int,
-                       level: float = 0.95) -> tuple[float, float]:
+def two_stage_interval(
+    replicates: np.ndarray, *, n_boot: int = 1000, seed: int, level: float = 0.95
+) -> tuple[float, float]:
     """Two-stage bootstrap interval of the mean of a metric over U units.
 
     Units are the rows of a summary: target clients × seeds. Estimator: each of
@@ -579,8 +605,9 @@ def two_stage_interval(replicates: np.ndarray, *, n_boot: int = 1000, seed: int,
     """
     r = np.asarray(replicates, dtype=np.float64)
     if r.ndim != 2 or r.size == 0:
-        raise ValueError(f"replicates must be 2-D (units × replicates), non-empty; "
-                         f"got shape {r.shape}")
+        raise ValueError(
+            f"replicates must be 2-D (units × replicates), non-empty; got shape {r.shape}"
+        )
     n_units, n_within = r.shape
     rng = np.random.default_rng(seed)
     units = rng.integers(0, n_units, size=(n_boot, n_units))  # first: as mean_interval
@@ -611,13 +638,13 @@ def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     v = v[~np.isnan(v)]
     if len(v) < 2:
         return math.nan, math.nan
-    half = float(stats.t.ppf((1 + level) / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(
-        len(v))
+    half = (
+        float(stats.t.ppf((1 + level) / 2, len(v) - 1)) * float(v.std(ddof=1)) / math.sqrt(len(v))
+    )
     return float(v.mean()) - half, float(v.mean()) + half
 
 
-def run_replicate_means(replicates: np.ndarray, *, draw_targets: int | None = None
-                        ) -> np.ndarray:
+def run_replicate_means(replicates: np.ndarray, *, draw_targets: int | None = None) -> np.ndarray:
     """Replicates of a mean over the targets of one run, from a joint resample.
 
     ``replicates[t, b]`` is target ``t``'s value (e.g. a paired difference of two
@@ -644,18 +671,19 @@ def run_replicate_means(replicates: np.ndarray, *, draw_targets: int | None = No
     """
     r = np.asarray(replicates, dtype=np.float64)
     if r.ndim != 2 or r.size == 0:
-        raise ValueError(f"replicates must be 2-D (targets × replicates), non-empty; "
-                         f"got shape {r.shape}")
+        raise ValueError(
+            f"replicates must be 2-D (targets × replicates), non-empty; got shape {r.shape}"
+        )
     n_targets, n_boot = r.shape
     if draw_targets is None:
         return _nanmean_rows(r.T)
-    drawn = np.random.default_rng(draw_targets).integers(0, n_targets,
-                                                         size=(n_boot, n_targets))
+    drawn = np.random.default_rng(draw_targets).integers(0, n_targets, size=(n_boot, n_targets))
     return _nanmean_rows(r[drawn, np.arange(n_boot)[:, None]])
 
 
-def false_positives_at(scores: np.ndarray, is_member: np.ndarray, alpha: float,
-                       rule: str = "at_most") -> int:
+def false_positives_at(
+    scores: np.ndarray, is_member: np.ndarray, alpha: float, rule: str = "at_most"
+) -> int:
     """The false positives the reported TPR at FPR ``alpha`` rests on.
 
     The TPR of :func:`fedmia.attacker.metrics.tpr_at_fpr` (``rule`` included, so ``below`` with

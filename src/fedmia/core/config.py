@@ -114,8 +114,11 @@ def raise_first(errors: list[jsonschema.ValidationError], prefix: str = "") -> N
     if not errors:
         return
     err = jsonschema.exceptions.best_match(errors)
-    where = (prefix + _where(err.absolute_path) if err.absolute_path or not prefix
-             else prefix.rstrip("."))
+    where = (
+        prefix + _where(err.absolute_path)
+        if err.absolute_path or not prefix
+        else prefix.rstrip(".")
+    )
     msg = err.message
     if err.validator == "additionalProperties" and isinstance(err.schema.get("properties"), dict):
         msg += f"; allowed keys are {sorted(err.schema['properties'])}"
@@ -184,14 +187,17 @@ class Section:
         """
         where = where or cls.key or cls.schema_path[-1]
         if not isinstance(d, Mapping):
-            raise ConfigError(f"invalid config at '{where}': must be a mapping of keys to "
-                              f"values (got {d!r}); write it as 'key: value' lines")
+            raise ConfigError(
+                f"invalid config at '{where}': must be a mapping of keys to "
+                f"values (got {d!r}); write it as 'key: value' lines"
+            )
         data = _plain(copy.deepcopy(dict(d)))
         validator = VALIDATOR(section_schema(cls.schema_path))
         raise_first(list(validator.iter_errors(data)), prefix=f"{where}.")
         names = {f.name for f in dataclasses.fields(cls)}
-        built = cls(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in data.items() if k in names})
+        built = cls(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+        )
         built.check(where)
         return built
 
@@ -250,11 +256,17 @@ class DatasetConfig(Section):
 
     def check(self, where: str) -> None:
         """A root is a non-empty path; ``pool_size`` and ``test_size`` need ``split: official``."""
-        _require(self.root is None or self.root.strip() != "", f"{where}.root",
-                 f"must be a folder path or null (got {self.root!r})")
+        _require(
+            self.root is None or self.root.strip() != "",
+            f"{where}.root",
+            f"must be a folder path or null (got {self.root!r})",
+        )
         for key in ("pool_size", "test_size"):
-            _require(getattr(self, key) is None or self.split == "official", f"{where}.{key}",
-                     "only split: official takes it; drop it or set split: official")
+            _require(
+                getattr(self, key) is None or self.split == "official",
+                f"{where}.{key}",
+                "only split: official takes it; drop it or set split: official",
+            )
 
 
 @dataclass(frozen=True)
@@ -292,8 +304,11 @@ class PartitionConfig(Section):
 
     def check(self, where: str) -> None:
         """The audit's target is a client."""
-        _require(self.audit_target < self.num_clients, f"{where}.audit_target",
-                 f"must be a client id in 0..{self.num_clients - 1}")
+        _require(
+            self.audit_target < self.num_clients,
+            f"{where}.audit_target",
+            f"must be a client id in 0..{self.num_clients - 1}",
+        )
 
 
 @dataclass(frozen=True)
@@ -320,8 +335,9 @@ class DefenseConfig:
     def from_dict(cls, d: Mapping[str, Any], where: str = "defense") -> Self:
         """Split ``{kind: ..., <param>: ...}`` into the kind and its parameters."""
         if not (isinstance(d, Mapping) and "kind" in d):
-            raise ConfigError(f"{where}: missing key 'kind'; add kind: the name of a "
-                              "registered defense")
+            raise ConfigError(
+                f"{where}: missing key 'kind'; add kind: the name of a registered defense"
+            )
         return cls(kind=d["kind"], params={k: v for k, v in d.items() if k != "kind"})
 
 
@@ -422,9 +438,12 @@ class TrainConfig(Section):
     def check(self, where: str) -> None:
         """Every observed round is a round of the run."""
         bad = [r for r in self.observe_rounds if not 1 <= r <= self.rounds]
-        _require(not bad, f"{where}.observe_rounds",
-                 f"round(s) {bad} are outside 1..{self.rounds} (the last round is "
-                 f"train.rounds = {self.rounds}); drop them or raise rounds")
+        _require(
+            not bad,
+            f"{where}.observe_rounds",
+            f"round(s) {bad} are outside 1..{self.rounds} (the last round is "
+            f"train.rounds = {self.rounds}); drop them or raise rounds",
+        )
 
     def observed(self) -> list[int]:
         """Sorted observed rounds: ``observe_rounds`` ∪ :meth:`every_rounds`."""
@@ -452,7 +471,6 @@ class TrainConfig(Section):
         if self.lr_schedule == "exponential":
             return self.lr * self.lr_gamma ** (rnd - 1)
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * max(rnd - 2, 0) / self.rounds))
-
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,18 @@ from pathlib import Path
 WORKFLOW_TOOLS = ("snakemake", "jsonschema", "pyyaml")
 #: The runtime dependencies where fedmia's distribution metadata cannot be read (a copy of
 #: the source on ``PYTHONPATH`` without an install): the compute libraries.
-FALLBACK_DEPENDENCIES = ("dp-accounting", "matplotlib", "numpy", "pandas", "pillow",
-                         "pyarrow", "safetensors", "scikit-learn", "scipy", "torch")
+FALLBACK_DEPENDENCIES = (
+    "dp-accounting",
+    "matplotlib",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pyarrow",
+    "safetensors",
+    "scikit-learn",
+    "scipy",
+    "torch",
+)
 
 
 @lru_cache(maxsize=1)
@@ -105,6 +115,7 @@ def runtime_dependencies() -> tuple[str, ...]:
             name = name.split(stop)[0]
         names.add(name.strip().lower().replace("_", "-"))
     return tuple(sorted(names - set(WORKFLOW_TOOLS)))
+
 
 #: Hex digits of a fingerprint (64 bits).
 LENGTH = 16
@@ -155,8 +166,10 @@ def package_dir(package: str = "fedmia") -> Path:
         raise ClosureError(f"package '{package}' is not installed (not found on sys.path)")
     locations = list(spec.submodule_search_locations or [])
     if spec.origin is None or Path(spec.origin).name != "__init__.py" or len(locations) != 1:
-        raise ClosureError(f"'{package}' is not a regular package (a directory with "
-                           f"__init__.py): origin {spec.origin}, locations {locations}")
+        raise ClosureError(
+            f"'{package}' is not a regular package (a directory with "
+            f"__init__.py): origin {spec.origin}, locations {locations}"
+        )
     return Path(locations[0])
 
 
@@ -180,9 +193,13 @@ def import_closure(entry: str | Iterable[str], *, root: str | Path | None = None
     return set(_closure(*_resolve_entries(entry, root)))
 
 
-def fingerprint(entry: str | Iterable[str], *, root: str | Path | None = None,
-                dependencies: Iterable[str] | None = None,
-                plugins: Iterable[str] = ()) -> str:
+def fingerprint(
+    entry: str | Iterable[str],
+    *,
+    root: str | Path | None = None,
+    dependencies: Iterable[str] | None = None,
+    plugins: Iterable[str] = (),
+) -> str:
     """A short hex digest of the code ``entry`` runs (see the module docstring).
 
     Args:
@@ -228,8 +245,10 @@ def plugin_sources(plugins: Iterable[str]) -> dict[str, Path]:
         except (ImportError, ValueError) as e:
             raise ClosureError(f"plugin '{name}' cannot be found: {e}") from e
         if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-            raise ClosureError(f"plugin '{name}' is not a Python source module on sys.path "
-                               f"(found {spec.origin if spec else None})")
+            raise ClosureError(
+                f"plugin '{name}' is not a Python source module on sys.path "
+                f"(found {spec.origin if spec else None})"
+            )
         top = name.partition(".")[0]
         if "." in name or Path(spec.origin).name == "__init__.py":
             out.update(_closure([name], top, package_dir(top)))
@@ -284,13 +303,16 @@ def _entries(entry: str | Iterable[str]) -> list[str]:
 def _package_of(entry: str | Iterable[str]) -> str:
     packages = {e.partition(".")[0] for e in _entries(entry)}
     if len(packages) != 1:
-        raise ValueError(f"entries {_entries(entry)} span several packages {sorted(packages)}; "
-                         "a fingerprint covers one package")
+        raise ValueError(
+            f"entries {_entries(entry)} span several packages {sorted(packages)}; "
+            "a fingerprint covers one package"
+        )
     return packages.pop()
 
 
-def _resolve_entries(entry: str | Iterable[str],
-                     root: str | Path | None) -> tuple[list[str], str, Path]:
+def _resolve_entries(
+    entry: str | Iterable[str], root: str | Path | None
+) -> tuple[list[str], str, Path]:
     """(entries, top-level package, package directory)."""
     package = _package_of(entry)
     pkg_root = package_dir(package) if root is None else Path(root)
@@ -347,8 +369,9 @@ def _info(path: Path) -> _ModuleInfo:
 # --- resolving the imports of one module ----------------------------------------------
 
 
-def _imported_modules(name: str, path: Path, info: _ModuleInfo, pkg_root: Path,
-                      package: str) -> Iterator[str]:
+def _imported_modules(
+    name: str, path: Path, info: _ModuleInfo, pkg_root: Path, package: str
+) -> Iterator[str]:
     """The package modules that the imports of module ``name`` (file ``path``) load."""
     is_package = path.name == "__init__.py"
     for imp in info.imports:
@@ -361,8 +384,10 @@ def _imported_modules(name: str, path: Path, info: _ModuleInfo, pkg_root: Path,
             continue  # another library
         base_path = _locate(pkg_root, package, base)
         if base_path is None:
-            raise ClosureError(f"{where}: cannot resolve module '{base}': no such module in "
-                               f"package '{package}' ({pkg_root})")
+            raise ClosureError(
+                f"{where}: cannot resolve module '{base}': no such module in "
+                f"package '{package}' ({pkg_root})"
+            )
         yield base
         if imp.name is None:  # import pkg.x
             continue
@@ -378,18 +403,25 @@ def _imported_modules(name: str, path: Path, info: _ModuleInfo, pkg_root: Path,
             yield sub
             continue
         bound = _info(base_path)
-        if (imp.name not in bound.names and not bound.dynamic
-                and not _declares_global(base_path.read_bytes(), str(base_path), imp.name)):
-            raise ClosureError(f"{where}: cannot resolve 'from {base} import {imp.name}': "
-                               f"'{base}' has no submodule '{imp.name}' and binds no such name")
+        if (
+            imp.name not in bound.names
+            and not bound.dynamic
+            and not _declares_global(base_path.read_bytes(), str(base_path), imp.name)
+        ):
+            raise ClosureError(
+                f"{where}: cannot resolve 'from {base} import {imp.name}': "
+                f"'{base}' has no submodule '{imp.name}' and binds no such name"
+            )
 
 
 def _absolute(name: str, is_package: bool, level: int, module: str, where: str) -> str:
     """The absolute name of a relative import ``from {'.' * level}{module} import ...``."""
     parts = name.split(".") if is_package else name.split(".")[:-1]
     if level - 1 >= len(parts):
-        raise ClosureError(f"{where}: relative import with {level} dots goes above the "
-                           f"top-level package of '{name}'")
+        raise ClosureError(
+            f"{where}: relative import with {level} dots goes above the "
+            f"top-level package of '{name}'"
+        )
     base = parts[: len(parts) - (level - 1)]
     return ".".join(base + ([module] if module else []))
 
@@ -407,8 +439,13 @@ def _analyse(source: bytes, filename: str) -> _ModuleInfo:
     _scan(tree, imports, runs=True)
     imports += _registered_impls(tree)
     digest = hashlib.sha256(_dump(tree).encode()).hexdigest()
-    return _ModuleInfo(digest=digest, imports=tuple(imports), names=frozenset(names),
-                       dynamic=dynamic, all_names=all_names)
+    return _ModuleInfo(
+        digest=digest,
+        imports=tuple(imports),
+        names=frozenset(names),
+        dynamic=dynamic,
+        all_names=all_names,
+    )
 
 
 def _registered_impls(tree: ast.Module) -> list[_Import]:
@@ -421,20 +458,28 @@ def _registered_impls(tree: ast.Module) -> list[_Import]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             for kw in node.keywords:
-                if (kw.arg == "impl" and isinstance(kw.value, ast.Constant)
-                        and isinstance(kw.value.value, str) and ":" in kw.value.value):
+                if (
+                    kw.arg == "impl"
+                    and isinstance(kw.value, ast.Constant)
+                    and isinstance(kw.value.value, str)
+                    and ":" in kw.value.value
+                ):
                     out.append(_Import(0, kw.value.value.partition(":")[0], None, node.lineno))
     return out
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _is_string_statement(stmt: ast.stmt) -> bool:
-    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
-            and isinstance(stmt.value.value, str))
+    return (
+        isinstance(stmt, ast.Expr)
+        and isinstance(stmt.value, ast.Constant)
+        and isinstance(stmt.value.value, str)
+    )
 
 
 def _scan(node: ast.AST, imports: list[_Import], *, runs: bool) -> None:
@@ -454,14 +499,17 @@ def _scan(node: ast.AST, imports: list[_Import], *, runs: bool) -> None:
                 kept = [ast.Pass()]  # a body of only a docstring is a body of ``pass``
             setattr(node, field, kept)
             children = kept
-        child_runs = runs and not (field == "body" and isinstance(node, ast.If)
-                                   and _is_type_checking(node.test))
+        child_runs = runs and not (
+            field == "body" and isinstance(node, ast.If) and _is_type_checking(node.test)
+        )
         for child in children:
             if child_runs and isinstance(child, ast.Import):
                 imports.extend(_Import(0, a.name, None, child.lineno) for a in child.names)
             elif child_runs and isinstance(child, ast.ImportFrom):
-                imports.extend(_Import(child.level, child.module or "", a.name, child.lineno)
-                               for a in child.names)
+                imports.extend(
+                    _Import(child.level, child.module or "", a.name, child.lineno)
+                    for a in child.names
+                )
             else:
                 _scan(child, imports, runs=child_runs)
 
@@ -477,8 +525,9 @@ def _module_names(tree: ast.Module) -> tuple[set[str], bool]:
             names.add(node.name)
             dynamic |= node.name == "__getattr__"
             continue
-        if isinstance(node, ast.Lambda | ast.ListComp | ast.SetComp | ast.DictComp
-                      | ast.GeneratorExp):  # own scopes
+        if isinstance(
+            node, ast.Lambda | ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp
+        ):  # own scopes
             continue
         if isinstance(node, ast.Import | ast.ImportFrom):
             for alias in node.names:
@@ -500,18 +549,25 @@ def _module_names(tree: ast.Module) -> tuple[set[str], bool]:
 
 def _declares_global(source: bytes, filename: str, name: str) -> bool:
     """Whether some function declares ``global name`` (binding it at module level)."""
-    return any(isinstance(node, ast.Global) and name in node.names
-               for node in ast.walk(ast.parse(source, filename=filename)))
+    return any(
+        isinstance(node, ast.Global) and name in node.names
+        for node in ast.walk(ast.parse(source, filename=filename))
+    )
 
 
 def _literal_all(tree: ast.Module) -> tuple[str, ...]:
     """The strings of a module-level ``__all__ = [...]`` or ``(...)``, else ()."""
     for stmt in tree.body:
-        if (isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
-                                                 for t in stmt.targets)
-                and isinstance(stmt.value, ast.List | ast.Tuple)):
-            return tuple(e.value for e in stmt.value.elts
-                         if isinstance(e, ast.Constant) and isinstance(e.value, str))
+        if (
+            isinstance(stmt, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in stmt.targets)
+            and isinstance(stmt.value, ast.List | ast.Tuple)
+        ):
+            return tuple(
+                e.value
+                for e in stmt.value.elts
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            )
     return ()
 
 
@@ -553,18 +609,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fedmia.core.fingerprint",
         description="Print the fingerprint of the library code each entry module runs, "
-                    "and the modules it covers (its import closure).")
-    parser.add_argument("entries", nargs="+", metavar="ENTRY",
-                        help="dotted module name of fedmia, e.g. fedmia.pipeline (with "
-                             "--root: of the package there)")
-    parser.add_argument("--root", type=Path, default=None,
-                        help="the package directory to read (default: the installed package)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="print only 'ENTRY FINGERPRINT' lines")
+        "and the modules it covers (its import closure).",
+    )
+    parser.add_argument(
+        "entries",
+        nargs="+",
+        metavar="ENTRY",
+        help="dotted module name of fedmia, e.g. fedmia.pipeline (with "
+        "--root: of the package there)",
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="the package directory to read (default: the installed package)",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="print only 'ENTRY FINGERPRINT' lines"
+    )
     args = parser.parse_args(argv)
-    hint = ("name modules of the installed fedmia, e.g. fedmia.pipeline or fedmia.stages.train"
-            " (another package's modules need --root, its directory)" if args.root is None
-            else f"name modules of the package in {args.root}")
+    hint = (
+        "name modules of the installed fedmia, e.g. fedmia.pipeline or fedmia.stages.train"
+        " (another package's modules need --root, its directory)"
+        if args.root is None
+        else f"name modules of the package in {args.root}"
+    )
     try:
         if args.root is None:
             foreign = [e for e in args.entries if e.split(".")[0] != "fedmia"]

@@ -22,8 +22,10 @@ from pathlib import Path
 LOCK_DIR = Path(__file__).resolve().parents[3] / "requirements"
 
 #: A pin, ``name==version`` or ``name[extra,...]==version`` (extras kept: scripts/lock.sh).
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[A-Za-z0-9._, -]*\])?"
-                  r"==([^\s;\\]+)\s*(?:\\)?$")
+_PIN = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[A-Za-z0-9._, -]*\])?"
+    r"==([^\s;\\]+)\s*(?:\\)?$"
+)
 
 
 def normalise(name: str) -> str:
@@ -52,8 +54,10 @@ def read_pins(path: Path) -> dict[str, str]:
             continue
         found = _PIN.match(line)
         if found is None:
-            raise ValueError(f"{path}:{lineno}: {line!r} is not an exact pin (name==version); "
-                             "regenerate the lock with scripts/lock.sh")
+            raise ValueError(
+                f"{path}:{lineno}: {line!r} is not an exact pin (name==version); "
+                "regenerate the lock with scripts/lock.sh"
+            )
         pins[normalise(found.group(1))] = found.group(2)
     return pins
 
@@ -70,12 +74,16 @@ def installed_versions() -> dict[str, str]:
 
 def mismatches(pins: Mapping[str, str], installed: Mapping[str, str]) -> list[str]:
     """One line per pinned distribution whose installed version differs (or is absent)."""
-    return [f"{name}: locked {version}, installed {installed.get(name, 'nothing')}"
-            for name, version in sorted(pins.items()) if installed.get(name) != version]
+    return [
+        f"{name}: locked {version}, installed {installed.get(name, 'nothing')}"
+        for name, version in sorted(pins.items())
+        if installed.get(name) != version
+    ]
 
 
-def lock_sha256(files: Iterable[Path] | None = None,
-                installed: Mapping[str, str] | None = None) -> str | None:
+def lock_sha256(
+    files: Iterable[Path] | None = None, installed: Mapping[str, str] | None = None
+) -> str | None:
     """The sha256 of the shipped lock file the running environment was installed from.
 
     That is the first of ``files`` (default: :func:`lock_files`) whose every pin is

@@ -50,10 +50,17 @@ BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
 TYPES = {"float": "number", "int": "integer", "bool": "boolean", "str": "string"}
 
 
-def param(default: Any = dataclasses.MISSING, *, description: str = "",
-          minimum: float | None = None, exclusive_minimum: float | None = None,
-          maximum: float | None = None, exclusive_maximum: float | None = None,
-          choices: tuple[str, ...] | None = None, note: str = "") -> Any:
+def param(
+    default: Any = dataclasses.MISSING,
+    *,
+    description: str = "",
+    minimum: float | None = None,
+    exclusive_minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    note: str = "",
+) -> Any:
     """A parameter field: its default (omit it: required), bounds or choices, description.
 
     Args:
@@ -66,8 +73,9 @@ def param(default: Any = dataclasses.MISSING, *, description: str = "",
         choices: the values a ``str`` parameter may take (JSON schema's ``enum``).
         note: appended to the allowed values in the library's messages.
     """
-    bounds = dict(zip(BOUNDS, (minimum, exclusive_minimum, maximum, exclusive_maximum),
-                      strict=True))
+    bounds = dict(
+        zip(BOUNDS, (minimum, exclusive_minimum, maximum, exclusive_maximum), strict=True)
+    )
     meta: dict[str, Any] = {k: v for k, v in bounds.items() if v is not None}
     if choices is not None:
         if default is not dataclasses.MISSING and default not in choices:
@@ -87,11 +95,15 @@ def parameters(cls: type) -> list[dataclasses.Field]:
     out = [f for f in dataclasses.fields(cls) if f.init]
     for f in out:
         if _type(f) not in TYPES:
-            raise TypeError(f"{cls.__name__}.{f.name}: a parameter is float, int, bool or "
-                            f"str (got {f.type!r}); give the class its own from_params")
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: a parameter is float, int, bool or "
+                f"str (got {f.type!r}); give the class its own from_params"
+            )
         if (_type(f) == "str") != ("enum" in f.metadata):
-            raise TypeError(f"{cls.__name__}.{f.name}: a str parameter, and only one, lists "
-                            f"its values: param(..., choices=(...))")
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: a str parameter, and only one, lists "
+                f"its values: param(..., choices=(...))"
+            )
     return out
 
 
@@ -128,10 +140,16 @@ def _constraints(f: dataclasses.Field) -> dict[str, Any]:
 
 def _range(kind: str, bounds: Mapping[str, Any]) -> str:
     """``bounds`` in symbols: ``≥ 0``, ``> 0``, ``[0, 1)``, ``1..32`` (integers) or ``""``."""
-    lo = ("[", bounds["minimum"]) if "minimum" in bounds else (
-        ("(", bounds["exclusiveMinimum"]) if "exclusiveMinimum" in bounds else None)
-    hi = ("]", bounds["maximum"]) if "maximum" in bounds else (
-        (")", bounds["exclusiveMaximum"]) if "exclusiveMaximum" in bounds else None)
+    lo = (
+        ("[", bounds["minimum"])
+        if "minimum" in bounds
+        else (("(", bounds["exclusiveMinimum"]) if "exclusiveMinimum" in bounds else None)
+    )
+    hi = (
+        ("]", bounds["maximum"])
+        if "maximum" in bounds
+        else ((")", bounds["exclusiveMaximum"]) if "exclusiveMaximum" in bounds else None)
+    )
     if lo and hi:
         if kind == "integer" and lo[0] == "[" and hi[0] == "]":
             return f"{_fmt(lo[1])}..{_fmt(hi[1])}"
@@ -163,9 +181,12 @@ def allowed_text(kind: str, bounds: Mapping[str, Any]) -> str:
 
 
 def _within(v: float, bounds: Mapping[str, Any]) -> bool:
-    return (v >= bounds.get("minimum", -math.inf) and v > bounds.get("exclusiveMinimum", -math.inf)
-            and v <= bounds.get("maximum", math.inf)
-            and v < bounds.get("exclusiveMaximum", math.inf))
+    return (
+        v >= bounds.get("minimum", -math.inf)
+        and v > bounds.get("exclusiveMinimum", -math.inf)
+        and v <= bounds.get("maximum", math.inf)
+        and v < bounds.get("exclusiveMaximum", math.inf)
+    )
 
 
 def check_value(kind: str, bounds: Mapping[str, Any], value: Any) -> Any:
@@ -195,17 +216,21 @@ def invalid(owner: str, name: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{owner}: parameter '{name}' = {value!r} is invalid; allowed: {allowed}")
 
 
-def check_names(owner: str, given: Mapping[str, Any], allowed: Sequence[str],
-                required: Sequence[str]) -> None:
+def check_names(
+    owner: str, given: Mapping[str, Any], allowed: Sequence[str], required: Sequence[str]
+) -> None:
     """Unknown parameter names, then the first missing required one, raise ``ConfigError``."""
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ConfigError(f"{owner}: unknown parameter(s) {unknown}; allowed parameters are "
-                          f"{sorted(allowed)}")
+        raise ConfigError(
+            f"{owner}: unknown parameter(s) {unknown}; allowed parameters are {sorted(allowed)}"
+        )
     for name in required:
         if name not in given:
-            raise ConfigError(f"{owner}: missing required parameter '{name}' (parameters: "
-                              f"{sorted(allowed)}); add it")
+            raise ConfigError(
+                f"{owner}: missing required parameter '{name}' (parameters: "
+                f"{sorted(allowed)}); add it"
+            )
 
 
 def validate(cls: type, given: Mapping[str, Any], *, kind: str, what: str) -> dict[str, Any]:
@@ -229,8 +254,10 @@ def validate(cls: type, given: Mapping[str, Any], *, kind: str, what: str) -> di
     sets = presets(cls)
     allowed = [f.name for f in fields] + (["preset"] if sets else [])
     if not allowed and given:
-        raise ConfigError(f"{owner} takes no parameters (got {sorted(given)}); drop them, or "
-                          f"pick the {what} they belong to as kind")
+        raise ConfigError(
+            f"{owner} takes no parameters (got {sorted(given)}); drop them, or "
+            f"pick the {what} they belong to as kind"
+        )
     check_names(owner, given, allowed, [f.name for f in fields if _required(f)])
     preset: Mapping[str, Any] = {}
     if sets:
@@ -262,8 +289,11 @@ def defaults(cls: type) -> dict[str, Any]:
     A required parameter (no default) is left out.
     """
     first = next(iter(presets(cls).values()), {})
-    return {f.name: first.get(f.name, f.default) for f in parameters(cls)
-            if f.name in first or not _required(f)}
+    return {
+        f.name: first.get(f.name, f.default)
+        for f in parameters(cls)
+        if f.name in first or not _required(f)
+    }
 
 
 def changed(obj: Any, skip: str | None = None) -> str:
@@ -274,10 +304,11 @@ def changed(obj: Any, skip: str | None = None) -> str:
     E.g. ``variant=official`` for a ``mixup`` whose strength ``alpha`` is skipped.
     """
     base = defaults(type(obj))
-    return ", ".join(f"{f.name}={value_text(getattr(obj, f.name))}"
-                     for f in parameters(type(obj))
-                     if f.name != skip and (f.name not in base
-                                            or getattr(obj, f.name) != base[f.name]))
+    return ", ".join(
+        f"{f.name}={value_text(getattr(obj, f.name))}"
+        for f in parameters(type(obj))
+        if f.name != skip and (f.name not in base or getattr(obj, f.name) != base[f.name])
+    )
 
 
 def schema_property(f: dataclasses.Field, *, with_default: bool = True) -> dict[str, Any]:
@@ -303,8 +334,10 @@ def schema_block(cls: type, kind: str) -> dict[str, Any]:
     props: dict[str, Any] = {"kind": True}
     if sets:
         first = next(iter(sets))
-        props["preset"] = {"enum": list(sets),
-                           "description": f"defaults of the other parameters (default: {first})"}
+        props["preset"] = {
+            "enum": list(sets),
+            "description": f"defaults of the other parameters (default: {first})",
+        }
     props.update({f.name: schema_property(f, with_default=not sets) for f in fields})
     then: dict[str, Any] = {}
     if sets:
@@ -319,8 +352,11 @@ def schema_block(cls: type, kind: str) -> dict[str, Any]:
 
 def block_numeric_parameters(block: Mapping[str, Any]) -> list[str]:
     """Names of the numeric parameters of a :func:`schema_block`, in order."""
-    return [name for name, p in block["then"]["properties"].items()
-            if isinstance(p, Mapping) and p.get("type") in ("number", "integer")]
+    return [
+        name
+        for name, p in block["then"]["properties"].items()
+        if isinstance(p, Mapping) and p.get("type") in ("number", "integer")
+    ]
 
 
 def describe(cls: type) -> str:
@@ -336,16 +372,26 @@ def describe(cls: type) -> str:
     for f in parameters(cls):
         kind = TYPES[_type(f)]
         r = _range(kind, {k: v for k, v in f.metadata.items() if k in BOUNDS})
-        text = ("true/false" if kind == "boolean"
-                else "∈ {" + ", ".join(f"`{c}`" for c in f.metadata["enum"]) + "}"
-                if kind == "string" else f"∈ {r}" if r[:1] in ("[", "(") else r)
+        text = (
+            "true/false"
+            if kind == "boolean"
+            else "∈ {" + ", ".join(f"`{c}`" for c in f.metadata["enum"]) + "}"
+            if kind == "string"
+            else f"∈ {r}"
+            if r[:1] in ("[", "(")
+            else r
+        )
         default = "" if _required(f) else f" (default {value_text(f.default)})"
         parts.append(f"`{f.name}` {text}".rstrip() + default)
     return ", ".join(parts) or "—"
 
 
-def resolve_strength(path: Any, kinds: Sequence[str], numeric: Sequence[Sequence[str]],
-                     owner: str = "defense 'compose'") -> tuple[int, str]:
+def resolve_strength(
+    path: Any,
+    kinds: Sequence[str],
+    numeric: Sequence[Sequence[str]],
+    owner: str = "defense 'compose'",
+) -> tuple[int, str]:
     """Resolve a compose's strength axis: ``'<kind>.<parameter>'`` or ``'<index>.<parameter>'``.
 
     Args:
@@ -363,25 +409,35 @@ def resolve_strength(path: Any, kinds: Sequence[str], numeric: Sequence[Sequence
     """
     example = f"'{kinds[0]}.<parameter>' or '0.<parameter>'"
     if not isinstance(path, str) or path.count(".") != 1:
-        raise ConfigError(f"{owner}: strength = {path!r} is invalid; name one step's "
-                          f"parameter as '<step kind>.<parameter>' or '<step index>.<parameter>' "
-                          f"(0-based), e.g. {example}")
+        raise ConfigError(
+            f"{owner}: strength = {path!r} is invalid; name one step's "
+            f"parameter as '<step kind>.<parameter>' or '<step index>.<parameter>' "
+            f"(0-based), e.g. {example}"
+        )
     step, name = path.split(".")
     if step.isdigit():
         i = int(step)
         if i >= len(kinds):
-            raise ConfigError(f"{owner}: strength = {path!r}: there is no step {i}; "
-                              f"steps are 0..{len(kinds) - 1} ({list(kinds)})")
+            raise ConfigError(
+                f"{owner}: strength = {path!r}: there is no step {i}; "
+                f"steps are 0..{len(kinds) - 1} ({list(kinds)})"
+            )
     else:
         hits = [j for j, k in enumerate(kinds) if k == step]
         if not hits:
-            raise ConfigError(f"{owner}: strength = {path!r}: no step is of kind "
-                              f"'{step}'; the steps are {list(kinds)}")
+            raise ConfigError(
+                f"{owner}: strength = {path!r}: no step is of kind "
+                f"'{step}'; the steps are {list(kinds)}"
+            )
         if len(hits) > 1:
-            raise ConfigError(f"{owner}: strength = {path!r}: steps {hits} are all "
-                              f"'{step}'; name the step by its index, e.g. '{hits[0]}.{name}'")
+            raise ConfigError(
+                f"{owner}: strength = {path!r}: steps {hits} are all "
+                f"'{step}'; name the step by its index, e.g. '{hits[0]}.{name}'"
+            )
         i = hits[0]
     if name not in numeric[i]:
-        raise ConfigError(f"{owner}: strength = {path!r}: step {i} ('{kinds[i]}') has "
-                          f"no numeric parameter '{name}'; choose from {list(numeric[i])}")
+        raise ConfigError(
+            f"{owner}: strength = {path!r}: step {i} ('{kinds[i]}') has "
+            f"no numeric parameter '{name}'; choose from {list(numeric[i])}"
+        )
     return i, name

@@ -62,14 +62,18 @@ class Entry(Generic[T]):
         """The implementation, imported from ``impl`` on first use."""
         if self.obj is None:
             if self.impl is None:
-                raise ValueError(f"{what} '{self.name}' was registered without an "
-                                 "implementation; decorate one or give impl='module:attr'")
+                raise ValueError(
+                    f"{what} '{self.name}' was registered without an "
+                    "implementation; decorate one or give impl='module:attr'"
+                )
             module, _, attr = self.impl.partition(":")
             try:
                 self.obj = getattr(importlib.import_module(module), attr)
             except (ImportError, AttributeError) as e:
-                raise ImportError(f"{what} '{self.name}': cannot load its implementation "
-                                  f"{self.impl!r} ({e}); fix the registration's impl") from e
+                raise ImportError(
+                    f"{what} '{self.name}': cannot load its implementation "
+                    f"{self.impl!r} ({e}); fix the registration's impl"
+                ) from e
         return self.obj
 
 
@@ -85,8 +89,9 @@ class Registry(Generic[T]):
             code) or registers the facts at once (the kind is data).
     """
 
-    def __init__(self, what: str, *, build: Callable[..., T] | None = None,
-                 decorates: bool = True) -> None:
+    def __init__(
+        self, what: str, *, build: Callable[..., T] | None = None, decorates: bool = True
+    ) -> None:
         self.what = what
         self.build = build
         self.decorates = decorates
@@ -94,8 +99,7 @@ class Registry(Generic[T]):
 
     def _add(self, entry: Entry[T]) -> None:
         if entry.name in self._items:
-            raise ValueError(f"{self.what} '{entry.name}' is already registered; pick another "
-                             "name")
+            raise ValueError(f"{self.what} '{entry.name}' is already registered; pick another name")
         self._items[entry.name] = entry
 
     def register(self, name: str, *, impl: str | None = None, **facts: Any) -> Any:
@@ -107,8 +111,9 @@ class Registry(Generic[T]):
         """
         if impl is not None:
             if ":" not in impl:
-                raise ValueError(f"{self.what} '{name}': impl must be 'module:attribute', "
-                                 f"got {impl!r}")
+                raise ValueError(
+                    f"{self.what} '{name}': impl must be 'module:attribute', got {impl!r}"
+                )
             self._add(Entry(name, impl=impl, facts=dict(facts)))
             return None
         if not self.decorates:
@@ -190,4 +195,5 @@ def import_plugins(modules: Iterable[str]) -> None:
             raise PluginError(
                 f"plugin '{name}' cannot be imported: no module named '{e.name}'; put the "
                 "folder that holds it on PYTHONPATH (or install it) where Snakemake and its "
-                "jobs run, or drop it from plugins") from None
+                "jobs run, or drop it from plugins"
+            ) from None

@@ -77,8 +77,9 @@ class PreparedData:
     def __post_init__(self) -> None:
         n = len(self.images)
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 N×C×H×W, got {self.images.dtype} "
-                             f"{self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 N×C×H×W, got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.shape != (n,) or self.is_test.shape != (n,):
             raise ValueError("labels and is_test must have one entry per image")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
@@ -129,22 +130,34 @@ class DatasetKind:
         The message starts with ``where`` and the key (``datasets.digits.root: ...``).
         """
         if cfg.download and not self.download:
-            able = " or ".join(f"'{k}'" for k in DATASETS.registered()
-                               if DATASETS.get(k).download) or "no dataset"
-            raise ConfigError(f"{where}.download: only {able} can be downloaded; put the files "
-                              f"of '{cfg.kind}' under root by hand (see the loader's docstring) "
-                              "and drop download")
+            able = (
+                " or ".join(f"'{k}'" for k in DATASETS.registered() if DATASETS.get(k).download)
+                or "no dataset"
+            )
+            raise ConfigError(
+                f"{where}.download: only {able} can be downloaded; put the files "
+                f"of '{cfg.kind}' under root by hand (see the loader's docstring) "
+                "and drop download"
+            )
         if self.root == "required" and cfg.root is None:
-            raise ConfigError(f"{where}.root: '{cfg.kind}' reads its files from disk: set root "
-                              "to the folder that holds them")
+            raise ConfigError(
+                f"{where}.root: '{cfg.kind}' reads its files from disk: set root "
+                "to the folder that holds them"
+            )
         if self.root == "none" and cfg.root is not None:
             origin = f"{self.origin} and " if self.origin else ""
             raise ConfigError(f"{where}.root: '{cfg.kind}' {origin}reads no files; drop root")
         if cfg.split == "official" and not self.official_split:
-            able = " or ".join(f"'{k}'" for k in DATASETS.registered()
-                               if DATASETS.get(k).official_split) or "no dataset"
-            raise ConfigError(f"{where}.split: only {able} has the official code's split; "
-                              f"drop split to use the train/test split of '{cfg.kind}'")
+            able = (
+                " or ".join(
+                    f"'{k}'" for k in DATASETS.registered() if DATASETS.get(k).official_split
+                )
+                or "no dataset"
+            )
+            raise ConfigError(
+                f"{where}.split: only {able} has the official code's split; "
+                f"drop split to use the train/test split of '{cfg.kind}'"
+            )
 
 
 #: The dataset kinds (``datasets.<key>.kind``): ``@DATASETS.register(name, **facts)`` above
@@ -157,8 +170,13 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[-2:] == (size, size):
         return images
     x = torch.from_numpy(images).float()
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                      antialias=size < images.shape[-1])
+    y = F.interpolate(
+        x,
+        size=(size, size),
+        mode="bilinear",
+        align_corners=False,
+        antialias=size < images.shape[-1],
+    )
     return y.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -201,12 +219,16 @@ def load_digits(cfg: DatasetConfig) -> PreparedData:
 def _root(cfg: DatasetConfig) -> Path:
     """``cfg.root`` as an existing folder, or a ``FileNotFoundError`` that says what to set."""
     if cfg.root is None:
-        raise FileNotFoundError(f"dataset '{cfg.kind}' reads its files from disk: set its root "
-                                "to the folder that holds them")
+        raise FileNotFoundError(
+            f"dataset '{cfg.kind}' reads its files from disk: set its root "
+            "to the folder that holds them"
+        )
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset '{cfg.kind}': root folder {root} does not exist; "
-                                "put the files there (see the loader's docstring) or fix root")
+        raise FileNotFoundError(
+            f"dataset '{cfg.kind}': root folder {root} does not exist; "
+            "put the files there (see the loader's docstring) or fix root"
+        )
     return root
 
 
@@ -221,11 +243,17 @@ CIFAR100_FILES = ("train", "test", "meta")
 # The globals a CIFAR pickle may name: numpy's array reconstruction and (for pickles written
 # by Python 3 with protocol 2) ``_codecs.encode`` of bytes. Anything else is refused, so a
 # tampered file cannot run code.
-_PICKLE_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-})
+_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -245,8 +273,10 @@ def verify_md5(path: str | Path, expected: str) -> None:
             h.update(chunk)
     actual = h.hexdigest()
     if actual != expected.lower():
-        raise ValueError(f"MD5 mismatch for {path}: expected {expected}, got {actual}; the file "
-                         "is corrupt or incomplete: delete it and download it again")
+        raise ValueError(
+            f"MD5 mismatch for {path}: expected {expected}, got {actual}; the file "
+            "is corrupt or incomplete: delete it and download it again"
+        )
 
 
 def _unpickle(path: Path) -> dict[bytes, Any]:
@@ -254,21 +284,37 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, ImportError, UnicodeDecodeError, struct.error) as exc:
-        raise ValueError(f"cannot read the CIFAR-100 pickle {path} ({type(exc).__name__}: "
-                         f"{exc}); the file is corrupt or truncated: delete the "
-                         f"{path.parent.name} folder and download {CIFAR100_URL} again") from exc
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        ImportError,
+        UnicodeDecodeError,
+        struct.error,
+    ) as exc:
+        raise ValueError(
+            f"cannot read the CIFAR-100 pickle {path} ({type(exc).__name__}: "
+            f"{exc}); the file is corrupt or truncated: delete the "
+            f"{path.parent.name} folder and download {CIFAR100_URL} again"
+        ) from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not the dict of the CIFAR-100 "
-                         "python release; re-download it")
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__}, not the dict of the CIFAR-100 "
+            "python release; re-download it"
+        )
     return obj
 
 
 def _cifar_field(d: dict[bytes, Any], key: bytes, path: Path) -> Any:
     if key not in d:
-        raise ValueError(f"{path} has no {key!r} entry (keys: {sorted(d)}); it is not a file of "
-                         f"the CIFAR-100 python release: re-download {CIFAR100_URL}")
+        raise ValueError(
+            f"{path} has no {key!r} entry (keys: {sorted(d)}); it is not a file of "
+            f"the CIFAR-100 python release: re-download {CIFAR100_URL}"
+        )
     return d[key]
 
 
@@ -278,11 +324,15 @@ def _cifar_split(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(_cifar_field(d, b"data", path))
     labels = np.asarray(_cifar_field(d, b"fine_labels", path), dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N×3072; "
-                         "re-download the CIFAR-100 python release")
+        raise ValueError(
+            f"{path}: b'data' is {data.dtype} {data.shape}, expected uint8 N×3072; "
+            "re-download the CIFAR-100 python release"
+        )
     if labels.shape != (len(data),):
-        raise ValueError(f"{path}: {len(labels)} fine labels for {len(data)} images; "
-                         "re-download the CIFAR-100 python release")
+        raise ValueError(
+            f"{path}: {len(labels)} fine labels for {len(data)} images; "
+            "re-download the CIFAR-100 python release"
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"{path}: fine labels outside 0..{num_classes - 1}; re-download")
     # each row: 1024 red, 1024 green, 1024 blue values, each a row-major 32×32 plane
@@ -315,8 +365,9 @@ def _extract_cifar100(archive: Path, folder: Path) -> None:
             raise ValueError(f"the archive lacks {CIFAR100_DIR}/{missing}")
         os.replace(tmp / CIFAR100_DIR, folder)
     except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
-        raise ValueError(f"cannot extract {archive} ({exc}); delete it and download "
-                         f"{CIFAR100_URL} again") from exc
+        raise ValueError(
+            f"cannot extract {archive} ({exc}); delete it and download {CIFAR100_URL} again"
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -333,13 +384,16 @@ def _download_cifar100(archive: Path) -> None:
         raise FileNotFoundError(
             f"could not download CIFAR-100 from {CIFAR100_URL} ({exc}); download it by hand "
             f"(MD5 {CIFAR100_MD5}) and put {CIFAR100_ARCHIVE}, or the {CIFAR100_DIR}/ folder "
-            f"extracted from it, into {archive.parent}") from exc
+            f"extracted from it, into {archive.parent}"
+        ) from exc
     try:
         verify_md5(part, CIFAR100_MD5)
     except ValueError as exc:
         part.unlink()
-        raise ValueError(f"the download of {CIFAR100_URL} is damaged and was deleted: {exc}. "
-                         f"Try again, or download it by hand into {archive.parent}") from exc
+        raise ValueError(
+            f"the download of {CIFAR100_URL} is damaged and was deleted: {exc}. "
+            f"Try again, or download it by hand into {archive.parent}"
+        ) from exc
     os.replace(part, archive)
 
 
@@ -349,8 +403,10 @@ def _cifar100_folder(root: Path, download: bool) -> Path:
     if folder.is_dir():
         missing = [n for n in CIFAR100_FILES if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} lacks {missing}; delete the folder and extract "
-                                    f"{CIFAR100_ARCHIVE} ({CIFAR100_URL}) into {root} again")
+            raise FileNotFoundError(
+                f"{folder} lacks {missing}; delete the folder and extract "
+                f"{CIFAR100_ARCHIVE} ({CIFAR100_URL}) into {root} again"
+            )
         return folder
     archive = root / CIFAR100_ARCHIVE
     if not archive.is_file():
@@ -358,7 +414,8 @@ def _cifar100_folder(root: Path, download: bool) -> Path:
             raise FileNotFoundError(
                 f"CIFAR-100 not found: expected {folder}/{{train,test,meta}}. Download "
                 f"{CIFAR100_URL} (MD5 {CIFAR100_MD5}) into {root} (it is checked and extracted "
-                "on the next run), extract it there yourself, or set download: true")
+                "on the next run), extract it there yourself, or set download: true"
+            )
         _download_cifar100(archive)  # verified before it is renamed to ``archive``
     else:
         verify_md5(archive, CIFAR100_MD5)
@@ -395,7 +452,7 @@ def load_cifar100(cfg: DatasetConfig) -> PreparedData:
         is_test=np.repeat([False, True], [len(y_train), len(y_test)]),
         classes=classes,
         source=f"CIFAR-100 python release ({CIFAR100_URL}) at {folder}: {len(y_train)} train "
-               f"+ {len(y_test)} test images, fine labels",
+        f"+ {len(y_test)} test images, fine labels",
     )
 
 
@@ -403,11 +460,23 @@ def load_cifar100(cfg: DatasetConfig) -> PreparedData:
 
 FASHION_MNIST_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
 FASHION_MNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
 }
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (N, rows, cols)
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (N)
 
@@ -421,7 +490,7 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     path = Path(path)
     fix = "the file is corrupt or truncated: download it again"
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             buf = f.read()
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"cannot read {path} ({exc}); {fix}") from exc
@@ -429,8 +498,9 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
     header = 4 + 4 * ndim
     got = int.from_bytes(buf[:4], "big") if len(buf) >= 4 else None
     if got is not None and got != magic:
-        raise ValueError(f"{path}: idx magic number {got}, expected {magic}; not the right idx "
-                         f"file ({fix})")
+        raise ValueError(
+            f"{path}: idx magic number {got}, expected {magic}; not the right idx file ({fix})"
+        )
     if len(buf) < header:
         raise ValueError(f"{path}: {len(buf)} bytes, shorter than its idx header; {fix}")
     dims = struct.unpack(f">{ndim}I", buf[4:header])
@@ -457,9 +527,11 @@ def _find_fashion_mnist(places: Iterable[Path]) -> tuple[Path, dict[str, Path]]:
     raise FileNotFoundError(
         "Fashion-MNIST idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
         "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz) not found in: "
-        + "; ".join(report) + ". Install them with `apt-get install dataset-fashion-mnist` "
+        + "; ".join(report)
+        + ". Install them with `apt-get install dataset-fashion-mnist` "
         "(Debian/Ubuntu) or download them from https://github.com/zalandoresearch/fashion-mnist "
-        "and set root to their folder")
+        "and set root to their folder"
+    )
 
 
 @DATASETS.register("fashion_mnist", root="optional", samples=70_000)
@@ -473,8 +545,9 @@ def load_fashion_mnist(cfg: DatasetConfig) -> PreparedData:
     them from https://github.com/zalandoresearch/fashion-mnist. The official split is kept;
     images are resized bilinearly to ``image_size`` and repeated to 3 channels.
     """
-    places = ([Path(cfg.root).expanduser()] if cfg.root is not None else []) \
-        + list(FASHION_MNIST_DIRS)
+    places = ([Path(cfg.root).expanduser()] if cfg.root is not None else []) + list(
+        FASHION_MNIST_DIRS
+    )
     place, files = _find_fashion_mnist(places)
     if cfg.root is not None and place != places[0]:
         log.warning("fashion_mnist: root %s lacks the idx files; using %s", cfg.root, place)
@@ -483,11 +556,14 @@ def load_fashion_mnist(cfg: DatasetConfig) -> PreparedData:
         x = read_idx(files[f"{split}_images"], IDX_IMAGES_MAGIC)  # N×rows×cols
         y = read_idx(files[f"{split}_labels"], IDX_LABELS_MAGIC).astype(np.int64)  # N
         if len(x) != len(y):
-            raise ValueError(f"{files[f'{split}_images']} holds {len(x)} images but "
-                             f"{files[f'{split}_labels']} {len(y)} labels; download them again")
+            raise ValueError(
+                f"{files[f'{split}_images']} holds {len(x)} images but "
+                f"{files[f'{split}_labels']} {len(y)} labels; download them again"
+            )
         if len(y) and y.max() >= len(FASHION_MNIST_CLASSES):
-            raise ValueError(f"{files[f'{split}_labels']}: label {y.max()} outside 0..9; "
-                             "download it again")
+            raise ValueError(
+                f"{files[f'{split}_labels']}: label {y.max()} outside 0..9; download it again"
+            )
         parts.append((x, y))
     (x_train, y_train), (x_test, y_test) = parts
     raw = np.concatenate([x_train, x_test])[:, None]  # N×1×28×28
@@ -498,7 +574,7 @@ def load_fashion_mnist(cfg: DatasetConfig) -> PreparedData:
         is_test=np.repeat([False, True], [len(y_train), len(y_test)]),
         classes=list(FASHION_MNIST_CLASSES),
         source=f"Fashion-MNIST (Zalando Research) idx files at {place}: {len(y_train)} train "
-               f"+ {len(y_test)} test images",
+        f"+ {len(y_test)} test images",
     )
 
 
@@ -509,18 +585,26 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 
 def _class_dirs(folder: Path) -> list[Path]:
     """Non-hidden sub-folders of ``folder``, sorted by name."""
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
 
 
 def _image_files(class_dir: Path) -> list[Path]:
     """Image files under ``class_dir`` (recursively, hidden ones skipped), sorted by path."""
-    files = [p for p in class_dir.rglob("*")
-             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-             and not any(s.startswith(".") for s in p.relative_to(class_dir).parts)]
+    files = [
+        p
+        for p in class_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(s.startswith(".") for s in p.relative_to(class_dir).parts)
+    ]
     if not files:
-        raise ValueError(f"class folder {class_dir} holds no images "
-                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it")
+        raise ValueError(
+            f"class folder {class_dir} holds no images "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it"
+        )
     return sorted(files, key=lambda p: p.relative_to(class_dir).as_posix())
 
 
@@ -539,8 +623,10 @@ def _decode_image(path: Path, size: int) -> tuple[str, np.ndarray]:
             rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)  # antialiased downscale
         return digest, np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode image {path} ({exc}); the file is corrupt or "
-                         "truncated: download it again or delete it") from exc
+        raise ValueError(
+            f"cannot decode image {path} ({exc}); the file is corrupt or "
+            "truncated: download it again or delete it"
+        ) from exc
 
 
 def _same_classes(splits: list[tuple[Path, list[str]]]) -> list[str]:
@@ -551,8 +637,9 @@ def _same_classes(splits: list[tuple[Path, list[str]]]) -> list[str]:
     """
     for folder, names in splits:
         if not names:
-            raise ValueError(f"{folder} holds no class folders; the layout is "
-                             f"{folder}/<class>/<image files>")
+            raise ValueError(
+                f"{folder} holds no class folders; the layout is {folder}/<class>/<image files>"
+            )
     first_folder, first = splits[0]
     for folder, names in splits[1:]:
         if names != first:
@@ -560,7 +647,8 @@ def _same_classes(splits: list[tuple[Path, list[str]]]) -> list[str]:
                 f"class folders differ between {first_folder} and {folder}: only in "
                 f"{first_folder.name}/: {sorted(set(first) - set(names))}, only in "
                 f"{folder.name}/: {sorted(set(names) - set(first))}; make them hold the same "
-                "classes (an empty class needs no folder in either)")
+                "classes (an empty class needs no folder in either)"
+            )
     return first
 
 
@@ -585,8 +673,9 @@ def _decode_images(root: Path, files: list[Path], size: int) -> list[tuple[str, 
     return decoded
 
 
-def _duplicates(root: Path, files: list[Path], labels: list[int], flags: list[bool],
-                digests: list[str]) -> tuple[list[int], dict[str, Any]]:
+def _duplicates(
+    root: Path, files: list[Path], labels: list[int], flags: list[bool], digests: list[str]
+) -> tuple[list[int], dict[str, Any]]:
     """Files with identical bytes: the first of each (in the given order) and a report.
 
     Returns:
@@ -607,8 +696,12 @@ def _duplicates(root: Path, files: list[Path], labels: list[int], flags: list[bo
         pairs.append([files[i].relative_to(root).as_posix(), files[j].relative_to(root).as_posix()])
         across += flags[i] != flags[j]
         conflicts += labels[i] != labels[j]
-    return firsts, {"duplicates": len(pairs), "duplicates_across_splits": across,
-                    "duplicate_label_conflicts": conflicts, "duplicate_files": pairs}
+    return firsts, {
+        "duplicates": len(pairs),
+        "duplicates_across_splits": across,
+        "duplicate_label_conflicts": conflicts,
+        "duplicate_files": pairs,
+    }
 
 
 def _load_image_tree(
@@ -627,8 +720,9 @@ def _load_image_tree(
         the duplicate report. Order: split by split, classes sorted, files sorted by path.
         Of files with identical bytes (SHA-256) only the first in this order is kept.
     """
-    classes = _same_classes([(folder, [d.name for d in _class_dirs(folder)])
-                             for folder, _ in splits])
+    classes = _same_classes(
+        [(folder, [d.name for d in _class_dirs(folder)]) for folder, _ in splits]
+    )
     files: list[Path] = []
     labels: list[int] = []
     flags: list[bool] = []
@@ -643,27 +737,39 @@ def _load_image_tree(
     keep, report = _duplicates(root, files, labels, flags, [d for d, _ in decoded])
     pairs = report["duplicate_files"]
     if pairs:
-        log.warning("dropped %d exact duplicate image files under %s (%d across train/test, "
-                    "%d with a different label); first: %s is %s", len(pairs), root,
-                    report["duplicates_across_splits"], report["duplicate_label_conflicts"],
-                    pairs[0][0], pairs[0][1])
+        log.warning(
+            "dropped %d exact duplicate image files under %s (%d across train/test, "
+            "%d with a different label); first: %s is %s",
+            len(pairs),
+            root,
+            report["duplicates_across_splits"],
+            report["duplicate_label_conflicts"],
+            pairs[0][0],
+            pairs[0][1],
+        )
     extra = {"duplicates_dropped": report.pop("duplicates"), **report}
     images = np.stack([decoded[i][1] for i in keep]).transpose(0, 3, 1, 2)  # N×3×size×size
-    return (np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)[keep],
-            np.asarray(flags, dtype=bool)[keep], classes, extra)
+    return (
+        np.ascontiguousarray(images),
+        np.asarray(labels, dtype=np.int64)[keep],
+        np.asarray(flags, dtype=bool)[keep],
+        classes,
+        extra,
+    )
 
 
 def _dup_note(extra: dict[str, Any]) -> str:
-    return (f"{extra['duplicates_dropped']} exact duplicate files dropped "
-            f"({extra['duplicates_across_splits']} across train/test)")
+    return (
+        f"{extra['duplicates_dropped']} exact duplicate files dropped "
+        f"({extra['duplicates_across_splits']} across train/test)"
+    )
 
 
 # --------------------------------------------------------------------------- Dermnet
 
 #: torchvision's ``IMG_EXTENSIONS`` (``torchvision.datasets.folder``), matched on the
 #: lower-cased file name: the files ``ImageFolder`` lists.
-TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
-                          ".webp")
+TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: The official code's Dermnet split (``utils/datasets.py`` of Liar-Mask/FedMIA):
 #: ``setup_seed(42); torch.randperm(19559)``, ``[0:15000]`` the clients', ``[-4000:]`` the test set.
 DERMNET_OFFICIAL_SEED = 42
@@ -693,12 +799,17 @@ def imagefolder_listing(folder: Path) -> tuple[list[str], list[Path], list[int]]
     files: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        found = [Path(dirpath) / f
-                 for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True))
-                 for f in sorted(names) if f.lower().endswith(TORCHVISION_EXTENSIONS)]
+        found = [
+            Path(dirpath) / f
+            for dirpath, _, names in sorted(os.walk(folder / name, followlinks=True))
+            for f in sorted(names)
+            if f.lower().endswith(TORCHVISION_EXTENSIONS)
+        ]
         if not found:
-            raise ValueError(f"class folder {folder / name} holds no images "
-                             f"({', '.join(TORCHVISION_EXTENSIONS)}); add images or remove it")
+            raise ValueError(
+                f"class folder {folder / name} holds no images "
+                f"({', '.join(TORCHVISION_EXTENSIONS)}); add images or remove it"
+            )
         files += found
         labels += [label] * len(found)
     return classes, files, labels
@@ -719,8 +830,9 @@ def _dermnet_official(root: Path, cfg: DatasetConfig) -> PreparedData:
     pool = cfg.pool_size or DERMNET_OFFICIAL_POOL
     test = cfg.test_size or DERMNET_OFFICIAL_TEST
     listed = [imagefolder_listing(root / s) for s in ("train", "test")]
-    classes = _same_classes([(root / s, names)
-                             for s, (names, _, _) in zip(("train", "test"), listed, strict=True)])
+    classes = _same_classes(
+        [(root / s, names) for s, (names, _, _) in zip(("train", "test"), listed, strict=True)]
+    )
     files = listed[0][1] + listed[1][1]  # the official torch.cat([train, test])
     labels = listed[0][2] + listed[1][2]
     n = len(files)
@@ -729,33 +841,48 @@ def _dermnet_official(root: Path, cfg: DatasetConfig) -> PreparedData:
             f"the official split of Dermnet needs pool_size + test_size = {pool} + {test} = "
             f"{pool + test} images but {root}/train and {root}/test hold {n}; lower pool_size "
             "or test_size (the official 15,000 + 4,000 are for the full Kaggle release of "
-            "19,559 images)")
+            "19,559 images)"
+        )
     perm = official_permutation(n)
-    rows = np.concatenate([perm[:pool], perm[n - test:]])  # the official [0:pool], [-test:]
-    unused = [files[i].relative_to(root).as_posix() for i in np.sort(perm[pool:n - test])]
+    rows = np.concatenate([perm[:pool], perm[n - test :]])  # the official [0:pool], [-test:]
+    unused = [files[i].relative_to(root).as_posix() for i in np.sort(perm[pool : n - test])]
     chosen = [files[i] for i in rows]
     chosen_labels = [labels[i] for i in rows]
     flags = [False] * pool + [True] * test
     decoded = _decode_images(root, chosen, cfg.image_size)
     _, report = _duplicates(root, chosen, chosen_labels, flags, [d for d, _ in decoded])
     if report["duplicates"]:
-        log.warning("the official split keeps %d exact duplicate image files, as the official "
-                    "code did (%d across pool/test, %d with a different label); first: %s is %s",
-                    report["duplicates"], report["duplicates_across_splits"],
-                    report["duplicate_label_conflicts"], *report["duplicate_files"][0])
-    extra = {"split": "official", "images_listed": n, "pool": pool, "test": test,
-             "unused": len(unused), "unused_files": unused,
-             "duplicates_kept": report.pop("duplicates"), **report}
+        log.warning(
+            "the official split keeps %d exact duplicate image files, as the official "
+            "code did (%d across pool/test, %d with a different label); first: %s is %s",
+            report["duplicates"],
+            report["duplicates_across_splits"],
+            report["duplicate_label_conflicts"],
+            *report["duplicate_files"][0],
+        )
+    extra = {
+        "split": "official",
+        "images_listed": n,
+        "pool": pool,
+        "test": test,
+        "unused": len(unused),
+        "unused_files": unused,
+        "duplicates_kept": report.pop("duplicates"),
+        **report,
+    }
     images = np.stack([img for _, img in decoded]).transpose(0, 3, 1, 2)  # N×3×size×size
     return PreparedData(
-        images=np.ascontiguousarray(images), labels=np.asarray(chosen_labels, dtype=np.int64),
-        is_test=np.asarray(flags, dtype=bool), classes=classes, extra=extra,
+        images=np.ascontiguousarray(images),
+        labels=np.asarray(chosen_labels, dtype=np.int64),
+        is_test=np.asarray(flags, dtype=bool),
+        classes=classes,
+        extra=extra,
         source=f"Dermnet (Kaggle release) at {root}, the official code's split: {n} images "
-               f"(train/ then test/, in torchvision's ImageFolder order) permuted by "
-               f"torch.randperm with seed {DERMNET_OFFICIAL_SEED}; the first {pool} the "
-               f"clients' pool, the last {test} the test set, {len(unused)} unused (dropped); "
-               f"{extra['duplicates_kept']} exact duplicate files kept "
-               f"({extra['duplicates_across_splits']} across pool/test)",
+        f"(train/ then test/, in torchvision's ImageFolder order) permuted by "
+        f"torch.randperm with seed {DERMNET_OFFICIAL_SEED}; the first {pool} the "
+        f"clients' pool, the last {test} the test set, {len(unused)} unused (dropped); "
+        f"{extra['duplicates_kept']} exact duplicate files kept "
+        f"({extra['duplicates_across_splits']} across pool/test)",
     )
 
 
@@ -799,17 +926,24 @@ def load_dermnet(cfg: DatasetConfig) -> PreparedData:
     root = _root(cfg)
     missing = [s for s in ("train", "test") if not (root / s).is_dir()]
     if missing:
-        raise FileNotFoundError(f"Dermnet root {root} has no {'/ or '.join(missing)}/ folder; "
-                                "unzip the Kaggle release there so that root/train/<class>/ and "
-                                "root/test/<class>/ exist")
+        raise FileNotFoundError(
+            f"Dermnet root {root} has no {'/ or '.join(missing)}/ folder; "
+            "unzip the Kaggle release there so that root/train/<class>/ and "
+            "root/test/<class>/ exist"
+        )
     if cfg.split == "official":
         return _dermnet_official(root, cfg)
     images, labels, is_test, classes, extra = _load_image_tree(
-        root, [(root / "train", False), (root / "test", True)], cfg.image_size)
+        root, [(root / "train", False), (root / "test", True)], cfg.image_size
+    )
     return PreparedData(
-        images=images, labels=labels, is_test=is_test, classes=classes, extra=extra,
+        images=images,
+        labels=labels,
+        is_test=is_test,
+        classes=classes,
+        extra=extra,
         source=f"Dermnet (Kaggle release) at {root}: {int((~is_test).sum())} train + "
-               f"{int(is_test.sum())} test images, {_dup_note(extra)}",
+        f"{int(is_test.sum())} test images, {_dup_note(extra)}",
     )
 
 
@@ -828,20 +962,26 @@ def load_imagefolder(cfg: DatasetConfig) -> PreparedData:
     has = [(root / s).is_dir() for s in ("train", "test")]
     if any(has) and not all(has):
         present, absent = ("train", "test") if has[0] else ("test", "train")
-        raise ValueError(f"{root} has a {present}/ folder but no {absent}/ folder; use "
-                         f"root/<class>/ (seeded split) or both root/train/<class>/ and "
-                         "root/test/<class>/")
+        raise ValueError(
+            f"{root} has a {present}/ folder but no {absent}/ folder; use "
+            f"root/<class>/ (seeded split) or both root/train/<class>/ and "
+            "root/test/<class>/"
+        )
     if all(has):
         images, labels, is_test, classes, extra = _load_image_tree(
-            root, [(root / "train", False), (root / "test", True)], cfg.image_size)
+            root, [(root / "train", False), (root / "test", True)], cfg.image_size
+        )
         split = "train/test folders"
     else:
-        images, labels, _, classes, extra = _load_image_tree(
-            root, [(root, False)], cfg.image_size)
+        images, labels, _, classes, extra = _load_image_tree(root, [(root, False)], cfg.image_size)
         is_test = seeded_split(labels, cfg.test_fraction, cfg.split_seed)
         split = f"seeded split (test_fraction {cfg.test_fraction}, seed {cfg.split_seed})"
     return PreparedData(
-        images=images, labels=labels, is_test=is_test, classes=classes, extra=extra,
+        images=images,
+        labels=labels,
+        is_test=is_test,
+        classes=classes,
+        extra=extra,
         source=f"image folders at {root}, {split}: {len(labels)} images, {_dup_note(extra)}",
     )
 
@@ -856,6 +996,12 @@ def prepare_dataset(cfg: DatasetConfig) -> PreparedData:
     kind = DATASETS.get(cfg.kind)
     kind.check(cfg)
     data = kind.load(cfg)
-    log.info("prepared %s: %d images %s, %d classes, %d test", cfg.kind, len(data.images),
-             data.images.shape[1:], len(data.classes), int(data.is_test.sum()))
+    log.info(
+        "prepared %s: %d images %s, %d classes, %d test",
+        cfg.kind,
+        len(data.images),
+        data.images.shape[1:],
+        len(data.classes),
+        int(data.is_test.sum()),
+    )
     return data

@@ -115,8 +115,10 @@ class DataSpec:
 
 
 #: The neighbouring relation of fedmia's client-level mechanisms (``dp``).
-CLIENT_LEVEL = ("client level: one client's local data replaced by any other dataset, of "
-                "any size; the server sees every upload")
+CLIENT_LEVEL = (
+    "client level: one client's local data replaced by any other dataset, of "
+    "any size; the server sees every upload"
+)
 
 
 @dataclass(frozen=True)
@@ -331,23 +333,31 @@ class DPDefense(Defense):
         no finite ε.
         """
         if self.sigma == 0:
-            return Privacy(dp_accounting.NonPrivateDpEvent(), CLIENT_LEVEL,
-                           "σ = 0: the clipped update is uploaded without noise, so ε = ∞")
+            return Privacy(
+                dp_accounting.NonPrivateDpEvent(),
+                CLIENT_LEVEL,
+                "σ = 0: the clipped update is uploaded without noise, so ε = ∞",
+            )
         return Privacy(dp_accounting.GaussianDpEvent(self.sigma / 2.0), CLIENT_LEVEL)
 
     def clipped(self, update: torch.Tensor, layout: StateLayout) -> torch.Tensor:
         """The clipping step alone: ``update`` (P) with its parameter part clipped to C."""
         return clip_update(update, param_mask(layout, update.device), self.clip)
 
-    def upload(self, update: torch.Tensor, layout: StateLayout,
-               gen: torch.Generator) -> torch.Tensor:
+    def upload(
+        self, update: torch.Tensor, layout: StateLayout, gen: torch.Generator
+    ) -> torch.Tensor:
         """Clip the parameter part to norm C, then add N(0, (σC)²) to each parameter."""
         mask = param_mask(layout, update.device)
         clipped = clip_update(update, mask, self.clip)
         if self.sigma == 0:
             return clipped
-        noise = torch.randn(update.shape, generator=generator_on(gen, update.device),
-                            device=update.device, dtype=update.dtype)
+        noise = torch.randn(
+            update.shape,
+            generator=generator_on(gen, update.device),
+            device=update.device,
+            dtype=update.dtype,
+        )
         return torch.where(mask, clipped + noise * (self.sigma * self.clip), clipped)
 
 
@@ -368,26 +378,35 @@ class ParamNoiseDefense(Defense):
         sigma: noise standard deviation σ ≥ 0 (required), in parameter units.
     """
 
-    sigma: float = param(minimum=0, description="std of the noise added to every parameter "
-                         "(no clipping, no guarantee)")
+    sigma: float = param(
+        minimum=0,
+        description="std of the noise added to every parameter (no clipping, no guarantee)",
+    )
     strength_param = "sigma"
     privacy_step = "mechanism"
 
     def privacy(self) -> Privacy:
         """No finite ε: the noise is added to an unclipped update (unbounded sensitivity)."""
-        return Privacy(dp_accounting.NonPrivateDpEvent(), CLIENT_LEVEL,
-                       "dp_param_noise adds noise to an unclipped update: its sensitivity to "
-                       "a client's data is unbounded, so no noise scale gives a finite ε")
+        return Privacy(
+            dp_accounting.NonPrivateDpEvent(),
+            CLIENT_LEVEL,
+            "dp_param_noise adds noise to an unclipped update: its sensitivity to "
+            "a client's data is unbounded, so no noise scale gives a finite ε",
+        )
 
-    def upload(self, update: torch.Tensor, layout: StateLayout,
-               gen: torch.Generator) -> torch.Tensor:
+    def upload(
+        self, update: torch.Tensor, layout: StateLayout, gen: torch.Generator
+    ) -> torch.Tensor:
         """Add N(0, σ²) to each parameter coordinate of ``update`` (P)."""
         if self.sigma == 0:
             return update
-        noise = torch.randn(update.shape, generator=generator_on(gen, update.device),
-                            device=update.device, dtype=update.dtype)
-        return torch.where(param_mask(layout, update.device), update + self.sigma * noise,
-                           update)
+        noise = torch.randn(
+            update.shape,
+            generator=generator_on(gen, update.device),
+            device=update.device,
+            dtype=update.dtype,
+        )
+        return torch.where(param_mask(layout, update.device), update + self.sigma * noise, update)
 
 
 @DEFENSES.register("quantize")
@@ -424,16 +443,21 @@ class QuantizeDefense(Defense):
         variant: ``fedmia`` (default) or ``official``.
     """
 
-    bits: int = param(minimum=1, maximum=32, description="bits per value (per-layer min/max "
-                      "uniform)")
-    variant: str = param("fedmia", choices=("fedmia", "official"),
-                         description="fedmia: 2**bits levels, round to nearest; official: "
-                                     "the released code's 2**bits + 1 levels, rounded down")
+    bits: int = param(
+        minimum=1, maximum=32, description="bits per value (per-layer min/max uniform)"
+    )
+    variant: str = param(
+        "fedmia",
+        choices=("fedmia", "official"),
+        description="fedmia: 2**bits levels, round to nearest; official: "
+        "the released code's 2**bits + 1 levels, rounded down",
+    )
     strength_param = "bits"
     privacy_step = "upload"
 
-    def upload(self, update: torch.Tensor, layout: StateLayout,
-               gen: torch.Generator) -> torch.Tensor:
+    def upload(
+        self, update: torch.Tensor, layout: StateLayout, gen: torch.Generator
+    ) -> torch.Tensor:
         """Quantize each parameter entry of ``update`` (P); BN statistics pass through."""
         if self.bits >= 32:
             return update
@@ -471,10 +495,14 @@ class SparsifyDefense(Defense):
         min_size: integer ≥ 0 (default 1000); smaller layers are not sparsified.
     """
 
-    fraction: float = param(minimum=0, exclusive_maximum=1, description="fraction of each "
-                            "layer's update zeroed (smallest magnitudes)")
-    min_size: int = param(1000, minimum=0, description="layers with fewer elements are left "
-                          "untouched")
+    fraction: float = param(
+        minimum=0,
+        exclusive_maximum=1,
+        description="fraction of each layer's update zeroed (smallest magnitudes)",
+    )
+    min_size: int = param(
+        1000, minimum=0, description="layers with fewer elements are left untouched"
+    )
     strength_param = "fraction"
     privacy_step = "upload"
 
@@ -484,8 +512,9 @@ class SparsifyDefense(Defense):
             return 0
         return min(n, math.floor(self.fraction * n + 1e-9))
 
-    def upload(self, update: torch.Tensor, layout: StateLayout,
-               gen: torch.Generator) -> torch.Tensor:
+    def upload(
+        self, update: torch.Tensor, layout: StateLayout, gen: torch.Generator
+    ) -> torch.Tensor:
         """Zero the smallest ``⌊p·n⌋`` elements of each large parameter entry of ``update``."""
         out = update.clone()
         for e in _param_entries(layout):
@@ -531,23 +560,29 @@ class MixupDefense(Defense):
     """
 
     alpha: float = param(exclusive_minimum=0, description="Beta(alpha, alpha) mixing")
-    variant: str = param("paper", choices=("paper", "official"),
-                         description="paper: mix inputs and labels; official: as the "
-                                     "released code, unmixed inputs with the mixed labels")
+    variant: str = param(
+        "paper",
+        choices=("paper", "official"),
+        description="paper: mix inputs and labels; official: as the "
+        "released code, unmixed inputs with the mixed labels",
+    )
     soft_targets = True
     strength_param = "alpha"
     privacy_step = "training"
 
-    def draw(self, batch_size: int, device: torch.device | str,
-             gen: torch.Generator) -> tuple[float, torch.Tensor]:
+    def draw(
+        self, batch_size: int, device: torch.device | str, gen: torch.Generator
+    ) -> tuple[float, torch.Tensor]:
         """The batch's mixing weight λ (float) and permutation π (int64 B, on ``device``)."""
         lam = _beta(self.alpha, gen)
-        perm = torch.randperm(batch_size, generator=generator_on(gen, torch.device(device)),
-                              device=device)
+        perm = torch.randperm(
+            batch_size, generator=generator_on(gen, torch.device(device)), device=device
+        )
         return lam, perm
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixed inputs B×C×H×W (``official``: ``x`` itself) and mixed soft targets B×classes."""
         lam, perm = self.draw(x.shape[0], x.device, gen)
         t = as_probs(y, spec.num_classes, x.dtype)
@@ -597,10 +632,13 @@ class InstaHideDefense(Defense):
 
     k: int = param(minimum=1, description="images mixed per sample (1 = no defense)")
     upper_bound: float = param(
-        0.65, exclusive_minimum=0.5, maximum=1,
+        0.65,
+        exclusive_minimum=0.5,
+        maximum=1,
         description="largest mixing coefficient (default 0.65); coefficients are redrawn "
-                    "until the largest is in [0.5, upper_bound]",
-        note="(the largest coefficient must lie in [0.5, upper_bound], as the official code)")
+        "until the largest is in [0.5, upper_bound]",
+        note="(the largest coefficient must lie in [0.5, upper_bound], as the official code)",
+    )
     soft_targets = True
     whole_local_set = True
     strength_param = "k"
@@ -636,14 +674,19 @@ class InstaHideDefense(Defense):
             if pending.numel() == 0:
                 return out
             tries = min(2 * tries, 4096)
-        raise RuntimeError(f"instahide: could not draw coefficients with k = {k} and "
-                           f"upper_bound = {self.upper_bound}: the largest of k coefficients "
-                           "almost never reaches 0.5 when k is large; lower k (the official "
-                           "default is 3)")
+        raise RuntimeError(
+            f"instahide: could not draw coefficients with k = {k} and "
+            f"upper_bound = {self.upper_bound}: the largest of k coefficients "
+            "almost never reaches 0.5 when k is large; lower k (the official "
+            "default is 3)"
+        )
 
     def draw(
-        self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
-        dtype: torch.dtype, gen: torch.Generator,
+        self,
+        shape: torch.Size | tuple[int, ...],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        gen: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything random about encoding a set of ``shape`` (n×C×H×W).
 
@@ -662,12 +705,16 @@ class InstaHideDefense(Defense):
             rows.append(torch.randperm(n, generator=g, device=device))
             s = torch.randint(0, 2, tuple(shape), generator=g, device=device, dtype=torch.int8)
             signs.append(s.mul_(2).sub_(1))
-        sign = (torch.stack(signs) if signs
-                else torch.empty((0, *shape), dtype=torch.int8, device=device))
+        sign = (
+            torch.stack(signs)
+            if signs
+            else torch.empty((0, *shape), dtype=torch.int8, device=device)
+        )
         return coeffs, torch.stack(rows), sign
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoded inputs n×C×H×W and mixed soft targets n×num_classes (k = 1: unchanged)."""
         if self.k == 1:
             return x, y
@@ -703,8 +750,9 @@ def gray(p: torch.Tensor) -> torch.Tensor:
     return 0.299 * p[:, 0:1] + 0.587 * p[:, 1:2] + 0.114 * p[:, 2:3]
 
 
-def crop(p: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad_h: int,
-         pad_w: int) -> torch.Tensor:
+def crop(
+    p: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad_h: int, pad_w: int
+) -> torch.Tensor:
     """Random-crop step: zero-pad B×C×H×W by (pad_h, pad_w) and cut H×W windows.
 
     ``dy``, ``dx`` (int64 B, in ``0..2·pad``) are each sample's window offsets in
@@ -715,8 +763,12 @@ def crop(p: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad_h: int,
     padded = F.pad(p, (pad_w, pad_w, pad_h, pad_h))
     rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # B×1×H×1
     cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # B×1×1×W
-    return padded[torch.arange(b, device=dev)[:, None, None, None],
-                  torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    return padded[
+        torch.arange(b, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows,
+        cols,
+    ]
 
 
 def rotate(p: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -855,37 +907,51 @@ class AugmentDefense(Defense):
             saturation acts on 3-channel images only).
     """
 
-    padding: int = param(4, minimum=0, description="crop padding in pixels of a 32-pixel "
-                         "image (scaled to the image size)")
+    padding: int = param(
+        4,
+        minimum=0,
+        description="crop padding in pixels of a 32-pixel image (scaled to the image size)",
+    )
     hflip: bool = param(True, description="random horizontal flips")
     vflip: bool = param(True, description="random vertical flips")
-    rotation: float = param(45.0, minimum=0, maximum=180, note="(degrees)",
-                            description="largest rotation angle in degrees")
+    rotation: float = param(
+        45.0,
+        minimum=0,
+        maximum=180,
+        note="(degrees)",
+        description="largest rotation angle in degrees",
+    )
     brightness: float = param(0.25, minimum=0, description="brightness jitter")
     contrast: float = param(0.8, minimum=0, description="contrast jitter")
     saturation: float = param(0.0, minimum=0, description="saturation jitter")
     strength_param = "padding"
     privacy_step = "training"
-    table_note = ("`augment`: the official code's augmentation is one on/off flag (no "
-                  "strength), and its Dermnet loader ignores it (a no-op there); fedmia's "
-                  "strengths and its augmentation on Dermnet are fedmia's, not the official "
-                  "code's")
-    presets = {"official": {},
-               "mild": dict(vflip=False, rotation=0.0, brightness=0.2, contrast=0.2,
-                            saturation=0.2)}
+    table_note = (
+        "`augment`: the official code's augmentation is one on/off flag (no "
+        "strength), and its Dermnet loader ignores it (a no-op there); fedmia's "
+        "strengths and its augmentation on Dermnet are fedmia's, not the official "
+        "code's"
+    )
+    presets = {
+        "official": {},
+        "mild": dict(vflip=False, rotation=0.0, brightness=0.2, contrast=0.2, saturation=0.2),
+    }
 
     def pad_for(self, h: int, w: int) -> tuple[int, int]:
         """Crop padding (rows, columns) of an H×W image: ``padding`` scaled from 32 pixels."""
-        return (math.floor(self.padding * h / REFERENCE_SIZE + 0.5),
-                math.floor(self.padding * w / REFERENCE_SIZE + 0.5))
+        return (
+            math.floor(self.padding * h / REFERENCE_SIZE + 0.5),
+            math.floor(self.padding * w / REFERENCE_SIZE + 0.5),
+        )
 
     def jitter_ranges(self) -> list[tuple[int, float, float]]:
         """Enabled jitter operations: ``(index into JITTER_OPS, low, high)`` of their factor."""
         strengths = (self.brightness, self.contrast, self.saturation)
         return [(i, max(0.0, 1.0 - v), 1.0 + v) for i, v in enumerate(strengths) if v > 0]
 
-    def draw(self, shape: torch.Size | tuple[int, ...], device: torch.device | str,
-             gen: torch.Generator) -> AugmentDraw:
+    def draw(
+        self, shape: torch.Size | tuple[int, ...], device: torch.device | str, gen: torch.Generator
+    ) -> AugmentDraw:
         """Draw every sample's parameters for images of ``shape`` (B×C×H×W)."""
         device = torch.device(device)
         b, _, h, w = shape
@@ -926,8 +992,9 @@ class AugmentDefense(Defense):
             p = jitter(p, d.factors, d.order)
         return p
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented normalised inputs B×C×H×W (same dtype) and the unchanged targets."""
         d = self.draw(x.shape, x.device, gen)
         return spec.normalise(self.apply(spec.to_pixels(x), d)), y
@@ -953,8 +1020,11 @@ class SubsampleDefense(Defense):
         fraction: in (0, 1] (required).
     """
 
-    fraction: float = param(exclusive_minimum=0, maximum=1, description="fraction of the "
-                            "local data trained on each round")
+    fraction: float = param(
+        exclusive_minimum=0,
+        maximum=1,
+        description="fraction of the local data trained on each round",
+    )
     strength_param = "fraction"
     privacy_step = "training"
 
@@ -1015,24 +1085,31 @@ class ComposeDefense(Defense):
         check_names(owner, params, ["steps", "strength"], ["steps"])
         blocks = params["steps"]
         if not isinstance(blocks, list | tuple) or not blocks:
-            raise ConfigError(f"{owner}: parameter 'steps' = {blocks!r} is invalid; "
-                              f"allowed: a non-empty list of defenses, e.g. "
-                              f"[{{kind: augment}}, {{kind: subsample, fraction: 0.5}}]")
+            raise ConfigError(
+                f"{owner}: parameter 'steps' = {blocks!r} is invalid; "
+                f"allowed: a non-empty list of defenses, e.g. "
+                f"[{{kind: augment}}, {{kind: subsample, fraction: 0.5}}]"
+            )
         steps, kinds = [], []
         for i, block in enumerate(blocks):
             if not isinstance(block, Mapping) or "kind" not in block:
-                raise ConfigError(f"{owner}: steps[{i}] = {block!r} is invalid; each step "
-                                  f"is a defense block with a 'kind', e.g. {{kind: subsample, "
-                                  f"fraction: 0.5}}")
+                raise ConfigError(
+                    f"{owner}: steps[{i}] = {block!r} is invalid; each step "
+                    f"is a defense block with a 'kind', e.g. {{kind: subsample, "
+                    f"fraction: 0.5}}"
+                )
             if block["kind"] in DEFENSES and not DEFENSES.get(block["kind"]).composable:
-                raise ConfigError(f"{owner}: steps[{i}] is itself a {block['kind']}; nesting "
-                                  f"is not supported: list its steps in the outer {kind} instead")
+                raise ConfigError(
+                    f"{owner}: steps[{i}] is itself a {block['kind']}; nesting "
+                    f"is not supported: list its steps in the outer {kind} instead"
+                )
             steps.append(defense_from_config(block, where=f"{owner}: steps[{i}]"))
             kinds.append(block["kind"])
         strength = None
         if params.get("strength") is not None:
-            strength = resolve_strength(params["strength"], kinds,
-                                        [numeric_parameters(type(d)) for d in steps], owner)
+            strength = resolve_strength(
+                params["strength"], kinds, [numeric_parameters(type(d)) for d in steps], owner
+            )
         return cls(steps=tuple(steps), step_kinds=tuple(kinds), strength=strength)
 
     @property
@@ -1075,8 +1152,11 @@ class ComposeDefense(Defense):
         mechanism might read the data after the noise: ``NonPrivateDpEvent``; before it,
         the mechanism clips its output: ``NoOpDpEvent``.
         """
-        found = [(i, p) for i, s in enumerate(self.steps)
-                 if s.privacy_step == "mechanism" and (p := s.privacy()) is not None]
+        found = [
+            (i, p)
+            for i, s in enumerate(self.steps)
+            if s.privacy_step == "mechanism" and (p := s.privacy()) is not None
+        ]
         if not found:
             return None
         first = found[0][0]
@@ -1087,15 +1167,18 @@ class ComposeDefense(Defense):
                 events.append(mechanisms[i].event)
             elif step.privacy_step is None and i > first:
                 events.append(dp_accounting.NonPrivateDpEvent())
-                notes.append(f"in this compose step {i} ({self.step_kinds[i]}) follows a "
-                             "privacy mechanism and may read the client's data after the "
-                             "noise: it is not post-processing, so the mechanism's ε does not "
-                             "bound it (ε = ∞)")
+                notes.append(
+                    f"in this compose step {i} ({self.step_kinds[i]}) follows a "
+                    "privacy mechanism and may read the client's data after the "
+                    "noise: it is not post-processing, so the mechanism's ε does not "
+                    "bound it (ε = ∞)"
+                )
             else:
                 events.append(dp_accounting.NoOpDpEvent())
         relations = sorted({p.relation for _, p in found})
-        return Privacy(dp_accounting.ComposedDpEvent(events), "; ".join(relations),
-                       "; ".join(notes))
+        return Privacy(
+            dp_accounting.ComposedDpEvent(events), "; ".join(relations), "; ".join(notes)
+        )
 
     def local_indices(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Each step's ``local_indices`` in turn."""
@@ -1103,15 +1186,17 @@ class ComposeDefense(Defense):
             idx = step.local_indices(idx, gen)
         return idx
 
-    def batch(self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, x: torch.Tensor, y: torch.Tensor, spec: DataSpec, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each step's ``batch`` in turn (targets may turn into probabilities on the way)."""
         for step in self.steps:
             x, y = step.batch(x, y, spec, gen)
         return x, y
 
-    def upload(self, update: torch.Tensor, layout: StateLayout,
-               gen: torch.Generator) -> torch.Tensor:
+    def upload(
+        self, update: torch.Tensor, layout: StateLayout, gen: torch.Generator
+    ) -> torch.Tensor:
         """Each step's ``upload`` in turn."""
         for step in self.steps:
             update = step.upload(update, layout, gen)
@@ -1208,9 +1293,17 @@ def defense_table() -> str:
         cls = DEFENSES.get(kind)
         doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
         doc = doc.removeprefix(f"``{kind}``: ").replace("``", "`").replace("|", "\\|")
-        params = ("`steps` (defenses), `strength` (`<step>.<parameter>`)"
-                  if cls is ComposeDefense else describe(cls))
-        strength = (f"`{cls.strength_param}`" if cls.strength_param
-                    else "`strength`" if cls is ComposeDefense else "—")
+        params = (
+            "`steps` (defenses), `strength` (`<step>.<parameter>`)"
+            if cls is ComposeDefense
+            else describe(cls)
+        )
+        strength = (
+            f"`{cls.strength_param}`"
+            if cls.strength_param
+            else "`strength`"
+            if cls is ComposeDefense
+            else "—"
+        )
         rows.append(f"| `{kind}` | {params} | {strength} | {doc} |")
     return "\n".join(rows) + "\n"

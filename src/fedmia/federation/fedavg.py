@@ -66,8 +66,15 @@ class DeviceData:
     num_classes: int
 
     @classmethod
-    def from_arrays(cls, images, labels, mean: Sequence[float], std: Sequence[float],
-                    num_classes: int, device: torch.device) -> DeviceData:
+    def from_arrays(
+        cls,
+        images,
+        labels,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        device: torch.device,
+    ) -> DeviceData:
         """Copy uint8 images (N×C×H×W numpy/tensor) and int labels to ``device`` once."""
         c = len(mean)
         return cls(
@@ -102,8 +109,15 @@ class LocalResult:
 
 
 def local_train(
-    state: FlatState, global_flat: torch.Tensor, data: DeviceData, idx: torch.Tensor,
-    cfg: TrainConfig, lr: float, defense: Defense, gen: torch.Generator, *,
+    state: FlatState,
+    global_flat: torch.Tensor,
+    data: DeviceData,
+    idx: torch.Tensor,
+    cfg: TrainConfig,
+    lr: float,
+    defense: Defense,
+    gen: torch.Generator,
+    *,
     out: torch.Tensor | None = None,
 ) -> LocalResult:
     """Train a client from ``global_flat`` on samples ``idx`` and return its upload.
@@ -127,8 +141,9 @@ def local_train(
     model = state.module
     state.load(global_flat)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     spec = DataSpec(num_classes=data.num_classes, mean=data.mean, std=data.std)
     idx = defense.local_indices(idx, gen)
     n = idx.numel()
@@ -141,11 +156,11 @@ def local_train(
             x_all, t_all = defense.batch(x_all, y_all, spec, gen)
         for start in range(0, n, cfg.batch_size):
             if defense.whole_local_set:
-                x = x_all[start:start + cfg.batch_size]
-                y = y_all[start:start + cfg.batch_size]
-                target = t_all[start:start + cfg.batch_size]
+                x = x_all[start : start + cfg.batch_size]
+                y = y_all[start : start + cfg.batch_size]
+                target = t_all[start : start + cfg.batch_size]
             else:
-                x, y = data.batch(order[start:start + cfg.batch_size])
+                x, y = data.batch(order[start : start + cfg.batch_size])
                 x, target = defense.batch(x, y, spec, gen)
             logits = model(x)
             loss = F.cross_entropy(logits, target)
@@ -220,8 +235,9 @@ def equal_denominator(participation: Participation, k: int, m: int) -> float:
     return float(m)
 
 
-def aggregation_weights(num_samples: torch.Tensor, rule: str, seed: int,
-                        rnd: int, denominator: float | None = None) -> torch.Tensor:
+def aggregation_weights(
+    num_samples: torch.Tensor, rule: str, seed: int, rnd: int, denominator: float | None = None
+) -> torch.Tensor:
     """The weight ``a_k`` of each participant's upload in round ``rnd`` (float32 m).
 
     Args:
@@ -253,8 +269,13 @@ def aggregation_weights(num_samples: torch.Tensor, rule: str, seed: int,
     return weights
 
 
-def aggregate(global_flat: torch.Tensor, uploads: torch.Tensor, weights: torch.Tensor, *,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def aggregate(
+    global_flat: torch.Tensor,
+    uploads: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """FedAvg step: ``w − Σ_k a_k Δ_k``.
 
     Args:
@@ -273,14 +294,15 @@ def aggregate(global_flat: torch.Tensor, uploads: torch.Tensor, weights: torch.T
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, idx: torch.Tensor,
-             batch_size: int) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: DeviceData, idx: torch.Tensor, batch_size: int
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on samples ``idx``."""
     model.eval()
     loss = torch.zeros((), device=data.labels.device)
     correct = torch.zeros((), device=data.labels.device)
     for start in range(0, idx.numel(), batch_size):
-        x, y = data.batch(idx[start:start + batch_size])
+        x, y = data.batch(idx[start : start + batch_size])
         logits = model(x)
         loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -292,9 +314,14 @@ PROBE_SAMPLES = 16
 
 
 @torch.no_grad()
-def outputs_finite(state: FlatState, data: DeviceData, idx: torch.Tensor,
-                   model_flat: torch.Tensor, sent: torch.Tensor | None = None,
-                   uploads: torch.Tensor | None = None) -> bool:
+def outputs_finite(
+    state: FlatState,
+    data: DeviceData,
+    idx: torch.Tensor,
+    model_flat: torch.Tensor,
+    sent: torch.Tensor | None = None,
+    uploads: torch.Tensor | None = None,
+) -> bool:
     """Whether ``model_flat`` (P) and each uploaded model give finite logits on ``idx``.
 
     A model with finite but huge weights (e.g. after strong unclipped parameter noise)
@@ -375,8 +402,13 @@ class RoundRecord:
 
 
 def run_fedavg(
-    state: FlatState, data: DeviceData, client_idx: Sequence[torch.Tensor],
-    test_idx: torch.Tensor, cfg: TrainConfig, defense: Defense, seed: int,
+    state: FlatState,
+    data: DeviceData,
+    client_idx: Sequence[torch.Tensor],
+    test_idx: torch.Tensor,
+    cfg: TrainConfig,
+    defense: Defense,
+    seed: int,
     start_round: int = 1,
 ) -> Iterator[RoundRecord]:
     """Run ``cfg.rounds`` FedAvg rounds, yielding one :class:`RoundRecord` per round.
@@ -409,24 +441,39 @@ def run_fedavg(
         t0 = time.perf_counter()
         lr = cfg.lr_at(rnd)
         part = participants(cfg.participation, seed, rnd, k)
-        uploads = buffer[:len(part)]
+        uploads = buffer[: len(part)]
         results = []
         for i, c in enumerate(part.tolist()):
-            results.append(local_train(state, global_flat, data, client_idx[c], cfg, lr,
-                                       defense, client_generator(seed, rnd, c),
-                                       out=uploads[i]))
+            results.append(
+                local_train(
+                    state,
+                    global_flat,
+                    data,
+                    client_idx[c],
+                    cfg,
+                    lr,
+                    defense,
+                    client_generator(seed, rnd, c),
+                    out=uploads[i],
+                )
+            )
         sizes = num_samples[torch.from_numpy(part)]
-        weights = aggregation_weights(sizes.to(device), rule, seed, rnd,
-                                      equal_denominator(cfg.participation, k, len(part)))
+        weights = aggregation_weights(
+            sizes.to(device), rule, seed, rnd, equal_denominator(cfg.participation, k, len(part))
+        )
         sent, global_flat = global_flat, aggregate(global_flat, uploads, weights, out=spare)
         spare = sent  # yielded below; the next round's aggregate overwrites it
         # the uploads' forward passes only where they are measured (observed rounds); the
         # aggregate every round (an overflowing global model is caught where it appears).
         # Finite: ``state`` holds the aggregate.
-        finite = (all(math.isfinite(r.loss) for r in results)
-                  and all_finite(uploads) and all_finite(global_flat)
-                  and outputs_finite(state, data, probe, global_flat, sent,
-                                     uploads if rnd in observed else None))
+        finite = (
+            all(math.isfinite(r.loss) for r in results)
+            and all_finite(uploads)
+            and all_finite(global_flat)
+            and outputs_finite(
+                state, data, probe, global_flat, sent, uploads if rnd in observed else None
+            )
+        )
         test_loss = test_acc = float("nan")
         last_finite = (float("nan"), float("nan"))
         if not finite:
@@ -440,13 +487,21 @@ def run_fedavg(
         seconds = time.perf_counter() - t0
         samples = sum(r.samples for r in results)
         yield RoundRecord(
-            round=rnd, participants=part.tolist(), lr=lr,
+            round=rnd,
+            participants=part.tolist(),
+            lr=lr,
             client_loss=[r.loss for r in results],
             client_accuracy=[r.accuracy for r in results],
-            num_samples=sizes.tolist(), weights=weights.tolist(),
-            test_loss=test_loss, test_accuracy=test_acc,
-            seconds=seconds, samples_per_s=samples / seconds,
-            global_flat=sent, uploads=uploads, diverged=not finite, last_finite_test=last_finite,
+            num_samples=sizes.tolist(),
+            weights=weights.tolist(),
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            seconds=seconds,
+            samples_per_s=samples / seconds,
+            global_flat=sent,
+            uploads=uploads,
+            diverged=not finite,
+            last_finite_test=last_finite,
         )
         if not finite:
             return

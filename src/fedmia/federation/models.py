@@ -41,12 +41,24 @@ ModelFactory = Callable[[int, int], "nn.Module"]
 #: resource estimates (:func:`fedmia.workflow.estimate_resources`).
 MODELS: Registry[ModelFactory] = Registry("model")
 
-MODELS.register("alexnet", impl="fedmia.federation.nets:alexnet",
-                samples_per_s={"gpu": 10_000, "cpu": 500}, parameters=2_495_396)
-MODELS.register("resnet18", impl="fedmia.federation.nets:resnet18",
-                samples_per_s={"gpu": 2_000, "cpu": 60}, parameters=11_220_132)
-MODELS.register("resnet18_bn", impl="fedmia.federation.nets:resnet18_bn",
-                samples_per_s={"gpu": 2_000, "cpu": 60}, parameters=11_220_132)
+MODELS.register(
+    "alexnet",
+    impl="fedmia.federation.nets:alexnet",
+    samples_per_s={"gpu": 10_000, "cpu": 500},
+    parameters=2_495_396,
+)
+MODELS.register(
+    "resnet18",
+    impl="fedmia.federation.nets:resnet18",
+    samples_per_s={"gpu": 2_000, "cpu": 60},
+    parameters=11_220_132,
+)
+MODELS.register(
+    "resnet18_bn",
+    impl="fedmia.federation.nets:resnet18_bn",
+    samples_per_s={"gpu": 2_000, "cpu": 60},
+    parameters=11_220_132,
+)
 
 
 def build_model(kind: str, num_classes: int, in_channels: int = 3, *, seed: int) -> nn.Module:

@@ -68,7 +68,8 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out))
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """B×c_in×H×W → B×c_out×H/stride×W/stride."""
@@ -88,14 +89,16 @@ class ResNet18Cifar(nn.Module):
     average on the square maps it is meant for.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3,
-                 norm: NormFactory = group_norm_32) -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, norm: NormFactory = group_norm_32
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = norm(64)
         self.layer1, self.layer2, self.layer3, self.layer4 = (
             nn.Sequential(BasicBlock(c_in, c_out, stride, norm), BasicBlock(c_out, c_out, 1, norm))
-            for c_in, c_out, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)))
+            for c_in, c_out, stride in ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2))
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512, num_classes)
 

@@ -50,36 +50,43 @@ class PartitionError(ValueError):
 #: A partition kind: ``(pool, labels, cfg, rng)`` → one sorted index array per client.
 #: ``pool`` (int, sorted) holds the training samples to deal out, ``labels`` (int N) the
 #: class of every sample of the dataset; every sample of ``pool`` goes to one client.
-PartitionKind = Callable[[np.ndarray, np.ndarray, PartitionConfig, np.random.Generator],
-                         list[np.ndarray]]
+PartitionKind = Callable[
+    [np.ndarray, np.ndarray, PartitionConfig, np.random.Generator], list[np.ndarray]
+]
 #: The partition kinds (``partitions.<key>.kind``), registered with ``@PARTITIONS.register``.
 PARTITIONS: Registry[PartitionKind] = Registry("partition kind")
 
 
 @PARTITIONS.register("iid")
-def iid_shards(pool: np.ndarray, labels: np.ndarray, cfg: PartitionConfig,
-               rng: np.random.Generator) -> list[np.ndarray]:
+def iid_shards(
+    pool: np.ndarray, labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Equal random shards (sizes differ by at most one)."""
     shards = np.array_split(rng.permutation(pool), cfg.num_clients)
     return [np.sort(s) for s in shards]
 
 
 @PARTITIONS.register("dirichlet")
-def dirichlet_shards(pool: np.ndarray, labels: np.ndarray, cfg: PartitionConfig,
-                     rng: np.random.Generator) -> list[np.ndarray]:
+def dirichlet_shards(
+    pool: np.ndarray, labels: np.ndarray, cfg: PartitionConfig, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Label-Dirichlet(β) shards, as the paper (:func:`_dirichlet`).
 
     Redrawn until every client can give its ``eval_members_per_client`` evaluation
     samples.
     """
     assert cfg.beta is not None
-    return _dirichlet(pool, labels, cfg.num_clients, cfg.beta, cfg.eval_members_per_client,
-                      rng)
+    return _dirichlet(pool, labels, cfg.num_clients, cfg.beta, cfg.eval_members_per_client, rng)
 
 
 def _dirichlet(
-    train_idx: np.ndarray, labels: np.ndarray, k: int, beta: float, min_size: int,
-    rng: np.random.Generator, max_tries: int = 1000,
+    train_idx: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    beta: float,
+    min_size: int,
+    rng: np.random.Generator,
+    max_tries: int = 1000,
 ) -> list[np.ndarray]:
     """Label-Dirichlet split: per class, proportions p ~ Dir(β·1_K) over clients.
 
@@ -166,26 +173,40 @@ def make_partition(
         filler[fillers] = True
         # slot i: canary i if its coin says "in", else filler i
         client_id[np.where(coins, ids, fillers)] = cfg.audit_target
-        log.info("audit: %d canaries from the held-out data, %d included in client %d's "
-                 "training data, %d fillers in the other slots", len(ids), int(coins.sum()),
-                 cfg.audit_target, int((~coins).sum()))
+        log.info(
+            "audit: %d canaries from the held-out data, %d included in client %d's "
+            "training data, %d fillers in the other slots",
+            len(ids),
+            int(coins.sum()),
+            cfg.audit_target,
+            int((~coins).sum()),
+        )
 
     sizes = [len(s) for s in shards]
-    log.info("%s partition: %d clients, sizes min %d / max %d, %d evaluation samples",
-             cfg.kind, k, min(sizes), max(sizes), int(in_eval.sum()))
-    return pd.DataFrame({
-        "sample_id": np.arange(len(labels), dtype=np.int64),
-        "client_id": client_id,
-        "is_test": is_test.astype(bool),
-        "eval": in_eval,
-        "canary": canary,
-        "canary_in": canary_in,
-        "filler": filler,
-    })
+    log.info(
+        "%s partition: %d clients, sizes min %d / max %d, %d evaluation samples",
+        cfg.kind,
+        k,
+        min(sizes),
+        max(sizes),
+        int(in_eval.sum()),
+    )
+    return pd.DataFrame(
+        {
+            "sample_id": np.arange(len(labels), dtype=np.int64),
+            "client_id": client_id,
+            "is_test": is_test.astype(bool),
+            "eval": in_eval,
+            "canary": canary,
+            "canary_in": canary_in,
+            "filler": filler,
+        }
+    )
 
 
-def evaluation_set(owner: np.ndarray, cfg: PartitionConfig, seed: int,
-                   where: str = "partition") -> np.ndarray:
+def evaluation_set(
+    owner: np.ndarray, cfg: PartitionConfig, seed: int, where: str = "partition"
+) -> np.ndarray:
     """The evaluation set of a recorded run's clients (its recording names none).
 
     ``eval_members_per_client`` samples of each client and ``eval_nonmembers`` of the
@@ -209,14 +230,18 @@ def evaluation_set(owner: np.ndarray, cfg: PartitionConfig, seed: int,
     for c in range(cfg.num_clients):
         own = np.flatnonzero(owner == c)
         if len(own) < cfg.eval_members_per_client:
-            raise PartitionError(f"{where}.eval_members_per_client = "
-                                 f"{cfg.eval_members_per_client} but client {c} of the "
-                                 f"recording owns {len(own)} samples; lower it")
+            raise PartitionError(
+                f"{where}.eval_members_per_client = "
+                f"{cfg.eval_members_per_client} but client {c} of the "
+                f"recording owns {len(own)} samples; lower it"
+            )
         in_eval[rng.choice(own, size=cfg.eval_members_per_client, replace=False)] = True
     pool = np.flatnonzero(owner == HELD_OUT)
     if len(pool) < cfg.eval_nonmembers:
-        raise PartitionError(f"{where}.eval_nonmembers = {cfg.eval_nonmembers} but the "
-                             f"recording's held-out pool holds {len(pool)} samples; lower it")
+        raise PartitionError(
+            f"{where}.eval_nonmembers = {cfg.eval_nonmembers} but the "
+            f"recording's held-out pool holds {len(pool)} samples; lower it"
+        )
     in_eval[rng.choice(pool, size=cfg.eval_nonmembers, replace=False)] = True
     return in_eval
 
@@ -243,8 +268,13 @@ def draw_canaries(candidates: np.ndarray, m: int, seed: int) -> tuple[np.ndarray
     return ids, rng.random(m) < 0.5
 
 
-def _audit_slots(client_id: np.ndarray, in_eval: np.ndarray, test_idx: np.ndarray,
-                 cfg: PartitionConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _audit_slots(
+    client_id: np.ndarray,
+    in_eval: np.ndarray,
+    test_idx: np.ndarray,
+    cfg: PartitionConfig,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The audit's canaries, coins and slot fillers (Steinke, Nasr & Jagielski 2023).
 
     Canaries: ``audit_canaries`` = m test samples outside the evaluation set, each
@@ -270,7 +300,8 @@ def _audit_slots(client_id: np.ndarray, in_eval: np.ndarray, test_idx: np.ndarra
     if m > len(candidates):
         raise PartitionError(
             f"audit_canaries = {m} but only {len(candidates)} held-out samples lie outside "
-            "the evaluation set; lower audit_canaries or eval_nonmembers")
+            "the evaluation set; lower audit_canaries or eval_nonmembers"
+        )
     stream = int(rng_for(seed, STREAM_AUDIT).integers(2**62))
     ids, coins = draw_canaries(np.sort(candidates), m, stream)
     spare = np.flatnonzero((client_id == HELD_OUT) & ~in_eval)
@@ -280,7 +311,8 @@ def _audit_slots(client_id: np.ndarray, in_eval: np.ndarray, test_idx: np.ndarra
             f"audit_canaries = {m} needs {m} canaries and {m} fillers (a filler takes a "
             f"canary's slot in client {cfg.audit_target}'s data when its coin says out), but "
             f"only {len(spare)} held-out samples remain outside the evaluation set and the "
-            "canaries; lower audit_canaries, eval_nonmembers or samples_per_client")
+            "canaries; lower audit_canaries, eval_nonmembers or samples_per_client"
+        )
     fillers = rng_for(seed, STREAM_AUDIT, 1).choice(spare, size=m, replace=False)
     return ids, coins, fillers
 

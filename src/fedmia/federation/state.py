@@ -55,14 +55,26 @@ class StateLayout:
 
     def to_list(self) -> list[dict]:
         """JSON-friendly form (saved next to the weights)."""
-        return [dict(name=e.name, shape=list(e.shape), offset=e.offset, numel=e.numel,
-                     is_param=e.is_param) for e in self.entries]
+        return [
+            dict(
+                name=e.name,
+                shape=list(e.shape),
+                offset=e.offset,
+                numel=e.numel,
+                is_param=e.is_param,
+            )
+            for e in self.entries
+        ]
 
     @classmethod
     def from_list(cls, items: list[dict]) -> StateLayout:
         """Inverse of :meth:`to_list`."""
-        return cls(tuple(Entry(i["name"], tuple(i["shape"]), i["offset"], i["numel"],
-                               i["is_param"]) for i in items))
+        return cls(
+            tuple(
+                Entry(i["name"], tuple(i["shape"]), i["offset"], i["numel"], i["is_param"])
+                for i in items
+            )
+        )
 
 
 class FlatState:

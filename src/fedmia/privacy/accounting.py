@@ -71,6 +71,7 @@ rdp = LazyModule("dp_accounting.rdp")
 
 log = logging.getLogger(__name__)
 
+
 def neighboring_relation() -> Any:
     """The relation of both accountants: add or remove one unit (``ADD_OR_REMOVE_ONE``).
 
@@ -91,15 +92,17 @@ def accountant_relation(accountant: str) -> Any:
         return neighboring_relation()
     if accountant == REPLACE_ONE:
         return dp_accounting.NeighboringRelation.REPLACE_ONE
-    raise ValueError(f"unknown accountant relation {accountant!r}; choose {ADD_OR_REMOVE!r} "
-                     f"or {REPLACE_ONE!r}")
+    raise ValueError(
+        f"unknown accountant relation {accountant!r}; choose {ADD_OR_REMOVE!r} or {REPLACE_ONE!r}"
+    )
+
+
 #: Default δ of the reports.
 DEFAULT_DELTA = 1e-5
 #: Above this ε_RDP the PLD accountant is skipped (see the module docstring).
 PLD_SKIP_ABOVE = 1e4
 #: PLD discretisation step at ε ≤ 1; above, the step is this times ε_RDP.
 PLD_BASE_INTERVAL = 1e-4
-
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,9 @@ def _check(rounds: int, delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
 
 
-def rdp_epsilon(event: dp_accounting.DpEvent, delta: float,
-                accountant: str = ADD_OR_REMOVE) -> tuple[float, float]:
+def rdp_epsilon(
+    event: dp_accounting.DpEvent, delta: float, accountant: str = ADD_OR_REMOVE
+) -> tuple[float, float]:
     """ε at δ and the optimal order of ``event`` from dp-accounting's RDP accountant.
 
     ``accountant``: the neighbouring relation (:func:`accountant_relation`).
@@ -192,14 +196,22 @@ def gaussian_rounds(z: float, rounds: int) -> dp_accounting.DpEvent:
 
 
 #: Why an event under replace-one has no PLD ε (:func:`epsilon_of`).
-NO_PLD_REPLACE_ONE = ("no PLD ε: dp-accounting's PLD accountant does not support sampling "
-                      "without replacement; RDP under replace-one only")
+NO_PLD_REPLACE_ONE = (
+    "no PLD ε: dp-accounting's PLD accountant does not support sampling "
+    "without replacement; RDP under replace-one only"
+)
 
 
-def epsilon_of(event: dp_accounting.DpEvent, *, rounds: int, delta: float = DEFAULT_DELTA,
-               relation: str = "", note: str = "",
-               pld_skip_above: float = PLD_SKIP_ABOVE,
-               accountant: str = ADD_OR_REMOVE) -> EpsilonReport:
+def epsilon_of(
+    event: dp_accounting.DpEvent,
+    *,
+    rounds: int,
+    delta: float = DEFAULT_DELTA,
+    relation: str = "",
+    note: str = "",
+    pld_skip_above: float = PLD_SKIP_ABOVE,
+    accountant: str = ADD_OR_REMOVE,
+) -> EpsilonReport:
     """ε at δ of a composed event, RDP first, then PLD unless ``ε_RDP > pld_skip_above``.
 
     An infinite ε (a ``NonPrivateDpEvent`` inside) is reported as ∞ by both, with
@@ -218,30 +230,63 @@ def epsilon_of(event: dp_accounting.DpEvent, *, rounds: int, delta: float = DEFA
     _check(rounds, delta)
     eps_rdp, order = rdp_epsilon(event, delta, accountant)
     if accountant == REPLACE_ONE and math.isfinite(eps_rdp):
-        return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=eps_rdp, rdp_order=order,
-                             epsilon_pld=None, pld_interval=None,
-                             note="; ".join(n for n in (note, NO_PLD_REPLACE_ONE) if n),
-                             relation=relation)
+        return EpsilonReport(
+            rounds=rounds,
+            delta=delta,
+            epsilon_rdp=eps_rdp,
+            rdp_order=order,
+            epsilon_pld=None,
+            pld_interval=None,
+            note="; ".join(n for n in (note, NO_PLD_REPLACE_ONE) if n),
+            relation=relation,
+        )
     if not math.isfinite(eps_rdp):
-        return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=math.inf, rdp_order=None,
-                             epsilon_pld=math.inf, pld_interval=None, note=note,
-                             relation=relation)
+        return EpsilonReport(
+            rounds=rounds,
+            delta=delta,
+            epsilon_rdp=math.inf,
+            rdp_order=None,
+            epsilon_pld=math.inf,
+            pld_interval=None,
+            note=note,
+            relation=relation,
+        )
     if eps_rdp > pld_skip_above:
-        skipped = (f"PLD skipped: ε_RDP = {eps_rdp:.4g} > {pld_skip_above:g}; at this size "
-                   "the mechanism is not private in any useful sense")
+        skipped = (
+            f"PLD skipped: ε_RDP = {eps_rdp:.4g} > {pld_skip_above:g}; at this size "
+            "the mechanism is not private in any useful sense"
+        )
         log.info("%s", skipped)
-        return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=eps_rdp, rdp_order=order,
-                             epsilon_pld=None, pld_interval=None,
-                             note="; ".join(n for n in (note, skipped) if n),
-                             relation=relation)
+        return EpsilonReport(
+            rounds=rounds,
+            delta=delta,
+            epsilon_rdp=eps_rdp,
+            rdp_order=order,
+            epsilon_pld=None,
+            pld_interval=None,
+            note="; ".join(n for n in (note, skipped) if n),
+            relation=relation,
+        )
     step = pld_interval(eps_rdp)
-    return EpsilonReport(rounds=rounds, delta=delta, epsilon_rdp=eps_rdp, rdp_order=order,
-                         epsilon_pld=pld_epsilon(event, delta, step), pld_interval=step,
-                         note=note, relation=relation)
+    return EpsilonReport(
+        rounds=rounds,
+        delta=delta,
+        epsilon_rdp=eps_rdp,
+        rdp_order=order,
+        epsilon_pld=pld_epsilon(event, delta, step),
+        pld_interval=step,
+        note=note,
+        relation=relation,
+    )
 
 
-def accounted_epsilon(sigma: float, rounds: int, *, delta: float = DEFAULT_DELTA,
-                      pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport:
+def accounted_epsilon(
+    sigma: float,
+    rounds: int,
+    *,
+    delta: float = DEFAULT_DELTA,
+    pld_skip_above: float = PLD_SKIP_ABOVE,
+) -> EpsilonReport:
     """Client-level ε at δ of fedmia's ``dp`` with noise multiplier σ over T rounds.
 
     The event of :meth:`fedmia.federation.defenses.DPDefense.privacy` (a Gaussian with
@@ -251,22 +296,43 @@ def accounted_epsilon(sigma: float, rounds: int, *, delta: float = DEFAULT_DELTA
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     _check(rounds, delta)
     if sigma == 0:
-        return epsilon_of(dp_accounting.NonPrivateDpEvent(), rounds=rounds, delta=delta,
-                          note="σ = 0: the clipped update is uploaded without noise, so ε = ∞")
-    return epsilon_of(gaussian_rounds(noise_multiplier(sigma), rounds), rounds=rounds,
-                      delta=delta, pld_skip_above=pld_skip_above)
+        return epsilon_of(
+            dp_accounting.NonPrivateDpEvent(),
+            rounds=rounds,
+            delta=delta,
+            note="σ = 0: the clipped update is uploaded without noise, so ε = ∞",
+        )
+    return epsilon_of(
+        gaussian_rounds(noise_multiplier(sigma), rounds),
+        rounds=rounds,
+        delta=delta,
+        pld_skip_above=pld_skip_above,
+    )
 
 
-def record_epsilon(record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA,
-                   pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport:
+def record_epsilon(
+    record: Mapping[str, Any],
+    *,
+    delta: float = DEFAULT_DELTA,
+    pld_skip_above: float = PLD_SKIP_ABOVE,
+) -> EpsilonReport:
     """ε at δ of a cell's record (:func:`fedmia.privacy.events.cell_privacy`, from its manifest)."""
-    return epsilon_of(event_from_dict(record["event"]), rounds=int(record["rounds"]),
-                      delta=delta, relation=record.get("relation", ""),
-                      note=record.get("note", ""), pld_skip_above=pld_skip_above)
+    return epsilon_of(
+        event_from_dict(record["event"]),
+        rounds=int(record["rounds"]),
+        delta=delta,
+        relation=record.get("relation", ""),
+        note=record.get("note", ""),
+        pld_skip_above=pld_skip_above,
+    )
 
 
-def observer_epsilon(record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA,
-                     pld_skip_above: float = PLD_SKIP_ABOVE) -> EpsilonReport | None:
+def observer_epsilon(
+    record: Mapping[str, Any],
+    *,
+    delta: float = DEFAULT_DELTA,
+    pld_skip_above: float = PLD_SKIP_ABOVE,
+) -> EpsilonReport | None:
     """ε at δ against an observer of the global models only (partial participation).
 
     From a cell record's ``observer`` (:func:`fedmia.privacy.events.observer_record`):
@@ -277,14 +343,20 @@ def observer_epsilon(record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA,
     obs = record.get("observer")
     if not obs or obs.get("event") is None:
         return None
-    return epsilon_of(event_from_dict(obs["event"]), rounds=int(obs["rounds"]), delta=delta,
-                      relation=record.get("relation", ""), note=obs.get("note", ""),
-                      pld_skip_above=pld_skip_above,
-                      accountant=obs.get("accountant", ADD_OR_REMOVE))
+    return epsilon_of(
+        event_from_dict(obs["event"]),
+        rounds=int(obs["rounds"]),
+        delta=delta,
+        relation=record.get("relation", ""),
+        note=obs.get("note", ""),
+        pld_skip_above=pld_skip_above,
+        accountant=obs.get("accountant", ADD_OR_REMOVE),
+    )
 
 
-def client_epsilons(record: Mapping[str, Any], *,
-                    delta: float = DEFAULT_DELTA) -> list[float] | None:
+def client_epsilons(
+    record: Mapping[str, Any], *, delta: float = DEFAULT_DELTA
+) -> list[float] | None:
     """Each client's RDP ε at δ against the server: its own rounds composed.
 
     Under partial participation the record keeps ``client_rounds``; client c's guarantee
@@ -296,6 +368,8 @@ def client_epsilons(record: Mapping[str, Any], *,
         return None
     composed = event_from_dict(record["event"])
     step = composed.event if isinstance(composed, dp_accounting.SelfComposedDpEvent) else composed
-    by_count = {n: 0.0 if n == 0 else rdp_epsilon(
-        dp_accounting.SelfComposedDpEvent(step, n), delta)[0] for n in set(counts)}
+    by_count = {
+        n: 0.0 if n == 0 else rdp_epsilon(dp_accounting.SelfComposedDpEvent(step, n), delta)[0]
+        for n in set(counts)
+    }
     return [by_count[n] for n in counts]

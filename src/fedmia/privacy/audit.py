@@ -79,12 +79,15 @@ _TOL = 1e-9
 
 def _check_counts(num_canaries: int, num_guesses: int, num_correct: int) -> None:
     if not 0 <= num_correct <= num_guesses <= num_canaries:
-        raise ValueError("need 0 <= num_correct <= num_guesses <= num_canaries, got "
-                         f"{num_correct}, {num_guesses}, {num_canaries}")
+        raise ValueError(
+            "need 0 <= num_correct <= num_guesses <= num_canaries, got "
+            f"{num_correct}, {num_guesses}, {num_canaries}"
+        )
 
 
-def audit_p_value(num_canaries: int, num_guesses: int, num_correct: int, epsilon: float,
-                  delta: float) -> float:
+def audit_p_value(
+    num_canaries: int, num_guesses: int, num_correct: int, epsilon: float, delta: float
+) -> float:
     """Upper bound on P[≥ v of r guesses correct] under (ε, δ)-DP (the main theorem).
 
     Args:
@@ -111,8 +114,9 @@ def audit_p_value(num_canaries: int, num_guesses: int, num_correct: int, epsilon
     return min(tail + alpha * delta * 2 * num_canaries, 1.0)
 
 
-def epsilon_lower_bound(num_canaries: int, num_guesses: int, num_correct: int, delta: float,
-                        beta: float = DEFAULT_BETA) -> float:
+def epsilon_lower_bound(
+    num_canaries: int, num_guesses: int, num_correct: int, delta: float, beta: float = DEFAULT_BETA
+) -> float:
     """The largest ε whose p-value for ``v`` correct of ``r`` guesses is below β.
 
     Training that is (ε, δ)-DP for any smaller ε would show ``num_correct`` or more
@@ -178,8 +182,9 @@ class GuessCount:
         return self.correct_in + self.correct_out
 
 
-def count_guesses(order: np.ndarray, included: np.ndarray, guesses_in: int,
-                  guesses_out: int) -> GuessCount:
+def count_guesses(
+    order: np.ndarray, included: np.ndarray, guesses_in: int, guesses_out: int
+) -> GuessCount:
     """Guess "in" for the first ``guesses_in`` of ``order`` and "out" for the last ``guesses_out``.
 
     Args:
@@ -191,9 +196,10 @@ def count_guesses(order: np.ndarray, included: np.ndarray, guesses_in: int,
     n = len(order)
     if guesses_in < 0 or guesses_out < 0 or guesses_in + guesses_out > n:
         raise ValueError(f"need r+, r- >= 0 and r+ + r- <= {n}, got {guesses_in}, {guesses_out}")
-    top, bottom = order[:guesses_in], order[n - guesses_out:]
-    return GuessCount(guesses_in, guesses_out, int(included[top].sum()),
-                      int((~included[bottom]).sum()))
+    top, bottom = order[:guesses_in], order[n - guesses_out :]
+    return GuessCount(
+        guesses_in, guesses_out, int(included[top].sum()), int((~included[bottom]).sum())
+    )
 
 
 @dataclass(frozen=True)
@@ -250,17 +256,21 @@ def _halves(n: int, holdout_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     rng = np.random.default_rng(holdout_seed)
     perm = rng.permutation(n)
     tie_key = rng.random(n)
-    return perm[: n // 2], perm[n // 2:], tie_key
+    return perm[: n // 2], perm[n // 2 :], tie_key
 
 
-def _check_scores(scores: np.ndarray, included: np.ndarray,
-                  choices: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+def _check_scores(
+    scores: np.ndarray, included: np.ndarray, choices: Sequence[tuple[float, float]]
+) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=float)
     included = np.asarray(included, dtype=bool)
-    if (scores.ndim not in (1, 2) or scores.shape[-1:] != included.shape
-            or included.ndim != 1 or len(included) < 2):
-        raise ValueError("scores (m, or attacks × m) and included (m) must be aligned, with "
-                         "m >= 2")
+    if (
+        scores.ndim not in (1, 2)
+        or scores.shape[-1:] != included.shape
+        or included.ndim != 1
+        or len(included) < 2
+    ):
+        raise ValueError("scores (m, or attacks × m) and included (m) must be aligned, with m >= 2")
     if not np.all(np.isfinite(scores)):
         raise ValueError("scores must be finite")
     if not choices:
@@ -268,9 +278,15 @@ def _check_scores(scores: np.ndarray, included: np.ndarray,
     return scores, included
 
 
-def _bound(scores: np.ndarray, included: np.ndarray, tie_key: np.ndarray, idx: np.ndarray,
-           choice: tuple[float, float], delta: float, beta: float
-           ) -> tuple[float, GuessCount]:
+def _bound(
+    scores: np.ndarray,
+    included: np.ndarray,
+    tie_key: np.ndarray,
+    idx: np.ndarray,
+    choice: tuple[float, float],
+    delta: float,
+    beta: float,
+) -> tuple[float, GuessCount]:
     """The bound and the guesses of ``choice`` on the canaries ``idx``."""
     order = np.lexsort((tie_key[idx], -scores[idx]))  # highest first, ties by the key
     count = count_guesses(order, included[idx], *_counts(len(idx), choice))
@@ -278,23 +294,45 @@ def _bound(scores: np.ndarray, included: np.ndarray, tie_key: np.ndarray, idx: n
     return eps, count
 
 
-def _result(scores: np.ndarray, included: np.ndarray, tie_key: np.ndarray,
-            select: np.ndarray, audit: np.ndarray, choice: tuple[float, float],
-            selection_epsilon: float, delta: float, beta: float) -> AuditResult:
+def _result(
+    scores: np.ndarray,
+    included: np.ndarray,
+    tie_key: np.ndarray,
+    select: np.ndarray,
+    audit: np.ndarray,
+    choice: tuple[float, float],
+    selection_epsilon: float,
+    delta: float,
+    beta: float,
+) -> AuditResult:
     eps, count = _bound(scores, included, tie_key, audit, choice, delta, beta)
     return AuditResult(
-        epsilon=eps, num_canaries=len(audit), num_guesses=count.num_guesses,
-        num_correct=count.num_correct, guesses_in=count.guesses_in,
-        guesses_out=count.guesses_out, correct_in=count.correct_in,
-        correct_out=count.correct_out, delta=delta, beta=beta, rule="holdout",
-        choice=tuple(choice), selection_canaries=len(select),
-        selection_epsilon=selection_epsilon)
+        epsilon=eps,
+        num_canaries=len(audit),
+        num_guesses=count.num_guesses,
+        num_correct=count.num_correct,
+        guesses_in=count.guesses_in,
+        guesses_out=count.guesses_out,
+        correct_in=count.correct_in,
+        correct_out=count.correct_out,
+        delta=delta,
+        beta=beta,
+        rule="holdout",
+        choice=tuple(choice),
+        selection_canaries=len(select),
+        selection_epsilon=selection_epsilon,
+    )
 
 
-def audit_from_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
-                      beta: float = DEFAULT_BETA,
-                      choices: Sequence[tuple[float, float]] = DEFAULT_CHOICES,
-                      holdout_seed: int = 0) -> AuditResult:
+def audit_from_scores(
+    scores: np.ndarray,
+    included: np.ndarray,
+    *,
+    delta: float,
+    beta: float = DEFAULT_BETA,
+    choices: Sequence[tuple[float, float]] = DEFAULT_CHOICES,
+    holdout_seed: int = 0,
+) -> AuditResult:
     """One-run ε lower bound from canary scores, the guess counts chosen on a held-out half.
 
     Args:
@@ -313,14 +351,20 @@ def audit_from_scores(scores: np.ndarray, included: np.ndarray, *, delta: float,
     scores, included = _check_scores(scores, included, choices)
     if scores.ndim != 1:
         raise ValueError("scores and included must be 1-D, of equal length >= 2")
-    return select_and_audit(scores[None], included, delta=delta, beta=beta, choices=choices,
-                            holdout_seed=holdout_seed)[1]
+    return select_and_audit(
+        scores[None], included, delta=delta, beta=beta, choices=choices, holdout_seed=holdout_seed
+    )[1]
 
 
-def select_and_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
-                     beta: float = DEFAULT_BETA,
-                     choices: Sequence[tuple[float, float]] = DEFAULT_CHOICES,
-                     holdout_seed: int = 0) -> tuple[int, AuditResult]:
+def select_and_audit(
+    scores: np.ndarray,
+    included: np.ndarray,
+    *,
+    delta: float,
+    beta: float = DEFAULT_BETA,
+    choices: Sequence[tuple[float, float]] = DEFAULT_CHOICES,
+    holdout_seed: int = 0,
+) -> tuple[int, AuditResult]:
     """One-run ε bound of the best of several attacks, chosen with the guesses on held-out canaries.
 
     The largest of several per-attack bounds is not a 95 % bound (each is one at level
@@ -348,19 +392,31 @@ def select_and_audit(scores: np.ndarray, included: np.ndarray, *, delta: float,
     if scores.ndim != 2 or len(scores) == 0:
         raise ValueError("scores must be 2-D (attacks × canaries) with at least one attack")
     select, audit, tie_key = _halves(len(included), holdout_seed)
-    tried = np.array([[_bound(s, included, tie_key, select, c, delta, beta)[0]
-                       for c in choices] for s in scores])  # A × choices
+    tried = np.array(
+        [[_bound(s, included, tie_key, select, c, delta, beta)[0] for c in choices] for s in scores]
+    )  # A × choices
     a, c = np.unravel_index(int(np.argmax(tried)), tried.shape)  # first among equals
-    return int(a), _result(scores[a], included, tie_key, select, audit, choices[c],
-                           float(tried[a, c]), delta, beta)
+    return int(a), _result(
+        scores[a], included, tie_key, select, audit, choices[c], float(tried[a, c]), delta, beta
+    )
 
 
-def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, target: int,
-                  *, attack_rounds: Iterable[int] | None = None, ddof: int = 0,
-                  outlier_filter: Mapping[str, bool] | None = None,
-                  lira: LiraOptions = DEFAULT_LIRA, rmia: RmiaOptions = DEFAULT_RMIA,
-                  population: Sequence[int] | np.ndarray | None = None, delta: float,
-                  beta: float = DEFAULT_BETA, seed: int = 0) -> pd.DataFrame:
+def audit_attacks(
+    names: Sequence[str],
+    mdm: pd.DataFrame,
+    canaries: pd.Series,
+    target: int,
+    *,
+    attack_rounds: Iterable[int] | None = None,
+    ddof: int = 0,
+    outlier_filter: Mapping[str, bool] | None = None,
+    lira: LiraOptions = DEFAULT_LIRA,
+    rmia: RmiaOptions = DEFAULT_RMIA,
+    population: Sequence[int] | np.ndarray | None = None,
+    delta: float,
+    beta: float = DEFAULT_BETA,
+    seed: int = 0,
+) -> pd.DataFrame:
     """The one-run ε audit of each attack (aligned protocol) on the target's canaries.
 
     Each attack scores every canary against ``target`` as it scores a sample (the
@@ -401,54 +457,88 @@ def audit_attacks(names: Sequence[str], mdm: pd.DataFrame, canaries: pd.Series, 
     """
     specs = [ATTACKS.get(n) for n in names]
     ids = np.sort(canaries.index.to_numpy())
-    pop = np.setdiff1d(np.asarray(population if population is not None else [],
-                                  dtype=np.int64), ids)
+    pop = np.setdiff1d(
+        np.asarray(population if population is not None else [], dtype=np.int64), ids
+    )
     if population is None and any(s.kind == "rmia" for s in specs):
-        raise ValueError("the audit of an RMIA attack needs a population: pass the held-out "
-                         "evaluation samples' ids (population=...)")
+        raise ValueError(
+            "the audit of an RMIA attack needs a population: pass the held-out "
+            "evaluation samples' ids (population=...)"
+        )
     lacking = np.setdiff1d(np.r_[ids, pop], mdm["sample_id"].unique())
     if len(lacking):
-        raise ValueError(f"the measure table lacks {len(lacking)} canaries or population "
-                         f"samples, e.g. sample_id {lacking[0]}{REMEASURE}")
-    cube = MeasureCube.from_frame(mdm[mdm["sample_id"].isin(np.r_[ids, pop])],
-                                  sorted({m for s in specs for m in s.measures}))
+        raise ValueError(
+            f"the measure table lacks {len(lacking)} canaries or population "
+            f"samples, e.g. sample_id {lacking[0]}{REMEASURE}"
+        )
+    cube = MeasureCube.from_frame(
+        mdm[mdm["sample_id"].isin(np.r_[ids, pop])], sorted({m for s in specs for m in s.measures})
+    )
     is_canary = np.isin(cube.sample_ids, ids)
     included = canaries.reindex(cube.sample_ids[is_canary]).to_numpy().astype(bool)
     t = cube.client_index(target)
     attacked = attacked_mask(cube, attack_rounds)
     filt = dict(outlier_filter or {})
-    halves = calibrated.crossfit_halves(len(cube.sample_ids),
-                                        uncertainty.stable_seed(seed, RMIA_HALVES))
+    halves = calibrated.crossfit_halves(
+        len(cube.sample_ids), uncertainty.stable_seed(seed, RMIA_HALVES)
+    )
     out, scored = [], []
     for spec in specs:
         if not attacked.any():
             continue
         xs = [sign * cube.values[m] for m, sign in spec.signals]
-        scores = score_slots(spec, xs, t, attacked, ddof=ddof,
-                             outlier_filter=filt.get(spec.name, False), lira=lira, rmia=rmia,
-                             population=~is_canary, halves=halves)[:, is_canary]
+        scores = score_slots(
+            spec,
+            xs,
+            t,
+            attacked,
+            ddof=ddof,
+            outlier_filter=filt.get(spec.name, False),
+            lira=lira,
+            rmia=rmia,
+            population=~is_canary,
+            halves=halves,
+        )[:, is_canary]
         if spec.kind == "single":
             last = int(np.flatnonzero(attacked)[-1])
             rnd, sc = int(cube.rounds[last]), scores[last]
         else:
             rnd, sc = MULTI_ROUND, scores[0]
-        res = audit_from_scores(sc, included, delta=delta, beta=beta,
-                                      holdout_seed=uncertainty.stable_seed(seed, spec.name))
+        res = audit_from_scores(
+            sc,
+            included,
+            delta=delta,
+            beta=beta,
+            holdout_seed=uncertainty.stable_seed(seed, spec.name),
+        )
         out.append(_audit_row(spec.name, target, rnd, res, ""))
         scored.append((spec.name, rnd, sc))
     if scored:
-        a, res = select_and_audit(np.stack([sc for _, _, sc in scored]), included,
-                                        delta=delta, beta=beta,
-                                        holdout_seed=uncertainty.stable_seed(seed, SELECTED))
+        a, res = select_and_audit(
+            np.stack([sc for _, _, sc in scored]),
+            included,
+            delta=delta,
+            beta=beta,
+            holdout_seed=uncertainty.stable_seed(seed, SELECTED),
+        )
         out.append(_audit_row(SELECTED, target, scored[a][1], res, scored[a][0]))
     return pd.DataFrame(out, columns=list(AUDIT_COLUMNS))
 
 
-def _audit_row(attack: str, target: int, rnd: int, res: AuditResult,
-               selected: str) -> dict[str, Any]:
-    return {"attack": attack, "target": target, "round": rnd,
-            "epsilon_empirical": res.epsilon, "num_canaries": res.num_canaries,
-            "num_guesses": res.num_guesses, "num_correct": res.num_correct,
-            "delta": res.delta, "beta": res.beta, "rule": res.rule,
-            "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out",
-            "selected_attack": selected}
+def _audit_row(
+    attack: str, target: int, rnd: int, res: AuditResult, selected: str
+) -> dict[str, Any]:
+    return {
+        "attack": attack,
+        "target": target,
+        "round": rnd,
+        "epsilon_empirical": res.epsilon,
+        "num_canaries": res.num_canaries,
+        "num_guesses": res.num_guesses,
+        "num_correct": res.num_correct,
+        "delta": res.delta,
+        "beta": res.beta,
+        "rule": res.rule,
+        "choice": f"{res.choice[0]:g} in / {res.choice[1]:g} out",
+        "selected_attack": selected,
+    }

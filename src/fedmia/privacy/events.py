@@ -18,7 +18,8 @@ from fedmia.core.lazy import dp_accounting
 UNNOISED_STATISTICS = (
     "the model's normalisation statistics (BatchNorm running mean/var) are uploaded "
     "without clipping or noise: they are a deterministic function of the client's data, "
-    "so ε = ∞ whatever σ")
+    "so ε = ∞ whatever σ"
+)
 
 
 def event_to_dict(event: dp_accounting.DpEvent) -> dict[str, Any]:
@@ -62,8 +63,13 @@ def _unplain(value: Any) -> Any:
 ADD_OR_REMOVE, REPLACE_ONE = "add_or_remove", "replace_one"
 
 
-def cell_privacy(privacy: Any, *, rounds: int, unnoised_state: bool,
-                 participation: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def cell_privacy(
+    privacy: Any,
+    *,
+    rounds: int,
+    unnoised_state: bool,
+    participation: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """The record of a cell's guarantee: its defense's event over the rounds it ran.
 
     Args:
@@ -93,22 +99,37 @@ def cell_privacy(privacy: Any, *, rounds: int, unnoised_state: bool,
         event = dp_accounting.ComposedDpEvent([event, dp_accounting.NonPrivateDpEvent()])
         note = "; ".join(n for n in (note, UNNOISED_STATISTICS) if n)
     if participation is None or float(participation["fraction"]) == 1.0:
-        return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, rounds)),
-                "rounds": rounds, "relation": privacy.relation, "note": note}
+        return {
+            "event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, rounds)),
+            "rounds": rounds,
+            "relation": privacy.relation,
+            "note": note,
+        }
     client_rounds = [int(n) for n in participation["client_rounds"]]
     most = max(client_rounds)
-    seen = (f"against the server, which knows who took part: the rounds a client took "
-            f"part in, at most {most} of {rounds}")
-    return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, most)),
-            "rounds": most, "relation": privacy.relation,
-            "note": "; ".join(n for n in (note, seen) if n), "client_rounds": client_rounds,
-            "observer": observer_record(privacy.event, rounds=rounds,
-                                        unnoised_state=unnoised_state,
-                                        participation=participation)}
+    seen = (
+        f"against the server, which knows who took part: the rounds a client took "
+        f"part in, at most {most} of {rounds}"
+    )
+    return {
+        "event": event_to_dict(dp_accounting.SelfComposedDpEvent(event, most)),
+        "rounds": most,
+        "relation": privacy.relation,
+        "note": "; ".join(n for n in (note, seen) if n),
+        "client_rounds": client_rounds,
+        "observer": observer_record(
+            privacy.event, rounds=rounds, unnoised_state=unnoised_state, participation=participation
+        ),
+    }
 
 
-def observer_record(event: dp_accounting.DpEvent, *, rounds: int, unnoised_state: bool,
-                    participation: Mapping[str, Any]) -> dict[str, Any]:
+def observer_record(
+    event: dp_accounting.DpEvent,
+    *,
+    rounds: int,
+    unnoised_state: bool,
+    participation: Mapping[str, Any],
+) -> dict[str, Any]:
     """The guarantee against an observer of the global models only: sampling amplifies.
 
     ``event`` is the defense's per-round event: fedmia's ``dp`` declares
@@ -131,24 +152,43 @@ def observer_record(event: dp_accounting.DpEvent, *, rounds: int, unnoised_state
     k = int(participation["num_clients"])
     q = float(participation["fraction"])
     if unnoised_state or isinstance(event, dp_accounting.NonPrivateDpEvent):
-        return {"event": event_to_dict(dp_accounting.NonPrivateDpEvent()), "rounds": rounds,
-                "accountant": ADD_OR_REMOVE,
-                "note": "no finite ε against the server, none against an observer"}
+        return {
+            "event": event_to_dict(dp_accounting.NonPrivateDpEvent()),
+            "rounds": rounds,
+            "accountant": ADD_OR_REMOVE,
+            "note": "no finite ε against the server, none against an observer",
+        }
     if not isinstance(event, dp_accounting.GaussianDpEvent):
-        return {"event": None, "rounds": rounds, "accountant": ADD_OR_REMOVE,
-                "note": "sampling amplification is accounted for a Gaussian mechanism only"}
+        return {
+            "event": None,
+            "rounds": rounds,
+            "accountant": ADD_OR_REMOVE,
+            "note": "sampling amplification is accounted for a Gaussian mechanism only",
+        }
     z = float(event.noise_multiplier)
     if participation["sampling"] == "poisson":
         step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(2 * z))
-        relation, note = ADD_OR_REMOVE, (
-            f"observer of the global models, Poisson sampling q = {q:g} (fixed denominator "
-            "qK): PoissonSampledDpEvent(q, GaussianDpEvent(σ)), add-or-remove a client, the "
-            "target's own noise only (conservative)")
+        relation, note = (
+            ADD_OR_REMOVE,
+            (
+                f"observer of the global models, Poisson sampling q = {q:g} (fixed denominator "
+                "qK): PoissonSampledDpEvent(q, GaussianDpEvent(σ)), add-or-remove a client, the "
+                "target's own noise only (conservative)"
+            ),
+        )
     else:
         m = Participation(fraction=q, sampling="uniform").size(k)
         step = dp_accounting.SampledWithoutReplacementDpEvent(k, m, event)
-        relation, note = REPLACE_ONE, (
-            f"observer of the global models, uniform sampling of {m} of {k}: "
-            "SampledWithoutReplacementDpEvent(K, m, GaussianDpEvent(σ/2)) under replace-one")
-    return {"event": event_to_dict(dp_accounting.SelfComposedDpEvent(step, rounds)),
-            "rounds": rounds, "accountant": relation, "note": note}
+        relation, note = (
+            REPLACE_ONE,
+            (
+                f"observer of the global models, uniform sampling of {m} of {k}: "
+                "SampledWithoutReplacementDpEvent(K, m, GaussianDpEvent(σ/2)) under replace-one"
+            ),
+        )
+    return {
+        "event": event_to_dict(dp_accounting.SelfComposedDpEvent(step, rounds)),
+        "rounds": rounds,
+        "accountant": relation,
+        "note": note,
+    }

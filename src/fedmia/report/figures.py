@@ -60,8 +60,7 @@ def _band(values: np.ndarray, key: tuple, n_boot: int = 1000) -> tuple:
 
 
 def _figure(rows: int, cols: int, width: float) -> tuple[plt.Figure, np.ndarray]:
-    fig, axes = plt.subplots(rows, cols, figsize=(width, width / cols * 0.8 * rows),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, width / cols * 0.8 * rows), squeeze=False)
     return fig, axes
 
 
@@ -89,8 +88,9 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
     dash-dotted for LiRA and RMIA).
     """
     if fpr not in metrics.FPR_LEVELS:
-        raise ValueError(f"round_plot_fpr must be one of {', '.join(map(str, metrics.FPR_LEVELS))}"
-                         f" (got {fpr})")
+        raise ValueError(
+            f"round_plot_fpr must be one of {', '.join(map(str, metrics.FPR_LEVELS))} (got {fpr})"
+        )
     metric = tpr_metric_name(fpr)
     protocols = list(dict.fromkeys(cell["protocol"]))
     fig, axes = _figure(len(protocols), 2, width)
@@ -98,29 +98,39 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
     for row, protocol in enumerate(protocols):
         part = cell[cell.protocol == protocol]
         means = part.groupby(["attack", "round"], as_index=False).agg(
-            **{m: (m, "mean") for m in METRICS}, attacked=("attacked", "all"))
-        bands = {(a, r, m): _band(g.groupby("target")[m].mean().to_numpy(), (a, r, m))
-                 for (a, r), g in part.groupby(["attack", "round"])
-                 for m in (metric, "auc")}
-        for ax, m, label in ((axes[row, 0], metric, f"TPR at FPR {fpr:.1%}"),
-                             (axes[row, 1], "auc", "AUC")):
+            **{m: (m, "mean") for m in METRICS}, attacked=("attacked", "all")
+        )
+        bands = {
+            (a, r, m): _band(g.groupby("target")[m].mean().to_numpy(), (a, r, m))
+            for (a, r), g in part.groupby(["attack", "round"])
+            for m in (metric, "auc")
+        }
+        for ax, m, label in (
+            (axes[row, 0], metric, f"TPR at FPR {fpr:.1%}"),
+            (axes[row, 1], "auc", "AUC"),
+        ):
             for a in [a for a in attack_order() if a in set(means.attack)]:
                 g = means[means.attack == a]
                 per_round = g[g["round"] >= 0].sort_values("round")
                 if len(per_round):
-                    ax.plot(per_round["round"], per_round[m], "-", color=colors[a],
-                            label=attack_label(a))
+                    ax.plot(
+                        per_round["round"],
+                        per_round[m],
+                        "-",
+                        color=colors[a],
+                        label=attack_label(a),
+                    )
                     lo, hi = zip(*(bands[a, r, m] for r in per_round["round"]), strict=True)
-                    ax.fill_between(per_round["round"], lo, hi, color=colors[a], alpha=0.12,
-                                    lw=0)
+                    ax.fill_between(per_round["round"], lo, hi, color=colors[a], alpha=0.12, lw=0)
                     hit = per_round[per_round["attacked"]]
                     miss = per_round[~per_round["attacked"]]
                     ax.plot(hit["round"], hit[m], "o", color=colors[a])
                     ax.plot(miss["round"], miss[m], "o", mfc="none", color=colors[a])
                 multi = g[g["round"] == -1]
                 if len(multi):
-                    ax.axhline(multi[m].iloc[0], ls=_style(a), color=colors[a],
-                               label=attack_label(a))
+                    ax.axhline(
+                        multi[m].iloc[0], ls=_style(a), color=colors[a], label=attack_label(a)
+                    )
                     lo, hi = bands[a, -1, m]  # the interval as a bar at the right edge
                     x = means["round"].max() * 1.04 + 0.5 + 0.25 * attack_order().index(a)
                     ax.plot([x, x], [lo, hi], color=colors[a], lw=2.5, alpha=0.7)
@@ -134,8 +144,9 @@ def rounds_figure(cell: pd.DataFrame, fpr: float, width: float = 11) -> plt.Figu
     return fig
 
 
-def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr_per_target",
-               width: float = 11) -> plt.Figure:
+def roc_figure(
+    cell: pd.DataFrame, selection: str | int = "best_tpr_per_target", width: float = 11
+) -> plt.Figure:
     """Log-log ROC curves per attack (mean TPR over targets on a common FPR grid).
 
     One panel per protocol; single-round attacks at the round ``selection`` picks,
@@ -144,8 +155,11 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr_per_target",
     """
     sel = select_rounds(cell, selection)
     if sel.empty:  # only rounds observed for the figures before the training diverged
-        return empty_figure("no attacked round before the training diverged: no ROC curve "
-                            f"under selection {selection!r}", width)
+        return empty_figure(
+            "no attacked round before the training diverged: no ROC curve "
+            f"under selection {selection!r}",
+            width,
+        )
     protocols = list(dict.fromkeys(sel["protocol"]))
     fig, axes = _figure(1, len(protocols), width * 0.5 * len(protocols))
     grid = np.logspace(-4, 0, 200)
@@ -155,17 +169,31 @@ def roc_figure(cell: pd.DataFrame, selection: str | int = "best_tpr_per_target",
         lo_all = 1.0
         for a in [a for a in attack_order() if a in set(part.attack)]:
             g = part[part.attack == a]
-            tprs = np.array([np.interp(grid, np.asarray(f), np.asarray(t)) for f, t in
-                             zip(g.roc_fpr, g.roc_tpr, strict=True)])  # rows × grid
+            tprs = np.array(
+                [
+                    np.interp(grid, np.asarray(f), np.asarray(t))
+                    for f, t in zip(g.roc_fpr, g.roc_tpr, strict=True)
+                ]
+            )  # rows × grid
             lo = max(min(np.asarray(f)[np.asarray(f) > 0].min() for f in g.roc_fpr), 1e-4)
             lo_all = min(lo_all, lo)
             keep = grid >= lo
-            ax.loglog(grid[keep], tprs.mean(axis=0)[keep], color=colors[a],
-                      ls="-" if _style(a) == "--" else _style(a),
-                      label=f"{attack_label(a)} (AUC {g.auc.mean():.3f})")
+            ax.loglog(
+                grid[keep],
+                tprs.mean(axis=0)[keep],
+                color=colors[a],
+                ls="-" if _style(a) == "--" else _style(a),
+                label=f"{attack_label(a)} (AUC {g.auc.mean():.3f})",
+            )
             band_lo, band_hi = _band(tprs, (protocol, a, "roc"))
-            ax.fill_between(grid[keep], np.maximum(band_lo[keep], 1e-4), band_hi[keep],
-                            color=colors[a], alpha=0.12, lw=0)
+            ax.fill_between(
+                grid[keep],
+                np.maximum(band_lo[keep], 1e-4),
+                band_hi[keep],
+                color=colors[a],
+                alpha=0.12,
+                lw=0,
+            )
         ax.loglog(grid, grid, color="grey", lw=0.8, ls=":")
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
@@ -218,10 +246,10 @@ def partitions_figure(summary: pd.DataFrame, width: float = 11) -> plt.Figure:
         for i, p in enumerate(parts):
             g = summary[(summary.partition == p) & (summary.metric == metric)]
             g = g.groupby("attack")[["mean", "std"]].mean().reindex(attacks)
-            ax.bar(x + i * w - 0.4 + w / 2, g["mean"], w, yerr=g["std"].fillna(0), label=p,
-                   capsize=2)
-        ax.set_xticks(x, [ATTACKS.get(a).paper[0] or a for a in attacks], rotation=45,
-                      ha="right")
+            ax.bar(
+                x + i * w - 0.4 + w / 2, g["mean"], w, yerr=g["std"].fillna(0), label=p, capsize=2
+            )
+        ax.set_xticks(x, [ATTACKS.get(a).paper[0] or a for a in attacks], rotation=45, ha="right")
         ax.set_ylabel(metric.upper() if metric == "auc" else "TPR at FPR 1%")
         if metric == "auc":
             ax.set_ylim(0.4, 1.0)
@@ -260,23 +288,26 @@ def privacy_utility_figure(pu: pd.DataFrame, family: str, width: float = 11) -> 
             g = pu[(pu.attack == a) & (pu.metric == metric)]
             for kind in kinds:
                 k = g[g.kind == kind].sort_values("strength")
-                ax.plot(k["mean"], k["test_accuracy"], "o-", color=colors[kind], label=kind,
-                        ms=4)
+                ax.plot(k["mean"], k["test_accuracy"], "o-", color=colors[kind], label=kind, ms=4)
                 for _, r in k.iterrows():
-                    ax.annotate(f"{r.strength:g}", (r["mean"], r["test_accuracy"]),
-                                fontsize=6, xytext=(2, 2), textcoords="offset points")
+                    ax.annotate(
+                        f"{r.strength:g}",
+                        (r["mean"], r["test_accuracy"]),
+                        fontsize=6,
+                        xytext=(2, 2),
+                        textcoords="offset points",
+                    )
             base = g[g.kind == "none"]
             ax.plot(base["mean"], base["test_accuracy"], "k*", ms=12, label="no defense")
-            ax.set_xlabel(("AUC" if metric == "auc" else "TPR at FPR 0.1%")
-                          + f" — {attack_label(a)}")
+            ax.set_xlabel(
+                ("AUC" if metric == "auc" else "TPR at FPR 0.1%") + f" — {attack_label(a)}"
+            )
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(what, fontsize=9)
     fig.tight_layout()
     return fig
-
-
 
 
 @TABLE_FIGURES.register("audit", table="privacy_utility")
@@ -298,8 +329,13 @@ def audit_figure(pu: pd.DataFrame, width: float = 11) -> plt.Figure:
     x = acc.where(np.isfinite(acc), right)
     for a in [a for a in attack_order() if a in set(rows.attack)]:
         sel = rows.attack == a
-        ax.scatter(x[sel], rows.loc[sel, "epsilon_empirical"], color=_colors()[a], s=18,
-                   label=attack_label(a))
+        ax.scatter(
+            x[sel],
+            rows.loc[sel, "epsilon_empirical"],
+            color=_colors()[a],
+            s=18,
+            label=attack_label(a),
+        )
     # accounted ε spans orders of magnitude (σ ≈ 0 gives 10⁷ and more), the empirical
     # bound a few units: a symlog x axis, linear below 1, and the y range of the bounds
     ymax = max(float(rows["epsilon_empirical"].max() or 0) * 1.2, 1.0)

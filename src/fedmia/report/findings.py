@@ -25,9 +25,24 @@ from fedmia.report.tables import (
 NONIID_FINDING = "non-iid leaks more than iid"
 FINDING_METRICS = REPLICATE_METRICS
 #: Columns of :func:`findings` (``results/tables/findings.csv``).
-FINDINGS_COLUMNS = ("dataset", "model", "defense", "partition", "protocol", "single_round",
-                    "finding", "comparison", "metric", "difference", "ci_low", "ci_high",
-                    "n_units", "n_runs", "method", "verdict")
+FINDINGS_COLUMNS = (
+    "dataset",
+    "model",
+    "defense",
+    "partition",
+    "protocol",
+    "single_round",
+    "finding",
+    "comparison",
+    "metric",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "n_units",
+    "n_runs",
+    "method",
+    "verdict",
+)
 #: The keys that match a result row to its bootstrap replicates.
 REPLICATE_ROW = [*CELL_KEYS, "attack", *REPLICATE_KEYS]
 #: Label of a verdict that rests on one training run.
@@ -80,14 +95,30 @@ def replicate_keys(results: pd.DataFrame, selections: Sequence[str | int]) -> pd
 
 def _row_keys(rows: pd.DataFrame) -> list[tuple]:
     """The :data:`REPLICATE_ROW` key of each row, as plain Python values."""
-    return list(zip(*(rows[c].astype(str if c in ("dataset", "model", "defense",
-                                                   "partition", "attack", "protocol")
-                                      else "int64").tolist() for c in REPLICATE_ROW),
-                    strict=True))
+    return list(
+        zip(
+            *(
+                rows[c]
+                .astype(
+                    str
+                    if c in ("dataset", "model", "defense", "partition", "attack", "protocol")
+                    else "int64"
+                )
+                .tolist()
+                for c in REPLICATE_ROW
+            ),
+            strict=True,
+        )
+    )
 
 
-def _run_replicates(rows: pd.DataFrame, metric: str, lookup: Replicates, targets: pd.Index,
-                    minus: pd.DataFrame | None = None) -> np.ndarray | None:
+def _run_replicates(
+    rows: pd.DataFrame,
+    metric: str,
+    lookup: Replicates,
+    targets: pd.Index,
+    minus: pd.DataFrame | None = None,
+) -> np.ndarray | None:
     """T×B replicates of one run's per-target values: the mean over official draws.
 
     ``rows``: one attack's rows of one run (cell × protocol), one per (draw, target);
@@ -106,13 +137,17 @@ def _run_replicates(rows: pd.DataFrame, metric: str, lookup: Replicates, targets
     second: list[np.ndarray | None] = [None] * len(pairs)
     if minus is not None:
         other = pairs[[*(c for c in REPLICATE_ROW if c in cols)]].assign(
-            **{c: pairs[f"{c}_minus"] for c in REPLICATE_ROW if c not in cols})
+            **{c: pairs[f"{c}_minus"] for c in REPLICATE_ROW if c not in cols}
+        )
         second = [found.get(k) for k in _row_keys(other)]
     if any(v is None for v in first) or (minus is not None and any(v is None for v in second)):
         return None
-    values = np.stack([np.asarray(a, np.float64) - (0.0 if b is None else
-                                                    np.asarray(b, np.float64))
-                       for a, b in zip(first, second, strict=True)])  # rows × B
+    values = np.stack(
+        [
+            np.asarray(a, np.float64) - (0.0 if b is None else np.asarray(b, np.float64))
+            for a, b in zip(first, second, strict=True)
+        ]
+    )  # rows × B
     targets = pairs["target"].to_numpy()
     return np.stack([values[targets == t].mean(axis=0) for t in np.unique(targets)])
 
@@ -122,8 +157,9 @@ def _per_seed(units: pd.Series) -> pd.Series:
     return units.groupby(level="seed").mean()
 
 
-def _interval(per_seed: pd.Series, run_reps: Callable[[], np.ndarray | None]
-              ) -> tuple[float, float, str]:
+def _interval(
+    per_seed: pd.Series, run_reps: Callable[[], np.ndarray | None]
+) -> tuple[float, float, str]:
     """The interval of a finding and how it was made, from S per-seed values.
 
     S ≥ 2: the t-interval over seeds (S − 1 df). S = 1: the percentile interval of the
@@ -143,10 +179,12 @@ def _interval(per_seed: pd.Series, run_reps: Callable[[], np.ndarray | None]
     return lo, hi, "joint bootstrap, 1 run"
 
 
-def findings(results: pd.DataFrame,
-             selections: Sequence[str | int] = ("best_tpr_per_target",),
-             partition_kinds: dict[str, str] | None = None,
-             replicates: pd.DataFrame | None = None) -> pd.DataFrame:
+def findings(
+    results: pd.DataFrame,
+    selections: Sequence[str | int] = ("best_tpr_per_target",),
+    partition_kinds: dict[str, str] | None = None,
+    replicates: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """The paper's findings as tested claims, with 95 % intervals and verdicts.
 
     * II vs I, III vs II, III vs I per measure family
@@ -205,13 +243,20 @@ def findings(results: pd.DataFrame,
                 for metric in FINDING_METRICS:
                     out.append(_pair_row(base, finding, better, worse, metric, a, b, lookup))
         if partition_kinds:  # multi-round comparisons do not depend on the selection: once
-            out += _noniid_rows(sel, how, partition_kinds, lookup,
-                                with_multi=how == selections[0])
+            out += _noniid_rows(sel, how, partition_kinds, lookup, with_multi=how == selections[0])
     return pd.DataFrame(out, columns=list(FINDINGS_COLUMNS))
 
 
-def _pair_row(base: dict, finding: str, better: str, worse: str, metric: str,
-              a: pd.DataFrame, b: pd.DataFrame, lookup: Replicates) -> dict:
+def _pair_row(
+    base: dict,
+    finding: str,
+    better: str,
+    worse: str,
+    metric: str,
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    lookup: Replicates,
+) -> dict:
     """One findings row: the paired difference ``better − worse`` of one setting."""
     on = ["seed", "draw", "target"]
     pairs = a[[*on, metric]].merge(b[[*on, metric]], on=on, suffixes=("_a", "_b"))
@@ -222,23 +267,38 @@ def _pair_row(base: dict, finding: str, better: str, worse: str, metric: str,
 
     def run_reps() -> np.ndarray | None:
         run = per_seed.index[0]
-        reps = _run_replicates(a[a.seed == run], metric, lookup, units.loc[run].index,
-                               minus=b[b.seed == run])
+        reps = _run_replicates(
+            a[a.seed == run], metric, lookup, units.loc[run].index, minus=b[b.seed == run]
+        )
         return None if reps is None else uncertainty.run_replicate_means(reps)
 
     lo, hi, method = _interval(per_seed, run_reps)
-    return {**base, "finding": finding, "comparison": comparison, "metric": metric,
-            "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
-            "ci_low": lo, "ci_high": hi, "n_units": len(units), "n_runs": len(per_seed),
-            "method": method, "verdict": verdict(lo, hi, one_run=len(per_seed) == 1)}
+    return {
+        **base,
+        "finding": finding,
+        "comparison": comparison,
+        "metric": metric,
+        "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_units": len(units),
+        "n_runs": len(per_seed),
+        "method": method,
+        "verdict": verdict(lo, hi, one_run=len(per_seed) == 1),
+    }
 
 
-def _noniid_rows(sel: pd.DataFrame, how: str | int, kinds: dict[str, str],
-                 lookup: Replicates, *, with_multi: bool) -> list[dict]:
+def _noniid_rows(
+    sel: pd.DataFrame,
+    how: str | int,
+    kinds: dict[str, str],
+    lookup: Replicates,
+    *,
+    with_multi: bool,
+) -> list[dict]:
     rows = []
     compared = set(finding_attacks())
-    for key, g in sel.groupby(["dataset", "model", "defense", "protocol", "attack"],
-                              sort=False):
+    for key, g in sel.groupby(["dataset", "model", "defense", "protocol", "attack"], sort=False):
         multi = ATTACKS.get(key[4]).multi_round
         if (multi and not with_multi) or key[4] not in compared:
             continue
@@ -248,16 +308,30 @@ def _noniid_rows(sel: pd.DataFrame, how: str | int, kinds: dict[str, str],
         for p in non:
             for q in iid:
                 for metric in FINDING_METRICS:
-                    base = dict(dataset=key[0], model=key[1], defense=key[2],
-                                partition=f"{p} vs {q}", protocol=key[3],
-                                single_round=ALL_ROUNDS if multi else str(how))
-                    rows.append(_two_cell_row(base, key[4], metric, g[g.partition == p],
-                                              g[g.partition == q], lookup))
+                    base = dict(
+                        dataset=key[0],
+                        model=key[1],
+                        defense=key[2],
+                        partition=f"{p} vs {q}",
+                        protocol=key[3],
+                        single_round=ALL_ROUNDS if multi else str(how),
+                    )
+                    rows.append(
+                        _two_cell_row(
+                            base, key[4], metric, g[g.partition == p], g[g.partition == q], lookup
+                        )
+                    )
     return rows
 
 
-def _two_cell_row(base: dict, attack: str, metric: str, first: pd.DataFrame,
-                  second: pd.DataFrame, lookup: Replicates) -> dict:
+def _two_cell_row(
+    base: dict,
+    attack: str,
+    metric: str,
+    first: pd.DataFrame,
+    second: pd.DataFrame,
+    lookup: Replicates,
+) -> dict:
     """One non-iid vs iid row: per seed, the difference of the two cells' means."""
     units = [g.groupby(["seed", "target"])[metric].mean().dropna() for g in (first, second)]
     means = [_per_seed(u) for u in units]
@@ -274,44 +348,66 @@ def _two_cell_row(base: dict, attack: str, metric: str, first: pd.DataFrame,
         return out[0] - out[1]
 
     lo, hi, method = _interval(per_seed, run_reps)
-    return {**base, "finding": NONIID_FINDING, "comparison": attack, "metric": metric,
-            "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
-            "ci_low": lo, "ci_high": hi, "n_units": sum(len(u) for u in units),
-            "n_runs": len(per_seed), "method": method,
-            "verdict": verdict(lo, hi, one_run=len(per_seed) == 1)}
+    return {
+        **base,
+        "finding": NONIID_FINDING,
+        "comparison": attack,
+        "metric": metric,
+        "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_units": sum(len(u) for u in units),
+        "n_runs": len(per_seed),
+        "method": method,
+        "verdict": verdict(lo, hi, one_run=len(per_seed) == 1),
+    }
 
 
 def findings_markdown(table: pd.DataFrame) -> str:
     """The findings table: one line per comparison, the difference with its interval."""
-    cap = ("The paper's findings, and fedmia's pre-specified ones for its LiRA and RMIA "
-           "attacks, as tested claims: the difference of the better attack's "
-           "metric minus the worse one's (AUC; TPRs in percentage points), paired on "
-           "the same targets, draws and evaluation samples for the attack comparisons, two "
-           "groups of clients for non-iid vs iid; the mean over seeds of each seed's mean "
-           "over targets. The 95 % interval (`method`): with `n_runs` ≥ 2 seeds, the "
-           "t-interval over the seeds' values (`t over S seeds`; the seeds are the "
-           "independent units, since the targets of one run share the model and the "
-           "non-member pool; with 2 seeds, 1 degree of freedom, it is very wide); with one "
-           "seed, a statement about that run only (`joint bootstrap, 1 run`: the "
-           "evaluation samples resampled once for all targets and attacks, so that the "
-           "shared non-member pool counts once, and the mean over the run's targets taken "
-           "in every replicate; under `official` the held-out pool's slots hold other "
-           "samples in every round and draw, so its share of the noise is not resampled: "
-           "the interval is narrower than it should be, mainly for TPR). Verdict: `holds` "
-           "if the interval lies above 0, `fails` if below, `inconclusive` otherwise; "
-           "`(1 run)` marks a verdict about one training run, not about training runs in "
-           "general.")
+    cap = (
+        "The paper's findings, and fedmia's pre-specified ones for its LiRA and RMIA "
+        "attacks, as tested claims: the difference of the better attack's "
+        "metric minus the worse one's (AUC; TPRs in percentage points), paired on "
+        "the same targets, draws and evaluation samples for the attack comparisons, two "
+        "groups of clients for non-iid vs iid; the mean over seeds of each seed's mean "
+        "over targets. The 95 % interval (`method`): with `n_runs` ≥ 2 seeds, the "
+        "t-interval over the seeds' values (`t over S seeds`; the seeds are the "
+        "independent units, since the targets of one run share the model and the "
+        "non-member pool; with 2 seeds, 1 degree of freedom, it is very wide); with one "
+        "seed, a statement about that run only (`joint bootstrap, 1 run`: the "
+        "evaluation samples resampled once for all targets and attacks, so that the "
+        "shared non-member pool counts once, and the mean over the run's targets taken "
+        "in every replicate; under `official` the held-out pool's slots hold other "
+        "samples in every round and draw, so its share of the noise is not resampled: "
+        "the interval is narrower than it should be, mainly for TPR). Verdict: `holds` "
+        "if the interval lies above 0, `fails` if below, `inconclusive` otherwise; "
+        "`(1 run)` marks a verdict about one training run, not about training runs in "
+        "general."
+    )
     if table.empty:
         return cap + "\n\nNo comparison available in this run.\n"
     shown = table.copy()
     scale = np.where(shown.metric == "auc", 1.0, 100.0)
     for c in ("difference", "ci_low", "ci_high"):
         shown[c] = shown[c] * scale
-    shown["difference"] = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(d) else "n/a"
-                           for d, lo, hi in zip(shown.difference, shown.ci_low, shown.ci_high,
-                                                strict=True)]
-    cols = ["dataset", "model", "defense", "partition", "protocol", "single_round",
-            "finding", "comparison", "metric", "difference", "n_runs", "method", "verdict"]
+    shown["difference"] = [
+        f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" if np.isfinite(d) else "n/a"
+        for d, lo, hi in zip(shown.difference, shown.ci_low, shown.ci_high, strict=True)
+    ]
+    cols = [
+        "dataset",
+        "model",
+        "defense",
+        "partition",
+        "protocol",
+        "single_round",
+        "finding",
+        "comparison",
+        "metric",
+        "difference",
+        "n_runs",
+        "method",
+        "verdict",
+    ]
     return cap + "\n\n" + md_table(shown[cols])
-
-

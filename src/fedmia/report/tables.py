@@ -62,11 +62,32 @@ RUN = [*SETTING, "seed", "protocol", "draw"]
 ALL_ROUNDS = "all attacked rounds"
 HEADLINE_TPR = tpr_metric_name(0.001)
 #: Columns of :func:`summarize` (``results/tables/attacks.csv``).
-SUMMARY_COLUMNS = (*ROW_KEYS, "single_round", "attack", "metric", "mean", "ci_low",
-                   "ci_high", "std", "n", "n_defined", "draw_std", "n_nonmembers",
-                   "fp_allowed", "fp_median", "low_count", "rounds", "selected_by",
-                   "fpr_rule", "note", "diverged", "participation", "target_rounds_min",
-                   "target_rounds_mean", "target_rounds_max")
+SUMMARY_COLUMNS = (
+    *ROW_KEYS,
+    "single_round",
+    "attack",
+    "metric",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "std",
+    "n",
+    "n_defined",
+    "draw_std",
+    "n_nonmembers",
+    "fp_allowed",
+    "fp_median",
+    "low_count",
+    "rounds",
+    "selected_by",
+    "fpr_rule",
+    "note",
+    "diverged",
+    "participation",
+    "target_rounds_min",
+    "target_rounds_mean",
+    "target_rounds_max",
+)
 
 
 def attack_label(attack: str) -> str:
@@ -95,24 +116,34 @@ class Selection:
 
 
 #: The named single-round selections, in the order the schema lists them.
-SELECTIONS: Registry[Selection] = Registry("single-round selection", build=Selection,
-                                           decorates=False)
-SELECTIONS.register("best_tpr_per_target", metric="tpr", per_target=True,
-                    text="for each target its own attacked round with the highest TPR@0.1% "
-                         "(the official code's choice, picked with hindsight)")
-SELECTIONS.register("best_tpr_mean", metric="tpr",
-                    text="the attacked round with the highest TPR@0.1% of the mean over "
-                         "targets (picked with hindsight; not the official choice)")
-SELECTIONS.register("best_auc", metric="auc",
-                    text="the attacked round with the highest mean AUC (picked with "
-                         "hindsight)")
+SELECTIONS: Registry[Selection] = Registry(
+    "single-round selection", build=Selection, decorates=False
+)
+SELECTIONS.register(
+    "best_tpr_per_target",
+    metric="tpr",
+    per_target=True,
+    text="for each target its own attacked round with the highest TPR@0.1% "
+    "(the official code's choice, picked with hindsight)",
+)
+SELECTIONS.register(
+    "best_tpr_mean",
+    metric="tpr",
+    text="the attacked round with the highest TPR@0.1% of the mean over "
+    "targets (picked with hindsight; not the official choice)",
+)
+SELECTIONS.register(
+    "best_auc",
+    metric="auc",
+    text="the attacked round with the highest mean AUC (picked with hindsight)",
+)
 SELECTIONS.register("last", text="the last attacked round (no hindsight)")
 #: Selection names no longer accepted → the message that names their replacements.
 RETIRED_SELECTIONS = {
     "best_tpr": "'best_tpr' is retired: it picked the round of the best TPR@0.1% of the mean "
-                "over targets, which is not the official choice; write best_tpr_per_target "
-                "(the official code's: each target's own best round) or best_tpr_mean (one "
-                "round, best on the mean over targets)",
+    "over targets, which is not the official choice; write best_tpr_per_target "
+    "(the official code's: each target's own best round) or best_tpr_mean (one "
+    "round, best on the mean over targets)",
 }
 
 
@@ -125,13 +156,14 @@ def check_selection(how: str | int) -> str | int:
     if isinstance(how, str) and how in RETIRED_SELECTIONS:
         raise ConfigError(RETIRED_SELECTIONS[how])
     if isinstance(how, bool) or not (how in SELECTIONS or (isinstance(how, int) and how >= 1)):
-        raise ConfigError(f"unknown single-round selection {how!r}; choose from "
-                          f"{SELECTIONS.registered()} or a round number")
+        raise ConfigError(
+            f"unknown single-round selection {how!r}; choose from "
+            f"{SELECTIONS.registered()} or a round number"
+        )
     return how
 
 
-def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr_per_target"
-                  ) -> pd.DataFrame:
+def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr_per_target") -> pd.DataFrame:
     """The rows of each run (cell × protocol draw) and attack at one round.
 
     Multi-round attacks keep their ``round = -1`` rows. Single-round attacks keep the
@@ -147,26 +179,31 @@ def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr_per_target"
     check_selection(how)
     keys = [*RUN, "attack"]
     multi = results[results["round"] == -1].assign(selected_by=ALL_ROUNDS)
-    single = results[(results["round"] >= 0)
-                     & results["attack"].isin(single_round_attacks())]
+    single = results[(results["round"] >= 0) & results["attack"].isin(single_round_attacks())]
     if single.empty:
         return multi.reset_index(drop=True)
     if isinstance(how, int):
         means = single.groupby([*keys, "round"], as_index=False).agg(auc=("auc", "mean"))
         pick = means[means["round"] == how]
-        lacking = (means[keys].drop_duplicates().merge(pick[keys], how="left", indicator=True)
-                   .query("_merge == 'left_only'"))
+        lacking = (
+            means[keys]
+            .drop_duplicates()
+            .merge(pick[keys], how="left", indicator=True)
+            .query("_merge == 'left_only'")
+        )
         if len(lacking):
-            raise ValueError(f"report.single_round = {how}: round {how} was not observed in "
-                             f"{len(lacking)} run(s), e.g. {lacking.iloc[0][keys].to_dict()}; "
-                             "choose an observed round")
+            raise ValueError(
+                f"report.single_round = {how}: round {how} was not observed in "
+                f"{len(lacking)} run(s), e.g. {lacking.iloc[0][keys].to_dict()}; "
+                "choose an observed round"
+            )
         pick = pick.assign(selected_by=f"round {how}")
     else:
         spec = SELECTIONS.get(how)
         by = [*keys, "target"] if spec.per_target else keys
-        cand = (single.groupby([*by, "round"], as_index=False)
-                .agg(auc=("auc", "mean"), tpr=(HEADLINE_TPR, "mean"),
-                     attacked=("attacked", "all")))
+        cand = single.groupby([*by, "round"], as_index=False).agg(
+            auc=("auc", "mean"), tpr=(HEADLINE_TPR, "mean"), attacked=("attacked", "all")
+        )
         cand = cand[cand["attacked"]].sort_values([*by, "round"], ignore_index=True)
         if spec.metric is None:
             pick = cand.groupby(by, as_index=False).tail(1).assign(selected_by=how)
@@ -175,8 +212,10 @@ def select_rounds(results: pd.DataFrame, how: str | int = "best_tpr_per_target"
         else:
             undefined = cand["tpr"].isna().groupby([cand[k] for k in by]).transform("all")
             undefined = undefined.astype(bool)
-            cand = cand.assign(tpr=cand["tpr"].where(~undefined, cand["auc"]),
-                               selected_by=np.where(undefined, _fallback_text(spec), how))
+            cand = cand.assign(
+                tpr=cand["tpr"].where(~undefined, cand["auc"]),
+                selected_by=np.where(undefined, _fallback_text(spec), how),
+            )
             pick = _best(cand, by, "tpr")
         pick = pick[[*by, "round", "selected_by"]]
     chosen = single.merge(pick, on=[c for c in pick.columns if c != "selected_by"])
@@ -221,8 +260,7 @@ def _long(rows: pd.DataFrame, id_vars: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def summary_interval(group: pd.DataFrame, key: tuple, n_boot: int = 1000
-                     ) -> tuple[float, float]:
+def summary_interval(group: pd.DataFrame, key: tuple, n_boot: int = 1000) -> tuple[float, float]:
     """95 % interval of a summary row's mean over targets (and seeds and draws).
 
     The units are the (seed, target) pairs, each the mean of its rows (official draws);
@@ -255,11 +293,17 @@ def _divergence(cells: pd.DataFrame | None) -> pd.DataFrame:
     rows = []
     for key, g in cells.groupby(SETTING, sort=False):
         hit = g[g["diverged_round"].notna()]
-        note = "; ".join(f"seed {int(r.seed)} diverged in round {int(r.diverged_round)}"
-                         for r in hit.itertuples())
-        rows.append(dict(zip(SETTING, key, strict=True),
-                         diverged_round=hit["diverged_round"].min() if len(hit) else math.nan,
-                         diverged=note))
+        note = "; ".join(
+            f"seed {int(r.seed)} diverged in round {int(r.diverged_round)}"
+            for r in hit.itertuples()
+        )
+        rows.append(
+            dict(
+                zip(SETTING, key, strict=True),
+                diverged_round=hit["diverged_round"].min() if len(hit) else math.nan,
+                diverged=note,
+            )
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -278,9 +322,13 @@ def _count_text(n_rounds: pd.Series) -> str:
     return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
-def summarize(results: pd.DataFrame,
-              selections: Sequence[str | int] = ("best_tpr_per_target", "last"),
-              *, fpr_rule: str = "at_most", cells: pd.DataFrame | None = None) -> pd.DataFrame:
+def summarize(
+    results: pd.DataFrame,
+    selections: Sequence[str | int] = ("best_tpr_per_target", "last"),
+    *,
+    fpr_rule: str = "at_most",
+    cells: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Tidy attack table: one row per setting, protocol, selection, attack and metric.
 
     Values are ``mean, std, n`` over targets × seeds × draws; ``draw_std`` is the std
@@ -306,12 +354,12 @@ def summarize(results: pd.DataFrame,
         sel = select_rounds(results, how)
         if i > 0:
             sel = sel[sel["round"] >= 0]  # multi-round rows once
-        selected.append(sel.assign(single_round=np.where(sel["round"] >= 0, str(how),
-                                                         ALL_ROUNDS)))
+        selected.append(sel.assign(single_round=np.where(sel["round"] >= 0, str(how), ALL_ROUNDS)))
     sel = pd.concat(selected, ignore_index=True)
     keys = [*ROW_KEYS, "single_round", "attack"]
-    long = _long(sel, [*keys, "seed", "draw", "target", "round", "n_rounds", "n_nonmembers",
-                       "selected_by"])
+    long = _long(
+        sel, [*keys, "seed", "draw", "target", "round", "n_rounds", "n_nonmembers", "selected_by"]
+    )
     for key, g in long.groupby([*keys, "metric"], sort=False):
         per_draw = g.groupby(["seed", "draw"])["value"].mean()
         official = key[ROW_KEYS.index("protocol")] == "official"
@@ -322,26 +370,40 @@ def summarize(results: pd.DataFrame,
         alpha = _alpha(key[-1])
         row.update(
             mean=g["value"].mean() if defined == len(g) else math.nan,
-            std=g["value"].std(), n=len(g), n_defined=defined,
-            **dict(zip(("ci_low", "ci_high"), summary_interval(g, key) if defined == len(g)
-                       else (math.nan, math.nan), strict=True)),
+            std=g["value"].std(),
+            n=len(g),
+            n_defined=defined,
+            **dict(
+                zip(
+                    ("ci_low", "ci_high"),
+                    summary_interval(g, key) if defined == len(g) else (math.nan, math.nan),
+                    strict=True,
+                )
+            ),
             draw_std=per_draw.std() if official and len(per_draw) > 1 else math.nan,
             n_nonmembers=q,
-            fp_allowed=(metrics.max_false_positives(q, alpha, fpr_rule)
-                        if alpha is not None and metrics.tpr_at_fpr_defined(q, alpha, fpr_rule)
-                        else math.nan),
+            fp_allowed=(
+                metrics.max_false_positives(q, alpha, fpr_rule)
+                if alpha is not None and metrics.tpr_at_fpr_defined(q, alpha, fpr_rule)
+                else math.nan
+            ),
             fp_median=g["fp"].median() if alpha is not None else math.nan,
             low_count=alpha is not None and alpha * q < 10,
             rounds=_rounds_text(g["round"]) if single else _count_text(g["n_rounds"]),
-            **{f"target_rounds_{f}": math.nan if single else float(g["n_rounds"].agg(f))
-               for f in ("min", "mean", "max")},
+            **{
+                f"target_rounds_{f}": math.nan if single else float(g["n_rounds"].agg(f))
+                for f in ("min", "mean", "max")
+            },
             selected_by="; ".join(sorted(set(g["selected_by"]))),
             fpr_rule=fpr_rule,
-            note="" if defined == len(g) else
-            "undefined for some targets: fewer non-members than 1/FPR")
+            note=""
+            if defined == len(g)
+            else "undefined for some targets: fewer non-members than 1/FPR",
+        )
         out.append(row)
-    table = pd.DataFrame(out, columns=[c for c in SUMMARY_COLUMNS
-                                       if c not in ("diverged", "participation")])
+    table = pd.DataFrame(
+        out, columns=[c for c in SUMMARY_COLUMNS if c not in ("diverged", "participation")]
+    )
     div = _divergence(cells)
     lost = div.merge(table[SETTING].drop_duplicates(), how="left", indicator=True)
     lost = lost[(lost["_merge"] == "left_only") & lost["diverged_round"].notna()]
@@ -350,14 +412,32 @@ def summarize(results: pd.DataFrame,
         attacks = list(dict.fromkeys(results["attack"])) or attack_order()
         # each attack where it would be had the cell not diverged: a single-round attack
         # once per selection, a multi-round one once
-        placed = [(a, how) for a in attacks
-                  for how in ([ALL_ROUNDS] if ATTACKS.get(a).multi_round
-                              else [str(h) for h in selections])]
-        filler = [dict(zip(SETTING, key, strict=True), protocol=p, single_round=how,
-                       attack=a, metric=m, n=0, n_defined=0, fpr_rule=fpr_rule, rounds="0",
-                       selected_by="", note="no attacked round before the divergence")
-                  for key in lost[SETTING].itertuples(index=False) for p in protocols
-                  for a, how in placed for m in METRICS]
+        placed = [
+            (a, how)
+            for a in attacks
+            for how in (
+                [ALL_ROUNDS] if ATTACKS.get(a).multi_round else [str(h) for h in selections]
+            )
+        ]
+        filler = [
+            dict(
+                zip(SETTING, key, strict=True),
+                protocol=p,
+                single_round=how,
+                attack=a,
+                metric=m,
+                n=0,
+                n_defined=0,
+                fpr_rule=fpr_rule,
+                rounds="0",
+                selected_by="",
+                note="no attacked round before the divergence",
+            )
+            for key in lost[SETTING].itertuples(index=False)
+            for p in protocols
+            for a, how in placed
+            for m in METRICS
+        ]
         table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
     table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
     table["diverged"] = table["diverged"].fillna("")
@@ -365,10 +445,10 @@ def summarize(results: pd.DataFrame,
     order = {a: i for i, a in enumerate(attack_order())}
     table = table.sort_values(
         [*ROW_KEYS, "single_round", "attack", "metric"],
-        key=lambda s: s.map(order) if s.name == "attack" else s, kind="stable")
+        key=lambda s: s.map(order) if s.name == "attack" else s,
+        kind="stable",
+    )
     return table[list(SUMMARY_COLUMNS)].reset_index(drop=True)
-
-
 
 
 def _selection_text(how: str) -> str:
@@ -385,41 +465,62 @@ def caption(summary: pd.DataFrame, protocol: str, selection: str) -> str:
     multi = part[(part.single_round == ALL_ROUNDS) & placed]
     n_non = sorted(set(part["n_nonmembers"].dropna().astype(int)))
     res = ", ".join(f"1/{q:,}" for q in n_non)
-    bits = [f"Protocol `{protocol}`: "
-            f"{PROTOCOLS.get(protocol).text if protocol in PROTOCOLS else protocol}"]
+    bits = [
+        f"Protocol `{protocol}`: "
+        f"{PROTOCOLS.get(protocol).text if protocol in PROTOCOLS else protocol}"
+    ]
     if len(single):
         picked = sorted(set(single["selected_by"]))
         rounds = sorted(set(", ".join(single["rounds"]).split(", ")), key=int)
-        bits.append(f"single-round attacks: `{selection}`, {_selection_text(selection)}"
-                    + (f" [{'; '.join(p for p in picked if p != selection)}]"
-                       if set(picked) - {selection} else "")
-                    + f"; rounds picked: {', '.join(rounds)}")
+        bits.append(
+            f"single-round attacks: `{selection}`, {_selection_text(selection)}"
+            + (
+                f" [{'; '.join(p for p in picked if p != selection)}]"
+                if set(picked) - {selection}
+                else ""
+            )
+            + f"; rounds picked: {', '.join(rounds)}"
+        )
     if len(multi):
         counts = sorted(set(multi["rounds"]), key=lambda c: [int(n) for n in c.split("–")])
-        bits.append("multi-round attacks over " + "/".join(counts) + " attacked rounds"
-                    + (" (a target's own: partial participation)"
-                       if any("–" in c for c in counts) else ""))
+        bits.append(
+            "multi-round attacks over "
+            + "/".join(counts)
+            + " attacked rounds"
+            + (" (a target's own: partial participation)" if any("–" in c for c in counts) else "")
+        )
         bits += _calibrated_text(set(multi["attack"]))
     lost = sorted(set(part.loc[~placed, "diverged"].dropna()) - {""})
     if lost:
-        bits.append("n/a where training diverged before the first attacked round ("
-                    + "; ".join(lost) + ")")
+        bits.append(
+            "n/a where training diverged before the first attacked round (" + "; ".join(lost) + ")"
+        )
     rules = sorted(set(part["fpr_rule"]))
     bits.append("; ".join(metrics.FPR_RULES.get(r, r) for r in rules))
     unit = "targets × seeds" + (" × draws" if protocol == "official" else "")
     ns = sorted(set(part["n"].astype(int)) - {0})
-    bits.append(f"mean over {unit} (n = {'/'.join(map(str, ns))}) [95 % bootstrap "
-                "interval over targets and seeds]")
+    bits.append(
+        f"mean over {unit} (n = {'/'.join(map(str, ns))}) [95 % bootstrap "
+        "interval over targets and seeds]"
+    )
     bits.append(f"FPR resolution {res} (1 / non-members)")
     tpr = part[part.metric == HEADLINE_TPR]
     allowed = sorted(set(tpr["fp_allowed"].dropna().astype(int)))
     if allowed:
-        bits.append(f"TPR@0.1% rests on at most {'/'.join(map(str, allowed))} false "
-                    "positive(s)" + (" — α × non-members < 10: a percentile interval "
-                                     "undercovers there" if tpr["low_count"].any() else ""))
+        bits.append(
+            f"TPR@0.1% rests on at most {'/'.join(map(str, allowed))} false "
+            "positive(s)"
+            + (
+                " — α × non-members < 10: a percentile interval undercovers there"
+                if tpr["low_count"].any()
+                else ""
+            )
+        )
     if part["low_count"].fillna(False).astype(bool).any():
-        bits.append("a row marked '< 10 FP' rests on fewer than 10 false positives: read it "
-                    "as a wide range, not a point")
+        bits.append(
+            "a row marked '< 10 FP' rests on fewer than 10 false positives: read it "
+            "as a wide range, not a point"
+        )
     return " · ".join(bits) + "."
 
 
@@ -429,18 +530,24 @@ def _calibrated_text(attacks: set[str]) -> list[str]:
     specs = [s for s in specs if s.kind in CALIBRATED_KINDS]
     bits = []
     if any(s.kind == "lira" for s in specs):
-        bits.append("LiRA (lira_*): offline, the K − 1 other clients' uploads of the round as "
-                    "OUT references, score Φ((s − μ)/σ) (attack.lira: variance rule and μ)")
+        bits.append(
+            "LiRA (lira_*): offline, the K − 1 other clients' uploads of the round as "
+            "OUT references, score Φ((s − μ)/σ) (attack.lira: variance rule and μ)"
+        )
     if any(s.kind == "rmia" for s in specs):
-        bits.append("RMIA (rmia*): offline with a fixed a and γ (attack.rmia), p_y under the "
-                    "other clients' uploads, held-out samples of the other cross-fitting half "
-                    "as population")
+        bits.append(
+            "RMIA (rmia*): offline with a fixed a and γ (attack.rmia), p_y under the "
+            "other clients' uploads, held-out samples of the other cross-fitting half "
+            "as population"
+        )
     summed = [s.name for s in specs if s.combine == "sum"]
     if summed:
-        bits.append(f"{', '.join(summed)} sum the per-round z (LiRA; lira_conf_cos_sum also "
-                    "over φ and the cosine) or log LR (RMIA) as if independent: rounds and "
-                    "measures are correlated, so a sum is a working combination, not the "
-                    "likelihood ratio; the others average per-round scores as the paper")
+        bits.append(
+            f"{', '.join(summed)} sum the per-round z (LiRA; lira_conf_cos_sum also "
+            "over φ and the cosine) or log LR (RMIA) as if independent: rounds and "
+            "measures are correlated, so a sum is a working combination, not the "
+            "likelihood ratio; the others average per-round scores as the paper"
+        )
     return bits
 
 
@@ -457,8 +564,9 @@ def _metric_label(metric: str) -> str:
     return metric.replace("tpr", "TPR") + " (%)"
 
 
-def paper_tables(summary: pd.DataFrame, table_metrics: Sequence[str] = PAPER_TABLE_METRICS
-                 ) -> list[tuple[str, str, pd.DataFrame]]:
+def paper_tables(
+    summary: pd.DataFrame, table_metrics: Sequence[str] = PAPER_TABLE_METRICS
+) -> list[tuple[str, str, pd.DataFrame]]:
     """The paper's Table 1 layout, one section per (protocol, single-round selection).
 
     Args:
@@ -479,12 +587,13 @@ def paper_tables(summary: pd.DataFrame, table_metrics: Sequence[str] = PAPER_TAB
     selections = [s for s in dict.fromkeys(summary["single_round"]) if s != ALL_ROUNDS]
     for protocol in dict.fromkeys(summary["protocol"]):
         for selection in selections or [ALL_ROUNDS]:
-            part = summary[(summary.protocol == protocol)
-                           & summary.single_round.isin([selection, ALL_ROUNDS])]
+            part = summary[
+                (summary.protocol == protocol) & summary.single_round.isin([selection, ALL_ROUNDS])
+            ]
             title = f"protocol {protocol}" + (
-                f" · single-round attacks at {selection}" if selection != ALL_ROUNDS else "")
-            out.append((title, caption(summary, protocol, selection),
-                        _layout(part, table_metrics)))
+                f" · single-round attacks at {selection}" if selection != ALL_ROUNDS else ""
+            )
+            out.append((title, caption(summary, protocol, selection), _layout(part, table_metrics)))
     return out
 
 
@@ -496,8 +605,10 @@ def _layout(summary: pd.DataFrame, table_metrics: Sequence[str]) -> pd.DataFrame
     for setting, g in summary.groupby(SETTING, sort=False):
         for metric in table_metrics:
             few = g.loc[g.metric == metric, "low_count"].fillna(False).astype(bool).any()
-            row = dict(zip(SETTING, setting, strict=True),
-                       metric=_metric_label(metric) + (" < 10 FP" if few else ""))
+            row = dict(
+                zip(SETTING, setting, strict=True),
+                metric=_metric_label(metric) + (" < 10 FP" if few else ""),
+            )
             if flag:
                 row["diverged"] = diverged[g.index].iloc[0]
             for a in attacks:
@@ -535,8 +646,15 @@ def to_markdown(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
 
 
 def _tex(v: object) -> str:
-    return (str(v).replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")
-            .replace("≤", r"$\le$").replace("×", r"$\times$").replace("`", ""))
+    return (
+        str(v)
+        .replace("%", r"\%")
+        .replace("_", r"\_")
+        .replace("±", r"$\pm$")
+        .replace("≤", r"$\le$")
+        .replace("×", r"$\times$")
+        .replace("`", "")
+    )
 
 
 def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
@@ -544,14 +662,18 @@ def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
     out = []
     for title, cap, table in sections:
         cols = list(table.columns)
-        out += [f"% {title}", r"\paragraph{" + _tex(title) + "} " + _tex(cap), "",
-                r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
-                " & ".join(_tex(c) for c in cols) + r" \\", r"\midrule"]
+        out += [
+            f"% {title}",
+            r"\paragraph{" + _tex(title) + "} " + _tex(cap),
+            "",
+            r"\begin{tabular}{" + "l" * len(cols) + "}",
+            r"\toprule",
+            " & ".join(_tex(c) for c in cols) + r" \\",
+            r"\midrule",
+        ]
         out += [" & ".join(_tex(v) for v in row) + r" \\" for row in table.itertuples(False)]
         out += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(out)
-
-
 
 
 def headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -559,8 +681,7 @@ def headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     protocol = summary["protocol"].iloc[0]
     selections = [s for s in dict.fromkeys(summary["single_round"]) if s != ALL_ROUNDS]
     selection = selections[0] if selections else ALL_ROUNDS
-    part = summary[(summary.protocol == protocol)
-                   & summary.single_round.isin([selection, ALL_ROUNDS])]
+    part = summary[
+        (summary.protocol == protocol) & summary.single_round.isin([selection, ALL_ROUNDS])
+    ]
     return part, f"protocol {protocol}, single-round attacks at {selection}"
-
-

@@ -12,28 +12,65 @@ from fedmia.report.tables import HEADLINE_TPR, SETTING, attack_label, md_table
 
 #: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
 #: The accounted-ε columns of :func:`privacy_utility`.
-EPSILON_COLUMNS = ("dp_rounds", "dp_delta", "epsilon_rdp", "epsilon_pld", "epsilon_note",
-                   "epsilon_observer_rdp", "epsilon_observer_pld", "epsilon_observer_note")
-PU_COLUMNS = ("dataset", "model", "partition", "defense", "kind", "strength", "params",
-              "defense_note", "test_accuracy", "utility", "n_seeds", "last_finite_accuracy",
-              "diverged", "diverged_round", *EPSILON_COLUMNS,
-              "epsilon_empirical", "epsilon_empirical_selected", "selected_attack",
-              "protocol", "single_round", "attack", "metric", "mean",
-              "ci_low", "ci_high", "std", "rounds")
+EPSILON_COLUMNS = (
+    "dp_rounds",
+    "dp_delta",
+    "epsilon_rdp",
+    "epsilon_pld",
+    "epsilon_note",
+    "epsilon_observer_rdp",
+    "epsilon_observer_pld",
+    "epsilon_observer_note",
+)
+PU_COLUMNS = (
+    "dataset",
+    "model",
+    "partition",
+    "defense",
+    "kind",
+    "strength",
+    "params",
+    "defense_note",
+    "test_accuracy",
+    "utility",
+    "n_seeds",
+    "last_finite_accuracy",
+    "diverged",
+    "diverged_round",
+    *EPSILON_COLUMNS,
+    "epsilon_empirical",
+    "epsilon_empirical_selected",
+    "selected_attack",
+    "protocol",
+    "single_round",
+    "attack",
+    "metric",
+    "mean",
+    "ci_low",
+    "ci_high",
+    "std",
+    "rounds",
+)
 
 
 #: ``report.utility`` → (the cells' column, how the tables name it).
 UTILITIES = {
     "final": ("final_test_accuracy", "final test accuracy"),
-    "best": ("best_test_accuracy", "best test accuracy over rounds (hindsight, as the "
-             "official code also records)"),
+    "best": (
+        "best_test_accuracy",
+        "best test accuracy over rounds (hindsight, as the official code also records)",
+    ),
 }
 
 
-def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
-                    strengths: pd.DataFrame, epsilons: pd.DataFrame | None = None,
-                    audit: pd.DataFrame | None = None, utility: str = "final"
-                    ) -> pd.DataFrame:
+def privacy_utility(
+    summary: pd.DataFrame,
+    cells: pd.DataFrame,
+    strengths: pd.DataFrame,
+    epsilons: pd.DataFrame | None = None,
+    audit: pd.DataFrame | None = None,
+    utility: str = "final",
+) -> pd.DataFrame:
     """Join attack success with utility per defense.
 
     Args:
@@ -69,27 +106,40 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
         raise ValueError(f"unknown utility {utility!r}; choose from {list(UTILITIES)}")
     column, text = UTILITIES[utility]
     acc = cells.groupby(SETTING, as_index=False).agg(
-        test_accuracy=(column, "mean"), n_seeds=("seed", "nunique"),
+        test_accuracy=(column, "mean"),
+        n_seeds=("seed", "nunique"),
         last_finite_accuracy=("last_finite_test_accuracy", "mean"),
-        diverged_round=("diverged_round", "min"))
+        diverged_round=("diverged_round", "min"),
+    )
     acc["utility"] = text
     acc["diverged"] = acc["diverged_round"].notna()
-    strengths = strengths.assign(**{c: "" for c in ("params", "defense_note")
-                                    if c not in strengths})
-    pu = summary.drop(columns="diverged", errors="ignore").merge(
-        acc, on=SETTING, how="left").merge(strengths, on="defense", how="left")
+    strengths = strengths.assign(
+        **{c: "" for c in ("params", "defense_note") if c not in strengths}
+    )
+    pu = (
+        summary.drop(columns="diverged", errors="ignore")
+        .merge(acc, on=SETTING, how="left")
+        .merge(strengths, on="defense", how="left")
+    )
     if epsilons is None:
         epsilons = pd.DataFrame(columns=[*SETTING, *EPSILON_COLUMNS])
     pu = pu.merge(epsilons, on=SETTING, how="left")
     if audit is not None and len(audit):
         chosen = audit["attack"] == SELECTED
-        emp = audit[~chosen].groupby([*SETTING, "attack"], as_index=False)[
-            "epsilon_empirical"].min()
+        emp = (
+            audit[~chosen].groupby([*SETTING, "attack"], as_index=False)["epsilon_empirical"].min()
+        )
         emp["protocol"] = "aligned"
         pu = pu.merge(emp, on=[*SETTING, "attack", "protocol"], how="left")
-        best = audit[chosen].sort_values("seed").groupby(SETTING, as_index=False).agg(
-            epsilon_empirical_selected=("epsilon_empirical", "min"),
-            selected_attack=("selected_attack", lambda v: ", ".join(dict.fromkeys(v))))
+        best = (
+            audit[chosen]
+            .sort_values("seed")
+            .groupby(SETTING, as_index=False)
+            .agg(
+                epsilon_empirical_selected=("epsilon_empirical", "min"),
+                selected_attack=("selected_attack", lambda v: ", ".join(dict.fromkeys(v))),
+            )
+        )
         pu = pu.merge(best, on=SETTING, how="left")
     else:
         pu["epsilon_empirical"] = math.nan
@@ -97,9 +147,24 @@ def privacy_utility(summary: pd.DataFrame, cells: pd.DataFrame,
         if col not in pu:
             pu[col] = empty
     pu["selected_attack"] = pu["selected_attack"].fillna("")
-    return pu[list(PU_COLUMNS)].sort_values(
-        ["dataset", "model", "partition", "kind", "params", "strength", "protocol",
-         "single_round", "attack", "metric"]).reset_index(drop=True)
+    return (
+        pu[list(PU_COLUMNS)]
+        .sort_values(
+            [
+                "dataset",
+                "model",
+                "partition",
+                "kind",
+                "params",
+                "strength",
+                "protocol",
+                "single_round",
+                "attack",
+                "metric",
+            ]
+        )
+        .reset_index(drop=True)
+    )
 
 
 def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
@@ -122,8 +187,7 @@ def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
     e = np.clip(np.asarray(error, dtype=np.float64), 0.0, 1.0)
     t = np.clip(np.asarray(leakage, dtype=np.float64), 0.0, 1.0)
     if e.shape != t.shape or e.ndim != 1:
-        raise ValueError(f"error and leakage must be 1-D of equal length; got {e.shape}, "
-                         f"{t.shape}")
+        raise ValueError(f"error and leakage must be 1-D of equal length; got {e.shape}, {t.shape}")
     if not (np.isfinite(e).all() and np.isfinite(t).all()):
         raise ValueError("hypervolume points must be finite")
     if len(e) == 0:
@@ -136,14 +200,29 @@ def hypervolume(error: np.ndarray, leakage: np.ndarray) -> float:
 
 
 #: Columns of :func:`hypervolume_table` (``results/tables/hypervolume.csv``).
-HV_COLUMNS = ("dataset", "model", "partition", "protocol", "single_round", "kind", "params",
-              "attack", "hypervolume", "n_points", "strengths", "excluded", "front", "utility",
-              "seeds", "defense_note")
+HV_COLUMNS = (
+    "dataset",
+    "model",
+    "partition",
+    "protocol",
+    "single_round",
+    "kind",
+    "params",
+    "attack",
+    "hypervolume",
+    "n_points",
+    "strengths",
+    "excluded",
+    "front",
+    "utility",
+    "seeds",
+    "defense_note",
+)
 #: ``report.hypervolume_front`` → how the tables describe it.
 FRONTS = {
     "own": "each defense's own strengths (the paper's definition)",
     "with_undefended": "each defense's strengths plus the undefended model (fedmia's option, "
-                       "not the paper's)",
+    "not the paper's)",
 }
 
 
@@ -180,20 +259,31 @@ def hypervolume_table(pu: pd.DataFrame, front: str = "with_undefended") -> pd.Da
             ok = pts["mean"].notna() & pts["test_accuracy"].notna()
             used = pts[ok]
             seeds = sorted(set(pts["n_seeds"].dropna().astype(int))) if "n_seeds" in pts else []
-            rows.append(dict(zip(keys, key, strict=True), kind=kind, params=params,
-                             hypervolume=hypervolume(1.0 - used["test_accuracy"].to_numpy(),
-                                                     used["mean"].to_numpy())
-                             if len(used) else math.nan,  # no point: n/a, not 0
-                             n_points=int(ok.sum()),
-                             strengths=", ".join(f"{v:g}" for v in sorted(own["strength"])),
-                             excluded=int((~ok).sum()), front=front,
-                             utility="; ".join(sorted(set(pts["utility"].dropna())))
-                             if "utility" in pts else "",
-                             seeds="-".join(str(v) for v in (seeds[0], seeds[-1]))
-                             if len(seeds) > 1 else "".join(map(str, seeds)),
-                             defense_note="; ".join(
-                                 sorted(set(own["defense_note"].fillna("")) - {""}))
-                             if "defense_note" in own else ""))
+            rows.append(
+                dict(
+                    zip(keys, key, strict=True),
+                    kind=kind,
+                    params=params,
+                    hypervolume=hypervolume(
+                        1.0 - used["test_accuracy"].to_numpy(), used["mean"].to_numpy()
+                    )
+                    if len(used)
+                    else math.nan,  # no point: n/a, not 0
+                    n_points=int(ok.sum()),
+                    strengths=", ".join(f"{v:g}" for v in sorted(own["strength"])),
+                    excluded=int((~ok).sum()),
+                    front=front,
+                    utility="; ".join(sorted(set(pts["utility"].dropna())))
+                    if "utility" in pts
+                    else "",
+                    seeds="-".join(str(v) for v in (seeds[0], seeds[-1]))
+                    if len(seeds) > 1
+                    else "".join(map(str, seeds)),
+                    defense_note="; ".join(sorted(set(own["defense_note"].fillna("")) - {""}))
+                    if "defense_note" in own
+                    else "",
+                )
+            )
     return pd.DataFrame(rows, columns=list(HV_COLUMNS))
 
 
@@ -202,21 +292,24 @@ def hypervolume_markdown(hv: pd.DataFrame) -> str:
     fronts = sorted(set(hv["front"])) if len(hv) else []
     utilities = sorted(set(hv["utility"])) if len(hv) else []
     seeds = sorted(set(hv["seeds"].astype(str))) if len(hv) else []
-    cap = ("Hypervolume of each defense kind's (test error, TPR@0.1%) points, both as "
-           "fractions, against the reference point (1, 1): the area of the union of the "
-           "boxes the points dominate. Larger means the defense reaches lower leakage at "
-           "lower utility loss (a stronger attack gives a smaller value, as the paper's "
-           "caption says). Points with an undefined TPR are left out (`excluded` in "
-           "hypervolume.csv).")
+    cap = (
+        "Hypervolume of each defense kind's (test error, TPR@0.1%) points, both as "
+        "fractions, against the reference point (1, 1): the area of the union of the "
+        "boxes the points dominate. Larger means the defense reaches lower leakage at "
+        "lower utility loss (a stronger attack gives a smaller value, as the paper's "
+        "caption says). Points with an undefined TPR are left out (`excluded` in "
+        "hypervolume.csv)."
+    )
     if fronts:
         cap += " Front: " + "; ".join(FRONTS.get(f, f) for f in fronts) + "."
     if utilities:
         cap += " Utility: " + "; ".join(utilities) + "."
     if seeds:
-        cap += (" Seeds behind the points: " + ", ".join(seeds) + " (a one-seed point "
-                "carries run-to-run noise that no interval here shows).")
-    notes = (sorted(set(hv["defense_note"].fillna("")) - {""}) if "defense_note" in hv
-             else [])
+        cap += (
+            " Seeds behind the points: " + ", ".join(seeds) + " (a one-seed point "
+            "carries run-to-run noise that no interval here shows)."
+        )
+    notes = sorted(set(hv["defense_note"].fillna("")) - {""}) if "defense_note" in hv else []
     if notes:
         cap += " " + " ".join(n[0].upper() + n[1:] + "." for n in notes)
     if hv.empty:
@@ -224,12 +317,10 @@ def hypervolume_markdown(hv: pd.DataFrame) -> str:
     keys = ["dataset", "model", "partition", "protocol", "single_round", "kind", "params"]
     hv = hv.assign(params=hv["params"].fillna(""))  # a CSV reads an empty params as NaN
     wide = hv.assign(label=hv.attack.map(attack_label)).pivot_table(
-        index=keys, columns="label", values="hypervolume", sort=False)
+        index=keys, columns="label", values="hypervolume", sort=False
+    )
     attacks = [attack_label(a) for a in attack_order() if attack_label(a) in wide.columns]
     wide = wide[attacks].reset_index()
     for a in attacks:
         wide[a] = wide[a].map(lambda v: "n/a" if pd.isna(v) else f"{v:.3f}")
     return cap + "\n\n" + md_table(wide)
-
-
-

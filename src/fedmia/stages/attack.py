@@ -94,16 +94,21 @@ def attack(
     partial = sampled_participation(manifest_file)
     if manifest_file is not None:
         rounds = available_rounds(rounds or [], manifest_file) if rounds is not None else None
-        attack_rounds = (available_rounds(attack_rounds, manifest_file)
-                         if attack_rounds is not None else None)
+        attack_rounds = (
+            available_rounds(attack_rounds, manifest_file) if attack_rounds is not None else None
+        )
     part = io.read_parquet(partition_file, "partition")
     lacking = [c for c in ("sample_id", "client_id", "eval") if c not in part]
     if lacking:
-        raise ValueError(f"{partition_file} lacks column(s) {lacking}; rerun the partition "
-                         "stage (snakemake --forcerun partition)")
+        raise ValueError(
+            f"{partition_file} lacks column(s) {lacking}; rerun the partition "
+            "stage (snakemake --forcerun partition)"
+        )
     if len(mdm) == 0 and manifest_file is not None:
-        log.warning("no observed round before the run diverged: no attack can run; writing "
-                    "empty result tables")
+        log.warning(
+            "no observed round before the run diverged: no attack can run; writing "
+            "empty result tables"
+        )
         for name in attacks:
             empty = pd.DataFrame(columns=list(ATTACK_COLUMNS))
             io.write_parquet(empty.astype(ATTACK_DTYPES), outputs[name], "attack")
@@ -113,33 +118,48 @@ def attack(
     if rounds is not None:
         lacking = sorted(set(rounds) - set(mdm["round"].unique().tolist()))
         if lacking:
-            raise ValueError(f"{measures_file} lacks observed round(s) {lacking}; rerun the "
-                             "measure stage")
+            raise ValueError(
+                f"{measures_file} lacks observed round(s) {lacking}; rerun the measure stage"
+            )
     ev = part[part["eval"]]
     owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
     canaries = part[part["canary"]] if "canary" in part else part.iloc[:0]
     audited = pd.DataFrame(columns=list(AUDIT_COLUMNS))
     if len(canaries) and audit is not None and partial:
-        raise ValueError("the one-run audit (audit_canaries) needs every client in every "
-                         "round; this cell samples its participants (train.participation "
-                         "fraction below 1): set audit_canaries: 0 or fraction: 1.0")
+        raise ValueError(
+            "the one-run audit (audit_canaries) needs every client in every "
+            "round; this cell samples its participants (train.participation "
+            "fraction below 1): set audit_canaries: 0 or fraction: 1.0"
+        )
     if len(canaries) and audit is not None:
-        audited = audit_attacks(attacks, mdm, pd.Series(canaries["canary_in"].to_numpy(),
-                                                        index=canaries["sample_id"]),
-                                int(audit["target"]), attack_rounds=attack_rounds,
-                                ddof=cfg.fedmia_ddof, outlier_filter=outlier_filter,
-                                lira=lira_options, rmia=rmia_options,
-                                population=owner.index[owner.to_numpy() == -1].to_numpy(),
-                                delta=float(audit["delta"]), seed=int(cell["seed"]))
-        log.info("audit on %d canaries: ε ≥ %s", len(canaries),
-                 dict(zip(audited.attack, audited.epsilon_empirical.round(3), strict=True)))
+        audited = audit_attacks(
+            attacks,
+            mdm,
+            pd.Series(canaries["canary_in"].to_numpy(), index=canaries["sample_id"]),
+            int(audit["target"]),
+            attack_rounds=attack_rounds,
+            ddof=cfg.fedmia_ddof,
+            outlier_filter=outlier_filter,
+            lira=lira_options,
+            rmia=rmia_options,
+            population=owner.index[owner.to_numpy() == -1].to_numpy(),
+            delta=float(audit["delta"]),
+            seed=int(cell["seed"]),
+        )
+        log.info(
+            "audit on %d canaries: ε ≥ %s",
+            len(canaries),
+            dict(zip(audited.attack, audited.epsilon_empirical.round(3), strict=True)),
+        )
     measured = set(mdm["sample_id"].unique())
     foreign = sorted(measured - set(owner.index) - set(canaries["sample_id"]))
     if foreign:
-        raise ValueError(f"{measures_file} holds {len(foreign)} sample(s) outside the "
-                         f"evaluation set of {partition_file}, e.g. sample_id {foreign[0]}: "
-                         "the measures belong to another partition; rerun the measure stage "
-                         "(snakemake --forcerun measure)")
+        raise ValueError(
+            f"{measures_file} holds {len(foreign)} sample(s) outside the "
+            f"evaluation set of {partition_file}, e.g. sample_id {foreign[0]}: "
+            "the measures belong to another partition; rerun the measure stage "
+            "(snakemake --forcerun measure)"
+        )
     mdm = mdm[mdm["sample_id"].isin(owner.index)]  # the attacks see the evaluation set
     k = int(part["client_id"].max()) + 1
     targets = list(range(k)) if cfg.targets == "all" else list(cfg.targets)
@@ -150,15 +170,31 @@ def attack(
     protocol = PROTOCOLS.registered() if cfg.protocols is None else cfg.protocols
     t0 = time.perf_counter()
     results, replicates = run_attacks_with_replicates(
-        attacks, mdm, owner, targets, attack_rounds=attack_rounds, protocols=protocol,
-        official=proto, ddof=cfg.fedmia_ddof, outlier_filter=outlier_filter, lira=lira_options,
-        rmia=rmia_options, fpr_rule=cfg.fpr_rule, roc_points=cfg.roc_points,
+        attacks,
+        mdm,
+        owner,
+        targets,
+        attack_rounds=attack_rounds,
+        protocols=protocol,
+        official=proto,
+        ddof=cfg.fedmia_ddof,
+        outlier_filter=outlier_filter,
+        lira=lira_options,
+        rmia=rmia_options,
+        fpr_rule=cfg.fpr_rule,
+        roc_points=cfg.roc_points,
         n_boot=cfg.bootstrap,
         bootstrap_keys=tuple(cell[k] for k in CELL_KEYS),
         keep_replicates=finding_attacks() if "replicates" in outputs else (),
-        partial=partial)
-    log.info("%d attacks × %d targets × %s in %.1fs", len(attacks), len(targets),
-             "/".join(protocol), time.perf_counter() - t0)
+        partial=partial,
+    )
+    log.info(
+        "%d attacks × %d targets × %s in %.1fs",
+        len(attacks),
+        len(targets),
+        "/".join(protocol),
+        time.perf_counter() - t0,
+    )
     for name, res in results.items():
         for i, key in enumerate(CELL_KEYS):
             res.insert(i, key, cell[key])
@@ -176,22 +212,26 @@ def _with_cell(table: pd.DataFrame, cell: Mapping[str, Any]) -> pd.DataFrame:
     return table
 
 
-def _write_replicates(replicates: pd.DataFrame, cell: Mapping[str, Any],
-                      outputs: Mapping[str, str | Path]) -> None:
+def _write_replicates(
+    replicates: pd.DataFrame, cell: Mapping[str, Any], outputs: Mapping[str, str | Path]
+) -> None:
     if "replicates" not in outputs:
         return
     if set(CELL_KEYS) - set(replicates.columns):
         replicates = _with_cell(replicates, cell)
-    io.write_parquet(replicates[list(REPLICATE_COLUMNS)].astype(REPLICATE_DTYPES),
-                     outputs["replicates"], "replicates")
+    io.write_parquet(
+        replicates[list(REPLICATE_COLUMNS)].astype(REPLICATE_DTYPES),
+        outputs["replicates"],
+        "replicates",
+    )
 
 
-def _write_audit(audited: pd.DataFrame, cell: Mapping[str, Any],
-                 outputs: Mapping[str, str | Path]) -> None:
+def _write_audit(
+    audited: pd.DataFrame, cell: Mapping[str, Any], outputs: Mapping[str, str | Path]
+) -> None:
     if "audit" not in outputs:
         return
-    io.write_parquet(_with_cell(audited, cell).astype({"seed": "int64"}), outputs["audit"],
-                     "audit")
+    io.write_parquet(_with_cell(audited, cell).astype({"seed": "int64"}), outputs["audit"], "audit")
 
 
 def sampled_participation(manifest_file: str | Path | None) -> bool:

@@ -13,13 +13,15 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' requested but CUDA is not available; "
-                           "set device: auto or cpu")
+        raise RuntimeError(
+            f"device '{name}' requested but CUDA is not available; set device: auto or cpu"
+        )
     return dev
 
 
-def setup_compute(device: str = "auto", threads: int | None = None,
-                  deterministic: bool = False) -> torch.device:
+def setup_compute(
+    device: str = "auto", threads: int | None = None, deterministic: bool = False
+) -> torch.device:
     """Set torch's CPU threads (if given) and resolve ``device`` (see :func:`resolve_device`).
 
     ``deterministic`` makes CUDA runs repeatable: PyTorch's deterministic algorithms

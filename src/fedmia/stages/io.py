@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # types only: the file contracts depend on neither torch nor 
 
 log = logging.getLogger(__name__)
 
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` if the block succeeds.
@@ -100,8 +101,9 @@ def write_parquet(df: pd.DataFrame, path: str | Path, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def _reading(path: str | Path, kind: str, what: str,
-             damaged: tuple[type[BaseException], ...]) -> Iterator[None]:
+def _reading(
+    path: str | Path, kind: str, what: str, damaged: tuple[type[BaseException], ...]
+) -> Iterator[None]:
     """Read a ``kind`` file in the block; a missing or damaged file stops naming the fix.
 
     A missing file raises ``FileNotFoundError``; one whose reading raises one of
@@ -112,12 +114,13 @@ def _reading(path: str | Path, kind: str, what: str,
     try:
         yield
     except damaged as e:
-        raise FormatError(f"{path} is not a readable {what} file ({e}): it is truncated or "
-                          f"damaged; {fix_text(path, kind)}") from None
+        raise FormatError(
+            f"{path} is not a readable {what} file ({e}): it is truncated or "
+            f"damaged; {fix_text(path, kind)}"
+        ) from None
 
 
-def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None
-                 ) -> pd.DataFrame:
+def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None) -> pd.DataFrame:
     """Read a Parquet file :func:`write_parquet` wrote as ``kind``.
 
     Raises:
@@ -131,8 +134,9 @@ def read_parquet(path: str | Path, kind: str, columns: list[str] | None = None
         return pf.read(columns=columns).to_pandas()
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                 kind: str) -> None:
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], kind: str
+) -> None:
     """Save tensors and JSON-able metadata as safetensors, atomically and byte-stably.
 
     Tensors go to the CPU, contiguous, in sorted order; ``meta`` is stored as one
@@ -142,8 +146,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[
     """
     ordered = {k: tensors[k].detach().cpu().contiguous().numpy() for k in sorted(tensors)}
     # one metadata entry: safetensors writes several in a per-process random order
-    header = {FORMAT_KEY: json.dumps({"format": format_tag(kind), "meta": meta},
-                                     sort_keys=True)}
+    header = {FORMAT_KEY: json.dumps({"format": format_tag(kind), "meta": meta}, sort_keys=True)}
     with atomic_path(path) as tmp:
         safetensors.numpy.save_file(ordered, str(tmp), metadata=header)
 
@@ -155,9 +158,12 @@ def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], 
         FormatError: the file is damaged or truncated, or of another kind or version.
         FileNotFoundError: it does not exist.
     """
-    with (_reading(path, kind, "safetensors",
-                   (safetensors.SafetensorError, OSError, json.JSONDecodeError)),
-          safetensors.safe_open(str(path), framework="pt") as f):
+    with (
+        _reading(
+            path, kind, "safetensors", (safetensors.SafetensorError, OSError, json.JSONDecodeError)
+        ),
+        safetensors.safe_open(str(path), framework="pt") as f,
+    ):
         header = json.loads((f.metadata() or {}).get(FORMAT_KEY, "{}"))
         check_format(header.get("format"), path, kind)
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
@@ -188,9 +194,15 @@ def load_prepared(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], 
     return arrays, meta
 
 
-def save_observed(path: str | Path, *, global_state: torch.Tensor, uploads: torch.Tensor,
-                  client_ids: torch.Tensor, num_samples: torch.Tensor,
-                  meta: dict[str, Any]) -> str:
+def save_observed(
+    path: str | Path,
+    *,
+    global_state: torch.Tensor,
+    uploads: torch.Tensor,
+    client_ids: torch.Tensor,
+    num_samples: torch.Tensor,
+    meta: dict[str, Any],
+) -> str:
     """Save one observed round of the server's view (safetensors); return its SHA-256.
 
     The tensors of :data:`~fedmia.core.contracts.OBSERVED_TENSORS`: ``global_state`` (P),
@@ -198,8 +210,17 @@ def save_observed(path: str | Path, *, global_state: torch.Tensor, uploads: torc
     ``num_samples`` (n); ``meta``: ``round``, ``layout``, ``model`` (and what the writer
     adds: ``lr``, ``defense``, ``recorder``).
     """
-    save_tensors(path, {"global_state": global_state, "uploads": uploads,
-                        "client_ids": client_ids, "num_samples": num_samples}, meta, "observed")
+    save_tensors(
+        path,
+        {
+            "global_state": global_state,
+            "uploads": uploads,
+            "client_ids": client_ids,
+            "num_samples": num_samples,
+        },
+        meta,
+        "observed",
+    )
     return file_sha256(path)
 
 
@@ -239,14 +260,23 @@ def read_ownership(path: str | Path) -> pd.DataFrame:
     df = df[list(OWNERSHIP_DTYPES)].astype(OWNERSHIP_DTYPES)
     twice = df["sample_id"][df["sample_id"].duplicated()].unique()
     if len(twice):
-        raise FormatError(f"{path} names sample id(s) {twice[:5].tolist()} more than once (a "
-                          "sample is owned by one client or held out); record the view again")
+        raise FormatError(
+            f"{path} names sample id(s) {twice[:5].tolist()} more than once (a "
+            "sample is owned by one client or held out); record the view again"
+        )
     return df
 
 
-def make_view(*, recorder: str, model: dict[str, Any], dataset: dict[str, Any],
-              num_clients: int, rounds: int, observed_rounds: Iterable[int],
-              files: dict[str, str]) -> dict[str, Any]:
+def make_view(
+    *,
+    recorder: str,
+    model: dict[str, Any],
+    dataset: dict[str, Any],
+    num_clients: int,
+    rounds: int,
+    observed_rounds: Iterable[int],
+    files: dict[str, str],
+) -> dict[str, Any]:
     """The ``view`` block of a manifest (:data:`~fedmia.core.contracts.VIEW_KEYS`).
 
     Args:
@@ -260,10 +290,16 @@ def make_view(*, recorder: str, model: dict[str, Any], dataset: dict[str, Any],
         files: path relative to the recording's folder → SHA-256, for every file of the
             view but the manifest.
     """
-    return {"format": format_tag("view"), "recorder": recorder, "model": dict(model),
-            "dataset": dict(dataset), "num_clients": int(num_clients), "rounds": int(rounds),
-            "observed_rounds": sorted(int(r) for r in observed_rounds),
-            "files": dict(sorted(files.items()))}
+    return {
+        "format": format_tag("view"),
+        "recorder": recorder,
+        "model": dict(model),
+        "dataset": dict(dataset),
+        "num_clients": int(num_clients),
+        "rounds": int(rounds),
+        "observed_rounds": sorted(int(r) for r in observed_rounds),
+        "files": dict(sorted(files.items())),
+    }
 
 
 def view_file(observed_round: int) -> str:
@@ -281,18 +317,21 @@ def read_view(manifest_file: str | Path) -> dict[str, Any]:
         FileNotFoundError: there is no manifest.
     """
     if not Path(manifest_file).exists():
-        raise FileNotFoundError(f"{manifest_file} does not exist: no recorded view there; "
-                                "record the run first (fedmia's train stage or "
-                                "fedmia.flower) or fix the recording's folder")
+        raise FileNotFoundError(
+            f"{manifest_file} does not exist: no recorded view there; "
+            "record the run first (fedmia's train stage or "
+            "fedmia.flower) or fix the recording's folder"
+        )
     view = read_manifest(manifest_file).get("view")
     if not isinstance(view, dict):
-        raise FormatError(f"{manifest_file} has no 'view' block (a manifest of an older "
-                          "fedmia); record the run again with this fedmia")
+        raise FormatError(
+            f"{manifest_file} has no 'view' block (a manifest of an older "
+            "fedmia); record the run again with this fedmia"
+        )
     check_format(view.get("format"), manifest_file, "view")
     lacking = [k for k in VIEW_KEYS if k not in view]
     if lacking:
-        raise FormatError(f"{manifest_file}: its view lacks key(s) {lacking}; record the run "
-                          "again")
+        raise FormatError(f"{manifest_file}: its view lacks key(s) {lacking}; record the run again")
     return view
 
 
@@ -315,8 +354,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     try:
         man = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise FormatError(f"{path} is not valid JSON ({e}): it is truncated or damaged; "
-                          f"{fix_text(path, 'manifest')}") from None
+        raise FormatError(
+            f"{path} is not valid JSON ({e}): it is truncated or damaged; "
+            f"{fix_text(path, 'manifest')}"
+        ) from None
     check_format(man.get(FORMAT_KEY), path, "manifest")
     return man
 
@@ -335,11 +376,16 @@ def available_rounds(rounds: Iterable[int], manifest_file: str | Path | None) ->
     saved = set(man["observed_rounds"])
     lacking = [r for r in rounds if r not in saved]
     if lacking and man["diverged_round"] is None:
-        raise ValueError(f"{manifest_file}: round(s) {lacking} were not observed by the train "
-                         "stage; rerun it (snakemake --forcerun train)")
+        raise ValueError(
+            f"{manifest_file}: round(s) {lacking} were not observed by the train "
+            "stage; rerun it (snakemake --forcerun train)"
+        )
     if lacking:
-        log.warning("training diverged in round %d: round(s) %s were never observed",
-                    man["diverged_round"], lacking)
+        log.warning(
+            "training diverged in round %d: round(s) %s were never observed",
+            man["diverged_round"],
+            lacking,
+        )
     return [r for r in rounds if r in saved]
 
 
@@ -359,13 +405,17 @@ def read_replicates(path: str | Path) -> pd.DataFrame:
     for m in REPLICATE_METRICS:
         for v in df[f"{m}_replicates"]:
             if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.ndim != 1:
-                raise FormatError(f"{path}: column '{m}_replicates' must hold float32 "
-                                  f"arrays, found {type(v).__name__} "
-                                  f"{getattr(v, 'dtype', '')}; {fix_text(path, 'replicates')}")
+                raise FormatError(
+                    f"{path}: column '{m}_replicates' must hold float32 "
+                    f"arrays, found {type(v).__name__} "
+                    f"{getattr(v, 'dtype', '')}; {fix_text(path, 'replicates')}"
+                )
             lengths.add(len(v))
     if len(lengths) > 1:
-        raise FormatError(f"{path}: replicate arrays of unequal lengths {sorted(lengths)} "
-                          f"(one resample has one length); {fix_text(path, 'replicates')}")
+        raise FormatError(
+            f"{path}: replicate arrays of unequal lengths {sorted(lengths)} "
+            f"(one resample has one length); {fix_text(path, 'replicates')}"
+        )
     return df
 
 
@@ -376,10 +426,23 @@ def cells_frame(manifests: Iterable[str | Path]) -> pd.DataFrame:
     whose rounds lack clients: the mean share per round; 1.0 for a manifest without the
     block: every client every round).
     """
-    cols = [*CELL_KEYS, "diverged_round", "last_finite_test_accuracy", "final_test_accuracy",
-            "best_test_accuracy", "rounds", "unnoised_state_floats", "privacy"]
-    rows = [{**{k: m.get(k, 0 if k == "unnoised_state_floats" else None) for k in cols},
-             "participation": float((m.get("participation") or {}).get("fraction", 1.0))}
-            for m in map(read_manifest, manifests)]
+    cols = [
+        *CELL_KEYS,
+        "diverged_round",
+        "last_finite_test_accuracy",
+        "final_test_accuracy",
+        "best_test_accuracy",
+        "rounds",
+        "unnoised_state_floats",
+        "privacy",
+    ]
+    rows = [
+        {
+            **{k: m.get(k, 0 if k == "unnoised_state_floats" else None) for k in cols},
+            "participation": float((m.get("participation") or {}).get("fraction", 1.0)),
+        }
+        for m in map(read_manifest, manifests)
+    ]
     return pd.DataFrame(rows, columns=[*cols, "participation"]).astype(
-        {"diverged_round": "float64", "best_test_accuracy": "float64"})
+        {"diverged_round": "float64", "best_test_accuracy": "float64"}
+    )

@@ -71,25 +71,32 @@ def measure(
     dev = setup_compute(device, threads, deterministic)
     rounds = available_rounds(rounds, manifest_file)
     if not rounds:
-        log.warning("no observed round to measure (training diverged before the first); "
-                    "writing an empty measure table")
+        log.warning(
+            "no observed round to measure (training diverged before the first); "
+            "writing an empty measure table"
+        )
         io.write_parquet(_empty_measures(), output, "measures")
         return
     files = [io.round_file(observed_dir, r) for r in rounds]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise FileNotFoundError(f"observed round file(s) missing: {missing}; rerun the train "
-                                "stage with these rounds observed")
+        raise FileNotFoundError(
+            f"observed round file(s) missing: {missing}; rerun the train "
+            "stage with these rounds observed"
+        )
     arrays, meta = io.load_prepared(data)
     part = io.read_parquet(partition_file, "partition")
     if len(part) != len(arrays["labels"]):
-        raise ValueError(f"{partition_file} has {len(part)} rows but the dataset has "
-                         f"{len(arrays['labels'])} samples; rerun the partition stage")
+        raise ValueError(
+            f"{partition_file} has {len(part)} rows but the dataset has "
+            f"{len(arrays['labels'])} samples; rerun the partition stage"
+        )
     # the evaluation set, plus an audit's canaries
     measured = part["eval"] | part["canary"] if "canary" in part else part["eval"]
     eval_ids = np.sort(part.loc[measured, "sample_id"].to_numpy())
-    ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"], meta["std"],
-                                   meta["num_classes"], dev)
+    ddata = DeviceData.from_arrays(
+        arrays["images"], arrays["labels"], meta["mean"], meta["std"], meta["num_classes"], dev
+    )
     x, y = ddata.batch(torch.from_numpy(eval_ids).to(dev))
     frames = []
     state = None
@@ -101,16 +108,25 @@ def measure(
             continue
         if state is None:
             m = obs["model"]
-            state = FlatState(build_model(m["kind"], m["num_classes"], m["in_channels"],
-                                          seed=0).to(dev))
+            state = FlatState(
+                build_model(m["kind"], m["num_classes"], m["in_channels"], seed=0).to(dev)
+            )
         if StateLayout.from_list(obs["layout"]) != state.layout:
             raise contracts.FormatError(
                 f"{f}: its model layout differs from the first observed round's (files of "
                 "another architecture mixed in one cell); delete the cell's observed rounds "
-                "and rerun training (snakemake --forcerun train)")
-        res = compute_round_measures(state, obs["global_state"].to(dev), obs["uploads"].to(dev),
-                                     x, y, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size,
-                                     grad_products=grad_products)
+                "and rerun training (snakemake --forcerun train)"
+            )
+        res = compute_round_measures(
+            state,
+            obs["global_state"].to(dev),
+            obs["uploads"].to(dev),
+            x,
+            y,
+            chunk_size=cfg.chunk_size,
+            batch_size=cfg.batch_size,
+            grad_products=grad_products,
+        )
         k, n = res.loss.shape
         columns = {
             "round": np.full(k * n, rnd),
@@ -126,10 +142,17 @@ def measure(
         }
         frames.append(pd.DataFrame({c: columns[c] for c in MEASURE_DTYPES}).astype(MEASURE_DTYPES))
         dt = time.perf_counter() - t0
-        log.info("round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
-                 rnd, n, k, dt, n / dt)
-    io.write_parquet(pd.concat(frames, ignore_index=True) if frames else _empty_measures(),
-                     output, "measures")
+        log.info(
+            "round %d: measures of %d samples × %d clients in %.1fs (%.0f samples/s)",
+            rnd,
+            n,
+            k,
+            dt,
+            n / dt,
+        )
+    io.write_parquet(
+        pd.concat(frames, ignore_index=True) if frames else _empty_measures(), output, "measures"
+    )
 
 
 def _empty_measures() -> pd.DataFrame:

@@ -15,8 +15,12 @@ from fedmia.stages import io
 
 
 def partition(
-    data: Mapping[str, str | Path], partition_cfg: Mapping[str, Any], seed: int,
-    output: str | Path, *, plugins: Sequence[str] = (),
+    data: Mapping[str, str | Path],
+    partition_cfg: Mapping[str, Any],
+    seed: int,
+    output: str | Path,
+    *,
+    plugins: Sequence[str] = (),
 ) -> None:
     """Stage 2: deal the training split to clients and draw the evaluation set.
 

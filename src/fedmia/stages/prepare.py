@@ -19,8 +19,9 @@ from fedmia.federation.datasets import load_digits, prepare_dataset
 from fedmia.stages import io
 
 
-def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *,
-            plugins: Sequence[str] = ()) -> None:
+def prepare(
+    dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *, plugins: Sequence[str] = ()
+) -> None:
     """Stage 1: build a dataset's canonical arrays and metadata.
 
     Args:
@@ -35,10 +36,18 @@ def prepare(dataset: Mapping[str, Any], outputs: Mapping[str, str | Path], *,
     mean, std = data.channel_stats()
     n, c, h, w = data.images.shape
     meta = {
-        "kind": cfg.kind, "config": dict(dataset), "source": data.source,
-        "classes": data.classes, "num_classes": len(data.classes),
-        "shape": [c, h, w], "num_samples": n, "num_test": int(data.is_test.sum()),
-        "mean": mean, "std": std, "sha256": data.checksum(), "fedmia_version": fedmia.__version__,
+        "kind": cfg.kind,
+        "config": dict(dataset),
+        "source": data.source,
+        "classes": data.classes,
+        "num_classes": len(data.classes),
+        "shape": [c, h, w],
+        "num_samples": n,
+        "num_test": int(data.is_test.sum()),
+        "mean": mean,
+        "std": std,
+        "sha256": data.checksum(),
+        "fedmia_version": fedmia.__version__,
         "extra": data.extra,
     }
     io.save_prepared(data, outputs, meta)
@@ -72,14 +81,17 @@ def write_standin(*, standin: Mapping[str, Any], output: str | Path) -> None:
         for c in range(10):
             ids = np.flatnonzero(digits.labels == c)
             if len(ids) < train + test:
-                raise ValueError(f"standin: digit {c} has {len(ids)} images, fewer than "
-                                 f"train_per_class + test_per_class = {train + test}; lower them")
-            for split, chosen in (("train", ids[:train]), ("test", ids[train:train + test])):
+                raise ValueError(
+                    f"standin: digit {c} has {len(ids)} images, fewer than "
+                    f"train_per_class + test_per_class = {train + test}; lower them"
+                )
+            for split, chosen in (("train", ids[:train]), ("test", ids[train : train + test])):
                 folder = tmp / split / f"digit_{c}"
                 folder.mkdir(parents=True)
                 for i in chosen:
                     Image.fromarray(digits.images[i].transpose(1, 2, 0)).save(
-                        folder / f"{int(i):04d}.jpg", quality=95)
+                        folder / f"{int(i):04d}.jpg", quality=95
+                    )
         os.chmod(tmp, 0o755)
         os.replace(tmp, output)
     except BaseException:

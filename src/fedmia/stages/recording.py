@@ -47,8 +47,9 @@ from fedmia.stages.compute import setup_compute
 log = logging.getLogger(__name__)
 
 #: The fix of a recording whose files are damaged, missing or changed after recording.
-RERECORD = ("restore the recording's files as they were recorded, or record the run again "
-            "(docs/flower.md)")
+RERECORD = (
+    "restore the recording's files as they were recorded, or record the run again (docs/flower.md)"
+)
 
 
 class RecordingError(ValueError):
@@ -73,16 +74,21 @@ def verify_files(folder: Path, view: Mapping[str, Any]) -> None:
             manifest's hash (changed or truncated after recording).
     """
     files = view["files"]
-    needed = [VIEW_FILES["ownership"], VIEW_FILES["final"],
-              *(io.view_file(r) for r in view["observed_rounds"])]
+    needed = [
+        VIEW_FILES["ownership"],
+        VIEW_FILES["final"],
+        *(io.view_file(r) for r in view["observed_rounds"]),
+    ]
     for name in needed:
         path = folder / name
         if name not in files or not path.exists():
-            what = ("is not listed in its manifest" if name not in files else "is missing")
+            what = "is not listed in its manifest" if name not in files else "is missing"
             rnd = next((r for r in view["observed_rounds"] if io.view_file(r) == name), None)
             which = f"recorded round {rnd}: " if rnd is not None else ""
-            raise RecordingError(f"{which}{path} {what} (the manifest lists the rounds "
-                                 f"{view['observed_rounds']}); {RERECORD}")
+            raise RecordingError(
+                f"{which}{path} {what} (the manifest lists the rounds "
+                f"{view['observed_rounds']}); {RERECORD}"
+            )
     for name, digest in files.items():
         path = folder / name
         if not path.exists():
@@ -91,11 +97,13 @@ def verify_files(folder: Path, view: Mapping[str, Any]) -> None:
         if found != digest:
             raise RecordingError(
                 f"{path}: SHA-256 {found[:16]}… does not match the manifest's {digest[:16]}… "
-                f"(the file was changed or truncated after recording); {RERECORD}")
+                f"(the file was changed or truncated after recording); {RERECORD}"
+            )
 
 
-def check_ownership(own: pd.DataFrame, view: Mapping[str, Any], num_samples: int,
-                    path: Path) -> None:
+def check_ownership(
+    own: pd.DataFrame, view: Mapping[str, Any], num_samples: int, path: Path
+) -> None:
     """The ownership table names samples of the dataset and every client of the view.
 
     Raises:
@@ -109,21 +117,27 @@ def check_ownership(own: pd.DataFrame, view: Mapping[str, Any], num_samples: int
             f"{path} names {len(outside)} sample id(s) not in the dataset, e.g. "
             f"{outside[:3].tolist()}; the dataset has {num_samples} samples (ids 0.."
             f"{num_samples - 1}): the run trained on another dataset; set the recording's "
-            "dataset to the one it trained on (the manifest's view.dataset names its kind)")
+            "dataset to the one it trained on (the manifest's view.dataset names its kind)"
+        )
     k = view["num_clients"]
     owners = own["client_id"].to_numpy()
     bad = sorted(set(owners[(owners < HELD_OUT) | (owners >= k)].tolist()))
     if bad:
-        raise RecordingError(f"{path} names client id(s) {bad}, outside 0..{k - 1} (and -1, "
-                             f"the held-out pool) of the view's {k} clients; {RERECORD}")
+        raise RecordingError(
+            f"{path} names client id(s) {bad}, outside 0..{k - 1} (and -1, "
+            f"the held-out pool) of the view's {k} clients; {RERECORD}"
+        )
     empty = sorted(set(range(k)) - set(owners.tolist()))
     if empty:
-        raise RecordingError(f"{path}: client(s) {empty} own no sample (every client of the "
-                             "view trains on its own samples); record their samples too")
+        raise RecordingError(
+            f"{path}: client(s) {empty} own no sample (every client of the "
+            "view trains on its own samples); record their samples too"
+        )
 
 
-def check_round(obs: Mapping[str, Any], path: Path, layout: StateLayout, model_name: str,
-                num_clients: int) -> list[int]:
+def check_round(
+    obs: Mapping[str, Any], path: Path, layout: StateLayout, model_name: str, num_clients: int
+) -> list[int]:
     """One observed round: the configured model's architecture, each participant once.
 
     A round may lack clients (sampled per round, or an error reply): the attacks use
@@ -139,33 +153,49 @@ def check_round(obs: Mapping[str, Any], path: Path, layout: StateLayout, model_n
     theirs = StateLayout.from_list(obs["layout"])
     uploads = obs["uploads"]
     p = layout.size
-    if (theirs != layout or obs["global_state"].shape != (p,) or uploads.ndim != 2
-            or uploads.shape[1] != p):
-        diff = next((f"'{a.name}' {list(a.shape)} vs {list(b.shape)}"
-                     for a, b in zip(theirs.entries, layout.entries, strict=False)
-                     if (a.name, a.shape) != (b.name, b.shape)),
-                    f"{theirs.size} vs {p} floats")
+    if (
+        theirs != layout
+        or obs["global_state"].shape != (p,)
+        or uploads.ndim != 2
+        or uploads.shape[1] != p
+    ):
+        diff = next(
+            (
+                f"'{a.name}' {list(a.shape)} vs {list(b.shape)}"
+                for a, b in zip(theirs.entries, layout.entries, strict=False)
+                if (a.name, a.shape) != (b.name, b.shape)
+            ),
+            f"{theirs.size} vs {p} floats",
+        )
         raise RecordingError(
             f"{path}: an upload of another architecture than model '{model_name}' (first "
             f"difference: {diff}); set the recording's model to the architecture the run "
-            "trained (a registered kind or a plugin's)")
+            "trained (a registered kind or a plugin's)"
+        )
     ids = obs["client_ids"].tolist()
     if len(ids) != uploads.shape[0] or len(obs["num_samples"]) != len(ids):
-        raise RecordingError(f"{path}: {uploads.shape[0]} uploads but {len(ids)} client ids "
-                             f"and {len(obs['num_samples'])} data sizes; {RERECORD}")
+        raise RecordingError(
+            f"{path}: {uploads.shape[0]} uploads but {len(ids)} client ids "
+            f"and {len(obs['num_samples'])} data sizes; {RERECORD}"
+        )
     twice = sorted({c for c in ids if ids.count(c) > 1})
     outside = sorted(c for c in ids if not 0 <= c < num_clients)
     if twice or outside:
-        raise RecordingError(f"{path}: client id(s) {twice or outside} appear twice or lie "
-                             f"outside 0..{num_clients - 1}; {RERECORD}")
+        raise RecordingError(
+            f"{path}: client id(s) {twice or outside} appear twice or lie "
+            f"outside 0..{num_clients - 1}; {RERECORD}"
+        )
     if not (torch.isfinite(uploads).all() and torch.isfinite(obs["global_state"]).all()):
-        raise RecordingError(f"{path}: non-finite values in round {obs['round']} (the run "
-                             "diverged); attack the rounds before it")
+        raise RecordingError(
+            f"{path}: non-finite values in round {obs['round']} (the run "
+            "diverged); attack the rounds before it"
+        )
     return sorted(ids)
 
 
-def recorded_participation(participants: Mapping[int, list[int]],
-                           num_clients: int) -> dict[str, Any] | None:
+def recorded_participation(
+    participants: Mapping[int, list[int]], num_clients: int
+) -> dict[str, Any] | None:
     """The manifest's ``participation`` of a recording whose rounds lack clients.
 
     ``fraction`` is the mean share of the clients that took part in a recorded round,
@@ -231,11 +261,14 @@ def import_recording(
             f"{manifest_file}: the run trained on dataset {want} but the configured dataset "
             f"'{cell['dataset']}' is kind {meta['kind']!r} with {n} samples (SHA-256 "
             f"{meta['sha256'][:16]}…); set the recording's dataset to the one it trained on "
-            "(same kind and options, e.g. image_size)")
+            "(same kind and options, e.g. image_size)"
+        )
     if view["num_clients"] != pcfg.num_clients:
-        raise RecordingError(f"{manifest_file}: the view has {view['num_clients']} clients "
-                             f"but partition '{cell['partition']}' says num_clients "
-                             f"{pcfg.num_clients}; set it to {view['num_clients']}")
+        raise RecordingError(
+            f"{manifest_file}: the view has {view['num_clients']} clients "
+            f"but partition '{cell['partition']}' says num_clients "
+            f"{pcfg.num_clients}; set it to {view['num_clients']}"
+        )
     verify_files(folder, view)
     with _recorded_file():
         own = io.read_ownership(folder / VIEW_FILES["ownership"])
@@ -252,8 +285,10 @@ def import_recording(
     with _recorded_file():
         final, _ = io.load_tensors(folder / VIEW_FILES["final"], "final")
     if final["global_state"].shape != (state.layout.size,):
-        raise RecordingError(f"{folder / VIEW_FILES['final']}: a model of another "
-                             f"architecture than '{mcfg.kind}'; {RERECORD}")
+        raise RecordingError(
+            f"{folder / VIEW_FILES['final']}: a model of another "
+            f"architecture than '{mcfg.kind}'; {RERECORD}"
+        )
 
     owner = np.full(n, HELD_OUT - 1, dtype=np.int32)  # -2: a sample the view does not name
     owner[own["sample_id"].to_numpy()] = own["client_id"].to_numpy()
@@ -263,54 +298,88 @@ def import_recording(
         in_eval = named_eval
         log.info("the recording names its evaluation set (%d samples)", int(in_eval.sum()))
     else:
-        in_eval = evaluation_set(owner, pcfg, int(cell["seed"]),
-                                 where=f"partitions.{cell['partition']}")
+        in_eval = evaluation_set(
+            owner, pcfg, int(cell["seed"]), where=f"partitions.{cell['partition']}"
+        )
     held_out = owner == HELD_OUT
-    part = pd.DataFrame({
-        "sample_id": np.arange(n, dtype=np.int64),
-        "client_id": np.where(owner >= 0, owner, HELD_OUT).astype(np.int32),
-        "is_test": arrays["is_test"].astype(bool), "eval": in_eval,
-        "canary": False, "canary_in": False, "filler": False})
-    test = np.flatnonzero(held_out & part["is_test"].to_numpy()) if (
-        held_out & part["is_test"].to_numpy()).any() else np.flatnonzero(held_out)
-    ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"],
-                                   meta["std"], meta["num_classes"], dev)
+    part = pd.DataFrame(
+        {
+            "sample_id": np.arange(n, dtype=np.int64),
+            "client_id": np.where(owner >= 0, owner, HELD_OUT).astype(np.int32),
+            "is_test": arrays["is_test"].astype(bool),
+            "eval": in_eval,
+            "canary": False,
+            "canary_in": False,
+            "filler": False,
+        }
+    )
+    test = (
+        np.flatnonzero(held_out & part["is_test"].to_numpy())
+        if (held_out & part["is_test"].to_numpy()).any()
+        else np.flatnonzero(held_out)
+    )
+    ddata = DeviceData.from_arrays(
+        arrays["images"], arrays["labels"], meta["mean"], meta["std"], meta["num_classes"], dev
+    )
     state.load(final["global_state"].to(dev))
     _, accuracy = evaluate(state.module, ddata, torch.from_numpy(test).to(dev), 500)
     unnoised = sum(e.numel for e in state.layout.entries if not e.is_param)
     manifest = {
         **{k: cell[k] for k in CELL_KEYS},
-        "rounds": view["rounds"], "planned_observed_rounds": view["observed_rounds"],
-        "observed_rounds": view["observed_rounds"], "num_classes": meta["num_classes"],
-        "aggregation_weights": "recorded", "unnoised_state_floats": unnoised,
+        "rounds": view["rounds"],
+        "planned_observed_rounds": view["observed_rounds"],
+        "observed_rounds": view["observed_rounds"],
+        "num_classes": meta["num_classes"],
+        "aggregation_weights": "recorded",
+        "unnoised_state_floats": unnoised,
         # what the clients did is not in the view: no guarantee is claimed
         "privacy": None,
-        "diverged_round": None, "last_finite_round": view["rounds"],
-        "last_finite_test_accuracy": accuracy, "final_test_accuracy": accuracy,
-        "best_test_accuracy": None, "fedmia_version": fedmia.__version__,
+        "diverged_round": None,
+        "last_finite_round": view["rounds"],
+        "last_finite_test_accuracy": accuracy,
+        "final_test_accuracy": accuracy,
+        "best_test_accuracy": None,
+        "fedmia_version": fedmia.__version__,
         "lock_sha256": lock_sha256(),
-        "recording": {"folder": str(folder.resolve()),
-                      "manifest_sha256": io.file_sha256(manifest_file)},
+        "recording": {
+            "folder": str(folder.resolve()),
+            "manifest_sha256": io.file_sha256(manifest_file),
+        },
         "view": view,
     }
     if participation is not None:  # rounds lacking clients: attacked as sampled
         manifest["participation"] = participation
-        log.info("recorded rounds lack clients: each client is attacked in the %s rounds it "
-                 "took part in (mean share %.2f)", participation["client_rounds"],
-                 participation["fraction"])
+        log.info(
+            "recorded rounds lack clients: each client is attacked in the %s rounds it "
+            "took part in (mean share %.2f)",
+            participation["client_rounds"],
+            participation["fraction"],
+        )
     _write_cell(folder, view, part, manifest, outputs)
-    log.info("imported %s: %d clients, rounds %s of %d, %d evaluation samples, final model's "
-             "test accuracy %.3f on %d held-out samples", folder, view["num_clients"],
-             view["observed_rounds"], view["rounds"], int(in_eval.sum()), accuracy, len(test))
+    log.info(
+        "imported %s: %d clients, rounds %s of %d, %d evaluation samples, final model's "
+        "test accuracy %.3f on %d held-out samples",
+        folder,
+        view["num_clients"],
+        view["observed_rounds"],
+        view["rounds"],
+        int(in_eval.sum()),
+        accuracy,
+        len(test),
+    )
 
 
-def _write_cell(folder: Path, view: Mapping[str, Any], part: pd.DataFrame,
-                manifest: Mapping[str, Any], outputs: Mapping[str, str | Path]) -> None:
+def _write_cell(
+    folder: Path,
+    view: Mapping[str, Any],
+    part: pd.DataFrame,
+    manifest: Mapping[str, Any],
+    outputs: Mapping[str, str | Path],
+) -> None:
     """Copy the view's files and write the partition and manifest; all or nothing."""
     observed = Path(outputs["observed"])
     observed.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=observed.parent, prefix=f".{observed.name}.",
-                                suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=observed.parent, prefix=f".{observed.name}.", suffix=".tmp"))
     try:
         for r in view["observed_rounds"]:
             shutil.copyfile(folder / io.view_file(r), io.round_file(tmp, r))
@@ -327,4 +396,3 @@ def _write_cell(folder: Path, view: Mapping[str, Any], part: pd.DataFrame,
             Path(outputs[key]).unlink(missing_ok=True)
         shutil.rmtree(observed, ignore_errors=True)
         raise
-

@@ -20,12 +20,18 @@ from fedmia.stages import io
 from fedmia.stages.io import cells_frame
 
 
-def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str | Path],
-                  selections: Sequence[str | int], fpr_rule: str,
-                  partition_kinds: Mapping[str, str] | None = None,
-                  table_metrics: Sequence[str] = tables.PAPER_TABLE_METRICS,
-                  replicate_files: Iterable[str | Path] = (),
-                  plugins: Sequence[str] = (), outputs: Mapping[str, str | Path]) -> None:
+def report_tables(
+    *,
+    attack_files: Iterable[str | Path],
+    manifests: Iterable[str | Path],
+    selections: Sequence[str | int],
+    fpr_rule: str,
+    partition_kinds: Mapping[str, str] | None = None,
+    table_metrics: Sequence[str] = tables.PAPER_TABLE_METRICS,
+    replicate_files: Iterable[str | Path] = (),
+    plugins: Sequence[str] = (),
+    outputs: Mapping[str, str | Path],
+) -> None:
     """Stage 6a: the tidy attack table (CSV), per-round table, Table-1 layout (MD, LaTeX).
 
     Args:
@@ -43,13 +49,12 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
             ``findings_csv``, ``findings_md``.
     """
     import_plugins(plugins)
-    results = pd.concat([io.read_parquet(f, "attack") for f in attack_files],
-                        ignore_index=True)
+    results = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
     needed = findings.replicate_keys(results, selections)  # the rows the findings compare
-    replicates = [io.read_replicates(f).merge(needed, on=findings.REPLICATE_ROW)
-                  for f in replicate_files]  # each file checked before any write
-    summary = tables.summarize(results, selections, fpr_rule=fpr_rule,
-                               cells=cells_frame(manifests))
+    replicates = [
+        io.read_replicates(f).merge(needed, on=findings.REPLICATE_ROW) for f in replicate_files
+    ]  # each file checked before any write
+    summary = tables.summarize(results, selections, fpr_rule=fpr_rule, cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
     sections = tables.paper_tables(summary, table_metrics)
     with io.atomic_path(outputs["csv"]) as tmp:
@@ -60,8 +65,12 @@ def report_tables(*, attack_files: Iterable[str | Path], manifests: Iterable[str
         tmp.write_text(tables.to_markdown(sections))
     with io.atomic_path(outputs["tex"]) as tmp:
         tmp.write_text(tables.to_latex(sections))
-    found = findings.findings(results, selections, dict(partition_kinds or {}),
-                            pd.concat(replicates, ignore_index=True) if replicates else None)
+    found = findings.findings(
+        results,
+        selections,
+        dict(partition_kinds or {}),
+        pd.concat(replicates, ignore_index=True) if replicates else None,
+    )
     with io.atomic_path(outputs["findings_csv"]) as tmp:
         found.to_csv(tmp, index=False)
     with io.atomic_path(outputs["findings_md"]) as tmp:
@@ -77,9 +86,14 @@ def _save_figure(fig: Any, outputs: Mapping[str, str | Path], dpi: int) -> None:
     figures.close(fig)
 
 
-def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
-                        options: Mapping[str, Any], plugins: Sequence[str] = (),
-                        outputs: Mapping[str, str | Path]) -> None:
+def report_cell_figures(
+    *,
+    attack_files: Iterable[str | Path],
+    kind: str,
+    options: Mapping[str, Any],
+    plugins: Sequence[str] = (),
+    outputs: Mapping[str, str | Path],
+) -> None:
     """Stage 6b: one cell's figure ``kind`` (:data:`fedmia.report.figures.FIGURES`) as PNG and PDF.
 
     ``plugins`` (the config's) are imported first; so are they in every report stage.
@@ -88,16 +102,23 @@ def report_cell_figures(*, attack_files: Iterable[str | Path], kind: str,
     cell = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
     draw = FIGURES.get(kind)
     if cell.empty:  # the cell diverged before its first observed round
-        fig = figures.empty_figure("no attack result: training diverged before the first "
-                                  "observed round", options["width"])
+        fig = figures.empty_figure(
+            "no attack result: training diverged before the first observed round", options["width"]
+        )
     else:
         fig = draw(cell, options)
     _save_figure(fig, outputs, options["dpi"])
 
 
-def report_table_figure(*, kind: str, table: str | Path, options: Mapping[str, Any],
-                        args: Mapping[str, Any] | None = None, plugins: Sequence[str] = (),
-                        outputs: Mapping[str, str | Path]) -> None:
+def report_table_figure(
+    *,
+    kind: str,
+    table: str | Path,
+    options: Mapping[str, Any],
+    args: Mapping[str, Any] | None = None,
+    plugins: Sequence[str] = (),
+    outputs: Mapping[str, str | Path],
+) -> None:
     """Stages 6c, 6e, 6g: figure ``kind`` of a CSV table, PNG and PDF.
 
     ``kind``: a :data:`fedmia.report.figures.TABLE_FIGURES` name (``partitions``,
@@ -131,34 +152,56 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
         records = [r for r in g["privacy"] if isinstance(r, dict)]
         reports = [record_epsilon(r, delta=delta) for r in records]
         rep = max(reports, key=lambda r: r.epsilon_rdp) if reports else None
-        observed = [(r, o) for r, o in ((r, observer_epsilon(r, delta=delta)) for r in records)
-                    if o]
-        obs_record, obs = (max(observed, key=lambda ro: ro[1].epsilon_rdp) if observed
-                           else (None, None))
+        observed = [
+            (r, o) for r, o in ((r, observer_epsilon(r, delta=delta)) for r in records) if o
+        ]
+        obs_record, obs = (
+            max(observed, key=lambda ro: ro[1].epsilon_rdp) if observed else (None, None)
+        )
         obs_note = obs.note if obs else ""
-        if (obs and rep and rep.epsilon_rdp < obs.epsilon_rdp
-                and obs_record["observer"]["accountant"] == REPLACE_ONE):
+        if (
+            obs
+            and rep
+            and rep.epsilon_rdp < obs.epsilon_rdp
+            and obs_record["observer"]["accountant"] == REPLACE_ONE
+        ):
             # the same relation (replace one client's data): post-processing
-            obs_note += (f"; the server's ε_RDP = {rep.epsilon_rdp:.4g} bounds an observer too "
-                         "(the global models are computed from the uploads): the sampled "
-                         "bound is looser here")
-        rows.append({**setting, "dp_rounds": rep.rounds if rep else seen, "dp_delta": delta,
-                     "epsilon_rdp": rep.epsilon_rdp if rep else math.nan,
-                     "epsilon_pld": (math.nan if rep is None or rep.epsilon_pld is None
-                                     else rep.epsilon_pld),
-                     "epsilon_note": rep.note if rep else "",
-                     "epsilon_observer_rdp": obs.epsilon_rdp if obs else math.nan,
-                     "epsilon_observer_pld": (math.nan if obs is None or obs.epsilon_pld is None
-                                              else obs.epsilon_pld),
-                     "epsilon_observer_note": obs_note})
+            obs_note += (
+                f"; the server's ε_RDP = {rep.epsilon_rdp:.4g} bounds an observer too "
+                "(the global models are computed from the uploads): the sampled "
+                "bound is looser here"
+            )
+        rows.append(
+            {
+                **setting,
+                "dp_rounds": rep.rounds if rep else seen,
+                "dp_delta": delta,
+                "epsilon_rdp": rep.epsilon_rdp if rep else math.nan,
+                "epsilon_pld": (
+                    math.nan if rep is None or rep.epsilon_pld is None else rep.epsilon_pld
+                ),
+                "epsilon_note": rep.note if rep else "",
+                "epsilon_observer_rdp": obs.epsilon_rdp if obs else math.nan,
+                "epsilon_observer_pld": (
+                    math.nan if obs is None or obs.epsilon_pld is None else obs.epsilon_pld
+                ),
+                "epsilon_observer_note": obs_note,
+            }
+        )
     return pd.DataFrame(rows, columns=[*tables.SETTING, *privacy_utility_tables.EPSILON_COLUMNS])
 
 
-def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path],
-                           defenses: Mapping[str, Mapping[str, Any]], output: str | Path,
-                           audits: Iterable[str | Path] = (),
-                           delta: float = DEFAULT_DELTA, utility: str = "final",
-                           plugins: Sequence[str] = ()) -> None:
+def report_privacy_utility(
+    *,
+    table: str | Path,
+    manifests: Iterable[str | Path],
+    defenses: Mapping[str, Mapping[str, Any]],
+    output: str | Path,
+    audits: Iterable[str | Path] = (),
+    delta: float = DEFAULT_DELTA,
+    utility: str = "final",
+    plugins: Sequence[str] = (),
+) -> None:
     """Stage 6d: the privacy–utility table (attack success next to test accuracy).
 
     Each cell's manifest names the cell in its keys and gives its utility (``utility``:
@@ -171,20 +214,36 @@ def report_privacy_utility(*, table: str | Path, manifests: Iterable[str | Path]
     registered kind's.
     """
     import_plugins(plugins)
-    strengths = pd.DataFrame([{"defense": key, "kind": d["kind"], "strength": strength_of(d),
-                               "params": params_of(d), "defense_note": note_of(d)}
-                              for key, d in defenses.items()])
+    strengths = pd.DataFrame(
+        [
+            {
+                "defense": key,
+                "kind": d["kind"],
+                "strength": strength_of(d),
+                "params": params_of(d),
+                "defense_note": note_of(d),
+            }
+            for key, d in defenses.items()
+        ]
+    )
     cells = cells_frame(manifests)
-    audit = pd.concat([io.read_parquet(f, "audit") for f in audits] or [pd.DataFrame()],
-                      ignore_index=True)
-    pu = privacy_utility_tables.privacy_utility(pd.read_csv(table), cells, strengths,
-                                epsilons(cells, delta), audit, utility=utility)
+    audit = pd.concat(
+        [io.read_parquet(f, "audit") for f in audits] or [pd.DataFrame()], ignore_index=True
+    )
+    pu = privacy_utility_tables.privacy_utility(
+        pd.read_csv(table), cells, strengths, epsilons(cells, delta), audit, utility=utility
+    )
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
 
 
-def report_hypervolume(*, table: str | Path, front: str = "with_undefended",
-                       plugins: Sequence[str] = (), outputs: Mapping[str, str | Path]) -> None:
+def report_hypervolume(
+    *,
+    table: str | Path,
+    front: str = "with_undefended",
+    plugins: Sequence[str] = (),
+    outputs: Mapping[str, str | Path],
+) -> None:
     """Stage 6f: Table 2, the hypervolume of every defense kind's front (CSV, Markdown).
 
     ``front``: ``report.hypervolume_front`` (:data:`fedmia.report.utility.FRONTS`).

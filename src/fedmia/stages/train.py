@@ -43,20 +43,42 @@ def _history_rows(rec: RoundRecord) -> list[dict[str, Any]]:
     size; NaN in a round without participants).
     """
     rows = []
-    for c, loss, acc, n, a in zip(rec.participants, rec.client_loss, rec.client_accuracy,
-                                  rec.num_samples, rec.weights, strict=True):
-        rows.append(dict(round=rec.round, client_id=c, lr=rec.lr, num_samples=n,
-                         aggregation_weight=float(a), train_loss=float(loss),
-                         train_accuracy=float(acc), test_loss=math.nan, test_accuracy=math.nan))
+    for c, loss, acc, n, a in zip(
+        rec.participants,
+        rec.client_loss,
+        rec.client_accuracy,
+        rec.num_samples,
+        rec.weights,
+        strict=True,
+    ):
+        rows.append(
+            dict(
+                round=rec.round,
+                client_id=c,
+                lr=rec.lr,
+                num_samples=n,
+                aggregation_weight=float(a),
+                train_loss=float(loss),
+                train_accuracy=float(acc),
+                test_loss=math.nan,
+                test_accuracy=math.nan,
+            )
+        )
     w = np.asarray(rec.num_samples, dtype=np.float64)
     total = w.sum()
-    rows.append(dict(
-        round=rec.round, client_id=HELD_OUT, lr=rec.lr, num_samples=int(total),
-        aggregation_weight=math.nan,
-        train_loss=float(np.dot(w, rec.client_loss) / total) if total else math.nan,
-        train_accuracy=float(np.dot(w, rec.client_accuracy) / total) if total else math.nan,
-        test_loss=float(rec.test_loss), test_accuracy=float(rec.test_accuracy),
-    ))
+    rows.append(
+        dict(
+            round=rec.round,
+            client_id=HELD_OUT,
+            lr=rec.lr,
+            num_samples=int(total),
+            aggregation_weight=math.nan,
+            train_loss=float(np.dot(w, rec.client_loss) / total) if total else math.nan,
+            train_accuracy=float(np.dot(w, rec.client_accuracy) / total) if total else math.nan,
+            test_loss=float(rec.test_loss),
+            test_accuracy=float(rec.test_accuracy),
+        )
+    )
     return rows
 
 
@@ -139,10 +161,13 @@ def train(
     arrays, meta = io.load_prepared(data)
     part = io.read_parquet(partition_file, "partition")
     if len(part) != len(arrays["labels"]):
-        raise ValueError(f"{partition_file} has {len(part)} rows but the dataset has "
-                         f"{len(arrays['labels'])} samples; rerun the partition stage")
-    ddata = DeviceData.from_arrays(arrays["images"], arrays["labels"], meta["mean"], meta["std"],
-                                   meta["num_classes"], dev)
+        raise ValueError(
+            f"{partition_file} has {len(part)} rows but the dataset has "
+            f"{len(arrays['labels'])} samples; rerun the partition stage"
+        )
+    ddata = DeviceData.from_arrays(
+        arrays["images"], arrays["labels"], meta["mean"], meta["std"], meta["num_classes"], dev
+    )
     client_ids = part["client_id"].to_numpy()
     k = int(client_ids.max()) + 1
     client_idx = [torch.from_numpy(np.flatnonzero(client_ids == c)).to(dev) for c in range(k)]
@@ -154,63 +179,96 @@ def train(
     observed = set(tcfg.observed())
     ckpt = None
     if checkpoint_dir is not None and checkpoint_every > 0:
-        key = _checkpoint_key(model, defense, tcfg.to_dict(), cell, partition_file, meta,
-                              plugins)
+        key = _checkpoint_key(model, defense, tcfg.to_dict(), cell, partition_file, meta, plugins)
         ckpt = Checkpoint(checkpoint_dir, key)
     resumed = ckpt.load() if ckpt is not None else None
     start, rows, outcome = 1, [], None
     if resumed is not None:
         state.load(resumed["global_state"].to(dev))
         start, rows, outcome = resumed["round"] + 1, resumed["rows"], resumed["outcome"]
-        log.info("resuming from the checkpoint of round %d in %s", resumed["round"],
-                 checkpoint_dir)
+        log.info("resuming from the checkpoint of round %d in %s", resumed["round"], checkpoint_dir)
     obs_dir = ckpt.observed if ckpt is not None else Path(outputs["observed"])
     obs_dir.mkdir(parents=True, exist_ok=True)
     weights = aggregation_rule(tcfg, defense_obj)
-    log.info("FedAvg: %s (%d parameters) on %s, %d clients (sizes %s), %d rounds, "
-             "defense %s, %s aggregation weights, participation %s, device %s, observed "
-             "rounds %s", mcfg.kind, count_parameters(net), meta["kind"], k,
-             [int(i.numel()) for i in client_idx], tcfg.rounds, dcfg.kind, weights,
-             tcfg.participation, dev, sorted(observed))
+    log.info(
+        "FedAvg: %s (%d parameters) on %s, %d clients (sizes %s), %d rounds, "
+        "defense %s, %s aggregation weights, participation %s, device %s, observed "
+        "rounds %s",
+        mcfg.kind,
+        count_parameters(net),
+        meta["kind"],
+        k,
+        [int(i.numel()) for i in client_idx],
+        tcfg.rounds,
+        dcfg.kind,
+        weights,
+        tcfg.participation,
+        dev,
+        sorted(observed),
+    )
     if weights != tcfg.aggregation:
-        log.info("defense %s needs weights independent of the clients' data: the server "
-                 "averages the uploads with equal weights 1/K (train.aggregation = %s does "
-                 "not apply)", dcfg.kind, tcfg.aggregation)
-    static = dict(layout=state.layout.to_list(), defense=dict(defense),
-                  model=dict(kind=mcfg.kind, num_classes=meta["num_classes"],
-                             in_channels=meta["shape"][0]),
-                  fedmia_version=fedmia.__version__)
+        log.info(
+            "defense %s needs weights independent of the clients' data: the server "
+            "averages the uploads with equal weights 1/K (train.aggregation = %s does "
+            "not apply)",
+            dcfg.kind,
+            tcfg.aggregation,
+        )
+    static = dict(
+        layout=state.layout.to_list(),
+        defense=dict(defense),
+        model=dict(kind=mcfg.kind, num_classes=meta["num_classes"], in_channels=meta["shape"][0]),
+        fedmia_version=fedmia.__version__,
+    )
 
     def save_round(rec: RoundRecord) -> None:
-        io.save_observed(io.round_file(obs_dir, rec.round), global_state=rec.global_flat,
-                         uploads=rec.uploads,
-                         client_ids=torch.tensor(rec.participants, dtype=torch.int64),
-                         num_samples=torch.tensor(rec.num_samples),
-                         meta=dict(static, round=rec.round, lr=rec.lr))
+        io.save_observed(
+            io.round_file(obs_dir, rec.round),
+            global_state=rec.global_flat,
+            uploads=rec.uploads,
+            client_ids=torch.tensor(rec.participants, dtype=torch.int64),
+            num_samples=torch.tensor(rec.num_samples),
+            meta=dict(static, round=rec.round, lr=rec.lr),
+        )
 
     def after_round(rnd: int, rows: list[dict[str, Any]], outcome: dict[str, Any]) -> None:
         if ckpt is not None and rnd % checkpoint_every == 0 and rnd < tcfg.rounds:
             ckpt.save(rnd, state.flat, rows, outcome)
 
     try:
-        rounds = run_fedavg(state, ddata, client_idx, test_idx, tcfg, defense_obj, seed,
-                            start_round=start)
-        history, outcome = _log_history(rounds, tcfg.rounds, observed, save_round, cell,
-                                        rows=rows, outcome=outcome, after_round=after_round)
+        rounds = run_fedavg(
+            state, ddata, client_idx, test_idx, tcfg, defense_obj, seed, start_round=start
+        )
+        history, outcome = _log_history(
+            rounds,
+            tcfg.rounds,
+            observed,
+            save_round,
+            cell,
+            rows=rows,
+            outcome=outcome,
+            after_round=after_round,
+        )
     except BaseException:
         if ckpt is None:
             shutil.rmtree(obs_dir, ignore_errors=True)  # no partial output survives a failure
         raise
-    saved = sorted(r for r in observed if outcome["diverged_round"] is None
-                   or r < outcome["diverged_round"])
-    final_accuracy = (1.0 / meta["num_classes"] if outcome["diverged_round"] is not None
-                      else outcome["last_finite_test_accuracy"])
+    saved = sorted(
+        r for r in observed if outcome["diverged_round"] is None or r < outcome["diverged_round"]
+    )
+    final_accuracy = (
+        1.0 / meta["num_classes"]
+        if outcome["diverged_round"] is not None
+        else outcome["last_finite_test_accuracy"]
+    )
     unnoised = sum(e.numel for e in state.layout.entries if not e.is_param)
     participation = {**tcfg.participation.to_dict(), "client_rounds": client_rounds(history, k)}
     manifest = {
         **{k: cell[k] for k in CELL_KEYS},
-        "rounds": tcfg.rounds, "planned_observed_rounds": sorted(observed),
-        "observed_rounds": saved, "num_classes": meta["num_classes"],
+        "rounds": tcfg.rounds,
+        "planned_observed_rounds": sorted(observed),
+        "observed_rounds": saved,
+        "num_classes": meta["num_classes"],
         "aggregation_weights": weights,
         # who took part: the draw (train.participation) and each client's rounds (history)
         "participation": participation,
@@ -218,10 +276,14 @@ def train(
         # no defense perturbs them
         "unnoised_state_floats": unnoised,
         # the defense's guarantee over the rounds the server saw (the report computes ε)
-        "privacy": cell_privacy(defense_obj.privacy(), unnoised_state=unnoised > 0,
-                                rounds=outcome["diverged_round"] or tcfg.rounds,
-                                participation={**participation, "num_clients": k}),
-        **outcome, "final_test_accuracy": final_accuracy,
+        "privacy": cell_privacy(
+            defense_obj.privacy(),
+            unnoised_state=unnoised > 0,
+            rounds=outcome["diverged_round"] or tcfg.rounds,
+            participation={**participation, "num_clients": k},
+        ),
+        **outcome,
+        "final_test_accuracy": final_accuracy,
         # the official code also records the best test accuracy over rounds (hindsight)
         "best_test_accuracy": _best_test_accuracy(history),
         "fedmia_version": fedmia.__version__,
@@ -229,22 +291,35 @@ def train(
     }
     if ckpt is not None:
         ckpt.move_observed(saved, Path(outputs["observed"]))
-    io.save_tensors(outputs["final"], {"global_state": state.flat},
-                    dict(static, rounds=tcfg.rounds, diverged_round=outcome["diverged_round"]),
-                    "final")
+    io.save_tensors(
+        outputs["final"],
+        {"global_state": state.flat},
+        dict(static, rounds=tcfg.rounds, diverged_round=outcome["diverged_round"]),
+        "final",
+    )
     io.write_parquet(history, outputs["history"], "history")
     ownership_file = outputs.get("ownership") or Path(outputs["manifest"]).with_name(
-        contracts.VIEW_FILES["ownership"])
+        contracts.VIEW_FILES["ownership"]
+    )
     io.write_ownership(part, ownership_file)
     folder = Path(outputs["manifest"]).parent
-    files = {_relative(f, folder): io.file_sha256(f)
-             for f in (outputs["final"], ownership_file,
-                       *(io.round_file(outputs["observed"], r) for r in saved))}
+    files = {
+        _relative(f, folder): io.file_sha256(f)
+        for f in (
+            outputs["final"],
+            ownership_file,
+            *(io.round_file(outputs["observed"], r) for r in saved),
+        )
+    }
     manifest["view"] = io.make_view(
-        recorder=f"fedmia {fedmia.__version__} train stage", model=static["model"],
+        recorder=f"fedmia {fedmia.__version__} train stage",
+        model=static["model"],
         dataset={"kind": meta["kind"], "num_samples": len(part), "sha256": meta["sha256"]},
-        num_clients=k, rounds=outcome["diverged_round"] or tcfg.rounds,
-        observed_rounds=saved, files=files)
+        num_clients=k,
+        rounds=outcome["diverged_round"] or tcfg.rounds,
+        observed_rounds=saved,
+        files=files,
+    )
     io.write_manifest(manifest, outputs["manifest"])
     if ckpt is not None:
         ckpt.remove()
@@ -261,15 +336,25 @@ def _best_test_accuracy(history: pd.DataFrame) -> float | None:
     return float(tested.max()) if len(tested) else None
 
 
-def _checkpoint_key(model: Mapping[str, Any], defense: Mapping[str, Any],
-                    train_cfg: Mapping[str, Any], cell: Mapping[str, Any],
-                    partition_file: str | Path, meta: Mapping[str, Any],
-                    plugins: Sequence[str] = ()) -> str:
+def _checkpoint_key(
+    model: Mapping[str, Any],
+    defense: Mapping[str, Any],
+    train_cfg: Mapping[str, Any],
+    cell: Mapping[str, Any],
+    partition_file: str | Path,
+    meta: Mapping[str, Any],
+    plugins: Sequence[str] = (),
+) -> str:
     """What a checkpoint must match to be resumed: settings, inputs and training code."""
-    spec = {"model": dict(model), "defense": dict(defense), "train": dict(train_cfg),
-            "cell": {k: cell[k] for k in CELL_KEYS}, "data": meta["sha256"],
-            "partition": hashlib.sha256(Path(partition_file).read_bytes()).hexdigest(),
-            "code": fingerprint("fedmia.stages.train", plugins=plugins)}
+    spec = {
+        "model": dict(model),
+        "defense": dict(defense),
+        "train": dict(train_cfg),
+        "cell": {k: cell[k] for k in CELL_KEYS},
+        "data": meta["sha256"],
+        "partition": hashlib.sha256(Path(partition_file).read_bytes()).hexdigest(),
+        "code": fingerprint("fedmia.stages.train", plugins=plugins),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -297,20 +382,29 @@ class Checkpoint:
         try:
             tensors, saved = io.load_tensors(f, "checkpoint")
         except contracts.FormatError as e:
-            raise contracts.FormatError(f"{e} (a training checkpoint: delete {self.folder} to "
-                                        "start the cell afresh)") from None
+            raise contracts.FormatError(
+                f"{e} (a training checkpoint: delete {self.folder} to start the cell afresh)"
+            ) from None
         if saved.get("key") != self.key:
             log.warning("%s belongs to other settings, inputs or code; starting afresh", f)
             shutil.rmtree(self.folder)
             return None
         return {**saved, **tensors}
 
-    def save(self, rnd: int, global_state: torch.Tensor, rows: list[dict[str, Any]],
-             outcome: dict[str, Any]) -> None:
+    def save(
+        self,
+        rnd: int,
+        global_state: torch.Tensor,
+        rows: list[dict[str, Any]],
+        outcome: dict[str, Any],
+    ) -> None:
         """Save the state after round ``rnd`` (atomically)."""
-        io.save_tensors(self.folder / "state.safetensors", {"global_state": global_state},
-                        {"key": self.key, "round": rnd, "rows": rows, "outcome": outcome},
-                        "checkpoint")
+        io.save_tensors(
+            self.folder / "state.safetensors",
+            {"global_state": global_state},
+            {"key": self.key, "round": rnd, "rows": rows, "outcome": outcome},
+            "checkpoint",
+        )
         log.info("checkpoint: round %d saved in %s", rnd, self.folder)
 
     def move_observed(self, rounds: Iterable[int], target: Path) -> None:
@@ -324,12 +418,17 @@ class Checkpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
-                 save_round: Callable[[RoundRecord], None], cell: Mapping[str, Any], *,
-                 rows: list[dict[str, Any]] | None = None,
-                 outcome: dict[str, Any] | None = None,
-                 after_round: Callable[[int, list[dict[str, Any]], dict[str, Any]], None]
-                 | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def _log_history(
+    rounds: Iterable[RoundRecord],
+    total: int,
+    observed: set[int],
+    save_round: Callable[[RoundRecord], None],
+    cell: Mapping[str, Any],
+    *,
+    rows: list[dict[str, Any]] | None = None,
+    outcome: dict[str, Any] | None = None,
+    after_round: Callable[[int, list[dict[str, Any]], dict[str, Any]], None] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Consume the rounds: save observed ones, log progress, return the history table.
 
     Also returns the outcome: ``diverged_round`` (``None`` if training finished),
@@ -341,32 +440,60 @@ def _log_history(rounds: Iterable[RoundRecord], total: int, observed: set[int],
     rows = list(rows or [])
     t_start = time.perf_counter()
     keys = {k: cell[k] for k in CELL_KEYS}
-    outcome = dict(outcome or {"diverged_round": None, "last_finite_round": total,
-                               "last_finite_test_accuracy": math.nan})
+    outcome = dict(
+        outcome
+        or {
+            "diverged_round": None,
+            "last_finite_round": total,
+            "last_finite_test_accuracy": math.nan,
+        }
+    )
     for rec in rounds:
         rows.extend({**keys, **row} for row in _history_rows(rec))
         if rec.diverged:
-            outcome = {"diverged_round": rec.round, "last_finite_round": rec.round - 1,
-                       "last_finite_test_accuracy": rec.last_finite_test[1]}
-            log.warning("round %d/%d: training diverged (non-finite loss, upload or model): "
-                        "the cell is kept as a result, flagged diverged; observed rounds "
-                        "before round %d are saved, utility is chance; the last finite "
-                        "global model had test accuracy %.3f", rec.round, total, rec.round,
-                        rec.last_finite_test[1])
+            outcome = {
+                "diverged_round": rec.round,
+                "last_finite_round": rec.round - 1,
+                "last_finite_test_accuracy": rec.last_finite_test[1],
+            }
+            log.warning(
+                "round %d/%d: training diverged (non-finite loss, upload or model): "
+                "the cell is kept as a result, flagged diverged; observed rounds "
+                "before round %d are saved, utility is chance; the last finite "
+                "global model had test accuracy %.3f",
+                rec.round,
+                total,
+                rec.round,
+                rec.last_finite_test[1],
+            )
             break
         if rec.round in observed:
             save_round(rec)
         if math.isfinite(rec.test_accuracy):
             outcome["last_finite_test_accuracy"] = rec.test_accuracy
         glob = rows[-1]
-        log.info("round %d/%d lr %.4f train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
-                 "%.1fs, %.0f samples/s%s", rec.round, total, rec.lr, glob["train_loss"],
-                 glob["train_accuracy"], rec.test_loss, rec.test_accuracy, rec.seconds,
-                 rec.samples_per_s, " [observed]" if rec.round in observed else "")
+        log.info(
+            "round %d/%d lr %.4f train loss %.4f acc %.3f | test loss %.4f acc %.3f | "
+            "%.1fs, %.0f samples/s%s",
+            rec.round,
+            total,
+            rec.lr,
+            glob["train_loss"],
+            glob["train_accuracy"],
+            rec.test_loss,
+            rec.test_accuracy,
+            rec.seconds,
+            rec.samples_per_s,
+            " [observed]" if rec.round in observed else "",
+        )
         if after_round is not None:
             after_round(rec.round, rows, outcome)
-    log.info("trained up to round %d in %.1fs", outcome["last_finite_round"],
-             time.perf_counter() - t_start)
+    log.info(
+        "trained up to round %d in %.1fs",
+        outcome["last_finite_round"],
+        time.perf_counter() - t_start,
+    )
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS).astype(
-        {"seed": "int64", "round": "int32", "client_id": "int32", "num_samples": "int64"})
+        {"seed": "int64", "round": "int32", "client_id": "int32", "num_samples": "int64"}
+    )
     return history, outcome
