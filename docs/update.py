@@ -240,6 +240,55 @@ def _strongest(attacks: pd.DataFrame, protocol: str, selection: str, k: int = 5)
     return pd.DataFrame(rows)
 
 
+#: The calibrated attacks beyond the paper and the paper's attacks they are compared with.
+BEYOND = (
+    "fedmia_loss",
+    "fedmia_cos",
+    "cos_series",
+    "lira_conf",
+    "lira_cos",
+    "lira_conf_sum",
+    "lira_cos_sum",
+    "lira_conf_cos_sum",
+    "rmia",
+    "rmia_sum",
+)
+
+
+def _beyond(attacks: pd.DataFrame, selection: str) -> tuple[pd.DataFrame, list[str]]:
+    """LiRA and RMIA beside FedMIA-I/II and Cos-II, per setting and protocol.
+
+    The table (TPR@1 % and AUC with intervals, the undefended model) and, per setting and
+    protocol, a sentence naming the strongest attack by each metric.
+    """
+    labels = _labels()
+    part = attacks[
+        attacks.attack.isin(BEYOND)
+        & attacks.metric.isin(["tpr@1%", "auc"])
+        & attacks.single_round.isin([selection, "all attacked rounds"])
+    ]
+    part = part[part.defense == "none"] if (part.defense == "none").any() else part
+    rows, strongest = [], []
+    keys = ["dataset", "model", "partition", "protocol"]
+    for (ds, model, partition, protocol), g in part.groupby(keys, sort=False):
+        setting = f"{ds} / {model} / {partition}"
+        for metric, scale, digits in (("tpr@1%", 100, 1), ("auc", 1, 3)):
+            m = g[g.metric == metric].set_index("attack")
+            row = {"setting": setting, "protocol": protocol, "metric": metric}
+            for a in BEYOND:
+                if a in m.index:
+                    r = m.loc[a]
+                    row[labels.get(a, a)] = _fmt(r["mean"], r.ci_low, r.ci_high, scale, digits)
+            rows.append(row)
+            if len(m):
+                best = m["mean"].idxmax()
+                b = m.loc[best]
+                value = _fmt(b["mean"], b.ci_low, b.ci_high, scale, digits)
+                name = labels.get(best, best)
+                strongest.append(f"{setting}, `{protocol}`, {metric}: **{name}** ({value})")
+    return pd.DataFrame(rows), strongest
+
+
 def _findings(findings: pd.DataFrame, protocol: str) -> pd.DataFrame:
     f = findings[(findings.protocol == protocol) & findings.metric.isin(["auc", "tpr@1%"])]
     rows = []
@@ -345,6 +394,20 @@ def render_results() -> str:
                 "attack, the undefended model):",
                 "",
                 _md(strong),
+            ]
+        beyond, best = _beyond(attacks, selection)
+        if len(beyond) and len(beyond) <= 40:
+            out += [
+                "Beyond the paper: LiRA and RMIA (the other clients' uploads as reference "
+                "models) beside FedMIA-I/II and Cos-II, the undefended model, every protocol "
+                "(TPR@1 % in %, AUC):",
+                "",
+                _md(beyond),
+                "The strongest attack in each setting (a mean; overlapping intervals do not "
+                "rank — the paired comparisons are in the findings below):",
+                "",
+                *[f"- {b}" for b in best],
+                "",
             ]
         if (folder / "findings.csv").is_file():
             f = _findings(pd.read_csv(folder / "findings.csv"), "aligned")
