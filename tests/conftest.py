@@ -10,6 +10,7 @@ import pytest
 
 from fedmia import pipeline
 from fedmia.core import contracts
+from fedmia.stages.recording import import_recording
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,100 @@ def digits_files(tmp_path_factory) -> dict[str, str]:
     files = contracts.prepared_paths(tmp_path_factory.mktemp("digits"))
     pipeline.prepare({"kind": "digits"}, files)
     return files
+
+
+#: The tiny digits cell of the pipeline tests (test_pipeline.py, test_recording.py,
+#: test_participation.py): 3 iid clients of 20 samples, 10 of each and 30 held-out samples
+#: evaluated; 4 rounds of one local epoch, rounds 1, 2 and 4 observed, tested every 2.
+TINY_PART = dict(
+    kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10, eval_nonmembers=30
+)
+TINY_TRAIN = dict(
+    rounds=4,
+    local_epochs=1,
+    batch_size=10,
+    lr=0.05,
+    observe_every=2,
+    observe_rounds=[1],
+    test_every=2,
+)
+TINY_CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
+
+
+def train_outputs(out: Path) -> dict[str, Path]:
+    """The train stage's outputs in the cell folder ``out``: its history and the recorded
+    view (:data:`fedmia.core.contracts.VIEW_FILES`)."""
+    view = {key: out / name for key, name in contracts.VIEW_FILES.items()}
+    return {"history": out / "history.parquet", **view}
+
+
+def import_outputs(out: Path) -> dict[str, Path]:
+    """The import stage's outputs in the cell folder ``out``: the recorded view read back
+    and the partition it gives."""
+    view = {key: out / name for key, name in contracts.VIEW_FILES.items()}
+    return {**view, "partition": out / "partition.parquet"}
+
+
+def train_arguments(
+    data: dict[str, str], out: Path, train: dict, cell: dict, defense=None, **stage
+) -> dict:
+    """The arguments of :func:`fedmia.pipeline.train` for a tiny cell in the folder ``out``
+    (its partition ``out/partition.parquet``, :func:`train_outputs` there): ``cell["model"]``
+    trained on the CPU with the ``train`` settings and ``defense`` (default: none);
+    ``stage`` (e.g. ``checkpoint_dir``) added as it is."""
+    return dict(
+        data=data,
+        partition_file=out / "partition.parquet",
+        model={"kind": cell["model"]},
+        defense=defense or {"kind": "none"},
+        train_cfg=train,
+        cell=cell,
+        device="cpu",
+        threads=1,
+        outputs=train_outputs(out),
+        **stage,
+    )
+
+
+@pytest.fixture(scope="session")
+def train_cell(digits_files):
+    """Train a tiny digits cell as the partition and train stages do:
+    ``train_cell(out, part, train, cell, defense=None, **stage)`` deals ``part`` with the
+    seed ``cell["seed"]`` into ``out/partition.parquet``, trains with
+    :func:`train_arguments` and returns :func:`train_outputs` of ``out``."""
+
+    def run(out: Path, part: dict, train: dict, cell: dict, defense=None, **stage):
+        out.mkdir(parents=True, exist_ok=True)
+        pipeline.partition(digits_files, part, cell["seed"], out / "partition.parquet")
+        kw = train_arguments(digits_files, out, train, cell, defense, **stage)
+        pipeline.train(**kw)
+        return kw["outputs"]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def import_cell(digits_files):
+    """Import a recording as a cell on the CPU, as the import stage does:
+    ``import_cell(recording, out, part, cell)`` reads the folder ``recording`` with the
+    partition settings ``part`` (its evaluation set where the recording names none) and
+    returns :func:`import_outputs` of ``out``."""
+
+    def run(recording: Path, out: Path, part: dict, cell: dict) -> dict[str, Path]:
+        outputs = import_outputs(out)
+        import_recording(
+            recording=recording,
+            data=digits_files,
+            model={"kind": cell["model"]},
+            partition=part,
+            cell=cell,
+            device="cpu",
+            threads=1,
+            outputs=outputs,
+        )
+        return outputs
+
+    return run
 
 
 @pytest.fixture

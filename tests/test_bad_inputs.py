@@ -1795,7 +1795,55 @@ def _changed_final(rec: Path) -> None:
     f.write_bytes(bytes(raw))
 
 
+def _emptied(rec: Path) -> None:
+    """A recording's folder with nothing in it (the run was never recorded there)."""
+    shutil.rmtree(rec)
+    rec.mkdir()
+
+
+def _no_rounds(rec: Path) -> None:
+    """A view that records no round: its observed files gone, its manifest says so."""
+    shutil.rmtree(rec / "observed")
+    man = json.loads((rec / "manifest.json").read_text())
+    man["view"]["observed_rounds"] = []
+    man["view"]["files"] = {
+        f: h for f, h in man["view"]["files"].items() if not f.startswith("observed/")
+    }
+    (rec / "manifest.json").write_text(json.dumps(man))
+
+
+def _no_round_files(rec: Path) -> None:
+    """The manifest lists rounds 1 and 2, its ``observed/`` folder holds no file."""
+    shutil.rmtree(rec / "observed")
+    (rec / "observed").mkdir()
+
+
+NO_ROUND = r"records no round \(its view's observed_rounds is empty: nothing to attack\)"
+
 RECORDINGS = [
+    recording_case(
+        "recording-empty-folder",
+        FileNotFoundError,
+        r"rec is empty: no recorded view there \(no manifest.json, no observed rounds\)",
+        r"record the run into it first .* or set the recording's folder to the one the run "
+        r"was recorded in",
+        damage=_emptied,
+    ),
+    recording_case(
+        "recording-without-observed-rounds",
+        RecordingError,
+        r"rec/manifest.json " + NO_ROUND,
+        r"record at least one round of the run",
+        damage=_no_rounds,
+    ),
+    recording_case(
+        "recording-without-observed-files",
+        RecordingError,
+        r"recorded round 1: .*observed/round0001.safetensors is missing \(the manifest lists "
+        r"the rounds \[1, 2\]\)",
+        RECORD_AGAIN,
+        damage=_no_round_files,
+    ),
     recording_case(
         "recording-missing-a-round",
         RecordingError,
@@ -1880,7 +1928,32 @@ def _also_in_the_grid(cfg: dict, tmp: Path) -> None:
     cfg["grid"][0]["partitions"].append("rec")
 
 
+def _recording_damaged(damage: Callable[[Path], None]) -> Callable[[dict, Path], None]:
+    """The config's recording copied to ``tmp/rec`` and spoilt by ``damage``."""
+
+    def edit(cfg: dict, tmp: Path) -> None:
+        shutil.copytree(cfg["recordings"]["run"]["folder"], tmp / "rec")
+        damage(tmp / "rec")
+        cfg["recordings"]["run"]["folder"] = str(tmp / "rec")
+
+    return edit
+
+
 RECORDING_CONFIGS = [
+    bad(
+        "config-recording-empty-folder",
+        ConfigError,
+        r"at 'recordings.run.folder': .*rec is empty: no recorded view there",
+        r"record the run into it first",
+        recording_config(_recording_damaged(_emptied)),
+    ),
+    bad(
+        "config-recording-without-observed-rounds",
+        ConfigError,
+        r"at 'recordings.run.folder': .*rec/manifest.json " + NO_ROUND,
+        r"record at least one round of the run",
+        recording_config(_recording_damaged(_no_rounds)),
+    ),
     bad(
         "config-recording-folder-without-a-manifest",
         ConfigError,

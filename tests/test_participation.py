@@ -16,6 +16,8 @@ import yaml
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_accountant
 from scipy.special import ndtr
 
+from conftest import TINY_CELL as CELL
+from conftest import TINY_TRAIN as TRAIN
 from fedmia import pipeline
 from fedmia.attacker.attacks import MeasureCube, OfficialProtocol, attack_scores, run_attacks
 from fedmia.core.config import ConfigError, Participation, TrainConfig
@@ -32,7 +34,6 @@ from fedmia.privacy.accounting import (
 from fedmia.privacy.events import cell_privacy, event_from_dict
 from fedmia.report.tables import caption, summarize
 from fedmia.stages import io
-from fedmia.stages.recording import import_recording
 from fedmia.stages.report import epsilons
 from fedmia.workflow import load_workflow_config
 from test_attacks import world
@@ -186,44 +187,17 @@ def test_a_round_without_participants_keeps_the_model():
 PART = dict(
     kind="iid", num_clients=4, samples_per_client=15, eval_members_per_client=5, eval_nonmembers=20
 )
-TRAIN = dict(
-    rounds=4,
-    local_epochs=1,
-    batch_size=10,
-    lr=0.05,
-    observe_every=2,
-    observe_rounds=[1],
-    test_every=2,
-)
-CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
 
 
-def _cell(digits_files, out, participation):
-    pipeline.partition(digits_files, PART, 0, out / "partition.parquet")
-    outputs = {
-        "history": out / "history.parquet",
-        "final": out / "final.safetensors",
-        "observed": out / "observed",
-        "manifest": out / "manifest.json",
-    }
-    pipeline.train(
-        data=digits_files,
-        partition_file=out / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "none"},
-        train_cfg={**TRAIN, "participation": participation},
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
-    return outputs
+def _cell(train_cell, out, participation):
+    """The tiny cell of 4 clients with ``train.participation``."""
+    return train_cell(out, PART, {**TRAIN, "participation": participation}, CELL)
 
 
 @pytest.fixture(scope="module")
-def sampled_cell(digits_files, tmp_path_factory):
+def sampled_cell(train_cell, tmp_path_factory):
     return _cell(
-        digits_files, tmp_path_factory.mktemp("sampled"), {"fraction": 0.25, "sampling": "uniform"}
+        train_cell, tmp_path_factory.mktemp("sampled"), {"fraction": 0.25, "sampling": "uniform"}
     )
 
 
@@ -267,29 +241,15 @@ def test_measures_hold_the_participants_only(sampled_cell, digits_files, tmp_pat
         assert sorted(set(mdm[mdm["round"] == r].client_id)) == participants(part, 0, r, 4).tolist()
 
 
-def test_full_participation_is_the_run_of_before(digits_files, tmp_path):
+def test_full_participation_is_the_run_of_before(train_cell, tmp_path):
     """fraction 1.0 (either sampling) gives the files of a run without the key."""
     runs = {}
     for name, participation in (
         ("uniform", {"fraction": 1.0}),
         ("poisson", {"fraction": 1.0, "sampling": "poisson"}),
     ):
-        (tmp_path / name).mkdir()
-        runs[name] = _cell(digits_files, tmp_path / name, participation)
-    (tmp_path / "default").mkdir()
-    pipeline.partition(digits_files, PART, 0, tmp_path / "default" / "partition.parquet")
-    base = {k: tmp_path / "default" / v.name for k, v in runs["uniform"].items()}
-    pipeline.train(
-        data=digits_files,
-        partition_file=tmp_path / "default" / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "none"},
-        train_cfg=TRAIN,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=base,
-    )
+        runs[name] = _cell(train_cell, tmp_path / name, participation)
+    base = train_cell(tmp_path / "default", PART, TRAIN, CELL)
     for run in runs.values():
         for key in ("final", "history"):
             assert run[key].read_bytes() == base[key].read_bytes()
@@ -397,9 +357,9 @@ def test_a_partial_table_is_refused_unless_participation_is_sampled(sampled_worl
         run_attacks(["loss"], lacking, owner, n_boot=0, partial=True)
 
 
-def test_the_attack_stage_and_attacks_csv_on_a_sampled_cell(digits_files, tmp_path):
+def test_the_attack_stage_and_attacks_csv_on_a_sampled_cell(digits_files, train_cell, tmp_path):
     """3 of 4 clients per round: each target's rounds, the table's participation column."""
-    out = _cell(digits_files, tmp_path, {"fraction": 0.75, "sampling": "uniform"})
+    out = _cell(train_cell, tmp_path, {"fraction": 0.75, "sampling": "uniform"})
     mdm_file = tmp_path / "mdm.parquet"
     pipeline.measure(
         data=digits_files,
@@ -704,12 +664,11 @@ def test_uniform_sampling_too_small_for_the_reference_attacks_is_refused():
 
 
 def test_a_recording_whose_rounds_lack_clients_is_imported_and_attacked_as_sampled(
-    digits_files, tmp_path
+    digits_files, train_cell, import_cell, tmp_path
 ):
     """A Flower-style view: round 2 lacks client 3 (sampled, or an error reply)."""
     rec = tmp_path / "rec"
-    rec.mkdir()
-    cell = _cell(digits_files, rec, {"fraction": 1.0})
+    cell = _cell(train_cell, rec, {"fraction": 1.0})
     f = io.round_file(cell["observed"], 2)
     obs = io.load_observed(f)
     io.save_observed(
@@ -723,24 +682,7 @@ def test_a_recording_whose_rounds_lack_clients_is_imported_and_attacked_as_sampl
     man = json.loads(cell["manifest"].read_text())
     man["view"]["files"]["observed/round0002.safetensors"] = io.file_sha256(f)
     cell["manifest"].write_text(json.dumps(man))
-    out = tmp_path / "imported"
-    outputs = {
-        "manifest": out / "manifest.json",
-        "observed": out / "observed",
-        "ownership": out / "ownership.parquet",
-        "final": out / "final.safetensors",
-        "partition": out / "partition.parquet",
-    }
-    import_recording(
-        recording=rec,
-        data=digits_files,
-        model={"kind": "alexnet"},
-        partition=PART,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
+    outputs = import_cell(rec, tmp_path / "imported", PART, CELL)
     imported = io.read_manifest(outputs["manifest"])
     # rounds 1, 2, 4 recorded (observe_every 2, observe_rounds [1]); client 3 lacks round 2
     assert imported["participation"] == {
@@ -772,17 +714,6 @@ def test_a_recording_whose_rounds_lack_clients_is_imported_and_attacked_as_sampl
         n = pd.read_parquet(files[name]).set_index("target")["n_rounds"].to_dict()
         assert n == {0: 3, 1: 3, 2: 3, 3: 2}
     # a recording in which every client took part keeps the manifest of before
-    (tmp_path / "full").mkdir()
-    full = _cell(digits_files, tmp_path / "full", {"fraction": 1.0})
-    again = {k: tmp_path / "again" / v.name for k, v in outputs.items()}
-    import_recording(
-        recording=full["manifest"].parent,
-        data=digits_files,
-        model={"kind": "alexnet"},
-        partition=PART,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=again,
-    )
+    full = _cell(train_cell, tmp_path / "full", {"fraction": 1.0})
+    again = import_cell(full["manifest"].parent, tmp_path / "again", PART, CELL)
     assert "participation" not in io.read_manifest(again["manifest"])

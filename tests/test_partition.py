@@ -120,56 +120,9 @@ def test_impossible_sizes_raise(labels_split, kw, msg):
         make_partition(labels, is_test, cfg(**kw), seed=0)
 
 
-def test_audit_canaries_are_held_out_samples_with_fair_coins(labels_split):
-    labels, is_test = labels_split
-    cfg = PartitionConfig(
-        kind="iid",
-        num_clients=4,
-        samples_per_client=100,
-        eval_members_per_client=20,
-        eval_nonmembers=100,
-        audit_canaries=200,
-        audit_target=2,
-    )
-    df = make_partition(labels, is_test, cfg, seed=3)
-    c = df[df.canary]
-    assert len(c) == 200 and c.is_test.all() and not c["eval"].any()
-    assert (c.client_id == np.where(c.canary_in, 2, -1)).all()
-    assert 70 < c.canary_in.sum() < 130
-    # the canaries have their own stream: the rest of the partition is unchanged
-    plain = make_partition(
-        labels,
-        is_test,
-        PartitionConfig(
-            kind="iid",
-            num_clients=4,
-            samples_per_client=100,
-            eval_members_per_client=20,
-            eval_nonmembers=100,
-        ),
-        seed=3,
-    )
-    assert (plain["eval"] == df["eval"]).all()
-    audit = df.canary | df.filler
-    assert (plain.client_id[~audit] == df.client_id[~audit]).all()
-    assert (plain.client_id[audit] == -1).all()  # canaries and fillers were held out
-    with pytest.raises(PartitionError, match="audit_canaries = 400 but only 300 held-out"):
-        make_partition(
-            labels,
-            is_test,
-            PartitionConfig(
-                kind="iid",
-                num_clients=4,
-                samples_per_client=100,
-                eval_members_per_client=20,
-                eval_nonmembers=100,
-                audit_canaries=400,
-            ),
-            seed=3,
-        )
-
-
 def audited(labels_split, seed: int, **kw) -> pd.DataFrame:
+    """The partition of 4 iid clients of 100 samples with 200 canaries for client 2 (the
+    settings ``kw`` changed)."""
     labels, is_test = labels_split
     base = dict(
         kind="iid",
@@ -181,6 +134,22 @@ def audited(labels_split, seed: int, **kw) -> pd.DataFrame:
         audit_target=2,
     )
     return make_partition(labels, is_test, PartitionConfig(**{**base, **kw}), seed=seed)
+
+
+def test_audit_canaries_are_held_out_samples_with_fair_coins(labels_split):
+    df = audited(labels_split, 3)
+    c = df[df.canary]
+    assert len(c) == 200 and c.is_test.all() and not c["eval"].any()
+    assert (c.client_id == np.where(c.canary_in, 2, -1)).all()
+    assert 70 < c.canary_in.sum() < 130
+    # the canaries have their own stream: the rest of the partition is unchanged
+    plain = audited(labels_split, 3, audit_canaries=0, audit_target=0)
+    assert (plain["eval"] == df["eval"]).all()
+    audit = df.canary | df.filler
+    assert (plain.client_id[~audit] == df.client_id[~audit]).all()
+    assert (plain.client_id[audit] == -1).all()  # canaries and fillers were held out
+    with pytest.raises(PartitionError, match="audit_canaries = 400 but only 300 held-out"):
+        audited(labels_split, 3, audit_canaries=400, audit_target=0)
 
 
 def test_the_audit_target_s_size_does_not_depend_on_the_coins(labels_split):

@@ -10,6 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import TINY_CELL as CELL
+from conftest import TINY_PART as PART
+from conftest import TINY_TRAIN as TRAIN
+from conftest import train_arguments
 from fedmia import pipeline
 from fedmia.attacker.uncertainty import stable_seed
 from fedmia.core.contracts import REPLICATE_COLUMNS
@@ -22,48 +26,10 @@ from fedmia.stages import io
 from fedmia.stages.io import read_replicates
 from fedmia.stages.train import Checkpoint
 
-PART = dict(
-    kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10, eval_nonmembers=30
-)
-TRAIN = dict(
-    rounds=4,
-    local_epochs=1,
-    batch_size=10,
-    lr=0.05,
-    observe_every=2,
-    observe_rounds=[1],
-    test_every=2,
-)
-
-
-CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
-
-
-def run_cell(digits_files, out, seed=0, train=TRAIN, part=PART):
-    pipeline.partition(digits_files, part, seed, out / "partition.parquet")
-    outputs = {
-        "history": out / "history.parquet",
-        "final": out / "final.safetensors",
-        "observed": out / "observed",
-        "manifest": out / "manifest.json",
-    }
-    pipeline.train(
-        data=digits_files,
-        partition_file=out / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "none"},
-        train_cfg=train,
-        cell={**CELL, "seed": seed},
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
-    return outputs
-
 
 @pytest.fixture(scope="module")
-def cell(digits_files, tmp_path_factory):
-    return run_cell(digits_files, tmp_path_factory.mktemp("cell"))
+def cell(train_cell, tmp_path_factory):
+    return train_cell(tmp_path_factory.mktemp("cell"), PART, TRAIN, CELL)
 
 
 def test_prepared_digits(digits_files):
@@ -119,8 +85,8 @@ def test_observed_rounds_hold_the_server_view(cell):
     torch.testing.assert_close(final["global_state"], r4["global_state"] - r4["uploads"].mean(0))
 
 
-def test_same_seed_gives_byte_identical_history(digits_files, tmp_path, cell):
-    again = run_cell(digits_files, tmp_path)
+def test_same_seed_gives_byte_identical_history(train_cell, tmp_path, cell):
+    again = train_cell(tmp_path, PART, TRAIN, CELL)
     assert again["history"].read_bytes() == cell["history"].read_bytes()
     assert (tmp_path / "partition.parquet").read_bytes() == (
         cell["history"].parent / "partition.parquet"
@@ -177,27 +143,11 @@ def test_measure_table_contents(measured, cell):
     np.testing.assert_allclose(cos, r2.cos, rtol=2e-3, atol=1e-6)
 
 
-def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
+def test_a_diverged_cell_is_a_result(digits_files, train_cell, tmp_path):
     """Strong unclipped parameter noise breaks the model in round 2: training stops, every
     output is written, the manifest flags the cell, and measures and attacks use round 1."""
-    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    outputs = {
-        "history": tmp_path / "history.parquet",
-        "final": tmp_path / "final.safetensors",
-        "observed": tmp_path / "observed",
-        "manifest": tmp_path / "manifest.json",
-    }
-    pipeline.train(
-        data=digits_files,
-        partition_file=tmp_path / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "dp_param_noise", "sigma": 1.0},
-        train_cfg={**TRAIN, "observe_every": 1},
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
+    noise = {"kind": "dp_param_noise", "sigma": 1.0}
+    outputs = train_cell(tmp_path, PART, {**TRAIN, "observe_every": 1}, CELL, noise)
     man = pipeline.read_manifest(outputs["manifest"])
     assert man["diverged_round"] == 2 and man["last_finite_round"] == 1
     assert man["planned_observed_rounds"] == [1, 2, 3, 4] and man["observed_rounds"] == [1]
@@ -233,25 +183,11 @@ def test_a_diverged_cell_is_a_result(digits_files, tmp_path):
     assert set(pd.read_parquet(files["cos"])["round"]) == {1}
 
 
-def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits_files, tmp_path):
-    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    outputs = {
-        "history": tmp_path / "history.parquet",
-        "final": tmp_path / "final.safetensors",
-        "observed": tmp_path / "observed",
-        "manifest": tmp_path / "manifest.json",
-    }
-    pipeline.train(
-        data=digits_files,
-        partition_file=tmp_path / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "dp_param_noise", "sigma": 1e30},
-        train_cfg=TRAIN,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
+def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(
+    digits_files, train_cell, tmp_path
+):
+    noise = {"kind": "dp_param_noise", "sigma": 1e30}
+    outputs = train_cell(tmp_path, PART, TRAIN, CELL, noise)
     man = pipeline.read_manifest(outputs["manifest"])
     assert man["diverged_round"] == 1 and man["observed_rounds"] == []
     mdm_file = tmp_path / "mdm.parquet"
@@ -290,7 +226,7 @@ def test_a_cell_that_diverges_before_any_observed_round_has_empty_results(digits
         assert figs["png"].stat().st_size > 1000
 
 
-def test_members_look_like_members_after_real_training(digits_files, tmp_path):
+def test_members_look_like_members_after_real_training(digits_files, train_cell, tmp_path):
     """On a real (tiny) FedAvg run, every client's own evaluation samples have a higher
     mean cos and a lower mean loss under its upload than the non-members do: the
     direction the attacks assume is measured, not built in."""
@@ -304,7 +240,7 @@ def test_members_look_like_members_after_real_training(digits_files, tmp_path):
     train = dict(
         rounds=6, local_epochs=3, batch_size=10, lr=0.05, observe_every=3, observe_rounds=[]
     )
-    out = run_cell(digits_files, tmp_path, train=train, part=part)
+    out = train_cell(tmp_path, part, train, CELL)
     mdm_file = tmp_path / "mdm.parquet"
     pipeline.measure(
         data=digits_files,
@@ -325,15 +261,6 @@ def test_members_look_like_members_after_real_training(digits_files, tmp_path):
     assert (means[("loss", True)] < means[("loss", False)]).all(), means
 
 
-def _train_outputs(out):
-    return {
-        "history": out / "history.parquet",
-        "final": out / "final.safetensors",
-        "observed": out / "observed",
-        "manifest": out / "manifest.json",
-    }
-
-
 def _same_results(a, b):
     """Every output of two train runs byte for byte (safetensors are byte-stable)."""
     for name in ("history.parquet", "manifest.json", "final.safetensors"):
@@ -344,33 +271,14 @@ def _same_results(a, b):
         assert (a / "observed" / f).read_bytes() == (b / "observed" / f).read_bytes(), f
 
 
-RESUME_TRAIN = dict(
-    rounds=6,
-    local_epochs=1,
-    batch_size=10,
-    lr=0.05,
-    observe_every=2,
-    observe_rounds=[1],
-    test_every=1,
-)
+RESUME_TRAIN = {**TRAIN, "rounds": 6, "test_every": 1}
 
 
-def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
+def test_killed_training_resumes_from_its_checkpoint(digits_files, train_cell, tmp_path):
     """SIGKILL a real training process after its second checkpoint; the rerun resumes
     there and its outputs equal an uninterrupted run's."""
-    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    common = dict(
-        data=digits_files,
-        partition_file=str(tmp_path / "partition.parquet"),
-        model={"kind": "alexnet"},
-        defense={"kind": "none"},
-        train_cfg=RESUME_TRAIN,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-    )
     ref = tmp_path / "ref"
-    pipeline.train(**common, outputs=_train_outputs(ref))
+    train_cell(ref, PART, RESUME_TRAIN, CELL)
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     script = tmp_path / "train.py"
     script.write_text(
@@ -380,14 +288,12 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
         "kw['outputs'] = {k: Path(v) for k, v in kw['outputs'].items()}\n"
         "pipeline.train(**kw)\n"
     )
-    kw = {
-        **common,
-        "checkpoint_dir": str(ckpt),
-        "checkpoint_every": 2,
-        "outputs": {k: str(v) for k, v in _train_outputs(out).items()},
-    }
+    # the reference run's arguments, but for the outputs' folder and the checkpoint
+    kw = train_arguments(digits_files, out, RESUME_TRAIN, CELL, checkpoint_every=2)
+    kw |= {"partition_file": ref / "partition.parquet", "checkpoint_dir": ckpt}
+    arguments = json.dumps(kw, default=str)
     proc = subprocess.Popen(
-        [sys.executable, str(script), json.dumps(kw)], stderr=subprocess.PIPE, text=True
+        [sys.executable, str(script), arguments], stderr=subprocess.PIPE, text=True
     )
     log = []
     for line in proc.stderr:  # kill it as soon as round 4 is saved
@@ -399,7 +305,7 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "".join(log)
     assert (ckpt / "state.safetensors").exists() and not (out / "manifest.json").exists()
     r = subprocess.run(
-        [sys.executable, str(script), json.dumps(kw)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), arguments], capture_output=True, text=True, timeout=600
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from the checkpoint of round 4" in r.stderr
@@ -408,35 +314,18 @@ def test_killed_training_resumes_from_its_checkpoint(digits_files, tmp_path):
     assert not ckpt.exists()  # removed once the outputs are written
 
 
-def test_a_checkpoint_of_other_settings_is_not_resumed(digits_files, tmp_path, caplog):
-    pipeline.partition(digits_files, PART, 0, tmp_path / "partition.parquet")
-    common = dict(
-        data=digits_files,
-        partition_file=tmp_path / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "none"},
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        checkpoint_dir=tmp_path / "ckpt",
-        checkpoint_every=2,
-    )
-    pipeline.train(
-        **common, train_cfg={**RESUME_TRAIN, "rounds": 2}, outputs=_train_outputs(tmp_path / "a")
-    )
+def test_a_checkpoint_of_other_settings_is_not_resumed(train_cell, tmp_path, caplog):
+    ckpt = dict(checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
+    train_cell(tmp_path / "a", PART, {**RESUME_TRAIN, "rounds": 2}, CELL, **ckpt)
     # leave a stale checkpoint behind, as a kill under other settings would
     Checkpoint(tmp_path / "ckpt", "another run").save(2, torch.zeros(3), [], {})
     with caplog.at_level("WARNING"):
-        pipeline.train(
-            **common,
-            train_cfg={**RESUME_TRAIN, "rounds": 2, "lr": 0.04},
-            outputs=_train_outputs(tmp_path / "b"),
-        )
+        train_cell(tmp_path / "b", PART, {**RESUME_TRAIN, "rounds": 2, "lr": 0.04}, CELL, **ckpt)
     assert "belongs to other settings, inputs or code; starting afresh" in caplog.text
     assert pipeline.read_manifest(tmp_path / "b" / "manifest.json")["last_finite_round"] == 2
 
 
-def _audited_cell(digits_files, out, defense, train):
+def _audited_cell(digits_files, train_cell, out, defense, train):
     part = dict(
         kind="iid",
         num_clients=3,
@@ -446,19 +335,7 @@ def _audited_cell(digits_files, out, defense, train):
         audit_canaries=200,
         audit_target=0,
     )
-    pipeline.partition(digits_files, part, 0, out / "partition.parquet")
-    outputs = _train_outputs(out)
-    pipeline.train(
-        data=digits_files,
-        partition_file=out / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense=defense,
-        train_cfg=train,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
+    outputs = train_cell(out, part, train, CELL, defense)
     pipeline.measure(
         data=digits_files,
         partition_file=out / "partition.parquet",
@@ -492,11 +369,11 @@ def _audited_cell(digits_files, out, defense, train):
     return pd.read_parquet(files["audit"]).iloc[0], part_df, pd.read_parquet(files["loss"])
 
 
-def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_path):
+def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, train_cell, tmp_path):
     train = dict(
         rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4, observe_rounds=[]
     )
-    row, part, loss = _audited_cell(digits_files, tmp_path, {"kind": "none"}, train)
+    row, part, loss = _audited_cell(digits_files, train_cell, tmp_path, {"kind": "none"}, train)
     canary = part[part.canary]
     assert len(canary) == 200 and not (canary["eval"]).any() and canary.is_test.all()
     assert (canary.client_id[canary.canary_in] == 0).all()
@@ -537,7 +414,7 @@ def test_canaries_are_coin_flipped_into_the_target_and_scored(digits_files, tmp_
     assert (loss.auc_ci_low.iloc[0], loss.auc_ci_high.iloc[0]) == pytest.approx((lo, hi), abs=1e-6)
 
 
-def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):
+def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, train_cell, tmp_path):
     train = dict(
         rounds=4, local_epochs=10, batch_size=10, lr=0.03, observe_every=4, observe_rounds=[]
     )
@@ -545,7 +422,7 @@ def test_audit_stays_below_the_accounted_epsilon_of_dp(digits_files, tmp_path):
     assert accounted.epsilon_pld <= 2
     # clip 1e-3: noise std σC = 0.01 per coordinate, small enough to keep training finite
     row, _, _ = _audited_cell(
-        digits_files, tmp_path, {"kind": "dp", "sigma": 10.0, "clip": 0.001}, train
+        digits_files, train_cell, tmp_path, {"kind": "dp", "sigma": 10.0, "clip": 0.001}, train
     )
     man = pipeline.read_manifest(tmp_path / "manifest.json")
     assert man["diverged_round"] is None and row["num_canaries"] == 100

@@ -17,10 +17,9 @@ import pytest
 
 from fedmia import pipeline
 from fedmia.core.config import PartitionConfig
-from fedmia.core.contracts import VIEW_FILES, format_tag
+from fedmia.core.contracts import format_tag
 from fedmia.federation.partition import HELD_OUT, evaluation_set
 from fedmia.stages import io
-from fedmia.stages.recording import import_recording
 
 PART = dict(
     kind="iid", num_clients=3, samples_per_client=20, eval_members_per_client=10, eval_nonmembers=30
@@ -29,43 +28,9 @@ TRAIN = dict(rounds=2, local_epochs=1, batch_size=10, lr=0.05, observe_every=2, 
 CELL = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
 
 
-def trained(digits_files, out):
-    """A tiny trained cell in ``out`` (the train stage's file names)."""
-    pipeline.partition(digits_files, PART, 0, out / "partition.parquet")
-    outputs = {
-        "history": out / "history.parquet",
-        "final": out / VIEW_FILES["final"],
-        "observed": out / VIEW_FILES["observed"],
-        "ownership": out / VIEW_FILES["ownership"],
-        "manifest": out / VIEW_FILES["manifest"],
-    }
-    pipeline.train(
-        data=digits_files,
-        partition_file=out / "partition.parquet",
-        model={"kind": "alexnet"},
-        defense={"kind": "none"},
-        train_cfg=TRAIN,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=outputs,
-    )
-    return outputs
-
-
-def import_outputs(out):
-    return {
-        "manifest": out / "manifest.json",
-        "observed": out / "observed",
-        "ownership": out / "ownership.parquet",
-        "final": out / "final.safetensors",
-        "partition": out / "partition.parquet",
-    }
-
-
 @pytest.fixture(scope="module")
-def cell(digits_files, tmp_path_factory):
-    return trained(digits_files, tmp_path_factory.mktemp("trained"))
+def cell(train_cell, tmp_path_factory):
+    return train_cell(tmp_path_factory.mktemp("trained"), PART, TRAIN, CELL)
 
 
 def test_the_train_stage_writes_a_recorded_view(cell, digits_files):
@@ -92,20 +57,10 @@ def test_the_train_stage_writes_a_recorded_view(cell, digits_files):
 
 
 def test_a_trained_cell_read_back_through_the_import_path_is_the_same_cell(
-    cell, digits_files, tmp_path
+    cell, digits_files, import_cell, tmp_path
 ):
     folder = cell["manifest"].parent
-    out = import_outputs(tmp_path / "imported")
-    import_recording(
-        recording=folder,
-        data=digits_files,
-        model={"kind": "alexnet"},
-        partition=PART,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=out,
-    )
+    out = import_cell(folder, tmp_path / "imported", PART, CELL)
     for r in (1, 2):
         assert (
             io.round_file(out["observed"], r).read_bytes()
@@ -152,27 +107,15 @@ def test_an_evaluation_set_is_drawn_where_the_recording_names_none():
     assert not (drawn == evaluation_set(owner, cfg, seed=4)).all()
 
 
-def test_a_view_without_an_evaluation_set_is_imported_with_a_drawn_one(
-    cell, digits_files, tmp_path
-):
+def test_a_view_without_an_evaluation_set_is_imported_with_a_drawn_one(cell, import_cell, tmp_path):
     rec = tmp_path / "rec"
     shutil.copytree(cell["manifest"].parent, rec)
     own = io.read_ownership(rec / "ownership.parquet").assign(eval=False)
     man = json.loads((rec / "manifest.json").read_text())
     man["view"]["files"]["ownership.parquet"] = io.write_ownership(own, rec / "ownership.parquet")
     (rec / "manifest.json").write_text(json.dumps(man))
-    out = import_outputs(tmp_path / "imported")
     part = {**PART, "eval_members_per_client": 4, "eval_nonmembers": 25}
-    import_recording(
-        recording=rec,
-        data=digits_files,
-        model={"kind": "alexnet"},
-        partition=part,
-        cell=CELL,
-        device="cpu",
-        threads=1,
-        outputs=out,
-    )
+    out = import_cell(rec, tmp_path / "imported", part, CELL)
     p = pd.read_parquet(out["partition"])
     ev = p[p["eval"]]
     assert ev.groupby("client_id").size().to_dict() == {HELD_OUT: 25, 0: 4, 1: 4, 2: 4}

@@ -208,32 +208,42 @@ def test_hypervolume_against_a_hand_computed_front():
     assert utility.hypervolume(e[:2], t[:2]) == pytest.approx(0.2 * 0.5 + 0.7 * 0.8)
 
 
-def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
-    rows = []
-    for defense, kind, strength, acc, tpr in (
-        ("none", "none", np.nan, 0.9, 0.5),
-        ("dp1", "dp", 1.0, 0.7, 0.2),
-        ("dp2", "dp", 2.0, 0.4, 0.1),
-        ("mx", "mixup", 0.5, 0.8, np.nan),
-    ):
-        rows.append(
-            dict(
-                dataset="d",
-                model="m",
-                partition="iid",
-                defense=defense,
-                kind=kind,
-                strength=strength,
-                test_accuracy=acc,
-                protocol="aligned",
-                single_round="all attacked rounds",
-                attack="cos_series",
-                metric="tpr@0.1%",
-                mean=tpr,
-                std=0.0,
-            )
+def front_table(points, **columns) -> pd.DataFrame:
+    """A privacy-utility table of Cos-II's TPR at 0.1 % FPR (aligned, all attacked rounds),
+    a row a point ``(defense, kind, strength, test accuracy, TPR)``; ``columns`` are added
+    as :meth:`pandas.DataFrame.assign` adds them (a value, one a point, or a function of
+    the table)."""
+    rows = [
+        dict(
+            dataset="d",
+            model="m",
+            partition="iid",
+            defense=defense,
+            kind=kind,
+            strength=strength,
+            test_accuracy=acc,
+            protocol="aligned",
+            single_round="all attacked rounds",
+            attack="cos_series",
+            metric="tpr@0.1%",
+            mean=tpr,
+            std=0.0,
         )
-    hv = utility.hypervolume_table(pd.DataFrame(rows)).set_index("kind")
+        for defense, kind, strength, acc, tpr in points
+    ]
+    return pd.DataFrame(rows).assign(**columns)
+
+
+def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
+    rows = front_table(
+        (
+            ("none", "none", np.nan, 0.9, 0.5),
+            ("dp1", "dp", 1.0, 0.7, 0.2),
+            ("dp2", "dp", 2.0, 0.4, 0.1),
+            ("mx", "mixup", 0.5, 0.8, np.nan),
+        )
+    )
+    hv = utility.hypervolume_table(rows).set_index("kind")
     # dp front: (0.1, 0.5), (0.3, 0.2), (0.6, 0.1) -> 0.70 as above
     assert hv.loc["dp", "hypervolume"] == pytest.approx(0.70)
     assert hv.loc["dp", "n_points"] == 3 and hv.loc["dp", "strengths"] == "1, 2"
@@ -242,7 +252,7 @@ def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
     assert hv.loc["mixup", "excluded"] == 1
     assert "Cos-II (Avg-Cosine)" in utility.hypervolume_markdown(hv.reset_index())
     # a front without any defined point (the undefended TPR undefined too) is n/a, not 0
-    none_undefined = pd.DataFrame(rows).assign(mean=np.nan)
+    none_undefined = rows.assign(mean=np.nan)
     hv = utility.hypervolume_table(none_undefined).set_index("kind")
     assert hv["hypervolume"].isna().all() and (hv["n_points"] == 0).all()
 
@@ -250,38 +260,22 @@ def test_hypervolume_table_includes_the_undefended_cell_in_every_front():
 def test_hypervolume_of_a_defenses_own_points_as_the_paper():
     """``own`` (the paper's Def. 1): no undefended point in the front; said in the caption,
     with the utility and the seeds behind the points."""
-    rows = []
-    for defense, kind, strength, acc, tpr, seeds in (
-        ("none", "none", np.nan, 0.9, 0.5, 3),
-        ("dp1", "dp", 1.0, 0.7, 0.2, 1),
-        ("dp2", "dp", 2.0, 0.4, 0.1, 1),
-        ("au", "augment", 4.0, 0.5, 0.3, 1),
-    ):
-        rows.append(
-            dict(
-                dataset="d",
-                model="m",
-                partition="iid",
-                defense=defense,
-                kind=kind,
-                strength=strength,
-                test_accuracy=acc,
-                protocol="aligned",
-                single_round="all attacked rounds",
-                attack="cos_series",
-                metric="tpr@0.1%",
-                mean=tpr,
-                std=0.0,
-                n_seeds=seeds,
-                utility="final test accuracy",
-                defense_note=AugmentDefense.table_note if kind == "augment" else "",
-            )
-        )
-    own = utility.hypervolume_table(pd.DataFrame(rows), "own").set_index("kind")
+    rows = front_table(
+        (
+            ("none", "none", np.nan, 0.9, 0.5),
+            ("dp1", "dp", 1.0, 0.7, 0.2),
+            ("dp2", "dp", 2.0, 0.4, 0.1),
+            ("au", "augment", 4.0, 0.5, 0.3),
+        ),
+        n_seeds=[3, 1, 1, 1],
+        utility="final test accuracy",
+        defense_note=lambda t: t.kind.map({"augment": AugmentDefense.table_note}).fillna(""),
+    )
+    own = utility.hypervolume_table(rows, "own").set_index("kind")
     # dp alone: (0.3, 0.2), (0.6, 0.1) -> 0.3·0.8 + 0.4·0.9 = 0.60 (with none: 0.70)
     assert own.loc["dp", "hypervolume"] == pytest.approx(0.60)
     assert own.loc["dp", "n_points"] == 2 and own.loc["dp", "seeds"] == "1"
-    both = utility.hypervolume_table(pd.DataFrame(rows)).set_index("kind")
+    both = utility.hypervolume_table(rows).set_index("kind")
     assert both.loc["dp", "hypervolume"] == pytest.approx(0.70)
     assert both.loc["dp", "seeds"] == "1-3"
     cap = utility.hypervolume_markdown(own.reset_index()).split("\n")[0]
@@ -294,7 +288,7 @@ def test_hypervolume_of_a_defenses_own_points_as_the_paper():
     ):
         assert phrase in cap, cap
     with pytest.raises(ValueError, match="choose from"):
-        utility.hypervolume_table(pd.DataFrame(rows), "paper")
+        utility.hypervolume_table(rows, "paper")
 
 
 def test_privacy_utility_uses_the_utility_it_names():
@@ -326,33 +320,16 @@ def test_privacy_utility_uses_the_utility_it_names():
 
 
 def test_hypervolume_fronts_are_split_by_the_defense_parameters():
-    rows = []
-    for defense, kind, strength, params, acc, tpr in (
-        ("none", "none", np.nan, "", 0.9, 0.5),
-        ("q1", "quantize", 1.0, "", 0.7, 0.2),
-        ("q2", "quantize", 2.0, "", 0.4, 0.1),
-        ("q1o", "quantize", 1.0, "variant=official", 0.6, 0.3),
-        ("q2o", "quantize", 2.0, "variant=official", 0.8, 0.4),
-    ):
-        rows.append(
-            dict(
-                dataset="d",
-                model="m",
-                partition="iid",
-                defense=defense,
-                kind=kind,
-                strength=strength,
-                params=params,
-                test_accuracy=acc,
-                protocol="aligned",
-                single_round="all attacked rounds",
-                attack="cos_series",
-                metric="tpr@0.1%",
-                mean=tpr,
-                std=0.0,
-            )
-        )
-    pu = pd.DataFrame(rows)
+    pu = front_table(
+        (
+            ("none", "none", np.nan, 0.9, 0.5),
+            ("q1", "quantize", 1.0, 0.7, 0.2),
+            ("q2", "quantize", 2.0, 0.4, 0.1),
+            ("q1o", "quantize", 1.0, 0.6, 0.3),
+            ("q2o", "quantize", 2.0, 0.8, 0.4),
+        ),
+        params=["", "", "", "variant=official", "variant=official"],
+    )
     csv = io.StringIO()
     pu.to_csv(csv, index=False)
     csv.seek(0)

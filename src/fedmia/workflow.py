@@ -50,7 +50,7 @@ from fedmia.federation.datasets import DATASETS
 from fedmia.federation.models import MODELS
 from fedmia.kinds import SCHEMA, fill_kinds, read_schema
 from fedmia.report.tables import RETIRED_SELECTIONS
-from fedmia.stages.io import file_sha256, read_view
+from fedmia.stages.io import file_sha256, no_round, read_view
 
 
 @dataclass(frozen=True, order=True)
@@ -426,10 +426,7 @@ def _recordings(
             )
         observed = tuple(view["observed_rounds"])
         if not observed:
-            raise ConfigError(
-                f"invalid config at '{where}.folder': {manifest} records no "
-                "round; record at least one round of the run"
-            )
+            raise ConfigError(f"invalid config at '{where}.folder': {no_round(manifest)}")
         chosen = block["attack_rounds"] or config["attack"]["rounds"]
         cell = Cell(
             block["dataset"],

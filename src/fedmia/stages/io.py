@@ -314,8 +314,16 @@ def read_view(manifest_file: str | Path) -> dict[str, Any]:
         FormatError: the manifest is damaged, of another format, has no ``view`` block,
             one of another view format, or lacks a key of
             :data:`~fedmia.core.contracts.VIEW_KEYS`.
-        FileNotFoundError: there is no manifest.
+        FileNotFoundError: there is no manifest (its folder empty, or without it).
     """
+    folder = Path(manifest_file).parent
+    if folder.is_dir() and not any(folder.iterdir()):
+        raise FileNotFoundError(
+            f"{folder} is empty: no recorded view there (no {Path(manifest_file).name}, no "
+            "observed rounds); record the run into it first (fedmia's train stage or "
+            "fedmia.flower, docs/flower.md) or set the recording's folder to the one the run "
+            "was recorded in"
+        )
     if not Path(manifest_file).exists():
         raise FileNotFoundError(
             f"{manifest_file} does not exist: no recorded view there; "
@@ -333,6 +341,18 @@ def read_view(manifest_file: str | Path) -> dict[str, Any]:
     if lacking:
         raise FormatError(f"{manifest_file}: its view lacks key(s) {lacking}; record the run again")
     return view
+
+
+def no_round(manifest_file: str | Path) -> str:
+    """What a recording whose view records no round says: the problem and the fix.
+
+    A run that stopped, or diverged, before its first recorded round has nothing to
+    attack: such a recording is refused (by the config's check and the import stage).
+    """
+    return (
+        f"{manifest_file} records no round (its view's observed_rounds is empty: nothing to "
+        "attack); record at least one round of the run"
+    )
 
 
 def round_file(observed_dir: str | Path, rnd: int) -> Path:

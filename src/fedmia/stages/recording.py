@@ -243,13 +243,16 @@ def import_recording(
             (the cell's partition Parquet for the measure and attack stages).
 
     Raises:
-        RecordingError: a bad recording, naming the file and the fix (also
-            ``FormatError``, ``FileNotFoundError``); no output is written.
+        RecordingError: a bad recording (one that records no round included), naming the
+            file and the fix (also ``FormatError``, and ``FileNotFoundError`` for a folder
+            that is empty or has no manifest); no output is written.
     """
     import_plugins(plugins)
     folder = Path(recording)
     manifest_file = folder / VIEW_FILES["manifest"]
     view = io.read_view(manifest_file)
+    if not view["observed_rounds"]:
+        raise RecordingError(io.no_round(manifest_file))
     mcfg = ModelConfig.from_dict(model)
     pcfg = PartitionConfig.from_dict(partition)
     dev = setup_compute(device, threads, False)
