@@ -7,7 +7,7 @@ joint within-run bootstrap for one seed, labelled so).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -112,71 +112,82 @@ def _row_keys(rows: pd.DataFrame) -> list[tuple]:
     )
 
 
-def _run_replicates(
-    rows: pd.DataFrame,
-    metric: str,
-    lookup: Replicates,
-    targets: pd.Index,
-    minus: pd.DataFrame | None = None,
+def _target_replicates(
+    first: Sequence[np.ndarray | None],
+    second: Sequence[np.ndarray | None] | None,
+    targets: np.ndarray,
 ) -> np.ndarray | None:
     """T×B replicates of one run's per-target values: the mean over official draws.
 
-    ``rows``: one attack's rows of one run (cell × protocol), one per (draw, target);
-    with ``minus`` (another attack's rows of the same run), the paired difference
-    ``rows − minus`` per (draw, target): replicate ``b`` of both comes from the same
-    resample. Only ``targets`` (those with a defined value) count. ``None`` if a row
-    has no replicates.
+    ``first``: the B replicates of each of the run's rows (one per draw and target),
+    ``None`` where a row has none; with ``second`` (the other attack's rows, paired row
+    by row) the paired difference ``first − second``: replicate ``b`` of both comes from
+    the same resample. ``targets``: int, the target of each row. Returns the B
+    replicates of the run's mean over its targets
+    (:func:`fedmia.attacker.uncertainty.run_replicate_means`), or ``None`` if a row has no
+    replicates or there is no row.
     """
-    cols = ["draw", "target"]
-    rows = rows[rows["target"].isin(targets)]
-    pairs = rows if minus is None else rows.merge(minus, on=cols, suffixes=("", "_minus"))
-    if pairs.empty:
+    if not len(first) or any(v is None for v in first):
         return None
-    found = lookup[metric]
-    first = [found.get(k) for k in _row_keys(pairs)]
-    second: list[np.ndarray | None] = [None] * len(pairs)
-    if minus is not None:
-        other = pairs[[*(c for c in REPLICATE_ROW if c in cols)]].assign(
-            **{c: pairs[f"{c}_minus"] for c in REPLICATE_ROW if c not in cols}
-        )
-        second = [found.get(k) for k in _row_keys(other)]
-    if any(v is None for v in first) or (minus is not None and any(v is None for v in second)):
+    if second is not None and any(v is None for v in second):
         return None
-    values = np.stack(
-        [
-            np.asarray(a, np.float64) - (0.0 if b is None else np.asarray(b, np.float64))
-            for a, b in zip(first, second, strict=True)
-        ]
-    )  # rows × B
-    targets = pairs["target"].to_numpy()
-    return np.stack([values[targets == t].mean(axis=0) for t in np.unique(targets)])
+    values = np.stack([np.asarray(a, np.float64) for a in first])  # rows × B
+    if second is not None:
+        values = values - np.stack([np.asarray(b, np.float64) for b in second])
+    per_target = np.stack([values[targets == t].mean(axis=0) for t in np.unique(targets)])
+    return uncertainty.run_replicate_means(per_target)  # T×B → B
 
 
-def _per_seed(units: pd.Series) -> pd.Series:
-    """Per seed, the mean over its targets of the (seed, target) unit values."""
-    return units.groupby(level="seed").mean()
-
-
-def _interval(
-    per_seed: pd.Series, run_reps: Callable[[], np.ndarray | None]
-) -> tuple[float, float, str]:
+def _run_interval(per_seed: np.ndarray, run_means: np.ndarray | None) -> tuple[float, float, str]:
     """The interval of a finding and how it was made, from S per-seed values.
 
     S ≥ 2: the t-interval over seeds (S − 1 df). S = 1: the percentile interval of the
-    within-run replicates ``run_reps()`` (B values of the run's mean, from the joint
-    resample), or NaN without replicates.
+    within-run replicates ``run_means`` (B values of the run's mean, from the joint
+    resample), or NaN without replicates (``None``).
     """
     n = len(per_seed)
     if n >= 2:
-        lo, hi = uncertainty.t_interval(per_seed.to_numpy())
+        lo, hi = uncertainty.t_interval(per_seed)
         return lo, hi, f"t over {n} seeds" + (" (1 df: wide)" if n == 2 else "")
     if n == 0:
         return math.nan, math.nan, "no defined value"
-    reps = run_reps()
-    if reps is None:
+    if run_means is None:
         return math.nan, math.nan, "1 run, no bootstrap replicates"
-    lo, hi = uncertainty.percentile_interval(reps)
+    lo, hi = uncertainty.percentile_interval(run_means)
     return lo, hi, "joint bootstrap, 1 run"
+
+
+def _row(base: dict, per_seed: np.ndarray, n_units: int, interval: tuple) -> dict:
+    """One findings row from the per-seed values of a comparison and its interval."""
+    lo, hi, method = interval
+    return {
+        **base,
+        "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_units": n_units,
+        "n_runs": len(per_seed),
+        "method": method,
+        "verdict": verdict(lo, hi, one_run=len(per_seed) == 1),
+    }
+
+
+def _units(frame: pd.DataFrame, by: list[str], value: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """The units and per-seed values of a comparison, both sorted by their keys.
+
+    Per (``by``, seed, target) the mean over draws of ``value`` (undefined units left
+    out), and per (``by``, seed) the mean over targets of those.
+    """
+    units = value.groupby([frame[c] for c in [*by, "seed", "target"]]).mean().dropna()
+    return units, units.groupby(level=[*by, "seed"]).mean()
+
+
+def _slices(index: pd.Index, level: str) -> dict:
+    """Key of ``level`` → positional slice of a sorted MultiIndex's rows with that key."""
+    codes = index.get_level_values(level).to_numpy()
+    keys, starts = np.unique(codes, return_index=True)
+    ends = [*starts[1:], len(codes)]
+    return {k: slice(s, e) for k, s, e in zip(keys.tolist(), starts, ends, strict=True)}
 
 
 def findings(
@@ -221,6 +232,9 @@ def findings(
     The verdict is ``holds`` if the interval lies above 0, ``fails`` if below,
     ``inconclusive`` otherwise (``undefined`` where a metric is).
 
+    Every comparison of a selection is computed with one merge and one groupby over all
+    settings (no per-row frame operations): the paper grid has about 12,000 rows.
+
     Args:
         results: the concatenated attack results.
         selections: single-round selections (``report.single_round``).
@@ -231,61 +245,69 @@ def findings(
     """
     lookup = replicate_lookup(replicates)
     out = []
-    keys = [*SETTING, "protocol"]
     for how in selections:
         sel = select_rounds(results, how)
-        for key, g in sel.groupby(keys, sort=False):
-            base = dict(zip(keys, key, strict=True), single_round=str(how))
-            for finding, better, worse in finding_pairs():
-                a, b = g[g.attack == better], g[g.attack == worse]
-                if a.empty or b.empty:
-                    continue
-                for metric in FINDING_METRICS:
-                    out.append(_pair_row(base, finding, better, worse, metric, a, b, lookup))
+        out += _pair_rows(sel, str(how), lookup)
         if partition_kinds:  # multi-round comparisons do not depend on the selection: once
             out += _noniid_rows(sel, how, partition_kinds, lookup, with_multi=how == selections[0])
     return pd.DataFrame(out, columns=list(FINDINGS_COLUMNS))
 
 
-def _pair_row(
-    base: dict,
-    finding: str,
-    better: str,
-    worse: str,
-    metric: str,
-    a: pd.DataFrame,
-    b: pd.DataFrame,
-    lookup: Replicates,
-) -> dict:
-    """One findings row: the paired difference ``better − worse`` of one setting."""
-    on = ["seed", "draw", "target"]
-    pairs = a[[*on, metric]].merge(b[[*on, metric]], on=on, suffixes=("_a", "_b"))
-    pairs["diff"] = pairs[f"{metric}_a"] - pairs[f"{metric}_b"]
-    units = pairs.groupby(["seed", "target"])["diff"].mean().dropna()
-    per_seed = _per_seed(units)
-    comparison = f"{better} − {worse}"
+def _pair_rows(sel: pd.DataFrame, how: str, lookup: Replicates) -> list[dict]:
+    """The rows of every attack pair and setting of one selection, in setting order.
 
-    def run_reps() -> np.ndarray | None:
-        run = per_seed.index[0]
-        reps = _run_replicates(
-            a[a.seed == run], metric, lookup, units.loc[run].index, minus=b[b.seed == run]
+    One row per (setting × protocol in order of first appearance, finding pair, metric)
+    where both attacks have rows in the setting: the paired difference ``better − worse``.
+    """
+    keys = [*SETTING, "protocol"]
+    if sel.empty:
+        return []
+    sel = sel.assign(_setting=sel.groupby(keys, sort=False).ngroup().to_numpy())
+    settings = sel.drop_duplicates("_setting").set_index("_setting")[keys]
+    on = ["_setting", "seed", "draw", "target"]
+    rows: dict[tuple[int, int, int], dict] = {}
+    for p, (finding, better, worse) in enumerate(finding_pairs()):
+        a, b = sel[sel.attack == better], sel[sel.attack == worse]
+        both = np.intersect1d(a["_setting"].unique(), b["_setting"].unique())
+        if not len(both):
+            continue
+        pairs = a[[*on, *keys, "attack", "round", *FINDING_METRICS]].merge(
+            b[[*on, "attack", "round", *FINDING_METRICS]], on=on, suffixes=("", "_minus")
         )
-        return None if reps is None else uncertainty.run_replicate_means(reps)
+        at = pairs.groupby(["_setting", "seed"]).indices  # (setting, seed) → row positions
+        first_keys = _row_keys(pairs)
+        second_keys = _row_keys(
+            pairs.assign(attack=pairs["attack_minus"], round=pairs["round_minus"])
+        )
+        targets_all = pairs["target"].to_numpy()
+        for m, metric in enumerate(FINDING_METRICS):
+            units, per_seed = _units(pairs, ["_setting"], pairs[metric] - pairs[f"{metric}_minus"])
+            unit_at, seed_at = _slices(units.index, "_setting"), _slices(per_seed.index, "_setting")
+            for s in both.tolist():
+                ps = per_seed.iloc[seed_at[s]] if s in seed_at else per_seed.iloc[:0]
+                u = units.iloc[unit_at[s]] if s in unit_at else units.iloc[:0]
 
-    lo, hi, method = _interval(per_seed, run_reps)
-    return {
-        **base,
-        "finding": finding,
-        "comparison": comparison,
-        "metric": metric,
-        "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
-        "ci_low": lo,
-        "ci_high": hi,
-        "n_units": len(units),
-        "n_runs": len(per_seed),
-        "method": method,
-        "verdict": verdict(lo, hi, one_run=len(per_seed) == 1),
-    }
+                base = dict(
+                    settings.loc[s],
+                    single_round=how,
+                    finding=finding,
+                    comparison=f"{better} − {worse}",
+                    metric=metric,
+                )
+                values, run_means = ps.to_numpy(), None
+                if len(values) == 1:  # one run: its within-run replicates
+                    run = u.index.get_level_values("seed")[0]
+                    idx = at[(s, run)]
+                    idx = idx[np.isin(targets_all[idx], u.index.get_level_values("target"))]
+                    found = lookup[metric]
+                    run_means = _target_replicates(
+                        [found.get(first_keys[i]) for i in idx],
+                        [found.get(second_keys[i]) for i in idx],
+                        targets_all[idx],
+                    )
+                interval = _run_interval(values, run_means)
+                rows[(s, p, m)] = _row(base, values, len(u), interval)
+    return [rows[k] for k in sorted(rows)]
 
 
 def _noniid_rows(
@@ -296,71 +318,71 @@ def _noniid_rows(
     *,
     with_multi: bool,
 ) -> list[dict]:
-    rows = []
+    """Non-iid vs iid rows of one selection: per seed, the difference of two cells' means."""
+    group = ["dataset", "model", "defense", "protocol", "attack"]
     compared = set(finding_attacks())
-    for key, g in sel.groupby(["dataset", "model", "defense", "protocol", "attack"], sort=False):
-        multi = ATTACKS.get(key[4]).multi_round
-        if (multi and not with_multi) or key[4] not in compared:
-            continue
+    multi = {a: ATTACKS.get(a).multi_round for a in compared}
+    sel = sel[sel["attack"].isin([a for a in compared if with_multi or not multi[a]])]
+    if sel.empty:
+        return []
+    cell = [*group, "partition"]
+    empty = pd.Series([], dtype="float64")
+    parts_of = {}  # metric → cell key → (units by (seed, target), per-seed means by seed)
+    for metric in FINDING_METRICS:
+        units, per_seed = _units(sel, cell, sel[metric])
+        seeds = {k: v.droplevel(cell) for k, v in per_seed.groupby(level=cell)}
+        parts_of[metric] = {
+            k: (v.droplevel(cell), seeds.get(k, empty)) for k, v in units.groupby(level=cell)
+        }
+    at = sel.groupby([*cell, "seed"]).indices  # (cell, seed) → row positions
+    keys_all, targets_all = _row_keys(sel), sel["target"].to_numpy()
+    reps_cache: dict[tuple, np.ndarray | None] = {}
+
+    def cell_reps(key: tuple, metric: str, run: int, targets: pd.Index) -> np.ndarray | None:
+        if (key, metric) not in reps_cache:
+            idx = at[(*key, run)]
+            idx = idx[np.isin(targets_all[idx], targets)]
+            found = lookup[metric]
+            reps_cache[key, metric] = _target_replicates(
+                [found.get(keys_all[i]) for i in idx], None, targets_all[idx]
+            )
+        return reps_cache[key, metric]
+
+    def part(metric: str, key: tuple) -> tuple[pd.Series, pd.Series]:
+        return parts_of[metric].get(key, (empty, empty))
+
+    rows = []
+    for key, g in sel.groupby(group, sort=False):
         parts = list(dict.fromkeys(g["partition"]))
         iid = [p for p in parts if kinds.get(p) == "iid"]
         non = [p for p in parts if kinds.get(p) not in (None, "iid")]
         for p in non:
             for q in iid:
                 for metric in FINDING_METRICS:
+                    (u1, m1), (u2, m2) = part(metric, (*key, p)), part(metric, (*key, q))
+                    per_seed = (m1 - m2).dropna()  # seeds both settings have
+
                     base = dict(
                         dataset=key[0],
                         model=key[1],
                         defense=key[2],
                         partition=f"{p} vs {q}",
                         protocol=key[3],
-                        single_round=ALL_ROUNDS if multi else str(how),
+                        single_round=ALL_ROUNDS if multi[key[4]] else str(how),
+                        finding=NONIID_FINDING,
+                        comparison=key[4],
+                        metric=metric,
                     )
-                    rows.append(
-                        _two_cell_row(
-                            base, key[4], metric, g[g.partition == p], g[g.partition == q], lookup
-                        )
-                    )
+                    values, run_means = per_seed.to_numpy(), None
+                    if len(values) == 1:  # one run: the two cells' independent replicates
+                        run = per_seed.index[0]
+                        first = cell_reps((*key, p), metric, run, u1.loc[run].index)
+                        second = cell_reps((*key, q), metric, run, u2.loc[run].index)
+                        if first is not None and second is not None:
+                            run_means = first - second
+                    interval = _run_interval(values, run_means)
+                    rows.append(_row(base, values, len(u1) + len(u2), interval))
     return rows
-
-
-def _two_cell_row(
-    base: dict,
-    attack: str,
-    metric: str,
-    first: pd.DataFrame,
-    second: pd.DataFrame,
-    lookup: Replicates,
-) -> dict:
-    """One non-iid vs iid row: per seed, the difference of the two cells' means."""
-    units = [g.groupby(["seed", "target"])[metric].mean().dropna() for g in (first, second)]
-    means = [_per_seed(u) for u in units]
-    per_seed = (means[0] - means[1]).dropna()  # seeds both settings have
-
-    def run_reps() -> np.ndarray | None:
-        run = per_seed.index[0]
-        out = []
-        for g, u in zip((first, second), units, strict=True):
-            reps = _run_replicates(g[g.seed == run], metric, lookup, u.loc[run].index)
-            if reps is None:
-                return None
-            out.append(uncertainty.run_replicate_means(reps))
-        return out[0] - out[1]
-
-    lo, hi, method = _interval(per_seed, run_reps)
-    return {
-        **base,
-        "finding": NONIID_FINDING,
-        "comparison": attack,
-        "metric": metric,
-        "difference": float(per_seed.mean()) if len(per_seed) else math.nan,
-        "ci_low": lo,
-        "ci_high": hi,
-        "n_units": sum(len(u) for u in units),
-        "n_runs": len(per_seed),
-        "method": method,
-        "verdict": verdict(lo, hi, one_run=len(per_seed) == 1),
-    }
 
 
 def findings_markdown(table: pd.DataFrame) -> str:

@@ -35,8 +35,9 @@ no single-round row under any selection but a fixed round it observed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -260,7 +261,9 @@ def _long(rows: pd.DataFrame, id_vars: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def summary_interval(group: pd.DataFrame, key: tuple, n_boot: int = 1000) -> tuple[float, float]:
+def summary_interval(
+    units: np.ndarray, values: np.ndarray, row_ci: np.ndarray, key: tuple, n_boot: int = 1000
+) -> tuple[float, float]:
     """95 % interval of a summary row's mean over targets (and seeds and draws).
 
     The units are the (seed, target) pairs, each the mean of its rows (official draws);
@@ -270,14 +273,20 @@ def summary_interval(group: pd.DataFrame, key: tuple, n_boot: int = 1000) -> tup
     spread of the units holds the within-target sampling too (resampling both levels
     would count it twice; Davison & Hinkley 1997, §3.8). With one unit: the bootstrap
     interval of its single row, or the spread over its draws.
+
+    Args:
+        units: float U, the unit means, sorted by seed and target.
+        values: float R, the row's group of result rows (their metric values).
+        row_ci: float R×2, those rows' own intervals.
+        key: the summary row's key (seeds the bootstrap).
+        n_boot: bootstrap replicates.
     """
-    units = group.groupby(["seed", "target"])["value"].mean().to_numpy()
     seed = uncertainty.stable_seed(*(str(k) for k in key))
     if len(units) >= 2:
         return uncertainty.mean_interval(units, n_boot=n_boot, seed=seed)
-    if len(group) == 1:
-        return float(group["ci_low"].iloc[0]), float(group["ci_high"].iloc[0])
-    return uncertainty.mean_interval(group["value"].to_numpy(), n_boot=n_boot, seed=seed)
+    if len(values) == 1:
+        return float(row_ci[0, 0]), float(row_ci[0, 1])
+    return uncertainty.mean_interval(values, n_boot=n_boot, seed=seed)
 
 
 def _rounds_text(rounds: pd.Series) -> str:
@@ -316,10 +325,85 @@ def _participation(cells: pd.DataFrame | None) -> pd.DataFrame:
     return frac.groupby(SETTING, sort=False, as_index=False)["participation"].first()[cols]
 
 
-def _count_text(n_rounds: pd.Series) -> str:
+def _count_text(n_rounds: pd.Series | np.ndarray) -> str:
     """The rounds combined: one number, or ``min–max`` where targets differ."""
     lo, hi = int(n_rounds.min()), int(n_rounds.max())
     return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def _summary_rows(long: pd.DataFrame, by: list[str], fpr_rule: str) -> list[dict]:
+    """One :func:`summarize` row per group ``by`` of the long table (first-appearance order).
+
+    The statistics of every group come from one groupby each over the whole table; only
+    the bootstrap interval of each group's mean (:func:`summary_interval`, seeded
+    by the group's key) and the text columns are computed per group, on NumPy arrays.
+    """
+    if long.empty:
+        return []
+    long = long.assign(_group=long.groupby(by, sort=False).ngroup().to_numpy())
+    grp = long.groupby("_group", sort=True)
+    first = grp[[*by, "round"]].first()
+    n, defined = grp.size().to_numpy(), grp["value"].count().to_numpy()
+    per_draw = long.groupby(["_group", "seed", "draw"])["value"].mean()  # sorted by group
+    draw_at = np.searchsorted(per_draw.index.get_level_values("_group"), np.arange(len(n) + 1))
+    draw_means = per_draw.to_numpy()
+    q = grp["n_nonmembers"].min().to_numpy()
+    fp_median = grp["fp"].median().to_numpy()
+    n_rounds = grp["n_rounds"].agg(["min", "mean", "max"]).to_numpy()  # G×3
+    rounds = grp["round"].unique().to_numpy()
+    selected_by = grp["selected_by"].unique().to_numpy()
+    single_round = first["round"].to_numpy() >= 0
+    units = long.groupby(["_group", "seed", "target"])["value"].mean()
+    unit_at = units.index.get_level_values("_group").to_numpy()
+    unit_values = units.to_numpy()
+    unit_start = np.searchsorted(unit_at, np.arange(len(first) + 1))
+    rows_at = grp.indices
+    values = long["value"].to_numpy()
+    ci = long[["ci_low", "ci_high"]].to_numpy()
+    out = []
+    for i, key in enumerate(first[by].itertuples(index=False, name=None)):
+        single = single_round[i]
+        official = key[ROW_KEYS.index("protocol")] == "official"
+        complete = defined[i] == n[i]
+        qi = int(q[i])
+        alpha = _alpha(key[-1])
+        rows = rows_at[i]
+        group = pd.Series(values[rows])  # pandas' mean and std, as the tables always had
+        draws = pd.Series(draw_means[draw_at[i] : draw_at[i + 1]])
+        if not complete:
+            interval = (math.nan, math.nan)
+        else:
+            u = unit_values[unit_start[i] : unit_start[i + 1]]
+            interval = summary_interval(u, values[rows], ci[rows], key)
+        out.append(
+            dict(
+                zip(by, key, strict=True),
+                mean=group.mean() if complete else math.nan,
+                std=group.std(),
+                n=int(n[i]),
+                n_defined=int(defined[i]),
+                ci_low=interval[0],
+                ci_high=interval[1],
+                draw_std=draws.std() if official and len(draws) > 1 else math.nan,
+                n_nonmembers=qi,
+                fp_allowed=(
+                    metrics.max_false_positives(qi, alpha, fpr_rule)
+                    if alpha is not None and metrics.tpr_at_fpr_defined(qi, alpha, fpr_rule)
+                    else math.nan
+                ),
+                fp_median=fp_median[i] if alpha is not None else math.nan,
+                low_count=alpha is not None and alpha * qi < 10,
+                rounds=(_rounds_text(rounds[i]) if single else _count_text(n_rounds[i, [0, 2]])),
+                **{
+                    f"target_rounds_{f}": math.nan if single else float(n_rounds[i, j])
+                    for j, f in enumerate(("min", "mean", "max"))
+                },
+                selected_by="; ".join(sorted(set(selected_by[i]))),
+                fpr_rule=fpr_rule,
+                note="" if complete else "undefined for some targets: fewer non-members than 1/FPR",
+            )
+        )
+    return out
 
 
 def summarize(
@@ -348,7 +432,6 @@ def summarize(
     with no attack row at all (it diverged before any observed round) still gets a row
     per attack and metric, all NaN.
     """
-    out = []
     selected = []
     for i, how in enumerate(selections):
         sel = select_rounds(results, how)
@@ -360,47 +443,7 @@ def summarize(
     long = _long(
         sel, [*keys, "seed", "draw", "target", "round", "n_rounds", "n_nonmembers", "selected_by"]
     )
-    for key, g in long.groupby([*keys, "metric"], sort=False):
-        per_draw = g.groupby(["seed", "draw"])["value"].mean()
-        official = key[ROW_KEYS.index("protocol")] == "official"
-        single = g["round"].iloc[0] >= 0
-        defined = int(g["value"].count())
-        row = dict(zip([*keys, "metric"], key, strict=True))
-        q = int(g["n_nonmembers"].min())
-        alpha = _alpha(key[-1])
-        row.update(
-            mean=g["value"].mean() if defined == len(g) else math.nan,
-            std=g["value"].std(),
-            n=len(g),
-            n_defined=defined,
-            **dict(
-                zip(
-                    ("ci_low", "ci_high"),
-                    summary_interval(g, key) if defined == len(g) else (math.nan, math.nan),
-                    strict=True,
-                )
-            ),
-            draw_std=per_draw.std() if official and len(per_draw) > 1 else math.nan,
-            n_nonmembers=q,
-            fp_allowed=(
-                metrics.max_false_positives(q, alpha, fpr_rule)
-                if alpha is not None and metrics.tpr_at_fpr_defined(q, alpha, fpr_rule)
-                else math.nan
-            ),
-            fp_median=g["fp"].median() if alpha is not None else math.nan,
-            low_count=alpha is not None and alpha * q < 10,
-            rounds=_rounds_text(g["round"]) if single else _count_text(g["n_rounds"]),
-            **{
-                f"target_rounds_{f}": math.nan if single else float(g["n_rounds"].agg(f))
-                for f in ("min", "mean", "max")
-            },
-            selected_by="; ".join(sorted(set(g["selected_by"]))),
-            fpr_rule=fpr_rule,
-            note=""
-            if defined == len(g)
-            else "undefined for some targets: fewer non-members than 1/FPR",
-        )
-        out.append(row)
+    out = _summary_rows(long, [*keys, "metric"], fpr_rule)
     table = pd.DataFrame(
         out, columns=[c for c in SUMMARY_COLUMNS if c not in ("diverged", "participation")]
     )
@@ -598,30 +641,39 @@ def paper_tables(
 
 
 def _layout(summary: pd.DataFrame, table_metrics: Sequence[str]) -> pd.DataFrame:
+    """One row per setting × metric of ``table_metrics``, the attacks as columns."""
     rows = []
     attacks = [a for a in attack_order() if a in set(summary["attack"])]
-    diverged = summary["diverged"].fillna("")
-    flag = (diverged != "").any()
-    for setting, g in summary.groupby(SETTING, sort=False):
+    diverged = summary["diverged"].fillna("").tolist()
+    flag = any(d != "" for d in diverged)
+    records = summary.to_dict("records")
+    low = summary["low_count"].fillna(False).astype(bool).tolist()
+    settings = [tuple(r[k] for k in SETTING) for r in records]
+    first: dict[tuple, int] = {}  # (setting, attack, metric) → its first row
+    few: set[tuple] = set()  # (setting, metric) of a TPR resting on fewer than 10 FP
+    for i, (setting, r) in enumerate(zip(settings, records, strict=True)):
+        first.setdefault((setting, r["attack"], r["metric"]), i)
+        if low[i]:
+            few.add((setting, r["metric"]))
+    for setting, i0 in {s: settings.index(s) for s in dict.fromkeys(settings)}.items():
         for metric in table_metrics:
-            few = g.loc[g.metric == metric, "low_count"].fillna(False).astype(bool).any()
             row = dict(
                 zip(SETTING, setting, strict=True),
-                metric=_metric_label(metric) + (" < 10 FP" if few else ""),
+                metric=_metric_label(metric) + (" < 10 FP" if (setting, metric) in few else ""),
             )
             if flag:
-                row["diverged"] = diverged[g.index].iloc[0]
+                row["diverged"] = diverged[i0]
             for a in attacks:
-                r = g[(g.attack == a) & (g.metric == metric)]
-                if r.empty or not np.isfinite(r["mean"].iloc[0]):
+                i = first.get((setting, a, metric))
+                if i is None or not np.isfinite(records[i]["mean"]):
                     row[attack_label(a)] = "n/a"
                     continue
-                row[attack_label(a)] = _cell(r.iloc[0], metric)
+                row[attack_label(a)] = _cell(records[i], metric)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _cell(row: pd.Series, metric: str) -> str:
+def _cell(row: Mapping[str, Any], metric: str) -> str:
     """``mean [ci_low, ci_high]`` (TPR in percent), or ``mean ± std`` without an interval."""
     scale, fmt = (100, "{:.2f}") if metric != "auc" else (1, "{:.3f}")
     m = fmt.format(row["mean"] * scale)
