@@ -1134,6 +1134,7 @@ def _intervals(
     scores: np.ndarray,
     slots: Slots,
     strata: Sequence[uncertainty.Stratum],
+    rocs: Sequence[Any],
     *,
     n_boot: int,
     rule: str,
@@ -1143,8 +1144,9 @@ def _intervals(
     The 95 % percentile interval and the standard error of each
     :data:`fedmia.core.contracts.CI_METRICS` from ``n_boot`` replicates of the stratified
     resample ``strata`` (one resample for all rows: paired), and for each TPR the false
-    positives it rests on. Returns the rows' columns and the replicates (metric → float64
-    R×B; empty without replicates).
+    positives it rests on (from ``rocs``, each row's :func:`fedmia.attacker.metrics.
+    roc_counts`). Returns the rows' columns and the replicates (metric → float64 R×B;
+    empty without replicates).
     """
     nan = float("nan")
     out: list[dict[str, float]] = [{} for _ in range(len(scores))]
@@ -1168,9 +1170,7 @@ def _intervals(
     for alpha in metrics.FPR_LEVELS:
         name = metrics.tpr_metric_name(alpha)
         for r, row in enumerate(out):
-            row[f"{name}_fp"] = uncertainty.false_positives_at(
-                scores[r], slots.is_member, alpha, rule
-            )
+            row[f"{name}_fp"] = uncertainty.false_positives_of(rocs[r], alpha, rule)
     return out, reps
 
 
@@ -1352,13 +1352,16 @@ def run_attacks_with_replicates(
                     continue
                 stacked = np.stack([sc for _, _, sc in batch])  # rows × slots
                 strata = bootstrap_strata(slots, (*run_keys, protocol))
-                ci, reps = _intervals(stacked, slots, strata, n_boot=n_boot, rule=fpr_rule)
-                for i, ((name, keys, sc), extra) in enumerate(zip(batch, ci, strict=True)):
-                    fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
+                rocs = [metrics.roc_counts(sc, slots.is_member) for sc in stacked]  # one sort
+                ci, reps = _intervals(stacked, slots, strata, rocs, n_boot=n_boot, rule=fpr_rule)
+                for i, ((name, keys, _), extra, roc) in enumerate(
+                    zip(batch, ci, rocs, strict=True)
+                ):
+                    fpr, tpr = metrics.roc_points_of(roc, roc_points)
                     rows[name].append(
                         {
                             **keys,
-                            **metrics.attack_metrics(sc, slots.is_member, fpr_rule),
+                            **metrics.metrics_of(roc, fpr_rule),
                             **extra,
                             "roc_fpr": fpr,
                             "roc_tpr": tpr,

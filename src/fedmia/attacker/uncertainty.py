@@ -705,7 +705,14 @@ def false_positives_at(
         The number of false positives, or −1 where the TPR is undefined (NaN:
         ``at_most`` with fewer than ``1/alpha`` non-members).
     """
-    roc = metrics._roc(scores, is_member)  # one sort for the TPR and its curve
+    return false_positives_of(metrics.roc_counts(scores, is_member), alpha, rule)
+
+
+def false_positives_of(roc: metrics._Roc, alpha: float, rule: str = "at_most") -> int:
+    """:func:`false_positives_at` from a row's counts (:func:`fedmia.attacker.metrics.roc_counts`).
+
+    One sort serves the TPR, its false positives and the row's other metrics.
+    """
     tpr = metrics._tpr_at_fpr(roc, alpha, rule)
     if math.isnan(tpr):
         return -1
