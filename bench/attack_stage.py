@@ -12,13 +12,14 @@ The measures are synthetic (every numeric column of the measure contract, a memb
 client k scores a little differently under client k's upload, no ties) and written as
 the measure stage writes them, with the partition file; then the attack stage
 (:func:`fedmia.stages.attack.attack`) runs on them in a fresh process, as a job would.
-Timed: the stage's wall time, of which the attacks proper (the stage's log line), and
-the process's peak resident memory.
+Timed: the stage's wall time, of which the attacks proper (the stage's log line), the
+process's CPU time (user + system: on a shared machine the load stretches the wall time,
+much less the CPU time) and its peak resident memory.
 
 ``--scale f`` multiplies the evaluation members and held-out samples (and the official
 slots) by f for a quick look; ``--smoke`` is a tiny run for CI. The last lines are
 machine-readable: ``attack_rows`` (measure rows), ``attack_stage_s``,
-``attack_attacks_s``, ``attack_peak_rss_mb``, ``attack_result_rows``.
+``attack_attacks_s``, ``attack_cpu_s``, ``attack_peak_rss_mb``, ``attack_result_rows``.
 """
 
 from __future__ import annotations
@@ -252,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, __file__, "--run-stage", str(folder)], capture_output=True, text=True
         )
         wall = time.perf_counter() - t0
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak_mb = usage.ru_maxrss / 1024  # KiB
+        cpu = usage.ru_utime + usage.ru_stime  # of the job process: a shared machine's load
+        # stretches the wall time, much less the CPU time
         if r.returncode != 0:
             print(r.stdout + r.stderr[-5000:])
             return r.returncode
@@ -264,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'attack stage (job process)':<34}{wall:>9.1f}")
     print(f"{'  the stage function':<34}{stage_s:>9.1f}")
     print(f"{'    of which the attacks':<34}{attacks_s:>9.1f}")
+    print(f"{'  CPU time of the job process':<34}{cpu:>9.1f}")
     print(f"peak RSS of the job process: {peak_mb:,.0f} MiB")
     print()
     print(f"attack_rows={len(rounds) * k * n}")
     print(f"attack_stage_s={wall:.2f}")
     print(f"attack_attacks_s={attacks_s:.2f}")
+    print(f"attack_cpu_s={cpu:.2f}")
     print(f"attack_peak_rss_mb={peak_mb:.1f}")
     print(f"attack_result_rows={vals['result_rows']}")
     return 0

@@ -148,6 +148,7 @@ def test_attack_stage_smoke(repo, tmp_path):
     values = machine_lines(r.stdout)
     assert int(values["attack_rows"]) == 31 * 10 * (10 * 50 + 100)  # rounds × clients × N
     assert float(values["attack_stage_s"]) >= float(values["attack_attacks_s"]) > 0
+    assert float(values["attack_cpu_s"]) > 0
     assert float(values["attack_peak_rss_mb"]) > 0
     tables = sorted(p.stem for p in (tmp_path / "out").glob("*.parquet"))
     assert "replicates" in tables and len(tables) > 1

@@ -78,7 +78,7 @@ has no rows in the table and is no target. At full participation nothing changes
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -979,6 +979,7 @@ def score_slots(
     population: np.ndarray | None = None,
     halves: np.ndarray | None = None,
     present: np.ndarray | None = None,
+    memo: dict[tuple, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Scores of attack ``spec`` against client position ``t``.
 
@@ -1000,11 +1001,24 @@ def score_slots(
             everyone): multi-round attacks combine the rounds of :func:`target_rounds`
             (at least one: the caller skips a target without), with that round's other
             participants as references.
+        memo: a dict shared by the calls for one target and one set of slots (the same
+            ``xs`` per signal, ``t``, ``attacked``, weights and options): LiRA's per-round z
+            of a signal and RMIA's per-round log LR are computed once there and reused by
+            every attack that reads them (``lira_conf``, ``lira_conf_sum`` and
+            ``lira_conf_cos_sum`` share φ's z). ``None``: nothing kept.
 
     Returns:
         ``single``: R×S (one row per observed round; NaN where the target did not take
         part); otherwise 1×S.
     """
+
+    def once(key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        if memo is None:
+            return compute()
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     x = xs[0]
     if spec.kind == "single":
         return x[:, t]
@@ -1022,7 +1036,13 @@ def score_slots(
         )
         return cdf.mean(axis=0, keepdims=True)
     if spec.kind == "lira":
-        zs = [calibrated.lira_z(v[a, t], v[a][:, others], weights=w, options=lira) for v in xs]
+        zs = [
+            once(
+                ("lira", *signal),
+                lambda v=v: calibrated.lira_z(v[a, t], v[a][:, others], weights=w, options=lira),
+            )
+            for signal, v in zip(spec.signals, xs, strict=True)
+        ]
         if spec.combine == "sum":  # Σ over rounds and signals
             per = [z.sum(axis=0) for z in zs]
             return (per[0] if len(per) == 1 else np.sum(per, axis=0))[None]
@@ -1030,7 +1050,10 @@ def score_slots(
         return (per[0] if len(per) == 1 else np.mean(per, axis=0))[None]
     if population is None or halves is None:
         raise ValueError(f"attack '{spec.name}' (RMIA) needs a population and cross-fitting halves")
-    llr = calibrated.rmia_log_lr(x[a, t], x[a][:, others], weights=w, a=rmia.a)  # R'×S
+    llr = once(  # R'×S
+        ("rmia", *spec.signals[0]),
+        lambda: calibrated.rmia_log_lr(x[a, t], x[a][:, others], weights=w, a=rmia.a),
+    )
     if spec.combine == "sum":
         return calibrated.crossfit_rmia(llr.sum(axis=0), population, halves, rmia.gamma)[None]
     return np.mean(
@@ -1134,6 +1157,7 @@ def _intervals(
     scores: np.ndarray,
     slots: Slots,
     strata: Sequence[uncertainty.Stratum],
+    rocs: Sequence[Any],
     *,
     n_boot: int,
     rule: str,
@@ -1143,8 +1167,9 @@ def _intervals(
     The 95 % percentile interval and the standard error of each
     :data:`fedmia.core.contracts.CI_METRICS` from ``n_boot`` replicates of the stratified
     resample ``strata`` (one resample for all rows: paired), and for each TPR the false
-    positives it rests on. Returns the rows' columns and the replicates (metric → float64
-    R×B; empty without replicates).
+    positives it rests on (from ``rocs``, each row's :func:`fedmia.attacker.metrics.
+    roc_counts`). Returns the rows' columns and the replicates (metric → float64 R×B;
+    empty without replicates).
     """
     nan = float("nan")
     out: list[dict[str, float]] = [{} for _ in range(len(scores))]
@@ -1168,9 +1193,7 @@ def _intervals(
     for alpha in metrics.FPR_LEVELS:
         name = metrics.tpr_metric_name(alpha)
         for r, row in enumerate(out):
-            row[f"{name}_fp"] = uncertainty.false_positives_at(
-                scores[r], slots.is_member, alpha, rule
-            )
+            row[f"{name}_fp"] = uncertainty.false_positives_of(rocs[r], alpha, rule)
     return out, reps
 
 
@@ -1305,6 +1328,7 @@ def run_attacks_with_replicates(
                 halves = (
                     rmia_halves(slots, (*run_keys, protocol, draw, target)) if need_halves else None
                 )
+                memo: dict[tuple, np.ndarray] = {}  # LiRA's z, RMIA's log LR: once a target
                 batch: list[tuple[str, dict[str, Any], np.ndarray]] = []
                 for spec in specs:
                     used = target_rounds(spec.kind, t, attacked, present)
@@ -1323,6 +1347,7 @@ def run_attacks_with_replicates(
                         population=slots.group == -1,
                         halves=halves,
                         present=present,
+                        memo=memo,
                     )
                     if spec.kind == "single":
                         rounds, hit = cube.rounds.tolist(), attacked.tolist()
@@ -1352,13 +1377,16 @@ def run_attacks_with_replicates(
                     continue
                 stacked = np.stack([sc for _, _, sc in batch])  # rows × slots
                 strata = bootstrap_strata(slots, (*run_keys, protocol))
-                ci, reps = _intervals(stacked, slots, strata, n_boot=n_boot, rule=fpr_rule)
-                for i, ((name, keys, sc), extra) in enumerate(zip(batch, ci, strict=True)):
-                    fpr, tpr = metrics.roc_points(sc, slots.is_member, roc_points)
+                rocs = [metrics.roc_counts(sc, slots.is_member) for sc in stacked]  # one sort
+                ci, reps = _intervals(stacked, slots, strata, rocs, n_boot=n_boot, rule=fpr_rule)
+                for i, ((name, keys, _), extra, roc) in enumerate(
+                    zip(batch, ci, rocs, strict=True)
+                ):
+                    fpr, tpr = metrics.roc_points_of(roc, roc_points)
                     rows[name].append(
                         {
                             **keys,
-                            **metrics.attack_metrics(sc, slots.is_member, fpr_rule),
+                            **metrics.metrics_of(roc, fpr_rule),
                             **extra,
                             "roc_fpr": fpr,
                             "roc_tpr": tpr,

@@ -59,6 +59,7 @@ combination, not the likelihood ratio itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,6 +190,17 @@ def trigamma_inverse(x: float) -> float:
     return y
 
 
+def _elementwise(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``f(x)`` for an elementwise ``f``, evaluated once when every ``x`` is the same value.
+
+    The usual case (every slot has the same reference count, so one ψ and ψ' serve all
+    S slots); the values are the ones ``f(x)`` gives, element for element.
+    """
+    if len(x) > 1 and (x == x[0]).all():
+        return np.full(len(x), f(x[:1])[0])
+    return f(x)
+
+
 def fit_variance_prior(s2: np.ndarray, d: np.ndarray) -> tuple[float, float]:
     """Fit a scaled inverse-χ² prior to sample variances: limma's ``fitFDist``.
 
@@ -212,9 +224,9 @@ def fit_variance_prior(s2: np.ndarray, d: np.ndarray) -> tuple[float, float]:
         return math.inf, float(s2.mean()) if len(s2) else 1.0
     m = float(np.median(s2))
     s2 = np.maximum(s2, 1e-5 * (m if m > 0 else 1.0))
-    e = np.log(s2) - digamma(d / 2) + np.log(d / 2)
+    e = np.log(s2) - _elementwise(digamma, d / 2) + np.log(d / 2)
     emean = float(e.mean())
-    evar = float(e.var(ddof=1)) - float(polygamma(1, d / 2).mean())
+    evar = float(e.var(ddof=1)) - float(_elementwise(lambda y: polygamma(1, y), d / 2).mean())
     if evar > 0:
         d0 = 2 * trigamma_inverse(evar)
         return d0, math.exp(emean + float(digamma(d0 / 2)) - math.log(d0 / 2))

@@ -98,6 +98,16 @@ def _roc(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
     return _Roc(np.r_[0, fp[last]], np.r_[0, tp[last]], np.r_[np.inf, s_sorted[last]], n_pos, n_neg)
 
 
+def roc_counts(scores: np.ndarray, is_member: np.ndarray) -> _Roc:
+    """The cumulative TP and FP counts at every distinct score of one row (one sort).
+
+    What :func:`metrics_of`, :func:`roc_points_of` and
+    :func:`fedmia.attacker.uncertainty.false_positives_of` take, so that a row scored
+    many ways is sorted once. Validates as :func:`check_scores`.
+    """
+    return _roc(scores, is_member)
+
+
 def roc_curve(
     scores: np.ndarray, is_member: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,7 +234,8 @@ def balanced_accuracy(scores: np.ndarray, is_member: np.ndarray) -> float:
     return _balanced_accuracy(_roc(scores, is_member))
 
 
-def _roc_points(r: _Roc, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+def roc_points_of(r: _Roc, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`roc_points` from a row's counts (:func:`roc_counts`): no sort."""
     if max_points < 3:
         raise ValueError(f"max_points must be >= 3; got {max_points}")
     fpr, tpr = r.fp / r.n_neg, r.tp / r.n_pos
@@ -255,7 +266,7 @@ def roc_points(
         ``(fpr, tpr)``, float64 arrays of equal length ≤ ``max_points``, both
         non-decreasing, from ``(0, 0)`` to ``(1, 1)``.
     """
-    return _roc_points(_roc(scores, is_member), max_points)
+    return roc_points_of(_roc(scores, is_member), max_points)
 
 
 def attack_metrics(
@@ -276,7 +287,11 @@ def attack_metrics(
     Raises:
         ValueError: lengths differ, scores are not finite, or a class is empty.
     """
-    r = _roc(scores, is_member)
+    return metrics_of(_roc(scores, is_member), rule)
+
+
+def metrics_of(r: _Roc, rule: str = "at_most") -> dict[str, float]:
+    """:func:`attack_metrics` from a row's counts (:func:`roc_counts`): no sort."""
     out: dict[str, float] = {"auc": _auc(r)}
     out.update({tpr_metric_name(a): _tpr_at_fpr(r, a, rule) for a in FPR_LEVELS})
     out["balanced_accuracy"] = _balanced_accuracy(r)
