@@ -268,7 +268,8 @@ def _materialise(
         a: its input, B×….
         delta: its output gradient, B×C×T.
         uw: the K updates of its weight, K×C×D (a view is fine: no copy is made).
-        dots, sqnorm: B×K and B, accumulated in place.
+        dots: B×K, accumulated in place.
+        sqnorm: B, accumulated in place.
         step: samples per sub-batch.
         max_floats: bound on the block buffer's floats.
     """
