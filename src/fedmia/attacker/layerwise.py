@@ -13,19 +13,21 @@ Linear and Conv2d layers are handled alike through the unfolded input
 ``U_i`` (D×T: D = C_in·kh·kw, T output positions; a 2-D Linear input has T = 1)
 and the output gradient ``δ_i`` (C×T); the weight's per-sample gradient is
 ``G_i = δ_i U_iᵀ`` (C×D). Two methods, chosen per layer by an estimate of
-their cost per sample (multiply-adds plus memory traffic, :func:`conv_costs`):
+their cost per sample (weighted multiply-adds plus memory traffic, :func:`conv_costs`):
 
-* ``materialise``: form ``G_i`` in sub-batches (``bmm``, C·D·T), then
-  ``⟨G_i, Δ_k⟩`` for all k at once (one GEMM, K·C·D) and ``‖G_i‖²`` (C·D).
-  Fewest multiply-adds, but it writes and reads C·D floats per sample: chosen
-  where T is large (early convolutions; all of ResNet18 but its last stage).
+* ``materialise``: form ``G_i`` in blocks of output channels (``bmm``, C·D·T), each
+  block contracted at once with the K updates' matching rows (one GEMM, K·C·D) while
+  it is still in cache; ``‖G_i‖²`` from the T×T Gram matrices (below) where they cost
+  less than forming ``G_i``, else from the block itself. Fewest multiply-adds, but its
+  GEMMs have a short dimension (T, or K outputs) and run ~4× slower per multiply-add
+  than ``ghost``'s: chosen where T is not small (AlexNet's 8×8 and 4×4 layers; all
+  of ResNet18's convolutions).
 * ``ghost``: ``‖G_i‖² = Σ_{t,t'} (U_iᵀU_i)_{tt'} (δ_iᵀδ_i)_{tt'}`` from the two
   T×T Gram matrices (T²·(D + C); Goodfellow 2015, Li et al. 2021), and
-  ``⟨G_i, Δ_k⟩ = Σ_t δ_i · (Δ_k U_i)`` — the layer input convolved with the K
-  update kernels stacked along the output channels, one GEMM for the whole
-  sub-batch (K·C·D·T, i.e. K forward passes of the layer). Chosen where T is
-  small (AlexNet's 4×4 and 2×2 layers, ResNet18's last stage) and for 2-D Linear
-  layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
+  ``⟨G_i, Δ_k⟩ = Σ_t δ_i · (Δ_k U_i)`` — the layer input convolved with each of the K
+  update kernels, one GEMM per update over the whole sub-batch (K·C·D·T, i.e. K
+  forward passes of the layer). Chosen where T is small (AlexNet's 2×2 layers) and
+  for 2-D Linear layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
 
 Biases add ``Σ_t δ_i`` per sample. A norm layer's affine terms add
 ``dγ_i = Σ_pos δ_i ⊙ x̂_i`` and ``dβ_i = Σ_pos δ_i``, exactly, with ``δ_i`` the
