@@ -104,7 +104,10 @@ def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, float]:
 def buffer_floats(method: str, c_out: int, d: int, t: int, k: int) -> int:
     """Floats per sample of a weight method's work buffers (unfolded input included).
 
-    ``materialise``'s block of ``G_i`` is bounded on its own (:data:`G_BLOCK_FLOATS`).
+    ``materialise``'s block of ``G_i`` is bounded on its own (:data:`G_BLOCK_FLOATS`);
+    its 2·T² counts the Gram matrices even where ‖G_i‖² is read from the blocks instead,
+    which keeps the sub-batches of large-T layers small: ResNet18's 32×32 layers ran in
+    0.32 s of CPU time so (8 samples per sub-batch) against 0.47 s with all 64 at once.
     """
     unfold = d * t if t > 1 else 0
     if method == "materialise":
