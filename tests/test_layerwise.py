@@ -349,7 +349,9 @@ def test_cost_model_choices():
 
     assert best(10, 256, 1) == "ghost"  # Linear: δᵀΔa and ‖δ‖²‖a‖²
     assert best(64, 576, 1024) == "materialise"  # ResNet18 stage 1: T² far too large
-    assert best(384, 1728, 4) == "ghost"  # AlexNet conv3 on 2×2 maps
+    # blocked G_i: C·D·(T + K) multiply-adds, weighted 4, against ghost's K·C·D·T
+    assert best(384, 1728, 4) == "ghost"  # AlexNet conv3 on 2×2 maps: 56 vs 40 per C·D
+    assert best(192, 1600, 16) == "materialise"  # AlexNet conv2 on 4×4 maps: 108 vs 160
 
 
 class Unused(nn.Module):

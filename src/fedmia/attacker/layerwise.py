@@ -13,19 +13,21 @@ Linear and Conv2d layers are handled alike through the unfolded input
 ``U_i`` (D×T: D = C_in·kh·kw, T output positions; a 2-D Linear input has T = 1)
 and the output gradient ``δ_i`` (C×T); the weight's per-sample gradient is
 ``G_i = δ_i U_iᵀ`` (C×D). Two methods, chosen per layer by an estimate of
-their cost per sample (multiply-adds plus memory traffic, :func:`conv_costs`):
+their cost per sample (weighted multiply-adds plus memory traffic, :func:`conv_costs`):
 
-* ``materialise``: form ``G_i`` in sub-batches (``bmm``, C·D·T), then
-  ``⟨G_i, Δ_k⟩`` for all k at once (one GEMM, K·C·D) and ``‖G_i‖²`` (C·D).
-  Fewest multiply-adds, but it writes and reads C·D floats per sample: chosen
-  where T is large (early convolutions; all of ResNet18 but its last stage).
+* ``materialise``: form ``G_i`` in blocks of output channels (``bmm``, C·D·T), each
+  block contracted at once with the K updates' matching rows (one GEMM, K·C·D) while
+  it is still in cache; ``‖G_i‖²`` from the T×T Gram matrices (below) where they cost
+  less than forming ``G_i``, else from the block itself. Fewest multiply-adds, but its
+  GEMMs have a short dimension (T, or K outputs) and run ~4× slower per multiply-add
+  than ``ghost``'s: chosen where T is not small (AlexNet's 8×8 and 4×4 layers; all
+  of ResNet18's convolutions).
 * ``ghost``: ``‖G_i‖² = Σ_{t,t'} (U_iᵀU_i)_{tt'} (δ_iᵀδ_i)_{tt'}`` from the two
   T×T Gram matrices (T²·(D + C); Goodfellow 2015, Li et al. 2021), and
-  ``⟨G_i, Δ_k⟩ = Σ_t δ_i · (Δ_k U_i)`` — the layer input convolved with the K
-  update kernels stacked along the output channels, one GEMM for the whole
-  sub-batch (K·C·D·T, i.e. K forward passes of the layer). Chosen where T is
-  small (AlexNet's 4×4 and 2×2 layers, ResNet18's last stage) and for 2-D Linear
-  layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
+  ``⟨G_i, Δ_k⟩ = Σ_t δ_i · (Δ_k U_i)`` — the layer input convolved with each of the K
+  update kernels, one GEMM per update over the whole sub-batch (K·C·D·T, i.e. K
+  forward passes of the layer). Chosen where T is small (AlexNet's 2×2 layers) and
+  for 2-D Linear layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
 
 Biases add ``Σ_t δ_i`` per sample. A norm layer's affine terms add
 ``dγ_i = Σ_pos δ_i ⊙ x̂_i`` and ``dβ_i = Σ_pos δ_i``, exactly, with ``δ_i`` the
@@ -56,19 +58,28 @@ CONV_METHODS: tuple[str, ...] = ("auto", "materialise", "ghost")
 #: Default bound on the floats of one layer's per-sub-batch work buffers (64 MB in float32).
 MAX_BUFFER_FLOATS = 1 << 24
 #: Multiply-adds that moving one float through memory costs, roughly: measured on a 2-core
-#: CPU (materialising per-sample gradients ran at ~1/100 of the GEMM rate per float); a
-#: GPU's ratio is of the same order. Used only to choose a method per layer.
+#: CPU (materialising whole per-sample gradients ran at ~1/100 of the GEMM rate per float);
+#: a GPU's ratio is of the same order. Used only to choose a method per layer.
 MEMORY_WEIGHT = 100
+#: Cost of one multiply-add of ``materialise``'s small-dimension GEMMs relative to
+#: ``ghost``'s large one: measured ~3.4 (AlexNet's 2×2 layers, T = 4) to ~4.8 (its 4×4
+#: layer, T = 16) on a 2-core CPU, K = 10, CPU time. Used only to choose a method per layer.
+SMALL_GEMM_WEIGHT = 4
+#: Floats of one block of per-sample gradients ``G_i`` in the ``materialise`` method
+#: (4 MB in float32): small enough to be read back from cache.
+G_BLOCK_FLOATS = 1 << 20
 _SUPPORTED = (nn.Linear, nn.Conv2d, _BatchNorm, nn.GroupNorm)
 _NORMS = (_BatchNorm, nn.GroupNorm)
 
 
-def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, int]:
+def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, float]:
     """Estimated cost per sample of the two weight methods of a Linear/Conv2d layer.
 
     Multiply-adds plus :data:`MEMORY_WEIGHT` times the floats written to and read
-    back from memory (the unfolded input, the per-sample gradients ``G_i``, the
-    Gram matrices, the K convolved outputs).
+    back from memory (the unfolded input; for ``ghost`` also the Gram matrices and the
+    K convolved outputs; ``materialise`` keeps its ``G_i`` blocks in cache). The
+    ``materialise`` GEMMs (inner dimension T for ``G_i``, K outputs for the dots) run
+    :data:`SMALL_GEMM_WEIGHT` times slower per multiply-add than ``ghost``'s one large GEMM.
 
     Args:
         c_out: output channels (features) C.
@@ -80,21 +91,27 @@ def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, int]:
         ``{"materialise": ..., "ghost": ...}``.
     """
     unfold = d * t if t > 1 else 0
-    mat_macs = c_out * d * t + k * c_out * d + c_out * d
-    mat_floats = unfold + 3 * c_out * d  # write G_i, read it for the dots and the norm
-    ghost_macs = (t * t * (d + c_out + 1) if t > 1 else d + c_out) + k * c_out * d * t
+    gram = t * t * (d + c_out + 1) if t > 1 else d + c_out
+    mat_macs = c_out * d * t + k * c_out * d + min(gram, c_out * d)
+    ghost_macs = gram + k * c_out * d * t
     ghost_floats = unfold + 2 * t * t + 2 * k * c_out * t
     return {
-        "materialise": mat_macs + MEMORY_WEIGHT * mat_floats,
+        "materialise": SMALL_GEMM_WEIGHT * mat_macs + MEMORY_WEIGHT * unfold,
         "ghost": ghost_macs + MEMORY_WEIGHT * ghost_floats,
     }
 
 
 def buffer_floats(method: str, c_out: int, d: int, t: int, k: int) -> int:
-    """Floats per sample of a weight method's work buffers (unfolded input included)."""
+    """Floats per sample of a weight method's work buffers (unfolded input included).
+
+    ``materialise``'s block of ``G_i`` is bounded on its own (:data:`G_BLOCK_FLOATS`);
+    its 2·T² counts the Gram matrices even where ‖G_i‖² is read from the blocks instead,
+    which keeps the sub-batches of large-T layers small: ResNet18's 32×32 layers ran in
+    0.32 s of CPU time so (8 samples per sub-batch) against 0.47 s with all 64 at once.
+    """
     unfold = d * t if t > 1 else 0
     if method == "materialise":
-        return unfold + c_out * d
+        return unfold + 2 * t * t + d  # the block holds at least one channel per sample
     return unfold + 2 * t * t + k * c_out * t
 
 
@@ -211,15 +228,12 @@ def _weight_terms(
         costs = conv_costs(c_out, d, t, k)
         method = min(costs, key=costs.__getitem__)
     step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k)))
+    if method == "materialise":
+        _materialise(module, a, delta, uw, dots, sqnorm, step, max_floats)
+        return
     for s in range(0, b, step):
         dl = delta[s : s + step]  # b_s×C×T
         bs = dl.shape[0]
-        if method == "materialise":
-            u = _unfold(module, a[s : s + step], "bdt")  # b_s×D×T
-            g = torch.bmm(dl, u.transpose(1, 2)).reshape(bs, c_out * d)  # per-sample G_i
-            dots[s : s + step] += g @ uw.reshape(k, c_out * d).T
-            sqnorm[s : s + step] += (g * g).sum(1)
-            continue
         u = _unfold(module, a[s : s + step], "dn")  # D×(b_s·T)
         if t == 1:
             sqnorm[s : s + step] += (u * u).sum(0) * (dl * dl).sum((1, 2))
@@ -228,9 +242,63 @@ def _weight_terms(
             gram_u = torch.bmm(ub, ub.transpose(1, 2))  # b_s×T×T
             gram_d = torch.bmm(dl.transpose(1, 2), dl)
             sqnorm[s : s + step] += (gram_u * gram_d).sum((1, 2))
-        # Δ_k U_i for all k and i: the input convolved with the K stacked update kernels
-        conv = torch.matmul(uw, u).view(k, c_out, bs, t)
-        dots[s : s + step] += torch.einsum("kcbt,bct->bk", conv, dl)
+        # Δ_k U_i for all k and i: the input convolved with the K update kernels, one GEMM
+        # per update (uw[j] is a C×D view: no K×C×D copy of the updates)
+        conv = torch.empty(k, c_out, bs * t, dtype=u.dtype, device=u.device)
+        for j in range(k):
+            torch.mm(uw[j], u, out=conv[j])
+        dots[s : s + step] += torch.einsum("kcbt,bct->bk", conv.view(k, c_out, bs, t), dl)
+
+
+def _materialise(
+    module: nn.Module,
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    uw: torch.Tensor,
+    dots: torch.Tensor,
+    sqnorm: torch.Tensor,
+    step: int,
+    max_floats: int,
+) -> None:
+    """The ``materialise`` weight method: per-sample ``G_i`` in blocks of output channels.
+
+    For each sub-batch of ``step`` samples and block of output channels, the block of
+    ``G_i = δ_i U_iᵀ`` (b_s×C_b×D, one ``bmm`` into a buffer reused across blocks, small
+    enough to stay in cache) is contracted at once with the K updates' matching rows
+    (one GEMM: ``dots``) and with itself (``sqnorm``); where T is small, ``‖G_i‖²`` comes
+    from the T×T Gram matrices instead (fewer multiply-adds than reading ``G_i`` again).
+
+    Args:
+        module: the Linear/Conv2d layer.
+        a: its input, B×….
+        delta: its output gradient, B×C×T.
+        uw: the K updates of its weight, K×C×D (a view is fine: no copy is made).
+        dots: B×K, accumulated in place.
+        sqnorm: B, accumulated in place.
+        step: samples per sub-batch.
+        max_floats: bound on the block buffer's floats.
+    """
+    b, c_out, t = delta.shape
+    k, _, d = uw.shape
+    use_gram = t * (d + c_out) < c_out * d  # the Gram matrices cost less than forming G_i
+    for s in range(0, b, step):
+        dl = delta[s : s + step]  # b_s×C×T
+        bs = dl.shape[0]
+        u = _unfold(module, a[s : s + step], "bdt").transpose(1, 2)  # b_s×T×D
+        if use_gram:
+            gram_u = torch.bmm(u, u.transpose(1, 2))  # b_s×T×T
+            gram_d = torch.bmm(dl.transpose(1, 2), dl)
+            sqnorm[s : s + step] += (gram_u * gram_d).sum((1, 2))
+        cb = max(1, min(c_out, min(max_floats, G_BLOCK_FLOATS) // (bs * d)))
+        buf = torch.empty(bs * cb * d, dtype=dl.dtype, device=dl.device)
+        out = dots[s : s + step]
+        for c0 in range(0, c_out, cb):
+            cc = min(cb, c_out - c0)
+            g = torch.bmm(dl[:, c0 : c0 + cc], u, out=buf[: bs * cc * d].view(bs, cc, d))
+            g = g.view(bs, cc * d)  # per-sample G_i, rows c0..c0+cc
+            out.addmm_(g, uw[:, c0 : c0 + cc].reshape(k, cc * d).T)
+            if not use_gram:
+                sqnorm[s : s + step] += torch.linalg.vecdot(g, g)
 
 
 def _normalised(cap: _Capture, a: torch.Tensor) -> torch.Tensor:
