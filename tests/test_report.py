@@ -407,6 +407,21 @@ def test_findings_over_seeds_are_t_intervals_of_the_per_seed_means():
     assert findings.verdict(-0.3, -0.2, one_run=True) == "fails (1 run)"
 
 
+def test_findings_of_a_metric_undefined_everywhere_say_so():
+    """A metric undefined on every row (e.g. TPR below 1/#non-members) gives rows with no
+    value and the reason, beside the defined metrics of the same comparison."""
+    rows = []
+    for t in range(3):
+        rows.append(row("cos", t, 10, 0.6, 0.01))
+        rows.append(row("cos_series", t, -1, 0.7, 0.02))
+    frame = pd.DataFrame(rows).assign(**{"tpr@0.1%": np.nan})
+    f = findings.findings(frame, ["last"]).set_index(["comparison", "metric"])
+    none = f.loc[("cos_series − cos", "tpr@0.1%")]
+    assert none["method"] == "no defined value" and none["n_runs"] == 0
+    assert np.isnan(none["difference"]) and none["verdict"] == "undefined"
+    assert f.loc[("cos_series − cos", "auc"), "difference"] == pytest.approx(0.1)
+
+
 def replicates_of(rows: list[dict], draw_reps) -> pd.DataFrame:
     """A replicate table for ``rows``: ``draw_reps(row)`` gives the B AUC replicates."""
     keys = [*CELL_KEYS, "attack", "protocol", "draw", "target", "round"]

@@ -186,7 +186,7 @@ def _slices(index: pd.Index, level: str) -> dict:
     """Key of ``level`` → positional slice of a sorted MultiIndex's rows with that key."""
     codes = index.get_level_values(level).to_numpy()
     keys, starts = np.unique(codes, return_index=True)
-    ends = [*starts[1:], len(codes)]
+    ends = [*starts[1:], len(codes)] if len(codes) else []
     return {k: slice(s, e) for k, s, e in zip(keys.tolist(), starts, ends, strict=True)}
 
 
