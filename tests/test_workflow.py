@@ -530,7 +530,10 @@ def test_cluster_jobs_ask_for_gpus_and_scaled_resources(snakemake_cmd, repo, tmp
         "gpu" in res and res["gpu"] != "0" for rule, res in jobs if rule not in ("train", "measure")
     )
     runtime = {}
-    for block in re.split(r"\n(?=rule train:)", out)[1:]:
+    # one block per job (a job's wildcards and resources follow its rule line)
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        if not block.startswith("rule train:"):
+            continue
         m = re.search(
             r"wildcards: dataset=(\w+), model=(\w+), defense=none, partition=(\w+)", block
         )
