@@ -53,6 +53,10 @@ RUNS = {
         "Fashion-MNIST, six defense kinds",
     ),
     "audit": ("config/audit.yaml", "the one-run ε audit"),
+    "participation": (
+        "config/participation.yaml",
+        "Fashion-MNIST, AlexNet, partial participation × dp (docs/participation.md)",
+    ),
     "flower": (
         "examples/flower/audit.yaml",
         "a real Flower training (examples/flower), recorded and audited",
@@ -82,6 +86,10 @@ REGIME_COLUMNS = [
     "test_accuracy",
     "best_test_accuracy",
     "client_train_accuracy",
+    "participation",
+    "num_clients",
+    "clients_seen",
+    "client_rounds_mean",
 ]
 
 
@@ -100,6 +108,8 @@ def _regime(run: Path) -> pd.DataFrame:
             clients = h[h["client_id"] >= 0]
             last = clients[clients["round"] == clients["round"].max()]
             train_acc = float(last["train_accuracy"].mean())
+        part = m.get("participation") or {}
+        taken = part.get("client_rounds") or []
         rows.append(
             {k: m[k] for k in ("dataset", "model", "defense", "partition", "seed")}
             | {
@@ -108,6 +118,10 @@ def _regime(run: Path) -> pd.DataFrame:
                 "test_accuracy": m["final_test_accuracy"],
                 "best_test_accuracy": m.get("best_test_accuracy"),
                 "client_train_accuracy": train_acc,
+                "participation": float(part.get("fraction", 1.0)),
+                "num_clients": len(taken) or None,
+                "clients_seen": sum(1 for t in taken if t > 0) if taken else None,
+                "client_rounds_mean": sum(taken) / len(taken) if taken else None,
             }
         )
     return pd.DataFrame(rows, columns=REGIME_COLUMNS)
@@ -289,6 +303,119 @@ def _beyond(attacks: pd.DataFrame, selection: str) -> tuple[pd.DataFrame, list[s
     return pd.DataFrame(rows), strongest
 
 
+def _eps(v: float) -> str:
+    return "—" if not math.isfinite(v) else f"{v:.3g}"
+
+
+def _sampled(attacks: pd.DataFrame) -> bool:
+    """Whether a run has cells whose clients were sampled per round (fraction below 1)."""
+    return "participation" in attacks and bool((attacks["participation"] < 1).any())
+
+
+def _participation(
+    attacks: pd.DataFrame, privacy: pd.DataFrame, regime: pd.DataFrame, selection: str
+) -> list[str]:
+    """A sampled run's cells (participation, ε, accuracy) and its attacks with ε beside them.
+
+    One table of the cells — K, the fraction and participants per round, how many clients
+    took part at all, the rounds a target's series combines, the accounted ε against the
+    server (over the rounds of the client that took part most) and against an observer of
+    the global models, the clients' training and the global test accuracy — then, per
+    protocol, the paper's attacks (single-round at ``selection``) and the strongest of all
+    with 95 % intervals, each row with its cell's participation and ε.
+    """
+    keys = ["dataset", "model", "defense", "partition"]
+    eps_cols = ["dp_rounds", "epsilon_rdp", "epsilon_observer_rdp", "strength"]
+    priv = privacy.drop_duplicates(keys)[[*keys, *eps_cols]]
+    cells = regime.merge(priv, on=keys, how="left")
+    cells = cells.assign(_s=cells["strength"].fillna(-1.0)).sort_values(
+        ["participation", "num_clients", "_s"], ascending=[False, True, True]
+    )
+    series = attacks[(attacks.attack == "loss_series") & (attacks.metric == "auc")]
+    series = series.drop_duplicates(keys).set_index(keys)
+    rows = []
+    for c in cells.itertuples():
+        k, f = int(c.num_clients), float(c.participation)
+        key = (c.dataset, c.model, c.defense, c.partition)
+        tr = series.loc[key] if key in series.index else None
+        rows.append(
+            {
+                "K": k,
+                "participation": f"{f:g}",
+                "participants a round": int(math.floor(f * k + 0.5)) or 1,
+                "clients seen": f"{int(c.clients_seen)} of {k}",
+                "rounds per target (series)": "n/a"
+                if tr is None
+                else f"{tr.target_rounds_mean:.1f} ({tr.target_rounds_min:.0f}–"
+                f"{tr.target_rounds_max:.0f})",
+                "defense": c.defense,
+                "ε server (RDP; rounds)": _eps(c.epsilon_rdp)
+                + ("" if not math.isfinite(c.epsilon_rdp) else f" ({c.dp_rounds:.0f})"),
+                "ε observer (RDP)": _eps(c.epsilon_observer_rdp),
+                "train acc": f"{c.client_train_accuracy:.3f}",
+                "test acc": f"{c.test_accuracy:.3f}"
+                + ("" if pd.isna(c.diverged_round) else f" (div. r{c.diverged_round:.0f})"),
+            }
+        )
+    out = [
+        "The cells (ε at δ = privacy.delta, client level, from `privacy_utility.csv`: "
+        "against the server over the rounds of the client that took part most, and "
+        "against an observer of the global models over all rounds — uniform sampling: "
+        "RDP under replace-one, docs/participation.md; — for no guarantee; train acc: "
+        "the last round's participants on their own data; test acc: the final global "
+        "model):",
+        "",
+        _md(pd.DataFrame(rows)),
+    ]
+    labels = _labels()
+    part = attacks[attacks.single_round.isin([selection, "all attacked rounds"])]
+    for protocol in dict.fromkeys(part.protocol):
+        rows = []
+        for c in cells.itertuples():
+            g = part[
+                (part.protocol == protocol)
+                & (part.defense == c.defense)
+                & (part.partition == c.partition)
+                & (part.dataset == c.dataset)
+                & (part.model == c.model)
+            ]
+            for metric, label, scale, digits in (
+                ("auc", "AUC", 1, 3),
+                ("tpr@1%", "TPR@1% (%)", 100, 1),
+                ("tpr@0.1%", "TPR@0.1% (%)", 100, 1),
+            ):
+                m = g[g.metric == metric].set_index("attack")
+                few = bool(m["low_count"].astype(bool).any()) if len(m) else False
+                row = {
+                    "participation": f"{c.participation:g} (K = {int(c.num_clients)})",
+                    "defense": c.defense,
+                    "ε server": _eps(c.epsilon_rdp),
+                    "metric": label + (" < 10 FP" if few else ""),
+                }
+                for a in SHOWN:
+                    r = m.loc[a] if a in m.index else None
+                    row[labels.get(a, a)] = (
+                        "n/a" if r is None else _fmt(r["mean"], r.ci_low, r.ci_high, scale, digits)
+                    )
+                if len(m) and m["mean"].notna().any():
+                    best = m["mean"].idxmax()
+                    b = m.loc[best]
+                    row["strongest of all"] = (
+                        f"{labels.get(best, best)}: "
+                        f"{_fmt(b['mean'], b.ci_low, b.ci_high, scale, digits)}"
+                    )
+                rows.append(row)
+        out += [
+            f"**Protocol `{protocol}`**, single-round attacks (Loss-I, Cos-I) at "
+            f"`{selection}`, multi-round ones over each target's own rounds; the last "
+            "column names the strongest of every registered attack by that metric (a mean: "
+            "overlapping intervals do not rank):",
+            "",
+            _md(pd.DataFrame(rows)),
+        ]
+    return out
+
+
 def _findings(findings: pd.DataFrame, protocol: str) -> pd.DataFrame:
     f = findings[(findings.protocol == protocol) & findings.metric.isin(["auc", "tpr@1%"])]
     rows = []
@@ -374,10 +501,19 @@ def render_results() -> str:
             if (folder / "regime.csv").is_file()
             else pd.DataFrame()
         )
-        out += _run_header(name, info, regime)
+        sampled = _sampled(attacks) and (folder / "privacy_utility.csv").is_file()
+        # a sampled run's cell table below has the regime, with participation and ε
+        out += _run_header(name, info, regime if not sampled else pd.DataFrame())
         selections = [s for s in dict.fromkeys(attacks.single_round) if s != "all attacked rounds"]
         selection = "last" if "last" in selections else (selections or ["last"])[0]
-        for protocol in dict.fromkeys(attacks.protocol):
+        if sampled:
+            # a sampled round's last attacked round holds only its own participants: each
+            # target's own best round keeps every target
+            if "best_tpr_per_target" in selections:
+                selection = "best_tpr_per_target"
+            privacy = pd.read_csv(folder / "privacy_utility.csv")
+            out += _participation(attacks, privacy, regime, selection)
+        for protocol in dict.fromkeys(attacks.protocol) if not sampled else ():
             table = _headline(attacks, protocol, selection)
             if len(table) and len(table) <= 60:
                 out += [
