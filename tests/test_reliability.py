@@ -111,28 +111,17 @@ def _log_says(wd: Path, pattern: str, text: str) -> bool:
     )
 
 
-@pytest.mark.parametrize(
-    "stage, pattern, text",
-    [
-        ("training", "train/**/*.log", "round 1/2"),
-        ("attacks", "attack/**/*.log", "fedmia.stages.attack"),
-    ],
-)
-def test_killing_snakemake_then_a_plain_rerun(
-    snakemake_cmd, repo, reference, tmp_path, stage, pattern, text
-):
-    """SIGKILL snakemake itself mid-run: its jobs die with it, and a plain rerun (no
-    --unlock, no --rerun-incomplete: profiles/default holds them) completes with results
-    byte-identical to an uninterrupted run."""
-    wd = clone(repo, tmp_path / "clone")
-    argv = [*snakemake_cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
+def _kill_snakemake_when(cmd: list[str], wd: Path, stage: str, pattern: str, text: str) -> None:
+    """Start a plain run in ``wd``, SIGKILL snakemake itself once a log under
+    ``results/logs/<pattern>`` says ``text``, and wait until its orphaned jobs end."""
+    argv = [*cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
     proc = subprocess.Popen(
         argv, cwd=wd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
         _wait_for(lambda: _log_says(wd, pattern, text), what=f"{stage} to start")
         jobs = _descendants(proc.pid)
-        assert jobs, "no job process was running"
+        assert jobs, f"no job process was running during {stage}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         # the orphaned job processes notice and end within a few seconds
@@ -142,6 +131,18 @@ def test_killing_snakemake_then_a_plain_rerun(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_killing_snakemake_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_path):
+    """SIGKILL snakemake itself mid-run, during training; the plain rerun (no --unlock, no
+    --rerun-incomplete: profiles/default holds them) is killed in turn during the attacks;
+    a last plain rerun completes with results byte-identical to an uninterrupted run.
+    (One clone for both kills: each rerun starts from what the kill before it left.)"""
+    wd = clone(repo, tmp_path / "clone")
+    _kill_snakemake_when(snakemake_cmd, wd, "training", "train/**/*.log", "round 1/2")
+    _kill_snakemake_when(
+        snakemake_cmd, wd, "the attacks", "attack/**/*.log", "fedmia.stages.attack"
+    )
     r = run(snakemake_cmd, wd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(reference, wd)
