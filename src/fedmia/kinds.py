@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from fedmia.attacker.attacks import ATTACKS, FINDINGS, PROTOCOLS
+from fedmia.attacker.attacks import ATTACKS, FINDINGS, PROTOCOLS, VIEWS
 from fedmia.attacker.routes import MEASURE_ROUTES
 from fedmia.core.params import schema_block
 from fedmia.core.registry import Registry
@@ -45,6 +45,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "measure routes": MEASURE_ROUTES,
     "attacks": ATTACKS,
     "protocols": PROTOCOLS,
+    "views": VIEWS,
     "selections": SELECTIONS,
     "findings": FINDINGS,
     "figures": FIGURES,

@@ -373,6 +373,42 @@ PROTOCOLS.register(
 
 
 @dataclass(frozen=True)
+class View:
+    """What the attacking server sees of a round (``threat.view``; module docstring).
+
+    Attributes:
+        name: its name, the ``view`` column of every result.
+        text: what it means, for the tables' captions.
+        per_client: the attacker sees each participant's upload (``uploads``, the paper's
+            server); else only the global model, the (weighted) aggregate of the
+            participants' updates and who took part (``aggregate``: secure aggregation,
+            and what every participant sees of the others).
+    """
+
+    name: str
+    text: str
+    per_client: bool
+
+
+#: The threat views (``threat.view``): the same training attacked as the paper's server
+#: (each upload) and behind secure aggregation (the aggregate alone).
+VIEWS: Registry[View] = Registry("threat view", build=View, decorates=False)
+VIEWS.register(
+    "uploads",
+    per_client=True,
+    text="the server sees each participant's upload (the paper's threat model)",
+)
+VIEWS.register(
+    "aggregate",
+    per_client=False,
+    text=(
+        "secure aggregation: the server sees the global model, the aggregate of the "
+        "participants' updates and who took part, never an individual upload"
+    ),
+)
+
+
+@dataclass(frozen=True)
 class Finding:
     """A pre-specified comparison of two attacks: the better one should score higher.
 

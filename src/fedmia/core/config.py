@@ -567,6 +567,20 @@ class ReportConfig(Section):
 
 
 @dataclass(frozen=True)
+@schema_defaults("properties", "threat")
+class ThreatConfig(Section):
+    """What the attacking server sees (``threat:``).
+
+    Attributes:
+        view: the threat views (:data:`fedmia.attacker.attacks.VIEWS`), each a column value
+            of every result: ``uploads`` (each participant's upload) and/or ``aggregate``
+            (secure aggregation: the aggregate of the participants' updates alone).
+    """
+
+    view: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 @schema_defaults("properties", "privacy")
 class PrivacyConfig(Section):
     """The (ε, δ) the report states and the audit bounds (``privacy:``).
