@@ -34,6 +34,9 @@ TRAIN = f"results/train/{CELL}"
 # A recorded cell's server view, imported instead of trained (config recordings:)
 IMPORTED = f"results/imported/{CELL}"
 MDM = f"results/mdm/{CELL}.parquet"
+# The threat views (threat.view) and, with the aggregate view, the aggregate's measures
+VIEWS = list(config["threat"]["view"])
+MDM_AGGREGATE = f"results/mdm/{CELL}.aggregate.parquet"
 FIGURES = f"results/figures/{CELL}"
 # Small image trees in an official layout that the workflow writes (config standins:)
 STANDINS = "results/standins"
