@@ -56,6 +56,16 @@ HISTORY_COLUMNS = [
 #: The keys of a measure table row: the round, the client whose upload produced the values
 #: and the evaluation sample.
 MEASURE_KEYS = ("round", "client_id", "sample_id")
+#: ``client_id`` of every row of the aggregate view's measure table
+#: (``results/mdm/{cell}.aggregate.parquet``, the ``measures`` format): the measures under
+#: each round's aggregate of the participants' updates (``threat.view: aggregate``).
+AGGREGATE_CLIENT = -1
+#: The membership levels of an attack result (its ``membership`` column): ``client``, is the
+#: sample in the target client's data (the paper's); ``federation``, is it in any client's
+#: data (``target`` is :data:`FEDERATION_TARGET` then).
+MEMBERSHIP_LEVELS = ("client", "federation")
+#: ``target`` of a federation-level result.
+FEDERATION_TARGET = -1
 #: Columns and dtypes of the measure table, in order: the keys, then the measures (any
 #: numeric column can be an attack's measure). ``loss`` and ``logit_conf`` (LiRA's φ =
 #: z_y − logsumexp_{j≠y} z_j) are float64, both computed in float64 from the logits
