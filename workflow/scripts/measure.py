@@ -17,5 +17,6 @@ stage.measure(
     threads=snakemake.threads,
     config=snakemake.params.measure,
     plugins=snakemake.params.plugins,
-    output=snakemake.output[0],
+    output=snakemake.output["mdm"],
+    aggregate_output=snakemake.output.get("aggregate"),
 )
