@@ -32,6 +32,7 @@ from fedmia.privacy import accounting
 from fedmia.privacy.accounting import (
     EpsilonReport,
     accounted_epsilon,
+    aggregate_epsilon,
     noise_multiplier,
     record_epsilon,
 )
@@ -40,6 +41,7 @@ from fedmia.privacy.events import (
     cell_privacy,
     event_from_dict,
     event_to_dict,
+    observer_record,
 )
 
 # The RDP orders dp-accounting uses by default (copied; the reference must minimise over
@@ -262,3 +264,158 @@ def test_an_event_survives_the_manifest():
         7,
     )
     assert event_from_dict(json.loads(json.dumps(event_to_dict(event)))) == event
+
+
+# ------------------------------------------------------- the secure-aggregation view
+
+
+def _dp_record(sigma, rounds, participation, unnoised=False, block=None):
+    block = block or {"kind": "dp", "sigma": sigma, "clip": 1.0}
+    return cell_privacy(
+        defense_from_config(block).privacy(),
+        rounds=rounds,
+        unnoised_state=unnoised,
+        participation=participation,
+    )
+
+
+def _full(k, rounds):
+    return {"fraction": 1.0, "sampling": "uniform", "num_clients": k, "client_rounds": [rounds] * k}
+
+
+def test_aggregate_epsilon_of_a_full_cell_matches_a_hand_computation():
+    """σ = 1, K = 10 every round, T = 30: the sum of 10 uploads, noise σC√10 on 2C."""
+    sigma, k, rounds, delta = 1.0, 10, 30, 1e-5
+    record = _dp_record(sigma, rounds, _full(k, rounds))
+    report = aggregate_epsilon(record, delta=delta)
+    z = sigma * math.sqrt(k) / 2
+    # by hand with dp-accounting: T Gaussians of noise multiplier σ√m/2, add-or-remove
+    rdp_acc = dp_accounting.rdp.RdpAccountant()
+    rdp_acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    assert report.epsilon_rdp == pytest.approx(rdp_acc.get_epsilon(delta), rel=1e-12)
+    pld_acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=report.pld_interval)
+    pld_acc.compose(dp_accounting.GaussianDpEvent(z), rounds)
+    assert report.epsilon_pld == pytest.approx(pld_acc.get_epsilon(delta), rel=1e-9)
+    # and without it
+    assert report.epsilon_rdp == pytest.approx(reference_rdp_epsilon(z, rounds, delta), rel=1e-12)
+    exact = reference_pld_epsilon(z, rounds, delta)
+    assert exact - 1e-9 <= report.epsilon_pld <= exact + report.pld_interval
+    assert report.rounds == rounds and "m = 10" in report.note and "no amplification" in report.note
+    # the same as dp with σ√K against the server of the uploads, far below σ's
+    assert report.epsilon_rdp == pytest.approx(
+        accounted_epsilon(sigma * math.sqrt(k), rounds).epsilon_rdp, rel=1e-12
+    )
+    assert report.epsilon_rdp < record_epsilon(record, delta=delta).epsilon_rdp / 4
+    print(
+        f"dp σ={sigma}, K={k}, T={rounds}: server ε_RDP "
+        f"{record_epsilon(record, delta=delta).epsilon_rdp:.2f}, aggregate ε_RDP "
+        f"{report.epsilon_rdp:.2f}, ε_PLD {report.epsilon_pld:.2f}"
+    )
+
+
+def test_aggregate_epsilon_composes_the_most_exposed_client_s_rounds():
+    """Poisson, recorded participants: client 1 took part in fewer rounds but in smaller
+    ones (Σ 1/m = 1/1 + 1/2 + 1/2 = 2 against client 0's 4 · 1/4 + 1/2 = 1.5)."""
+    sigma, rounds, delta = 2.0, 6, 1e-5
+    participants = [[0, 1, 2, 3], [0, 1], [0, 2, 3, 4], [1], [0, 2, 3, 4], [0, 1, 2, 3], []]
+    participation = {
+        "fraction": 0.6,
+        "sampling": "poisson",
+        "num_clients": 5,
+        "client_rounds": [5, 3, 4, 4, 2],
+        "participants": participants,  # round 7 lies past the rounds the server saw
+    }
+    record = _dp_record(sigma, rounds, participation)
+    report = aggregate_epsilon(record, delta=delta)
+    assert report.rounds == 4  # client 1: rounds 1, 2, 4, 6 with m = 4, 2, 1, 4
+    # one Gaussian: 1/z_eff² = Σ_r 1/(z² m_r), z = σ/2
+    z_eff = (sigma / 2) / math.sqrt(1 / 4 + 1 / 2 + 1 + 1 / 4)
+    assert report.epsilon_rdp == pytest.approx(reference_rdp_epsilon(z_eff, 1, delta), rel=1e-9)
+    exact = reference_pld_epsilon(z_eff, 1, delta)
+    assert exact - 1e-6 <= report.epsilon_pld <= exact + 2 * report.pld_interval
+    assert "actual participants" in report.note and "1 with m = 1, 1 with m = 2" in report.note
+    # no amplification: client 1's own 4 rounds against the server bound it from above
+    assert report.epsilon_rdp < accounted_epsilon(sigma, 4).epsilon_rdp
+    # without the rounds' participants Poisson's m is unknown: the server's ε
+    unknown = {k: v for k, v in participation.items() if k != "participants"}
+    fallback = aggregate_epsilon(_dp_record(sigma, rounds, unknown), delta=delta)
+    assert fallback.epsilon_rdp == pytest.approx(accounted_epsilon(sigma, 5).epsilon_rdp)
+    assert "not recorded" in fallback.note
+    # uniform sampling: m = 3 of 5 in each of the busiest client's rounds
+    uniform = {**unknown, "sampling": "uniform"}
+    got = aggregate_epsilon(_dp_record(sigma, rounds, uniform), delta=delta)
+    assert got.rounds == 5 and got.epsilon_rdp == pytest.approx(
+        accounted_epsilon(sigma * math.sqrt(3), 5).epsilon_rdp, rel=1e-12
+    )
+
+
+def test_aggregate_epsilon_without_a_gaussian_is_the_server_s_or_none():
+    full = _full(4, 30)
+    compose = {
+        "kind": "compose",
+        "steps": [{"kind": "augment"}, {"kind": "dp", "sigma": 2.0, "clip": 1.0}],
+    }
+    record = _dp_record(None, 30, full, block=compose)
+    got, server = aggregate_epsilon(record), record_epsilon(record)
+    assert got.epsilon_rdp == server.epsilon_rdp and "Gaussian mechanism only" in got.note
+    for record in (
+        _dp_record(0.0, 30, full),  # σ = 0
+        _dp_record(2.0, 30, full, unnoised=True),  # un-noised BatchNorm statistics
+        _dp_record(None, 30, full, block={"kind": "dp_param_noise", "sigma": 0.1}),
+    ):
+        assert math.isinf(aggregate_epsilon(record).epsilon_rdp)
+    assert _dp_record(None, 30, full, block={"kind": "none"}) is None  # no claim, no ε
+    # a record without the number of clients: the server's ε, said
+    bare = cell_privacy(
+        defense_from_config({"kind": "dp", "sigma": 2.0, "clip": 1.0}).privacy(),
+        rounds=30,
+        unnoised_state=False,
+    )
+    assert aggregate_epsilon(bare).epsilon_rdp == record_epsilon(bare).epsilon_rdp
+    assert "number of participants is not recorded" in aggregate_epsilon(bare).note
+    assert aggregate_epsilon({k: v for k, v in bare.items() if k != "aggregate"}) is None
+
+
+def test_the_aggregate_view_adds_one_key_and_changes_nothing_else():
+    privacy = defense_from_config({"kind": "dp", "sigma": 2.0, "clip": 1.0}).privacy()
+    full = cell_privacy(privacy, rounds=30, unnoised_state=False, participation=_full(4, 30))
+    assert full.pop("aggregate")["accountant"] == "add_or_remove"
+    assert full == {
+        "event": event_to_dict(dp_accounting.SelfComposedDpEvent(privacy.event, 30)),
+        "rounds": 30,
+        "relation": CLIENT_LEVEL,
+        "note": "",
+    }
+    sampled = {
+        "fraction": 0.5,
+        "sampling": "uniform",
+        "num_clients": 4,
+        "client_rounds": [15, 14, 16, 15],
+    }
+    partial = cell_privacy(privacy, rounds=30, unnoised_state=False, participation=sampled)
+    partial.pop("aggregate")
+    assert partial == {
+        "event": event_to_dict(dp_accounting.SelfComposedDpEvent(privacy.event, 16)),
+        "rounds": 16,
+        "relation": CLIENT_LEVEL,
+        "note": (
+            "against the server, which knows who took part: the rounds a client took part "
+            "in, at most 16 of 30"
+        ),
+        "client_rounds": [15, 14, 16, 15],
+        "observer": observer_record(
+            privacy.event, rounds=30, unnoised_state=False, participation=sampled
+        ),
+    }
+    # the recorded participants change the aggregate alone
+    with_lists = cell_privacy(
+        privacy,
+        rounds=30,
+        unnoised_state=False,
+        participation={**sampled, "participants": [[0, 1]] * 30},
+    )
+    with_lists.pop("aggregate")
+    assert with_lists == partial
+    # and the record survives the manifest
+    record = cell_privacy(privacy, rounds=30, unnoised_state=False, participation=sampled)
+    assert json.loads(json.dumps(record)) == record

@@ -6,13 +6,22 @@ import itertools
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
+from scipy.special import ndtr
 
+from conftest import TINY_CELL, TINY_TRAIN
+from fedmia import pipeline
+from fedmia.attacker.uncertainty import stable_seed
+from fedmia.core.config import Participation
+from fedmia.core.contracts import AUDIT_COLUMNS
+from fedmia.federation.fedavg import participants
 from fedmia.federation.partition import draw_canaries
 from fedmia.privacy.accounting import gaussian_rounds, pld_epsilon
 from fedmia.privacy.audit import (
     DEFAULT_CHOICES,
     _counts,
+    audit_attacks,
     audit_from_scores,
     audit_p_value,
     count_guesses,
@@ -20,6 +29,8 @@ from fedmia.privacy.audit import (
     max_epsilon_lower_bound,
     select_and_audit,
 )
+from fedmia.stages import io
+from test_attacks import world
 
 
 def brute_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -215,3 +226,175 @@ def test_selected_attack_audit_chooses_attack_and_guesses_on_the_held_out_half()
         select_and_audit(scores[0], included, delta=1e-5)
     with pytest.raises(ValueError, match="aligned"):
         select_and_audit(scores[:, :10], included, delta=1e-5)
+
+
+# ------------------------------------------------- the audit under partial participation
+
+#: Who took part in which round of the synthetic sampled cell (client 4 never did). The
+#: audit target 0 took part in rounds 1, 2, 3; round 3 gives it one other participant only.
+PRESENT = {1: [0, 1, 2, 3], 2: [0, 2, 3], 3: [0, 1], 4: [1, 2, 3], 5: [1]}
+AUDITED = ["loss", "loss_series", "fedmia_loss", "lira_conf", "rmia", "rmia_sum"]
+
+
+def _canary_world():
+    """A full measure table (5 clients, rounds 1..5) with 200 canaries among the held-out
+    samples, the coin-in ones fitting the target 0's uploads better, and the rest of the
+    held-out samples as RMIA's population: ``(mdm, canaries, population)``."""
+    mdm, owner = world(separation=1.0, held_out=250, rounds=tuple(PRESENT))
+    held = owner.index[owner.to_numpy() == -1].to_numpy()
+    rng = np.random.default_rng(1)
+    ids = np.sort(rng.choice(held, 200, replace=False))
+    coins = rng.random(200) < 0.5
+    fit = mdm["sample_id"].isin(ids[coins]) & (mdm["client_id"] == 0)
+    mdm["loss"] = mdm["loss"] - 0.8 * fit
+    return mdm, pd.Series(coins, index=ids), np.setdiff1d(held, ids)
+
+
+def _sampled(mdm: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the rounds' participants (:data:`PRESENT`)."""
+    keep = np.zeros(len(mdm), dtype=bool)
+    for r, clients in PRESENT.items():
+        keep |= (mdm["round"] == r).to_numpy() & mdm["client_id"].isin(clients).to_numpy()
+    return mdm[keep].reset_index(drop=True)
+
+
+def _audit(mdm, canaries, population, *, partial=True, target=0, rounds=None):
+    return audit_attacks(
+        AUDITED,
+        mdm,
+        canaries,
+        target,
+        attack_rounds=rounds,
+        population=population,
+        delta=1e-5,
+        seed=3,
+        partial=partial,
+    )
+
+
+def test_a_sampled_target_is_audited_in_its_own_rounds_against_a_slow_reference():
+    full, canaries, population = _canary_world()
+    mdm = _sampled(full)
+    rows = _audit(mdm, canaries, population).set_index("attack")
+    assert list(rows.index) == [*AUDITED, "selected"]
+    ids = canaries.index.to_numpy()
+    coins = canaries.to_numpy()
+
+    def signed(r, c):  # −loss of client c's upload at round r on the canaries
+        g = mdm[(mdm["round"] == r) & (mdm["client_id"] == c)].set_index("sample_id")
+        return -g["loss"].reindex(ids).to_numpy()
+
+    # the slow reference: the target's own rounds only, FedMIA over those with two or
+    # more other participants (1, 2), the round's other participants its references
+    fedmia = []
+    for r in (1, 2):
+        ref = np.stack([signed(r, c) for c in PRESENT[r] if c != 0])
+        fedmia.append(ndtr((signed(r, 0) - ref.mean(0)) / np.sqrt(ref.var(0) + 1e-8)))
+    want = {
+        "loss": (3, signed(3, 0)),  # the last attacked round it took part in
+        "loss_series": (-1, np.mean([signed(r, 0) for r in (1, 2, 3)], axis=0)),
+        "fedmia_loss": (-1, np.mean(fedmia, axis=0)),
+    }
+    for name, (rnd, scores) in want.items():
+        res = audit_from_scores(scores, coins, delta=1e-5, holdout_seed=stable_seed(3, name))
+        row = rows.loc[name]
+        assert row["round"] == rnd and row["target"] == 0, name
+        assert (row["epsilon_empirical"], row["num_correct"], row["num_guesses"]) == (
+            res.epsilon,
+            res.num_correct,
+            res.num_guesses,
+        ), name
+    assert rows.loc["loss", "epsilon_empirical"] > 0  # the canaries fit the target better
+    # nothing the target did not take part in, nor a round without references, counts:
+    # every value outside its rounds (and round 3's other participant) scrambled
+    scrambled = mdm.copy()
+    other = (scrambled["round"] >= 4) | ((scrambled["round"] == 3) & (scrambled["client_id"] != 0))
+    noise = np.random.default_rng(9).normal(size=(int(other.sum()), 2)) * 50
+    scrambled.loc[other, ["loss", "logit_conf"]] = noise
+    pd.testing.assert_frame_equal(
+        _audit(scrambled, canaries, population), rows.reset_index()[list(AUDIT_COLUMNS)]
+    )
+
+
+def test_a_sampled_target_without_an_attacked_round_gives_no_audit_row(caplog):
+    full, canaries, population = _canary_world()
+    mdm = _sampled(full)
+    with caplog.at_level("WARNING"):
+        none = _audit(mdm, canaries, population, rounds=[4, 5])  # target 0 took part in neither
+    assert none.empty and list(none.columns) == list(AUDIT_COLUMNS)
+    assert "target client 0 took part in no attacked round: no audit row" in caplog.text
+    with caplog.at_level("WARNING"):
+        never = _audit(mdm, canaries, population, target=4)
+    assert never.empty and "target client 4 took part in no observed round" in caplog.text
+    # target 1 took part in rounds 1, 3, 4, 5: references in rounds 1 and 4 only
+    rows = _audit(mdm, canaries, population, target=1).set_index("attack")
+    assert rows.loc["loss", "round"] == 5 and list(rows.index) == [*AUDITED, "selected"]
+
+
+def test_full_participation_audit_is_unchanged_by_the_partial_reading():
+    mdm, canaries, population = _canary_world()
+    pd.testing.assert_frame_equal(
+        _audit(mdm, canaries, population, partial=True),
+        _audit(mdm, canaries, population, partial=False),
+    )
+
+
+def test_a_tiny_sampled_cell_with_canaries_is_audited_in_the_target_s_rounds(
+    digits_files, train_cell, tmp_path
+):
+    """Train, measure and attack a 4-client cell sampling 2 clients a round, with canaries."""
+    part = dict(
+        kind="iid",
+        num_clients=4,
+        samples_per_client=15,
+        eval_members_per_client=5,
+        eval_nonmembers=20,
+        audit_canaries=100,
+        audit_target=0,
+    )
+    train = {**TINY_TRAIN, "participation": {"fraction": 0.5, "sampling": "uniform"}}
+    outputs = train_cell(tmp_path, part, train, TINY_CELL)
+    rounds = [1, 2, 3, 4]  # a sampled cell observes and attacks every round
+    pipeline.measure(
+        data=digits_files,
+        partition_file=tmp_path / "partition.parquet",
+        observed_dir=outputs["observed"],
+        rounds=rounds,
+        manifest_file=outputs["manifest"],
+        device="cpu",
+        threads=1,
+        output=tmp_path / "mdm.parquet",
+    )
+    files = {n: tmp_path / f"{n}.parquet" for n in ("loss", "loss_series", "audit")}
+    pipeline.attack(
+        measures_file=tmp_path / "mdm.parquet",
+        partition_file=tmp_path / "partition.parquet",
+        cell=TINY_CELL,
+        manifest_file=outputs["manifest"],
+        config={"attacks": ["loss", "loss_series"], "protocol": ["aligned"], "bootstrap": 0},
+        audit={"target": 0, "delta": 1e-5},
+        outputs=files,
+    )
+    table = io.read_parquet(files["audit"], "audit").set_index("attack")
+    assert list(table.index) == ["loss", "loss_series", "selected"]
+    took = [r for r in rounds if 0 in participants(Participation(0.5, "uniform"), 0, r, 4)]
+    assert took and len(took) < len(rounds)  # the target sat some rounds out
+    mdm = pd.read_parquet(tmp_path / "mdm.parquet")
+    assert sorted(mdm.loc[mdm.client_id == 0, "round"].unique()) == took
+    canary = pd.read_parquet(tmp_path / "partition.parquet").query("canary")
+    coins = canary.set_index("sample_id")["canary_in"]
+    mine = mdm[(mdm.client_id == 0) & mdm.sample_id.isin(coins.index)]
+    by_round = mine.pivot(index="sample_id", columns="round", values="loss")  # canaries × took
+    for name, rnd, scores in (
+        ("loss", took[-1], -by_round[took[-1]]),
+        ("loss_series", -1, -by_round[took].mean(axis=1)),
+    ):
+        res = audit_from_scores(
+            scores.to_numpy(),
+            coins.reindex(scores.index).to_numpy(),
+            delta=1e-5,
+            holdout_seed=stable_seed(0, name),
+        )
+        assert table.loc[name, "round"] == rnd
+        assert table.loc[name, "epsilon_empirical"] == res.epsilon
+        assert table.loc[name, "num_correct"] == res.num_correct

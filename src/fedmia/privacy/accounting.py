@@ -5,10 +5,11 @@ of one client's upload and the neighbouring relation it assumes
 (:meth:`fedmia.federation.defenses.Defense.privacy`; ``compose`` composes its steps'); the
 train stage composes the rounds it ran (:func:`cell_privacy`: every client every round,
 sampling rate 1, or under partial participation the rounds a client took part in, with an
-observer's sampled event beside it; a model whose normalisation statistics pass un-noised
-has no finite ε) and records the composed event in the cell's manifest; the report computes ε at
-``privacy.delta`` from that record (:func:`epsilon_of`), so changing δ reruns no
-training, and a plugin's mechanism is accounted like fedmia's.
+observer's sampled event beside it, and the event of a secure-aggregation server that sees
+each round's sum only, :func:`aggregate_epsilon`; a model whose normalisation statistics
+pass un-noised has no finite ε) and records the composed event in the cell's manifest;
+the report computes ε at ``privacy.delta`` from that record (:func:`epsilon_of`), so
+changing δ reruns no training, and a plugin's mechanism is accounted like fedmia's.
 
 fedmia's ``dp``. Every round each client clips the trainable-parameter part of its
 update to L2 norm ``C`` and adds ``N(0, (σC)²)`` to every coordinate of its own
@@ -23,6 +24,13 @@ one, the add-or-remove-one relation) that is a Gaussian with noise multiplier
 ``z = σC / 2C = σ / 2`` (:func:`noise_multiplier`): the same privacy loss distribution.
 The guarantee is **client-level** against the server (it implies the sample-level one);
 the ``T`` rounds compose.
+
+Secure aggregation. A server that sees each round only the sum of its m participants'
+uploads (and who took part) sees a client's clipped update (≤ 2C from any other) under
+the m independent noises, std ``σC√m``: a Gaussian with noise multiplier ``σ√m / 2`` per
+round the client took part in, composed over its rounds, with no amplification by
+sampling (the server knows who took part): :func:`fedmia.privacy.events.aggregate_record`,
+:func:`aggregate_epsilon`.
 
 Two accountants, one relation. ε at δ comes from Google's ``dp-accounting`` with both
 
@@ -340,17 +348,41 @@ def observer_epsilon(
     ``None``: no such record (full participation) or no amplified guarantee for the
     defense's event (the record's note says why).
     """
-    obs = record.get("observer")
-    if not obs or obs.get("event") is None:
+    return _view_epsilon(record, "observer", delta=delta, pld_skip_above=pld_skip_above)
+
+
+def aggregate_epsilon(
+    record: Mapping[str, Any],
+    *,
+    delta: float = DEFAULT_DELTA,
+    pld_skip_above: float = PLD_SKIP_ABOVE,
+) -> EpsilonReport | None:
+    """ε at δ against a secure-aggregation server, which sees each round's sum only.
+
+    From a cell record's ``aggregate`` (:func:`fedmia.privacy.events.aggregate_record`):
+    under ``dp``, a Gaussian with noise multiplier ``σ√m / 2`` per round a client took part
+    in (m the round's participants), composed over the rounds of the most exposed client,
+    no amplification by sampling. ``None``: a record without it (written before it
+    existed).
+    """
+    return _view_epsilon(record, "aggregate", delta=delta, pld_skip_above=pld_skip_above)
+
+
+def _view_epsilon(
+    record: Mapping[str, Any], view: str, *, delta: float, pld_skip_above: float
+) -> EpsilonReport | None:
+    """ε at δ of the record's sub-record ``view`` (``observer``, ``aggregate``), or ``None``."""
+    sub = record.get(view)
+    if not sub or sub.get("event") is None:
         return None
     return epsilon_of(
-        event_from_dict(obs["event"]),
-        rounds=int(obs["rounds"]),
+        event_from_dict(sub["event"]),
+        rounds=int(sub["rounds"]),
         delta=delta,
         relation=record.get("relation", ""),
-        note=obs.get("note", ""),
+        note=sub.get("note", ""),
         pld_skip_above=pld_skip_above,
-        accountant=obs.get("accountant", ADD_OR_REMOVE),
+        accountant=sub.get("accountant", ADD_OR_REMOVE),
     )
 
 

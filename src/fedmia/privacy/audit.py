@@ -41,6 +41,7 @@ who sorts canaries by inclusion cannot leak it through ties.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -60,9 +61,12 @@ from fedmia.attacker.attacks import (
     MeasureCube,
     attacked_mask,
     score_slots,
+    target_rounds,
 )
 from fedmia.attacker.calibrated import DEFAULT_LIRA, DEFAULT_RMIA, LiraOptions, RmiaOptions
 from fedmia.core.contracts import AUDIT_COLUMNS
+
+log = logging.getLogger(__name__)
 
 #: Default significance level β of the bound (95 % confidence).
 DEFAULT_BETA = 0.05
@@ -416,6 +420,7 @@ def audit_attacks(
     delta: float,
     beta: float = DEFAULT_BETA,
     seed: int = 0,
+    partial: bool = False,
 ) -> pd.DataFrame:
     """The one-run ε audit of each attack (aligned protocol) on the target's canaries.
 
@@ -423,6 +428,15 @@ def audit_attacks(
     other clients, none of which trains on a canary, are FedMIA's references); a
     single-round attack at the last attacked round (no hindsight: picking a round on
     the canaries would void the bound), a multi-round one over the attacked rounds.
+
+    Partial participation (``partial``): the target is sampled like every client (the
+    draw does not depend on the coins), so the canaries are audited in the rounds the
+    draw gave it, as the attack stage attacks a target: a single-round attack at the last
+    attacked round it took part in, a multi-round one over the rounds of
+    :func:`fedmia.attacker.attacks.target_rounds` (FedMIA, LiRA, RMIA: those with at least
+    :data:`~fedmia.attacker.attacks.MIN_REFERENCES` other participants, the round's other
+    participants their references). An attack without such a round has no row; a
+    target that took part in no attacked round gives no row at all (logged).
     :func:`fedmia.privacy.audit.audit_from_scores` turns the scores and the coins into the
     lower bound on ε at ``delta`` (guess counts chosen on a held-out half). Each such
     row is a bound at level β for *that* attack, chosen before the audit; the largest
@@ -449,11 +463,14 @@ def audit_attacks(
         delta: δ of the guarantee audited.
         beta: significance level of the bound.
         seed: seed of the held-out split (e.g. the cell's).
+        partial: the measure table holds the rounds' participants only
+            (:meth:`fedmia.attacker.attacks.MeasureCube.from_frame`, ``partial``).
 
     Returns:
         One row per attack, then the ``selected`` row (its ``selected_attack`` names the
         chosen attack, its ``round`` is that attack's), :data:`fedmia.core.contracts.AUDIT_COLUMNS`;
-        ``round`` −1 for a multi-round score. No row without an attacked round.
+        ``round`` −1 for a multi-round score. No row without an attacked round (of the
+        target's, under partial participation).
     """
     specs = [ATTACKS.get(n) for n in names]
     ids = np.sort(canaries.index.to_numpy())
@@ -472,19 +489,36 @@ def audit_attacks(
             f"samples, e.g. sample_id {lacking[0]}{REMEASURE}"
         )
     cube = MeasureCube.from_frame(
-        mdm[mdm["sample_id"].isin(np.r_[ids, pop])], sorted({m for s in specs for m in s.measures})
+        mdm[mdm["sample_id"].isin(np.r_[ids, pop])],
+        sorted({m for s in specs for m in s.measures}),
+        partial=partial,
     )
     is_canary = np.isin(cube.sample_ids, ids)
     included = canaries.reindex(cube.sample_ids[is_canary]).to_numpy().astype(bool)
-    t = cube.client_index(target)
     attacked = attacked_mask(cube, attack_rounds)
+    if partial and target not in cube.clients:
+        log.warning("audit: target client %d took part in no observed round: no audit row", target)
+        return pd.DataFrame(columns=list(AUDIT_COLUMNS))
+    t = cube.client_index(target)
+    present = cube.present
+    own = attacked if present is None else attacked & present[:, t]  # the target's rounds
+    if attacked.any() and not own.any():
+        log.warning("audit: target client %d took part in no attacked round: no audit row", target)
     filt = dict(outlier_filter or {})
     halves = calibrated.crossfit_halves(
         len(cube.sample_ids), uncertainty.stable_seed(seed, RMIA_HALVES)
     )
     out, scored = [], []
     for spec in specs:
-        if not attacked.any():
+        used = target_rounds(spec.kind, t, attacked, present)
+        if not used.any():
+            if own.any():
+                log.info(
+                    "audit: %s has no attacked round with enough other participants for "
+                    "target client %d: no row",
+                    spec.name,
+                    target,
+                )
             continue
         xs = [sign * cube.values[m] for m, sign in spec.signals]
         scores = score_slots(
@@ -498,9 +532,10 @@ def audit_attacks(
             rmia=rmia,
             population=~is_canary,
             halves=halves,
+            present=present,
         )[:, is_canary]
         if spec.kind == "single":
-            last = int(np.flatnonzero(attacked)[-1])
+            last = int(np.flatnonzero(used)[-1])
             rnd, sc = int(cube.rounds[last]), scores[last]
         else:
             rnd, sc = MULTI_ROUND, scores[0]

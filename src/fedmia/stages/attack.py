@@ -125,12 +125,6 @@ def attack(
     owner = pd.Series(ev["client_id"].to_numpy(), index=ev["sample_id"].to_numpy())
     canaries = part[part["canary"]] if "canary" in part else part.iloc[:0]
     audited = pd.DataFrame(columns=list(AUDIT_COLUMNS))
-    if len(canaries) and audit is not None and partial:
-        raise ValueError(
-            "the one-run audit (audit_canaries) needs every client in every "
-            "round; this cell samples its participants (train.participation "
-            "fraction below 1): set audit_canaries: 0 or fraction: 1.0"
-        )
     if len(canaries) and audit is not None:
         audited = audit_attacks(
             attacks,
@@ -145,6 +139,7 @@ def attack(
             population=owner.index[owner.to_numpy() == -1].to_numpy(),
             delta=float(audit["delta"]),
             seed=int(cell["seed"]),
+            partial=partial,
         )
         log.info(
             "audit on %d canaries: ε ≥ %s",
