@@ -23,6 +23,7 @@ from fedmia.attacker.attacks import MeasureCube, OfficialProtocol, attack_scores
 from fedmia.core.config import ConfigError, Participation, TrainConfig
 from fedmia.federation.defenses import Defense, DPDefense
 from fedmia.federation.fedavg import participants, run_fedavg
+from fedmia.stages.train import _history_rows, round_participants
 from fedmia.federation.partition import STREAM_PARTICIPATION, rng_for
 from fedmia.federation.state import FlatState
 from fedmia.privacy.accounting import (
@@ -182,6 +183,18 @@ def test_a_round_without_participants_keeps_the_model():
             assert rec.weights == [] and torch.equal(end, sent)
         else:
             assert not torch.equal(end, sent)
+
+
+def test_the_manifest_records_each_rounds_participants_from_the_history():
+    """round_participants (the secure-aggregation ε's m per round) reads the history's rows."""
+    cfg = TrainConfig(
+        rounds=12, batch_size=4, lr=0.1, participation={"fraction": 0.5, "sampling": "poisson"}
+    )
+    draws = [participants(cfg.participation, 0, r, 4).tolist() for r in range(1, 13)]
+    _, recs = _run(cfg, CLIENTS, seed=0)
+    history = pd.DataFrame([row for rec, _, _ in recs for row in _history_rows(rec)])
+    assert round_participants(history, 12) == draws
+    assert round_participants(history, 14)[-2:] == [[], []]  # rounds never run: nobody
 
 
 PART = dict(

@@ -88,6 +88,13 @@ def client_rounds(history: pd.DataFrame, num_clients: int) -> list[int]:
     return np.bincount(clients, minlength=num_clients).astype(int).tolist()
 
 
+def round_participants(history: pd.DataFrame, rounds: int) -> list[list[int]]:
+    """The client ids that took part in each round 1..``rounds`` (their rows in the history)."""
+    clients = history[history["client_id"] != HELD_OUT]
+    by_round = clients.groupby("round")["client_id"].apply(lambda c: sorted(c.tolist()))
+    return [by_round.get(r, []) for r in range(1, rounds + 1)]
+
+
 def train(
     *,
     data: Mapping[str, str | Path],
@@ -280,7 +287,11 @@ def train(
             defense_obj.privacy(),
             unnoised_state=unnoised > 0,
             rounds=outcome["diverged_round"] or tcfg.rounds,
-            participation={**participation, "num_clients": k},
+            participation={
+                **participation,
+                "num_clients": k,
+                "participants": round_participants(history, tcfg.rounds),
+            },
         ),
         **outcome,
         "final_test_accuracy": final_accuracy,
