@@ -23,7 +23,6 @@ from fedmia.attacker.attacks import MeasureCube, OfficialProtocol, attack_scores
 from fedmia.core.config import ConfigError, Participation, TrainConfig
 from fedmia.federation.defenses import Defense, DPDefense
 from fedmia.federation.fedavg import participants, run_fedavg
-from fedmia.stages.train import _history_rows, round_participants
 from fedmia.federation.partition import STREAM_PARTICIPATION, rng_for
 from fedmia.federation.state import FlatState
 from fedmia.privacy.accounting import (
@@ -36,6 +35,7 @@ from fedmia.privacy.events import cell_privacy, event_from_dict
 from fedmia.report.tables import caption, summarize
 from fedmia.stages import io
 from fedmia.stages.report import epsilons
+from fedmia.stages.train import _history_rows, round_participants
 from fedmia.workflow import load_workflow_config
 from test_attacks import world
 from test_fedavg import hand_round, tiny_data, tiny_model
