@@ -237,6 +237,7 @@ def get_final_output():
         "results/tables/privacy_utility.csv",
         *(["results/tables/hypervolume.csv"] if has_defense_strengths() else []),
         *(["results/figures/privacy_audit.png"] if has_audit() else []),
+        *(["results/tables/secure_aggregation.csv"] if "aggregate" in VIEWS else []),
         *expand("results/figures/privacy_utility_{family}.png", family=get_families()),
         *cell_paths(f"{FIGURES}/rounds.png"),
         *cell_paths(f"{FIGURES}/roc.png"),
