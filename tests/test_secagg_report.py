@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 
 from fedmia.attacker import metrics
+from fedmia.federation.defenses import DPDefense
+from fedmia.privacy.events import cell_privacy
 from fedmia.report import secagg, tables, utility
 from fedmia.stages import io
 from fedmia.stages import report as stage
@@ -362,3 +364,23 @@ def test_a_one_shot_file_of_another_format_is_refused(tmp_path):
     open(path, "w").write(json.dumps(doc))
     with pytest.raises(ValueError, match="rerun the oneshot rule"):
         stage.read_oneshot(path)
+
+
+def test_the_aggregate_observers_epsilon_is_read_from_the_privacy_record():
+    """A record's ``aggregate`` entry (the layout of its ``observer``) gives
+    ``epsilon_aggregate_*``; without one: NaN, ``not accounted``."""
+    record = cell_privacy(DPDefense(sigma=2.0, clip=1.0).privacy(), rounds=20, unnoised_state=False)
+    same = {"event": record["event"], "rounds": record["rounds"], "note": "as the server's"}
+    cells = pd.DataFrame(
+        [
+            dict(CELL, partition=p, diverged_round=math.nan, rounds=20, privacy=r)
+            for p, r in ((PARTIAL, {**record, "aggregate": same}), (FULL, record))
+        ]
+    )
+    eps = stage.epsilons(cells, 1e-5).set_index("partition")
+    assert eps.loc[PARTIAL, "epsilon_aggregate_rdp"] == pytest.approx(
+        eps.loc[PARTIAL, "epsilon_rdp"]
+    )
+    assert eps.loc[PARTIAL, "epsilon_aggregate_note"] == "as the server's"
+    assert np.isnan(eps.loc[FULL, "epsilon_aggregate_rdp"])
+    assert eps.loc[FULL, "epsilon_aggregate_note"] == utility.NOT_ACCOUNTED
