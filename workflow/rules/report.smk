@@ -13,16 +13,6 @@ localrules:
     all,
 
 
-def one_shot_enabled():
-    """Whether the config plants one-shot canary clients (``privacy.one_shot.canaries`` > 0)."""
-    return (config["privacy"].get("one_shot") or {}).get("canaries", 0) > 0
-
-
-def get_all_oneshot(wildcards=None):
-    """Every cell's one-shot estimate where the config enables it, else nothing."""
-    return cell_paths(f"results/oneshot/{CELL}.json") if one_shot_enabled() else []
-
-
 rule table:
     input:
         attacks=get_all_attacks,
