@@ -67,6 +67,17 @@ TABLES = ("attacks.csv", "findings.csv", "privacy_utility.csv", "hypervolume.csv
 SHOWN = ("loss", "loss_series", "fedmia_loss", "cos", "cos_series", "fedmia_cos")
 
 
+def _paper_view(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the paper's threat view and membership level (uploads, client).
+
+    Tables of runs before the threat views have neither column: all their rows are.
+    (fedmia.report.tables.paper_rows; this script does not import fedmia.)
+    """
+    if "view" not in table or "membership" not in table:
+        return table
+    return table[(table["view"] == "uploads") & (table["membership"] == "client")]
+
+
 def _git_commit(run: Path) -> str:
     """The commit the run's folder is checked out at (a run inside a clone: the clone's)."""
     r = subprocess.run(
@@ -492,7 +503,7 @@ def render_results() -> str:
         if not (folder / "run.json").is_file():
             continue
         info = json.loads((folder / "run.json").read_text())
-        attacks = pd.read_csv(folder / "attacks.csv")
+        attacks = _paper_view(pd.read_csv(folder / "attacks.csv"))
         regime = (
             pd.read_csv(folder / "regime.csv")
             if (folder / "regime.csv").is_file()
@@ -508,7 +519,7 @@ def render_results() -> str:
             # target's own best round keeps every target
             if "best_tpr_per_target" in selections:
                 selection = "best_tpr_per_target"
-            privacy = pd.read_csv(folder / "privacy_utility.csv")
+            privacy = _paper_view(pd.read_csv(folder / "privacy_utility.csv"))
             out += _participation(attacks, privacy, regime, selection)
         for protocol in dict.fromkeys(attacks.protocol) if not sampled else ():
             table = _headline(attacks, protocol, selection)

@@ -210,6 +210,16 @@ def get_all_manifests(wildcards=None):
     return [f"{view_folder(c)}/manifest.json" for c in SPEC.cells]
 
 
+def one_shot_enabled():
+    """Whether the config plants one-shot canary clients (``privacy.one_shot.canaries`` > 0)."""
+    return (config["privacy"].get("one_shot") or {}).get("canaries", 0) > 0
+
+
+def get_all_oneshot(wildcards=None):
+    """Every cell's one-shot estimate where the config enables it, else nothing."""
+    return cell_paths(f"results/oneshot/{CELL}.json") if one_shot_enabled() else []
+
+
 def get_families():
     """Attack families with at least one configured attack (privacy-utility figures)."""
     return [f for f, members in families().items() if set(members) & set(ATTACKS)]
@@ -237,6 +247,7 @@ def get_final_output():
         "results/tables/privacy_utility.csv",
         *(["results/tables/hypervolume.csv"] if has_defense_strengths() else []),
         *(["results/figures/privacy_audit.png"] if has_audit() else []),
+        *(["results/tables/secure_aggregation.csv"] if "aggregate" in VIEWS else []),
         *expand("results/figures/privacy_utility_{family}.png", family=get_families()),
         *cell_paths(f"{FIGURES}/rounds.png"),
         *cell_paths(f"{FIGURES}/roc.png"),

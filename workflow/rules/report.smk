@@ -9,6 +9,7 @@ localrules:
     figure_privacy_utility,
     hypervolume,
     figure_audit,
+    secure_aggregation,
     all,
 
 
@@ -117,6 +118,7 @@ rule privacy_utility:
         table="results/tables/attacks.csv",
         manifests=get_all_manifests,
         audits=get_all_audits,
+        oneshot=get_all_oneshot,
     output:
         report(
             "results/tables/privacy_utility.csv",
@@ -208,3 +210,25 @@ rule figure_audit:
         plugins=PLUGINS,
     script:
         "../scripts/figure_table.py"
+
+
+# Planned only when the config attacks the aggregate view (threat.view; get_final_output).
+rule secure_aggregation:
+    input:
+        "results/tables/attacks.csv",
+    output:
+        csv=report(
+            "results/tables/secure_aggregation.csv",
+            caption="../report/secure_aggregation.rst",
+            category="Tables",
+        ),
+        md="results/tables/secure_aggregation.md",
+    log:
+        "results/logs/report/secure_aggregation.log",
+    conda:
+        "../../envs/fedmia.yaml"
+    params:
+        code=code("report"),
+        plugins=PLUGINS,
+    script:
+        "../scripts/secure_aggregation.py"

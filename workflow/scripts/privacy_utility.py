@@ -8,6 +8,7 @@ stage.report_privacy_utility(
     table=snakemake.input.table,
     manifests=list(snakemake.input.manifests),
     audits=list(snakemake.input.audits),
+    oneshot=list(snakemake.input.oneshot),
     defenses=snakemake.params.defenses,
     delta=snakemake.params.delta,
     utility=snakemake.params.utility,

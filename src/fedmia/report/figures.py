@@ -28,6 +28,7 @@ from fedmia.report.tables import (
     SETTING,
     attack_label,
     headline,
+    paper_rows,
     select_rounds,
 )
 
@@ -319,6 +320,7 @@ def audit_figure(pu: pd.DataFrame, width: float = 11) -> plt.Figure:
     empirical lower bound. Every point must lie below the diagonal if the accounting
     is right; the bound can never exceed about ln(m) for m canaries.
     """
+    pu = paper_rows(pu)  # the audit attacks the uploads, client level
     rows = pu[pu.protocol.eq("aligned") & pu.metric.eq("auc") & pu.epsilon_empirical.notna()]
     rows = rows.drop_duplicates([*SETTING, "attack"])
     fig, axes = _figure(1, 1, width * 0.5)

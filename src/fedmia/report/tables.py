@@ -47,11 +47,13 @@ from fedmia.attacker.attacks import (
     ATTACKS,
     CALIBRATED_KINDS,
     PROTOCOLS,
+    VIEWS,
     attack_order,
     single_round_attacks,
 )
 from fedmia.attacker.metrics import METRICS, tpr_metric_name
 from fedmia.core.config import ConfigError
+from fedmia.core.contracts import MEMBERSHIP_LEVELS
 from fedmia.core.registry import Registry
 
 SETTING = ["dataset", "model", "defense", "partition"]
@@ -59,12 +61,18 @@ SETTING = ["dataset", "model", "defense", "partition"]
 ROW_KEYS = [*SETTING, "protocol"]
 #: One set of per-target results: a cell under one protocol draw.
 RUN = [*SETTING, "seed", "protocol", "draw"]
+#: The threat-view columns of an attack result and of :func:`summarize` (after ``protocol``).
+VIEW_KEYS = ["view", "membership"]
+#: The paper's view and membership level: what every table, figure and finding but the
+#: secure-aggregation table reads (:func:`paper_rows`).
+PAPER_VIEW = ("uploads", "client")
 #: ``single_round`` of multi-round attacks in the tables.
 ALL_ROUNDS = "all attacked rounds"
 HEADLINE_TPR = tpr_metric_name(0.001)
 #: Columns of :func:`summarize` (``results/tables/attacks.csv``).
 SUMMARY_COLUMNS = (
     *ROW_KEYS,
+    *VIEW_KEYS,
     "single_round",
     "attack",
     "metric",
@@ -89,6 +97,45 @@ SUMMARY_COLUMNS = (
     "target_rounds_mean",
     "target_rounds_max",
 )
+
+
+def with_views(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with the columns ``view`` and ``membership`` right after ``protocol``.
+
+    Attack results (and summaries) written before the threat views have neither: their
+    rows are the paper's (:data:`PAPER_VIEW`: ``uploads``, ``client``), and get those
+    values. A frame that has both is returned as it is.
+    """
+    if all(c in frame for c in VIEW_KEYS):
+        return frame
+    if any(c in frame for c in VIEW_KEYS):
+        raise ValueError(
+            f"a table has one of the columns {VIEW_KEYS} but not the other: it was written "
+            "by a broken or mixed version; rerun the attack stage to rewrite it"
+        )
+    out = frame.copy()
+    at = list(out.columns).index("protocol") + 1 if "protocol" in out else len(out.columns)
+    for i, (col, value) in enumerate(zip(VIEW_KEYS, PAPER_VIEW, strict=True)):
+        out.insert(at + i, col, value)
+    return out
+
+
+def paper_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``frame`` under the paper's view and membership level (:data:`PAPER_VIEW`).
+
+    A frame without the view columns (written before the threat views) is all the
+    paper's: returned as it is.
+    """
+    if not all(c in frame for c in VIEW_KEYS):
+        return frame
+    keep = (frame["view"] == PAPER_VIEW[0]) & (frame["membership"] == PAPER_VIEW[1])
+    return frame[keep]
+
+
+def view_order(values: pd.Series) -> pd.Series:
+    """Sort key of a ``view`` or ``membership`` column: the registries' order."""
+    order = list(VIEWS.registered()) if values.name == "view" else list(MEMBERSHIP_LEVELS)
+    return values.map(lambda v: order.index(v) if v in order else len(order))
 
 
 def attack_label(attack: str) -> str:
@@ -331,12 +378,13 @@ def _count_text(n_rounds: pd.Series | np.ndarray) -> str:
     return f"{lo}" if lo == hi else f"{lo}–{hi}"
 
 
-def _summary_rows(long: pd.DataFrame, by: list[str], fpr_rule: str) -> list[dict]:
+def _summary_rows(long: pd.DataFrame, by: list[str], fpr_rule: str, salt: tuple = ()) -> list[dict]:
     """One :func:`summarize` row per group ``by`` of the long table (first-appearance order).
 
     The statistics of every group come from one groupby each over the whole table; only
     the bootstrap interval of each group's mean (:func:`summary_interval`, seeded
-    by the group's key) and the text columns are computed per group, on NumPy arrays.
+    by the group's key and ``salt``) and the text columns are computed per group, on
+    NumPy arrays.
     """
     if long.empty:
         return []
@@ -374,7 +422,7 @@ def _summary_rows(long: pd.DataFrame, by: list[str], fpr_rule: str) -> list[dict
             interval = (math.nan, math.nan)
         else:
             u = unit_values[unit_start[i] : unit_start[i + 1]]
-            interval = summary_interval(u, values[rows], ci[rows], key)
+            interval = summary_interval(u, values[rows], ci[rows], (*key, *salt))
         out.append(
             dict(
                 zip(by, key, strict=True),
@@ -432,6 +480,40 @@ def summarize(
     with no attack row at all (it diverged before any observed round) still gets a row
     per attack and metric, all NaN.
     """
+    results = with_views(results)
+    parts = [
+        _summarize_view(part, selections, fpr_rule, cells, view)
+        for view, part in results.groupby(VIEW_KEYS, sort=False)
+    ] or [_summarize_view(results, selections, fpr_rule, cells, PAPER_VIEW)]
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    div = _divergence(cells)
+    table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
+    table["diverged"] = table["diverged"].fillna("")
+    table = table.merge(_participation(cells), on=SETTING, how="left")
+    order = {a: i for i, a in enumerate(attack_order())}
+    table = table.sort_values(
+        [*ROW_KEYS, *VIEW_KEYS, "single_round", "attack", "metric"],
+        key=lambda s: (
+            s.map(order) if s.name == "attack" else view_order(s) if s.name in VIEW_KEYS else s
+        ),
+        kind="stable",
+    )
+    return table[list(SUMMARY_COLUMNS)].reset_index(drop=True)
+
+
+def _summarize_view(
+    results: pd.DataFrame,
+    selections: Sequence[str | int],
+    fpr_rule: str,
+    cells: pd.DataFrame | None,
+    view: tuple[str, str],
+) -> pd.DataFrame:
+    """:func:`summarize`'s rows of one (view, membership level): ``results`` holds its rows.
+
+    The paper's (:data:`PAPER_VIEW`) seed their bootstrap intervals by their keys alone,
+    as before the threat views (the same rows give the same bytes); the others add the
+    view and the level to the seed.
+    """
     selected = []
     for i, how in enumerate(selections):
         sel = select_rounds(results, how)
@@ -443,7 +525,8 @@ def summarize(
     long = _long(
         sel, [*keys, "seed", "draw", "target", "round", "n_rounds", "n_nonmembers", "selected_by"]
     )
-    out = _summary_rows(long, [*keys, "metric"], fpr_rule)
+    salt = () if tuple(view) == PAPER_VIEW else tuple(view)
+    out = _summary_rows(long, [*keys, "metric"], fpr_rule, salt)
     table = pd.DataFrame(
         out, columns=[c for c in SUMMARY_COLUMNS if c not in ("diverged", "participation")]
     )
@@ -482,16 +565,7 @@ def summarize(
             for m in METRICS
         ]
         table = pd.concat([table, pd.DataFrame(filler)], ignore_index=True)
-    table = table.merge(div[[*SETTING, "diverged"]], on=SETTING, how="left")
-    table["diverged"] = table["diverged"].fillna("")
-    table = table.merge(_participation(cells), on=SETTING, how="left")
-    order = {a: i for i, a in enumerate(attack_order())}
-    table = table.sort_values(
-        [*ROW_KEYS, "single_round", "attack", "metric"],
-        key=lambda s: s.map(order) if s.name == "attack" else s,
-        kind="stable",
-    )
-    return table[list(SUMMARY_COLUMNS)].reset_index(drop=True)
+    return table.assign(**dict(zip(VIEW_KEYS, view, strict=True)))
 
 
 def _selection_text(how: str) -> str:
@@ -612,6 +686,9 @@ def paper_tables(
 ) -> list[tuple[str, str, pd.DataFrame]]:
     """The paper's Table 1 layout, one section per (protocol, single-round selection).
 
+    Of the paper's view and membership level only (:func:`paper_rows`); the others are in
+    the secure-aggregation table (:mod:`fedmia.report.secagg`).
+
     Args:
         summary: :func:`summarize` output.
         table_metrics: the metric rows of each setting, in order (``report.table_metrics``;
@@ -623,6 +700,7 @@ def paper_tables(
         interval]`` (``n/a`` where undefined); a TPR row resting on fewer than 10 false
         positives (α × non-members < 10) says so in its label.
     """
+    summary = paper_rows(summary)
     unknown = [m for m in table_metrics if m not in METRICS]
     if unknown or not table_metrics:
         raise ValueError(f"unknown or no table metric(s) {unknown}; choose from {list(METRICS)}")
@@ -729,7 +807,8 @@ def to_latex(sections: list[tuple[str, str, pd.DataFrame]]) -> str:
 
 
 def headline(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The summary rows of the first protocol and first single-round selection."""
+    """The paper's rows (:func:`paper_rows`) of the first protocol and single-round selection."""
+    summary = paper_rows(summary)
     protocol = summary["protocol"].iloc[0]
     selections = [s for s in dict.fromkeys(summary["single_round"]) if s != ALL_ROUNDS]
     selection = selections[0] if selections else ALL_ROUNDS

@@ -8,7 +8,19 @@ import numpy as np
 import pandas as pd
 
 from fedmia.attacker.attacks import SELECTED, attack_order
-from fedmia.report.tables import HEADLINE_TPR, SETTING, attack_label, md_table
+from fedmia.core.contracts import CELL_KEYS
+from fedmia.report.secagg import strongest, wide_metrics
+from fedmia.report.tables import (
+    HEADLINE_TPR,
+    PAPER_VIEW,
+    SETTING,
+    VIEW_KEYS,
+    attack_label,
+    md_table,
+    paper_rows,
+    view_order,
+    with_views,
+)
 
 #: Columns of :func:`privacy_utility` (``results/tables/privacy_utility.csv``).
 #: The accounted-ε columns of :func:`privacy_utility`.
@@ -22,6 +34,23 @@ EPSILON_COLUMNS = (
     "epsilon_observer_pld",
     "epsilon_observer_note",
 )
+#: The accounted-ε columns of an observer of the aggregate (secure aggregation): from the
+#: ``aggregate`` record of a cell's ``privacy`` block, NaN (note ``not accounted``) without.
+AGGREGATE_EPSILON_COLUMNS = (
+    "epsilon_aggregate_rdp",
+    "epsilon_aggregate_pld",
+    "epsilon_aggregate_note",
+)
+#: The one-shot estimate's columns (``results/oneshot/{cell}.json``, Andrew et al. 2024),
+#: per cell; in :func:`privacy_utility` the mean over the setting's seeds.
+ONESHOT_COLUMNS = (
+    "epsilon_oneshot_final",
+    "epsilon_oneshot_all_iterates",
+    "test_accuracy_with_canaries",
+    "oneshot_note",
+)
+#: Note of a view whose accounted ε no cell records.
+NOT_ACCOUNTED = "not accounted"
 PU_COLUMNS = (
     "dataset",
     "model",
@@ -42,6 +71,7 @@ PU_COLUMNS = (
     "epsilon_empirical_selected",
     "selected_attack",
     "protocol",
+    *VIEW_KEYS,
     "single_round",
     "attack",
     "metric",
@@ -50,6 +80,11 @@ PU_COLUMNS = (
     "ci_high",
     "std",
     "rounds",
+    "epsilon_accounted",
+    "epsilon_accounted_note",
+    *ONESHOT_COLUMNS,
+    "strongest_attack",
+    "strongest_tpr",
 )
 
 
@@ -70,8 +105,9 @@ def privacy_utility(
     epsilons: pd.DataFrame | None = None,
     audit: pd.DataFrame | None = None,
     utility: str = "final",
+    oneshot: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Join attack success with utility per defense.
+    """Join attack success with utility per defense, per threat view.
 
     Args:
         summary: :func:`summarize` output.
@@ -91,6 +127,8 @@ def privacy_utility(
             at level β); NaN without.
         utility: ``report.utility`` (:data:`UTILITIES`): the final test accuracy or the best
             over rounds.
+        oneshot: per cell (its keys), :data:`ONESHOT_COLUMNS` (the one-shot files); the
+            setting's rows get the mean over its seeds; NaN without.
 
     Returns:
         Tidy, :data:`PU_COLUMNS`: ``test_accuracy`` (the utility ``utility`` names, said in
@@ -101,6 +139,20 @@ def privacy_utility(
         held-out canaries (the audit's ``selected`` row: a bound at level β for "the best
         attack"; the smallest over seeds) and ``selected_attack``, the attack(s) chosen
         (seeds in order, distinct).
+
+        Every summary row keeps its ``view`` and ``membership`` (a summary written before
+        the threat views: ``uploads``, ``client``); the rows of the paper's view and level
+        are those of before. Per row's view: ``epsilon_accounted`` (PLD, else RDP) with
+        its note — ``uploads``: the server's (``epsilon_pld``, ``epsilon_rdp``);
+        ``aggregate``: an observer of the aggregate's (``epsilon_aggregate_*``, NaN and
+        ``not accounted`` where no cell records one). The one-run audit attacks the
+        uploads: ``epsilon_empirical`` is on the ``uploads``/``client`` rows only and
+        ``epsilon_empirical_selected`` on the ``uploads`` rows only. The one-shot
+        estimate (:data:`ONESHOT_COLUMNS`) is per setting, on every row; its note says
+        whom it applies to. ``strongest_attack`` (``attack @ selection``) and
+        ``strongest_tpr``: per setting, protocol, view and level, the highest mean
+        TPR@0.1 % over attacks and selections (:func:`fedmia.report.secagg.strongest`: a
+        per-view maximum, picked with hindsight).
     """
     if utility not in UTILITIES:
         raise ValueError(f"unknown utility {utility!r}; choose from {list(UTILITIES)}")
@@ -116,6 +168,7 @@ def privacy_utility(
     strengths = strengths.assign(
         **{c: "" for c in ("params", "defense_note") if c not in strengths}
     )
+    summary = with_views(summary)
     pu = (
         summary.drop(columns="diverged", errors="ignore")
         .merge(acc, on=SETTING, how="left")
@@ -130,7 +183,8 @@ def privacy_utility(
             audit[~chosen].groupby([*SETTING, "attack"], as_index=False)["epsilon_empirical"].min()
         )
         emp["protocol"] = "aligned"
-        pu = pu.merge(emp, on=[*SETTING, "attack", "protocol"], how="left")
+        emp[VIEW_KEYS] = list(PAPER_VIEW)  # the audit attacks the uploads, client level
+        pu = pu.merge(emp, on=[*SETTING, "attack", "protocol", *VIEW_KEYS], how="left")
         best = (
             audit[chosen]
             .sort_values("seed")
@@ -147,6 +201,14 @@ def privacy_utility(
         if col not in pu:
             pu[col] = empty
     pu["selected_attack"] = pu["selected_attack"].fillna("")
+    uploads = pu["view"] == PAPER_VIEW[0]
+    pu["epsilon_empirical_selected"] = pu["epsilon_empirical_selected"].where(uploads)
+    pu["selected_attack"] = pu["selected_attack"].where(uploads, "")
+    pu = _view_epsilon(pu)
+    pu = pu.merge(_oneshot_by_setting(oneshot), on=SETTING, how="left")
+    pu["oneshot_note"] = pu["oneshot_note"].fillna("")
+    pu = pu.merge(_strongest_by_view(summary), on=[*SETTING, "protocol", *VIEW_KEYS], how="left")
+    pu["strongest_attack"] = pu["strongest_attack"].fillna("")
     return (
         pu[list(PU_COLUMNS)]
         .sort_values(
@@ -158,12 +220,67 @@ def privacy_utility(
                 "params",
                 "strength",
                 "protocol",
+                *VIEW_KEYS,
                 "single_round",
                 "attack",
                 "metric",
-            ]
+            ],
+            key=lambda s: view_order(s) if s.name in VIEW_KEYS else s,
         )
         .reset_index(drop=True)
+    )
+
+
+def _view_epsilon(pu: pd.DataFrame) -> pd.DataFrame:
+    """``epsilon_accounted`` and its note per row's view (PLD where finite, else RDP)."""
+    for col, empty in zip(
+        AGGREGATE_EPSILON_COLUMNS, (math.nan, math.nan, NOT_ACCOUNTED), strict=True
+    ):
+        pu[col] = pu[col].fillna(empty) if col in pu else empty
+
+    def tighter(pld: pd.Series, rdp: pd.Series) -> pd.Series:
+        return pld.where(pld.notna(), rdp)
+
+    aggregate = pu["view"] == "aggregate"
+    pu["epsilon_accounted"] = tighter(pu["epsilon_pld"], pu["epsilon_rdp"]).where(
+        ~aggregate, tighter(pu["epsilon_aggregate_pld"], pu["epsilon_aggregate_rdp"])
+    )
+    pu["epsilon_accounted_note"] = pu["epsilon_note"].where(
+        ~aggregate, pu["epsilon_aggregate_note"]
+    )
+    return pu
+
+
+def _oneshot_by_setting(oneshot: pd.DataFrame | None) -> pd.DataFrame:
+    """Per setting, the mean of the one-shot estimates over its seeds and their notes."""
+    numbers = [c for c in ONESHOT_COLUMNS if c != "oneshot_note"]
+    if oneshot is None or oneshot.empty:
+        return pd.DataFrame(columns=[*SETTING, *ONESHOT_COLUMNS]).astype(
+            {c: "float64" for c in numbers}
+        )
+    missing = [c for c in (*CELL_KEYS, *ONESHOT_COLUMNS) if c not in oneshot]
+    if missing:
+        raise ValueError(f"the one-shot table lacks the column(s) {missing}")
+    return oneshot.groupby(SETTING, as_index=False, sort=False).agg(
+        **{c: (c, "mean") for c in numbers},
+        oneshot_note=("oneshot_note", lambda v: "; ".join(dict.fromkeys(v))),
+    )
+
+
+def _strongest_by_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, protocol, view and level: the strongest attack's name and TPR@0.1 %."""
+    by = [*SETTING, "protocol", *VIEW_KEYS]
+    top = strongest(wide_metrics(summary[summary["n"] > 0]), by)
+    return pd.DataFrame(
+        {
+            **{k: top[k] for k in by},
+            "strongest_attack": top["attack"]
+            + " @ "
+            + top["single_round"].astype(str)
+            + top["picked_by"].map({"tpr": "", "auc": " (by AUC: TPR@0.1% undefined)"}),
+            "strongest_tpr": top["tpr"].where(top["picked_by"] == "tpr"),
+        },
+        columns=[*by, "strongest_attack", "strongest_tpr"],
     )
 
 
@@ -246,6 +363,7 @@ def hypervolume_table(pu: pd.DataFrame, front: str = "with_undefended") -> pd.Da
     if front not in FRONTS:
         raise ValueError(f"unknown hypervolume front {front!r}; choose from {list(FRONTS)}")
     rows = []
+    pu = paper_rows(pu)  # the paper's view and level
     tpr = pu[pu.metric == HEADLINE_TPR]
     # a CSV reads an empty params as NaN
     tpr = tpr.assign(params=tpr["params"].fillna("") if "params" in tpr else "")

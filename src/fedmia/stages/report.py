@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -9,11 +10,12 @@ from typing import Any
 
 import pandas as pd
 
+from fedmia.core.contracts import CELL_KEYS
 from fedmia.core.registry import import_plugins
 from fedmia.federation.defenses import note_of, params_of, strength_of
 from fedmia.privacy.accounting import DEFAULT_DELTA, observer_epsilon, record_epsilon
 from fedmia.privacy.events import REPLACE_ONE
-from fedmia.report import figures, findings, tables
+from fedmia.report import figures, findings, secagg, tables
 from fedmia.report import utility as privacy_utility_tables
 from fedmia.report.figures import FIGURES, TABLE_FIGURES
 from fedmia.stages import io
@@ -49,10 +51,17 @@ def report_tables(
             ``findings_csv``, ``findings_md``.
     """
     import_plugins(plugins)
-    results = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
-    needed = findings.replicate_keys(results, selections)  # the rows the findings compare
+    results = tables.with_views(
+        pd.concat(
+            [tables.with_views(io.read_parquet(f, "attack")) for f in attack_files],
+            ignore_index=True,
+        )
+    )
+    paper = tables.paper_rows(results)  # the findings' rows: the paper's view and level
+    needed = findings.replicate_keys(paper, selections)  # the rows the findings compare
     replicates = [
-        io.read_replicates(f).merge(needed, on=findings.REPLICATE_ROW) for f in replicate_files
+        tables.paper_rows(io.read_replicates(f)).merge(needed, on=findings.REPLICATE_ROW)
+        for f in replicate_files
     ]  # each file checked before any write
     summary = tables.summarize(results, selections, fpr_rule=fpr_rule, cells=cells_frame(manifests))
     per_round = results.drop(columns=["roc_fpr", "roc_tpr"])
@@ -66,7 +75,7 @@ def report_tables(
     with io.atomic_path(outputs["tex"]) as tmp:
         tmp.write_text(tables.to_latex(sections))
     found = findings.findings(
-        results,
+        paper,
         selections,
         dict(partition_kinds or {}),
         pd.concat(replicates, ignore_index=True) if replicates else None,
@@ -100,6 +109,7 @@ def report_cell_figures(
     """
     import_plugins(plugins)
     cell = pd.concat([io.read_parquet(f, "attack") for f in attack_files], ignore_index=True)
+    cell = tables.paper_rows(tables.with_views(cell))  # the paper's view and level
     draw = FIGURES.get(kind)
     if cell.empty:  # the cell diverged before its first observed round
         fig = figures.empty_figure(
@@ -144,6 +154,9 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
     server knows who took part), and ``epsilon_observer_*`` the guarantee against an
     observer of the global models only, amplified by the sampling
     (:func:`fedmia.privacy.accounting.observer_epsilon`; NaN at full participation).
+    ``epsilon_aggregate_*``: against an observer of the aggregate (secure aggregation),
+    from the record's ``aggregate`` entry (an event record as ``observer``'s), the
+    largest over seeds; NaN and ``not accounted`` where no seed records one.
     """
     rows = []
     for key, g in cells.groupby(tables.SETTING, sort=False):
@@ -159,6 +172,16 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
             max(observed, key=lambda ro: ro[1].epsilon_rdp) if observed else (None, None)
         )
         obs_note = obs.note if obs else ""
+        # the aggregate observer's record has the observer record's layout
+        aggregated = [
+            a
+            for a in (
+                observer_epsilon({**r, "observer": r.get("aggregate")}, delta=delta)
+                for r in records
+            )
+            if a
+        ]
+        agg = max(aggregated, key=lambda a: a.epsilon_rdp) if aggregated else None
         if (
             obs
             and rep
@@ -186,9 +209,76 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
                     math.nan if obs is None or obs.epsilon_pld is None else obs.epsilon_pld
                 ),
                 "epsilon_observer_note": obs_note,
+                "epsilon_aggregate_rdp": agg.epsilon_rdp if agg else math.nan,
+                "epsilon_aggregate_pld": (
+                    math.nan if agg is None or agg.epsilon_pld is None else agg.epsilon_pld
+                ),
+                "epsilon_aggregate_note": agg.note if agg else privacy_utility_tables.NOT_ACCOUNTED,
             }
         )
-    return pd.DataFrame(rows, columns=[*tables.SETTING, *privacy_utility_tables.EPSILON_COLUMNS])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            *tables.SETTING,
+            *privacy_utility_tables.EPSILON_COLUMNS,
+            *privacy_utility_tables.AGGREGATE_EPSILON_COLUMNS,
+        ],
+    )
+
+
+#: Format tag of a one-shot estimate's file (``results/oneshot/{cell}.json``).
+ONESHOT_FORMAT = "oneshot/1"
+
+
+def read_oneshot(path: str | Path) -> dict[str, Any]:
+    """One cell's one-shot estimate as a row: its keys and :data:`ONESHOT_COLUMNS`.
+
+    The cell's keys come from the file where it states them, else from its path
+    (``…/{dataset}/{model}/{defense}/{partition}/seed{seed}.json``). ``oneshot_note``
+    joins the file's ``estimate`` and ``applies_to``.
+
+    Raises:
+        ValueError: a file of another format, or without the estimates.
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun the oneshot rule") from err
+    if doc.get("format") != ONESHOT_FORMAT:
+        raise ValueError(
+            f"{path} has format {doc.get('format')!r}, not {ONESHOT_FORMAT!r}: it was written "
+            "by another version; rerun the oneshot rule"
+        )
+    if all(k in doc for k in CELL_KEYS):
+        keys = {k: doc[k] for k in CELL_KEYS}
+    else:
+        parts = path.with_suffix("").parts[-len(CELL_KEYS) :]
+        if len(parts) < len(CELL_KEYS) or not parts[-1].startswith("seed"):
+            raise ValueError(
+                f"{path}: the cell is neither in the file nor in a path ending "
+                "{dataset}/{model}/{defense}/{partition}/seed{seed}.json"
+            )
+        keys = dict(zip(CELL_KEYS, [*parts[:-1], int(parts[-1][len("seed") :])], strict=True))
+    try:
+        final, every = doc["final"]["epsilon"], doc["all_iterates"]["epsilon"]
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} lacks final.epsilon or all_iterates.epsilon") from err
+    note = "; ".join(
+        t
+        for t in (
+            doc.get("estimate", ""),
+            f"applies to {doc['applies_to']}" if doc.get("applies_to") else "",
+        )
+        if t
+    )
+    return {
+        **keys,
+        "epsilon_oneshot_final": float(final) if final is not None else math.nan,
+        "epsilon_oneshot_all_iterates": float(every) if every is not None else math.nan,
+        "test_accuracy_with_canaries": float(doc.get("test_accuracy_with_canaries", math.nan)),
+        "oneshot_note": note,
+    }
 
 
 def report_privacy_utility(
@@ -200,9 +290,13 @@ def report_privacy_utility(
     audits: Iterable[str | Path] = (),
     delta: float = DEFAULT_DELTA,
     utility: str = "final",
+    oneshot: Iterable[str | Path] = (),
     plugins: Sequence[str] = (),
 ) -> None:
     """Stage 6d: the privacy–utility table (attack success next to test accuracy).
+
+    ``oneshot``: the cells' one-shot estimates (:func:`read_oneshot`), where the config
+    enables them (``privacy.one_shot.canaries`` > 0).
 
     Each cell's manifest names the cell in its keys and gives its utility (``utility``:
     the final model's test accuracy, chance for a diverged cell, or the best over the
@@ -230,8 +324,15 @@ def report_privacy_utility(
     audit = pd.concat(
         [io.read_parquet(f, "audit") for f in audits] or [pd.DataFrame()], ignore_index=True
     )
+    shots = [read_oneshot(f) for f in oneshot]
     pu = privacy_utility_tables.privacy_utility(
-        pd.read_csv(table), cells, strengths, epsilons(cells, delta), audit, utility=utility
+        pd.read_csv(table),
+        cells,
+        strengths,
+        epsilons(cells, delta),
+        audit,
+        utility=utility,
+        oneshot=pd.DataFrame(shots) if shots else None,
     )
     with io.atomic_path(output) as tmp:
         pu.to_csv(tmp, index=False)
@@ -254,3 +355,22 @@ def report_hypervolume(
         hv.to_csv(tmp, index=False)
     with io.atomic_path(outputs["md"]) as tmp:
         tmp.write_text(privacy_utility_tables.hypervolume_markdown(hv))
+
+
+def report_secure_aggregation(
+    *,
+    table: str | Path,
+    plugins: Sequence[str] = (),
+    outputs: Mapping[str, str | Path],
+) -> None:
+    """Stage 6h: the secure-aggregation table (uploads vs aggregate), CSV and Markdown.
+
+    ``table``: the attack table (``attacks.csv``), as
+    :func:`fedmia.report.secagg.secure_aggregation_table` reads it.
+    """
+    import_plugins(plugins)
+    sa = secagg.secure_aggregation_table(pd.read_csv(table))
+    with io.atomic_path(outputs["csv"]) as tmp:
+        sa.to_csv(tmp, index=False)
+    with io.atomic_path(outputs["md"]) as tmp:
+        tmp.write_text(secagg.secure_aggregation_markdown(sa))
