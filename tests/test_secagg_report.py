@@ -374,7 +374,10 @@ def test_the_aggregate_observers_epsilon_is_read_from_the_privacy_record():
     cells = pd.DataFrame(
         [
             dict(CELL, partition=p, diverged_round=math.nan, rounds=20, privacy=r)
-            for p, r in ((PARTIAL, {**record, "aggregate": same}), (FULL, record))
+            for p, r in (
+                (PARTIAL, {**record, "aggregate": same}),
+                (FULL, {k: v for k, v in record.items() if k != "aggregate"}),  # an older record
+            )
         ]
     )
     eps = stage.epsilons(cells, 1e-5).set_index("partition")

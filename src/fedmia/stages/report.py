@@ -13,7 +13,12 @@ import pandas as pd
 from fedmia.core.contracts import CELL_KEYS
 from fedmia.core.registry import import_plugins
 from fedmia.federation.defenses import note_of, params_of, strength_of
-from fedmia.privacy.accounting import DEFAULT_DELTA, observer_epsilon, record_epsilon
+from fedmia.privacy.accounting import (
+    DEFAULT_DELTA,
+    aggregate_epsilon,
+    observer_epsilon,
+    record_epsilon,
+)
 from fedmia.privacy.events import REPLACE_ONE
 from fedmia.report import figures, findings, secagg, tables
 from fedmia.report import utility as privacy_utility_tables
@@ -154,9 +159,10 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
     server knows who took part), and ``epsilon_observer_*`` the guarantee against an
     observer of the global models only, amplified by the sampling
     (:func:`fedmia.privacy.accounting.observer_epsilon`; NaN at full participation).
-    ``epsilon_aggregate_*``: against an observer of the aggregate (secure aggregation),
-    from the record's ``aggregate`` entry (an event record as ``observer``'s), the
-    largest over seeds; NaN and ``not accounted`` where no seed records one.
+    ``epsilon_aggregate_*``: against a secure-aggregation server, which sees each round's
+    aggregate and who took part (:func:`fedmia.privacy.accounting.aggregate_epsilon`, the
+    record's ``aggregate`` entry), the largest over seeds; NaN and ``not accounted`` where no
+    seed records one.
     """
     rows = []
     for key, g in cells.groupby(tables.SETTING, sort=False):
@@ -172,15 +178,7 @@ def epsilons(cells: pd.DataFrame, delta: float) -> pd.DataFrame:
             max(observed, key=lambda ro: ro[1].epsilon_rdp) if observed else (None, None)
         )
         obs_note = obs.note if obs else ""
-        # the aggregate observer's record has the observer record's layout
-        aggregated = [
-            a
-            for a in (
-                observer_epsilon({**r, "observer": r.get("aggregate")}, delta=delta)
-                for r in records
-            )
-            if a
-        ]
+        aggregated = [a for a in (aggregate_epsilon(r, delta=delta) for r in records) if a]
         agg = max(aggregated, key=lambda a: a.epsilon_rdp) if aggregated else None
         if (
             obs
