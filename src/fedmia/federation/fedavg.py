@@ -436,8 +436,8 @@ class Canaries:
     * the clip norm C of the defense when it clips (``dp``, or a ``compose`` with a ``dp``
       step: :func:`canary_clip`), so clipping leaves it as it is, or
     * without clipping, the median L2 norm of the round's real participants' updates
-      before their defense (the previous such median in a round with no real
-      participant; 0 before the first);
+      before their defense (in a round without a real participant, that of the latest
+      round with one; 0 before the first);
 
     then it goes through the defense's ``upload`` hook with the generator of client ``K +
     j`` (``dp``: clipped and noised exactly as any upload). The null canaries are never
@@ -594,9 +594,9 @@ def run_fedavg(
                     update_norm=canaries is not None and clip is None,
                 )
             )
+        if canaries is not None and clip is None and results:
+            median_norm = float(np.median([r.update_norm for r in results]))
         if canaries is not None and len(real) < len(part):
-            if clip is None and results:
-                median_norm = float(np.median([r.update_norm for r in results]))
             scale = median_norm if clip is None else clip
             ids = part[len(real) :].tolist()
             canary_uploads(
