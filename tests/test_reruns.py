@@ -22,16 +22,7 @@ STAGES = ("prepare", "partition", "train", "recording", "measure", "attack", "re
 
 #: module → the stages whose code param an edit of it changes.
 RERUNS = {
-    "fedmia": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
+    "fedmia": STAGES,  # every stage
     "fedmia.attacker": ("measure", "attack", "report"),
     "fedmia.attacker.attacks": ("attack", "report"),
     "fedmia.attacker.calibrated": ("attack", "report"),
@@ -40,60 +31,15 @@ RERUNS = {
     "fedmia.attacker.metrics": ("attack", "report"),
     "fedmia.attacker.routes": ("measure",),
     "fedmia.attacker.uncertainty": ("attack", "report"),
-    "fedmia.core": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
-    "fedmia.core.config": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
-    "fedmia.core.contracts": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
+    "fedmia.core": STAGES,  # every stage
+    "fedmia.core.config": STAGES,  # every stage
+    "fedmia.core.contracts": STAGES,  # every stage
     "fedmia.core.fingerprint": ("train",),
     "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "attack", "report", "oneshot"),
     "fedmia.core.lockfile": ("train", "recording"),
-    "fedmia.core.logs": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
+    "fedmia.core.logs": STAGES,  # every stage
     "fedmia.core.params": ("train", "recording", "measure", "report", "oneshot"),
-    "fedmia.core.registry": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
+    "fedmia.core.registry": STAGES,  # every stage
     "fedmia.federation": (
         "prepare",
         "partition",
@@ -122,28 +68,10 @@ RERUNS = {
     "fedmia.report.findings": ("report",),
     "fedmia.report.tables": ("report",),
     "fedmia.report.utility": ("report",),
-    "fedmia.stages": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
+    "fedmia.stages": STAGES,  # every stage
     "fedmia.stages.attack": ("attack",),
     "fedmia.stages.compute": ("train", "recording", "measure", "oneshot"),
-    "fedmia.stages.io": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-        "oneshot",
-    ),
+    "fedmia.stages.io": STAGES,  # every stage
     "fedmia.stages.measure": ("measure",),
     "fedmia.stages.partition": ("partition",),
     "fedmia.stages.prepare": ("prepare",),
