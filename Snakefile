@@ -18,9 +18,11 @@ include: "workflow/rules/recording.smk"
 include: "workflow/rules/measure.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/oneshot.smk"
 
 
 rule all:
     default_target: True
     input:
         get_final_output(),
+        ONESHOT_OUTPUTS,

@@ -18,11 +18,11 @@ import pytest
 from fedmia.core.fingerprint import import_closure
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-STAGES = ("prepare", "partition", "train", "recording", "measure", "attack", "report")
+STAGES = ("prepare", "partition", "train", "recording", "measure", "attack", "report", "oneshot")
 
 #: module → the stages whose code param an edit of it changes.
 RERUNS = {
-    "fedmia": ("prepare", "partition", "train", "recording", "measure", "attack", "report"),
+    "fedmia": STAGES,  # every stage
     "fedmia.attacker": ("measure", "attack", "report"),
     "fedmia.attacker.attacks": ("attack", "report"),
     "fedmia.attacker.calibrated": ("attack", "report"),
@@ -31,85 +31,55 @@ RERUNS = {
     "fedmia.attacker.metrics": ("attack", "report"),
     "fedmia.attacker.routes": ("measure",),
     "fedmia.attacker.uncertainty": ("attack", "report"),
-    "fedmia.core": ("prepare", "partition", "train", "recording", "measure", "attack", "report"),
-    "fedmia.core.config": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-    ),
-    "fedmia.core.contracts": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-    ),
+    "fedmia.core": STAGES,  # every stage
+    "fedmia.core.config": STAGES,  # every stage
+    "fedmia.core.contracts": STAGES,  # every stage
     "fedmia.core.fingerprint": ("train",),
-    "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "attack", "report"),
+    "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "attack", "report", "oneshot"),
     "fedmia.core.lockfile": ("train", "recording"),
-    "fedmia.core.logs": (
+    "fedmia.core.logs": STAGES,  # every stage
+    "fedmia.core.params": ("train", "recording", "measure", "report", "oneshot"),
+    "fedmia.core.registry": STAGES,  # every stage
+    "fedmia.federation": (
         "prepare",
         "partition",
         "train",
         "recording",
         "measure",
-        "attack",
         "report",
+        "oneshot",
     ),
-    "fedmia.core.params": ("train", "recording", "measure", "report"),
-    "fedmia.core.registry": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-    ),
-    "fedmia.federation": ("prepare", "partition", "train", "recording", "measure", "report"),
     "fedmia.federation.datasets": ("prepare",),
-    "fedmia.federation.defenses": ("train", "recording", "measure", "report"),
-    "fedmia.federation.fedavg": ("train", "recording", "measure"),
-    "fedmia.federation.models": ("train", "recording", "measure"),
-    "fedmia.federation.nets": ("train", "recording", "measure"),
-    "fedmia.federation.partition": ("partition", "train", "recording", "measure"),
-    "fedmia.federation.state": ("train", "recording", "measure", "report"),
+    "fedmia.federation.defenses": ("train", "recording", "measure", "report", "oneshot"),
+    "fedmia.federation.fedavg": ("train", "recording", "measure", "oneshot"),
+    "fedmia.federation.models": ("train", "recording", "measure", "oneshot"),
+    "fedmia.federation.nets": ("train", "recording", "measure", "oneshot"),
+    "fedmia.federation.partition": ("partition", "train", "recording", "measure", "oneshot"),
+    "fedmia.federation.state": ("train", "recording", "measure", "report", "oneshot"),
     "fedmia.flower": (),
     "fedmia.kinds": (),
     "fedmia.pipeline": (),
-    "fedmia.privacy": ("train", "attack", "report"),
+    "fedmia.privacy": ("train", "attack", "report", "oneshot"),
     "fedmia.privacy.accounting": ("report",),
     "fedmia.privacy.audit": ("attack",),
-    "fedmia.privacy.events": ("train", "report"),
+    "fedmia.privacy.events": ("train", "report", "oneshot"),
     "fedmia.report": ("report",),
     "fedmia.report.figures": ("report",),
     "fedmia.report.findings": ("report",),
     "fedmia.report.tables": ("report",),
     "fedmia.report.utility": ("report",),
-    "fedmia.stages": ("prepare", "partition", "train", "recording", "measure", "attack", "report"),
+    "fedmia.stages": STAGES,  # every stage
     "fedmia.stages.attack": ("attack",),
-    "fedmia.stages.compute": ("train", "recording", "measure"),
-    "fedmia.stages.io": (
-        "prepare",
-        "partition",
-        "train",
-        "recording",
-        "measure",
-        "attack",
-        "report",
-    ),
+    "fedmia.stages.compute": ("train", "recording", "measure", "oneshot"),
+    "fedmia.stages.io": STAGES,  # every stage
     "fedmia.stages.measure": ("measure",),
     "fedmia.stages.partition": ("partition",),
     "fedmia.stages.prepare": ("prepare",),
     "fedmia.stages.recording": ("recording",),
     "fedmia.stages.report": ("report",),
     "fedmia.stages.train": ("train",),
+    "fedmia.privacy.oneshot": ("oneshot",),
+    "fedmia.stages.oneshot": ("oneshot",),
     "fedmia.workflow": (),
 }
 
@@ -142,4 +112,5 @@ def test_what_the_issues_asked():
     assert "train" not in RERUNS["fedmia.attacker.metrics"]
     assert RERUNS["fedmia.privacy.audit"] == ("attack",)
     assert RERUNS["fedmia.privacy.accounting"] == ("report",)  # ε at δ: the report's
-    assert RERUNS["fedmia.federation.nets"] == ("train", "recording", "measure")  # dotted path
+    # dotted path
+    assert RERUNS["fedmia.federation.nets"] == ("train", "recording", "measure", "oneshot")

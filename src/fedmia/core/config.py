@@ -581,12 +581,39 @@ class ThreatConfig(Section):
 
 
 @dataclass(frozen=True)
+@schema_defaults("properties", "privacy", "properties", "one_shot")
+class OneShotConfig(Section):
+    """The canaries of the one-shot estimate (``privacy.one_shot``, :mod:`fedmia.privacy.oneshot`).
+
+    Attributes:
+        canaries: canary clients inserted beside the K real ones (0: no estimate; else ≥ 2).
+        null_canaries: canaries drawn but never inserted (≥ 2): the all-iterates null.
+    """
+
+    key: ClassVar[str] = "privacy.one_shot"
+    canaries: int
+    null_canaries: int
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the estimate is made (any canary)."""
+        return self.canaries > 0
+
+
+@dataclass(frozen=True)
 @schema_defaults("properties", "privacy")
 class PrivacyConfig(Section):
     """The (ε, δ) the report states and the audit bounds (``privacy:``).
 
     Attributes:
-        delta: δ of the accounted ε of a privacy mechanism and of the one-run audit's bound.
+        delta: δ of the accounted ε of a privacy mechanism, of the one-run audit's bound and
+            of the one-shot estimate.
+        one_shot: the one-shot estimate's canaries (:class:`OneShotConfig`).
     """
 
     delta: float
+    one_shot: OneShotConfig
+
+    def __post_init__(self) -> None:
+        if isinstance(self.one_shot, Mapping):
+            object.__setattr__(self, "one_shot", OneShotConfig(**self.one_shot))

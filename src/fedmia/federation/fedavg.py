@@ -19,6 +19,10 @@ reproducible and independent of the order clients are visited; the official
 weights' order of round ``r`` comes from ``(seed, r)`` on a stream of its own, and so do
 the round's participants (another stream), so a client's training does not depend on
 who else takes part.
+
+Canary clients (:class:`Canaries`, an option of :func:`run_fedavg`) serve the one-shot
+privacy estimate (:mod:`fedmia.privacy.oneshot`, which this module does not import: an edit
+of the estimate reruns no training).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmia.core.config import AGGREGATIONS, Participation, TrainConfig
-from fedmia.federation.defenses import DataSpec, Defense
+from fedmia.federation.defenses import DataSpec, Defense, DPDefense, param_mask
 from fedmia.federation.partition import (
     STREAM_AGGREGATION,
     STREAM_PARTICIPATION,
@@ -106,6 +110,8 @@ class LocalResult:
     loss: float  # mean training loss over the round's mini-batches (per sample)
     accuracy: float  # training accuracy over the round's mini-batches
     samples: int  # samples processed (over all local epochs)
+    update_norm: float = math.nan  # L2 norm of the parameter part of the update (before the
+    # defense), when asked for (canaries without clipping: :class:`Canaries`)
 
 
 def local_train(
@@ -119,6 +125,7 @@ def local_train(
     gen: torch.Generator,
     *,
     out: torch.Tensor | None = None,
+    update_norm: bool = False,
 ) -> LocalResult:
     """Train a client from ``global_flat`` on samples ``idx`` and return its upload.
 
@@ -137,6 +144,8 @@ def local_train(
         out: float32 P, where to write the upload (e.g. the client's row of the server's
             K×P uploads): the update is formed there and the defense's upload, if it is
             another tensor, copied there; the result's ``upload`` is then ``out``.
+        update_norm: also return the L2 norm of the parameter part of the update before
+            the defense (``LocalResult.update_norm``; one reduction and a sync).
     """
     model = state.module
     state.load(global_flat)
@@ -171,6 +180,10 @@ def local_train(
             correct += (logits.detach().argmax(1) == y).sum()
     samples = n * cfg.local_epochs
     update = torch.sub(global_flat, state.flat.detach(), out=out)
+    norm = math.nan
+    if update_norm:
+        mask = param_mask(state.layout, update.device)
+        norm = float(torch.linalg.vector_norm(torch.where(mask, update, 0.0)))
     upload = defense.upload(update, state.layout, gen)
     if out is not None and upload is not out:
         upload = out.copy_(upload)
@@ -179,6 +192,7 @@ def local_train(
         loss=float(loss_sum) / samples,
         accuracy=float(correct) / samples,
         samples=samples,
+        update_norm=norm,
     )
 
 
@@ -382,6 +396,10 @@ class RoundRecord:
     ``weights`` (the weights the server gave the uploads, :func:`aggregation_weights`,
     float32 values) are theirs, in that order: ``w_{r+1} = w_r − Σ_i weights[i] ·
     uploads[i]``.
+
+    ``canary_round`` and ``canary_total`` (float32 n + m, only in a run with
+    :class:`Canaries`): each canary's cosine with the round's model delta and with the total
+    delta since the run's start (see :func:`run_fedavg`).
     """
 
     round: int
@@ -399,6 +417,99 @@ class RoundRecord:
     uploads: torch.Tensor
     diverged: bool = False
     last_finite_test: tuple[float, float] = (float("nan"), float("nan"))
+    canary_round: torch.Tensor | None = None
+    canary_total: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """Canary clients of the one-shot privacy estimate (:mod:`fedmia.privacy.oneshot`).
+
+    The ``n`` inserted canaries are clients ``K .. K+n−1`` beside the K real ones: the
+    round's participants are drawn over all ``K + n`` clients (:func:`participants`, so a
+    canary is sampled exactly like a client and the population, as the accountant counts
+    it, is ``K + n``); the server weights a canary as its rule weights a client, with the
+    data size of the (lower) median real client under ``data_size`` weights. A canary's
+    update, before its defense, is its direction ``u_c`` on the trainable parameters (zero
+    on the BatchNorm statistics) scaled to
+
+    * the clip norm C of the defense when it clips (``dp``, or a ``compose`` with a ``dp``
+      step: :func:`canary_clip`), so clipping leaves it as it is, or
+    * without clipping, the median L2 norm of the round's real participants' updates
+      before their defense (in a round without a real participant, that of the latest
+      round with one; 0 before the first);
+
+    then it goes through the defense's ``upload`` hook with the generator of client ``K +
+    j`` (``dp``: clipped and noised exactly as any upload). The null canaries are never
+    inserted.
+
+    Attributes:
+        directions: float32 (n + m)×d on the device: the n inserted canaries' unit
+            directions, then the m null canaries', on the d trainable-parameter
+            coordinates (the layout's order, :func:`fedmia.federation.defenses.param_mask`).
+        inserted: n.
+    """
+
+    directions: torch.Tensor
+    inserted: int
+
+
+def canary_cosines(directions: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The cosine of each unit direction with ``delta`` (float32 n; NaN if ``delta`` is 0).
+
+    Args:
+        directions: float32 n×d, unit rows (:func:`fedmia.privacy.oneshot.canary_directions`).
+        delta: float d, a model delta in the uploads' sign (e.g. ``w_r − w_{r+1}``) on the
+            same coordinates: an inserted canary's cosine is positive in expectation.
+    """
+    norm = torch.linalg.vector_norm(delta)
+    if float(norm) == 0.0:
+        return torch.full((directions.shape[0],), math.nan, device=directions.device)
+    return (directions @ delta.to(directions.dtype)) / norm.to(directions.dtype)
+
+
+def canary_clip(defense: Defense) -> float | None:
+    """The clip norm C a canary is scaled to: the smallest of the defense's ``dp`` steps'.
+
+    ``None``: the defense does not clip (canaries take the round's median update norm).
+    """
+    steps = getattr(defense, "steps", (defense,))
+    clips = [s.clip for s in steps if isinstance(s, DPDefense)]
+    return min(clips) if clips else None
+
+
+def canary_uploads(
+    uploads: torch.Tensor,
+    ids: Sequence[int],
+    canaries: Canaries,
+    scale: float,
+    mask: torch.Tensor,
+    state: FlatState,
+    defense: Defense,
+    seed: int,
+    rnd: int,
+    num_clients: int,
+) -> None:
+    """Write the uploads of canary clients ``ids`` (≥ K) into the rows of ``uploads``.
+
+    Args:
+        uploads: float32 len(ids)×P, overwritten.
+        ids: the canaries' client ids (``K + j`` for inserted canary j).
+        canaries: their directions.
+        scale: the L2 norm of a canary's update before the defense.
+        mask: bool P, the trainable parameters (d of them).
+        state: the model's flat state (its layout).
+        defense: applied to each canary's update as to a client's.
+        seed: the run's seed.
+        rnd: the round.
+        num_clients: K, the number of real clients.
+    """
+    for row, c in zip(uploads, ids, strict=True):
+        row.zero_()
+        row.masked_scatter_(mask, canaries.directions[c - num_clients] * scale)
+        up = defense.upload(row, state.layout, client_generator(seed, rnd, c))
+        if up is not row:
+            row.copy_(up)
 
 
 def run_fedavg(
@@ -410,6 +521,7 @@ def run_fedavg(
     defense: Defense,
     seed: int,
     start_round: int = 1,
+    canaries: Canaries | None = None,
 ) -> Iterator[RoundRecord]:
     """Run ``cfg.rounds`` FedAvg rounds, yielding one :class:`RoundRecord` per round.
 
@@ -427,6 +539,15 @@ def run_fedavg(
     ``cfg.aggregation``, or equal weights under a defense with
     ``data_independent_weights`` (``dp``; with the fixed denominator ``qK`` under
     Poisson sampling, :func:`equal_denominator`).
+
+    ``canaries`` (default ``None``: none, the run is the same to the byte) adds canary
+    clients (:class:`Canaries`): the participants are then drawn over ``K + n`` clients
+    (ids ``≥ K`` are canaries, with NaN training loss and accuracy and 0 samples in the
+    record), and each record carries ``canary_round`` and ``canary_total``: float32 (n +
+    m), the cosine of every canary (inserted, then null) with the round's model delta
+    ``w_r − w_{r+1}`` and with the total delta ``w_{start} − w_{r+1}``
+    (:func:`canary_cosines`; the uploads' sign, positive for an
+    inserted canary) on the trainable parameters.
     """
     device = state.flat.device
     k = len(client_idx)
@@ -436,14 +557,29 @@ def run_fedavg(
     observed = set(cfg.observed())
     global_flat = state.snapshot()
     spare = torch.empty_like(global_flat)  # the next global model (the two swap each round)
-    buffer = torch.empty(k, global_flat.numel(), dtype=torch.float32, device=device)
+    n_can = 0 if canaries is None else canaries.inserted
+    clip: float | None = None
+    if canaries is not None:
+        mask = param_mask(state.layout, device)
+        if canaries.directions.shape[1] != int(mask.sum()):
+            raise ValueError(
+                f"the canaries have {canaries.directions.shape[1]} coordinates but the model "
+                f"has {int(mask.sum())} trainable parameters; draw them for this model"
+            )
+        clip = canary_clip(defense)
+        median_size = int(num_samples.median())  # the lower median
+        num_samples = torch.cat([num_samples, torch.full((n_can,), median_size)])
+        start_params = global_flat[mask]  # d (a copy)
+        median_norm = 0.0
+    buffer = torch.empty(k + n_can, global_flat.numel(), dtype=torch.float32, device=device)
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.perf_counter()
         lr = cfg.lr_at(rnd)
-        part = participants(cfg.participation, seed, rnd, k)
+        part = participants(cfg.participation, seed, rnd, k + n_can)
         uploads = buffer[: len(part)]
+        real = part[part < k]
         results = []
-        for i, c in enumerate(part.tolist()):
+        for i, c in enumerate(real.tolist()):
             results.append(
                 local_train(
                     state,
@@ -455,14 +591,31 @@ def run_fedavg(
                     defense,
                     client_generator(seed, rnd, c),
                     out=uploads[i],
+                    update_norm=canaries is not None and clip is None,
                 )
+            )
+        if canaries is not None and clip is None and results:
+            median_norm = float(np.median([r.update_norm for r in results]))
+        if canaries is not None and len(real) < len(part):
+            scale = median_norm if clip is None else clip
+            ids = part[len(real) :].tolist()
+            canary_uploads(
+                uploads[len(real) :], ids, canaries, scale, mask, state, defense, seed, rnd, k
             )
         sizes = num_samples[torch.from_numpy(part)]
         weights = aggregation_weights(
-            sizes.to(device), rule, seed, rnd, equal_denominator(cfg.participation, k, len(part))
+            sizes.to(device),
+            rule,
+            seed,
+            rnd,
+            equal_denominator(cfg.participation, k + n_can, len(part)),
         )
         sent, global_flat = global_flat, aggregate(global_flat, uploads, weights, out=spare)
         spare = sent  # yielded below; the next round's aggregate overwrites it
+        cos_round = cos_total = None
+        if canaries is not None:
+            cos_round = canary_cosines(canaries.directions, (sent - global_flat)[mask])
+            cos_total = canary_cosines(canaries.directions, start_params - global_flat[mask])
         # the uploads' forward passes only where they are measured (observed rounds); the
         # aggregate every round (an overflowing global model is caught where it appears).
         # Finite: ``state`` holds the aggregate.
@@ -486,12 +639,13 @@ def run_fedavg(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         samples = sum(r.samples for r in results)
+        no_training = [math.nan] * (len(part) - len(real))  # the canaries'
         yield RoundRecord(
             round=rnd,
             participants=part.tolist(),
             lr=lr,
-            client_loss=[r.loss for r in results],
-            client_accuracy=[r.accuracy for r in results],
+            client_loss=[r.loss for r in results] + no_training,
+            client_accuracy=[r.accuracy for r in results] + no_training,
             num_samples=sizes.tolist(),
             weights=weights.tolist(),
             test_loss=test_loss,
@@ -502,6 +656,8 @@ def run_fedavg(
             uploads=uploads,
             diverged=not finite,
             last_finite_test=last_finite,
+            canary_round=cos_round,
+            canary_total=cos_total,
         )
         if not finite:
             return
