@@ -210,14 +210,12 @@ def get_all_manifests(wildcards=None):
     return [f"{view_folder(c)}/manifest.json" for c in SPEC.cells]
 
 
-def one_shot_enabled():
-    """Whether the config plants one-shot canary clients (``privacy.one_shot.canaries`` > 0)."""
-    return (config["privacy"].get("one_shot") or {}).get("canaries", 0) > 0
-
-
 def get_all_oneshot(wildcards=None):
-    """Every cell's one-shot estimate where the config enables it, else nothing."""
-    return cell_paths(f"results/oneshot/{CELL}.json") if one_shot_enabled() else []
+    """Every trained cell's one-shot estimate where the config enables it, else nothing.
+
+    ``ONESHOT_OUTPUTS`` of oneshot.smk (a recorded cell cannot be trained again).
+    """
+    return ONESHOT_OUTPUTS
 
 
 def get_families():
