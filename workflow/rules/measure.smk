@@ -5,9 +5,9 @@ rule measure:
         observed=get_view("observed"),
         manifest=get_view("manifest.json"),
     output:
+        **({"aggregate": MDM_AGGREGATE} if "aggregate" in VIEWS else {}),
         mdm=MDM,
         # the aggregate view's measures (threat.view), only when it is asked for
-        **({"aggregate": MDM_AGGREGATE} if "aggregate" in VIEWS else {}),
     log:
         f"results/logs/measure/{CELL}.log",
     benchmark:
