@@ -34,9 +34,9 @@ RERUNS = {
     "fedmia.core": STAGES,  # every stage
     "fedmia.core.config": STAGES,  # every stage
     "fedmia.core.contracts": STAGES,  # every stage
-    "fedmia.core.fingerprint": ("train",),
+    "fedmia.core.fingerprint": ("train", "oneshot"),
     "fedmia.core.lazy": ("prepare", "train", "recording", "measure", "attack", "report", "oneshot"),
-    "fedmia.core.lockfile": ("train", "recording"),
+    "fedmia.core.lockfile": ("train", "recording", "oneshot"),
     "fedmia.core.logs": STAGES,  # every stage
     "fedmia.core.params": ("train", "recording", "measure", "report", "oneshot"),
     "fedmia.core.registry": STAGES,  # every stage
@@ -68,6 +68,7 @@ RERUNS = {
     "fedmia.report.findings": ("report",),
     "fedmia.report.tables": ("report",),
     "fedmia.report.utility": ("report",),
+    "fedmia.report.secagg": ("report",),
     "fedmia.stages": STAGES,  # every stage
     "fedmia.stages.attack": ("attack",),
     "fedmia.stages.compute": ("train", "recording", "measure", "oneshot"),
@@ -77,7 +78,7 @@ RERUNS = {
     "fedmia.stages.prepare": ("prepare",),
     "fedmia.stages.recording": ("recording",),
     "fedmia.stages.report": ("report",),
-    "fedmia.stages.train": ("train",),
+    "fedmia.stages.train": ("train", "oneshot"),
     "fedmia.privacy.oneshot": ("oneshot",),
     "fedmia.stages.oneshot": ("oneshot",),
     "fedmia.workflow": (),

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +185,25 @@ def save_prepared(data: PreparedData, paths: dict[str, str | Path], meta: dict[s
         with atomic_path(paths[name]) as tmp, open(tmp, "wb") as f:
             np.save(f, getattr(data, name))
     write_json(meta, paths["meta"])
+
+
+def load_cell_data(
+    data: Mapping[str, str | Path], partition_file: str | Path
+) -> tuple[dict[str, np.ndarray], dict[str, Any], pd.DataFrame]:
+    """The prepared dataset (:func:`load_prepared`) and the partition that splits it.
+
+    Raises:
+        ValueError: the partition has another number of rows than the dataset has samples
+            (rerun the partition stage).
+    """
+    arrays, meta = load_prepared(data)
+    part = read_parquet(partition_file, "partition")
+    if len(part) != len(arrays["labels"]):
+        raise ValueError(
+            f"{partition_file} has {len(part)} rows but the dataset has "
+            f"{len(arrays['labels'])} samples; rerun the partition stage"
+        )
+    return arrays, meta, part
 
 
 def load_prepared(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -201,13 +201,7 @@ def measure(
             f"observed round file(s) missing: {missing}; rerun the train "
             "stage with these rounds observed"
         )
-    arrays, meta = io.load_prepared(data)
-    part = io.read_parquet(partition_file, "partition")
-    if len(part) != len(arrays["labels"]):
-        raise ValueError(
-            f"{partition_file} has {len(part)} rows but the dataset has "
-            f"{len(arrays['labels'])} samples; rerun the partition stage"
-        )
+    arrays, meta, part = io.load_cell_data(data, partition_file)
     # the evaluation set, plus an audit's canaries
     measured = part["eval"] | part["canary"] if "canary" in part else part["eval"]
     eval_ids = np.sort(part.loc[measured, "sample_id"].to_numpy())

@@ -29,13 +29,12 @@ from fedmia.core.contracts import CELL_KEYS
 from fedmia.core.registry import import_plugins
 from fedmia.federation.defenses import build_defense, param_mask
 from fedmia.federation.fedavg import Canaries, DeviceData, canary_clip, run_fedavg
-from fedmia.federation.models import build_model
-from fedmia.federation.partition import global_test_ids
 from fedmia.federation.state import FlatState
 from fedmia.privacy import oneshot as est
 from fedmia.privacy.events import cell_privacy
 from fedmia.stages import io
 from fedmia.stages.compute import setup_compute
+from fedmia.stages.train import load_federation
 
 log = logging.getLogger(__name__)
 
@@ -208,17 +207,9 @@ def oneshot(
     without = io.read_manifest(manifest_file)["final_test_accuracy"]
     dev = setup_compute(device, threads, deterministic)
     seed = int(cell["seed"])
-    arrays, meta = io.load_prepared(data)
-    part = io.read_parquet(partition_file, "partition")
-    ddata = DeviceData.from_arrays(
-        arrays["images"], arrays["labels"], meta["mean"], meta["std"], meta["num_classes"], dev
-    )
-    client_ids = part["client_id"].to_numpy()
-    k = int(client_ids.max()) + 1
-    client_idx = [torch.from_numpy(np.flatnonzero(client_ids == c)).to(dev) for c in range(k)]
-    test_idx = torch.from_numpy(global_test_ids(part)).to(dev)
-    net = build_model(mcfg.kind, meta["num_classes"], meta["shape"][0], seed=seed).to(dev)
-    state = FlatState(net)
+    fed = load_federation(data, partition_file, mcfg.kind, seed, dev)
+    ddata, client_idx, test_idx, state = fed.data, fed.client_idx, fed.test_idx, fed.state
+    k = len(client_idx)
     stats = canary_run(
         state, ddata, client_idx, test_idx, tcfg, defense_obj, seed, ocfg, float(delta)
     )

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,55 @@ def round_participants(history: pd.DataFrame, rounds: int) -> list[list[int]]:
     return [by_round.get(r, []) for r in range(1, rounds + 1)]
 
 
+@dataclass(frozen=True)
+class Federation:
+    """A cell's data on the device, its clients' sample positions and the initial model.
+
+    Attributes:
+        data: the prepared dataset on the device.
+        client_idx: per client 0..K−1, int64 positions of its training samples.
+        test_idx: int64 positions of the global test set.
+        net: the model, initialised from the cell's seed.
+        state: the flat-state wrapper of ``net``.
+        meta: the prepared dataset's meta (classes, shape, normalisation).
+        partition: the partition table.
+    """
+
+    data: DeviceData
+    client_idx: list[torch.Tensor]
+    test_idx: torch.Tensor
+    net: torch.nn.Module
+    state: FlatState
+    meta: dict[str, Any]
+    partition: pd.DataFrame
+
+
+def load_federation(
+    data: Mapping[str, str | Path],
+    partition_file: str | Path,
+    model_kind: str,
+    seed: int,
+    dev: torch.device,
+) -> Federation:
+    """The prepared data, the partition's clients and the seeded model of a cell, on ``dev``.
+
+    What the train stage and the one-shot stage (:mod:`fedmia.stages.oneshot`) train from.
+
+    Raises:
+        ValueError: the partition does not match the dataset (rerun the partition stage).
+    """
+    arrays, meta, part = io.load_cell_data(data, partition_file)
+    ddata = DeviceData.from_arrays(
+        arrays["images"], arrays["labels"], meta["mean"], meta["std"], meta["num_classes"], dev
+    )
+    client_ids = part["client_id"].to_numpy()
+    k = int(client_ids.max()) + 1
+    client_idx = [torch.from_numpy(np.flatnonzero(client_ids == c)).to(dev) for c in range(k)]
+    test_idx = torch.from_numpy(global_test_ids(part)).to(dev)
+    net = build_model(model_kind, meta["num_classes"], meta["shape"][0], seed=seed).to(dev)
+    return Federation(ddata, client_idx, test_idx, net, FlatState(net), meta, part)
+
+
 def train(
     *,
     data: Mapping[str, str | Path],
@@ -165,23 +215,16 @@ def train(
     tcfg = TrainConfig.from_dict(train_cfg)
     dev = setup_compute(device, threads, deterministic)
     seed = int(cell["seed"])
-    arrays, meta = io.load_prepared(data)
-    part = io.read_parquet(partition_file, "partition")
-    if len(part) != len(arrays["labels"]):
-        raise ValueError(
-            f"{partition_file} has {len(part)} rows but the dataset has "
-            f"{len(arrays['labels'])} samples; rerun the partition stage"
-        )
-    ddata = DeviceData.from_arrays(
-        arrays["images"], arrays["labels"], meta["mean"], meta["std"], meta["num_classes"], dev
+    fed = load_federation(data, partition_file, mcfg.kind, seed, dev)
+    ddata, client_idx, test_idx, net, state = (
+        fed.data,
+        fed.client_idx,
+        fed.test_idx,
+        fed.net,
+        fed.state,
     )
-    client_ids = part["client_id"].to_numpy()
-    k = int(client_ids.max()) + 1
-    client_idx = [torch.from_numpy(np.flatnonzero(client_ids == c)).to(dev) for c in range(k)]
-    test_idx = torch.from_numpy(global_test_ids(part)).to(dev)
-
-    net = build_model(mcfg.kind, meta["num_classes"], meta["shape"][0], seed=seed).to(dev)
-    state = FlatState(net)
+    meta, part = fed.meta, fed.partition
+    k = len(client_idx)
     defense_obj = build_defense(dcfg)
     observed = set(tcfg.observed())
     ckpt = None
