@@ -2206,7 +2206,7 @@ ATTACKS = [
         "attack-by-an-unknown-name",
         ValueError,
         r"unknown attack 'lira'",
-        r"choose from \['cos'",
+        r"choose from \['contrast_cos', 'contrast_loss', 'cos'",
         library(lambda: run_attack("lira", *world(separation=0.3))),
     ),
     bad(

@@ -207,6 +207,25 @@ def _check_participation(spec: WorkflowSpec) -> None:
             )
 
 
+def _attacks_for_views(config: dict[str, Any], listed: bool) -> None:
+    """Keep the attacks that apply under a configured view (``threat.view``), in place.
+
+    The default list (every registered attack) drops those that apply under none
+    (:attr:`fedmia.attacker.attacks.AttackSpec.views`: ``contrast`` without the aggregate
+    view); a listed one that applies under none is a :class:`ConfigError`.
+    """
+    views = set(config["threat"]["view"])
+    attacks = config["attack"]["attacks"]
+    idle = [a for a in attacks if not views & set(ATTACKS.get(a).views)]
+    if idle and listed:
+        raise ConfigError(
+            f"invalid config at 'attack.attacks': {idle} apply under the view(s) "
+            f"{sorted({v for a in idle for v in ATTACKS.get(a).views})} only, but threat.view "
+            f"is {sorted(views)}; add the view to threat.view or drop them"
+        )
+    config["attack"]["attacks"] = [a for a in attacks if a not in idle]
+
+
 def _check_attack_plan(spec: WorkflowSpec) -> None:
     """Cross-checks of the attack and report options against every cell."""
     for cell in spec.cells:
@@ -301,7 +320,9 @@ def load_workflow_config(config: dict[str, Any], schema_path: str | Path = SCHEM
     for how in _as_list(report.get("single_round", []) if isinstance(report, dict) else []):
         if isinstance(how, str) and how in RETIRED_SELECTIONS:
             raise ConfigError(f"invalid config at 'report.single_round': {RETIRED_SELECTIONS[how]}")
+    listed = isinstance(config.get("attack"), dict) and "attacks" in config["attack"]
     raise_first(list(VALIDATOR(schema).iter_errors(config)))
+    _attacks_for_views(config, listed)
     # The typed sections, parsed once (checks across keys), then each kind checks what
     # depends on it.
     for key, block in config["datasets"].items():

@@ -3,6 +3,8 @@ rule attack:
         mdm=MDM,
         partition=get_cell_partition,
         manifest=get_view("manifest.json"),
+        # the aggregate view's measures, only with aggregate in threat.view
+        **({"aggregate": MDM_AGGREGATE} if "aggregate" in VIEWS else {}),
     output:
         **cell_attack_files(),
         audit=f"results/attacks/{CELL}/audit.parquet",
@@ -22,5 +24,7 @@ rule attack:
         rounds=get_observed_rounds,
         code=code("attack"),
         plugins=PLUGINS,
+        # the threat views (the default, uploads alone, leaves the params as before)
+        **({"views": VIEWS} if "aggregate" in VIEWS else {}),
     script:
         "../scripts/attack.py"

@@ -32,6 +32,21 @@ Attacks (:data:`ATTACKS`; score: higher = more likely a member; ``s`` = sign × 
   held-out samples as population, cross-fitted
   (:func:`fedmia.attacker.calibrated.crossfit_rmia`); per-round scores averaged, or the
   per-round log LR summed before the comparison with log γ.
+* ``contrast`` (``contrast_loss``, ``contrast_cos``; the aggregate view only): the
+  aggregate's ``s`` in the target's attacked rounds against the other attacked rounds,
+  mean_In − λ·mean_Out (:func:`participation_contrast`, λ by the sampling:
+  :func:`contrast_lambda`), round ``-1``; no score without both kinds of round.
+
+**Threat views and membership levels** (:data:`VIEWS`; the ``view`` and ``membership``
+columns of every result). Under ``uploads`` the server sees each participant's upload (all
+of the above but ``contrast``); under ``aggregate`` only the aggregate of the round's
+updates and who took part (``single``, ``series`` and ``contrast``;
+:attr:`AttackSpec.views`). ``client`` membership is the paper's (is the sample the
+target's); ``federation`` membership asks whether it is any client's: a pseudo-client
+(:data:`FEDERATION_CLIENT`) holds per round the strongest upload's evidence
+(:func:`strongest_upload`) or the aggregate's (:func:`aggregate_as_client`), the held-out
+samples are the non-members (:func:`federation_owner`), and ``single`` and ``series``
+attacks score it (``target`` −1).
 
 An attack's *kind* says how it calibrates and combines; its *signals* (``measure`` and
 ``sign``, plus ``also`` for a combined attack) say what it reads. Which attacks are
@@ -79,7 +94,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -98,9 +113,11 @@ from fedmia.core.contracts import (
     ATTACK_DTYPES,
     CELL_KEYS,
     CI_METRICS,
+    FEDERATION_TARGET,
     MEASURE_DTYPES,
     MEASURE_KEYS,
     MEASURES,
+    MEMBERSHIP_LEVELS,
     REPLICATE_COLUMNS,
     REPLICATE_DTYPES,
     REPLICATE_KEYS,
@@ -122,7 +139,7 @@ OUTLIER_Z = 3.0
 #: Policies of FedMIA's outlier filter (:func:`outlier_filter_for`).
 OUTLIER_POLICIES = ("auto", "always", "never")
 #: How an attack combines rounds and clients (:attr:`AttackSpec.kind`).
-ATTACK_KINDS = ("single", "series", "fedmia", "lira", "rmia")
+ATTACK_KINDS = ("single", "series", "fedmia", "lira", "rmia", "contrast")
 #: The kinds calibrated by LiRA or RMIA: they take ``combine`` (``mean`` or ``sum``).
 CALIBRATED_KINDS = ("lira", "rmia")
 #: Spawn key of the official protocol's random draws (see :func:`official_slots`).
@@ -142,8 +159,11 @@ class AttackSpec:
         measure: column of the measure table.
         sign: +1 or −1, so that ``sign × measure`` is higher for members.
         kind: ``single`` (one score per round), ``series`` (mean over the attacked
-            rounds) or ``fedmia`` (per-sample Gaussian CDF against the non-target
-            clients, mean over the attacked rounds).
+            rounds), ``fedmia`` (per-sample Gaussian CDF against the non-target
+            clients, mean over the attacked rounds), ``lira``, ``rmia`` (calibrated on
+            the other clients' uploads) or ``contrast`` (the aggregate view: the
+            aggregate's statistic in the target's rounds against the others,
+            :func:`participation_contrast`).
         family: the measure family of the privacy–utility figures (``loss``, ``cos``,
             ``grad``).
         paper: the paper's names, (v1, v3) — the 2025 version renamed some; empty for
@@ -162,7 +182,7 @@ class AttackSpec:
     name: str
     measure: str
     sign: int
-    kind: Literal["single", "series", "fedmia", "lira", "rmia"]
+    kind: Literal["single", "series", "fedmia", "lira", "rmia", "contrast"]
     family: str
     paper: tuple[str, str] = ("", "")
     outlier_filter_non_iid: bool = False
@@ -211,6 +231,22 @@ class AttackSpec:
     def measures(self) -> tuple[str, ...]:
         """The measure columns the attack reads."""
         return tuple(dict.fromkeys(m for m, _ in self.signals))
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The threat views (:data:`VIEWS`) the attack applies under, a fact of its kind.
+
+        ``single`` and ``series`` read one upload at a time: every view (under the
+        aggregate view the aggregate is the one "upload", federation level). ``fedmia``,
+        ``lira`` and ``rmia`` calibrate on the other clients' uploads: the views that show
+        each upload (``per_client``). ``contrast`` needs only the aggregate and who took
+        part: the views that do not show the uploads.
+        """
+        names = VIEWS.registered()
+        if self.kind in ("single", "series"):
+            return tuple(names)
+        per_client = self.kind != "contrast"
+        return tuple(v for v in names if VIEWS.get(v).per_client == per_client)
 
     @property
     def multi_round(self) -> bool:
@@ -306,6 +342,9 @@ ATTACKS.register(
 )
 ATTACKS.register("rmia", measure="loss", sign=-1, kind="rmia", family="")
 ATTACKS.register("rmia_sum", measure="loss", sign=-1, kind="rmia", family="", combine="sum")
+# the aggregate view's client-level attacks (issue 22): in no figure of the paper's families
+ATTACKS.register("contrast_loss", measure="loss", sign=-1, kind="contrast", family="")
+ATTACKS.register("contrast_cos", measure="cos", sign=+1, kind="contrast", family="")
 
 #: The one attack beside the paper's in every privacy–utility figure, named before the
 #: runs (not a per-cell maximum): the combined LiRA of φ and the cosine, summed over rounds.
@@ -654,11 +693,19 @@ def owner_array(cube: MeasureCube, owner: pd.Series) -> np.ndarray:
     return owner.reindex(cube.sample_ids).to_numpy().astype(np.int64)
 
 
-def _check_targets(cube: MeasureCube, own: np.ndarray, targets: Iterable[int]) -> list[int]:
+def _check_targets(
+    cube: MeasureCube, own: np.ndarray, targets: Iterable[int], clients: np.ndarray | None = None
+) -> list[int]:
+    """The targets, checked: clients of the table (or of ``clients``), with members and not all."""
     out = []
     n = len(own)
     for t in targets:
-        cube.client_index(t)
+        if clients is None:
+            cube.client_index(t)
+        elif t not in set(clients.tolist()):
+            raise ValueError(
+                f"target client {t} is not among the clients who took part ({clients.tolist()})"
+            )
         is_member = own == t
         if not is_member.any():
             raise ValueError(
@@ -691,6 +738,135 @@ def _check(
             log.info("client(s) %s took part in no measured round: not attacked", unseen)
         targets = [t for t in targets if t not in unseen]
     return cube, own, _check_targets(cube, own, targets)
+
+
+def _check_participants(
+    mdm: pd.DataFrame,
+    owner: pd.Series,
+    targets: Iterable[int] | None,
+    measures: Sequence[str],
+    participants: pd.DataFrame,
+) -> tuple[MeasureCube, np.ndarray, list[int], np.ndarray]:
+    """The aggregate's cube, the owners, the checked targets and who took part (bool R×K).
+
+    ``participants`` (:func:`run_attacks_with_replicates`) is reindexed to the cube's rounds;
+    the default targets are the clients that took part in a round.
+    """
+    cube = MeasureCube.from_frame(mdm, measures)
+    if len(cube.clients) != 1:
+        raise ValueError(
+            "the contrast attacks read the aggregate view's measure table, one client_id "
+            f"(the aggregate); this one has {cube.clients.tolist()}"
+        )
+    clients = participants.columns.to_numpy()
+    if not (np.issubdtype(clients.dtype, np.integer) and (np.diff(clients) > 0).all()):
+        raise ValueError(f"participants' columns must be sorted client ids; got {list(clients)}")
+    lacking = sorted(set(cube.rounds.tolist()) - set(participants.index.tolist()))
+    if lacking:
+        raise ValueError(
+            f"participants lacks round(s) {lacking} of the aggregate's measure table: who "
+            "took part comes from the same cell's uploads' measure table" + REMEASURE
+        )
+    present = participants.reindex(index=cube.rounds).to_numpy(bool)
+    own = owner_array(cube, owner)
+    took = clients[present.any(axis=0)]
+    targets = took.tolist() if targets is None else list(targets)
+    return cube, own, _check_targets(cube, own, targets, clients), present
+
+
+def _check_level(
+    specs: Sequence[AttackSpec],
+    view: str,
+    membership: str,
+    participants: pd.DataFrame | None,
+) -> None:
+    """Every attack applies under ``view`` at ``membership``; ``participants`` iff contrast."""
+    if view not in VIEWS or membership not in MEMBERSHIP_LEVELS:
+        raise ValueError(
+            f"unknown view {view!r} or membership level {membership!r}; choose from "
+            f"{VIEWS.registered()} and {list(MEMBERSHIP_LEVELS)}"
+        )
+    wrong = [s.name for s in specs if view not in s.views]
+    if wrong:
+        raise ValueError(f"attack(s) {wrong} do not apply under the {view!r} view")
+    if membership == "federation":
+        wrong = [s.name for s in specs if s.kind not in ("single", "series")]
+        if wrong:
+            raise ValueError(
+                f"attack(s) {wrong} have no federation level (single and series attacks only)"
+            )
+    contrast = [s.name for s in specs if s.kind == "contrast"]
+    if (participants is None) == bool(contrast) or (contrast and len(contrast) != len(specs)):
+        raise ValueError(
+            "contrast attacks (and they only) need participants, who took part in each "
+            f"round; got attacks {[s.name for s in specs]} with"
+            f"{'out' if participants is None else ''} participants"
+        )
+
+
+#: ``client_id`` of the one pseudo-client of a federation-level table
+#: (:func:`strongest_upload`, :func:`aggregate_as_client`); its target is
+#: :data:`fedmia.core.contracts.FEDERATION_TARGET` in the results.
+FEDERATION_CLIENT = 0
+
+
+def federation_owner(owner: pd.Series) -> pd.Series:
+    """``owner`` at the federation level: any client's sample is the pseudo-client's.
+
+    :data:`FEDERATION_CLIENT` for a sample some client trains on, −1 for a held-out one.
+    """
+    own = owner.to_numpy()
+    return pd.Series(np.where(own >= 0, FEDERATION_CLIENT, -1), index=owner.index)
+
+
+def strongest_upload(
+    mdm: pd.DataFrame, signals: Iterable[tuple[str, int]], *, partial: bool = False
+) -> pd.DataFrame:
+    """The uploads view's federation-level table: per round the strongest upload's evidence.
+
+    The server tests every upload and keeps the strongest: per (round, sample) and signal,
+    ``sign × max_k (sign × measure_k)`` over the round's participants k (NaN-aware: only
+    those that took part), so that ``sign × measure`` of the one pseudo-client
+    (:data:`FEDERATION_CLIENT`) is the largest over the uploads.
+
+    Args:
+        mdm: the uploads' measure table.
+        signals: ``(measure, sign)`` pairs, one sign per measure.
+        partial: a round may lack clients (:meth:`MeasureCube.from_frame`).
+
+    Returns:
+        A measure table (the keys and the signals' measures), one row per (round with a
+        participant, sample), ``client_id`` :data:`FEDERATION_CLIENT`.
+
+    Raises:
+        ValueError: a measure with both signs; as :meth:`MeasureCube.from_frame`.
+    """
+    sign = dict(signals)
+    both = sorted({m for m, sg in signals if sg != sign[m]})
+    if both:
+        raise ValueError(f"measure(s) {both} with both signs: build one table per sign")
+    cube = MeasureCube.from_frame(mdm, sorted(sign), partial=partial)
+    r, n = len(cube.rounds), len(cube.sample_ids)
+    out = {
+        "round": np.repeat(cube.rounds, n).astype(MEASURE_DTYPES["round"]),
+        "client_id": np.full(r * n, FEDERATION_CLIENT, dtype=MEASURE_DTYPES["client_id"]),
+        "sample_id": np.tile(cube.sample_ids, r),
+    }
+    for m, sg in sign.items():
+        with np.errstate(invalid="ignore"):
+            out[m] = sg * np.nanmax(sg * cube.values[m], axis=1).reshape(-1)
+    return pd.DataFrame(out)
+
+
+def aggregate_as_client(aggregate: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate view's measure table as the federation level's pseudo-client's.
+
+    ``client_id`` :data:`FEDERATION_CLIENT` instead of
+    :data:`fedmia.core.contracts.AGGREGATE_CLIENT`; the values as they are.
+    """
+    return aggregate.assign(
+        client_id=np.full(len(aggregate), FEDERATION_CLIENT, dtype=aggregate["client_id"].dtype)
+    )
 
 
 def validate_measures(
@@ -978,6 +1154,63 @@ def _slot_values(values: np.ndarray, slots: Slots) -> np.ndarray:
     return np.take_along_axis(values, slots.index, axis=-1)
 
 
+def participation_contrast(values: np.ndarray, took_part: np.ndarray, lam: float) -> np.ndarray:
+    """The contrast of a per-round statistic between a client's rounds and the others.
+
+    c = mean_{r: took_part[r]} values[r] − λ · mean_{r: not took_part[r]} values[r]
+
+    With the other clients' updates fixed, a statistic linear in the aggregate
+    A_r = Σ_{k∈S_r} a_k Δ_k has the other clients' expected contribution cancelled when λ is
+    P(j∈S | t∈S) / P(j∈S | t∉S) (:func:`contrast_lambda`), so that the contrast of the
+    aggregates themselves is the client's own term a_t Δ_t — exactly on a balanced design
+    (every m-of-K subset once, λ = (m−1)/m; every subset once, λ = 1).
+
+    Args:
+        values: float (R, ...): per round, the statistic: the aggregate vectors (R×P) or
+            the aggregate's signed measure of every slot (R×S).
+        took_part: bool R, whether the client took part in the round (In) or not (Out).
+        lam: λ.
+
+    Returns:
+        float64 (...): the contrast.
+
+    Raises:
+        ValueError: ``took_part`` not of length R, or no In or no Out round.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    took = np.asarray(took_part, dtype=bool)
+    if took.shape != values.shape[:1]:
+        raise ValueError(
+            f"took_part has shape {took.shape}, but values has {values.shape[0]} rounds"
+        )
+    if took.all() or not took.any():
+        raise ValueError(
+            "the participation contrast needs rounds the client took part in and rounds it "
+            f"did not; it took part in {int(took.sum())} of {len(took)}"
+        )
+    return values[took].mean(axis=0) - lam * values[~took].mean(axis=0)
+
+
+def contrast_lambda(sampling: str, size: int) -> float:
+    """λ of :func:`participation_contrast` for a client's rounds drawn by ``sampling``.
+
+    λ = P(j∈S | t∈S) / P(j∈S | t∉S) for another client j: ``uniform`` sampling of
+    m = ``size`` of K clients, ((m−1)/(K−1)) / (m/(K−1)) = (m−1)/m; ``poisson`` (every client
+    independently), 1.
+
+    Raises:
+        ValueError: another sampling, or ``size`` below 1.
+    """
+    if sampling == "poisson":
+        return 1.0
+    if sampling != "uniform" or size < 1:
+        raise ValueError(
+            f"the participation contrast knows uniform (size m >= 1) and poisson sampling; "
+            f"got {sampling!r} with size {size}"
+        )
+    return (size - 1) / size
+
+
 #: The fewest other participants a round needs to give a target its references (FedMIA,
 #: LiRA, RMIA) under partial participation.
 MIN_REFERENCES = 2
@@ -992,7 +1225,16 @@ def target_rounds(
     rounds the target took part in, and for the kinds with references (``fedmia``,
     ``lira``, ``rmia``) only those with at least :data:`MIN_REFERENCES` other
     participants (``present``: bool R×K, :attr:`MeasureCube.present`).
+
+    ``contrast``: every attacked round, those the target took part in (In) and the others
+    (Out), if there is at least one of each; else none (at full participation no round is
+    Out: no contrast score).
     """
+    if kind == "contrast":
+        took = np.zeros(len(attacked), dtype=bool) if present is None else present[:, t]
+        if not (attacked & took).any() or not (attacked & ~took).any():
+            return np.zeros(len(attacked), dtype=bool)
+        return attacked.copy()
     if present is None:
         return attacked
     used = attacked & present[:, t]
@@ -1016,13 +1258,15 @@ def score_slots(
     halves: np.ndarray | None = None,
     present: np.ndarray | None = None,
     memo: dict[tuple, np.ndarray] | None = None,
+    lam: float = 1.0,
 ) -> np.ndarray:
     """Scores of attack ``spec`` against client position ``t``.
 
     Args:
         spec: the attack.
         xs: per signal of ``spec.signals``, float64 R×K×S, ``sign × measure`` of every
-            client in every slot.
+            client in every slot; for a ``contrast`` attack R×1×S, the aggregate's (the
+            aggregate view shows no upload).
         t: the target's position on the client axis.
         attacked: bool R, the rounds multi-round attacks combine.
         ref_weights: bool R×K×S, which reference values the calibrated kinds use
@@ -1042,6 +1286,9 @@ def score_slots(
             of a signal and RMIA's per-round log LR are computed once there and reused by
             every attack that reads them (``lira_conf``, ``lira_conf_sum`` and
             ``lira_conf_cos_sum`` share φ's z). ``None``: nothing kept.
+        lam: λ of a ``contrast`` attack (:func:`participation_contrast`,
+            :func:`contrast_lambda`); ``present`` is then who took part (R×K, the real
+            clients; ``t`` a position on its client axis), required.
 
     Returns:
         ``single``: R×S (one row per observed round; NaN where the target did not take
@@ -1059,6 +1306,12 @@ def score_slots(
     if spec.kind == "single":
         return x[:, t]
     a = np.flatnonzero(target_rounds(spec.kind, t, attacked, present))
+    if spec.kind == "contrast":
+        if present is None:
+            raise ValueError(
+                f"attack '{spec.name}' (contrast) needs who took part in each round (present)"
+            )
+        return participation_contrast(x[a, 0], present[a, t], lam)[None]
     if spec.kind == "series":
         return x[a, t].mean(axis=0, keepdims=True)
     others = np.delete(np.arange(x.shape[1]), t)
@@ -1146,6 +1399,11 @@ def attack_scores(
         sorted by round (per-round ones first), then sample_id.
     """
     spec = name if isinstance(name, AttackSpec) else ATTACKS.get(name)
+    if spec.kind == "contrast":
+        raise ValueError(
+            f"attack '{spec.name}' (contrast) scores the aggregate view with who took part: "
+            "run it with run_attacks_with_replicates(..., participants=...)"
+        )
     cube = mdm if isinstance(mdm, MeasureCube) else MeasureCube.from_frame(mdm, list(spec.measures))
     t = cube.client_index(target)
     xs = [sign * cube.values[m] for m, sign in spec.signals]
@@ -1267,6 +1525,10 @@ def run_attacks_with_replicates(
     bootstrap_keys: Sequence[str | int] | None = None,
     keep_replicates: Iterable[str] = (),
     partial: bool = False,
+    view: str = "uploads",
+    membership: str = "client",
+    participants: pd.DataFrame | None = None,
+    lam: float = 1.0,
 ) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Run attacks against each target client under each protocol; keep some replicates.
 
@@ -1312,10 +1574,28 @@ def run_attacks_with_replicates(
             round may lack clients, each target is scored in the rounds it took part in
             (module docstring, :func:`target_rounds`) and ``n_rounds`` is its own; a
             target without a measured round is skipped.
+        view: the threat view the table ``mdm`` shows (:data:`VIEWS`), the ``view`` column
+            of every row; every attack must apply under it (:attr:`AttackSpec.views`).
+        membership: the membership level (:data:`fedmia.core.contracts.MEMBERSHIP_LEVELS`),
+            the ``membership`` column. ``federation``: ``mdm`` is one pseudo-client's table
+            (``client_id`` :data:`FEDERATION_CLIENT`: :func:`strongest_upload`, or the
+            aggregate's, :func:`aggregate_as_client`), ``owner`` maps any client's sample
+            to it (:func:`federation_owner`), only ``single`` and ``series`` attacks, and
+            the rows say ``target`` :data:`fedmia.core.contracts.FEDERATION_TARGET`. There
+            ``aligned`` and ``heldout`` coincide (every non-member is held out) and
+            ``official`` redraws the held-out slots per round.
+        participants: the ``contrast`` attacks' input (and theirs only): who took part,
+            a bool DataFrame indexed by round (every round of ``mdm``) with a column per
+            client id (R×K), derived from the keys of the uploads' measure table alone;
+            ``mdm`` is then the aggregate view's table (one ``client_id``). Targets are its
+            clients; under ``official`` the aggregate's non-member slots are the target's
+            draws (:func:`official_slots`, the target's column).
+        lam: the contrast's λ (:func:`contrast_lambda`).
 
     Returns:
         ``(tables, replicates)``. ``tables``: attack name → one row per (protocol, draw,
-        target, round) with :data:`fedmia.core.contracts.RESULT_COLUMNS`: ``draw`` is 0 for
+        target, round) with :data:`fedmia.core.contracts.RESULT_COLUMNS`: ``view`` and
+        ``membership`` as given; ``draw`` is 0 for
         ``aligned``; ``round`` is −1 for a multi-round score; ``attacked`` whether the
         round is one of ``attack_rounds`` (a single-round attack at a round observed only
         for the figures is False; only attacked rounds are candidates when a report
@@ -1332,9 +1612,12 @@ def run_attacks_with_replicates(
 
     Raises:
         ValueError: as :func:`validate_measures`; an unknown protocol or FPR rule;
-            attack rounds the table lacks; an official draw larger than its pool.
+            attack rounds the table lacks; an official draw larger than its pool; an
+            unknown view or membership level, an attack that does not apply under the
+            view or level, ``contrast`` attacks without ``participants`` (or others with).
     """
     specs = [ATTACKS.get(n) for n in names]
+    _check_level(specs, view, membership, participants)
     protocols = PROTOCOLS.registered() if protocols is None else list(protocols)
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
@@ -1343,11 +1626,32 @@ def run_attacks_with_replicates(
     if official.draws < 1:
         raise ValueError(f"the official protocol needs at least 1 draw; got {official.draws}")
     keep = set(keep_replicates)
+    if keep and (view, membership) != ("uploads", "client"):
+        raise ValueError(
+            f"replicates are kept for the uploads view's client level only (got view "
+            f"{view!r}, membership {membership!r}): pass keep_replicates=()"
+        )
     run_keys = tuple(bootstrap_keys) if bootstrap_keys is not None else (official.seed,)
     measures = sorted({m for s in specs for m in s.measures})
-    cube, own, targets = _check(mdm, owner, targets, measures, partial)
+    if participants is None:
+        cube, own, targets = _check(mdm, owner, targets, measures, partial)
+        present, clients = cube.present, cube.clients
+    else:
+        cube, own, targets, present = _check_participants(
+            mdm, owner, targets, measures, participants
+        )
+        clients = participants.columns.to_numpy(np.int64)
+    if membership == "federation" and (cube.clients.tolist(), targets) != (
+        [FEDERATION_CLIENT],
+        [FEDERATION_CLIENT],
+    ):
+        raise ValueError(
+            "the federation level attacks one pseudo-client, client_id "
+            f"{FEDERATION_CLIENT}, as the only target; got clients {cube.clients.tolist()} "
+            f"and targets {targets} (build the table with strongest_upload or "
+            "aggregate_as_client)"
+        )
     attacked = attacked_mask(cube, attack_rounds)
-    present = cube.present
     signed = {(m, sign): sign * cube.values[m] for s in specs for m, sign in s.signals}
     filt = dict(outlier_filter or {})
     need_halves = any(s.kind == "rmia" for s in specs)
@@ -1356,10 +1660,13 @@ def run_attacks_with_replicates(
     for protocol in protocols:
         for draw in range(official.draws if PROTOCOLS.get(protocol).redrawn else 1):
             for target in targets:
-                t = cube.client_index(target)
+                t = int(np.searchsorted(clients, target))
                 slots = protocol_slots(
-                    protocol, own, target, len(cube.rounds), cube.clients, official, draw
+                    protocol, own, target, len(cube.rounds), clients, official, draw
                 )
+                if participants is not None and slots.index.ndim == 3:
+                    # the aggregate, one "client": the target's draws of the round
+                    slots = replace(slots, index=slots.index[:, t : t + 1], ref_weights=None)
                 xs = {key: _slot_values(v, slots) for key, v in signed.items()}
                 halves = (
                     rmia_halves(slots, (*run_keys, protocol, draw, target)) if need_halves else None
@@ -1384,6 +1691,7 @@ def run_attacks_with_replicates(
                         halves=halves,
                         present=present,
                         memo=memo,
+                        lam=lam,
                     )
                     if spec.kind == "single":
                         rounds, hit = cube.rounds.tolist(), attacked.tolist()
@@ -1400,8 +1708,12 @@ def run_attacks_with_replicates(
                                 spec.name,
                                 {
                                     "protocol": protocol,
+                                    "view": view,
+                                    "membership": membership,
                                     "draw": draw,
-                                    "target": target,
+                                    "target": target
+                                    if membership == "client"
+                                    else FEDERATION_TARGET,
                                     "round": rnd,
                                     "attacked": was_attacked,
                                     "n_rounds": n_rounds,

@@ -94,9 +94,13 @@ CI_METRICS = ("auc", *(tpr_metric_name(a) for a in FPR_LEVELS))
 CI_COLUMNS = tuple(
     f"{m}_{part}" for m in CI_METRICS for part in ("ci_low", "ci_high", "se")
 ) + tuple(f"{m}_fp" for m in CI_METRICS if m != "auc")
-#: Columns of one attack's results (:func:`fedmia.attacker.attacks.run_attacks`), in order.
+#: Columns of one attack's results (:func:`fedmia.attacker.attacks.run_attacks`), in order:
+#: ``view`` is the threat view attacked (``threat.view``) and ``membership`` the membership
+#: level (:data:`MEMBERSHIP_LEVELS`).
 RESULT_COLUMNS = (
     "protocol",
+    "view",
+    "membership",
     "draw",
     "target",
     "round",
@@ -122,6 +126,8 @@ ATTACK_DTYPES = {
     "seed": "int64",
     "attack": "object",
     "protocol": "object",
+    "view": "object",
+    "membership": "object",
     "draw": "int64",
     "target": "int64",
     "round": "int64",
