@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -57,12 +58,22 @@ RUNS = {
         "config/participation.yaml",
         "Fashion-MNIST, AlexNet, partial participation × dp (docs/participation.md)",
     ),
+    "secagg": (
+        "config/secagg.yaml",
+        "the participation run under secure aggregation (docs/secure_aggregation.md)",
+    ),
     "flower": (
         "examples/flower/audit.yaml",
         "a real Flower training (examples/flower), recorded and audited",
     ),
 }
-TABLES = ("attacks.csv", "findings.csv", "privacy_utility.csv", "hypervolume.csv")
+TABLES = (
+    "attacks.csv",
+    "findings.csv",
+    "privacy_utility.csv",
+    "hypervolume.csv",
+    "secure_aggregation.csv",
+)
 #: The attacks the summary tables show (code names), in order.
 SHOWN = ("loss", "loss_series", "fedmia_loss", "cos", "cos_series", "fedmia_cos")
 
@@ -424,6 +435,134 @@ def _participation(
     return out
 
 
+#: The protocol the secure-aggregation section reads: held-out non-members, the same at both
+#: membership levels (at the federation level every non-member is held out anyway).
+SECAGG_PROTOCOL = "heldout"
+#: The federation-level attacks the section names (single-round at each target's best
+#: round, as the participation section), beside each view's strongest.
+SECAGG_NAMED = (("cos", "best_tpr_per_target"), ("loss", "best_tpr_per_target"))
+
+
+def _setting(row: Any) -> str:
+    """``K = 10, 0.5, dp σ=0.01``-style label of a setting row (participation and defense)."""
+    k = row.partition.split("_")[0].lstrip("k")
+    return f"K = {k} at {row.participation:g}, {row.defense}"
+
+
+def _secure_aggregation(sa: pd.DataFrame, privacy: pd.DataFrame, labels: dict) -> list[str]:
+    """The secure-aggregation run: what the aggregate view removes, and the ε columns.
+
+    Per setting and membership level (held-out protocol): each view's strongest attack
+    (a per-view maximum, a selection) and the named federation-level attacks, TPR@0.1 %
+    and AUC under the uploads and the aggregate with the difference and its 95 % interval
+    (the table's caption: the two views treated as independent). Then per setting the
+    accounted ε per view, the one-run bound, the one-shot estimate and the accuracy with
+    and without the canaries.
+    """
+    sa = sa[sa.protocol == SECAGG_PROTOCOL].copy()
+    sa["_order"] = sa.participation.rank(ascending=False, method="dense")
+    picked = sa[
+        (sa.row == "strongest")
+        | (sa.membership == "federation")
+        & sa.apply(lambda r: (r.attack, r.single_round) in SECAGG_NAMED, axis=1)
+    ]
+
+    def tpr(r: Any, v: str) -> str:
+        return _fmt(r[f"tpr_{v}"], r[f"tpr_{v}_ci_low"], r[f"tpr_{v}_ci_high"], 100, 2)
+
+    def auc(r: Any, v: str) -> str:
+        return _fmt(r[f"auc_{v}"], r[f"auc_{v}_ci_low"], r[f"auc_{v}_ci_high"])
+
+    def name(r: Any, v: str) -> str:
+        a = r[f"attack_{v}"]
+        return "n/a" if not isinstance(a, str) else labels.get(a, a)
+
+    rows = []
+    for r in picked.sort_values(["membership", "_order", "defense", "row"]).itertuples(False):
+        r = r._asdict()
+        rows.append(
+            {
+                "level": r["membership"],
+                "setting": _setting(pd.Series(r)),
+                "row": "strongest" if r["row"] == "strongest" else labels.get(r["attack"]),
+                "uploads: attack": name(r, "uploads"),
+                "TPR@0.1 % uploads": tpr(r, "uploads"),
+                "aggregate: attack": name(r, "aggregate"),
+                "TPR@0.1 % aggregate": tpr(r, "aggregate"),
+                "TPR removed": _fmt(
+                    r["tpr_removed"], r["tpr_removed_ci_low"], r["tpr_removed_ci_high"], 100, 2
+                ),
+                "AUC uploads": auc(r, "uploads"),
+                "AUC aggregate": auc(r, "aggregate"),
+                "AUC removed": _fmt(
+                    r["auc_removed"], r["auc_removed_ci_low"], r["auc_removed_ci_high"]
+                ),
+                "note": r["note"] if isinstance(r["note"], str) else "",
+            }
+        )
+    out = [
+        "**What secure aggregation removes** (protocol `heldout`: the 10,000 test images as "
+        "non-members, so TPR@0.1 % rests on 10 false positives; single-round attacks at each "
+        "target's best round; TPR in %, mean [95 % interval] over targets; *removed* = "
+        "uploads − aggregate, its interval treating the two views as independent; "
+        "`strongest`: each view's strongest attack of the level by TPR@0.1 %, picked with "
+        "hindsight — a selection; every attack: `results/tables/secure_aggregation.md` of "
+        "the run):",
+        "",
+        _md(pd.DataFrame(rows)),
+    ]
+    pv = privacy[(privacy.protocol == SECAGG_PROTOCOL)].drop_duplicates(
+        ["partition", "defense", "view", "membership"]
+    )
+    fraction = dict(zip(sa.partition, sa.participation, strict=True))
+    cells = []
+    for _, g in pv.groupby(["partition", "defense"], sort=False):
+        first = g.iloc[0].copy()
+        first["participation"] = fraction[first.partition]
+        by = {(v, m): x for (v, m), x in g.set_index(["view", "membership"]).iterrows()}
+
+        def strongest(v: str, m: str, by: dict = by) -> str:
+            x = by.get((v, m))
+            return (
+                "n/a"
+                if x is None or not math.isfinite(x.strongest_tpr)
+                else (f"{100 * x.strongest_tpr:.2f}")
+            )
+
+        up, ag = by.get(("uploads", "client")), by.get(("aggregate", "federation"))
+        cells.append(
+            {
+                "setting": _setting(first),
+                "ε server (uploads)": _eps(up.epsilon_accounted) if up is not None else "—",
+                "ε secure aggregation": _eps(ag.epsilon_accounted) if ag is not None else "—",
+                "ε one-shot, final model": _eps(first.epsilon_oneshot_final),
+                "ε one-shot, all iterates": _eps(first.epsilon_oneshot_all_iterates),
+                "test acc. (with canaries)": (
+                    f"{first.test_accuracy:.3f} ({first.test_accuracy_with_canaries:.3f})"
+                ),
+                "strongest TPR@0.1 %: uploads client / federation": (
+                    f"{strongest('uploads', 'client')} / {strongest('uploads', 'federation')}"
+                ),
+                "aggregate client / federation": (
+                    f"{strongest('aggregate', 'client')} / {strongest('aggregate', 'federation')}"
+                ),
+                "_o": -first.participation,
+            }
+        )
+    table = pd.DataFrame(cells).sort_values("_o", kind="stable").drop(columns="_o")
+    out += [
+        "**Privacy, counted three ways** (δ = 1e-5; ε accounted against the server that sees "
+        "every upload and against a secure-aggregation server that sees each round's sum and "
+        "who took part, both over the rounds of the most exposed client; the one-shot "
+        "estimate (Andrew et al. 2024) from a second training with 10 canary clients — an "
+        "*estimate*, not a bound, for an observer of the final model / of every aggregate; "
+        "test accuracy without and with the canaries; — for no guarantee):",
+        "",
+        _md(table),
+    ]
+    return out
+
+
 def _findings(findings: pd.DataFrame, protocol: str) -> pd.DataFrame:
     f = findings[(findings.protocol == protocol) & findings.metric.isin(["auc", "tpr@1%"])]
     rows = []
@@ -521,6 +660,12 @@ def render_results() -> str:
                 selection = "best_tpr_per_target"
             privacy = _paper_view(pd.read_csv(folder / "privacy_utility.csv"))
             out += _participation(attacks, privacy, regime, selection)
+        if (folder / "secure_aggregation.csv").is_file():
+            out += _secure_aggregation(
+                pd.read_csv(folder / "secure_aggregation.csv"),
+                pd.read_csv(folder / "privacy_utility.csv"),
+                _labels(),
+            )
         for protocol in dict.fromkeys(attacks.protocol) if not sampled else ():
             table = _headline(attacks, protocol, selection)
             if len(table) and len(table) <= 60:
