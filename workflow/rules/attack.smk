@@ -1,10 +1,11 @@
+# With aggregate in threat.view the rule also reads the aggregate's measures and gets the
+# views as a param (the default, uploads alone, leaves its input and params as before).
 rule attack:
     input:
+        **({"aggregate": MDM_AGGREGATE} if "aggregate" in VIEWS else {}),
         mdm=MDM,
         partition=get_cell_partition,
         manifest=get_view("manifest.json"),
-        # the aggregate view's measures, only with aggregate in threat.view
-        **({"aggregate": MDM_AGGREGATE} if "aggregate" in VIEWS else {}),
     output:
         **cell_attack_files(),
         audit=f"results/attacks/{CELL}/audit.parquet",
@@ -19,12 +20,11 @@ rule attack:
         runtime=resources_of("attack", "runtime"),
         mem_mb=resources_of("attack", "mem_mb"),
     params:
+        **({"views": VIEWS} if "aggregate" in VIEWS else {}),
         attack=get_attack_params,
         cell=get_cell,
         rounds=get_observed_rounds,
         code=code("attack"),
         plugins=PLUGINS,
-        # the threat views (the default, uploads alone, leaves the params as before)
-        **({"views": VIEWS} if "aggregate" in VIEWS else {}),
     script:
         "../scripts/attack.py"

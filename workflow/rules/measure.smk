@@ -1,3 +1,4 @@
+# With aggregate in threat.view the rule also writes the aggregate's measures.
 rule measure:
     input:
         **DATA_FILES,
@@ -7,7 +8,6 @@ rule measure:
     output:
         **({"aggregate": MDM_AGGREGATE} if "aggregate" in VIEWS else {}),
         mdm=MDM,
-        # the aggregate view's measures (threat.view), only when it is asked for
     log:
         f"results/logs/measure/{CELL}.log",
     benchmark:
