@@ -150,9 +150,16 @@ def test_tiny_end_to_end_run(tiny_run):
     assert set(calibrated.protocol) == {"aligned", "official", "heldout"}
     default = load_schema(SCHEMA)["properties"]["report"]["properties"]["single_round"]
     assert set(table.single_round) == {*default["default"], "all attacked rounds"}
-    assert not table.duplicated(
-        ["dataset", "model", "defense", "partition", "protocol", "single_round", "attack", "metric"]
-    ).any()
+    keys = ["dataset", "model", "defense", "partition", "protocol", "single_round", "attack"]
+    assert not table.duplicated([*keys, "view", "membership", "metric"]).any()
+    # the uploads view at both membership levels: the federation level for the attacks of
+    # one upload at a time (single-round and series), the strongest upload per sample
+    assert set(zip(table.view, table.membership, strict=True)) == {
+        ("uploads", "client"),
+        ("uploads", "federation"),
+    }
+    federation = {a for a in uploads if ATTACKS.get(a).kind in ("single", "series")}
+    assert set(table[table.membership == "federation"].attack) == federation
     assert set(table.fpr_rule) == {"at_most"}
     md = (tables / "attacks.md").read_text()
     assert "Loss-III (FedMIA-I)" in md and "### protocol official" in md
@@ -630,6 +637,7 @@ def test_a_plugin_dataset_defense_and_attack_run_end_to_end(plugin_run):
     meta = json.loads((wd / "results" / "data" / "parity" / "meta.json").read_text())
     assert meta["kind"] == "digits_parity" and meta["classes"] == ["even", "odd"]
     conf = table[(table.attack == "confidence_series") & (table.metric == "auc")]
+    conf = conf[conf.membership == "client"]  # the federation level has its own rows
     assert len(conf) == 4 and conf["mean"].between(0, 1).all()
     assert (conf.single_round == "all attacked rounds").all()  # a multi-round attack
     assert "confidence_series" in (tables / "attacks.md").read_text()
