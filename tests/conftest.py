@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -102,14 +103,45 @@ def run_clone(
     return subprocess.run(argv, cwd=wd, capture_output=True, text=True, timeout=timeout)
 
 
+def start_tiny_workflow(
+    snakemake_cmd: list[str], tmp_path_factory
+) -> tuple[Path, Future[subprocess.CompletedProcess]]:
+    """A new clone and the run of the tiny config in it (:func:`run_clone`), going on in a
+    thread: ``(clone, future of the completed snakemake)``."""
+    wd = clone(tmp_path_factory.mktemp("tiny_workflow") / "clone")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tiny-workflow")
+    future = pool.submit(run_clone, snakemake_cmd, wd)
+    pool.shutdown(wait=False)  # its thread ends with the run
+    return wd, future
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_workflow_started(
+    request, snakemake_cmd, tmp_path_factory, slurm_session
+) -> Iterator[tuple[Path, Future[subprocess.CompletedProcess]] | None]:
+    """Where a collected test uses ``tiny_workflow``: its run, started at the session's
+    first test (after the SLURM cluster came up, ``slurm_session``) and going on in the
+    background while the tests before the first that reads it run. ``None`` otherwise.
+
+    A session that ends before the run does waits for it (about 30 s at most).
+    """
+    if not any("tiny_workflow" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory)
+    yield wd, future
+    wait([future])
+
+
 @pytest.fixture(scope="session")
 def tiny_workflow(
-    snakemake_cmd, tmp_path_factory
+    tiny_workflow_started, snakemake_cmd, tmp_path_factory
 ) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """One real run of the tiny workflow in a clone (:func:`clone`, :func:`run_clone`),
     shared by the tests that read its results, plan reruns from it or compare other runs
     with it (tests/test_reliability.py, tests/test_slurm.py, tests/test_workflow.py):
-    ``(clone, configfile, completed snakemake)``.
+    ``(clone, configfile, completed snakemake)``. Started at the session's first test
+    (``tiny_workflow_started``): here it is waited for.
 
     A later ``snakemake -s <checkout>/Snakefile -d <clone> --configfile <configfile>``
     plans from the same config: the Snakefile's ``configfile: config/config.yaml`` is
@@ -118,8 +150,9 @@ def tiny_workflow(
     Its ``results/`` must stay as the run wrote them: a test may rerun jobs (they write
     the same bytes) and write elsewhere in the clone, never change a result.
     """
-    wd = clone(tmp_path_factory.mktemp("tiny_workflow") / "clone")
-    r = run_clone(snakemake_cmd, wd)
+    started = tiny_workflow_started or start_tiny_workflow(snakemake_cmd, tmp_path_factory)
+    wd, future = started
+    r = future.result()
     assert r.returncode == 0, r.stderr[-3000:]
     return wd, wd / ".test" / "config" / "config.yaml", r
 
