@@ -23,6 +23,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -367,6 +368,8 @@ class SlurmSession:
         self.runs: dict[str, Run] = {}
         self._stack = contextlib.ExitStack()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # a run starts, or the session stops: not both
+        self._stopping = False
 
     def start(self) -> None:
         """Start the cluster (waiting for it, and for the machine's lock), then the runs."""
@@ -390,13 +393,19 @@ class SlurmSession:
 
     def _run(self) -> None:
         wd = self.slurm_wd
-        try:
-            broken = tiny_run_argv(
+        argvs = {
+            "broken": tiny_run_argv(
                 self.snakemake_cmd, wd, *slurm_args(wd, "partition:slurm_partition=nope")
-            )
-            self.runs["broken"] = Run(broken, wd / "broken.out").start().finish()
-            fixed = tiny_run_argv(self.snakemake_cmd, wd, *slurm_args(wd))
-            self.runs["fixed"] = Run(fixed, wd / "fixed.out").start().finish()
+            ),
+            "fixed": tiny_run_argv(self.snakemake_cmd, wd, *slurm_args(wd)),
+        }
+        try:
+            for name, argv in argvs.items():
+                with self._lock:
+                    if self._stopping:
+                        return
+                    run = self.runs[name] = Run(argv, wd / f"{name}.out").start()
+                run.finish()
         except BaseException as e:  # raised again by result(), in the test
             self.error = e
 
@@ -409,8 +418,19 @@ class SlurmSession:
             raise self.error
         return self.runs
 
-    def stop(self) -> None:
-        """Wait for the runs, then stop the daemons this session started and free the lock."""
+    def stop(self, grace: float = 120) -> None:
+        """Interrupt a run still going (a session that ended before the SLURM tests: as
+        Ctrl-C, Snakemake cancels its SLURM jobs), then stop the daemons this session
+        started and free the lock."""
+        with self._lock:
+            self._stopping = True
+            for run in self.runs.values():
+                if run.proc is not None and run.proc.poll() is None:
+                    run.proc.send_signal(signal.SIGINT)
         if self._thread is not None:
+            self._thread.join(timeout=grace)
+            for run in self.runs.values():
+                if run.proc is not None and run.proc.poll() is None:
+                    run.proc.kill()
             self._thread.join()
         self._stack.close()
