@@ -104,11 +104,12 @@ def run_clone(
 
 
 def start_tiny_workflow(
-    snakemake_cmd: list[str], tmp_path_factory
+    snakemake_cmd: list[str], tmp_path_factory, name: str = "tiny_workflow"
 ) -> tuple[Path, Future[subprocess.CompletedProcess]]:
-    """A new clone and the run of the tiny config in it (:func:`run_clone`), going on in a
-    thread: ``(clone, future of the completed snakemake)``."""
-    wd = clone(tmp_path_factory.mktemp("tiny_workflow") / "clone")
+    """A new clone (in a temporary folder ``name``) and the run of the tiny config in it
+    (:func:`run_clone`), going on in a thread: ``(clone, future of the completed
+    snakemake)``."""
+    wd = clone(tmp_path_factory.mktemp(name) / "clone")
     pool = ThreadPoolExecutor(1, thread_name_prefix="tiny-workflow")
     future = pool.submit(run_clone, snakemake_cmd, wd)
     pool.shutdown(wait=False)  # its thread ends with the run
@@ -131,6 +132,35 @@ def tiny_workflow_started(
     wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory)
     yield wd, future
     wait([future])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def second_clone_started(
+    request, snakemake_cmd, tmp_path_factory, tiny_workflow_started
+) -> Iterator[tuple[Path, Future[subprocess.CompletedProcess]] | None]:
+    """Where a collected test uses ``second_clone``: a second run of the tiny config in a
+    clone of its own, started at the session's first test (after ``tiny_workflow``'s) and
+    going on in the background. ``None`` otherwise."""
+    if not any("second_clone" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory, "second_clone")
+    yield wd, future
+    wait([future])
+
+
+@pytest.fixture(scope="session")
+def second_clone(
+    second_clone_started, snakemake_cmd, tmp_path_factory
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """A run of the tiny config in a clone other than ``tiny_workflow``'s (tests/
+    test_reliability.py compares the two): ``(clone, completed snakemake)``, whatever its
+    exit code."""
+    started = second_clone_started or start_tiny_workflow(
+        snakemake_cmd, tmp_path_factory, "second_clone"
+    )
+    wd, future = started
+    return wd, future.result()
 
 
 @pytest.fixture(scope="session")

@@ -43,12 +43,11 @@ def reference(tiny_workflow) -> Path:
     return tiny_workflow[0]
 
 
-def test_two_clones_write_byte_identical_results(snakemake_cmd, reference, tmp_path):
-    """Same config and seed in two separate clones (this one and the session's): every
+def test_two_clones_write_byte_identical_results(reference, second_clone):
+    """Same config and seed in two separate clones (the session's two, conftest): every
     result file is byte-identical (Parquet, JSON, CSV, Markdown, LaTeX, safetensors, PNG
     and PDF)."""
-    wd = clone(tmp_path / "clone")
-    r = run_clone(snakemake_cmd, wd)
+    wd, r = second_clone
     assert r.returncode == 0, r.stderr[-3000:]
     kinds = {Path(f).suffix for f in results(wd)}
     assert {".parquet", ".json", ".csv", ".md", ".tex", ".safetensors", ".png", ".pdf"} <= kinds
