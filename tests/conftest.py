@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from fedmia import pipeline
 from fedmia.core import contracts
 from fedmia.stages.recording import import_recording
+from slurm_cluster import SlurmSession
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,48 +49,142 @@ def pytest_runtest_setup(item) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The SLURM tests first (the order is otherwise the files').
+    """The SLURM tests last (the order is otherwise the files'): their runs go on in the
+    background from the session's first test (``slurm_session``) and are ready by then."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is not None)  # stable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slurm_session(request, snakemake_cmd, tmp_path_factory) -> Iterator[SlurmSession | None]:
+    """Where SLURM tests were collected: the one-node cluster, started at the session's
+    first test and stopped at its end, and the tiny config through the SLURM profile in a
+    clone, running in the background (:class:`slurm_cluster.SlurmSession`; what went wrong
+    is raised in tests/test_slurm.py, not here). ``None`` where none was collected.
 
     Every snakemake process imports the SLURM executor plugin, which asks ``scontrol
     show config`` at import: where SLURM is installed but its controller is not running,
-    that waits 9-10 s, in every snakemake run and job of the session. The SLURM tests
-    start the controller for the session (``slurm_cluster``), so after them it answers
-    at once.
+    that waits 9-10 s, in every snakemake run and job of the session. With the cluster up
+    from the first test, it answers at once.
     """
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable
+    if not any(item.get_closest_marker("slurm") for item in request.session.items):
+        yield None
+        return
+    session = SlurmSession(
+        snakemake_cmd,
+        tmp_path_factory.mktemp("slurm-daemons"),
+        clone(tmp_path_factory.mktemp("slurm") / "clone"),
+    )
+    session.start()
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+#: What a clone of the workflow holds (tests/test_reliability.py compares runs of clones).
+CLONE_TREE = ("Snakefile", "workflow", "config", ".test", "profiles", "envs")
+
+
+def clone(where: Path) -> Path:
+    """A copy of the workflow (as a separate clone would be), elsewhere on disk."""
+    where.mkdir(parents=True)
+    for part in CLONE_TREE:
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, where / part)
+    return where
+
+
+def run_clone(
+    cmd: list[str], wd: Path, *args: str, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """A plain ``snakemake --cores 2`` of the tiny config in clone ``wd``, as a user runs it
+    there (the clone's Snakefile, its ``config/config.yaml`` under ``.test/config``'s)."""
+    argv = [*cmd, "--cores", "2", "--configfile", ".test/config/config.yaml", *args]
+    return subprocess.run(argv, cwd=wd, capture_output=True, text=True, timeout=timeout)
+
+
+def start_tiny_workflow(
+    snakemake_cmd: list[str], tmp_path_factory, name: str = "tiny_workflow"
+) -> tuple[Path, Future[subprocess.CompletedProcess]]:
+    """A new clone (in a temporary folder ``name``) and the run of the tiny config in it
+    (:func:`run_clone`), going on in a thread: ``(clone, future of the completed
+    snakemake)``."""
+    wd = clone(tmp_path_factory.mktemp(name) / "clone")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="tiny-workflow")
+    future = pool.submit(run_clone, snakemake_cmd, wd)
+    pool.shutdown(wait=False)  # its thread ends with the run
+    return wd, future
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_workflow_started(
+    request, snakemake_cmd, tmp_path_factory, slurm_session
+) -> Iterator[tuple[Path, Future[subprocess.CompletedProcess]] | None]:
+    """Where a collected test uses ``tiny_workflow``: its run, started at the session's
+    first test (after the SLURM cluster came up, ``slurm_session``) and going on in the
+    background while the tests before the first that reads it run. ``None`` otherwise.
+
+    A session that ends before the run does waits for it (about 30 s at most).
+    """
+    if not any("tiny_workflow" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory)
+    yield wd, future
+    wait([future])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def second_clone_started(
+    request, snakemake_cmd, tmp_path_factory, tiny_workflow_started
+) -> Iterator[tuple[Path, Future[subprocess.CompletedProcess]] | None]:
+    """Where a collected test uses ``second_clone``: a second run of the tiny config in a
+    clone of its own, started at the session's first test (after ``tiny_workflow``'s) and
+    going on in the background. ``None`` otherwise."""
+    if not any("second_clone" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory, "second_clone")
+    yield wd, future
+    wait([future])
+
+
+@pytest.fixture(scope="session")
+def second_clone(
+    second_clone_started, snakemake_cmd, tmp_path_factory
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """A run of the tiny config in a clone other than ``tiny_workflow``'s (tests/
+    test_reliability.py compares the two): ``(clone, completed snakemake)``, whatever its
+    exit code."""
+    started = second_clone_started or start_tiny_workflow(
+        snakemake_cmd, tmp_path_factory, "second_clone"
+    )
+    wd, future = started
+    return wd, future.result()
 
 
 @pytest.fixture(scope="session")
 def tiny_workflow(
-    snakemake_cmd, tmp_path_factory
+    tiny_workflow_started, snakemake_cmd, tmp_path_factory
 ) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """One real run of the tiny workflow (``.test/config``), shared by the tests that read
-    its results or plan reruns from it: ``(workdir, configfile, completed snakemake)``.
+    """One real run of the tiny workflow in a clone (:func:`clone`, :func:`run_clone`),
+    shared by the tests that read its results, plan reruns from it or compare other runs
+    with it (tests/test_reliability.py, tests/test_slurm.py, tests/test_workflow.py):
+    ``(clone, configfile, completed snakemake)``. Started at the session's first test
+    (``tiny_workflow_started``): here it is waited for.
 
-    Run as ``snakemake -s <checkout>/Snakefile -d <workdir>``: the Snakefile's
-    ``configfile: config/config.yaml`` is looked up in the workdir, which has none, so it
-    is not the run of a clone (tests/test_reliability.py runs clones: their results differ,
-    e.g. the digits test fraction).
+    A later ``snakemake -s <checkout>/Snakefile -d <clone> --configfile <configfile>``
+    plans from the same config: the Snakefile's ``configfile: config/config.yaml`` is
+    looked up in the working directory, the clone, which has it.
 
     Its ``results/`` must stay as the run wrote them: a test may rerun jobs (they write
-    the same bytes) and write elsewhere in the workdir, never change a result.
+    the same bytes) and write elsewhere in the clone, never change a result.
     """
-    wd = tmp_path_factory.mktemp("tiny_workflow")
-    cfg = REPO / ".test" / "config" / "config.yaml"
-    argv = [
-        *snakemake_cmd,
-        "-s",
-        str(REPO / "Snakefile"),
-        "-d",
-        str(wd),
-        "--cores",
-        "2",
-        "--configfile",
-        str(cfg),
-    ]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    started = tiny_workflow_started or start_tiny_workflow(snakemake_cmd, tmp_path_factory)
+    wd, future = started
+    r = future.result()
     assert r.returncode == 0, r.stderr[-3000:]
-    return wd, cfg, r
+    return wd, wd / ".test" / "config" / "config.yaml", r
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,28 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clone, run_clone
 from fedmia import pipeline
 
 pytestmark = pytest.mark.workflow
 
 #: What a run writes that may differ between runs: logs, benchmarks, Snakemake's own state.
 VOLATILE = ("logs", "benchmarks", "checkpoints")
-TREE = ("Snakefile", "workflow", "config", ".test", "profiles", "envs")
-
-
-def clone(repo: Path, where: Path) -> Path:
-    """A copy of the workflow (as a separate clone would be), elsewhere on disk."""
-    where.mkdir(parents=True)
-    for part in TREE:
-        src = repo / part
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, where / part)
-    return where
-
-
-def run(cmd: list[str], wd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """A plain ``snakemake --cores 2`` of the tiny config in clone ``wd``."""
-    argv = [*cmd, "--cores", "2", "--configfile", ".test/config/config.yaml", *args]
-    return subprocess.run(argv, cwd=wd, capture_output=True, text=True, timeout=timeout)
 
 
 def results(wd: Path) -> dict[str, bytes]:
@@ -54,18 +38,16 @@ def assert_same_results(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(snakemake_cmd, repo, tmp_path_factory):
-    wd = clone(repo, tmp_path_factory.mktemp("ref") / "clone")
-    r = run(snakemake_cmd, wd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return wd
+def reference(tiny_workflow) -> Path:
+    """The session's run of the tiny config in a clone (conftest), the uninterrupted run."""
+    return tiny_workflow[0]
 
 
-def test_two_clones_write_byte_identical_results(snakemake_cmd, repo, reference, tmp_path):
-    """Same config and seed in two separate clones: every result file is byte-identical
-    (Parquet, JSON, CSV, Markdown, LaTeX, safetensors, PNG and PDF)."""
-    wd = clone(repo, tmp_path / "clone")
-    r = run(snakemake_cmd, wd)
+def test_two_clones_write_byte_identical_results(reference, second_clone):
+    """Same config and seed in two separate clones (the session's two, conftest): every
+    result file is byte-identical (Parquet, JSON, CSV, Markdown, LaTeX, safetensors, PNG
+    and PDF)."""
+    wd, r = second_clone
     assert r.returncode == 0, r.stderr[-3000:]
     kinds = {Path(f).suffix for f in results(wd)}
     assert {".parquet", ".json", ".csv", ".md", ".tex", ".safetensors", ".png", ".pdf"} <= kinds
@@ -133,25 +115,25 @@ def _kill_snakemake_when(cmd: list[str], wd: Path, stage: str, pattern: str, tex
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_killing_snakemake_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_path):
+def test_killing_snakemake_then_a_plain_rerun(snakemake_cmd, reference, tmp_path):
     """SIGKILL snakemake itself mid-run, during training; the plain rerun (no --unlock, no
     --rerun-incomplete: profiles/default holds them) is killed in turn during the attacks;
     a last plain rerun completes with results byte-identical to an uninterrupted run.
     (One clone for both kills: each rerun starts from what the kill before it left.)"""
-    wd = clone(repo, tmp_path / "clone")
+    wd = clone(tmp_path / "clone")
     _kill_snakemake_when(snakemake_cmd, wd, "training", "train/**/*.log", "round 1/2")
     _kill_snakemake_when(
         snakemake_cmd, wd, "the attacks", "attack/**/*.log", "fedmia.stages.attack"
     )
-    r = run(snakemake_cmd, wd)
+    r = run_clone(snakemake_cmd, wd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(reference, wd)
 
 
-def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_path):
+def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, reference, tmp_path):
     """SIGKILL one training job: Snakemake reports the failed job and stops; a plain
     rerun resumes and completes with byte-identical results."""
-    wd = clone(repo, tmp_path / "clone")
+    wd = clone(tmp_path / "clone")
     argv = [*snakemake_cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
     proc = subprocess.Popen(
         argv,
@@ -177,7 +159,7 @@ def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, repo, reference, tmp_
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "Error in rule train" in out, out[-3000:]
-    r = run(snakemake_cmd, wd)
+    r = run_clone(snakemake_cmd, wd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(reference, wd)
 

@@ -1,12 +1,8 @@
 """The SLURM profile on a real one-node SLURM cluster, against the same run made locally.
 
-The session fixture ``slurm_cluster`` uses a SLURM that already answers ``sinfo`` on
-this machine, or starts one (root only): it writes ``/etc/slurm/slurm.conf`` when that
-file is absent or was written by this fixture (a slurm.conf without the fixture's
-first line is used as it is, never overwritten), creates the munge key if missing,
-starts munged, slurmctld and slurmd in the foreground, waits for an idle node and,
-after the session, stops exactly the daemons it started, by PID. The file it wrote
-stays, so that a later session (or ``sinfo`` by hand) finds the same cluster.
+The cluster and the runs through the profile are tests/slurm_cluster.py's
+:class:`SlurmSession`: conftest's ``slurm_session`` starts them at the session's first
+test, in the background, and these tests run last.
 
 Where SLURM is not installed or cannot start, the tests skip with the reason, unless
 FEDMIA_REQUIRE_SLURM=1 (set by ``.ci/run``): then they fail. Select or deselect them
@@ -15,42 +11,18 @@ with ``pytest -m slurm`` / ``pytest -m "not slurm"``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-import pwd
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from slurm_cluster import TARGET, ClusterError, RunTimeout
+
 pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 REQUIRE = "FEDMIA_REQUIRE_SLURM"
-SLURM_CONF = Path("/etc/slurm/slurm.conf")
-MUNGE_KEY = Path("/etc/munge/munge.key")
-MARKER = "# Written by fedmia's tests/test_slurm.py"
-# One test session at a time uses (and, at its end, stops) the daemons of this machine.
-LOCK = Path(tempfile.gettempdir()) / "fedmia-slurm-test.lock"
-CLIENTS = ("sinfo", "sbatch", "squeue", "scontrol", "scancel", "srun", "munge")
-DAEMONS = ("munged", "slurmctld", "slurmd")
-# The test cluster's own state (slurmctld refuses state saved by another ClusterName).
-STATE = Path("/var/lib/slurm/fedmia-test")
-UP = {"idle", "mixed", "allocated"}  # a node that responds and takes jobs (not down*, drained)
-TARGET = "results/tables/attacks.csv"
-TIMEOUT_S = 1800  # per snakemake run; a hung run fails instead of blocking CI
-
-
-class ClusterError(RuntimeError):
-    """SLURM could not be started or did not come up."""
 
 
 def unavailable(reason: str):
@@ -58,235 +30,6 @@ def unavailable(reason: str):
     if os.environ.get(REQUIRE) == "1":
         pytest.fail(f"{REQUIRE}=1 but {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def run_cmd(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout} s")
-
-
-def process_running(name: str) -> bool:
-    """Whether a process with this command name runs on this machine."""
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        with contextlib.suppress(OSError):
-            if comm.read_text().strip() == name:
-                return True
-    return False
-
-
-def user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def node_states() -> dict[str, str]:
-    """``{node: state}`` from sinfo (``idle``, ``down*``, …); empty if sinfo fails."""
-    r = run_cmd("sinfo", "--noheader", "--Node", "--format=%N %T", timeout=30)
-    if r.returncode != 0:
-        return {}
-    return dict(line.split() for line in r.stdout.splitlines() if len(line.split()) == 2)
-
-
-def slurm_conf(host: str, cpus: int, memory_mb: int) -> str:
-    """A one-node cluster on 127.0.0.1: no accounting, no cgroups, root runs everything."""
-    return f"""{MARKER}: a one-node test cluster on this machine.
-# The tests rewrite this file; they never touch a slurm.conf without the line above.
-ClusterName=fedmia
-SlurmctldHost={host}(127.0.0.1)
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-SchedulerType=sched/backfill
-# A request larger than the node fails at sbatch instead of pending forever.
-EnforcePartLimits=ALL
-ReturnToService=2
-# Finished jobs stay visible to squeue (the profile's status command) for 5 minutes.
-MinJobAge=300
-MailProg=/bin/true
-StateSaveLocation={STATE}/slurmctld
-SlurmdSpoolDir={STATE}/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-"""
-
-
-def memory_mb() -> int:
-    """This machine's memory in MiB, as slurmd counts it (MemTotal)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) // 1024
-    raise ClusterError("no MemTotal in /proc/meminfo")
-
-
-@dataclass
-class SlurmCluster:
-    """The daemons this session started (``started``) and what it found (``notes``)."""
-
-    logs: Path
-    started: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def start(self) -> None:
-        if any(s in UP for s in node_states().values()):
-            self.notes.append("SLURM was already running: used as it is, not stopped")
-            return
-        if os.geteuid() != 0:
-            raise ClusterError("SLURM is not running here and starting its daemons needs root")
-        missing = [d for d in DAEMONS if shutil.which(d) is None]
-        if missing:
-            raise ClusterError(
-                f"SLURM daemons not installed: {', '.join(missing)} "
-                "(Debian: apt-get install slurm-wlm munge)"
-            )
-        self.write_config()
-        if not process_running("munged"):
-            self.start_munged()
-        if not process_running("slurmctld"):
-            for d in ("slurmctld", "slurmd"):
-                (STATE / d).mkdir(parents=True, exist_ok=True)
-            self.start_daemon("slurmctld", "-D")
-        if not process_running("slurmd"):
-            self.start_daemon("slurmd", "-D")
-        self.wait_until_up(timeout=90)
-
-    def write_config(self) -> None:
-        if SLURM_CONF.exists() and not SLURM_CONF.read_text().startswith(MARKER):
-            self.notes.append(f"{SLURM_CONF} was not written by these tests: used as it is")
-            return
-        SLURM_CONF.parent.mkdir(parents=True, exist_ok=True)
-        host = socket.gethostname().split(".")[0]
-        SLURM_CONF.write_text(slurm_conf(host, os.cpu_count() or 1, memory_mb()))
-
-    def start_munged(self) -> None:
-        user = "munge" if user_exists("munge") else None
-        if not MUNGE_KEY.exists():
-            MUNGE_KEY.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            MUNGE_KEY.write_bytes(os.urandom(1024))
-            MUNGE_KEY.chmod(0o400)
-            if user:
-                shutil.chown(MUNGE_KEY.parent, user, user)
-                shutil.chown(MUNGE_KEY, user, user)
-            self.notes.append(f"created {MUNGE_KEY}")
-        socket_dir = Path("/run/munge")
-        socket_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if user:
-            shutil.chown(socket_dir, user, user)
-        self.start_daemon("munged", "--foreground", user=user)
-        deadline = time.monotonic() + 20
-        while run_cmd("munge", "-n").returncode != 0:
-            self.check_started()
-            if time.monotonic() > deadline:
-                raise ClusterError("munged did not answer `munge -n` within 20 s")
-            time.sleep(0.5)
-
-    def start_daemon(self, name: str, *args: str, user: str | None = None) -> None:
-        with (self.logs / f"{name}.log").open("w") as log:
-            proc = subprocess.Popen(
-                [name, *args],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                user=user,
-                group=user,
-            )
-        self.started.append((name, proc))
-
-    def check_started(self) -> None:
-        for name, proc in self.started:
-            if proc.poll() is not None:
-                raise ClusterError(f"{name} (pid {proc.pid}) exited with {proc.returncode}")
-
-    def wait_until_up(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(s in UP for s in node_states().values()):
-            self.check_started()
-            if time.monotonic() > deadline:
-                raise ClusterError(
-                    f"no SLURM node became idle within {timeout:.0f} s "
-                    f"(sinfo: {node_states() or 'no answer'})"
-                )
-            time.sleep(1)
-
-    def stop(self) -> None:
-        """Stop the daemons this session started, newest first, by PID."""
-        for name, proc in reversed(self.started):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self.notes.append(f"stopped {name} (pid {proc.pid})")
-        self.started.clear()
-
-    def diagnostics(self) -> str:
-        parts = []
-        for log in sorted(self.logs.glob("*.log")):
-            parts.append(
-                f"--- {log.name} (last 40 lines) ---\n"
-                + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-            )
-        for argv in (("sinfo", "--list-reasons"), ("scontrol", "show", "node")):
-            r = run_cmd(*argv)
-            parts.append(f"--- {' '.join(argv)} ---\n{r.stdout}{r.stderr}")
-        return "\n".join(parts)
-
-
-@contextlib.contextmanager
-def machine_lock(timeout: float = 3600) -> Iterator[None]:
-    """Wait while another test session on this machine uses SLURM."""
-    fd = os.open(LOCK, os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    unavailable(f"another test session held {LOCK} for {timeout:.0f} s")
-                time.sleep(5)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
-    missing = [c for c in CLIENTS if shutil.which(c) is None]
-    if missing:
-        unavailable(
-            f"SLURM client commands not found: {', '.join(missing)} "
-            "(Debian: apt-get install slurm-wlm munge)"
-        )
-    with machine_lock():
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-daemons"))
-        try:
-            cluster.start()
-        except ClusterError as e:
-            message = f"{e}\n{cluster.diagnostics()}"
-            cluster.stop()
-            unavailable(message)
-        try:
-            yield cluster
-        finally:
-            cluster.stop()
 
 
 # --- the workflow through the profile ---------------------------------------------
@@ -298,120 +41,25 @@ def job_counts(out: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
-@dataclass
-class Run:
-    """One snakemake process, its output in a file (``out`` once finished)."""
-
-    argv: list[str]
-    log: Path
-    proc: subprocess.Popen | None = None
-    returncode: int | None = None
-    out: str = ""
-    t0: float = 0.0
-    seconds: float = 0.0
-
-    def start(self) -> Run:
-        self.t0 = time.monotonic()
-        with self.log.open("w") as f:
-            self.proc = subprocess.Popen(
-                self.argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        return self
-
-    def finish(self, timeout: float = TIMEOUT_S) -> Run:
-        try:
-            self.returncode = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.seconds = time.monotonic() - self.t0
-        self.out = self.log.read_text(errors="replace")
-        if self.returncode is None:
-            for run_id in re.findall(r"SLURM run ID: (\S+)", self.out):
-                run_cmd("scancel", "--name", run_id)
-            pytest.fail(f"snakemake ran over {timeout} s: {self.argv}\n{self.out[-5000:]}")
-        return self
-
-
-def tiny_run_argv(snakemake_cmd, repo: Path, workdir: Path, *args: str) -> list[str]:
-    # The target comes first: options such as --set-resources take every value after them.
-    # --config threads=1: torch's thread count is the rule's `threads` (config `threads`,
-    # workflow/rules/{train,measure}.smk -> pipeline.setup_compute), so the SLURM run uses
-    # one thread, as the local run (the tiny config says 1), and computes the same floats.
-    return [
-        *snakemake_cmd,
-        TARGET,
-        "-s",
-        str(repo / "Snakefile"),
-        "-d",
-        str(workdir),
-        "--configfile",
-        str(repo / ".test" / "config" / "config.yaml"),
-        "--config",
-        "threads=1",
-        *args,
-    ]
-
-
-def slurm_args(repo: Path, *set_resources: str) -> list[str]:
-    """The profile, with requests this machine can grant (it asks 8-32 GB and hours).
-
-    A command-line list replaces the profile's whole list, so train and measure are
-    repeated here.
-    """
-    return [
-        "--profile",
-        str(repo / "profiles" / "slurm"),
-        "--default-resources",
-        "mem_mb=2000",
-        "runtime=30",
-        "--set-resources",
-        "train:mem_mb=2000",
-        "train:runtime=30",
-        "measure:mem_mb=2000",
-        "measure:runtime=30",
-        *set_resources,
-        # The plugin checks job states 40 s after a job ends or starts, then 10 s
-        # later than the last wait each time (sized for big clusters); these jobs
-        # take 5-15 s: checks after 2 and 14 s catch most of them.
-        "--slurm-init-seconds-before-status-checks",
-        "2",
-        "--slurm-keep-successful-logs",
-    ]
-
-
 @pytest.fixture(scope="module")
-def slurm_runs(slurm_cluster, tiny_workflow, snakemake_cmd, repo, tmp_path_factory):
-    """The tiny config locally (the session's run, conftest: --cores 2, one torch thread as
-    the config says) and through the profile.
-
-    SLURM, in its own working directory, first with the partition rule sent to a
-    partition that does not exist (prepare runs, partition cannot be submitted), then
-    fixed: the rerun must continue from the prepared data.
-    """
+def slurm_runs(slurm_session, tiny_workflow):
+    """The tiny config locally (the session's run in a clone, conftest: --cores 2, one torch
+    thread as the config says) and through the profile, in a clone of its own (the same
+    config), broken then fixed (:class:`slurm_cluster.SlurmSession`, started at the session's
+    first test)."""
+    try:
+        runs = slurm_session.result()
+    except ClusterError as e:
+        unavailable(str(e))
+    except RunTimeout as e:
+        pytest.fail(str(e), pytrace=False)
     local_wd, _, local = tiny_workflow
-    slurm_wd = tmp_path_factory.mktemp("slurm")
-    broken = (
-        Run(
-            tiny_run_argv(
-                snakemake_cmd, repo, slurm_wd, *slurm_args(repo, "partition:slurm_partition=nope")
-            ),
-            slurm_wd / "broken.out",
-        )
-        .start()
-        .finish()
-    )
-    fixed = (
-        Run(tiny_run_argv(snakemake_cmd, repo, slurm_wd, *slurm_args(repo)), slurm_wd / "fixed.out")
-        .start()
-        .finish()
-    )
     return {
         "local": local,
-        "broken": broken,
-        "fixed": fixed,
+        "broken": runs["broken"],
+        "fixed": runs["fixed"],
         "local_wd": local_wd,
-        "slurm_wd": slurm_wd,
+        "slurm_wd": slurm_session.slurm_wd,
     }
 
 

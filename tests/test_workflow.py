@@ -38,8 +38,15 @@ def job_counts(out: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
-def test_default_config_dry_run(snakemake_cmd, repo, tmp_path):
-    r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
+@pytest.fixture(scope="module")
+def default_dry_run(snakemake_cmd, repo, tmp_path_factory) -> subprocess.CompletedProcess:
+    """One dry run of config/config.yaml in an empty directory, read by several tests."""
+    wd = tmp_path_factory.mktemp("default_dry_run")
+    return smk(snakemake_cmd, repo, wd, repo / "config" / "config.yaml", "-n")
+
+
+def test_default_config_dry_run(default_dry_run):
+    r = default_dry_run
     assert r.returncode == 0, r.stderr
     assert job_counts(r.stdout + r.stderr) == {
         "all": 1,
@@ -106,10 +113,10 @@ def test_parsing_the_workflow_never_imports_torch(snakemake_cmd, repo, tmp_path)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
-def test_every_registered_cell_figure_has_its_rule(snakemake_cmd, repo, tmp_path):
+def test_every_registered_cell_figure_has_its_rule(default_dry_run):
     """Each per-cell figure kind (fedmia.report.figures.FIGURES) is a rule figure_<kind> whose
     output is results/figures/{cell}/<kind>.png, drawn for every cell; and no other."""
-    r = smk(snakemake_cmd, repo, tmp_path, repo / "config" / "config.yaml", "-n")
+    r = default_dry_run
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     rules = {k.removeprefix("figure_") for k in job_counts(out) if k.startswith("figure_")}
