@@ -147,8 +147,12 @@ def save_tensors(
     ordered = {k: tensors[k].detach().cpu().contiguous().numpy() for k in sorted(tensors)}
     # one metadata entry: safetensors writes several in a per-process random order
     header = {FORMAT_KEY: json.dumps({"format": format_tag(kind), "meta": meta}, sort_keys=True)}
+    # serialised in memory and written through our own temporary file: save_file writes
+    # through a temporary file of its own (.tmpXXXXXX) that a killed job leaves behind,
+    # where atomic_path cannot clear it
+    data = safetensors.numpy.save(ordered, metadata=header)
     with atomic_path(path) as tmp:
-        safetensors.numpy.save_file(ordered, str(tmp), metadata=header)
+        tmp.write_bytes(data)
 
 
 def load_tensors(path: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
