@@ -29,7 +29,7 @@ import pandas as pd
 from fedmia.attacker.attacks import run_attacks
 from fedmia.attacker.calibrated import RmiaOptions
 from fedmia.core.contracts import tpr_metric_name
-from fedmia.report.tables import ALL_ROUNDS, SETTING, attack_label
+from fedmia.report.tables import ALL_ROUNDS, SETTING, attack_label, paper_rows
 from fedmia.stages import io
 
 METRICS = (tpr_metric_name(0.001), tpr_metric_name(0.01), "auc")
@@ -183,7 +183,9 @@ def rmia_sensitivity(run: Path, values: list[float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Print the tables; return the exit status."""
     args = parse_args(argv)
-    summary = pd.read_csv(args.run / "results" / "tables" / "attacks.csv")
+    # the paper's view and level: the uploads' client-level rows (a run with threat views
+    # has others, compared in results/tables/secure_aggregation.md)
+    summary = paper_rows(pd.read_csv(args.run / "results" / "tables" / "attacks.csv"))
     table = wide(summary, args.selection)
     if table.empty:
         print("no attack rows in attacks.csv (for the selections asked)")

@@ -163,6 +163,11 @@ def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path)
     res = run_attacks(uploads, mdm, owner, n_boot=20)
     cell = dict(dataset="digits", model="alexnet", defense="none", partition="iid", seed=0)
     results = pd.concat([r.assign(**cell, attack=name) for name, r in res.items()])
+    # rows of another membership level (as a run with threat views has), every AUC 0: not
+    # in the tables (averaged in, they would halve every AUC)
+    other = results.assign(membership="federation", target=-1, auc=0.0)
+    client = summarize(results, ["last"])
+    results = pd.concat([results, other])
     tables = tmp_path / "results" / "tables"
     tables.mkdir(parents=True)
     summarize(results, ["last"]).to_csv(tables / "attacks.csv", index=False)
@@ -197,6 +202,14 @@ def test_attacks_bench_prints_every_attack_sorted_with_intervals(repo, tmp_path)
         values = [float(v.rstrip("*")) for v in col if v != "n/a"]
         assert values == sorted(values, reverse=True)
         assert "[" in section  # intervals
+        auc = client[
+            (client.protocol == protocol)
+            & (client.attack == "loss")
+            & (client.single_round == "last")
+            & (client.metric == "auc")
+        ]["mean"].iloc[0]
+        loss = next(line for line in section.splitlines() if line.startswith("Loss-I (B"))
+        assert loss[88:].split()[0] == f"{auc:.3f}"  # the client level's AUC alone
     values = dict(
         line.split("=", 1)
         for line in out.splitlines()
