@@ -385,3 +385,26 @@ def test_the_config_keeps_the_attacks_of_its_views():
     cfg["attack"] = {"attacks": ["loss", "contrast_cos"]}
     with pytest.raises(ConfigError, match=r"'attack.attacks': \['contrast_cos'\] apply under"):
         load_workflow_config(cfg)
+
+
+def test_a_client_that_never_took_part_has_no_row_under_either_view(cell_world, tmp_path):
+    """The earliest form of a sampled target: client 4 in no round (no upload, no In round)."""
+    mdm, aggregate, owner = cell_world
+    _files(tmp_path, mdm[mdm.client_id != 4], aggregate, owner)
+    res = _stage(tmp_path, "never", ["uploads", "aggregate"])
+    for name in ("loss", "fedmia_loss", "contrast_loss", "contrast_cos"):
+        client = res[name][res[name].membership == "client"]
+        assert len(client) > 0 and 4 not in set(client["target"])
+    assert set(res["contrast_cos"]["target"]) == set(range(4))
+
+
+def test_a_cell_diverged_before_its_first_observed_round_writes_empty_tables(tmp_path):
+    """Both views of a cell that diverged in round 1: every table empty, with its columns."""
+    _, owner = world(separation=1.0, k=K, per_client=20, held_out=40, rounds=tuple(ROUNDS))
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in MEASURE_DTYPES.items()})
+    _files(tmp_path, empty, empty, owner)
+    manifest = io.read_manifest(tmp_path / "manifest.json")
+    io.write_manifest({**manifest, "diverged_round": 1}, tmp_path / "manifest.json")
+    res = _stage(tmp_path, "diverged", ["uploads", "aggregate"])
+    for table in res.values():
+        assert table.empty and list(table.columns) == list(ATTACK_COLUMNS)
