@@ -27,7 +27,7 @@ from typing import Any
 
 import jsonschema
 
-from fedmia.attacker.attacks import ATTACKS, CALIBRATED_KINDS
+from fedmia.attacker.attacks import ATTACKS, CALIBRATED_KINDS, attacks_for_views
 from fedmia.core.config import (
     VALIDATOR,
     AttackConfig,
@@ -214,16 +214,13 @@ def _attacks_for_views(config: dict[str, Any], listed: bool) -> None:
     (:attr:`fedmia.attacker.attacks.AttackSpec.views`: ``contrast`` without the aggregate
     view); a listed one that applies under none is a :class:`ConfigError`.
     """
-    views = set(config["threat"]["view"])
-    attacks = config["attack"]["attacks"]
-    idle = [a for a in attacks if not views & set(ATTACKS.get(a).views)]
-    if idle and listed:
-        raise ConfigError(
-            f"invalid config at 'attack.attacks': {idle} apply under the view(s) "
-            f"{sorted({v for a in idle for v in ATTACKS.get(a).views})} only, but threat.view "
-            f"is {sorted(views)}; add the view to threat.view or drop them"
+    views = config["threat"]["view"]
+    try:
+        config["attack"]["attacks"] = attacks_for_views(
+            config["attack"]["attacks"] if listed else None, views
         )
-    config["attack"]["attacks"] = [a for a in attacks if a not in idle]
+    except ValueError as e:
+        raise ConfigError(f"invalid config at 'attack.attacks': {e}") from None
 
 
 def _check_attack_plan(spec: WorkflowSpec) -> None:

@@ -359,6 +359,28 @@ def attack_order() -> list[str]:
     return ATTACKS.registered()
 
 
+def attacks_for_views(attacks: Sequence[str] | None, views: Iterable[str]) -> list[str]:
+    """The attacks of a run under ``views`` (:attr:`AttackSpec.views`).
+
+    ``None`` (the default list): every registered attack that applies under one of the
+    views. A listed attack that applies under none of them is an error.
+
+    Raises:
+        ValueError: naming the attacks, the views they apply under and the fix.
+    """
+    views = set(views)
+    if attacks is None:
+        return [a for a in attack_order() if views & set(ATTACKS.get(a).views)]
+    idle = [a for a in attacks if not views & set(ATTACKS.get(a).views)]
+    if idle:
+        raise ValueError(
+            f"{idle} apply under none of the views {sorted(views)} (they apply "
+            f"under {sorted({v for a in idle for v in ATTACKS.get(a).views})}): add the view "
+            "to threat.view or drop them from attack.attacks"
+        )
+    return list(attacks)
+
+
 def single_round_attacks() -> list[str]:
     """The registered single-round attacks, in table order."""
     return [a for a in attack_order() if not ATTACKS.get(a).multi_round]

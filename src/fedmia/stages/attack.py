@@ -18,6 +18,7 @@ from fedmia.attacker.attacks import (
     VIEWS,
     OfficialProtocol,
     aggregate_as_client,
+    attacks_for_views,
     contrast_lambda,
     federation_owner,
     finding_attacks,
@@ -121,15 +122,8 @@ def attack(
     import_plugins(plugins)
     views = _checked_views(views, aggregate_file)
     cfg = config if isinstance(config, AttackConfig) else AttackConfig.from_dict(config or {})
-    applies = {a: set(ATTACKS.get(a).views) & set(views) for a in ATTACKS.registered()}
-    attacks = list(cfg.attacks) if cfg.attacks is not None else [a for a in applies if applies[a]]
-    idle = [a for a in attacks if not applies[a]]
-    if idle:
-        raise ValueError(
-            f"attack(s) {idle} apply under none of the views {list(views)} (they apply under "
-            f"{ {a: list(ATTACKS.get(a).views) for a in idle} }): add the view to "
-            "threat.view or drop them from attack.attacks"
-        )
+    attacks = attacks_for_views(cfg.attacks, views)
+    applies = {a: set(ATTACKS.get(a).views) & set(views) for a in attacks}
     attack_rounds = cfg.rounds
     lira_options, rmia_options = LiraOptions(**cfg.lira), RmiaOptions(**cfg.rmia)
     missing = sorted(set(attacks) - set(outputs))
