@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmia.attacker import measures
+from fedmia.attacker import layerwise, measures
 from fedmia.attacker.layerwise import (
     CONV_METHODS,
+    ShiftShape,
     conv_costs,
     layerwise_grad_products,
     layerwise_products,
@@ -353,6 +354,24 @@ def test_cost_model_choices():
     assert best(384, 1728, 4) == "ghost"  # AlexNet conv3 on 2×2 maps: 56 vs 40 per C·D
     assert best(192, 1600, 16) == "materialise"  # AlexNet conv2 on 4×4 maps: 108 vs 160
 
+    def best_conv(conv: nn.Conv2d, hw: int, out: int, k: int = 10) -> str:
+        shape = ShiftShape(
+            conv.in_channels,
+            layerwise._shift_pairs(conv, (hw, hw), (out, out)),
+            conv.in_channels * hw * hw,
+        )
+        d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        costs = conv_costs(conv.out_channels, d, out * out, k, shape)
+        return min(costs, key=costs.__getitem__)
+
+    net = AlexNetCifar(100).features
+    # its 2×2 layers: 16 of the 36 (position, tap) pairs meet the input
+    assert [best_conv(net[i], 2, 2) for i in (6, 8, 10)] == ["shift"] * 3
+    assert best_conv(net[3], 4, 4) == "materialise"  # C_in 64: shift's GEMMs run slower
+    assert best_conv(net[0], 32, 8) == "materialise"  # C_in 3
+    resnet = build_model("resnet18", 10, seed=0)
+    assert best_conv(resnet.layer1[0].conv1, 32, 32) == "materialise"  # T = 1024
+
 
 class Unused(nn.Module):
     def __init__(self, const: bool) -> None:
@@ -378,3 +397,117 @@ def test_unused_layers_count_zero_and_input_independent_layers_raise():
     model.use_const = True
     with pytest.raises(NotImplementedError, match="const.*do not depend on the input"):
         layerwise_grad_products(model, *args)
+
+
+class SmallMaps(nn.Module):
+    """Convolutions on 4×4 and 2×2 maps, where ``shift`` takes the unfolded input's Gram
+    matrix from the input's own (``_gram_map``): padding 1 and 2, stride 2, dilation 2,
+    an asymmetric 'same' kernel, a 1×1 output, no bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 5, 3, padding=1)  # 4×4 → 4×4
+        self.conv_b = nn.Conv2d(5, 6, 3, stride=2, padding=1)  # → 2×2
+        self.conv_c = nn.Conv2d(6, 4, 3, padding=2, dilation=2)  # → 2×2
+        self.conv_d = nn.Conv2d(4, 5, (2, 3), padding="same", bias=False)  # → 2×2
+        self.conv_e = nn.Conv2d(5, 4, 2)  # → 1×1, no padding
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv_a(x))
+        h = F.relu(self.conv_b(h), inplace=True)
+        h = torch.tanh(self.conv_c(h)) + h[:, :4]
+        h = torch.tanh(self.conv_d(h))
+        return self.fc(self.conv_e(h).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("method", ["shift", "auto"])
+def test_small_maps_exact_in_float64(float64, method):
+    torch.manual_seed(5)
+    model = SmallMaps().eval()
+    args = inputs(model, k=3, b=5, shape=(3, 4, 4), num_classes=3, scale=0.1)
+    dots, sqnorm = per_sample_grad_products(model, *args)
+    got_dots, got_sq = layerwise_products(model, *args, conv_method=method)
+    torch.testing.assert_close(got_dots, dots, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_sq, sqnorm, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Conv2d(2, 3, 5, padding=2),
+        nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        nn.Conv2d(2, 3, 3, padding=2, dilation=2),
+        nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)),
+        nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding="valid"),
+        nn.Conv2d(2, 3, 11, stride=4, padding=5),
+    ],
+    ids=["3x3p1", "5x5p2", "stride2", "dilation2", "same_asym", "valid_stride", "alexnet1"],
+)
+@pytest.mark.parametrize("hw", [(2, 2), (4, 5), (9, 7)])
+def test_tap_ranges_and_gram_map_match_the_unfolded_input(float64, conv, hw):
+    x = torch.randn(3, 2, *hw)
+    if min(hw) < max(conv.kernel_size) and conv.padding == "valid":
+        pytest.skip("the kernel does not fit the input without padding")
+    u = layerwise._unfold(conv, x, "bdt")  # 3×D×T, with the padding's zeros
+    out_hw = tuple(conv.double()(x).shape[2:])
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    left, _, top, _ = layerwise._pads(conv)
+    rows = tuple(layerwise._tap_ranges(hw[0], out_hw[0], kh, sh, dh, top))
+    cols = tuple(layerwise._tap_ranges(hw[1], out_hw[1], kw, sw, dw, left))
+    # the (position, tap) pairs that meet the input: exactly the unfolded entries that are
+    # not padding (an input of ones marks them)
+    ones = layerwise._unfold(conv, torch.ones(1, 1, *hw), "bdt")[0]  # (kh·kw)×T
+    assert layerwise._shift_pairs(conv, hw, out_hw) == int(ones.sum())
+    assert sum(o1 - o0 for _, o0, o1, _ in rows) * sum(o1 - o0 for _, o0, o1, _ in cols) == int(
+        ones.sum()
+    )
+    m = layerwise._gram_map(hw, out_hw, (sh, sw), rows, cols)
+    xf = x.reshape(3, 2, -1)
+    got = (torch.bmm(xf.transpose(1, 2), xf).reshape(3, -1) @ m).view_as(
+        torch.bmm(u.transpose(1, 2), u)
+    )
+    torch.testing.assert_close(got, torch.bmm(u.transpose(1, 2), u), rtol=1e-12, atol=1e-12)
+
+
+class TwoPaths(nn.Module):
+    """conv_b reads the input through an operation, not the input itself: no seed reaches
+    it, so the route must go back to the input for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv_b = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv_a(x)) + torch.tanh(self.conv_b(2 * x))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_layer_no_seed_reaches_is_recomputed_back_to_the_input(float64, caplog):
+    caplog.set_level(logging.DEBUG, logger="fedmia.attacker.layerwise")
+    torch.manual_seed(6)
+    model = TwoPaths().eval()
+    args = inputs(model, k=2, b=4, shape=(2, 5, 5), num_classes=2, scale=0.1)
+    dots, sqnorm = per_sample_grad_products(model, *args)
+    got_dots, got_sq = layerwise_products(model, *args)
+    torch.testing.assert_close(got_dots, dots, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_sq, sqnorm, rtol=1e-10, atol=1e-12)
+    assert "no output gradient reached layer(s) ['conv_b']" in caplog.text
+
+
+def test_tap_major_updates_are_made_once_per_update_tensor():
+    upd = torch.randn(2, 3, 4, 3, 3)
+    taps = layerwise._TAP_MAJOR.get(upd)
+    assert taps.shape == (6, 9, 4)
+    torch.testing.assert_close(taps[:, 4], upd[:, :, :, 1, 1].reshape(6, 4), rtol=0, atol=0)
+    assert layerwise._TAP_MAJOR.get(upd) is taps  # the same tensor, unchanged: reused
+    upd.mul_(2)  # changed in place: made again
+    again = layerwise._TAP_MAJOR.get(upd)
+    torch.testing.assert_close(again[:, 0], upd[:, :, :, 0, 0].reshape(6, 4), rtol=0, atol=0)
+    other = upd.clone()  # equal values, another tensor: its own entry
+    assert layerwise._TAP_MAJOR.get(other) is not again

@@ -41,7 +41,9 @@ type owning parameters raises ``NotImplementedError``.
 
 from __future__ import annotations
 
+import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,8 +55,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 log = logging.getLogger(__name__)
 
-ConvMethod = Literal["auto", "materialise", "ghost"]
-CONV_METHODS: tuple[str, ...] = ("auto", "materialise", "ghost")
+ConvMethod = Literal["auto", "materialise", "ghost", "shift"]
+CONV_METHODS: tuple[str, ...] = ("auto", "materialise", "ghost", "shift")
 #: Default bound on the floats of one layer's per-sub-batch work buffers (64 MB in float32).
 MAX_BUFFER_FLOATS = 1 << 24
 #: Multiply-adds that moving one float through memory costs, roughly: measured on a 2-core
@@ -68,50 +70,91 @@ SMALL_GEMM_WEIGHT = 4
 #: Floats of one block of per-sample gradients ``G_i`` in the ``materialise`` method
 #: (4 MB in float32): small enough to be read back from cache.
 G_BLOCK_FLOATS = 1 << 20
+#: Input channels below which ``shift``'s GEMMs (inner dimension C_in) count as small ones
+#: (:data:`SMALL_GEMM_WEIGHT`): measured on a 2-core CPU, K = 10, one thread, AlexNet's
+#: conv2 (C_in 64, 4×4 maps) ran ~20 % slower by ``shift`` than by ``materialise`` (its
+#: first layer has C_in 3); its 2×2 layers (C_in ≥ 192) run ~2× faster than ``ghost``.
+SHIFT_MIN_CIN = 128
+#: Largest (H·W·T)² for which ``shift`` takes the unfolded input's T×T Gram matrix from the
+#: input's own (:func:`_gram_map`, a float map of that many entries) instead of unfolding
+#: the input (2×2 maps: 256; 4×4: 65,536).
+GRAM_MAP_MAX = 1 << 16
 _SUPPORTED = (nn.Linear, nn.Conv2d, _BatchNorm, nn.GroupNorm)
 _NORMS = (_BatchNorm, nn.GroupNorm)
 
 
-def conv_costs(c_out: int, d: int, t: int, k: int) -> dict[str, float]:
-    """Estimated cost per sample of the two weight methods of a Linear/Conv2d layer.
+@dataclass(frozen=True)
+class ShiftShape:
+    """What the ``shift`` method's cost depends on, for a Conv2d layer.
+
+    Attributes:
+        cin: input channels C_in (the inner dimension of its GEMMs).
+        pairs: (output position, kernel tap) pairs that meet the input, not the padding
+            (:func:`_shift_pairs`; T·kh·kw without padding).
+        input_floats: C_in·H·W, the layer input per sample.
+    """
+
+    cin: int
+    pairs: int
+    input_floats: int
+
+
+def conv_costs(
+    c_out: int, d: int, t: int, k: int, shift: ShiftShape | None = None
+) -> dict[str, float]:
+    """Estimated cost per sample of the weight methods of a Linear/Conv2d layer.
 
     Multiply-adds plus :data:`MEMORY_WEIGHT` times the floats written to and read
-    back from memory (the unfolded input; for ``ghost`` also the Gram matrices and the
-    K convolved outputs; ``materialise`` keeps its ``G_i`` blocks in cache). The
-    ``materialise`` GEMMs (inner dimension T for ``G_i``, K outputs for the dots) run
-    :data:`SMALL_GEMM_WEIGHT` times slower per multiply-add than ``ghost``'s one large GEMM.
+    back from memory (the unfolded input; for ``ghost`` and ``shift`` also the Gram
+    matrices and the K convolved outputs, for ``shift`` the reordered input and output
+    gradient; ``materialise`` keeps its ``G_i`` blocks in cache). The ``materialise``
+    GEMMs (inner dimension T for ``G_i``, K outputs for the dots) run
+    :data:`SMALL_GEMM_WEIGHT` times slower per multiply-add than ``ghost``'s one large GEMM;
+    so do ``shift``'s where C_in < :data:`SHIFT_MIN_CIN`.
 
     Args:
         c_out: output channels (features) C.
         d: unfolded input size D = C_in·kh·kw (``in_features`` for Linear).
         t: output positions T (1 for a 2-D Linear input).
         k: number of updates K.
+        shift: a Conv2d layer's :class:`ShiftShape`; ``None`` (Linear): no ``shift`` entry.
 
     Returns:
-        ``{"materialise": ..., "ghost": ...}``.
+        ``{"materialise": ..., "ghost": ...}``, and ``"shift"`` where ``shift`` is given.
     """
     unfold = d * t if t > 1 else 0
     gram = t * t * (d + c_out + 1) if t > 1 else d + c_out
     mat_macs = c_out * d * t + k * c_out * d + min(gram, c_out * d)
     ghost_macs = gram + k * c_out * d * t
     ghost_floats = unfold + 2 * t * t + 2 * k * c_out * t
-    return {
+    costs = {
         "materialise": SMALL_GEMM_WEIGHT * mat_macs + MEMORY_WEIGHT * unfold,
         "ghost": ghost_macs + MEMORY_WEIGHT * ghost_floats,
     }
+    if shift is not None:
+        weight = SMALL_GEMM_WEIGHT if shift.cin < SHIFT_MIN_CIN else 1
+        shift_floats = ghost_floats + shift.input_floats + c_out * t
+        costs["shift"] = (
+            gram + weight * k * c_out * shift.cin * shift.pairs + MEMORY_WEIGHT * shift_floats
+        )
+    return costs
 
 
-def buffer_floats(method: str, c_out: int, d: int, t: int, k: int) -> int:
+def buffer_floats(method: str, c_out: int, d: int, t: int, k: int, input_floats: int = 0) -> int:
     """Floats per sample of a weight method's work buffers (unfolded input included).
 
     ``materialise``'s block of ``G_i`` is bounded on its own (:data:`G_BLOCK_FLOATS`);
     its 2·T² counts the Gram matrices even where ‖G_i‖² is read from the blocks instead,
     which keeps the sub-batches of large-T layers small: ResNet18's 32×32 layers ran in
     0.32 s of CPU time so (8 samples per sub-batch) against 0.47 s with all 64 at once.
+    ``shift`` also holds its reordered input (``input_floats`` = C_in·H·W) and output
+    gradient, and one output row's K·C outputs (counted as all T of them).
     """
     unfold = d * t if t > 1 else 0
     if method == "materialise":
         return unfold + 2 * t * t + d  # the block holds at least one channel per sample
+    if method == "shift":
+        return unfold + 2 * t * t + k * c_out * t + input_floats + c_out * t
     return unfold + 2 * t * t + k * c_out * t
 
 
@@ -131,6 +174,10 @@ class _Capture:
 
 class _InputModified(Exception):
     """A recorded layer input was changed in place after the layer read it."""
+
+
+class _Unreached(Exception):
+    """A layer's output gradient lies on no path from the loss to the seeds (see ``_run``)."""
 
 
 def _check_module(module: nn.Module, name: str) -> None:
@@ -160,6 +207,51 @@ def _check_module(module: nn.Module, name: str) -> None:
         )
 
 
+def _pads(module: nn.Conv2d) -> list[int]:
+    """The conv's zero padding in ``F.pad`` order: (left, right, top, bottom).
+
+    ``padding="same"`` may be asymmetric (the extra row/column goes right/bottom, as
+    PyTorch pads it).
+    """
+    (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+    if module.padding == "same":
+        pads: list[int] = []
+        for dil, ks in ((dw, kw), (dh, kh)):
+            total = dil * (ks - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    if module.padding == "valid":
+        return [0, 0, 0, 0]
+    ph, pw = module.padding
+    return [pw, pw, ph, ph]
+
+
+def _tap_ranges(n_in: int, n_out: int, k: int, stride: int, dil: int, pad: int) -> list:
+    """Along one axis, per kernel tap j, the output positions whose tap j meets the input.
+
+    Output position o reads input ``o·stride − pad + j·dil``; the positions where that lies
+    in ``[0, n_in)`` form one range. Returns ``[(j, o0, o1, i0)]`` for the taps that meet the
+    input at all: outputs ``o0 ≤ o < o1``, the first of them reading input ``i0``.
+    """
+    out = []
+    for j in range(k):
+        off = j * dil - pad  # input index of output 0
+        o0 = max(0, -(off // stride)) if off < 0 else 0
+        o1 = min(n_out, (n_in - 1 - off) // stride + 1) if off < n_in else 0
+        if o0 < o1:
+            out.append((j, o0, o1, o0 * stride + off))
+    return out
+
+
+def _shift_pairs(module: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """How many (output position, kernel tap) pairs meet the input rather than the padding."""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    left, _, top, _ = _pads(module)
+    rows = _tap_ranges(in_hw[0], out_hw[0], kh, sh, dh, top)
+    cols = _tap_ranges(in_hw[1], out_hw[1], kw, sw, dw, left)
+    return sum(o1 - o0 for _, o0, o1, _ in rows) * sum(o1 - o0 for _, o0, o1, _ in cols)
+
+
 def _unfold(module: nn.Module, a: torch.Tensor, layout: str) -> torch.Tensor:
     """The layer input as columns: ``layout`` "bdt" (B×D×T) or "dn" (D×(B·T)).
 
@@ -174,16 +266,7 @@ def _unfold(module: nn.Module, a: torch.Tensor, layout: str) -> torch.Tensor:
             return rows.view(a.shape[0], -1, a.shape[-1]).transpose(1, 2)
         return rows.T
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    if module.padding == "same":  # possibly asymmetric: F.pad order is (left, right, top, bottom)
-        pads: list[int] = []
-        for dil, ks in ((dw, kw), (dh, kh)):
-            total = dil * (ks - 1)
-            pads += [total // 2, total - total // 2]
-    elif module.padding == "valid":
-        pads = [0, 0, 0, 0]
-    else:
-        ph, pw = module.padding
-        pads = [pw, pw, ph, ph]
+    pads = _pads(module)
     if any(pads):
         a = F.pad(a, pads)
     p = a.unfold(2, dh * (kh - 1) + 1, sh)[..., ::dh]  # B×C×Ho×W×kh
@@ -208,6 +291,7 @@ def _weight_terms(
     """Add a Linear/Conv2d layer's weight (and bias) terms to ``dots`` and ``sqnorm``."""
     module = cap.module
     b = a.shape[0]
+    out_hw = tuple(delta.shape[2:])
     if isinstance(module, nn.Conv2d):
         delta = delta.reshape(b, delta.shape[1], -1)  # B×C×T, a view
     else:
@@ -220,20 +304,33 @@ def _weight_terms(
         sqnorm += (gb * gb).sum(1)
     if "weight" not in cap.params:
         return
-    uw = updates[cap.params["weight"]]
-    k = uw.shape[0]
-    uw = uw.reshape(k, c_out, -1)  # K×C×D: a view, also of rows of a K×P uploads matrix
+    upd = updates[cap.params["weight"]]
+    k = upd.shape[0]
+    uw = upd.reshape(k, c_out, -1)  # K×C×D: a view, also of rows of a K×P uploads matrix
     d = uw.shape[2]
+    is_conv = isinstance(module, nn.Conv2d)
+    shape = None
+    if is_conv:
+        in_floats = a[0].numel()
+        shape = ShiftShape(a.shape[1], _shift_pairs(module, a.shape[2:], out_hw), in_floats)
     if method == "auto":
-        costs = conv_costs(c_out, d, t, k)
+        costs = conv_costs(c_out, d, t, k, shape)
         method = min(costs, key=costs.__getitem__)
-    step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k)))
+    elif method == "shift" and not is_conv:
+        method = "ghost"  # a Linear layer has no taps: shift is ghost there
+    in_floats = shape.input_floats if shape is not None else 0
+    step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k, in_floats)))
     if method == "materialise":
         _materialise(module, a, delta, uw, dots, sqnorm, step, max_floats)
         return
+    taps = _TAP_MAJOR.get(upd) if method == "shift" else None
     for s in range(0, b, step):
         dl = delta[s : s + step]  # b_s×C×T
         bs = dl.shape[0]
+        if taps is not None:
+            part = slice(s, s + step)
+            _shift_terms(module, a[part], dl, taps, out_hw, dots[part], sqnorm[part])
+            continue
         u = _unfold(module, a[s : s + step], "dn")  # D×(b_s·T)
         if t == 1:
             sqnorm[s : s + step] += (u * u).sum(0) * (dl * dl).sum((1, 2))
@@ -248,6 +345,160 @@ def _weight_terms(
         for j in range(k):
             torch.mm(uw[j], u, out=conv[j])
         dots[s : s + step] += torch.einsum("kcbt,bct->bk", conv.view(k, c_out, bs, t), dl)
+
+
+class _TapMajor:
+    """Each Conv2d layer's K updates with the taps outside the input channels, once per round.
+
+    ``Δ[:, :, :, r, s]`` of a K×C×C_in×kh×kw update is a (K·C)×C_in matrix whose C_in
+    entries are kh·kw floats apart, which no GEMM reads as it is; the ``shift`` method needs
+    it with unit stride. Each (k, c) row's C_in×(kh·kw) block is transposed to (kh·kw)×C_in
+    (a local copy: about the cost of copying the layer's updates), so that every tap's
+    slice is a (K·C)×C_in matrix with rows kh·kw·C_in apart. It is made once and reused by
+    every chunk of the round: entries are keyed by the update tensor (the same object,
+    unmodified: its version counter is checked) and dropped when that tensor is freed;
+    their memory is kept for the next round's layer of the same size (one spare per size),
+    which spares the page faults of a fresh allocation each round.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._spare: dict[tuple, torch.Tensor] = {}
+
+    def get(self, upd: torch.Tensor) -> torch.Tensor:
+        """``upd`` (K×C×C_in×kh×kw) as (K·C)×(kh·kw)×C_in, contiguous."""
+        key = id(upd)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is upd and hit[1] == upd._version:
+            return hit[2]
+        k, c_out, cin, kh, kw = upd.shape
+        size = (upd.numel(), upd.dtype, upd.device)
+        buf = self._spare.pop(size, None)
+        if buf is None:
+            buf = torch.empty(upd.numel(), dtype=upd.dtype, device=upd.device)
+        taps = buf.view(k * c_out, kh * kw, cin)
+        taps.view(k, c_out, kh * kw, cin).copy_(upd.reshape(k, c_out, cin, -1).transpose(2, 3))
+
+        def drop(_: weakref.ref, key: int = key, size: tuple = size) -> None:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._spare[size] = entry[2].view(-1)
+
+        self._entries[key] = (weakref.ref(upd, drop), upd._version, taps)
+        return taps
+
+
+_TAP_MAJOR = _TapMajor()
+
+
+@functools.lru_cache(maxsize=64)
+def _gram_map(
+    in_hw: tuple[int, int],
+    out_hw: tuple[int, int],
+    stride: tuple[int, int],
+    rows: tuple,
+    cols: tuple,
+) -> torch.Tensor:
+    """The fixed map from a sample's input Gram matrix to its unfolded input's.
+
+    ``(U_iᵀU_i)_{tt'} = Σ_{(r,s)} ⟨x_i[:, π_rs(t)], x_i[:, π_rs(t')]⟩`` over the taps (r, s)
+    that meet the input at both outputs t and t' (π_rs(t): the input position tap (r, s)
+    reads for output t), so with ``X_i = x_iᵀx_i`` (H·W × H·W, summed over channels),
+    ``vec(U_iᵀU_i) = vec(X_i) · M``: C_in·(H·W)² multiply-adds per sample instead of
+    unfolding the input.
+
+    Args:
+        in_hw: the input's (H, W).
+        out_hw: the output's (Ho, Wo).
+        stride: the conv's (sh, sw).
+        rows: :func:`_tap_ranges` along the height, as a tuple.
+        cols: the same along the width.
+
+    Returns:
+        float64 (H·W)²×T² (entries count taps), on the CPU.
+    """
+    (h, w), (ho, wo) = in_hw, out_hw
+    hw, t = h * w, ho * wo
+    m = torch.zeros(hw * hw, t * t, dtype=torch.float64)
+    for _, p0, p1, i0 in rows:
+        for _, q0, q1, j0 in cols:
+            ps, qs = torch.meshgrid(torch.arange(p1 - p0), torch.arange(q1 - q0), indexing="ij")
+            outs = ((p0 + ps) * wo + q0 + qs).reshape(-1)  # the outputs this tap reaches
+            ins = ((i0 + ps * stride[0]) * w + j0 + qs * stride[1]).reshape(-1)  # what it reads
+            rows_m = (ins[:, None] * hw + ins[None, :]).reshape(-1)
+            cols_m = (outs[:, None] * t + outs[None, :]).reshape(-1)
+            m.index_put_((rows_m, cols_m), torch.ones(len(rows_m), dtype=m.dtype), accumulate=True)
+    return m
+
+
+def _shift_terms(
+    module: nn.Conv2d,
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    taps: torch.Tensor,
+    out_hw: tuple[int, int],
+    dots: torch.Tensor,
+    sqnorm: torch.Tensor,
+) -> None:
+    """The ``shift`` weight method of a Conv2d layer: its padding's zeros never multiplied.
+
+    ``⟨G_i, Δ_k⟩ = Σ_t δ_{i,t} · (Δ_k ∗ x_i)_t``: per output position t and kernel row r,
+    one GEMM of the input columns that row's taps read there (only those inside the
+    input) with those taps' slice of the K updates, accumulated into the position's K·C
+    outputs (b×K·C, in cache) and contracted with ``δ_{·,t}``. Multiply-adds K·C·C_in per
+    (position, tap) pair that meets the input: on AlexNet's 2×2 maps with 3×3 kernels, 16
+    of ``ghost``'s 36. ``‖G_i‖²`` from the T×T Gram matrices, the input's taken from its own
+    H·W×H·W Gram matrix (:func:`_gram_map`) where that map is small
+    (:data:`GRAM_MAP_MAX`), else from the unfolded input.
+
+    Args:
+        module: the Conv2d layer.
+        a: its input, b×C_in×H×W.
+        delta: its output gradient, b×C×T (T = Ho·Wo, row-major).
+        taps: the K updates of its weight, (K·C)×(kh·kw)×C_in (:class:`_TapMajor`).
+        out_hw: (Ho, Wo).
+        dots: b×K, accumulated in place.
+        sqnorm: b, accumulated in place.
+    """
+    b, cin, h, w = a.shape
+    c_out, t = delta.shape[1:]
+    ho, wo = out_hw
+    kc = taps.shape[0]
+    k = kc // c_out
+    left, _, top, _ = _pads(module)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    rows = tuple(_tap_ranges(h, ho, kh, sh, dh, top))
+    cols = tuple(_tap_ranges(w, wo, kw, sw, dw, left))
+    gram_d = torch.bmm(delta.transpose(1, 2), delta)  # b×T×T
+    if (h * w * t) ** 2 <= GRAM_MAP_MAX:
+        xf = a.reshape(b, cin, h * w)
+        gram_x = torch.bmm(xf.transpose(1, 2), xf).reshape(b, -1)  # b×(H·W)²
+        m = _gram_map((h, w), out_hw, (sh, sw), rows, cols).to(a.dtype).to(a.device)
+        gram_u = (gram_x @ m).view(b, t, t)
+    else:
+        u = _unfold(module, a, "bdt")  # b×D×T
+        gram_u = torch.bmm(u.transpose(1, 2), u)
+    sqnorm += (gram_u * gram_d).sum((1, 2))
+    x = a.permute(2, 0, 3, 1).contiguous()  # H×b×W×C_in: a kernel row's inputs, side by side
+    dl = delta.permute(2, 0, 1).contiguous()  # T×b×C
+    flat = taps.view(kc, -1)  # (K·C)×(kh·kw·C_in): taps (r, s0..s1) are adjacent columns
+    out = torch.empty(b, kc, dtype=a.dtype, device=a.device)
+    for p in range(ho):
+        kernel_rows = [(r, i0 + (p - p0) * sh) for r, p0, p1, i0 in rows if p0 <= p < p1]
+        for q in range(wo):
+            col_taps = [(s, j0 + (q - q0) * sw) for s, q0, q1, j0 in cols if q0 <= q < q1]
+            if not kernel_rows or not col_taps:
+                continue  # every tap of this output reads padding: G_i has no share of it
+            s0, s1, j, ns = col_taps[0][0], col_taps[-1][0] + 1, col_taps[0][1], len(col_taps)
+            for n, (r, i) in enumerate(kernel_rows):
+                xs = x[i, :, j : j + (ns - 1) * dw + 1 : dw].reshape(b, ns * cin)
+                wt = flat[:, (r * kw + s0) * cin : (r * kw + s1) * cin].T
+                if n == 0:
+                    torch.mm(xs, wt, out=out)
+                else:
+                    out.addmm_(xs, wt)
+            tt = p * wo + q
+            dots += torch.bmm(out.view(b, k, c_out), dl[tt].view(b, c_out, 1)).view(b, k)
 
 
 def _materialise(
@@ -397,9 +648,10 @@ def layerwise_products(
             conv_method,
             max_buffer_floats,
             clone_inputs=False,
+            seeds=True,
         )
-    except _InputModified as err:
-        log.debug("%s; recomputing with copied layer inputs", err)
+    except (_InputModified, _Unreached) as err:
+        log.debug("%s; recomputing with copied layer inputs, back to the input", err)
         for cap in caps:
             cap.calls, cap.a, cap.stats, cap.blind = 0, None, None, False
         return _run(
@@ -413,6 +665,7 @@ def layerwise_products(
             conv_method,
             max_buffer_floats,
             clone_inputs=True,
+            seeds=False,
         )
 
 
@@ -428,13 +681,26 @@ def _run(
     max_floats: int,
     *,
     clone_inputs: bool,
+    seeds: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward and backward pass with the capture hooks (see :func:`layerwise_products`).
+
+    With ``seeds``, a layer that reads the model's input itself gets a zero scalar leaf
+    added to its output, and the backward pass runs to those leaves only: the gradient
+    w.r.t. the input (AlexNet's first layer: a strided transposed convolution, ~25 % of
+    the pass) is never computed. Raises :class:`_Unreached` where a layer's output
+    gradient was then not reached (a layer reading the input through other operations);
+    the caller runs again without seeds, back to the input.
+    """
     b = x.shape[0]
     k = next(iter(updates.values())).shape[0]
     dots = torch.zeros(b, k, dtype=x.dtype, device=x.device)
     sqnorm = torch.zeros(b, dtype=x.dtype, device=x.device)
+    leaves: list[torch.Tensor] = []
+    pending: set[str] = set()  # layers whose output gradient is still to come
 
     def on_grad(cap: _Capture, delta: torch.Tensor) -> None:
+        pending.discard(cap.name)
         a = cap.a
         if a._version != cap.a_version:
             raise _InputModified(f"the input of '{cap.name}' was modified in place")
@@ -446,7 +712,7 @@ def _run(
         cap.a, cap.stats = None, None
 
     def forward_hook(cap: _Capture):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             cap.calls += 1
             if cap.calls > 1:
                 raise NotImplementedError(
@@ -461,10 +727,16 @@ def _run(
                 cap.stats = (module.running_mean.detach(), module.running_var.detach(), module.eps)
             # registered before any in-place op on the output (e.g. ReLU(inplace=True)):
             # receives the gradient w.r.t. the layer's own output
-            if output.requires_grad:
-                output.register_hook(lambda g: on_grad(cap, g))
-            else:  # not downstream of the input: its gradient cannot be captured
+            if not output.requires_grad:  # not downstream of the input: cannot be captured
                 cap.blind = True
+                return None
+            if seeds and a is xr:
+                leaf = torch.zeros((), dtype=output.dtype, device=output.device)
+                leaves.append(leaf.requires_grad_(True))
+                output = output + leaf  # replaces the layer's output
+            output.register_hook(lambda g: on_grad(cap, g))
+            pending.add(cap.name)
+            return output
 
         return hook
 
@@ -478,7 +750,9 @@ def _run(
             xr = x.detach().requires_grad_(True)
             out = functional_call(model, (params, buffers), (xr,))
             loss = F.cross_entropy(out, y, reduction="sum")  # δ_i is sample i's own gradient
-            torch.autograd.grad(loss, xr)
+            torch.autograd.grad(loss, leaves or xr, allow_unused=True)
+        if leaves and pending:
+            raise _Unreached(f"no output gradient reached layer(s) {sorted(pending)}")
     finally:
         for h in handles:
             h.remove()
