@@ -55,8 +55,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 log = logging.getLogger(__name__)
 
-ConvMethod = Literal["auto", "materialise", "ghost", "shift"]
-CONV_METHODS: tuple[str, ...] = ("auto", "materialise", "ghost", "shift")
+ConvMethod = Literal["auto", "materialise", "ghost", "shift", "taps"]
+CONV_METHODS: tuple[str, ...] = ("auto", "materialise", "ghost", "shift", "taps")
 #: Default bound on the floats of one layer's per-sub-batch work buffers (64 MB in float32).
 MAX_BUFFER_FLOATS = 1 << 24
 #: Multiply-adds that moving one float through memory costs, roughly: measured on a 2-core
@@ -137,10 +137,15 @@ def conv_costs(
         costs["shift"] = (
             gram + weight * k * c_out * shift.cin * shift.pairs + MEMORY_WEIGHT * shift_floats
         )
+        taps_macs = c_out * shift.cin * shift.pairs + k * c_out * d + c_out * d
+        taps_floats = shift.input_floats + shift.pairs * (shift.cin + c_out)
+        costs["taps"] = SMALL_GEMM_WEIGHT * taps_macs + MEMORY_WEIGHT * taps_floats
     return costs
 
 
-def buffer_floats(method: str, c_out: int, d: int, t: int, k: int, input_floats: int = 0) -> int:
+def buffer_floats(
+    method: str, c_out: int, d: int, t: int, k: int, input_floats: int = 0, cin: int = 0
+) -> int:
     """Floats per sample of a weight method's work buffers (unfolded input included).
 
     ``materialise``'s block of ``G_i`` is bounded on its own (:data:`G_BLOCK_FLOATS`);
@@ -148,13 +153,16 @@ def buffer_floats(method: str, c_out: int, d: int, t: int, k: int, input_floats:
     which keeps the sub-batches of large-T layers small: ResNet18's 32×32 layers ran in
     0.32 s of CPU time so (8 samples per sub-batch) against 0.47 s with all 64 at once.
     ``shift`` also holds its reordered input (``input_floats`` = C_in·H·W) and output
-    gradient, and one output row's K·C outputs (counted as all T of them).
+    gradient, and one output row's K·C outputs (counted as all T of them); ``taps`` its
+    reordered input, one tap's share of G_i (C·C_in, ``cin`` = C_in) and what it gathers.
     """
     unfold = d * t if t > 1 else 0
     if method == "materialise":
         return unfold + 2 * t * t + d  # the block holds at least one channel per sample
     if method == "shift":
         return unfold + 2 * t * t + k * c_out * t + input_floats + c_out * t
+    if method == "taps":  # the reordered input, one tap's G_i share, its gathered δ and x
+        return input_floats + c_out * cin + t * (cin + c_out)
     return unfold + 2 * t * t + k * c_out * t
 
 
@@ -316,14 +324,20 @@ def _weight_terms(
     if method == "auto":
         costs = conv_costs(c_out, d, t, k, shape)
         method = min(costs, key=costs.__getitem__)
-    elif method == "shift" and not is_conv:
-        method = "ghost"  # a Linear layer has no taps: shift is ghost there
-    in_floats = shape.input_floats if shape is not None else 0
-    step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k, in_floats)))
+    elif method in ("shift", "taps") and not is_conv:
+        method = "ghost"  # a Linear layer has no taps: shift and taps are ghost there
+    in_floats, cin = (shape.input_floats, shape.cin) if shape is not None else (0, 0)
+    step = max(1, max_floats // max(1, buffer_floats(method, c_out, d, t, k, in_floats, cin)))
     if method == "materialise":
         _materialise(module, a, delta, uw, dots, sqnorm, step, max_floats)
         return
-    taps = _TAP_MAJOR.get(upd) if method == "shift" else None
+    if method == "taps":
+        utaps = _TAP_MAJOR.get(upd, "taps")
+        for s in range(0, b, step):
+            part = slice(s, s + step)
+            _taps_terms(module, a[part], delta[part], utaps, out_hw, dots[part], sqnorm[part])
+        return
+    taps = _TAP_MAJOR.get(upd, "shift") if method == "shift" else None
     for s in range(0, b, step):
         dl = delta[s : s + step]  # b_s×C×T
         bs = dl.shape[0]
@@ -347,39 +361,66 @@ def _weight_terms(
         dots[s : s + step] += torch.einsum("kcbt,bct->bk", conv.view(k, c_out, bs, t), dl)
 
 
+def _taps_inner(upd: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``upd`` (K×C×C_in×kh×kw) into ``out`` as (K·C)×(kh·kw)×C_in (``shift``'s layout).
+
+    Each (k, c) row's C_in×(kh·kw) block transposed: a local copy.
+    """
+    k, c_out, cin, kh, kw = upd.shape
+    taps = out.view(k * c_out, kh * kw, cin)
+    taps.view(k, c_out, kh * kw, cin).copy_(upd.reshape(k, c_out, cin, -1).transpose(2, 3))
+    return taps
+
+
+def _taps_outer(upd: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``upd`` (K×C×C_in×kh×kw) into ``out`` as (kh·kw)×K×(C·C_in) (``taps``'s layout).
+
+    Per update, a (C·C_in)×(kh·kw) transpose in blocks of rows that stay in cache (a
+    whole strided transpose ran ~4× slower).
+    """
+    k, c_out, cin, kh, kw = upd.shape
+    taps = out.view(kh * kw, k, c_out * cin)
+    rows = 1 << 12
+    for j in range(k):
+        src = upd[j].reshape(c_out * cin, kh * kw)
+        for r0 in range(0, c_out * cin, rows):
+            taps[:, j, r0 : r0 + rows].copy_(src[r0 : r0 + rows].T)
+    return taps
+
+
 class _TapMajor:
-    """Each Conv2d layer's K updates with the taps outside the input channels, once per round.
+    """Each Conv2d layer's K updates with their kernel taps apart, once per round.
 
     ``Δ[:, :, :, r, s]`` of a K×C×C_in×kh×kw update is a (K·C)×C_in matrix whose C_in
-    entries are kh·kw floats apart, which no GEMM reads as it is; the ``shift`` method needs
-    it with unit stride. Each (k, c) row's C_in×(kh·kw) block is transposed to (kh·kw)×C_in
-    (a local copy: about the cost of copying the layer's updates), so that every tap's
-    slice is a (K·C)×C_in matrix with rows kh·kw·C_in apart. It is made once and reused by
-    every chunk of the round: entries are keyed by the update tensor (the same object,
-    unmodified: its version counter is checked) and dropped when that tensor is freed;
-    their memory is kept for the next round's layer of the same size (one spare per size),
-    which spares the page faults of a fresh allocation each round.
+    entries are kh·kw floats apart, which no GEMM reads as it is. ``shift`` needs every
+    tap's slice as a (K·C)×C_in matrix with unit stride (:func:`_taps_inner`), ``taps`` as a
+    K×(C·C_in) one (:func:`_taps_outer`); each copy costs about a copy of the layer's
+    updates. It is made once and reused by every chunk of the round: entries are keyed by
+    the update tensor (the same object, unmodified: its version counter is checked) and the
+    layout, and dropped when that tensor is freed; their memory is kept for the next
+    round's layer of the same size (one spare per size), which spares the page faults of a
+    fresh allocation each round.
     """
 
+    LAYOUTS = {"shift": _taps_inner, "taps": _taps_outer}
+
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._entries: dict[tuple[int, str], tuple[weakref.ref, int, torch.Tensor]] = {}
         self._spare: dict[tuple, torch.Tensor] = {}
 
-    def get(self, upd: torch.Tensor) -> torch.Tensor:
-        """``upd`` (K×C×C_in×kh×kw) as (K·C)×(kh·kw)×C_in, contiguous."""
-        key = id(upd)
+    def get(self, upd: torch.Tensor, layout: str) -> torch.Tensor:
+        """``upd`` (K×C×C_in×kh×kw) in ``layout`` (a key of :attr:`LAYOUTS`), contiguous."""
+        key = (id(upd), layout)
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is upd and hit[1] == upd._version:
             return hit[2]
-        k, c_out, cin, kh, kw = upd.shape
         size = (upd.numel(), upd.dtype, upd.device)
         buf = self._spare.pop(size, None)
         if buf is None:
             buf = torch.empty(upd.numel(), dtype=upd.dtype, device=upd.device)
-        taps = buf.view(k * c_out, kh * kw, cin)
-        taps.view(k, c_out, kh * kw, cin).copy_(upd.reshape(k, c_out, cin, -1).transpose(2, 3))
+        taps = self.LAYOUTS[layout](upd, buf)
 
-        def drop(_: weakref.ref, key: int = key, size: tuple = size) -> None:
+        def drop(_: weakref.ref, key: tuple = key, size: tuple = size) -> None:
             entry = self._entries.pop(key, None)
             if entry is not None:
                 self._spare[size] = entry[2].view(-1)
@@ -431,6 +472,41 @@ def _gram_map(
     return m
 
 
+def _mapped_sqnorm(
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    out_hw: tuple[int, int],
+    stride: tuple[int, int],
+    rows: tuple,
+    cols: tuple,
+    sqnorm: torch.Tensor,
+) -> bool:
+    """``sqnorm += ‖G_i‖²`` of a Conv2d layer from T×T Gram matrices, where the map is small.
+
+    The input's T×T Gram matrix is taken from its own H·W×H·W one (:func:`_gram_map`)
+    where that map has at most :data:`GRAM_MAP_MAX` entries; returns whether it did.
+
+    Args:
+        a: the layer input, b×C_in×H×W.
+        delta: its output gradient, b×C×T.
+        out_hw: (Ho, Wo).
+        stride: the conv's (sh, sw).
+        rows: :func:`_tap_ranges` along the height, as a tuple.
+        cols: the same along the width.
+        sqnorm: b, accumulated in place.
+    """
+    b, cin, h, w = a.shape
+    t = delta.shape[2]
+    if (h * w * t) ** 2 > GRAM_MAP_MAX:
+        return False
+    xf = a.reshape(b, cin, h * w)
+    gram_x = torch.bmm(xf.transpose(1, 2), xf).reshape(b, -1)  # b×(H·W)²
+    m = _gram_map((h, w), out_hw, stride, rows, cols).to(a.dtype).to(a.device)
+    gram_u = (gram_x @ m).view(b, t, t)
+    sqnorm += (gram_u * torch.bmm(delta.transpose(1, 2), delta)).sum((1, 2))
+    return True
+
+
 def _shift_terms(
     module: nn.Conv2d,
     a: torch.Tensor,
@@ -469,16 +545,10 @@ def _shift_terms(
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     rows = tuple(_tap_ranges(h, ho, kh, sh, dh, top))
     cols = tuple(_tap_ranges(w, wo, kw, sw, dw, left))
-    gram_d = torch.bmm(delta.transpose(1, 2), delta)  # b×T×T
-    if (h * w * t) ** 2 <= GRAM_MAP_MAX:
-        xf = a.reshape(b, cin, h * w)
-        gram_x = torch.bmm(xf.transpose(1, 2), xf).reshape(b, -1)  # b×(H·W)²
-        m = _gram_map((h, w), out_hw, (sh, sw), rows, cols).to(a.dtype).to(a.device)
-        gram_u = (gram_x @ m).view(b, t, t)
-    else:
+    if not _mapped_sqnorm(a, delta, out_hw, (sh, sw), rows, cols, sqnorm):
         u = _unfold(module, a, "bdt")  # b×D×T
         gram_u = torch.bmm(u.transpose(1, 2), u)
-    sqnorm += (gram_u * gram_d).sum((1, 2))
+        sqnorm += (gram_u * torch.bmm(delta.transpose(1, 2), delta)).sum((1, 2))
     x = a.permute(2, 0, 3, 1).contiguous()  # H×b×W×C_in: a kernel row's inputs, side by side
     dl = delta.permute(2, 0, 1).contiguous()  # T×b×C
     flat = taps.view(kc, -1)  # (K·C)×(kh·kw·C_in): taps (r, s0..s1) are adjacent columns
@@ -499,6 +569,58 @@ def _shift_terms(
                     out.addmm_(xs, wt)
             tt = p * wo + q
             dots += torch.bmm(out.view(b, k, c_out), dl[tt].view(b, c_out, 1)).view(b, k)
+
+
+def _taps_terms(
+    module: nn.Conv2d,
+    a: torch.Tensor,
+    delta: torch.Tensor,
+    utaps: torch.Tensor,
+    out_hw: tuple[int, int],
+    dots: torch.Tensor,
+    sqnorm: torch.Tensor,
+) -> None:
+    """The ``taps`` weight method of a Conv2d layer: per-sample gradients tap by tap.
+
+    For each kernel tap τ = (r, s), the per-sample gradient's share
+    ``G_i[:, :, τ] = Σ_t δ_{i,t} x_i[:, π_τ(t)]ᵀ`` (C×C_in) over the outputs t where the tap
+    meets the input (one ``bmm`` over the sub-batch: the padding's zeros never
+    multiplied), contracted at once with the K updates' slice for that tap (one GEMM)
+    and with itself (``‖G_i‖² = Σ_τ ‖G_i[:, :, τ]‖²``; from the Gram matrices where
+    :func:`_mapped_sqnorm` applies). Multiply-adds C·C_in per (position,
+    tap) pair plus K·C·D, like ``materialise`` but with no unfolded input and an inner
+    dimension of C_in for the dots.
+
+    Args:
+        module: the Conv2d layer.
+        a: its input, b×C_in×H×W.
+        delta: its output gradient, b×C×T (T = Ho·Wo, row-major).
+        utaps: the K updates of its weight, (kh·kw)×K×(C·C_in) (:class:`_TapMajor`).
+        out_hw: (Ho, Wo).
+        dots: b×K, accumulated in place.
+        sqnorm: b, accumulated in place.
+    """
+    b, cin, h, w = a.shape
+    c_out = delta.shape[1]
+    ho, wo = out_hw
+    left, _, top, _ = _pads(module)
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    rows = tuple(_tap_ranges(h, ho, kh, sh, dh, top))
+    cols = tuple(_tap_ranges(w, wo, kw, sw, dw, left))
+    per_tap_norm = not _mapped_sqnorm(a, delta, out_hw, (sh, sw), rows, cols, sqnorm)
+    # channels last: a tap's positions gather whole rows of C_in (C) floats
+    x = a.permute(0, 2, 3, 1).contiguous()  # b×H×W×C_in
+    dl = delta.reshape(b, c_out, ho, wo).permute(0, 2, 3, 1).contiguous()  # b×Ho×Wo×C
+    g = torch.empty(b, c_out, cin, dtype=a.dtype, device=a.device)
+    gf = g.view(b, -1)
+    for r, p0, p1, i0 in rows:
+        for s, q0, q1, j0 in cols:
+            xs = x[:, i0 : i0 + (p1 - p0 - 1) * sh + 1 : sh, j0 : j0 + (q1 - q0 - 1) * sw + 1 : sw]
+            ds = dl[:, p0:p1, q0:q1].reshape(b, -1, c_out)  # b×n×C
+            torch.bmm(ds.transpose(1, 2), xs.reshape(b, -1, cin), out=g)
+            dots.addmm_(gf, utaps[r * kw + s].T)
+            if per_tap_norm:  # ‖G_i‖² = Σ_τ ‖G_i[:, :, τ]‖² (one pass: bmm, not mul + sum)
+                sqnorm += torch.bmm(gf[:, None], gf[:, :, None]).view(b)
 
 
 def _materialise(
