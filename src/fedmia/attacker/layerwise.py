@@ -619,8 +619,8 @@ def _taps_terms(
             ds = dl[:, p0:p1, q0:q1].reshape(b, -1, c_out)  # b×n×C
             torch.bmm(ds.transpose(1, 2), xs.reshape(b, -1, cin), out=g)
             dots.addmm_(gf, utaps[r * kw + s].T)
-            if per_tap_norm:  # ‖G_i‖² = Σ_τ ‖G_i[:, :, τ]‖² (one pass: bmm, not mul + sum)
-                sqnorm += torch.bmm(gf[:, None], gf[:, :, None]).view(b)
+            if per_tap_norm:  # ‖G_i‖² = Σ_τ ‖G_i[:, :, τ]‖²
+                sqnorm += torch.linalg.vecdot(gf, gf)
 
 
 def _materialise(

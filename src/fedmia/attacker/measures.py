@@ -233,14 +233,20 @@ def compute_round_measures(
             model, params, buffers, x[s : s + chunk_size], y[s : s + chunk_size], upd
         )
         dots[s : s + chunk_size], sqnorm[s : s + chunk_size] = d, q
-    # ‖Δ_k‖ from dot products over blocks of columns, summed in float64: a float32 ``norm``
-    # over ResNet18's 11M parameters accumulates ~4e-4 relative error; one ``vecdot`` per
-    # block reads it once, without a temporary (measured: half the time of square-then-sum,
-    # 1.5e-8 relative error on AlexNet's 2.5M). K
-    upd_norm = torch.zeros(k, dtype=torch.float64, device=x.device)
-    for u in upd.values():
-        for c in u.reshape(k, -1).split(1 << 16, 1):
-            upd_norm += torch.linalg.vecdot(c, c).double()
+    # ‖Δ_k‖ from BLAS dot products over blocks of 65,536 entries, summed in float64: a
+    # float32 ``norm`` over ResNet18's 11M parameters accumulates ~4e-4 relative error; a
+    # ``dot`` reads each block once, without a temporary (measured on AlexNet's 2.5M × 10:
+    # 8.6 ms against 29 ms for square-then-sum; 3.6e-8 relative error). K
+    upd_norm = torch.stack(
+        [
+            torch.stack(
+                [torch.dot(c, c) for u in upd.values() for c in u[j].flatten().split(1 << 16)]
+            )
+            .double()
+            .sum()
+            for j in range(k)
+        ]
+    )
     upd_norm = upd_norm.sqrt().to(dots.dtype)
     g_norm = sqnorm.clamp_min(0).sqrt()
     cos = dots / (g_norm[:, None] * upd_norm[None, :]).clamp_min(1e-30)
