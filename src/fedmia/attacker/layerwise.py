@@ -12,22 +12,37 @@ each layer adds its share of ``dots[i, k] = ⟨g_i, Δ_k⟩`` and ``sqnorm[i] = 
 Linear and Conv2d layers are handled alike through the unfolded input
 ``U_i`` (D×T: D = C_in·kh·kw, T output positions; a 2-D Linear input has T = 1)
 and the output gradient ``δ_i`` (C×T); the weight's per-sample gradient is
-``G_i = δ_i U_iᵀ`` (C×D). Two methods, chosen per layer by an estimate of
-their cost per sample (weighted multiply-adds plus memory traffic, :func:`conv_costs`):
+``G_i = δ_i U_iᵀ`` (C×D). Four methods, chosen per layer by an estimate of
+their cost per sample (weighted multiply-adds plus memory traffic, :func:`conv_costs`);
+on a padded convolution ``U_i`` holds the padding's zeros, which the last two skip
+(the (position, tap) pairs that meet the input, :func:`_shift_pairs`):
 
 * ``materialise``: form ``G_i`` in blocks of output channels (``bmm``, C·D·T), each
   block contracted at once with the K updates' matching rows (one GEMM, K·C·D) while
   it is still in cache; ``‖G_i‖²`` from the T×T Gram matrices (below) where they cost
-  less than forming ``G_i``, else from the block itself. Fewest multiply-adds, but its
-  GEMMs have a short dimension (T, or K outputs) and run ~4× slower per multiply-add
-  than ``ghost``'s: chosen where T is not small (AlexNet's 8×8 and 4×4 layers; all
-  of ResNet18's convolutions).
+  less than forming ``G_i``, else from the block itself. Its GEMMs have a short
+  dimension (T, or K outputs) and run ~4× slower per multiply-add than a large GEMM:
+  chosen where T is large (AlexNet's first layer; ResNet18's 32×32 and 16×16 layers).
 * ``ghost``: ``‖G_i‖² = Σ_{t,t'} (U_iᵀU_i)_{tt'} (δ_iᵀδ_i)_{tt'}`` from the two
   T×T Gram matrices (T²·(D + C); Goodfellow 2015, Li et al. 2021), and
   ``⟨G_i, Δ_k⟩ = Σ_t δ_i · (Δ_k U_i)`` — the layer input convolved with each of the K
   update kernels, one GEMM per update over the whole sub-batch (K·C·D·T, i.e. K
-  forward passes of the layer). Chosen where T is small (AlexNet's 2×2 layers) and
-  for 2-D Linear layers (T = 1), where it is ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
+  forward passes of the layer). Chosen for 2-D Linear layers (T = 1), where it is
+  ``δ_iᵀ Δ_k a_i`` and ``‖δ_i‖²‖a_i‖²``.
+* ``shift`` (:func:`_shift_terms`): ``ghost``'s products with only the taps that meet
+  the input — per output position and kernel row one GEMM of the input columns read
+  there with those taps' (K·C)×C_in slices of the updates (K·C·C_in per pair: on
+  AlexNet's 2×2 maps 16 of ghost's 36), and the input's T×T Gram matrix from its own
+  (:func:`_gram_map`) instead of an unfold. Chosen where T is small and C_in large
+  (AlexNet's 2×2 layers).
+* ``taps`` (:func:`_taps_terms`): ``materialise`` kernel tap by kernel tap — each tap's
+  share ``G_i[:, :, τ]`` (C×C_in) from the positions where the tap meets the input (one
+  ``bmm``, C·C_in per pair), contracted with the updates' slice for that tap. Chosen on
+  small padded maps (AlexNet's 4×4 layer; ResNet18's 8×8 and 4×4 layers).
+
+``shift`` and ``taps`` read the updates tap by tap; that reordered copy is made once per
+round (:class:`_TapMajor`). The backward pass stops at the layers that read the model's
+input (a zero seed added to their output): the gradient w.r.t. the input is never formed.
 
 Biases add ``Σ_t δ_i`` per sample. A norm layer's affine terms add
 ``dγ_i = Σ_pos δ_i ⊙ x̂_i`` and ``dβ_i = Σ_pos δ_i``, exactly, with ``δ_i`` the
@@ -117,10 +132,13 @@ def conv_costs(
         d: unfolded input size D = C_in·kh·kw (``in_features`` for Linear).
         t: output positions T (1 for a 2-D Linear input).
         k: number of updates K.
-        shift: a Conv2d layer's :class:`ShiftShape`; ``None`` (Linear): no ``shift`` entry.
+        shift: a Conv2d layer's :class:`ShiftShape`; ``None`` (Linear): no ``shift`` or
+            ``taps`` entry (``taps``: its C·C_in per pair, K·C·D and the norms, weighted
+            like ``materialise``, plus what its gathers copy).
 
     Returns:
-        ``{"materialise": ..., "ghost": ...}``, and ``"shift"`` where ``shift`` is given.
+        ``{"materialise": ..., "ghost": ...}``, and ``"shift"``, ``"taps"`` where ``shift``
+        is given.
     """
     unfold = d * t if t > 1 else 0
     gram = t * t * (d + c_out + 1) if t > 1 else d + c_out
