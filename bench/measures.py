@@ -80,7 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--clients", type=positive_int, default=10, help="client updates K")
     p.add_argument("--classes", type=positive_int, default=100)
-    p.add_argument("--chunk", type=positive_int, default=64, help="samples per gradient chunk")
+    p.add_argument(
+        "--chunk",
+        type=positive_int,
+        default=128,
+        help="samples per gradient chunk (the measure stage's default measure.chunk_size)",
+    )
     p.add_argument(
         "--batch-size", type=positive_int, default=500, help="samples per loss forward pass"
     )

@@ -197,7 +197,7 @@ def compute_round_measures(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    chunk_size: int = 64,
+    chunk_size: int = 128,
     batch_size: int = 500,
     grad_products: GradProducts = auto_grad_products,
 ) -> RoundMeasures:
