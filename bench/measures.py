@@ -21,7 +21,9 @@ exit 1). ``--memory-check`` then runs route (a) alone in two subprocesses, on N
 and 4N samples, to show that its peak memory is set by the chunk, not by N.
 
 The last lines are machine-readable: ``speedup_vs_naive`` (naive time per sample
-/ fedmia time per sample), ``cost_vs_floor`` (fedmia / floor time), ``peak_rss_mb``
+/ fedmia time per sample), ``cost_vs_floor`` (fedmia / floor time; on the CPU also
+``cost_vs_floor_cpu``, the same in CPU time of the process, steadier where other work
+shares the cores), ``peak_rss_mb``
 (peak resident memory while route (a) ran) and ``device``.
 """
 
@@ -232,17 +234,17 @@ def fedmia_route(state, w, uploads, x, y, chunk, batch_size, grad_products=None)
     return {"loss": m.loss, "cos": m.cos, "grad_diff": m.grad_diff, "grad_norm": m.grad_norm}
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
-    """Seconds, peak RSS (MiB) and result of one call."""
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, object]:
+    """Seconds, CPU seconds of this process, peak RSS (MiB) and result of one call."""
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, peak_rss_mb(), result
+    return time.perf_counter() - t0, time.process_time() - c0, peak_rss_mb(), result
 
 
 def max_rel_error(
@@ -349,12 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in routes:  # warm-up (allocator, oneDNN primitives), untimed
         jobs[r](min(2 if r == "naive" else args.chunk, samples[r]))
     times: dict[str, list[float]] = {r: [] for r in routes}
+    cpu: dict[str, list[float]] = {r: [] for r in routes}
     peaks: dict[str, float] = {r: 0.0 for r in routes}
     results: dict[str, object] = {}
     for rep in range(args.repeats):
         for r in routes:
-            sec, peak, res = timed(lambda r=r: jobs[r](samples[r]), device)
+            sec, cpu_sec, peak, res = timed(lambda r=r: jobs[r](samples[r]), device)
             times[r].append(sec)
+            cpu[r].append(cpu_sec)
             peaks[r] = max(peaks[r], peak)
             results[r] = res
         print(
@@ -399,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speedup_vs_naive={per['naive'] / per['fedmia']:.3f}")
     if "floor" in per and "fedmia" in per:
         print(f"cost_vs_floor={per['fedmia'] / per['floor']:.3f}")
+        if device.type == "cpu":  # one thread: the work itself, whatever else shares the cores
+            ratio = statistics.median(cpu["fedmia"]) / statistics.median(cpu["floor"])
+            print(f"cost_vs_floor_cpu={ratio:.3f}")
     if "fedmia" in per:
         print(f"peak_rss_mb={peaks['fedmia']:.1f}")
     print(f"device={name}")

@@ -15,7 +15,7 @@ from fedmia.stages import io
 from test_attacks import world
 
 LINES = {
-    "measures.py": ["speedup_vs_naive", "cost_vs_floor", "peak_rss_mb"],
+    "measures.py": ["speedup_vs_naive", "cost_vs_floor", "cost_vs_floor_cpu", "peak_rss_mb"],
     "train.py": [
         "fl_overhead",
         "fl_overhead_observed",
