@@ -182,7 +182,7 @@ def test_a_flower_app_training_as_fedmia_records_fedmias_view_bit_for_bit(digits
         )
 
 
-def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
+def test_the_example_flower_app_is_recorded_and_audited(snakemake_cmd, tmp_path):
     """examples/flower as its README says: run.py, then snakemake on audit.yaml."""
     wd = tmp_path / "wd"
     env = {
@@ -212,9 +212,7 @@ def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
     assert view["observed_rounds"] == [5, 10, 15, 20, 25, 30]
     audit = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "snakemake",
+            *snakemake_cmd,
             "-s",
             str(REPO / "Snakefile"),
             "-d",
@@ -274,9 +272,7 @@ def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
     os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     dry = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "snakemake",
+            *snakemake_cmd,
             "-s",
             str(REPO / "Snakefile"),
             "-d",
