@@ -4,9 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -166,6 +167,83 @@ def second_clone_started(
     wd, future = start_tiny_workflow(slurm_session, tmp_path_factory, "second_clone")
     yield wd, future
     wait([future])
+
+
+#: Work behind fixtures of the test modules, registered with :func:`background_run`:
+#: ``{fixture name: function of a temporary folder}``, in registration order.
+BACKGROUND_RUNS: dict[str, Callable[[Path], Any]] = {}
+
+
+def background_run(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
+    """Register the decorated ``fn(tmp)`` (``tmp`` an empty folder of its own) as the work
+    behind the fixture ``name``: where a collected test uses that fixture, it runs in the
+    session's background queue (``background_runs``), and the fixture asks for its result
+    (:meth:`BackgroundRuns.result`). ``fn`` runs snakemake as :data:`SNAKEMAKE` (the queue
+    waits for the SLURM cluster first)."""
+
+    def register(fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        if name in BACKGROUND_RUNS:
+            raise ValueError(f"two background runs named {name!r}")
+        BACKGROUND_RUNS[name] = fn
+        return fn
+
+    return register
+
+
+class BackgroundRuns:
+    """The registered runs (:data:`BACKGROUND_RUNS`) that collected tests use, one after
+    another in a thread of their own once ``after`` (the tiny workflows' runs) are done and
+    the SLURM cluster is up (``slurm_session``, where there is one)."""
+
+    def __init__(self, slurm_session: SlurmSession | None, tmp_path_factory) -> None:
+        self.slurm_session = slurm_session
+        self.tmp_path_factory = tmp_path_factory
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="background-runs")
+        self.futures: dict[str, Future] = {}
+
+    def start(self, names: list[str], after: list[Future]) -> None:
+        """Queue the runs ``names`` (in this order), the first waiting for ``after``."""
+        if names:
+            self.pool.submit(wait, after)
+        for name in names:
+            self.futures[name] = self.pool.submit(self._run, name, self._tmp(name))
+
+    def _tmp(self, name: str) -> Path:
+        return self.tmp_path_factory.mktemp(name)
+
+    def _run(self, name: str, tmp: Path) -> Any:
+        if self.slurm_session is not None:
+            self.slurm_session.wait_until_up()
+        return BACKGROUND_RUNS[name](tmp)
+
+    def result(self, name: str) -> Any:
+        """The run's result once it is done (raising what it raised); a run that was not
+        queued runs now."""
+        if name not in self.futures:
+            return self._run(name, self._tmp(name))
+        return self.futures[name].result()
+
+    def stop(self) -> None:
+        """Drop the runs not started, wait for the one going on."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(
+    request, tmp_path_factory, slurm_session, tiny_workflow_started, second_clone_started
+) -> Iterator[BackgroundRuns]:
+    """The session's background queue: the registered runs (:func:`background_run`) that a
+    collected test uses, started once the tiny workflows' runs are done (until then they
+    fill the second core) and going on while the unit tests run: a run takes the core the
+    tests leave free, and its tests, near the session's end, find it done."""
+    runs = BackgroundRuns(slurm_session, tmp_path_factory)
+    used = set().union(*(item.fixturenames for item in request.session.items))
+    after = [started[1] for started in (tiny_workflow_started, second_clone_started) if started]
+    runs.start([name for name in BACKGROUND_RUNS if name in used], after)
+    try:
+        yield runs
+    finally:
+        runs.stop()
 
 
 @pytest.fixture(scope="session")
