@@ -170,7 +170,7 @@ def second_clone_started(
 
 
 #: Work behind fixtures of the test modules, registered with :func:`background_run`:
-#: ``{fixture name: function of a temporary folder}``, in registration order.
+#: ``{fixture name: function of a temporary folder}``.
 BACKGROUND_RUNS: dict[str, Callable[[Path], Any]] = {}
 
 
@@ -233,13 +233,16 @@ def background_runs(
     request, tmp_path_factory, slurm_session, tiny_workflow_started, second_clone_started
 ) -> Iterator[BackgroundRuns]:
     """The session's background queue: the registered runs (:func:`background_run`) that a
-    collected test uses, started once the tiny workflows' runs are done (until then they
-    fill the second core) and going on while the unit tests run: a run takes the core the
-    tests leave free, and its tests, near the session's end, find it done."""
+    collected test uses, in the order of their first tests, started once the tiny
+    workflows' runs are done (until then they fill the second core) and going on while the
+    unit tests run: a run takes the core the tests leave free, and its tests find it done."""
     runs = BackgroundRuns(slurm_session, tmp_path_factory)
-    used = set().union(*(item.fixturenames for item in request.session.items))
+    first_use: dict[str, int] = {}  # the queue's order: the tests'
+    for i, item in enumerate(request.session.items):
+        for name in BACKGROUND_RUNS.keys() & set(item.fixturenames):
+            first_use.setdefault(name, i)
     after = [started[1] for started in (tiny_workflow_started, second_clone_started) if started]
-    runs.start([name for name in BACKGROUND_RUNS if name in used], after)
+    runs.start(sorted(first_use, key=first_use.get), after)
     try:
         yield runs
     finally:
