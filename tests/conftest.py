@@ -4,9 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,10 +25,18 @@ def repo() -> Path:
     return REPO
 
 
+#: Snakemake of the interpreter running the tests (so scripts see the same fedmia).
+SNAKEMAKE = (sys.executable, "-m", "snakemake")
+
+
 @pytest.fixture(scope="session")
-def snakemake_cmd() -> list[str]:
-    """Snakemake of the interpreter running the tests (so scripts see the same fedmia)."""
-    return [sys.executable, "-m", "snakemake"]
+def snakemake_cmd(slurm_session) -> list[str]:
+    """:data:`SNAKEMAKE`, once the session's SLURM cluster is up (``slurm_session``): a
+    test that starts snakemake asks for it, and so never waits on a SLURM controller that
+    is still starting (the tests before the first such test run while it starts)."""
+    if slurm_session is not None:
+        slurm_session.wait_until_up()
+    return list(SNAKEMAKE)
 
 
 #: Set to 1 where CUDA must be there (the GPU check, bench/gpu_check.py): the tests marked
@@ -55,22 +64,24 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def slurm_session(request, snakemake_cmd, tmp_path_factory) -> Iterator[SlurmSession | None]:
-    """Where SLURM tests were collected: the one-node cluster, started at the session's
-    first test and stopped at its end, and the tiny config through the SLURM profile in a
-    clone, running in the background (:class:`slurm_cluster.SlurmSession`; what went wrong
-    is raised in tests/test_slurm.py, not here). ``None`` where none was collected.
+def slurm_session(request, tmp_path_factory) -> Iterator[SlurmSession | None]:
+    """Where SLURM tests were collected: the one-node cluster, started in the background at
+    the session's first test and stopped at its end, and then the tiny config through the
+    SLURM profile in a clone, running in the background (:class:`slurm_cluster.
+    SlurmSession`; what went wrong is raised in tests/test_slurm.py, not here). ``None``
+    where none was collected.
 
     Every snakemake process imports the SLURM executor plugin, which asks ``scontrol
     show config`` at import: where SLURM is installed but its controller is not running,
-    that waits 9-10 s, in every snakemake run and job of the session. With the cluster up
-    from the first test, it answers at once.
+    that waits 9-10 s, in every snakemake run of the session (not in its jobs). So what
+    starts snakemake waits for the cluster first (``snakemake_cmd``, the tiny workflows'
+    threads): ~11 s from the first test, which the tests that start none fill.
     """
     if not any(item.get_closest_marker("slurm") for item in request.session.items):
         yield None
         return
     session = SlurmSession(
-        snakemake_cmd,
+        list(SNAKEMAKE),
         tmp_path_factory.mktemp("slurm-daemons"),
         clone(tmp_path_factory.mktemp("slurm") / "clone"),
     )
@@ -104,60 +115,149 @@ def run_clone(
 
 
 def start_tiny_workflow(
-    snakemake_cmd: list[str], tmp_path_factory, name: str = "tiny_workflow"
+    slurm_session: SlurmSession | None, tmp_path_factory, name: str = "tiny_workflow"
 ) -> tuple[Path, Future[subprocess.CompletedProcess]]:
     """A new clone (in a temporary folder ``name``) and the run of the tiny config in it
-    (:func:`run_clone`), going on in a thread: ``(clone, future of the completed
+    (:func:`run_clone`), going on in a thread once the session's SLURM cluster is up
+    (``slurm_session``, where there is one): ``(clone, future of the completed
     snakemake)``."""
     wd = clone(tmp_path_factory.mktemp(name) / "clone")
+
+    def run() -> subprocess.CompletedProcess:
+        if slurm_session is not None:
+            slurm_session.wait_until_up()
+        return run_clone(list(SNAKEMAKE), wd)
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="tiny-workflow")
-    future = pool.submit(run_clone, snakemake_cmd, wd)
+    future = pool.submit(run)
     pool.shutdown(wait=False)  # its thread ends with the run
     return wd, future
 
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_workflow_started(
-    request, snakemake_cmd, tmp_path_factory, slurm_session
+    request, tmp_path_factory, slurm_session
 ) -> Iterator[tuple[Path, Future[subprocess.CompletedProcess]] | None]:
     """Where a collected test uses ``tiny_workflow``: its run, started at the session's
-    first test (after the SLURM cluster came up, ``slurm_session``) and going on in the
-    background while the tests before the first that reads it run. ``None`` otherwise.
+    first test (its snakemake once the SLURM cluster is up, ``slurm_session``) and going on
+    in the background while the tests before the first that reads it run. ``None``
+    otherwise.
 
     A session that ends before the run does waits for it (about 30 s at most).
     """
     if not any("tiny_workflow" in item.fixturenames for item in request.session.items):
         yield None
         return
-    wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory)
+    wd, future = start_tiny_workflow(slurm_session, tmp_path_factory)
     yield wd, future
     wait([future])
 
 
 @pytest.fixture(scope="session", autouse=True)
 def second_clone_started(
-    request, snakemake_cmd, tmp_path_factory, tiny_workflow_started
+    request, tmp_path_factory, slurm_session, tiny_workflow_started
 ) -> Iterator[tuple[Path, Future[subprocess.CompletedProcess]] | None]:
     """Where a collected test uses ``second_clone``: a second run of the tiny config in a
-    clone of its own, started at the session's first test (after ``tiny_workflow``'s) and
-    going on in the background. ``None`` otherwise."""
+    clone of its own, started at the session's first test (after ``tiny_workflow``'s, its
+    snakemake once the SLURM cluster is up) and going on in the background. ``None``
+    otherwise."""
     if not any("second_clone" in item.fixturenames for item in request.session.items):
         yield None
         return
-    wd, future = start_tiny_workflow(snakemake_cmd, tmp_path_factory, "second_clone")
+    wd, future = start_tiny_workflow(slurm_session, tmp_path_factory, "second_clone")
     yield wd, future
     wait([future])
 
 
+#: Work behind fixtures of the test modules, registered with :func:`background_run`:
+#: ``{fixture name: function of a temporary folder}``.
+BACKGROUND_RUNS: dict[str, Callable[[Path], Any]] = {}
+
+
+def background_run(name: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
+    """Register the decorated ``fn(tmp)`` (``tmp`` an empty folder of its own) as the work
+    behind the fixture ``name``: where a collected test uses that fixture, it runs in the
+    session's background queue (``background_runs``), and the fixture asks for its result
+    (:meth:`BackgroundRuns.result`). ``fn`` runs snakemake as :data:`SNAKEMAKE` (the queue
+    waits for the SLURM cluster first)."""
+
+    def register(fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        if name in BACKGROUND_RUNS:
+            raise ValueError(f"two background runs named {name!r}")
+        BACKGROUND_RUNS[name] = fn
+        return fn
+
+    return register
+
+
+class BackgroundRuns:
+    """The registered runs (:data:`BACKGROUND_RUNS`) that collected tests use, one after
+    another in a thread of their own once ``after`` (the tiny workflows' runs) are done and
+    the SLURM cluster is up (``slurm_session``, where there is one)."""
+
+    def __init__(self, slurm_session: SlurmSession | None, tmp_path_factory) -> None:
+        self.slurm_session = slurm_session
+        self.tmp_path_factory = tmp_path_factory
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="background-runs")
+        self.futures: dict[str, Future] = {}
+
+    def start(self, names: list[str], after: list[Future]) -> None:
+        """Queue the runs ``names`` (in this order), the first waiting for ``after``."""
+        if names:
+            self.pool.submit(wait, after)
+        for name in names:
+            self.futures[name] = self.pool.submit(self._run, name, self._tmp(name))
+
+    def _tmp(self, name: str) -> Path:
+        return self.tmp_path_factory.mktemp(name)
+
+    def _run(self, name: str, tmp: Path) -> Any:
+        if self.slurm_session is not None:
+            self.slurm_session.wait_until_up()
+        return BACKGROUND_RUNS[name](tmp)
+
+    def result(self, name: str) -> Any:
+        """The run's result once it is done (raising what it raised); a run that was not
+        queued runs now."""
+        if name not in self.futures:
+            return self._run(name, self._tmp(name))
+        return self.futures[name].result()
+
+    def stop(self) -> None:
+        """Drop the runs not started, wait for the one going on."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(
+    request, tmp_path_factory, slurm_session, tiny_workflow_started, second_clone_started
+) -> Iterator[BackgroundRuns]:
+    """The session's background queue: the registered runs (:func:`background_run`) that a
+    collected test uses, in the order of their first tests, started once the tiny
+    workflows' runs are done (until then they fill the second core) and going on while the
+    unit tests run: a run takes the core the tests leave free, and its tests find it done."""
+    runs = BackgroundRuns(slurm_session, tmp_path_factory)
+    first_use: dict[str, int] = {}  # the queue's order: the tests'
+    for i, item in enumerate(request.session.items):
+        for name in BACKGROUND_RUNS.keys() & set(item.fixturenames):
+            first_use.setdefault(name, i)
+    after = [started[1] for started in (tiny_workflow_started, second_clone_started) if started]
+    runs.start(sorted(first_use, key=first_use.get), after)
+    try:
+        yield runs
+    finally:
+        runs.stop()
+
+
 @pytest.fixture(scope="session")
 def second_clone(
-    second_clone_started, snakemake_cmd, tmp_path_factory
+    second_clone_started, slurm_session, tmp_path_factory
 ) -> tuple[Path, subprocess.CompletedProcess]:
     """A run of the tiny config in a clone other than ``tiny_workflow``'s (tests/
     test_reliability.py compares the two): ``(clone, completed snakemake)``, whatever its
     exit code."""
     started = second_clone_started or start_tiny_workflow(
-        snakemake_cmd, tmp_path_factory, "second_clone"
+        slurm_session, tmp_path_factory, "second_clone"
     )
     wd, future = started
     return wd, future.result()
@@ -165,7 +265,7 @@ def second_clone(
 
 @pytest.fixture(scope="session")
 def tiny_workflow(
-    tiny_workflow_started, snakemake_cmd, tmp_path_factory
+    tiny_workflow_started, slurm_session, tmp_path_factory
 ) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """One real run of the tiny workflow in a clone (:func:`clone`, :func:`run_clone`),
     shared by the tests that read its results, plan reruns from it or compare other runs
@@ -180,7 +280,7 @@ def tiny_workflow(
     Its ``results/`` must stay as the run wrote them: a test may rerun jobs (they write
     the same bytes) and write elsewhere in the clone, never change a result.
     """
-    started = tiny_workflow_started or start_tiny_workflow(snakemake_cmd, tmp_path_factory)
+    started = tiny_workflow_started or start_tiny_workflow(slurm_session, tmp_path_factory)
     wd, future = started
     r = future.result()
     assert r.returncode == 0, r.stderr[-3000:]

@@ -9,10 +9,14 @@ foreground, waits for an idle node and, at the end, stops exactly the daemons it
 by PID. The file it wrote stays, so that a later session (or ``sinfo`` by hand) finds the
 same cluster.
 
-Once the cluster is up it starts the profile's runs in a thread and returns: the runs wait
-on SLURM's job-state checks most of the time and take one core at most, so the rest of
-the test session runs beside them (conftest's ``slurm_session`` starts them at the first
-test, tests/test_slurm.py asks for them last).
+All of it happens in a thread: :meth:`SlurmSession.start` returns at once, the thread
+starts the cluster (munged, slurmctld and slurmd come up in ~11 s, most of it waiting for
+the node to register) and then the profile's runs. The runs wait on SLURM's job-state
+checks most of the time and take one core at most, so the rest of the test session runs
+beside them (conftest's ``slurm_session`` starts them at the first test, tests/
+test_slurm.py asks for them last). What starts a snakemake process waits for the cluster
+first (:meth:`SlurmSession.wait_until_up`, conftest's ``snakemake_cmd``): the tests that
+start none run meanwhile.
 """
 
 from __future__ import annotations
@@ -351,13 +355,14 @@ def slurm_args(wd: Path, *set_resources: str) -> list[str]:
 
 
 class SlurmSession:
-    """The cluster (:class:`SlurmCluster`, under :func:`machine_lock`) and the tiny config
-    through the profile in the clone ``slurm_wd``, in a thread: first with the partition rule
-    sent to a partition that does not exist (prepare runs, partition cannot be submitted),
-    then fixed (the rerun must continue from the prepared data).
+    """The cluster (:class:`SlurmCluster`, under :func:`machine_lock`) and then the tiny
+    config through the profile in the clone ``slurm_wd``, in a thread: first with the
+    partition rule sent to a partition that does not exist (prepare runs, partition cannot
+    be submitted), then fixed (the rerun must continue from the prepared data).
 
-    :meth:`start` never raises: what went wrong is raised by :meth:`result`, in the test
-    that asks for the runs.
+    :meth:`start` never raises and never waits: :meth:`wait_until_up` waits for the cluster
+    (or for its failure), and what went wrong is raised by :meth:`result`, in the test that
+    asks for the runs.
     """
 
     def __init__(self, snakemake_cmd: list[str], daemon_logs: Path, slurm_wd: Path) -> None:
@@ -370,28 +375,50 @@ class SlurmSession:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # a run starts, or the session stops: not both
         self._stopping = False
+        self._up = threading.Event()  # the cluster is up, or will not be
 
     def start(self) -> None:
-        """Start the cluster (waiting for it, and for the machine's lock), then the runs."""
+        """Start the thread that starts the cluster (waiting for the machine's lock), then
+        the runs; return at once."""
         missing = [c for c in CLIENTS if shutil.which(c) is None]
         if missing:
             self.error = ClusterError(
                 f"SLURM client commands not found: {', '.join(missing)} "
                 "(Debian: apt-get install slurm-wlm munge)"
             )
-            return
-        try:
-            self._stack.enter_context(machine_lock())
-            self._stack.callback(self.cluster.stop)
-            self.cluster.start()
-        except ClusterError as e:
-            self.error = ClusterError(f"{e}\n{self.cluster.diagnostics()}")
-            self._stack.close()
+            self._up.set()
             return
         self._thread = threading.Thread(target=self._run, name="slurm-runs", daemon=True)
         self._thread.start()
 
+    def wait_until_up(self) -> None:
+        """Wait until the cluster answers, or failed to start (then the error is
+        :meth:`result`'s; a snakemake process started now only waits ~10 s longer)."""
+        self._up.wait()
+
+    def _start_cluster(self) -> bool:
+        """Start the cluster under the machine's lock: whether it is up."""
+        try:
+            self._stack.enter_context(machine_lock())
+            self._stack.callback(self.cluster.stop)
+            self.cluster.start()
+        except BaseException as e:  # raised again by result(), in the test
+            self.error = (
+                ClusterError(f"{e}\n{self.cluster.diagnostics()}")
+                if isinstance(e, ClusterError)
+                else e
+            )
+            self._stack.close()
+            return False
+        return True
+
     def _run(self) -> None:
+        try:
+            up = self._start_cluster()
+        finally:
+            self._up.set()
+        if not up:
+            return
         wd = self.slurm_wd
         argvs = {
             "broken": tiny_run_argv(

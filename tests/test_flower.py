@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 import flower_fedmia_app  # noqa: E402
+from conftest import SNAKEMAKE, background_run  # noqa: E402
 from fedmia import pipeline  # noqa: E402
 from fedmia.core.contracts import VIEW_FILES  # noqa: E402
 from fedmia.federation.models import build_model  # noqa: E402
@@ -182,9 +183,12 @@ def test_a_flower_app_training_as_fedmia_records_fedmias_view_bit_for_bit(digits
         )
 
 
-def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
-    """examples/flower as its README says: run.py, then snakemake on audit.yaml."""
-    wd = tmp_path / "wd"
+@background_run("flower_example")
+def _flower_example(tmp: Path):
+    """examples/flower as its README says, in ``tmp/wd``: run.py, then snakemake on
+    audit.yaml (the second only where the first succeeded): ``(wd, recording, env, run,
+    audit or None)``."""
+    wd = tmp / "wd"
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -206,15 +210,11 @@ def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
         env=env,
         timeout=900,
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    view = io.read_view(rec / "manifest.json")
-    assert view["model"]["kind"] == "digits_cnn" and view["num_clients"] == 10
-    assert view["observed_rounds"] == [5, 10, 15, 20, 25, 30]
+    if run.returncode != 0:
+        return wd, rec, env, run, None
     audit = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "snakemake",
+            *SNAKEMAKE,
             "-s",
             str(REPO / "Snakefile"),
             "-d",
@@ -229,6 +229,23 @@ def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
         env=env,
         timeout=1200,
     )
+    return wd, rec, env, run, audit
+
+
+@pytest.fixture(scope="module")
+def flower_example(background_runs):
+    """:func:`_flower_example`, run in the session's background queue (conftest)."""
+    return background_runs.result("flower_example")
+
+
+def test_the_example_flower_app_is_recorded_and_audited(flower_example, snakemake_cmd):
+    """examples/flower as its README says: run.py, then snakemake on audit.yaml
+    (:func:`_flower_example`); then a new recording reruns the import."""
+    wd, rec, env, run, audit = flower_example
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    view = io.read_view(rec / "manifest.json")
+    assert view["model"]["kind"] == "digits_cnn" and view["num_clients"] == 10
+    assert view["observed_rounds"] == [5, 10, 15, 20, 25, 30]
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr[-3000:]
     table = pd.read_csv(wd / "results" / "tables" / "attacks.csv")
     assert set(table["dataset"]) == {"flower_digits"} and set(table["model"]) == {"cnn"}
@@ -274,9 +291,7 @@ def test_the_example_flower_app_is_recorded_and_audited(tmp_path):
     os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     dry = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "snakemake",
+            *snakemake_cmd,
             "-s",
             str(REPO / "Snakefile"),
             "-d",

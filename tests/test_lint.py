@@ -42,11 +42,9 @@ def test_snakefmt(repo):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_snakemake_lint(repo, tmp_path):
+def test_snakemake_lint(repo, snakemake_cmd, tmp_path):
     r = run(
-        sys.executable,
-        "-m",
-        "snakemake",
+        *snakemake_cmd,
         "--lint",
         "-s",
         str(repo / "Snakefile"),

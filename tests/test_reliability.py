@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clone, run_clone
+from conftest import SNAKEMAKE, background_run, clone, run_clone
 from fedmia import pipeline
 
 pytestmark = pytest.mark.workflow
@@ -115,26 +115,41 @@ def _kill_snakemake_when(cmd: list[str], wd: Path, stage: str, pattern: str, tex
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_killing_snakemake_then_a_plain_rerun(snakemake_cmd, reference, tmp_path):
+@background_run("snakemake_killed_twice")
+def _snakemake_killed_twice(tmp: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """A clone's plain run whose snakemake is SIGKILLed during training, its plain rerun
+    killed in turn during the attacks, then the last plain rerun: ``(clone, the last
+    completed snakemake)``."""
+    cmd = list(SNAKEMAKE)
+    wd = clone(tmp / "clone")
+    _kill_snakemake_when(cmd, wd, "training", "train/**/*.log", "round 1/2")
+    _kill_snakemake_when(cmd, wd, "the attacks", "attack/**/*.log", "fedmia.stages.attack")
+    return wd, run_clone(cmd, wd)
+
+
+@pytest.fixture
+def snakemake_killed_twice(background_runs) -> tuple[Path, subprocess.CompletedProcess]:
+    """:func:`_snakemake_killed_twice`, run in the session's background queue (conftest)."""
+    return background_runs.result("snakemake_killed_twice")
+
+
+def test_killing_snakemake_then_a_plain_rerun(snakemake_killed_twice, reference):
     """SIGKILL snakemake itself mid-run, during training; the plain rerun (no --unlock, no
     --rerun-incomplete: profiles/default holds them) is killed in turn during the attacks;
     a last plain rerun completes with results byte-identical to an uninterrupted run.
     (One clone for both kills: each rerun starts from what the kill before it left.)"""
-    wd = clone(tmp_path / "clone")
-    _kill_snakemake_when(snakemake_cmd, wd, "training", "train/**/*.log", "round 1/2")
-    _kill_snakemake_when(
-        snakemake_cmd, wd, "the attacks", "attack/**/*.log", "fedmia.stages.attack"
-    )
-    r = run_clone(snakemake_cmd, wd)
+    wd, r = snakemake_killed_twice
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(reference, wd)
 
 
-def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, reference, tmp_path):
-    """SIGKILL one training job: Snakemake reports the failed job and stops; a plain
-    rerun resumes and completes with byte-identical results."""
-    wd = clone(tmp_path / "clone")
-    argv = [*snakemake_cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
+@background_run("one_job_killed")
+def _one_job_killed(tmp: Path) -> tuple[Path, int, str, subprocess.CompletedProcess]:
+    """A clone's plain run with one training job SIGKILLed, then a plain rerun: ``(clone,
+    exit code and output of the killed run, the rerun's completed snakemake)``."""
+    cmd = list(SNAKEMAKE)
+    wd = clone(tmp / "clone")
+    argv = [*cmd, "--cores", "2", "--configfile", ".test/config/config.yaml"]
     proc = subprocess.Popen(
         argv,
         cwd=wd,
@@ -158,8 +173,20 @@ def test_killing_one_job_then_a_plain_rerun(snakemake_cmd, reference, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0 and "Error in rule train" in out, out[-3000:]
-    r = run_clone(snakemake_cmd, wd)
+    return wd, proc.returncode, out, run_clone(cmd, wd)
+
+
+@pytest.fixture
+def one_job_killed(background_runs) -> tuple[Path, int, str, subprocess.CompletedProcess]:
+    """:func:`_one_job_killed`, run in the session's background queue (conftest)."""
+    return background_runs.result("one_job_killed")
+
+
+def test_killing_one_job_then_a_plain_rerun(one_job_killed, reference):
+    """SIGKILL one training job: Snakemake reports the failed job and stops; a plain
+    rerun resumes and completes with byte-identical results."""
+    wd, returncode, out, r = one_job_killed
+    assert returncode != 0 and "Error in rule train" in out, out[-3000:]
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(reference, wd)
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import REPO, SNAKEMAKE, background_run
 from fedmia.attacker.attacks import ATTACKS, finding_attacks
 from fedmia.kinds import SCHEMA, load_schema
 from fedmia.report.figures import FIGURES
@@ -391,20 +392,33 @@ grid: [{datasets: [digits], models: [alexnet], defenses: [none, pn_huge], partit
 """)
 
 
-def test_diverging_defense_cells_are_flagged_results(snakemake_cmd, repo, tmp_path):
-    """Defenses that break the model finish the workflow, write every table and figure, and
-    are flagged: `pn_huge` (issue 18's config over config/config.yaml) diverges before its
-    first attacked round — figures say why they are empty, tables show n/a; `noisy` diverges
-    in round 2 after an attacked round 1 (utility chance, attacks on round 1 only)."""
-    config = merged(yaml.safe_load((repo / "config" / "config.yaml").read_text()), EARLY_DIVERGENCE)
+@background_run("diverging_run")
+def _diverging_run(tmp: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """Issue 18's config over config/config.yaml, with `noisy` added (below): ``(working
+    directory, completed snakemake)``."""
+    config = merged(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), EARLY_DIVERGENCE)
     config["defenses"]["noisy"] = {"kind": "dp_param_noise", "sigma": 1.0}
     config["grid"].append(
         {**config["grid"][0], "defenses": ["noisy"], "train": {"rounds": 3, "observe_every": 1}}
     )
-    cfg = tmp_path / "diverge.yaml"
+    cfg = tmp / "diverge.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    wd = tmp_path / "wd"
-    r = smk(snakemake_cmd, repo, wd, cfg)
+    wd = tmp / "wd"
+    return wd, smk(list(SNAKEMAKE), REPO, wd, cfg)
+
+
+@pytest.fixture(scope="module")
+def diverging_run(background_runs) -> tuple[Path, subprocess.CompletedProcess]:
+    """:func:`_diverging_run`, run in the session's background queue (conftest)."""
+    return background_runs.result("diverging_run")
+
+
+def test_diverging_defense_cells_are_flagged_results(diverging_run):
+    """Defenses that break the model finish the workflow, write every table and figure, and
+    are flagged: `pn_huge` (issue 18's config over config/config.yaml) diverges before its
+    first attacked round — figures say why they are empty, tables show n/a; `noisy` diverges
+    in round 2 after an attacked round 1 (utility chance, attacks on round 1 only)."""
+    wd, r = diverging_run
     assert r.returncode == 0, r.stderr[-3000:]
     cells = "results/train/digits/alexnet/{}/iid/seed0/manifest.json"
     huge = json.loads((wd / cells.format("pn_huge")).read_text())
@@ -569,12 +583,13 @@ def readme_plugin(repo: Path) -> str:
     return m.group(1)
 
 
-@pytest.fixture(scope="module")
-def plugin_run(snakemake_cmd, repo, tmp_path_factory):
+@background_run("plugin_run")
+def _plugin_run(tmp: Path):
     """The tiny workflow with the toy plugin of docs/extending.md (a temp dir on PYTHONPATH): a
     dataset, a defense and an attack that fedmia does not know, the defense alone and as a
-    compose step."""
-    tmp = tmp_path_factory.mktemp("plugin")
+    compose step. ``(tmp, working directory, config, run(configfile, *args), completed
+    snakemake)``."""
+    repo = REPO
     (tmp / "plugins").mkdir()
     (tmp / "plugins" / "toy_plugin.py").write_text(readme_plugin(repo))
     config = yaml.safe_load((repo / ".test" / "config" / "config.yaml").read_text())
@@ -616,7 +631,7 @@ def plugin_run(snakemake_cmd, repo, tmp_path_factory):
 
     def run(configfile: Path, *args: str) -> subprocess.CompletedProcess:
         argv = [
-            *snakemake_cmd,
+            *SNAKEMAKE,
             "-s",
             str(repo / "Snakefile"),
             "-d",
@@ -629,7 +644,14 @@ def plugin_run(snakemake_cmd, repo, tmp_path_factory):
         ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
 
-    r = run(cfg)
+    return tmp, wd, config, run, run(cfg)
+
+
+@pytest.fixture(scope="module")
+def plugin_run(background_runs):
+    """:func:`_plugin_run`, run in the session's background queue (conftest), once it
+    succeeded: ``(tmp, working directory, config, run(configfile, *args))``."""
+    tmp, wd, config, run, r = background_runs.result("plugin_run")
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, wd, config, run
 
