@@ -402,7 +402,7 @@ def test_unused_layers_count_zero_and_input_independent_layers_raise():
 class SmallMaps(nn.Module):
     """Convolutions on 4×4 and 2×2 maps, where ``shift`` takes the unfolded input's Gram
     matrix from the input's own (``_gram_map``): padding 1 and 2, stride 2, dilation 2,
-    an asymmetric 'same' kernel, a 1×1 output, no bias."""
+    an asymmetric 'same' kernel, a 1×1 output, no bias, outputs that read only padding."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -411,6 +411,9 @@ class SmallMaps(nn.Module):
         self.conv_c = nn.Conv2d(6, 4, 3, padding=2, dilation=2)  # → 2×2
         self.conv_d = nn.Conv2d(4, 5, (2, 3), padding="same", bias=False)  # → 2×2
         self.conv_e = nn.Conv2d(5, 4, 2)  # → 1×1, no padding
+        # → 3×3 of which 8 outputs read nothing but padding (the earliest form: an output
+        # with no tap inside the input)
+        self.conv_f = nn.Conv2d(4, 4, 1, padding=1)
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -418,11 +421,11 @@ class SmallMaps(nn.Module):
         h = F.relu(self.conv_b(h), inplace=True)
         h = torch.tanh(self.conv_c(h)) + h[:, :4]
         h = torch.tanh(self.conv_d(h))
-        return self.fc(self.conv_e(h).flatten(1))
+        return self.fc(torch.tanh(self.conv_f(self.conv_e(h))).mean((2, 3)))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
-@pytest.mark.parametrize("method", ["shift", "auto"])
+@pytest.mark.parametrize("method", ["shift", "taps", "auto"])
 def test_small_maps_exact_in_float64(float64, method):
     torch.manual_seed(5)
     model = SmallMaps().eval()
@@ -444,8 +447,18 @@ def test_small_maps_exact_in_float64(float64, method):
         nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)),
         nn.Conv2d(2, 3, (3, 2), stride=(1, 2), padding="valid"),
         nn.Conv2d(2, 3, 11, stride=4, padding=5),
+        nn.Conv2d(2, 3, 1, padding=1),
     ],
-    ids=["3x3p1", "5x5p2", "stride2", "dilation2", "same_asym", "valid_stride", "alexnet1"],
+    ids=[
+        "3x3p1",
+        "5x5p2",
+        "stride2",
+        "dilation2",
+        "same_asym",
+        "valid_stride",
+        "alexnet1",
+        "1x1p1_padding_only_outputs",
+    ],
 )
 @pytest.mark.parametrize("hw", [(2, 2), (4, 5), (9, 7)])
 def test_tap_ranges_and_gram_map_match_the_unfolded_input(float64, conv, hw):
@@ -454,10 +467,7 @@ def test_tap_ranges_and_gram_map_match_the_unfolded_input(float64, conv, hw):
         pytest.skip("the kernel does not fit the input without padding")
     u = layerwise._unfold(conv, x, "bdt")  # 3×D×T, with the padding's zeros
     out_hw = tuple(conv.double()(x).shape[2:])
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    left, _, top, _ = layerwise._pads(conv)
-    rows = tuple(layerwise._tap_ranges(hw[0], out_hw[0], kh, sh, dh, top))
-    cols = tuple(layerwise._tap_ranges(hw[1], out_hw[1], kw, sw, dw, left))
+    rows, cols = layerwise._tap_geometry(conv, hw, out_hw)
     # the (position, tap) pairs that meet the input: exactly the unfolded entries that are
     # not padding (an input of ones marks them)
     ones = layerwise._unfold(conv, torch.ones(1, 1, *hw), "bdt")[0]  # (kh·kw)×T
@@ -465,7 +475,7 @@ def test_tap_ranges_and_gram_map_match_the_unfolded_input(float64, conv, hw):
     assert sum(o1 - o0 for _, o0, o1, _ in rows) * sum(o1 - o0 for _, o0, o1, _ in cols) == int(
         ones.sum()
     )
-    m = layerwise._gram_map(hw, out_hw, (sh, sw), rows, cols)
+    m = layerwise._gram_map(hw, out_hw, conv.stride, rows, cols)
     xf = x.reshape(3, 2, -1)
     got = (torch.bmm(xf.transpose(1, 2), xf).reshape(3, -1) @ m).view_as(
         torch.bmm(u.transpose(1, 2), u)

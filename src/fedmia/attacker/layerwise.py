@@ -269,12 +269,20 @@ def _tap_ranges(n_in: int, n_out: int, k: int, stride: int, dil: int, pad: int) 
     return out
 
 
-def _shift_pairs(module: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
-    """How many (output position, kernel tap) pairs meet the input rather than the padding."""
+def _tap_geometry(
+    module: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]
+) -> tuple[tuple, tuple]:
+    """A Conv2d layer's :func:`_tap_ranges` along the height and the width, as tuples."""
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     left, _, top, _ = _pads(module)
-    rows = _tap_ranges(in_hw[0], out_hw[0], kh, sh, dh, top)
-    cols = _tap_ranges(in_hw[1], out_hw[1], kw, sw, dw, left)
+    rows = tuple(_tap_ranges(in_hw[0], out_hw[0], kh, sh, dh, top))
+    cols = tuple(_tap_ranges(in_hw[1], out_hw[1], kw, sw, dw, left))
+    return rows, cols
+
+
+def _shift_pairs(module: nn.Conv2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> int:
+    """How many (output position, kernel tap) pairs meet the input rather than the padding."""
+    rows, cols = _tap_geometry(module, in_hw, out_hw)
     return sum(o1 - o0 for _, o0, o1, _ in rows) * sum(o1 - o0 for _, o0, o1, _ in cols)
 
 
@@ -559,10 +567,8 @@ def _shift_terms(
     ho, wo = out_hw
     kc = taps.shape[0]
     k = kc // c_out
-    left, _, top, _ = _pads(module)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    rows = tuple(_tap_ranges(h, ho, kh, sh, dh, top))
-    cols = tuple(_tap_ranges(w, wo, kw, sw, dw, left))
+    (_, kw), (sh, sw), dw = module.kernel_size, module.stride, module.dilation[1]
+    rows, cols = _tap_geometry(module, (h, w), out_hw)
     if not _mapped_sqnorm(a, delta, out_hw, (sh, sw), rows, cols, sqnorm):
         u = _unfold(module, a, "bdt")  # b×D×T
         gram_u = torch.bmm(u.transpose(1, 2), u)
@@ -621,10 +627,8 @@ def _taps_terms(
     b, cin, h, w = a.shape
     c_out = delta.shape[1]
     ho, wo = out_hw
-    left, _, top, _ = _pads(module)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    rows = tuple(_tap_ranges(h, ho, kh, sh, dh, top))
-    cols = tuple(_tap_ranges(w, wo, kw, sw, dw, left))
+    (_, kw), (sh, sw) = module.kernel_size, module.stride
+    rows, cols = _tap_geometry(module, (h, w), out_hw)
     per_tap_norm = not _mapped_sqnorm(a, delta, out_hw, (sh, sw), rows, cols, sqnorm)
     # channels last: a tap's positions gather whole rows of C_in (C) floats
     x = a.permute(0, 2, 3, 1).contiguous()  # b×H×W×C_in
